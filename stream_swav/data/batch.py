@@ -1,0 +1,44 @@
+"""What decode workers hand to learners through the object store.
+
+Crops are uint8 NHWC and grouped by resolution, so a learner can run one
+forward per resolution and the arrays map zero-copy out of Ray's object store.
+Stream bookkeeping travels with the pixels: `progress` says, per shard, how far
+in that shard's deterministic emission order this batch reaches (bad samples
+skipped on the way count as consumed), so whoever trains the batch can advance
+the stream cursor exactly.
+"""
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+
+import numpy as np
+
+
+@dataclass
+class CropBatch:
+    # (global_count, B, global_size, global_size, 3) uint8; crop-major.
+    global_crops: np.ndarray
+    # (local_count, B, local_size, local_size, 3) uint8; may have local_count == 0.
+    local_crops: np.ndarray
+    # B sample keys, "<shard-id>/<tar member key>", unique within a pass.
+    keys: list[str]
+    # shard id -> emission position reached (exclusive) in that shard.
+    progress: dict[str, int] = field(default_factory=dict)
+    # shard ids whose every sample has now been emitted.
+    finished: list[str] = field(default_factory=list)
+    # pass number each shard id in progress belongs to.
+    passes: dict[str, int] = field(default_factory=dict)
+    # skipped samples by reason, since the previous batch of the same worker.
+    errors: Counter = field(default_factory=Counter)
+    bytes_read: int = 0
+    # optional per-sample labels (from key.cls), -1 where absent; used by evaluation only.
+    labels: np.ndarray | None = None
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    @property
+    def crops_by_resolution(self) -> list[np.ndarray]:
+        """Non-empty per-resolution stacks, global first: the order crops are numbered in."""
+        return [c for c in (self.global_crops, self.local_crops) if c.shape[0] > 0]

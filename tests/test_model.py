@@ -1,0 +1,127 @@
+import pytest
+import torch
+import torchvision
+
+from stream_swav.config import ModelConfig
+from stream_swav.model import SwAVModel, build_backbone, load_backbone
+
+torch.set_num_threads(1)
+
+
+def tiny_model(small_stem: bool = True, seed: int = 0) -> SwAVModel:
+    torch.manual_seed(seed)
+    return SwAVModel(ModelConfig(arch="resnet18", small_stem=small_stem, hidden_dim=32, output_dim=16,
+                                 prototypes=10))
+
+
+def crops(seed: int = 1) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(4, 3, 16, 16, generator=g), torch.randn(6, 3, 8, 8, generator=g)]
+
+
+def test_build_backbone_feature_dims_and_stem():
+    backbone, dim = build_backbone("resnet18", small_stem=False)
+    assert dim == 512 and isinstance(backbone.fc, torch.nn.Identity)
+    assert backbone.conv1.kernel_size == (7, 7) and backbone.conv1.stride == (2, 2)
+    small, dim = build_backbone("resnet18", small_stem=True)
+    assert small.conv1.kernel_size == (3, 3) and small.conv1.stride == (1, 1) and small.conv1.bias is None
+    assert isinstance(small.maxpool, torch.nn.Identity)
+    assert small(torch.randn(2, 3, 32, 32)).shape == (2, 512)
+    with pytest.raises(ValueError, match="unknown backbone"):
+        build_backbone("vgg16", small_stem=False)
+
+
+def test_forward_shapes_unit_norm_and_prototypes():
+    model = tiny_model()
+    z, scores = model(crops())
+    assert z.shape == (10, 16) and scores.shape == (10, 10)
+    torch.testing.assert_close(z.norm(dim=1), torch.ones(10))
+    torch.testing.assert_close(scores, z @ model.prototypes.weight.T)
+    torch.testing.assert_close(model.prototypes.weight.norm(dim=1), torch.ones(10))
+
+    with torch.no_grad():
+        model.prototypes.weight.mul_(3.0)
+    model.normalize_prototypes()
+    torch.testing.assert_close(model.prototypes.weight.norm(dim=1), torch.ones(10))
+
+
+def test_forward_rejects_bad_crops():
+    model = tiny_model()
+    with pytest.raises(ValueError, match="at least one"):
+        model([])
+    with pytest.raises(ValueError, match=r"crops\[1\]"):
+        model([torch.randn(2, 3, 8, 8), torch.randn(2, 1, 8, 8)])
+
+
+def test_multi_resolution_forward_equals_separate_forwards_in_eval():
+    model = tiny_model().eval()
+    groups = crops()
+    with torch.no_grad():
+        z, scores = model(groups)
+        separate = [model([g]) for g in groups]
+    torch.testing.assert_close(z, torch.cat([s[0] for s in separate]))
+    torch.testing.assert_close(scores, torch.cat([s[1] for s in separate]))
+
+
+def test_projection_batchnorm_sees_all_crops_in_train_mode():
+    # One head call over every crop: the BN batch statistics mix resolutions.
+    model = tiny_model().train()
+    groups = crops()
+    with torch.no_grad():
+        z_all, _ = model(groups)
+        z_first, _ = model(groups[:1])
+    assert not torch.allclose(z_all[:4], z_first, atol=1e-4)
+
+
+def test_channels_last_input_matches_contiguous():
+    model = tiny_model().eval().to(memory_format=torch.channels_last)
+    groups = crops()
+    with torch.no_grad():
+        z, scores = model([g.contiguous(memory_format=torch.channels_last) for g in groups])
+        z_ref, scores_ref = model(groups)
+    torch.testing.assert_close(z, z_ref, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(scores, scores_ref, atol=1e-5, rtol=1e-4)
+
+
+def test_gradients_reach_backbone_and_prototypes():
+    model = tiny_model().train()
+    _, scores = model(crops())
+    scores.logsumexp(dim=1).mean().backward()
+    for name in ("conv1.weight", "layer4.1.conv2.weight"):
+        grad = model.backbone.get_parameter(name).grad
+        assert grad is not None and grad.abs().sum() > 0, name
+    assert model.prototypes.weight.grad.abs().sum() > 0
+    assert model.projection[0].weight.grad.abs().sum() > 0
+
+
+def test_backbone_state_dict_loads_into_torchvision_strict():
+    model = tiny_model(small_stem=False)
+    state = model.backbone_state_dict()
+    assert state["fc.weight"].shape == (1000, 512) and not state["fc.weight"].any() and not state["fc.bias"].any()
+    reference = torchvision.models.resnet18()
+    reference.load_state_dict(state, strict=True)
+    reference.fc = torch.nn.Identity()
+    model.eval()
+    reference.eval()
+    images = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(reference(images), model.embed(images))
+    # A copy, not a view of live parameters.
+    with torch.no_grad():
+        model.backbone.conv1.weight.add_(1.0)
+    assert not torch.equal(state["conv1.weight"], model.backbone.conv1.weight)
+
+
+def test_small_stem_state_dict_round_trips_through_load_backbone():
+    model = tiny_model(small_stem=True).eval()
+    state = model.backbone_state_dict()
+    with pytest.raises(RuntimeError):
+        torchvision.models.resnet18().load_state_dict(state, strict=True)
+    backbone = load_backbone(state, "resnet18", small_stem=True).eval()
+    images = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(backbone(images), model.embed(images))
+    with pytest.raises(ValueError, match="does not match resnet18"):
+        load_backbone(state, "resnet18", small_stem=False)
+    with pytest.raises(ValueError, match="does not match"):
+        load_backbone({k: v for k, v in state.items() if k != "layer1.0.conv1.weight"}, "resnet18", True)

@@ -21,16 +21,19 @@ class CropBatch:
     global_crops: np.ndarray
     # (local_count, B, local_size, local_size, 3) uint8; may have local_count == 0.
     local_crops: np.ndarray
-    # B sample keys, "<shard-id>/<tar member key>", unique within a pass.
+    # B sample keys, "<shard url>/<tar member key>", unique within a pass.
+    # B may be 0: a batch can carry only bookkeeping (a shard whose last samples were all bad).
     keys: list[str]
-    # shard id -> emission position reached (exclusive) in that shard.
+    # shard id ("<pass>:<url>", see data.cursor.shard_id) -> emission position reached (exclusive).
     progress: dict[str, int] = field(default_factory=dict)
     # shard ids whose every sample has now been emitted.
     finished: list[str] = field(default_factory=list)
-    # pass number each shard id in progress belongs to.
+    # pass number of each shard id in progress or finished (also the id's prefix).
     passes: dict[str, int] = field(default_factory=dict)
-    # skipped samples by reason, since the previous batch of the same worker.
+    # skipped samples by reason, since the previous batch of the same worker; shard-level
+    # reasons (bad-tar, truncated-shard, shard-read-error) arrive with the shard's finish.
     errors: Counter = field(default_factory=Counter)
+    # bytes pulled from storage for this batch, re-reads after errors included.
     bytes_read: int = 0
     # optional per-sample labels (from key.cls), -1 where absent; used by evaluation only.
     labels: np.ndarray | None = None

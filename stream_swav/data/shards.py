@@ -1,0 +1,369 @@
+"""Read WebDataset tar shards as a deterministic, resumable stream of encoded samples.
+
+Members are grouped into samples the WebDataset way: the key is the member
+path up to the first dot of its file name, the rest is the extension
+(``a/b/img01.jpg`` -> key ``a/b/img01``, extension ``jpg``). One image member
+per sample (see `IMAGE_EXTENSIONS`); ``json``/``txt``/``cls`` ride along as
+raw bytes and are never required. Other members are skipped unread.
+
+The tar reader is our own loop over 512-byte blocks, with headers parsed by
+``tarfile.TarInfo.frombuf``. ``tarfile``'s stream iterator would do the
+grouping just as well but stops silently at a damaged header, exactly as at
+the end of the archive, so a corrupt shard could not be told from a short one
+and nothing after the damage could be recovered. Here a damaged header counts
+``bad-tar`` and reading resumes at the next valid header; an archive that
+ends without its end-of-archive block counts ``truncated-shard``. Either way
+every sample that could be read is still emitted. Gzipped tars are read too.
+
+Emission order is a bounded-buffer shuffle seeded per (seed, pass, shard),
+so it depends only on the shard's bytes and the seed. Every sample emitted
+has a position in that order, samples that will fail to decode included;
+that lets a reader restart at any position by reading (not decoding) the
+samples before it, and lets the stream cursor count progress exactly.
+"""
+from __future__ import annotations
+
+import gzip
+import logging
+import posixpath
+import random
+import tarfile
+import time
+import zlib
+from collections import Counter
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import IO, TypeVar
+
+import fsspec
+
+from stream_swav.storage import PERMANENT_ERRORS, TRANSIENT_ERRORS
+
+log = logging.getLogger(__name__)
+
+IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "gif", "bmp", "tif", "tiff")
+META_EXTENSIONS = ("json", "txt", "cls")
+# Read granularity for remote shards: large enough for throughput, small
+# enough that a few open shards per actor stay cheap in memory.
+READ_BLOCK_BYTES = 8 * 1024 * 1024
+
+_BLOCK = 512
+_ZERO_BLOCK = bytes(_BLOCK)
+_FILE_TYPES = (tarfile.REGTYPE, tarfile.AREGTYPE, tarfile.CONTTYPE)
+_GZIP_MAGIC = b"\x1f\x8b"
+_SKIP_CHUNK = 1024 * 1024
+_READ_CHUNK = 8 * 1024 * 1024
+_MAX_EXTENDED_HEADER = 1024 * 1024
+
+T = TypeVar("T")
+
+
+@dataclass
+class Sample:
+    """One sample's encoded bytes, before any decoding."""
+
+    key: str
+    image: bytes | None = None
+    image_ext: str = ""
+    # extension -> raw bytes, for json/txt/cls members.
+    meta: dict[str, bytes] = field(default_factory=dict)
+    # Encoded bytes held in memory (image plus metadata).
+    nbytes: int = 0
+    # "no-image" or "too-many-bytes" when the sample cannot be used; None otherwise.
+    error: str | None = None
+
+
+@dataclass
+class ShardReport:
+    """Shard-level outcome of reading one shard, filled in while reading."""
+
+    # bad-tar, truncated-shard, shard-read-error.
+    errors: Counter = field(default_factory=Counter)
+    # Bytes pulled from the shard file, re-reads after errors included.
+    bytes_read: int = 0
+    # Times the shard was re-opened after a read error.
+    retries: int = 0
+    # True when read errors outlasted the retries and the rest of the shard was skipped.
+    gave_up: bool = False
+
+
+class TarFormatError(Exception):
+    """The archive cannot be read further; `reason` is bad-tar or truncated-shard."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+
+
+def split_member_name(name: str) -> tuple[str, str]:
+    """``dir/abc.seg.png`` -> (``dir/abc``, ``seg.png``); extension lower-cased."""
+    folder, base = posixpath.split(name)
+    stem, dot, ext = base.partition(".")
+    return posixpath.join(folder, stem) if folder else stem, ext.lower() if dot else ""
+
+
+class _TarReader:
+    """Walks tar headers one member at a time; the caller reads or ignores each member's data."""
+
+    def __init__(self, fileobj: IO[bytes], errors: Counter, report: ShardReport) -> None:
+        head = fileobj.read(2)
+        fileobj.seek(0)
+        self._gzipped = head == _GZIP_MAGIC
+        self._raw = fileobj
+        self._file: IO[bytes] = gzip.GzipFile(fileobj=fileobj, mode="rb") if self._gzipped else fileobj
+        self._errors = errors
+        self._report = report
+        self._raw_position = 0
+        # Data and padding of the current member that nobody read.
+        self._unread = 0
+        self._size = 0
+
+    def _read(self, n: int) -> bytes:
+        try:
+            data = self._file.read(n)
+        except EOFError as exc:
+            raise TarFormatError("truncated-shard", f"compressed stream ends early: {exc}") from None
+        except (gzip.BadGzipFile, zlib.error) as exc:
+            raise TarFormatError("bad-tar", f"gzip: {exc}") from None
+        if self._gzipped:
+            position = self._raw.tell()
+            self._report.bytes_read += position - self._raw_position
+            self._raw_position = position
+        else:
+            self._report.bytes_read += len(data)
+        return data
+
+    def _read_exact(self, n: int) -> bytes:
+        parts = []
+        remaining = n
+        while remaining > 0:
+            chunk = self._read(min(remaining, _READ_CHUNK))
+            if not chunk:
+                raise TarFormatError("truncated-shard", f"archive ends {remaining} bytes inside a member")
+            parts.append(chunk)
+            remaining -= len(chunk)
+        return b"".join(parts)
+
+    def _skip(self, n: int) -> None:
+        if n <= 0:
+            return
+        if not self._gzipped and self._file.seekable():
+            # Past the end is fine here: the next header read then finds nothing.
+            self._file.seek(n, 1)
+            return
+        while n > 0:
+            chunk = self._read(min(n, _SKIP_CHUNK))
+            if not chunk:
+                raise TarFormatError("truncated-shard", f"archive ends {n} bytes inside a member")
+            n -= len(chunk)
+
+    def _read_block(self) -> bytes:
+        """The next 512 bytes, or fewer at the end of the file."""
+        block = self._read(_BLOCK)
+        while block and len(block) < _BLOCK:
+            more = self._read(_BLOCK - len(block))
+            if not more:
+                break
+            block += more
+        return block
+
+    def _read_member_payload(self, size: int) -> bytes:
+        data = self._read_exact(size)
+        self._skip(-size % _BLOCK)
+        return data
+
+    def next_member(self) -> tuple[str, int] | None:
+        """(name, size) of the next regular file, or None at the end of the archive."""
+        self._skip(self._unread)
+        self._unread = 0
+        pax: dict[str, str] = {}
+        long_name = ""
+        resyncing = False
+        while True:
+            block = self._read_block()
+            if len(block) < _BLOCK:
+                if resyncing:
+                    # The damage already counted runs to the end of the file.
+                    return None
+                raise TarFormatError("truncated-shard", "archive ends without its end-of-archive block"
+                                     if not block else "archive ends inside a header")
+            if block == _ZERO_BLOCK:
+                if resyncing:
+                    continue
+                return None
+            try:
+                info = tarfile.TarInfo.frombuf(block, "utf-8", "surrogateescape")
+            except tarfile.HeaderError:
+                if not resyncing:
+                    # Counted once per damaged stretch; reading goes on at the next valid header.
+                    self._errors["bad-tar"] += 1
+                    resyncing = True
+                    pax, long_name = {}, ""
+                continue
+            resyncing = False
+            if info.type in (tarfile.XHDTYPE, tarfile.GNUTYPE_LONGNAME):
+                if info.size > _MAX_EXTENDED_HEADER:
+                    # Untrusted sizes: a name or attribute list this long is damage, not data to hold.
+                    self._errors["bad-tar"] += 1
+                    self._skip(info.size + (-info.size % _BLOCK))
+                    pax, long_name = {}, ""
+                elif info.type == tarfile.XHDTYPE:
+                    pax = _parse_pax(self._read_member_payload(info.size))
+                else:
+                    long_name = self._read_member_payload(info.size).split(b"\0", 1)[0].decode(
+                        "utf-8", "surrogateescape")
+                continue
+            size = int(pax["size"]) if pax.get("size", "").isdigit() else info.size
+            if info.type not in _FILE_TYPES:
+                self._skip(size + (-size % _BLOCK))
+                pax, long_name = {}, ""
+                continue
+            self._unread = size + (-size % _BLOCK)
+            self._size = size
+            return pax.get("path") or long_name or info.name, size
+
+    def read_data(self) -> bytes:
+        """The whole data of the member `next_member` just returned."""
+        data = self._read_exact(self._size)
+        self._unread -= self._size
+        return data
+
+
+def _parse_pax(payload: bytes) -> dict[str, str]:
+    """PAX extended header records, ``"<len> <key>=<value>\\n"``; damaged records end the parse."""
+    records: dict[str, str] = {}
+    position = 0
+    while position < len(payload):
+        space = payload.find(b" ", position)
+        if space < 0 or not payload[position:space].isdigit():
+            break
+        length = int(payload[position:space])
+        record = payload[space + 1:position + length]
+        if length <= 0 or not record.endswith(b"\n") or b"=" not in record:
+            break
+        key, value = record[:-1].split(b"=", 1)
+        records[key.decode("utf-8", "surrogateescape")] = value.decode("utf-8", "surrogateescape")
+        position += length
+    return records
+
+
+def _finished(sample: Sample) -> Sample:
+    if sample.error is None and sample.image is None:
+        sample.error = "no-image"
+    return sample
+
+
+def read_samples(fileobj: IO[bytes], max_sample_bytes: int, errors: Counter,
+                 report: ShardReport) -> Iterator[Sample]:
+    """Samples of one tar in archive order. Format problems are counted into `errors`, never raised."""
+    current: Sample | None = None
+    try:
+        reader = _TarReader(fileobj, errors, report)
+        while (member := reader.next_member()) is not None:
+            name, size = member
+            key, ext = split_member_name(name)
+            if current is None or key != current.key:
+                if current is not None:
+                    yield _finished(current)
+                current = Sample(key=key)
+            wanted_image = ext in IMAGE_EXTENSIONS and current.image is None
+            wanted_meta = ext in META_EXTENSIONS and ext not in current.meta
+            if current.error is not None or not (wanted_image or wanted_meta):
+                continue
+            if current.nbytes + size > max_sample_bytes:
+                # Drop what is held and leave the rest of this sample unread.
+                current.error = "too-many-bytes"
+                current.image, current.image_ext, current.meta, current.nbytes = None, "", {}, 0
+                continue
+            data = reader.read_data()
+            current.nbytes += size
+            if wanted_image:
+                current.image, current.image_ext = data, ext
+            else:
+                current.meta[ext] = data
+    except TarFormatError as exc:
+        errors[exc.reason] += 1
+        # A sample cut off before its image is part of the shard-level loss, not a sample of its own.
+        if current is not None and current.image is None:
+            current = None
+    if current is not None:
+        yield _finished(current)
+
+
+def shuffled_samples(samples: Iterable[T], buffer_size: int, seed: int) -> Iterator[T]:
+    """Bounded-buffer shuffle whose output order depends only on the input order and `seed`.
+
+    The buffer holds encoded samples only, at most `buffer_size` of them.
+    """
+    if buffer_size < 1:
+        raise ValueError(f"buffer_size must be >= 1, got {buffer_size}")
+    rng = random.Random(seed)
+    buffer: list[T] = []
+    for sample in samples:
+        if len(buffer) < buffer_size:
+            buffer.append(sample)
+            continue
+        slot = rng.randrange(buffer_size)
+        emitted, buffer[slot] = buffer[slot], sample
+        yield emitted
+    rng.shuffle(buffer)
+    yield from buffer
+
+
+def iter_shard(url: str, fs: fsspec.AbstractFileSystem, seed: int, buffer_size: int, start: int = 0, *,
+               max_sample_bytes: int, read_retries: int, retry_backoff_s: float,
+               report: ShardReport | None = None,
+               block_size: int = READ_BLOCK_BYTES) -> Iterator[tuple[int, Sample]]:
+    """(position, sample) for every position >= `start` in the shard's emission order.
+
+    Positions before `start` are read and shuffled (the order needs them) but
+    handed to nobody, so they cost I/O and no decoding. A read error re-opens
+    the shard after ``retry_backoff_s * 2**k`` seconds and carries on at the
+    first position not yet yielded; after `read_retries` failures in a row
+    without progress (or at once for a missing or forbidden file) the rest of
+    the shard is skipped and ``shard-read-error`` counted in `report`.
+    """
+    report = report if report is not None else ShardReport()
+    path = fs._strip_protocol(url)
+    next_position = start
+    failures = 0
+    while True:
+        # Format errors of the attempt that ends the shard are the ones reported;
+        # an interrupted attempt will meet them again.
+        attempt_errors: Counter = Counter()
+        try:
+            with fs.open(path, "rb", block_size=block_size) as f:
+                samples = shuffled_samples(read_samples(f, max_sample_bytes, attempt_errors, report),
+                                           buffer_size, seed)
+                for position, sample in enumerate(samples):
+                    if position < next_position:
+                        continue
+                    yield position, sample
+                    next_position = position + 1
+                    failures = 0
+            report.errors.update(attempt_errors)
+            return
+        except PERMANENT_ERRORS as exc:
+            _give_up(url, report, attempt_errors, next_position, exc)
+            return
+        except TRANSIENT_ERRORS as exc:
+            failures += 1
+            if failures > read_retries:
+                _give_up(url, report, attempt_errors, next_position, exc)
+                return
+            delay = retry_backoff_s * 2 ** (failures - 1)
+            log.warning("reading %s at position %d failed (%s: %s); retry %d/%d in %.1fs", url, next_position,
+                        type(exc).__name__, exc, failures, read_retries, delay)
+            report.retries += 1
+            time.sleep(delay)
+
+
+def _give_up(url: str, report: ShardReport, attempt_errors: Counter, position: int, exc: BaseException) -> None:
+    log.error("giving up on %s at position %d: %s: %s", url, position, type(exc).__name__, exc)
+    report.errors.update(attempt_errors)
+    report.errors["shard-read-error"] += 1
+    report.gave_up = True
+
+
+__all__ = ["IMAGE_EXTENSIONS", "META_EXTENSIONS", "READ_BLOCK_BYTES", "Sample", "ShardReport", "TarFormatError",
+           "split_member_name", "read_samples", "shuffled_samples", "iter_shard"]

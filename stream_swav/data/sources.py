@@ -1,0 +1,154 @@
+"""Which shards exist: expand a shard spec into shard URLs, and notice new ones.
+
+A spec is one of
+
+- a brace pattern, ``s3://bucket/shards/{000000..009999}.tar`` (zero padding
+  kept, several groups allowed); a single ``.tar`` path is a pattern of one;
+- a text file ending in ``.txt`` (local or s3) with one shard URL per line;
+  blank lines and lines starting with ``#`` are ignored, relative entries are taken
+  relative to the list file's folder;
+- anything else is a folder or key prefix: every ``*.tar`` (``.tar.gz``,
+  ``.tgz``) below it, sorted.
+
+S3 shards come back as ``s3://bucket/key`` URLs, local ones as absolute paths.
+In follow mode `relist` returns the shards that appeared since the previous
+listing. Pattern entries count only once they exist, so a pattern laid over a
+bucket that is still being filled picks up each shard when it lands.
+"""
+from __future__ import annotations
+
+import logging
+import posixpath
+from collections import defaultdict
+
+import braceexpand
+
+from stream_swav.config import StorageConfig
+from stream_swav.storage import TRANSIENT_ERRORS, filesystem_for, join_protocol, split_protocol
+
+log = logging.getLogger(__name__)
+
+SHARD_SUFFIXES = (".tar", ".tar.gz", ".tgz")
+LIST_SUFFIX = ".txt"
+
+
+class ShardSpecError(ValueError):
+    """The shard spec cannot be understood or its list file cannot be read."""
+
+
+def spec_kind(spec: str) -> str:
+    """"pattern", "list" or "prefix"."""
+    if "{" in spec or "}" in spec or spec.endswith(SHARD_SUFFIXES):
+        return "pattern"
+    if spec.endswith(LIST_SUFFIX):
+        return "list"
+    return "prefix"
+
+
+class ShardSource:
+    def __init__(self, spec: str, storage_cfg: StorageConfig) -> None:
+        if not spec.strip():
+            raise ShardSpecError("data.shards: empty shard spec")
+        self.spec = spec.strip()
+        self.storage_cfg = storage_cfg
+        self.kind = spec_kind(self.spec)
+        self._protocol = split_protocol(self.spec)[0]
+        self._seen: set[str] = set()
+        self._pattern = self._expand_pattern() if self.kind == "pattern" else []
+
+    def list_shards(self) -> list[str]:
+        """Every shard that exists now, in spec order; listing caches are bypassed."""
+        shards = self._list()
+        self._seen.update(shards)
+        return shards
+
+    def relist(self) -> list[str]:
+        """Shards that appeared since the previous listing.
+
+        A storage hiccup is logged and yields nothing new this time; the next
+        relist tries again.
+        """
+        try:
+            shards = self._list()
+        except (*TRANSIENT_ERRORS, ShardSpecError) as exc:
+            log.warning("relisting %s failed, will retry: %s", self.spec, exc)
+            return []
+        new = [url for url in shards if url not in self._seen]
+        self._seen.update(new)
+        return new
+
+    def _list(self) -> list[str]:
+        if self.kind == "pattern":
+            return self._existing_pattern_entries()
+        if self.kind == "list":
+            return self._read_list_file()
+        return self._list_prefix()
+
+    def _expand_pattern(self) -> list[str]:
+        try:
+            urls = list(braceexpand.braceexpand(self.spec))
+        except braceexpand.UnbalancedBracesError as exc:
+            raise ShardSpecError(f"data.shards: {exc}") from None
+        leftover = [u for u in urls if "{" in u or "}" in u]
+        if leftover:
+            raise ShardSpecError(f"data.shards: cannot expand the braces in {leftover[0]!r}; "
+                                 "use {000..099} ranges or {a,b} lists")
+        return list(dict.fromkeys(split_protocol(url)[1] for url in urls))
+
+    def _existing_pattern_entries(self) -> list[str]:
+        # One listing per folder instead of one existence check per shard:
+        # a 10,000-shard pattern over S3 costs a handful of requests.
+        fs, _ = filesystem_for(self.spec, self.storage_cfg)
+        by_folder: dict[str, list[str]] = defaultdict(list)
+        for path in self._pattern:
+            by_folder[posixpath.dirname(path)].append(path)
+        present: set[str] = set()
+        for folder in by_folder:
+            fs.invalidate_cache(folder)
+            try:
+                present.update(p.rstrip("/") for p in fs.ls(folder, detail=False))
+            except FileNotFoundError:
+                continue
+        return [join_protocol(self._protocol, p) for p in self._pattern if p in present]
+
+    def _list_prefix(self) -> list[str]:
+        fs, path = filesystem_for(self.spec, self.storage_cfg)
+        root = path.rstrip("/")
+        fs.invalidate_cache(root)
+        if fs.isdir(root):
+            found = fs.find(root)
+        else:
+            # A key prefix such as s3://bucket/shards/train- rather than a folder.
+            parent = posixpath.dirname(root)
+            fs.invalidate_cache(parent)
+            found = [p for p in fs.find(parent) if p.startswith(root)]
+        return [join_protocol(self._protocol, p) for p in sorted(found) if p.endswith(SHARD_SUFFIXES)]
+
+    def _read_list_file(self) -> list[str]:
+        fs, path = filesystem_for(self.spec, self.storage_cfg)
+        fs.invalidate_cache(path)
+        try:
+            raw = fs.cat_file(path)
+        except FileNotFoundError:
+            raise ShardSpecError(f"data.shards: list file {self.spec} does not exist") from None
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise ShardSpecError(f"data.shards: list file {self.spec} is not UTF-8 text: {exc}") from None
+        folder = posixpath.dirname(path)
+        urls = []
+        for number, line in enumerate(text.splitlines(), start=1):
+            entry = line.strip()
+            if not entry or entry.startswith("#"):
+                continue
+            if "://" not in entry and not posixpath.isabs(entry):
+                entry = join_protocol(self._protocol, posixpath.join(folder, entry))
+            try:
+                protocol, entry_path = split_protocol(entry)
+            except ValueError as exc:
+                raise ShardSpecError(f"data.shards: {self.spec} line {number}: {exc}") from None
+            urls.append(join_protocol(protocol, entry_path))
+        return list(dict.fromkeys(urls))
+
+
+__all__ = ["ShardSource", "ShardSpecError", "spec_kind", "SHARD_SUFFIXES"]

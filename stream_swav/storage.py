@@ -1,0 +1,209 @@
+"""Filesystems for shards and checkpoints: local paths, file:// and s3://.
+
+S3 options come from StorageConfig first, then the standard environment, so the
+same code talks to AWS, MinIO, Ceph or R2:
+
+- endpoint: ``storage.endpoint_url``, else FSSPEC_S3_ENDPOINT_URL, else
+  AWS_ENDPOINT_URL_S3, else AWS_ENDPOINT_URL (else AWS itself);
+- credentials: botocore's usual chain (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY /
+  AWS_SESSION_TOKEN, AWS_PROFILE, instance roles), or ``storage.anon``;
+- retries and timeouts: botocore's ``standard`` retry mode with
+  ``storage.retries`` retries after the first attempt, plus s3fs's own retry of
+  interrupted body reads.
+
+Secrets never reach a log line: `describe_storage` is the only thing meant to be
+printed, and it redacts them.
+"""
+from __future__ import annotations
+
+import asyncio
+import os
+import threading
+import uuid
+from typing import Any
+
+import aiohttp
+import fsspec
+from botocore.exceptions import BotoCoreError, ClientError
+from fsspec.implementations.local import LocalFileSystem
+
+from stream_swav.config import StorageConfig
+
+ENDPOINT_ENV = ("FSSPEC_S3_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL")
+# Part of the cache key: a changed identity must not reuse a client made for the old one.
+_CREDENTIAL_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE",
+                   "AWS_REGION", "AWS_DEFAULT_REGION")
+_SECRET_WORDS = ("secret", "token", "password", "key")
+
+# Errors worth retrying when reading: network trouble, throttling, a server that went away.
+TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (
+    OSError, TimeoutError, asyncio.TimeoutError, BotoCoreError, ClientError, aiohttp.ClientError)
+# OSError subclasses that another attempt will not fix.
+PERMANENT_ERRORS: tuple[type[BaseException], ...] = (
+    FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)
+
+_cache: dict[tuple[Any, ...], fsspec.AbstractFileSystem] = {}
+_cache_lock = threading.Lock()
+
+
+def split_protocol(url: str) -> tuple[str, str]:
+    """``s3://b/k`` -> ("s3", "b/k"); ``file:///x`` and plain paths -> ("file", "/x" made absolute)."""
+    if "://" in url:
+        protocol, rest = url.split("://", 1)
+        protocol = protocol.lower()
+    else:
+        protocol, rest = "file", url
+    if protocol in ("s3", "s3a"):
+        rest = rest.lstrip("/")
+        if not rest or rest.startswith("/"):
+            raise ValueError(f"{url!r}: an s3:// URL needs a bucket name")
+        return "s3", rest
+    if protocol == "file":
+        return "file", LocalFileSystem._strip_protocol(os.path.abspath(os.path.expanduser(rest)))
+    raise ValueError(f"{url!r}: unsupported scheme {protocol!r}; use a local path, file:// or s3://")
+
+
+def join_protocol(protocol: str, path: str) -> str:
+    """Inverse of `split_protocol`: s3 paths get their scheme back, local ones stay plain paths."""
+    return f"s3://{path}" if protocol == "s3" else path
+
+
+def resolve_endpoint(cfg: StorageConfig) -> str:
+    if cfg.endpoint_url:
+        return cfg.endpoint_url
+    for name in ENDPOINT_ENV:
+        if os.environ.get(name):
+            return os.environ[name]
+    return ""
+
+
+def s3_options(cfg: StorageConfig) -> dict[str, Any]:
+    """Keyword arguments for s3fs.S3FileSystem built from the config and the environment."""
+    client_kwargs: dict[str, Any] = {}
+    if cfg.region:
+        client_kwargs["region_name"] = cfg.region
+    options: dict[str, Any] = {
+        "anon": cfg.anon,
+        "client_kwargs": client_kwargs,
+        "config_kwargs": {
+            "retries": {"total_max_attempts": cfg.retries + 1, "mode": "standard"},
+            "connect_timeout": cfg.connect_timeout_s,
+            "read_timeout": cfg.read_timeout_s,
+        },
+    }
+    endpoint = resolve_endpoint(cfg)
+    if endpoint:
+        options["endpoint_url"] = endpoint
+    return options
+
+
+def _freeze(value: Any) -> Any:
+    if isinstance(value, dict):
+        return tuple(sorted((k, _freeze(v)) for k, v in value.items()))
+    if isinstance(value, (list, tuple)):
+        return tuple(_freeze(v) for v in value)
+    return value
+
+
+def filesystem_for(url: str, cfg: StorageConfig) -> tuple[fsspec.AbstractFileSystem, str]:
+    """The (cached) filesystem serving `url`, and the path inside it."""
+    protocol, path = split_protocol(url)
+    if protocol == "file":
+        options: dict[str, Any] = {}
+        env: tuple[Any, ...] = ()
+    else:
+        options = s3_options(cfg)
+        env = tuple(os.environ.get(name) for name in _CREDENTIAL_ENV)
+    key = (protocol, os.getpid(), _freeze(options), env)
+    with _cache_lock:
+        fs = _cache.get(key)
+        if fs is None:
+            fs = _make_filesystem(protocol, options, cfg)
+            _cache[key] = fs
+    return fs, path
+
+
+def _make_filesystem(protocol: str, options: dict[str, Any], cfg: StorageConfig) -> fsspec.AbstractFileSystem:
+    if protocol == "file":
+        return LocalFileSystem()
+    from s3fs import S3FileSystem
+
+    fs = S3FileSystem(skip_instance_cache=True, **options)
+    # s3fs retries interrupted body reads on its own; its count includes the first attempt.
+    fs.retries = cfg.retries + 1
+    return fs
+
+
+def clear_filesystem_cache() -> None:
+    """Forget cached filesystems (after credentials or endpoints changed in-process)."""
+    with _cache_lock:
+        _cache.clear()
+
+
+def describe_storage(cfg: StorageConfig) -> dict[str, Any]:
+    """What the S3 client will use, safe to log: secrets are redacted, their presence shown."""
+    described: dict[str, Any] = {
+        "endpoint_url": resolve_endpoint(cfg) or "(AWS default)",
+        "region": cfg.region or os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "(default)",
+        "anon": cfg.anon,
+        "retries": cfg.retries,
+        "connect_timeout_s": cfg.connect_timeout_s,
+        "read_timeout_s": cfg.read_timeout_s,
+    }
+    for name in _CREDENTIAL_ENV:
+        value = os.environ.get(name)
+        if value is None or name in ("AWS_REGION", "AWS_DEFAULT_REGION"):
+            continue
+        secret = any(word in name.lower() for word in _SECRET_WORDS)
+        described[name] = "***" if secret else value
+    return described
+
+
+def read_bytes(url: str, cfg: StorageConfig) -> bytes:
+    fs, path = filesystem_for(url, cfg)
+    return fs.cat_file(path)
+
+
+def write_bytes_atomic(url: str, data: bytes, cfg: StorageConfig) -> None:
+    """Readers see the old object or the whole new one, never a part.
+
+    Locally: write a temporary file in the same folder, fsync, rename over the
+    target. On S3 a single PUT is already atomic.
+    """
+    fs, path = filesystem_for(url, cfg)
+    if not isinstance(fs, LocalFileSystem):
+        fs.pipe_file(path, data)
+        return
+    folder = os.path.dirname(path)
+    os.makedirs(folder, exist_ok=True)
+    tmp = os.path.join(folder, f".{os.path.basename(path)}.tmp-{uuid.uuid4().hex}")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def listdir(url: str, cfg: StorageConfig) -> list[str]:
+    """Names (not paths) of the entries directly under `url`, sorted; fresh, not from a listing cache."""
+    fs, path = filesystem_for(url, cfg)
+    fs.invalidate_cache(path)
+    return sorted(entry.rstrip("/").rsplit("/", 1)[-1] for entry in fs.ls(path, detail=False))
+
+
+def exists(url: str, cfg: StorageConfig) -> bool:
+    fs, path = filesystem_for(url, cfg)
+    fs.invalidate_cache(path)
+    return fs.exists(path)
+
+
+def rm(url: str, cfg: StorageConfig) -> None:
+    """Remove a file or a whole folder/prefix."""
+    fs, path = filesystem_for(url, cfg)
+    fs.rm(path, recursive=True)
+    fs.invalidate_cache(path)

@@ -1,0 +1,249 @@
+from __future__ import annotations
+
+import gzip
+import io
+import os
+import tarfile
+import threading
+from collections import Counter
+
+import numpy as np
+import pytest
+from conftest import colour_samples, free_port, image_bytes, start_moto, tar_bytes, use_fake_credentials
+from PIL import Image
+
+from stream_swav import storage
+from stream_swav.config import StorageConfig
+from stream_swav.data.shards import (ShardReport, iter_shard, read_samples, shuffled_samples,
+                                     split_member_name)
+
+LIMIT = 1 << 20
+
+
+def read_all(data: bytes, max_sample_bytes: int = LIMIT) -> tuple[list, Counter, ShardReport]:
+    errors: Counter = Counter()
+    report = ShardReport()
+    samples = list(read_samples(io.BytesIO(data), max_sample_bytes, errors, report))
+    return samples, errors, report
+
+
+def header_offsets(data: bytes) -> list[int]:
+    with tarfile.open(fileobj=io.BytesIO(data)) as tar:
+        return [member.offset for member in tar.getmembers()]
+
+
+def test_split_member_name():
+    assert split_member_name("a/b/img01.jpg") == ("a/b/img01", "jpg")
+    assert split_member_name("a.b/x.seg.PNG") == ("a.b/x", "seg.png")
+    assert split_member_name("noext") == ("noext", "")
+
+
+def test_members_group_into_samples_with_metadata():
+    jpg, png = image_bytes((255, 0, 0)), image_bytes((0, 0, 255), "PNG")
+    data = tar_bytes([
+        ("dir/a", {"jpg": jpg, "cls": b"3", "json": b'{"w": 1}', "txt": b"a cat", "seg.png": png}),
+        ("dir/b", {"json": b"{}", "png": png}),
+        ("dir/c", {"json": b"{}"}),
+        ("d.e/f", {"webp": b"not really webp", "jpeg": jpg}),
+    ])
+    samples, errors, report = read_all(data)
+    assert [s.key for s in samples] == ["dir/a", "dir/b", "dir/c", "d.e/f"]
+    a, b, c, f = samples
+    assert (a.image, a.image_ext) == (jpg, "jpg")
+    assert a.meta == {"cls": b"3", "json": b'{"w": 1}', "txt": b"a cat"}
+    assert a.nbytes == len(jpg) + 1 + 8 + 5
+    assert (b.image, b.image_ext, b.meta) == (png, "png", {"json": b"{}"})
+    assert (c.image, c.error) == (None, "no-image")
+    # The first image member wins; a second one is left unread.
+    assert (f.image, f.image_ext, f.error) == (b"not really webp", "webp", None)
+    assert not errors
+    # Headers and wanted members are read; the unwanted seg.png and the tar's end padding are not.
+    assert sum(s.nbytes for s in samples) < report.bytes_read < len(data) - len(png)
+
+
+def test_long_member_names_pax_and_gnu():
+    deep = "/".join(["folder" * 5] * 5) + "/sample-with-a-long-name"
+    for fmt in (tarfile.PAX_FORMAT, tarfile.GNU_FORMAT):
+        buffer = io.BytesIO()
+        with tarfile.open(fileobj=buffer, mode="w", format=fmt) as tar:
+            for ext, payload in (("jpg", b"JPEGDATA"), ("cls", b"7")):
+                info = tarfile.TarInfo(f"{deep}.{ext}")
+                info.size = len(payload)
+                tar.addfile(info, io.BytesIO(payload))
+        samples, errors, _ = read_all(buffer.getvalue())
+        assert [(s.key, s.image, s.meta) for s in samples] == [(deep, b"JPEGDATA", {"cls": b"7"})]
+        assert not errors
+
+
+def test_oversized_extended_header_is_damage_not_memory():
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+        huge = tarfile.TarInfo("PaxHeader/x")
+        huge.type = tarfile.XHDTYPE
+        huge.size = 3 << 20
+        tar.addfile(huge, io.BytesIO(b"9" * huge.size))
+        for key, members in colour_samples(2, "after"):
+            for ext, payload in members.items():
+                info = tarfile.TarInfo(f"{key}.{ext}")
+                info.size = len(payload)
+                tar.addfile(info, io.BytesIO(payload))
+    samples, errors, report = read_all(buffer.getvalue())
+    assert [s.key for s in samples] == ["after-00000", "after-00001"]
+    assert errors == Counter({"bad-tar": 1}) and report.bytes_read < 1 << 20
+
+
+def test_oversized_sample_is_skipped_unread():
+    big = os.urandom(200_000)
+    data = tar_bytes(colour_samples(2, "x") + [("big", {"jpg": big, "cls": b"1"})] + colour_samples(2, "y"))
+    samples, errors, report = read_all(data, max_sample_bytes=100_000)
+    assert [s.key for s in samples] == ["x-00000", "x-00001", "big", "y-00000", "y-00001"]
+    assert samples[2].error == "too-many-bytes" and samples[2].image is None and samples[2].meta == {}
+    assert all(s.error is None and s.image for i, s in enumerate(samples) if i != 2)
+    # Seekable input: the big member was skipped, not read.
+    assert report.bytes_read <= len(data) - len(big)
+    assert not errors
+
+
+def test_damaged_header_counts_bad_tar_and_reading_goes_on():
+    good = colour_samples(6, "s")
+    data = bytearray(tar_bytes(good))
+    offsets = header_offsets(bytes(data))
+    # Members are (jpg|png, cls) per sample: damage the image header of sample 2.
+    victim = offsets[4]
+    data[victim:victim + 100] = b"\xff" * 100
+    samples, errors, _ = read_all(bytes(data))
+    assert errors == Counter({"bad-tar": 1})
+    keys = [s.key for s in samples if s.error is None]
+    assert keys == ["s-00000", "s-00001", "s-00003", "s-00004", "s-00005"]
+    # Sample 2 keeps its .cls member but lost its image.
+    assert [(s.key, s.error) for s in samples if s.error] == [("s-00002", "no-image")]
+
+
+@pytest.mark.parametrize("cut", ["mid-data", "at-member-boundary", "mid-header"])
+def test_truncated_shard_yields_what_was_readable(cut):
+    good = colour_samples(5, "t")
+    data = tar_bytes(good)
+    offsets = header_offsets(data)
+    fourth_image = offsets[6]
+    end = {"mid-data": fourth_image + 512 + 40, "at-member-boundary": fourth_image,
+           "mid-header": fourth_image + 200}[cut]
+    samples, errors, _ = read_all(data[:end])
+    assert errors == Counter({"truncated-shard": 1})
+    assert [s.key for s in samples] == ["t-00000", "t-00001", "t-00002"]
+    assert all(s.error is None for s in samples)
+
+
+def test_empty_and_garbage_files():
+    assert read_all(b"")[1] == Counter({"truncated-shard": 1})
+    samples, errors, _ = read_all(os.urandom(5000))
+    assert samples == [] and errors == Counter({"bad-tar": 1})
+
+
+def test_gzipped_shard_and_truncated_gzip():
+    plain = tar_bytes(colour_samples(4, "g"))
+    packed = gzip.compress(plain)
+    samples, errors, report = read_all(packed)
+    assert [s.key for s in samples] == [f"g-{n:05d}" for n in range(4)] and not errors
+    assert report.bytes_read == len(packed)
+    samples, errors, _ = read_all(packed[: len(packed) * 2 // 3])
+    assert errors["truncated-shard"] == 1 and len(samples) < 4
+
+
+def test_shuffle_is_a_seeded_bounded_permutation():
+    items = list(range(200))
+    a = list(shuffled_samples(items, 16, seed=1))
+    assert sorted(a) == items
+    assert a == list(shuffled_samples(iter(items), 16, seed=1))
+    assert a != list(shuffled_samples(items, 16, seed=2))
+    assert a != items
+    # Bounded buffer: the k-th item out was among the first k + 16 in.
+    assert all(item < k + 16 + 1 for k, item in enumerate(a))
+    assert list(shuffled_samples(items, 1, seed=5)) == items
+    with pytest.raises(ValueError):
+        list(shuffled_samples(items, 0, seed=0))
+
+
+def write_local_shard(tmp_path, samples, name="shard.tar") -> str:
+    path = tmp_path / name
+    path.write_bytes(tar_bytes(samples))
+    return str(path)
+
+
+def shard_keys(url, fs, seed, start=0, buffer_size=8, **kwargs):
+    report = ShardReport()
+    got = [(pos, s.key) for pos, s in iter_shard(url, fs, seed, buffer_size, start, max_sample_bytes=LIMIT,
+                                                 read_retries=kwargs.pop("read_retries", 2),
+                                                 retry_backoff_s=kwargs.pop("retry_backoff_s", 0.01),
+                                                 report=report, **kwargs)]
+    return got, report
+
+
+def test_start_position_yields_exactly_the_suffix(tmp_path):
+    samples = colour_samples(25, "p")
+    samples.insert(7, ("meta-only", {"json": b"{}"}))
+    url = write_local_shard(tmp_path, samples)
+    fs, _ = storage.filesystem_for(url, StorageConfig())
+    full, report = shard_keys(url, fs, seed=11)
+    assert [pos for pos, _ in full] == list(range(26))
+    assert sorted(k for _, k in full) == sorted(k for k, _ in samples)
+    assert [k for _, k in full] != [k for k, _ in samples]
+    assert not report.errors and not report.gave_up
+    for start in (1, 7, 13, 25, 26, 40):
+        assert shard_keys(url, fs, seed=11, start=start)[0] == full[start:]
+    assert shard_keys(url, fs, seed=12)[0] != full
+
+
+def test_missing_shard_gives_up_at_once(tmp_path):
+    url = str(tmp_path / "nope.tar")
+    fs, _ = storage.filesystem_for(url, StorageConfig())
+    got, report = shard_keys(url, fs, seed=0, read_retries=5, retry_backoff_s=10.0)
+    assert got == [] and report.gave_up and report.retries == 0
+    assert report.errors == Counter({"shard-read-error": 1})
+
+
+def noise_png(seed: int) -> bytes:
+    pixels = np.random.default_rng(seed).integers(0, 256, (64, 64, 3), dtype=np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+@pytest.fixture
+def own_moto_server(monkeypatch):
+    """A moto server this test may stop and restart (same port, same in-process objects)."""
+    port = free_port()
+    servers = [start_moto(port)]
+    endpoint = f"http://127.0.0.1:{port}"
+    use_fake_credentials(monkeypatch, endpoint)
+    storage.clear_filesystem_cache()
+    yield endpoint, port, servers
+    for server in servers:
+        server.stop()
+    storage.clear_filesystem_cache()
+
+
+def test_endpoint_outage_shorter_than_retry_budget_is_survived(own_moto_server):
+    endpoint, port, servers = own_moto_server
+    cfg = StorageConfig(endpoint_url=endpoint, retries=0, connect_timeout_s=1.0, read_timeout_s=5.0)
+    samples = [(f"n-{i:03d}", {"png": noise_png(i)}) for i in range(24)]
+    data = tar_bytes(samples)
+    url = "s3://outage-bucket/shard.tar"
+    fs, _ = storage.filesystem_for(url, cfg)
+    fs.mkdir("outage-bucket")
+    storage.write_bytes_atomic(url, data, cfg)
+    local_reference = list(shuffled_samples(read_samples(io.BytesIO(data), LIMIT, Counter(), ShardReport()),
+                                            4, seed=3))
+
+    report = ShardReport()
+    stream = iter_shard(url, fs, 3, 4, 0, max_sample_bytes=LIMIT, read_retries=6, retry_backoff_s=0.25,
+                        report=report, block_size=16 * 1024)
+    got = [next(stream)]
+    servers.pop().stop()
+    restart = threading.Timer(1.0, lambda: servers.append(start_moto(port)))
+    restart.start()
+    got.extend(stream)
+    restart.join()
+
+    assert [pos for pos, _ in got] == list(range(24))
+    assert [(s.key, s.image) for _, s in got] == [(s.key, s.image) for s in local_reference]
+    assert report.retries >= 1 and not report.gave_up and not report.errors

@@ -1,0 +1,165 @@
+from __future__ import annotations
+
+import json
+import logging
+import os
+
+import pytest
+from conftest import FAKE_SECRET, colour_samples
+
+from stream_swav import storage
+from stream_swav.config import StorageConfig
+from stream_swav.data.sources import ShardSource, ShardSpecError, spec_kind
+
+
+def test_spec_kinds():
+    assert spec_kind("s3://b/shards/{000..009}.tar") == "pattern"
+    assert spec_kind("/data/one.tar") == "pattern"
+    assert spec_kind("s3://b/lists/train.txt") == "list"
+    assert spec_kind("s3://b/shards/") == "prefix"
+    assert spec_kind("/data/shards") == "prefix"
+
+
+def test_brace_pattern_keeps_padding_and_lists_only_existing_shards(s3_bucket, make_shard):
+    for n in (0, 1, 3, 12):
+        make_shard(s3_bucket.url(f"shards/{n:06d}.tar"), colour_samples(1))
+    source = ShardSource(s3_bucket.url("shards/{000000..000012}.tar"), s3_bucket.storage)
+    assert source.list_shards() == [s3_bucket.url(f"shards/{n:06d}.tar") for n in (0, 1, 3, 12)]
+    assert source.relist() == []
+    # Follow mode over a bucket still being filled: missing entries are picked up when they land.
+    make_shard(s3_bucket.url("shards/000002.tar"), colour_samples(1))
+    make_shard(s3_bucket.url("shards/000013.tar"), colour_samples(1))  # outside the pattern
+    assert source.relist() == [s3_bucket.url("shards/000002.tar")]
+    assert source.relist() == []
+
+
+def test_pattern_spanning_folders_and_lists(tmp_path, make_shard):
+    for part in ("a", "b"):
+        for n in range(3):
+            make_shard(str(tmp_path / part / f"{n:02d}.tar"), colour_samples(1))
+    source = ShardSource(str(tmp_path / "{a,b,c}" / "{00..01}.tar"), StorageConfig())
+    assert source.list_shards() == [str(tmp_path / p / f"{n:02d}.tar") for p in ("a", "b") for n in range(2)]
+
+
+def test_single_tar_spec(tmp_path, make_shard):
+    path = make_shard(str(tmp_path / "only.tar"), colour_samples(1))
+    assert ShardSource(path, StorageConfig()).list_shards() == [path]
+    assert ShardSource(f"file://{path}", StorageConfig()).list_shards() == [path]
+
+
+def test_prefix_lists_all_tars_below_sorted(s3_bucket, make_shard):
+    for key in ("data/b/002.tar", "data/a/001.tar", "data/a/000.tar", "data/c.tar.gz", "other/x.tar"):
+        make_shard(s3_bucket.url(key), colour_samples(1))
+    storage.write_bytes_atomic(s3_bucket.url("data/readme.txt"), b"not a shard", s3_bucket.storage)
+    source = ShardSource(s3_bucket.url("data/"), s3_bucket.storage)
+    expected = [s3_bucket.url(k) for k in ("data/a/000.tar", "data/a/001.tar", "data/b/002.tar", "data/c.tar.gz")]
+    assert source.list_shards() == expected
+    # A new shard appears after the first listing: relist picks it up, once.
+    make_shard(s3_bucket.url("data/a/000b.tar"), colour_samples(1))
+    assert source.relist() == [s3_bucket.url("data/a/000b.tar")]
+    assert source.relist() == []
+    assert source.list_shards() == sorted(expected + [s3_bucket.url("data/a/000b.tar")])
+    # A key prefix that is not a folder.
+    assert ShardSource(s3_bucket.url("data/a/00"), s3_bucket.storage).list_shards() == [
+        s3_bucket.url("data/a/000.tar"), s3_bucket.url("data/a/000b.tar"), s3_bucket.url("data/a/001.tar")]
+
+
+def test_local_folder(tmp_path, make_shard):
+    for name in ("2.tar", "1.tar", "sub/0.tar"):
+        make_shard(str(tmp_path / name), colour_samples(1))
+    (tmp_path / "notes.json").write_text("{}")
+    source = ShardSource(str(tmp_path), StorageConfig())
+    assert source.list_shards() == [str(tmp_path / n) for n in ("1.tar", "2.tar", "sub/0.tar")]
+    assert ShardSource(str(tmp_path / "missing"), StorageConfig()).list_shards() == []
+
+
+def test_list_file_on_s3(s3_bucket, make_shard):
+    make_shard(s3_bucket.url("s/0.tar"), colour_samples(1))
+    make_shard(s3_bucket.url("lists/1.tar"), colour_samples(1))
+    text = f"# training shards\n{s3_bucket.url('s/0.tar')}\n\n  1.tar  \n# {s3_bucket.url('s/x.tar')}\n"
+    list_url = s3_bucket.url("lists/train.txt")
+    storage.write_bytes_atomic(list_url, text.encode(), s3_bucket.storage)
+    source = ShardSource(list_url, s3_bucket.storage)
+    assert source.list_shards() == [s3_bucket.url("s/0.tar"), s3_bucket.url("lists/1.tar")]
+    storage.write_bytes_atomic(list_url, (text + "/abs/local.tar\n").encode(), s3_bucket.storage)
+    assert source.relist() == ["/abs/local.tar"]
+
+
+def test_list_file_local_relative_entries(tmp_path):
+    (tmp_path / "lists").mkdir()
+    (tmp_path / "lists" / "all.txt").write_text("a.tar\n../b.tar\ns3://bkt/c.tar\n#x.tar\na.tar\n")
+    source = ShardSource(str(tmp_path / "lists" / "all.txt"), StorageConfig())
+    assert source.list_shards() == [str(tmp_path / "lists" / "a.tar"), str(tmp_path / "b.tar"), "s3://bkt/c.tar"]
+
+
+def test_bad_specs_are_clear_errors(tmp_path):
+    with pytest.raises(ShardSpecError, match="nbalanced"):
+        ShardSource(str(tmp_path / "{000..003.tar"), StorageConfig())
+    with pytest.raises(ShardSpecError, match="empty"):
+        ShardSource("  ", StorageConfig())
+    with pytest.raises(ShardSpecError, match="does not exist"):
+        ShardSource(str(tmp_path / "missing.txt"), StorageConfig()).list_shards()
+    (tmp_path / "bad.txt").write_text("gs://elsewhere/x.tar\n")
+    with pytest.raises(ShardSpecError, match="line 1.*unsupported scheme"):
+        ShardSource(str(tmp_path / "bad.txt"), StorageConfig()).list_shards()
+    with pytest.raises(ValueError, match="unsupported scheme"):
+        ShardSource("gs://bucket/{0..3}.tar", StorageConfig())
+
+
+def test_relist_survives_a_listing_failure(tmp_path, make_shard, caplog):
+    list_path = tmp_path / "l.txt"
+    list_path.write_text(str(tmp_path / "0.tar") + "\n")
+    source = ShardSource(str(list_path), StorageConfig())
+    assert source.list_shards() == [str(tmp_path / "0.tar")]
+    list_path.unlink()
+    with caplog.at_level(logging.WARNING):
+        assert source.relist() == []
+    assert "will retry" in caplog.text
+    list_path.write_text(f"{tmp_path / '0.tar'}\n{tmp_path / '1.tar'}\n")
+    assert source.relist() == [str(tmp_path / "1.tar")]
+
+
+# ------------------------------------------------------------------ storage
+
+
+def test_endpoint_from_environment_and_config_precedence(s3_bucket, make_shard, monkeypatch):
+    url = make_shard(s3_bucket.url("x/0.tar"), colour_samples(1))
+    # The fixture put the endpoint in AWS_ENDPOINT_URL: a default config reaches moto through it.
+    assert storage.exists(url, StorageConfig())
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")
+    monkeypatch.setenv("FSSPEC_S3_ENDPOINT_URL", s3_bucket.endpoint)
+    assert storage.exists(url, StorageConfig(retries=0))
+    monkeypatch.setenv("FSSPEC_S3_ENDPOINT_URL", "http://127.0.0.1:9")
+    # The config's endpoint wins over the environment.
+    assert storage.exists(url, StorageConfig(endpoint_url=s3_bucket.endpoint))
+
+
+def test_storage_helpers_local_and_s3(tmp_path, s3_bucket):
+    for base in (str(tmp_path / "ckpt"), f"file://{tmp_path}/ckpt2", s3_bucket.url("ckpt")):
+        cfg = s3_bucket.storage
+        storage.write_bytes_atomic(f"{base}/step-1/meta.json", b'{"a": 1}', cfg)
+        storage.write_bytes_atomic(f"{base}/latest.json", b"old", cfg)
+        storage.write_bytes_atomic(f"{base}/latest.json", b"new", cfg)
+        assert storage.read_bytes(f"{base}/latest.json", cfg) == b"new"
+        assert storage.listdir(base, cfg) == ["latest.json", "step-1"]
+        assert storage.exists(f"{base}/step-1/meta.json", cfg)
+        storage.rm(f"{base}/step-1", cfg)
+        assert not storage.exists(f"{base}/step-1/meta.json", cfg)
+        assert storage.listdir(base, cfg) == ["latest.json"]
+    # No temporary files left next to the target.
+    assert sorted(os.listdir(tmp_path / "ckpt")) == ["latest.json"]
+
+
+def test_filesystems_are_cached_per_options(s3_bucket):
+    fs_a, path = storage.filesystem_for(s3_bucket.url("k"), s3_bucket.storage)
+    fs_b, _ = storage.filesystem_for(s3_bucket.url("other"), s3_bucket.storage)
+    fs_c, _ = storage.filesystem_for(s3_bucket.url("k"), StorageConfig(endpoint_url=s3_bucket.endpoint, retries=3))
+    assert path == f"{s3_bucket.name}/k"
+    assert fs_a is fs_b and fs_a is not fs_c
+    assert fs_c.retries == 4
+
+
+def test_describe_storage_redacts_secrets(s3_bucket):
+    text = json.dumps(storage.describe_storage(s3_bucket.storage))
+    assert FAKE_SECRET not in text and "testing-key-id" not in text
+    assert s3_bucket.endpoint in text and "***" in text

@@ -1,0 +1,332 @@
+"""Rolling checkpoints that downstream consumers can follow while training runs.
+
+Layout under the checkpoint folder (a local path or an s3:// URL)::
+
+    step-000001000/state.pt      everything needed to resume (torch.save of a dict)
+    step-000001000/backbone.pt   torchvision ResNet state_dict (strict=True loadable)
+    step-000001000/meta.json     the record below; written last in the folder
+    latest.json                  the record of the newest complete checkpoint
+
+Each file is written atomically (temporary name + rename locally; a single PUT
+on S3), in that order, and latest.json only after all of them succeeded. A
+reader that follows latest.json therefore never sees a partial checkpoint, and
+a step folder is complete exactly when its meta.json exists.
+
+Retention keeps the newest `keep_last` complete checkpoints plus milestones:
+with an interval of N steps, the first complete checkpoint whose step lies in
+[n*N, (n+1)*N) for each n >= 1. That rule depends only on step numbers, so a
+restarted run keeps the same milestones. Older step folders are deleted only
+after latest.json has moved past them; folders newer than latest.json (left by
+a run that died mid-save) are left alone until a later save reaches their step.
+"""
+from __future__ import annotations
+
+import io
+import json
+import logging
+import math
+import re
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Any
+
+import torch
+
+from stream_swav import storage
+from stream_swav.config import CheckpointConfig, StorageConfig
+
+log = logging.getLogger(__name__)
+
+LATEST = "latest.json"
+META = "meta.json"
+STATE = "state.pt"
+BACKBONE = "backbone.pt"
+FORMAT_VERSION = 1
+MAX_STEP = 999_999_999
+_STEP_DIR = re.compile(r"^step-(\d{9})$")
+_RESERVED_KEYS = frozenset({"format", "step", "images_seen", "wall_time", "time", "state", "backbone",
+                            "state_url", "backbone_url", "state_bytes", "backbone_bytes"})
+
+
+@dataclass(frozen=True)
+class CheckpointInfo:
+    step: int
+    images_seen: int
+    step_url: str
+    state_url: str
+    backbone_url: str
+    latest_url: str
+    bytes_written: int
+    duration_s: float
+    # Unix time recorded in latest.json.
+    wall_time: float
+    # Step folders removed by the retention pass that followed.
+    deleted: tuple[str, ...]
+
+
+def step_dir_name(step: int) -> str:
+    if not 0 <= step <= MAX_STEP:
+        raise ValueError(f"checkpoint step must be in [0, {MAX_STEP}], got {step}")
+    return f"step-{step:09d}"
+
+
+def milestone_every_steps(cfg: CheckpointConfig) -> int:
+    """Milestone interval in steps; 0 (no milestones) when either factor is 0."""
+    return cfg.every_steps * cfg.milestone_every
+
+
+def join_url(base: str, *parts: str) -> str:
+    return "/".join([base.rstrip("/"), *parts])
+
+
+def absolute_url(url: str) -> str:
+    """s3://... unchanged; local paths made absolute so they stay valid from any working directory."""
+    return storage.join_protocol(*storage.split_protocol(url))
+
+
+class CheckpointPolicy:
+    """When to save: at every multiple of `every_steps` and when `every_seconds`
+    have passed since the last save (0 disables either trigger).
+
+    Pure: the caller supplies the time. The time trigger counts from the first
+    call to `due` or `mark`, so construction needs no clock.
+    """
+
+    def __init__(self, every_steps: int, every_seconds: float, last_step: int = 0) -> None:
+        if every_steps < 0 or every_seconds < 0:
+            raise ValueError(f"every_steps and every_seconds must be >= 0, got {every_steps}, {every_seconds}")
+        self.every_steps = every_steps
+        self.every_seconds = every_seconds
+        self.last_step = last_step
+        self.last_time: float | None = None
+
+    def due(self, step: int, now: float) -> bool:
+        if self.last_time is None:
+            self.last_time = now
+        if step <= self.last_step:
+            return False
+        if self.every_steps > 0 and step // self.every_steps > self.last_step // self.every_steps:
+            return True
+        return self.every_seconds > 0 and now - self.last_time >= self.every_seconds
+
+    def mark(self, step: int, now: float) -> None:
+        self.last_step = step
+        self.last_time = now
+
+
+def _serialise(obj: dict[str, Any], what: str) -> bytes:
+    """torch.save into memory, refusing anything a weights_only load would reject:
+    finding out at resume time would be too late."""
+    if not isinstance(obj, dict):
+        raise TypeError(f"{what} must be a dict, got {type(obj).__name__}")
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    data = buffer.getvalue()
+    try:
+        torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except Exception as error:
+        raise ValueError(f"{what} would not load with torch.load(weights_only=True): {error}") from error
+    return data
+
+
+def _json_safe(value: Any, key: str) -> Any:
+    """Plain JSON types only; non-finite floats become null (JSON has no NaN)."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if value is None or isinstance(value, (bool, int, str)):
+        return value
+    if isinstance(value, dict):
+        return {str(k): _json_safe(v, f"{key}.{k}") for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v, f"{key}[{i}]") for i, v in enumerate(value)]
+    raise TypeError(f"info{key}: {type(value).__name__} is not JSON-serialisable")
+
+
+def _check_info(info: dict[str, Any]) -> dict[str, Any]:
+    reserved = _RESERVED_KEYS & info.keys()
+    if reserved:
+        raise ValueError(f"info must not set {sorted(reserved)}: save_checkpoint fills them in")
+    if not isinstance(info.get("arch"), str) or not isinstance(info.get("small_stem"), bool):
+        raise ValueError(f"info needs arch (str) and small_stem (bool) for consumers to rebuild the backbone, "
+                         f"got arch={info.get('arch')!r}, small_stem={info.get('small_stem')!r}")
+    return {str(k): _json_safe(v, f".{k}") for k, v in info.items()}
+
+
+def save_checkpoint(dir_url: str, step: int, images_seen: int, state: dict[str, Any], backbone: dict[str, Any],
+                    info: dict[str, Any], storage_cfg: StorageConfig, *, keep_last: int = 3,
+                    milestone_steps: int = 0) -> CheckpointInfo:
+    """Write one checkpoint, move latest.json to it, then apply retention.
+
+    `info` holds extra JSON fields for latest.json; it must include `arch` and
+    `small_stem`, and usually `metrics` (a dict of key figures). Raises before
+    writing anything when an input is invalid, and leaves latest.json untouched
+    when a write fails.
+    """
+    started = time.monotonic()
+    step_name = step_dir_name(step)
+    if images_seen < 0:
+        raise ValueError(f"images_seen must be >= 0, got {images_seen}")
+    if keep_last < 1:
+        raise ValueError(f"keep_last must be >= 1, got {keep_last}")
+    extra = _check_info(info)
+    state_bytes = _serialise(state, "state")
+    backbone_bytes = _serialise(backbone, "backbone")
+
+    step_url = join_url(dir_url, step_name)
+    latest_url = join_url(dir_url, LATEST)
+    try:
+        previous = read_latest(dir_url, storage_cfg)
+    except ValueError:
+        # A damaged latest.json must not stop training from saving; this save replaces it.
+        log.warning("ignoring unreadable %s", latest_url, exc_info=True)
+        previous = None
+    if storage.exists(step_url, storage_cfg):
+        if previous is not None and previous["step"] == step:
+            raise ValueError(f"{step_url} is the checkpoint latest.json points at; not overwriting it")
+        # Left by a save that died, or by a run resumed from an older checkpoint:
+        # clear it so old and new files can never mix in one folder.
+        storage.rm(step_url, storage_cfg)
+
+    wall_time = time.time()
+    record = {
+        "format": FORMAT_VERSION,
+        "step": step,
+        "images_seen": images_seen,
+        "wall_time": wall_time,
+        "time": datetime.fromtimestamp(wall_time, timezone.utc).isoformat(),
+        "state": f"{step_name}/{STATE}",
+        "backbone": f"{step_name}/{BACKBONE}",
+        "state_url": absolute_url(join_url(step_url, STATE)),
+        "backbone_url": absolute_url(join_url(step_url, BACKBONE)),
+        "state_bytes": len(state_bytes),
+        "backbone_bytes": len(backbone_bytes),
+        **extra,
+    }
+    record_bytes = (json.dumps(record, indent=2, allow_nan=False) + "\n").encode()
+
+    storage.write_bytes_atomic(join_url(step_url, STATE), state_bytes, storage_cfg)
+    storage.write_bytes_atomic(join_url(step_url, BACKBONE), backbone_bytes, storage_cfg)
+    storage.write_bytes_atomic(join_url(step_url, META), record_bytes, storage_cfg)
+    storage.write_bytes_atomic(latest_url, record_bytes, storage_cfg)
+
+    deleted = prune_checkpoints(dir_url, storage_cfg, keep_last=keep_last, milestone_steps=milestone_steps)
+    return CheckpointInfo(
+        step=step, images_seen=images_seen, step_url=absolute_url(step_url),
+        state_url=record["state_url"], backbone_url=record["backbone_url"], latest_url=latest_url,
+        bytes_written=len(state_bytes) + len(backbone_bytes) + 2 * len(record_bytes),
+        duration_s=time.monotonic() - started, wall_time=wall_time, deleted=tuple(deleted))
+
+
+def list_step_dirs(dir_url: str, storage_cfg: StorageConfig) -> dict[int, str]:
+    """step -> folder URL for every step-NNNNNNNNN entry (complete or not)."""
+    if not storage.exists(dir_url, storage_cfg):
+        return {}
+    found = {}
+    for entry in storage.listdir(dir_url, storage_cfg):
+        match = _STEP_DIR.match(entry.rstrip("/").rsplit("/", 1)[-1])
+        if match:
+            found[int(match.group(1))] = join_url(dir_url, match.group(0))
+    return found
+
+
+def retained_steps(complete: list[int], latest_step: int, keep_last: int, milestone_steps: int) -> set[int]:
+    """Steps to keep among complete checkpoints at or before the latest one."""
+    candidates = sorted(s for s in complete if s <= latest_step)
+    keep = set(candidates[-keep_last:]) | {latest_step}
+    if milestone_steps > 0:
+        first_in_interval: dict[int, int] = {}
+        for s in candidates:
+            first_in_interval.setdefault(s // milestone_steps, s)
+        keep |= {s for interval, s in first_in_interval.items() if interval >= 1}
+    return keep
+
+
+def prune_checkpoints(dir_url: str, storage_cfg: StorageConfig, *, keep_last: int,
+                      milestone_steps: int) -> list[str]:
+    """Delete step folders older than latest.json's that retention does not keep,
+    partial ones included. Failures are logged, never raised: a leftover folder
+    costs only space and the next pass retries it."""
+    try:
+        latest = read_latest(dir_url, storage_cfg)
+        if latest is None:
+            return []
+        latest_step = latest["step"]
+        folders = list_step_dirs(dir_url, storage_cfg)
+        older = {s: url for s, url in folders.items() if s < latest_step}
+        complete = [s for s, url in older.items() if storage.exists(join_url(url, META), storage_cfg)]
+        keep = retained_steps(complete + [latest_step], latest_step, keep_last, milestone_steps)
+    except Exception:
+        log.warning("checkpoint retention skipped: could not inspect %s", dir_url, exc_info=True)
+        return []
+    deleted = []
+    for step in sorted(older):
+        if step in keep:
+            continue
+        try:
+            storage.rm(older[step], storage_cfg)
+            deleted.append(older[step])
+        except Exception:
+            log.warning("could not delete old checkpoint %s", older[step], exc_info=True)
+    return deleted
+
+
+def read_latest(dir_url: str, storage_cfg: StorageConfig) -> dict[str, Any] | None:
+    """latest.json of a checkpoint folder, or None when nothing was saved there yet."""
+    url = join_url(dir_url, LATEST)
+    if not storage.exists(url, storage_cfg):
+        return None
+    try:
+        record = json.loads(storage.read_bytes(url, storage_cfg))
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ValueError(f"{url}: not valid JSON: {error}") from error
+    _check_record(record, url)
+    return record
+
+
+def _check_record(record: Any, url: str) -> None:
+    if not isinstance(record, dict):
+        raise ValueError(f"{url}: expected a JSON object, got {type(record).__name__}")
+    step = record.get("step")
+    if not isinstance(step, int) or isinstance(step, bool) or not 0 <= step <= MAX_STEP:
+        raise ValueError(f"{url}: step must be an integer in [0, {MAX_STEP}], got {step!r}")
+    for key, filename in (("state", STATE), ("backbone", BACKBONE)):
+        # Only our own layout is followed, so an edited file cannot point a loader elsewhere.
+        expected = f"{step_dir_name(step)}/{filename}"
+        if record.get(key) != expected:
+            raise ValueError(f"{url}: {key} must be {expected!r}, got {record.get(key)!r}")
+
+
+def resolve_file(url: str, filename: str, storage_cfg: StorageConfig) -> str:
+    """URL of `filename` (state.pt or backbone.pt) for a checkpoint root (via
+    latest.json), a step folder, or the file itself."""
+    if url.endswith(".pt"):
+        return url
+    latest = read_latest(url, storage_cfg)
+    if latest is not None:
+        return join_url(url, latest["state" if filename == STATE else "backbone"])
+    candidate = join_url(url, filename)
+    if storage.exists(candidate, storage_cfg):
+        return candidate
+    raise FileNotFoundError(f"{url}: neither a checkpoint folder with {LATEST} nor a step folder with {filename}")
+
+
+def _load(url: str, storage_cfg: StorageConfig, map_location: Any) -> dict[str, Any]:
+    data = storage.read_bytes(url, storage_cfg)
+    try:
+        loaded = torch.load(io.BytesIO(data), map_location=map_location, weights_only=True)
+    except Exception as error:
+        raise ValueError(f"{url}: not a loadable checkpoint file: {error}") from error
+    if not isinstance(loaded, dict):
+        raise ValueError(f"{url}: expected a dict, got {type(loaded).__name__}")
+    return loaded
+
+
+def load_checkpoint(url: str, storage_cfg: StorageConfig, map_location: Any = "cpu") -> dict[str, Any]:
+    """The resume state of a checkpoint root (its latest), a step folder, or a .pt URL."""
+    return _load(resolve_file(url, STATE, storage_cfg), storage_cfg, map_location)
+
+
+def load_backbone_state(url: str, storage_cfg: StorageConfig, map_location: Any = "cpu") -> dict[str, Any]:
+    """The backbone state_dict of a checkpoint root (its latest), a step folder, or a .pt URL."""
+    return _load(resolve_file(url, BACKBONE, storage_cfg), storage_cfg, map_location)

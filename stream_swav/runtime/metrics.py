@@ -1,0 +1,328 @@
+"""Prometheus metrics for the trainer, plus the pure collapse signals they report.
+
+Every family is named ``stream_swav_<what>[_<unit>]``: counters end in
+``_total``, units are spelled out (``_seconds``, ``_bytes``, ``_ratio``). Each
+``Metrics`` owns its registry, so several can live in one process (tests, an
+evaluator next to a trainer) without clashing on the global default registry.
+"""
+from __future__ import annotations
+
+import math
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from wsgiref.simple_server import WSGIServer
+
+import numpy as np
+import torch
+from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_server
+
+from stream_swav.config import MetricsConfig
+
+PREFIX = "stream_swav_"
+
+# Decode-error reasons become label values; past this many distinct ones the
+# rest are folded into "other" so a misbehaving reader cannot explode the series count.
+MAX_DECODE_ERROR_REASONS = 32
+
+# Names as PromQL sees them (counters with their _total suffix).
+TRAINER_METRIC_NAMES: tuple[str, ...] = tuple(PREFIX + n for n in (
+    "images_trained_total",
+    "steps_total",
+    "images_seen",
+    "images_per_second",
+    "loss",
+    "learning_rate",
+    "queue_fill_ratio",
+    "prototype_perplexity",
+    "prototypes_unused",
+    "sinkhorn_marginal_error",
+    "input_wait_ratio",
+    "nonfinite_loss_total",
+    "collapse_alarm",
+    "gpu_memory_allocated_bytes",
+    "gpu_memory_reserved_bytes",
+    "learners_up",
+    "decode_actors_up",
+    "decode_errors_total",
+    "decode_actor_restarts_total",
+    "shards_completed_total",
+    "bytes_read_total",
+    "object_store_batches_in_flight",
+    "checkpoint_age_seconds",
+    "checkpoint_duration_seconds",
+    "checkpoint_size_bytes",
+    "last_checkpoint_step",
+    "checkpoints_saved_total",
+    "checkpoint_failures_total",
+))
+EVAL_METRIC_NAMES: tuple[str, ...] = tuple(PREFIX + n for n in (
+    "eval_knn_top1_ratio",
+    "eval_checkpoint_step",
+    "eval_images_seen",
+    "eval_duration_seconds",
+    "evaluations_total",
+    "eval_failures_total",
+))
+METRIC_NAMES: tuple[str, ...] = TRAINER_METRIC_NAMES + EVAL_METRIC_NAMES
+
+
+class _Server:
+    """A running exposition endpoint that can be stopped again (tests, clean shutdown)."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self._registry = registry
+        self._httpd: WSGIServer | None = None
+        self._thread: threading.Thread | None = None
+
+    def start(self, host: str, port: int) -> int:
+        if self._httpd is not None:
+            raise RuntimeError(f"metrics server already listening on port {self._httpd.server_address[1]}")
+        # addr=host binds that interface only; the default would be every interface.
+        self._httpd, self._thread = start_http_server(port, addr=host, registry=self._registry)
+        return int(self._httpd.server_address[1])
+
+    def stop(self) -> None:
+        if self._httpd is None:
+            return
+        self._httpd.shutdown()
+        self._httpd.server_close()
+        if self._thread is not None:
+            self._thread.join(timeout=5.0)
+        self._httpd, self._thread = None, None
+
+
+class Metrics:
+    """The trainer's families, updated by the driver from learner and reader reports."""
+
+    def __init__(self, clock: Callable[[], float] = time.time) -> None:
+        self.registry = CollectorRegistry()
+        self._server = _Server(self.registry)
+        self._clock = clock
+        # Until the first checkpoint, its age counts from start-up, so a run that
+        # never manages to save still trips an age alert.
+        self._last_checkpoint_time = clock()
+        self._decode_error_reasons: set[str] = set()
+
+        def counter(name: str, doc: str, labels: tuple[str, ...] = ()) -> Counter:
+            return Counter(PREFIX + name, doc, labelnames=labels, registry=self.registry)
+
+        def gauge(name: str, doc: str) -> Gauge:
+            return Gauge(PREFIX + name, doc, registry=self.registry)
+
+        self._images_trained = counter("images_trained", "Images trained on by this process.")
+        self._steps = counter("steps", "Optimizer steps applied by this process.")
+        self._images_seen = gauge("images_seen", "Images seen by the run, including those before a resume.")
+        self._images_per_second = gauge("images_per_second", "Training throughput over the last log interval.")
+        self._loss = gauge("loss", "SwAV swapped-prediction loss of the latest step.")
+        self._learning_rate = gauge("learning_rate", "Learning rate of the latest step.")
+        self._queue_fill_ratio = gauge("queue_fill_ratio", "Fraction of the feature queue holding features.")
+        self._prototype_perplexity = gauge("prototype_perplexity",
+                                           "exp(entropy) of argmax prototype assignments over the usage window.")
+        self._prototypes_unused = gauge("prototypes_unused", "Prototypes given no argmax assignment in the window.")
+        self._sinkhorn_marginal_error = gauge("sinkhorn_marginal_error",
+                                              "Max deviation of the code marginals from their targets.")
+        self._input_wait_ratio = gauge("input_wait_ratio", "Fraction of learner time spent waiting for batches.")
+        self._nonfinite_loss = counter("nonfinite_loss", "Steps skipped because the loss was NaN or infinite.")
+        self._collapse_alarm = gauge("collapse_alarm", "1 while the collapse heuristics fire, else 0.")
+        self._gpu_memory_allocated = gauge("gpu_memory_allocated_bytes", "CUDA memory held by tensors.")
+        self._gpu_memory_reserved = gauge("gpu_memory_reserved_bytes",
+                                          "CUDA memory reserved by the caching allocator.")
+        self._learners_up = gauge("learners_up", "Learner actors alive.")
+        self._decode_actors_up = gauge("decode_actors_up", "Decode actors alive.")
+        self._decode_errors = counter("decode_errors", "Samples skipped by the readers, by reason.", ("reason",))
+        self._decode_actor_restarts = counter("decode_actor_restarts", "Decode actors restarted after a failure.")
+        self._shards_completed = counter("shards_completed", "Shards read to the end.")
+        self._bytes_read = counter("bytes_read", "Shard bytes read from storage.")
+        self._batches_in_flight = gauge("object_store_batches_in_flight",
+                                        "Crop batches in Ray's object store not yet trained on.")
+        self._checkpoint_age = gauge("checkpoint_age_seconds", "Seconds since the last completed checkpoint.")
+        self._checkpoint_age.set_function(lambda: self._clock() - self._last_checkpoint_time)
+        self._checkpoint_duration = gauge("checkpoint_duration_seconds", "Wall time of the last checkpoint save.")
+        self._checkpoint_size = gauge("checkpoint_size_bytes", "Bytes written by the last checkpoint save.")
+        self._last_checkpoint_step = gauge("last_checkpoint_step", "Step of the last completed checkpoint.")
+        self._checkpoints_saved = counter("checkpoints_saved", "Checkpoints completed by this process.")
+        self._checkpoint_failures = counter("checkpoint_failures", "Checkpoint saves that raised.")
+
+    def start_server(self, host: str, port: int) -> int:
+        """Serve /metrics on host:port (0 picks a free port); returns the bound port."""
+        return self._server.start(host, port)
+
+    def stop_server(self) -> None:
+        self._server.stop()
+
+    def observe_step(self, *, images: int, images_seen: int, loss: float, learning_rate: float) -> None:
+        """One applied optimizer step over `images` images (all learners together)."""
+        self._steps.inc()
+        self._images_trained.inc(images)
+        self._images_seen.set(images_seen)
+        self._loss.set(loss)
+        self._learning_rate.set(learning_rate)
+
+    def count_nonfinite_loss(self, steps: int = 1) -> None:
+        self._nonfinite_loss.inc(steps)
+
+    def set_throughput(self, *, images_per_second: float, input_wait_ratio: float) -> None:
+        self._images_per_second.set(images_per_second)
+        self._input_wait_ratio.set(input_wait_ratio)
+
+    def set_swav_health(self, *, queue_fill_ratio: float, prototype_perplexity: float, prototypes_unused: int,
+                        sinkhorn_marginal_error: float, collapse: bool) -> None:
+        self._queue_fill_ratio.set(queue_fill_ratio)
+        self._prototype_perplexity.set(prototype_perplexity)
+        self._prototypes_unused.set(prototypes_unused)
+        self._sinkhorn_marginal_error.set(sinkhorn_marginal_error)
+        self._collapse_alarm.set(1 if collapse else 0)
+
+    def set_gpu_memory(self, *, allocated_bytes: int, reserved_bytes: int) -> None:
+        self._gpu_memory_allocated.set(allocated_bytes)
+        self._gpu_memory_reserved.set(reserved_bytes)
+
+    def set_actors_up(self, *, learners: int, decode_actors: int) -> None:
+        self._learners_up.set(learners)
+        self._decode_actors_up.set(decode_actors)
+
+    def count_decode_errors(self, errors: dict[str, int]) -> None:
+        """Add skipped-sample counts keyed by reason (e.g. a batch's `errors` Counter)."""
+        for reason, count in errors.items():
+            if reason not in self._decode_error_reasons:
+                if len(self._decode_error_reasons) >= MAX_DECODE_ERROR_REASONS:
+                    reason = "other"
+                self._decode_error_reasons.add(reason)
+            self._decode_errors.labels(reason=reason).inc(count)
+
+    def count_reads(self, *, bytes_read: int = 0, shards_completed: int = 0) -> None:
+        self._bytes_read.inc(bytes_read)
+        self._shards_completed.inc(shards_completed)
+
+    def count_decode_actor_restarts(self, restarts: int = 1) -> None:
+        self._decode_actor_restarts.inc(restarts)
+
+    def set_batches_in_flight(self, batches: int) -> None:
+        self._batches_in_flight.set(batches)
+
+    def observe_checkpoint(self, *, step: int, wall_time: float, duration_s: float, size_bytes: int) -> None:
+        """A checkpoint completed at unix time `wall_time` (also call on resume with latest.json's)."""
+        self._last_checkpoint_time = wall_time
+        self._last_checkpoint_step.set(step)
+        self._checkpoint_duration.set(duration_s)
+        self._checkpoint_size.set(size_bytes)
+        self._checkpoints_saved.inc()
+
+    def count_checkpoint_failure(self) -> None:
+        self._checkpoint_failures.inc()
+
+
+class EvalMetrics:
+    """Families of the evaluator that follows the checkpoint folder (k-NN probe)."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self._server = _Server(self.registry)
+        def gauge(name: str, doc: str) -> Gauge:
+            return Gauge(PREFIX + name, doc, registry=self.registry)
+
+        self._knn_top1 = gauge("eval_knn_top1_ratio", "k-NN top-1 accuracy of the last evaluated backbone.")
+        self._checkpoint_step = gauge("eval_checkpoint_step", "Step of the last evaluated checkpoint.")
+        self._images_seen = gauge("eval_images_seen", "Images seen by the last evaluated checkpoint.")
+        self._duration = gauge("eval_duration_seconds", "Wall time of the last evaluation.")
+        self._evaluations = Counter(PREFIX + "evaluations", "Evaluations completed.", registry=self.registry)
+        self._failures = Counter(PREFIX + "eval_failures", "Evaluations that raised.", registry=self.registry)
+
+    def start_server(self, host: str, port: int) -> int:
+        return self._server.start(host, port)
+
+    def stop_server(self) -> None:
+        self._server.stop()
+
+    def observe_evaluation(self, *, step: int, images_seen: int, knn_top1: float, duration_s: float) -> None:
+        self._knn_top1.set(knn_top1)
+        self._checkpoint_step.set(step)
+        self._images_seen.set(images_seen)
+        self._duration.set(duration_s)
+        self._evaluations.inc()
+
+    def count_failure(self) -> None:
+        self._failures.inc()
+
+
+def collapse_alarm(loss: float, log_k: float, perplexity: float, threshold_perplexity: float,
+                   images_seen: int, after_images: int) -> bool:
+    """True when training looks collapsed: after warm-up, the loss sits at ln(K)
+    (predictions uniform over prototypes, i.e. nothing learned) or the assignments
+    concentrate on fewer prototypes than `threshold_perplexity` suggests.
+
+    Non-finite inputs never raise the alarm; they are reported by their own counter.
+    """
+    if images_seen < after_images:
+        return False
+    loss_at_log_k = math.isfinite(loss) and abs(loss - log_k) <= 0.02 * log_k
+    few_prototypes = math.isfinite(perplexity) and perplexity < threshold_perplexity
+    return loss_at_log_k or few_prototypes
+
+
+def collapse_settings(cfg: MetricsConfig, prototypes: int, warmup_images: int) -> tuple[float, int]:
+    """(threshold_perplexity, after_images) with the config's 0 = automatic resolved."""
+    threshold = cfg.collapse_perplexity if cfg.collapse_perplexity > 0 else prototypes / 50.0
+    after = cfg.collapse_after_images if cfg.collapse_after_images > 0 else warmup_images
+    return threshold, after
+
+
+class PrototypeUsage:
+    """Argmax prototype assignments over the last `window_steps` steps.
+
+    Per-prototype totals are kept alongside the per-step counts, so reading the
+    perplexity costs O(K) regardless of the window length.
+    """
+
+    def __init__(self, num_prototypes: int, window_steps: int) -> None:
+        if num_prototypes < 1:
+            raise ValueError(f"num_prototypes must be >= 1, got {num_prototypes}")
+        if window_steps < 1:
+            raise ValueError(f"window_steps must be >= 1, got {window_steps}")
+        self.num_prototypes = num_prototypes
+        self._steps: deque[np.ndarray] = deque(maxlen=window_steps)
+        self._totals = np.zeros(num_prototypes, dtype=np.int64)
+
+    def update(self, assignments: torch.Tensor | np.ndarray) -> None:
+        """Add one step's argmax prototype index per sample."""
+        if isinstance(assignments, torch.Tensor):
+            assignments = assignments.detach().cpu().numpy()
+        indices = np.asarray(assignments).reshape(-1)
+        if not np.issubdtype(indices.dtype, np.integer):
+            raise ValueError(f"assignments must be integer prototype indices, got dtype {indices.dtype}")
+        if indices.size and (indices.min() < 0 or indices.max() >= self.num_prototypes):
+            raise ValueError(f"assignments must lie in [0, {self.num_prototypes}), "
+                             f"got [{indices.min()}, {indices.max()}]")
+        self.update_from_counts(np.bincount(indices, minlength=self.num_prototypes))
+
+    def update_from_counts(self, counts: torch.Tensor | np.ndarray) -> None:
+        """Add one step's assignment count per prototype (a bincount made where the codes are)."""
+        if isinstance(counts, torch.Tensor):
+            counts = counts.detach().cpu().numpy()
+        counts = np.asarray(counts)
+        if counts.shape != (self.num_prototypes,) or not np.issubdtype(counts.dtype, np.integer) or (counts < 0).any():
+            raise ValueError(f"counts must be {self.num_prototypes} non-negative integers, "
+                             f"got shape {counts.shape} dtype {counts.dtype}")
+        counts = counts.astype(np.int64)
+        if len(self._steps) == self._steps.maxlen:
+            self._totals -= self._steps[0]
+        self._steps.append(counts)
+        self._totals += counts
+
+    @property
+    def assignments(self) -> int:
+        return int(self._totals.sum())
+
+    def perplexity(self) -> float:
+        """exp(entropy) of the window's assignment distribution: K when uniform, 1 when
+        everything lands on one prototype; NaN before any assignment."""
+        total = self._totals.sum()
+        if total == 0:
+            return math.nan
+        p = self._totals[self._totals > 0] / total
+        return float(np.exp(-(p * np.log(p)).sum()))
+
+    def unused(self) -> int:
+        return int((self._totals == 0).sum())

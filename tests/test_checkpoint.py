@@ -1,0 +1,346 @@
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from stream_swav.config import CheckpointConfig, StorageConfig
+from stream_swav.runtime import checkpoint
+from stream_swav.runtime.checkpoint import (
+    CheckpointPolicy,
+    list_step_dirs,
+    load_backbone_state,
+    load_checkpoint,
+    milestone_every_steps,
+    prune_checkpoints,
+    read_latest,
+    retained_steps,
+    save_checkpoint,
+)
+
+STORAGE = StorageConfig()
+INFO = {"arch": "resnet18", "small_stem": True, "metrics": {"loss": 7.9, "perplexity": float("nan")}}
+
+
+def tiny_state(seed: int) -> tuple[dict, dict]:
+    torch.manual_seed(seed)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.BatchNorm1d(3))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    model(torch.randn(5, 4)).sum().backward()
+    optimizer.step()
+    state = {
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "queue": torch.randn(2, 6, 3),
+        "rng": {"torch": torch.get_rng_state(), "numpy_seed_sequence": [1, 2, 3]},
+        "cursor": {"shard-0": 17, "shard-1": 3},
+        "images_seen": 320 * seed,
+        "config": {"model": {"arch": "resnet18"}},
+    }
+    backbone = {"fc.weight": model[0].weight.detach().clone(), "fc.bias": model[0].bias.detach().clone()}
+    return state, backbone
+
+
+def save(root, step: int, **kwargs):
+    state, backbone = tiny_state(step)
+    return save_checkpoint(str(root), step, step * 64, state, backbone, INFO, STORAGE, **kwargs)
+
+
+def test_round_trip_through_every_kind_of_url(tmp_path):
+    state, backbone = tiny_state(100)
+    info = save_checkpoint(str(tmp_path), 100, 6_400, state, backbone, INFO, STORAGE)
+
+    step_dir = tmp_path / "step-000000100"
+    assert sorted(p.name for p in step_dir.iterdir()) == ["backbone.pt", "meta.json", "state.pt"]
+    assert info.step_url == str(tmp_path / "step-000000100")
+    assert info.state_url == str(step_dir / "state.pt")
+    assert info.bytes_written > (step_dir / "state.pt").stat().st_size
+
+    latest = read_latest(str(tmp_path), STORAGE)
+    assert latest == json.loads((step_dir / "meta.json").read_text())
+    assert latest["step"] == 100 and latest["images_seen"] == 6_400
+    assert latest["state"] == "step-000000100/state.pt"
+    assert latest["backbone_url"] == str(step_dir / "backbone.pt")
+    assert latest["arch"] == "resnet18" and latest["small_stem"] is True
+    # JSON has no NaN: non-finite metrics are written as null.
+    assert latest["metrics"] == {"loss": 7.9, "perplexity": None}
+    assert latest["wall_time"] == info.wall_time and latest["time"].startswith("20")
+
+    for url in (str(tmp_path), str(step_dir), str(step_dir / "state.pt")):
+        loaded = load_checkpoint(url, STORAGE)
+        assert loaded["cursor"] == {"shard-0": 17, "shard-1": 3}
+        assert torch.equal(loaded["queue"], state["queue"])
+        assert torch.equal(loaded["rng"]["torch"], state["rng"]["torch"])
+        assert torch.equal(loaded["model"]["1.running_mean"], state["model"]["1.running_mean"])
+        assert loaded["optimizer"]["param_groups"] == state["optimizer"]["param_groups"]
+    for url in (str(tmp_path), str(step_dir), str(step_dir / "backbone.pt")):
+        loaded = load_backbone_state(url, STORAGE)
+        assert loaded.keys() == backbone.keys()
+        assert torch.equal(loaded["fc.weight"], backbone["fc.weight"])
+
+    # The saved optimizer state resumes a fresh optimizer.
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.BatchNorm1d(3))
+    model.load_state_dict(load_checkpoint(str(tmp_path), STORAGE)["model"], strict=True)
+    torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9).load_state_dict(state["optimizer"])
+
+
+def test_latest_moves_to_the_newest_save(tmp_path):
+    save(tmp_path, 100)
+    save(tmp_path, 200)
+    assert read_latest(str(tmp_path), STORAGE)["step"] == 200
+    assert load_checkpoint(str(tmp_path), STORAGE)["images_seen"] == 320 * 200
+    assert load_checkpoint(str(tmp_path / "step-000000100"), STORAGE)["images_seen"] == 320 * 100
+
+
+def test_empty_or_missing_folder(tmp_path):
+    assert read_latest(str(tmp_path / "nothing"), STORAGE) is None
+    assert list_step_dirs(str(tmp_path / "nothing"), STORAGE) == {}
+    with pytest.raises(FileNotFoundError, match="latest.json"):
+        load_checkpoint(str(tmp_path), STORAGE)
+
+
+def test_files_are_written_in_order_with_latest_last(tmp_path, monkeypatch):
+    written = []
+    real = checkpoint.storage.write_bytes_atomic
+
+    def recording(url, data, cfg):
+        written.append(url.removeprefix(str(tmp_path)))
+        real(url, data, cfg)
+
+    monkeypatch.setattr(checkpoint.storage, "write_bytes_atomic", recording)
+    save(tmp_path, 7)
+    assert written == ["/step-000000007/state.pt", "/step-000000007/backbone.pt", "/step-000000007/meta.json",
+                       "/latest.json"]
+
+
+def test_failed_write_leaves_latest_on_the_previous_checkpoint(tmp_path, monkeypatch):
+    save(tmp_path, 100)
+    before = (tmp_path / "latest.json").read_bytes()
+    real = checkpoint.storage.write_bytes_atomic
+
+    def failing(url, data, cfg):
+        if url.endswith("backbone.pt"):
+            raise OSError("disk full")
+        real(url, data, cfg)
+
+    monkeypatch.setattr(checkpoint.storage, "write_bytes_atomic", failing)
+    with pytest.raises(OSError, match="disk full"):
+        save(tmp_path, 200)
+    assert (tmp_path / "latest.json").read_bytes() == before
+    assert (tmp_path / "step-000000200" / "state.pt").exists()
+    assert load_checkpoint(str(tmp_path), STORAGE)["images_seen"] == 320 * 100
+    with pytest.raises(FileNotFoundError):
+        load_backbone_state(str(tmp_path / "step-000000200"), STORAGE)
+
+    monkeypatch.setattr(checkpoint.storage, "write_bytes_atomic", real)
+    info = save(tmp_path, 300, keep_last=3)
+    # The partial folder is older than the new latest and incomplete: cleaned up.
+    assert info.deleted == (str(tmp_path / "step-000000200"),)
+    assert sorted(list_step_dirs(str(tmp_path), STORAGE)) == [100, 300]
+
+
+def test_state_that_would_not_load_safely_is_refused_before_writing(tmp_path):
+    save(tmp_path, 100)
+    before = (tmp_path / "latest.json").read_bytes()
+    state, backbone = tiny_state(200)
+    state["schedule"] = CheckpointPolicy(1, 0.0)  # arbitrary class: weights_only loading rejects it
+    with pytest.raises(ValueError, match="weights_only"):
+        save_checkpoint(str(tmp_path), 200, 0, state, backbone, INFO, STORAGE)
+    with pytest.raises(ValueError, match="small_stem"):
+        save_checkpoint(str(tmp_path), 200, 0, *tiny_state(200), {"arch": "resnet18"}, STORAGE)
+    with pytest.raises(ValueError, match="step"):
+        save_checkpoint(str(tmp_path), 200, 0, *tiny_state(200), {**INFO, "step": 5}, STORAGE)
+    with pytest.raises(TypeError, match="metrics"):
+        save_checkpoint(str(tmp_path), 200, 0, *tiny_state(200), {**INFO, "metrics": {"x": object()}}, STORAGE)
+    assert sorted(list_step_dirs(str(tmp_path), STORAGE)) == [100]
+    assert (tmp_path / "latest.json").read_bytes() == before
+
+
+def test_the_checkpoint_latest_points_at_is_never_overwritten(tmp_path):
+    save(tmp_path, 100)
+    with pytest.raises(ValueError, match="latest.json points at"):
+        save(tmp_path, 100)
+    assert load_checkpoint(str(tmp_path), STORAGE)["images_seen"] == 320 * 100
+
+
+def test_stale_folder_from_a_dead_run_is_replaced_not_mixed(tmp_path):
+    save(tmp_path, 100)
+    stale = tmp_path / "step-000000200"
+    stale.mkdir()
+    (stale / "state.pt").write_bytes(b"half a file")
+    (stale / "leftover.tmp").write_bytes(b"x")
+    save(tmp_path, 200)
+    assert sorted(p.name for p in stale.iterdir()) == ["backbone.pt", "meta.json", "state.pt"]
+    assert load_checkpoint(str(stale), STORAGE)["images_seen"] == 320 * 200
+
+
+def test_tampered_latest_json_is_rejected(tmp_path):
+    save(tmp_path, 100)
+    latest = tmp_path / "latest.json"
+    record = json.loads(latest.read_text())
+    latest.write_text(json.dumps({**record, "state": "../../elsewhere/state.pt"}))
+    with pytest.raises(ValueError, match="state must be"):
+        load_checkpoint(str(tmp_path), STORAGE)
+    latest.write_text("{not json")
+    with pytest.raises(ValueError, match="not valid JSON"):
+        read_latest(str(tmp_path), STORAGE)
+    # A damaged latest.json does not block saving; the next save replaces it.
+    save(tmp_path, 200)
+    assert read_latest(str(tmp_path), STORAGE)["step"] == 200
+
+
+def test_retention_keeps_newest_and_milestones(tmp_path):
+    (tmp_path / "notes.txt").write_text("not a checkpoint")
+    for step in range(100, 1001, 100):
+        info = save(tmp_path, step, keep_last=2, milestone_steps=300)
+        # A partial folder older than the latest, as a killed save leaves it.
+        if step == 400:
+            (tmp_path / "step-000000450").mkdir()
+            (tmp_path / "step-000000450" / "state.pt").write_bytes(b"partial")
+    assert info.deleted == (str(tmp_path / "step-000000800"),)
+    # Milestones: first checkpoint in [300, 600), [600, 900), [900, 1200); plus the newest two.
+    assert sorted(list_step_dirs(str(tmp_path), STORAGE)) == [300, 600, 900, 1000]
+    assert (tmp_path / "notes.txt").exists()
+
+    # A folder newer than latest.json (a save that died) is left for a later save to replace.
+    (tmp_path / "step-000002000").mkdir()
+    assert prune_checkpoints(str(tmp_path), STORAGE, keep_last=1, milestone_steps=0) == [
+        str(tmp_path / f"step-000000{s}") for s in (300, 600, 900)]
+    assert sorted(list_step_dirs(str(tmp_path), STORAGE)) == [1000, 2000]
+    assert load_checkpoint(str(tmp_path), STORAGE)["images_seen"] == 320 * 1000
+
+
+def test_retention_deletion_failures_are_logged_not_raised(tmp_path, monkeypatch, caplog):
+    for step in (100, 200):
+        save(tmp_path, step, keep_last=1)
+
+    def broken_rm(url, cfg):
+        raise PermissionError("read-only bucket")
+
+    monkeypatch.setattr(checkpoint.storage, "rm", broken_rm)
+    info = save(tmp_path, 300, keep_last=1)
+    assert info.deleted == ()
+    assert read_latest(str(tmp_path), STORAGE)["step"] == 300
+    assert "could not delete" in caplog.text
+
+
+def test_retained_steps_are_stable_for_irregular_steps():
+    # Time-triggered saves land on arbitrary steps; milestones are the first save per interval.
+    steps = [130, 270, 410, 555, 690, 820, 1015]
+    keep = retained_steps(steps, latest_step=1015, keep_last=2, milestone_steps=500)
+    assert keep == {555, 820, 1015}
+    # After a restart the already deleted steps are gone; the same milestones survive.
+    assert retained_steps([555, 820, 1015, 1200], 1200, keep_last=2, milestone_steps=500) == {555, 1015, 1200}
+    assert milestone_every_steps(CheckpointConfig(every_steps=1000, milestone_every=10)) == 10_000
+    assert milestone_every_steps(CheckpointConfig(every_steps=0, milestone_every=10)) == 0
+
+
+def test_policy():
+    policy = CheckpointPolicy(every_steps=100, every_seconds=60.0)
+    assert not policy.due(1, now=1_000.0)
+    assert not policy.due(99, now=1_059.0)
+    assert policy.due(100, now=1_010.0)
+    policy.mark(100, now=1_010.0)
+    assert not policy.due(100, now=2_000.0)  # never twice for the same step
+    assert not policy.due(150, now=1_069.0)
+    assert policy.due(150, now=1_070.0)
+    policy.mark(150, now=1_070.0)
+    # Step trigger stays aligned to multiples of every_steps after a time-triggered save.
+    assert policy.due(200, now=1_071.0)
+
+    time_only = CheckpointPolicy(every_steps=0, every_seconds=10.0, last_step=500)
+    assert not time_only.due(501, now=5.0)
+    assert not time_only.due(502, now=14.0)
+    assert time_only.due(503, now=15.0)
+    never = CheckpointPolicy(every_steps=0, every_seconds=0.0)
+    assert not never.due(10**6, now=1e9)
+
+
+KILLED_WRITER = textwrap.dedent("""
+    import sys, time, torch
+    from stream_swav.config import StorageConfig
+    from stream_swav.runtime import checkpoint
+
+    real = checkpoint.storage.write_bytes_atomic
+
+    def slow(url, data, cfg):
+        if url.endswith("backbone.pt"):
+            # Stand-in for a slow network write: part of the file is out, then the process dies.
+            with open(url + ".partial", "wb") as f:
+                f.write(data[: len(data) // 2])
+            print("writing backbone", flush=True)
+            time.sleep(600)
+        real(url, data, cfg)
+
+    checkpoint.storage.write_bytes_atomic = slow
+    state = {"model": {"w": torch.randn(4_000_000)}, "images_seen": 2}
+    checkpoint.save_checkpoint(sys.argv[1], 200, 2, state, {"w": torch.randn(4_000_000)},
+                               {"arch": "resnet18", "small_stem": False}, StorageConfig())
+""")
+
+
+@pytest.mark.timeout(120)
+def test_sigkill_mid_save_leaves_the_previous_checkpoint_loadable(tmp_path):
+    save(tmp_path, 100)
+    before = (tmp_path / "latest.json").read_bytes()
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-c", KILLED_WRITER, str(tmp_path)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        line = proc.stdout.readline()
+        assert line.strip() == "writing backbone", proc.stderr.read() if not line else line
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+
+    partial = tmp_path / "step-000000200"
+    assert (partial / "state.pt").stat().st_size > 16_000_000
+    assert not (partial / "meta.json").exists()
+    assert (tmp_path / "latest.json").read_bytes() == before
+    assert read_latest(str(tmp_path), STORAGE)["step"] == 100
+    resumed = load_checkpoint(str(tmp_path), STORAGE)
+    assert resumed["images_seen"] == 320 * 100
+    assert load_backbone_state(str(tmp_path), STORAGE).keys() == {"fc.weight", "fc.bias"}
+
+    # The restarted run reaches step 200 again: the dead run's folder is replaced, not mixed.
+    save(tmp_path, 200)
+    assert sorted(p.name for p in partial.iterdir()) == ["backbone.pt", "meta.json", "state.pt"]
+    assert load_checkpoint(str(tmp_path), STORAGE)["images_seen"] == 320 * 200
+
+
+def test_s3_round_trip_retention_and_failed_write(s3_bucket, monkeypatch):
+    cfg = s3_bucket.storage
+    root = s3_bucket.url("runs/ckpt")
+    for step in (100, 200, 300):
+        state, backbone = tiny_state(step)
+        info = save_checkpoint(root, step, step * 64, state, backbone, INFO, cfg, keep_last=2)
+    assert info.state_url == f"{root}/step-000000300/state.pt"
+    assert info.deleted == (f"{root}/step-000000100",)
+    assert sorted(list_step_dirs(root, cfg)) == [200, 300]
+
+    latest = read_latest(root, cfg)
+    assert latest["step"] == 300 and latest["backbone_url"] == f"{root}/step-000000300/backbone.pt"
+    loaded = load_checkpoint(root, cfg)
+    assert torch.equal(loaded["queue"], state["queue"])
+    assert torch.equal(load_backbone_state(f"{root}/step-000000200", cfg)["fc.bias"], tiny_state(200)[1]["fc.bias"])
+
+    real = checkpoint.storage.write_bytes_atomic
+
+    def failing(url, data, storage_cfg):
+        if url.endswith("meta.json"):
+            raise OSError("connection reset")
+        real(url, data, storage_cfg)
+
+    monkeypatch.setattr(checkpoint.storage, "write_bytes_atomic", failing)
+    with pytest.raises(OSError, match="connection reset"):
+        save_checkpoint(root, 400, 0, *tiny_state(400), INFO, cfg)
+    assert read_latest(root, cfg)["step"] == 300
+    assert load_checkpoint(root, cfg)["images_seen"] == 320 * 300

@@ -1,0 +1,219 @@
+import math
+import socket
+import urllib.request
+
+import numpy as np
+import pytest
+import torch
+from prometheus_client.parser import text_string_to_metric_families
+
+from stream_swav.config import MetricsConfig
+from stream_swav.runtime.metrics import (
+    EVAL_METRIC_NAMES,
+    METRIC_NAMES,
+    TRAINER_METRIC_NAMES,
+    EvalMetrics,
+    Metrics,
+    PrototypeUsage,
+    collapse_alarm,
+    collapse_settings,
+)
+
+
+def scrape(port: int) -> dict[str, float]:
+    """Sample name (labels appended as {k=v}) -> value."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
+        text = response.read().decode()
+    samples = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            labels = ",".join(f"{k}={v}" for k, v in sorted(sample.labels.items()))
+            samples[sample.name + (f"{{{labels}}}" if labels else "")] = sample.value
+    return samples
+
+
+class FakeClock:
+    def __init__(self, now: float) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_trainer_metrics_are_served_with_their_values():
+    clock = FakeClock(1_000.0)
+    metrics = Metrics(clock=clock)
+    port = metrics.start_server("127.0.0.1", 0)
+    try:
+        assert port > 0
+        metrics.observe_step(images=64, images_seen=6_464, loss=7.5, learning_rate=0.15)
+        metrics.observe_step(images=64, images_seen=6_528, loss=7.25, learning_rate=0.3)
+        metrics.count_nonfinite_loss()
+        metrics.set_throughput(images_per_second=812.5, input_wait_ratio=0.25)
+        metrics.set_swav_health(queue_fill_ratio=0.5, prototype_perplexity=123.0, prototypes_unused=7,
+                                sinkhorn_marginal_error=0.01, collapse=True)
+        metrics.set_gpu_memory(allocated_bytes=3 * 2**30, reserved_bytes=4 * 2**30)
+        metrics.set_actors_up(learners=1, decode_actors=6)
+        metrics.count_decode_errors({"corrupt_image": 2, "too_large": 1})
+        metrics.count_decode_errors({"corrupt_image": 3})
+        metrics.count_reads(bytes_read=10_000, shards_completed=2)
+        metrics.count_decode_actor_restarts()
+        metrics.set_batches_in_flight(5)
+        metrics.observe_checkpoint(step=100, wall_time=990.0, duration_s=1.5, size_bytes=2_048)
+        metrics.count_checkpoint_failure()
+        clock.now = 1_030.0
+
+        samples = scrape(port)
+        p = "stream_swav_"
+        expected = {
+            p + "images_trained_total": 128, p + "steps_total": 2, p + "images_seen": 6_528,
+            p + "loss": 7.25, p + "learning_rate": 0.3, p + "nonfinite_loss_total": 1,
+            p + "images_per_second": 812.5, p + "input_wait_ratio": 0.25,
+            p + "queue_fill_ratio": 0.5, p + "prototype_perplexity": 123.0, p + "prototypes_unused": 7,
+            p + "sinkhorn_marginal_error": 0.01, p + "collapse_alarm": 1,
+            p + "gpu_memory_allocated_bytes": 3 * 2**30, p + "gpu_memory_reserved_bytes": 4 * 2**30,
+            p + "learners_up": 1, p + "decode_actors_up": 6,
+            p + "decode_errors_total{reason=corrupt_image}": 5, p + "decode_errors_total{reason=too_large}": 1,
+            p + "bytes_read_total": 10_000, p + "shards_completed_total": 2,
+            p + "decode_actor_restarts_total": 1, p + "object_store_batches_in_flight": 5,
+            p + "checkpoint_age_seconds": 40.0, p + "checkpoint_duration_seconds": 1.5,
+            p + "checkpoint_size_bytes": 2_048, p + "last_checkpoint_step": 100,
+            p + "checkpoints_saved_total": 1, p + "checkpoint_failures_total": 1,
+        }
+        for name, value in expected.items():
+            assert samples.get(name) == pytest.approx(value), name
+        served = {name.split("{")[0] for name in samples}
+        assert set(TRAINER_METRIC_NAMES) <= served
+    finally:
+        metrics.stop_server()
+
+
+def test_checkpoint_age_counts_from_start_until_the_first_checkpoint():
+    clock = FakeClock(500.0)
+    metrics = Metrics(clock=clock)
+    clock.now = 620.0
+    assert metrics.registry.get_sample_value("stream_swav_checkpoint_age_seconds") == 120.0
+
+
+def test_server_binds_only_the_configured_host_and_stops():
+    metrics = Metrics()
+    port = metrics.start_server("127.0.0.1", 0)
+    try:
+        assert "stream_swav_steps_total" in scrape(port)
+        with pytest.raises(RuntimeError, match="already listening"):
+            metrics.start_server("127.0.0.1", 0)
+        # Another local address of the machine must not reach the endpoint.
+        other = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        other.settimeout(5)
+        try:
+            assert other.connect_ex(("127.0.0.2", port)) != 0
+        finally:
+            other.close()
+    finally:
+        metrics.stop_server()
+    probe = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    probe.settimeout(5)
+    try:
+        assert probe.connect_ex(("127.0.0.1", port)) != 0
+    finally:
+        probe.close()
+
+
+def test_two_instances_do_not_share_a_registry():
+    a, b = Metrics(), Metrics()
+    a.observe_step(images=8, images_seen=8, loss=1.0, learning_rate=0.1)
+    assert a.registry.get_sample_value("stream_swav_steps_total") == 1
+    assert b.registry.get_sample_value("stream_swav_steps_total") == 0
+
+
+def test_decode_error_reasons_are_capped():
+    metrics = Metrics()
+    metrics.count_decode_errors({f"reason_{i}": 1 for i in range(40)})
+    reasons = {s.labels["reason"] for f in metrics.registry.collect() if f.name == "stream_swav_decode_errors"
+               for s in f.samples if s.name.endswith("_total")}
+    assert len(reasons) == 33 and "other" in reasons
+    assert metrics.registry.get_sample_value("stream_swav_decode_errors_total", {"reason": "other"}) == 8
+
+
+def test_eval_metrics_are_served():
+    metrics = EvalMetrics()
+    port = metrics.start_server("127.0.0.1", 0)
+    try:
+        metrics.observe_evaluation(step=300, images_seen=19_200, knn_top1=0.42, duration_s=12.0)
+        metrics.count_failure()
+        samples = scrape(port)
+    finally:
+        metrics.stop_server()
+    assert samples["stream_swav_eval_knn_top1_ratio"] == pytest.approx(0.42)
+    assert samples["stream_swav_eval_checkpoint_step"] == 300
+    assert samples["stream_swav_eval_images_seen"] == 19_200
+    assert samples["stream_swav_evaluations_total"] == 1
+    assert samples["stream_swav_eval_failures_total"] == 1
+    assert set(EVAL_METRIC_NAMES) <= set(samples)
+
+
+def test_metric_names_follow_conventions():
+    assert len(set(METRIC_NAMES)) == len(METRIC_NAMES)
+    assert all(name.startswith("stream_swav_") for name in METRIC_NAMES)
+    counters = {f.name + "_total" for m in (Metrics(), EvalMetrics()) for f in m.registry.collect()
+                if f.type == "counter"}
+    assert counters == {name for name in METRIC_NAMES if name.endswith("_total")}
+
+
+def test_collapse_alarm():
+    log_k = math.log(3000)
+    settled = dict(images_seen=2_000, after_images=1_000)
+    assert collapse_alarm(log_k * 1.01, log_k, 900.0, 60.0, **settled)
+    assert collapse_alarm(log_k * 0.99, log_k, 900.0, 60.0, **settled)
+    assert not collapse_alarm(log_k * 0.97, log_k, 900.0, 60.0, **settled)
+    assert collapse_alarm(3.0, log_k, 59.0, 60.0, **settled)
+    assert not collapse_alarm(3.0, log_k, 61.0, 60.0, **settled)
+    # Warm-up: everything is uniform at the start, so no alarm yet.
+    assert not collapse_alarm(log_k, log_k, 1.0, 60.0, images_seen=999, after_images=1_000)
+    assert not collapse_alarm(math.nan, log_k, math.nan, 60.0, **settled)
+
+
+def test_collapse_settings_resolve_automatic_values():
+    assert collapse_settings(MetricsConfig(), prototypes=3000, warmup_images=500) == (60.0, 500)
+    cfg = MetricsConfig(collapse_perplexity=10.0, collapse_after_images=7)
+    assert collapse_settings(cfg, prototypes=3000, warmup_images=500) == (10.0, 7)
+
+
+def test_prototype_usage_window():
+    usage = PrototypeUsage(num_prototypes=4, window_steps=2)
+    assert math.isnan(usage.perplexity()) and usage.unused() == 4
+    usage.update(torch.tensor([0, 1, 2, 3]))
+    assert usage.perplexity() == pytest.approx(4.0)
+    assert usage.unused() == 0
+    usage.update(np.array([0, 0, 0, 0]))
+    assert usage.assignments == 8
+    # Window = both steps: counts [5, 1, 1, 1].
+    p = np.array([5, 1, 1, 1]) / 8
+    assert usage.perplexity() == pytest.approx(math.exp(-(p * np.log(p)).sum()))
+    usage.update(np.array([0, 0]))
+    # The first step has left the window: only prototype 0 is used.
+    assert usage.assignments == 6
+    assert usage.perplexity() == pytest.approx(1.0)
+    assert usage.unused() == 3
+
+
+def test_prototype_usage_rejects_bad_indices():
+    usage = PrototypeUsage(num_prototypes=4, window_steps=2)
+    with pytest.raises(ValueError, match=r"\[0, 4\)"):
+        usage.update(np.array([0, 4]))
+    with pytest.raises(ValueError, match="integer"):
+        usage.update(np.array([0.5]))
+    assert usage.assignments == 0
+
+
+def test_prototype_usage_from_counts_matches_indices():
+    from_indices, from_counts = PrototypeUsage(5, 3), PrototypeUsage(5, 3)
+    for indices in ([0, 1, 1, 4], [2, 2], [4, 4, 4], [1]):
+        from_indices.update(np.array(indices))
+        from_counts.update_from_counts(torch.bincount(torch.tensor(indices), minlength=5))
+        assert from_counts.perplexity() == pytest.approx(from_indices.perplexity())
+        assert from_counts.unused() == from_indices.unused()
+    with pytest.raises(ValueError, match="5 non-negative integers"):
+        from_counts.update_from_counts(np.array([1, 2, 3]))
+    with pytest.raises(ValueError, match="5 non-negative integers"):
+        from_counts.update_from_counts(np.array([1, -2, 0, 0, 0]))

@@ -1,0 +1,230 @@
+"""One decode worker: shard tasks in, CropBatches out. No Ray here; the actor is a thin shell.
+
+Each open shard gets a reader thread that walks the shard's deterministic
+emission order (`shards.iter_shard`) and puts encoded samples into one bounded
+queue, so network reads overlap decoding and a stalled shard does not stop the
+others. Each shard is read by exactly one thread and the queue is FIFO, so a
+shard's samples arrive in its emission order however the shards interleave;
+that is what lets `CropBatch.progress` be a plain position per shard.
+
+Decoding and cropping happen in the caller's thread, with a numpy Generator
+seeded from (data.seed, worker_index).
+"""
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections import Counter, deque
+from dataclasses import dataclass
+
+import numpy as np
+
+from stream_swav.config import Config
+from stream_swav.data.batch import CropBatch
+from stream_swav.data.cursor import ShardTask
+from stream_swav.data.decode import DecodeLimits, SampleError, decode_image
+from stream_swav.data.multicrop import MultiCropGeometry, PerImageCrops, crop_image, min_decode_side, stack_crops
+from stream_swav.data.shards import Sample, ShardReport, iter_shard
+from stream_swav.storage import filesystem_for
+
+log = logging.getLogger(__name__)
+
+# Encoded samples each open shard may have waiting in the queue.
+READAHEAD_PER_SHARD = 64
+_PUT_POLL_S = 0.1
+_JOIN_TIMEOUT_S = 5.0
+
+
+@dataclass
+class _Item:
+    """What a reader thread hands over: a sample at its position, the end of the shard, or both; or a crash."""
+
+    shard: str
+    position: int = -1
+    sample: Sample | None = None
+    # Set on the shard's last item: the shard is finished.
+    report: ShardReport | None = None
+    # Bytes the reader pulled from storage since its previous item.
+    bytes_read: int = 0
+    crash: BaseException | None = None
+
+
+class DecodeWorker:
+    def __init__(self, cfg: Config, worker_index: int) -> None:
+        self.cfg = cfg
+        self.worker_index = worker_index
+        self._limits = DecodeLimits.from_config(cfg.data)
+        self._min_side = min_decode_side(cfg.crops)
+        self._geometry = MultiCropGeometry.from_config(cfg.crops)
+        self._rng = np.random.default_rng([cfg.data.seed, worker_index])
+        self._queue: queue.Queue[_Item] = queue.Queue(maxsize=READAHEAD_PER_SHARD * cfg.data.open_shards_per_actor)
+        self._stop = threading.Event()
+        # Assigned and not yet finished, by shard id, with the next position not yet delivered.
+        self._tasks: dict[str, ShardTask] = {}
+        self._delivered: dict[str, int] = {}
+        self._waiting: deque[str] = deque()
+        self._readers: dict[str, threading.Thread] = {}
+
+    def assign(self, task: ShardTask) -> None:
+        if self._stop.is_set():
+            raise RuntimeError("worker is closed")
+        if task.shard_id in self._tasks:
+            raise ValueError(f"shard {task.shard_id} is already assigned to this worker")
+        self._tasks[task.shard_id] = task
+        self._delivered[task.shard_id] = task.start
+        self._waiting.append(task.shard_id)
+
+    def unfinished(self) -> list[ShardTask]:
+        """Assigned shards not yet finished, each as a task starting at the first undelivered position."""
+        return [ShardTask(url=t.url, pass_index=t.pass_index, seed=t.seed, start=self._delivered[sid])
+                for sid, t in self._tasks.items()]
+
+    def next_batch(self, batch_size: int) -> CropBatch | None:
+        """Up to `batch_size` decoded samples with their stream bookkeeping.
+
+        Short when the assigned shards run out. A batch may hold no samples at
+        all but still report finished shards, positions and errors (a shard
+        whose last samples were all bad): pass its bookkeeping on like any
+        other. None only when there was nothing left to report.
+        """
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if self._stop.is_set():
+            raise RuntimeError("worker is closed")
+        crops: list[PerImageCrops] = []
+        keys: list[str] = []
+        labels: list[int] = []
+        progress: dict[str, int] = {}
+        finished: list[str] = []
+        passes: dict[str, int] = {}
+        errors: Counter = Counter()
+        bytes_read = 0
+        touched = False
+        while len(keys) < batch_size:
+            self._start_readers()
+            if not self._readers:
+                break
+            item = self._queue.get()
+            touched = True
+            task = self._tasks[item.shard]
+            if item.crash is not None:
+                raise RuntimeError(f"reader of {task.url} (pass {task.pass_index}) failed") from item.crash
+            passes[item.shard] = task.pass_index
+            bytes_read += item.bytes_read
+            if item.sample is not None:
+                progress[item.shard] = self._delivered[item.shard] = item.position + 1
+                image_crops = self._crop(item.sample, errors)
+                if image_crops is not None:
+                    crops.append(image_crops)
+                    keys.append(f"{task.url}/{item.sample.key}")
+                    labels.append(_label(item.sample.meta.get("cls")))
+            if item.report is not None:
+                self._finish(item.shard)
+                finished.append(item.shard)
+                errors.update(item.report.errors)
+        if not touched:
+            return None
+        global_crops, local_crops = stack_crops(crops, self._geometry)
+        return CropBatch(global_crops=global_crops, local_crops=local_crops, keys=keys, progress=progress,
+                         finished=finished, passes=passes, errors=errors, bytes_read=bytes_read,
+                         labels=np.asarray(labels, dtype=np.int64))
+
+    def close(self) -> None:
+        """Stop the reader threads; assigned work is dropped (see `unfinished`)."""
+        self._stop.set()
+        deadline = time.monotonic() + _JOIN_TIMEOUT_S
+        for shard, thread in self._readers.items():
+            while thread.is_alive() and time.monotonic() < deadline:
+                # A reader blocked on the full queue notices the stop within one poll.
+                self._drain()
+                thread.join(_PUT_POLL_S)
+            if thread.is_alive():
+                # Blocked in a read or a retry pause; it is a daemon and exits on its own.
+                log.warning("reader of %s still busy after %.0fs; not waiting for it", shard, _JOIN_TIMEOUT_S)
+        self._readers.clear()
+        self._drain()
+
+    def __enter__(self) -> "DecodeWorker":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _drain(self) -> None:
+        while True:
+            try:
+                self._queue.get_nowait()
+            except queue.Empty:
+                return
+
+    def _start_readers(self) -> None:
+        while self._waiting and len(self._readers) < self.cfg.data.open_shards_per_actor:
+            shard = self._waiting.popleft()
+            thread = threading.Thread(target=self._read_shard, args=(self._tasks[shard],),
+                                      name=f"shard-reader-{self.worker_index}", daemon=True)
+            self._readers[shard] = thread
+            thread.start()
+
+    def _finish(self, shard: str) -> None:
+        self._readers.pop(shard).join()
+        del self._tasks[shard]
+        del self._delivered[shard]
+
+    def _crop(self, sample: Sample, errors: Counter) -> PerImageCrops | None:
+        if sample.error is not None:
+            errors[sample.error] += 1
+            return None
+        try:
+            image = decode_image(sample.image or b"", self._limits, self._min_side)
+        except SampleError as exc:
+            errors[exc.reason] += 1
+            return None
+        return crop_image(image, self._geometry, self._rng)
+
+    def _read_shard(self, task: ShardTask) -> None:
+        data = self.cfg.data
+        report = ShardReport()
+        reported_bytes = 0
+        # Each sample is held back until the next one is read, so the last one can
+        # carry the end of the shard and no batch exists only to say "finished".
+        held = _Item(task.shard_id)
+        try:
+            fs, _ = filesystem_for(task.url, self.cfg.storage)
+            for position, sample in iter_shard(task.url, fs, task.seed, data.shuffle_buffer, task.start,
+                                               max_sample_bytes=data.max_sample_bytes,
+                                               read_retries=data.shard_read_retries,
+                                               retry_backoff_s=data.shard_retry_backoff_s, report=report):
+                if held.sample is not None and not self._put(held):
+                    return
+                held = _Item(task.shard_id, position=position, sample=sample,
+                             bytes_read=report.bytes_read - reported_bytes)
+                reported_bytes = report.bytes_read
+            held.report = report
+            held.bytes_read += report.bytes_read - reported_bytes
+            self._put(held)
+        except BaseException as exc:  # noqa: BLE001 — handed to the caller's thread, which raises it
+            self._put(_Item(task.shard_id, crash=exc))
+
+    def _put(self, item: _Item) -> bool:
+        while not self._stop.is_set():
+            try:
+                self._queue.put(item, timeout=_PUT_POLL_S)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+
+def _label(raw: bytes | None) -> int:
+    """Integer class from a ``.cls`` member; -1 when absent or not an integer."""
+    if raw is None:
+        return -1
+    try:
+        return int(raw.decode("utf-8").strip())
+    except (UnicodeDecodeError, ValueError):
+        return -1
+
+
+__all__ = ["DecodeWorker", "READAHEAD_PER_SHARD"]

@@ -101,6 +101,7 @@ class SwAVConfig:
     # One of: sinkhorn (equal partition), relaxed, lower-bound.
     codes: str = "sinkhorn"
     epsilon: float = 0.05
+    # Also the iteration count of `relaxed` and `lower-bound`.
     sinkhorn_iterations: int = 3
     crops_for_assign: tuple[int, ...] = (0, 1)
     # Queue length per learner; 0 disables it.
@@ -115,6 +116,7 @@ class SwAVConfig:
     # `relaxed` and `lower-bound`: no prototype gets less than gamma/K of the mass.
     mass_floor_gamma: float = 0.2
     mass_momentum: float = 0.99
+    # `lower-bound`: 1 is the exact dual step; lower values damp it (average over batches).
     dual_step: float = 0.5
 
 
@@ -411,7 +413,7 @@ def _validate(cfg: Config) -> None:
     positive("swav.relaxed_anneal_images", s.relaxed_anneal_images, allow_zero=True)
     _check(0.0 <= s.mass_floor_gamma <= 1.0, "swav.mass_floor_gamma", "must be in [0, 1]", s.mass_floor_gamma)
     _check(0.0 <= s.mass_momentum < 1.0, "swav.mass_momentum", "must be in [0, 1)", s.mass_momentum)
-    positive("swav.dual_step", s.dual_step)
+    _check(0.0 < s.dual_step <= 1.0, "swav.dual_step", "must be in (0, 1]", s.dual_step)
 
     choice("optim.optimizer", o.optimizer, OPTIMIZERS)
     positive("optim.base_lr", o.base_lr)

@@ -1,0 +1,4 @@
+from stream_swav.cli import main
+import sys
+
+sys.exit(main())

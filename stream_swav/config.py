@@ -39,10 +39,8 @@ class StorageConfig:
 
 @dataclass
 class DataConfig:
-    # Brace pattern, folder/prefix to list, or a .txt file of URLs. Empty: the
-    # demo shards are made under `demo_dir` and used.
+    # Brace pattern, folder/prefix to list, or a .txt file of URLs (local, file:// or s3://).
     shards: str = ""
-    demo_dir: str = "runs/demo-shards"
     follow: bool = False
     relist_interval_s: float = 30.0
     seed: int = 0
@@ -106,7 +104,8 @@ class SwAVConfig:
     crops_for_assign: tuple[int, ...] = (0, 1)
     # Queue length per learner; 0 disables it.
     queue_length: int = 0
-    queue_start_images: int = 15 * 1_281_167 // 10
+    # SwAV starts its queue after 15 ImageNet epochs; counted here in images.
+    queue_start_images: int = 15 * 1_281_167
     freeze_prototypes_steps: int = 313
     # `relaxed`: KL strength on the prototype marginal, annealed from
     # relaxed_lambda_start to relaxed_lambda over relaxed_anneal_images.

@@ -1,0 +1,84 @@
+#!/usr/bin/env bash
+# Submit a stream-swav training run to a running Ray cluster as a Ray job.
+#
+#   RAY_ADDRESS=http://ray-head:8265 deploy/submit.sh [options] [-- stream-swav train arguments]
+#
+#   --config FILE   training config (default: deploy/configs/resnet50-gpu.yaml)
+#   --ship-wheel    also install stream-swav on the nodes from a wheel built here (for a cluster
+#                   image without stream-swav; see deploy/README.md for what that costs)
+#   --no-wait       return after submitting instead of following the logs
+#
+# Everything after `--` goes to `stream-swav train`, e.g. `-- --set train.learners=4`.
+# SUBMISSION_ID overrides the generated job id. Stop the run cleanly (final checkpoint) with
+#   ray job stop --address "$RAY_ADDRESS" <submission id>
+set -euo pipefail
+
+repo_root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+cd "$repo_root"
+
+config=deploy/configs/resnet50-gpu.yaml
+ship_wheel=0
+wait_flag=()
+while [[ $# -gt 0 ]]; do
+    case "$1" in
+        --config) config=$2; shift 2 ;;
+        --ship-wheel) ship_wheel=1; shift ;;
+        --no-wait) wait_flag=(--no-wait); shift ;;
+        --) shift; break ;;
+        -h|--help) sed -n '2,15p' "$0"; exit 0 ;;
+        *) echo "submit.sh: unknown option $1 (stream-swav arguments go after --)" >&2; exit 2 ;;
+    esac
+done
+
+# The dashboard address (http://HOST:8265), not the GCS one: job submission goes through the dashboard.
+: "${RAY_ADDRESS:?set RAY_ADDRESS to the Ray dashboard, e.g. http://ray-head:8265}"
+[[ -f "$config" ]] || { echo "submit.sh: no config file $config" >&2; exit 2; }
+# The path is resolved on the cluster inside the uploaded working dir, so it must be relative.
+[[ "$config" != /* ]] || { echo "submit.sh: give the config relative to the repository root" >&2; exit 2; }
+
+# Catch a typo in the config or in --set here rather than after the upload and cluster start-up.
+if command -v stream-swav >/dev/null 2>&1; then
+    stream-swav config --config "$config" "$@" >/dev/null
+else
+    echo "submit.sh: stream-swav not installed locally; the config is checked on the cluster" >&2
+fi
+
+runtime_env=deploy/runtime_env.yaml
+working_dir=.
+if [[ $ship_wheel == 1 ]]; then
+    # Upload a staging folder instead of the checkout: the wheel (code + console script) and the
+    # config, at the same relative path, so nothing shadows the installed package.
+    working_dir=$(mktemp -d)
+    trap 'rm -rf "$working_dir"' EXIT
+    mkdir -p "$working_dir/deploy/wheels" "$working_dir/$(dirname "$config")"
+    cp "$config" "$working_dir/$config"
+    python3 -m pip wheel --quiet --no-deps --wheel-dir "$working_dir/deploy/wheels" .
+    wheel=$(basename "$working_dir"/deploy/wheels/stream_swav-*.whl)
+    runtime_env=$working_dir/runtime_env.yaml
+    # Ray expands ${RAY_RUNTIME_ENV_CREATE_WORKING_DIR} on each node to where it unpacked the
+    # working dir, the only place the uploaded wheel can be found.
+    python3 - "$wheel" "$runtime_env" <<'PY'
+import sys
+
+import yaml
+
+wheel, out = sys.argv[1], sys.argv[2]
+with open("deploy/runtime_env.yaml") as f:
+    env = yaml.safe_load(f)
+env["pip"] = ["${RAY_RUNTIME_ENV_CREATE_WORKING_DIR}/deploy/wheels/" + wheel]
+with open(out, "w") as f:
+    yaml.safe_dump(env, f, sort_keys=False)
+PY
+fi
+
+submission_id=${SUBMISSION_ID:-stream-swav-$(date -u +%Y%m%d-%H%M%S)}
+echo "submitting $submission_id ($config) to $RAY_ADDRESS"
+echo "stop it cleanly with: ray job stop --address $RAY_ADDRESS $submission_id"
+
+ray job submit \
+    --address "$RAY_ADDRESS" \
+    --submission-id "$submission_id" \
+    --working-dir "$working_dir" \
+    --runtime-env "$runtime_env" \
+    "${wait_flag[@]}" \
+    -- stream-swav train --config "$config" "$@"

@@ -1,0 +1,355 @@
+"""One SwAV training step on a batch of uint8 crops: no Ray, no I/O.
+
+A `Learner` owns the network, optimiser, feature queue and random state of
+one training process. The runtime's actor feeds it `CropBatch`es and saves its
+`state_dict()`; with several learners a `torch.distributed` process group must
+be initialised first, and every learner must call `train_step` in lockstep.
+"""
+from __future__ import annotations
+
+import contextlib
+import warnings
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
+
+from stream_swav.augment import photometric_augment
+from stream_swav.config import Config
+from stream_swav.data.batch import CropBatch
+from stream_swav.model import SwAVModel
+from stream_swav.optim import build_optimizer, learning_rate_for
+from stream_swav.swav import (FeatureQueue, assignment_codes, marginal_error, prototype_counts,
+                              prototype_perplexity, swav_loss)
+
+
+@dataclass
+class StepStats:
+    """Outcome of one `train_step`. Tensor fields are detached device scalars, so
+    reading them is left to whoever logs (one sync per log line, not per step)."""
+
+    step: int  # steps taken including this one, skipped ones too
+    images_seen: int  # global images consumed including this batch
+    loss: Tensor
+    lr: float
+    # Perplexity of the prototypes the network prefers (argmax of the scores of
+    # the assignment crops) in this batch; `prototype_counts` is the same usage as
+    # counts, to be summed over a window for a collapse alarm.
+    perplexity: Tensor
+    prototype_counts: Tensor
+    # Largest relative deviation of the codes' prototype mass from uniform.
+    marginal_error: Tensor
+    queue_fill: int
+    nonfinite: bool
+    nonfinite_in_row: int
+
+    def to_floats(self) -> dict[str, float]:
+        """Scalar fields as Python numbers (synchronises with the device); counts are left out."""
+        return {
+            "step": float(self.step),
+            "images_seen": float(self.images_seen),
+            "loss": self.loss.item(),
+            "lr": self.lr,
+            "perplexity": self.perplexity.item(),
+            "marginal_error": self.marginal_error.item(),
+            "queue_fill": float(self.queue_fill),
+            "nonfinite": float(self.nonfinite),
+            "nonfinite_in_row": float(self.nonfinite_in_row),
+        }
+
+
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def _crop_tensor(stack: np.ndarray, device: torch.device) -> Tensor:
+    """(n, B, H, W, 3) uint8 -> (n * B, 3, H, W) on `device`, channels_last strided (no pixel shuffle)."""
+    n, b, h, w, c = stack.shape
+    if stack.flags.writeable:
+        pixels = torch.from_numpy(stack)
+    else:
+        # Arrays mapped from Ray's object store are read-only; torch warns on wrapping
+        # them. Nothing here writes to the wrapper, and on CPU it is copied at once.
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+            pixels = torch.from_numpy(stack)
+        if device.type == "cpu":
+            pixels = pixels.clone()
+    if device.type == "cuda":
+        # From pageable memory the copy would first wait for the GPU to go idle.
+        pixels = pixels.pin_memory()
+    pixels = pixels.to(device, non_blocking=True)
+    return pixels.reshape(n * b, h, w, c).permute(0, 3, 1, 2)
+
+
+def _cpu_copy(value: Any) -> Any:
+    """Detached CPU copies of every tensor in nested dicts/lists: a checkpoint taken
+    now must not change as training goes on, and must load on a machine without a GPU."""
+    if isinstance(value, Tensor):
+        return value.detach().to("cpu", copy=True)
+    if isinstance(value, dict):
+        return {k: _cpu_copy(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_cpu_copy(v) for v in value)
+    return value
+
+
+def _check_batch(batch: CropBatch, cfg: Config) -> int:
+    """Batch size, after checking the crops are what this configuration trains on."""
+    expected = (("global_crops", cfg.crops.global_count, cfg.crops.global_size),
+                ("local_crops", cfg.crops.local_count, cfg.crops.local_size))
+    batch_size = None
+    for name, count, size in expected:
+        stack = getattr(batch, name)
+        if not isinstance(stack, np.ndarray) or stack.dtype != np.uint8 or stack.ndim != 5 or stack.shape[4] != 3:
+            shape = getattr(stack, "shape", None)
+            dtype = getattr(stack, "dtype", type(stack).__name__)
+            raise ValueError(f"CropBatch.{name}: expected uint8 array (n, B, H, W, 3), got {dtype} {shape}")
+        if stack.shape[0] != count:
+            raise ValueError(f"CropBatch.{name}: expected {count} crops per image, got {stack.shape[0]}")
+        if count and stack.shape[2:4] != (size, size):
+            raise ValueError(f"CropBatch.{name}: expected {size}x{size} crops, got {stack.shape[2]}x{stack.shape[3]}")
+        if count:
+            if batch_size is not None and stack.shape[1] != batch_size:
+                raise ValueError(f"CropBatch: global and local crops disagree on the batch size "
+                                 f"({batch_size} vs {stack.shape[1]})")
+            batch_size = stack.shape[1]
+    if not batch_size:
+        raise ValueError("CropBatch: empty batch")
+    return batch_size
+
+
+class Learner:
+    def __init__(self, cfg: Config, device: torch.device, rank: int = 0, world_size: int = 1) -> None:
+        self.cfg = cfg
+        self.device = torch.device(device)
+        self.rank = rank
+        self.world_size = world_size
+        distributed = _distributed()
+        if distributed and dist.get_world_size() != world_size:
+            raise ValueError(f"world_size={world_size} but the process group has {dist.get_world_size()} processes")
+        if not distributed and world_size != 1:
+            raise ValueError(f"world_size={world_size} needs an initialised torch.distributed process group")
+        if cfg.train.learners != world_size:
+            # The learning rate is scaled by train.learners, the image count by world_size.
+            raise ValueError(f"train.learners={cfg.train.learners} but world_size={world_size}")
+
+        # Same seed on every rank: replicas start identical (DDP also broadcasts rank 0's weights).
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(cfg.train.seed)
+            model = SwAVModel(cfg.model)
+        if distributed and cfg.model.sync_batchnorm:
+            if self.device.type != "cuda":
+                raise ValueError("model.sync_batchnorm: SyncBatchNorm needs CUDA learners; set it to false on CPU")
+            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        model.to(self.device)
+        if cfg.train.channels_last:
+            model.to(memory_format=torch.channels_last)
+        self.model = model
+        self.network: nn.Module = model
+        if distributed:
+            device_ids = [self.device] if self.device.type == "cuda" else None
+            self.network = DistributedDataParallel(model, device_ids=device_ids)
+
+        self.optimizer = build_optimizer(model, cfg)
+        swav = cfg.swav
+        self.queue = None
+        if swav.queue_length > 0:
+            self.queue = FeatureQueue(len(swav.crops_for_assign), swav.queue_length, cfg.model.output_dim,
+                                      start_images=swav.queue_start_images, device=self.device)
+        self.generator = torch.Generator(device=self.device)
+        self.generator.manual_seed(cfg.train.seed + rank)
+        precision = cfg.train.precision
+        self.autocast_dtype = torch.bfloat16 if precision == "bf16" or (
+            precision == "auto" and self.device.type == "cuda") else None
+        # BatchNorm running statistics, restored when a step is skipped so a
+        # non-finite batch cannot poison them for evaluation.
+        self._buffers = list(model.buffers())
+        self._buffer_snapshot = [b.clone() for b in self._buffers]
+        self.step = 0
+        self.images_seen = 0
+        self.nonfinite_total = 0
+        self.nonfinite_in_row = 0
+
+    def _autocast(self) -> contextlib.AbstractContextManager:
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=self.autocast_dtype)
+
+    def _augment(self, batch: CropBatch) -> list[Tensor]:
+        augment = self.cfg.augment
+        crops = []
+        for stack, blur_prob in ((batch.global_crops, augment.blur_prob_global),
+                                 (batch.local_crops, augment.blur_prob_local)):
+            if stack.shape[0]:
+                crops.append(photometric_augment(_crop_tensor(stack, self.device), augment, blur_prob,
+                                                 generator=self.generator))
+        return crops
+
+    @torch.no_grad()
+    def codes(self, scores: Tensor, batch_size: int) -> dict[int, Tensor]:
+        """Codes per assignment crop from crop-major scores (n_crops * B, K), with the queue once it is full."""
+        swav = self.cfg.swav
+        use_queue = self.queue is not None and self.queue.is_full
+        prototypes = self.model.prototypes.weight
+        codes = {}
+        for position, crop in enumerate(swav.crops_for_assign):
+            crop_scores = scores[crop * batch_size:(crop + 1) * batch_size]
+            queue_scores = self.queue.features(position) @ prototypes.t() if use_queue else None
+            codes[crop] = assignment_codes(crop_scores, queue_scores, swav.epsilon, swav.sinkhorn_iterations)
+        return codes
+
+    def _all_finite(self, loss: Tensor) -> bool:
+        """Whether loss and gradients are finite on every learner: the step's one host sync.
+
+        It comes after backward, so the device is busy while the host waits, and
+        all learners agree on the outcome, so their replicas stay identical.
+        """
+        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+        finite = torch.isfinite(loss)
+        if grads:
+            finite = finite & torch.isfinite(torch.stack(torch._foreach_norm(grads)).sum())
+        finite = finite.to(torch.int32)
+        if _distributed():
+            dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+        return bool(finite.item())
+
+    def train_step(self, batch: CropBatch) -> StepStats:
+        """One update from one batch; a batch whose loss or gradients are not finite
+        is consumed (counted in step and images_seen) without changing any weight,
+        optimiser state, BatchNorm statistic or queue entry."""
+        cfg, swav = self.cfg, self.cfg.swav
+        batch_size = _check_batch(batch, cfg)
+        images_before = self.images_seen
+        # The rate for the images seen once this batch is in, so the first step of a warmup is not wasted.
+        lr = learning_rate_for(cfg, images_before + batch_size * self.world_size)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+
+        torch._foreach_copy_(self._buffer_snapshot, self._buffers)
+        crops = self._augment(batch)
+        self.network.train()
+        with self._autocast():
+            z, scores = self.network(crops)
+        codes = self.codes(scores.detach(), batch_size)
+        loss = swav_loss(scores, codes, batch_size, swav.temperature)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+
+        self.step += 1
+        self.images_seen = images_before + batch_size * self.world_size
+        nonfinite = not self._all_finite(loss)
+        if nonfinite:
+            self.nonfinite_total += 1
+            self.nonfinite_in_row += 1
+            torch._foreach_copy_(self._buffers, self._buffer_snapshot)
+        else:
+            self.nonfinite_in_row = 0
+            if self.step <= swav.freeze_prototypes_steps:
+                # Prototypes stay put at first (SwAV's first-epoch freeze); no gradient
+                # means no momentum or weight decay either.
+                for p in self.model.prototypes.parameters():
+                    p.grad = None
+            self.optimizer.step()
+            self.model.normalize_prototypes()
+            if self.queue is not None and self.queue.accepts(images_before):
+                by_crop = z.detach().view(-1, batch_size, z.shape[1])
+                self.queue.push(torch.stack([by_crop[c] for c in swav.crops_for_assign]))
+        self.optimizer.zero_grad(set_to_none=True)
+
+        assign_scores = torch.cat([scores.detach()[c * batch_size:(c + 1) * batch_size]
+                                   for c in swav.crops_for_assign])
+        counts = prototype_counts(assign_scores)
+        all_codes = torch.cat(list(codes.values()))
+        return StepStats(
+            step=self.step,
+            images_seen=self.images_seen,
+            loss=loss.detach(),
+            lr=lr,
+            perplexity=prototype_perplexity(counts),
+            prototype_counts=counts,
+            marginal_error=marginal_error(all_codes),
+            queue_fill=self.queue.fill if self.queue is not None else 0,
+            nonfinite=nonfinite,
+            nonfinite_in_row=self.nonfinite_in_row,
+        )
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to resume bit-for-bit; plain containers of tensors and numbers only."""
+        state: dict[str, Any] = {
+            "model": _cpu_copy(self.model.state_dict()),
+            "optimizer": _cpu_copy(self.optimizer.state_dict()),
+            "step": self.step,
+            "images_seen": self.images_seen,
+            "nonfinite_total": self.nonfinite_total,
+            "nonfinite_in_row": self.nonfinite_in_row,
+            "cpu_rng": torch.get_rng_state(),
+            "augment_rng": self.generator.get_state(),
+        }
+        if self.queue is not None:
+            state["queue"] = self.queue.state_dict()
+        if self.device.type == "cuda":
+            state["cuda_rng"] = torch.cuda.get_rng_state(self.device)
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Resume from `state_dict()` output. Everything is checked before anything is changed."""
+        if not isinstance(state, dict):
+            raise ValueError(f"learner state must be a dict, got {type(state).__name__}")
+        required = ["model", "optimizer", "step", "images_seen", "nonfinite_total", "nonfinite_in_row", "cpu_rng",
+                    "augment_rng"]
+        missing = [k for k in required if k not in state]
+        if missing:
+            raise ValueError(f"learner state lacks {', '.join(missing)}")
+        for key in ("step", "images_seen", "nonfinite_total", "nonfinite_in_row"):
+            value = state[key]
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise ValueError(f"learner state {key}: expected an int >= 0, got {value!r}")
+        for key in ("cpu_rng", "augment_rng"):
+            if not isinstance(state[key], Tensor) or state[key].dtype != torch.uint8:
+                raise ValueError(f"learner state {key}: expected a uint8 tensor")
+        self._check_model_state(state["model"])
+        saved_groups = state["optimizer"].get("param_groups", []) if isinstance(state["optimizer"], dict) else []
+        if [len(g.get("params", [])) for g in saved_groups] != [len(g["params"]) for g in self.optimizer.param_groups]:
+            raise ValueError("learner state optimizer: parameter groups do not match this model and optimizer")
+
+        # A checkpoint from a run without queue leaves the queue empty; the queue is
+        # loaded first because it is the one part still checked while loading.
+        if self.queue is not None and "queue" in state:
+            self.queue.load_state_dict(state["queue"])
+        self.model.load_state_dict(state["model"])
+        # Hyperparameters come from the current configuration and device (a
+        # checkpoint from a GPU run may say fused=True), state from the checkpoint.
+        hyperparameters = [{k: v for k, v in g.items() if k != "params"} for g in self.optimizer.param_groups]
+        self.optimizer.load_state_dict(state["optimizer"])
+        for group, values in zip(self.optimizer.param_groups, hyperparameters):
+            group.update(values)
+        self.step = state["step"]
+        self.images_seen = state["images_seen"]
+        self.nonfinite_total = state["nonfinite_total"]
+        self.nonfinite_in_row = state["nonfinite_in_row"]
+        torch.set_rng_state(state["cpu_rng"])
+        self.generator.set_state(state["augment_rng"])
+        if self.device.type == "cuda" and "cuda_rng" in state:
+            torch.cuda.set_rng_state(state["cuda_rng"], self.device)
+
+    def _check_model_state(self, model_state: Any) -> None:
+        if not isinstance(model_state, dict):
+            raise ValueError(f"learner state model: expected a dict of tensors, got {type(model_state).__name__}")
+        own = self.model.state_dict()
+        missing = sorted(set(own) - set(model_state))
+        unexpected = sorted(set(model_state) - set(own))
+        if missing or unexpected:
+            raise ValueError(f"learner state model: missing {missing[:5]}, unexpected {unexpected[:5]}")
+        for key, value in own.items():
+            saved = model_state[key]
+            if not isinstance(saved, Tensor) or saved.shape != value.shape:
+                shape = tuple(saved.shape) if isinstance(saved, Tensor) else type(saved).__name__
+                raise ValueError(f"learner state model.{key}: expected shape {tuple(value.shape)}, got {shape}")
+
+
+__all__ = ["Learner", "StepStats"]

@@ -1,0 +1,144 @@
+"""LARS, parameter groups and learning-rate schedules counted in images seen."""
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+
+import torch
+from torch import Tensor, nn
+
+from stream_swav.config import SCHEDULES, Config, scaled_learning_rate
+
+
+class LARS(torch.optim.Optimizer):
+    """SGD with momentum whose step is rescaled per tensor by a trust ratio.
+
+    For a tensor w with gradient g the update direction is
+    (g + wd * w) * trust_coefficient * ||w|| / (||g|| + wd * ||w||), the ratio
+    taken as 1 when either norm is zero (fresh or frozen tensors). Groups with
+    ``lars_exclude=True`` (biases, BatchNorm affine) take plain momentum SGD
+    steps without weight decay. All per-tensor math runs as foreach kernels on
+    device tensors, so a step never waits for the GPU.
+    """
+
+    def __init__(self, params: Iterable[Tensor] | Iterable[dict], lr: float = 0.0, momentum: float = 0.9,
+                 weight_decay: float = 0.0, trust_coefficient: float = 0.001, lars_exclude: bool = False) -> None:
+        if lr < 0:
+            raise ValueError(f"LARS: lr must be >= 0, got {lr}")
+        if not 0.0 <= momentum < 1.0:
+            raise ValueError(f"LARS: momentum must be in [0, 1), got {momentum}")
+        if weight_decay < 0:
+            raise ValueError(f"LARS: weight_decay must be >= 0, got {weight_decay}")
+        if trust_coefficient <= 0:
+            raise ValueError(f"LARS: trust_coefficient must be > 0, got {trust_coefficient}")
+        defaults = dict(lr=lr, momentum=momentum, weight_decay=weight_decay, trust_coefficient=trust_coefficient,
+                        lars_exclude=lars_exclude)
+        super().__init__(params, defaults)
+
+    @torch.no_grad()
+    def step(self, closure=None):  # type: ignore[override]
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            params = [p for p in group["params"] if p.grad is not None]
+            if not params:
+                continue
+            if any(p.grad.is_sparse for p in params):
+                raise RuntimeError("LARS does not support sparse gradients")
+            grads = [p.grad for p in params]
+            if group["lars_exclude"]:
+                updates = grads
+            else:
+                updates = self._adapted_updates(params, grads, group["weight_decay"], group["trust_coefficient"])
+            buffers = []
+            for p in params:
+                state = self.state[p]
+                if "momentum_buffer" not in state:
+                    state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                buffers.append(state["momentum_buffer"])
+            torch._foreach_mul_(buffers, group["momentum"])
+            torch._foreach_add_(buffers, updates)
+            torch._foreach_add_(params, buffers, alpha=-group["lr"])
+        return loss
+
+    @staticmethod
+    def _adapted_updates(params: list[Tensor], grads: list[Tensor], weight_decay: float,
+                         trust_coefficient: float) -> list[Tensor]:
+        # Norms in float32 at least (bf16 parameters), float64 when a parameter is.
+        dtype = torch.float64 if any(p.dtype == torch.float64 for p in params) else torch.float32
+        weight_norms = torch.stack(torch._foreach_norm(params, dtype=dtype))
+        grad_norms = torch.stack(torch._foreach_norm(grads, dtype=dtype))
+        ratio = trust_coefficient * weight_norms / (grad_norms + weight_decay * weight_norms)
+        ratio = torch.where((weight_norms > 0) & (grad_norms > 0), ratio, torch.ones_like(ratio))
+        updates = torch._foreach_add(grads, params, alpha=weight_decay) if weight_decay else \
+            [g.clone() for g in grads]
+        ratios = [r.to(u.dtype) for r, u in zip(ratio.unbind(), updates)]
+        torch._foreach_mul_(updates, ratios)
+        return updates
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """Two groups: matrices and kernels with weight decay and LARS adaptation; vectors (biases,
+    normalisation scales and shifts) with neither."""
+    adapted, excluded = [], []
+    for param in model.parameters():
+        if param.requires_grad:
+            (excluded if param.ndim <= 1 else adapted).append(param)
+    groups = []
+    if adapted:
+        groups.append({"params": adapted, "weight_decay": weight_decay, "lars_exclude": False})
+    if excluded:
+        groups.append({"params": excluded, "weight_decay": 0.0, "lars_exclude": True})
+    return groups
+
+
+def learning_rate(images_seen: int, *, peak_lr: float, final_lr: float, warmup_images: int, schedule: str,
+                  cosine_images: int) -> float:
+    """Learning rate after `images_seen` images.
+
+    Linear warmup from 0 to `peak_lr` over `warmup_images`, then either constant
+    (`warmup-constant`, for endless streams) or a half cosine from `peak_lr` at
+    the end of warmup to `final_lr` at `cosine_images` images, and `final_lr`
+    from there on (`warmup-cosine`).
+    """
+    if schedule not in SCHEDULES:
+        raise ValueError(f"unknown schedule {schedule!r}; expected one of {', '.join(SCHEDULES)}")
+    if images_seen < 0:
+        raise ValueError(f"images_seen must be >= 0, got {images_seen}")
+    if warmup_images < 0:
+        raise ValueError(f"warmup_images must be >= 0, got {warmup_images}")
+    if schedule == "warmup-cosine" and cosine_images <= warmup_images:
+        raise ValueError(f"warmup-cosine needs cosine_images > warmup_images, got {cosine_images} <= {warmup_images}")
+    if images_seen < warmup_images:
+        return peak_lr * images_seen / warmup_images
+    if schedule == "warmup-constant":
+        return peak_lr
+    progress = min(1.0, (images_seen - warmup_images) / (cosine_images - warmup_images))
+    return final_lr + 0.5 * (peak_lr - final_lr) * (1.0 + math.cos(math.pi * progress))
+
+
+def learning_rate_for(cfg: Config, images_seen: int) -> float:
+    """The configured schedule; base_lr and final_lr are both scaled from a global batch of 256."""
+    o = cfg.optim
+    return learning_rate(images_seen, peak_lr=scaled_learning_rate(cfg, o.base_lr),
+                         final_lr=scaled_learning_rate(cfg, o.final_lr), warmup_images=o.warmup_images,
+                         schedule=o.schedule, cosine_images=o.cosine_images)
+
+
+def build_optimizer(model: nn.Module, cfg: Config) -> torch.optim.Optimizer:
+    """LARS or momentum SGD over `param_groups`; the learning rate is set per step from the schedule."""
+    o = cfg.optim
+    groups = param_groups(model, o.weight_decay)
+    if o.optimizer == "lars":
+        return LARS(groups, lr=0.0, momentum=o.momentum, weight_decay=o.weight_decay,
+                    trust_coefficient=o.trust_coefficient)
+    if o.optimizer == "sgd":
+        on_cuda = all(p.is_cuda for group in groups for p in group["params"])
+        return torch.optim.SGD(groups, lr=0.0, momentum=o.momentum, weight_decay=o.weight_decay,
+                               fused=True if on_cuda else None, foreach=None if on_cuda else True)
+    raise ValueError(f"optim.optimizer: unknown optimizer {o.optimizer!r}")
+
+
+__all__ = ["LARS", "param_groups", "learning_rate", "learning_rate_for", "build_optimizer"]

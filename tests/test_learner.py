@@ -1,0 +1,322 @@
+from __future__ import annotations
+
+import io
+import math
+import socket
+import warnings
+from datetime import timedelta
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from stream_swav.config import Config, config_from_dict
+from stream_swav.data.batch import CropBatch
+from stream_swav.learner import Learner, StepStats
+from stream_swav.optim import learning_rate_for
+from stream_swav.swav import assignment_codes, prototype_perplexity, sinkhorn
+
+PROTOTYPES = 16
+
+
+class SyntheticStream:
+    """Endless images of a few visual classes: two-colour stripes whose colours,
+    orientation and period depend on the class, under pixel noise. Batches are
+    random crops (with horizontal flips) of fresh images, as decode workers make them."""
+
+    def __init__(self, n_classes: int, image_size: int, seed: int = 0) -> None:
+        self.rng = np.random.default_rng(seed)
+        self.n_classes = n_classes
+        self.image_size = image_size
+        self.palette = self.rng.integers(0, 256, (n_classes, 2, 3))
+
+    def images(self, n: int) -> np.ndarray:
+        rows, cols = np.mgrid[: self.image_size, : self.image_size]
+        out = np.empty((n, self.image_size, self.image_size, 3), np.float32)
+        for i, cls in enumerate(self.rng.integers(0, self.n_classes, n)):
+            period = 2 + cls % 3
+            along = cols if cls % 2 else rows
+            stripe = ((along + self.rng.integers(0, period)) // max(1, period // 2)) % 2 == 0
+            out[i] = np.where(stripe[..., None], self.palette[cls, 0], self.palette[cls, 1])
+        out += self.rng.normal(0, 12, out.shape)
+        return np.clip(out, 0, 255).astype(np.uint8)
+
+    def crops(self, images: np.ndarray, count: int, size: int) -> np.ndarray:
+        out = np.empty((count, len(images), size, size, 3), np.uint8)
+        for view in range(count):
+            for i, image in enumerate(images):
+                top, left = self.rng.integers(0, self.image_size - size + 1, 2)
+                crop = image[top:top + size, left:left + size]
+                out[view, i] = crop[:, ::-1] if self.rng.random() < 0.5 else crop
+        return out
+
+    def batch(self, cfg: Config) -> CropBatch:
+        b, c = cfg.train.batch_size, cfg.crops
+        images = self.images(b)
+        return CropBatch(global_crops=self.crops(images, c.global_count, c.global_size),
+                         local_crops=self.crops(images, c.local_count, c.local_size),
+                         keys=[f"synthetic/{i}" for i in range(b)])
+
+
+def tiny_config(**sections: dict[str, Any]) -> Config:
+    values: dict[str, Any] = {
+        "model": {"arch": "resnet18", "small_stem": True, "hidden_dim": 64, "output_dim": 32,
+                  "prototypes": PROTOTYPES},
+        "crops": {"global_size": 6, "global_count": 2, "local_size": 4, "local_count": 1},
+        "augment": {"hue": 0.0, "saturation": 0.2, "brightness": 0.3, "contrast": 0.3, "grayscale_prob": 0.0,
+                    "blur_prob_global": 0.5},
+        "swav": {"freeze_prototypes_steps": 1, "queue_length": 0, "queue_start_images": 0},
+        "optim": {"warmup_images": 0, "base_lr": 4.8},
+        "train": {"batch_size": 4, "seed": 7},
+    }
+    for section, overrides in sections.items():
+        values[section] = {**values.get(section, {}), **overrides}
+    return config_from_dict(values)
+
+
+def learner_snapshot(learner: Learner) -> dict[str, Any]:
+    return {
+        "params": [p.detach().clone() for p in learner.model.parameters()],
+        "buffers": [b.detach().clone() for b in learner.model.buffers()],
+        "momentum": {i: s["momentum_buffer"].clone()
+                     for i, s in enumerate(learner.optimizer.state[p] for p in learner.model.parameters())
+                     if "momentum_buffer" in s},
+        "queue": learner.queue.buffer.clone() if learner.queue is not None else None,
+    }
+
+
+def assert_same(a: dict[str, Any], b: dict[str, Any]) -> None:
+    for key in ("params", "buffers"):
+        for x, y in zip(a[key], b[key]):
+            torch.testing.assert_close(x, y, rtol=0, atol=0, equal_nan=True)
+    assert a["momentum"].keys() == b["momentum"].keys()
+    for i in a["momentum"]:
+        torch.testing.assert_close(a["momentum"][i], b["momentum"][i], rtol=0, atol=0)
+    if a["queue"] is not None:
+        torch.testing.assert_close(a["queue"], b["queue"], rtol=0, atol=0)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_learner_learns_on_synthetic_stream_without_collapse():
+    torch.set_num_threads(1)
+    cfg = tiny_config(crops={"global_size": 6, "local_count": 0},
+                      augment={"blur_prob_global": 0.0},
+                      swav={"freeze_prototypes_steps": 1},
+                      optim={"base_lr": 1.2, "trust_coefficient": 0.02, "warmup_images": 32},
+                      train={"batch_size": 32})
+    learner = Learner(cfg, torch.device("cpu"))
+    stream = SyntheticStream(n_classes=8, image_size=10)
+    steps = 24
+    losses, usage = [], torch.zeros(PROTOTYPES, dtype=torch.int64)
+    for i in range(steps):
+        stats = learner.train_step(stream.batch(cfg))
+        assert not stats.nonfinite
+        losses.append(stats.loss.item())
+        if i >= steps - 10:
+            usage += stats.prototype_counts
+    assert stats.step == steps and stats.images_seen == steps * 32
+    assert stats.lr == pytest.approx(learning_rate_for(cfg, steps * 32))
+    first, last = np.mean(losses[:5]), np.mean(losses[-5:])
+    assert last < 0.6 * math.log(PROTOTYPES), losses
+    assert last < 0.5 * first, losses
+    # Which prototype the network prefers stays spread over many of them.
+    assert prototype_perplexity(usage).item() > PROTOTYPES / 4, usage.tolist()
+
+
+def test_state_dict_round_trip_resumes_identically():
+    torch.set_num_threads(1)
+    cfg = tiny_config(swav={"queue_length": 8, "freeze_prototypes_steps": 2})
+    stream = SyntheticStream(n_classes=4, image_size=8, seed=1)
+    learner = Learner(cfg, torch.device("cpu"))
+    for _ in range(3):
+        stats = learner.train_step(stream.batch(cfg))
+    assert learner.queue.is_full and stats.queue_fill == 8
+
+    state = learner.state_dict()
+    expected = learner_snapshot(learner)
+    batch = stream.batch(cfg)
+    # Training on after taking the state must not alter it (checkpoints are written in the background).
+    original_stats = learner.train_step(batch)
+
+    saved = io.BytesIO()
+    torch.save(state, saved)
+    saved.seek(0)
+    resumed = Learner(cfg, torch.device("cpu"))
+    resumed.load_state_dict(torch.load(saved, weights_only=True))
+    assert (resumed.step, resumed.images_seen) == (3, 12)
+    assert_same(learner_snapshot(resumed), expected)
+
+    resumed_stats = resumed.train_step(batch)
+    assert resumed_stats.loss.item() == original_stats.loss.item()
+    assert resumed_stats.to_floats() == original_stats.to_floats()
+    assert_same(learner_snapshot(resumed), learner_snapshot(learner))
+
+
+def test_load_state_dict_rejects_mismatched_state_and_changes_nothing():
+    cfg = tiny_config()
+    learner = Learner(cfg, torch.device("cpu"))
+    before = learner_snapshot(learner)
+    state = learner.state_dict()
+    state["model"]["prototypes.weight"] = torch.zeros(3, 32)
+    state["step"] = 99
+    with pytest.raises(ValueError, match="prototypes.weight"):
+        learner.load_state_dict(state)
+    with pytest.raises(ValueError, match="lacks"):
+        learner.load_state_dict({"model": {}})
+    assert learner.step == 0
+    assert_same(learner_snapshot(learner), before)
+
+
+def test_learner_count_must_match_world_size():
+    with pytest.raises(ValueError, match="train.learners=2 but world_size=1"):
+        Learner(tiny_config(train={"learners": 2}), torch.device("cpu"))
+
+
+def test_nonfinite_loss_skips_update_and_counts_in_a_row():
+    torch.set_num_threads(1)
+    cfg = tiny_config(swav={"queue_length": 8})
+    stream = SyntheticStream(n_classes=4, image_size=8, seed=2)
+    learner = Learner(cfg, torch.device("cpu"))
+    assert not learner.train_step(stream.batch(cfg)).nonfinite
+
+    weight = learner.model.projection[0].weight
+    good_value = weight[0, 0].item()
+    with torch.no_grad():
+        weight[0, 0] = float("nan")
+    before = learner_snapshot(learner)
+    for in_row in (1, 2):
+        stats = learner.train_step(stream.batch(cfg))
+        assert stats.nonfinite and stats.nonfinite_in_row == in_row
+        assert not math.isfinite(stats.to_floats()["loss"])
+        # Parameters, momentum, BatchNorm statistics and queue are exactly as before.
+        assert_same(learner_snapshot(learner), before)
+    assert learner.nonfinite_total == 2 and stats.queue_fill == 4
+    assert (stats.step, stats.images_seen) == (3, 12)
+
+    with torch.no_grad():
+        weight[0, 0] = good_value
+    stats = learner.train_step(stream.batch(cfg))
+    assert not stats.nonfinite and stats.nonfinite_in_row == 0 and learner.nonfinite_total == 2
+    weight_before = before["params"][[id(p) for p in learner.model.parameters()].index(id(weight))]
+    assert torch.isfinite(weight).all() and not torch.equal(weight, weight_before)
+
+
+def test_queue_is_filled_from_start_images_and_used_only_when_full():
+    torch.set_num_threads(1)
+    cfg = tiny_config(swav={"queue_length": 8, "queue_start_images": 4})
+    stream = SyntheticStream(n_classes=4, image_size=8, seed=3)
+    learner = Learner(cfg, torch.device("cpu"))
+    scores = torch.randn(3 * 4, PROTOTYPES)
+
+    fills = []
+    for _ in range(3):
+        codes = learner.codes(scores, batch_size=4)
+        if not learner.queue.is_full:
+            for crop in (0, 1):
+                torch.testing.assert_close(codes[crop], sinkhorn(scores[crop * 4:(crop + 1) * 4]))
+        fills.append(learner.train_step(stream.batch(cfg)).queue_fill)
+    # The first batch came before queue_start_images; the next two fill the queue.
+    assert fills == [0, 4, 8]
+    assert learner.queue.is_full
+
+    codes = learner.codes(scores, batch_size=4)
+    prototypes = learner.model.prototypes.weight.detach()
+    for position, crop in enumerate((0, 1)):
+        queue_scores = learner.queue.features(position) @ prototypes.t()
+        expected = assignment_codes(scores[crop * 4:(crop + 1) * 4], queue_scores, 0.05, 3)
+        torch.testing.assert_close(codes[crop], expected)
+        assert not torch.allclose(codes[crop], sinkhorn(scores[crop * 4:(crop + 1) * 4]))
+
+
+def test_prototypes_stay_frozen_for_the_first_steps():
+    torch.set_num_threads(1)
+    cfg = tiny_config(swav={"freeze_prototypes_steps": 2})
+    stream = SyntheticStream(n_classes=4, image_size=8, seed=4)
+    learner = Learner(cfg, torch.device("cpu"))
+    initial = learner.model.prototypes.weight.detach().clone()
+    projection = learner.model.projection[3].weight.detach().clone()
+    for _ in range(2):
+        learner.train_step(stream.batch(cfg))
+    torch.testing.assert_close(learner.model.prototypes.weight, initial, rtol=0, atol=1e-6)
+    assert not torch.equal(learner.model.projection[3].weight, projection)
+    learner.train_step(stream.batch(cfg))
+    assert (learner.model.prototypes.weight - initial).abs().max() > 1e-5
+    torch.testing.assert_close(learner.model.prototypes.weight.norm(dim=1), torch.ones(PROTOTYPES))
+
+
+def test_bad_batches_are_rejected_before_anything_changes():
+    cfg = tiny_config()
+    stream = SyntheticStream(n_classes=2, image_size=8, seed=5)
+    learner = Learner(cfg, torch.device("cpu"))
+    good = stream.batch(cfg)
+    wrong_count = CropBatch(global_crops=good.global_crops[:1], local_crops=good.local_crops, keys=good.keys)
+    wrong_dtype = CropBatch(global_crops=good.global_crops.astype(np.float32), local_crops=good.local_crops,
+                            keys=good.keys)
+    wrong_batch = CropBatch(global_crops=good.global_crops, local_crops=good.local_crops[:, :2], keys=good.keys)
+    for bad, message in ((wrong_count, "crops per image"), (wrong_dtype, "uint8"), (wrong_batch, "batch size")):
+        with pytest.raises(ValueError, match=message):
+            learner.train_step(bad)
+    assert learner.step == 0 and learner.images_seen == 0
+
+
+def test_read_only_arrays_from_the_object_store_are_accepted_silently():
+    cfg = tiny_config()
+    batch = SyntheticStream(n_classes=2, image_size=8, seed=6).batch(cfg)
+    batch.global_crops.flags.writeable = False
+    batch.local_crops.flags.writeable = False
+    learner = Learner(cfg, torch.device("cpu"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        stats = learner.train_step(batch)
+    assert isinstance(stats, StepStats) and not stats.nonfinite
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _distributed_worker(rank: int, world_size: int, port: int, out_dir: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size,
+                            timeout=timedelta(seconds=60))
+    try:
+        cfg = tiny_config(train={"batch_size": 4, "learners": world_size})
+        learner = Learner(cfg, torch.device("cpu"), rank=rank, world_size=world_size)
+        stream = SyntheticStream(n_classes=4, image_size=8, seed=10 + rank)
+        results = {"nonfinite": []}
+        results["nonfinite"].append(learner.train_step(stream.batch(cfg)).nonfinite)
+        if rank == 1:
+            with torch.no_grad():
+                learner.model.projection[0].weight[0, 0] = float("nan")
+        before = [p.detach().clone() for p in learner.model.parameters()]
+        stats = learner.train_step(stream.batch(cfg))
+        results["nonfinite"].append(stats.nonfinite)
+        results["unchanged"] = all(torch.allclose(a, b, rtol=0, atol=0, equal_nan=True)
+                                   for a, b in zip(before, learner.model.parameters()))
+        results["images_seen"] = stats.images_seen
+        results["params"] = [p.detach().clone() for p in learner.model.parameters()]
+        torch.save(results, f"{out_dir}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(180)
+def test_two_learners_stay_in_sync_and_skip_together(tmp_path):
+    mp.spawn(_distributed_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
+    for result in ranks:
+        # A NaN on one learner makes both skip, so DDP never waits on a missing backward.
+        assert result["nonfinite"] == [False, True]
+        assert result["images_seen"] == 2 * 4 * 2
+        assert result["unchanged"]
+    # Replicas trained on different data still hold identical weights (rank 1's NaN aside).
+    for a, b in zip(ranks[0]["params"], ranks[1]["params"]):
+        finite = torch.isfinite(b)
+        torch.testing.assert_close(a[finite], b[finite], rtol=0, atol=0)

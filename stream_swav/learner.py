@@ -19,11 +19,12 @@ from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
 from stream_swav.augment import photometric_augment
+from stream_swav.codes import CodesState, compute_codes
 from stream_swav.config import Config
 from stream_swav.data.batch import CropBatch
 from stream_swav.model import SwAVModel
 from stream_swav.optim import build_optimizer, learning_rate_for
-from stream_swav.swav import (FeatureQueue, assignment_codes, marginal_error, prototype_counts,
+from stream_swav.swav import (FeatureQueue, marginal_error, prototype_counts,
                               prototype_perplexity, swav_loss)
 
 
@@ -161,6 +162,9 @@ class Learner:
         if swav.queue_length > 0:
             self.queue = FeatureQueue(len(swav.crops_for_assign), swav.queue_length, cfg.model.output_dim,
                                       start_images=swav.queue_start_images, device=self.device)
+        # Running prototype mass and dual variables of the long-tail code methods; identical on
+        # every rank since their updates use all-reduced masses.
+        self.codes_state = CodesState.init(cfg.model.prototypes, self.device)
         self.generator = torch.Generator(device=self.device)
         self.generator.manual_seed(cfg.train.seed + rank)
         precision = cfg.train.precision
@@ -191,17 +195,17 @@ class Learner:
         return crops
 
     @torch.no_grad()
-    def codes(self, scores: Tensor, batch_size: int) -> dict[int, Tensor]:
-        """Codes per assignment crop from crop-major scores (n_crops * B, K), with the queue once it is full."""
+    def codes(self, scores: Tensor, batch_size: int, images_seen: int) -> tuple[dict[int, Tensor], CodesState]:
+        """Codes per assignment crop from crop-major scores (n_crops * B, K), with the queue once it is
+        full, by the configured method (swav.codes); also the code state for the next step."""
         swav = self.cfg.swav
         use_queue = self.queue is not None and self.queue.is_full
         prototypes = self.model.prototypes.weight
-        codes = {}
-        for position, crop in enumerate(swav.crops_for_assign):
-            crop_scores = scores[crop * batch_size:(crop + 1) * batch_size]
-            queue_scores = self.queue.features(position) @ prototypes.t() if use_queue else None
-            codes[crop] = assignment_codes(crop_scores, queue_scores, swav.epsilon, swav.sinkhorn_iterations)
-        return codes
+        crop_scores = {crop: scores[crop * batch_size:(crop + 1) * batch_size] for crop in swav.crops_for_assign}
+        queue_scores = ({crop: self.queue.features(position) @ prototypes.t()
+                         for position, crop in enumerate(swav.crops_for_assign)} if use_queue else None)
+        return compute_codes(crop_scores, self.codes_state, images_seen=images_seen, cfg=swav,
+                             queue_scores=queue_scores)
 
     def _all_finite(self, loss: Tensor) -> bool:
         """Whether loss and gradients are finite on every learner: the step's one host sync.
@@ -235,7 +239,7 @@ class Learner:
         self.network.train()
         with self._autocast():
             z, scores = self.network(crops)
-        codes = self.codes(scores.detach(), batch_size)
+        codes, codes_state = self.codes(scores.detach(), batch_size, images_before)
         loss = swav_loss(scores, codes, batch_size, swav.temperature)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -249,6 +253,7 @@ class Learner:
             torch._foreach_copy_(self._buffers, self._buffer_snapshot)
         else:
             self.nonfinite_in_row = 0
+            self.codes_state = codes_state
             if self.step <= swav.freeze_prototypes_steps:
                 # Prototypes stay put at first (SwAV's first-epoch freeze); no gradient
                 # means no momentum or weight decay either.
@@ -289,6 +294,7 @@ class Learner:
             "nonfinite_in_row": self.nonfinite_in_row,
             "cpu_rng": torch.get_rng_state(),
             "augment_rng": self.generator.get_state(),
+            "codes": self.codes_state.state_dict(),
         }
         if self.queue is not None:
             state["queue"] = self.queue.state_dict()
@@ -321,6 +327,8 @@ class Learner:
         # loaded first because it is the one part still checked while loading.
         if self.queue is not None and "queue" in state:
             self.queue.load_state_dict(state["queue"])
+        if "codes" in state:
+            self.codes_state.load_state_dict(state["codes"])
         self.model.load_state_dict(state["model"])
         # Hyperparameters come from the current configuration and device (a
         # checkpoint from a GPU run may say fused=True), state from the checkpoint.

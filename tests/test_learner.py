@@ -214,7 +214,7 @@ def test_queue_is_filled_from_start_images_and_used_only_when_full():
 
     fills = []
     for _ in range(3):
-        codes = learner.codes(scores, batch_size=4)
+        codes, _ = learner.codes(scores, batch_size=4, images_seen=learner.images_seen)
         if not learner.queue.is_full:
             for crop in (0, 1):
                 torch.testing.assert_close(codes[crop], sinkhorn(scores[crop * 4:(crop + 1) * 4]))
@@ -223,13 +223,36 @@ def test_queue_is_filled_from_start_images_and_used_only_when_full():
     assert fills == [0, 4, 8]
     assert learner.queue.is_full
 
-    codes = learner.codes(scores, batch_size=4)
+    codes, _ = learner.codes(scores, batch_size=4, images_seen=learner.images_seen)
     prototypes = learner.model.prototypes.weight.detach()
     for position, crop in enumerate((0, 1)):
         queue_scores = learner.queue.features(position) @ prototypes.t()
         expected = assignment_codes(scores[crop * 4:(crop + 1) * 4], queue_scores, 0.05, 3)
         torch.testing.assert_close(codes[crop], expected)
         assert not torch.allclose(codes[crop], sinkhorn(scores[crop * 4:(crop + 1) * 4]))
+
+
+@pytest.mark.parametrize("method", ["relaxed", "lower-bound"])
+def test_long_tail_code_methods_train_and_carry_their_state(method):
+    torch.set_num_threads(1)
+    cfg = tiny_config(swav={"codes": method, "mass_floor_gamma": 0.5})
+    stream = SyntheticStream(n_classes=4, image_size=8, seed=5)
+    learner = Learner(cfg, torch.device("cpu"))
+    initial = {k: v.clone() for k, v in learner.codes_state.state_dict().items()}
+    for _ in range(3):
+        stats = learner.train_step(stream.batch(cfg))
+        assert torch.isfinite(stats.loss)
+    state = learner.codes_state.state_dict()
+    # The running mass estimate (relaxed) or the dual (lower-bound) has moved off its start.
+    assert any(not torch.equal(state[k], initial[k]) for k in state)
+
+    buffer = io.BytesIO()
+    torch.save(learner.state_dict(), buffer)
+    buffer.seek(0)
+    restored = Learner(cfg, torch.device("cpu"))
+    restored.load_state_dict(torch.load(buffer, weights_only=True))
+    for key, value in learner.codes_state.state_dict().items():
+        torch.testing.assert_close(restored.codes_state.state_dict()[key], value)
 
 
 def test_prototypes_stay_frozen_for_the_first_steps():

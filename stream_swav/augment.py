@@ -17,6 +17,8 @@ dynamo cannot trace `torch.rand` with an explicit generator.
 """
 from __future__ import annotations
 
+import functools
+
 from dataclasses import dataclass
 
 import torch
@@ -192,6 +194,14 @@ def gaussian_blur(x: Tensor, sigma: Tensor) -> Tensor:
     return planes.reshape(n, c, h, w)
 
 
+@functools.lru_cache(maxsize=16)
+def _normalisation(mean: tuple[float, ...], std: tuple[float, ...], device: torch.device) -> tuple[Tensor, Tensor]:
+    """Mean and std as (1, 3, 1, 1) tensors on `device`, made once: copying them from the host
+    on every call would make the host wait for the GPU each step."""
+    return (torch.tensor(mean, dtype=torch.float32, device=device).reshape(1, 3, 1, 1),
+            torch.tensor(std, dtype=torch.float32, device=device).reshape(1, 3, 1, 1))
+
+
 def apply_params(images: Tensor, params: PhotometricParams, cfg: AugmentConfig, blur_prob: float) -> Tensor:
     """Augment uint8 (N, 3, H, W) crops with given parameters; float32, normalised.
 
@@ -215,8 +225,7 @@ def apply_params(images: Tensor, params: PhotometricParams, cfg: AugmentConfig, 
             x = torch.where(_per_sample(params.grayscale), rgb_to_gray(x).expand_as(x), x)
         if blur_prob > 0:
             x = torch.where(_per_sample(params.blur), gaussian_blur(x, params.sigma), x)
-        mean = torch.tensor(cfg.mean, dtype=x.dtype, device=x.device).reshape(1, 3, 1, 1)
-        std = torch.tensor(cfg.std, dtype=x.dtype, device=x.device).reshape(1, 3, 1, 1)
+        mean, std = _normalisation(tuple(cfg.mean), tuple(cfg.std), x.device)
         x = (x - mean) / std
     return x.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
 

@@ -125,7 +125,7 @@ def hsv_to_rgb(x: Tensor) -> Tensor:
     """Inverse of `rgb_to_hsv`, branch-free: channel n is v - v*s*clamp(min(k, 4 - k), 0, 1),
     k = (n + 6h) mod 6 with n = 5, 3, 1 for red, green, blue."""
     hue, saturation, value = x[:, 0:1], x[:, 1:2], x[:, 2:3]
-    offsets = torch.tensor([5.0, 3.0, 1.0], dtype=x.dtype, device=x.device).reshape(1, 3, 1, 1)
+    offsets = torch.arange(5.0, 0.0, -2.0, dtype=x.dtype, device=x.device).reshape(1, 3, 1, 1)  # 5, 3, 1
     k = torch.remainder(offsets + 6.0 * hue, 6.0)
     return value - value * saturation * torch.minimum(k, 4.0 - k).clamp(0.0, 1.0)
 

@@ -49,7 +49,7 @@ def _exact_dtype(tensor: Tensor) -> torch.dtype:
 
 def _global_rows(rows: int, like: Tensor) -> Tensor:
     """Number of rows in the global batch, as a scalar tensor of like's dtype and device."""
-    count = torch.tensor(float(rows), dtype=like.dtype, device=like.device)
+    count = torch.full((), float(rows), dtype=like.dtype, device=like.device)
     if _distributed():
         dist.all_reduce(count)
     return count

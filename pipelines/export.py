@@ -1,0 +1,122 @@
+"""`stream-swav export`: a checkpoint's backbone as a torchvision state_dict, optionally TorchScript.
+
+The state_dict (``--out``, a torch.save file) is keyed as ``torchvision.models.<arch>()``
+and includes the zero ``fc`` placeholders, so with the standard stem it loads
+with ``strict=True``::
+
+    model = torchvision.models.resnet50()
+    model.load_state_dict(torch.load("backbone.pt", weights_only=True))
+    model.fc = torch.nn.Identity()          # SwAV trained no classifier
+
+With the small stem (3x3/1 convolution, no max-pool) replace ``conv1`` and
+``maxpool`` the same way first (see stream_swav.model.build_backbone).
+
+``--torchscript`` also writes ``<out stem>.torchscript.pt``: the feature
+extractor (pooled features, no classifier) compiled with torch.jit.script,
+checked against the eager module on a dummy batch before it is saved. Load it
+with ``torch.jit.load`` and no stream-swav code.
+"""
+from __future__ import annotations
+
+import argparse
+import io
+import sys
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from pipelines.evaluate import resolve_checkpoint
+from stream_swav import storage
+from stream_swav.config import StorageConfig
+from stream_swav.model import FC_KEYS, TORCHVISION_CLASSES, load_backbone
+from stream_swav.runtime import checkpoint as ckpt
+
+
+def torchvision_state_dict(state: dict[str, Tensor], arch: str, small_stem: bool) -> dict[str, Tensor]:
+    """The backbone weights, validated by a strict load, plus zero fc placeholders of
+    torchvision's shape (SwAV trains no classifier; whatever fc the input had is dropped)."""
+    backbone = load_backbone(state, arch, small_stem)
+    exported = {k: v.detach().cpu().clone() for k, v in backbone.state_dict().items()}
+    # torchvision's ResNet leaves `inplanes` at the width of its last stage: the pooled feature width.
+    feature_dim = backbone.inplanes
+    dtype = exported["conv1.weight"].dtype
+    exported[FC_KEYS[0]] = torch.zeros(TORCHVISION_CLASSES, feature_dim, dtype=dtype)
+    exported[FC_KEYS[1]] = torch.zeros(TORCHVISION_CLASSES, dtype=dtype)
+    return exported
+
+
+def script_backbone(backbone: nn.Module, image_size: int) -> torch.jit.ScriptModule:
+    """torch.jit.script of the feature extractor, verified on a dummy batch against eager mode."""
+    backbone = backbone.eval()
+    scripted = torch.jit.script(backbone)
+    dummy = torch.randn(2, 3, image_size, image_size, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected, got = backbone(dummy), scripted(dummy)
+    if got.shape != expected.shape or not torch.allclose(got, expected, rtol=1e-4, atol=1e-4):
+        raise RuntimeError(f"TorchScript output differs from eager: {tuple(got.shape)} vs {tuple(expected.shape)}, "
+                           f"max difference {(got - expected).abs().max().item():.3g}")
+    return scripted
+
+
+def torchscript_path(out: str) -> str:
+    stem = out[:-3] if out.endswith(".pt") else out
+    return f"{stem}.torchscript.pt"
+
+
+def export_backbone(checkpoint: str, out: str, *, torchscript: bool = False, image_size: int = 0,
+                    storage_cfg: StorageConfig | None = None) -> dict[str, Any]:
+    """Write the state_dict (and TorchScript module) of `checkpoint`'s backbone; returns what was written."""
+    storage_cfg = storage_cfg or StorageConfig()
+    resolved = resolve_checkpoint(checkpoint, storage_cfg)
+    state = ckpt.load_backbone_state(resolved.backbone_url, storage_cfg)
+    exported = torchvision_state_dict(state, resolved.arch, resolved.small_stem)
+    buffer = io.BytesIO()
+    torch.save(exported, buffer)
+    storage.write_bytes_atomic(out, buffer.getvalue(), storage_cfg)
+    written = {"state_dict": out, "arch": resolved.arch, "small_stem": resolved.small_stem, "step": resolved.step,
+               "images_seen": resolved.images_seen, "bytes": buffer.tell()}
+    if torchscript:
+        size = image_size or resolved.global_crop_size() or 224
+        scripted = script_backbone(load_backbone(exported, resolved.arch, resolved.small_stem), size)
+        script_buffer = io.BytesIO()
+        torch.jit.save(scripted, script_buffer)
+        written["torchscript"] = torchscript_path(out)
+        storage.write_bytes_atomic(written["torchscript"], script_buffer.getvalue(), storage_cfg)
+    return written
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--checkpoint", required=True,
+                        help="checkpoint folder (uses latest.json), step folder, or backbone.pt; local or s3://")
+    parser.add_argument("--out", required=True, help="state_dict file to write (local or s3://), e.g. resnet50.pt")
+    parser.add_argument("--torchscript", action="store_true",
+                        help="also write <out stem>.torchscript.pt (feature extractor, verified on a dummy input)")
+    parser.add_argument("--image-size", type=int, default=0,
+                        help="dummy input size for the TorchScript check (default: the training crop size)")
+    parser.add_argument("--endpoint-url", default="", help="S3 endpoint (default: from the environment)")
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        written = export_backbone(args.checkpoint, args.out, torchscript=args.torchscript,
+                                  image_size=args.image_size, storage_cfg=StorageConfig(endpoint_url=args.endpoint_url))
+    except (FileNotFoundError, ValueError, RuntimeError) as error:
+        print(f"export: {error}", file=sys.stderr)
+        return 2
+    print(f"{written['arch']}{' (small stem)' if written['small_stem'] else ''} backbone of step {written['step']} "
+          f"-> {written['state_dict']} ({written['bytes'] / 1e6:.1f} MB)")
+    if "torchscript" in written:
+        print(f"TorchScript feature extractor -> {written['torchscript']}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m pipelines.export", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(parser)
+    return run(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

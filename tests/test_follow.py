@@ -1,0 +1,167 @@
+"""`stream-swav follow`: each new checkpoint evaluated exactly once, results as jsonl/csv/png/gauges."""
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from pipelines import follow
+from pipelines.evaluate import random_backbone
+from pipelines.fashion_mnist import array_samples, procedural_dataset
+from pipelines.follow import Follower, draw_plot, evaluate_checkpoints, read_results, write_plot
+from pipelines.make_shards import write_shards
+from stream_swav.config import StorageConfig, config_from_dict
+from stream_swav.runtime.checkpoint import save_checkpoint
+from stream_swav.runtime.metrics import EvalMetrics
+
+STORAGE = StorageConfig()
+
+
+@pytest.fixture(scope="module")
+def tiny_shards(tmp_path_factory) -> tuple[str, str]:
+    root = tmp_path_factory.mktemp("follow-shards")
+    specs = []
+    for name, n, seed in (("train", 40, 0), ("test", 20, 1)):
+        images, labels = procedural_dataset(n, seed=seed, size=12)
+        write_shards(array_samples(images, labels, size=12), root / name, 100, 1 << 30, STORAGE)
+        specs.append(str(root / name))
+    return specs[0], specs[1]
+
+
+def save_tiny_checkpoint(root: Path, step: int, seed: int, loss: float) -> None:
+    config = config_from_dict({"model": {"arch": "resnet18", "small_stem": True},
+                               "crops": {"global_size": 12, "local_size": 8}}).to_dict()
+    save_checkpoint(str(root), step, step * 100, {"config": config},
+                    random_backbone("resnet18", True, seed=seed).state_dict(),
+                    {"arch": "resnet18", "small_stem": True, "metrics": {"loss": loss, "lr": 0.1}}, STORAGE)
+
+
+def follow_once(checkpoints: Path, shards: tuple[str, str], out: Path, *extra: str) -> int:
+    return follow.main(["--checkpoints", str(checkpoints), "--train", shards[0], "--test", shards[1],
+                        "--out", str(out), "--once", "--device", "cpu", "--batch-size", "32", *extra])
+
+
+def test_once_evaluates_each_new_checkpoint_exactly_once(tiny_shards, tmp_path):
+    checkpoints, out = tmp_path / "checkpoints", tmp_path / "eval"
+    # Nothing saved yet: a quiet no-op.
+    assert follow_once(checkpoints, tiny_shards, out) == 0
+    assert read_results(out / "results.jsonl") == []
+
+    save_tiny_checkpoint(checkpoints, 10, seed=1, loss=7.5)
+    assert follow_once(checkpoints, tiny_shards, out, "--probe") == 0
+    first = read_results(out / "results.jsonl")
+    assert len(first) == 1
+    row = first[0]
+    assert row["step"] == 10 and row["images_seen"] == 1000 and row["loss"] == 7.5
+    assert 0.0 <= row["knn_top1"] <= 1.0 and 0.0 <= row["probe_top1"] <= 1.0
+    assert row["train_count"] == 40 and row["test_count"] == 20 and row["image_size"] == 12
+
+    # Same latest.json: no second evaluation, the file is untouched.
+    before = (out / "results.jsonl").read_bytes()
+    assert follow_once(checkpoints, tiny_shards, out) == 0
+    assert (out / "results.jsonl").read_bytes() == before
+
+    save_tiny_checkpoint(checkpoints, 20, seed=2, loss=6.25)
+    assert follow_once(checkpoints, tiny_shards, out) == 0
+    rows = read_results(out / "results.jsonl")
+    assert [r["step"] for r in rows] == [10, 20] and rows[0] == row
+    assert rows[1]["probe_top1"] is None and rows[1]["loss"] == 6.25
+
+    with open(out / "results.csv", newline="") as f:
+        table = list(csv.DictReader(f))
+    assert [r["step"] for r in table] == ["10", "20"]
+    assert table[0]["knn_top1"] == str(row["knn_top1"]) and table[1]["probe_top1"] == ""
+    assert table[1]["loss"] == "6.25" and tuple(table[0]) == follow.CSV_COLUMNS
+    with Image.open(out / "accuracy.png") as image:
+        assert image.format == "PNG" and image.size == (960, 580)
+
+
+def test_a_pruned_checkpoint_fails_the_poll_and_is_retried_later(tiny_shards, tmp_path, caplog):
+    checkpoints, out = tmp_path / "checkpoints", tmp_path / "eval"
+    save_tiny_checkpoint(checkpoints, 5, seed=1, loss=7.0)
+    backbone = checkpoints / "step-000000005" / "backbone.pt"
+    saved = backbone.read_bytes()
+    backbone.unlink()
+    assert follow_once(checkpoints, tiny_shards, out) == 1
+    assert "evaluation failed" in caplog.text
+    assert read_results(out / "results.jsonl") == []
+    backbone.write_bytes(saved)
+    assert follow_once(checkpoints, tiny_shards, out) == 0
+    assert [r["step"] for r in read_results(out / "results.jsonl")] == [5]
+
+
+def test_restart_reads_results_and_serves_the_last_value(tiny_shards, tmp_path):
+    checkpoints, out = tmp_path / "checkpoints", tmp_path / "eval"
+    save_tiny_checkpoint(checkpoints, 3, seed=1, loss=7.0)
+    metrics = EvalMetrics()
+    follower = Follower(str(checkpoints), *tiny_shards, out, metrics=metrics, device=torch.device("cpu"))
+    row = follower.poll()
+    assert row is not None and follower.poll() is None
+    value = metrics.registry.get_sample_value("stream_swav_eval_knn_top1_ratio")
+    assert value == pytest.approx(row["knn_top1"])
+    assert metrics.registry.get_sample_value("stream_swav_eval_checkpoint_step") == 3
+
+    # A crash mid-append leaves a partial line: it is ignored, the complete rows count.
+    with open(out / "results.jsonl", "a") as f:
+        f.write('{"step": 4, "knn_')
+    restarted_metrics = EvalMetrics()
+    restarted = Follower(str(checkpoints), *tiny_shards, out, metrics=restarted_metrics, device=torch.device("cpu"))
+    assert restarted.results.steps == {3} and restarted.poll() is None
+    assert restarted_metrics.registry.get_sample_value("stream_swav_eval_checkpoint_step") == 3
+
+
+def test_evaluate_checkpoints_covers_retained_steps_with_references(tiny_shards, tmp_path):
+    checkpoints, out = tmp_path / "checkpoints", tmp_path / "eval"
+    for step in (1, 2, 3):
+        save_tiny_checkpoint(checkpoints, step, seed=step, loss=8.0 - step)
+    # A step folder without meta.json is a save that died: not evaluated.
+    shutil.copytree(checkpoints / "step-000000003", checkpoints / "step-000000009")
+    (checkpoints / "step-000000009" / "meta.json").unlink()
+    rows = evaluate_checkpoints(checkpoints, *tiny_shards, out_dir=out, references=True,
+                                device=torch.device("cpu"))
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    # References are computed once and repeated on every row.
+    assert len({(r["random_knn_top1"], r["pixels_knn_top1"]) for r in rows}) == 1
+    assert (out / "accuracy.png").exists()
+    again = evaluate_checkpoints(checkpoints, *tiny_shards, out_dir=out, device=torch.device("cpu"))
+    assert again == rows
+
+
+def colour_pixels(image: Image.Image, colour: tuple[int, int, int]) -> int:
+    return int((np.asarray(image) == np.array(colour)).all(axis=2).sum())
+
+
+def test_plot_shows_each_series_and_the_legend(tmp_path):
+    rows = [{"step": s, "images_seen": s * 1000, "knn_top1": 0.3 + 0.05 * s, "probe_top1": 0.4 + 0.04 * s,
+             "loss": 8.0 - 0.5 * s, "random_knn_top1": 0.25, "pixels_knn_top1": 0.5} for s in range(1, 6)]
+    image = draw_plot(rows)
+    for colour in (follow.BLUE, follow.GREEN, follow.ORANGE, follow.GREY, follow.PURPLE):
+        assert colour_pixels(image, colour) > 50, colour
+    # Accuracy rises left to right: the blue series' right end sits higher (smaller y) than its left end.
+    blue = np.argwhere((np.asarray(image) == np.array(follow.BLUE)).all(axis=2))
+    inside = blue[(blue[:, 1] > 100) & (blue[:, 0] > 120)]
+    left, right = inside[inside[:, 1] < 300], inside[inside[:, 1] > 700]
+    assert right[:, 0].mean() < left[:, 0].mean()
+
+    only_knn = draw_plot([{"step": 1, "images_seen": 500, "knn_top1": 0.5}])
+    assert colour_pixels(only_knn, follow.BLUE) > 20 and colour_pixels(only_knn, follow.ORANGE) == 0
+    assert draw_plot([]).size == (960, 580)
+
+    results = tmp_path / "results.jsonl"
+    results.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    path = write_plot(results, tmp_path / "plot.png")
+    with Image.open(path) as saved:
+        assert saved.size == (960, 580)
+
+
+def test_nice_ticks_cover_the_range_with_round_steps():
+    assert follow.nice_ticks(0, 123_456) == [0, 25_000, 50_000, 75_000, 100_000, 125_000]
+    ticks = follow.nice_ticks(31.2, 86.7, 5)
+    assert ticks[0] <= 31.2 and ticks[-1] >= 86.7 and len(ticks) <= 7
+    assert follow.nice_ticks(85, 85, 5)[0] < 85 < follow.nice_ticks(85, 85, 5)[-1]

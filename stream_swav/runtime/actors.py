@@ -137,7 +137,7 @@ class LearnerActorImpl:
     def rank_state(self) -> dict[str, Any]:
         """What differs between ranks: queue and random streams."""
         state = self.learner.state_dict()
-        return {k: state[k] for k in ("queue", "rng") if k in state}
+        return {k: state[k] for k in ("queue", "cpu_rng", "augment_rng", "cuda_rng") if k in state}
 
     def save_checkpoint(self, directory: str, extra: dict[str, Any], other_ranks: list[Any],
                         info: dict[str, Any]) -> dict[str, Any]:

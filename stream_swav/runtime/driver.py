@@ -48,8 +48,11 @@ class DecodeSlot:
     handle: Any = None
     pid: int = 0
     shards: set[str] = field(default_factory=set)
+    # (meta ref, batch ref, `assigned` when the call was made), oldest first.
     pending: collections.deque = field(default_factory=collections.deque)
     exhausted: bool = False
+    # Shard tasks handed to this slot's actors so far.
+    assigned: int = 0
     restarts: int = 0
 
 
@@ -123,6 +126,7 @@ class Trainer:
         self.checkpoint_policy = ckpt.CheckpointPolicy(cfg.checkpoint.every_steps, cfg.checkpoint.every_seconds)
         self.last_relist = 0.0
         self.started = time.time()
+        self.metrics_port = 0
 
     # ------------------------------------------------------------------ set-up
     def start(self) -> None:
@@ -130,8 +134,8 @@ class Trainer:
         init_ray(cfg)
         n_actors, learner_gpus, learner_cpus = cluster_plan(cfg)
         if cfg.metrics.enabled:
-            port = self.metrics.start_server(cfg.metrics.host, cfg.metrics.port)
-            log.info("metrics at http://%s:%d/metrics", cfg.metrics.host, port)
+            self.metrics_port = self.metrics.start_server(cfg.metrics.host, cfg.metrics.port)
+            log.info("metrics at http://%s:%d/metrics", cfg.metrics.host, self.metrics_port)
         shards = self.source.list_shards()
         if not shards and not cfg.data.follow:
             raise ValueError(f"data.shards: no shards found for {cfg.data.shards!r}")
@@ -210,6 +214,7 @@ class Trainer:
                     break
                 slot.shards.add(task.shard_id)
                 slot.handle.assign.remote(task)
+                slot.assigned += 1
                 slot.exhausted = False
         # Backpressure: decoded batches waiting anywhere (in an actor's queue, in the object store, or ready
         # for a learner) are bounded, so a slow learner slows the readers and the object store never fills.
@@ -220,7 +225,8 @@ class Trainer:
             if slot.exhausted or outstanding >= capacity:
                 continue
             while len(slot.pending) < cfg.data.inflight_batches_per_actor and outstanding < capacity:
-                slot.pending.append(slot.handle.next_batch.remote(cfg.train.batch_size))
+                meta_ref, batch_ref = slot.handle.next_batch.remote(cfg.train.batch_size)
+                slot.pending.append((meta_ref, batch_ref, slot.assigned))
                 outstanding += 1
 
     def collect_batches(self, timeout: float) -> None:
@@ -231,16 +237,17 @@ class Trainer:
         done, _ = ray.wait(list(heads), num_returns=1, timeout=timeout)
         for ref in done:
             slot = heads[ref]
-            meta_ref, batch_ref = slot.pending.popleft()
+            meta_ref, batch_ref, assigned_at_call = slot.pending.popleft()
             try:
                 meta = ray.get(meta_ref)
             except (RayActorError, RayTaskError) as err:
                 self.restart(slot, err)
                 continue
             if meta is None:
-                slot.exhausted = True
-                # Calls queued behind an empty answer would also come back empty.
-                slot.pending.clear()
+                # An actor answers calls in order: an empty answer to a call made before a later
+                # assignment says nothing about that shard, and the calls made after it go on.
+                if assigned_at_call == slot.assigned:
+                    slot.exhausted = True
                 continue
             self.delivered.advance(meta.progress, meta.finished)
             slot.shards.difference_update(meta.finished)
@@ -490,6 +497,9 @@ class Progress:
 def train(cfg: Config) -> int:
     """`stream-swav train`: run until a budget, the end of a finite stream, or SIGTERM/SIGINT."""
     trainer = Trainer(cfg)
+    # ray.init installs its own SIGTERM handler (an immediate exit, no checkpoint): start Ray first
+    # so that ours replaces it.
+    init_ray(cfg)
     previous = {}
 
     def on_signal(signum: int, _frame: Any) -> None:

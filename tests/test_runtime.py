@@ -1,0 +1,277 @@
+"""The runtime end to end, in-process: real Ray (one local cluster for the module), real decode
+and learner actors, real tar shards on disk or on the moto S3 server, real checkpoints and metrics.
+
+Every test trains a tiny ResNet-18 on CPU for a few steps. Sample-level claims ("each sample of a
+pass trained exactly once") use RecordingTrainer, which tags every trained key with its pass.
+"""
+from __future__ import annotations
+
+import math
+import os
+import signal
+import urllib.request
+
+import badsamples
+import pytest
+import ray
+import torch
+from conftest import colour_samples, tar_bytes, use_fake_credentials
+from prometheus_client.parser import text_string_to_metric_families
+from runtime_helpers import (RecordingTrainer, close_trainer, object_url, pass_counts, sample_keys, tiny_config,
+                             write_shard)
+
+from stream_swav import storage
+from stream_swav.model import load_backbone
+from stream_swav.runtime import checkpoint as ckpt
+from stream_swav.runtime.metrics import TRAINER_METRIC_NAMES
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
+
+BAD_SAMPLE_REASONS = {"empty", "not-an-image", "truncated", "too-small"}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def local_ray(moto_endpoint: str):
+    """One local Ray for the module. Its workers inherit this environment, S3 settings included."""
+    env = pytest.MonkeyPatch()
+    use_fake_credentials(env, moto_endpoint)
+    # Four logical CPUs on any machine: two decode actors and a learner fit however small it is.
+    ray.init(num_cpus=4, include_dashboard=False, object_store_memory=256 * 1024 * 1024,
+             runtime_env={"env_vars": {"OMP_NUM_THREADS": "1"}}, log_to_driver=False)
+    yield
+    ray.shutdown()
+    env.undo()
+
+
+def shards_on_disk(folder, sizes: list[int]) -> tuple[str, set[str]]:
+    """Shards of flat-colour images under `folder`; returns the folder and every sample key."""
+    keys: set[str] = set()
+    for index, size in enumerate(sizes):
+        samples = colour_samples(size, prefix=f"s{index}", start=100 * index)
+        url = write_shard(object_url(str(folder), f"shard-{index}.tar"), tar_bytes(samples))
+        keys |= sample_keys(url, samples)
+    return str(folder), keys
+
+
+def bad_samples() -> list[tuple[str, dict[str, bytes]]]:
+    """Samples the decoders must skip, one per reason in BAD_SAMPLE_REASONS."""
+    chosen = {}
+    for name, ext, data, (verdict, reason) in badsamples.all_samples():
+        if verdict == "skip" and reason in BAD_SAMPLE_REASONS and reason not in chosen:
+            chosen[reason] = (f"bad-{name}-{ext}", {ext: data})
+    assert set(chosen) == BAD_SAMPLE_REASONS
+    return list(chosen.values())
+
+
+def scrape(port: int) -> dict[str, list]:
+    """Sample name -> [(labels, value)] from a live /metrics endpoint."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
+        text = response.read().decode()
+    samples: dict[str, list] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            samples.setdefault(sample.name, []).append((sample.labels, sample.value))
+    return samples
+
+
+def metric(samples: dict[str, list], name: str) -> float:
+    return sum(value for _, value in samples[name])
+
+
+def test_end_to_end_on_s3_with_metrics_and_checkpoints(s3_bucket):
+    good = colour_samples(24, prefix="a") + colour_samples(20, prefix="b", start=24)
+    shard_a = s3_bucket.url("shards/shard-a.tar")
+    shard_b = s3_bucket.url("shards/shard-b.tar")
+    write_shard(shard_a, tar_bytes(good[:24]), s3_bucket.storage)
+    write_shard(shard_b, tar_bytes(good[24:] + bad_samples()), s3_bucket.storage)
+    good_keys = sample_keys(shard_a, good[:24]) | sample_keys(shard_b, good[24:])
+    ckpt_dir = s3_bucket.url("checkpoints")
+    cfg = tiny_config({"data": {"shards": s3_bucket.url("shards/")}, "checkpoint": {"dir": ckpt_dir, "every_steps": 2},
+                       "train": {"image_budget": 80}})
+    scraped: dict[str, list] = {}
+    before_this_step: dict[str, int] = {}
+
+    def scrape_once_pass_zero_is_trained(trainer: RecordingTrainer) -> None:
+        # After pass 0 every bad sample has been met, and a checkpoint has been written.
+        if not scraped and trainer.submitted.pass_index >= 1 and trainer.last_checkpoint_step > 0:
+            scraped.update(scrape(trainer.metrics_port))
+            # The hook runs before the step is counted in the metrics.
+            before_this_step.update(steps=trainer.step - 1,
+                                    images=sum(1 for s in trainer.trained if s.step < trainer.step))
+
+    trainer = RecordingTrainer(cfg, after_step=scrape_once_pass_zero_is_trained)
+    try:
+        assert trainer.run() == 0
+    finally:
+        close_trainer(trainer)
+
+    assert trainer.stop_reason == "budget reached"
+    assert trainer.images_seen == len(trainer.trained) >= 80
+    assert pass_counts(trainer.trained, 0) == {key: 1 for key in good_keys}
+
+    assert scraped, "the run never finished pass 0 with a checkpoint behind it"
+    missing = [name for name in TRAINER_METRIC_NAMES if name not in scraped]
+    assert not missing, f"families missing from /metrics: {missing}"
+    assert metric(scraped, "stream_swav_images_trained_total") == before_this_step["images"] > 0
+    assert metric(scraped, "stream_swav_steps_total") == before_this_step["steps"] > 0
+    assert metric(scraped, "stream_swav_images_seen") == before_this_step["images"]
+    assert math.isfinite(metric(scraped, "stream_swav_loss"))
+    assert metric(scraped, "stream_swav_bytes_read_total") > 0
+    assert metric(scraped, "stream_swav_shards_completed_total") >= 2
+    assert metric(scraped, "stream_swav_last_checkpoint_step") >= 2
+    assert metric(scraped, "stream_swav_checkpoint_age_seconds") >= 0
+    errors = {labels["reason"]: value for labels, value in scraped["stream_swav_decode_errors_total"]}
+    assert BAD_SAMPLE_REASONS <= set(errors) and all(errors[r] >= 1 for r in BAD_SAMPLE_REASONS)
+    assert trainer.decode_errors >= len(BAD_SAMPLE_REASONS)
+
+    latest = ckpt.read_latest(ckpt_dir, s3_bucket.storage)
+    assert latest["step"] == trainer.step and latest["images_seen"] == trainer.images_seen
+    assert latest["final"] is True and latest["state_url"].startswith("s3://")
+    state = ckpt.load_checkpoint(ckpt_dir, s3_bucket.storage)
+    assert state["step"] == trainer.step and state["stream_cursor"]["current_pass"] >= 1
+    # Saved about every 2 steps; the newest 3 are kept (no milestones below 2 * 10 steps).
+    steps = ckpt.list_step_dirs(ckpt_dir, s3_bucket.storage)
+    assert len(steps) == 3 and max(steps) == trainer.step
+    assert all(storage.exists(ckpt.join_url(url, ckpt.META), s3_bucket.storage) for url in steps.values())
+    backbone = load_backbone(ckpt.load_backbone_state(ckpt_dir, s3_bucket.storage), "resnet18", small_stem=True)
+    backbone.eval()
+    with torch.no_grad():
+        features = backbone(torch.rand(2, 3, 16, 16))
+    assert features.shape == (2, 512) and torch.isfinite(features).all()
+
+
+def test_killed_decode_actor_loses_and_repeats_nothing(tmp_path):
+    shards, keys = shards_on_disk(tmp_path, [24, 24, 24, 24])
+    # Little read-ahead (at most 6 batches ahead of training), so pass 0 is still being read when
+    # the first step ends.
+    cfg = tiny_config({"data": {"shards": shards, "decode_actors": 2, "inflight_batches_per_actor": 1},
+                       "checkpoint": {"dir": str(tmp_path / "ckpt"), "every_steps": 0},
+                       "train": {"image_budget": 3 * len(keys)}})
+    killed: dict[str, int] = {}
+
+    def kill_mid_shard_then_stop_after_pass_zero(trainer: RecordingTrainer) -> None:
+        # Kill an actor part-way through a shard of pass 0: its successor must pick that shard
+        # up right after the last sample delivered, neither before nor after it.
+        for slot in trainer.slots:
+            started = [shard for shard in slot.shards
+                       if shard.startswith("0:") and trainer.delivered.position(shard) > 0]
+            if not killed and started:
+                killed.update(slot=slot.index, pid=slot.pid, step=trainer.step)
+                os.kill(slot.pid, signal.SIGKILL)
+        if trainer.submitted.pass_index >= 1:
+            trainer.request_stop("pass 0 trained")
+
+    trainer = RecordingTrainer(cfg, after_step=kill_mid_shard_then_stop_after_pass_zero)
+    try:
+        assert trainer.run() == 0
+    finally:
+        close_trainer(trainer)
+
+    assert killed, "no decode actor held a part-read shard of pass 0 at the end of a step"
+    slot = trainer.slots[killed["slot"]]
+    assert slot.restarts == 1 and slot.pid != killed["pid"]
+    assert trainer.metrics.registry.get_sample_value("stream_swav_decode_actor_restarts_total") >= 1
+    assert trainer.stop_reason == "pass 0 trained"
+    # Pass 0 exactly once; what of pass 1 got in before the stop, at most once.
+    assert pass_counts(trainer.trained, 0) == {key: 1 for key in keys}
+    later = [(s.pass_index, s.key) for s in trainer.trained if s.pass_index > 0]
+    assert len(later) == len(set(later)) and {key for _, key in later} <= keys
+
+
+def test_two_cpu_learners_stay_identical(tmp_path):
+    shards, keys = shards_on_disk(tmp_path, [24, 24])
+    # One reader, one shard at a time: the first 48 samples are exactly pass 0.
+    cfg = tiny_config({"data": {"shards": shards, "open_shards_per_actor": 1},
+                       "checkpoint": {"dir": str(tmp_path / "ckpt"), "every_steps": 2},
+                       "train": {"learners": 2, "image_budget": 48}})
+    trainer = RecordingTrainer(cfg)
+    try:
+        assert trainer.run() == 0
+
+        def parameters_digest(model_state: dict, names: list[str]) -> str:
+            import hashlib
+
+            digest = hashlib.sha256()
+            for name in names:
+                digest.update(model_state[name].detach().cpu().contiguous().numpy().tobytes())
+            return digest.hexdigest()
+
+        def replica(actor) -> tuple[int, int, str, list[str], list]:
+            # Runs inside each learner actor.
+            import torch.distributed as dist
+
+            names = [name for name, _ in actor.learner.model.named_parameters()]
+            return (dist.get_world_size(), dist.get_rank(), parameters_digest(actor.learner.model.state_dict(), names),
+                    names, actor.learner.generator.get_state())
+
+        replicas = ray.get([learner.__ray_call__.remote(replica) for learner in trainer.learners])
+        state = ckpt.load_checkpoint(cfg.checkpoint.dir, cfg.storage)
+    finally:
+        close_trainer(trainer)
+
+    assert [(world, rank) for world, rank, *_ in replicas] == [(2, 0), (2, 1)]
+    (_, _, digest_0, names, augment_rng_0), (_, _, digest_1, _, augment_rng_1) = replicas
+    assert digest_0 == digest_1, "data-parallel replicas diverged"
+    # Each step takes one batch per learner: 16 images, counted once per step on every rank.
+    assert trainer.step == 3 and trainer.images_seen == 48
+    assert sorted(s.key for s in trainer.trained) == sorted(keys)
+    # The final checkpoint holds those weights, and each rank's own augmentation stream.
+    assert parameters_digest(state["model"], names) == digest_0
+    assert torch.equal(state["augment_rng"], augment_rng_0)
+    assert len(state["other_ranks"]) == 1 and torch.equal(state["other_ranks"][0]["augment_rng"], augment_rng_1)
+    assert not torch.equal(augment_rng_0, augment_rng_1)
+
+
+def test_backpressure_bounds_batches_waiting(tmp_path):
+    shards, _ = shards_on_disk(tmp_path, [16, 16, 16])
+    cfg = tiny_config({"data": {"shards": shards, "decode_actors": 2, "inflight_batches_per_actor": 2},
+                       "checkpoint": {"dir": str(tmp_path / "ckpt"), "every_steps": 0},
+                       "train": {"image_budget": 64}})
+    capacity = 2 * 2 + 2 * 1
+    waiting: list[int] = []
+    gauge: list[float] = []
+
+    def sample_state(trainer: RecordingTrainer) -> None:
+        waiting.append(sum(len(s.pending) for s in trainer.slots) + sum(1 for meta, _ in trainer.ready if meta.size))
+        gauge.append(trainer.metrics.registry.get_sample_value("stream_swav_object_store_batches_in_flight"))
+
+    trainer = RecordingTrainer(cfg, after_step=sample_state)
+    try:
+        assert trainer.run() == 0
+    finally:
+        close_trainer(trainer)
+
+    assert len(waiting) >= 5
+    assert max(waiting) <= capacity
+    # The decoders outran the learner, so the bound is what held them back.
+    assert max(waiting) == capacity
+    # The gauge also counts the batches of the (at most two) steps the learner is working on.
+    assert max(gauge[1:]) <= capacity + 2
+
+
+def test_follow_mode_trains_a_shard_that_appears_during_the_run(tmp_path):
+    folder = tmp_path / "shards"
+    shards, first_keys = shards_on_disk(folder, [16])
+    new_samples = colour_samples(16, prefix="late", start=50)
+    new_url = object_url(str(folder), "shard-late.tar")
+    new_keys = sample_keys(new_url, new_samples)
+    cfg = tiny_config({"data": {"shards": shards, "follow": True, "relist_interval_s": 1.0},
+                       "checkpoint": {"dir": str(tmp_path / "ckpt"), "every_steps": 0},
+                       "train": {"image_budget": 400}})
+
+    def add_shard_then_stop_once_trained(trainer: RecordingTrainer) -> None:
+        if trainer.step == 1:
+            write_shard(new_url, tar_bytes(new_samples))
+        if any(s.key in new_keys for s in trainer.trained):
+            trainer.request_stop("new shard trained")
+
+    trainer = RecordingTrainer(cfg, after_step=add_shard_then_stop_once_trained)
+    try:
+        assert trainer.run() == 0
+    finally:
+        close_trainer(trainer)
+
+    assert trainer.stop_reason == "new shard trained"
+    assert new_url in trainer.submitted.shards
+    trained = {s.key for s in trainer.trained}
+    assert first_keys <= trained and trained & new_keys

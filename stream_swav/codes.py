@@ -35,36 +35,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from stream_swav.config import CODES, SwAVConfig
-from stream_swav.swav import assignment_codes
-
-
-def _distributed() -> bool:
-    return dist.is_available() and dist.is_initialized()
-
-
-def _exact_dtype(tensor: Tensor) -> torch.dtype:
-    """float64 stays float64; bf16, fp16 and fp32 are computed in float32."""
-    return torch.float64 if tensor.dtype == torch.float64 else torch.float32
-
-
-def _global_rows(rows: int, like: Tensor) -> Tensor:
-    """Number of rows in the global batch, as a scalar tensor of like's dtype and device."""
-    count = torch.full((), float(rows), dtype=like.dtype, device=like.device)
-    if _distributed():
-        dist.all_reduce(count)
-    return count
-
-
-def _global_logsumexp(log_x: Tensor, dim: int) -> Tensor:
-    """logsumexp over the batch dimension `dim` of every process's rows, keepdim."""
-    if not _distributed():
-        return torch.logsumexp(log_x, dim=dim, keepdim=True)
-    # Shift by the max over all processes so no exp overflows on any of them.
-    shift = log_x.amax(dim=dim, keepdim=True)
-    dist.all_reduce(shift, op=dist.ReduceOp.MAX)
-    total = (log_x - shift).exp().sum(dim=dim, keepdim=True)
-    dist.all_reduce(total)
-    return total.log() + shift
+from stream_swav.swav import assignment_codes, exact_dtype, global_logsumexp, global_rows, is_distributed
 
 
 @torch.no_grad()
@@ -73,11 +44,11 @@ def global_prototype_mass(codes: Tensor) -> Tensor:
     if codes.dim() != 2 or codes.shape[0] < 1:
         raise ValueError(f"global_prototype_mass: codes must be (B, K) with B >= 1, got {tuple(codes.shape)}")
     with torch.autocast(device_type=codes.device.type, enabled=False):
-        dtype = _exact_dtype(codes)
+        dtype = exact_dtype(codes)
         total = codes.to(dtype).sum(dim=0)
-        if _distributed():
+        if is_distributed():
             dist.all_reduce(total)
-        return total / _global_rows(codes.shape[0], total)
+        return total / global_rows(codes.shape[0], total)
 
 
 def floor_mixture(mass: Tensor, floor: float) -> tuple[Tensor, Tensor]:
@@ -181,14 +152,14 @@ def relaxed_sinkhorn(scores: Tensor, target_mass: Tensor, lam: float, epsilon: f
         raise ValueError(f"relaxed_sinkhorn: lam must be > 0, got {lam}")
     exponent = 1.0 if math.isinf(lam) else lam / (lam + epsilon)
     with torch.autocast(device_type=scores.device.type, enabled=False):
-        dtype = _exact_dtype(scores)
+        dtype = exact_dtype(scores)
         log_kernel = scores.to(dtype).t() / epsilon  # (K, B)
         log_target = target_mass.to(device=scores.device, dtype=dtype).clamp_min(torch.finfo(dtype).tiny)
         log_target = log_target.log().unsqueeze(1)  # (K, 1)
-        log_sample_mass = -_global_rows(scores.shape[0], log_kernel).log()
+        log_sample_mass = -global_rows(scores.shape[0], log_kernel).log()
         log_v = log_sample_mass.expand(1, scores.shape[0])
         for step in range(iterations):
-            log_u = exponent * (log_target - _global_logsumexp(log_kernel + log_v, dim=1))
+            log_u = exponent * (log_target - global_logsumexp(log_kernel + log_v, dim=1))
             if step + 1 < iterations:
                 # Columns live entirely on this process: no communication.
                 log_v = log_sample_mass - torch.logsumexp(log_kernel + log_u, dim=0, keepdim=True)
@@ -242,15 +213,15 @@ def lower_bound_codes(scores: Tensor, dual: Tensor, epsilon: float, floor: float
     if not 0.0 <= floor <= (1.0 + 1e-9) / n_prototypes:
         raise ValueError(f"lower_bound_codes: floor must be in [0, 1/K = {1.0 / n_prototypes:.3g}], got {floor}")
     with torch.autocast(device_type=scores.device.type, enabled=False):
-        dtype = _exact_dtype(scores)
+        dtype = exact_dtype(scores)
         logits = scores.to(dtype) / epsilon
         mu = dual.to(device=scores.device, dtype=dtype)
-        log_rows = _global_rows(scores.shape[0], logits).log()
+        log_rows = global_rows(scores.shape[0], logits).log()
         # log 0 = -inf drives every mu to its lower bound 0: gamma = 0 is plain softmax.
         log_floor = math.log(floor) if floor > 0 else -math.inf
         for _ in range(iterations):
             log_codes = torch.log_softmax(logits + mu / epsilon, dim=1)
-            log_mass = _global_logsumexp(log_codes, dim=0).squeeze(0) - log_rows
+            log_mass = global_logsumexp(log_codes, dim=0).squeeze(0) - log_rows
             mu = (mu + dual_step * epsilon * (log_floor - log_mass)).clamp_min(0.0)
         codes = project_to_floor(torch.softmax(logits + mu / epsilon, dim=1), floor)
         return codes, mu.to(dual.dtype)
@@ -346,7 +317,7 @@ def compute_codes(scores: Mapping[int, Tensor], state: CodesState, *, images_see
             if queued.dim() != 2 or queued.shape[1] != n_prototypes:
                 raise ValueError(f"compute_codes: queue scores for crop {crop} must be (N, {n_prototypes}), "
                                  f"got {tuple(queued.shape)}")
-            dtype = _exact_dtype(crop_scores)
+            dtype = exact_dtype(crop_scores)
             joint = torch.cat([crop_scores.to(dtype), queued.to(dtype)])
         if cfg.codes == "relaxed":
             joint_codes = relaxed_sinkhorn(joint, target, lam, cfg.epsilon, cfg.sinkhorn_iterations, floor)

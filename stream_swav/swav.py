@@ -17,25 +17,33 @@ import torch.nn.functional as F
 from torch import Tensor
 
 
-def _distributed() -> bool:
+def is_distributed() -> bool:
     return dist.is_available() and dist.is_initialized()
 
 
-def _exact_dtype(tensor: Tensor) -> torch.dtype:
+def exact_dtype(tensor: Tensor) -> torch.dtype:
     """float64 stays float64; everything else (bf16, fp16, fp32) is computed in float32."""
     return torch.float64 if tensor.dtype == torch.float64 else torch.float32
 
 
-def _prototype_logsumexp(log_q: Tensor, distributed: bool) -> Tensor:
-    """log of each prototype's total mass over the global batch; log_q is (K, B_local)."""
-    if not distributed:
-        return torch.logsumexp(log_q, dim=1, keepdim=True)
-    # Shift by the row max over all processes so no exp overflows on any of them.
-    row_max = log_q.amax(dim=1, keepdim=True)
-    dist.all_reduce(row_max, op=dist.ReduceOp.MAX)
-    row_sum = (log_q - row_max).exp().sum(dim=1, keepdim=True)
-    dist.all_reduce(row_sum)
-    return row_sum.log() + row_max
+def global_logsumexp(log_x: Tensor, dim: int) -> Tensor:
+    """logsumexp along `dim` over every process's entries (keepdim); `dim` is the batch dimension."""
+    if not is_distributed():
+        return torch.logsumexp(log_x, dim=dim, keepdim=True)
+    # Shift by the max over all processes so no exp overflows on any of them.
+    shift = log_x.amax(dim=dim, keepdim=True)
+    dist.all_reduce(shift, op=dist.ReduceOp.MAX)
+    total = (log_x - shift).exp().sum(dim=dim, keepdim=True)
+    dist.all_reduce(total)
+    return total.log() + shift
+
+
+def global_rows(rows: int, like: Tensor) -> Tensor:
+    """Number of rows in the global batch, as a scalar tensor of like's dtype and device."""
+    count = torch.full((), float(rows), dtype=like.dtype, device=like.device)
+    if is_distributed():
+        dist.all_reduce(count)
+    return count
 
 
 @torch.no_grad()
@@ -59,19 +67,16 @@ def sinkhorn(scores: Tensor, epsilon: float = 0.05, iterations: int = 3) -> Tens
         raise ValueError(f"sinkhorn: epsilon must be > 0, got {epsilon}")
     if iterations < 1:
         raise ValueError(f"sinkhorn: iterations must be >= 1, got {iterations}")
-    distributed = _distributed()
     with torch.autocast(device_type=scores.device.type, enabled=False):
-        dtype = _exact_dtype(scores)
+        dtype = exact_dtype(scores)
         log_q = scores.to(dtype).t() / epsilon  # (K, B)
         n_prototypes, batch = log_q.shape
         # Made on the device (no host-to-device copy, which would wait for the GPU).
-        global_batch = torch.full((), float(batch), dtype=dtype, device=log_q.device)
-        if distributed:
-            dist.all_reduce(global_batch)
+        global_batch = global_rows(batch, log_q)
         log_k = math.log(n_prototypes)
         log_b = global_batch.log()
         for _ in range(iterations):
-            log_q = log_q - (_prototype_logsumexp(log_q, distributed) + log_k)
+            log_q = log_q - (global_logsumexp(log_q, dim=1) + log_k)
             # Columns live entirely on this process: no communication needed.
             log_q = log_q - (torch.logsumexp(log_q, dim=0, keepdim=True) + log_b)
         # The last step left every column with mass 1/B; scaling by B makes each code a distribution.
@@ -90,7 +95,7 @@ def assignment_codes(scores: Tensor, queue_scores: Tensor | None, epsilon: float
     if queue_scores.dim() != 2 or queue_scores.shape[1] != scores.shape[1]:
         raise ValueError(f"assignment_codes: queue scores {tuple(queue_scores.shape)} do not match batch scores "
                          f"{tuple(scores.shape)}")
-    dtype = _exact_dtype(scores)
+    dtype = exact_dtype(scores)
     joint = torch.cat([scores.to(dtype), queue_scores.to(dtype)])
     return sinkhorn(joint, epsilon, iterations)[: scores.shape[0]]
 
@@ -115,7 +120,7 @@ def swav_loss(scores: Tensor, codes: Mapping[int, Tensor], batch_size: int, temp
         raise ValueError(f"swav_loss: temperature must be > 0, got {temperature}")
     n_prototypes = scores.shape[1]
     with torch.autocast(device_type=scores.device.type, enabled=False):
-        dtype = _exact_dtype(scores)
+        dtype = exact_dtype(scores)
         log_p = F.log_softmax(scores.to(dtype) / temperature, dim=1).view(n_crops, batch_size, n_prototypes)
         per_crop_losses = []
         for crop, q in codes.items():
@@ -196,7 +201,7 @@ def _mass(codes_or_counts: Tensor) -> Tensor:
     """Share of the total mass per prototype, from (B, K) codes or (K,) counts."""
     if codes_or_counts.dim() not in (1, 2):
         raise ValueError(f"expected (B, K) codes or (K,) counts, got shape {tuple(codes_or_counts.shape)}")
-    dtype = _exact_dtype(codes_or_counts)
+    dtype = exact_dtype(codes_or_counts)
     total = codes_or_counts.to(dtype)
     if total.dim() == 2:
         total = total.sum(dim=0)

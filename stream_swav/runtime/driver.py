@@ -63,9 +63,12 @@ class PendingStep:
     keys: list[str]
 
 
-FORWARDED_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_DEFAULT_REGION",
-                 "AWS_REGION", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "FSSPEC_S3_ENDPOINT_URL",
-                 "AWS_CONFIG_FILE", "AWS_SHARED_CREDENTIALS_FILE", "AWS_EC2_METADATA_DISABLED")
+# Where storage is, not who may read it: credentials stay in each node's environment (a local
+# cluster inherits the driver's; KubeRay pods get them from a Secret), since Ray shows a job's
+# runtime environment on its dashboard.
+FORWARDED_ENV = ("AWS_DEFAULT_REGION", "AWS_REGION", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3",
+                 "FSSPEC_S3_ENDPOINT_URL", "AWS_CONFIG_FILE", "AWS_SHARED_CREDENTIALS_FILE",
+                 "AWS_EC2_METADATA_DISABLED")
 
 
 def init_ray(cfg: Config) -> None:
@@ -152,6 +155,7 @@ class Trainer:
         master_addr, master_port = ray.get(self.learners[0].address.remote()) if world > 1 else (None, None)
         devices = ray.get([lrn.setup.remote(master_addr, master_port) for lrn in self.learners])
         log.info("%d learner(s) on %s; %d decode actor(s)", world, ", ".join(devices), n_actors)
+        self.metrics.set_actors_up(learners=world, decode_actors=n_actors)
 
         self.resume()
         self.slots = [DecodeSlot(index=i) for i in range(n_actors)]
@@ -173,7 +177,12 @@ class Trainer:
         for rank, learner in enumerate(self.learners):
             rank_state = dict(state)
             if rank > 0:
-                rank_state.update(other_ranks[rank - 1] if rank - 1 < len(other_ranks) else {})
+                if rank - 1 < len(other_ranks):
+                    rank_state.update(other_ranks[rank - 1])
+                else:
+                    # A rank new to this checkpoint keeps its own fresh queue and random streams.
+                    for key in ("queue", "cpu_rng", "augment_rng", "cuda_rng"):
+                        rank_state.pop(key, None)
             refs.append(learner.load_state.remote(rank_state))
         steps = ray.get(refs)
         self.step = int(steps[0])
@@ -366,7 +375,9 @@ class Trainer:
         start = time.time()
         others = [lrn.rank_state.remote() for lrn in self.learners[1:]]
         info = {"metrics": {k: v for k, v in self.last_stats.items() if isinstance(v, (int, float))},
-                "arch": self.cfg.model.arch, "small_stem": self.cfg.model.small_stem, "final": final}
+                "arch": self.cfg.model.arch, "small_stem": self.cfg.model.small_stem, "final": final,
+                # Consumers need crop size and normalisation without loading state.pt.
+                "config": self.cfg.to_dict()}
         extra = {"stream_cursor": self.submitted.state_dict(), "config": self.cfg.to_dict()}
         try:
             saved = ray.get(self.learners[0].save_checkpoint.remote(self.cfg.checkpoint.dir, extra, others, info))
@@ -448,7 +459,8 @@ class Throughput:
     def add(self, images: int, now: float | None = None) -> None:
         now = time.monotonic() if now is None else now
         self.events.append((now, images))
-        while self.events and now - self.events[0][0] > self.window_s:
+        # Keep two events at least, so slow steps (longer than the window) still give a rate.
+        while len(self.events) > 2 and now - self.events[0][0] > self.window_s:
             self.events.popleft()
 
     def rate(self) -> float:

@@ -143,6 +143,11 @@ class TrainConfig:
     # auto: bf16 autocast on CUDA, float32 on CPU.
     precision: str = "auto"
     channels_last: bool = True
+    # torch.compile the network and the photometric augmentation. Meant for CUDA learners: the
+    # first steps take minutes to compile, and every new batch size compiles again.
+    compile: bool = False
+    # torch.compile mode; reduce-overhead and max-autotune also replay the network as CUDA graphs.
+    compile_mode: str = "default"
     image_budget: int = 0
     time_budget_s: float = 0.0
     max_nonfinite_in_row: int = 20
@@ -203,6 +208,7 @@ SCHEDULES = ("warmup-constant", "warmup-cosine")
 OPTIMIZERS = ("lars", "sgd")
 DEVICES = ("auto", "cpu", "cuda")
 PRECISIONS = ("auto", "fp32", "bf16")
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
 def _to_plain(value: Any) -> Any:
@@ -428,6 +434,7 @@ def _validate(cfg: Config) -> None:
     positive("train.learners", t.learners)
     choice("train.device", t.device, DEVICES)
     choice("train.precision", t.precision, PRECISIONS)
+    choice("train.compile_mode", t.compile_mode, COMPILE_MODES)
     positive("train.image_budget", t.image_budget, allow_zero=True)
     positive("train.time_budget_s", t.time_budget_s, allow_zero=True)
     positive("train.max_nonfinite_in_row", t.max_nonfinite_in_row)
@@ -455,4 +462,4 @@ def scaled_learning_rate(cfg: Config, lr: float) -> float:
 
 __all__ = ["Config", "ConfigError", "load_config", "config_from_dict", "parse_overrides", "scaled_learning_rate",
            "StorageConfig", "DataConfig", "CropsConfig", "AugmentConfig", "ModelConfig", "SwAVConfig",
-           "OptimConfig", "TrainConfig", "CheckpointConfig", "MetricsConfig", "ARCHS", "CODES"]
+           "OptimConfig", "TrainConfig", "CheckpointConfig", "MetricsConfig", "ARCHS", "CODES", "COMPILE_MODES"]

@@ -4,6 +4,8 @@ A `Learner` owns the network, optimiser, feature queue and random state of
 one training process. The runtime's actor feeds it `CropBatch`es and saves its
 `state_dict()`; with several learners a `torch.distributed` process group must
 be initialised first, and every learner must call `train_step` in lockstep.
+The crops of a batch may be numpy arrays (as they come out of Ray's object
+store) or uint8 torch tensors, on the host or already on the learner's device.
 """
 from __future__ import annotations
 
@@ -18,7 +20,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
-from stream_swav.augment import photometric_augment
+from stream_swav.augment import apply_params, sample_params
 from stream_swav.codes import CodesState, compute_codes
 from stream_swav.config import Config
 from stream_swav.data.batch import CropBatch
@@ -67,10 +69,20 @@ def _distributed() -> bool:
     return dist.is_available() and dist.is_initialized()
 
 
-def _crop_tensor(stack: np.ndarray, device: torch.device) -> Tensor:
-    """(n, B, H, W, 3) uint8 -> (n * B, 3, H, W) on `device`, channels_last strided (no pixel shuffle)."""
+# Without CUDA graphs: the augmentation's output is a fresh input of the network each step.
+_AUGMENT_COMPILE_MODE = {"default": "default", "reduce-overhead": "default",
+                         "max-autotune": "max-autotune-no-cudagraphs",
+                         "max-autotune-no-cudagraphs": "max-autotune-no-cudagraphs"}
+_CUDAGRAPH_MODES = ("reduce-overhead", "max-autotune")
+
+
+def _crop_tensor(stack: np.ndarray | Tensor, device: torch.device) -> Tensor:
+    """(n, B, H, W, 3) uint8 array or tensor -> (n * B, 3, H, W) on `device`, channels_last strided
+    (no pixel shuffle). A tensor already on `device` is used as it is."""
     n, b, h, w, c = stack.shape
-    if stack.flags.writeable:
+    if isinstance(stack, Tensor):
+        pixels = stack
+    elif stack.flags.writeable:
         pixels = torch.from_numpy(stack)
     else:
         # Arrays mapped from Ray's object store are read-only; torch warns on wrapping
@@ -80,11 +92,22 @@ def _crop_tensor(stack: np.ndarray, device: torch.device) -> Tensor:
             pixels = torch.from_numpy(stack)
         if device.type == "cpu":
             pixels = pixels.clone()
-    if device.type == "cuda":
+    if device.type == "cuda" and pixels.device.type == "cpu" and not pixels.is_pinned():
         # From pageable memory the copy would first wait for the GPU to go idle.
         pixels = pixels.pin_memory()
     pixels = pixels.to(device, non_blocking=True)
     return pixels.reshape(n * b, h, w, c).permute(0, 3, 1, 2)
+
+
+def _is_crop_stack(stack: Any) -> bool:
+    """Whether `stack` is uint8 (n, B, H, W, 3), as a numpy array or a torch tensor."""
+    if isinstance(stack, np.ndarray):
+        uint8 = stack.dtype == np.uint8
+    elif isinstance(stack, Tensor):
+        uint8 = stack.dtype == torch.uint8
+    else:
+        return False
+    return uint8 and stack.ndim == 5 and stack.shape[4] == 3
 
 
 def _cpu_copy(value: Any) -> Any:
@@ -106,13 +129,14 @@ def _check_batch(batch: CropBatch, cfg: Config) -> int:
     batch_size = None
     for name, count, size in expected:
         stack = getattr(batch, name)
-        if not isinstance(stack, np.ndarray) or stack.dtype != np.uint8 or stack.ndim != 5 or stack.shape[4] != 3:
-            shape = getattr(stack, "shape", None)
+        if not _is_crop_stack(stack):
+            shape = tuple(getattr(stack, "shape", ()))
             dtype = getattr(stack, "dtype", type(stack).__name__)
-            raise ValueError(f"CropBatch.{name}: expected uint8 array (n, B, H, W, 3), got {dtype} {shape}")
+            raise ValueError(f"CropBatch.{name}: expected a uint8 array or tensor (n, B, H, W, 3), "
+                             f"got {dtype} {shape}")
         if stack.shape[0] != count:
             raise ValueError(f"CropBatch.{name}: expected {count} crops per image, got {stack.shape[0]}")
-        if count and stack.shape[2:4] != (size, size):
+        if count and tuple(stack.shape[2:4]) != (size, size):
             raise ValueError(f"CropBatch.{name}: expected {size}x{size} crops, got {stack.shape[2]}x{stack.shape[3]}")
         if count:
             if batch_size is not None and stack.shape[1] != batch_size:
@@ -156,6 +180,20 @@ class Learner:
             device_ids = [self.device] if self.device.type == "cuda" else None
             self.network = DistributedDataParallel(model, device_ids=device_ids)
 
+        self._apply_params = apply_params
+        self._cudagraphs = False
+        if cfg.train.compile:
+            mode = cfg.train.compile_mode
+            # Shapes are fixed per run; dynamic=False keeps the two crop sizes from turning
+            # into one slower shape-generic graph after the first recompilation.
+            self.network = torch.compile(self.network, mode=mode, dynamic=False)
+            # sample_params stays eager: dynamo cannot trace torch.rand with an explicit generator.
+            self._apply_params = torch.compile(apply_params, mode=_AUGMENT_COMPILE_MODE[mode], dynamic=False)
+            self._cudagraphs = self.device.type == "cuda" and mode in _CUDAGRAPH_MODES
+        if self.device.type == "cuda":
+            # Crop shapes never change during a run, so cuDNN's algorithm search pays once.
+            torch.backends.cudnn.benchmark = True
+
         self.optimizer = build_optimizer(model, cfg)
         swav = cfg.swav
         self.queue = None
@@ -184,14 +222,24 @@ class Learner:
             return contextlib.nullcontext()
         return torch.autocast(device_type=self.device.type, dtype=self.autocast_dtype)
 
+    def augment(self, batch: CropBatch) -> list[Tensor]:
+        """The batch's crops as the network sees them: one normalised float32 (n * B, 3, H, W) tensor
+        per resolution, global first, augmented on this learner's device with draws from its
+        augmentation generator, exactly as `train_step` does (so calling this advances that generator)."""
+        _check_batch(batch, self.cfg)
+        return self._augment(batch)
+
     def _augment(self, batch: CropBatch) -> list[Tensor]:
         augment = self.cfg.augment
+        memory_format = torch.channels_last if self.cfg.train.channels_last else torch.contiguous_format
         crops = []
         for stack, blur_prob in ((batch.global_crops, augment.blur_prob_global),
                                  (batch.local_crops, augment.blur_prob_local)):
             if stack.shape[0]:
-                crops.append(photometric_augment(_crop_tensor(stack, self.device), augment, blur_prob,
-                                                 generator=self.generator))
+                # A uint8 copy here is cheap, and the augmentation keeps whichever layout it is given.
+                images = _crop_tensor(stack, self.device).contiguous(memory_format=memory_format)
+                params = sample_params(images.shape[0], augment, blur_prob, self.generator, images.device)
+                crops.append(self._apply_params(images, params, augment, blur_prob))
         return crops
 
     @torch.no_grad()
@@ -237,10 +285,18 @@ class Learner:
         torch._foreach_copy_(self._buffer_snapshot, self._buffers)
         crops = self._augment(batch)
         self.network.train()
+        if self._cudagraphs:
+            torch.compiler.cudagraph_mark_step_begin()
         with self._autocast():
             z, scores = self.network(crops)
         codes, codes_state = self.codes(scores.detach(), batch_size, images_before)
         loss = swav_loss(scores, codes, batch_size, swav.temperature)
+        # Everything read from the network's outputs is taken before backward, so nothing
+        # depends on how long a compiled graph keeps its output buffers.
+        by_crop = z.detach().view(-1, batch_size, z.shape[1])
+        assign_features = torch.stack([by_crop[c] for c in swav.crops_for_assign])
+        assign_scores = torch.cat([scores.detach()[c * batch_size:(c + 1) * batch_size]
+                                   for c in swav.crops_for_assign])
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
 
@@ -262,12 +318,9 @@ class Learner:
             self.optimizer.step()
             self.model.normalize_prototypes()
             if self.queue is not None and self.queue.accepts(images_before):
-                by_crop = z.detach().view(-1, batch_size, z.shape[1])
-                self.queue.push(torch.stack([by_crop[c] for c in swav.crops_for_assign]))
+                self.queue.push(assign_features)
         self.optimizer.zero_grad(set_to_none=True)
 
-        assign_scores = torch.cat([scores.detach()[c * batch_size:(c + 1) * batch_size]
-                                   for c in swav.crops_for_assign])
         counts = prototype_counts(assign_scores)
         all_codes = torch.cat(list(codes.values()))
         return StepStats(

@@ -110,7 +110,7 @@ def test_learner_learns_on_synthetic_stream_without_collapse():
                       train={"batch_size": 32})
     learner = Learner(cfg, torch.device("cpu"))
     stream = SyntheticStream(n_classes=8, image_size=10)
-    steps = 24
+    steps = 200
     losses, usage = [], torch.zeros(PROTOTYPES, dtype=torch.int64)
     for i in range(steps):
         stats = learner.train_step(stream.batch(cfg))

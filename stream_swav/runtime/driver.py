@@ -28,7 +28,7 @@ import numpy as np
 import ray
 from ray.exceptions import RayActorError, RayTaskError
 
-from stream_swav.config import Config
+from stream_swav.config import Config, ConfigError
 from stream_swav.data.cursor import StreamCursor
 from stream_swav.data.sources import ShardSource
 from stream_swav.runtime import checkpoint as ckpt
@@ -137,7 +137,11 @@ class Trainer:
         init_ray(cfg)
         n_actors, learner_gpus, learner_cpus = cluster_plan(cfg)
         if cfg.metrics.enabled:
-            self.metrics_port = self.metrics.start_server(cfg.metrics.host, cfg.metrics.port)
+            try:
+                self.metrics_port = self.metrics.start_server(cfg.metrics.host, cfg.metrics.port)
+            except OSError as err:
+                raise ConfigError(f"metrics.port: cannot serve metrics on {cfg.metrics.host}:{cfg.metrics.port} "
+                                  f"({err.strerror or err}); choose another port, or 0 for any free one") from err
             log.info("metrics at http://%s:%d/metrics", cfg.metrics.host, self.metrics_port)
         shards = self.source.list_shards()
         if not shards and not cfg.data.follow:

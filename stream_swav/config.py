@@ -173,7 +173,7 @@ class MetricsConfig:
     host: str = "127.0.0.1"
     port: int = 9400
     perplexity_window_steps: int = 50
-    collapse_perplexity: float = 0.0  # 0: K/50
+    collapse_perplexity: float = 0.0  # 0: max(2, K/50)
     collapse_after_images: int = 0  # 0: after warmup
 
 

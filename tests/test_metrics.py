@@ -175,6 +175,8 @@ def test_collapse_alarm():
 
 def test_collapse_settings_resolve_automatic_values():
     assert collapse_settings(MetricsConfig(), prototypes=3000, warmup_images=500) == (60.0, 500)
+    # With few prototypes K/50 < 1 could never fire; everything on one prototype (perplexity 1) must.
+    assert collapse_settings(MetricsConfig(), prototypes=30, warmup_images=0) == (2.0, 0)
     cfg = MetricsConfig(collapse_perplexity=10.0, collapse_after_images=7)
     assert collapse_settings(cfg, prototypes=3000, warmup_images=500) == (10.0, 7)
 

@@ -264,7 +264,8 @@ def collapse_alarm(loss: float, log_k: float, perplexity: float, threshold_perpl
 
 def collapse_settings(cfg: MetricsConfig, prototypes: int, warmup_images: int) -> tuple[float, int]:
     """(threshold_perplexity, after_images) with the config's 0 = automatic resolved."""
-    threshold = cfg.collapse_perplexity if cfg.collapse_perplexity > 0 else prototypes / 50.0
+    # K/50 alone is under 1 for small K and could never fire; 2 means "all on one prototype".
+    threshold = cfg.collapse_perplexity if cfg.collapse_perplexity > 0 else max(2.0, prototypes / 50.0)
     after = cfg.collapse_after_images if cfg.collapse_after_images > 0 else warmup_images
     return threshold, after
 

@@ -1,0 +1,640 @@
+"""Codes on a long-tailed stream: sinkhorn vs relaxed vs lower-bound, same budget, kNN per frequency group.
+
+``python -m pipelines.longtail --out runs/longtail --images N --seeds 0,1,2
+--methods sinkhorn,relaxed,lower-bound --streams longtail,balanced [--config FILE] [--set k=v]``
+
+1. Streams, written once as labelled shards under OUT/shards/<stream>:
+   ``longtail`` is `zipf_subset` of the Fashion-MNIST training split (class c
+   keeps a share proportional to 1/(c+1)^2, so class 0 has 100 times the
+   images of class 9); ``balanced`` is the same number of images, equal per
+   class (rounded down to a multiple of the class count).
+2. kNN data, also once: an index of ``--index-per-class`` training images per
+   class, and ``--test-images`` queries, equal per class, from the test split
+   (0: the whole test split).
+3. Every (stream, codes method, seed) trains with the real runtime
+   (`stream_swav.runtime.driver.train`, local Ray) for exactly ``--images``
+   images; train.seed and data.seed are the run's seed.
+4. The final checkpoint is evaluated: its backbone.pt by weighted kNN (k=20,
+   cosine, T=0.07), reported overall and per frequency group (the 3 most
+   frequent, 4 middle and 3 rarest classes of the long-tailed stream; the
+   balanced stream is scored with the same groups, so "rare" names the same
+   classes in both). A group's top-1 is the accuracy over the queries whose
+   true class is in the group; the queries are class-balanced, so that is the
+   mean of its classes' accuracies.
+   Prototype usage perplexity: every test query goes to its highest-scoring
+   prototype (backbone -> projection head -> prototypes of state.pt, eval
+   mode); the perplexity is exp(entropy) of those counts, from 1 (all queries
+   on one prototype) to K (queries spread evenly). The queries are balanced,
+   so it says how many prototypes the classes occupy, not how the stream's
+   mass is split.
+5. One row per run in OUT/results.jsonl; OUT/results.md (mean ± sample std
+   over seeds, and per-seed differences to sinkhorn) and OUT/longtail.png
+   (grouped bars) are redrawn after every run. Runs already in results.jsonl
+   for the same configuration are skipped, so an interrupted pipeline picks up
+   where it stopped (a run cut short resumes from its own checkpoints).
+
+Defaults follow the demo's CPU recipe (stream_swav.demo.DEMO_CONFIG) with the
+standard ResNet stem, 2x28 + 2x16 px crops, 30 prototypes and no queue; the
+keys that are stated in images or steps (warmup, prototype freeze, relaxed's
+lambda annealing and mass momentum) are scaled to the budget, see
+`budget_scaled`. ``--config`` and ``--set`` override any of them, except what
+the pipeline sets per run: shards, seeds, codes method, image budget and
+checkpoint folder.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import math
+import os
+import sys
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageDraw, ImageFont
+from torch import Tensor
+
+from pipelines.evaluate import (DEFAULT_K, DEFAULT_TEMPERATURE, EvalData, embed, knn_predict, load_eval_data,
+                                load_resolved_backbone, pick_device, pixel_features, random_backbone,
+                                resolve_checkpoint)
+from pipelines.fashion_mnist import (CLASS_NAMES, NUM_CLASSES, array_samples, candidate_dirs, find_fashion_mnist,
+                                     load_split, zipf_subset)
+from pipelines.follow import nice_ticks
+from pipelines.make_shards import write_shards
+from stream_swav.config import CODES, Config, StorageConfig, config_from_dict, load_config
+from stream_swav.model import SwAVModel
+from stream_swav.runtime import checkpoint as ckpt
+from stream_swav.swav import prototype_counts, prototype_perplexity
+
+log = logging.getLogger("stream_swav.longtail")
+
+STREAMS = ("longtail", "balanced")
+IMBALANCE_RATIO = 100.0
+# Classes by frequency rank in the long-tailed stream: the 3 most frequent, 4 middle, 3 rarest.
+GROUP_SIZES = (("frequent", 3), ("middle", 4), ("rare", 3))
+GROUPS = tuple(name for name, _ in GROUP_SIZES)
+# Per-run figures summarised over seeds, in table order.
+METRICS = ("top1", "frequent_top1", "middle_top1", "rare_top1", "perplexity")
+RESULTS_JSONL = "results.jsonl"
+RESULTS_MD = "results.md"
+PLOT_PNG = "longtail.png"
+SHARD_MAX_COUNT = 500
+SHARD_MAX_BYTES = 1 << 40
+IMAGE_FORMAT = "png"
+
+# The demo's CPU recipe, adjusted for many short runs on a CPU: the standard stem (4x less
+# compute per image than the small one at 28 px), two local crops, 30 prototypes (3 per class)
+# and no queue (it would only start after the whole budget).
+LONGTAIL_CONFIG: dict[str, Any] = {
+    "model": {"arch": "resnet18", "small_stem": False, "hidden_dim": 512, "output_dim": 64, "prototypes": 30},
+    "crops": {"global_size": 28, "global_count": 2, "global_scale": [0.35, 1.0],
+              "local_size": 16, "local_count": 2, "local_scale": [0.15, 0.4]},
+    "augment": {"mean": [0.286, 0.286, 0.286], "std": [0.353, 0.353, 0.353], "hue": 0.0,
+                "blur_prob_global": 0.2, "blur_sigma": [0.1, 1.0]},
+    "swav": {"temperature": 0.1, "epsilon": 0.05, "queue_length": 0},
+    "optim": {"optimizer": "lars", "base_lr": 1.2, "final_lr": 0.0012, "schedule": "warmup-constant",
+              "weight_decay": 1e-6},
+    "train": {"batch_size": 64, "time_budget_s": 0, "log_interval_s": 30, "progress_bar": False},
+    # Only the final checkpoint matters; it is written when the budget is reached.
+    "checkpoint": {"every_steps": 0, "every_seconds": 0, "keep_last": 1, "milestone_every": 0},
+    "data": {"shuffle_buffer": 256, "min_side": 8},
+    # A free port each run: several pipelines (or a demo) may run side by side.
+    "metrics": {"port": 0},
+}
+
+
+# ---- streams (pure) -----------------------------------------------------------------------------------
+
+
+def balanced_subset(labels: np.ndarray, per_class: int, seed: int) -> np.ndarray:
+    """Indices of `per_class` samples of every class, chosen and ordered by `seed`."""
+    labels = np.asarray(labels)
+    if per_class < 1:
+        raise ValueError(f"per_class must be >= 1, got {per_class}")
+    rng = np.random.default_rng(seed)
+    chosen = []
+    for label in np.unique(labels):
+        members = np.flatnonzero(labels == label)
+        if len(members) < per_class:
+            raise ValueError(f"class {label} has {len(members)} samples, fewer than the {per_class} asked for")
+        chosen.append(rng.permutation(members)[:per_class])
+    return rng.permutation(np.concatenate(chosen)) if chosen else np.empty(0, dtype=np.int64)
+
+
+def stream_indices(stream: str, labels: np.ndarray, seed: int,
+                   imbalance_ratio: float = IMBALANCE_RATIO) -> np.ndarray:
+    """The training stream's sample indices, in stream order.
+
+    longtail: Zipf class counts, largest/smallest == imbalance_ratio, class 0
+    the most frequent. balanced: as many images, equal per class (the total
+    rounded down to a multiple of the number of classes).
+    """
+    longtail = zipf_subset(labels, imbalance_ratio, seed)
+    if stream == "longtail":
+        return longtail
+    if stream == "balanced":
+        classes = len(np.unique(labels))
+        return balanced_subset(labels, len(longtail) // classes, seed)
+    raise ValueError(f"stream must be one of {', '.join(STREAMS)}, got {stream!r}")
+
+
+def class_counts(labels: np.ndarray, num_classes: int = NUM_CLASSES) -> np.ndarray:
+    return np.bincount(np.asarray(labels, dtype=np.int64), minlength=num_classes)
+
+
+def frequency_groups(counts: np.ndarray) -> dict[str, tuple[int, ...]]:
+    """Classes of each group, most frequent first: the first 3 by count, the next 4, the last 3.
+    Ties keep label order."""
+    counts = np.asarray(counts)
+    expected = sum(size for _, size in GROUP_SIZES)
+    if counts.shape != (expected,):
+        raise ValueError(f"frequency groups need {expected} class counts, got shape {counts.shape}")
+    order = [int(c) for c in np.argsort(-counts, kind="stable")]
+    groups, start = {}, 0
+    for name, size in GROUP_SIZES:
+        groups[name] = tuple(order[start:start + size])
+        start += size
+    return groups
+
+
+def group_top1(predictions: Tensor, labels: Tensor, groups: dict[str, tuple[int, ...]]) -> dict[str, float]:
+    """Top-1 over all queries ("top1") and over the queries of each group ("<group>_top1");
+    NaN for a group without queries."""
+    if predictions.shape != labels.shape or predictions.dim() != 1 or len(labels) == 0:
+        raise ValueError(f"predictions and labels must be equal-length non-empty vectors, got "
+                         f"{tuple(predictions.shape)} and {tuple(labels.shape)}")
+    correct = (predictions.long() == labels.long()).float()
+    scores = {"top1": correct.mean().item()}
+    for name, classes in groups.items():
+        members = torch.isin(labels.long(), torch.tensor(classes, dtype=torch.long))
+        scores[f"{name}_top1"] = correct[members].mean().item() if bool(members.any()) else math.nan
+    return scores
+
+
+def usage_perplexity(scores: Tensor) -> float:
+    """exp(entropy) of how (N, K) prototype scores pick their best prototype: 1 to K."""
+    return prototype_perplexity(prototype_counts(scores)).item()
+
+
+# ---- runs and results (pure) ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    stream: str
+    method: str
+    seed: int
+
+    @property
+    def name(self) -> str:
+        return f"{self.stream}-{self.method}-seed{self.seed}"
+
+
+def plan_runs(streams: Iterable[str], methods: Iterable[str], seeds: Iterable[int]) -> list[RunSpec]:
+    """Every (stream, method, seed), stream-major so one stream's table fills up first."""
+    streams, methods, seeds = list(streams), list(methods), list(seeds)
+    for stream in streams:
+        if stream not in STREAMS:
+            raise ValueError(f"stream must be one of {', '.join(STREAMS)}, got {stream!r}")
+    for method in methods:
+        if method not in CODES:
+            raise ValueError(f"method must be one of {', '.join(CODES)}, got {method!r}")
+    return [RunSpec(stream, method, seed) for stream in streams for seed in seeds for method in methods]
+
+
+def config_id(shared: dict[str, Any]) -> str:
+    """A short fingerprint of everything runs share (budget included): rows and checkpoints of
+    other settings are never mistaken for this configuration's."""
+    text = json.dumps(shared, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()[:10]
+
+
+def read_rows(path: str | Path) -> list[dict[str, Any]]:
+    """Rows of a results.jsonl; a torn last line (a crash mid-write) is ignored."""
+    path = Path(path)
+    if not path.is_file():
+        return []
+    rows = []
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            log.warning("%s:%d: unreadable row ignored", path, number)
+            continue
+        if isinstance(row, dict):
+            rows.append(row)
+    return rows
+
+
+def append_row(path: str | Path, row: dict[str, Any]) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as f:
+        f.write(json.dumps(row, sort_keys=True) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def pending_runs(plan: list[RunSpec], rows: list[dict[str, Any]], config: str) -> list[RunSpec]:
+    """The planned runs with no row of the same configuration yet."""
+    done = {(r.get("stream"), r.get("method"), r.get("seed")) for r in rows if r.get("config_id") == config}
+    return [run for run in plan if (run.stream, run.method, run.seed) not in done]
+
+
+def _mean_std(values: list[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (0 for a single value); NaN when empty."""
+    finite = [v for v in values if v is not None and math.isfinite(v)]
+    if not finite:
+        return math.nan, math.nan
+    mean = sum(finite) / len(finite)
+    if len(finite) < 2:
+        return mean, 0.0
+    return mean, math.sqrt(sum((v - mean) ** 2 for v in finite) / (len(finite) - 1))
+
+
+def summarize(rows: list[dict[str, Any]], streams: Iterable[str] = STREAMS,
+              methods: Iterable[str] = CODES) -> list[dict[str, Any]]:
+    """Per (stream, method), in the given orders: seeds and, per metric, mean and sample std."""
+    table = []
+    for stream in streams:
+        for method in methods:
+            group = [r for r in rows if r.get("stream") == stream and r.get("method") == method]
+            if not group:
+                continue
+            entry: dict[str, Any] = {"stream": stream, "method": method,
+                                     "seeds": sorted(int(r["seed"]) for r in group)}
+            for metric in METRICS:
+                entry[metric] = _mean_std([float(r[metric]) for r in group if metric in r])
+            table.append(entry)
+    return table
+
+
+def paired_differences(rows: list[dict[str, Any]], stream: str, method: str, metric: str,
+                       reference: str = "sinkhorn") -> list[float]:
+    """metric(method) - metric(reference) for every seed both ran on `stream`."""
+    by_seed = {(r["method"], r["seed"]): float(r[metric]) for r in rows if r.get("stream") == stream}
+    return [by_seed[(method, seed)] - by_seed[(reference, seed)]
+            for (m, seed) in sorted(by_seed) if m == method and (reference, seed) in by_seed]
+
+
+def verdict(differences: list[float]) -> str:
+    """"higher"/"lower" when the mean paired difference is beyond two standard errors, else
+    "within noise"; "-" without at least two seeds."""
+    if len(differences) < 2:
+        return "-"
+    mean, std = _mean_std(differences)
+    margin = 2 * std / math.sqrt(len(differences))
+    if mean > margin:
+        return "higher"
+    if mean < -margin:
+        return "lower"
+    return "within noise"
+
+
+def _percent(value: float) -> str:
+    return f"{100 * value:.1f}" if math.isfinite(value) else "-"
+
+
+def _pm(value: tuple[float, float], percent: bool, signed: bool = False) -> str:
+    mean, std = value
+    if not math.isfinite(mean):
+        return "-"
+    scale = 100.0 if percent else 1.0
+    sign = "+" if signed else ""
+    return f"{scale * mean:{sign}.1f} ± {scale * std:.1f}"
+
+
+def format_markdown(rows: list[dict[str, Any]], streams: Iterable[str] = STREAMS,
+                    methods: Iterable[str] = CODES, references: dict[str, dict[str, float]] | None = None) -> str:
+    """The results table (mean ± std over seeds), reference rows (features scored the same way,
+    no training), and the paired comparison with sinkhorn."""
+    streams, methods = list(streams), list(methods)
+    lines = ["| stream | codes | seeds | top-1 all | top-1 frequent (3) | top-1 middle (4) | top-1 rare (3) "
+             "| usage perplexity |",
+             "|---|---|---|---|---|---|---|---|"]
+    for entry in summarize(rows, streams, methods):
+        lines.append(f"| {entry['stream']} | {entry['method']} | {len(entry['seeds'])} | "
+                     + " | ".join(_pm(entry[m], percent=m != "perplexity") for m in METRICS) + " |")
+    for name, scores in (references or {}).items():
+        lines.append(f"| (reference) | {name} | - | "
+                     + " | ".join(_percent(scores[m]) for m in METRICS[:4]) + " | - |")
+    others = [m for m in methods if m != "sinkhorn"]
+    if "sinkhorn" in methods and others:
+        lines += ["", "Paired by seed, minus sinkhorn (percentage points; verdict: mean beyond two standard "
+                  "errors):", "",
+                  "| codes | long-tailed: rare top-1 | verdict | long-tailed: all top-1 | balanced: all top-1 "
+                  "| verdict |",
+                  "|---|---|---|---|---|---|"]
+        for method in others:
+            rare = paired_differences(rows, "longtail", method, "rare_top1")
+            longtail_all = paired_differences(rows, "longtail", method, "top1")
+            balanced_all = paired_differences(rows, "balanced", method, "top1")
+            lines.append(f"| {method} | {_pm(_mean_std(rare), True, True)} | {verdict(rare)} | "
+                         f"{_pm(_mean_std(longtail_all), True, True)} | {_pm(_mean_std(balanced_all), True, True)}"
+                         f" | {verdict(balanced_all)} |")
+    return "\n".join(lines) + "\n"
+
+
+# ---- plot ---------------------------------------------------------------------------------------------
+
+METHOD_COLORS = {"sinkhorn": (130, 130, 130), "relaxed": (31, 94, 180), "lower-bound": (220, 110, 20)}
+BAR_GROUPS = (("all", "top1"), ("frequent", "frequent_top1"), ("middle", "middle_top1"), ("rare", "rare_top1"))
+
+
+def draw_plot(rows: list[dict[str, Any]], streams: Iterable[str] = STREAMS, methods: Iterable[str] = CODES,
+              title: str = "kNN top-1 by class-frequency group (mean ± std over seeds)") -> Image.Image:
+    """One panel per stream: bars of top-1 (all, frequent, middle, rare) per codes method."""
+    streams = [s for s in streams if any(r.get("stream") == s for r in rows)]
+    if not streams:
+        raise ValueError("draw_plot: no rows of the given streams")
+    methods = list(methods)
+    summary = {(e["stream"], e["method"]): e for e in summarize(rows, streams, methods)}
+    panel_w, panel_h, top, bottom, left = 520, 380, 80, 90, 60
+    image = Image.new("RGB", (left + panel_w * len(streams) + 20, top + panel_h + bottom), "white")
+    draw = ImageDraw.Draw(image)
+    font, small = ImageFont.load_default(size=14), ImageFont.load_default(size=12)
+    draw.text((image.width / 2, 16), title, fill="black", font=ImageFont.load_default(size=17), anchor="mt")
+    highs = [100 * (e[key][0] + e[key][1]) for e in summary.values() for _, key in BAR_GROUPS
+             if math.isfinite(e[key][0])]
+    ticks = nice_ticks(0.0, max(highs, default=100.0))
+    y_max = ticks[-1] or 1.0
+
+    def y_px(value: float) -> float:
+        return top + panel_h * (1 - value / y_max)
+
+    for panel, stream in enumerate(streams):
+        x0 = left + panel * panel_w
+        x1 = x0 + panel_w - 30
+        draw.text(((x0 + x1) / 2, top - 14), f"{stream} stream", fill="black", font=font, anchor="ms")
+        for tick in ticks:
+            draw.line([(x0, y_px(tick)), (x1, y_px(tick))], fill=(225, 225, 225))
+            draw.text((x0 - 6, y_px(tick)), f"{tick:g}", fill="black", font=small, anchor="rm")
+        draw.line([(x0, top), (x0, top + panel_h), (x1, top + panel_h)], fill="black")
+        slot = (x1 - x0) / len(BAR_GROUPS)
+        bar = slot * 0.8 / max(len(methods), 1)
+        for g, (label, key) in enumerate(BAR_GROUPS):
+            gx = x0 + g * slot + slot * 0.1
+            draw.text((gx + slot * 0.4, top + panel_h + 6), label, fill="black", font=font, anchor="mt")
+            for m, method in enumerate(methods):
+                entry = summary.get((stream, method))
+                if entry is None or not math.isfinite(entry[key][0]):
+                    continue
+                mean, std = 100 * entry[key][0], 100 * entry[key][1]
+                bx = gx + m * bar
+                draw.rectangle([bx + 1, y_px(mean), bx + bar - 1, y_px(0)], fill=METHOD_COLORS.get(method, "black"))
+                if std > 0:
+                    cx = bx + bar / 2
+                    draw.line([(cx, y_px(mean - std)), (cx, y_px(mean + std))], fill="black", width=1)
+                    draw.line([(cx - 3, y_px(mean + std)), (cx + 3, y_px(mean + std))], fill="black")
+                    draw.line([(cx - 3, y_px(mean - std)), (cx + 3, y_px(mean - std))], fill="black")
+        # Legend with each method's prototype usage perplexity on this stream.
+        for m, method in enumerate(methods):
+            entry = summary.get((stream, method))
+            perplexity = f", perplexity {entry['perplexity'][0]:.1f}" if entry else ""
+            ly = top + panel_h + 30 + 17 * m
+            draw.rectangle([x0 + 10, ly, x0 + 22, ly + 12], fill=METHOD_COLORS.get(method, "black"))
+            draw.text((x0 + 28, ly + 6), f"{method}{perplexity}", fill="black", font=small, anchor="lm")
+    draw.text((8, top - 12), "top-1 %", fill="black", font=small, anchor="lb")
+    return image
+
+
+# ---- data, training and evaluation ---------------------------------------------------------------------
+
+
+@dataclass
+class Streams:
+    """Shard folders of every stream and of the kNN data, with the class counts of each stream."""
+
+    shards: dict[str, str]
+    counts: dict[str, list[int]]
+    eval_train: str
+    eval_test: str
+    groups: dict[str, tuple[int, ...]]
+
+
+def build_streams(out: Path, data_dir: str | None, streams: Iterable[str], *, stream_seed: int,
+                  index_per_class: int, test_images: int, image_size: int) -> Streams:
+    """Write (or keep, when already complete) the shards of every stream and of the kNN data."""
+    folder = find_fashion_mnist(data_dir)
+    if folder is None:
+        where = data_dir or ", ".join(str(p) for p in candidate_dirs())
+        raise FileNotFoundError(f"no Fashion-MNIST IDX files in {where} (set --data-dir)")
+    train_images, train_labels = load_split(folder, "train")
+    query_images, query_labels = load_split(folder, "test")
+    base = {"source": "fashion-mnist", "size": image_size, "format": IMAGE_FORMAT, "seed": stream_seed}
+    shards, counts = {}, {}
+    for stream in ["longtail", *[s for s in streams if s != "longtail"]]:
+        indices = stream_indices(stream, train_labels, stream_seed)
+        dest = out / "shards" / stream
+        write_shards(array_samples(train_images, train_labels, size=image_size, image_format=IMAGE_FORMAT,
+                                   indices=indices), dest, SHARD_MAX_COUNT, SHARD_MAX_BYTES,
+                     settings={**base, "stream": stream, "imbalance_ratio": IMBALANCE_RATIO}, total=len(indices))
+        shards[stream] = str(dest)
+        counts[stream] = class_counts(train_labels[indices]).tolist()
+    index = balanced_subset(train_labels, index_per_class, stream_seed + 1)
+    per_query_class = (test_images or len(query_labels)) // NUM_CLASSES
+    queries = balanced_subset(query_labels, per_query_class, stream_seed + 2)
+    for name, images, labels, chosen in (("eval-train", train_images, train_labels, index),
+                                         ("eval-test", query_images, query_labels, queries)):
+        write_shards(array_samples(images, labels, size=image_size, image_format=IMAGE_FORMAT,
+                                   indices=np.sort(chosen)), out / "shards" / name, SHARD_MAX_COUNT,
+                     SHARD_MAX_BYTES, settings={**base, "count": len(chosen)}, total=len(chosen))
+    return Streams(shards={s: shards[s] for s in streams}, counts={s: counts[s] for s in streams},
+                   eval_train=str(out / "shards" / "eval-train"), eval_test=str(out / "shards" / "eval-test"),
+                   groups=frequency_groups(np.array(counts["longtail"])))
+
+
+def budget_scaled(images: int, batch_size: int) -> dict[str, Any]:
+    """Settings given in images or steps, scaled to a budget of `images`.
+
+    The library defaults are sized for ImageNet-length runs: relaxed's lambda
+    anneals over 1M images and its mass estimate averages over ~100 steps, so
+    a run of a few thousand images would never leave near-equal partition.
+    Here warmup is 10% of the budget, prototypes are frozen for the first 10%
+    of the steps, lambda reaches its end value at half the budget, and the
+    mass estimate averages over about a tenth of the steps (momentum
+    1 - 10/steps, kept within [0.5, 0.99]).
+    """
+    steps = max(1, images // max(batch_size, 1))
+    return {"optim": {"warmup_images": max(1, images // 10)},
+            "swav": {"freeze_prototypes_steps": max(1, steps // 10), "relaxed_anneal_images": max(1, images // 2),
+                     "mass_momentum": round(min(0.99, max(0.5, 1.0 - 10.0 / steps)), 4)}}
+
+
+def _merge(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
+    out = dict(a)
+    for key, value in b.items():
+        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def shared_config(images: int, config_file: str | None, overrides: list[str]) -> Config:
+    """Recipe <- budget-scaled keys <- --config <- --set, with the image budget fixed to `images`."""
+    first = load_config(config_file, overrides, base=LONGTAIL_CONFIG)
+    base = _merge(LONGTAIL_CONFIG, budget_scaled(images, first.train.batch_size * first.train.learners))
+    cfg = load_config(config_file, overrides, base=base)
+    return config_from_dict(_merge(cfg.to_dict(), {"train": {"image_budget": images}}))
+
+
+def run_config(shared: Config, run: RunSpec, shards: str, checkpoint_dir: str) -> Config:
+    return config_from_dict(_merge(shared.to_dict(), {
+        "data": {"shards": shards, "seed": run.seed}, "train": {"seed": run.seed},
+        "swav": {"codes": run.method}, "checkpoint": {"dir": checkpoint_dir}}))
+
+
+def knn_groups(index_feats: Tensor, query_feats: Tensor, data: EvalData, groups: dict[str, tuple[int, ...]],
+               device: torch.device) -> dict[str, float]:
+    """Weighted kNN (k=20, cosine, T=0.07) top-1, overall and per frequency group."""
+    predictions = knn_predict(index_feats.to(device), data.train.labels, query_feats.to(device), DEFAULT_K,
+                              DEFAULT_TEMPERATURE, max(data.num_classes, NUM_CLASSES))
+    return group_top1(predictions, data.test.labels, groups)
+
+
+def reference_scores(data: EvalData, groups: dict[str, tuple[int, ...]], cfg: Config,
+                     device: torch.device) -> dict[str, dict[str, float]]:
+    """The same kNN scores for raw pixels and for a randomly initialised backbone (seed 0): what a
+    trained backbone has to beat before its group accuracies mean anything."""
+    mean, std = cfg.augment.mean, cfg.augment.std
+    backbone = random_backbone(cfg.model.arch, cfg.model.small_stem)
+    return {"raw-pixels": knn_groups(pixel_features(data.train.images, mean, std),
+                                     pixel_features(data.test.images, mean, std), data, groups, device),
+            "random-init": knn_groups(embed(backbone, data.train.images, mean, std, device=device),
+                                      embed(backbone, data.test.images, mean, std, device=device), data, groups,
+                                      device)}
+
+
+@torch.no_grad()
+def evaluate_run(checkpoint_dir: str, data: EvalData, groups: dict[str, tuple[int, ...]],
+                 device: torch.device) -> dict[str, Any]:
+    """kNN top-1 (overall and per group) of the latest checkpoint's backbone, and the prototype
+    usage perplexity of the test queries (see the module docstring)."""
+    resolved = resolve_checkpoint(checkpoint_dir)
+    mean, std = resolved.normalization()
+    backbone = load_resolved_backbone(resolved)
+    index_feats = embed(backbone, data.train.images, mean, std, device=device)
+    query_feats = embed(backbone, data.test.images, mean, std, device=device)
+    row: dict[str, Any] = knn_groups(index_feats, query_feats, data, groups, device)
+
+    state = ckpt.load_checkpoint(checkpoint_dir, StorageConfig())
+    model = SwAVModel(config_from_dict(resolved.config).model)
+    model.load_state_dict(state["model"])
+    model.eval()
+    z = F.normalize(model.projection(query_feats), dim=1)
+    row["perplexity"] = usage_perplexity(model.prototypes(z))
+    metrics = resolved.record.get("metrics", {})
+    row.update({"step": resolved.step, "images_seen": resolved.images_seen,
+                "final_loss": metrics.get("loss"), "final_batch_perplexity": metrics.get("perplexity")})
+    return row
+
+
+def run_pipeline(args: argparse.Namespace) -> int:
+    from stream_swav.runtime.driver import train
+
+    out = Path(args.out)
+    streams = _split(args.streams)
+    methods = _split(args.methods)
+    seeds = [int(s) for s in _split(args.seeds)]
+    plan = plan_runs(streams, methods, seeds)
+    shared = shared_config(args.images, args.config, args.overrides)
+    config = config_id({**shared.to_dict(), "pipeline": {"stream_seed": args.stream_seed,
+                                                         "index_per_class": args.index_per_class,
+                                                         "test_images": args.test_images}})
+    made = build_streams(out, args.data_dir, streams, stream_seed=args.stream_seed,
+                         index_per_class=args.index_per_class, test_images=args.test_images,
+                         image_size=shared.crops.global_size)
+    (out / "streams.json").write_text(json.dumps({"counts": made.counts, "groups": made.groups,
+                                                  "class_names": CLASS_NAMES}, indent=2) + "\n")
+    log.info("streams: %s; groups by long-tail frequency: %s", made.counts, made.groups)
+    results = out / RESULTS_JSONL
+    todo = pending_runs(plan, read_rows(results), config)
+    log.info("configuration %s: %d of %d runs to do", config, len(todo), len(plan))
+    data = load_eval_data(made.eval_train, made.eval_test, shared.crops.global_size)
+    device = pick_device(args.device)
+    references_path = out / f"references-{config}.json"
+    if not references_path.is_file():
+        references_path.write_text(json.dumps(reference_scores(data, made.groups, shared, device), indent=2) + "\n")
+    references = json.loads(references_path.read_text())
+    failures = 0
+    for run in todo:
+        checkpoint_dir = str(out / "checkpoints" / config / run.name)
+        cfg = run_config(shared, run, made.shards[run.stream], checkpoint_dir)
+        log.info("run %s: %d images", run.name, args.images)
+        started = time.monotonic()
+        rc = train(cfg)
+        train_seconds = time.monotonic() - started
+        if rc != 0:
+            log.error("run %s: training exited with %d; no row written, a re-run retries it", run.name, rc)
+            failures += 1
+            continue
+        started = time.monotonic()
+        row = evaluate_run(checkpoint_dir, data, made.groups, device)
+        row.update({"stream": run.stream, "method": run.method, "seed": run.seed, "config_id": config,
+                    "images": args.images, "prototypes": shared.model.prototypes, "index": len(data.train),
+                    "queries": len(data.test), "train_seconds": round(train_seconds, 1),
+                    "eval_seconds": round(time.monotonic() - started, 1), "checkpoint": checkpoint_dir})
+        append_row(results, row)
+        log.info("run %s: top-1 %.2f%% (frequent %.2f%%, middle %.2f%%, rare %.2f%%), perplexity %.1f",
+                 run.name, *(100 * row[m] for m in METRICS[:4]), row["perplexity"])
+        write_reports(out, read_rows(results), config, streams, methods, references)
+    write_reports(out, read_rows(results), config, streams, methods, references)
+    print((out / RESULTS_MD).read_text())
+    return 1 if failures else 0
+
+
+def write_reports(out: Path, rows: list[dict[str, Any]], config: str, streams: list[str],
+                  methods: list[str], references: dict[str, dict[str, float]]) -> None:
+    """results.md and the plot from this configuration's rows."""
+    rows = [r for r in rows if r.get("config_id") == config]
+    (out / RESULTS_MD).write_text(format_markdown(rows, streams, methods, references))
+    if rows:
+        draw_plot(rows, streams, methods).save(out / PLOT_PNG)
+
+
+def _split(text: str) -> list[str]:
+    return [part.strip() for part in text.split(",") if part.strip()]
+
+
+# ---- command line -------------------------------------------------------------------------------------
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--out", default="runs/longtail", help="folder for shards, checkpoints and results")
+    parser.add_argument("--images", type=int, default=3000, help="training images per run (train.image_budget)")
+    parser.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (train.seed and data.seed)")
+    parser.add_argument("--methods", default=",".join(CODES), help="comma-separated swav.codes methods")
+    parser.add_argument("--streams", default=",".join(STREAMS), help="comma-separated: longtail, balanced")
+    parser.add_argument("--index-per-class", type=int, default=500,
+                        help="labelled training images per class in the kNN index")
+    parser.add_argument("--test-images", type=int, default=2000,
+                        help="class-balanced test queries (0: the whole test split)")
+    parser.add_argument("--stream-seed", type=int, default=0, help="seed of the streams' and kNN data's subsets")
+    parser.add_argument("--data-dir", help="Fashion-MNIST folder (default: searched, see pipelines.fashion_mnist)")
+    parser.add_argument("--device", default="auto", help="evaluation device: auto, cpu or cuda")
+    parser.add_argument("--config", help="YAML file overriding the recipe")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                        help="override one configuration value; repeatable")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m pipelines.longtail", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(parser)
+    args = parser.parse_args(argv)
+    if args.images < 1 or args.index_per_class < 1 or args.test_images < 0:
+        parser.error("--images and --index-per-class must be >= 1, --test-images >= 0")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    return run_pipeline(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

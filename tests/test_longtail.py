@@ -1,0 +1,223 @@
+"""The long-tail pipeline's parts: streams, frequency groups, scores, aggregation, restart, evaluation."""
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from pipelines import longtail
+from pipelines.evaluate import EvalData, LabeledImages
+from pipelines.fashion_mnist import find_fashion_mnist, load_split
+from stream_swav.config import StorageConfig
+from stream_swav.model import SwAVModel
+from stream_swav.runtime.checkpoint import save_checkpoint
+
+
+def shuffled_labels(per_class: int, classes: int = 10, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).permutation(np.repeat(np.arange(classes), per_class))
+
+
+# ---- streams -------------------------------------------------------------------------------------------
+
+
+def test_longtail_stream_counts_follow_zipf_with_ratio_100():
+    labels = shuffled_labels(600)
+    indices = longtail.stream_indices("longtail", labels, seed=3)
+    counts = longtail.class_counts(labels[indices])
+    assert len(set(indices.tolist())) == len(indices)
+    assert counts[0] == 600 and counts[-1] == 6
+    assert counts[0] / counts[-1] == pytest.approx(100, rel=0.02)
+    # Zipf with exponent log(100)/log(10) = 2: n_c = n_0 / (c + 1)^2, rounded down.
+    assert counts.tolist() == [int(600 / (c + 1) ** 2 + 1e-9) for c in range(10)]
+    assert all(a >= b for a, b in zip(counts, counts[1:]))
+
+
+def test_balanced_stream_has_equal_counts_and_the_same_total():
+    labels = shuffled_labels(600)
+    longtail_size = len(longtail.stream_indices("longtail", labels, seed=0))
+    indices = longtail.stream_indices("balanced", labels, seed=0)
+    counts = longtail.class_counts(labels[indices])
+    assert len(set(counts.tolist())) == 1
+    assert len(indices) == longtail_size // 10 * 10
+    assert len(set(indices.tolist())) == len(indices)
+
+
+def test_streams_differ_by_seed_and_unknown_streams_are_refused():
+    labels = shuffled_labels(100)
+    a = longtail.stream_indices("longtail", labels, seed=0)
+    b = longtail.stream_indices("longtail", labels, seed=1)
+    assert not np.array_equal(a, b)
+    with pytest.raises(ValueError, match="stream must be one of"):
+        longtail.stream_indices("uniform", labels, seed=0)
+    with pytest.raises(ValueError, match="fewer than"):
+        longtail.balanced_subset(np.array([0, 0, 1]), per_class=2, seed=0)
+
+
+def test_fashion_mnist_longtail_stream():
+    folder = find_fashion_mnist()
+    if folder is None:
+        pytest.skip("Fashion-MNIST not found")
+    _, labels = load_split(folder, "train")
+    counts = longtail.class_counts(labels[longtail.stream_indices("longtail", labels, seed=0)])
+    assert counts.tolist() == [6000, 1500, 666, 375, 240, 166, 122, 93, 74, 60]
+    assert longtail.frequency_groups(counts) == {"frequent": (0, 1, 2), "middle": (3, 4, 5, 6), "rare": (7, 8, 9)}
+
+
+# ---- groups and scores ---------------------------------------------------------------------------------
+
+
+def test_frequency_groups_rank_classes_by_count():
+    counts = np.array([5, 50, 20, 1, 7, 30, 2, 9, 40, 3])
+    assert longtail.frequency_groups(counts) == {"frequent": (1, 8, 5), "middle": (2, 7, 4, 0),
+                                                 "rare": (9, 6, 3)}
+    with pytest.raises(ValueError, match="10 class counts"):
+        longtail.frequency_groups(np.ones(9))
+
+
+def test_group_top1_on_a_hand_made_example():
+    groups = {"frequent": (0, 1, 2), "middle": (3, 4, 5, 6), "rare": (7, 8, 9)}
+    labels = torch.tensor([0, 0, 1, 3, 4, 5, 6, 7, 8, 9, 9, 9])
+    predictions = torch.tensor([0, 1, 1, 3, 3, 5, 6, 2, 8, 9, 0, 1])
+    scores = longtail.group_top1(predictions, labels, groups)
+    assert scores["top1"] == pytest.approx(7 / 12)
+    assert scores["frequent_top1"] == pytest.approx(2 / 3)
+    assert scores["middle_top1"] == pytest.approx(3 / 4)
+    assert scores["rare_top1"] == pytest.approx(2 / 5)
+    only_frequent = longtail.group_top1(torch.tensor([0]), torch.tensor([0]), groups)
+    assert only_frequent["frequent_top1"] == 1.0 and math.isnan(only_frequent["rare_top1"])
+
+
+def test_usage_perplexity_counts_best_prototypes():
+    even = torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.9, 0.1, 0.0], [0.2, 0.8, 0.0]])
+    assert longtail.usage_perplexity(even) == pytest.approx(2.0)
+    assert longtail.usage_perplexity(torch.tensor([[0.0, 1.0], [0.3, 0.5]])) == pytest.approx(1.0)
+
+
+# ---- aggregation and restart ---------------------------------------------------------------------------
+
+
+def fake_row(stream: str, method: str, seed: int, top1: float, rare: float, config: str = "cfg") -> dict:
+    return {"stream": stream, "method": method, "seed": seed, "config_id": config, "top1": top1,
+            "frequent_top1": top1 + 0.1, "middle_top1": top1, "rare_top1": rare, "perplexity": 10.0 + seed}
+
+
+def test_summary_is_mean_and_sample_std_over_seeds():
+    rows = [fake_row("longtail", "sinkhorn", s, t, r) for s, t, r in ((0, 0.5, 0.2), (1, 0.6, 0.3), (2, 0.7, 0.4))]
+    rows.append(fake_row("longtail", "relaxed", 0, 0.55, 0.5))
+    (sinkhorn, relaxed) = longtail.summarize(rows)
+    assert sinkhorn["seeds"] == [0, 1, 2]
+    assert sinkhorn["top1"] == pytest.approx((0.6, 0.1))
+    assert sinkhorn["rare_top1"] == pytest.approx((0.3, 0.1))
+    assert sinkhorn["perplexity"] == pytest.approx((11.0, 1.0))
+    assert relaxed["top1"] == pytest.approx((0.55, 0.0))
+    table = longtail.format_markdown(rows, references={"raw-pixels": {"top1": 0.8, "frequent_top1": 0.7,
+                                                                      "middle_top1": 0.6, "rare_top1": 0.9}})
+    assert ("| longtail | sinkhorn | 3 | 60.0 ± 10.0 | 70.0 ± 10.0 | 60.0 ± 10.0 | 30.0 ± 10.0 | 11.0 ± 1.0 |"
+            in table)
+    assert "| (reference) | raw-pixels | - | 80.0 | 70.0 | 60.0 | 90.0 | - |" in table
+
+
+def test_paired_differences_and_verdicts():
+    rows = []
+    for seed, (base, better) in enumerate(((0.20, 0.30), (0.25, 0.36), (0.30, 0.39))):
+        rows += [fake_row("longtail", "sinkhorn", seed, 0.6, base),
+                 fake_row("longtail", "lower-bound", seed, 0.6, better)]
+        rows += [fake_row("balanced", "sinkhorn", seed, 0.6 + 0.01 * seed, 0.5),
+                 fake_row("balanced", "lower-bound", seed, 0.6 - 0.01 * seed, 0.5)]
+    rare = longtail.paired_differences(rows, "longtail", "lower-bound", "rare_top1")
+    assert rare == pytest.approx([0.10, 0.11, 0.09])
+    assert longtail.verdict(rare) == "higher"
+    balanced = longtail.paired_differences(rows, "balanced", "lower-bound", "top1")
+    assert balanced == pytest.approx([0.0, -0.02, -0.04])
+    assert longtail.verdict(balanced) == "within noise"
+    assert longtail.verdict([-0.1, -0.11, -0.12]) == "lower"
+    assert longtail.verdict([0.1]) == "-"
+    table = longtail.format_markdown(rows, methods=("sinkhorn", "lower-bound"))
+    assert "| lower-bound | +10.0 ± 1.0 | higher |" in table
+
+
+def test_restart_skips_runs_already_recorded(tmp_path):
+    results = tmp_path / "results.jsonl"
+    longtail.append_row(results, fake_row("longtail", "sinkhorn", 0, 0.5, 0.2))
+    longtail.append_row(results, fake_row("longtail", "relaxed", 0, 0.5, 0.2, config="other"))
+    with open(results, "a") as f:
+        f.write('{"stream": "longtail", "method": "rel')  # torn by a crash mid-write
+    rows = longtail.read_rows(results)
+    assert len(rows) == 2
+    plan = longtail.plan_runs(["longtail"], ["sinkhorn", "relaxed"], [0, 1])
+    assert [r.name for r in plan] == ["longtail-sinkhorn-seed0", "longtail-relaxed-seed0",
+                                      "longtail-sinkhorn-seed1", "longtail-relaxed-seed1"]
+    todo = longtail.pending_runs(plan, rows, "cfg")
+    assert [r.name for r in todo] == ["longtail-relaxed-seed0", "longtail-sinkhorn-seed1", "longtail-relaxed-seed1"]
+    assert longtail.pending_runs(plan, rows, "other") == [plan[0], plan[2], plan[3]]
+    with pytest.raises(ValueError, match="method must be one of"):
+        longtail.plan_runs(["longtail"], ["equal"], [0])
+
+
+def test_plot_is_a_png_with_one_panel_per_stream(tmp_path):
+    rows = [fake_row(stream, method, seed, 0.5 + 0.05 * seed, 0.3)
+            for stream in ("longtail", "balanced") for method in ("sinkhorn", "relaxed", "lower-bound")
+            for seed in (0, 1)]
+    path = tmp_path / "plot.png"
+    longtail.draw_plot(rows).save(path)
+    with Image.open(path) as image:
+        assert image.format == "PNG"
+        one_panel = longtail.draw_plot([r for r in rows if r["stream"] == "longtail"], streams=("longtail",))
+        assert image.width > one_panel.width and image.height == one_panel.height
+
+
+# ---- configuration -------------------------------------------------------------------------------------
+
+
+def test_config_is_scaled_to_the_budget_and_overrides_win():
+    cfg = longtail.shared_config(2048, None, ["swav.mass_momentum=0.95"])
+    assert cfg.train.image_budget == 2048
+    assert cfg.optim.warmup_images == 204
+    assert cfg.swav.relaxed_anneal_images == 1024
+    assert cfg.swav.freeze_prototypes_steps == 3
+    assert cfg.swav.mass_momentum == 0.95
+    assert cfg.model.small_stem is False and cfg.model.prototypes == 30
+    assert longtail.shared_config(10_000_000, None, []).swav.mass_momentum == 0.99
+    run = longtail.RunSpec("balanced", "lower-bound", 2)
+    per_run = longtail.run_config(cfg, run, "/shards/balanced", "/ckpt/x")
+    assert (per_run.swav.codes, per_run.train.seed, per_run.data.seed) == ("lower-bound", 2, 2)
+    assert (per_run.data.shards, per_run.checkpoint.dir) == ("/shards/balanced", "/ckpt/x")
+    assert longtail.config_id(cfg.to_dict()) != longtail.config_id(longtail.shared_config(4096, None, []).to_dict())
+
+
+# ---- evaluation of a real checkpoint -------------------------------------------------------------------
+
+
+def test_evaluate_run_scores_the_latest_checkpoint(tmp_path):
+    cfg = longtail.shared_config(256, None, ["model.hidden_dim=32", "model.output_dim=16", "model.prototypes=7",
+                                             "crops.global_size=16"])
+    torch.manual_seed(0)
+    model = SwAVModel(cfg.model).eval()
+    save_checkpoint(str(tmp_path), step=4, images_seen=256, state={"model": model.state_dict()},
+                    backbone=model.backbone_state_dict(),
+                    info={"arch": "resnet18", "small_stem": False, "config": cfg.to_dict(),
+                          "metrics": {"loss": 2.5, "perplexity": 3.0}}, storage_cfg=StorageConfig())
+    generator = torch.Generator().manual_seed(1)
+    index = LabeledImages(torch.randint(0, 256, (40, 16, 16, 3), dtype=torch.uint8, generator=generator),
+                          torch.arange(40) % 10)
+    queries = LabeledImages(torch.randint(0, 256, (20, 16, 16, 3), dtype=torch.uint8, generator=generator),
+                            torch.arange(20) % 10)
+    groups = longtail.frequency_groups(np.arange(10)[::-1])
+    row = longtail.evaluate_run(str(tmp_path), EvalData(index, queries, 16), groups, torch.device("cpu"))
+
+    assert (row["step"], row["images_seen"], row["final_loss"], row["final_batch_perplexity"]) == (4, 256, 2.5, 3.0)
+    for key in ("top1", "frequent_top1", "middle_top1", "rare_top1"):
+        assert 0.0 <= row[key] <= 1.0
+    # The queries' best prototypes, computed here directly from the model that was saved.
+    mean, std = torch.tensor(cfg.augment.mean).view(1, 3, 1, 1), torch.tensor(cfg.augment.std).view(1, 3, 1, 1)
+    with torch.no_grad():
+        pixels = (queries.images.permute(0, 3, 1, 2).float() / 255.0 - mean) / std
+        scores = model.prototypes(F.normalize(model.projection(model.backbone(pixels)), dim=1))
+    assert row["perplexity"] == pytest.approx(longtail.usage_perplexity(scores), rel=1e-4)
+    assert 1.0 <= row["perplexity"] <= 7.0
+    json.dumps(row)

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import io
-import platform
 import statistics
 import sys
 import time
@@ -34,6 +33,8 @@ from stream_swav.config import AugmentConfig, CropsConfig, DataConfig
 from stream_swav.data.decode import DecodeLimits, decode_image
 from stream_swav.data.multicrop import MultiCropGeometry, crop_image, min_decode_side, stack_crops
 from stream_swav.imaging import pillow_flavour
+
+from machine import cpu_model  # bench/machine.py, beside this script
 
 PHOTO_SUFFIXES = (".jpg", ".jpeg")
 BATCH = 16
@@ -118,16 +119,6 @@ def images_per_cpu_second(run: Callable[[list[bytes]], int], photos: list[bytes]
         for first in range(0, len(photos), BATCH):
             images += run(photos[first : first + BATCH])
     return images / (time.process_time() - start)
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 def main() -> None:

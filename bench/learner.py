@@ -56,6 +56,8 @@ from stream_swav.learner import Learner
 from stream_swav.model import SwAVModel
 from stream_swav.optim import learning_rate_for
 
+from machine import cpu_model  # bench/machine.py, beside this script
+
 FULL = {"arch": "resnet50", "small_stem": False, "global_size": 224, "local_size": 96, "batch_sizes": "64,256",
         "prototypes": 3000, "queue": 3840, "steps": 20, "warmup": 5}
 # Small enough for a loaded 2-core machine to finish in about two minutes.
@@ -366,16 +368,6 @@ def environment(device: torch.device) -> dict[str, str]:
     else:
         info.update(device=f"CPU: {cpu_model()}", threads=str(torch.get_num_threads()))
     return info
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 # ----------------------------------------------------------------------------- measurements

@@ -69,7 +69,8 @@ from pipelines.fashion_mnist import (CLASS_NAMES, NUM_CLASSES, array_samples, ca
                                      load_split, zipf_subset)
 from pipelines.follow import nice_ticks
 from pipelines.make_shards import write_shards
-from stream_swav.config import CODES, Config, StorageConfig, config_from_dict, load_config
+from stream_swav.config import CODES, Config, StorageConfig, config_from_dict, load_config, merge_dicts
+from stream_swav.demo import DEMO_CONFIG
 from stream_swav.model import SwAVModel
 from stream_swav.runtime import checkpoint as ckpt
 from stream_swav.swav import prototype_counts, prototype_perplexity
@@ -90,25 +91,16 @@ SHARD_MAX_COUNT = 500
 SHARD_MAX_BYTES = 1 << 40
 IMAGE_FORMAT = "png"
 
-# The demo's CPU recipe, adjusted for many short runs on a CPU: the standard stem (4x less
-# compute per image than the small one at 28 px), two local crops, 30 prototypes (3 per class)
-# and no queue (it would only start after the whole budget).
-LONGTAIL_CONFIG: dict[str, Any] = {
-    "model": {"arch": "resnet18", "small_stem": False, "hidden_dim": 512, "output_dim": 64, "prototypes": 30},
-    "crops": {"global_size": 28, "global_count": 2, "global_scale": [0.35, 1.0],
-              "local_size": 16, "local_count": 2, "local_scale": [0.15, 0.4]},
-    "augment": {"mean": [0.286, 0.286, 0.286], "std": [0.353, 0.353, 0.353], "hue": 0.0,
-                "blur_prob_global": 0.2, "blur_sigma": [0.1, 1.0]},
-    "swav": {"temperature": 0.1, "epsilon": 0.05, "queue_length": 0},
-    "optim": {"optimizer": "lars", "base_lr": 1.2, "final_lr": 0.0012, "schedule": "warmup-constant",
-              "weight_decay": 1e-6},
-    "train": {"batch_size": 64, "time_budget_s": 0, "log_interval_s": 30, "progress_bar": False},
-    # Only the final checkpoint matters; it is written when the budget is reached.
+# The demo's CPU recipe, adjusted for many short runs on a CPU: 30 prototypes (3 per class), no
+# queue (it would only start after the whole budget), budgets in images rather than time, only the
+# final checkpoint, and a free metrics port (several pipelines or a demo may run side by side).
+LONGTAIL_CONFIG: dict[str, Any] = merge_dicts(DEMO_CONFIG, {
+    "model": {"prototypes": 30},
+    "swav": {"queue_length": 0},
+    "train": {"time_budget_s": 0, "log_interval_s": 30, "progress_bar": False},
     "checkpoint": {"every_steps": 0, "every_seconds": 0, "keep_last": 1, "milestone_every": 0},
-    "data": {"shuffle_buffer": 256, "min_side": 8},
-    # A free port each run: several pipelines (or a demo) may run side by side.
     "metrics": {"port": 0},
-}
+})
 
 
 # ---- streams (pure) -----------------------------------------------------------------------------------
@@ -471,23 +463,16 @@ def budget_scaled(images: int, batch_size: int) -> dict[str, Any]:
                      "mass_momentum": round(min(0.99, max(0.5, 1.0 - 10.0 / steps)), 4)}}
 
 
-def _merge(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
-    out = dict(a)
-    for key, value in b.items():
-        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
-    return out
-
-
 def shared_config(images: int, config_file: str | None, overrides: list[str]) -> Config:
     """Recipe <- budget-scaled keys <- --config <- --set, with the image budget fixed to `images`."""
     first = load_config(config_file, overrides, base=LONGTAIL_CONFIG)
-    base = _merge(LONGTAIL_CONFIG, budget_scaled(images, first.train.batch_size * first.train.learners))
+    base = merge_dicts(LONGTAIL_CONFIG, budget_scaled(images, first.train.batch_size * first.train.learners))
     cfg = load_config(config_file, overrides, base=base)
-    return config_from_dict(_merge(cfg.to_dict(), {"train": {"image_budget": images}}))
+    return config_from_dict(merge_dicts(cfg.to_dict(), {"train": {"image_budget": images}}))
 
 
 def run_config(shared: Config, run: RunSpec, shards: str, checkpoint_dir: str) -> Config:
-    return config_from_dict(_merge(shared.to_dict(), {
+    return config_from_dict(merge_dicts(shared.to_dict(), {
         "data": {"shards": shards, "seed": run.seed}, "train": {"seed": run.seed},
         "swav": {"codes": run.method}, "checkpoint": {"dir": checkpoint_dir}}))
 

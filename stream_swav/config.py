@@ -298,10 +298,11 @@ def _nest(dotted: str, value: Any) -> dict[str, Any]:
     return {head: _nest(rest, value) if rest else value}
 
 
-def _merge(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
+def merge_dicts(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
+    """Nested configuration dicts, b's values winning; neither input is changed."""
     out = dict(a)
     for k, v in b.items():
-        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+        out[k] = merge_dicts(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
     return out
 
 
@@ -313,7 +314,7 @@ def parse_overrides(pairs: list[str]) -> dict[str, Any]:
         if not sep or not key.strip():
             raise ConfigError(f"--set {pair!r}: expected section.key=value")
         value = yaml.safe_load(raw) if raw.strip() else ""
-        merged = _merge(merged, _nest(key.strip(), value))
+        merged = merge_dicts(merged, _nest(key.strip(), value))
     return merged
 
 

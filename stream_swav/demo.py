@@ -16,7 +16,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from stream_swav.config import load_config
+from stream_swav.config import load_config, merge_dicts
 
 log = logging.getLogger("stream_swav.demo")
 
@@ -62,13 +62,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="demo images: Fashion-MNIST when found (auto), or the procedural 10-class set")
 
 
-def _merge(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
-    out = dict(a)
-    for key, value in b.items():
-        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
-    return out
-
-
 def run_demo(args: argparse.Namespace) -> int:
     import torch
 
@@ -84,10 +77,10 @@ def run_demo(args: argparse.Namespace) -> int:
                        progress=True)
     log.info("demo data: %s", made.describe())
 
-    base = _merge(DEMO_CONFIG, DEMO_GPU_OVERRIDES) if gpu else DEMO_CONFIG
+    base = merge_dicts(DEMO_CONFIG, DEMO_GPU_OVERRIDES) if gpu else DEMO_CONFIG
     if args.minutes:
-        base = _merge(base, {"train": {"time_budget_s": args.minutes * 60}})
-    base = _merge(base, {"data": {"shards": made.train}, "checkpoint": {"dir": str(out / "checkpoints")},
+        base = merge_dicts(base, {"train": {"time_budget_s": args.minutes * 60}})
+    base = merge_dicts(base, {"data": {"shards": made.train}, "checkpoint": {"dir": str(out / "checkpoints")},
                          "crops": {"global_size": made.image_size}})
     cfg = load_config(args.config, args.overrides, base=base)
     eval_dir = out / "eval"

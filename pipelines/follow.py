@@ -61,11 +61,11 @@ DEFAULT_INTERVAL_S = 60.0
 # ---- results ------------------------------------------------------------------------------------------
 
 
-def read_results(path: str | Path) -> list[dict[str, Any]]:
-    """Rows of a results.jsonl; a damaged line (say, cut off by a crash mid-write) is skipped
-    with a warning, so its checkpoint is evaluated again."""
+def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
+    """The object rows of a JSON-lines file; a damaged line (say, cut off by a crash mid-write)
+    is skipped with a warning."""
     path = Path(path)
-    if not path.exists():
+    if not path.is_file():
         return []
     rows = []
     for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
@@ -76,10 +76,33 @@ def read_results(path: str | Path) -> list[dict[str, Any]]:
         except json.JSONDecodeError:
             log.warning("%s line %d: not JSON, ignored", path, number)
             continue
-        if isinstance(row, dict) and isinstance(row.get("step"), int):
+        if isinstance(row, dict):
             rows.append(row)
         else:
-            log.warning("%s line %d: not a result row, ignored", path, number)
+            log.warning("%s line %d: not a JSON object, ignored", path, number)
+    return rows
+
+
+def append_jsonl(path: str | Path, row: dict[str, Any], allow_nan: bool = True) -> None:
+    """Append one row and fsync, so a crash loses at most the row being written."""
+    line = json.dumps(row, allow_nan=allow_nan, sort_keys=True)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(line + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def read_results(path: str | Path) -> list[dict[str, Any]]:
+    """Rows of a results.jsonl; a damaged line is skipped with a warning, so its checkpoint is
+    evaluated again."""
+    rows = []
+    for row in read_jsonl(path):
+        if isinstance(row.get("step"), int):
+            rows.append(row)
+        else:
+            log.warning("%s: a row without an integer step, ignored", path)
     return rows
 
 
@@ -113,11 +136,7 @@ class ResultLog:
         return {row["step"] for row in self.rows}
 
     def append(self, row: dict[str, Any]) -> None:
-        line = json.dumps(row, allow_nan=False, sort_keys=True)
-        with open(self.jsonl, "a", encoding="utf-8") as f:
-            f.write(line + "\n")
-            f.flush()
-            os.fsync(f.fileno())
+        append_jsonl(self.jsonl, row, allow_nan=False)
         self.rows.append(row)
         write_csv(self.rows, self.csv)
 

@@ -48,7 +48,6 @@ import hashlib
 import json
 import logging
 import math
-import os
 import sys
 import time
 from collections.abc import Iterable
@@ -67,7 +66,7 @@ from pipelines.evaluate import (DEFAULT_K, DEFAULT_TEMPERATURE, EvalData, embed,
                                 resolve_checkpoint)
 from pipelines.fashion_mnist import (CLASS_NAMES, NUM_CLASSES, array_samples, candidate_dirs, find_fashion_mnist,
                                      load_split, zipf_subset)
-from pipelines.follow import nice_ticks
+from pipelines.follow import append_jsonl, nice_ticks, read_jsonl
 from pipelines.make_shards import write_shards
 from stream_swav.config import CODES, Config, StorageConfig, config_from_dict, load_config, merge_dicts
 from stream_swav.demo import DEMO_CONFIG
@@ -207,34 +206,6 @@ def config_id(shared: dict[str, Any]) -> str:
     other settings are never mistaken for this configuration's."""
     text = json.dumps(shared, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(text.encode()).hexdigest()[:10]
-
-
-def read_rows(path: str | Path) -> list[dict[str, Any]]:
-    """Rows of a results.jsonl; a torn last line (a crash mid-write) is ignored."""
-    path = Path(path)
-    if not path.is_file():
-        return []
-    rows = []
-    for number, line in enumerate(path.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            log.warning("%s:%d: unreadable row ignored", path, number)
-            continue
-        if isinstance(row, dict):
-            rows.append(row)
-    return rows
-
-
-def append_row(path: str | Path, row: dict[str, Any]) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as f:
-        f.write(json.dumps(row, sort_keys=True) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
 
 
 def pending_runs(plan: list[RunSpec], rows: list[dict[str, Any]], config: str) -> list[RunSpec]:
@@ -541,7 +512,7 @@ def run_pipeline(args: argparse.Namespace) -> int:
                                                   "class_names": CLASS_NAMES}, indent=2) + "\n")
     log.info("streams: %s; groups by long-tail frequency: %s", made.counts, made.groups)
     results = out / RESULTS_JSONL
-    todo = pending_runs(plan, read_rows(results), config)
+    todo = pending_runs(plan, read_jsonl(results), config)
     log.info("configuration %s: %d of %d runs to do", config, len(todo), len(plan))
     data = load_eval_data(made.eval_train, made.eval_test, shared.crops.global_size)
     device = pick_device(args.device)
@@ -567,11 +538,11 @@ def run_pipeline(args: argparse.Namespace) -> int:
                     "images": args.images, "prototypes": shared.model.prototypes, "index": len(data.train),
                     "queries": len(data.test), "train_seconds": round(train_seconds, 1),
                     "eval_seconds": round(time.monotonic() - started, 1), "checkpoint": checkpoint_dir})
-        append_row(results, row)
+        append_jsonl(results, row)
         log.info("run %s: top-1 %.2f%% (frequent %.2f%%, middle %.2f%%, rare %.2f%%), perplexity %.1f",
                  run.name, *(100 * row[m] for m in METRICS[:4]), row["perplexity"])
-        write_reports(out, read_rows(results), config, streams, methods, references)
-    write_reports(out, read_rows(results), config, streams, methods, references)
+        write_reports(out, read_jsonl(results), config, streams, methods, references)
+    write_reports(out, read_jsonl(results), config, streams, methods, references)
     print((out / RESULTS_MD).read_text())
     return 1 if failures else 0
 

@@ -143,11 +143,11 @@ def test_paired_differences_and_verdicts():
 
 def test_restart_skips_runs_already_recorded(tmp_path):
     results = tmp_path / "results.jsonl"
-    longtail.append_row(results, fake_row("longtail", "sinkhorn", 0, 0.5, 0.2))
-    longtail.append_row(results, fake_row("longtail", "relaxed", 0, 0.5, 0.2, config="other"))
+    longtail.append_jsonl(results, fake_row("longtail", "sinkhorn", 0, 0.5, 0.2))
+    longtail.append_jsonl(results, fake_row("longtail", "relaxed", 0, 0.5, 0.2, config="other"))
     with open(results, "a") as f:
         f.write('{"stream": "longtail", "method": "rel')  # torn by a crash mid-write
-    rows = longtail.read_rows(results)
+    rows = longtail.read_jsonl(results)
     assert len(rows) == 2
     plan = longtail.plan_runs(["longtail"], ["sinkhorn", "relaxed"], [0, 1])
     assert [r.name for r in plan] == ["longtail-sinkhorn-seed0", "longtail-relaxed-seed0",

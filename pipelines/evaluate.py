@@ -435,23 +435,28 @@ def format_table(result: dict[str, Any]) -> str:
 # ---- command line -------------------------------------------------------------------------------------
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--checkpoint", required=True,
-                        help="checkpoint folder (uses latest.json), step folder, or backbone.pt; local or s3://")
-    parser.add_argument("--train", required=True, help="labelled shards for the kNN index and probe training")
-    parser.add_argument("--test", required=True, help="labelled shards to score")
+def add_embedding_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options of kNN evaluation shared by `eval` and `follow`."""
     parser.add_argument("--k", type=int, default=DEFAULT_K)
     parser.add_argument("--temperature", type=float, default=DEFAULT_TEMPERATURE)
     parser.add_argument("--image-size", type=int, default=0,
                         help="evaluation size (default: the checkpoint's crops.global_size)")
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--device", default="auto", help="auto (cuda when available), cpu or cuda")
-    parser.add_argument("--no-probe", action="store_true", help="skip the linear probe")
-    parser.add_argument("--no-references", action="store_true", help="skip the raw-pixel and random-init rows")
     parser.add_argument("--max-train", type=int, default=0, help="use at most this many training images")
     parser.add_argument("--max-test", type=int, default=0, help="use at most this many test images")
-    parser.add_argument("--json-out", help="also write the result as JSON to this file")
     parser.add_argument("--endpoint-url", default="", help="S3 endpoint (default: from the environment)")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--checkpoint", required=True,
+                        help="checkpoint folder (uses latest.json), step folder, or backbone.pt; local or s3://")
+    parser.add_argument("--train", required=True, help="labelled shards for the kNN index and probe training")
+    parser.add_argument("--test", required=True, help="labelled shards to score")
+    parser.add_argument("--no-probe", action="store_true", help="skip the linear probe")
+    parser.add_argument("--no-references", action="store_true", help="skip the raw-pixel and random-init rows")
+    parser.add_argument("--json-out", help="also write the result as JSON to this file")
+    add_embedding_arguments(parser)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -33,6 +33,7 @@ from pipelines.evaluate import (
     DEFAULT_K,
     DEFAULT_TEMPERATURE,
     EvalData,
+    add_embedding_arguments,
     ResolvedCheckpoint,
     evaluate_backbone,
     evaluate_pixels,
@@ -429,15 +430,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--probe", action="store_true", help="also fit a linear probe per checkpoint")
     parser.add_argument("--references", action="store_true",
                         help="also record raw-pixel and random-init kNN (computed once)")
-    parser.add_argument("--k", type=int, default=DEFAULT_K)
-    parser.add_argument("--temperature", type=float, default=DEFAULT_TEMPERATURE)
-    parser.add_argument("--image-size", type=int, default=0,
-                        help="evaluation size (default: the checkpoint's crops.global_size)")
-    parser.add_argument("--batch-size", type=int, default=256)
-    parser.add_argument("--device", default="auto", help="auto (cuda when available), cpu or cuda")
-    parser.add_argument("--max-train", type=int, default=0, help="use at most this many training images")
-    parser.add_argument("--max-test", type=int, default=0, help="use at most this many test images")
-    parser.add_argument("--endpoint-url", default="", help="S3 endpoint (default: from the environment)")
+    add_embedding_arguments(parser)
 
 
 def run(args: argparse.Namespace) -> int:

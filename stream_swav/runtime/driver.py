@@ -233,7 +233,7 @@ class Trainer:
         # for a learner) are bounded, so a slow learner slows the readers and the object store never fills.
         # The bound is per actor too, so one slow reader holds only its own share.
         capacity = len(self.slots) * cfg.data.inflight_batches_per_actor + 2 * len(self.learners)
-        outstanding = sum(len(slot.pending) for slot in self.slots) + sum(1 for meta, _ in self.ready if meta.size)
+        outstanding = sum(len(slot.pending) for slot in self.slots) + self.ready_batches()
         for slot in sorted(self.slots, key=lambda s: len(s.pending)):
             if slot.exhausted or outstanding >= capacity:
                 continue
@@ -271,6 +271,10 @@ class Trainer:
             # takes them in delivery order, never ahead of the same worker's untrained batches.
             self.ready.append((meta, batch_ref))
 
+    def ready_batches(self) -> int:
+        """Decoded batches with samples waiting for a learner (empty ones only carry bookkeeping)."""
+        return sum(1 for meta, _ in self.ready if meta.size)
+
     def restart(self, slot: DecodeSlot, err: Exception) -> None:
         """A decode actor died: a new one re-reads its shards from what was delivered."""
         log.warning("decode actor %d (pid %d) failed: %s; restarting it", slot.index, slot.pid,
@@ -300,8 +304,7 @@ class Trainer:
             while self.ready and self.ready[0][0].size == 0:
                 meta, _ = self.ready.popleft()
                 self.submitted.advance(meta.progress, meta.finished)
-            real = sum(1 for meta, _ in self.ready if meta.size)
-            if not (real >= world and len(self.in_flight) < 2 and self.budget_left()
+            if not (self.ready_batches() >= world and len(self.in_flight) < 2 and self.budget_left()
                     and not self.stop_event.is_set()):
                 return
             batches = []
@@ -344,7 +347,7 @@ class Trainer:
         self.metrics.observe_step(images=step.images, images_seen=self.images_seen, loss=stats["loss"],
                                   learning_rate=stats["lr"])
         self.metrics.set_throughput(images_per_second=self.throughput.rate(), input_wait_ratio=input_wait)
-        self.metrics.set_batches_in_flight(sum(len(s.pending) for s in self.slots) + len(self.ready)
+        self.metrics.set_batches_in_flight(sum(len(s.pending) for s in self.slots) + self.ready_batches()
                                            + sum(len(p.refs) for p in self.in_flight))
         if "gpu_memory_allocated_bytes" in stats:
             self.metrics.set_gpu_memory(allocated_bytes=int(stats["gpu_memory_allocated_bytes"]),

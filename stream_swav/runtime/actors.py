@@ -129,11 +129,6 @@ class LearnerActorImpl:
             stats["gpu_memory_reserved_bytes"] = float(torch.cuda.memory_reserved(self.device))
         return stats
 
-    def reset_wait_clock(self) -> None:
-        self.last_step_end = None
-        self.wait_seconds = 0.0
-        self.busy_seconds = 0.0
-
     def rank_state(self) -> dict[str, Any]:
         """What differs between ranks: queue and random streams."""
         state = self.learner.state_dict()

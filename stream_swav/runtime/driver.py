@@ -34,6 +34,7 @@ from stream_swav.data.sources import ShardSource
 from stream_swav.runtime import checkpoint as ckpt
 from stream_swav.runtime.actors import BatchMeta, DecodeActor, LearnerActor
 from stream_swav.runtime.metrics import Metrics, PrototypeUsage, collapse_alarm, collapse_settings
+from stream_swav.storage import describe_storage
 
 log = logging.getLogger("stream_swav.driver")
 
@@ -143,6 +144,8 @@ class Trainer:
                 raise ConfigError(f"metrics.port: cannot serve metrics on {cfg.metrics.host}:{cfg.metrics.port} "
                                   f"({err.strerror or err}); choose another port, or 0 for any free one") from err
             log.info("metrics at http://%s:%d/metrics", cfg.metrics.host, self.metrics_port)
+        if any(url.startswith("s3://") for url in (cfg.data.shards, cfg.checkpoint.dir)):
+            log.info("object storage: %s", describe_storage(cfg.storage))
         shards = self.source.list_shards()
         if not shards and not cfg.data.follow:
             raise ValueError(f"data.shards: no shards found for {cfg.data.shards!r}")

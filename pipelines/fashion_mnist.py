@@ -17,7 +17,7 @@ import json
 import math
 import os
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -236,14 +236,21 @@ def zipf_class_counts(available: np.ndarray, imbalance_ratio: float) -> np.ndarr
     return np.maximum(1, np.floor(head * shares + 1e-9)).astype(np.int64)
 
 
-def zipf_subset(labels: np.ndarray, imbalance_ratio: float = 100.0, seed: int = 0) -> np.ndarray:
-    """Indices of a long-tailed subset: class c (in label order, 0 the head) keeps a share
-    proportional to 1/(c+1)^a, so the largest class is `imbalance_ratio` times the smallest.
+def zipf_subset(labels: np.ndarray, imbalance_ratio: float = 100.0, seed: int = 0,
+                class_order: Sequence[int] | None = None) -> np.ndarray:
+    """Indices of a long-tailed subset: the class of frequency rank r (0 the head) keeps a share
+    proportional to 1/(r+1)^a, so the largest class is `imbalance_ratio` times the smallest.
+    `class_order` lists the classes from most to least frequent (default: label order).
     Which samples are kept, and their order (as a stream would see them), follow `seed`."""
     labels = np.asarray(labels)
     if imbalance_ratio < 1:
         raise ValueError(f"imbalance_ratio must be >= 1, got {imbalance_ratio}")
     classes = np.unique(labels)
+    if class_order is not None:
+        if sorted(int(c) for c in class_order) != [int(c) for c in classes]:
+            raise ValueError(f"class_order must list each class once, got {list(class_order)} "
+                             f"for classes {classes.tolist()}")
+        classes = np.asarray(class_order)
     available = np.array([(labels == c).sum() for c in classes])
     counts = zipf_class_counts(available, imbalance_ratio)
     rng = np.random.default_rng(seed)

@@ -6,8 +6,11 @@
 1. Streams, written once as labelled shards under OUT/shards/<stream>:
    ``longtail`` is `zipf_subset` of the Fashion-MNIST training split (class c
    keeps a share proportional to 1/(c+1)^2, so class 0 has 100 times the
-   images of class 9); ``balanced`` is the same number of images, equal per
-   class (rounded down to a multiple of the class count).
+   images of class 9; ``--class-order shuffled`` assigns the frequency ranks
+   by a permutation drawn from ``--stream-seed`` instead, so the rare classes
+   are not always Fashion-MNIST's last, easiest ones); ``balanced`` is the
+   same number of images, equal per class (rounded down to a multiple of the
+   class count).
 2. kNN data, also once: an index of ``--index-per-class`` training images per
    class, and ``--test-images`` queries, equal per class, from the test split
    (0: the whole test split).
@@ -78,6 +81,7 @@ log = logging.getLogger("stream_swav.longtail")
 
 STREAMS = ("longtail", "balanced")
 IMBALANCE_RATIO = 100.0
+CLASS_ORDERS = ("label", "shuffled")
 # Classes by frequency rank in the long-tailed stream: the 3 most frequent, 4 middle, 3 rarest.
 GROUP_SIZES = (("frequent", 3), ("middle", 4), ("rare", 3))
 GROUPS = tuple(name for name, _ in GROUP_SIZES)
@@ -120,15 +124,26 @@ def balanced_subset(labels: np.ndarray, per_class: int, seed: int) -> np.ndarray
     return rng.permutation(np.concatenate(chosen)) if chosen else np.empty(0, dtype=np.int64)
 
 
+def frequency_order(class_order: str, seed: int, num_classes: int = NUM_CLASSES) -> list[int]:
+    """Classes from most to least frequent in the long-tailed stream: label order, or a
+    permutation drawn from `seed` (so the rare classes are not always the same ones)."""
+    if class_order == "label":
+        return list(range(num_classes))
+    if class_order == "shuffled":
+        return [int(c) for c in np.random.default_rng([seed, 7919]).permutation(num_classes)]
+    raise ValueError(f"class_order must be one of {', '.join(CLASS_ORDERS)}, got {class_order!r}")
+
+
 def stream_indices(stream: str, labels: np.ndarray, seed: int,
-                   imbalance_ratio: float = IMBALANCE_RATIO) -> np.ndarray:
+                   imbalance_ratio: float = IMBALANCE_RATIO, class_order: str = "label") -> np.ndarray:
     """The training stream's sample indices, in stream order.
 
-    longtail: Zipf class counts, largest/smallest == imbalance_ratio, class 0
-    the most frequent. balanced: as many images, equal per class (the total
-    rounded down to a multiple of the number of classes).
+    longtail: Zipf class counts, largest/smallest == imbalance_ratio, the most
+    frequent class first in `frequency_order(class_order, seed)`. balanced: as
+    many images, equal per class (the total rounded down to a multiple of the
+    number of classes).
     """
-    longtail = zipf_subset(labels, imbalance_ratio, seed)
+    longtail = zipf_subset(labels, imbalance_ratio, seed, frequency_order(class_order, seed))
     if stream == "longtail":
         return longtail
     if stream == "balanced":
@@ -386,7 +401,7 @@ class Streams:
 
 
 def build_streams(out: Path, data_dir: str | None, streams: Iterable[str], *, stream_seed: int,
-                  index_per_class: int, test_images: int, image_size: int) -> Streams:
+                  index_per_class: int, test_images: int, image_size: int, class_order: str = "label") -> Streams:
     """Write (or keep, when already complete) the shards of every stream and of the kNN data."""
     folder = find_fashion_mnist(data_dir)
     if folder is None:
@@ -397,11 +412,12 @@ def build_streams(out: Path, data_dir: str | None, streams: Iterable[str], *, st
     base = {"source": "fashion-mnist", "size": image_size, "format": IMAGE_FORMAT, "seed": stream_seed}
     shards, counts = {}, {}
     for stream in ["longtail", *[s for s in streams if s != "longtail"]]:
-        indices = stream_indices(stream, train_labels, stream_seed)
-        dest = out / "shards" / stream
+        indices = stream_indices(stream, train_labels, stream_seed, class_order=class_order)
+        dest = out / "shards" / (stream if class_order == "label" else f"{stream}-{class_order}")
         write_shards(array_samples(train_images, train_labels, size=image_size, image_format=IMAGE_FORMAT,
                                    indices=indices), dest, SHARD_MAX_COUNT, SHARD_MAX_BYTES,
-                     settings={**base, "stream": stream, "imbalance_ratio": IMBALANCE_RATIO}, total=len(indices))
+                     settings={**base, "stream": stream, "imbalance_ratio": IMBALANCE_RATIO,
+                               "class_order": class_order}, total=len(indices))
         shards[stream] = str(dest)
         counts[stream] = class_counts(train_labels[indices]).tolist()
     index = balanced_subset(train_labels, index_per_class, stream_seed + 1)
@@ -504,10 +520,12 @@ def run_pipeline(args: argparse.Namespace) -> int:
     shared = shared_config(args.images, args.config, args.overrides)
     config = config_id({**shared.to_dict(), "pipeline": {"stream_seed": args.stream_seed,
                                                          "index_per_class": args.index_per_class,
-                                                         "test_images": args.test_images}})
+                                                         "test_images": args.test_images,
+                                                         **({} if args.class_order == "label"
+                                                            else {"class_order": args.class_order})}})
     made = build_streams(out, args.data_dir, streams, stream_seed=args.stream_seed,
                          index_per_class=args.index_per_class, test_images=args.test_images,
-                         image_size=shared.crops.global_size)
+                         image_size=shared.crops.global_size, class_order=args.class_order)
     (out / "streams.json").write_text(json.dumps({"counts": made.counts, "groups": made.groups,
                                                   "class_names": CLASS_NAMES}, indent=2) + "\n")
     log.info("streams: %s; groups by long-tail frequency: %s", made.counts, made.groups)
@@ -574,6 +592,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--test-images", type=int, default=2000,
                         help="class-balanced test queries (0: the whole test split)")
     parser.add_argument("--stream-seed", type=int, default=0, help="seed of the streams' and kNN data's subsets")
+    parser.add_argument("--class-order", default="label", choices=CLASS_ORDERS,
+                        help="which classes are frequent in the long-tailed stream: label order (class 0 the "
+                             "head, as in the README table) or a permutation drawn from --stream-seed")
     parser.add_argument("--data-dir", help="Fashion-MNIST folder (default: searched, see pipelines.fashion_mnist)")
     parser.add_argument("--device", default="auto", help="evaluation device: auto, cpu or cuda")
     parser.add_argument("--config", help="YAML file overriding the recipe")

@@ -156,6 +156,10 @@ class TrainConfig:
     seed: int = 0
     gpus_per_learner: float = 1.0
     cpus_per_learner: float = 1.0
+    # Intra-op threads of a learner that trains on the CPU; 0: cpus_per_learner rounded up. Ray
+    # pins every worker to one thread, so without this a CPU learner uses a single core whatever
+    # it reserved; more threads than reserved CPUs are allowed when decoders are light.
+    cpu_threads: int = 0
 
 
 @dataclass
@@ -442,6 +446,7 @@ def _validate(cfg: Config) -> None:
     positive("train.log_interval_s", t.log_interval_s)
     positive("train.gpus_per_learner", t.gpus_per_learner, allow_zero=True)
     positive("train.cpus_per_learner", t.cpus_per_learner, allow_zero=True)
+    positive("train.cpu_threads", t.cpu_threads, allow_zero=True)
     _check(t.batch_size >= 2 or t.learners > 1, "train.batch_size", "must be >= 2 for Sinkhorn", t.batch_size)
 
     _check(bool(k.dir), "checkpoint.dir", "must be a folder or s3:// URL", k.dir)

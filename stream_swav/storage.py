@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import os
 import threading
+import time
 import uuid
 from typing import Any
 
@@ -176,7 +177,7 @@ def write_bytes_atomic(url: str, data: bytes, cfg: StorageConfig) -> None:
         return
     folder = os.path.dirname(path)
     os.makedirs(folder, exist_ok=True)
-    tmp = os.path.join(folder, f".{os.path.basename(path)}.tmp-{uuid.uuid4().hex}")
+    tmp = os.path.join(folder, f".{os.path.basename(path)}{TEMPORARY_MARKER}{uuid.uuid4().hex}")
     try:
         with open(tmp, "wb") as f:
             f.write(data)
@@ -187,6 +188,29 @@ def write_bytes_atomic(url: str, data: bytes, cfg: StorageConfig) -> None:
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
+
+
+TEMPORARY_MARKER = ".tmp-"
+
+
+def remove_stale_temporaries(url: str, cfg: StorageConfig, older_than_s: float) -> list[str]:
+    """Delete the temporary files `write_bytes_atomic` left directly under a local folder when
+    its writer died between write and rename, once they are `older_than_s` old (a live writer
+    renames within seconds). Object stores have none; returns the paths removed."""
+    fs, path = filesystem_for(url, cfg)
+    if not isinstance(fs, LocalFileSystem) or not os.path.isdir(path):
+        return []
+    removed = []
+    cutoff = time.time() - older_than_s
+    for entry in os.scandir(path):
+        if entry.name.startswith(".") and TEMPORARY_MARKER in entry.name and entry.is_file():
+            try:
+                if entry.stat().st_mtime < cutoff:
+                    os.remove(entry.path)
+                    removed.append(entry.path)
+            except FileNotFoundError:
+                pass
+    return removed
 
 
 def listdir(url: str, cfg: StorageConfig) -> list[str]:

@@ -3,6 +3,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 import textwrap
 
 import pytest
@@ -212,6 +213,20 @@ def test_retention_keeps_newest_and_milestones(tmp_path):
         str(tmp_path / f"step-000000{s}") for s in (300, 600, 900)]
     assert sorted(list_step_dirs(str(tmp_path), STORAGE)) == [1000, 2000]
     assert load_checkpoint(str(tmp_path), STORAGE)["images_seen"] == 320 * 1000
+
+
+def test_retention_removes_stale_temporaries_of_killed_latest_writes(tmp_path):
+    save(tmp_path, 100, keep_last=1)
+    stale = tmp_path / ".latest.json.tmp-0123abcd"
+    fresh = tmp_path / ".latest.json.tmp-4567ef01"
+    for leftover in (stale, fresh):
+        leftover.write_bytes(b'{"step": ')
+    hour_ago = time.time() - 3600
+    os.utime(stale, (hour_ago, hour_ago))
+    info = save(tmp_path, 200, keep_last=1)
+    # A fresh one may belong to a writer that is about to rename it.
+    assert str(stale) in info.deleted and not stale.exists() and fresh.exists()
+    assert load_checkpoint(str(tmp_path), STORAGE)["images_seen"] == 320 * 200
 
 
 def test_retention_deletion_failures_are_logged_not_raised(tmp_path, monkeypatch, caplog):

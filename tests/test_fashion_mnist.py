@@ -168,6 +168,11 @@ def test_zipf_subset_has_the_requested_imbalance():
     assert not (zipf_subset(labels, 100, seed=1) == indices).all()
     with pytest.raises(ValueError):
         zipf_subset(labels, imbalance_ratio=0.5)
+    reordered = np.bincount(labels[zipf_subset(labels, 100, seed=0, class_order=[9, 8, 7, 6, 5, 4, 3, 2, 1, 0])],
+                            minlength=10)
+    assert reordered.tolist() == counts.tolist()[::-1]
+    with pytest.raises(ValueError, match="each class once"):
+        zipf_subset(labels, 100, class_order=[0, 0, 1, 2, 3, 4, 5, 6, 7, 8])
 
 
 def decode_outcomes(folder: Path) -> Counter:

@@ -37,6 +37,21 @@ def test_longtail_stream_counts_follow_zipf_with_ratio_100():
     assert all(a >= b for a, b in zip(counts, counts[1:]))
 
 
+def test_shuffled_class_order_moves_the_head_and_tail_to_other_classes():
+    labels = shuffled_labels(600)
+    order = longtail.frequency_order("shuffled", seed=3)
+    assert sorted(order) == list(range(10)) and order != list(range(10))
+    assert order == longtail.frequency_order("shuffled", seed=3)
+    counts = longtail.class_counts(labels[longtail.stream_indices("longtail", labels, seed=3, class_order="shuffled")])
+    # The same Zipf counts, now carried by the classes in `order`; the groups follow the counts.
+    assert counts[order].tolist() == [int(600 / (r + 1) ** 2 + 1e-9) for r in range(10)]
+    groups = longtail.frequency_groups(counts)
+    assert groups["frequent"] == tuple(order[:3]) and groups["rare"] == tuple(order[-3:])
+    assert longtail.frequency_order("label", seed=3) == list(range(10))
+    with pytest.raises(ValueError, match="class_order must be one of"):
+        longtail.frequency_order("reversed", seed=0)
+
+
 def test_balanced_stream_has_equal_counts_and_the_same_total():
     labels = shuffled_labels(600)
     longtail_size = len(longtail.stream_indices("longtail", labels, seed=0))

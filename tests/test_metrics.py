@@ -95,6 +95,15 @@ def test_checkpoint_age_counts_from_start_until_the_first_checkpoint():
     assert metrics.registry.get_sample_value("stream_swav_checkpoint_age_seconds") == 120.0
 
 
+def test_a_checkpoint_found_on_resume_sets_the_age_but_is_not_counted_as_saved():
+    clock = FakeClock(1_000.0)
+    metrics = Metrics(clock=clock)
+    metrics.observe_checkpoint(step=40, wall_time=900.0, duration_s=0.0, size_bytes=10, saved_now=False)
+    assert metrics.registry.get_sample_value("stream_swav_checkpoint_age_seconds") == 100.0
+    assert metrics.registry.get_sample_value("stream_swav_last_checkpoint_step") == 40
+    assert metrics.registry.get_sample_value("stream_swav_checkpoints_saved_total") == 0
+
+
 def test_server_binds_only_the_configured_host_and_stops():
     metrics = Metrics()
     port = metrics.start_server("127.0.0.1", 0)

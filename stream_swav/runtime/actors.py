@@ -6,6 +6,7 @@ classes only move data through Ray and report what happened.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import socket
 import time
@@ -14,7 +15,7 @@ from typing import Any
 
 import ray
 
-from stream_swav.config import config_from_dict
+from stream_swav.config import TrainConfig, config_from_dict
 
 log = logging.getLogger("stream_swav.actors")
 
@@ -65,6 +66,10 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def learner_cpu_threads(train: TrainConfig) -> int:
+    return train.cpu_threads or max(1, math.ceil(train.cpus_per_learner))
+
+
 class LearnerActorImpl:
     """One learner: one GPU (or the CPU), one rank of the data-parallel group."""
 
@@ -83,6 +88,8 @@ class LearnerActorImpl:
         self.device = torch.device("cuda", 0) if use_cuda else torch.device("cpu")
         if use_cuda:
             torch.cuda.set_device(self.device)
+        else:
+            torch.set_num_threads(learner_cpu_threads(self.cfg.train))
         self.learner = None
         self.last_step_end: float | None = None
         self.wait_seconds = 0.0

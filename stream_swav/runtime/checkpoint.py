@@ -242,6 +242,10 @@ def retained_steps(complete: list[int], latest_step: int, keep_last: int, milest
     return keep
 
 
+# A latest.json write killed between write and rename leaves its temporary file behind.
+STALE_TEMPORARY_S = 600.0
+
+
 def prune_checkpoints(dir_url: str, storage_cfg: StorageConfig, *, keep_last: int,
                       milestone_steps: int) -> list[str]:
     """Delete step folders older than latest.json's that retention does not keep,
@@ -268,6 +272,10 @@ def prune_checkpoints(dir_url: str, storage_cfg: StorageConfig, *, keep_last: in
             deleted.append(older[step])
         except Exception:
             log.warning("could not delete old checkpoint %s", older[step], exc_info=True)
+    try:
+        deleted += storage.remove_stale_temporaries(dir_url, storage_cfg, STALE_TEMPORARY_S)
+    except OSError:
+        log.warning("could not remove stale temporary files in %s", dir_url, exc_info=True)
     return deleted
 
 

@@ -203,7 +203,8 @@ class Trainer:
         self.last_checkpoint_step = self.step
         self.checkpoint_policy.mark(self.step, time.time())
         self.metrics.observe_checkpoint(step=self.step, wall_time=float(latest["wall_time"]), duration_s=0.0,
-                                        size_bytes=int(latest.get("state_bytes", 0)) + int(latest.get("backbone_bytes", 0)))
+                                        size_bytes=int(latest.get("state_bytes", 0)) + int(latest.get("backbone_bytes", 0)),
+                                        saved_now=False)
         log.info("resumed from %s: step %d, %d images seen", latest.get("state"), self.step, self.images_seen)
 
     def spawn(self, slot: DecodeSlot) -> None:

@@ -202,13 +202,16 @@ class Metrics:
     def set_batches_in_flight(self, batches: int) -> None:
         self._batches_in_flight.set(batches)
 
-    def observe_checkpoint(self, *, step: int, wall_time: float, duration_s: float, size_bytes: int) -> None:
-        """A checkpoint completed at unix time `wall_time` (also call on resume with latest.json's)."""
+    def observe_checkpoint(self, *, step: int, wall_time: float, duration_s: float, size_bytes: int,
+                           saved_now: bool = True) -> None:
+        """A checkpoint completed at unix time `wall_time`. On resume, call with latest.json's and
+        `saved_now=False`: the age and step gauges start from it, the saved counter does not."""
         self._last_checkpoint_time = wall_time
         self._last_checkpoint_step.set(step)
         self._checkpoint_duration.set(duration_s)
         self._checkpoint_size.set(size_bytes)
-        self._checkpoints_saved.inc()
+        if saved_now:
+            self._checkpoints_saved.inc()
 
     def count_checkpoint_failure(self) -> None:
         self._checkpoint_failures.inc()

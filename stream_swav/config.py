@@ -6,6 +6,7 @@ names the offending key, e.g. ``optim.base_lr: must be > 0, got -1``.
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 import typing
@@ -229,6 +230,8 @@ def _coerce(key: str, annotation: Any, value: Any) -> Any:
     if annotation is bool:
         if isinstance(value, bool):
             return value
+        if isinstance(value, int) and value in (0, 1):
+            return bool(value)
         if isinstance(value, str) and value.lower() in ("true", "yes", "1", "on", "false", "no", "0", "off"):
             return value.lower() in ("true", "yes", "1", "on")
         raise ConfigError(f"{key}: expected true/false, got {value!r}")
@@ -281,6 +284,15 @@ def _coerce(key: str, annotation: Any, value: Any) -> Any:
     raise ConfigError(f"{key}: unsupported type {annotation!r}")  # pragma: no cover
 
 
+@dataclasses.dataclass(frozen=True)
+class OverrideText:
+    """A --set value as typed and as YAML reads it: string keys take the text as typed, so
+    `metrics.host=010` stays "010" and `checkpoint.dir=no` stays "no"."""
+
+    text: str
+    parsed: Any
+
+
 def _apply(obj: Any, prefix: str, values: dict[str, Any]) -> None:
     hints = typing.get_type_hints(type(obj))
     names = {f.name for f in dataclasses.fields(obj)}
@@ -289,7 +301,11 @@ def _apply(obj: Any, prefix: str, values: dict[str, Any]) -> None:
         if name not in names:
             raise ConfigError(f"{key}: unknown key (known: {', '.join(sorted(names))})")
         current = getattr(obj, name)
+        if isinstance(value, OverrideText):
+            value = value.text if hints[name] is str else value.parsed
         if dataclasses.is_dataclass(current):
+            if value is None:  # a section whose keys are all commented out
+                continue
             if not isinstance(value, dict):
                 raise ConfigError(f"{key}: expected a mapping, got {value!r}")
             _apply(current, f"{key}.", value)
@@ -303,10 +319,10 @@ def _nest(dotted: str, value: Any) -> dict[str, Any]:
 
 
 def merge_dicts(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
-    """Nested configuration dicts, b's values winning; neither input is changed."""
-    out = dict(a)
+    """Nested configuration dicts, b's values winning; the result shares nothing with its inputs."""
+    out = copy.deepcopy(a)
     for k, v in b.items():
-        out[k] = merge_dicts(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+        out[k] = merge_dicts(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else copy.deepcopy(v)
     return out
 
 
@@ -317,8 +333,12 @@ def parse_overrides(pairs: list[str]) -> dict[str, Any]:
         key, sep, raw = pair.partition("=")
         if not sep or not key.strip():
             raise ConfigError(f"--set {pair!r}: expected section.key=value")
-        value = yaml.safe_load(raw) if raw.strip() else ""
-        merged = merge_dicts(merged, _nest(key.strip(), value))
+        try:
+            parsed = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError:
+            # Not YAML (a brace pattern like {000..009}.tar, an unclosed list): the text itself.
+            parsed = raw
+        merged = merge_dicts(merged, _nest(key.strip(), OverrideText(raw, parsed)))
     return merged
 
 
@@ -330,8 +350,14 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     if base:
         layers.append(base)
     if path:
-        text = Path(path).read_text()
-        loaded = yaml.safe_load(text) or {}
+        try:
+            text = Path(path).read_text()
+        except OSError as error:
+            raise ConfigError(f"{path}: cannot read the config file ({error.strerror or error})") from error
+        try:
+            loaded = yaml.safe_load(text) or {}
+        except yaml.YAMLError as error:
+            raise ConfigError(f"{path}: not valid YAML: {error}") from error
         if not isinstance(loaded, dict):
             raise ConfigError(f"{path}: top level must be a mapping of sections")
         layers.append(loaded)

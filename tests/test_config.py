@@ -1,0 +1,276 @@
+"""The typed configuration: layering, typed parsing of overrides, and errors that name the key."""
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from stream_swav.config import (Config, ConfigError, OverrideText, config_from_dict, load_config, merge_dicts,
+                                parse_overrides)
+
+
+def refused(overrides: list[str], key: str) -> ConfigError:
+    """load_config must refuse these overrides with a message that starts with the dotted key."""
+    with pytest.raises(ConfigError, match=rf"^{re.escape(key)}: ") as info:
+        load_config(overrides=overrides)
+    return info.value
+
+
+def test_defaults_load_and_validate():
+    cfg = load_config()
+    assert cfg == Config()
+    assert Config().validate() == cfg
+    assert cfg.train.batch_size == 64
+    assert cfg.crops.global_scale == (0.14, 1.0)
+    assert cfg.total_crops == cfg.crops.global_count + cfg.crops.local_count == 8
+
+
+def test_to_dict_is_plain_and_round_trips_through_config_from_dict():
+    cfg = load_config(overrides=["crops.local_count=2", "swav.crops_for_assign=[1,3]", "optim.base_lr=0.3"])
+    plain = cfg.to_dict()
+    assert plain["crops"]["global_scale"] == [0.14, 1.0]  # tuples become lists, e.g. for YAML
+    assert plain["swav"]["crops_for_assign"] == [1, 3]
+    again = config_from_dict(plain)
+    assert again == cfg
+    assert again.swav.crops_for_assign == (1, 3)
+    assert isinstance(again.crops.global_scale, tuple)
+
+
+def test_base_then_yaml_then_overrides_later_layers_win(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("train:\n  batch_size: 32\n  learners: 2\noptim:\n  base_lr: 0.3\n")
+    base = {"train": {"batch_size": 16, "seed": 7}, "optim": {"base_lr": 0.1, "momentum": 0.8}}
+    cfg = load_config(path, ["train.learners=4"], base=base)
+    assert cfg.train.seed == 7  # base only
+    assert cfg.optim.momentum == 0.8  # base only
+    assert cfg.train.batch_size == 32  # YAML beats base
+    assert cfg.optim.base_lr == 0.3  # YAML beats base
+    assert cfg.train.learners == 4  # override beats YAML
+    assert cfg.model.arch == "resnet50"  # untouched default
+
+
+def test_only_the_final_merged_config_is_validated():
+    # A bad value in an early layer is fine if a later layer replaces it.
+    cfg = load_config(overrides=["train.batch_size=8"], base={"train": {"batch_size": -1}})
+    assert cfg.train.batch_size == 8
+
+
+def test_later_overrides_of_the_same_key_win():
+    cfg = load_config(overrides=["train.seed=1", "train.seed=2"])
+    assert cfg.train.seed == 2
+
+
+def test_override_values_are_parsed_into_the_annotated_types():
+    cfg = load_config(overrides=[
+        "train.batch_size=128",
+        "optim.base_lr=1e-3",
+        "optim.weight_decay=0",  # an int for a float field
+        "data.follow=true",
+        "train.progress_bar=off",
+        "crops.global_scale=[0.5,1.0]",
+        "crops.local_scale=0.1,0.4",  # bare comma list
+        "swav.crops_for_assign=[0]",  # variable-length tuple
+        "model.arch=resnet18",
+        "checkpoint.dir=s3://bucket/runs",
+        "metrics.host=0.0.0.0",
+        "data.shards=",  # empty value -> empty string
+        "train.image_budget=1e6",  # an integral float for an int field
+    ])
+    assert cfg.train.batch_size == 128 and type(cfg.train.batch_size) is int
+    assert cfg.optim.base_lr == pytest.approx(1e-3) and type(cfg.optim.base_lr) is float
+    assert cfg.optim.weight_decay == 0.0 and type(cfg.optim.weight_decay) is float
+    assert cfg.data.follow is True
+    assert cfg.train.progress_bar is False
+    assert cfg.crops.global_scale == (0.5, 1.0)
+    assert cfg.crops.local_scale == (0.1, 0.4)
+    assert cfg.swav.crops_for_assign == (0,)
+    assert cfg.model.arch == "resnet18"
+    assert cfg.checkpoint.dir == "s3://bucket/runs"
+    assert cfg.metrics.host == "0.0.0.0"
+    assert cfg.data.shards == ""
+    assert cfg.train.image_budget == 1_000_000 and type(cfg.train.image_budget) is int
+
+
+def test_parse_overrides_builds_a_nested_dict_of_text_and_parsed_values():
+    nested = parse_overrides(["optim.base_lr=0.3", "crops.global_scale=[0.2,1]", " train.seed = 5"])
+    assert nested == {"optim": {"base_lr": OverrideText("0.3", 0.3)},
+                      "crops": {"global_scale": OverrideText("[0.2,1]", [0.2, 1])},
+                      "train": {"seed": OverrideText(" 5", 5)}}
+
+
+def test_string_keys_take_override_text_as_typed():
+    cfg = load_config(overrides=["metrics.host=010", "checkpoint.dir=no", "data.shards={000..009}.tar"])
+    assert cfg.metrics.host == "010" and cfg.checkpoint.dir == "no" and cfg.data.shards == "{000..009}.tar"
+
+
+def test_unparseable_override_is_refused_naming_the_key():
+    refused(["crops.global_scale=[0.5"], "crops.global_scale")
+    refused(["train.batch_size={8"], "train.batch_size")
+
+
+def test_bools_accept_0_and_1_and_empty_sections_are_empty(tmp_path):
+    assert load_config(overrides=["train.compile=1"]).train.compile is True
+    path = tmp_path / "empty-section.yaml"
+    path.write_text("train:\n  # batch_size: 8\nmodel:\n  arch: resnet18\n")
+    cfg = load_config(path)
+    assert cfg.train.batch_size == Config().train.batch_size and cfg.model.arch == "resnet18"
+
+
+def test_unknown_section_or_key_is_refused_naming_it(tmp_path):
+    refused(["trian.batch_size=8"], "trian")
+    err = refused(["train.batchsize=8"], "train.batchsize")
+    assert "batch_size" in str(err)  # the message lists the known keys
+    with pytest.raises(ConfigError, match=r"^optim\.lr: unknown key"):
+        config_from_dict({"optim": {"lr": 0.1}})
+    path = tmp_path / "bad.yaml"
+    path.write_text("model:\n  arch: resnet18\n  depth: 50\n")
+    with pytest.raises(ConfigError, match=r"^model\.depth: unknown key"):
+        load_config(path)
+
+
+def test_wrong_types_are_refused_naming_the_key():
+    refused(["train.batch_size=abc"], "train.batch_size")
+    refused(["train.batch_size=1.5"], "train.batch_size")
+    refused(["train.seed=true"], "train.seed")  # bools are not integers
+    refused(["optim.base_lr=fast"], "optim.base_lr")
+    refused(["data.follow=maybe"], "data.follow")
+    refused(["model.arch=[1,2]"], "model.arch")
+    refused(["crops.global_scale=0.5"], "crops.global_scale")  # a scalar, not a list
+    refused(["crops.global_scale=[0.1,0.5,1.0]"], "crops.global_scale")  # wrong length
+    refused(["swav.crops_for_assign=[0,x]"], "swav.crops_for_assign[1]")
+    refused(["train=3"], "train")  # a section must be a mapping
+    with pytest.raises(ConfigError, match=r"^train\.learners: expected an integer"):
+        config_from_dict({"train": {"learners": "two"}})
+
+
+def test_malformed_overrides_are_refused_clearly():
+    for pair in ("train.batch_size", "=3"):
+        with pytest.raises(ConfigError, match=re.escape(f"--set {pair!r}: expected section.key=value")):
+            parse_overrides([pair])
+    # No section: the bare key is looked up as a section, and refused by name.
+    with pytest.raises(ConfigError, match=r"^batch_size: unknown key \(known: augment, "):
+        load_config(overrides=["batch_size=3"])
+
+
+@pytest.mark.parametrize("override, key", [
+    # Positive numbers, zero allowed or not.
+    ("train.batch_size=0", "train.batch_size"),
+    ("train.batch_size=-4", "train.batch_size"),
+    ("train.cpu_threads=-1", "train.cpu_threads"),
+    ("optim.base_lr=0", "optim.base_lr"),
+    ("optim.base_lr=.inf", "optim.base_lr"),  # must be finite
+    ("storage.retries=-1", "storage.retries"),
+    ("data.decode_actors=-1", "data.decode_actors"),
+    # Probabilities and bounded ranges.
+    ("crops.hflip_prob=1.5", "crops.hflip_prob"),
+    ("augment.grayscale_prob=-0.1", "augment.grayscale_prob"),
+    ("augment.hue=0.6", "augment.hue"),
+    ("optim.momentum=1.0", "optim.momentum"),
+    ("swav.mass_momentum=1.0", "swav.mass_momentum"),
+    ("swav.mass_floor_gamma=1.5", "swav.mass_floor_gamma"),
+    ("swav.dual_step=0", "swav.dual_step"),
+    ("metrics.port=70000", "metrics.port"),
+    # Choices.
+    ("model.arch=vit_b16", "model.arch"),
+    ("swav.codes=greedy", "swav.codes"),
+    ("optim.optimizer=adam", "optim.optimizer"),
+    ("optim.schedule=linear", "optim.schedule"),
+    ("train.device=tpu", "train.device"),
+    ("train.precision=fp16", "train.precision"),
+    ("train.compile_mode=fast", "train.compile_mode"),
+    # (min, max) pairs.
+    ("crops.global_scale=[1.0,0.5]", "crops.global_scale"),
+    ("crops.local_scale=[0,0.14]", "crops.local_scale"),
+    ("crops.global_scale=[0.5,1.5]", "crops.global_scale"),
+    ("augment.blur_sigma=[2.0,0.1]", "augment.blur_sigma"),
+    ("augment.std=[0.2,0,0.2]", "augment.std"),
+    # Required non-empty string.
+    ("checkpoint.dir=", "checkpoint.dir"),
+])
+def test_validation_names_the_offending_key(override, key):
+    refused([override], key)
+
+
+def test_choice_errors_list_the_allowed_values():
+    err = refused(["optim.optimizer=adam"], "optim.optimizer")
+    assert "lars" in str(err) and "sgd" in str(err) and "'adam'" in str(err)
+
+
+def test_at_least_two_crops_are_required_in_total():
+    refused(["crops.global_count=1", "crops.local_count=0"], "crops.global_count")
+    cfg = load_config(overrides=["crops.global_count=2", "crops.local_count=0"])
+    assert cfg.total_crops == 2
+
+
+def test_crops_for_assign_must_be_distinct_indices_below_the_crop_count():
+    refused(["swav.crops_for_assign=[0,0]"], "swav.crops_for_assign")
+    refused(["swav.crops_for_assign=[]"], "swav.crops_for_assign")
+    refused(["swav.crops_for_assign=[-1]"], "swav.crops_for_assign")
+    err = refused(["swav.crops_for_assign=[0,8]"], "swav.crops_for_assign")  # 2 + 6 crops: indices 0..7
+    assert "[0, 8)" in str(err)
+    # The bound follows the crop counts.
+    cfg = load_config(overrides=["crops.local_count=7", "swav.crops_for_assign=[0,8]"])
+    assert cfg.swav.crops_for_assign == (0, 8)
+
+
+def test_a_single_learner_needs_a_batch_of_at_least_two():
+    refused(["train.batch_size=1"], "train.batch_size")
+    cfg = load_config(overrides=["train.batch_size=1", "train.learners=2"])
+    assert cfg.train.batch_size == 1
+
+
+def test_boundary_values_are_accepted():
+    cfg = load_config(overrides=[
+        "crops.hflip_prob=0", "augment.blur_prob_local=1", "augment.hue=0.5", "train.cpu_threads=0",
+        "crops.global_scale=[1,1]", "metrics.port=0", "optim.weight_decay=0", "swav.dual_step=1",
+    ])
+    assert cfg.crops.global_scale == (1.0, 1.0)
+    assert cfg.augment.hue == 0.5
+
+
+def test_merge_dicts_merges_nested_dicts_without_changing_its_inputs():
+    a = {"train": {"batch_size": 8, "seed": 1}, "model": {"arch": "resnet18"}, "keep": 1}
+    b = {"train": {"seed": 2, "learners": 3}, "optim": {"base_lr": 0.3}, "keep": {"now": "a dict"}}
+    a_before = {"train": {"batch_size": 8, "seed": 1}, "model": {"arch": "resnet18"}, "keep": 1}
+    b_before = {"train": {"seed": 2, "learners": 3}, "optim": {"base_lr": 0.3}, "keep": {"now": "a dict"}}
+    merged = merge_dicts(a, b)
+    assert merged == {"train": {"batch_size": 8, "seed": 2, "learners": 3}, "model": {"arch": "resnet18"},
+                      "optim": {"base_lr": 0.3}, "keep": {"now": "a dict"}}
+    assert a == a_before and b == b_before
+    # A dict replaces a non-dict and vice versa, rather than merging.
+    assert merge_dicts({"x": {"y": 1}}, {"x": 5}) == {"x": 5}
+    # Changing the result never reaches back into an input (e.g. a module-level recipe).
+    merged["model"]["arch"] = "resnet50"
+    merged["optim"]["base_lr"] = 9.9
+    assert a == a_before and b == b_before
+
+
+def test_empty_yaml_file_gives_the_defaults(tmp_path):
+    path = tmp_path / "empty.yaml"
+    path.write_text("# nothing set\n")
+    assert load_config(path) == Config()
+
+
+@pytest.mark.parametrize("text", ["- train\n- optim\n", "just a string\n", "42\n"])
+def test_yaml_whose_top_level_is_not_a_mapping_is_refused(tmp_path, text):
+    path = tmp_path / "list.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=re.escape(f"{path}: top level must be a mapping of sections")):
+        load_config(path)
+
+
+def test_yaml_section_that_is_not_a_mapping_is_refused(tmp_path):
+    path = tmp_path / "section.yaml"
+    path.write_text("train: 64\n")
+    with pytest.raises(ConfigError, match=r"^train: expected a mapping, got 64"):
+        load_config(path)
+
+
+def test_missing_yaml_file_names_the_path(tmp_path):
+    path = tmp_path / "nope.yaml"
+    with pytest.raises(ConfigError, match=re.escape(str(path)) + ": cannot read"):
+        load_config(path)
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("train: [batch_size: 8\n")
+    with pytest.raises(ConfigError, match=re.escape(str(broken)) + ": not valid YAML"):
+        load_config(broken)

@@ -24,6 +24,7 @@ import math
 import sys
 import time
 from collections import Counter
+from copy import deepcopy
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -242,6 +243,35 @@ def embed(backbone: nn.Module, images: Tensor, mean: tuple[float, ...], std: tup
     return torch.cat(outputs)
 
 
+@torch.no_grad()
+def recalibrate_batchnorm(backbone: nn.Module, images: Tensor, mean: tuple[float, ...], std: tuple[float, ...],
+                          batch_size: int = 256, device: torch.device | str = "cpu",
+                          max_images: int = 4096) -> nn.Module:
+    """A copy of `backbone` whose BatchNorm running statistics are the average of the batch
+    statistics over (up to `max_images` of) `images`, weights untouched.
+
+    Why it matters as a reference: a freshly initialised ResNet in eval mode normalises nothing
+    (running mean 0, variance 1), so its features are dominated by the residual stream's skip path
+    and sit close to the pixels; any training, even at learning rate 0, replaces those statistics
+    with the data's. This copy separates "the weights learned something" from "BatchNorm saw data".
+    """
+    device = torch.device(device)
+    copy = deepcopy(backbone).to(device)
+    norms = [m for m in copy.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    for norm in norms:
+        norm.reset_running_stats()
+        norm.momentum = None  # cumulative average over every batch below
+    copy.train()
+    mean_t = torch.tensor(mean, device=device).view(1, 3, 1, 1)
+    std_t = torch.tensor(std, device=device).view(1, 3, 1, 1)
+    subset = images[:max_images] if max_images else images
+    for start in range(0, len(subset), batch_size):
+        batch = subset[start:start + batch_size].to(device).permute(0, 3, 1, 2).float()
+        if len(batch) > 1:  # BatchNorm cannot take training statistics of one sample
+            copy((batch / 255.0 - mean_t) / std_t)
+    return copy.eval()
+
+
 def random_backbone(arch: str, small_stem: bool, seed: int = 0) -> nn.Module:
     """A freshly initialised backbone; the global RNG is left as it was."""
     with torch.random.fork_rng(devices=[]):
@@ -384,13 +414,28 @@ def evaluate_pixels(data: EvalData, mean: tuple[float, ...], std: tuple[float, .
                           probe=probe, device=device or pick_device())
 
 
+def reference_rows(arch: str, small_stem: bool, data: EvalData, mean: tuple[float, ...], std: tuple[float, ...],
+                   *, k: int = DEFAULT_K, temperature: float = DEFAULT_TEMPERATURE, probe: bool = True,
+                   batch_size: int = 256, device: torch.device | None = None) -> list[dict[str, Any]]:
+    """The no-learning rows: the seed-0 random-init backbone as initialised ("random-init"), the
+    same weights with BatchNorm statistics of the kNN index images ("random-init-data-bn", see
+    `recalibrate_batchnorm`), and raw pixels."""
+    device = device or pick_device()
+    options = {"k": k, "temperature": temperature, "probe": probe, "device": device}
+    backbone = random_backbone(arch, small_stem)
+    calibrated = recalibrate_batchnorm(backbone, data.train.images, mean, std, batch_size, device)
+    return [evaluate_backbone(backbone, "random-init", data, mean, std, batch_size=batch_size, **options),
+            evaluate_backbone(calibrated, "random-init-data-bn", data, mean, std, batch_size=batch_size, **options),
+            evaluate_pixels(data, mean, std, **options)]
+
+
 def evaluate_checkpoint(url: str, train_spec: str, test_spec: str, storage_cfg: StorageConfig | None = None, *,
                         image_size: int = 0, k: int = DEFAULT_K, temperature: float = DEFAULT_TEMPERATURE,
                         probe: bool = True, references: bool = True, batch_size: int = 256,
                         device: torch.device | None = None, max_train: int = 0, max_test: int = 0
                         ) -> dict[str, Any]:
     """The whole `stream-swav eval`: a result dict with one row per feature set
-    (checkpoint, then random-init and raw-pixels when `references`)."""
+    (checkpoint, then the `reference_rows` when `references`)."""
     storage_cfg = storage_cfg or StorageConfig()
     device = device or pick_device()
     resolved = resolve_checkpoint(url, storage_cfg)
@@ -403,9 +448,8 @@ def evaluate_checkpoint(url: str, train_spec: str, test_spec: str, storage_cfg: 
     rows = [evaluate_backbone(load_resolved_backbone(resolved, storage_cfg), "checkpoint", data, mean, std,
                               batch_size=batch_size, device=device, **options)]
     if references:
-        rows.append(evaluate_backbone(random_backbone(resolved.arch, resolved.small_stem), "random-init", data,
-                                      mean, std, batch_size=batch_size, device=device, **options))
-        rows.append(evaluate_pixels(data, mean, std, device=device, **options))
+        rows += reference_rows(resolved.arch, resolved.small_stem, data, mean, std, batch_size=batch_size,
+                               device=device, **options)
     return {"checkpoint": url, "backbone": resolved.backbone_url, "step": resolved.step,
             "images_seen": resolved.images_seen, "arch": resolved.arch, "small_stem": resolved.small_stem,
             "image_size": size, "mean": list(mean), "std": list(std), "train": train_spec, "test": test_spec,

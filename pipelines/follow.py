@@ -36,11 +36,10 @@ from pipelines.evaluate import (
     add_embedding_arguments,
     ResolvedCheckpoint,
     evaluate_backbone,
-    evaluate_pixels,
     load_eval_data,
     load_resolved_backbone,
     pick_device,
-    random_backbone,
+    reference_rows,
     resolve_checkpoint,
 )
 from stream_swav import storage
@@ -53,8 +52,11 @@ log = logging.getLogger(__name__)
 RESULTS_JSONL = "results.jsonl"
 RESULTS_CSV = "results.csv"
 PLOT_PNG = "accuracy.png"
-CSV_COLUMNS = ("step", "images_seen", "knn_top1", "probe_top1", "loss", "random_knn_top1", "pixels_knn_top1",
+CSV_COLUMNS = ("step", "images_seen", "knn_top1", "probe_top1", "loss", "random_knn_top1", "random_bn_knn_top1",
+               "pixels_knn_top1",
                "time", "eval_seconds", "checkpoint")
+# Result-row key prefix of each `reference_rows` feature set.
+REFERENCE_PREFIXES = {"random-init": "random", "random-init-data-bn": "random_bn", "raw-pixels": "pixels"}
 DEFAULT_PORT = 9401
 DEFAULT_INTERVAL_S = 60.0
 
@@ -185,6 +187,7 @@ def _dashed_line(draw: ImageDraw.ImageDraw, start: tuple[float, float], end: tup
 
 
 BLUE, GREEN, ORANGE, GREY, PURPLE = (31, 94, 180), (40, 150, 70), (220, 110, 20), (130, 130, 130), (150, 60, 160)
+TEAL = (0, 140, 140)
 
 
 def draw_plot(rows: list[dict[str, Any]], title: str = "Streaming SwAV: evaluation against images seen",
@@ -207,8 +210,9 @@ def draw_plot(rows: list[dict[str, Any]], title: str = "Streaming SwAV: evaluati
                 if isinstance(r.get(key), (int, float)) and math.isfinite(r[key])]
 
     accuracy = {"kNN top-1": (series("knn_top1"), BLUE), "linear probe top-1": (series("probe_top1"), GREEN)}
-    references = {"random-init kNN": (series("random_knn_top1"), GREY), "raw-pixel kNN": (series("pixels_knn_top1"),
-                                                                                         PURPLE)}
+    references = {"random-init kNN": (series("random_knn_top1"), GREY),
+                  "random-init, data BN kNN": (series("random_bn_knn_top1"), TEAL),
+                  "raw-pixel kNN": (series("pixels_knn_top1"), PURPLE)}
     loss = series("loss")
     plot_box = (left, top, width - right, height - bottom)
     draw.rectangle(plot_box, outline="black", width=1)
@@ -333,14 +337,12 @@ class Follower:
         key = (resolved.arch, resolved.small_stem, data.image_size)
         if key not in self._reference_rows:
             mean, std = resolved.normalization()
-            options = {"k": self.k, "temperature": self.temperature, "probe": self.probe, "device": self.device}
-            random_row = evaluate_backbone(random_backbone(resolved.arch, resolved.small_stem), "random-init", data,
-                                           mean, std, batch_size=self.batch_size, **options)
-            pixel_row = evaluate_pixels(data, mean, std, **options)
+            rows = reference_rows(resolved.arch, resolved.small_stem, data, mean, std, k=self.k,
+                                  temperature=self.temperature, probe=self.probe, batch_size=self.batch_size,
+                                  device=self.device)
             self._reference_rows[key] = {
-                "random_knn_top1": random_row["knn_top1"], "pixels_knn_top1": pixel_row["knn_top1"],
-                **({"random_probe_top1": random_row["probe_top1"], "pixels_probe_top1": pixel_row["probe_top1"]}
-                   if self.probe else {})}
+                f"{REFERENCE_PREFIXES[row['features']]}_{metric}": row[metric]
+                for row in rows for metric in ("knn_top1", "probe_top1") if metric in row}
         return self._reference_rows[key]
 
     def evaluate(self, resolved: ResolvedCheckpoint) -> dict[str, Any]:

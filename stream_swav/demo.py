@@ -105,6 +105,7 @@ def run_demo(args: argparse.Namespace) -> int:
     last = rows[-1]
     table = [("streaming SwAV, last checkpoint", last["knn_top1"]),
              ("random-init backbone (same arch)", last["random_knn_top1"]),
+             ("random-init, BN statistics of the data", last["random_bn_knn_top1"]),
              ("raw pixels", last["pixels_knn_top1"])]
     print()
     print(f"Demo data: {made.describe()}")

@@ -141,11 +141,12 @@ def test_eval_end_to_end_reports_every_row(tiny_shards, tmp_path, capsys):
     assert rc == 0
     table = capsys.readouterr().out
     result = json.loads(out.read_text())
-    assert [row["features"] for row in result["rows"]] == ["checkpoint", "random-init", "raw-pixels"]
+    assert [row["features"] for row in result["rows"]] == ["checkpoint", "random-init", "random-init-data-bn",
+                                                           "raw-pixels"]
     assert result["step"] == 7 and result["images_seen"] == 448 and result["image_size"] == 16
     assert result["train_count"] == 60 and result["test_count"] == 30 and result["num_classes"] == 10
     assert result["mean"] == list(MEAN) and result["std"] == list(STD)
-    checkpoint_row, random_row, pixel_row = result["rows"]
+    checkpoint_row, random_row, _, pixel_row = result["rows"]
     assert checkpoint_row["dim"] == 512 and pixel_row["dim"] == 16 * 16 * 3
     for row in result["rows"]:
         assert 0.0 <= row["knn_top1"] <= 1.0 and 0.0 <= row["probe_top1"] <= 1.0
@@ -158,6 +159,25 @@ def test_eval_end_to_end_reports_every_row(tiny_shards, tmp_path, capsys):
     expected = knn_top1(pixel_features(train.images, MEAN, STD), train.labels,
                         pixel_features(test.images, MEAN, STD), test.labels, 20, 0.07, 10)
     assert pixel_row["knn_top1"] == pytest.approx(expected)
+
+
+def test_batchnorm_recalibration_takes_exact_data_statistics_and_keeps_weights():
+    torch.manual_seed(0)
+    backbone = random_backbone("resnet18", small_stem=True)
+    images = torch.randint(0, 256, (20, 8, 8, 3), dtype=torch.uint8)
+    calibrated = evaluate.recalibrate_batchnorm(backbone, images, MEAN, STD, batch_size=5)
+    # The first BatchNorm sees conv1's output: its running mean averages the four equal batches'
+    # means, i.e. it is that output's exact mean over all 20 images.
+    x = (images.permute(0, 3, 1, 2).float() / 255 - torch.tensor(MEAN).view(1, 3, 1, 1)) / torch.tensor(STD).view(1, 3, 1, 1)
+    with torch.no_grad():
+        first = backbone.conv1(x)
+    assert torch.allclose(calibrated.bn1.running_mean, first.mean(dim=(0, 2, 3)), atol=1e-5)
+    assert not calibrated.training
+    # Weights and the original module are untouched.
+    for (name, before), after in zip(backbone.state_dict().items(), calibrated.state_dict().values()):
+        if "running" not in name and "num_batches" not in name:
+            assert torch.equal(before, after), name
+    assert torch.equal(backbone.bn1.running_mean, torch.zeros(64)) and backbone.bn1.running_var.eq(1).all()
 
 
 def test_trained_looking_weights_change_the_result(tiny_shards, tmp_path):

@@ -112,7 +112,7 @@ def run_demo(args: argparse.Namespace) -> int:
     print(f"Trained on {last['images_seen']:,} images ({last['step']} steps). Weighted kNN top-1 "
           f"(k=20, cosine, T=0.07), {made.eval_train_count:,} labelled train -> {made.eval_test_count:,} test images:")
     for name, accuracy in table:
-        print(f"  {name:<36} {100 * accuracy:6.2f}%")
+        print(f"  {name:<40} {100 * accuracy:6.2f}%")
     print(f"Accuracy and loss against images seen: {eval_dir / 'accuracy.png'}")
     print(f"Checkpoints: {cfg.checkpoint.dir}   results: {eval_dir / 'results.jsonl'}")
     (eval_dir / "summary.json").write_text(json.dumps({"dataset": made.describe(), "rows": table, "last": last},

@@ -93,23 +93,38 @@ class _Server:
         self._httpd, self._thread = None, None
 
 
-class Metrics:
+class _Exporter:
+    """A registry of stream_swav_* families and the HTTP server that exposes it."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self._server = _Server(self.registry)
+
+    def _counter(self, name: str, doc: str, labels: tuple[str, ...] = ()) -> Counter:
+        return Counter(PREFIX + name, doc, labelnames=labels, registry=self.registry)
+
+    def _gauge(self, name: str, doc: str) -> Gauge:
+        return Gauge(PREFIX + name, doc, registry=self.registry)
+
+    def start_server(self, host: str, port: int) -> int:
+        """Serve /metrics on host:port (0 picks a free port); returns the bound port."""
+        return self._server.start(host, port)
+
+    def stop_server(self) -> None:
+        self._server.stop()
+
+
+class Metrics(_Exporter):
     """The trainer's families, updated by the driver from learner and reader reports."""
 
     def __init__(self, clock: Callable[[], float] = time.time) -> None:
-        self.registry = CollectorRegistry()
-        self._server = _Server(self.registry)
+        super().__init__()
         self._clock = clock
         # Until the first checkpoint, its age counts from start-up, so a run that
         # never manages to save still trips an age alert.
         self._last_checkpoint_time = clock()
         self._decode_error_reasons: set[str] = set()
-
-        def counter(name: str, doc: str, labels: tuple[str, ...] = ()) -> Counter:
-            return Counter(PREFIX + name, doc, labelnames=labels, registry=self.registry)
-
-        def gauge(name: str, doc: str) -> Gauge:
-            return Gauge(PREFIX + name, doc, registry=self.registry)
+        counter, gauge = self._counter, self._gauge
 
         self._images_trained = counter("images_trained", "Images trained on by this process.")
         self._steps = counter("steps", "Optimizer steps applied by this process.")
@@ -144,13 +159,6 @@ class Metrics:
         self._last_checkpoint_step = gauge("last_checkpoint_step", "Step of the last completed checkpoint.")
         self._checkpoints_saved = counter("checkpoints_saved", "Checkpoints completed by this process.")
         self._checkpoint_failures = counter("checkpoint_failures", "Checkpoint saves that raised.")
-
-    def start_server(self, host: str, port: int) -> int:
-        """Serve /metrics on host:port (0 picks a free port); returns the bound port."""
-        return self._server.start(host, port)
-
-    def stop_server(self) -> None:
-        self._server.stop()
 
     def observe_step(self, *, images: int, images_seen: int, loss: float, learning_rate: float) -> None:
         """One applied optimizer step over `images` images (all learners together)."""
@@ -217,27 +225,19 @@ class Metrics:
         self._checkpoint_failures.inc()
 
 
-class EvalMetrics:
+class EvalMetrics(_Exporter):
     """Families of the evaluator that follows the checkpoint folder (k-NN probe)."""
 
     def __init__(self) -> None:
-        self.registry = CollectorRegistry()
-        self._server = _Server(self.registry)
-        def gauge(name: str, doc: str) -> Gauge:
-            return Gauge(PREFIX + name, doc, registry=self.registry)
+        super().__init__()
+        gauge = self._gauge
 
         self._knn_top1 = gauge("eval_knn_top1_ratio", "k-NN top-1 accuracy of the last evaluated backbone.")
         self._checkpoint_step = gauge("eval_checkpoint_step", "Step of the last evaluated checkpoint.")
         self._images_seen = gauge("eval_images_seen", "Images seen by the last evaluated checkpoint.")
         self._duration = gauge("eval_duration_seconds", "Wall time of the last evaluation.")
-        self._evaluations = Counter(PREFIX + "evaluations", "Evaluations completed.", registry=self.registry)
-        self._failures = Counter(PREFIX + "eval_failures", "Evaluations that raised.", registry=self.registry)
-
-    def start_server(self, host: str, port: int) -> int:
-        return self._server.start(host, port)
-
-    def stop_server(self) -> None:
-        self._server.stop()
+        self._evaluations = self._counter("evaluations", "Evaluations completed.")
+        self._failures = self._counter("eval_failures", "Evaluations that raised.")
 
     def observe_evaluation(self, *, step: int, images_seen: int, knn_top1: float, duration_s: float) -> None:
         self._knn_top1.set(knn_top1)

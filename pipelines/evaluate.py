@@ -24,6 +24,7 @@ import math
 import sys
 import time
 from collections import Counter
+from collections.abc import Iterator
 from copy import deepcopy
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -220,6 +221,18 @@ def pick_device(name: str = "auto") -> torch.device:
     return torch.device(name)
 
 
+def normalized_batches(images: Tensor, mean: tuple[float, ...], std: tuple[float, ...], batch_size: int,
+                       device: torch.device) -> Iterator[Tensor]:
+    """(N, S, S, 3) uint8 images as float (B, 3, S, S) batches on `device`, scaled to [0, 1] and
+    normalised with the training mean and std; channels_last on CUDA."""
+    mean_t = torch.tensor(mean, device=device).view(1, 3, 1, 1)
+    std_t = torch.tensor(std, device=device).view(1, 3, 1, 1)
+    for start in range(0, len(images), batch_size):
+        batch = images[start:start + batch_size].to(device, non_blocking=True).permute(0, 3, 1, 2).float()
+        batch = (batch / 255.0 - mean_t) / std_t
+        yield batch.contiguous(memory_format=torch.channels_last) if device.type == "cuda" else batch
+
+
 @torch.no_grad()
 def embed(backbone: nn.Module, images: Tensor, mean: tuple[float, ...], std: tuple[float, ...],
           batch_size: int = 256, device: torch.device | str = "cpu") -> Tensor:
@@ -227,17 +240,11 @@ def embed(backbone: nn.Module, images: Tensor, mean: tuple[float, ...], std: tup
     bf16 autocast on CUDA."""
     device = torch.device(device)
     backbone = backbone.to(device).eval()
-    mean_t = torch.tensor(mean, device=device).view(1, 3, 1, 1)
-    std_t = torch.tensor(std, device=device).view(1, 3, 1, 1)
     on_cuda = device.type == "cuda"
     if on_cuda:
         backbone = backbone.to(memory_format=torch.channels_last)
     outputs = []
-    for start in range(0, len(images), batch_size):
-        batch = images[start:start + batch_size].to(device, non_blocking=True).permute(0, 3, 1, 2).float()
-        batch = (batch / 255.0 - mean_t) / std_t
-        if on_cuda:
-            batch = batch.contiguous(memory_format=torch.channels_last)
+    for batch in normalized_batches(images, mean, std, batch_size, device):
         with torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=on_cuda):
             outputs.append(backbone(batch).float().cpu())
     return torch.cat(outputs)
@@ -262,13 +269,10 @@ def recalibrate_batchnorm(backbone: nn.Module, images: Tensor, mean: tuple[float
         norm.reset_running_stats()
         norm.momentum = None  # cumulative average over every batch below
     copy.train()
-    mean_t = torch.tensor(mean, device=device).view(1, 3, 1, 1)
-    std_t = torch.tensor(std, device=device).view(1, 3, 1, 1)
     subset = images[:max_images] if max_images else images
-    for start in range(0, len(subset), batch_size):
-        batch = subset[start:start + batch_size].to(device).permute(0, 3, 1, 2).float()
+    for batch in normalized_batches(subset, mean, std, batch_size, device):
         if len(batch) > 1:  # BatchNorm cannot take training statistics of one sample
-            copy((batch / 255.0 - mean_t) / std_t)
+            copy(batch)
     return copy.eval()
 
 

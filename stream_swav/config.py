@@ -320,9 +320,14 @@ def _nest(dotted: str, value: Any) -> dict[str, Any]:
 
 def merge_dicts(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
     """Nested configuration dicts, b's values winning; the result shares nothing with its inputs."""
-    out = copy.deepcopy(a)
-    for k, v in b.items():
-        out[k] = merge_dicts(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else copy.deepcopy(v)
+    out = {}
+    for k in {**a, **b}:  # a's keys in order, then b's new ones
+        if k not in b:
+            out[k] = copy.deepcopy(a[k])
+        elif isinstance(b[k], dict) and isinstance(a.get(k), dict):
+            out[k] = merge_dicts(a[k], b[k])
+        else:
+            out[k] = copy.deepcopy(b[k])
     return out
 
 

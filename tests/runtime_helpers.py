@@ -172,6 +172,16 @@ def close_trainer(trainer: driver.Trainer) -> None:
             ray.kill(handle, no_restart=True)
 
 
+def run_to_end(cfg: Config, after_step: Callable[[RecordingTrainer], None] | None = None) -> RecordingTrainer:
+    """Run a RecordingTrainer until it stops, check it exited 0 and release its actors."""
+    trainer = RecordingTrainer(cfg, after_step=after_step)
+    try:
+        assert trainer.run() == 0
+    finally:
+        close_trainer(trainer)
+    return trainer
+
+
 def main() -> int:
     """`stream-swav` with the recording Trainer in place of the plain one."""
     from stream_swav import cli

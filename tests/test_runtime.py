@@ -17,8 +17,8 @@ import ray
 import torch
 from conftest import colour_samples, tar_bytes, use_fake_credentials
 from prometheus_client.parser import text_string_to_metric_families
-from runtime_helpers import (RecordingTrainer, close_trainer, object_url, pass_counts, sample_keys, tiny_config,
-                             write_shard)
+from runtime_helpers import (RecordingTrainer, close_trainer, object_url, pass_counts, run_to_end, sample_keys,
+                             tiny_config, write_shard)
 
 from stream_swav import storage
 from stream_swav.model import load_backbone
@@ -99,11 +99,7 @@ def test_end_to_end_on_s3_with_metrics_and_checkpoints(s3_bucket):
             before_this_step.update(steps=trainer.step - 1,
                                     images=sum(1 for s in trainer.trained if s.step < trainer.step))
 
-    trainer = RecordingTrainer(cfg, after_step=scrape_once_pass_zero_is_trained)
-    try:
-        assert trainer.run() == 0
-    finally:
-        close_trainer(trainer)
+    trainer = run_to_end(cfg, after_step=scrape_once_pass_zero_is_trained)
 
     assert trainer.stop_reason == "budget reached"
     assert trainer.images_seen == len(trainer.trained) >= 80
@@ -161,11 +157,7 @@ def test_killed_decode_actor_loses_and_repeats_nothing(tmp_path):
         if trainer.submitted.pass_index >= 1:
             trainer.request_stop("pass 0 trained")
 
-    trainer = RecordingTrainer(cfg, after_step=kill_mid_shard_then_stop_after_pass_zero)
-    try:
-        assert trainer.run() == 0
-    finally:
-        close_trainer(trainer)
+    trainer = run_to_end(cfg, after_step=kill_mid_shard_then_stop_after_pass_zero)
 
     assert killed, "no decode actor held a part-read shard of pass 0 at the end of a step"
     slot = trainer.slots[killed["slot"]]
@@ -235,11 +227,7 @@ def test_backpressure_bounds_batches_waiting(tmp_path):
         waiting.append(sum(len(s.pending) for s in trainer.slots) + sum(1 for meta, _ in trainer.ready if meta.size))
         gauge.append(trainer.metrics.registry.get_sample_value("stream_swav_object_store_batches_in_flight"))
 
-    trainer = RecordingTrainer(cfg, after_step=sample_state)
-    try:
-        assert trainer.run() == 0
-    finally:
-        close_trainer(trainer)
+    trainer = run_to_end(cfg, after_step=sample_state)
 
     assert len(waiting) >= 5
     assert max(waiting) <= capacity
@@ -265,11 +253,7 @@ def test_follow_mode_trains_a_shard_that_appears_during_the_run(tmp_path):
         if any(s.key in new_keys for s in trainer.trained):
             trainer.request_stop("new shard trained")
 
-    trainer = RecordingTrainer(cfg, after_step=add_shard_then_stop_once_trained)
-    try:
-        assert trainer.run() == 0
-    finally:
-        close_trainer(trainer)
+    trainer = run_to_end(cfg, after_step=add_shard_then_stop_once_trained)
 
     assert trainer.stop_reason == "new shard trained"
     assert new_url in trainer.submitted.shards

@@ -42,7 +42,7 @@ from stream_swav.config import AugmentConfig, DataConfig, StorageConfig
 from stream_swav.data.decode import DecodeLimits, SampleError, decode_image
 from stream_swav.data.shards import ShardReport, iter_shard
 from stream_swav.data.sources import ShardSource
-from stream_swav.model import build_backbone, load_backbone
+from stream_swav.model import BackboneSpec, build_backbone, load_backbone
 from stream_swav.runtime import checkpoint as ckpt
 
 DEFAULT_K = 20
@@ -276,11 +276,11 @@ def recalibrate_batchnorm(backbone: nn.Module, images: Tensor, mean: tuple[float
     return copy.eval()
 
 
-def random_backbone(arch: str, small_stem: bool, seed: int = 0) -> nn.Module:
+def random_backbone(spec: BackboneSpec, seed: int = 0) -> nn.Module:
     """A freshly initialised backbone; the global RNG is left as it was."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        backbone, _ = build_backbone(arch, small_stem)
+        backbone, _ = build_backbone(spec)
     return backbone
 
 
@@ -293,8 +293,7 @@ class ResolvedCheckpoint:
 
     url: str
     backbone_url: str
-    arch: str
-    small_stem: bool
+    spec: BackboneSpec
     step: int | None
     images_seen: int | None
     # The training configuration (Config.to_dict()), or {} when it was not saved.
@@ -348,20 +347,20 @@ def resolve_checkpoint(url: str, storage_cfg: StorageConfig | None = None,
         state = ckpt.load_checkpoint(state_url, storage_cfg)
         config = state.get("config") if isinstance(state.get("config"), dict) else None
     config = config or {}
-    model = config.get("model", {})
-    arch = record.get("arch", model.get("arch"))
-    small_stem = record.get("small_stem", model.get("small_stem"))
-    if not isinstance(arch, str) or not isinstance(small_stem, bool):
-        raise ValueError(f"{url}: cannot tell the architecture (no arch/small_stem in {ckpt.META} or "
-                         f"latest.json, no config in {ckpt.STATE})")
-    return ResolvedCheckpoint(url=url, backbone_url=backbone_url, arch=arch, small_stem=small_stem,
+    described_by = record if "arch" in record else config.get("model", {})
+    try:
+        spec = BackboneSpec.from_record(described_by)
+    except ValueError as error:
+        raise ValueError(f"{url}: cannot tell the architecture from {ckpt.META}, latest.json or the configuration "
+                         f"in {ckpt.STATE}: {error}") from error
+    return ResolvedCheckpoint(url=url, backbone_url=backbone_url, spec=spec,
                               step=record.get("step"), images_seen=record.get("images_seen"), config=config,
                               record=record)
 
 
 def load_resolved_backbone(resolved: ResolvedCheckpoint, storage_cfg: StorageConfig | None = None) -> nn.Module:
     state = ckpt.load_backbone_state(resolved.backbone_url, storage_cfg or StorageConfig())
-    return load_backbone(state, resolved.arch, resolved.small_stem)
+    return load_backbone(state, resolved.spec)
 
 
 # ---- evaluation ---------------------------------------------------------------------------------------
@@ -418,7 +417,7 @@ def evaluate_pixels(data: EvalData, mean: tuple[float, ...], std: tuple[float, .
                           probe=probe, device=device or pick_device())
 
 
-def reference_rows(arch: str, small_stem: bool, data: EvalData, mean: tuple[float, ...], std: tuple[float, ...],
+def reference_rows(spec: BackboneSpec, data: EvalData, mean: tuple[float, ...], std: tuple[float, ...],
                    *, k: int = DEFAULT_K, temperature: float = DEFAULT_TEMPERATURE, probe: bool = True,
                    batch_size: int = 256, device: torch.device | None = None) -> list[dict[str, Any]]:
     """The no-learning rows: the seed-0 random-init backbone as initialised ("random-init"), the
@@ -426,7 +425,7 @@ def reference_rows(arch: str, small_stem: bool, data: EvalData, mean: tuple[floa
     `recalibrate_batchnorm`), and raw pixels."""
     device = device or pick_device()
     options = {"k": k, "temperature": temperature, "probe": probe, "device": device}
-    backbone = random_backbone(arch, small_stem)
+    backbone = random_backbone(spec)
     calibrated = recalibrate_batchnorm(backbone, data.train.images, mean, std, batch_size, device)
     return [evaluate_backbone(backbone, "random-init", data, mean, std, batch_size=batch_size, **options),
             evaluate_backbone(calibrated, "random-init-data-bn", data, mean, std, batch_size=batch_size, **options),
@@ -452,10 +451,10 @@ def evaluate_checkpoint(url: str, train_spec: str, test_spec: str, storage_cfg: 
     rows = [evaluate_backbone(load_resolved_backbone(resolved, storage_cfg), "checkpoint", data, mean, std,
                               batch_size=batch_size, device=device, **options)]
     if references:
-        rows += reference_rows(resolved.arch, resolved.small_stem, data, mean, std, batch_size=batch_size,
+        rows += reference_rows(resolved.spec, data, mean, std, batch_size=batch_size,
                                device=device, **options)
     return {"checkpoint": url, "backbone": resolved.backbone_url, "step": resolved.step,
-            "images_seen": resolved.images_seen, "arch": resolved.arch, "small_stem": resolved.small_stem,
+            "images_seen": resolved.images_seen, **resolved.spec.to_record(),
             "image_size": size, "mean": list(mean), "std": list(std), "train": train_spec, "test": test_spec,
             "train_count": len(data.train), "test_count": len(data.test), "num_classes": data.num_classes,
             "k": k, "temperature": temperature, "device": str(device),
@@ -467,7 +466,7 @@ def format_table(result: dict[str, Any]) -> str:
         return "-" if value is None or not math.isfinite(value) else f"{100 * value:.2f}%"
 
     lines = [f"{result['checkpoint']}: step {result['step']}, {result['images_seen']} images seen, "
-             f"{result['arch']}{' (small stem)' if result['small_stem'] else ''}, {result['image_size']} px",
+             f"{BackboneSpec.from_record(result).describe()}, {result['image_size']} px",
              f"{result['train_count']:,} train -> {result['test_count']:,} test images, {result['num_classes']} "
              f"classes; weighted kNN k={result['k']}, T={result['temperature']}",
              f"{'features':<14} {'dim':>6} {'kNN top-1':>10} {'linear top-1':>13}"]

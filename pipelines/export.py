@@ -8,8 +8,10 @@ with ``strict=True``::
     model.load_state_dict(torch.load("backbone.pt", weights_only=True))
     model.fc = torch.nn.Identity()          # SwAV trained no classifier
 
-With the small stem (3x3/1 convolution, no max-pool) replace ``conv1`` and
-``maxpool`` the same way first (see stream_swav.model.build_backbone).
+Other backbones (small stem, a width other than 64, resnet10) have the same
+keys but other shapes; they load into ``stream_swav.model.build_backbone(spec)``,
+with the spec printed by the export and stored beside the weights'
+checkpoint, or run without stream-swav through ``--torchscript``.
 
 ``--torchscript`` also writes ``<out stem>.torchscript.pt``: the feature
 extractor (pooled features, no classifier) compiled with torch.jit.script,
@@ -29,17 +31,16 @@ from torch import Tensor, nn
 from pipelines.evaluate import resolve_checkpoint
 from stream_swav import storage
 from stream_swav.config import StorageConfig
-from stream_swav.model import FC_KEYS, TORCHVISION_CLASSES, load_backbone
+from stream_swav.model import FC_KEYS, TORCHVISION_CLASSES, BackboneSpec, load_backbone
 from stream_swav.runtime import checkpoint as ckpt
 
 
-def torchvision_state_dict(state: dict[str, Tensor], arch: str, small_stem: bool) -> dict[str, Tensor]:
+def torchvision_state_dict(state: dict[str, Tensor], spec: BackboneSpec) -> dict[str, Tensor]:
     """The backbone weights, validated by a strict load, plus zero fc placeholders of
     torchvision's shape (SwAV trains no classifier; whatever fc the input had is dropped)."""
-    backbone = load_backbone(state, arch, small_stem)
+    backbone = load_backbone(state, spec)
     exported = {k: v.detach().cpu().clone() for k, v in backbone.state_dict().items()}
-    # torchvision's ResNet leaves `inplanes` at the width of its last stage: the pooled feature width.
-    feature_dim = backbone.inplanes
+    feature_dim = backbone.feature_dim
     dtype = exported["conv1.weight"].dtype
     exported[FC_KEYS[0]] = torch.zeros(TORCHVISION_CLASSES, feature_dim, dtype=dtype)
     exported[FC_KEYS[1]] = torch.zeros(TORCHVISION_CLASSES, dtype=dtype)
@@ -70,15 +71,15 @@ def export_backbone(checkpoint: str, out: str, *, torchscript: bool = False, ima
     storage_cfg = storage_cfg or StorageConfig()
     resolved = resolve_checkpoint(checkpoint, storage_cfg)
     state = ckpt.load_backbone_state(resolved.backbone_url, storage_cfg)
-    exported = torchvision_state_dict(state, resolved.arch, resolved.small_stem)
+    exported = torchvision_state_dict(state, resolved.spec)
     buffer = io.BytesIO()
     torch.save(exported, buffer)
     storage.write_bytes_atomic(out, buffer.getvalue(), storage_cfg)
-    written = {"state_dict": out, "arch": resolved.arch, "small_stem": resolved.small_stem, "step": resolved.step,
+    written = {"state_dict": out, **resolved.spec.to_record(), "step": resolved.step,
                "images_seen": resolved.images_seen, "bytes": buffer.tell()}
     if torchscript:
         size = image_size or resolved.global_crop_size() or 224
-        scripted = script_backbone(load_backbone(exported, resolved.arch, resolved.small_stem), size)
+        scripted = script_backbone(load_backbone(exported, resolved.spec), size)
         script_buffer = io.BytesIO()
         torch.jit.save(scripted, script_buffer)
         written["torchscript"] = torchscript_path(out)
@@ -104,8 +105,11 @@ def run(args: argparse.Namespace) -> int:
     except (FileNotFoundError, ValueError, RuntimeError) as error:
         print(f"export: {error}", file=sys.stderr)
         return 2
-    print(f"{written['arch']}{' (small stem)' if written['small_stem'] else ''} backbone of step {written['step']} "
-          f"-> {written['state_dict']} ({written['bytes'] / 1e6:.1f} MB)")
+    spec = BackboneSpec.from_record(written)
+    loads_into = (f"torchvision.models.{spec.arch}()" if spec.torchvision_compatible
+                  else f"stream_swav.model.build_backbone({spec!r})")
+    print(f"{spec.describe()} backbone of step {written['step']} "
+          f"-> {written['state_dict']} ({written['bytes'] / 1e6:.1f} MB), loads into {loads_into}")
     if "torchscript" in written:
         print(f"TorchScript feature extractor -> {written['torchscript']}")
     return 0

@@ -333,10 +333,10 @@ class Follower:
         return self._data[size]
 
     def _references(self, resolved: ResolvedCheckpoint, data: EvalData) -> dict[str, float]:
-        key = (resolved.arch, resolved.small_stem, data.image_size)
+        key = (resolved.spec, data.image_size)
         if key not in self._reference_rows:
             mean, std = resolved.normalization()
-            rows = reference_rows(resolved.arch, resolved.small_stem, data, mean, std, k=self.k,
+            rows = reference_rows(resolved.spec, data, mean, std, k=self.k,
                                   temperature=self.temperature, probe=self.probe, batch_size=self.batch_size,
                                   device=self.device)
             self._reference_rows[key] = {

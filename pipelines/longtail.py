@@ -36,8 +36,9 @@
    for the same configuration are skipped, so an interrupted pipeline picks up
    where it stopped (a run cut short resumes from its own checkpoints).
 
-Defaults follow the demo's CPU recipe (stream_swav.demo.DEMO_CONFIG) with the
-standard ResNet stem, 2x28 + 2x16 px crops, 30 prototypes and no queue; the
+Defaults follow the demo's CPU recipe (stream_swav.demo.DEMO_CONFIG: ResNet-10 at
+width 16 with a stride-2 3x3 stem, 2x28 + 2x16 px crops, batch 128; on a CPU the
+learner takes every core) with 30 prototypes and no queue; the
 keys that are stated in images or steps (warmup, prototype freeze, relaxed's
 lambda annealing and mass momentum) are scaled to the budget, see
 `budget_scaled`. ``--config`` and ``--set`` override any of them, except what
@@ -51,6 +52,7 @@ import hashlib
 import json
 import logging
 import math
+import os
 import sys
 import time
 from collections.abc import Iterable
@@ -73,7 +75,7 @@ from pipelines.follow import append_jsonl, nice_ticks, read_jsonl
 from pipelines.make_shards import write_shards
 from stream_swav.config import CODES, Config, StorageConfig, config_from_dict, load_config, merge_dicts
 from stream_swav.demo import DEMO_CONFIG
-from stream_swav.model import SwAVModel
+from stream_swav.model import BackboneSpec, SwAVModel
 from stream_swav.runtime import checkpoint as ckpt
 from stream_swav.swav import prototype_counts, prototype_perplexity
 
@@ -452,8 +454,12 @@ def budget_scaled(images: int, batch_size: int) -> dict[str, Any]:
 
 def shared_config(images: int, config_file: str | None, overrides: list[str]) -> Config:
     """Recipe <- budget-scaled keys <- --config <- --set, with the image budget fixed to `images`."""
-    first = load_config(config_file, overrides, base=LONGTAIL_CONFIG)
-    base = merge_dicts(LONGTAIL_CONFIG, budget_scaled(images, first.train.batch_size * first.train.learners))
+    recipe = LONGTAIL_CONFIG
+    if not torch.cuda.is_available():
+        # As in the demo: the CPU learner takes every core (Ray would pin it to one thread).
+        recipe = merge_dicts(recipe, {"train": {"cpu_threads": os.cpu_count() or 1}})
+    first = load_config(config_file, overrides, base=recipe)
+    base = merge_dicts(recipe, budget_scaled(images, first.train.batch_size * first.train.learners))
     cfg = load_config(config_file, overrides, base=base)
     return config_from_dict(merge_dicts(cfg.to_dict(), {"train": {"image_budget": images}}))
 
@@ -477,7 +483,7 @@ def reference_scores(data: EvalData, groups: dict[str, tuple[int, ...]], cfg: Co
     """The same kNN scores for raw pixels and for a randomly initialised backbone (seed 0): what a
     trained backbone has to beat before its group accuracies mean anything."""
     mean, std = cfg.augment.mean, cfg.augment.std
-    backbone = random_backbone(cfg.model.arch, cfg.model.small_stem)
+    backbone = random_backbone(BackboneSpec.from_config(cfg.model))
     return {"raw-pixels": knn_groups(pixel_features(data.train.images, mean, std),
                                      pixel_features(data.test.images, mean, std), data, groups, device),
             "random-init": knn_groups(embed(backbone, data.train.images, mean, std, device=device),

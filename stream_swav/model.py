@@ -6,10 +6,15 @@ BatchNorm statistics cover all of them, as in the reference implementation.
 """
 from __future__ import annotations
 
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 import torchvision
 from torch import Tensor, nn
+from torchvision.models.resnet import BasicBlock, Bottleneck, conv1x1
 
 from stream_swav.config import ARCHS, ModelConfig
 
@@ -17,27 +22,129 @@ from stream_swav.config import ARCHS, ModelConfig
 # of this shape so it loads into `torchvision.models.<arch>()` unchanged.
 TORCHVISION_CLASSES = 1000
 FC_KEYS = ("fc.weight", "fc.bias")
+TORCHVISION_WIDTH = 64
+
+# Residual block and blocks per stage. resnet10 is not in torchvision: one block per stage, the
+# cheapest trunk with all four stages, for CPU runs on small images.
+RESNET_LAYOUTS: dict[str, tuple[type[nn.Module], tuple[int, int, int, int]]] = {
+    "resnet10": (BasicBlock, (1, 1, 1, 1)),
+    "resnet18": (BasicBlock, (2, 2, 2, 2)),
+    "resnet34": (BasicBlock, (3, 4, 6, 3)),
+    "resnet50": (Bottleneck, (3, 4, 6, 3)),
+    "resnet101": (Bottleneck, (3, 4, 23, 3)),
+    "resnet152": (Bottleneck, (3, 8, 36, 3)),
+}
+assert set(RESNET_LAYOUTS) == set(ARCHS)
 
 
-def build_backbone(arch: str, small_stem: bool) -> tuple[nn.Module, int]:
-    """A randomly initialised torchvision ResNet without its classifier, and its feature width.
+@dataclass(frozen=True)
+class BackboneSpec:
+    """Everything needed to rebuild a backbone from its weights; every checkpoint records it."""
 
-    `small_stem` swaps the 7x7/2 convolution and max-pool for a 3x3/1 convolution,
-    keeping spatial resolution for 28-64 px inputs (CIFAR-style stem).
+    arch: str
+    # CIFAR-style stem: a 3x3 convolution and no max-pool, for 28-64 px images.
+    small_stem: bool = False
+    # Stride of the small stem: 2 runs the first stage at half resolution (14x14 for 28 px).
+    stem_stride: int = 1
+    # Channels of the first residual stage, doubled at each later stage; torchvision's is 64.
+    width: int = TORCHVISION_WIDTH
+
+    def __post_init__(self) -> None:
+        if self.arch not in ARCHS:
+            raise ValueError(f"unknown backbone {self.arch!r}; expected one of {', '.join(ARCHS)}")
+        if self.stem_stride not in (1, 2) or (self.stem_stride != 1 and not self.small_stem):
+            raise ValueError(f"stem_stride must be 1, or 2 with the small stem; got {self.stem_stride} "
+                             f"(small_stem={self.small_stem})")
+        if isinstance(self.width, bool) or not isinstance(self.width, int) or self.width < 1:
+            raise ValueError(f"width must be a positive integer, got {self.width!r}")
+
+    @classmethod
+    def from_config(cls, cfg: ModelConfig) -> "BackboneSpec":
+        return cls(cfg.arch, cfg.small_stem, cfg.stem_stride, cfg.width)
+
+    @classmethod
+    def from_record(cls, record: Mapping[str, Any]) -> "BackboneSpec":
+        """From a checkpoint record or a `model` config section; stem_stride and width may be
+        absent (checkpoints written before they existed). Raises ValueError naming what is wrong."""
+        arch, small_stem = record.get("arch"), record.get("small_stem")
+        if not isinstance(arch, str) or not isinstance(small_stem, bool):
+            raise ValueError(f"a backbone needs arch (str) and small_stem (bool), got arch={arch!r}, "
+                             f"small_stem={small_stem!r}")
+        return cls(arch, small_stem, record.get("stem_stride", 1), record.get("width", TORCHVISION_WIDTH))
+
+    def to_record(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @property
+    def torchvision_compatible(self) -> bool:
+        """Whether the weights load into `torchvision.models.<arch>()` as they are."""
+        return hasattr(torchvision.models, self.arch) and not self.small_stem and self.width == TORCHVISION_WIDTH
+
+    def describe(self) -> str:
+        details = []
+        if self.width != TORCHVISION_WIDTH:
+            details.append(f"width {self.width}")
+        if self.small_stem:
+            details.append("small stem" + (f", stride {self.stem_stride}" if self.stem_stride != 1 else ""))
+        return self.arch + (f" ({', '.join(details)})" if details else "")
+
+
+class ResNetTrunk(nn.Module):
+    """torchvision's ResNet without its classifier, with a choice of stem and width.
+
+    Module names and initialisation follow torchvision's, so at width 64 with the standard stem the
+    state dict has torchvision's keys and shapes.
     """
-    if arch not in ARCHS:
-        raise ValueError(f"unknown backbone {arch!r}; expected one of {', '.join(ARCHS)}")
-    backbone = getattr(torchvision.models, arch)(weights=None)
-    feature_dim = backbone.fc.in_features
-    backbone.fc = nn.Identity()
-    if small_stem:
-        backbone.conv1 = nn.Conv2d(3, backbone.conv1.out_channels, kernel_size=3, stride=1, padding=1, bias=False)
-        nn.init.kaiming_normal_(backbone.conv1.weight, mode="fan_out", nonlinearity="relu")
-        backbone.maxpool = nn.Identity()
-    return backbone, feature_dim
+
+    def __init__(self, spec: BackboneSpec) -> None:
+        super().__init__()
+        block, layers = RESNET_LAYOUTS[spec.arch]
+        width = spec.width
+        if spec.small_stem:
+            self.conv1 = nn.Conv2d(3, width, kernel_size=3, stride=spec.stem_stride, padding=1, bias=False)
+        else:
+            self.conv1 = nn.Conv2d(3, width, kernel_size=7, stride=2, padding=3, bias=False)
+        self.bn1 = nn.BatchNorm2d(width)
+        self.relu = nn.ReLU(inplace=True)
+        self.maxpool = nn.Identity() if spec.small_stem else nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
+        self.inplanes = width
+        self.layer1 = self._make_stage(block, width, layers[0], stride=1)
+        self.layer2 = self._make_stage(block, width * 2, layers[1], stride=2)
+        self.layer3 = self._make_stage(block, width * 4, layers[2], stride=2)
+        self.layer4 = self._make_stage(block, width * 8, layers[3], stride=2)
+        self.avgpool = nn.AdaptiveAvgPool2d((1, 1))
+        self.fc = nn.Identity()
+        self.feature_dim = self.inplanes
+        for module in self.modules():
+            if isinstance(module, nn.Conv2d):
+                nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
+            elif isinstance(module, nn.BatchNorm2d):
+                nn.init.ones_(module.weight)
+                nn.init.zeros_(module.bias)
+
+    def _make_stage(self, block: type[nn.Module], planes: int, blocks: int, stride: int) -> nn.Sequential:
+        out_channels = planes * block.expansion
+        downsample = None
+        if stride != 1 or self.inplanes != out_channels:
+            downsample = nn.Sequential(conv1x1(self.inplanes, out_channels, stride), nn.BatchNorm2d(out_channels))
+        stage = [block(self.inplanes, planes, stride, downsample)]
+        self.inplanes = out_channels
+        stage += [block(self.inplanes, planes) for _ in range(1, blocks)]
+        return nn.Sequential(*stage)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
+        return self.fc(torch.flatten(self.avgpool(x), 1))
 
 
-def load_backbone(state_dict: dict[str, Tensor], arch: str, small_stem: bool) -> nn.Module:
+def build_backbone(spec: BackboneSpec) -> tuple[nn.Module, int]:
+    """A randomly initialised ResNet trunk and its feature width."""
+    backbone = ResNetTrunk(spec)
+    return backbone, backbone.feature_dim
+
+
+def load_backbone(state_dict: dict[str, Tensor], spec: BackboneSpec) -> nn.Module:
     """Rebuild a backbone from `SwAVModel.backbone_state_dict()` output, loading strictly.
 
     The fc placeholders are dropped: the returned module ends in `nn.Identity`
@@ -45,21 +152,20 @@ def load_backbone(state_dict: dict[str, Tensor], arch: str, small_stem: bool) ->
     """
     if not isinstance(state_dict, dict):
         raise TypeError(f"expected a state dict (dict of tensors), got {type(state_dict).__name__}")
-    backbone, _ = build_backbone(arch, small_stem)
+    backbone, _ = build_backbone(spec)
     weights = {k: v for k, v in state_dict.items() if k not in FC_KEYS}
     try:
         backbone.load_state_dict(weights, strict=True)
     except RuntimeError as error:
-        raise ValueError(f"state dict does not match {arch} (small_stem={small_stem}): {error}") from error
+        raise ValueError(f"state dict does not match {spec.describe()}: {error}") from error
     return backbone
 
 
 class SwAVModel(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
-        self.arch = cfg.arch
-        self.small_stem = cfg.small_stem
-        self.backbone, self.feature_dim = build_backbone(cfg.arch, cfg.small_stem)
+        self.spec = BackboneSpec.from_config(cfg)
+        self.backbone, self.feature_dim = build_backbone(self.spec)
         self.projection = nn.Sequential(
             nn.Linear(self.feature_dim, cfg.hidden_dim),
             nn.BatchNorm1d(cfg.hidden_dim),
@@ -102,8 +208,8 @@ class SwAVModel(nn.Module):
 
         SwAV trains no classifier, so `fc.weight` (1000, feature_dim) and `fc.bias`
         (1000,) are zero placeholders that only make a strict load into torchvision
-        succeed. With `small_stem` conv1 is 3x3 rather than 7x7, so the dict loads
-        into `build_backbone(arch, small_stem=True)` instead (see `load_backbone`).
+        succeed. That load works when `spec.torchvision_compatible`; otherwise (small stem,
+        other width, resnet10) the dict loads with `load_backbone(state, spec)`.
         """
         state = {k: v.detach().to("cpu", copy=True) for k, v in self.backbone.state_dict().items()}
         dtype = self.backbone.conv1.weight.dtype
@@ -112,4 +218,4 @@ class SwAVModel(nn.Module):
         return state
 
 
-__all__ = ["SwAVModel", "build_backbone", "load_backbone", "TORCHVISION_CLASSES"]
+__all__ = ["BackboneSpec", "ResNetTrunk", "SwAVModel", "build_backbone", "load_backbone", "TORCHVISION_CLASSES"]

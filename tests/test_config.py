@@ -172,6 +172,8 @@ def test_malformed_overrides_are_refused_clearly():
     ("metrics.port=70000", "metrics.port"),
     # Choices.
     ("model.arch=vit_b16", "model.arch"),
+    ("model.stem_stride=3", "model.stem_stride"),
+    ("model.width=0", "model.width"),
     ("swav.codes=greedy", "swav.codes"),
     ("optim.optimizer=adam", "optim.optimizer"),
     ("optim.schedule=linear", "optim.schedule"),
@@ -189,6 +191,11 @@ def test_malformed_overrides_are_refused_clearly():
 ])
 def test_validation_names_the_offending_key(override, key):
     refused([override], key)
+
+
+def test_stride_two_stem_needs_the_small_stem():
+    assert "model.small_stem" in str(refused(["model.stem_stride=2"], "model.stem_stride"))
+    assert load_config(None, ["model.small_stem=true", "model.stem_stride=2"]).model.stem_stride == 2
 
 
 def test_choice_errors_list_the_allowed_values():

@@ -23,7 +23,7 @@ from pipelines.evaluate import (
 from pipelines.fashion_mnist import array_samples, procedural_dataset
 from pipelines.make_shards import ShardSample, write_shards
 from stream_swav.config import StorageConfig, config_from_dict
-from stream_swav.model import SwAVModel
+from stream_swav.model import BackboneSpec, SwAVModel
 from stream_swav.runtime.checkpoint import save_checkpoint
 
 STORAGE = StorageConfig()
@@ -130,7 +130,7 @@ def test_eval_end_to_end_reports_every_row(tiny_shards, tmp_path, capsys):
     train_spec, test_spec = tiny_shards
     checkpoints = tmp_path / "checkpoints"
     # The checkpoint holds exactly the seed-0 random-init backbone, so its row must equal that reference.
-    reference = random_backbone("resnet18", small_stem=True)
+    reference = random_backbone(BackboneSpec("resnet18", small_stem=True))
     state = SwAVModel(config_from_dict({"model": tiny_config(16)["model"]}).model).backbone_state_dict()
     state.update(reference.state_dict())
     save_tiny_checkpoint(checkpoints, 7, state)
@@ -163,7 +163,7 @@ def test_eval_end_to_end_reports_every_row(tiny_shards, tmp_path, capsys):
 
 def test_batchnorm_recalibration_takes_exact_data_statistics_and_keeps_weights():
     torch.manual_seed(0)
-    backbone = random_backbone("resnet18", small_stem=True)
+    backbone = random_backbone(BackboneSpec("resnet18", small_stem=True))
     images = torch.randint(0, 256, (20, 8, 8, 3), dtype=torch.uint8)
     calibrated = evaluate.recalibrate_batchnorm(backbone, images, MEAN, STD, batch_size=5)
     # The first BatchNorm sees conv1's output: its running mean averages the four equal batches'
@@ -183,7 +183,7 @@ def test_batchnorm_recalibration_takes_exact_data_statistics_and_keeps_weights()
 def test_trained_looking_weights_change_the_result(tiny_shards, tmp_path):
     train_spec, test_spec = tiny_shards
     checkpoints = tmp_path / "checkpoints"
-    save_tiny_checkpoint(checkpoints, 3, random_backbone("resnet18", True, seed=5).state_dict())
+    save_tiny_checkpoint(checkpoints, 3, random_backbone(BackboneSpec("resnet18", True), seed=5).state_dict())
     result = evaluate.evaluate_checkpoint(str(checkpoints / "step-000000003"), train_spec, test_spec, probe=False,
                                           references=False, device=torch.device("cpu"), image_size=12)
     assert [row["features"] for row in result["rows"]] == ["checkpoint"]
@@ -192,11 +192,11 @@ def test_trained_looking_weights_change_the_result(tiny_shards, tmp_path):
 
 def test_resolve_checkpoint_accepts_folder_step_folder_and_file(tmp_path):
     checkpoints = tmp_path / "checkpoints"
-    state = random_backbone("resnet18", True).state_dict()
+    state = random_backbone(BackboneSpec("resnet18", True)).state_dict()
     save_tiny_checkpoint(checkpoints, 1, state)
     save_tiny_checkpoint(checkpoints, 2, state, size=20)
     latest = resolve_checkpoint(str(checkpoints))
-    assert latest.step == 2 and latest.global_crop_size() == 20 and latest.arch == "resnet18" and latest.small_stem
+    assert latest.step == 2 and latest.global_crop_size() == 20 and latest.spec == BackboneSpec("resnet18", small_stem=True)
     step_one = resolve_checkpoint(str(checkpoints / "step-000000001"))
     assert step_one.step == 1 and step_one.global_crop_size() == 16
     by_file = resolve_checkpoint(str(checkpoints / "step-000000001" / "backbone.pt"))

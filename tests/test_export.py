@@ -10,7 +10,7 @@ from torch import nn
 
 from pipelines import export
 from stream_swav.config import StorageConfig, config_from_dict
-from stream_swav.model import SwAVModel
+from stream_swav.model import BackboneSpec, SwAVModel, load_backbone
 from stream_swav.runtime.checkpoint import save_checkpoint
 
 STORAGE = StorageConfig()
@@ -77,6 +77,28 @@ def test_small_stem_export_loads_after_swapping_the_stem(tmp_path):
     images = torch.randn(2, 3, 16, 16)
     with torch.no_grad():
         torch.testing.assert_close(resnet.eval()(images), model.eval().embed(images))
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.*` is deprecated:FutureWarning")
+def test_narrow_backbone_exports_with_its_spec_and_as_torchscript(tmp_path, capsys):
+    root = tmp_path / "checkpoints"
+    cfg = config_from_dict({"model": {"arch": "resnet10", "small_stem": True, "stem_stride": 2, "width": 8,
+                                      "hidden_dim": 32, "output_dim": 16, "prototypes": 10},
+                            "crops": {"global_size": 28, "local_size": 16}})
+    model = SwAVModel(cfg.model).eval()
+    spec = BackboneSpec.from_config(cfg.model)
+    save_checkpoint(str(root), 40, 40 * 64, {"model": model.state_dict(), "config": cfg.to_dict()},
+                    model.backbone_state_dict(), {**spec.to_record(), "metrics": {"loss": 6.0}}, STORAGE)
+    out = tmp_path / "narrow.pt"
+    assert export.main(["--checkpoint", str(root), "--out", str(out), "--torchscript"]) == 0
+    printed = capsys.readouterr().out
+    assert "resnet10 (width 8, small stem, stride 2)" in printed and "build_backbone(BackboneSpec(" in printed
+    backbone = load_backbone(torch.load(out, weights_only=True), spec).eval()
+    scripted = torch.jit.load(export.torchscript_path(str(out)))
+    images = torch.randn(2, 3, 28, 28)
+    with torch.no_grad():
+        torch.testing.assert_close(backbone(images), model.embed(images))
+        torch.testing.assert_close(scripted(images), model.embed(images), rtol=1e-4, atol=1e-4)
 
 
 def test_export_of_a_missing_or_wrong_checkpoint_is_a_clean_error(tmp_path, capsys):

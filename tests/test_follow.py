@@ -13,6 +13,7 @@ from PIL import Image
 
 from pipelines import follow
 from pipelines.evaluate import random_backbone
+from stream_swav.model import BackboneSpec
 from pipelines.fashion_mnist import array_samples, procedural_dataset
 from pipelines.follow import Follower, draw_plot, evaluate_checkpoints, read_results, write_plot
 from pipelines.make_shards import write_shards
@@ -38,7 +39,7 @@ def save_tiny_checkpoint(root: Path, step: int, seed: int, loss: float) -> None:
     config = config_from_dict({"model": {"arch": "resnet18", "small_stem": True},
                                "crops": {"global_size": 12, "local_size": 8}}).to_dict()
     save_checkpoint(str(root), step, step * 100, {"config": config},
-                    random_backbone("resnet18", True, seed=seed).state_dict(),
+                    random_backbone(BackboneSpec("resnet18", True), seed=seed).state_dict(),
                     {"arch": "resnet18", "small_stem": True, "metrics": {"loss": loss, "lr": 0.1}}, STORAGE)
 
 

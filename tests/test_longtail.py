@@ -190,19 +190,19 @@ def test_plot_is_a_png_with_one_panel_per_stream(tmp_path):
 
 
 def test_config_is_scaled_to_the_budget_and_overrides_win():
-    cfg = longtail.shared_config(2048, None, ["swav.mass_momentum=0.95"])
-    assert cfg.train.image_budget == 2048
-    assert cfg.optim.warmup_images == 204
-    assert cfg.swav.relaxed_anneal_images == 1024
-    assert cfg.swav.freeze_prototypes_steps == 3
+    cfg = longtail.shared_config(4096, None, ["swav.mass_momentum=0.95", "train.batch_size=64"])
+    assert cfg.train.image_budget == 4096
+    assert cfg.optim.warmup_images == 409
+    assert cfg.swav.relaxed_anneal_images == 2048
+    assert cfg.swav.freeze_prototypes_steps == 6  # 64 steps at batch 64
     assert cfg.swav.mass_momentum == 0.95
-    assert cfg.model.small_stem is False and cfg.model.prototypes == 30
+    assert cfg.model.arch == "resnet10" and cfg.model.prototypes == 30
     assert longtail.shared_config(10_000_000, None, []).swav.mass_momentum == 0.99
     run = longtail.RunSpec("balanced", "lower-bound", 2)
     per_run = longtail.run_config(cfg, run, "/shards/balanced", "/ckpt/x")
     assert (per_run.swav.codes, per_run.train.seed, per_run.data.seed) == ("lower-bound", 2, 2)
     assert (per_run.data.shards, per_run.checkpoint.dir) == ("/shards/balanced", "/ckpt/x")
-    assert longtail.config_id(cfg.to_dict()) != longtail.config_id(longtail.shared_config(4096, None, []).to_dict())
+    assert longtail.config_id(cfg.to_dict()) != longtail.config_id(longtail.shared_config(8192, None, []).to_dict())
 
 
 # ---- evaluation of a real checkpoint -------------------------------------------------------------------
@@ -215,7 +215,7 @@ def test_evaluate_run_scores_the_latest_checkpoint(tmp_path):
     model = SwAVModel(cfg.model).eval()
     save_checkpoint(str(tmp_path), step=4, images_seen=256, state={"model": model.state_dict()},
                     backbone=model.backbone_state_dict(),
-                    info={"arch": "resnet18", "small_stem": False, "config": cfg.to_dict(),
+                    info={**model.spec.to_record(), "config": cfg.to_dict(),
                           "metrics": {"loss": 2.5, "perplexity": 3.0}}, storage_cfg=StorageConfig())
     generator = torch.Generator().manual_seed(1)
     index = LabeledImages(torch.randint(0, 256, (40, 16, 16, 3), dtype=torch.uint8, generator=generator),

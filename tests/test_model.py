@@ -3,7 +3,7 @@ import torch
 import torchvision
 
 from stream_swav.config import ModelConfig
-from stream_swav.model import SwAVModel, build_backbone, load_backbone
+from stream_swav.model import BackboneSpec, SwAVModel, build_backbone, load_backbone
 
 torch.set_num_threads(1)
 
@@ -20,15 +20,15 @@ def crops(seed: int = 1) -> list[torch.Tensor]:
 
 
 def test_build_backbone_feature_dims_and_stem():
-    backbone, dim = build_backbone("resnet18", small_stem=False)
+    backbone, dim = build_backbone(BackboneSpec("resnet18"))
     assert dim == 512 and isinstance(backbone.fc, torch.nn.Identity)
     assert backbone.conv1.kernel_size == (7, 7) and backbone.conv1.stride == (2, 2)
-    small, dim = build_backbone("resnet18", small_stem=True)
+    small, dim = build_backbone(BackboneSpec("resnet18", small_stem=True))
     assert small.conv1.kernel_size == (3, 3) and small.conv1.stride == (1, 1) and small.conv1.bias is None
     assert isinstance(small.maxpool, torch.nn.Identity)
     assert small(torch.randn(2, 3, 32, 32)).shape == (2, 512)
     with pytest.raises(ValueError, match="unknown backbone"):
-        build_backbone("vgg16", small_stem=False)
+        BackboneSpec("vgg16")
 
 
 def test_forward_shapes_unit_norm_and_prototypes():
@@ -117,11 +117,51 @@ def test_small_stem_state_dict_round_trips_through_load_backbone():
     state = model.backbone_state_dict()
     with pytest.raises(RuntimeError):
         torchvision.models.resnet18().load_state_dict(state, strict=True)
-    backbone = load_backbone(state, "resnet18", small_stem=True).eval()
+    backbone = load_backbone(state, BackboneSpec("resnet18", small_stem=True)).eval()
     images = torch.randn(2, 3, 16, 16)
     with torch.no_grad():
         torch.testing.assert_close(backbone(images), model.embed(images))
     with pytest.raises(ValueError, match="does not match resnet18"):
-        load_backbone(state, "resnet18", small_stem=False)
+        load_backbone(state, BackboneSpec("resnet18"))
     with pytest.raises(ValueError, match="does not match"):
-        load_backbone({k: v for k, v in state.items() if k != "layer1.0.conv1.weight"}, "resnet18", True)
+        load_backbone({k: v for k, v in state.items() if k != "layer1.0.conv1.weight"}, BackboneSpec("resnet18", True))
+
+
+@pytest.mark.parametrize("arch", ["resnet18", "resnet50"])
+def test_standard_trunk_has_torchvision_keys_and_shapes(arch):
+    ours = build_backbone(BackboneSpec(arch))[0].state_dict()
+    theirs = {k: v for k, v in getattr(torchvision.models, arch)().state_dict().items() if not k.startswith("fc.")}
+    assert list(ours) == list(theirs)
+    assert all(ours[k].shape == theirs[k].shape for k in ours)
+    assert BackboneSpec(arch).torchvision_compatible
+
+
+def test_narrow_resnet10_with_stride_two_stem():
+    spec = BackboneSpec("resnet10", small_stem=True, stem_stride=2, width=8)
+    backbone, dim = build_backbone(spec)
+    assert dim == 64 and backbone.conv1.stride == (2, 2) and backbone.conv1.out_channels == 8
+    assert [len(getattr(backbone, f"layer{i}")) for i in range(1, 5)] == [1, 1, 1, 1]
+    assert backbone(torch.randn(2, 3, 28, 28)).shape == (2, 64)
+    assert not spec.torchvision_compatible
+    assert spec.describe() == "resnet10 (width 8, small stem, stride 2)"
+    state = SwAVModel(ModelConfig(arch="resnet10", small_stem=True, stem_stride=2, width=8, hidden_dim=32,
+                                  output_dim=16, prototypes=10)).backbone_state_dict()
+    assert state["fc.weight"].shape == (1000, 64)
+    assert load_backbone(state, spec).feature_dim == 64
+    with pytest.raises(ValueError, match="does not match resnet10"):
+        load_backbone(state, BackboneSpec("resnet10", small_stem=True, width=16))
+
+
+def test_backbone_spec_refuses_bad_values_and_reads_old_records():
+    with pytest.raises(ValueError, match="stem_stride"):
+        BackboneSpec("resnet18", small_stem=False, stem_stride=2)
+    with pytest.raises(ValueError, match="stem_stride"):
+        BackboneSpec("resnet18", small_stem=True, stem_stride=4)
+    with pytest.raises(ValueError, match="width"):
+        BackboneSpec("resnet18", width=0)
+    # Records written before stem_stride and width existed mean torchvision's trunk.
+    assert BackboneSpec.from_record({"arch": "resnet50", "small_stem": False}) == BackboneSpec("resnet50")
+    spec = BackboneSpec("resnet10", True, 2, 16)
+    assert BackboneSpec.from_record(spec.to_record()) == spec
+    with pytest.raises(ValueError, match="small_stem"):
+        BackboneSpec.from_record({"arch": "resnet18"})

@@ -21,7 +21,7 @@ from runtime_helpers import (RecordingTrainer, close_trainer, object_url, pass_c
                              tiny_config, write_shard)
 
 from stream_swav import storage
-from stream_swav.model import load_backbone
+from stream_swav.model import BackboneSpec, load_backbone
 from stream_swav.runtime import checkpoint as ckpt
 from stream_swav.runtime.metrics import TRAINER_METRIC_NAMES
 
@@ -129,7 +129,7 @@ def test_end_to_end_on_s3_with_metrics_and_checkpoints(s3_bucket):
     steps = ckpt.list_step_dirs(ckpt_dir, s3_bucket.storage)
     assert len(steps) == 3 and max(steps) == trainer.step
     assert all(storage.exists(ckpt.join_url(url, ckpt.META), s3_bucket.storage) for url in steps.values())
-    backbone = load_backbone(ckpt.load_backbone_state(ckpt_dir, s3_bucket.storage), "resnet18", small_stem=True)
+    backbone = load_backbone(ckpt.load_backbone_state(ckpt_dir, s3_bucket.storage), BackboneSpec("resnet18", small_stem=True))
     backbone.eval()
     with torch.no_grad():
         features = backbone(torch.rand(2, 3, 16, 16))

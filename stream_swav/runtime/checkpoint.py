@@ -35,6 +35,7 @@ import torch
 
 from stream_swav import storage
 from stream_swav.config import CheckpointConfig, StorageConfig
+from stream_swav.model import BackboneSpec
 
 log = logging.getLogger(__name__)
 
@@ -147,9 +148,10 @@ def _check_info(info: dict[str, Any]) -> dict[str, Any]:
     reserved = _RESERVED_KEYS & info.keys()
     if reserved:
         raise ValueError(f"info must not set {sorted(reserved)}: save_checkpoint fills them in")
-    if not isinstance(info.get("arch"), str) or not isinstance(info.get("small_stem"), bool):
-        raise ValueError(f"info needs arch (str) and small_stem (bool) for consumers to rebuild the backbone, "
-                         f"got arch={info.get('arch')!r}, small_stem={info.get('small_stem')!r}")
+    try:
+        BackboneSpec.from_record(info)
+    except ValueError as error:
+        raise ValueError(f"info must describe the backbone for consumers to rebuild it: {error}") from error
     return {str(k): _json_safe(v, f".{k}") for k, v in info.items()}
 
 
@@ -158,8 +160,8 @@ def save_checkpoint(dir_url: str, step: int, images_seen: int, state: dict[str, 
                     milestone_steps: int = 0) -> CheckpointInfo:
     """Write one checkpoint, move latest.json to it, then apply retention.
 
-    `info` holds extra JSON fields for latest.json; it must include `arch` and
-    `small_stem`, and usually `metrics` (a dict of key figures). Raises before
+    `info` holds extra JSON fields for latest.json; it must include the
+    `BackboneSpec.to_record()` fields, and usually `metrics` (a dict of key figures). Raises before
     writing anything when an input is invalid, and leaves latest.json untouched
     when a write fails.
     """

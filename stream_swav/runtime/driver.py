@@ -31,6 +31,7 @@ from ray.exceptions import RayActorError, RayTaskError
 from stream_swav.config import Config, ConfigError
 from stream_swav.data.cursor import StreamCursor
 from stream_swav.data.sources import ShardSource
+from stream_swav.model import BackboneSpec
 from stream_swav.runtime import checkpoint as ckpt
 from stream_swav.runtime.actors import BatchMeta, DecodeActor, LearnerActor
 from stream_swav.runtime.metrics import Metrics, PrototypeUsage, collapse_alarm, collapse_settings
@@ -386,7 +387,7 @@ class Trainer:
         start = time.time()
         others = [lrn.rank_state.remote() for lrn in self.learners[1:]]
         info = {"metrics": {k: v for k, v in self.last_stats.items() if isinstance(v, (int, float))},
-                "arch": self.cfg.model.arch, "small_stem": self.cfg.model.small_stem, "final": final,
+                **BackboneSpec.from_config(self.cfg.model).to_record(), "final": final,
                 # Consumers need crop size and normalisation without loading state.pt.
                 "config": self.cfg.to_dict()}
         extra = {"stream_cursor": self.submitted.state_dict(), "config": self.cfg.to_dict()}

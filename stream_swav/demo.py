@@ -48,6 +48,8 @@ DEMO_GPU_OVERRIDES: dict[str, Any] = {
     "train": {"batch_size": 256, "time_budget_s": 480},
     "swav": {"queue_length": 3840, "queue_start_images": 50_000},
     "optim": {"warmup_images": 50_000},
+    # A ResNet-18 checkpoint with optimizer state is ~130 MB: fewer of them, still one per minute.
+    "checkpoint": {"every_seconds": 60, "keep_last": 8},
 }
 
 

@@ -140,6 +140,7 @@ def test_eval_end_to_end_reports_every_row(tiny_shards, tmp_path, capsys):
                         "--device", "cpu", "--batch-size", "16", "--json-out", str(out)])
     assert rc == 0
     table = capsys.readouterr().out
+    assert "resnet18 (small stem), 16 px" in table
     result = json.loads(out.read_text())
     assert [row["features"] for row in result["rows"]] == ["checkpoint", "random-init", "random-init-data-bn",
                                                            "raw-pixels"]

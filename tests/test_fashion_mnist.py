@@ -22,34 +22,18 @@ from pipelines.fashion_mnist import (
     read_idx,
     zipf_subset,
 )
+from fmnist_helpers import SHARED_FMNIST, needs_fmnist, write_fmnist_subset
 from pipelines.evaluate import knn_top1
 from stream_swav.data.decode import DecodeLimits, SampleError, decode_image
 from stream_swav.data.shards import ShardReport, read_samples
 
-REPO = Path(__file__).resolve().parents[1]
-SHARED_FMNIST = REPO.parent / "shared" / "data" / "fashion-mnist"
 LIMITS = DecodeLimits(max_pixels=10_000_000, min_side=8, max_bytes=1 << 20)
-
-needs_fmnist = pytest.mark.skipif(not fashion_mnist.has_idx_files(SHARED_FMNIST),
-                                  reason=f"Fashion-MNIST IDX files not found in {SHARED_FMNIST}")
-
-
-def write_idx(path: Path, array: np.ndarray) -> None:
-    header = bytes([0, 0, 0x08, array.ndim]) + b"".join(int(d).to_bytes(4, "big") for d in array.shape)
-    with gzip.open(path, "wb") as f:
-        f.write(header + array.astype(np.uint8).tobytes())
 
 
 @pytest.fixture(scope="module")
 def small_fmnist(tmp_path_factory) -> Path:
-    """The first 60 train and 40 test images of the real files, re-written as IDX (a real subset)."""
-    folder = tmp_path_factory.mktemp("fmnist-small")
-    for split, count in (("train", 60), ("test", 40)):
-        images, labels = load_split(SHARED_FMNIST, split)
-        image_stem, label_stem = fashion_mnist.SPLIT_FILES[split]
-        write_idx(folder / f"{image_stem}.gz", images[:count])
-        write_idx(folder / f"{label_stem}.gz", labels[:count])
-    return folder
+    """The first 60 train and 40 test images of the real files (a real subset)."""
+    return write_fmnist_subset(tmp_path_factory.mktemp("fmnist-small"), train=60, test=40)
 
 
 def shard_samples(folder: Path):

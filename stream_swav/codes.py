@@ -204,6 +204,10 @@ def lower_bound_codes(scores: Tensor, dual: Tensor, epsilon: float, floor: float
     `iterations` rounds of (codes, masses, dual) run in the call; the codes
     returned use the final dual and then go through `project_to_floor`, which
     only acts while the dual has not caught up. dual: (K,) >= 0, in score units.
+
+    Beware: under the swapped-prediction loss, constant features are an optimum.
+    Their codes are the floor distribution, and predicting it costs only its
+    entropy, which is far below ln K unless gamma is close to 1 (README, long-tail results).
     """
     _check_scores("lower_bound_codes", scores, epsilon, iterations)
     _check_prototype_vector("lower_bound_codes", "dual", dual, scores.shape[1])

@@ -52,7 +52,6 @@ import hashlib
 import json
 import logging
 import math
-import os
 import sys
 import time
 from collections.abc import Iterable
@@ -74,7 +73,7 @@ from pipelines.fashion_mnist import (CLASS_NAMES, NUM_CLASSES, array_samples, ca
 from pipelines.follow import append_jsonl, nice_ticks, read_jsonl
 from pipelines.make_shards import write_shards
 from stream_swav.config import CODES, Config, StorageConfig, config_from_dict, load_config, merge_dicts
-from stream_swav.demo import DEMO_CONFIG
+from stream_swav.demo import DEMO_CONFIG, cpu_learner_overrides
 from stream_swav.model import BackboneSpec, SwAVModel
 from stream_swav.runtime import checkpoint as ckpt
 from stream_swav.swav import prototype_counts, prototype_perplexity
@@ -454,10 +453,7 @@ def budget_scaled(images: int, batch_size: int) -> dict[str, Any]:
 
 def shared_config(images: int, config_file: str | None, overrides: list[str]) -> Config:
     """Recipe <- budget-scaled keys <- --config <- --set, with the image budget fixed to `images`."""
-    recipe = LONGTAIL_CONFIG
-    if not torch.cuda.is_available():
-        # As in the demo: the CPU learner takes every core (Ray would pin it to one thread).
-        recipe = merge_dicts(recipe, {"train": {"cpu_threads": os.cpu_count() or 1}})
+    recipe = LONGTAIL_CONFIG if torch.cuda.is_available() else merge_dicts(LONGTAIL_CONFIG, cpu_learner_overrides())
     first = load_config(config_file, overrides, base=recipe)
     base = merge_dicts(recipe, budget_scaled(images, first.train.batch_size * first.train.learners))
     cfg = load_config(config_file, overrides, base=base)

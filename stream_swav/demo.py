@@ -53,6 +53,12 @@ DEMO_GPU_OVERRIDES: dict[str, Any] = {
 }
 
 
+def cpu_learner_overrides() -> dict[str, Any]:
+    """Ray pins every worker to one thread; a CPU learner on a local machine should use every core
+    (decoding 28 px images costs a few percent of one)."""
+    return {"train": {"cpu_threads": os.cpu_count() or 1}}
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default="runs/demo", help="folder for shards, checkpoints and results")
     parser.add_argument("--minutes", type=float, default=0.0,
@@ -81,8 +87,7 @@ def run_demo(args: argparse.Namespace) -> int:
                        progress=True)
     log.info("demo data: %s", made.describe())
 
-    # On the CPU the learner takes every core: decoding 28 px images costs a few percent of one.
-    base = merge_dicts(DEMO_CONFIG, DEMO_GPU_OVERRIDES if gpu else {"train": {"cpu_threads": os.cpu_count() or 1}})
+    base = merge_dicts(DEMO_CONFIG, DEMO_GPU_OVERRIDES if gpu else cpu_learner_overrides())
     if args.minutes:
         base = merge_dicts(base, {"train": {"time_budget_s": args.minutes * 60}})
     base = merge_dicts(base, {"data": {"shards": made.train}, "checkpoint": {"dir": str(out / "checkpoints")},

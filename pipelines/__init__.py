@@ -1,0 +1,1 @@
+"""End-to-end pipelines and experiments built on stream_swav (run from a checkout; not installed)."""

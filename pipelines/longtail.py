@@ -54,7 +54,7 @@ import logging
 import math
 import sys
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -65,17 +65,18 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont
 from torch import Tensor
 
-from pipelines.evaluate import (DEFAULT_K, DEFAULT_TEMPERATURE, EvalData, embed, knn_predict, load_eval_data,
-                                load_resolved_backbone, pick_device, pixel_features, random_backbone,
-                                resolve_checkpoint)
-from pipelines.fashion_mnist import (CLASS_NAMES, NUM_CLASSES, array_samples, candidate_dirs, find_fashion_mnist,
-                                     load_split, zipf_subset)
-from pipelines.follow import append_jsonl, nice_ticks, read_jsonl
-from pipelines.make_shards import write_shards
+from stream_swav import checkpoint as ckpt
+from stream_swav import logs
+from stream_swav.apps import KNN_K, KNN_TEMPERATURE
+from stream_swav.apps.datasets import CLASS_NAMES, NUM_CLASSES, candidate_dirs, find_fashion_mnist, load_split
+from stream_swav.apps.demo import DEMO_CONFIG, cpu_learner_overrides
+from stream_swav.apps.evaluate import (EvalData, embed, knn_predict, load_eval_data, pick_device, pixel_features,
+                                       random_backbone)
+from stream_swav.apps.follow import append_jsonl, nice_ticks, read_jsonl
+from stream_swav.apps.make_shards import array_samples, write_shards
+from stream_swav.checkpoint import load_resolved_backbone, resolve_checkpoint
 from stream_swav.config import CODES, Config, StorageConfig, config_from_dict, load_config, merge_dicts
-from stream_swav.demo import DEMO_CONFIG, cpu_learner_overrides
 from stream_swav.model import BackboneSpec, SwAVModel
-from stream_swav.runtime import checkpoint as ckpt
 from stream_swav.swav import prototype_counts, prototype_perplexity
 
 log = logging.getLogger("stream_swav.longtail")
@@ -108,6 +109,40 @@ LONGTAIL_CONFIG: dict[str, Any] = merge_dicts(DEMO_CONFIG, {
 
 
 # ---- streams (pure) -----------------------------------------------------------------------------------
+
+
+def zipf_class_counts(available: np.ndarray, imbalance_ratio: float) -> np.ndarray:
+    """Per-class sample counts n_c proportional to 1/(c+1)^a, with a chosen so that
+    n_0 / n_{C-1} == imbalance_ratio and n_0 the largest count every class can afford."""
+    classes = len(available)
+    if classes < 2:
+        return available.copy()
+    exponent = math.log(imbalance_ratio) / math.log(classes)
+    shares = 1.0 / np.arange(1, classes + 1) ** exponent
+    head = int(np.min(available / shares))
+    return np.maximum(1, np.floor(head * shares + 1e-9)).astype(np.int64)
+
+
+def zipf_subset(labels: np.ndarray, imbalance_ratio: float = 100.0, seed: int = 0,
+                class_order: Sequence[int] | None = None) -> np.ndarray:
+    """Indices of a long-tailed subset: the class of frequency rank r (0 the head) keeps a share
+    proportional to 1/(r+1)^a, so the largest class is `imbalance_ratio` times the smallest.
+    `class_order` lists the classes from most to least frequent (default: label order).
+    Which samples are kept, and their order (as a stream would see them), follow `seed`."""
+    labels = np.asarray(labels)
+    if imbalance_ratio < 1:
+        raise ValueError(f"imbalance_ratio must be >= 1, got {imbalance_ratio}")
+    classes = np.unique(labels)
+    if class_order is not None:
+        if sorted(int(c) for c in class_order) != [int(c) for c in classes]:
+            raise ValueError(f"class_order must list each class once, got {list(class_order)} "
+                             f"for classes {classes.tolist()}")
+        classes = np.asarray(class_order)
+    available = np.array([(labels == c).sum() for c in classes])
+    counts = zipf_class_counts(available, imbalance_ratio)
+    rng = np.random.default_rng(seed)
+    chosen = [rng.permutation(np.flatnonzero(labels == c))[:count] for c, count in zip(classes, counts)]
+    return rng.permutation(np.concatenate(chosen)) if chosen else np.empty(0, dtype=np.int64)
 
 
 def balanced_subset(labels: np.ndarray, per_class: int, seed: int) -> np.ndarray:
@@ -469,8 +504,8 @@ def run_config(shared: Config, run: RunSpec, shards: str, checkpoint_dir: str) -
 def knn_groups(index_feats: Tensor, query_feats: Tensor, data: EvalData, groups: dict[str, tuple[int, ...]],
                device: torch.device) -> dict[str, float]:
     """Weighted kNN (k=20, cosine, T=0.07) top-1, overall and per frequency group."""
-    predictions = knn_predict(index_feats.to(device), data.train.labels, query_feats.to(device), DEFAULT_K,
-                              DEFAULT_TEMPERATURE, max(data.num_classes, NUM_CLASSES))
+    predictions = knn_predict(index_feats.to(device), data.train.labels, query_feats.to(device), KNN_K,
+                              KNN_TEMPERATURE, max(data.num_classes, NUM_CLASSES))
     return group_top1(predictions, data.test.labels, groups)
 
 
@@ -611,7 +646,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.images < 1 or args.index_per_class < 1 or args.test_images < 0:
         parser.error("--images and --index-per-class must be >= 1, --test-images >= 0")
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    logs.configure()
     return run_pipeline(args)
 
 

@@ -1,20 +1,56 @@
-"""`stream-swav`: train, demo, make-shards, eval, follow, export, config."""
+"""stream-swav: self-supervised visual features (SwAV) from an endless stream of images, on Ray.
+
+Subcommands: train, demo, config, make-shards, eval, follow, export. Each app is imported
+only when its subcommand runs, so `--help` and `--version` stay fast.
+"""
 from __future__ import annotations
 
 import argparse
+import importlib
+import importlib.metadata
 import logging
 import sys
+from collections.abc import Callable
 
-from stream_swav.config import ConfigError, load_config
+from stream_swav import logs
+from stream_swav.apps import DEMO_DATASETS, FOLLOW_INTERVAL_S, FOLLOW_PORT, KNN_K, KNN_TEMPERATURE, REENCODE_EXT
+from stream_swav.config import ConfigError
 
 
-def _add_config_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", help="YAML file with configuration sections (see README)")
+def _version() -> str:
+    try:
+        return importlib.metadata.version("stream-swav")
+    except importlib.metadata.PackageNotFoundError:  # run from a source tree without installing
+        return "unknown (not installed)"
+
+
+def _config_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", metavar="FILE.yaml", help="YAML file with configuration sections (see README)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                         help="override one configuration value; repeatable")
 
 
+def _endpoint_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--endpoint-url", default="", metavar="URL",
+                        help="S3 endpoint (MinIO, Ceph, R2...); default: from the environment (AWS_ENDPOINT_URL)")
+
+
+def _embedding_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options of the kNN evaluation shared by `eval` and `follow`."""
+    parser.add_argument("--k", type=int, default=KNN_K, help=f"neighbours that vote (default {KNN_K})")
+    parser.add_argument("--temperature", type=float, default=KNN_TEMPERATURE,
+                        help=f"vote weight exp(similarity / T) (default {KNN_TEMPERATURE})")
+    parser.add_argument("--image-size", type=int, default=0,
+                        help="evaluation size in px (default: the checkpoint's crops.global_size)")
+    parser.add_argument("--batch-size", type=int, default=256, help="images per embedding batch (default 256)")
+    parser.add_argument("--device", default="auto", help="auto (cuda when available), cpu or cuda")
+    parser.add_argument("--max-train", type=int, default=0, help="use at most this many index images (0: all)")
+    parser.add_argument("--max-test", type=int, default=0, help="use at most this many query images (0: all)")
+    _endpoint_argument(parser)
+
+
 def _train(args: argparse.Namespace) -> int:
+    from stream_swav.config import load_config
     from stream_swav.runtime.driver import train
 
     cfg = load_config(args.config, args.overrides)
@@ -24,63 +60,121 @@ def _train(args: argparse.Namespace) -> int:
     return train(cfg)
 
 
-def _demo(args: argparse.Namespace) -> int:
-    from stream_swav.demo import run_demo
-
-    return run_demo(args)
-
-
 def _config(args: argparse.Namespace) -> int:
-    cfg = load_config(args.config, args.overrides)
     import yaml
 
-    sys.stdout.write(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    from stream_swav.config import load_config
+
+    sys.stdout.write(yaml.safe_dump(load_config(args.config, args.overrides).to_dict(), sort_keys=False))
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from pipelines import evaluate, export, follow, make_shards
-    from stream_swav import demo
+def _app(module: str) -> Callable[[argparse.Namespace], int]:
+    """The `run` of stream_swav.apps.<module>, imported when the subcommand runs."""
+    def run(args: argparse.Namespace) -> int:
+        return importlib.import_module(f"stream_swav.apps.{module}").run(args)
+    return run
 
-    parser = argparse.ArgumentParser(prog="stream-swav", description=__doc__)
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="stream-swav", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser.add_argument("--debug", action="store_true", help="debug logging, and full tracebacks on errors")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("train", help="run streaming SwAV (joins RAY_ADDRESS or starts a local Ray)")
-    _add_config_arguments(p)
+    _config_arguments(p)
     p.set_defaults(func=_train)
 
     p = sub.add_parser("demo", help="make demo shards, train on local Ray, evaluate, print the results")
-    _add_config_arguments(p)
-    demo.add_arguments(p)
-    p.set_defaults(func=_demo)
+    _config_arguments(p)
+    p.add_argument("--out", default="runs/demo", help="folder for shards, checkpoints and results")
+    p.add_argument("--minutes", type=float, default=0.0, help="training time budget (default: 4 on CPU, 8 on GPU)")
+    p.add_argument("--fresh", action="store_true", help="delete checkpoints and results of an earlier demo")
+    p.add_argument("--eval-train", type=int, default=0,
+                   help="labelled training images in the kNN index (default: 5,000 on CPU, 60,000 on GPU)")
+    p.add_argument("--eval-test", type=int, default=0,
+                   help="labelled test images scored (default: 1,000 on CPU, 10,000 on GPU)")
+    p.add_argument("--dataset", default="auto", choices=DEMO_DATASETS,
+                   help="demo images: Fashion-MNIST when found (auto), or the procedural 10-class set")
+    p.set_defaults(func=_app("demo"))
 
     p = sub.add_parser("config", help="print the effective configuration as YAML")
-    _add_config_arguments(p)
+    _config_arguments(p)
     p.set_defaults(func=_config)
 
-    for name, module, help_text in (
-            ("make-shards", make_shards, "images (folder, tar, Fashion-MNIST) -> WebDataset shards"),
-            ("eval", evaluate, "kNN and linear-probe accuracy of a checkpoint's backbone"),
-            ("follow", follow, "evaluate each new checkpoint as it appears"),
-            ("export", export, "backbone weights for torchvision, optionally TorchScript")):
-        p = sub.add_parser(name, help=help_text)
-        module.add_arguments(p)
-        p.set_defaults(func=module.run)
+    p = sub.add_parser("make-shards", help="images (folder, tar, Fashion-MNIST) -> WebDataset shards")
+    p.add_argument("src", help="image folder (recursive), tar file, or folder with Fashion-MNIST IDX files")
+    p.add_argument("dest", help="output folder or s3:// prefix")
+    p.add_argument("--max-count", type=int, default=10_000, help="samples per shard at most (default 10000)")
+    p.add_argument("--max-bytes", type=float, default=256e6, help="bytes per shard at most (default 256e6)")
+    p.add_argument("--reencode", choices=sorted(REENCODE_EXT), help="re-encode every image to this format")
+    p.add_argument("--max-side", type=int, default=0,
+                   help="shrink images whose longer side exceeds this many pixels (re-encodes them)")
+    p.add_argument("--class-dirs", action="store_true",
+                   help="folder SRC: label = index of the first-level sub-folder in sorted order")
+    p.add_argument("--split", choices=("train", "test"), default="train", help="Fashion-MNIST split")
+    p.add_argument("--size", type=int, default=0, help="Fashion-MNIST: resize to SIZE px (default: 28)")
+    _endpoint_argument(p)
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--json", action="store_true", help="print the summary as JSON")
+    p.set_defaults(func=_app("make_shards"))
+
+    p = sub.add_parser("eval", help="kNN and linear-probe accuracy of a checkpoint's backbone")
+    p.add_argument("--checkpoint", required=True,
+                   help="checkpoint folder (uses latest.json), step folder, or backbone.pt; local or s3://")
+    p.add_argument("--train", required=True, help="labelled shards for the kNN index and probe training")
+    p.add_argument("--test", required=True, help="labelled shards to score")
+    p.add_argument("--no-probe", action="store_true", help="skip the linear probe")
+    p.add_argument("--no-references", action="store_true", help="skip the raw-pixel and random-init rows")
+    p.add_argument("--json-out", metavar="FILE", help="also write the result as JSON to this file")
+    _embedding_arguments(p)
+    p.set_defaults(func=_app("evaluate"))
+
+    p = sub.add_parser("follow", help="evaluate each new checkpoint as it appears")
+    p.add_argument("--checkpoints", required=True, help="checkpoint folder (local or s3://) to follow")
+    p.add_argument("--train", required=True, help="labelled shards for the kNN index")
+    p.add_argument("--test", required=True, help="labelled shards to score")
+    p.add_argument("--out", required=True, help="folder for results.jsonl, results.csv and accuracy.png")
+    p.add_argument("--interval-s", type=float, default=FOLLOW_INTERVAL_S,
+                   help=f"seconds between polls (default {FOLLOW_INTERVAL_S:g})")
+    p.add_argument("--once", action="store_true", help="poll once (evaluate latest if new), then exit; no metrics server")
+    p.add_argument("--all", action="store_true",
+                   help="also evaluate every retained step folder without a result, not only the latest")
+    p.add_argument("--host", default="127.0.0.1", help="metrics server address (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=FOLLOW_PORT,
+                   help=f"metrics server port (default {FOLLOW_PORT}; 0: any free port)")
+    p.add_argument("--probe", action="store_true", help="also fit a linear probe per checkpoint")
+    p.add_argument("--references", action="store_true", help="also record raw-pixel and random-init kNN (computed once)")
+    _embedding_arguments(p)
+    p.set_defaults(func=_app("follow"))
+
+    p = sub.add_parser("export", help="backbone weights for torchvision, optionally TorchScript")
+    p.add_argument("--checkpoint", required=True,
+                   help="checkpoint folder (uses latest.json), step folder, or backbone.pt; local or s3://")
+    p.add_argument("--out", required=True, help="state_dict file to write (local or s3://), e.g. resnet50.pt")
+    p.add_argument("--torchscript", action="store_true",
+                   help="also write <out stem>.torchscript.pt (feature extractor, verified on a dummy input)")
+    p.add_argument("--image-size", type=int, default=0,
+                   help="dummy input size for the TorchScript check (default: the training crop size)")
+    _endpoint_argument(p)
+    p.set_defaults(func=_app("export"))
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    logs.configure(logging.DEBUG if args.verbose or args.debug else logging.INFO)
     try:
         return int(args.func(args) or 0)
     except ConfigError as err:
+        if args.debug:
+            raise
         print(f"stream-swav: configuration error: {err}", file=sys.stderr)
         return 2
 
 
 if __name__ == "__main__":
     sys.exit(main())
-

@@ -17,6 +17,7 @@ printed, and it redacts them.
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import threading
 import time
@@ -135,12 +136,6 @@ def _make_filesystem(protocol: str, options: dict[str, Any], cfg: StorageConfig)
     return fs
 
 
-def clear_filesystem_cache() -> None:
-    """Forget cached filesystems (after credentials or endpoints changed in-process)."""
-    with _cache_lock:
-        _cache.clear()
-
-
 def describe_storage(cfg: StorageConfig) -> dict[str, Any]:
     """What the S3 client will use, safe to log: secrets are redacted, their presence shown."""
     described: dict[str, Any] = {
@@ -160,9 +155,25 @@ def describe_storage(cfg: StorageConfig) -> dict[str, Any]:
     return described
 
 
+def join_url(base: str, *parts: str) -> str:
+    """`parts` under a folder or an s3:// prefix: ``join_url("s3://b/ckpt/", "latest.json")``."""
+    return "/".join([str(base).rstrip("/"), *parts])
+
+
 def read_bytes(url: str, cfg: StorageConfig) -> bytes:
     fs, path = filesystem_for(url, cfg)
     return fs.cat_file(path)
+
+
+def read_json(url: str, cfg: StorageConfig) -> Any:
+    """The JSON document at `url`, or None when there is none; ValueError naming the URL when it
+    is not valid JSON (a damaged file must not pass for a missing one)."""
+    if not exists(url, cfg):
+        return None
+    try:
+        return json.loads(read_bytes(url, cfg))
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ValueError(f"{url}: not valid JSON: {error}") from error
 
 
 def write_bytes_atomic(url: str, data: bytes, cfg: StorageConfig) -> None:

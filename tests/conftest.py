@@ -78,13 +78,11 @@ def s3_bucket(moto_endpoint: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[S
     AWS_ENDPOINT_URL points at moto, so default StorageConfig() reaches it too.
     """
     use_fake_credentials(monkeypatch, moto_endpoint)
-    storage.clear_filesystem_cache()
     cfg = StorageConfig(endpoint_url=moto_endpoint, retries=1, connect_timeout_s=2.0, read_timeout_s=5.0)
     name = f"test-{uuid.uuid4().hex[:12]}"
     fs, _ = storage.filesystem_for(f"s3://{name}", cfg)
     fs.mkdir(name)
     yield S3Bucket(endpoint=moto_endpoint, name=name, storage=cfg)
-    storage.clear_filesystem_cache()
 
 
 def image_bytes(colour: tuple[int, int, int], fmt: str = "JPEG", size: tuple[int, int] = (40, 32)) -> bytes:

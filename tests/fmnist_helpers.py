@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipelines import fashion_mnist
+from stream_swav.apps import datasets as fashion_mnist
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_FMNIST = REPO.parent / "shared" / "data" / "fashion-mnist"

@@ -10,13 +10,12 @@ import pytest
 import torch
 
 from stream_swav.config import CheckpointConfig, StorageConfig
-from stream_swav.runtime import checkpoint
-from stream_swav.runtime.checkpoint import (
-    CheckpointPolicy,
+from stream_swav import checkpoint
+from stream_swav.runtime.checkpointing import CheckpointPolicy
+from stream_swav.checkpoint import (
     list_step_dirs,
     load_backbone_state,
     load_checkpoint,
-    milestone_every_steps,
     prune_checkpoints,
     read_latest,
     retained_steps,
@@ -250,8 +249,8 @@ def test_retained_steps_are_stable_for_irregular_steps():
     assert keep == {555, 820, 1015}
     # After a restart the already deleted steps are gone; the same milestones survive.
     assert retained_steps([555, 820, 1015, 1200], 1200, keep_last=2, milestone_steps=500) == {555, 1015, 1200}
-    assert milestone_every_steps(CheckpointConfig(every_steps=1000, milestone_every=10)) == 10_000
-    assert milestone_every_steps(CheckpointConfig(every_steps=0, milestone_every=10)) == 0
+    assert CheckpointConfig(every_steps=1000, milestone_every=10).milestone_steps == 10_000
+    assert CheckpointConfig(every_steps=0, milestone_every=10).milestone_steps == 0
 
 
 def test_policy():
@@ -278,7 +277,7 @@ def test_policy():
 KILLED_WRITER = textwrap.dedent("""
     import sys, time, torch
     from stream_swav.config import StorageConfig
-    from stream_swav.runtime import checkpoint
+    from stream_swav import checkpoint
 
     real = checkpoint.storage.write_bytes_atomic
 

@@ -10,8 +10,9 @@ import pytest
 import torch
 from PIL import Image
 
-from pipelines import evaluate
-from pipelines.evaluate import (
+from stream_swav import cli
+from stream_swav.apps import evaluate
+from stream_swav.apps.evaluate import (
     knn_top1,
     linear_probe_top1,
     load_labeled_images,
@@ -20,11 +21,12 @@ from pipelines.evaluate import (
     resize_center_crop,
     resolve_checkpoint,
 )
-from pipelines.fashion_mnist import array_samples, procedural_dataset
-from pipelines.make_shards import ShardSample, write_shards
+from stream_swav.apps.datasets import procedural_dataset
+from stream_swav.apps.make_shards import array_samples
+from stream_swav.apps.make_shards import ShardSample, write_shards
 from stream_swav.config import StorageConfig, config_from_dict
 from stream_swav.model import BackboneSpec, SwAVModel
-from stream_swav.runtime.checkpoint import save_checkpoint
+from stream_swav.checkpoint import save_checkpoint
 
 STORAGE = StorageConfig()
 MEAN, STD = (0.5, 0.4, 0.3), (0.25, 0.2, 0.3)
@@ -136,7 +138,7 @@ def test_eval_end_to_end_reports_every_row(tiny_shards, tmp_path, capsys):
     save_tiny_checkpoint(checkpoints, 7, state)
 
     out = tmp_path / "result.json"
-    rc = evaluate.main(["--checkpoint", str(checkpoints), "--train", train_spec, "--test", test_spec,
+    rc = cli.main(["eval", "--checkpoint", str(checkpoints), "--train", train_spec, "--test", test_spec,
                         "--device", "cpu", "--batch-size", "16", "--json-out", str(out)])
     assert rc == 0
     table = capsys.readouterr().out
@@ -208,6 +210,6 @@ def test_resolve_checkpoint_accepts_folder_step_folder_and_file(tmp_path):
 
 def test_eval_cli_reports_a_missing_checkpoint_cleanly(tiny_shards, tmp_path, capsys):
     train_spec, test_spec = tiny_shards
-    assert evaluate.main(["--checkpoint", str(tmp_path / "nothing"), "--train", train_spec, "--test",
+    assert cli.main(["eval", "--checkpoint", str(tmp_path / "nothing"), "--train", train_spec, "--test",
                           test_spec]) == 2
     assert "no backbone" in capsys.readouterr().err

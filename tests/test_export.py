@@ -8,10 +8,11 @@ import torch
 import torchvision
 from torch import nn
 
-from pipelines import export
+from stream_swav import cli
+from stream_swav.apps import export
 from stream_swav.config import StorageConfig, config_from_dict
 from stream_swav.model import BackboneSpec, SwAVModel, load_backbone
-from stream_swav.runtime.checkpoint import save_checkpoint
+from stream_swav.checkpoint import save_checkpoint
 
 STORAGE = StorageConfig()
 
@@ -38,7 +39,7 @@ def save_trained_looking_checkpoint(root: Path, small_stem: bool, step: int = 40
 def test_export_loads_into_torchvision_strictly_and_torchscript_runs(tmp_path, capsys):
     model = save_trained_looking_checkpoint(tmp_path / "checkpoints", small_stem=False)
     out = tmp_path / "export" / "resnet18-swav.pt"
-    rc = export.main(["--checkpoint", str(tmp_path / "checkpoints"), "--out", str(out), "--torchscript"])
+    rc = cli.main(["export", "--checkpoint", str(tmp_path / "checkpoints"), "--out", str(out), "--torchscript"])
     assert rc == 0
     assert "resnet18-swav.torchscript.pt" in capsys.readouterr().out
 
@@ -90,7 +91,7 @@ def test_narrow_backbone_exports_with_its_spec_and_as_torchscript(tmp_path, caps
     save_checkpoint(str(root), 40, 40 * 64, {"model": model.state_dict(), "config": cfg.to_dict()},
                     model.backbone_state_dict(), {**spec.to_record(), "metrics": {"loss": 6.0}}, STORAGE)
     out = tmp_path / "narrow.pt"
-    assert export.main(["--checkpoint", str(root), "--out", str(out), "--torchscript"]) == 0
+    assert cli.main(["export", "--checkpoint", str(root), "--out", str(out), "--torchscript"]) == 0
     printed = capsys.readouterr().out
     assert "resnet10 (width 8, small stem, stride 2)" in printed and "build_backbone(BackboneSpec(" in printed
     backbone = load_backbone(torch.load(out, weights_only=True), spec).eval()
@@ -102,7 +103,7 @@ def test_narrow_backbone_exports_with_its_spec_and_as_torchscript(tmp_path, caps
 
 
 def test_export_of_a_missing_or_wrong_checkpoint_is_a_clean_error(tmp_path, capsys):
-    assert export.main(["--checkpoint", str(tmp_path / "none"), "--out", str(tmp_path / "x.pt")]) == 2
+    assert cli.main(["export", "--checkpoint", str(tmp_path / "none"), "--out", str(tmp_path / "x.pt")]) == 2
     assert "no backbone" in capsys.readouterr().err
     assert not (tmp_path / "x.pt").exists()
 
@@ -110,7 +111,7 @@ def test_export_of_a_missing_or_wrong_checkpoint_is_a_clean_error(tmp_path, caps
     save_trained_looking_checkpoint(tmp_path / "checkpoints", small_stem=False)
     state = torchvision.models.resnet34().state_dict()
     torch.save(state, tmp_path / "checkpoints" / "step-000000040" / "backbone.pt")
-    assert export.main(["--checkpoint", str(tmp_path / "checkpoints"), "--out", str(tmp_path / "y.pt")]) == 2
+    assert cli.main(["export", "--checkpoint", str(tmp_path / "checkpoints"), "--out", str(tmp_path / "y.pt")]) == 2
     assert "does not match resnet18" in capsys.readouterr().err
     assert not (tmp_path / "y.pt").exists()
 

@@ -13,17 +13,13 @@ import pytest
 import torch
 from PIL import Image
 
-from pipelines import fashion_mnist, make_shards
-from pipelines.fashion_mnist import (
-    demo_shards,
-    find_fashion_mnist,
-    load_split,
-    procedural_dataset,
-    read_idx,
-    zipf_subset,
-)
+from stream_swav import cli
+from stream_swav.apps import datasets as fashion_mnist
+from stream_swav.apps.datasets import find_fashion_mnist, load_split, procedural_dataset, read_idx
+from stream_swav.apps.demo import demo_shards
+from stream_swav.apps.make_shards import array_samples
 from fmnist_helpers import SHARED_FMNIST, needs_fmnist, write_fmnist_subset
-from pipelines.evaluate import knn_top1
+from stream_swav.apps.evaluate import knn_top1
 from stream_swav.data.decode import DecodeLimits, SampleError, decode_image
 from stream_swav.data.shards import ShardReport, read_samples
 
@@ -71,7 +67,7 @@ def test_search_order_finds_shared_beside_the_repo(monkeypatch, tmp_path):
 @needs_fmnist
 def test_make_shards_from_idx_folder_writes_labelled_pngs(small_fmnist, tmp_path):
     dest = tmp_path / "shards"
-    rc = make_shards.main([str(small_fmnist), str(dest), "--split", "test", "--max-count", "16", "--size", "32",
+    rc = cli.main(["make-shards", str(small_fmnist), str(dest), "--split", "test", "--max-count", "16", "--size", "32",
                            "--no-progress"])
     assert rc == 0
     images, labels = load_split(small_fmnist, "test")
@@ -91,7 +87,7 @@ def test_make_shards_from_idx_folder_writes_labelled_pngs(small_fmnist, tmp_path
 @needs_fmnist
 def test_native_size_png_keeps_pixels_exactly(small_fmnist):
     images, labels = load_split(small_fmnist, "train")
-    sample = next(fashion_mnist.array_samples(images, labels, size=28, image_format="png", start=5))
+    sample = next(array_samples(images, labels, size=28, image_format="png", start=5))
     assert sample.index == 5 and sample.fields["cls"] == str(labels[5]).encode()
     decoded = np.asarray(decode_image(sample.fields["png"], LIMITS, 28))
     assert (decoded == images[5][..., None]).all()
@@ -137,26 +133,6 @@ def test_procedural_dataset_is_deterministic_balanced_and_not_a_colour_lookup():
     train_y, test_y = torch.tensor(labels), torch.tensor(test_labels)
     assert knn_top1(spectrum(images), train_y, spectrum(test_images), test_y) > 0.3
     assert knn_top1(mean_colour(images), train_y, mean_colour(test_images), test_y) < 0.2
-
-
-def test_zipf_subset_has_the_requested_imbalance():
-    labels = np.repeat(np.arange(10), 500)
-    indices = zipf_subset(labels, imbalance_ratio=100, seed=0)
-    counts = np.bincount(labels[indices], minlength=10)
-    assert counts[0] == 500 and counts[-1] == 5
-    assert (np.diff(counts) <= 0).all()
-    # Zipf: n_c proportional to 1/(c+1)^a with a = log(100)/log(10) = 2.
-    assert counts.tolist() == [500, 125, 55, 31, 20, 13, 10, 7, 6, 5]
-    assert len(set(indices.tolist())) == len(indices)
-    assert (zipf_subset(labels, 100, seed=0) == indices).all()
-    assert not (zipf_subset(labels, 100, seed=1) == indices).all()
-    with pytest.raises(ValueError):
-        zipf_subset(labels, imbalance_ratio=0.5)
-    reordered = np.bincount(labels[zipf_subset(labels, 100, seed=0, class_order=[9, 8, 7, 6, 5, 4, 3, 2, 1, 0])],
-                            minlength=10)
-    assert reordered.tolist() == counts.tolist()[::-1]
-    with pytest.raises(ValueError, match="each class once"):
-        zipf_subset(labels, 100, class_order=[0, 0, 1, 2, 3, 4, 5, 6, 7, 8])
 
 
 def decode_outcomes(folder: Path) -> Counter:
@@ -212,7 +188,7 @@ def test_missing_fashion_mnist_is_an_error_when_asked_for(tmp_path):
 
 
 def test_odd_images_are_what_they_claim():
-    from pipelines.odd_images import odd_images
+    from stream_swav.apps.odd_images import odd_images
 
     rgb = np.asarray(Image.new("RGB", (20, 20), (200, 40, 90)))
     odd = {o.name: o for o in odd_images(rgb)}

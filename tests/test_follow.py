@@ -11,14 +11,16 @@ import pytest
 import torch
 from PIL import Image
 
-from pipelines import follow
-from pipelines.evaluate import random_backbone
+from stream_swav import cli
+from stream_swav.apps import follow
+from stream_swav.apps.evaluate import random_backbone
 from stream_swav.model import BackboneSpec
-from pipelines.fashion_mnist import array_samples, procedural_dataset
-from pipelines.follow import Follower, draw_plot, evaluate_checkpoints, read_results, write_plot
-from pipelines.make_shards import write_shards
+from stream_swav.apps.datasets import procedural_dataset
+from stream_swav.apps.make_shards import array_samples
+from stream_swav.apps.follow import Follower, draw_plot, evaluate_checkpoints, read_results, write_plot
+from stream_swav.apps.make_shards import write_shards
 from stream_swav.config import StorageConfig, config_from_dict
-from stream_swav.runtime.checkpoint import save_checkpoint
+from stream_swav.checkpoint import save_checkpoint
 from stream_swav.runtime.metrics import EvalMetrics
 
 STORAGE = StorageConfig()
@@ -44,7 +46,7 @@ def save_tiny_checkpoint(root: Path, step: int, seed: int, loss: float) -> None:
 
 
 def follow_once(checkpoints: Path, shards: tuple[str, str], out: Path, *extra: str) -> int:
-    return follow.main(["--checkpoints", str(checkpoints), "--train", shards[0], "--test", shards[1],
+    return cli.main(["follow", "--checkpoints", str(checkpoints), "--train", shards[0], "--test", shards[1],
                         "--out", str(out), "--once", "--device", "cpu", "--batch-size", "32", *extra])
 
 

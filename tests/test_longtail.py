@@ -11,11 +11,12 @@ import torch.nn.functional as F
 from PIL import Image
 
 from pipelines import longtail
-from pipelines.evaluate import EvalData, LabeledImages
-from pipelines.fashion_mnist import find_fashion_mnist, load_split
+from stream_swav.apps.evaluate import EvalData, LabeledImages
+from pipelines.longtail import zipf_subset
+from stream_swav.apps.datasets import find_fashion_mnist, load_split
 from stream_swav.config import StorageConfig
 from stream_swav.model import SwAVModel
-from stream_swav.runtime.checkpoint import save_checkpoint
+from stream_swav.checkpoint import save_checkpoint
 
 
 def shuffled_labels(per_class: int, classes: int = 10, seed: int = 0) -> np.ndarray:
@@ -236,3 +237,23 @@ def test_evaluate_run_scores_the_latest_checkpoint(tmp_path):
     assert row["perplexity"] == pytest.approx(longtail.usage_perplexity(scores), rel=1e-4)
     assert 1.0 <= row["perplexity"] <= 7.0
     json.dumps(row)
+
+
+def test_zipf_subset_has_the_requested_imbalance():
+    labels = np.repeat(np.arange(10), 500)
+    indices = zipf_subset(labels, imbalance_ratio=100, seed=0)
+    counts = np.bincount(labels[indices], minlength=10)
+    assert counts[0] == 500 and counts[-1] == 5
+    assert (np.diff(counts) <= 0).all()
+    # Zipf: n_c proportional to 1/(c+1)^a with a = log(100)/log(10) = 2.
+    assert counts.tolist() == [500, 125, 55, 31, 20, 13, 10, 7, 6, 5]
+    assert len(set(indices.tolist())) == len(indices)
+    assert (zipf_subset(labels, 100, seed=0) == indices).all()
+    assert not (zipf_subset(labels, 100, seed=1) == indices).all()
+    with pytest.raises(ValueError):
+        zipf_subset(labels, imbalance_ratio=0.5)
+    reordered = np.bincount(labels[zipf_subset(labels, 100, seed=0, class_order=[9, 8, 7, 6, 5, 4, 3, 2, 1, 0])],
+                            minlength=10)
+    assert reordered.tolist() == counts.tolist()[::-1]
+    with pytest.raises(ValueError, match="each class once"):
+        zipf_subset(labels, 100, class_order=[0, 0, 1, 2, 3, 4, 5, 6, 7, 8])

@@ -12,8 +12,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipelines import make_shards
-from pipelines.make_shards import ShardSample, SkippedSample, ShardsExistError, resume_index, write_shards
+from stream_swav import cli
+from stream_swav.apps import make_shards
+from stream_swav.apps.make_shards import ShardSample, SkippedSample, ShardsExistError, resume_index, write_shards
 from stream_swav import storage
 from stream_swav.config import StorageConfig
 from stream_swav.data.decode import DecodeLimits, decode_image
@@ -68,7 +69,7 @@ def read_shards(folder: Path) -> list[tuple[str, str, dict[str, bytes]]]:
 
 
 def run_cli(*argv: str) -> int:
-    return make_shards.main([*argv, "--no-progress"])
+    return cli.main(["make-shards", *argv, "--no-progress"])
 
 
 def test_folder_to_local_shards_with_labels_and_counted_skips(image_folder, tmp_path, capsys):

@@ -27,7 +27,7 @@ from runtime_helpers import (KEYS_LOG_ENV, object_url, pass_counts, processes_wi
 from stream_swav import storage
 from stream_swav.data.cursor import StreamCursor
 from stream_swav.model import BackboneSpec, load_backbone
-from stream_swav.runtime import checkpoint as ckpt
+from stream_swav import checkpoint as ckpt
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(400)]
 
@@ -127,8 +127,8 @@ def test_driver_killed_mid_run_resumes_from_latest_checkpoint(s3_bucket, tmp_pat
     latest = ckpt.read_latest(ckpt_dir, s3_bucket.storage)
     resume_step = latest["step"]
     assert 2 <= resume_step < total_steps, "the driver was killed too late to test a resume"
-    step_url = ckpt.join_url(ckpt_dir, ckpt.step_dir_name(resume_step))
-    assert storage.exists(ckpt.join_url(step_url, ckpt.META), s3_bucket.storage)
+    step_url = storage.join_url(ckpt_dir, ckpt.step_dir_name(resume_step))
+    assert storage.exists(storage.join_url(step_url, ckpt.META), s3_bucket.storage)
     state = ckpt.load_checkpoint(ckpt_dir, s3_bucket.storage)
     assert state["step"] == resume_step and state["images_seen"] == latest["images_seen"] == resume_step * BATCH
     StreamCursor(0).load_state_dict(state["stream_cursor"])

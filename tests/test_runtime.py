@@ -22,7 +22,7 @@ from runtime_helpers import (RecordingTrainer, close_trainer, object_url, pass_c
 
 from stream_swav import storage
 from stream_swav.model import BackboneSpec, load_backbone
-from stream_swav.runtime import checkpoint as ckpt
+from stream_swav import checkpoint as ckpt
 from stream_swav.runtime.metrics import TRAINER_METRIC_NAMES
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
@@ -128,7 +128,7 @@ def test_end_to_end_on_s3_with_metrics_and_checkpoints(s3_bucket):
     # Saved about every 2 steps; the newest 3 are kept (no milestones below 2 * 10 steps).
     steps = ckpt.list_step_dirs(ckpt_dir, s3_bucket.storage)
     assert len(steps) == 3 and max(steps) == trainer.step
-    assert all(storage.exists(ckpt.join_url(url, ckpt.META), s3_bucket.storage) for url in steps.values())
+    assert all(storage.exists(storage.join_url(url, ckpt.META), s3_bucket.storage) for url in steps.values())
     backbone = load_backbone(ckpt.load_backbone_state(ckpt_dir, s3_bucket.storage), BackboneSpec("resnet18", small_stem=True))
     backbone.eval()
     with torch.no_grad():

@@ -215,11 +215,9 @@ def own_moto_server(monkeypatch):
     servers = [start_moto(port)]
     endpoint = f"http://127.0.0.1:{port}"
     use_fake_credentials(monkeypatch, endpoint)
-    storage.clear_filesystem_cache()
     yield endpoint, port, servers
     for server in servers:
         server.stop()
-    storage.clear_filesystem_cache()
 
 
 def test_endpoint_outage_shorter_than_retry_budget_is_survived(own_moto_server):

@@ -1,10 +1,14 @@
-"""Read WebDataset tar shards as a deterministic, resumable stream of encoded samples.
+"""The shard format: WebDataset tar shards, read as a deterministic, resumable stream of
+encoded samples, and written.
 
 Members are grouped into samples the WebDataset way: the key is the member
 path up to the first dot of its file name, the rest is the extension
 (``a/b/img01.jpg`` -> key ``a/b/img01``, extension ``jpg``). One image member
 per sample (see `IMAGE_EXTENSIONS`); ``json``/``txt``/``cls`` ride along as
-raw bytes and are never required. Other members are skipped unread.
+raw bytes and are never required. Other members are skipped unread. A ``cls``
+member holds the class index as ASCII digits (`parse_label`, `label_bytes`).
+`ShardWriter` writes shards in this layout, with fixed member metadata so the
+same samples always give byte-identical shards.
 
 The tar reader is our own loop over 512-byte blocks, with headers parsed by
 ``tarfile.TarInfo.frombuf``. ``tarfile``'s stream iterator would do the
@@ -24,10 +28,13 @@ samples before it, and lets the stream cursor count progress exactly.
 from __future__ import annotations
 
 import gzip
+import io
 import logging
+import os
 import posixpath
 import random
 import tarfile
+import tempfile
 import time
 import zlib
 from collections import Counter
@@ -37,11 +44,15 @@ from typing import IO, TypeVar
 
 import fsspec
 
+from stream_swav import storage
+from stream_swav.config import StorageConfig
 from stream_swav.storage import PERMANENT_ERRORS, TRANSIENT_ERRORS
 
 log = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "gif", "bmp", "tif", "tiff")
+# How writers store each image extension: one spelling per format.
+_CANONICAL_EXTENSION = {"jpeg": "jpg", "tiff": "tif"}
 META_EXTENSIONS = ("json", "txt", "cls")
 # Read granularity for remote shards: large enough for throughput, small
 # enough that a few open shards per actor stay cheap in memory.
@@ -93,6 +104,31 @@ class TarFormatError(Exception):
     def __init__(self, reason: str, detail: str) -> None:
         super().__init__(f"{reason}: {detail}")
         self.reason = reason
+
+
+def normalised_ext(name: str) -> str:
+    """The extension a writer stores a file named `name` under: lower case, jpeg -> jpg, tiff -> tif."""
+    ext = name.rsplit(".", 1)[-1].lower() if "." in name else ""
+    return _CANONICAL_EXTENSION.get(ext, ext)
+
+
+def parse_label(data: bytes | None) -> int | None:
+    """A ``cls`` member (ASCII digits, surrounding whitespace allowed) as a class index; None when
+    absent, malformed or negative."""
+    if data is None:
+        return None
+    try:
+        label = int(data.decode("ascii").strip())
+    except (UnicodeDecodeError, ValueError):
+        return None
+    return label if label >= 0 else None
+
+
+def label_bytes(label: int) -> bytes:
+    """The ``cls`` member of class index `label`."""
+    if label < 0:
+        raise ValueError(f"class index must be >= 0, got {label}")
+    return str(int(label)).encode("ascii")
 
 
 def split_member_name(name: str) -> tuple[str, str]:
@@ -365,5 +401,74 @@ def _give_up(url: str, report: ShardReport, attempt_errors: Counter, position: i
     report.gave_up = True
 
 
-__all__ = ["IMAGE_EXTENSIONS", "META_EXTENSIONS", "READ_BLOCK_BYTES", "Sample", "ShardReport", "TarFormatError",
+# ---- writing -------------------------------------------------------------------------------------------
+
+
+def _add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    # Fixed metadata so identical input gives byte-identical shards.
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    info.mode = 0o644
+    info.mtime = 0
+    tar.addfile(info, io.BytesIO(data))
+
+
+class ShardWriter:
+    """Fills one local temporary tar at a time and publishes it under `dest` (a folder or an
+    s3:// prefix) only when complete, so a reader never sees half a shard."""
+
+    def __init__(self, dest: str, storage_cfg: StorageConfig) -> None:
+        self.dest = dest
+        self.storage_cfg = storage_cfg
+        protocol, path = storage.split_protocol(dest)
+        self.local_dir = path if protocol == "file" else None
+        if self.local_dir is not None:
+            os.makedirs(self.local_dir, exist_ok=True)
+        self.tmp_path: str | None = None
+        self.tar: tarfile.TarFile | None = None
+
+    def open(self) -> None:
+        # Beside the destination when local, so publishing is a rename.
+        handle, self.tmp_path = tempfile.mkstemp(prefix=".shard-", suffix=".tar.tmp", dir=self.local_dir)
+        self.tar = tarfile.open(fileobj=os.fdopen(handle, "wb"), mode="w", format=tarfile.USTAR_FORMAT)
+
+    def add(self, key: str, fields: dict[str, bytes]) -> None:
+        """One sample: ``<key>.<ext>`` per field, in sorted order. Keys may not contain dots."""
+        assert self.tar is not None
+        if "." in posixpath.basename(key):
+            raise ValueError(f"sample key {key!r} has a dot in its file name; readers would split it there")
+        for ext in sorted(fields):
+            _add_member(self.tar, f"{key}.{ext}", fields[ext])
+
+    def publish(self, name: str) -> int:
+        """Close the temporary tar, move it to dest/name; returns its size in bytes."""
+        assert self.tar is not None and self.tmp_path is not None
+        fileobj = self.tar.fileobj
+        self.tar.close()
+        fileobj.close()
+        size = os.path.getsize(self.tmp_path)
+        # mkstemp creates owner-only files; shards are meant to be read by other users and services.
+        os.chmod(self.tmp_path, 0o644)
+        if self.local_dir is not None:
+            os.replace(self.tmp_path, os.path.join(self.local_dir, name))
+        else:
+            fs, path = storage.filesystem_for(storage.join_url(self.dest, name), self.storage_cfg)
+            fs.put_file(self.tmp_path, path)
+            os.unlink(self.tmp_path)
+        self.tar = None
+        self.tmp_path = None
+        return size
+
+    def discard(self) -> None:
+        if self.tar is not None:
+            fileobj = self.tar.fileobj
+            self.tar.close()
+            fileobj.close()
+        if self.tmp_path is not None and os.path.exists(self.tmp_path):
+            os.unlink(self.tmp_path)
+        self.tar = None
+        self.tmp_path = None
+
+
+__all__ = ["IMAGE_EXTENSIONS", "ShardWriter", "parse_label", "label_bytes", "normalised_ext", "META_EXTENSIONS", "READ_BLOCK_BYTES", "Sample", "ShardReport", "TarFormatError",
            "split_member_name", "read_samples", "shuffled_samples", "iter_shard"]

@@ -15,6 +15,7 @@ from typing import Any
 
 import ray
 
+from stream_swav import logs
 from stream_swav.config import TrainConfig, config_from_dict
 
 log = logging.getLogger("stream_swav.actors")
@@ -37,7 +38,7 @@ class DecodeActorImpl:
     def __init__(self, config: dict[str, Any], worker_index: int) -> None:
         from stream_swav.data.worker import DecodeWorker
 
-        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+        logs.configure()
         from stream_swav.imaging import log_pillow_flavour
 
         log_pillow_flavour(log)
@@ -76,7 +77,7 @@ class LearnerActorImpl:
     def __init__(self, config: dict[str, Any], rank: int, world_size: int) -> None:
         import torch
 
-        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+        logs.configure()
         self.cfg = config_from_dict(config)
         self.rank = rank
         self.world_size = world_size
@@ -146,7 +147,7 @@ class LearnerActorImpl:
         """Write a checkpoint of this learner (rank 0), with the other ranks' queues and random states."""
         import dataclasses
 
-        from stream_swav.runtime.checkpoint import milestone_every_steps, save_checkpoint
+        from stream_swav.checkpoint import save_checkpoint
 
         state = self.learner.state_dict()
         state.update(extra)
@@ -155,7 +156,7 @@ class LearnerActorImpl:
         saved = save_checkpoint(directory, step=self.learner.step, images_seen=self.learner.images_seen,
                                 state=state, backbone=self.learner.model.backbone_state_dict(), info=info,
                                 storage_cfg=self.cfg.storage, keep_last=self.cfg.checkpoint.keep_last,
-                                milestone_steps=milestone_every_steps(self.cfg.checkpoint))
+                                milestone_steps=self.cfg.checkpoint.milestone_steps)
         return dataclasses.asdict(saved)
 
 

@@ -32,7 +32,8 @@ from stream_swav.config import Config, ConfigError
 from stream_swav.data.cursor import StreamCursor
 from stream_swav.data.sources import ShardSource
 from stream_swav.model import BackboneSpec
-from stream_swav.runtime import checkpoint as ckpt
+from stream_swav import checkpoint as ckpt
+from stream_swav.runtime.checkpointing import CheckpointPolicy
 from stream_swav.runtime.actors import BatchMeta, DecodeActor, LearnerActor
 from stream_swav.runtime.metrics import Metrics, PrototypeUsage, collapse_alarm, collapse_settings
 from stream_swav.storage import describe_storage
@@ -128,7 +129,7 @@ class Trainer:
         self.decode_errors = 0
         self.collapse = False
         self.throughput = Throughput(window_s=max(cfg.train.log_interval_s, 5.0))
-        self.checkpoint_policy = ckpt.CheckpointPolicy(cfg.checkpoint.every_steps, cfg.checkpoint.every_seconds)
+        self.checkpoint_policy = CheckpointPolicy(cfg.checkpoint.every_steps, cfg.checkpoint.every_seconds)
         self.last_relist = 0.0
         self.started = time.time()
         self.metrics_port = 0

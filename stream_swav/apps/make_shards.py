@@ -27,8 +27,6 @@ import io
 import json
 import os
 import sys
-import tarfile
-import tempfile
 import time
 from collections import Counter
 from collections.abc import Iterable, Iterator
@@ -36,20 +34,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
+import numpy as np
 from PIL import Image
 
 from stream_swav import storage
+from stream_swav.apps import REENCODE_EXT
 from stream_swav.config import DataConfig, StorageConfig
 from stream_swav.data.decode import DecodeLimits, SampleError, decode_image
-from stream_swav.data.shards import ShardReport, read_samples
+from stream_swav.data.shards import (IMAGE_EXTENSIONS, ShardReport, ShardWriter, label_bytes, normalised_ext,
+                                      parse_label, read_samples)
 
 MANIFEST = "manifest.json"
 MANIFEST_FORMAT = 1
 SHARD_PREFIX = "shard"
-# What the shard reader accepts as a sample's image; other files are skipped, counted.
-STORED_IMAGE_EXTENSIONS = ("jpg", "png", "webp", "bmp", "gif", "tif")
-# Extension each re-encoding format is stored under.
-REENCODE_EXT = {"jpeg": "jpg", "png": "png"}
 JPEG_QUALITY = 90
 # A target side no draft scale can satisfy, i.e. decode JPEGs at full resolution.
 FULL_RESOLUTION = 1 << 30
@@ -150,18 +147,14 @@ def shard_name(number: int) -> str:
     return f"{SHARD_PREFIX}-{number:06d}.tar"
 
 
-def _join(base: str, name: str) -> str:
-    return f"{str(base).rstrip('/')}/{name}"
-
-
 def read_manifest(dest: str, storage_cfg: StorageConfig) -> dict[str, Any] | None:
-    url = _join(dest, MANIFEST)
-    if not storage.exists(url, storage_cfg):
-        return None
+    url = storage.join_url(dest, MANIFEST)
     try:
-        manifest = json.loads(storage.read_bytes(url, storage_cfg))
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise ShardsExistError(f"{url}: unreadable manifest ({error}); move it away or choose another DEST") from error
+        manifest = storage.read_json(url, storage_cfg)
+    except ValueError as error:
+        raise ShardsExistError(f"{error}; move the manifest away or choose another DEST") from error
+    if manifest is None:
+        return None
     if not isinstance(manifest, dict) or not isinstance(manifest.get("shards"), list):
         raise ShardsExistError(f"{url}: not a make-shards manifest; choose another DEST")
     return manifest
@@ -169,7 +162,7 @@ def read_manifest(dest: str, storage_cfg: StorageConfig) -> dict[str, Any] | Non
 
 def _write_manifest(dest: str, manifest: dict[str, Any], storage_cfg: StorageConfig) -> None:
     data = (json.dumps(manifest, indent=1, sort_keys=True) + "\n").encode()
-    storage.write_bytes_atomic(_join(dest, MANIFEST), data, storage_cfg)
+    storage.write_bytes_atomic(storage.join_url(dest, MANIFEST), data, storage_cfg)
 
 
 def _existing_shard_names(dest: str, storage_cfg: StorageConfig) -> list[str]:
@@ -225,68 +218,6 @@ def _check_dest(dest: str, storage_cfg: StorageConfig, settings: dict[str, Any])
     return manifest
 
 
-def _add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
-    # Fixed metadata so identical input gives byte-identical shards.
-    info = tarfile.TarInfo(name)
-    info.size = len(data)
-    info.mode = 0o644
-    info.mtime = 0
-    tar.addfile(info, io.BytesIO(data))
-
-
-class _ShardWriter:
-    """Fills one local temporary tar at a time and publishes it to DEST when complete."""
-
-    def __init__(self, dest: str, storage_cfg: StorageConfig) -> None:
-        self.dest = dest
-        self.storage_cfg = storage_cfg
-        protocol, path = storage.split_protocol(dest)
-        self.local_dir = path if protocol == "file" else None
-        if self.local_dir is not None:
-            os.makedirs(self.local_dir, exist_ok=True)
-        self.tmp_path: str | None = None
-        self.tar: tarfile.TarFile | None = None
-
-    def open(self) -> None:
-        # Beside the destination when local, so publishing is a rename.
-        handle, self.tmp_path = tempfile.mkstemp(prefix=".shard-", suffix=".tar.tmp", dir=self.local_dir)
-        self.tar = tarfile.open(fileobj=os.fdopen(handle, "wb"), mode="w", format=tarfile.USTAR_FORMAT)
-
-    def add(self, sample: ShardSample) -> None:
-        assert self.tar is not None
-        for ext in sorted(sample.fields):
-            _add_member(self.tar, f"{sample.key}.{ext}", sample.fields[ext])
-
-    def publish(self, name: str) -> int:
-        """Close the temporary tar, move it to DEST/name; returns its size in bytes."""
-        assert self.tar is not None and self.tmp_path is not None
-        fileobj = self.tar.fileobj
-        self.tar.close()
-        fileobj.close()
-        size = os.path.getsize(self.tmp_path)
-        # mkstemp creates owner-only files; shards are meant to be read by other users and services.
-        os.chmod(self.tmp_path, 0o644)
-        if self.local_dir is not None:
-            os.replace(self.tmp_path, os.path.join(self.local_dir, name))
-        else:
-            fs, path = storage.filesystem_for(_join(self.dest, name), self.storage_cfg)
-            fs.put_file(self.tmp_path, path)
-            os.unlink(self.tmp_path)
-        self.tar = None
-        self.tmp_path = None
-        return size
-
-    def discard(self) -> None:
-        if self.tar is not None:
-            fileobj = self.tar.fileobj
-            self.tar.close()
-            fileobj.close()
-        if self.tmp_path is not None and os.path.exists(self.tmp_path):
-            os.unlink(self.tmp_path)
-        self.tar = None
-        self.tmp_path = None
-
-
 def write_shards(samples: Iterable[ShardSample | SkippedSample], dest: str | Path, max_count: int, max_bytes: int,
                  storage_cfg: StorageConfig | None = None, *, settings: dict[str, Any] | None = None,
                  total: int | None = None, progress: bool = False) -> Summary:
@@ -317,7 +248,7 @@ def write_shards(samples: Iterable[ShardSample | SkippedSample], dest: str | Pat
                 "next_index": start}
 
     bar = ProgressBar(total, enabled=progress)
-    writer = _ShardWriter(dest, storage_cfg)
+    writer = ShardWriter(dest, storage_cfg)
     count = size = 0
     first_index = start
     skipped_in_shard: Counter = Counter()
@@ -351,7 +282,7 @@ def write_shards(samples: Iterable[ShardSample | SkippedSample], dest: str | Pat
                 if count == 0:
                     writer.open()
                     first_index = item.index
-                writer.add(item)
+                writer.add(item.key, item.fields)
                 count += 1
                 size += item_size
                 summary.samples += 1
@@ -381,11 +312,6 @@ class SourceFile:
     ext: str
     data: bytes
     label: int | None
-
-
-def _normalised_ext(name: str) -> str:
-    ext = name.rsplit(".", 1)[-1].lower() if "." in name else ""
-    return "jpg" if ext == "jpeg" else "tif" if ext == "tiff" else ext
 
 
 def folder_files(root: Path) -> list[Path]:
@@ -421,18 +347,7 @@ def iter_folder(root: Path, files: list[Path], classes: list[str] | None, start:
         except OSError:
             yield SkippedSample(index, relative, "unreadable-file")
             continue
-        yield SourceFile(index, relative, _normalised_ext(path.name), data, label)
-
-
-def parse_label(data: bytes | None) -> int | None:
-    """A `.cls` payload (ASCII integer) as an int; None when absent or malformed."""
-    if data is None:
-        return None
-    try:
-        label = int(data.decode("ascii").strip())
-    except (UnicodeDecodeError, ValueError):
-        return None
-    return label if label >= 0 else None
+        yield SourceFile(index, relative, normalised_ext(path.name), data, label)
 
 
 def iter_tar(path: Path, max_sample_bytes: int, start: int = 0) -> Iterator[SourceFile | SkippedSample]:
@@ -448,7 +363,7 @@ def iter_tar(path: Path, max_sample_bytes: int, start: int = 0) -> Iterator[Sour
             if sample.error is not None or sample.image is None:
                 yield SkippedSample(index, sample.key, sample.error or "no-image")
                 continue
-            yield SourceFile(index, sample.key, _normalised_ext(f"x.{sample.image_ext}"), sample.image,
+            yield SourceFile(index, sample.key, normalised_ext(f"x.{sample.image_ext}"), sample.image,
                              parse_label(sample.meta.get("cls")))
     for reason, count in sorted(archive_errors.items()):
         for _ in range(count):
@@ -468,6 +383,20 @@ class Encoding:
         return {"reencode": self.reencode, "max_side": self.max_side}
 
 
+def array_samples(images: np.ndarray, labels: np.ndarray, *, size: int, image_format: str = "png",
+                  indices: np.ndarray | None = None, start: int = 0) -> Iterator[ShardSample]:
+    """Shard samples for `images[indices]` (all by default; (N, H, W) or (N, H, W, 3) uint8) as RGB
+    images resized to size x size, keyed by stream position, labels in .cls."""
+    order = np.arange(len(images)) if indices is None else np.asarray(indices)
+    for position in range(start, len(order)):
+        i = int(order[position])
+        image = Image.fromarray(images[i]).convert("RGB")
+        if image.size != (size, size):
+            image = image.resize((size, size), Image.Resampling.BICUBIC)
+        fields = {REENCODE_EXT[image_format]: encode_image(image, image_format), "cls": label_bytes(int(labels[i]))}
+        yield ShardSample(position, f"{position:09d}", fields)
+
+
 def encode_image(image: Image.Image, fmt: str) -> bytes:
     buffer = io.BytesIO()
     if fmt == "jpeg":
@@ -481,7 +410,7 @@ def encode_image(image: Image.Image, fmt: str) -> bytes:
 
 def prepare_image(source: SourceFile, encoding: Encoding, limits: DecodeLimits) -> ShardSample | SkippedSample:
     """Check that the image decodes; re-encode or shrink it if asked."""
-    if source.ext not in STORED_IMAGE_EXTENSIONS:
+    if source.ext not in IMAGE_EXTENSIONS:
         return SkippedSample(source.index, source.name, "not-an-image-extension")
     keeps_bytes = encoding.reencode is None and not encoding.max_side
     # A mere check may decode JPEGs at 1/8 scale; re-encoding needs the pixels that will be stored.
@@ -502,44 +431,27 @@ def prepare_image(source: SourceFile, encoding: Encoding, limits: DecodeLimits) 
         ext, data = REENCODE_EXT[fmt], encode_image(image, fmt)
     fields = {ext: data}
     if source.label is not None:
-        fields["cls"] = str(source.label).encode("ascii")
+        fields["cls"] = label_bytes(source.label)
     return ShardSample(source.index, f"{source.index:09d}", fields)
 
 
 # ---- command line ---------------------------------------------------------------------------------------
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("src", help="image folder (recursive), tar file, or folder with Fashion-MNIST IDX files")
-    parser.add_argument("dest", help="output folder or s3:// prefix")
-    parser.add_argument("--max-count", type=int, default=10_000, help="samples per shard at most (default 10000)")
-    parser.add_argument("--max-bytes", type=float, default=256e6, help="bytes per shard at most (default 256e6)")
-    parser.add_argument("--reencode", choices=sorted(REENCODE_EXT), help="re-encode every image to this format")
-    parser.add_argument("--max-side", type=int, default=0,
-                        help="shrink images whose longer side exceeds this many pixels (re-encodes them)")
-    parser.add_argument("--class-dirs", action="store_true",
-                        help="folder SRC: label = index of the first-level sub-folder in sorted order")
-    parser.add_argument("--split", choices=("train", "test"), default="train", help="Fashion-MNIST split")
-    parser.add_argument("--size", type=int, default=0, help="Fashion-MNIST: resize to SIZE px (default: 28)")
-    parser.add_argument("--endpoint-url", default="", help="S3 endpoint (MinIO, Ceph...); default from environment")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-    parser.add_argument("--json", action="store_true", help="print the summary as JSON")
-
-
 def _source(args: argparse.Namespace, storage_cfg: StorageConfig, max_bytes: int
             ) -> tuple[Iterable[ShardSample | SkippedSample], dict[str, Any], int | None]:
     """The samples SRC gives (from the resume point on), the settings describing them, and their total."""
-    from pipelines import fashion_mnist
+    from stream_swav.apps import datasets
 
     src = Path(args.src)
     encoding = Encoding(args.reencode, args.max_side)
     limits = DecodeLimits.from_config(DataConfig())
-    if src.is_dir() and fashion_mnist.has_idx_files(src):
-        images, labels = fashion_mnist.load_split(src, args.split)
+    if src.is_dir() and datasets.has_idx_files(src):
+        images, labels = datasets.load_split(src, args.split)
         fmt = args.reencode or "png"
         settings = {"source": f"fashion-mnist:{src.resolve()}:{args.split}", "format": fmt, "size": args.size}
         start = resume_index(args.dest, args.max_count, max_bytes, storage_cfg, settings)
-        return (fashion_mnist.array_samples(images, labels, size=args.size or images.shape[1], image_format=fmt,
+        return (array_samples(images, labels, size=args.size or images.shape[1], image_format=fmt,
                                             start=start), settings, len(images))
     if src.is_dir():
         files = folder_files(src)
@@ -571,14 +483,3 @@ def run(args: argparse.Namespace) -> int:
         return 2
     print(json.dumps(summary.to_dict(), indent=2) if args.json else summary.format())
     return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m pipelines.make_shards", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_arguments(parser)
-    return run(parser.parse_args(argv))
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -29,22 +29,19 @@ from typing import Any
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
-from pipelines.evaluate import (
+from stream_swav.apps.evaluate import (
     DEFAULT_K,
     DEFAULT_TEMPERATURE,
     EvalData,
-    add_embedding_arguments,
-    ResolvedCheckpoint,
     evaluate_backbone,
     load_eval_data,
-    load_resolved_backbone,
     pick_device,
     reference_rows,
-    resolve_checkpoint,
 )
 from stream_swav import storage
 from stream_swav.config import StorageConfig
-from stream_swav.runtime import checkpoint as ckpt
+from stream_swav import checkpoint as ckpt
+from stream_swav.checkpoint import ResolvedCheckpoint, load_resolved_backbone, resolve_checkpoint
 from stream_swav.runtime.metrics import EvalMetrics
 
 log = logging.getLogger(__name__)
@@ -56,8 +53,6 @@ CSV_COLUMNS = ("step", "images_seen", "knn_top1", "probe_top1", "loss", "random_
                "pixels_knn_top1", "time", "eval_seconds", "checkpoint")
 # Result-row key prefix of each `reference_rows` feature set.
 REFERENCE_PREFIXES = {"random-init": "random", "random-init-data-bn": "random_bn", "raw-pixels": "pixels"}
-DEFAULT_PORT = 9401
-DEFAULT_INTERVAL_S = 60.0
 
 
 # ---- results ------------------------------------------------------------------------------------------
@@ -395,7 +390,7 @@ class Follower:
         """Evaluate every complete step folder present that has no result yet, oldest first."""
         rows = []
         for step, url in sorted(ckpt.list_step_dirs(self.checkpoints, self.storage_cfg).items()):
-            if step in self.results.steps or not storage.exists(ckpt.join_url(url, ckpt.META), self.storage_cfg):
+            if step in self.results.steps or not storage.exists(storage.join_url(url, ckpt.META), self.storage_cfg):
                 continue
             rows.append(self.evaluate(resolve_checkpoint(url, self.storage_cfg)))
         return rows
@@ -414,24 +409,6 @@ def evaluate_checkpoints(checkpoint_dir: str | Path, train: str, test: str, *,
 
 
 # ---- command line -------------------------------------------------------------------------------------
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--checkpoints", required=True, help="checkpoint folder (local or s3://) to follow")
-    parser.add_argument("--train", required=True, help="labelled shards for the kNN index")
-    parser.add_argument("--test", required=True, help="labelled shards to score")
-    parser.add_argument("--out", required=True, help="folder for results.jsonl, results.csv and accuracy.png")
-    parser.add_argument("--interval-s", type=float, default=DEFAULT_INTERVAL_S, help="seconds between polls")
-    parser.add_argument("--once", action="store_true",
-                        help="poll once (evaluate latest if new), then exit; no metrics server")
-    parser.add_argument("--all", action="store_true",
-                        help="also evaluate every retained step folder without a result, not only the latest")
-    parser.add_argument("--host", default="127.0.0.1", help="metrics server address")
-    parser.add_argument("--port", type=int, default=DEFAULT_PORT, help="metrics server port (0: any free port)")
-    parser.add_argument("--probe", action="store_true", help="also fit a linear probe per checkpoint")
-    parser.add_argument("--references", action="store_true",
-                        help="also record raw-pixel and random-init kNN (computed once)")
-    add_embedding_arguments(parser)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -467,15 +444,3 @@ def run(args: argparse.Namespace) -> int:
         return 0
     finally:
         metrics.stop_server()
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m pipelines.follow", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_arguments(parser)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    return run(parser.parse_args(argv))
-
-
-if __name__ == "__main__":
-    sys.exit(main())

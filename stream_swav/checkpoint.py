@@ -34,8 +34,9 @@ from typing import Any
 import torch
 
 from stream_swav import storage
-from stream_swav.config import CheckpointConfig, StorageConfig
-from stream_swav.model import BackboneSpec
+from stream_swav.storage import join_url
+from stream_swav.config import AugmentConfig, StorageConfig
+from stream_swav.model import BackboneSpec, load_backbone
 
 log = logging.getLogger(__name__)
 
@@ -72,48 +73,9 @@ def step_dir_name(step: int) -> str:
     return f"step-{step:09d}"
 
 
-def milestone_every_steps(cfg: CheckpointConfig) -> int:
-    """Milestone interval in steps; 0 (no milestones) when either factor is 0."""
-    return cfg.every_steps * cfg.milestone_every
-
-
-def join_url(base: str, *parts: str) -> str:
-    return "/".join([base.rstrip("/"), *parts])
-
-
 def absolute_url(url: str) -> str:
     """s3://... unchanged; local paths made absolute so they stay valid from any working directory."""
     return storage.join_protocol(*storage.split_protocol(url))
-
-
-class CheckpointPolicy:
-    """When to save: at every multiple of `every_steps` and when `every_seconds`
-    have passed since the last save (0 disables either trigger).
-
-    Pure: the caller supplies the time. The time trigger counts from the first
-    call to `due` or `mark`, so construction needs no clock.
-    """
-
-    def __init__(self, every_steps: int, every_seconds: float, last_step: int = 0) -> None:
-        if every_steps < 0 or every_seconds < 0:
-            raise ValueError(f"every_steps and every_seconds must be >= 0, got {every_steps}, {every_seconds}")
-        self.every_steps = every_steps
-        self.every_seconds = every_seconds
-        self.last_step = last_step
-        self.last_time: float | None = None
-
-    def due(self, step: int, now: float) -> bool:
-        if self.last_time is None:
-            self.last_time = now
-        if step <= self.last_step:
-            return False
-        if self.every_steps > 0 and step // self.every_steps > self.last_step // self.every_steps:
-            return True
-        return self.every_seconds > 0 and now - self.last_time >= self.every_seconds
-
-    def mark(self, step: int, now: float) -> None:
-        self.last_step = step
-        self.last_time = now
 
 
 def _serialise(obj: dict[str, Any], what: str) -> bytes:
@@ -284,12 +246,9 @@ def prune_checkpoints(dir_url: str, storage_cfg: StorageConfig, *, keep_last: in
 def read_latest(dir_url: str, storage_cfg: StorageConfig) -> dict[str, Any] | None:
     """latest.json of a checkpoint folder, or None when nothing was saved there yet."""
     url = join_url(dir_url, LATEST)
-    if not storage.exists(url, storage_cfg):
+    record = storage.read_json(url, storage_cfg)
+    if record is None:
         return None
-    try:
-        record = json.loads(storage.read_bytes(url, storage_cfg))
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise ValueError(f"{url}: not valid JSON: {error}") from error
     _check_record(record, url)
     return record
 
@@ -340,3 +299,74 @@ def load_checkpoint(url: str, storage_cfg: StorageConfig, map_location: Any = "c
 def load_backbone_state(url: str, storage_cfg: StorageConfig, map_location: Any = "cpu") -> dict[str, Any]:
     """The backbone state_dict of a checkpoint root (its latest), a step folder, or a .pt URL."""
     return _load(resolve_file(url, BACKBONE, storage_cfg), storage_cfg, map_location)
+
+
+# ---- consumers: which backbone a checkpoint holds -------------------------------------------------------
+
+
+@dataclass
+class ResolvedCheckpoint:
+    """A checkpoint's backbone file and what is needed to rebuild and feed it."""
+
+    url: str
+    backbone_url: str
+    spec: BackboneSpec
+    step: int | None
+    images_seen: int | None
+    # The training configuration (Config.to_dict()), or {} when it was not saved.
+    config: dict[str, Any]
+    # The latest.json / meta.json record, {} for a bare backbone file.
+    record: dict[str, Any]
+
+    def global_crop_size(self) -> int | None:
+        return self.config.get("crops", {}).get("global_size")
+
+    def normalization(self) -> tuple[tuple[float, ...], tuple[float, ...]]:
+        augment = self.config.get("augment", {})
+        default = AugmentConfig()
+        return tuple(augment.get("mean", default.mean)), tuple(augment.get("std", default.std))
+
+
+def resolve_checkpoint(url: str, storage_cfg: StorageConfig | None = None,
+                       record: dict[str, Any] | None = None) -> ResolvedCheckpoint:
+    """Accepts a checkpoint folder (follows latest.json), a step folder, or a backbone.pt URL
+    inside a step folder. Architecture and stem come from the latest.json/meta.json record,
+    else from the configuration stored in state.pt. `record` skips re-reading latest.json."""
+    storage_cfg = storage_cfg or StorageConfig()
+    url = url.rstrip("/")
+    if url.endswith(".pt"):
+        folder = url.rsplit("/", 1)[0] if "/" in url else "."
+        backbone_url = url
+    else:
+        record = record if record is not None else read_latest(url, storage_cfg)
+        # With a latest.json this is a checkpoint folder; without, a step folder.
+        folder = join_url(url, step_dir_name(record["step"])) if record is not None else url
+        backbone_url = join_url(folder, BACKBONE)
+    if not storage.exists(backbone_url, storage_cfg):
+        raise FileNotFoundError(f"{url}: no backbone at {backbone_url} (expected a checkpoint folder with "
+                                f"{LATEST}, a step folder, or a backbone.pt)")
+    if record is None:
+        meta_url = join_url(folder, META)
+        record = storage.read_json(meta_url, storage_cfg) or {}
+        if not isinstance(record, dict):
+            raise ValueError(f"{meta_url}: expected a JSON object")
+    config = record.get("config") if isinstance(record.get("config"), dict) else None
+    state_url = join_url(folder, STATE)
+    if config is None and storage.exists(state_url, storage_cfg):
+        state = load_checkpoint(state_url, storage_cfg)
+        config = state.get("config") if isinstance(state.get("config"), dict) else None
+    config = config or {}
+    described_by = record if "arch" in record else config.get("model", {})
+    try:
+        spec = BackboneSpec.from_record(described_by)
+    except ValueError as error:
+        raise ValueError(f"{url}: cannot tell the architecture from {META}, latest.json or the configuration "
+                         f"in {STATE}: {error}") from error
+    return ResolvedCheckpoint(url=url, backbone_url=backbone_url, spec=spec,
+                              step=record.get("step"), images_seen=record.get("images_seen"), config=config,
+                              record=record)
+
+
+def load_resolved_backbone(resolved: ResolvedCheckpoint, storage_cfg: StorageConfig | None = None) -> torch.nn.Module:
+    state = load_backbone_state(resolved.backbone_url, storage_cfg or StorageConfig())
+    return load_backbone(state, resolved.spec)

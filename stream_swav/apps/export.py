@@ -28,11 +28,11 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from pipelines.evaluate import resolve_checkpoint
 from stream_swav import storage
 from stream_swav.config import StorageConfig
 from stream_swav.model import FC_KEYS, TORCHVISION_CLASSES, BackboneSpec, load_backbone
-from stream_swav.runtime import checkpoint as ckpt
+from stream_swav import checkpoint as ckpt
+from stream_swav.checkpoint import resolve_checkpoint
 
 
 def torchvision_state_dict(state: dict[str, Tensor], spec: BackboneSpec) -> dict[str, Tensor]:
@@ -87,17 +87,6 @@ def export_backbone(checkpoint: str, out: str, *, torchscript: bool = False, ima
     return written
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--checkpoint", required=True,
-                        help="checkpoint folder (uses latest.json), step folder, or backbone.pt; local or s3://")
-    parser.add_argument("--out", required=True, help="state_dict file to write (local or s3://), e.g. resnet50.pt")
-    parser.add_argument("--torchscript", action="store_true",
-                        help="also write <out stem>.torchscript.pt (feature extractor, verified on a dummy input)")
-    parser.add_argument("--image-size", type=int, default=0,
-                        help="dummy input size for the TorchScript check (default: the training crop size)")
-    parser.add_argument("--endpoint-url", default="", help="S3 endpoint (default: from the environment)")
-
-
 def run(args: argparse.Namespace) -> int:
     try:
         written = export_backbone(args.checkpoint, args.out, torchscript=args.torchscript,
@@ -113,14 +102,3 @@ def run(args: argparse.Namespace) -> int:
     if "torchscript" in written:
         print(f"TorchScript feature extractor -> {written['torchscript']}")
     return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m pipelines.export", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_arguments(parser)
-    return run(parser.parse_args(argv))
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -36,17 +36,15 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor, nn
 
-from pipelines.make_shards import parse_label
 from stream_swav import storage
+from stream_swav.apps import KNN_K as DEFAULT_K, KNN_TEMPERATURE as DEFAULT_TEMPERATURE
 from stream_swav.config import AugmentConfig, DataConfig, StorageConfig
 from stream_swav.data.decode import DecodeLimits, SampleError, decode_image
-from stream_swav.data.shards import ShardReport, iter_shard
+from stream_swav.data.shards import ShardReport, iter_shard, parse_label
 from stream_swav.data.sources import ShardSource
 from stream_swav.model import BackboneSpec, build_backbone, load_backbone
-from stream_swav.runtime import checkpoint as ckpt
+from stream_swav.checkpoint import ResolvedCheckpoint, load_resolved_backbone, resolve_checkpoint
 
-DEFAULT_K = 20
-DEFAULT_TEMPERATURE = 0.07
 PROBE_MAX_ITER = 100
 PROBE_WEIGHT_DECAY = 1e-4
 # Rows of the test set scored against the whole training set at once.
@@ -284,85 +282,6 @@ def random_backbone(spec: BackboneSpec, seed: int = 0) -> nn.Module:
     return backbone
 
 
-# ---- checkpoints --------------------------------------------------------------------------------------
-
-
-@dataclass
-class ResolvedCheckpoint:
-    """A checkpoint's backbone file and what is needed to rebuild and feed it."""
-
-    url: str
-    backbone_url: str
-    spec: BackboneSpec
-    step: int | None
-    images_seen: int | None
-    # The training configuration (Config.to_dict()), or {} when it was not saved.
-    config: dict[str, Any]
-    # The latest.json / meta.json record, {} for a bare backbone file.
-    record: dict[str, Any]
-
-    def global_crop_size(self) -> int | None:
-        return self.config.get("crops", {}).get("global_size")
-
-    def normalization(self) -> tuple[tuple[float, ...], tuple[float, ...]]:
-        augment = self.config.get("augment", {})
-        default = AugmentConfig()
-        return tuple(augment.get("mean", default.mean)), tuple(augment.get("std", default.std))
-
-
-def _read_json(url: str, storage_cfg: StorageConfig) -> dict[str, Any]:
-    try:
-        record = json.loads(storage.read_bytes(url, storage_cfg))
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise ValueError(f"{url}: not valid JSON: {error}") from error
-    if not isinstance(record, dict):
-        raise ValueError(f"{url}: expected a JSON object")
-    return record
-
-
-def resolve_checkpoint(url: str, storage_cfg: StorageConfig | None = None,
-                       record: dict[str, Any] | None = None) -> ResolvedCheckpoint:
-    """Accepts a checkpoint folder (follows latest.json), a step folder, or a backbone.pt URL
-    inside a step folder. Architecture and stem come from the latest.json/meta.json record,
-    else from the configuration stored in state.pt. `record` skips re-reading latest.json."""
-    storage_cfg = storage_cfg or StorageConfig()
-    url = url.rstrip("/")
-    if url.endswith(".pt"):
-        folder = url.rsplit("/", 1)[0] if "/" in url else "."
-        backbone_url = url
-    else:
-        record = record if record is not None else ckpt.read_latest(url, storage_cfg)
-        # With a latest.json this is a checkpoint folder; without, a step folder.
-        folder = ckpt.join_url(url, ckpt.step_dir_name(record["step"])) if record is not None else url
-        backbone_url = ckpt.join_url(folder, ckpt.BACKBONE)
-    if not storage.exists(backbone_url, storage_cfg):
-        raise FileNotFoundError(f"{url}: no backbone at {backbone_url} (expected a checkpoint folder with "
-                                f"{ckpt.LATEST}, a step folder, or a backbone.pt)")
-    if record is None:
-        meta_url = ckpt.join_url(folder, ckpt.META)
-        record = _read_json(meta_url, storage_cfg) if storage.exists(meta_url, storage_cfg) else {}
-    config = record.get("config") if isinstance(record.get("config"), dict) else None
-    state_url = ckpt.join_url(folder, ckpt.STATE)
-    if config is None and storage.exists(state_url, storage_cfg):
-        state = ckpt.load_checkpoint(state_url, storage_cfg)
-        config = state.get("config") if isinstance(state.get("config"), dict) else None
-    config = config or {}
-    described_by = record if "arch" in record else config.get("model", {})
-    try:
-        spec = BackboneSpec.from_record(described_by)
-    except ValueError as error:
-        raise ValueError(f"{url}: cannot tell the architecture from {ckpt.META}, latest.json or the configuration "
-                         f"in {ckpt.STATE}: {error}") from error
-    return ResolvedCheckpoint(url=url, backbone_url=backbone_url, spec=spec,
-                              step=record.get("step"), images_seen=record.get("images_seen"), config=config,
-                              record=record)
-
-
-def load_resolved_backbone(resolved: ResolvedCheckpoint, storage_cfg: StorageConfig | None = None) -> nn.Module:
-    state = ckpt.load_backbone_state(resolved.backbone_url, storage_cfg or StorageConfig())
-    return load_backbone(state, resolved.spec)
-
-
 # ---- evaluation ---------------------------------------------------------------------------------------
 
 
@@ -482,30 +401,6 @@ def format_table(result: dict[str, Any]) -> str:
 # ---- command line -------------------------------------------------------------------------------------
 
 
-def add_embedding_arguments(parser: argparse.ArgumentParser) -> None:
-    """Options of kNN evaluation shared by `eval` and `follow`."""
-    parser.add_argument("--k", type=int, default=DEFAULT_K)
-    parser.add_argument("--temperature", type=float, default=DEFAULT_TEMPERATURE)
-    parser.add_argument("--image-size", type=int, default=0,
-                        help="evaluation size (default: the checkpoint's crops.global_size)")
-    parser.add_argument("--batch-size", type=int, default=256)
-    parser.add_argument("--device", default="auto", help="auto (cuda when available), cpu or cuda")
-    parser.add_argument("--max-train", type=int, default=0, help="use at most this many training images")
-    parser.add_argument("--max-test", type=int, default=0, help="use at most this many test images")
-    parser.add_argument("--endpoint-url", default="", help="S3 endpoint (default: from the environment)")
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--checkpoint", required=True,
-                        help="checkpoint folder (uses latest.json), step folder, or backbone.pt; local or s3://")
-    parser.add_argument("--train", required=True, help="labelled shards for the kNN index and probe training")
-    parser.add_argument("--test", required=True, help="labelled shards to score")
-    parser.add_argument("--no-probe", action="store_true", help="skip the linear probe")
-    parser.add_argument("--no-references", action="store_true", help="skip the raw-pixel and random-init rows")
-    parser.add_argument("--json-out", help="also write the result as JSON to this file")
-    add_embedding_arguments(parser)
-
-
 def run(args: argparse.Namespace) -> int:
     if args.k < 1 or args.temperature <= 0 or args.batch_size < 1 or args.image_size < 0:
         print("eval: need --k >= 1, --temperature > 0, --batch-size >= 1, --image-size >= 0", file=sys.stderr)
@@ -525,14 +420,3 @@ def run(args: argparse.Namespace) -> int:
         Path(args.json_out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json_out).write_text(json.dumps(result, indent=2) + "\n")
     return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m pipelines.evaluate", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_arguments(parser)
-    return run(parser.parse_args(argv))
-
-
-if __name__ == "__main__":
-    sys.exit(main())

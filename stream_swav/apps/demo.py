@@ -1,0 +1,238 @@
+"""`stream-swav demo`: the whole system on one machine, from nothing to a result.
+
+Makes demo shards (Fashion-MNIST when its files are found, otherwise a
+procedural 10-class image set, with a few corrupt and odd-format samples
+mixed in on purpose), trains streaming SwAV on a local Ray for a time budget
+with rolling checkpoints and a metrics endpoint, then evaluates the retained
+checkpoints by kNN against raw pixels and a randomly initialised backbone, and
+writes a plot of accuracy and loss against images seen.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import shutil
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from stream_swav.apps import DEMO_DATASETS
+from stream_swav.apps.datasets import (candidate_dirs, find_fashion_mnist, load_split, procedural_dataset)
+from stream_swav.apps.make_shards import ShardSample, Summary, array_samples, write_shards
+from stream_swav.apps.odd_images import odd_images
+from stream_swav.config import StorageConfig, load_config, merge_dicts
+from stream_swav.data.shards import label_bytes
+
+log = logging.getLogger("stream_swav.demo")
+
+# Embedded defaults: a ResNet-10 at a quarter of torchvision's width, with a 3x3 stride-2 stem so
+# 28 px images keep 14x14 in the first stage. A 2-core CPU trains it at several hundred images per
+# second, enough passes over the data to learn in minutes; a full-width ResNet-18 trains ~15x slower.
+DEMO_CONFIG: dict[str, Any] = {
+    "model": {"arch": "resnet10", "width": 16, "small_stem": True, "stem_stride": 2, "hidden_dim": 512,
+              "output_dim": 64, "prototypes": 64},
+    "crops": {"global_size": 28, "global_count": 2, "global_scale": [0.35, 1.0],
+              "local_size": 16, "local_count": 2, "local_scale": [0.15, 0.4]},
+    "augment": {"mean": [0.286, 0.286, 0.286], "std": [0.353, 0.353, 0.353], "hue": 0.0,
+                "blur_prob_global": 0.2, "blur_sigma": [0.1, 1.0]},
+    "swav": {"temperature": 0.1, "epsilon": 0.05, "queue_length": 1024, "queue_start_images": 4096,
+             "freeze_prototypes_steps": 50},
+    "optim": {"optimizer": "lars", "base_lr": 1.2, "final_lr": 0.0012, "warmup_images": 4096,
+              "schedule": "warmup-constant", "weight_decay": 1e-6},
+    "train": {"batch_size": 128, "time_budget_s": 240, "log_interval_s": 10},
+    "checkpoint": {"every_steps": 0, "every_seconds": 30, "keep_last": 24, "milestone_every": 0},
+    "data": {"shuffle_buffer": 256, "min_side": 8},
+    "metrics": {"port": 9400},
+}
+
+# On a GPU the same recipe runs with a full ResNet-18 at full resolution, a bigger batch and longer.
+DEMO_GPU_OVERRIDES: dict[str, Any] = {
+    "model": {"arch": "resnet18", "width": 64, "stem_stride": 1},
+    "crops": {"local_count": 4},
+    "train": {"batch_size": 256, "time_budget_s": 480},
+    "swav": {"queue_length": 3840, "queue_start_images": 50_000},
+    "optim": {"warmup_images": 50_000},
+    # A ResNet-18 checkpoint with optimizer state is ~130 MB: fewer of them, still one per minute.
+    "checkpoint": {"every_seconds": 60, "keep_last": 8},
+}
+
+
+# Corrupt and odd-format samples the demo's train shards carry, spread over the stream.
+DEMO_ODD_COPIES = 2
+
+
+@dataclass
+class DemoShards:
+    dataset: str
+    train: str
+    eval_train: str
+    eval_test: str
+    train_count: int
+    eval_train_count: int
+    eval_test_count: int
+    image_size: int
+    # Deliberately broken or odd-format samples among the train samples.
+    odd_count: int
+    summaries: dict[str, Summary]
+
+    def describe(self) -> str:
+        return (f"{self.dataset}, {self.image_size} px: {self.train_count:,} train samples (incl. "
+                f"{self.odd_count} corrupt/odd-format on purpose) in {self.train}; kNN index "
+                f"{self.eval_train_count:,} in {self.eval_train}, queries {self.eval_test_count:,} in "
+                f"{self.eval_test}")
+
+
+def _with_odd_samples(images: np.ndarray, labels: np.ndarray, size: int, image_format: str,
+                      copies: int) -> Iterator[ShardSample]:
+    """The images as samples, with the odd-image set inserted `copies` times at spread-out positions."""
+    base = array_samples(images, labels, size=size, image_format=image_format)
+    odd = []
+    for copy in range(copies):
+        source = int(len(images) * (copy + 0.5) / copies) if len(images) else 0
+        pixels = np.asarray(Image.fromarray(images[source]).convert("RGB").resize((size, size)))
+        odd.append((source, odd_images(pixels), int(labels[source])))
+    position = 0
+    for sample in base:
+        while odd and odd[0][0] == sample.index:
+            _, extras, label = odd.pop(0)
+            for extra in extras:
+                fields = {extra.ext: extra.data}
+                if extra.decodable:
+                    fields["cls"] = label_bytes(label)
+                yield ShardSample(position, f"{position:09d}", fields)
+                position += 1
+        yield ShardSample(position, f"{position:09d}", sample.fields)
+        position += 1
+
+
+def demo_shards(dest: str | Path, storage_cfg: StorageConfig | None = None, *, eval_train: int = 10_000,
+                eval_test: int = 2_000, dataset: str = "auto", data_dir: str | Path | None = None, size: int = 0,
+                image_format: str = "png", procedural_train: int = 20_000, max_count: int = 5_000,
+                seed: int = 0, progress: bool = False) -> DemoShards:
+    """Train shards (every training image plus a few corrupt and odd-format samples) under
+    dest/train, and labelled evaluation shards under dest/eval-train (a seeded subset of the
+    training images, the kNN index) and dest/eval-test (queries from the test split).
+
+    `dataset`: "fashion-mnist" (from `data_dir`, else searched, see `find_fashion_mnist`),
+    "procedural" (`procedural_dataset`), or "auto": Fashion-MNIST when found, else procedural.
+    `size` 0 keeps the native size (28 for Fashion-MNIST, 32 procedural). Re-running
+    keeps finished shards (see make_shards), so a second call is cheap.
+    """
+    storage_cfg = storage_cfg or StorageConfig()
+    dest = str(dest).rstrip("/")
+    if dataset not in DEMO_DATASETS:
+        raise ValueError(f"dataset must be one of {', '.join(DEMO_DATASETS)}, got {dataset!r}")
+    folder = find_fashion_mnist(data_dir) if dataset != "procedural" else None
+    if folder is None and (data_dir or dataset == "fashion-mnist"):
+        where = data_dir or ", ".join(str(p) for p in candidate_dirs())
+        raise FileNotFoundError(f"no Fashion-MNIST IDX files in {where}")
+    if folder is not None:
+        description = f"Fashion-MNIST ({folder})"
+        train_images, train_labels = load_split(folder, "train")
+        test_images, test_labels = load_split(folder, "test")
+        size = size or train_images.shape[1]
+        source = "fashion-mnist"
+    else:
+        size = size or 32
+        description = ("procedural 10-class shapes" if dataset == "procedural"
+                       else "procedural 10-class shapes (Fashion-MNIST not found)")
+        train_images, train_labels = procedural_dataset(procedural_train, seed, size)
+        test_images, test_labels = procedural_dataset(max(eval_test, 1), seed + 1, size)
+        source = f"procedural:{procedural_train}"
+    eval_train = min(eval_train, len(train_images))
+    eval_test = min(eval_test, len(test_images))
+    rng = np.random.default_rng(seed)
+    eval_train_indices = np.sort(rng.permutation(len(train_images))[:eval_train])
+    eval_test_indices = np.sort(rng.permutation(len(test_images))[:eval_test])
+    settings = {"source": source, "size": size, "format": image_format, "seed": seed}
+    budget = 1 << 40
+    odd_count = DEMO_ODD_COPIES * len(odd_images(np.zeros((size, size, 3), np.uint8)))
+
+    summaries = {
+        "train": write_shards(_with_odd_samples(train_images, train_labels, size, image_format, DEMO_ODD_COPIES),
+                              f"{dest}/train", max_count, budget, storage_cfg,
+                              settings={**settings, "odd_copies": DEMO_ODD_COPIES},
+                              total=len(train_images) + odd_count, progress=progress),
+        "eval-train": write_shards(array_samples(train_images, train_labels, size=size, image_format=image_format,
+                                                 indices=eval_train_indices),
+                                   f"{dest}/eval-train", max_count, budget, storage_cfg,
+                                   settings={**settings, "count": eval_train}, total=eval_train, progress=progress),
+        "eval-test": write_shards(array_samples(test_images, test_labels, size=size, image_format=image_format,
+                                                indices=eval_test_indices),
+                                  f"{dest}/eval-test", max_count, budget, storage_cfg,
+                                  settings={**settings, "count": eval_test}, total=eval_test, progress=progress),
+    }
+    return DemoShards(dataset=description, train=f"{dest}/train", eval_train=f"{dest}/eval-train",
+                      eval_test=f"{dest}/eval-test", train_count=len(train_images) + odd_count,
+                      eval_train_count=eval_train, eval_test_count=eval_test, image_size=size,
+                      odd_count=odd_count, summaries=summaries)
+
+
+def cpu_learner_overrides() -> dict[str, Any]:
+    """Ray pins every worker to one thread; a CPU learner on a local machine should use every core
+    (decoding 28 px images costs a few percent of one)."""
+    return {"train": {"cpu_threads": os.cpu_count() or 1}}
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from stream_swav.apps.follow import evaluate_checkpoints
+    from stream_swav.runtime.driver import train
+
+    out = Path(args.out)
+    gpu = torch.cuda.is_available()
+    eval_train = args.eval_train or (60_000 if gpu else 5_000)
+    eval_test = args.eval_test or (10_000 if gpu else 1_000)
+    made = demo_shards(out / "shards", eval_train=eval_train, eval_test=eval_test, dataset=args.dataset,
+                       progress=True)
+    log.info("demo data: %s", made.describe())
+
+    base = merge_dicts(DEMO_CONFIG, DEMO_GPU_OVERRIDES if gpu else cpu_learner_overrides())
+    if args.minutes:
+        base = merge_dicts(base, {"train": {"time_budget_s": args.minutes * 60}})
+    base = merge_dicts(base, {"data": {"shards": made.train}, "checkpoint": {"dir": str(out / "checkpoints")},
+                         "crops": {"global_size": made.image_size}})
+    cfg = load_config(args.config, args.overrides, base=base)
+    eval_dir = out / "eval"
+    if args.fresh:
+        for folder in (Path(cfg.checkpoint.dir), eval_dir):
+            if folder.exists():
+                shutil.rmtree(folder)
+
+    rc = train(cfg)
+    if rc != 0:
+        log.error("training ended with exit code %d", rc)
+        return rc
+
+    rows = evaluate_checkpoints(cfg.checkpoint.dir, made.eval_train, made.eval_test, storage_cfg=cfg.storage,
+                                out_dir=eval_dir, references=True)
+    if not rows:
+        log.error("no checkpoint was written in %s; nothing to evaluate (was training stopped early?)",
+                  cfg.checkpoint.dir)
+        return 1
+    last = rows[-1]
+    table = [("streaming SwAV, last checkpoint", last["knn_top1"]),
+             ("random-init backbone (same arch)", last["random_knn_top1"]),
+             ("random-init, BN statistics of the data", last["random_bn_knn_top1"]),
+             ("raw pixels", last["pixels_knn_top1"])]
+    print()
+    print(f"Demo data: {made.describe()}")
+    print(f"Trained on {last['images_seen']:,} images ({last['step']} steps). Weighted kNN top-1 "
+          f"(k=20, cosine, T=0.07), {made.eval_train_count:,} labelled train -> {made.eval_test_count:,} test images:")
+    for name, accuracy in table:
+        print(f"  {name:<40} {100 * accuracy:6.2f}%")
+    print(f"Accuracy and loss against images seen: {eval_dir / 'accuracy.png'}")
+    print(f"Checkpoints: {cfg.checkpoint.dir}   results: {eval_dir / 'results.jsonl'}")
+    (eval_dir / "summary.json").write_text(json.dumps({"dataset": made.describe(), "rows": table, "last": last},
+                                                       indent=2))
+    if last["knn_top1"] <= last["random_knn_top1"]:
+        log.error("the learned backbone did not beat the random-init one; train longer (--minutes)")
+        return 1
+    return 0

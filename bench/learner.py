@@ -213,7 +213,7 @@ def random_queue(cfg: Config) -> Tensor:
 
 def make_learner(cfg: Config, device: torch.device, learner_type: type[Learner] = Learner) -> Learner:
     learner = learner_type(cfg, device)
-    learner.queue.load_state_dict({"features": random_queue(cfg), "fill": cfg.swav.queue_length})
+    learner.queue.load_state_dict({"features": random_queue(cfg), "fill": cfg.swav.queue_length, "next": 0})
     return learner
 
 

@@ -77,7 +77,8 @@ from stream_swav.apps.make_shards import array_samples, write_shards
 from stream_swav.checkpoint import load_resolved_backbone, resolve_checkpoint
 from stream_swav.config import CODES, Config, StorageConfig, config_from_dict, load_config, merge_dicts
 from stream_swav.model import BackboneSpec, SwAVModel
-from stream_swav.swav import prototype_counts, prototype_perplexity
+from stream_swav.runtime.metrics import usage_perplexity
+from stream_swav.swav import prototype_counts
 
 log = logging.getLogger("stream_swav.longtail")
 
@@ -219,11 +220,6 @@ def group_top1(predictions: Tensor, labels: Tensor, groups: dict[str, tuple[int,
         members = torch.isin(labels.long(), torch.tensor(classes, dtype=torch.long))
         scores[f"{name}_top1"] = correct[members].mean().item() if bool(members.any()) else math.nan
     return scores
-
-
-def usage_perplexity(scores: Tensor) -> float:
-    """exp(entropy) of how (N, K) prototype scores pick their best prototype: 1 to K."""
-    return prototype_perplexity(prototype_counts(scores)).item()
 
 
 # ---- runs and results (pure) ---------------------------------------------------------------------------
@@ -539,7 +535,7 @@ def evaluate_run(checkpoint_dir: str, data: EvalData, groups: dict[str, tuple[in
     model.load_state_dict(state["model"])
     model.eval()
     z = F.normalize(model.projection(query_feats), dim=1)
-    row["perplexity"] = usage_perplexity(model.prototypes(z))
+    row["perplexity"] = usage_perplexity(prototype_counts(model.prototypes(z)).numpy())
     metrics = resolved.record.get("metrics", {})
     row.update({"step": resolved.step, "images_seen": resolved.images_seen,
                 "final_loss": metrics.get("loss"), "final_batch_perplexity": metrics.get("perplexity")})

@@ -1,41 +1,66 @@
-"""Online codes for long-tailed streams: alternatives to SwAV's equal partition.
+"""Online codes: how each batch's assignment crops are mapped to prototypes, one object per method.
 
 SwAV's Sinkhorn gives every prototype exactly 1/K of each batch. On an
-uncurated stream that splits a frequent concept over many prototypes and
-pushes rare ones into whatever prototype has room. Two relaxations:
+uncurated, long-tailed stream that splits a frequent concept over many
+prototypes and pushes rare ones into whatever prototype has room. The methods
+(`swav.codes`):
 
+* ``sinkhorn``: SwAV's equal partition.
+* ``prior``: Sinkhorn towards a fixed power-law prototype marginal,
+  t_k proportional to (k + 1) ** -prior_exponent (as PMSN matches a power-law
+  prior, Assran et al. 2023): some prototypes may hold many times the mass of
+  others, at no extra cost per step.
 * ``relaxed``: entropic unbalanced transport. The sample marginal stays
   exact (each code sums to 1); the prototype marginal is only pulled, with a
   KL penalty of strength lambda, towards a running estimate of each
-  prototype's mass. Lambda is annealed from near-equal partition downwards.
-* ``lower-bound``: no partition constraint at all, only a floor: every
-  prototype keeps at least gamma/K of the mass. Codes are a softmax of the
-  scores shifted by a non-negative per-prototype dual variable, solved by
-  dual ascent inside the call and carried from batch to batch (in the
-  spirit of CoKe, Qian et al. 2022).
+  prototype's mass, then lifted to a floor of gamma/K. Lambda is annealed
+  from near-equal partition downwards.
+* ``lower-bound``: CoKe's online constrained k-means (Qian et al., CVPR 2022):
+  hard assignments, each row one-hot on argmax_k(score_k + dual_k), with one
+  non-negative dual variable per prototype raised over the stream whenever
+  that prototype gets less than gamma/K of the mass, so every prototype keeps
+  at least its floor on average while frequent concepts may take more. Trained
+  with cross-entropy to those hard codes (the swapped loss). Unlike a floor on
+  soft codes, constant features are no optimum here: all rows of a constant
+  batch land on one prototype, the duals then move them on to another, and a
+  prediction that cannot follow the moving targets costs about ln K.
 
-Both end with `project_to_floor`, so the floor holds on the returned codes
-even when a few iterations have not yet converged.
+Each method is a small object that owns the state it carries between steps
+(as DINO's loss owns its centre): `assign` computes codes for the (A, B, K)
+scores of the A assignment crops, with an optional (A, N, K) block of queued
+scores solved together with the batch (only batch rows come back), and holds
+the state update it implies; `commit` keeps that update once the step turned
+out finite. Every crop starts from the same state and the update averages what
+the crops observed, so crop order does not matter.
 
-Every function is pure (state in, new state out) and runs without autocast in
-float32 (float64 stays float64), in log space where exponents could
-overflow. Prototype masses are sums over the global batch: when a
-``torch.distributed`` process group is up, each process passes its own rows
-and the masses are all-reduced, so the result equals one process holding the
-concatenated batch.
+Everything runs without autocast in float32 (float64 stays float64), in log
+space where exponents could overflow. Prototype masses are sums over the
+global batch: under a ``torch.distributed`` process group each process passes
+its own rows and the masses are all-reduced, so the result equals one process
+holding the concatenated batch, and the carried state stays identical on
+every rank.
 """
 from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from stream_swav.config import CODES, SwAVConfig
-from stream_swav.swav import assignment_codes, exact_dtype, global_logsumexp, global_rows, is_distributed
+from stream_swav.config import SwAVConfig
+from stream_swav.swav import exact_dtype, global_logsumexp, global_rows, is_distributed, sinkhorn
+
+
+def with_queue(scores: Tensor, queued: Tensor | None) -> Tensor:
+    """(A, B, K) batch scores followed by (A, N, K) queued ones along the rows: (A, B + N, K)."""
+    if queued is None:
+        return scores
+    if queued.dim() != 3 or queued.shape[0] != scores.shape[0] or queued.shape[2] != scores.shape[2]:
+        raise ValueError(f"queued scores {tuple(queued.shape)} do not match batch scores {tuple(scores.shape)}")
+    dtype = exact_dtype(scores)
+    return torch.cat([scores.to(dtype), queued.to(dtype)], dim=1)
 
 
 @torch.no_grad()
@@ -72,8 +97,6 @@ def floor_mixture(mass: Tensor, floor: float) -> tuple[Tensor, Tensor]:
     if mass.dim() != 1 or mass.numel() < 1:
         raise ValueError(f"floor_mixture: mass must be (K,), got shape {tuple(mass.shape)}")
     n_prototypes = mass.numel()
-    if not 0.0 <= floor <= (1.0 + 1e-9) / n_prototypes:
-        raise ValueError(f"floor_mixture: floor must be in [0, 1/K = {1.0 / n_prototypes:.3g}], got {floor}")
     m = mass.to(torch.float64)
     lightest = torch.sort(m).values.cumsum(dim=0)[:-1]
     sizes = torch.arange(1, n_prototypes, dtype=torch.float64, device=m.device)
@@ -104,30 +127,10 @@ def annealed_lambda(images_seen: int, start: float, end: float, anneal_images: i
     of magnitude: equal steps in log lambda are equal steps in how much the
     prototype marginal may move.
     """
-    if images_seen < 0:
-        raise ValueError(f"annealed_lambda: images_seen must be >= 0, got {images_seen}")
-    if not (start > 0 and end > 0 and math.isfinite(start) and math.isfinite(end)):
-        raise ValueError(f"annealed_lambda: start and end must be finite and > 0, got {start}, {end}")
-    if anneal_images < 0:
-        raise ValueError(f"annealed_lambda: anneal_images must be >= 0, got {anneal_images}")
     if images_seen >= anneal_images:
         return end
     progress = images_seen / anneal_images
     return math.exp(math.log(start) + progress * (math.log(end) - math.log(start)))
-
-
-def _check_scores(name: str, scores: Tensor, epsilon: float, iterations: int) -> None:
-    if scores.dim() != 2 or scores.shape[0] < 1 or scores.shape[1] < 1:
-        raise ValueError(f"{name}: scores must be (B, K) with B, K >= 1, got shape {tuple(scores.shape)}")
-    if not (epsilon > 0 and math.isfinite(epsilon)):
-        raise ValueError(f"{name}: epsilon must be finite and > 0, got {epsilon}")
-    if iterations < 1:
-        raise ValueError(f"{name}: iterations must be >= 1, got {iterations}")
-
-
-def _check_prototype_vector(name: str, what: str, vector: Tensor, n_prototypes: int) -> None:
-    if vector.shape != (n_prototypes,):
-        raise ValueError(f"{name}: {what} must have shape ({n_prototypes},), got {tuple(vector.shape)}")
 
 
 @torch.no_grad()
@@ -146,10 +149,9 @@ def relaxed_sinkhorn(scores: Tensor, target_mass: Tensor, lam: float, epsilon: f
 
     target_mass: (K,) positive, summing to 1 (see `relaxed_target`).
     """
-    _check_scores("relaxed_sinkhorn", scores, epsilon, iterations)
-    _check_prototype_vector("relaxed_sinkhorn", "target_mass", target_mass, scores.shape[1])
-    if not lam > 0:
-        raise ValueError(f"relaxed_sinkhorn: lam must be > 0, got {lam}")
+    if scores.dim() != 2 or target_mass.shape != scores.shape[1:]:
+        raise ValueError(f"relaxed_sinkhorn: scores (B, K) and target_mass (K,) expected, got "
+                         f"{tuple(scores.shape)} and {tuple(target_mass.shape)}")
     exponent = 1.0 if math.isinf(lam) else lam / (lam + epsilon)
     with torch.autocast(device_type=scores.device.type, enabled=False):
         dtype = exact_dtype(scores)
@@ -177,169 +179,149 @@ def relaxed_target(mass_ema: Tensor, floor: float) -> Tensor:
     return ((1.0 - weight) * mass + weight * profile).to(mass_ema.dtype)
 
 
-@torch.no_grad()
-def lower_bound_codes(scores: Tensor, dual: Tensor, epsilon: float, floor: float, dual_step: float,
-                      iterations: int) -> tuple[Tensor, Tensor]:
-    """Codes (B, K) with every prototype's global mass >= floor and no other constraint, and the new dual (K,).
-
-    The problem: maximise sum_b <q_b, s_b> + epsilon * H(q_b) over codes q_b
-    in the simplex, subject to m_k = mean_b q_bk >= floor. With a multiplier
-    mu_k >= 0 per constraint the maximiser is q_b = softmax((s_b + mu) / epsilon):
-    a starving prototype gets its scores raised by mu_k, and mu_k = 0 where
-    the floor is slack (complementary slackness).
-
-    The dual is minimised over mu >= 0; its gradient is m(mu) - floor, so
-    plain projected ascent reads mu <- max(0, mu + eta (floor - m)). But the
-    masses are O(1/K) and span orders of magnitude, so no single eta fits.
-    Holding the per-sample normalisers fixed, m_k scales as exp(mu_k / epsilon),
-    so the exact minimiser in mu_k is mu_k + epsilon * log(floor / m_k),
-    clipped at 0 -- the Sinkhorn step for an inequality constraint. We take
-    mu <- max(0, mu + dual_step * epsilon * (log floor - log m)): the
-    gradient step preconditioned by the dual's curvature epsilon / m_k
-    (to first order, epsilon * log(f / m) = epsilon * (f - m) / m), exact
-    at dual_step = 1 and damped below it, which averages mu over batches
-    when it is carried from step to step. Masses are taken in log space, so
-    a prototype with no mass at all (m = exp(-1e6)) gets a finite step.
-
-    `iterations` rounds of (codes, masses, dual) run in the call; the codes
-    returned use the final dual and then go through `project_to_floor`, which
-    only acts while the dual has not caught up. dual: (K,) >= 0, in score units.
-
-    Beware: under the swapped-prediction loss, constant features are an optimum.
-    Their codes are the floor distribution, and predicting it costs only its
-    entropy, which is far below ln K unless gamma is close to 1 (README, long-tail results).
-    """
-    _check_scores("lower_bound_codes", scores, epsilon, iterations)
-    _check_prototype_vector("lower_bound_codes", "dual", dual, scores.shape[1])
-    if not 0 < dual_step <= 1:
-        raise ValueError(f"lower_bound_codes: dual_step must be in (0, 1], got {dual_step}")
-    n_prototypes = scores.shape[1]
-    if not 0.0 <= floor <= (1.0 + 1e-9) / n_prototypes:
-        raise ValueError(f"lower_bound_codes: floor must be in [0, 1/K = {1.0 / n_prototypes:.3g}], got {floor}")
-    with torch.autocast(device_type=scores.device.type, enabled=False):
-        dtype = exact_dtype(scores)
-        logits = scores.to(dtype) / epsilon
-        mu = dual.to(device=scores.device, dtype=dtype)
-        log_rows = global_rows(scores.shape[0], logits).log()
-        # log 0 = -inf drives every mu to its lower bound 0: gamma = 0 is plain softmax.
-        log_floor = math.log(floor) if floor > 0 else -math.inf
-        for _ in range(iterations):
-            log_codes = torch.log_softmax(logits + mu / epsilon, dim=1)
-            log_mass = global_logsumexp(log_codes, dim=0).squeeze(0) - log_rows
-            mu = (mu + dual_step * epsilon * (log_floor - log_mass)).clamp_min(0.0)
-        codes = project_to_floor(torch.softmax(logits + mu / epsilon, dim=1), floor)
-        return codes, mu.to(dual.dtype)
+def power_law_marginal(n_prototypes: int, exponent: float) -> Tensor:
+    """(K,) prototype shares proportional to (k + 1) ** -exponent, summing to 1 (exponent 0: uniform)."""
+    shares = torch.arange(1, n_prototypes + 1, dtype=torch.float64) ** -exponent
+    return shares / shares.sum()
 
 
-@dataclass
-class CodesState:
-    """What `relaxed` and `lower-bound` carry from step to step; identical on every learner.
+class SinkhornCodes:
+    """``sinkhorn`` and ``prior``: Sinkhorn towards a fixed prototype marginal; nothing carried."""
 
-    mass: (K,) running estimate of each prototype's share of the stream (sums
-    to 1); `relaxed` aims at it and updates it.
-    dual: (K,) >= 0 lower-bound multipliers in score units; `lower-bound` uses
-    and updates it. Each method leaves the other's field as it was.
-    """
+    def __init__(self, cfg: SwAVConfig, target: Tensor) -> None:
+        self.epsilon = cfg.epsilon
+        self.iterations = cfg.sinkhorn_iterations
+        self.target = target
+        self._log_target = target.log()
 
-    mass: Tensor
-    dual: Tensor
+    @torch.no_grad()
+    def assign(self, scores: Tensor, queued: Tensor | None, images_seen: int) -> Tensor:
+        joint = with_queue(scores, queued)
+        return torch.stack([sinkhorn(crop, self.epsilon, self.iterations, self._log_target)[: scores.shape[1]]
+                            for crop in joint])
 
-    @classmethod
-    def init(cls, n_prototypes: int, device: torch.device | str | None = None) -> CodesState:
-        if n_prototypes < 1:
-            raise ValueError(f"CodesState.init: n_prototypes must be >= 1, got {n_prototypes}")
-        return cls(mass=torch.full((n_prototypes,), 1.0 / n_prototypes, device=device),
-                   dual=torch.zeros(n_prototypes, device=device))
+    def commit(self) -> None:
+        pass
 
     def state_dict(self) -> dict[str, Tensor]:
-        return {"mass": self.mass.detach().cpu().clone(), "dual": self.dual.detach().cpu().clone()}
+        return {}
 
     def load_state_dict(self, state: Mapping[str, object]) -> None:
-        """Replace mass and dual with saved ones; everything is checked before anything changes."""
-        if not isinstance(state, Mapping):
-            raise ValueError(f"CodesState.load_state_dict: expected a mapping, got {type(state).__name__}")
-        n_prototypes = self.mass.shape[0]
-        loaded = {}
-        for key in ("mass", "dual"):
-            value = state.get(key)
-            if not isinstance(value, Tensor) or value.shape != (n_prototypes,) or not value.is_floating_point():
-                found = f"{value.dtype} {tuple(value.shape)}" if isinstance(value, Tensor) else type(value).__name__
-                raise ValueError(f"CodesState.load_state_dict: {key} must be a float tensor of shape "
-                                 f"({n_prototypes},), got {found}")
-            if not bool(torch.isfinite(value).all()) or bool((value < 0).any()):
-                raise ValueError(f"CodesState.load_state_dict: {key} must be finite and >= 0")
-            loaded[key] = value
-        total = float(loaded["mass"].double().sum())
-        if abs(total - 1.0) > 1e-3:
-            raise ValueError(f"CodesState.load_state_dict: mass must sum to 1, got {total:.6g}")
-        self.mass = loaded["mass"].to(device=self.mass.device, dtype=self.mass.dtype).clone()
-        self.dual = loaded["dual"].to(device=self.dual.device, dtype=self.dual.dtype).clone()
+        pass
 
 
-@torch.no_grad()
-def compute_codes(scores: Mapping[int, Tensor], state: CodesState, *, images_seen: int, cfg: SwAVConfig,
-                  queue_scores: Mapping[int, Tensor] | None = None) -> tuple[dict[int, Tensor], CodesState]:
-    """Codes for every assignment crop with the method `cfg.codes`, and the state for the next step.
+def _checked_vector(state: Mapping[str, object], key: str, like: Tensor, method: str) -> Tensor:
+    """state[key] as a finite, non-negative float tensor shaped like `like`; ValueError otherwise."""
+    value = state.get(key)
+    if not isinstance(value, Tensor) or value.shape != like.shape or not value.is_floating_point():
+        found = f"{value.dtype} {tuple(value.shape)}" if isinstance(value, Tensor) else type(value).__name__
+        raise ValueError(f"{method} codes state: {key} must be a float tensor of shape {tuple(like.shape)}, "
+                         f"got {found}")
+    if not bool(torch.isfinite(value).all()) or bool((value < 0).any()):
+        raise ValueError(f"{method} codes state: {key} must be finite and >= 0")
+    return value.to(device=like.device, dtype=like.dtype).clone()
 
-    scores: assignment crop -> its (B, K) scores on this process.
-    queue_scores: assignment crop -> (N, K) scores of its queued features, or
-    None; when given, the codes are solved on batch and queue together (as
-    SwAV's queue does) and only the batch rows are returned; the floor and
-    the masses then refer to batch and queue together.
-    images_seen: images consumed before this batch (drives lambda's annealing).
 
-    Every crop starts from the same `state`; the new state averages what the
-    crops observed, so the order of crops does not matter. The input state is
-    not modified. Keep the new state only when the step's loss is finite.
-    """
-    if cfg.codes not in CODES:
-        raise ValueError(f"compute_codes: codes must be one of {', '.join(CODES)}, got {cfg.codes!r}")
-    if not scores:
-        raise ValueError("compute_codes: no assignment crops given")
-    if queue_scores is not None and set(queue_scores) != set(scores):
-        raise ValueError(f"compute_codes: queue scores for crops {sorted(queue_scores)} do not match "
-                         f"assignment crops {sorted(scores)}")
-    if cfg.codes == "sinkhorn":
-        codes = {crop: assignment_codes(s, None if queue_scores is None else queue_scores[crop], cfg.epsilon,
-                                        cfg.sinkhorn_iterations) for crop, s in scores.items()}
-        return codes, state
+class RelaxedCodes:
+    """``relaxed``: unbalanced Sinkhorn towards a running mass estimate (carried: `mass`)."""
 
-    n_prototypes = state.mass.shape[0]
-    floor = cfg.mass_floor_gamma / n_prototypes
-    if cfg.codes == "relaxed":
+    def __init__(self, cfg: SwAVConfig, n_prototypes: int, device: torch.device | str | None = None) -> None:
+        self.cfg = cfg
+        self.floor = cfg.mass_floor_gamma / n_prototypes
+        self.mass = torch.full((n_prototypes,), 1.0 / n_prototypes, device=device)
+        self._proposed: Tensor | None = None
+
+    @property
+    def target(self) -> Tensor:
+        return relaxed_target(self.mass, self.floor)
+
+    @torch.no_grad()
+    def assign(self, scores: Tensor, queued: Tensor | None, images_seen: int) -> Tensor:
+        cfg = self.cfg
         lam = annealed_lambda(images_seen, cfg.relaxed_lambda_start, cfg.relaxed_lambda, cfg.relaxed_anneal_images)
-        target = relaxed_target(state.mass, floor)
-    codes: dict[int, Tensor] = {}
-    observed = []
-    for crop, crop_scores in scores.items():
-        if crop_scores.dim() != 2 or crop_scores.shape[1] != n_prototypes:
-            raise ValueError(f"compute_codes: scores for crop {crop} must be (B, {n_prototypes}), "
-                             f"got {tuple(crop_scores.shape)}")
-        joint = crop_scores
-        if queue_scores is not None:
-            queued = queue_scores[crop]
-            if queued.dim() != 2 or queued.shape[1] != n_prototypes:
-                raise ValueError(f"compute_codes: queue scores for crop {crop} must be (N, {n_prototypes}), "
-                                 f"got {tuple(queued.shape)}")
-            dtype = exact_dtype(crop_scores)
-            joint = torch.cat([crop_scores.to(dtype), queued.to(dtype)])
-        if cfg.codes == "relaxed":
-            joint_codes = relaxed_sinkhorn(joint, target, lam, cfg.epsilon, cfg.sinkhorn_iterations, floor)
-            observed.append(global_prototype_mass(joint_codes))
-        else:
-            joint_codes, dual = lower_bound_codes(joint, state.dual, cfg.epsilon, floor, cfg.dual_step,
-                                                  cfg.sinkhorn_iterations)
-            observed.append(dual)
-        codes[crop] = joint_codes[: crop_scores.shape[0]]
+        target = self.target
+        joint = [relaxed_sinkhorn(crop, target, lam, cfg.epsilon, cfg.sinkhorn_iterations, self.floor)
+                 for crop in with_queue(scores, queued)]
+        observed = torch.stack([global_prototype_mass(codes) for codes in joint]).mean(dim=0)
+        self._proposed = (cfg.mass_momentum * self.mass
+                          + (1.0 - cfg.mass_momentum) * observed.to(device=self.mass.device, dtype=self.mass.dtype))
+        return torch.stack([codes[: scores.shape[1]] for codes in joint])
 
-    mean_observed = torch.stack(observed).mean(dim=0)
+    def commit(self) -> None:
+        if self._proposed is not None:
+            self.mass, self._proposed = self._proposed, None
+
+    def state_dict(self) -> dict[str, Tensor]:
+        return {"mass": self.mass.detach().cpu().clone()}
+
+    def load_state_dict(self, state: Mapping[str, object]) -> None:
+        mass = _checked_vector(state, "mass", self.mass, "relaxed")
+        total = float(mass.double().sum())
+        if abs(total - 1.0) > 1e-3:
+            raise ValueError(f"relaxed codes state: mass must sum to 1, got {total:.6g}")
+        self.mass = mass
+
+
+class LowerBoundCodes:
+    """``lower-bound``: CoKe's hard assignments with a dual per prototype (carried: `dual`).
+
+    Row b goes to argmax_k(s_bk + mu_k). After each batch the dual moves by
+    dual_step * (gamma - K * m_k), m_k the share of the batch (and queue) given
+    to prototype k, and is clipped at 0: a prototype below its floor gamma/K
+    grows more attractive step by step until it wins rows, one above it slides
+    back to 0 (complementary slackness). The step is scaled by K so that its
+    units are scores whatever the number of prototypes.
+    """
+
+    def __init__(self, cfg: SwAVConfig, n_prototypes: int, device: torch.device | str | None = None) -> None:
+        self.gamma = cfg.mass_floor_gamma
+        self.dual_step = cfg.dual_step
+        self.dual = torch.zeros(n_prototypes, device=device)
+        self._proposed: Tensor | None = None
+
+    @property
+    def target(self) -> None:
+        return None
+
+    @torch.no_grad()
+    def assign(self, scores: Tensor, queued: Tensor | None, images_seen: int) -> Tensor:
+        with torch.autocast(device_type=scores.device.type, enabled=False):
+            joint = with_queue(scores, queued)
+            shifted = joint.to(exact_dtype(joint)) + self.dual.to(device=joint.device, dtype=exact_dtype(joint))
+            hard = torch.zeros_like(shifted).scatter_(2, shifted.argmax(dim=2, keepdim=True), 1.0)
+            mass = torch.stack([global_prototype_mass(codes) for codes in hard]).mean(dim=0)
+            n_prototypes = joint.shape[2]
+            step = self.dual_step * (self.gamma - n_prototypes * mass)
+            self._proposed = (self.dual + step.to(self.dual)).clamp_min(0.0)
+            return hard[:, : scores.shape[1]]
+
+    def commit(self) -> None:
+        if self._proposed is not None:
+            self.dual, self._proposed = self._proposed, None
+
+    def state_dict(self) -> dict[str, Tensor]:
+        return {"dual": self.dual.detach().cpu().clone()}
+
+    def load_state_dict(self, state: Mapping[str, object]) -> None:
+        self.dual = _checked_vector(state, "dual", self.dual, "lower-bound")
+
+
+CodeMethod = SinkhornCodes | RelaxedCodes | LowerBoundCodes
+
+
+def build_codes(cfg: SwAVConfig, n_prototypes: int, device: torch.device | str | None = None) -> CodeMethod:
+    """The `swav.codes` method for `n_prototypes` prototypes, with its state on `device`."""
+    if cfg.codes == "sinkhorn":
+        return SinkhornCodes(cfg, power_law_marginal(n_prototypes, 0.0).to(device))
+    if cfg.codes == "prior":
+        return SinkhornCodes(cfg, power_law_marginal(n_prototypes, cfg.prior_exponent).to(device))
     if cfg.codes == "relaxed":
-        batch_mass = mean_observed.to(device=state.mass.device, dtype=state.mass.dtype)
-        mass = cfg.mass_momentum * state.mass + (1.0 - cfg.mass_momentum) * batch_mass
-        return codes, CodesState(mass=mass, dual=state.dual)
-    return codes, CodesState(mass=state.mass, dual=mean_observed.to(device=state.dual.device,
-                                                                      dtype=state.dual.dtype))
+        return RelaxedCodes(cfg, n_prototypes, device)
+    if cfg.codes == "lower-bound":
+        return LowerBoundCodes(cfg, n_prototypes, device)
+    raise ValueError(f"swav.codes: unknown method {cfg.codes!r}")
 
 
-__all__ = ["CodesState", "compute_codes", "relaxed_sinkhorn", "relaxed_target", "lower_bound_codes",
-           "annealed_lambda", "project_to_floor", "floor_mixture", "global_prototype_mass"]
+__all__ = ["build_codes", "CodeMethod", "SinkhornCodes", "RelaxedCodes", "LowerBoundCodes", "with_queue",
+           "power_law_marginal", "relaxed_sinkhorn", "relaxed_target", "annealed_lambda", "project_to_floor",
+           "floor_mixture", "global_prototype_mass"]

@@ -68,7 +68,7 @@ def setting(default: Any, check: Check | None = None) -> Any:
 
 
 ARCHS = ("resnet10", "resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
-CODES = ("sinkhorn", "relaxed", "lower-bound")
+CODES = ("sinkhorn", "prior", "relaxed", "lower-bound")
 SCHEDULES = ("warmup-constant", "warmup-cosine")
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
@@ -164,10 +164,12 @@ class ModelConfig:
 @dataclass
 class SwAVConfig:
     temperature: float = setting(0.1, POSITIVE)
-    # One of: sinkhorn (equal partition), relaxed, lower-bound.
+    # How batches are assigned to prototypes (stream_swav/codes.py): sinkhorn (SwAV's equal
+    # partition), prior (Sinkhorn towards a power-law marginal), relaxed (unbalanced Sinkhorn
+    # towards a running mass estimate), lower-bound (CoKe: hard codes, each prototype >= gamma/K).
     codes: str = setting("sinkhorn", one_of(*CODES))
     epsilon: float = setting(0.05, POSITIVE)
-    # Also the iteration count of `relaxed` and `lower-bound`.
+    # Also the iteration count of `prior` and `relaxed`.
     sinkhorn_iterations: int = setting(3, POSITIVE)
     crops_for_assign: tuple[int, ...] = (0, 1)
     # Queue length per learner; 0 disables it.
@@ -180,11 +182,15 @@ class SwAVConfig:
     relaxed_lambda: float = setting(1.0, POSITIVE)
     relaxed_lambda_start: float = setting(100.0, POSITIVE)
     relaxed_anneal_images: int = setting(1_000_000, NON_NEGATIVE)
+    # `prior`: prototype k's share of each batch is proportional to (k + 1) ** -prior_exponent.
+    prior_exponent: float = setting(0.25, NON_NEGATIVE)
     # `relaxed` and `lower-bound`: no prototype gets less than gamma/K of the mass.
     mass_floor_gamma: float = setting(0.2, within(0.0, 1.0))
+    # `relaxed`: momentum of the running prototype mass estimate.
     mass_momentum: float = setting(0.99, within(0.0, 1.0, high_open=True))
-    # `lower-bound`: 1 is the exact dual step; lower values damp it (average over batches).
-    dual_step: float = setting(0.5, within(0.0, 1.0, low_open=True))
+    # `lower-bound`: how far (in score units) a starving prototype's dual moves per step, per unit of
+    # gamma - K * its mass.
+    dual_step: float = setting(0.05, within(0.0, 1.0, low_open=True))
 
 
 @dataclass
@@ -200,6 +206,10 @@ class OptimConfig:
     schedule: str = setting("warmup-constant", one_of(*SCHEDULES))
     warmup_images: int = setting(10 * 1_281_167, NON_NEGATIVE)
     cosine_images: int = setting(400 * 1_281_167, POSITIVE)
+
+    def rules(self) -> Iterator[Rule]:
+        yield ("optim.cosine_images", self.schedule != "warmup-cosine" or self.cosine_images > self.warmup_images,
+               "must be > optim.warmup_images for warmup-cosine", self.cosine_images)
 
 
 @dataclass

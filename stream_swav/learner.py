@@ -21,13 +21,12 @@ from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
 from stream_swav.augment import apply_params, sample_params
-from stream_swav.codes import CodesState, compute_codes
+from stream_swav.codes import build_codes
 from stream_swav.config import Config
 from stream_swav.data.batch import CropBatch
 from stream_swav.model import SwAVModel
 from stream_swav.optim import build_optimizer, learning_rate_for
-from stream_swav.swav import (FeatureQueue, marginal_error, prototype_counts,
-                              prototype_perplexity, swav_loss)
+from stream_swav.swav import FeatureQueue, is_distributed, marginal_error, prototype_counts, swav_loss
 
 
 @dataclass
@@ -39,10 +38,8 @@ class StepStats:
     images_seen: int  # global images consumed including this batch
     loss: Tensor
     lr: float
-    # Perplexity of the prototypes the network prefers (argmax of the scores of
-    # the assignment crops) in this batch; `prototype_counts` is the same usage as
-    # counts, to be summed over a window for a collapse alarm.
-    perplexity: Tensor
+    # How many rows of the assignment crops' scores pick each prototype as their best (K,): the
+    # network's own prototype usage, summed over a window for the perplexity and collapse alarm.
     prototype_counts: Tensor
     # Largest relative deviation of the codes' prototype mass from uniform.
     marginal_error: Tensor
@@ -57,16 +54,11 @@ class StepStats:
             "images_seen": float(self.images_seen),
             "loss": self.loss.item(),
             "lr": self.lr,
-            "perplexity": self.perplexity.item(),
             "marginal_error": self.marginal_error.item(),
             "queue_fill": float(self.queue_fill),
             "nonfinite": float(self.nonfinite),
             "nonfinite_in_row": float(self.nonfinite_in_row),
         }
-
-
-def _distributed() -> bool:
-    return dist.is_available() and dist.is_initialized()
 
 
 # Without CUDA graphs: the augmentation's output is a fresh input of the network each step.
@@ -154,7 +146,7 @@ class Learner:
         self.device = torch.device(device)
         self.rank = rank
         self.world_size = world_size
-        distributed = _distributed()
+        distributed = is_distributed()
         if distributed and dist.get_world_size() != world_size:
             raise ValueError(f"world_size={world_size} but the process group has {dist.get_world_size()} processes")
         if not distributed and world_size != 1:
@@ -200,9 +192,9 @@ class Learner:
         if swav.queue_length > 0:
             self.queue = FeatureQueue(len(swav.crops_for_assign), swav.queue_length, cfg.model.output_dim,
                                       start_images=swav.queue_start_images, device=self.device)
-        # Running prototype mass and dual variables of the long-tail code methods; identical on
-        # every rank since their updates use all-reduced masses.
-        self.codes_state = CodesState.init(cfg.model.prototypes, self.device)
+        # The code method and what it carries (a running mass, dual variables); identical on every
+        # rank since its updates use all-reduced masses.
+        self.codes = build_codes(swav, cfg.model.prototypes, self.device)
         self.generator = torch.Generator(device=self.device)
         self.generator.manual_seed(cfg.train.seed + rank)
         precision = cfg.train.precision
@@ -242,19 +234,6 @@ class Learner:
                 crops.append(self._apply_params(images, params, augment, blur_prob))
         return crops
 
-    @torch.no_grad()
-    def codes(self, scores: Tensor, batch_size: int, images_seen: int) -> tuple[dict[int, Tensor], CodesState]:
-        """Codes per assignment crop from crop-major scores (n_crops * B, K), with the queue once it is
-        full, by the configured method (swav.codes); also the code state for the next step."""
-        swav = self.cfg.swav
-        use_queue = self.queue is not None and self.queue.is_full
-        prototypes = self.model.prototypes.weight
-        crop_scores = {crop: scores[crop * batch_size:(crop + 1) * batch_size] for crop in swav.crops_for_assign}
-        queue_scores = ({crop: self.queue.features(position) @ prototypes.t()
-                         for position, crop in enumerate(swav.crops_for_assign)} if use_queue else None)
-        return compute_codes(crop_scores, self.codes_state, images_seen=images_seen, cfg=swav,
-                             queue_scores=queue_scores)
-
     def _all_finite(self, loss: Tensor) -> bool:
         """Whether loss and gradients are finite on every learner: the step's one host sync.
 
@@ -266,7 +245,7 @@ class Learner:
         if grads:
             finite = finite & torch.isfinite(torch.stack(torch._foreach_norm(grads)).sum())
         finite = finite.to(torch.int32)
-        if _distributed():
+        if is_distributed():
             dist.all_reduce(finite, op=dist.ReduceOp.MIN)
         return bool(finite.item())
 
@@ -289,14 +268,17 @@ class Learner:
             torch.compiler.cudagraph_mark_step_begin()
         with self._autocast():
             z, scores = self.network(crops)
-        codes, codes_state = self.codes(scores.detach(), batch_size, images_before)
-        loss = swav_loss(scores, codes, batch_size, swav.temperature)
+        # (crops, batch, prototypes) views; the codes come from the assignment crops' scores.
+        scores = scores.view(-1, batch_size, scores.shape[1])
+        assign_crops = list(swav.crops_for_assign)
+        assign_scores = scores.detach()[assign_crops]
+        queued = self.queue.features() if self.queue is not None else None
+        queued_scores = queued @ self.model.prototypes.weight.detach().t() if queued is not None else None
+        codes = self.codes.assign(assign_scores, queued_scores, images_before)
+        loss = swav_loss(scores, codes, assign_crops, swav.temperature)
         # Everything read from the network's outputs is taken before backward, so nothing
         # depends on how long a compiled graph keeps its output buffers.
-        by_crop = z.detach().view(-1, batch_size, z.shape[1])
-        assign_features = torch.stack([by_crop[c] for c in swav.crops_for_assign])
-        assign_scores = torch.cat([scores.detach()[c * batch_size:(c + 1) * batch_size]
-                                   for c in swav.crops_for_assign])
+        assign_features = z.detach().view(-1, batch_size, z.shape[1])[assign_crops]
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
 
@@ -309,7 +291,7 @@ class Learner:
             torch._foreach_copy_(self._buffers, self._buffer_snapshot)
         else:
             self.nonfinite_in_row = 0
-            self.codes_state = codes_state
+            self.codes.commit()
             if self.step <= swav.freeze_prototypes_steps:
                 # Prototypes stay put at first (SwAV's first-epoch freeze); no gradient
                 # means no momentum or weight decay either.
@@ -321,16 +303,13 @@ class Learner:
                 self.queue.push(assign_features)
         self.optimizer.zero_grad(set_to_none=True)
 
-        counts = prototype_counts(assign_scores)
-        all_codes = torch.cat(list(codes.values()))
         return StepStats(
             step=self.step,
             images_seen=self.images_seen,
             loss=loss.detach(),
             lr=lr,
-            perplexity=prototype_perplexity(counts),
-            prototype_counts=counts,
-            marginal_error=marginal_error(all_codes),
+            prototype_counts=prototype_counts(assign_scores.reshape(-1, assign_scores.shape[2])),
+            marginal_error=marginal_error(codes, self.codes.target),
             queue_fill=self.queue.fill if self.queue is not None else 0,
             nonfinite=nonfinite,
             nonfinite_in_row=self.nonfinite_in_row,
@@ -347,7 +326,7 @@ class Learner:
             "nonfinite_in_row": self.nonfinite_in_row,
             "cpu_rng": torch.get_rng_state(),
             "augment_rng": self.generator.get_state(),
-            "codes": self.codes_state.state_dict(),
+            "codes": self.codes.state_dict(),
         }
         if self.queue is not None:
             state["queue"] = self.queue.state_dict()
@@ -381,7 +360,7 @@ class Learner:
         if self.queue is not None and "queue" in state:
             self.queue.load_state_dict(state["queue"])
         if "codes" in state:
-            self.codes_state.load_state_dict(state["codes"])
+            self.codes.load_state_dict(state["codes"])
         self.model.load_state_dict(state["model"])
         # Hyperparameters come from the current configuration and device (a
         # checkpoint from a GPU run may say fused=True), state from the checkpoint.

@@ -7,7 +7,7 @@ from collections.abc import Iterable
 import torch
 from torch import Tensor, nn
 
-from stream_swav.config import SCHEDULES, Config, scaled_learning_rate
+from stream_swav.config import Config, scaled_learning_rate
 
 
 class LARS(torch.optim.Optimizer):
@@ -103,14 +103,6 @@ def learning_rate(images_seen: int, *, peak_lr: float, final_lr: float, warmup_i
     the end of warmup to `final_lr` at `cosine_images` images, and `final_lr`
     from there on (`warmup-cosine`).
     """
-    if schedule not in SCHEDULES:
-        raise ValueError(f"unknown schedule {schedule!r}; expected one of {', '.join(SCHEDULES)}")
-    if images_seen < 0:
-        raise ValueError(f"images_seen must be >= 0, got {images_seen}")
-    if warmup_images < 0:
-        raise ValueError(f"warmup_images must be >= 0, got {warmup_images}")
-    if schedule == "warmup-cosine" and cosine_images <= warmup_images:
-        raise ValueError(f"warmup-cosine needs cosine_images > warmup_images, got {cosine_images} <= {warmup_images}")
     if images_seen < warmup_images:
         return peak_lr * images_seen / warmup_images
     if schedule == "warmup-constant":

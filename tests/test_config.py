@@ -220,6 +220,12 @@ def test_crops_for_assign_must_be_distinct_indices_below_the_crop_count():
     assert cfg.swav.crops_for_assign == (0, 8)
 
 
+def test_cosine_schedule_needs_cosine_images_past_warmup():
+    refused(["optim.schedule=warmup-cosine", "optim.warmup_images=1000", "optim.cosine_images=1000"],
+            "optim.cosine_images")
+    assert load_config(overrides=["optim.warmup_images=1000", "optim.cosine_images=1000"]).optim.cosine_images == 1000
+
+
 def test_a_single_learner_needs_a_batch_of_at_least_two():
     refused(["train.batch_size=1"], "train.batch_size")
     cfg = load_config(overrides=["train.batch_size=1", "train.learners=2"])

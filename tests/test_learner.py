@@ -17,7 +17,7 @@ from stream_swav.config import Config, config_from_dict
 from stream_swav.data.batch import CropBatch
 from stream_swav.learner import Learner, StepStats
 from stream_swav.optim import learning_rate_for
-from stream_swav.swav import assignment_codes, prototype_perplexity, sinkhorn
+from stream_swav.runtime.metrics import usage_perplexity
 
 PROTOTYPES = 16
 
@@ -124,7 +124,7 @@ def test_learner_learns_on_synthetic_stream_without_collapse():
     assert last < 0.6 * math.log(PROTOTYPES), losses
     assert last < 0.5 * first, losses
     # Which prototype the network prefers stays spread over many of them.
-    assert prototype_perplexity(usage).item() > PROTOTYPES / 4, usage.tolist()
+    assert usage_perplexity(usage.numpy()) > PROTOTYPES / 4, usage.tolist()
 
 
 def test_state_dict_round_trip_resumes_identically():
@@ -210,26 +210,20 @@ def test_queue_is_filled_from_start_images_and_used_only_when_full():
     cfg = tiny_config(swav={"queue_length": 8, "queue_start_images": 4})
     stream = SyntheticStream(n_classes=4, image_size=8, seed=3)
     learner = Learner(cfg, torch.device("cpu"))
-    scores = torch.randn(3 * 4, PROTOTYPES)
+    seen_queues = []
+    assign = learner.codes.assign
 
-    fills = []
-    for _ in range(3):
-        codes, _ = learner.codes(scores, batch_size=4, images_seen=learner.images_seen)
-        if not learner.queue.is_full:
-            for crop in (0, 1):
-                torch.testing.assert_close(codes[crop], sinkhorn(scores[crop * 4:(crop + 1) * 4]))
-        fills.append(learner.train_step(stream.batch(cfg)).queue_fill)
+    def recording_assign(scores, queued, images_seen):
+        seen_queues.append(None if queued is None else queued.clone())
+        return assign(scores, queued, images_seen)
+
+    learner.codes.assign = recording_assign
+    fills = [learner.train_step(stream.batch(cfg)).queue_fill for _ in range(4)]
     # The first batch came before queue_start_images; the next two fill the queue.
-    assert fills == [0, 4, 8]
-    assert learner.queue.is_full
-
-    codes, _ = learner.codes(scores, batch_size=4, images_seen=learner.images_seen)
-    prototypes = learner.model.prototypes.weight.detach()
-    for position, crop in enumerate((0, 1)):
-        queue_scores = learner.queue.features(position) @ prototypes.t()
-        expected = assignment_codes(scores[crop * 4:(crop + 1) * 4], queue_scores, 0.05, 3)
-        torch.testing.assert_close(codes[crop], expected)
-        assert not torch.allclose(codes[crop], sinkhorn(scores[crop * 4:(crop + 1) * 4]))
+    assert fills == [0, 4, 8, 8]
+    assert seen_queues[:3] == [None, None, None]
+    # Once full, the queued features, scored against the prototypes, join the assignment.
+    assert seen_queues[3] is not None and seen_queues[3].shape == (2, 8, PROTOTYPES)
 
 
 @pytest.mark.parametrize("method", ["relaxed", "lower-bound"])
@@ -238,11 +232,11 @@ def test_long_tail_code_methods_train_and_carry_their_state(method):
     cfg = tiny_config(swav={"codes": method, "mass_floor_gamma": 0.5})
     stream = SyntheticStream(n_classes=4, image_size=8, seed=5)
     learner = Learner(cfg, torch.device("cpu"))
-    initial = {k: v.clone() for k, v in learner.codes_state.state_dict().items()}
+    initial = {k: v.clone() for k, v in learner.codes.state_dict().items()}
     for _ in range(3):
         stats = learner.train_step(stream.batch(cfg))
         assert torch.isfinite(stats.loss)
-    state = learner.codes_state.state_dict()
+    state = learner.codes.state_dict()
     # The running mass estimate (relaxed) or the dual (lower-bound) has moved off its start.
     assert any(not torch.equal(state[k], initial[k]) for k in state)
 
@@ -251,8 +245,8 @@ def test_long_tail_code_methods_train_and_carry_their_state(method):
     buffer.seek(0)
     restored = Learner(cfg, torch.device("cpu"))
     restored.load_state_dict(torch.load(buffer, weights_only=True))
-    for key, value in learner.codes_state.state_dict().items():
-        torch.testing.assert_close(restored.codes_state.state_dict()[key], value)
+    for key, value in learner.codes.state_dict().items():
+        torch.testing.assert_close(restored.codes.state_dict()[key], value)
 
 
 def test_prototypes_stay_frozen_for_the_first_steps():

@@ -153,7 +153,7 @@ def test_optimised_step_matches_plain_float32_step(as_tensor):
     assert next(learner.model.backbone.parameters()).is_contiguous(memory_format=torch.channels_last)
     generator = torch.Generator().manual_seed(5)
     queue = F.normalize(torch.randn(2, QUEUE, cfg.model.output_dim, generator=generator), dim=2)
-    learner.queue.load_state_dict({"features": queue, "fill": QUEUE})
+    learner.queue.load_state_dict({"features": queue, "fill": QUEUE, "next": 0})
 
     plain = copy.deepcopy(learner.model).to(memory_format=torch.contiguous_format)
     before = {name: p.detach().clone() for name, p in plain.named_parameters()}
@@ -199,7 +199,8 @@ def test_optimised_step_matches_plain_float32_step(as_tensor):
         assert_close_in_norm(a.double(), b.double(), rtol=1e-5, atol=1e-6, what=f"buffer {name}")
     pushed = torch.stack([z.detach()[c * BATCH:(c + 1) * BATCH] for c in cfg.swav.crops_for_assign])
     # Unit vectors: an absolute tolerance.
-    torch.testing.assert_close(learner.queue.buffer, torch.cat([pushed, queue[:, :QUEUE - BATCH]], dim=1),
+    # A ring buffer whose next row is 0: the batch overwrote the first BATCH rows, in place.
+    torch.testing.assert_close(learner.queue.buffer, torch.cat([pushed, queue[:, BATCH:]], dim=1),
                                rtol=0, atol=2e-5)
 
 

@@ -16,6 +16,8 @@ from pipelines.longtail import zipf_subset
 from stream_swav.apps.datasets import find_fashion_mnist, load_split
 from stream_swav.config import StorageConfig
 from stream_swav.model import SwAVModel
+from stream_swav.runtime.metrics import usage_perplexity
+from stream_swav.swav import prototype_counts
 from stream_swav.checkpoint import save_checkpoint
 
 
@@ -106,15 +108,6 @@ def test_group_top1_on_a_hand_made_example():
     assert scores["rare_top1"] == pytest.approx(2 / 5)
     only_frequent = longtail.group_top1(torch.tensor([0]), torch.tensor([0]), groups)
     assert only_frequent["frequent_top1"] == 1.0 and math.isnan(only_frequent["rare_top1"])
-
-
-def test_usage_perplexity_counts_best_prototypes():
-    even = torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.9, 0.1, 0.0], [0.2, 0.8, 0.0]])
-    assert longtail.usage_perplexity(even) == pytest.approx(2.0)
-    assert longtail.usage_perplexity(torch.tensor([[0.0, 1.0], [0.3, 0.5]])) == pytest.approx(1.0)
-
-
-# ---- aggregation and restart ---------------------------------------------------------------------------
 
 
 def fake_row(stream: str, method: str, seed: int, top1: float, rare: float, config: str = "cfg") -> dict:
@@ -234,7 +227,7 @@ def test_evaluate_run_scores_the_latest_checkpoint(tmp_path):
     with torch.no_grad():
         pixels = (queries.images.permute(0, 3, 1, 2).float() / 255.0 - mean) / std
         scores = model.prototypes(F.normalize(model.projection(model.backbone(pixels)), dim=1))
-    assert row["perplexity"] == pytest.approx(longtail.usage_perplexity(scores), rel=1e-4)
+    assert row["perplexity"] == pytest.approx(usage_perplexity(prototype_counts(scores).numpy()), rel=1e-4)
     assert 1.0 <= row["perplexity"] <= 7.0
     json.dumps(row)
 

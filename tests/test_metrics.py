@@ -9,6 +9,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from stream_swav.config import MetricsConfig
 from stream_swav.runtime.metrics import (
+    usage_perplexity,
     EVAL_METRIC_NAMES,
     METRIC_NAMES,
     TRAINER_METRIC_NAMES,
@@ -190,41 +191,33 @@ def test_collapse_settings_resolve_automatic_values():
     assert collapse_settings(cfg, prototypes=3000, warmup_images=500) == (10.0, 7)
 
 
+def test_usage_perplexity_of_counts():
+    assert math.isnan(usage_perplexity([0, 0, 0]))
+    assert usage_perplexity([3, 3, 3, 3]) == pytest.approx(4.0)
+    assert usage_perplexity([0, 7, 0]) == pytest.approx(1.0)
+    p = np.array([5, 1, 1, 1]) / 8
+    assert usage_perplexity([5, 1, 1, 1]) == pytest.approx(math.exp(-(p * np.log(p)).sum()))
+
+
 def test_prototype_usage_window():
     usage = PrototypeUsage(num_prototypes=4, window_steps=2)
     assert math.isnan(usage.perplexity()) and usage.unused() == 4
-    usage.update(torch.tensor([0, 1, 2, 3]))
+    usage.update_from_counts([1, 1, 1, 1])
     assert usage.perplexity() == pytest.approx(4.0)
     assert usage.unused() == 0
-    usage.update(np.array([0, 0, 0, 0]))
+    usage.update_from_counts(np.array([4, 0, 0, 0]))
     assert usage.assignments == 8
     # Window = both steps: counts [5, 1, 1, 1].
-    p = np.array([5, 1, 1, 1]) / 8
-    assert usage.perplexity() == pytest.approx(math.exp(-(p * np.log(p)).sum()))
-    usage.update(np.array([0, 0]))
+    assert usage.perplexity() == pytest.approx(usage_perplexity([5, 1, 1, 1]))
+    usage.update_from_counts([2, 0, 0, 0])
     # The first step has left the window: only prototype 0 is used.
     assert usage.assignments == 6
     assert usage.perplexity() == pytest.approx(1.0)
     assert usage.unused() == 3
-
-
-def test_prototype_usage_rejects_bad_indices():
-    usage = PrototypeUsage(num_prototypes=4, window_steps=2)
-    with pytest.raises(ValueError, match=r"\[0, 4\)"):
-        usage.update(np.array([0, 4]))
-    with pytest.raises(ValueError, match="integer"):
-        usage.update(np.array([0.5]))
-    assert usage.assignments == 0
-
-
-def test_prototype_usage_from_counts_matches_indices():
-    from_indices, from_counts = PrototypeUsage(5, 3), PrototypeUsage(5, 3)
-    for indices in ([0, 1, 1, 4], [2, 2], [4, 4, 4], [1]):
-        from_indices.update(np.array(indices))
-        from_counts.update_from_counts(torch.bincount(torch.tensor(indices), minlength=5))
-        assert from_counts.perplexity() == pytest.approx(from_indices.perplexity())
-        assert from_counts.unused() == from_indices.unused()
-    with pytest.raises(ValueError, match="5 non-negative integers"):
-        from_counts.update_from_counts(np.array([1, 2, 3]))
-    with pytest.raises(ValueError, match="5 non-negative integers"):
-        from_counts.update_from_counts(np.array([1, -2, 0, 0, 0]))
+    with pytest.raises(ValueError, match="4 non-negative integers"):
+        usage.update_from_counts(np.array([1, 2, 3]))
+    with pytest.raises(ValueError, match="4 non-negative integers"):
+        usage.update_from_counts(np.array([1, -2, 0, 0]))
+    with pytest.raises(ValueError, match="4 non-negative integers"):
+        usage.update_from_counts(np.array([0.5, 0, 0, 0]))
+    assert usage.assignments == 6

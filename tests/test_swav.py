@@ -9,8 +9,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from stream_swav.swav import (FeatureQueue, assignment_codes, marginal_error, prototype_counts,
-                              prototype_perplexity, sinkhorn, swav_loss, unused_prototypes)
+from stream_swav.swav import FeatureQueue, marginal_error, prototype_counts, sinkhorn, swav_loss
 
 
 def reference_sinkhorn(scores: torch.Tensor, epsilon: float, iterations: int) -> torch.Tensor:
@@ -87,13 +86,11 @@ def test_sinkhorn_runs_in_float32_under_autocast_and_keeps_float64():
     assert sinkhorn(scores.double()).dtype == torch.float64
 
 
-def test_sinkhorn_rejects_bad_arguments():
+def test_sinkhorn_rejects_bad_shapes():
     with pytest.raises(ValueError, match="scores must be"):
         sinkhorn(torch.zeros(3))
-    with pytest.raises(ValueError, match="epsilon"):
-        sinkhorn(torch.zeros(3, 2), epsilon=0.0)
-    with pytest.raises(ValueError, match="iterations"):
-        sinkhorn(torch.zeros(3, 2), iterations=0)
+    with pytest.raises(ValueError, match="log_marginal"):
+        sinkhorn(torch.zeros(3, 2), log_marginal=torch.zeros(3))
 
 
 def _free_port() -> int:
@@ -123,17 +120,6 @@ def test_sinkhorn_over_two_processes_equals_single_process(tmp_path):
     assert not torch.allclose(distributed, local_only, atol=1e-3)
 
 
-def test_assignment_codes_partitions_batch_with_queue_and_returns_batch_rows():
-    batch_scores = random_scores(8, 5, seed=6)
-    queue_scores = random_scores(12, 5, seed=7)
-    codes = assignment_codes(batch_scores, queue_scores, epsilon=0.05, iterations=3)
-    expected = sinkhorn(torch.cat([batch_scores, queue_scores]), 0.05, 3)[:8]
-    torch.testing.assert_close(codes, expected)
-    assert not torch.allclose(codes, assignment_codes(batch_scores, None, 0.05, 3))
-    with pytest.raises(ValueError, match="queue scores"):
-        assignment_codes(batch_scores, torch.zeros(4, 3), 0.05, 3)
-
-
 def test_swav_loss_equals_hand_computed_value():
     batch, prototypes, n_crops, temperature = 2, 3, 3, 0.5
     scores = torch.tensor([[0.1, -0.2, 0.3], [0.0, 0.5, -0.1],     # crop 0
@@ -142,6 +128,7 @@ def test_swav_loss_equals_hand_computed_value():
                           dtype=torch.float64)
     codes = {0: torch.tensor([[0.7, 0.2, 0.1], [0.1, 0.1, 0.8]], dtype=torch.float64),
              1: torch.tensor([[0.3, 0.3, 0.4], [0.5, 0.25, 0.25]], dtype=torch.float64)}
+    by_crop = scores.view(n_crops, batch, prototypes)
 
     def log_softmax_row(row: list[float]) -> list[float]:
         exps = [math.exp(v / temperature) for v in row]
@@ -163,33 +150,32 @@ def test_swav_loss_equals_hand_computed_value():
         per_assignment.append(subloss / (n_crops - 1))
     expected = sum(per_assignment) / len(per_assignment)
 
-    loss = swav_loss(scores, codes, batch_size=batch, temperature=temperature)
+    loss = swav_loss(by_crop, torch.stack(list(codes.values())), list(codes), temperature=temperature)
     assert loss.dtype == torch.float64
     assert loss.item() == pytest.approx(expected, rel=1e-12)
 
 
 def test_swav_loss_gradient_reaches_scores_only_and_float32_under_autocast():
-    scores = random_scores(3 * 4, 5, seed=8).requires_grad_()
-    codes = {0: sinkhorn(scores[:4].detach()), 2: sinkhorn(scores[8:].detach())}
-    loss = swav_loss(scores, codes, batch_size=4, temperature=0.1)
+    scores = random_scores(3 * 4, 5, seed=8).view(3, 4, 5).requires_grad_()
+    codes = torch.stack([sinkhorn(scores[0].detach()), sinkhorn(scores[2].detach())])
+    loss = swav_loss(scores, codes, [0, 2], temperature=0.1)
     loss.backward()
     assert scores.grad is not None and torch.isfinite(scores.grad).all() and scores.grad.abs().sum() > 0
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        low = swav_loss(scores.detach().to(torch.bfloat16), codes, batch_size=4, temperature=0.1)
+        low = swav_loss(scores.detach().to(torch.bfloat16), codes, [0, 2], temperature=0.1)
     assert low.dtype == torch.float32
 
 
 def test_swav_loss_rejects_inconsistent_shapes():
-    scores = torch.zeros(6, 4)
-    with pytest.raises(ValueError, match="not n_crops"):
-        swav_loss(scores, {0: torch.full((4, 4), 0.25)}, batch_size=4, temperature=0.1)
+    scores = torch.zeros(3, 2, 4)
+    with pytest.raises(ValueError, match="do not match"):
+        swav_loss(scores, torch.full((1, 4, 4), 0.25), [0], temperature=0.1)
+    with pytest.raises(ValueError, match="do not match"):
+        swav_loss(scores, torch.full((2, 2, 4), 0.25), [0], temperature=0.1)
     with pytest.raises(ValueError, match="outside"):
-        swav_loss(scores, {3: torch.full((2, 4), 0.25)}, batch_size=2, temperature=0.1)
-    with pytest.raises(ValueError, match="codes for crop 0"):
-        swav_loss(scores, {0: torch.full((2, 3), 0.25)}, batch_size=2, temperature=0.1)
-    with pytest.raises(ValueError, match=">= 2 crops"):
-        swav_loss(scores, {0: torch.full((6, 4), 0.25)}, batch_size=6, temperature=0.1)
-
+        swav_loss(scores, torch.full((1, 2, 4), 0.25), [3], temperature=0.1)
+    with pytest.raises(ValueError, match="n_crops >= 2"):
+        swav_loss(torch.zeros(1, 2, 4), torch.full((1, 2, 4), 0.25), [0], temperature=0.1)
 
 def batch_features(value: float, batch: int = 2, n_crops: int = 2, dim: int = 3) -> torch.Tensor:
     """(n_crops, batch, dim) with crop c, sample b holding value + 10c + b everywhere."""
@@ -198,26 +184,37 @@ def batch_features(value: float, batch: int = 2, n_crops: int = 2, dim: int = 3)
     return (value + crop + sample).expand(n_crops, batch, dim).clone()
 
 
-def test_queue_is_fifo_newest_first_and_full_only_after_length_rows():
+def test_queue_overwrites_the_oldest_rows_in_place_and_is_full_only_after_length_rows():
     queue = FeatureQueue(n_assign_crops=2, length=5, dim=3)
-    assert not queue.is_full and queue.fill == 0
+    storage = queue.buffer.data_ptr()
+    assert not queue.is_full and queue.fill == 0 and queue.features() is None
     queue.push(batch_features(100))
-    assert queue.fill == 2 and not queue.is_full
+    assert queue.fill == 2 and not queue.is_full and queue.features() is None
     queue.push(batch_features(200))
     assert queue.fill == 4 and not queue.is_full
     queue.push(batch_features(300))
     assert queue.fill == 5 and queue.is_full
-    # Newest batch first; the oldest batch's last row dropped out.
-    assert queue.features(0)[:, 0].tolist() == [300, 301, 200, 201, 100]
-    assert queue.features(1)[:, 0].tolist() == [310, 311, 210, 211, 110]
+    # Ring order: the oldest row (100) was overwritten by the newest batch's second row.
+    assert queue.features()[0, :, 0].tolist() == [301, 101, 200, 201, 300]
+    assert queue.features()[1, :, 0].tolist() == [311, 111, 210, 211, 310]
     queue.push(batch_features(400, batch=7))
-    assert queue.features(0)[:, 0].tolist() == [400, 401, 402, 403, 404]
+    assert sorted(queue.features()[0, :, 0].tolist()) == [402, 403, 404, 405, 406]
+    assert queue.buffer.data_ptr() == storage  # no reallocation
 
 
 def test_queue_starts_filling_at_start_images():
     queue = FeatureQueue(n_assign_crops=1, length=4, dim=2, start_images=1000)
     assert not queue.accepts(999)
     assert queue.accepts(1000)
+
+
+def test_queue_loads_the_newest_first_layout_of_older_checkpoints():
+    old = torch.tensor([[[3.0], [2.0], [1.0], [0.0]]])  # newest first, 3 of 4 rows filled
+    queue = FeatureQueue(n_assign_crops=1, length=4, dim=1)
+    queue.load_state_dict({"features": old, "fill": 3})
+    queue.push(torch.tensor([[[4.0], [5.0]]]))
+    # The oldest row (1) went first, as the old queue would have dropped it.
+    assert sorted(queue.features()[0, :, 0].tolist()) == [2.0, 3.0, 4.0, 5.0]
 
 
 def test_queue_state_round_trips_and_rejects_bad_state():
@@ -239,22 +236,21 @@ def test_queue_state_round_trips_and_rejects_bad_state():
         restored.load_state_dict({"features": torch.zeros(2, 4, 3), "fill": 9})
     torch.testing.assert_close(restored.buffer, before)
     assert restored.fill == 4
+    with pytest.raises(ValueError, match="next"):
+        restored.load_state_dict({"features": torch.zeros(2, 4, 3), "fill": 2, "next": 4})
     with pytest.raises(ValueError, match="push"):
         restored.push(torch.zeros(2, 2, 4))
-    with pytest.raises(ValueError, match="length"):
-        FeatureQueue(n_assign_crops=1, length=0, dim=2)
 
 
-def test_prototype_usage_metrics():
+def test_prototype_usage_and_marginal_error():
     uniform = torch.full((10, 4), 0.25)
-    assert prototype_perplexity(uniform).item() == pytest.approx(4.0)
     assert marginal_error(uniform).item() == pytest.approx(0.0, abs=1e-6)
     collapsed = torch.zeros(10, 4)
     collapsed[:, 2] = 1
-    assert prototype_perplexity(collapsed).item() == pytest.approx(1.0)
     assert marginal_error(collapsed).item() == pytest.approx(3.0)
-    counts = torch.tensor([5, 5, 0, 0])
-    assert prototype_perplexity(counts).item() == pytest.approx(2.0)
-    assert unused_prototypes(counts).item() == 2
+    # Against a non-uniform target, and for (A, B, K) codes of several crops.
+    target = torch.tensor([0.4, 0.3, 0.2, 0.1])
+    assert marginal_error(target.expand(2, 5, 4), target).item() == pytest.approx(0.0, abs=1e-6)
+    assert marginal_error(uniform, target).item() == pytest.approx(1.5)
     scores = torch.tensor([[0.9, 0.1, 0.0], [0.2, 0.7, 0.1], [0.8, 0.0, 0.1]])
     assert prototype_counts(scores).tolist() == [2, 1, 0]

@@ -35,13 +35,6 @@ class CropBatch:
     errors: Counter = field(default_factory=Counter)
     # bytes pulled from storage for this batch, re-reads after errors included.
     bytes_read: int = 0
-    # optional per-sample labels (from key.cls), -1 where absent; used by evaluation only.
-    labels: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.keys)
-
-    @property
-    def crops_by_resolution(self) -> list[np.ndarray]:
-        """Non-empty per-resolution stacks, global first: the order crops are numbered in."""
-        return [c for c in (self.global_crops, self.local_crops) if c.shape[0] > 0]

@@ -76,11 +76,6 @@ class DecodeWorker:
         self._delivered[task.shard_id] = task.start
         self._waiting.append(task.shard_id)
 
-    def unfinished(self) -> list[ShardTask]:
-        """Assigned shards not yet finished, each as a task starting at the first undelivered position."""
-        return [ShardTask(url=t.url, pass_index=t.pass_index, seed=t.seed, start=self._delivered[sid])
-                for sid, t in self._tasks.items()]
-
     def next_batch(self, batch_size: int) -> CropBatch | None:
         """Up to `batch_size` decoded samples with their stream bookkeeping.
 
@@ -95,7 +90,6 @@ class DecodeWorker:
             raise RuntimeError("worker is closed")
         crops: list[PerImageCrops] = []
         keys: list[str] = []
-        labels: list[int] = []
         progress: dict[str, int] = {}
         finished: list[str] = []
         passes: dict[str, int] = {}
@@ -119,7 +113,6 @@ class DecodeWorker:
                 if image_crops is not None:
                     crops.append(image_crops)
                     keys.append(f"{task.url}/{item.sample.key}")
-                    labels.append(_label(item.sample.meta.get("cls")))
             if item.report is not None:
                 self._finish(item.shard)
                 finished.append(item.shard)
@@ -128,11 +121,10 @@ class DecodeWorker:
             return None
         global_crops, local_crops = stack_crops(crops, self._geometry)
         return CropBatch(global_crops=global_crops, local_crops=local_crops, keys=keys, progress=progress,
-                         finished=finished, passes=passes, errors=errors, bytes_read=bytes_read,
-                         labels=np.asarray(labels, dtype=np.int64))
+                         finished=finished, passes=passes, errors=errors, bytes_read=bytes_read)
 
     def close(self) -> None:
-        """Stop the reader threads; assigned work is dropped (see `unfinished`)."""
+        """Stop the reader threads; assigned work is dropped (the stream cursor re-reads it)."""
         self._stop.set()
         deadline = time.monotonic() + _JOIN_TIMEOUT_S
         for shard, thread in self._readers.items():
@@ -215,16 +207,6 @@ class DecodeWorker:
             except queue.Full:
                 continue
         return False
-
-
-def _label(raw: bytes | None) -> int:
-    """Integer class from a ``.cls`` member; -1 when absent or not an integer."""
-    if raw is None:
-        return -1
-    try:
-        return int(raw.decode("utf-8").strip())
-    except (UnicodeDecodeError, ValueError):
-        return -1
 
 
 __all__ = ["DecodeWorker", "READAHEAD_PER_SHARD"]

@@ -15,7 +15,6 @@ from collections.abc import Callable
 from wsgiref.simple_server import WSGIServer
 
 import numpy as np
-import torch
 from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_server
 
 from stream_swav.config import MetricsConfig
@@ -273,6 +272,17 @@ def collapse_settings(cfg: MetricsConfig, prototypes: int, warmup_images: int) -
     return threshold, after
 
 
+def usage_perplexity(counts: np.ndarray | list[int]) -> float:
+    """exp(entropy) of prototype usage counts (K,): K when every prototype is used equally, 1 when
+    everything lands on one prototype; NaN for no usage at all."""
+    counts = np.asarray(counts, dtype=np.float64)
+    total = counts.sum()
+    if total == 0:
+        return math.nan
+    p = counts[counts > 0] / total
+    return float(np.exp(-(p * np.log(p)).sum()))
+
+
 class PrototypeUsage:
     """Argmax prototype assignments over the last `window_steps` steps.
 
@@ -289,22 +299,8 @@ class PrototypeUsage:
         self._steps: deque[np.ndarray] = deque(maxlen=window_steps)
         self._totals = np.zeros(num_prototypes, dtype=np.int64)
 
-    def update(self, assignments: torch.Tensor | np.ndarray) -> None:
-        """Add one step's argmax prototype index per sample."""
-        if isinstance(assignments, torch.Tensor):
-            assignments = assignments.detach().cpu().numpy()
-        indices = np.asarray(assignments).reshape(-1)
-        if not np.issubdtype(indices.dtype, np.integer):
-            raise ValueError(f"assignments must be integer prototype indices, got dtype {indices.dtype}")
-        if indices.size and (indices.min() < 0 or indices.max() >= self.num_prototypes):
-            raise ValueError(f"assignments must lie in [0, {self.num_prototypes}), "
-                             f"got [{indices.min()}, {indices.max()}]")
-        self.update_from_counts(np.bincount(indices, minlength=self.num_prototypes))
-
-    def update_from_counts(self, counts: torch.Tensor | np.ndarray) -> None:
+    def update_from_counts(self, counts: np.ndarray | list[int]) -> None:
         """Add one step's assignment count per prototype (a bincount made where the codes are)."""
-        if isinstance(counts, torch.Tensor):
-            counts = counts.detach().cpu().numpy()
         counts = np.asarray(counts)
         if counts.shape != (self.num_prototypes,) or not np.issubdtype(counts.dtype, np.integer) or (counts < 0).any():
             raise ValueError(f"counts must be {self.num_prototypes} non-negative integers, "
@@ -320,13 +316,8 @@ class PrototypeUsage:
         return int(self._totals.sum())
 
     def perplexity(self) -> float:
-        """exp(entropy) of the window's assignment distribution: K when uniform, 1 when
-        everything lands on one prototype; NaN before any assignment."""
-        total = self._totals.sum()
-        if total == 0:
-            return math.nan
-        p = self._totals[self._totals > 0] / total
-        return float(np.exp(-(p * np.log(p)).sum()))
+        """The window's `usage_perplexity`."""
+        return usage_perplexity(self._totals)
 
     def unused(self) -> int:
         return int((self._totals == 0).sum())

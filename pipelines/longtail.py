@@ -1,7 +1,7 @@
-"""Codes on a long-tailed stream: sinkhorn vs relaxed vs lower-bound, same budget, kNN per frequency group.
+"""Codes on a long-tailed stream: sinkhorn vs prior vs relaxed, same budget, kNN per frequency group.
 
 ``python -m pipelines.longtail --out runs/longtail --images N --seeds 0,1,2
---methods sinkhorn,relaxed,lower-bound --streams longtail,balanced [--config FILE] [--set k=v]``
+--methods sinkhorn,prior,relaxed --streams longtail,balanced [--config FILE] [--set k=v]``
 
 1. Streams, written once as labelled shards under OUT/shards/<stream>:
    ``longtail`` is `zipf_subset` of the Fashion-MNIST training split (class c
@@ -357,7 +357,7 @@ def format_markdown(rows: list[dict[str, Any]], streams: Iterable[str] = STREAMS
 
 # ---- plot ---------------------------------------------------------------------------------------------
 
-METHOD_COLORS = {"sinkhorn": (130, 130, 130), "relaxed": (31, 94, 180), "lower-bound": (220, 110, 20)}
+METHOD_COLORS = {"sinkhorn": (130, 130, 130), "relaxed": (31, 94, 180), "prior": (220, 110, 20)}
 BAR_GROUPS = (("all", "top1"), ("frequent", "frequent_top1"), ("middle", "middle_top1"), ("rare", "rare_top1"))
 
 

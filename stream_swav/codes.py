@@ -15,15 +15,13 @@ prototypes and pushes rare ones into whatever prototype has room. The methods
   KL penalty of strength lambda, towards a running estimate of each
   prototype's mass, then lifted to a floor of gamma/K. Lambda is annealed
   from near-equal partition downwards.
-* ``lower-bound``: CoKe's online constrained k-means (Qian et al., CVPR 2022):
-  hard assignments, each row one-hot on argmax_k(score_k + dual_k), with one
-  non-negative dual variable per prototype raised over the stream whenever
-  that prototype gets less than gamma/K of the mass, so every prototype keeps
-  at least its floor on average while frequent concepts may take more. Trained
-  with cross-entropy to those hard codes (the swapped loss). Unlike a floor on
-  soft codes, constant features are no optimum here: all rows of a constant
-  batch land on one prototype, the duals then move them on to another, and a
-  prediction that cannot follow the moving targets costs about ln K.
+
+A method with only a lower bound on each prototype's mass is not offered: under
+the swapped loss a network with constant features then pays only the entropy
+of the floor distribution, far below ln K, and every such run collapsed (soft
+codes with a dual, and CoKe-style hard codes with a dual carried over the
+stream; CoKe itself avoids it with labels from the previous epoch, which an
+endless stream does not have). README, "Long-tailed streams", has the figures.
 
 Each method is a small object that owns the state it carries between steps
 (as DINO's loss owns its centre): `assign` computes codes for the (A, B, K)
@@ -262,51 +260,7 @@ class RelaxedCodes:
         self.mass = mass
 
 
-class LowerBoundCodes:
-    """``lower-bound``: CoKe's hard assignments with a dual per prototype (carried: `dual`).
-
-    Row b goes to argmax_k(s_bk + mu_k). After each batch the dual moves by
-    dual_step * (gamma - K * m_k), m_k the share of the batch (and queue) given
-    to prototype k, and is clipped at 0: a prototype below its floor gamma/K
-    grows more attractive step by step until it wins rows, one above it slides
-    back to 0 (complementary slackness). The step is scaled by K so that its
-    units are scores whatever the number of prototypes.
-    """
-
-    def __init__(self, cfg: SwAVConfig, n_prototypes: int, device: torch.device | str | None = None) -> None:
-        self.gamma = cfg.mass_floor_gamma
-        self.dual_step = cfg.dual_step
-        self.dual = torch.zeros(n_prototypes, device=device)
-        self._proposed: Tensor | None = None
-
-    @property
-    def target(self) -> None:
-        return None
-
-    @torch.no_grad()
-    def assign(self, scores: Tensor, queued: Tensor | None, images_seen: int) -> Tensor:
-        with torch.autocast(device_type=scores.device.type, enabled=False):
-            joint = with_queue(scores, queued)
-            shifted = joint.to(exact_dtype(joint)) + self.dual.to(device=joint.device, dtype=exact_dtype(joint))
-            hard = torch.zeros_like(shifted).scatter_(2, shifted.argmax(dim=2, keepdim=True), 1.0)
-            mass = torch.stack([global_prototype_mass(codes) for codes in hard]).mean(dim=0)
-            n_prototypes = joint.shape[2]
-            step = self.dual_step * (self.gamma - n_prototypes * mass)
-            self._proposed = (self.dual + step.to(self.dual)).clamp_min(0.0)
-            return hard[:, : scores.shape[1]]
-
-    def commit(self) -> None:
-        if self._proposed is not None:
-            self.dual, self._proposed = self._proposed, None
-
-    def state_dict(self) -> dict[str, Tensor]:
-        return {"dual": self.dual.detach().cpu().clone()}
-
-    def load_state_dict(self, state: Mapping[str, object]) -> None:
-        self.dual = _checked_vector(state, "dual", self.dual, "lower-bound")
-
-
-CodeMethod = SinkhornCodes | RelaxedCodes | LowerBoundCodes
+CodeMethod = SinkhornCodes | RelaxedCodes
 
 
 def build_codes(cfg: SwAVConfig, n_prototypes: int, device: torch.device | str | None = None) -> CodeMethod:
@@ -317,11 +271,9 @@ def build_codes(cfg: SwAVConfig, n_prototypes: int, device: torch.device | str |
         return SinkhornCodes(cfg, power_law_marginal(n_prototypes, cfg.prior_exponent).to(device))
     if cfg.codes == "relaxed":
         return RelaxedCodes(cfg, n_prototypes, device)
-    if cfg.codes == "lower-bound":
-        return LowerBoundCodes(cfg, n_prototypes, device)
     raise ValueError(f"swav.codes: unknown method {cfg.codes!r}")
 
 
-__all__ = ["build_codes", "CodeMethod", "SinkhornCodes", "RelaxedCodes", "LowerBoundCodes", "with_queue",
+__all__ = ["build_codes", "CodeMethod", "SinkhornCodes", "RelaxedCodes", "with_queue",
            "power_law_marginal", "relaxed_sinkhorn", "relaxed_target", "annealed_lambda", "project_to_floor",
            "floor_mixture", "global_prototype_mass"]

@@ -68,7 +68,7 @@ def setting(default: Any, check: Check | None = None) -> Any:
 
 
 ARCHS = ("resnet10", "resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
-CODES = ("sinkhorn", "prior", "relaxed", "lower-bound")
+CODES = ("sinkhorn", "prior", "relaxed")
 SCHEDULES = ("warmup-constant", "warmup-cosine")
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
@@ -166,7 +166,7 @@ class SwAVConfig:
     temperature: float = setting(0.1, POSITIVE)
     # How batches are assigned to prototypes (stream_swav/codes.py): sinkhorn (SwAV's equal
     # partition), prior (Sinkhorn towards a power-law marginal), relaxed (unbalanced Sinkhorn
-    # towards a running mass estimate), lower-bound (CoKe: hard codes, each prototype >= gamma/K).
+    # towards a running mass estimate, each prototype >= gamma/K).
     codes: str = setting("sinkhorn", one_of(*CODES))
     epsilon: float = setting(0.05, POSITIVE)
     # Also the iteration count of `prior` and `relaxed`.
@@ -184,13 +184,10 @@ class SwAVConfig:
     relaxed_anneal_images: int = setting(1_000_000, NON_NEGATIVE)
     # `prior`: prototype k's share of each batch is proportional to (k + 1) ** -prior_exponent.
     prior_exponent: float = setting(0.25, NON_NEGATIVE)
-    # `relaxed` and `lower-bound`: no prototype gets less than gamma/K of the mass.
+    # `relaxed`: no prototype gets less than gamma/K of the mass.
     mass_floor_gamma: float = setting(0.2, within(0.0, 1.0))
     # `relaxed`: momentum of the running prototype mass estimate.
     mass_momentum: float = setting(0.99, within(0.0, 1.0, high_open=True))
-    # `lower-bound`: how far (in score units) a starving prototype's dual moves per step, per unit of
-    # gamma - K * its mass.
-    dual_step: float = setting(0.05, within(0.0, 1.0, low_open=True))
 
 
 @dataclass

@@ -10,6 +10,7 @@ store) or uint8 torch tensors, on the host or already on the learner's device.
 from __future__ import annotations
 
 import contextlib
+import math
 import warnings
 from dataclasses import dataclass
 from typing import Any
@@ -41,8 +42,13 @@ class StepStats:
     # How many rows of the assignment crops' scores pick each prototype as their best (K,): the
     # network's own prototype usage, summed over a window for the perplexity and collapse alarm.
     prototype_counts: Tensor
-    # Largest relative deviation of the codes' prototype mass from uniform.
+    # Largest relative deviation of the codes' prototype mass from its target.
     marginal_error: Tensor
+    # How spread the batch's embeddings are: sqrt(dim) * the per-dimension standard deviation of the
+    # assignment crops' unit embeddings over the batch, averaged over dimensions (as SimSiam
+    # monitors collapse). About 1 for embeddings spread over the sphere, 0 when every image maps
+    # to the same point, whatever the loss or the codes say.
+    feature_spread: Tensor
     queue_fill: int
     nonfinite: bool
     nonfinite_in_row: int
@@ -55,6 +61,7 @@ class StepStats:
             "loss": self.loss.item(),
             "lr": self.lr,
             "marginal_error": self.marginal_error.item(),
+            "feature_spread": self.feature_spread.item(),
             "queue_fill": float(self.queue_fill),
             "nonfinite": float(self.nonfinite),
             "nonfinite_in_row": float(self.nonfinite_in_row),
@@ -138,6 +145,12 @@ def _check_batch(batch: CropBatch, cfg: Config) -> int:
     if not batch_size:
         raise ValueError("CropBatch: empty batch")
     return batch_size
+
+
+def feature_spread(features: Tensor) -> Tensor:
+    """sqrt(dim) * mean over dimensions of the standard deviation over the batch of (A, B, dim) unit
+    embeddings: ~1 when spread over the sphere, 0 when collapsed to a point."""
+    return features.float().std(dim=1).mean() * math.sqrt(features.shape[2])
 
 
 class Learner:
@@ -310,6 +323,7 @@ class Learner:
             lr=lr,
             prototype_counts=prototype_counts(assign_scores.reshape(-1, assign_scores.shape[2])),
             marginal_error=marginal_error(codes, self.codes.target),
+            feature_spread=feature_spread(assign_features),
             queue_fill=self.queue.fill if self.queue is not None else 0,
             nonfinite=nonfinite,
             nonfinite_in_row=self.nonfinite_in_row,

@@ -1,4 +1,4 @@
-"""Online code methods: sinkhorn, prior (power-law marginal), relaxed (unbalanced) and lower-bound (CoKe)."""
+"""Online code methods: sinkhorn, prior (power-law marginal) and relaxed (unbalanced Sinkhorn)."""
 from __future__ import annotations
 
 import dataclasses
@@ -14,7 +14,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
-from stream_swav.codes import (LowerBoundCodes, RelaxedCodes, annealed_lambda, build_codes, floor_mixture,
+from stream_swav.codes import (RelaxedCodes, annealed_lambda, build_codes, floor_mixture,
                                global_prototype_mass, power_law_marginal, project_to_floor, relaxed_sinkhorn,
                                relaxed_target)
 from stream_swav.config import CODES, SwAVConfig
@@ -84,7 +84,7 @@ def test_queue_rows_take_part_but_only_batch_codes_come_back(method: str) -> Non
     torch.testing.assert_close(with_queue, alone[:64])
 
 
-@pytest.mark.parametrize("method", ["relaxed", "lower-bound"])
+@pytest.mark.parametrize("method", ["relaxed"])
 def test_state_moves_only_on_commit_and_crop_order_does_not_matter(method: str) -> None:
     tailed, _ = long_tailed_scores()
     other, _ = long_tailed_scores(seed=5)
@@ -104,7 +104,7 @@ def test_state_moves_only_on_commit_and_crop_order_does_not_matter(method: str) 
         assert not torch.equal(value, before[key])
 
 
-@pytest.mark.parametrize("method", ["prior", "relaxed", "lower-bound"])
+@pytest.mark.parametrize("method", ["prior", "relaxed"])
 def test_bf16_scores_under_autocast_give_float32_codes(method: str) -> None:
     scores, _ = long_tailed_scores()
     reference = step(build_codes(swav_cfg(method), K), scores.bfloat16().float())
@@ -114,7 +114,7 @@ def test_bf16_scores_under_autocast_give_float32_codes(method: str) -> None:
     torch.testing.assert_close(codes, reference)
 
 
-@pytest.mark.parametrize("method", ["relaxed", "lower-bound"])
+@pytest.mark.parametrize("method", ["prior", "relaxed"])
 def test_extreme_scores_stay_finite(method: str) -> None:
     scores, _ = long_tailed_scores()
     scores = scores * 1e4
@@ -272,63 +272,10 @@ def test_relaxed_moves_from_equal_partition_as_lambda_anneals() -> None:
     assert late.mean(dim=0).max().item() > early.mean(dim=0).max().item() + 2 / K
 
 
-# --- lower-bound (CoKe) ---------------------------------------------------------------------------------
-
-
-def test_lower_bound_codes_are_hard_and_argmax_without_dual() -> None:
-    scores, _ = long_tailed_scores()
-    codes = step(build_codes(swav_cfg("lower-bound"), K), scores)
-    assert set(codes.unique().tolist()) == {0.0, 1.0}
-    torch.testing.assert_close(codes.argmax(dim=1), scores.argmax(dim=1))
-
-
-def test_lower_bound_keeps_every_prototype_above_its_floor_over_the_stream() -> None:
-    """The marginal guarantee holds on average over the stream: the duals raise starving prototypes
-    until they win rows, and release prototypes that no longer need help."""
-    scores, _ = long_tailed_scores()
-    method = build_codes(swav_cfg("lower-bound", dual_step=0.05), K)
-    assert isinstance(method, LowerBoundCodes)
-    plain = torch.bincount(scores.argmax(dim=1), minlength=K).double() / scores.shape[0]
-    assert plain.min().item() < 0.5 * FLOOR  # argmax alone starves prototypes
-    masses = [step(method, scores).double().mean(dim=0) for _ in range(600)]
-    average = torch.stack(masses[300:]).mean(dim=0)
-    assert average.min().item() >= 0.9 * FLOOR
-    # Far from equal partition: the frequent concepts keep most of the mass...
-    assert average[:3].sum().item() > 0.6
-    # ...and never needed help.
-    assert (method.dual >= 0).all() and (method.dual[:3] == 0).all() and method.dual.max().item() > 0
-
-    # On a stream where every prototype is above its floor the duals fall back to 0.
-    balanced = balanced_scores()
-    for _ in range(400):
-        step(method, balanced)
-    assert (method.dual == 0).all()
-
-
-def test_lower_bound_moves_constant_features_from_prototype_to_prototype() -> None:
-    """Why hard codes with a dual do not collapse: a batch of identical rows lands on one prototype,
-    the duals then move it on, so the targets visit every prototype and a constant prediction
-    cannot match them. With a floor on soft codes (the earlier lower-bound) a constant prediction
-    of the floor distribution paid only that distribution's entropy, far below ln K."""
-    generator = torch.Generator().manual_seed(2)
-    scores = (torch.randn(1, K, generator=generator) * 0.3).expand(64, K).clone()
-    method = build_codes(swav_cfg("lower-bound", dual_step=0.05), K)
-    winners = [int(step(method, scores)[0].argmax()) for _ in range(2000)]
-    visits = torch.bincount(torch.tensor(winners[500:]), minlength=K).double()
-    assert (visits > 0).all()
-    share = visits / visits.sum()
-    # The best constant prediction of these targets is their frequency; its cross-entropy:
-    cross_entropy = -(share * share.log()).sum().item()
-    floor_distribution = torch.full((K,), FLOOR, dtype=torch.float64)
-    floor_distribution[0] += 1 - GAMMA
-    soft_floor_cost = -(floor_distribution * floor_distribution.log()).sum().item()
-    assert cross_entropy > 2 * soft_floor_cost and cross_entropy > 0.75 * math.log(K)
-
-
 # --- state ----------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("method", ["relaxed", "lower-bound"])
+@pytest.mark.parametrize("method", ["relaxed"])
 def test_state_round_trips_through_torch_save(method: str) -> None:
     scores, _ = long_tailed_scores()
     codes_method = build_codes(swav_cfg(method), K)
@@ -350,8 +297,8 @@ def test_state_round_trips_through_torch_save(method: str) -> None:
     ("relaxed", {"mass": torch.full((K + 1,), 1.0 / (K + 1))}, "mass must be"),
     ("relaxed", {"mass": torch.full((K,), 2.0 / K)}, "sum to 1"),
     ("relaxed", {"mass": torch.ones(K, dtype=torch.int64)}, "float tensor"),
-    ("lower-bound", {"dual": torch.full((K,), -1.0)}, "dual must be finite and >= 0"),
-    ("lower-bound", {"dual": torch.full((K,), math.nan)}, "dual must be finite"),
+    ("relaxed", {"mass": torch.full((K,), -1.0 / K)}, "mass must be finite and >= 0"),
+    ("relaxed", {"mass": torch.full((K,), math.nan)}, "mass must be finite"),
 ])
 def test_bad_state_is_refused_and_changes_nothing(method: str, bad: dict, message: str) -> None:
     codes_method = build_codes(swav_cfg(method), K)

@@ -168,7 +168,7 @@ def test_malformed_overrides_are_refused_clearly():
     ("optim.momentum=1.0", "optim.momentum"),
     ("swav.mass_momentum=1.0", "swav.mass_momentum"),
     ("swav.mass_floor_gamma=1.5", "swav.mass_floor_gamma"),
-    ("swav.dual_step=0", "swav.dual_step"),
+    ("swav.prior_exponent=-1", "swav.prior_exponent"),
     ("metrics.port=70000", "metrics.port"),
     # Choices.
     ("model.arch=vit_b16", "model.arch"),
@@ -235,7 +235,7 @@ def test_a_single_learner_needs_a_batch_of_at_least_two():
 def test_boundary_values_are_accepted():
     cfg = load_config(overrides=[
         "crops.hflip_prob=0", "augment.blur_prob_local=1", "augment.hue=0.5", "train.cpu_threads=0",
-        "crops.global_scale=[1,1]", "metrics.port=0", "optim.weight_decay=0", "swav.dual_step=1",
+        "crops.global_scale=[1,1]", "metrics.port=0", "optim.weight_decay=0", "swav.prior_exponent=0",
     ])
     assert cfg.crops.global_scale == (1.0, 1.0)
     assert cfg.augment.hue == 0.5

@@ -135,19 +135,19 @@ def test_paired_differences_and_verdicts():
     rows = []
     for seed, (base, better) in enumerate(((0.20, 0.30), (0.25, 0.36), (0.30, 0.39))):
         rows += [fake_row("longtail", "sinkhorn", seed, 0.6, base),
-                 fake_row("longtail", "lower-bound", seed, 0.6, better)]
+                 fake_row("longtail", "prior", seed, 0.6, better)]
         rows += [fake_row("balanced", "sinkhorn", seed, 0.6 + 0.01 * seed, 0.5),
-                 fake_row("balanced", "lower-bound", seed, 0.6 - 0.01 * seed, 0.5)]
-    rare = longtail.paired_differences(rows, "longtail", "lower-bound", "rare_top1")
+                 fake_row("balanced", "prior", seed, 0.6 - 0.01 * seed, 0.5)]
+    rare = longtail.paired_differences(rows, "longtail", "prior", "rare_top1")
     assert rare == pytest.approx([0.10, 0.11, 0.09])
     assert longtail.verdict(rare) == "higher"
-    balanced = longtail.paired_differences(rows, "balanced", "lower-bound", "top1")
+    balanced = longtail.paired_differences(rows, "balanced", "prior", "top1")
     assert balanced == pytest.approx([0.0, -0.02, -0.04])
     assert longtail.verdict(balanced) == "within noise"
     assert longtail.verdict([-0.1, -0.11, -0.12]) == "lower"
     assert longtail.verdict([0.1]) == "-"
-    table = longtail.format_markdown(rows, methods=("sinkhorn", "lower-bound"))
-    assert "| lower-bound | +10.0 ± 1.0 | higher |" in table
+    table = longtail.format_markdown(rows, methods=("sinkhorn", "prior"))
+    assert "| prior | +10.0 ± 1.0 | higher |" in table
 
 
 def test_restart_skips_runs_already_recorded(tmp_path):
@@ -170,7 +170,7 @@ def test_restart_skips_runs_already_recorded(tmp_path):
 
 def test_plot_is_a_png_with_one_panel_per_stream(tmp_path):
     rows = [fake_row(stream, method, seed, 0.5 + 0.05 * seed, 0.3)
-            for stream in ("longtail", "balanced") for method in ("sinkhorn", "relaxed", "lower-bound")
+            for stream in ("longtail", "balanced") for method in ("sinkhorn", "relaxed", "prior")
             for seed in (0, 1)]
     path = tmp_path / "plot.png"
     longtail.draw_plot(rows).save(path)
@@ -192,9 +192,9 @@ def test_config_is_scaled_to_the_budget_and_overrides_win():
     assert cfg.swav.mass_momentum == 0.95
     assert cfg.model.arch == "resnet10" and cfg.model.prototypes == 30
     assert longtail.shared_config(10_000_000, None, []).swav.mass_momentum == 0.99
-    run = longtail.RunSpec("balanced", "lower-bound", 2)
+    run = longtail.RunSpec("balanced", "prior", 2)
     per_run = longtail.run_config(cfg, run, "/shards/balanced", "/ckpt/x")
-    assert (per_run.swav.codes, per_run.train.seed, per_run.data.seed) == ("lower-bound", 2, 2)
+    assert (per_run.swav.codes, per_run.train.seed, per_run.data.seed) == ("prior", 2, 2)
     assert (per_run.data.shards, per_run.checkpoint.dir) == ("/shards/balanced", "/ckpt/x")
     assert longtail.config_id(cfg.to_dict()) != longtail.config_id(longtail.shared_config(8192, None, []).to_dict())
 

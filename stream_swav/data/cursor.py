@@ -1,38 +1,56 @@
 """Stream bookkeeping: which shard to read next, and how far each one has got.
 
-Pure bookkeeping, no I/O. The driver keeps two cursors over the same stream:
-one advanced when decode actors deliver batches (so a dead actor's shards are
-re-read from what was delivered) and one advanced when batches are trained or
-submitted for training (saved in checkpoints, so a resumed run delivers exactly
-the samples not yet trained).
+Pure bookkeeping, no I/O. The runtime keeps one cursor of what was trained:
+it advances when learners report the batches they trained, is saved in every
+checkpoint (so a resumed run delivers exactly the samples not yet trained),
+and hands out shard tasks to decode actors.
 
 The stream is a sequence of passes over the known shards. Each pass visits the
-shards in its own order, shuffled from (seed, pass) with a stable RNG; shards
-discovered in follow mode join the passes already under way. A position is an
-index into a shard's deterministic emission order (see `shards.iter_shard`),
-so "shard X of pass p at position n" says exactly which samples are done.
+shards in its own order: the shards known when the pass began, shuffled from
+(seed, pass) with a stable RNG, then the shards discovered later (follow mode)
+in discovery order, so they join every pass under way. A position is an index
+into a shard's deterministic emission order (see `shards.iter_shard`), so
+"shard i of pass p at position n" says exactly which samples are done.
 
-Shard ids are ``"<pass>:<url>"`` (`shard_id`). They key CropBatch.progress and
-CropBatch.finished, so a batch names its pass without a side channel and the
-same URL read in two passes never collides. Handing out pass p+1 starts as
-soon as every shard of pass p is handed out or finished, so readers never wait
-at a pass boundary; at most two passes are handed out at a time, and one URL
-is never open in both.
+Shards are numbered in discovery order; `(pass, shard number)` is a
+`ShardKey`, the key of batch bookkeeping. Handing out pass p+1 starts as soon
+as every shard of pass p is handed out or finished, so readers never wait at a
+pass boundary; at most two passes are handed out at a time, and one shard is
+never open in both.
+
+Built for millions of shards: handing out a task, recording a batch and
+releasing a shard cost O(1) amortised, whatever the number of shards; a pass
+keeps its order as a compact array and its finished shards as a bitmap; the
+saved state holds the shard list zlib-compressed and each pass as its length
+at start, a compressed bitmap and the positions of shards in progress, since
+the order itself follows from the seed.
 """
 from __future__ import annotations
 
-import copy
+import array
 import hashlib
 import random
-from dataclasses import dataclass, field
+import zlib
+from collections import deque
+from dataclasses import dataclass
 from typing import Any
 
-STATE_VERSION = 1
+STATE_VERSION = 2
+# Separates shard names in the saved state: the one byte no file or object name contains.
+_NAME_SEPARATOR = b"\0"
+
+ShardKey = tuple[int, int]
+
+
+def encode_name(name: str) -> bytes:
+    """A shard name as the bytes it came from: names that are not valid UTF-8 reach Python as
+    str with surrogate escapes (os.fsdecode), and must hash, log and save all the same."""
+    return name.encode("utf-8", "surrogateescape")
 
 
 def stable_seed(*parts: object) -> int:
     """A 64-bit seed from the parts' text; the same on every machine and Python version."""
-    text = "\x1f".join(str(p) for p in parts).encode("utf-8")
+    text = b"\x1f".join(encode_name(str(p)) for p in parts)
     return int.from_bytes(hashlib.blake2b(text, digest_size=8).digest(), "big")
 
 
@@ -41,50 +59,70 @@ def shard_seed(seed: int, pass_index: int, url: str) -> int:
     return stable_seed("shard", seed, pass_index, url)
 
 
-def shard_id(pass_index: int, url: str) -> str:
-    return f"{pass_index}:{url}"
-
-
-def parse_shard_id(value: str) -> tuple[int, str]:
-    """``"3:s3://b/x.tar"`` -> (3, "s3://b/x.tar")."""
-    head, sep, url = value.partition(":")
-    if not sep or not head.isdigit() or not url:
-        raise ValueError(f"not a shard id (\"<pass>:<url>\"): {value!r}")
-    return int(head), url
-
-
 @dataclass(frozen=True)
 class ShardTask:
-    """Read `url` in pass `pass_index` with shuffle seed `seed`, from emission position `start`."""
+    """Read shard number `index` (at `url`) in pass `pass_index` with shuffle seed `seed`, from
+    emission position `start`."""
 
     url: str
+    index: int
     pass_index: int
     seed: int
     start: int
 
     @property
-    def shard_id(self) -> str:
-        return shard_id(self.pass_index, self.url)
+    def key(self) -> ShardKey:
+        return (self.pass_index, self.index)
 
 
-@dataclass
+def _pass_order(seed: int, pass_index: int, base: int) -> array.array:
+    order = list(range(base))
+    random.Random(stable_seed("pass", seed, pass_index)).shuffle(order)
+    return array.array("q", order)
+
+
 class _Pass:
-    order: list[str]
-    positions: dict[str, int] = field(default_factory=dict)
-    finished: set[str] = field(default_factory=set)
-    assigned: set[str] = field(default_factory=set)
+    """One pass: the first `base` shards in a seeded order, then every later shard in number order."""
 
-    def complete(self) -> bool:
-        return bool(self.order) and len(self.finished) == len(self.order)
+    def __init__(self, seed: int, index: int, base: int) -> None:
+        self.index = index
+        self.base = base
+        self.order = _pass_order(seed, index, base)
+        self.finished = bytearray((base + 7) // 8)
+        self.n_finished = 0
+        self.positions: dict[int, int] = {}
+        self.assigned: set[int] = set()
+        # Next place in the order to hand out; shards given back, and shards skipped while open in
+        # the other pass, wait in their own queues.
+        self.cursor = 0
+        self.released: deque[int] = deque()
+        self.deferred: deque[int] = deque()
+
+    def shard_at(self, place: int) -> int:
+        return self.order[place] if place < self.base else place
+
+    def is_finished(self, shard: int) -> bool:
+        return shard >> 3 < len(self.finished) and bool(self.finished[shard >> 3] >> (shard & 7) & 1)
+
+    def mark_finished(self, shard: int) -> None:
+        if self.is_finished(shard):
+            return
+        if shard >> 3 >= len(self.finished):
+            self.finished.extend(bytes((shard >> 3) + 1 - len(self.finished)))
+        self.finished[shard >> 3] |= 1 << (shard & 7)
+        self.n_finished += 1
+        self.positions.pop(shard, None)
+        self.assigned.discard(shard)
+
+    def complete(self, n_shards: int) -> bool:
+        return n_shards > 0 and self.n_finished == n_shards
 
 
 class StreamCursor:
-    def __init__(self, seed: int, endless: bool = True) -> None:
+    def __init__(self, seed: int) -> None:
         self.seed = seed
-        # False: a single pass, after which next_task returns None for good.
-        self.endless = endless
-        self._shards: list[str] = []
-        self._known: set[str] = set()
+        self._urls: list[str] = []
+        self._numbers: dict[str, int] = {}
         # Oldest pass not yet complete; passes before it are forgotten.
         self._current = 0
         self._passes: dict[int, _Pass] = {}
@@ -95,109 +133,130 @@ class StreamCursor:
         return self._current
 
     @property
-    def shards(self) -> list[str]:
-        return list(self._shards)
+    def n_shards(self) -> int:
+        return len(self._urls)
 
-    @property
-    def exhausted(self) -> bool:
-        """Only for endless=False: the single pass is complete."""
-        return not self.endless and self._current > 0
+    def url(self, shard: int) -> str:
+        return self._urls[shard]
 
-    def position(self, shard: str) -> int:
-        """Emission position reached in a shard id (0 if nothing recorded)."""
-        pass_index, url = parse_shard_id(shard)
+    def position(self, key: ShardKey) -> int:
+        """Emission position reached in a shard of a pass (0 if nothing recorded)."""
+        pass_index, shard = key
         if pass_index < self._current:
             raise KeyError(f"pass {pass_index} is complete")
         state = self._passes.get(pass_index)
-        return state.positions.get(url, 0) if state is not None else 0
+        return state.positions.get(shard, 0) if state is not None else 0
 
-    def is_finished(self, shard: str) -> bool:
-        pass_index, url = parse_shard_id(shard)
+    def is_finished(self, key: ShardKey) -> bool:
+        pass_index, shard = key
         if pass_index < self._current:
             return True
         state = self._passes.get(pass_index)
-        return state is not None and url in state.finished
+        return state is not None and state.is_finished(shard)
 
-    def assigned(self) -> list[str]:
-        """Shard ids handed out and neither finished nor released."""
-        return [shard_id(p, url) for p, state in sorted(self._passes.items()) for url in sorted(state.assigned)]
+    def assigned(self) -> list[ShardKey]:
+        """Shards handed out and neither finished nor released."""
+        return [(p, shard) for p, state in sorted(self._passes.items()) for shard in sorted(state.assigned)]
 
     # ------------------------------------------------------------- updates
     def add_shards(self, urls: list[str]) -> list[str]:
         """Make shards known; new ones join every pass under way. Returns the new ones."""
-        new = [url for url in dict.fromkeys(urls) if url not in self._known]
-        self._shards.extend(new)
-        self._known.update(new)
-        for state in self._passes.values():
-            state.order.extend(new)
+        new = [url for url in dict.fromkeys(urls) if url not in self._numbers]
+        for url in new:
+            self._numbers[url] = len(self._urls)
+            self._urls.append(url)
         return new
 
     def next_task(self) -> ShardTask | None:
         """Hand out the next shard (it counts as assigned until finished or released), or None for now."""
-        if self.exhausted:
-            return None
-        busy = {url for state in self._passes.values() for url in state.assigned}
-        last = self._current + 1 if self.endless else self._current
-        for pass_index in range(self._current, last + 1):
+        for pass_index in (self._current, self._current + 1):
             state = self._pass(pass_index)
-            for url in state.order:
-                if url not in state.finished and url not in state.assigned and url not in busy:
-                    state.assigned.add(url)
-                    return ShardTask(url=url, pass_index=pass_index, seed=shard_seed(self.seed, pass_index, url),
-                                     start=state.positions.get(url, 0))
+            other = self._passes.get(pass_index - 1 if pass_index > self._current else pass_index + 1)
+            shard = self._next_shard(state, other)
+            if shard is not None:
+                state.assigned.add(shard)
+                url = self._urls[shard]
+                return ShardTask(url=url, index=shard, pass_index=pass_index,
+                                 seed=shard_seed(self.seed, pass_index, url), start=state.positions.get(shard, 0))
         return None
 
-    def release(self, shard: str) -> None:
-        """The reader of a shard went away: hand it out again later, from its recorded position."""
-        pass_index, url = parse_shard_id(shard)
-        state = self._passes.get(pass_index)
-        if state is not None:
-            state.assigned.discard(url)
+    def _next_shard(self, state: _Pass, other: _Pass | None) -> int | None:
+        def available(shard: int) -> bool:
+            return not state.is_finished(shard) and shard not in state.assigned
 
-    def advance(self, progress: dict[str, int], finished: list[str]) -> None:
-        """Record a batch: positions reached per shard id (only ever move forward), shards now finished."""
-        for shard, position in progress.items():
-            state, url = self._lookup(shard)
-            if state is not None and position > state.positions.get(url, 0):
-                state.positions[url] = int(position)
-        for shard in finished:
-            state, url = self._lookup(shard)
-            if state is not None:
-                state.finished.add(url)
-                state.assigned.discard(url)
-        while self._current in self._passes and self._passes[self._current].complete():
+        def busy_elsewhere(shard: int) -> bool:
+            return other is not None and shard in other.assigned
+
+        while state.released:
+            shard = state.released.popleft()
+            if not available(shard):
+                continue
+            if busy_elsewhere(shard):
+                state.deferred.append(shard)
+                continue
+            return shard
+        # Deferred shards wait for the other pass to let go of them; each is looked at once per call.
+        for _ in range(len(state.deferred)):
+            shard = state.deferred.popleft()
+            if not available(shard):
+                continue
+            if busy_elsewhere(shard):
+                state.deferred.append(shard)
+                continue
+            return shard
+        while state.cursor < len(self._urls):
+            shard = state.shard_at(state.cursor)
+            state.cursor += 1
+            if not available(shard):
+                continue
+            if busy_elsewhere(shard):
+                state.deferred.append(shard)
+                continue
+            return shard
+        return None
+
+    def release(self, key: ShardKey) -> None:
+        """The reader of a shard went away: hand it out again later, from its recorded position."""
+        pass_index, shard = key
+        state = self._passes.get(pass_index)
+        if state is not None and shard in state.assigned:
+            state.assigned.discard(shard)
+            state.released.append(shard)
+
+    def advance(self, progress: dict[ShardKey, int], finished: list[ShardKey]) -> None:
+        """Record trained batches: positions reached per shard (only ever move forward), shards now finished."""
+        for (pass_index, shard), position in progress.items():
+            if pass_index < self._current:
+                continue  # a pass already complete: nothing left to record
+            state = self._pass(pass_index)
+            if position > state.positions.get(shard, 0) and not state.is_finished(shard):
+                state.positions[shard] = int(position)
+        for pass_index, shard in finished:
+            if pass_index >= self._current:
+                self._pass(pass_index).mark_finished(shard)
+        while self._current in self._passes and self._passes[self._current].complete(len(self._urls)):
             del self._passes[self._current]
             self._current += 1
-
-    def _lookup(self, shard: str) -> tuple[_Pass | None, str]:
-        pass_index, url = parse_shard_id(shard)
-        if pass_index < self._current:
-            # A pass already complete: nothing left to record.
-            return None, url
-        self.add_shards([url])
-        return self._pass(pass_index), url
 
     def _pass(self, pass_index: int) -> _Pass:
         state = self._passes.get(pass_index)
         if state is None:
-            order = list(self._shards)
-            random.Random(stable_seed("pass", self.seed, pass_index)).shuffle(order)
-            state = self._passes[pass_index] = _Pass(order=order)
+            state = self._passes[pass_index] = _Pass(self.seed, pass_index, len(self._urls))
         return state
 
     # ----------------------------------------------------------- persistence
     def state_dict(self) -> dict[str, Any]:
-        """Plain JSON-serialisable state; assignments are not part of it (nothing is open after a restart)."""
+        """Plain state (ints, bytes, lists): what was trained. Assignments are not part of it
+        (nothing is open after a restart)."""
         return {
             "version": STATE_VERSION,
             "seed": self.seed,
-            "endless": self.endless,
-            "shards": list(self._shards),
+            "n_shards": len(self._urls),
+            "shards": zlib.compress(_NAME_SEPARATOR.join(encode_name(u) for u in self._urls), 1),
             "current_pass": self._current,
             "passes": [
-                {"index": index, "order": list(state.order),
-                 "positions": {url: pos for url, pos in sorted(state.positions.items()) if pos > 0},
-                 "finished": sorted(state.finished)}
+                {"index": index, "base": state.base, "finished": zlib.compress(bytes(state.finished), 1),
+                 "positions": sorted([shard, pos] for shard, pos in state.positions.items() if pos > 0)}
                 for index, state in sorted(self._passes.items())
             ],
         }
@@ -205,34 +264,72 @@ class StreamCursor:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Replace this cursor's state (seed included) with a saved one; raises ValueError if malformed."""
         try:
-            if state["version"] != STATE_VERSION:
-                raise ValueError(f"unsupported version {state['version']!r}")
-            shards = [str(url) for url in state["shards"]]
+            version = state["version"]
+            if version == 1:
+                state = _upgrade_v1(state)
+            elif version != STATE_VERSION:
+                raise ValueError(f"unsupported version {version!r}")
+            seed, current = int(state["seed"]), int(state["current_pass"])
+            raw = zlib.decompress(state["shards"])
+            urls = [name.decode("utf-8", "surrogateescape") for name in raw.split(_NAME_SEPARATOR)] if raw else []
+            if len(urls) != int(state["n_shards"]) or len(set(urls)) != len(urls):
+                raise ValueError("shard list does not match n_shards or repeats a shard")
             passes: dict[int, _Pass] = {}
             for entry in state["passes"]:
-                order = [str(url) for url in entry["order"]]
-                positions = {str(url): int(pos) for url, pos in entry["positions"].items()}
-                finished = {str(url) for url in entry["finished"]}
-                stray = (set(order) | set(positions) | finished) - set(shards)
-                if stray or not finished <= set(order):
-                    raise ValueError(f"pass {entry['index']} names unknown shards")
-                if any(pos < 0 for pos in positions.values()):
-                    raise ValueError(f"pass {entry['index']} has a negative position")
-                passes[int(entry["index"])] = _Pass(order=order, positions=positions, finished=finished)
-            current = int(state["current_pass"])
-            if any(index < current for index in passes):
-                raise ValueError("a stored pass precedes current_pass")
-            seed, endless = int(state["seed"]), bool(state["endless"])
-        except (KeyError, TypeError, AttributeError) as exc:
+                index, base = int(entry["index"]), int(entry["base"])
+                if index < current or not 0 <= base <= len(urls):
+                    raise ValueError(f"pass {index} is before current_pass or has a bad base")
+                restored = _Pass(seed, index, base)
+                finished = bytearray(zlib.decompress(entry["finished"]))
+                restored.finished = finished
+                restored.n_finished = sum(bin(byte).count("1") for byte in finished)
+                if _marks_beyond(finished, len(urls)):
+                    raise ValueError(f"pass {index} marks unknown shards finished")
+                for shard, position in entry["positions"]:
+                    if not 0 <= int(shard) < len(urls) or int(position) < 0:
+                        raise ValueError(f"pass {index} has a position of an unknown shard or a negative one")
+                    restored.positions[int(shard)] = int(position)
+                passes[index] = restored
+        except (KeyError, TypeError, AttributeError, zlib.error, UnicodeDecodeError) as exc:
             raise ValueError(f"malformed stream cursor state: {type(exc).__name__}: {exc}") from None
         except ValueError as exc:
             raise ValueError(f"malformed stream cursor state: {exc}") from None
-        self.seed, self.endless = seed, endless
-        self._shards, self._known = shards, set(shards)
-        self._current, self._passes = current, passes
-
-    def copy(self) -> "StreamCursor":
-        return copy.deepcopy(self)
+        self.seed, self._current, self._passes = seed, current, passes
+        self._urls, self._numbers = urls, {url: n for n, url in enumerate(urls)}
 
 
-__all__ = ["StreamCursor", "ShardTask", "shard_id", "parse_shard_id", "shard_seed", "stable_seed"]
+def _marks_beyond(bitmap: bytearray, n_bits: int) -> bool:
+    """Whether a finished-shards bitmap sets any bit at or past `n_bits`."""
+    if len(bitmap) > (n_bits + 7) // 8:
+        return True
+    return len(bitmap) * 8 > n_bits and bool(bitmap[-1] >> (n_bits % 8))
+
+
+def _upgrade_v1(state: dict[str, Any]) -> dict[str, Any]:
+    """A version-1 state (URL lists, each pass's order written out) in today's form.
+
+    A version-1 pass order was the shards known at its start, shuffled exactly as `_pass_order`
+    shuffles their numbers, then later shards in discovery order: its base is the longest
+    prefix whose shuffle reproduces it."""
+    seed = int(state["seed"])
+    urls = [str(u) for u in state["shards"]]
+    number = {url: n for n, url in enumerate(urls)}
+    passes = []
+    for entry in state["passes"]:
+        order = [number[str(u)] for u in entry["order"]]
+        base = next((b for b in range(len(order), -1, -1)
+                     if order[b:] == list(range(b, len(order))) and list(_pass_order(seed, int(entry["index"]), b))
+                     == order[:b]), None)
+        if base is None:
+            raise ValueError(f"pass {entry['index']} has an order this version cannot reproduce")
+        finished = bytearray((len(urls) + 7) // 8)
+        for url in entry["finished"]:
+            shard = number[str(url)]
+            finished[shard >> 3] |= 1 << (shard & 7)
+        passes.append({"index": int(entry["index"]), "base": base, "finished": zlib.compress(bytes(finished)),
+                       "positions": [[number[str(u)], int(p)] for u, p in entry["positions"].items()]})
+    return {"version": STATE_VERSION, "seed": seed, "n_shards": len(urls), "current_pass": int(state["current_pass"]),
+            "shards": zlib.compress(_NAME_SEPARATOR.join(encode_name(u) for u in urls)), "passes": passes}
+
+
+__all__ = ["StreamCursor", "ShardTask", "ShardKey", "shard_seed", "stable_seed", "encode_name"]

@@ -447,9 +447,10 @@ class Trainer:
 
     def log_progress(self, progress: "Progress") -> None:
         s = self.last_stats
-        log.info("step %d | %d images | %.1f img/s | loss %.4f | perplexity %.1f/%d | input-wait %.0f%% | "
+        log.info("step %d | %d images | %.1f img/s | loss %.4f | perplexity %.1f/%d | spread %.2f | input-wait %.0f%% | "
                  "decode errors %d | lr %.4g", self.step, self.images_seen, self.throughput.rate(),
                  s.get("loss", math.nan), self.usage.perplexity(), self.cfg.model.prototypes,
+                 s.get("feature_spread", math.nan),
                  100 * s.get("input_wait_ratio", 0.0), self.decode_errors, s.get("lr", 0.0))
         if progress.budget or progress.time_budget:
             done, eta = progress.fraction_and_eta(self.images_seen)

@@ -35,7 +35,7 @@ import torch
 
 from stream_swav import storage
 from stream_swav.storage import join_url
-from stream_swav.config import AugmentConfig, StorageConfig
+from stream_swav.config import AugmentConfig, StorageConfig, UsageError
 from stream_swav.model import BackboneSpec, load_backbone
 
 log = logging.getLogger(__name__)
@@ -370,3 +370,56 @@ def resolve_checkpoint(url: str, storage_cfg: StorageConfig | None = None,
 def load_resolved_backbone(resolved: ResolvedCheckpoint, storage_cfg: StorageConfig | None = None) -> torch.nn.Module:
     state = load_backbone_state(resolved.backbone_url, storage_cfg or StorageConfig())
     return load_backbone(state, resolved.spec)
+
+
+# ---- resuming: the newest checkpoint that loads ----------------------------------------------------------
+
+
+class NoLoadableCheckpoint(UsageError):
+    """Checkpoints exist but none of them loads; the message names each and why."""
+
+
+@dataclass
+class ResumePoint:
+    step: int
+    url: str
+    state: dict[str, Any]
+    # latest.json's (or the step folder's meta.json) record.
+    record: dict[str, Any]
+    # Checkpoints newer than this one that did not load: (step folder, why).
+    skipped: list[tuple[str, str]]
+
+
+def load_for_resume(dir_url: str, storage_cfg: StorageConfig) -> ResumePoint | None:
+    """The resume state of the newest checkpoint that loads: the one latest.json names, else each
+    older complete step folder in turn (a damaged newest one must not block every restart while
+    retention kept good ones beside it). None when the folder holds no checkpoint at all."""
+    skipped: list[tuple[str, str]] = []
+    try:
+        latest = read_latest(dir_url, storage_cfg)
+    except ValueError as error:
+        skipped.append((join_url(dir_url, LATEST), str(error).splitlines()[0]))
+        latest = None
+    folders = list_step_dirs(dir_url, storage_cfg)
+    newest = latest["step"] if latest is not None else max(folders, default=-1)
+    candidates = sorted((s for s in folders if s <= newest), reverse=True)
+    for step in candidates:
+        step_url = folders[step]
+        try:
+            if latest is not None and step == latest["step"]:
+                record = latest
+            else:
+                record = storage.read_json(join_url(step_url, META), storage_cfg)
+                if record is None:
+                    continue  # a save that died before finishing this folder: never a checkpoint
+                _check_record(record, join_url(step_url, META))
+            state = load_checkpoint(join_url(step_url, STATE), storage_cfg)
+        except (ValueError, OSError) as error:
+            skipped.append((step_url, str(error).splitlines()[0]))
+            continue
+        return ResumePoint(step=step, url=absolute_url(step_url), state=state, record=record, skipped=skipped)
+    if skipped:
+        raise NoLoadableCheckpoint(
+            f"checkpoint.dir: no checkpoint in {dir_url} loads ({'; '.join(f'{u}: {why}' for u, why in skipped)}); "
+            f"move the folder away to start afresh, or point checkpoint.dir elsewhere")
+    return None

@@ -14,7 +14,7 @@ from collections.abc import Callable
 
 from stream_swav import logs
 from stream_swav.apps import DEMO_DATASETS, FOLLOW_INTERVAL_S, FOLLOW_PORT, KNN_K, KNN_TEMPERATURE, REENCODE_EXT
-from stream_swav.config import ConfigError
+from stream_swav.config import ConfigError, UsageError
 
 
 def _version() -> str:
@@ -169,10 +169,11 @@ def main(argv: list[str] | None = None) -> int:
     logs.configure(logging.DEBUG if args.verbose or args.debug else logging.INFO)
     try:
         return int(args.func(args) or 0)
-    except ConfigError as err:
+    except UsageError as err:
         if args.debug:
             raise
-        print(f"stream-swav: configuration error: {err}", file=sys.stderr)
+        kind = "configuration error" if isinstance(err, ConfigError) else "error"
+        print(f"stream-swav: {kind}: {err}", file=sys.stderr)
         return 2
 
 

@@ -20,7 +20,13 @@ from typing import Any
 import yaml
 
 
-class ConfigError(ValueError):
+class UsageError(ValueError):
+    """A mistake the user can fix (a configuration value, the environment, a missing resource).
+    Its message is one line naming the key or resource and what to do; the command line prints
+    it and exits 2."""
+
+
+class ConfigError(UsageError):
     """A configuration value is missing, unknown, of the wrong type or out of range."""
 
 
@@ -235,6 +241,15 @@ class TrainConfig:
     # pins every worker to one thread, so without this a CPU learner uses a single core whatever
     # it reserved; more threads than reserved CPUs are allowed when decoders are light.
     cpu_threads: int = setting(0, NON_NEGATIVE)
+    # Learner failures (a dead process, a lost node) the run recovers from by restarting the learners
+    # from the latest checkpoint, as Ray Train's FailureConfig.max_failures: -1 unlimited, 0 none.
+    max_failures: int = setting(3, within(-1, math.inf))
+    # How long to wait for the cluster to place the learners (at start and after a failure) and the
+    # decode actors before giving up with a message naming what is missing.
+    startup_timeout_s: float = setting(300.0, POSITIVE)
+    # Learners train this long (at most) per call and then report to the driver: the driver's work
+    # grows with learners / report_interval_s, not with the step rate.
+    report_interval_s: float = setting(2.0, POSITIVE)
 
     def rules(self) -> Iterator[Rule]:
         yield ("train.batch_size", self.batch_size >= 2 or self.learners > 1, "must be >= 2 for Sinkhorn",
@@ -261,7 +276,8 @@ class MetricsConfig:
     host: str = "127.0.0.1"
     port: int = setting(9400, TCP_PORT)
     perplexity_window_steps: int = setting(50, POSITIVE)
-    collapse_perplexity: float = setting(0.0, NON_NEGATIVE)  # 0: max(2, K/50)
+    # The collapse alarm fires when the feature spread (see learner.feature_spread) is below this.
+    collapse_spread: float = setting(0.05, NON_NEGATIVE)
     collapse_after_images: int = setting(0, NON_NEGATIVE)  # 0: after warmup
 
 
@@ -488,7 +504,7 @@ def scaled_learning_rate(cfg: Config, lr: float) -> float:
     return lr * cfg.global_batch / 256.0
 
 
-__all__ = ["Config", "ConfigError", "load_config", "config_from_dict", "parse_overrides", "merge_dicts",
+__all__ = ["Config", "ConfigError", "UsageError", "load_config", "config_from_dict", "parse_overrides", "merge_dicts",
            "scaled_learning_rate", "StorageConfig", "DataConfig", "CropsConfig", "AugmentConfig", "ModelConfig",
            "SwAVConfig", "OptimConfig", "TrainConfig", "CheckpointConfig", "MetricsConfig", "ARCHS", "CODES",
            "COMPILE_MODES", "SCHEDULES"]

@@ -1,14 +1,18 @@
-"""Shared parts of the runtime tests: a tiny CPU configuration, shards, and a Trainer that
-records which pass every trained sample came from.
+"""Shared parts of the runtime tests: a tiny CPU configuration, shards, a learner that records
+what it trains, and a Trainer whose chunks can be watched.
 
-Run as a script (``python tests/runtime_helpers.py train --config ...``) it is the
-`stream-swav` CLI with that recording Trainer in place; with STREAM_SWAV_TEST_KEYS_LOG set,
-each trained sample is appended to that file as ``<step> <pass> <key>``, one line per sample,
-written before the next step is taken, so a SIGKILL of the driver loses nothing already trained.
+`RecordingLearner` is the real Learner; after each step it appends one JSON line per trained
+batch to a file: its rank, the step, and (pass, key) of every sample. It runs inside the learner
+actors (given to the Trainer as `build_learner`), so it records what was really trained, also by
+a learner that is killed afterwards. Run as a script (``python tests/runtime_helpers.py train
+--config ...``) this module is the `stream-swav` CLI with that learner in place, logging to the
+file named by STREAM_SWAV_TEST_KEYS_LOG.
 """
 from __future__ import annotations
 
 import collections
+import functools
+import json
 import os
 import re
 import sys
@@ -21,10 +25,13 @@ import yaml
 
 from stream_swav import storage
 from stream_swav.config import Config, StorageConfig, load_config
-from stream_swav.data.cursor import parse_shard_id
+from stream_swav.learner import Learner
 from stream_swav.runtime import driver
 
 KEYS_LOG_ENV = "STREAM_SWAV_TEST_KEYS_LOG"
+TESTS = str(Path(__file__).resolve().parent)
+# Ray workers must import this module to unpickle RecordingLearner.
+RAY_ENV = {"env_vars": {"OMP_NUM_THREADS": "1", "PYTHONPATH": TESTS + os.pathsep + os.environ.get("PYTHONPATH", "")}}
 
 # A backbone, crops and batch small enough to train a few steps per second on one shared CPU core.
 TINY: dict[str, Any] = {
@@ -32,7 +39,8 @@ TINY: dict[str, Any] = {
     "crops": {"global_size": 16, "local_size": 12, "local_count": 2},
     "swav": {"queue_length": 0, "freeze_prototypes_steps": 2},
     "optim": {"warmup_images": 64},
-    "train": {"batch_size": 8, "device": "cpu", "log_interval_s": 1.0, "progress_bar": False},
+    "train": {"batch_size": 8, "device": "cpu", "log_interval_s": 1.0, "progress_bar": False,
+              "report_interval_s": 0.5, "startup_timeout_s": 60},
     "checkpoint": {"every_steps": 5, "every_seconds": 0, "keep_last": 3},
     "metrics": {"port": 0},
     "data": {"decode_actors": 1, "shuffle_buffer": 16},
@@ -72,67 +80,83 @@ def write_shard(url: str, shard_bytes: bytes, storage_cfg: StorageConfig | None 
 
 @dataclass(frozen=True)
 class TrainedSample:
+    rank: int
     step: int
     pass_index: int
     key: str
 
 
-class RecordingTrainer(driver.Trainer):
-    """Records (step, pass, key) of every trained sample, in training order.
+class RecordingLearner(Learner):
+    """The real Learner, appending (rank, step, pass, key) of what each step trained to a file."""
 
-    The pass comes from the batches' bookkeeping (keys alone do not name it): batches are
-    captured as they are handed to the learners, and matched to the keys the driver reports
-    as trained, step by step, in submission order.
-    """
+    def __init__(self, cfg: Config, device: Any, rank: int, world_size: int, *, log_path: str) -> None:
+        super().__init__(cfg, device, rank=rank, world_size=world_size)
+        self.log_path = log_path
 
-    def __init__(self, cfg: Config, after_step: Callable[["RecordingTrainer"], None] | None = None) -> None:
-        super().__init__(cfg)
-        self.trained: list[TrainedSample] = []
-        self.after_step = after_step
-        self.submitted_passes: collections.deque[list[tuple[int, str]]] = collections.deque()
-        self.keys_log = os.environ.get(KEYS_LOG_ENV, "")
-
-    def submit_steps(self) -> None:
-        before = list(self.ready)
-        super().submit_steps()
-        # submit_steps only takes batches from the left of `ready`.
-        taken = [meta for meta, _ in before[:len(before) - len(self.ready)] if meta.size]
-        world = len(self.learners)
-        for first in range(0, len(taken), world):
-            self.submitted_passes.append([(pass_of(meta, key), key) for meta in taken[first:first + world]
-                                          for key in meta.keys])
-
-    def trained_keys_hook(self, keys: list[str]) -> None:
-        tagged = self.submitted_passes.popleft()
-        if [key for _, key in tagged] != keys:
-            raise AssertionError("trained keys do not match the batches submitted for that step")
-        now = [TrainedSample(self.step, pass_index, key) for pass_index, key in tagged]
-        self.trained.extend(now)
-        if self.keys_log:
-            with open(self.keys_log, "a") as log_file:
-                log_file.write("".join(f"{s.step} {s.pass_index} {s.key}\n" for s in now))
-        if self.after_step is not None:
-            self.after_step(self)
+    def train_step(self, batch: Any) -> Any:
+        stats = super().train_step(batch)
+        meta = batch.meta
+        pass_of = {url: pass_index for (pass_index, _), url in meta.urls.items()}
+        line = json.dumps({"rank": self.rank, "step": self.step,
+                           "samples": [[pass_of[key.rsplit("/", 1)[0]], key] for key in meta.keys]})
+        # One write per step, flushed before the next step starts: a SIGKILL loses nothing trained.
+        with open(self.log_path, "a") as f:
+            f.write(line + "\n")
+        return stats
 
 
-def pass_of(meta: Any, key: str) -> int:
-    url = key.rsplit("/", 1)[0]
-    passes = {p for shard, p in meta.passes.items() if parse_shard_id(shard)[1] == url}
-    if len(passes) != 1:
-        raise AssertionError(f"batch bookkeeping names {len(passes)} passes for {key}")
-    return passes.pop()
+def recording_learner(log_path: Path) -> Callable[..., Any]:
+    return functools.partial(RecordingLearner, log_path=str(log_path))
 
 
-def read_keys_log(path: Path) -> list[TrainedSample]:
-    samples = []
-    for line in path.read_text().splitlines():
-        step, pass_index, key = line.split(" ", 2)
-        samples.append(TrainedSample(int(step), int(pass_index), key))
-    return samples
+def read_trained(log_path: Path) -> list[TrainedSample]:
+    if not Path(log_path).exists():
+        return []
+    trained = []
+    for line in Path(log_path).read_text().splitlines():
+        row = json.loads(line)
+        trained += [TrainedSample(row["rank"], row["step"], p, key) for p, key in row["samples"]]
+    return trained
 
 
 def pass_counts(trained: list[TrainedSample], pass_index: int) -> collections.Counter:
     return collections.Counter(s.key for s in trained if s.pass_index == pass_index)
+
+
+class WatchedTrainer(driver.Trainer):
+    """A Trainer that records its samples and calls `after_chunk(trainer)` after each chunk."""
+
+    def __init__(self, cfg: Config, log_path: Path, after_chunk: Callable[["WatchedTrainer"], None] | None = None,
+                 **kwargs: Any) -> None:
+        super().__init__(cfg, build_learner=recording_learner(log_path), **kwargs)
+        self.log_path = log_path
+        self.after_chunk = after_chunk
+
+    @property
+    def trained(self) -> list[TrainedSample]:
+        return read_trained(self.log_path)
+
+    def train_chunk(self) -> None:
+        super().train_chunk()
+        if self.after_chunk is not None and self.state is driver.RunState.RUNNING:
+            self.after_chunk(self)
+
+
+def close_trainer(trainer: driver.Trainer) -> None:
+    """What `train()` does at the end, short of shutting Ray down: the module's tests share one Ray."""
+    trainer.metrics.stop_server()
+    trainer.shutdown_actors()
+
+
+def run_to_end(cfg: Config, log_path: Path, after_chunk: Callable[[WatchedTrainer], None] | None = None,
+               expect: int = 0) -> WatchedTrainer:
+    """Run a WatchedTrainer until it stops, check its exit status and release its actors."""
+    trainer = WatchedTrainer(cfg, log_path, after_chunk=after_chunk)
+    try:
+        assert trainer.run() == expect
+    finally:
+        close_trainer(trainer)
+    return trainer
 
 
 def resumed_step(log_text: str) -> int | None:
@@ -162,31 +186,18 @@ def processes_with_env(name: str, value: str) -> list[tuple[int, str]]:
     return found
 
 
-def close_trainer(trainer: driver.Trainer) -> None:
-    """What `train()` does at the end, short of shutting Ray down: the module's tests share one Ray."""
-    import ray
-
-    trainer.metrics.stop_server()
-    for handle in [*trainer.learners, *(slot.handle for slot in trainer.slots)]:
-        if handle is not None:
-            ray.kill(handle, no_restart=True)
-
-
-def run_to_end(cfg: Config, after_step: Callable[[RecordingTrainer], None] | None = None) -> RecordingTrainer:
-    """Run a RecordingTrainer until it stops, check it exited 0 and release its actors."""
-    trainer = RecordingTrainer(cfg, after_step=after_step)
-    try:
-        assert trainer.run() == 0
-    finally:
-        close_trainer(trainer)
-    return trainer
-
-
 def main() -> int:
-    """`stream-swav` with the recording Trainer in place of the plain one."""
+    """`stream-swav` with the recording learner in place (log: $STREAM_SWAV_TEST_KEYS_LOG)."""
     from stream_swav import cli
 
-    driver.Trainer = RecordingTrainer
+    log_path = os.environ[KEYS_LOG_ENV]
+    plain = driver.Trainer
+
+    class Recording(plain):  # type: ignore[misc, valid-type]
+        def __init__(self, cfg: Config, **kwargs: Any) -> None:
+            super().__init__(cfg, build_learner=recording_learner(Path(log_path)), **kwargs)
+
+    driver.Trainer = Recording
     return cli.main(sys.argv[1:])
 
 

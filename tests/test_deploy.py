@@ -316,7 +316,7 @@ def test_runtime_env_merges_with_the_drivers_own(monkeypatch: pytest.MonkeyPatch
     import ray
     from ray.runtime_env.runtime_env import _merge_runtime_env
 
-    from stream_swav.runtime import driver
+    from stream_swav.runtime import cluster
 
     job_env = submitted_runtime_env()
     # Ray applies the job's env_vars to the driver's process, and the driver forwards some of them.
@@ -327,7 +327,7 @@ def test_runtime_env_merges_with_the_drivers_own(monkeypatch: pytest.MonkeyPatch
     # Only to read what init_ray hands to Ray; starting a cluster is not what is tested here.
     monkeypatch.setattr(ray, "is_initialized", lambda: False)
     monkeypatch.setattr(ray, "init", lambda **kwargs: passed.update(kwargs))
-    driver.init_ray(load_config(GPU_CONFIG))
+    cluster.init_ray()
 
     driver_env = passed["runtime_env"]
     merged = _merge_runtime_env(job_env, driver_env, override=os.environ.get("RAY_OVERRIDE_JOB_RUNTIME_ENV") == "1")

@@ -17,7 +17,7 @@ from stream_swav.runtime.metrics import (
     Metrics,
     PrototypeUsage,
     collapse_alarm,
-    collapse_settings,
+    collapse_after,
 )
 
 
@@ -47,18 +47,20 @@ def test_trainer_metrics_are_served_with_their_values():
     port = metrics.start_server("127.0.0.1", 0)
     try:
         assert port > 0
-        metrics.observe_step(images=64, images_seen=6_464, loss=7.5, learning_rate=0.15)
-        metrics.observe_step(images=64, images_seen=6_528, loss=7.25, learning_rate=0.3)
+        metrics.observe_steps(steps=1, images=64, images_seen=6_464, loss=7.5, learning_rate=0.15)
+        metrics.observe_steps(steps=1, images=64, images_seen=6_528, loss=7.25, learning_rate=0.3)
         metrics.count_nonfinite_loss()
         metrics.set_throughput(images_per_second=812.5, input_wait_ratio=0.25)
         metrics.set_swav_health(queue_fill_ratio=0.5, prototype_perplexity=123.0, prototypes_unused=7,
-                                sinkhorn_marginal_error=0.01, collapse=True)
+                                sinkhorn_marginal_error=0.01, feature_spread=0.5,
+                                collapse=True)
         metrics.set_gpu_memory(allocated_bytes=3 * 2**30, reserved_bytes=4 * 2**30)
         metrics.set_actors_up(learners=1, decode_actors=6)
         metrics.count_decode_errors({"corrupt_image": 2, "too_large": 1})
         metrics.count_decode_errors({"corrupt_image": 3})
         metrics.count_reads(bytes_read=10_000, shards_completed=2)
         metrics.count_decode_actor_restarts()
+        metrics.count_learner_restart()
         metrics.set_batches_in_flight(5)
         metrics.observe_checkpoint(step=100, wall_time=990.0, duration_s=1.5, size_bytes=2_048)
         metrics.count_checkpoint_failure()
@@ -71,12 +73,13 @@ def test_trainer_metrics_are_served_with_their_values():
             p + "loss": 7.25, p + "learning_rate": 0.3, p + "nonfinite_loss_total": 1,
             p + "images_per_second": 812.5, p + "input_wait_ratio": 0.25,
             p + "queue_fill_ratio": 0.5, p + "prototype_perplexity": 123.0, p + "prototypes_unused": 7,
-            p + "sinkhorn_marginal_error": 0.01, p + "collapse_alarm": 1,
+            p + "sinkhorn_marginal_error": 0.01, p + "feature_spread": 0.5, p + "collapse_alarm": 1,
             p + "gpu_memory_allocated_bytes": 3 * 2**30, p + "gpu_memory_reserved_bytes": 4 * 2**30,
             p + "learners_up": 1, p + "decode_actors_up": 6,
             p + "decode_errors_total{reason=corrupt_image}": 5, p + "decode_errors_total{reason=too_large}": 1,
             p + "bytes_read_total": 10_000, p + "shards_completed_total": 2,
-            p + "decode_actor_restarts_total": 1, p + "object_store_batches_in_flight": 5,
+            p + "decode_actor_restarts_total": 1, p + "learner_restarts_total": 1,
+            p + "object_store_batches_in_flight": 5,
             p + "checkpoint_age_seconds": 40.0, p + "checkpoint_duration_seconds": 1.5,
             p + "checkpoint_size_bytes": 2_048, p + "last_checkpoint_step": 100,
             p + "checkpoints_saved_total": 1, p + "checkpoint_failures_total": 1,
@@ -131,7 +134,7 @@ def test_server_binds_only_the_configured_host_and_stops():
 
 def test_two_instances_do_not_share_a_registry():
     a, b = Metrics(), Metrics()
-    a.observe_step(images=8, images_seen=8, loss=1.0, learning_rate=0.1)
+    a.observe_steps(steps=1, images=8, images_seen=8, loss=1.0, learning_rate=0.1)
     assert a.registry.get_sample_value("stream_swav_steps_total") == 1
     assert b.registry.get_sample_value("stream_swav_steps_total") == 0
 
@@ -170,26 +173,18 @@ def test_metric_names_follow_conventions():
     assert counters == {name for name in METRIC_NAMES if name.endswith("_total")}
 
 
-def test_collapse_alarm():
-    log_k = math.log(3000)
-    settled = dict(images_seen=2_000, after_images=1_000)
-    assert collapse_alarm(log_k * 1.01, log_k, 900.0, 60.0, **settled)
-    assert collapse_alarm(log_k * 0.99, log_k, 900.0, 60.0, **settled)
-    assert not collapse_alarm(log_k * 0.97, log_k, 900.0, 60.0, **settled)
-    assert collapse_alarm(3.0, log_k, 59.0, 60.0, **settled)
-    assert not collapse_alarm(3.0, log_k, 61.0, 60.0, **settled)
-    # Warm-up: everything is uniform at the start, so no alarm yet.
-    assert not collapse_alarm(log_k, log_k, 1.0, 60.0, images_seen=999, after_images=1_000)
-    assert not collapse_alarm(math.nan, log_k, math.nan, 60.0, **settled)
+def test_collapse_alarm_fires_on_lost_spread_after_warmup_only():
+    settled = {"images_seen": 10_000, "after_images": 1_000}
+    assert collapse_alarm(0.01, 0.05, **settled)
+    assert not collapse_alarm(0.3, 0.05, **settled)
+    # Not before warmup: an untrained network's embeddings are close together too.
+    assert not collapse_alarm(0.01, 0.05, images_seen=999, after_images=1_000)
+    assert not collapse_alarm(math.nan, 0.05, **settled)
 
 
-def test_collapse_settings_resolve_automatic_values():
-    assert collapse_settings(MetricsConfig(), prototypes=3000, warmup_images=500) == (60.0, 500)
-    # With few prototypes K/50 < 1 could never fire; everything on one prototype (perplexity 1) must.
-    assert collapse_settings(MetricsConfig(), prototypes=30, warmup_images=0) == (2.0, 0)
-    cfg = MetricsConfig(collapse_perplexity=10.0, collapse_after_images=7)
-    assert collapse_settings(cfg, prototypes=3000, warmup_images=500) == (10.0, 7)
-
+def test_collapse_after_defaults_to_the_warmup():
+    assert collapse_after(MetricsConfig(), warmup_images=500) == 500
+    assert collapse_after(MetricsConfig(collapse_after_images=7), warmup_images=500) == 7
 
 def test_usage_perplexity_of_counts():
     assert math.isnan(usage_perplexity([0, 0, 0]))

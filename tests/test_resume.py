@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 from conftest import colour_samples, tar_bytes
-from runtime_helpers import (KEYS_LOG_ENV, object_url, pass_counts, processes_with_env, read_keys_log,
+from runtime_helpers import (KEYS_LOG_ENV, TESTS, object_url, pass_counts, processes_with_env, read_trained,
                              resumed_step, sample_keys, write_config, write_shard)
 
 from stream_swav import storage
@@ -69,7 +69,9 @@ def wait_until_gone(ray_tmp: str, timeout_s: float, agents_too: bool = True) -> 
 
 def driver_env(ray_tmp: str, **extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    env.update(RAY_TMPDIR=ray_tmp, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", **extra)
+    # Ray workers import the recording learner from tests/.
+    env.update(RAY_TMPDIR=ray_tmp, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1",
+               PYTHONPATH=os.pathsep.join(p for p in (TESTS, os.environ.get("PYTHONPATH", "")) if p), **extra)
     return env
 
 
@@ -146,7 +148,7 @@ def test_driver_killed_mid_run_resumes_from_latest_checkpoint(s3_bucket, tmp_pat
     final = ckpt.read_latest(ckpt_dir, s3_bucket.storage)
     assert final["step"] == total_steps and final["images_seen"] == len(keys) and final["final"] is True
 
-    killed_run, resumed_run = read_keys_log(first_keys), read_keys_log(second_keys)
+    killed_run, resumed_run = read_trained(first_keys), read_trained(second_keys)
     kept = [s for s in killed_run if s.step <= resume_step]
     redone = [s for s in killed_run if s.step > resume_step]
     assert len(kept) == resume_step * BATCH

@@ -2,7 +2,7 @@
 and learner actors, real tar shards on disk or on the moto S3 server, real checkpoints and metrics.
 
 Every test trains a tiny ResNet-18 on CPU for a few steps. Sample-level claims ("each sample of a
-pass trained exactly once") use RecordingTrainer, which tags every trained key with its pass.
+pass trained exactly once") use the RecordingLearner, which logs every trained key with its pass.
 """
 from __future__ import annotations
 
@@ -17,8 +17,8 @@ import ray
 import torch
 from conftest import colour_samples, tar_bytes, use_fake_credentials
 from prometheus_client.parser import text_string_to_metric_families
-from runtime_helpers import (RecordingTrainer, close_trainer, object_url, pass_counts, run_to_end, sample_keys,
-                             tiny_config, write_shard)
+from runtime_helpers import (RAY_ENV, WatchedTrainer, close_trainer, object_url, pass_counts, run_to_end,
+                             sample_keys, tiny_config, write_shard)
 
 from stream_swav import storage
 from stream_swav.model import BackboneSpec, load_backbone
@@ -36,8 +36,8 @@ def local_ray(moto_endpoint: str):
     env = pytest.MonkeyPatch()
     use_fake_credentials(env, moto_endpoint)
     # Four logical CPUs on any machine: two decode actors and a learner fit however small it is.
-    ray.init(num_cpus=4, include_dashboard=False, object_store_memory=256 * 1024 * 1024,
-             runtime_env={"env_vars": {"OMP_NUM_THREADS": "1"}}, log_to_driver=False)
+    ray.init(address="local", num_cpus=4, include_dashboard=False, object_store_memory=256 * 1024 * 1024,
+             runtime_env=RAY_ENV, log_to_driver=False)
     yield
     ray.shutdown()
     env.undo()
@@ -78,7 +78,7 @@ def metric(samples: dict[str, list], name: str) -> float:
     return sum(value for _, value in samples[name])
 
 
-def test_end_to_end_on_s3_with_metrics_and_checkpoints(s3_bucket):
+def test_end_to_end_on_s3_with_metrics_and_checkpoints(s3_bucket, tmp_path):
     good = colour_samples(24, prefix="a") + colour_samples(20, prefix="b", start=24)
     shard_a = s3_bucket.url("shards/shard-a.tar")
     shard_b = s3_bucket.url("shards/shard-b.tar")
@@ -89,17 +89,15 @@ def test_end_to_end_on_s3_with_metrics_and_checkpoints(s3_bucket):
     cfg = tiny_config({"data": {"shards": s3_bucket.url("shards/")}, "checkpoint": {"dir": ckpt_dir, "every_steps": 2},
                        "train": {"image_budget": 80}})
     scraped: dict[str, list] = {}
-    before_this_step: dict[str, int] = {}
+    at_scrape: dict[str, int] = {}
 
-    def scrape_once_pass_zero_is_trained(trainer: RecordingTrainer) -> None:
+    def scrape_once_pass_zero_is_trained(trainer: WatchedTrainer) -> None:
         # After pass 0 every bad sample has been met, and a checkpoint has been written.
-        if not scraped and trainer.submitted.pass_index >= 1 and trainer.last_checkpoint_step > 0:
+        if not scraped and trainer.ledger.cursor.pass_index >= 1 and trainer.last_checkpoint_step > 0:
             scraped.update(scrape(trainer.metrics_port))
-            # The hook runs before the step is counted in the metrics.
-            before_this_step.update(steps=trainer.step - 1,
-                                    images=sum(1 for s in trainer.trained if s.step < trainer.step))
+            at_scrape.update(steps=trainer.step, images=trainer.images_seen)
 
-    trainer = run_to_end(cfg, after_step=scrape_once_pass_zero_is_trained)
+    trainer = run_to_end(cfg, tmp_path / "trained.jsonl", after_chunk=scrape_once_pass_zero_is_trained)
 
     assert trainer.stop_reason == "budget reached"
     assert trainer.images_seen == len(trainer.trained) >= 80
@@ -108,28 +106,30 @@ def test_end_to_end_on_s3_with_metrics_and_checkpoints(s3_bucket):
     assert scraped, "the run never finished pass 0 with a checkpoint behind it"
     missing = [name for name in TRAINER_METRIC_NAMES if name not in scraped]
     assert not missing, f"families missing from /metrics: {missing}"
-    assert metric(scraped, "stream_swav_images_trained_total") == before_this_step["images"] > 0
-    assert metric(scraped, "stream_swav_steps_total") == before_this_step["steps"] > 0
-    assert metric(scraped, "stream_swav_images_seen") == before_this_step["images"]
+    assert metric(scraped, "stream_swav_images_trained_total") == at_scrape["images"] > 0
+    assert metric(scraped, "stream_swav_steps_total") == at_scrape["steps"] > 0
+    assert metric(scraped, "stream_swav_images_seen") == at_scrape["images"]
     assert math.isfinite(metric(scraped, "stream_swav_loss"))
+    assert 0 < metric(scraped, "stream_swav_feature_spread") <= 2
     assert metric(scraped, "stream_swav_bytes_read_total") > 0
     assert metric(scraped, "stream_swav_shards_completed_total") >= 2
     assert metric(scraped, "stream_swav_last_checkpoint_step") >= 2
     assert metric(scraped, "stream_swav_checkpoint_age_seconds") >= 0
+    assert metric(scraped, "stream_swav_learner_restarts_total") == 0
     errors = {labels["reason"]: value for labels, value in scraped["stream_swav_decode_errors_total"]}
     assert BAD_SAMPLE_REASONS <= set(errors) and all(errors[r] >= 1 for r in BAD_SAMPLE_REASONS)
-    assert trainer.decode_errors >= len(BAD_SAMPLE_REASONS)
 
     latest = ckpt.read_latest(ckpt_dir, s3_bucket.storage)
     assert latest["step"] == trainer.step and latest["images_seen"] == trainer.images_seen
     assert latest["final"] is True and latest["state_url"].startswith("s3://")
     state = ckpt.load_checkpoint(ckpt_dir, s3_bucket.storage)
     assert state["step"] == trainer.step and state["stream_cursor"]["current_pass"] >= 1
-    # Saved about every 2 steps; the newest 3 are kept (no milestones below 2 * 10 steps).
+    # Saved every 2 steps; the newest 3 are kept (no milestones below 2 * 10 steps).
     steps = ckpt.list_step_dirs(ckpt_dir, s3_bucket.storage)
     assert len(steps) == 3 and max(steps) == trainer.step
     assert all(storage.exists(storage.join_url(url, ckpt.META), s3_bucket.storage) for url in steps.values())
-    backbone = load_backbone(ckpt.load_backbone_state(ckpt_dir, s3_bucket.storage), BackboneSpec("resnet18", small_stem=True))
+    backbone = load_backbone(ckpt.load_backbone_state(ckpt_dir, s3_bucket.storage),
+                             BackboneSpec("resnet18", small_stem=True))
     backbone.eval()
     with torch.no_grad():
         features = backbone(torch.rand(2, 3, 16, 16))
@@ -138,31 +138,30 @@ def test_end_to_end_on_s3_with_metrics_and_checkpoints(s3_bucket):
 
 def test_killed_decode_actor_loses_and_repeats_nothing(tmp_path):
     shards, keys = shards_on_disk(tmp_path, [24, 24, 24, 24])
-    # Little read-ahead (at most 6 batches ahead of training), so pass 0 is still being read when
-    # the first step ends.
+    # Little read-ahead, so pass 0 is still being read when the first chunk ends.
     cfg = tiny_config({"data": {"shards": shards, "decode_actors": 2, "inflight_batches_per_actor": 1},
                        "checkpoint": {"dir": str(tmp_path / "ckpt"), "every_steps": 0},
-                       "train": {"image_budget": 3 * len(keys)}})
+                       "train": {"image_budget": 3 * len(keys), "report_interval_s": 0.2}})
     killed: dict[str, int] = {}
 
-    def kill_mid_shard_then_stop_after_pass_zero(trainer: RecordingTrainer) -> None:
+    def kill_mid_shard_then_stop_after_pass_zero(trainer: WatchedTrainer) -> None:
         # Kill an actor part-way through a shard of pass 0: its successor must pick that shard
-        # up right after the last sample delivered, neither before nor after it.
-        for slot in trainer.slots:
-            started = [shard for shard in slot.shards
-                       if shard.startswith("0:") and trainer.delivered.position(shard) > 0]
+        # up right after the last sample trained, neither before nor after it.
+        for slot, handle in trainer.pool.actors.items():
+            started = [key for key in trainer.ledger.holders.get(slot, ())
+                       if key[0] == 0 and trainer.ledger.cursor.position(key) > 0]
             if not killed and started:
-                killed.update(slot=slot.index, pid=slot.pid, step=trainer.step)
-                os.kill(slot.pid, signal.SIGKILL)
-        if trainer.submitted.pass_index >= 1:
+                pid = ray.get(handle.ready.remote())
+                killed.update(slot=slot, pid=pid, step=trainer.step)
+                os.kill(pid, signal.SIGKILL)
+        if trainer.ledger.cursor.pass_index >= 1:
             trainer.request_stop("pass 0 trained")
 
-    trainer = run_to_end(cfg, after_step=kill_mid_shard_then_stop_after_pass_zero)
+    trainer = run_to_end(cfg, tmp_path / "trained.jsonl", after_chunk=kill_mid_shard_then_stop_after_pass_zero)
 
-    assert killed, "no decode actor held a part-read shard of pass 0 at the end of a step"
-    slot = trainer.slots[killed["slot"]]
-    assert slot.restarts == 1 and slot.pid != killed["pid"]
-    assert trainer.metrics.registry.get_sample_value("stream_swav_decode_actor_restarts_total") >= 1
+    assert killed, "no decode actor held a part-read shard of pass 0 at the end of a chunk"
+    assert trainer.pool.restarts == 1
+    assert trainer.metrics.registry.get_sample_value("stream_swav_decode_actor_restarts_total") == 1
     assert trainer.stop_reason == "pass 0 trained"
     # Pass 0 exactly once; what of pass 1 got in before the stop, at most once.
     assert pass_counts(trainer.trained, 0) == {key: 1 for key in keys}
@@ -172,11 +171,11 @@ def test_killed_decode_actor_loses_and_repeats_nothing(tmp_path):
 
 def test_two_cpu_learners_stay_identical(tmp_path):
     shards, keys = shards_on_disk(tmp_path, [24, 24])
-    # One reader, one shard at a time: the first 48 samples are exactly pass 0.
-    cfg = tiny_config({"data": {"shards": shards, "open_shards_per_actor": 1},
+    # One reader per learner, one shard at a time: the first 48 samples are exactly pass 0.
+    cfg = tiny_config({"data": {"shards": shards, "open_shards_per_actor": 1, "decode_actors": 2},
                        "checkpoint": {"dir": str(tmp_path / "ckpt"), "every_steps": 2},
                        "train": {"learners": 2, "image_budget": 48}})
-    trainer = RecordingTrainer(cfg)
+    trainer = WatchedTrainer(cfg, tmp_path / "trained.jsonl")
     try:
         assert trainer.run() == 0
 
@@ -196,7 +195,7 @@ def test_two_cpu_learners_stay_identical(tmp_path):
             return (dist.get_world_size(), dist.get_rank(), parameters_digest(actor.learner.model.state_dict(), names),
                     names, actor.learner.generator.get_state())
 
-        replicas = ray.get([learner.__ray_call__.remote(replica) for learner in trainer.learners])
+        replicas = ray.get([learner.__ray_call__.remote(replica) for learner in trainer.group.actors])
         state = ckpt.load_checkpoint(cfg.checkpoint.dir, cfg.storage)
     finally:
         close_trainer(trainer)
@@ -206,7 +205,9 @@ def test_two_cpu_learners_stay_identical(tmp_path):
     assert digest_0 == digest_1, "data-parallel replicas diverged"
     # Each step takes one batch per learner: 16 images, counted once per step on every rank.
     assert trainer.step == 3 and trainer.images_seen == 48
-    assert sorted(s.key for s in trainer.trained) == sorted(keys)
+    trained = trainer.trained
+    assert sorted(s.key for s in trained) == sorted(keys)
+    assert {s.rank for s in trained} == {0, 1}
     # The final checkpoint holds those weights, and each rank's own augmentation stream.
     assert parameters_digest(state["model"], names) == digest_0
     assert torch.equal(state["augment_rng"], augment_rng_0)
@@ -218,23 +219,20 @@ def test_backpressure_bounds_batches_waiting(tmp_path):
     shards, _ = shards_on_disk(tmp_path, [16, 16, 16])
     cfg = tiny_config({"data": {"shards": shards, "decode_actors": 2, "inflight_batches_per_actor": 2},
                        "checkpoint": {"dir": str(tmp_path / "ckpt"), "every_steps": 0},
-                       "train": {"image_budget": 64}})
-    capacity = 2 * 2 + 2 * 1
-    waiting: list[int] = []
-    gauge: list[float] = []
+                       "train": {"image_budget": 96, "report_interval_s": 0.2}})
+    # Each learner asks each of its decode actors for at most 2 batches ahead of training.
+    capacity = 2 * 2
+    held: list[float] = []
 
-    def sample_state(trainer: RecordingTrainer) -> None:
-        waiting.append(sum(len(s.pending) for s in trainer.slots) + sum(1 for meta, _ in trainer.ready if meta.size))
-        gauge.append(trainer.metrics.registry.get_sample_value("stream_swav_object_store_batches_in_flight"))
+    def sample_state(trainer: WatchedTrainer) -> None:
+        held.append(trainer.metrics.registry.get_sample_value("stream_swav_object_store_batches_in_flight"))
 
-    trainer = run_to_end(cfg, after_step=sample_state)
+    run_to_end(cfg, tmp_path / "trained.jsonl", after_chunk=sample_state)
 
-    assert len(waiting) >= 5
-    assert max(waiting) <= capacity
+    assert len(held) >= 5
+    assert max(held) <= capacity
     # The decoders outran the learner, so the bound is what held them back.
-    assert max(waiting) == capacity
-    # The gauge also counts the batches of the (at most two) steps the learner is working on.
-    assert max(gauge[1:]) <= capacity + 2
+    assert max(held) == capacity
 
 
 def test_follow_mode_trains_a_shard_that_appears_during_the_run(tmp_path):
@@ -247,15 +245,15 @@ def test_follow_mode_trains_a_shard_that_appears_during_the_run(tmp_path):
                        "checkpoint": {"dir": str(tmp_path / "ckpt"), "every_steps": 0},
                        "train": {"image_budget": 400}})
 
-    def add_shard_then_stop_once_trained(trainer: RecordingTrainer) -> None:
-        if trainer.step == 1:
+    def add_shard_then_stop_once_trained(trainer: WatchedTrainer) -> None:
+        if trainer.step >= 1 and not os.path.exists(new_url):
             write_shard(new_url, tar_bytes(new_samples))
         if any(s.key in new_keys for s in trainer.trained):
             trainer.request_stop("new shard trained")
 
-    trainer = run_to_end(cfg, after_step=add_shard_then_stop_once_trained)
+    trainer = run_to_end(cfg, tmp_path / "trained.jsonl", after_chunk=add_shard_then_stop_once_trained)
 
     assert trainer.stop_reason == "new shard trained"
-    assert new_url in trainer.submitted.shards
+    assert new_url in [trainer.ledger.cursor.url(i) for i in range(trainer.ledger.cursor.n_shards)]
     trained = {s.key for s in trainer.trained}
     assert first_keys <= trained and trained & new_keys

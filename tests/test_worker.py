@@ -25,8 +25,16 @@ def small_config(**data) -> Config:
     return cfg.validate()
 
 
+SHARD_NUMBERS: dict[str, int] = {}
+
+
 def task_for(url: str, pass_index: int = 0, start: int = 0) -> ShardTask:
-    return ShardTask(url=url, pass_index=pass_index, seed=shard_seed(0, pass_index, url), start=start)
+    index = SHARD_NUMBERS.setdefault(url, len(SHARD_NUMBERS))
+    return ShardTask(url=url, index=index, pass_index=pass_index, seed=shard_seed(0, pass_index, url), start=start)
+
+
+def make_worker(cfg: Config, worker_index: int) -> DecodeWorker:
+    return DecodeWorker(cfg.data, cfg.crops, cfg.storage, worker_index)
 
 
 def run_all(worker: DecodeWorker, batch_size: int) -> list[CropBatch]:
@@ -46,26 +54,26 @@ def test_good_samples_arrive_and_bad_ones_are_counted_by_reason(tmp_path):
     path.write_bytes(tar_bytes(samples))
     cfg = small_config(max_sample_bytes=200_000)
 
-    with DecodeWorker(cfg, worker_index=0) as worker:
+    with make_worker(cfg, 0) as worker:
         worker.assign(task_for(str(path)))
         batches = run_all(worker, batch_size=6)
 
-    keys = [k for b in batches for k in b.keys]
+    keys = [k for b in batches for k in b.meta.keys]
     good = {f"{path}/{i:03d}-{name}" for i, (name, _, _, expected) in enumerate(cases) if expected[0] == "ok"}
     good |= {f"{path}/{key}" for key, _ in colour_samples(5, "after")}
     assert sorted(keys) == sorted(good)
     expected_errors = Counter(expected[1] for _, _, _, expected in cases if expected[0] == "skip")
     expected_errors.update({"too-many-bytes": 1, "no-image": 1})
-    assert sum((b.errors for b in batches), Counter()) == expected_errors
+    assert sum((b.meta.errors for b in batches), Counter()) == expected_errors
     for batch in batches:
         size = len(batch)
         assert batch.global_crops.shape == (2, size, 16, 16, 3) and batch.global_crops.dtype == np.uint8
         assert batch.local_crops.shape == (3, size, 8, 8, 3) and batch.local_crops.dtype == np.uint8
     # Every position was consumed, bad ones included, and the shard reported finished once.
-    shard = task_for(str(path)).shard_id
-    assert max(b.progress.get(shard, 0) for b in batches) == len(samples)
-    assert [s for b in batches for s in b.finished] == [shard]
-    assert all(b.passes == {shard: 0} for b in batches)
+    shard = task_for(str(path)).key
+    assert max(b.meta.progress.get(shard, 0) for b in batches) == len(samples)
+    assert [s for b in batches for s in b.meta.finished] == [shard]
+    assert all(b.meta.urls == {shard: str(path)} for b in batches if b.meta.progress)
 
 
 def test_pixels_belong_to_their_keys(tmp_path):
@@ -73,13 +81,13 @@ def test_pixels_belong_to_their_keys(tmp_path):
     for n in range(3):
         paths.append(tmp_path / f"{n}.tar")
         paths[-1].write_bytes(tar_bytes(colour_samples(9, f"c{n}", start=9 * n)))
-    with DecodeWorker(small_config(open_shards_per_actor=2), worker_index=3) as worker:
+    with make_worker(small_config(open_shards_per_actor=2), 3) as worker:
         for path in paths:
             worker.assign(task_for(str(path), pass_index=2))
         batches = run_all(worker, batch_size=5)
     seen = []
     for batch in batches:
-        for i, key in enumerate(batch.keys):
+        for i, key in enumerate(batch.meta.keys):
             number = int(key.rsplit("-", 1)[1])
             seen.append(number)
             for crops in (batch.global_crops, batch.local_crops):
@@ -87,27 +95,28 @@ def test_pixels_belong_to_their_keys(tmp_path):
                 assert np.abs(mean - colour_of(number)).max() < 6, (key, mean)
     assert sorted(seen) == list(range(27))
     # Per shard, progress only grows and ends at the shard's size.
-    shard_ids = [task_for(str(p), pass_index=2).shard_id for p in paths]
+    shard_ids = [task_for(str(p), pass_index=2).key for p in paths]
     for shard in shard_ids:
-        reached = [b.progress[shard] for b in batches if shard in b.progress]
+        reached = [b.meta.progress[shard] for b in batches if shard in b.meta.progress]
         assert reached == sorted(reached) and reached[-1] == 9
-        assert all(b.passes[shard] == 2 for b in batches if shard in b.progress)
-    assert sorted(s for b in batches for s in b.finished) == sorted(shard_ids)
+        assert all(b.meta.urls[shard] == str(paths[shard_ids.index(shard)]) for b in batches
+                   if shard in b.meta.progress)
+    assert sorted(s for b in batches for s in b.meta.finished) == sorted(shard_ids)
     # Storage bytes: every member was read, plus its 512-byte header; the tar's trailing padding was not.
     payload = sum(len(d) for n in range(3) for _, members in colour_samples(9, "x", start=9 * n)
                   for d in members.values())
-    assert payload + 512 * 54 <= sum(b.bytes_read for b in batches) < sum(p.stat().st_size for p in paths)
+    assert payload + 512 * 54 <= sum(b.meta.bytes_read for b in batches) < sum(p.stat().st_size for p in paths)
 
 
 def test_start_skips_delivered_positions(tmp_path):
     path = tmp_path / "s.tar"
     path.write_bytes(tar_bytes(colour_samples(12)))
-    with DecodeWorker(small_config(), 0) as worker:
+    with make_worker(small_config(), 0) as worker:
         worker.assign(task_for(str(path)))
-        full = [k for b in run_all(worker, 4) for k in b.keys]
-    with DecodeWorker(small_config(), 0) as worker:
+        full = [k for b in run_all(worker, 4) for k in b.meta.keys]
+    with make_worker(small_config(), 0) as worker:
         worker.assign(task_for(str(path), start=5))
-        rest = [k for b in run_all(worker, 4) for k in b.keys]
+        rest = [k for b in run_all(worker, 4) for k in b.meta.keys]
     assert rest == full[5:]
 
 
@@ -117,28 +126,28 @@ def test_broken_and_missing_shards_are_reported_and_finished(tmp_path):
     cut = tmp_path / "cut.tar"
     cut.write_bytes(tar_bytes(colour_samples(6, "c"))[:5000])
     missing = tmp_path / "missing.tar"
-    with DecodeWorker(small_config(open_shards_per_actor=3), 0) as worker:
+    with make_worker(small_config(open_shards_per_actor=3), 0) as worker:
         for path in (cut, missing, good):
             worker.assign(task_for(str(path)))
         batches = run_all(worker, 16)
-    assert sum((b.errors for b in batches), Counter()) == Counter({"truncated-shard": 1, "shard-read-error": 1})
-    keys = [k for b in batches for k in b.keys]
+    assert sum((b.meta.errors for b in batches), Counter()) == Counter({"truncated-shard": 1, "shard-read-error": 1})
+    keys = [k for b in batches for k in b.meta.keys]
     assert {k for k in keys if "/g-" in k} == {f"{good}/g-{n:05d}" for n in range(4)}
     assert {k for k in keys if "/c-" in k}  # what was readable before the cut
-    assert sorted(s for b in batches for s in b.finished) == sorted(task_for(str(p)).shard_id
+    assert sorted(s for b in batches for s in b.meta.finished) == sorted(task_for(str(p)).key
                                                                     for p in (cut, missing, good))
 
 
 def test_shard_of_only_bad_samples_still_reports_its_end(tmp_path):
     path = tmp_path / "bad.tar"
     path.write_bytes(tar_bytes([("a", {"jpg": b"junk"}), ("b", {"txt": b"no image"})]))
-    with DecodeWorker(small_config(), 0) as worker:
+    with make_worker(small_config(), 0) as worker:
         assert worker.next_batch(4) is None
         worker.assign(task_for(str(path)))
         batch = worker.next_batch(4)
         assert len(batch) == 0 and batch.global_crops.shape == (2, 0, 16, 16, 3)
-        assert batch.finished == [task_for(str(path)).shard_id]
-        assert batch.errors == Counter({"not-an-image": 1, "no-image": 1})
+        assert batch.meta.finished == [task_for(str(path)).key]
+        assert batch.meta.errors == Counter({"not-an-image": 1, "no-image": 1})
         assert worker.next_batch(4) is None
 
 
@@ -147,7 +156,7 @@ def test_unfinished_and_close_with_readers_blocked(tmp_path):
     for n in range(3):
         paths.append(tmp_path / f"{n}.tar")
         paths[-1].write_bytes(tar_bytes(colour_samples(150, f"u{n}")))
-    worker = DecodeWorker(small_config(open_shards_per_actor=2), 0)
+    worker = make_worker(small_config(open_shards_per_actor=2), 0)
     for path in paths:
         worker.assign(task_for(str(path)))
     with pytest.raises(ValueError, match="already assigned"):
@@ -165,14 +174,14 @@ def test_reads_shards_from_s3(s3_bucket, make_shard):
     url = make_shard(s3_bucket.url("shards/000.tar"), colour_samples(7, "s3"))
     cfg = small_config()
     cfg.storage = s3_bucket.storage
-    with DecodeWorker(cfg, 0) as worker:
+    with make_worker(cfg, 0) as worker:
         worker.assign(task_for(url))
-        keys = [k for b in run_all(worker, 4) for k in b.keys]
+        keys = [k for b in run_all(worker, 4) for k in b.meta.keys]
     assert sorted(keys) == [f"{url}/s3-{n:05d}" for n in range(7)]
 
 
 def test_unsupported_url_fails_loudly(tmp_path):
-    with DecodeWorker(small_config(), 0) as worker:
+    with make_worker(small_config(), 0) as worker:
         worker.assign(task_for("gs://bucket/x.tar"))
         with pytest.raises(RuntimeError, match="reader of gs://bucket/x.tar") as info:
             worker.next_batch(2)

@@ -5,7 +5,7 @@ emission order (`shards.iter_shard`) and puts encoded samples into one bounded
 queue, so network reads overlap decoding and a stalled shard does not stop the
 others. Each shard is read by exactly one thread and the queue is FIFO, so a
 shard's samples arrive in its emission order however the shards interleave;
-that is what lets `CropBatch.progress` be a plain position per shard.
+that is what lets `BatchMeta.progress` be a plain position per shard.
 
 Decoding and cropping happen in the caller's thread, with a numpy Generator
 seeded from (data.seed, worker_index).
@@ -21,9 +21,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from stream_swav.config import Config
-from stream_swav.data.batch import CropBatch
-from stream_swav.data.cursor import ShardTask
+from stream_swav.config import CropsConfig, DataConfig, StorageConfig
+from stream_swav.data.batch import BatchMeta, CropBatch
+from stream_swav.data.cursor import ShardKey, ShardTask
 from stream_swav.data.decode import DecodeLimits, SampleError, decode_image
 from stream_swav.data.multicrop import MultiCropGeometry, PerImageCrops, crop_image, min_decode_side, stack_crops
 from stream_swav.data.shards import Sample, ShardReport, iter_shard
@@ -41,7 +41,7 @@ _JOIN_TIMEOUT_S = 5.0
 class _Item:
     """What a reader thread hands over: a sample at its position, the end of the shard, or both; or a crash."""
 
-    shard: str
+    shard: ShardKey
     position: int = -1
     sample: Sample | None = None
     # Set on the shard's last item: the shard is finished.
@@ -52,29 +52,33 @@ class _Item:
 
 
 class DecodeWorker:
-    def __init__(self, cfg: Config, worker_index: int) -> None:
-        self.cfg = cfg
+    def __init__(self, data: DataConfig, crops: CropsConfig, storage: StorageConfig, worker_index: int) -> None:
+        self.data = data
+        self.storage = storage
         self.worker_index = worker_index
-        self._limits = DecodeLimits.from_config(cfg.data)
-        self._min_side = min_decode_side(cfg.crops)
-        self._geometry = MultiCropGeometry.from_config(cfg.crops)
-        self._rng = np.random.default_rng([cfg.data.seed, worker_index])
-        self._queue: queue.Queue[_Item] = queue.Queue(maxsize=READAHEAD_PER_SHARD * cfg.data.open_shards_per_actor)
+        self._limits = DecodeLimits.from_config(data)
+        self._min_side = min_decode_side(crops)
+        self._geometry = MultiCropGeometry.from_config(crops)
+        self._rng = np.random.default_rng([data.seed, worker_index])
+        self._queue: queue.Queue[_Item] = queue.Queue(maxsize=READAHEAD_PER_SHARD * data.open_shards_per_actor)
         self._stop = threading.Event()
-        # Assigned and not yet finished, by shard id, with the next position not yet delivered.
-        self._tasks: dict[str, ShardTask] = {}
-        self._delivered: dict[str, int] = {}
-        self._waiting: deque[str] = deque()
-        self._readers: dict[str, threading.Thread] = {}
+        # Assigned and not yet finished, by shard key.
+        self._tasks: dict[ShardKey, ShardTask] = {}
+        self._waiting: deque[ShardKey] = deque()
+        self._readers: dict[ShardKey, threading.Thread] = {}
+
+    @property
+    def assigned(self) -> int:
+        """Shards assigned and not yet finished (open or waiting)."""
+        return len(self._tasks)
 
     def assign(self, task: ShardTask) -> None:
         if self._stop.is_set():
             raise RuntimeError("worker is closed")
-        if task.shard_id in self._tasks:
-            raise ValueError(f"shard {task.shard_id} is already assigned to this worker")
-        self._tasks[task.shard_id] = task
-        self._delivered[task.shard_id] = task.start
-        self._waiting.append(task.shard_id)
+        if task.key in self._tasks:
+            raise ValueError(f"shard {task.url} (pass {task.pass_index}) is already assigned to this worker")
+        self._tasks[task.key] = task
+        self._waiting.append(task.key)
 
     def next_batch(self, batch_size: int) -> CropBatch | None:
         """Up to `batch_size` decoded samples with their stream bookkeeping.
@@ -89,14 +93,9 @@ class DecodeWorker:
         if self._stop.is_set():
             raise RuntimeError("worker is closed")
         crops: list[PerImageCrops] = []
-        keys: list[str] = []
-        progress: dict[str, int] = {}
-        finished: list[str] = []
-        passes: dict[str, int] = {}
-        errors: Counter = Counter()
-        bytes_read = 0
+        meta = BatchMeta()
         touched = False
-        while len(keys) < batch_size:
+        while len(crops) < batch_size:
             self._start_readers()
             if not self._readers:
                 break
@@ -105,23 +104,23 @@ class DecodeWorker:
             task = self._tasks[item.shard]
             if item.crash is not None:
                 raise RuntimeError(f"reader of {task.url} (pass {task.pass_index}) failed") from item.crash
-            passes[item.shard] = task.pass_index
-            bytes_read += item.bytes_read
+            meta.bytes_read += item.bytes_read
             if item.sample is not None:
-                progress[item.shard] = self._delivered[item.shard] = item.position + 1
-                image_crops = self._crop(item.sample, errors)
+                meta.progress[item.shard] = item.position + 1
+                meta.urls[item.shard] = task.url
+                image_crops = self._crop(item.sample, meta.errors)
                 if image_crops is not None:
                     crops.append(image_crops)
-                    keys.append(f"{task.url}/{item.sample.key}")
+                    meta.keys.append(f"{task.url}/{item.sample.key}")
             if item.report is not None:
                 self._finish(item.shard)
-                finished.append(item.shard)
-                errors.update(item.report.errors)
+                meta.finished.append(item.shard)
+                meta.errors.update(item.report.errors)
         if not touched:
             return None
         global_crops, local_crops = stack_crops(crops, self._geometry)
-        return CropBatch(global_crops=global_crops, local_crops=local_crops, keys=keys, progress=progress,
-                         finished=finished, passes=passes, errors=errors, bytes_read=bytes_read)
+        meta.made_at = time.time()
+        return CropBatch(global_crops=global_crops, local_crops=local_crops, meta=meta)
 
     def close(self) -> None:
         """Stop the reader threads; assigned work is dropped (the stream cursor re-reads it)."""
@@ -152,17 +151,16 @@ class DecodeWorker:
                 return
 
     def _start_readers(self) -> None:
-        while self._waiting and len(self._readers) < self.cfg.data.open_shards_per_actor:
+        while self._waiting and len(self._readers) < self.data.open_shards_per_actor:
             shard = self._waiting.popleft()
             thread = threading.Thread(target=self._read_shard, args=(self._tasks[shard],),
                                       name=f"shard-reader-{self.worker_index}", daemon=True)
             self._readers[shard] = thread
             thread.start()
 
-    def _finish(self, shard: str) -> None:
+    def _finish(self, shard: ShardKey) -> None:
         self._readers.pop(shard).join()
         del self._tasks[shard]
-        del self._delivered[shard]
 
     def _crop(self, sample: Sample, errors: Counter) -> PerImageCrops | None:
         if sample.error is not None:
@@ -176,28 +174,28 @@ class DecodeWorker:
         return crop_image(image, self._geometry, self._rng)
 
     def _read_shard(self, task: ShardTask) -> None:
-        data = self.cfg.data
+        data = self.data
         report = ShardReport()
         reported_bytes = 0
         # Each sample is held back until the next one is read, so the last one can
         # carry the end of the shard and no batch exists only to say "finished".
-        held = _Item(task.shard_id)
+        held = _Item(task.key)
         try:
-            fs, _ = filesystem_for(task.url, self.cfg.storage)
+            fs, _ = filesystem_for(task.url, self.storage)
             for position, sample in iter_shard(task.url, fs, task.seed, data.shuffle_buffer, task.start,
                                                max_sample_bytes=data.max_sample_bytes,
                                                read_retries=data.shard_read_retries,
                                                retry_backoff_s=data.shard_retry_backoff_s, report=report):
                 if held.sample is not None and not self._put(held):
                     return
-                held = _Item(task.shard_id, position=position, sample=sample,
+                held = _Item(task.key, position=position, sample=sample,
                              bytes_read=report.bytes_read - reported_bytes)
                 reported_bytes = report.bytes_read
             held.report = report
             held.bytes_read += report.bytes_read - reported_bytes
             self._put(held)
         except BaseException as exc:  # noqa: BLE001 — handed to the caller's thread, which raises it
-            self._put(_Item(task.shard_id, crash=exc))
+            self._put(_Item(task.key, crash=exc))
 
     def _put(self, item: _Item) -> bool:
         while not self._stop.is_set():

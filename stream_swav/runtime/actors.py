@@ -1,7 +1,15 @@
 """Ray actors: thin shells around DecodeWorker and Learner.
 
-All logic lives in stream_swav.data.worker and stream_swav.learner; these
-classes only move data through Ray and report what happened.
+All the data logic lives in stream_swav.data.worker, the step in
+stream_swav.learner and the batch supply in runtime.feed; these classes only
+move things through Ray. A learner pulls batches from the decode actors
+assigned to it and trains a run of steps per call, answering with one
+`StepReport`, so the driver handles one small message per learner per chunk
+rather than every batch.
+
+Both actors take an optional factory for their inner part (`build_worker`,
+`build_learner`): the control-plane benchmark swaps in stand-ins that do no
+work, and tests a learner that records what it trained, around the same shells.
 """
 from __future__ import annotations
 
@@ -10,55 +18,43 @@ import math
 import os
 import socket
 import time
-from dataclasses import dataclass, field
+from collections.abc import Callable
 from typing import Any
 
 import ray
 
 from stream_swav import logs
-from stream_swav.config import TrainConfig, config_from_dict
+from stream_swav.config import Config, TrainConfig, config_from_dict
+from stream_swav.data.cursor import ShardTask
+from stream_swav.runtime.reports import StepReport
 
 log = logging.getLogger("stream_swav.actors")
 
 
-@dataclass
-class BatchMeta:
-    """The small half of a decoded batch: what the driver needs without touching pixels."""
+def _default_worker(cfg: Config, worker_index: int) -> Any:
+    from stream_swav.data.worker import DecodeWorker
+    from stream_swav.imaging import log_pillow_flavour
 
-    size: int
-    keys: list[str]
-    progress: dict[str, int]
-    finished: list[str]
-    passes: dict[str, int]
-    errors: dict[str, int] = field(default_factory=dict)
-    bytes_read: int = 0
+    log_pillow_flavour(log)
+    return DecodeWorker(cfg.data, cfg.crops, cfg.storage, worker_index)
 
 
 class DecodeActorImpl:
-    def __init__(self, config: dict[str, Any], worker_index: int) -> None:
-        from stream_swav.data.worker import DecodeWorker
-
+    def __init__(self, config: dict[str, Any], worker_index: int,
+                 build_worker: Callable[[Config, int], Any] | None = None) -> None:
         logs.configure()
-        from stream_swav.imaging import log_pillow_flavour
+        self.worker = (build_worker or _default_worker)(config_from_dict(config), worker_index)
 
-        log_pillow_flavour(log)
-        self.worker = DecodeWorker(config_from_dict(config), worker_index)
-
-    def pid(self) -> int:
+    def ready(self) -> int:
+        """The actor's pid, once it is up (the driver waits on this with a timeout)."""
         return os.getpid()
 
-    def assign(self, task: Any) -> None:
-        self.worker.assign(task)
+    def assign(self, tasks: list[ShardTask]) -> None:
+        for task in tasks:
+            self.worker.assign(task)
 
-    @ray.method(num_returns=2)
-    def next_batch(self, batch_size: int) -> tuple[BatchMeta | None, Any]:
-        batch = self.worker.next_batch(batch_size)
-        if batch is None:
-            return None, None
-        meta = BatchMeta(size=len(batch), keys=list(batch.keys), progress=dict(batch.progress),
-                         finished=list(batch.finished), passes=dict(batch.passes), errors=dict(batch.errors),
-                         bytes_read=int(batch.bytes_read))
-        return meta, batch
+    def next_batch(self, batch_size: int) -> Any:
+        return self.worker.next_batch(batch_size)
 
 
 def free_port() -> int:
@@ -71,16 +67,24 @@ def learner_cpu_threads(train: TrainConfig) -> int:
     return train.cpu_threads or max(1, math.ceil(train.cpus_per_learner))
 
 
+def _default_learner(cfg: Config, device: Any, rank: int, world_size: int) -> Any:
+    from stream_swav.learner import Learner
+
+    return Learner(cfg, device, rank=rank, world_size=world_size)
+
+
 class LearnerActorImpl:
     """One learner: one GPU (or the CPU), one rank of the data-parallel group."""
 
-    def __init__(self, config: dict[str, Any], rank: int, world_size: int) -> None:
+    def __init__(self, config: dict[str, Any], rank: int, world_size: int,
+                 build_learner: Callable[[Config, Any, int, int], Any] | None = None) -> None:
         import torch
 
         logs.configure()
         self.cfg = config_from_dict(config)
         self.rank = rank
         self.world_size = world_size
+        self.build_learner = build_learner or _default_learner
         want = self.cfg.train.device
         use_cuda = torch.cuda.is_available() and want in ("auto", "cuda")
         if want == "cuda" and not torch.cuda.is_available():
@@ -91,10 +95,11 @@ class LearnerActorImpl:
             torch.cuda.set_device(self.device)
         else:
             torch.set_num_threads(learner_cpu_threads(self.cfg.train))
-        self.learner = None
-        self.last_step_end: float | None = None
-        self.wait_seconds = 0.0
-        self.busy_seconds = 0.0
+        self.learner: Any = None
+        self.vote_group: Any = None
+        from stream_swav.runtime.feed import Feed
+
+        self.feed = Feed(self.cfg.train.batch_size, self.cfg.data.inflight_batches_per_actor)
 
     def address(self) -> tuple[str, int]:
         return ray.util.get_node_ip_address(), free_port()
@@ -104,38 +109,86 @@ class LearnerActorImpl:
         import torch
         import torch.distributed as dist
 
-        from stream_swav.learner import Learner
-
         if self.world_size > 1:
             backend = "nccl" if self.device.type == "cuda" else "gloo"
             dist.init_process_group(backend=backend, init_method=f"tcp://{master_addr}:{master_port}",
                                     rank=self.rank, world_size=self.world_size)
+            # Per-step votes (does every rank have a batch?) go over the CPU, off the GPU's stream.
+            self.vote_group = dist.new_group(backend="gloo") if backend != "gloo" else dist.group.WORLD
         torch.manual_seed(self.cfg.train.seed)
-        self.learner = Learner(self.cfg, self.device, rank=self.rank, world_size=self.world_size)
+        self.learner = self.build_learner(self.cfg, self.device, self.rank, self.world_size)
         return str(self.device)
+
+    def attach(self, feeders: dict[int, Any]) -> None:
+        """Pull from these decode actors (slot -> handle), replacing the feeders of those slots."""
+        for slot, handle in feeders.items():
+            self.feed.attach(slot, handle)
 
     def load_state(self, state: dict[str, Any]) -> int:
         self.learner.load_state_dict(state)
         return self.learner.step
 
-    def train_step(self, batch: Any) -> dict[str, Any]:
+    def _agree(self, go: bool) -> bool:
+        """Whether every rank can take the next step (one tiny all-reduce), so all stay in lockstep."""
+        if self.world_size == 1:
+            return go
+        import torch
+        import torch.distributed as dist
+
+        flag = torch.tensor([1 if go else 0], dtype=torch.int32)
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=self.vote_group)
+        return bool(flag.item())
+
+    def run(self, max_steps: int, max_seconds: float) -> StepReport:
+        """Train up to `max_steps` steps, for about `max_seconds` at most, on batches pulled from the
+        feeders; every rank takes the same number of steps. A rank whose input does not come within
+        the time ends the chunk for all (the batch of another rank waits for the next call)."""
         import torch
 
-        start = time.perf_counter()
-        if self.last_step_end is not None:
-            self.wait_seconds += start - self.last_step_end
-        result = self.learner.train_step(batch)
-        stats: dict[str, Any] = result.to_floats()
-        stats["prototype_counts"] = result.prototype_counts.cpu().tolist()
-        end = time.perf_counter()
-        self.busy_seconds += end - start
-        self.last_step_end = end
-        stats["input_wait_ratio"] = self.wait_seconds / max(self.wait_seconds + self.busy_seconds, 1e-9)
-        stats["step_seconds"] = end - start
+        report = StepReport(rank=self.rank)
+        deadline = time.monotonic() + max_seconds
+        max_nonfinite = self.cfg.train.max_nonfinite_in_row
+        counts = None
+        last = None
+        while True:
+            waited = time.perf_counter()
+            remaining = deadline - time.monotonic()
+            wanted = report.steps < max_steps and remaining > 0
+            got = self.feed.next(remaining, report.progress.add) if wanted else None
+            report.wait_s += time.perf_counter() - waited
+            if not self._agree(got is not None):
+                if got is not None:
+                    self.feed.put_back(*got)
+                break
+            _, batch = got
+            started = time.perf_counter()
+            report.latency_s.append(max(0.0, time.time() - batch.meta.made_at))
+            last = self.learner.train_step(batch)
+            report.progress.add(batch.meta)
+            report.steps += 1
+            report.images += len(batch)
+            counts = last.prototype_counts if counts is None else counts + last.prototype_counts
+            report.nonfinite += int(last.nonfinite)
+            report.busy_s += time.perf_counter() - started
+            # Every rank sees the same (all-reduced) verdict, so all stop here together.
+            if last.nonfinite_in_row >= max_nonfinite:
+                break
+        # Decode actors keep working while the driver handles this report.
+        self.feed.refill()
+        report.failed_feeders = self.feed.take_failed()
+        report.batches_held = self.feed.held()
+        report.step, report.images_seen = self.learner.step, self.learner.images_seen
+        if last is not None:
+            # The call's one read of device values: none per step.
+            figures = last.to_floats()
+            report.loss, report.lr = figures["loss"], figures["lr"]
+            report.marginal_error, report.feature_spread = figures["marginal_error"], figures["feature_spread"]
+            report.queue_fill, report.nonfinite_in_row = last.queue_fill, last.nonfinite_in_row
+            report.prototype_counts = counts.cpu().tolist()
         if self.device.type == "cuda":
-            stats["gpu_memory_allocated_bytes"] = float(torch.cuda.memory_allocated(self.device))
-            stats["gpu_memory_reserved_bytes"] = float(torch.cuda.memory_reserved(self.device))
-        return stats
+            report.gpu_memory_allocated_bytes = int(torch.cuda.memory_allocated(self.device))
+            report.gpu_memory_reserved_bytes = int(torch.cuda.memory_reserved(self.device))
+        return report
 
     def rank_state(self) -> dict[str, Any]:
         """What differs between ranks: queue and random streams."""

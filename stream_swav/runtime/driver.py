@@ -1,144 +1,158 @@
-"""The training driver: shards -> decode actors -> learners -> checkpoints and metrics.
+"""The training driver: a small controller over decode actors, learners, the stream ledger and
+checkpoints.
 
-The driver owns the stream bookkeeping and nothing heavy: it hands shards to
-decode actors, passes batch references (never pixels) to learners, advances
-two cursors and decides when to checkpoint.
+Learners pull decoded batches straight from the decode actors assigned to them
+and train a chunk of steps per call (at most `train.report_interval_s`), then
+report what they trained. The driver never touches a batch: per chunk it
+merges one report per learner into the stream ledger (the cursor of what was
+trained, which checkpoints save), hands new shard tasks to decode actors,
+replaces failed ones, and decides when to checkpoint and when to stop.
 
-- `delivered` moves when a decode actor's batch reaches the driver; when an
-  actor dies its unfinished shards are re-read from here, so nothing is lost
-  or delivered twice.
-- `submitted` moves when a batch is handed to a learner. Learner calls run in
-  submission order, so a checkpoint requested now reflects exactly the batches
-  submitted before it: that cursor is the one saved.
+The run moves through explicit states, as Ray Train's controller does:
+
+    STARTING --> RUNNING <--> RECOVERING      (a learner died: new group, back to the latest checkpoint)
+                    |              |
+                    v              v
+                 STOPPING       (failure budget spent, or stopped while recovering: exit)
+                    |
+                    v
+                  DONE            (final checkpoint written; exit 0, or non-zero if it could not be)
+
+Every wait has a deadline or watches the stop flag, so SIGTERM (`ray job stop`)
+is acted on in bounded time in every state.
 """
 from __future__ import annotations
 
-import collections
+import enum
 import logging
 import math
-import os
 import signal
-import sys
 import threading
 import time
-from dataclasses import dataclass, field
+from collections.abc import Callable
 from typing import Any
 
-import numpy as np
 import ray
-from ray.exceptions import RayActorError, RayTaskError
+from ray.exceptions import RayTaskError
 
+from stream_swav import checkpoint as ckpt
 from stream_swav.config import Config, ConfigError
-from stream_swav.data.cursor import StreamCursor
 from stream_swav.data.sources import ShardSource
 from stream_swav.model import BackboneSpec
-from stream_swav import checkpoint as ckpt
 from stream_swav.runtime.checkpointing import CheckpointPolicy
-from stream_swav.runtime.actors import BatchMeta, DecodeActor, LearnerActor
-from stream_swav.runtime.metrics import Metrics, PrototypeUsage, collapse_alarm, collapse_settings
+from stream_swav.runtime.cluster import StartupError, init_ray, plan_cluster
+from stream_swav.runtime.decode_pool import DecodePool
+from stream_swav.runtime.learner_group import LearnerFailure, LearnerGroup, Stopped, first_line
+from stream_swav.runtime.ledger import StreamLedger
+from stream_swav.runtime.metrics import Metrics
+from stream_swav.runtime.observers import RunObserver, TrainingStopped
+from stream_swav.runtime.reports import ChunkSummary
 from stream_swav.storage import describe_storage
 
 log = logging.getLogger("stream_swav.driver")
 
-
-class TrainingStopped(RuntimeError):
-    """The run ended early for a reason the operator must see (e.g. non-finite losses)."""
-
-
-@dataclass
-class DecodeSlot:
-    index: int
-    handle: Any = None
-    pid: int = 0
-    shards: set[str] = field(default_factory=set)
-    # (meta ref, batch ref, `assigned` when the call was made), oldest first.
-    pending: collections.deque = field(default_factory=collections.deque)
-    exhausted: bool = False
-    # Shard tasks handed to this slot's actors so far.
-    assigned: int = 0
-    restarts: int = 0
+# Exit statuses of `stream-swav train` besides 0 (done or stopped) and 2 (usage or environment).
+EXIT_FAILED = 1
+EXIT_NONFINITE = 3
+EXIT_FINAL_CHECKPOINT_FAILED = 4
 
 
-@dataclass
-class PendingStep:
-    refs: list[Any]
-    images: int
-    keys: list[str]
+class RunState(enum.Enum):
+    STARTING = "starting"
+    RUNNING = "running"
+    RECOVERING = "recovering"
+    STOPPING = "stopping"
+    DONE = "done"
 
 
-# Where storage is, not who may read it: credentials stay in each node's environment (a local
-# cluster inherits the driver's; KubeRay pods get them from a Secret), since Ray shows a job's
-# runtime environment on its dashboard.
-FORWARDED_ENV = ("AWS_DEFAULT_REGION", "AWS_REGION", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3",
-                 "FSSPEC_S3_ENDPOINT_URL", "AWS_CONFIG_FILE", "AWS_SHARED_CREDENTIALS_FILE",
-                 "AWS_EC2_METADATA_DISABLED")
-
-
-def init_ray(cfg: Config) -> None:
-    """Join the cluster named by RAY_ADDRESS, else start a local one."""
-    if ray.is_initialized():
-        return
-    env_vars = {"MALLOC_MMAP_THRESHOLD_": "33554432", "MALLOC_TRIM_THRESHOLD_": "4294967296",
-                "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
-    # Decoders and learners read the same storage as the driver: pass its S3 settings on.
-    env_vars.update({k: v for k, v in os.environ.items() if k in FORWARDED_ENV})
-    env = {"env_vars": env_vars}
-    if os.environ.get("RAY_ADDRESS"):
-        ray.init(runtime_env=env, log_to_driver=True)
-    else:
-        ray.init(include_dashboard=False, runtime_env=env, log_to_driver=True,
-                 num_cpus=os.cpu_count() or 1)
-
-
-def cluster_plan(cfg: Config) -> tuple[int, float, float]:
-    """How many decode actors, and the GPUs/CPUs each learner asks for."""
-    resources = ray.cluster_resources()
-    gpus_available = resources.get("GPU", 0.0)
-    use_gpu = cfg.train.device != "cpu" and gpus_available >= cfg.train.learners * max(cfg.train.gpus_per_learner, 1e-9)
-    if cfg.train.device == "cuda" and not use_gpu:
-        raise ValueError(f"train.device: cuda asked for {cfg.train.learners} learner(s) but the cluster offers "
-                         f"{gpus_available} GPU(s)")
-    learner_gpus = cfg.train.gpus_per_learner if use_gpu else 0.0
-    learner_cpus = cfg.train.cpus_per_learner
-    actors = cfg.data.decode_actors
-    if actors == 0:
-        cpus = resources.get("CPU", 1.0)
-        actors = max(1, int(cpus - learner_cpus * cfg.train.learners))
-    return actors, learner_gpus, learner_cpus
+class RunFailed(RuntimeError):
+    """The run cannot go on (learner failure budget spent); the message says why in one line."""
 
 
 class Trainer:
-    def __init__(self, cfg: Config) -> None:
+    def __init__(self, cfg: Config, build_learner: Callable[..., Any] | None = None,
+                 build_worker: Callable[..., Any] | None = None) -> None:
         self.cfg = cfg
-        self.stop_event = threading.Event()
+        self.build_learner, self.build_worker = build_learner, build_worker
+        self.state = RunState.STARTING
+        self.stop = threading.Event()
         self.stop_reason = ""
         self.metrics = Metrics()
-        self.usage = PrototypeUsage(cfg.model.prototypes, cfg.metrics.perplexity_window_steps)
         self.source = ShardSource(cfg.data.shards, cfg.storage)
-        self.delivered = StreamCursor(cfg.data.seed)
-        self.submitted = StreamCursor(cfg.data.seed)
-        self.slots: list[DecodeSlot] = []
-        self.learners: list[Any] = []
-        self.ready: collections.deque[tuple[BatchMeta, Any]] = collections.deque()
-        self.in_flight: collections.deque[PendingStep] = collections.deque()
-        self.step = 0
-        self.images_seen = 0
-        self.images_submitted = 0
-        self.last_stats: dict[str, Any] = {}
+        # Each decode actor holds its open shards plus as many waiting, so it never waits for the driver.
+        self.ledger = StreamLedger(cfg.data.seed, 2 * cfg.data.open_shards_per_actor)
+        self.policy = CheckpointPolicy(cfg.checkpoint.every_steps, cfg.checkpoint.every_seconds)
+        self.group: LearnerGroup | None = None
+        self.pool: DecodePool | None = None
+        self.observer = RunObserver(cfg, self.metrics)
+        self.step = self.images_seen = 0
         self.last_checkpoint_step = -1
-        self.decode_errors = 0
-        self.collapse = False
-        self.throughput = Throughput(window_s=max(cfg.train.log_interval_s, 5.0))
-        self.checkpoint_policy = CheckpointPolicy(cfg.checkpoint.every_steps, cfg.checkpoint.every_seconds)
-        self.last_relist = 0.0
-        self.started = time.time()
+        self.restarts = 0
         self.metrics_port = 0
+        self.started = time.monotonic()
+        self.last_relist = 0.0
 
-    # ------------------------------------------------------------------ set-up
+    # ------------------------------------------------------------------ the loop
+    def run(self) -> int:
+        """Train until a budget is reached or a stop is requested; the exit status."""
+        try:
+            self.start()
+            while self.state is RunState.RUNNING:
+                self.train_chunk()
+            return self.finish()
+        except Stopped:
+            log.info("stopped (%s) before training could resume; the latest checkpoint is step %d",
+                     self.stop_reason, self.last_checkpoint_step)
+            return 0
+        finally:
+            self.observer.close()
+
+    def train_chunk(self) -> None:
+        max_steps, max_seconds = self.chunk_limits()
+        if self.stop.is_set() or max_steps == 0:
+            self.stop_reason = self.stop_reason or "budget reached"
+            self.state = RunState.STOPPING
+            return
+        self.follow_new_shards()
+        self.pool.poll(self.ledger)
+        self.pool.top_up(self.ledger)
+        try:
+            summary = ChunkSummary.merge(self.group.run_chunk(max_steps, max_seconds))
+        except LearnerFailure as failure:
+            self.recover(failure.cause)
+            return
+        self.step, self.images_seen = summary.step, summary.images_seen
+        self.ledger.record(summary.progress)
+        if summary.failed_feeders:
+            self.group.attach(self.pool.replace(summary.failed_feeders, self.ledger))
+            self.metrics.count_decode_actor_restarts(len(summary.failed_feeders))
+        self.observer.on_chunk(summary, summary.batches_held)
+        # At the end of the run the checkpoint is written once, as the final one.
+        if self.policy.due(self.step, time.time()) and not self.stop.is_set() and self.chunk_limits()[0] > 0:
+            self.checkpoint()
+
+    def chunk_limits(self) -> tuple[int, float]:
+        """Steps and seconds the next chunk may take: up to a budget, a checkpoint step, a report."""
+        train = self.cfg.train
+        steps = math.inf
+        if train.image_budget:
+            steps = math.ceil(max(0, train.image_budget - self.images_seen) / self.cfg.global_batch)
+        every = self.cfg.checkpoint.every_steps
+        if every:
+            steps = min(steps, every - self.step % every)
+        seconds = train.report_interval_s
+        if train.time_budget_s:
+            left = train.time_budget_s - (time.monotonic() - self.started)
+            if left <= 0:
+                return 0, 0.0
+            seconds = min(seconds, left)
+        return int(min(steps, 2**31 - 1)), seconds
+
+    # --------------------------------------------------------------- states
     def start(self) -> None:
         cfg = self.cfg
-        init_ray(cfg)
-        n_actors, learner_gpus, learner_cpus = cluster_plan(cfg)
+        if not ray.is_initialized():
+            log.info("%s", init_ray())
         if cfg.metrics.enabled:
             try:
                 self.metrics_port = self.metrics.start_server(cfg.metrics.host, cfg.metrics.port)
@@ -150,386 +164,144 @@ class Trainer:
             log.info("object storage: %s", describe_storage(cfg.storage))
         shards = self.source.list_shards()
         if not shards and not cfg.data.follow:
-            raise ValueError(f"data.shards: no shards found for {cfg.data.shards!r}")
+            raise ConfigError(f"data.shards: no shards found for {cfg.data.shards!r}")
         log.info("%d shards at start%s", len(shards), " (following for more)" if cfg.data.follow else "")
-        self.delivered.add_shards(shards)
-        self.submitted.add_shards(shards)
-        self.last_relist = time.time()
+        if 0 < len(shards) < cfg.train.learners and not cfg.data.follow:
+            # Each learner reads its own shards (through its decode actors); one without any would
+            # hold the others back for ever.
+            raise ConfigError(f"data.shards: {len(shards)} shard(s) for {cfg.train.learners} learners; every learner "
+                              f"needs a shard of its own: split the data into more shards or use fewer learners")
+        self.last_relist = time.monotonic()
+        self.start_actors()
+        self.restore(shards)
+        self.observer.progress.restart(self.images_seen)
+        self.state = RunState.RUNNING
 
-        world = cfg.train.learners
-        config_dict = cfg.to_dict()
-        self.learners = [LearnerActor.options(num_gpus=learner_gpus, num_cpus=learner_cpus,
-                                              max_restarts=0).remote(config_dict, rank, world)
-                         for rank in range(world)]
-        master_addr, master_port = ray.get(self.learners[0].address.remote()) if world > 1 else (None, None)
-        devices = ray.get([lrn.setup.remote(master_addr, master_port) for lrn in self.learners])
-        log.info("%d learner(s) on %s; %d decode actor(s)", world, ", ".join(devices), n_actors)
-        self.metrics.set_actors_up(learners=world, decode_actors=n_actors)
+    def start_actors(self) -> None:
+        plan = plan_cluster(self.cfg, ray.cluster_resources())
+        for warning in plan.warnings:
+            log.warning("%s", warning)
+        self.group = LearnerGroup(self.cfg, plan, self.build_learner)
+        devices = self.group.start(self.stop)
+        self.pool = DecodePool(self.cfg, plan.learners, self.build_worker)
+        self.pool.start(plan.decode_actors, self.stop)
+        self.group.attach(self.pool.feeders())
+        log.info("%d learner(s) on %s; %d decode actor(s)", plan.learners, ", ".join(devices), len(self.pool.actors))
+        self.metrics.set_actors_up(learners=plan.learners, decode_actors=len(self.pool.actors))
 
-        self.resume()
-        self.slots = [DecodeSlot(index=i) for i in range(n_actors)]
-        for slot in self.slots:
-            self.spawn(slot)
-
-    def resume(self) -> None:
-        latest = ckpt.read_latest(self.cfg.checkpoint.dir, self.cfg.storage)
-        if latest is None:
+    def restore(self, shards: list[str]) -> None:
+        """Load the newest checkpoint that loads into the learners and rewind the stream to it; with
+        none, the stream starts from its beginning (the learners are fresh)."""
+        point = ckpt.load_for_resume(self.cfg.checkpoint.dir, self.cfg.storage)
+        if point is None:
+            self.ledger.rewind(None, self.cfg.data.seed, shards)
+            self.step = self.images_seen = 0
+            if self.restarts:
+                log.warning("no checkpoint yet: restarting from scratch, at the beginning of the stream")
             return
-        state = ckpt.load_checkpoint(self.cfg.checkpoint.dir, self.cfg.storage)
-        cursor_state = state.pop("stream_cursor")
-        other_ranks = state.pop("other_ranks", [])
-        state.pop("config", None)
-        if len(other_ranks) + 1 != len(self.learners):
-            log.warning("checkpoint has %d learner(s), this run %d: queues of new ranks start empty",
-                        len(other_ranks) + 1, len(self.learners))
-        refs = []
-        for rank, learner in enumerate(self.learners):
-            rank_state = dict(state)
-            if rank > 0:
-                if rank - 1 < len(other_ranks):
-                    rank_state.update(other_ranks[rank - 1])
-                else:
-                    # A rank new to this checkpoint keeps its own fresh queue and random streams.
-                    for key in ("queue", "cpu_rng", "augment_rng", "cuda_rng"):
-                        rank_state.pop(key, None)
-            refs.append(learner.load_state.remote(rank_state))
-        steps = ray.get(refs)
-        self.step = int(steps[0])
-        self.images_seen = self.images_submitted = int(state["images_seen"])
-        self.delivered.load_state_dict(cursor_state)
-        self.submitted.load_state_dict(cursor_state)
-        # Shards listed now but not in the checkpoint (a growing bucket) join the current pass.
-        current = self.source.list_shards()
-        self.delivered.add_shards(current)
-        self.submitted.add_shards(current)
-        self.last_checkpoint_step = self.step
-        self.checkpoint_policy.mark(self.step, time.time())
-        self.metrics.observe_checkpoint(step=self.step, wall_time=float(latest["wall_time"]), duration_s=0.0,
-                                        size_bytes=int(latest.get("state_bytes", 0)) + int(latest.get("backbone_bytes", 0)),
+        for url, why in point.skipped:
+            log.warning("skipped checkpoint %s: it does not load (%s); resuming from an older one", url, why)
+        cursor = point.state.pop("stream_cursor")
+        point.state.pop("config", None)
+        self.step = self.group.restore(point.state)
+        self.images_seen = int(point.state["images_seen"])
+        # Shards listed now but not in the checkpoint (a growing bucket) join the passes under way.
+        self.ledger.rewind(cursor, self.cfg.data.seed, shards)
+        self.last_checkpoint_step = self.observer.last_checkpoint_step = self.step
+        self.policy.mark(self.step, time.time())
+        record = point.record
+        self.metrics.observe_checkpoint(step=self.step, wall_time=float(record["wall_time"]), duration_s=0.0,
+                                        size_bytes=int(record.get("state_bytes", 0)) + int(record.get("backbone_bytes", 0)),
                                         saved_now=False)
-        log.info("resumed from %s: step %d, %d images seen", latest.get("state"), self.step, self.images_seen)
+        log.info("resumed from %s: step %d, %d images seen", point.url, self.step, self.images_seen)
 
-    def spawn(self, slot: DecodeSlot) -> None:
-        slot.handle = DecodeActor.options(num_cpus=1, max_restarts=0).remote(self.cfg.to_dict(), slot.index)
-        slot.pid = ray.get(slot.handle.pid.remote())
-        slot.shards = set()
-        slot.pending.clear()
-        slot.exhausted = False
+    def recover(self, cause: str) -> None:
+        """A learner died or its node was lost: a new group from the latest checkpoint, within budget."""
+        self.state = RunState.RECOVERING
+        self.restarts += 1
+        self.metrics.count_learner_restart()
+        budget = self.cfg.train.max_failures
+        log.error("learner failure %d (train.max_failures=%d): %s", self.restarts, budget, cause)
+        self.shutdown_actors()
+        if 0 <= budget < self.restarts:
+            raise RunFailed(f"learners failed {self.restarts} time(s), more than train.max_failures={budget}; "
+                            f"last cause: {cause}; the latest checkpoint is step {self.last_checkpoint_step}")
+        log.warning("restarting the learners from the latest checkpoint; steps trained since it are trained again")
+        self.start_actors()
+        self.restore(self.source.list_shards())
+        self.state = RunState.RUNNING
 
-    # ------------------------------------------------------------ data plane
-    def feed_decoders(self) -> None:
-        cfg = self.cfg
-        if cfg.data.follow and time.time() - self.last_relist >= cfg.data.relist_interval_s:
-            new = self.source.relist()
-            if new:
-                log.info("follow: %d new shard(s)", len(new))
-                self.delivered.add_shards(new)
-                self.submitted.add_shards(new)
-            self.last_relist = time.time()
-        for slot in self.slots:
-            while len(slot.shards) < cfg.data.open_shards_per_actor:
-                task = self.delivered.next_task()
-                if task is None:
-                    break
-                slot.shards.add(task.shard_id)
-                slot.handle.assign.remote(task)
-                slot.assigned += 1
-                slot.exhausted = False
-        # Backpressure: decoded batches waiting anywhere (in an actor's queue, in the object store, or ready
-        # for a learner) are bounded, so a slow learner slows the readers and the object store never fills.
-        # The bound is per actor too, so one slow reader holds only its own share.
-        capacity = len(self.slots) * cfg.data.inflight_batches_per_actor + 2 * len(self.learners)
-        outstanding = sum(len(slot.pending) for slot in self.slots) + self.ready_batches()
-        for slot in sorted(self.slots, key=lambda s: len(s.pending)):
-            if slot.exhausted or outstanding >= capacity:
-                continue
-            while len(slot.pending) < cfg.data.inflight_batches_per_actor and outstanding < capacity:
-                meta_ref, batch_ref = slot.handle.next_batch.remote(cfg.train.batch_size)
-                slot.pending.append((meta_ref, batch_ref, slot.assigned))
-                outstanding += 1
+    def finish(self) -> int:
+        """STOPPING: the final checkpoint, then DONE."""
+        self.observer.log_progress()
+        saved = self.checkpoint(final=True)
+        self.state = RunState.DONE
+        if not saved:
+            log.error("final checkpoint at step %d failed; the last checkpoint saved is step %d", self.step,
+                      self.last_checkpoint_step)
+            return EXIT_FINAL_CHECKPOINT_FAILED
+        log.info("stopped (%s) at step %d after %d images", self.stop_reason or "stop requested", self.step,
+                 self.images_seen)
+        return 0
 
-    def collect_batches(self, timeout: float) -> None:
-        heads = {slot.pending[0][0]: slot for slot in self.slots if slot.pending}
-        if not heads:
-            time.sleep(timeout)
+    # ------------------------------------------------------------ helpers
+    def follow_new_shards(self) -> None:
+        if not self.cfg.data.follow or time.monotonic() - self.last_relist < self.cfg.data.relist_interval_s:
             return
-        done, _ = ray.wait(list(heads), num_returns=1, timeout=timeout)
-        for ref in done:
-            slot = heads[ref]
-            meta_ref, batch_ref, assigned_at_call = slot.pending.popleft()
-            try:
-                meta = ray.get(meta_ref)
-            except (RayActorError, RayTaskError) as err:
-                self.restart(slot, err)
-                continue
-            if meta is None:
-                # An actor answers calls in order: an empty answer to a call made before a later
-                # assignment says nothing about that shard, and the calls made after it go on.
-                if assigned_at_call == slot.assigned:
-                    slot.exhausted = True
-                continue
-            self.delivered.advance(meta.progress, meta.finished)
-            slot.shards.difference_update(meta.finished)
-            self.metrics.count_decode_errors(meta.errors)
-            self.decode_errors += sum(meta.errors.values())
-            self.metrics.count_reads(bytes_read=meta.bytes_read, shards_completed=len(meta.finished))
-            # Empty batches still carry finished shards; they queue too, so the submitted cursor
-            # takes them in delivery order, never ahead of the same worker's untrained batches.
-            self.ready.append((meta, batch_ref))
+        new = self.ledger.add_shards(self.source.relist())
+        if new:
+            log.info("follow: %d new shard(s)", len(new))
+        self.last_relist = time.monotonic()
 
-    def ready_batches(self) -> int:
-        """Decoded batches with samples waiting for a learner (empty ones only carry bookkeeping)."""
-        return sum(1 for meta, _ in self.ready if meta.size)
-
-    def restart(self, slot: DecodeSlot, err: Exception) -> None:
-        """A decode actor died: a new one re-reads its shards from what was delivered."""
-        log.warning("decode actor %d (pid %d) failed: %s; restarting it", slot.index, slot.pid,
-                    str(err).splitlines()[0] if str(err) else type(err).__name__)
-        try:
-            ray.kill(slot.handle, no_restart=True)
-        except Exception:  # noqa: BLE001 — already gone
-            pass
-        for shard_id in slot.shards:
-            self.delivered.release(shard_id)
-        slot.restarts += 1
-        self.metrics.count_decode_actor_restarts()
-        self.spawn(slot)
-
-    # --------------------------------------------------------------- learners
-    def budget_left(self) -> bool:
-        cfg = self.cfg.train
-        if cfg.image_budget and self.images_submitted >= cfg.image_budget:
-            return False
-        if cfg.time_budget_s and time.time() - self.started >= cfg.time_budget_s:
-            return False
-        return True
-
-    def submit_steps(self) -> None:
-        world = len(self.learners)
-        while True:
-            while self.ready and self.ready[0][0].size == 0:
-                meta, _ = self.ready.popleft()
-                self.submitted.advance(meta.progress, meta.finished)
-            if not (self.ready_batches() >= world and len(self.in_flight) < 2 and self.budget_left()
-                    and not self.stop_event.is_set()):
-                return
-            batches = []
-            while len(batches) < world:
-                meta, ref = self.ready.popleft()
-                if meta.size == 0:
-                    self.submitted.advance(meta.progress, meta.finished)
-                else:
-                    batches.append((meta, ref))
-            refs = [lrn.train_step.remote(batch_ref) for lrn, (_, batch_ref) in zip(self.learners, batches)]
-            images = sum(meta.size for meta, _ in batches)
-            for meta, _ in batches:
-                self.submitted.advance(meta.progress, meta.finished)
-            keys = [k for meta, _ in batches for k in meta.keys]
-            self.in_flight.append(PendingStep(refs=refs, images=images, keys=keys))
-            self.images_submitted += images
-
-    def finish_step(self, timeout: float) -> bool:
-        if not self.in_flight:
-            return False
-        head = self.in_flight[0]
-        done, _ = ray.wait(head.refs, num_returns=len(head.refs), timeout=timeout)
-        if len(done) < len(head.refs):
-            return False
-        self.in_flight.popleft()
-        results = ray.get(head.refs)
-        self.on_step(results, head)
-        return True
-
-    def on_step(self, results: list[dict[str, Any]], step: PendingStep) -> None:
-        stats = results[0]
-        self.step = int(stats["step"])
-        self.images_seen = int(stats["images_seen"])
-        self.last_stats = stats
-        self.trained_keys_hook(step.keys)
-        self.throughput.add(step.images)
-        self.usage.update_from_counts(np.asarray(stats["prototype_counts"], dtype=np.int64))
-        perplexity, unused = self.usage.perplexity(), self.usage.unused()
-        input_wait = max(r["input_wait_ratio"] for r in results)
-        self.metrics.observe_step(images=step.images, images_seen=self.images_seen, loss=stats["loss"],
-                                  learning_rate=stats["lr"])
-        self.metrics.set_throughput(images_per_second=self.throughput.rate(), input_wait_ratio=input_wait)
-        self.metrics.set_batches_in_flight(sum(len(s.pending) for s in self.slots) + self.ready_batches()
-                                           + sum(len(p.refs) for p in self.in_flight))
-        if "gpu_memory_allocated_bytes" in stats:
-            self.metrics.set_gpu_memory(allocated_bytes=int(stats["gpu_memory_allocated_bytes"]),
-                                        reserved_bytes=int(stats["gpu_memory_reserved_bytes"]))
-        threshold, after_images = collapse_settings(self.cfg.metrics, self.cfg.model.prototypes,
-                                                    self.cfg.optim.warmup_images)
-        alarm = collapse_alarm(loss=stats["loss"], log_k=math.log(self.cfg.model.prototypes), perplexity=perplexity,
-                               threshold_perplexity=threshold, images_seen=self.images_seen,
-                               after_images=after_images)
-        if alarm and not self.collapse:
-            log.warning("collapse alarm: loss %.4f vs ln(K) %.4f, prototype perplexity %.1f of %d",
-                        stats["loss"], math.log(self.cfg.model.prototypes), perplexity, self.cfg.model.prototypes)
-        self.collapse = alarm
-        self.metrics.set_swav_health(queue_fill_ratio=stats["queue_fill"], prototype_perplexity=perplexity,
-                                     prototypes_unused=unused, sinkhorn_marginal_error=stats["marginal_error"],
-                                     collapse=alarm)
-        if stats["nonfinite"]:
-            self.metrics.count_nonfinite_loss()
-            if stats["nonfinite_in_row"] >= self.cfg.train.max_nonfinite_in_row:
-                raise TrainingStopped(
-                    f"{int(stats['nonfinite_in_row'])} non-finite losses in a row (train.max_nonfinite_in_row="
-                    f"{self.cfg.train.max_nonfinite_in_row}); stopping without a new checkpoint, the last good one "
-                    f"is step {self.last_checkpoint_step}")
-
-    def trained_keys_hook(self, keys: list[str]) -> None:
-        """Overridden in tests that count exactly which samples were trained."""
-
-    # ------------------------------------------------------------ checkpoints
-    def checkpoint(self, final: bool = False) -> None:
+    def checkpoint(self, final: bool = False) -> bool:
+        """Save through rank 0; False when the save failed (the previous checkpoint stays the latest)."""
         if self.step == self.last_checkpoint_step or self.step == 0:
-            return
-        start = time.time()
-        others = [lrn.rank_state.remote() for lrn in self.learners[1:]]
-        info = {"metrics": {k: v for k, v in self.last_stats.items() if isinstance(v, (int, float))},
+            return True
+        started = time.time()
+        last = self.observer.last
+        figures = {"loss": last.loss, "lr": last.lr, "feature_spread": last.feature_spread,
+                   "marginal_error": last.marginal_error} if last is not None else {}
+        info = {"metrics": {k: v for k, v in figures.items() if math.isfinite(v)},
                 **BackboneSpec.from_config(self.cfg.model).to_record(), "final": final,
                 # Consumers need crop size and normalisation without loading state.pt.
                 "config": self.cfg.to_dict()}
-        extra = {"stream_cursor": self.submitted.state_dict(), "config": self.cfg.to_dict()}
+        extra = {"stream_cursor": self.ledger.state_dict(), "config": self.cfg.to_dict()}
         try:
-            saved = ray.get(self.learners[0].save_checkpoint.remote(self.cfg.checkpoint.dir, extra, others, info))
-        except RayTaskError as err:
-            # The previous checkpoint stays the latest; training goes on and the next one is tried on schedule.
+            saved = self.group.save(self.cfg.checkpoint.dir, extra, info)
+        except (RayTaskError, LearnerFailure) as err:
             self.metrics.count_checkpoint_failure()
-            log.error("checkpoint at step %d failed: %s", self.step, err)
-            self.checkpoint_policy.mark(self.step, time.time())
-            return
-        self.last_checkpoint_step = saved["step"]
-        self.checkpoint_policy.mark(self.step, saved["wall_time"])
+            log.error("checkpoint at step %d failed: %s", self.step, first_line(err))
+            self.policy.mark(self.step, time.time())
+            return False
+        self.last_checkpoint_step = self.observer.last_checkpoint_step = saved["step"]
+        self.policy.mark(self.step, saved["wall_time"])
         self.metrics.observe_checkpoint(step=saved["step"], wall_time=saved["wall_time"],
-                                        duration_s=time.time() - start, size_bytes=saved["bytes_written"])
+                                        duration_s=time.time() - started, size_bytes=saved["bytes_written"])
         log.info("checkpoint step %d (%d images) written in %.1fs: %s", saved["step"], saved["images_seen"],
-                 time.time() - start, saved["step_url"])
-
-    # ------------------------------------------------------------------ loop
-    def run(self) -> int:
-        self.start()
-        progress = Progress(self.cfg, self.images_seen)
-        last_log = time.time()
-        try:
-            while not self.stop_event.is_set():
-                self.feed_decoders()
-                self.collect_batches(timeout=0.05)
-                self.submit_steps()
-                while self.finish_step(timeout=0.0):
-                    pass
-                if not self.in_flight and not self.budget_left():
-                    self.stop_reason = "budget reached"
-                    break
-                if self.checkpoint_policy.due(self.step, time.time()) and self.step > self.last_checkpoint_step:
-                    self.drain()
-                    self.checkpoint()
-                if time.time() - last_log >= self.cfg.train.log_interval_s:
-                    last_log = time.time()
-                    self.log_progress(progress)
-                if all(s.exhausted for s in self.slots) and not self.ready and not self.in_flight:
-                    if not self.cfg.data.follow:
-                        self.stop_reason = "stream ended"
-                        break
-            self.drain()
-            self.log_progress(progress)
-            self.checkpoint(final=True)
-            log.info("stopped (%s) at step %d after %d images", self.stop_reason or "stop requested", self.step,
-                     self.images_seen)
-            return 0
-        finally:
-            progress.close()
-
-    def drain(self) -> None:
-        while self.in_flight:
-            self.finish_step(timeout=1.0)
-
-    def log_progress(self, progress: "Progress") -> None:
-        s = self.last_stats
-        log.info("step %d | %d images | %.1f img/s | loss %.4f | perplexity %.1f/%d | spread %.2f | input-wait %.0f%% | "
-                 "decode errors %d | lr %.4g", self.step, self.images_seen, self.throughput.rate(),
-                 s.get("loss", math.nan), self.usage.perplexity(), self.cfg.model.prototypes,
-                 s.get("feature_spread", math.nan),
-                 100 * s.get("input_wait_ratio", 0.0), self.decode_errors, s.get("lr", 0.0))
-        if progress.budget or progress.time_budget:
-            done, eta = progress.fraction_and_eta(self.images_seen)
-            if not progress.enabled:
-                log.info("progress %.1f%%, ETA %.0fs", 100 * done, eta)
-        progress.update(self.images_seen)
+                 time.time() - started, saved["step_url"])
+        return True
 
     def request_stop(self, reason: str) -> None:
         self.stop_reason = reason
-        self.stop_event.set()
+        self.stop.set()
+
+    def shutdown_actors(self) -> None:
+        if self.pool is not None:
+            self.pool.shutdown()
+        if self.group is not None:
+            self.group.shutdown()
 
 
-class Throughput:
-    """Images per second over a sliding time window."""
-
-    def __init__(self, window_s: float) -> None:
-        self.window_s = window_s
-        self.events: collections.deque[tuple[float, int]] = collections.deque()
-
-    def add(self, images: int, now: float | None = None) -> None:
-        now = time.monotonic() if now is None else now
-        self.events.append((now, images))
-        # Keep two events at least, so slow steps (longer than the window) still give a rate.
-        while len(self.events) > 2 and now - self.events[0][0] > self.window_s:
-            self.events.popleft()
-
-    def rate(self) -> float:
-        if len(self.events) < 2:
-            return 0.0
-        span = self.events[-1][0] - self.events[0][0]
-        return sum(n for _, n in list(self.events)[1:]) / span if span > 0 else 0.0
-
-
-class Progress:
-    """A one-line progress bar with ETA on stderr, shown when a budget is set."""
-
-    def __init__(self, cfg: Config, start_images: int) -> None:
-        self.budget = cfg.train.image_budget
-        self.time_budget = cfg.train.time_budget_s
-        # A bar redrawn with carriage returns only makes sense on a terminal; logs get the ETA instead.
-        self.enabled = cfg.train.progress_bar and bool(self.budget or self.time_budget) and sys.stderr.isatty()
-        self.start = time.time()
-        self.start_images = start_images
-
-    def fraction_and_eta(self, images: int) -> tuple[float, float]:
-        elapsed = time.time() - self.start
-        fractions = []
-        if self.budget:
-            fractions.append(images / self.budget)
-        if self.time_budget:
-            fractions.append(elapsed / self.time_budget)
-        done = min(max(fractions), 1.0) if fractions else 0.0
-        eta = (elapsed / done - elapsed) if done > 0 else math.inf
-        return done, eta
-
-    def update(self, images: int) -> None:
-        if not self.enabled:
-            return
-        done, eta = self.fraction_and_eta(images)
-        rate = (images - self.start_images) / max(time.time() - self.start, 1e-9)
-        bar = "#" * int(30 * done) + "." * (30 - int(30 * done))
-        sys.stderr.write(f"\r[{bar}] {100 * done:5.1f}% {images} images {rate:.1f} img/s ETA {eta:6.0f}s")
-        sys.stderr.flush()
-
-    def close(self) -> None:
-        if self.enabled:
-            sys.stderr.write("\n")
-
-
-def train(cfg: Config) -> int:
-    """`stream-swav train`: run until a budget, the end of a finite stream, or SIGTERM/SIGINT."""
-    trainer = Trainer(cfg)
+def train(cfg: Config, trainer: Trainer | None = None) -> int:
+    """`stream-swav train`: run until a budget or SIGTERM/SIGINT; the exit status."""
+    trainer = trainer or Trainer(cfg)
     # ray.init installs its own SIGTERM handler (an immediate exit, no checkpoint): start Ray first
     # so that ours replaces it.
-    init_ray(cfg)
+    log.info("%s", init_ray())
     previous = {}
 
     def on_signal(signum: int, _frame: Any) -> None:
-        log.info("received %s: finishing the current step and writing a final checkpoint",
+        log.info("received %s: finishing the current chunk and writing a final checkpoint",
                  signal.Signals(signum).name)
         trainer.request_stop(signal.Signals(signum).name)
 
@@ -539,10 +311,17 @@ def train(cfg: Config) -> int:
         return trainer.run()
     except TrainingStopped as err:
         log.error("%s", err)
-        return 3
+        return EXIT_NONFINITE
+    except RunFailed as err:
+        log.error("%s", err)
+        return EXIT_FAILED
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
         trainer.metrics.stop_server()
+        trainer.shutdown_actors()
         if ray.is_initialized():
             ray.shutdown()
+
+
+__all__ = ["Trainer", "RunState", "RunFailed", "train", "StartupError"]

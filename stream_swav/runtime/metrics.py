@@ -37,6 +37,7 @@ TRAINER_METRIC_NAMES: tuple[str, ...] = tuple(PREFIX + n for n in (
     "prototype_perplexity",
     "prototypes_unused",
     "sinkhorn_marginal_error",
+    "feature_spread",
     "input_wait_ratio",
     "nonfinite_loss_total",
     "collapse_alarm",
@@ -46,6 +47,7 @@ TRAINER_METRIC_NAMES: tuple[str, ...] = tuple(PREFIX + n for n in (
     "decode_actors_up",
     "decode_errors_total",
     "decode_actor_restarts_total",
+    "learner_restarts_total",
     "shards_completed_total",
     "bytes_read_total",
     "object_store_batches_in_flight",
@@ -137,6 +139,8 @@ class Metrics(_Exporter):
         self._prototypes_unused = gauge("prototypes_unused", "Prototypes given no argmax assignment in the window.")
         self._sinkhorn_marginal_error = gauge("sinkhorn_marginal_error",
                                               "Max deviation of the code marginals from their targets.")
+        self._feature_spread = gauge("feature_spread",
+                                     "Spread of the batch's unit embeddings (about 1 spread out, 0 collapsed).")
         self._input_wait_ratio = gauge("input_wait_ratio", "Fraction of learner time spent waiting for batches.")
         self._nonfinite_loss = counter("nonfinite_loss", "Steps skipped because the loss was NaN or infinite.")
         self._collapse_alarm = gauge("collapse_alarm", "1 while the collapse heuristics fire, else 0.")
@@ -147,6 +151,8 @@ class Metrics(_Exporter):
         self._decode_actors_up = gauge("decode_actors_up", "Decode actors alive.")
         self._decode_errors = counter("decode_errors", "Samples skipped by the readers, by reason.", ("reason",))
         self._decode_actor_restarts = counter("decode_actor_restarts", "Decode actors restarted after a failure.")
+        self._learner_restarts = counter("learner_restarts",
+                                         "Times the learner group was restarted from a checkpoint after a failure.")
         self._shards_completed = counter("shards_completed", "Shards read to the end.")
         self._bytes_read = counter("bytes_read", "Shard bytes read from storage.")
         self._batches_in_flight = gauge("object_store_batches_in_flight",
@@ -159,9 +165,9 @@ class Metrics(_Exporter):
         self._checkpoints_saved = counter("checkpoints_saved", "Checkpoints completed by this process.")
         self._checkpoint_failures = counter("checkpoint_failures", "Checkpoint saves that raised.")
 
-    def observe_step(self, *, images: int, images_seen: int, loss: float, learning_rate: float) -> None:
-        """One applied optimizer step over `images` images (all learners together)."""
-        self._steps.inc()
+    def observe_steps(self, *, steps: int, images: int, images_seen: int, loss: float, learning_rate: float) -> None:
+        """`steps` optimizer steps over `images` images (all learners together); the last step's figures."""
+        self._steps.inc(steps)
         self._images_trained.inc(images)
         self._images_seen.set(images_seen)
         self._loss.set(loss)
@@ -175,7 +181,8 @@ class Metrics(_Exporter):
         self._input_wait_ratio.set(input_wait_ratio)
 
     def set_swav_health(self, *, queue_fill_ratio: float, prototype_perplexity: float, prototypes_unused: int,
-                        sinkhorn_marginal_error: float, collapse: bool) -> None:
+                        sinkhorn_marginal_error: float, feature_spread: float, collapse: bool) -> None:
+        self._feature_spread.set(feature_spread)
         self._queue_fill_ratio.set(queue_fill_ratio)
         self._prototype_perplexity.set(prototype_perplexity)
         self._prototypes_unused.set(prototypes_unused)
@@ -205,6 +212,9 @@ class Metrics(_Exporter):
 
     def count_decode_actor_restarts(self, restarts: int = 1) -> None:
         self._decode_actor_restarts.inc(restarts)
+
+    def count_learner_restart(self) -> None:
+        self._learner_restarts.inc()
 
     def set_batches_in_flight(self, batches: int) -> None:
         self._batches_in_flight.set(batches)
@@ -249,27 +259,20 @@ class EvalMetrics(_Exporter):
         self._failures.inc()
 
 
-def collapse_alarm(loss: float, log_k: float, perplexity: float, threshold_perplexity: float,
-                   images_seen: int, after_images: int) -> bool:
-    """True when training looks collapsed: after warm-up, the loss sits at ln(K)
-    (predictions uniform over prototypes, i.e. nothing learned) or the assignments
-    concentrate on fewer prototypes than `threshold_perplexity` suggests.
+def collapse_alarm(feature_spread: float, threshold: float, images_seen: int, after_images: int) -> bool:
+    """True when training looks collapsed: after warm-up, the batch's embeddings have (almost) no
+    spread left, i.e. every image maps to about the same point. Neither the loss nor the codes tell
+    that reliably: a collapsed network can sit at ln(K) (Sinkhorn) or near 0 (codes that allow
+    concentration), and a healthy one starts at ln(K) too.
 
-    Non-finite inputs never raise the alarm; they are reported by their own counter.
+    A non-finite spread never raises the alarm; non-finite steps have their own counter.
     """
-    if images_seen < after_images:
-        return False
-    loss_at_log_k = math.isfinite(loss) and abs(loss - log_k) <= 0.02 * log_k
-    few_prototypes = math.isfinite(perplexity) and perplexity < threshold_perplexity
-    return loss_at_log_k or few_prototypes
+    return images_seen >= after_images and math.isfinite(feature_spread) and feature_spread < threshold
 
 
-def collapse_settings(cfg: MetricsConfig, prototypes: int, warmup_images: int) -> tuple[float, int]:
-    """(threshold_perplexity, after_images) with the config's 0 = automatic resolved."""
-    # K/50 alone is under 1 for small K and could never fire; 2 means "all on one prototype".
-    threshold = cfg.collapse_perplexity if cfg.collapse_perplexity > 0 else max(2.0, prototypes / 50.0)
-    after = cfg.collapse_after_images if cfg.collapse_after_images > 0 else warmup_images
-    return threshold, after
+def collapse_after(cfg: MetricsConfig, warmup_images: int) -> int:
+    """Images after which the alarm may fire (metrics.collapse_after_images; 0: after warmup)."""
+    return cfg.collapse_after_images if cfg.collapse_after_images > 0 else warmup_images
 
 
 def usage_perplexity(counts: np.ndarray | list[int]) -> float:

@@ -1,0 +1,143 @@
+"""The decode actors of a run: spawned, given shard tasks, replaced when they fail.
+
+Slot s feeds learner s % learners, for the life of the run (a replacement takes
+over its slot). Actors that cannot be placed in time are dropped, with a
+warning, as long as every learner keeps one; the cluster may simply have
+fewer CPUs than planned (a lost node).
+"""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import ray
+
+from stream_swav.config import Config
+from stream_swav.runtime.actors import DecodeActor
+from stream_swav.runtime.cluster import StartupError
+from stream_swav.runtime.learner_group import POLL_S, Stopped, first_line
+from stream_swav.runtime.ledger import StreamLedger
+
+log = logging.getLogger("stream_swav.decoders")
+
+
+class DecodePool:
+    def __init__(self, cfg: Config, learners: int, build_worker: Callable[[Config, int], Any] | None = None) -> None:
+        self.cfg = cfg
+        self.learners = learners
+        self.build_worker = build_worker
+        self.actors: dict[int, Any] = {}
+        self.restarts = 0
+        # Replacements not known to be up yet: slot -> (ready ref, deadline).
+        self._starting: dict[int, tuple[Any, float]] = {}
+        # Slots given up on for this learner group (they could not be placed again).
+        self.dropped: set[int] = set()
+
+    def feeders(self) -> dict[int, dict[int, Any]]:
+        """rank -> {slot: handle} of the live decode actors."""
+        by_rank: dict[int, dict[int, Any]] = {rank: {} for rank in range(self.learners)}
+        for slot, handle in self.actors.items():
+            by_rank[slot % self.learners][slot] = handle
+        return by_rank
+
+    def start(self, count: int, stop: threading.Event) -> None:
+        self._spawn(list(range(count)), stop)
+
+    def top_up(self, ledger: StreamLedger) -> None:
+        """Keep every actor holding its share of shard tasks."""
+        for slot, tasks in ledger.top_up(sorted(self.actors)).items():
+            self.actors[slot].assign.remote(tasks)
+
+    def replace(self, slots: list[int], ledger: StreamLedger) -> dict[int, dict[int, Any]]:
+        """Decode actors that failed: their shards go back to the ledger (re-read from what was
+        trained), and new actors take their slots at once; `poll` later checks they came up.
+        Returns the new feeders, rank -> {slot: handle}."""
+        by_rank: dict[int, dict[int, Any]] = {}
+        deadline = time.monotonic() + self.cfg.train.startup_timeout_s
+        for slot in slots:
+            if slot in self.dropped:
+                continue  # given up on: its learner's calls to the old actor fail, nothing to replace
+            log.warning("decode actor %d failed; replacing it and re-reading its shards from what was trained",
+                        slot)
+            handle = self.actors.pop(slot, None)
+            if handle is not None:
+                ray.kill(handle, no_restart=True)
+            ledger.release(slot)
+            self.restarts += 1
+            handle = self._launch(slot)
+            self.actors[slot] = handle
+            self._starting[slot] = (handle.ready.remote(), deadline)
+            by_rank.setdefault(slot % self.learners, {})[slot] = handle
+        return by_rank
+
+    def poll(self, ledger: StreamLedger) -> None:
+        """Replacements that came up are done with; one not up by its deadline is dropped and its
+        shards go back (the cluster may have lost the room for it)."""
+        for slot, (ready, deadline) in list(self._starting.items()):
+            done, _ = ray.wait([ready], timeout=0)
+            if done or time.monotonic() > deadline:
+                del self._starting[slot]
+                try:
+                    if not done:
+                        raise TimeoutError(f"not placed within train.startup_timeout_s="
+                                           f"{self.cfg.train.startup_timeout_s:g}s")
+                    ray.get(ready)
+                except Exception as err:  # noqa: BLE001 - whatever kept it from starting, it is dropped
+                    log.warning("decode actor %d could not start again (%s); running without it", slot,
+                                first_line(err))
+                    ray.kill(self.actors.pop(slot), no_restart=True)
+                    ledger.release(slot)
+                    self.dropped.add(slot)
+                    self._check_every_learner_fed()
+
+    def shutdown(self) -> None:
+        self._starting.clear()
+        self.dropped.clear()
+        for handle in self.actors.values():
+            try:
+                ray.kill(handle, no_restart=True)
+            except Exception:  # noqa: BLE001 - already gone with its node
+                pass
+        self.actors = {}
+
+    def _spawn(self, slots: list[int], stop: threading.Event) -> None:
+        """Start actors for `slots` and wait (train.startup_timeout_s) until they are up; those that
+        are not are dropped, unless that leaves a learner without any."""
+        started = {slot: self._launch(slot) for slot in slots}
+        pending = {handle.ready.remote(): slot for slot, handle in started.items()}
+        deadline = time.monotonic() + self.cfg.train.startup_timeout_s
+        while pending and time.monotonic() < deadline:
+            if stop.is_set():
+                for handle in started.values():
+                    ray.kill(handle, no_restart=True)
+                raise Stopped("stop requested while starting decode actors")
+            done, _ = ray.wait(list(pending), num_returns=len(pending), timeout=POLL_S)
+            for ref in done:
+                slot = pending.pop(ref)
+                try:
+                    ray.get(ref)
+                    self.actors[slot] = started[slot]
+                except Exception as err:  # noqa: BLE001 - a decode actor that cannot start is dropped below
+                    log.warning("decode actor %d could not start: %s", slot, first_line(err))
+        for ref, slot in pending.items():
+            ray.kill(started[slot], no_restart=True)
+            self.dropped.add(slot)
+            log.warning("decode actor %d could not be placed within train.startup_timeout_s=%gs; running without it",
+                        slot, self.cfg.train.startup_timeout_s)
+        self._check_every_learner_fed()
+
+    def _launch(self, slot: int) -> Any:
+        return DecodeActor.options(num_cpus=1, max_restarts=0).remote(self.cfg.to_dict(), slot, self.build_worker)
+
+    def _check_every_learner_fed(self) -> None:
+        starving = [rank for rank, slots in self.feeders().items() if not slots]
+        if starving:
+            raise StartupError(f"data.decode_actors: learner(s) {starving} have no decode actor: none could be "
+                               f"placed within train.startup_timeout_s={self.cfg.train.startup_timeout_s:g}s; "
+                               f"the cluster needs free CPUs for them")
+
+
+__all__ = ["DecodePool"]

@@ -1,0 +1,162 @@
+"""The learners of a run as one unit: placed together, set up together, failing together.
+
+Learners share a torch.distributed process group, so one dead rank stalls the
+others inside a collective: any failure of any member fails the group, which
+is torn down whole (`LearnerFailure`) and replaced by the driver. Every wait
+here has a deadline or can be given up, so the driver never blocks for good.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import ray
+from ray.exceptions import GetTimeoutError, RayActorError, RayError, RayTaskError
+from ray.util.placement_group import placement_group, remove_placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+from stream_swav.config import Config
+from stream_swav.runtime.actors import LearnerActor
+from stream_swav.runtime.cluster import ClusterPlan, StartupError, describe_shortfall
+from stream_swav.runtime.reports import StepReport
+
+log = logging.getLogger("stream_swav.learners")
+
+# How often waits wake up to look at the stop flag.
+POLL_S = 0.5
+
+
+class LearnerFailure(RuntimeError):
+    """A learner died or failed; the group is unusable. `cause` says why, in one line."""
+
+    def __init__(self, cause: str) -> None:
+        super().__init__(cause)
+        self.cause = cause
+
+
+class Stopped(RuntimeError):
+    """A stop was requested while waiting (SIGTERM during start-up or recovery)."""
+
+
+def first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return f"{type(err).__name__}: {text.splitlines()[0] if text else ''}".rstrip(": ")
+
+
+def wait_all(refs: list[Any], stop: threading.Event | None, deadline: float | None, what: str) -> list[Any]:
+    """ray.get of every ref, polling so that a stop request or the deadline is noticed; a failed ref
+    raises LearnerFailure at once, without waiting for the others."""
+    pending = list(refs)
+    while pending:
+        if stop is not None and stop.is_set():
+            raise Stopped(f"stop requested while waiting for {what}")
+        if deadline is not None and time.monotonic() > deadline:
+            raise GetTimeoutError(f"{what} did not finish in time")
+        done, pending = ray.wait(pending, num_returns=len(pending), timeout=POLL_S)
+        for ref in done:
+            try:
+                ray.get(ref)
+            except (RayActorError, RayTaskError, RayError) as err:
+                raise LearnerFailure(f"{what}: {first_line(err)}") from err
+    return ray.get(list(refs))
+
+
+class LearnerGroup:
+    def __init__(self, cfg: Config, plan: ClusterPlan,
+                 build_learner: Callable[[Config, Any, int, int], Any] | None = None) -> None:
+        self.cfg = cfg
+        self.plan = plan
+        self.build_learner = build_learner
+        self.actors: list[Any] = []
+        self._placement: Any = None
+
+    def start(self, stop: threading.Event) -> list[str]:
+        """Place the learners (waiting up to train.startup_timeout_s for the resources), start them,
+        join their process group and build the models. Returns each learner's device."""
+        world = self.plan.learners
+        timeout = self.cfg.train.startup_timeout_s
+        bundle = self.plan.learner_bundle
+        deadline = time.monotonic() + timeout
+        options: list[dict[str, Any]] = [{} for _ in range(world)]
+        if bundle:
+            self._placement = placement_group([bundle] * world, strategy="PACK")
+            try:
+                wait_all([self._placement.ready()], stop, deadline, "learner placement")
+            except GetTimeoutError:
+                self.shutdown()
+                raise StartupError(f"train.learners: could not place the learners within train.startup_timeout_s="
+                                   f"{timeout:g}s: {describe_shortfall(self.plan, ray.cluster_resources())}") from None
+            except BaseException:
+                self.shutdown()
+                raise
+            options = [{"scheduling_strategy": PlacementGroupSchedulingStrategy(self._placement, rank)}
+                       for rank in range(world)]
+        config = self.cfg.to_dict()
+        self.actors = [LearnerActor.options(num_gpus=self.plan.gpus_per_learner, num_cpus=self.plan.cpus_per_learner,
+                                            max_restarts=0, **options[rank])
+                       .remote(config, rank, world, self.build_learner) for rank in range(world)]
+        master_addr, master_port = (wait_all([self.actors[0].address.remote()], stop, deadline, "learner start")[0]
+                                    if world > 1 else (None, None))
+        return wait_all([a.setup.remote(master_addr, master_port) for a in self.actors], stop, None, "learner setup")
+
+    def attach(self, feeders: dict[int, dict[int, Any]]) -> None:
+        """Give each rank its decode actors: rank -> {slot: handle}."""
+        wait_all([self.actors[rank].attach.remote(slots) for rank, slots in feeders.items() if slots], None, None,
+                 "attaching decode actors")
+
+    def restore(self, state: dict[str, Any]) -> int:
+        """Load a checkpoint's state into every rank (rank 0's own, the others' queues and RNGs)."""
+        other_ranks = state.pop("other_ranks", [])
+        if len(other_ranks) + 1 != len(self.actors):
+            log.warning("checkpoint has %d learner(s), this run %d: queues of new ranks start empty",
+                        len(other_ranks) + 1, len(self.actors))
+        refs = []
+        for rank, actor in enumerate(self.actors):
+            rank_state = dict(state)
+            if rank > 0:
+                if rank - 1 < len(other_ranks):
+                    rank_state.update(other_ranks[rank - 1])
+                else:
+                    # A rank new to this checkpoint keeps its own fresh queue and random streams.
+                    for key in ("queue", "cpu_rng", "augment_rng", "cuda_rng"):
+                        rank_state.pop(key, None)
+            refs.append(actor.load_state.remote(rank_state))
+        return int(wait_all(refs, None, None, "restoring the checkpoint")[0])
+
+    def run_chunk(self, max_steps: int, max_seconds: float) -> list[StepReport]:
+        """Every rank trains up to `max_steps` steps for at most about `max_seconds`; their reports."""
+        refs = [actor.run.remote(max_steps, max_seconds) for actor in self.actors]
+        return wait_all(refs, None, None, "training")
+
+    def save(self, directory: str, extra: dict[str, Any], info: dict[str, Any]) -> dict[str, Any]:
+        """Rank 0 writes the checkpoint, with the other ranks' queues and random states."""
+        others = [actor.rank_state.remote() for actor in self.actors[1:]]
+        ref = self.actors[0].save_checkpoint.remote(directory, extra, others, info)
+        pending = [ref]
+        while pending:
+            done, pending = ray.wait(pending, timeout=POLL_S)
+        try:
+            return ray.get(ref)
+        except RayActorError as err:
+            raise LearnerFailure(f"checkpoint: {first_line(err)}") from err
+        # A RayTaskError (the save itself raised, e.g. a full disk) goes to the caller unchanged.
+
+    def shutdown(self) -> None:
+        for actor in self.actors:
+            try:
+                ray.kill(actor, no_restart=True)
+            except Exception:  # noqa: BLE001 - already gone with its node
+                pass
+        self.actors = []
+        if self._placement is not None:
+            try:
+                remove_placement_group(self._placement)
+            except Exception:  # noqa: BLE001 - gone with the cluster
+                pass
+            self._placement = None
+
+
+__all__ = ["LearnerGroup", "LearnerFailure", "Stopped", "wait_all", "first_line"]

@@ -1,0 +1,76 @@
+"""The stream ledger: what was trained, and which decode actor reads which shard.
+
+One `StreamCursor` records what was trained: it moves only when learners
+report trained batches, which makes it the state a checkpoint saves. Next to
+it, the ledger keeps which shards each decode actor slot holds, so that a
+replaced actor's shards are re-read from what was trained (nothing lost, and
+nothing its learner had not trained yet is counted), and so that every actor
+always holds a few shards ahead of what it reads (its open shards plus as
+many waiting).
+"""
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+from stream_swav.data.cursor import ShardKey, ShardTask, StreamCursor
+from stream_swav.runtime.reports import Progress
+
+
+class StreamLedger:
+    def __init__(self, seed: int, shards_per_slot: int) -> None:
+        self.cursor = StreamCursor(seed)
+        self.shards_per_slot = shards_per_slot
+        self.holders: dict[int, set[ShardKey]] = {}
+
+    def add_shards(self, urls: Iterable[str]) -> list[str]:
+        return self.cursor.add_shards(list(urls))
+
+    def top_up(self, slots: Iterable[int]) -> dict[int, list[ShardTask]]:
+        """New shard tasks for these decode actor slots, each up to `shards_per_slot` held at once,
+        dealt one at a time in turn, so that when shards are scarce every slot (and so every learner)
+        still gets some."""
+        slots = list(slots)
+        tasks: dict[int, list[ShardTask]] = {}
+        for depth in range(1, self.shards_per_slot + 1):
+            for slot in slots:
+                held = self.holders.setdefault(slot, set())
+                if len(held) >= depth:
+                    continue
+                task = self.cursor.next_task()
+                if task is None:
+                    return tasks
+                held.add(task.key)
+                tasks.setdefault(slot, []).append(task)
+        return tasks
+
+    def record(self, progress: Progress) -> None:
+        """Trained batches: move the cursor, and let go of finished shards."""
+        self.cursor.advance(progress.positions, progress.finished)
+        for key in progress.finished:
+            for held in self.holders.values():
+                held.discard(key)
+
+    def release(self, slot: int) -> None:
+        """Decode actor `slot` is gone: its shards go back, to be re-read from what was trained."""
+        for key in self.holders.pop(slot, set()):
+            self.cursor.release(key)
+
+    def release_all(self) -> None:
+        for slot in list(self.holders):
+            self.release(slot)
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.cursor.state_dict()
+
+    def rewind(self, state: dict[str, Any] | None, seed: int, current_shards: list[str]) -> None:
+        """Back to a checkpoint's cursor (or to the start of the stream when `state` is None), with
+        nothing assigned; shards listed now but unknown to the checkpoint join the passes under way."""
+        self.holders.clear()
+        self.cursor = StreamCursor(seed)
+        if state is not None:
+            self.cursor.load_state_dict(state)
+        self.cursor.add_shards(current_shards)
+
+
+__all__ = ["StreamLedger"]

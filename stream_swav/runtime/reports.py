@@ -1,0 +1,130 @@
+"""What crosses the Ray boundary from learners to the driver: typed reports, merged there.
+
+A learner trains a run of steps per call (a chunk) and answers with one
+`StepReport`: what it trained (the stream bookkeeping of every batch it
+consumed, already merged per shard), the health of the last step, and the
+input side (waiting, latency, failed decode actors). The driver merges the
+reports of all ranks into one `ChunkSummary`.
+"""
+from __future__ import annotations
+
+import math
+from collections import Counter
+from dataclasses import dataclass, field
+
+from stream_swav.data.batch import BatchMeta
+from stream_swav.data.cursor import ShardKey
+
+
+@dataclass
+class Progress:
+    """Stream bookkeeping of consumed batches, merged: the furthest position per shard, the shards
+    finished, skip counts and bytes. Merging is order-free because each shard is read by one decode
+    actor and consumed by one learner, in order."""
+
+    positions: dict[ShardKey, int] = field(default_factory=dict)
+    finished: list[ShardKey] = field(default_factory=list)
+    errors: Counter = field(default_factory=Counter)
+    bytes_read: int = 0
+
+    def add(self, meta: BatchMeta) -> None:
+        for key, position in meta.progress.items():
+            if position > self.positions.get(key, 0):
+                self.positions[key] = position
+        self.finished.extend(meta.finished)
+        self.errors.update(meta.errors)
+        self.bytes_read += meta.bytes_read
+
+    def merge(self, other: "Progress") -> None:
+        for key, position in other.positions.items():
+            if position > self.positions.get(key, 0):
+                self.positions[key] = position
+        self.finished.extend(other.finished)
+        self.errors.update(other.errors)
+        self.bytes_read += other.bytes_read
+
+
+@dataclass
+class StepReport:
+    """One learner's answer to one `run` call."""
+
+    rank: int
+    # Steps taken in this call (skipped non-finite steps included) and the learner's step count after.
+    steps: int = 0
+    step: int = 0
+    # Images this rank trained in the call; images the whole run has seen (equal on every rank).
+    images: int = 0
+    images_seen: int = 0
+    # The last step's figures (NaN when no step was taken).
+    loss: float = math.nan
+    lr: float = 0.0
+    marginal_error: float = math.nan
+    feature_spread: float = math.nan
+    queue_fill: int = 0
+    # Argmax prototype usage summed over the call's steps (K,).
+    prototype_counts: list[int] = field(default_factory=list)
+    nonfinite: int = 0
+    nonfinite_in_row: int = 0
+    progress: Progress = field(default_factory=Progress)
+    # Seconds in steps and waiting for input, within the call.
+    busy_s: float = 0.0
+    wait_s: float = 0.0
+    # Seconds from a batch's completion by its decode actor to its step starting, over the call.
+    latency_s: list[float] = field(default_factory=list)
+    # Decode actor slots whose calls failed (actor or object lost): their batches were dropped.
+    failed_feeders: list[int] = field(default_factory=list)
+    # Batches fetched or requested but not trained yet, held for the next call.
+    batches_held: int = 0
+    gpu_memory_allocated_bytes: int = 0
+    gpu_memory_reserved_bytes: int = 0
+
+
+@dataclass
+class ChunkSummary:
+    """The reports of one chunk from every rank, merged."""
+
+    steps: int
+    step: int
+    images: int
+    images_seen: int
+    loss: float
+    lr: float
+    marginal_error: float
+    feature_spread: float
+    queue_fill: int
+    prototype_counts: list[int]
+    nonfinite: int
+    nonfinite_in_row: int
+    progress: Progress
+    input_wait_ratio: float
+    latency_s: list[float]
+    failed_feeders: list[int]
+    batches_held: int
+    gpu_memory_allocated_bytes: int
+    gpu_memory_reserved_bytes: int
+
+    @classmethod
+    def merge(cls, reports: list[StepReport]) -> "ChunkSummary":
+        first = reports[0]
+        progress = Progress()
+        counts = [0] * len(first.prototype_counts)
+        for report in reports:
+            progress.merge(report.progress)
+            counts = [a + b for a, b in zip(counts, report.prototype_counts)] if report.prototype_counts else counts
+        busy = max(r.busy_s for r in reports)
+        wait = max(r.wait_s for r in reports)
+        return cls(
+            steps=first.steps, step=first.step, images=sum(r.images for r in reports),
+            images_seen=first.images_seen, loss=first.loss, lr=first.lr, marginal_error=first.marginal_error,
+            feature_spread=first.feature_spread, queue_fill=first.queue_fill, prototype_counts=counts,
+            nonfinite=first.nonfinite, nonfinite_in_row=first.nonfinite_in_row, progress=progress,
+            # The slowest-fed learner sets the pace of all of them.
+            input_wait_ratio=wait / (wait + busy) if wait + busy > 0 else 0.0,
+            latency_s=[x for r in reports for x in r.latency_s],
+            failed_feeders=sorted({f for r in reports for f in r.failed_feeders}),
+            batches_held=sum(r.batches_held for r in reports),
+            gpu_memory_allocated_bytes=max(r.gpu_memory_allocated_bytes for r in reports),
+            gpu_memory_reserved_bytes=max(r.gpu_memory_reserved_bytes for r in reports))
+
+
+__all__ = ["Progress", "StepReport", "ChunkSummary"]

@@ -538,7 +538,7 @@ def cursor_point(n: int, args: argparse.Namespace) -> dict[str, Any]:
     seed = 1234
     result: dict[str, Any] = {"shards": n, "states": {}}
     wall0, machine0, mine0 = time.time(), *machine_cpu()
-    t_build, states = timed(build_states, n, seed, args.open_shards)
+    t_build, states = timed(build_states, n, seed, max(1, min(args.open_shards, n // 4)))
     for name, raw in states.items():
         cursor = StreamCursor(seed)
         t_load_raw, _ = timed(cursor.load_state_dict, raw)
@@ -604,6 +604,8 @@ def cursor_step_costs(cursor: StreamCursor, n: int, args: argparse.Namespace) ->
         tasks.append(task)
     next_task_us = 1e6 * spent / calls
     # advance: one batch's progress over two open shards (one decode actor), positions moving on.
+    if len(tasks) < 2:
+        raise RuntimeError(f"{n} shards: next_task handed out {len(tasks)} task(s); use more shards")
     a, b = tasks[0].shard_id, tasks[1].shard_id
     rounds = 20_000
     start = time.perf_counter()

@@ -51,7 +51,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from stream_swav.augment import photometric_augment
 from stream_swav.config import COMPILE_MODES, Config, config_from_dict
-from stream_swav.data.batch import CropBatch
+from stream_swav.data.batch import BatchMeta, CropBatch
 from stream_swav.learner import Learner
 from stream_swav.model import SwAVModel
 from stream_swav.optim import learning_rate_for
@@ -227,7 +227,7 @@ def device_batch(cfg: Config, batch: int, device: torch.device) -> CropBatch:
                              generator=generator)
 
     return CropBatch(global_crops=stack(c.global_count, c.global_size), local_crops=stack(c.local_count, c.local_size),
-                     keys=[str(i) for i in range(batch)])
+                     meta=BatchMeta(keys=[str(i) for i in range(batch)]))
 
 
 def host_batch(batch: CropBatch) -> CropBatch:
@@ -237,7 +237,7 @@ def host_batch(batch: CropBatch) -> CropBatch:
         array = stack.cpu().numpy()
         array.flags.writeable = False
         arrays.append(array)
-    return CropBatch(global_crops=arrays[0], local_crops=arrays[1], keys=batch.keys)
+    return CropBatch(global_crops=arrays[0], local_crops=arrays[1], meta=batch.meta)
 
 
 def classic_views(cfg: Config, batch: CropBatch) -> list[Tensor]:

@@ -14,7 +14,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from stream_swav.config import Config, config_from_dict
-from stream_swav.data.batch import CropBatch
+from stream_swav.data.batch import BatchMeta, CropBatch
 from stream_swav.learner import Learner, StepStats
 from stream_swav.optim import learning_rate_for
 from stream_swav.runtime.metrics import usage_perplexity
@@ -58,7 +58,7 @@ class SyntheticStream:
         images = self.images(b)
         return CropBatch(global_crops=self.crops(images, c.global_count, c.global_size),
                          local_crops=self.crops(images, c.local_count, c.local_size),
-                         keys=[f"synthetic/{i}" for i in range(b)])
+                         meta=BatchMeta(keys=[f"synthetic/{i}" for i in range(b)]))
 
 
 def tiny_config(**sections: dict[str, Any]) -> Config:
@@ -270,10 +270,10 @@ def test_bad_batches_are_rejected_before_anything_changes():
     stream = SyntheticStream(n_classes=2, image_size=8, seed=5)
     learner = Learner(cfg, torch.device("cpu"))
     good = stream.batch(cfg)
-    wrong_count = CropBatch(global_crops=good.global_crops[:1], local_crops=good.local_crops, keys=good.keys)
+    wrong_count = CropBatch(global_crops=good.global_crops[:1], local_crops=good.local_crops, meta=good.meta)
     wrong_dtype = CropBatch(global_crops=good.global_crops.astype(np.float32), local_crops=good.local_crops,
-                            keys=good.keys)
-    wrong_batch = CropBatch(global_crops=good.global_crops, local_crops=good.local_crops[:, :2], keys=good.keys)
+                            meta=good.meta)
+    wrong_batch = CropBatch(global_crops=good.global_crops, local_crops=good.local_crops[:, :2], meta=good.meta)
     for bad, message in ((wrong_count, "crops per image"), (wrong_dtype, "uint8"), (wrong_batch, "batch size")):
         with pytest.raises(ValueError, match=message):
             learner.train_step(bad)

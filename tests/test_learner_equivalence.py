@@ -23,7 +23,7 @@ from torch import Tensor, nn
 
 from stream_swav.augment import PhotometricParams, apply_params, sample_params
 from stream_swav.config import Config, ConfigError, config_from_dict
-from stream_swav.data.batch import CropBatch
+from stream_swav.data.batch import BatchMeta, CropBatch
 from stream_swav.learner import Learner
 
 BATCH = 4
@@ -55,7 +55,7 @@ def random_batch(cfg: Config, as_tensor: bool) -> CropBatch:
         global_crops.flags.writeable = False
         local_crops.flags.writeable = False
     return CropBatch(global_crops=global_crops, local_crops=local_crops,
-                     keys=[f"k{i}" for i in range(BATCH)])
+                     meta=BatchMeta(keys=[f"k{i}" for i in range(BATCH)]))
 
 
 def params_row(params: PhotometricParams, row: int) -> PhotometricParams:
@@ -226,9 +226,9 @@ def test_tensor_batches_are_checked_like_arrays():
     cfg = small_config()
     learner = Learner(cfg, torch.device("cpu"))
     good = random_batch(cfg, as_tensor=True)
-    wrong_dtype = CropBatch(global_crops=good.global_crops.float(), local_crops=good.local_crops, keys=good.keys)
+    wrong_dtype = CropBatch(global_crops=good.global_crops.float(), local_crops=good.local_crops, meta=good.meta)
     wrong_layout = CropBatch(global_crops=good.global_crops.permute(0, 1, 4, 2, 3), local_crops=good.local_crops,
-                             keys=good.keys)
+                             meta=good.meta)
     for bad, message in ((wrong_dtype, "uint8"), (wrong_layout, "uint8")):
         with pytest.raises(ValueError, match=message):
             learner.train_step(bad)

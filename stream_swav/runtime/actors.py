@@ -173,6 +173,8 @@ class LearnerActorImpl:
             # Every rank sees the same (all-reduced) verdict, so all stop here together.
             if last.nonfinite_in_row >= max_nonfinite:
                 break
+        # A sample of the latencies is enough for percentiles, and keeps the report small.
+        report.latency_s = report.latency_s[::math.ceil(len(report.latency_s) / 100) or 1]
         # Decode actors keep working while the driver handles this report.
         self.feed.refill()
         report.failed_feeders = self.feed.take_failed()

@@ -15,6 +15,7 @@ import functools
 import json
 import os
 import re
+import signal
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -84,14 +85,23 @@ class TrainedSample:
     step: int
     pass_index: int
     key: str
+    # Line of the log: one per trained batch.
+    line: int = 0
 
 
 class RecordingLearner(Learner):
-    """The real Learner, appending (rank, step, pass, key) of what each step trained to a file."""
+    """The real Learner, appending (rank, step, pass, key) of what each step trained to a file.
 
-    def __init__(self, cfg: Config, device: Any, rank: int, world_size: int, *, log_path: str) -> None:
+    With `die_after_step`, the learner of rank `die_rank` kills its own process (SIGKILL, as the
+    out-of-memory killer would) right after recording that step; with `die_once_marker` only the
+    first time (the marker file remembers), so the learner that replaces it lives on."""
+
+    def __init__(self, cfg: Config, device: Any, rank: int, world_size: int, *, log_path: str,
+                 die_after_step: int = 0, die_rank: int = 0, die_once_marker: str = "") -> None:
         super().__init__(cfg, device, rank=rank, world_size=world_size)
         self.log_path = log_path
+        self.die_after_step = die_after_step if rank == die_rank else 0
+        self.die_once_marker = die_once_marker
 
     def train_step(self, batch: Any) -> Any:
         stats = super().train_step(batch)
@@ -102,20 +112,38 @@ class RecordingLearner(Learner):
         # One write per step, flushed before the next step starts: a SIGKILL loses nothing trained.
         with open(self.log_path, "a") as f:
             f.write(line + "\n")
+        if self.step == self.die_after_step and not (self.die_once_marker and os.path.exists(self.die_once_marker)):
+            if self.die_once_marker:
+                Path(self.die_once_marker).touch()
+            os.kill(os.getpid(), signal.SIGKILL)
         return stats
 
 
-def recording_learner(log_path: Path) -> Callable[..., Any]:
-    return functools.partial(RecordingLearner, log_path=str(log_path))
+def recording_learner(log_path: Path, **dying: Any) -> Callable[..., Any]:
+    return functools.partial(RecordingLearner, log_path=str(log_path), **dying)
+
+
+def runs(trained: list[TrainedSample]) -> list[list[TrainedSample]]:
+    """The log split where a learner group restarted (some rank's step went back)."""
+    segments: list[list[TrainedSample]] = [[]]
+    last: dict[int, tuple[int, int]] = {}  # rank -> (line, step)
+    for sample in trained:
+        line, step = last.get(sample.rank, (-1, 0))
+        if sample.line != line and sample.step <= step:
+            segments.append([])
+            last = {}
+        last[sample.rank] = (sample.line, sample.step)
+        segments[-1].append(sample)
+    return segments
 
 
 def read_trained(log_path: Path) -> list[TrainedSample]:
     if not Path(log_path).exists():
         return []
     trained = []
-    for line in Path(log_path).read_text().splitlines():
+    for number, line in enumerate(Path(log_path).read_text().splitlines()):
         row = json.loads(line)
-        trained += [TrainedSample(row["rank"], row["step"], p, key) for p, key in row["samples"]]
+        trained += [TrainedSample(row["rank"], row["step"], p, key, number) for p, key in row["samples"]]
     return trained
 
 
@@ -127,8 +155,8 @@ class WatchedTrainer(driver.Trainer):
     """A Trainer that records its samples and calls `after_chunk(trainer)` after each chunk."""
 
     def __init__(self, cfg: Config, log_path: Path, after_chunk: Callable[["WatchedTrainer"], None] | None = None,
-                 **kwargs: Any) -> None:
-        super().__init__(cfg, build_learner=recording_learner(log_path), **kwargs)
+                 dying: dict[str, Any] | None = None, **kwargs: Any) -> None:
+        super().__init__(cfg, build_learner=recording_learner(log_path, **(dying or {})), **kwargs)
         self.log_path = log_path
         self.after_chunk = after_chunk
 

@@ -1,0 +1,218 @@
+"""Failures a cluster brings, on real Ray clusters: learners killed, a node removed, too few
+resources, a stop while waiting for them.
+
+Each test builds its own cluster with `ray.cluster_utils.Cluster` (one or more raylets with their
+own object stores on this machine, as Ray's own tests do) and trains the tiny CPU configuration.
+Which samples were trained comes from the RecordingLearner's log, written inside the learners,
+so work done by a learner that is killed afterwards is counted too.
+"""
+from __future__ import annotations
+
+import collections
+import logging
+import threading
+import time
+
+import pytest
+import ray
+from conftest import colour_samples, tar_bytes
+from ray.cluster_utils import Cluster
+from runtime_helpers import (RAY_ENV, WatchedTrainer, close_trainer, object_url, runs, sample_keys, tiny_config,
+                             write_shard)
+
+from stream_swav.runtime import driver
+from stream_swav.runtime.cluster import ClusterPlan, StartupError, plan_cluster
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
+
+# Nodes that stop answering are declared dead within about 2 seconds instead of Ray's 15.
+FAST_FAILURE_DETECTION = {"health_check_failure_threshold": 3, "health_check_period_ms": 500,
+                          "health_check_initial_delay_ms": 0}
+
+
+@pytest.fixture
+def cluster():
+    """A cluster of one head (add nodes in the test), connected; torn down after the test."""
+    made = Cluster(initialize_head=True, connect=False,
+                   head_node_args={"num_cpus": 3, "_system_config": FAST_FAILURE_DETECTION})
+    ray.init(address=made.address, runtime_env=RAY_ENV, log_to_driver=False)
+    yield made
+    ray.shutdown()
+    made.shutdown()
+
+
+def shards(folder, count: int = 4, size: int = 16) -> tuple[str, set[str]]:
+    keys: set[str] = set()
+    for index in range(count):
+        samples = colour_samples(size, prefix=f"s{index}", start=100 * index)
+        url = write_shard(object_url(str(folder), f"shard-{index}.tar"), tar_bytes(samples))
+        keys |= sample_keys(url, samples)
+    return str(folder), keys
+
+
+def node_of(actor) -> str:
+    return ray.get(actor.__ray_call__.remote(lambda _self: ray.get_runtime_context().get_node_id()))
+
+
+# ------------------------------------------------------------------------------------ learner failure
+
+
+def test_a_killed_learner_is_replaced_and_only_what_followed_the_checkpoint_is_trained_again(cluster, tmp_path):
+    folder, keys = shards(tmp_path / "shards")
+    # One reader on one shard at a time: a fixed stream order, so the replay can be checked exactly.
+    cfg = tiny_config({"data": {"shards": folder, "open_shards_per_actor": 1},
+                       "checkpoint": {"dir": str(tmp_path / "ckpt"), "every_steps": 2},
+                       "train": {"image_budget": len(keys)}})
+    # The learner dies (SIGKILL) right after step 5, past its checkpoint at step 4; once.
+    dying = {"die_after_step": 5, "die_once_marker": str(tmp_path / "died")}
+    trainer = WatchedTrainer(cfg, tmp_path / "trained.jsonl", dying=dying)
+    try:
+        assert trainer.run() == 0
+    finally:
+        close_trainer(trainer)
+
+    assert trainer.restarts == 1
+    assert trainer.metrics.registry.get_sample_value("stream_swav_learner_restarts_total") == 1
+    killed_run, recovered_run = runs(trainer.trained)
+    assert max(s.step for s in killed_run) == 5 and min(s.step for s in recovered_run) == 5
+    counts = collections.Counter(s.key for s in killed_run + recovered_run)
+    # Every sample of the stream was trained, none lost...
+    assert set(counts) == keys
+    # ...and the only ones trained twice are those of the step after the last checkpoint.
+    assert {key for key, n in counts.items() if n > 1} == {s.key for s in killed_run if s.step == 5}
+    assert max(counts.values()) == 2
+    assert trainer.images_seen == len(keys)
+
+
+def test_killing_one_of_two_learners_restarts_both_from_scratch_before_any_checkpoint(cluster, tmp_path, caplog):
+    cluster.add_node(num_cpus=3)
+    folder, keys = shards(tmp_path / "shards")
+    cfg = tiny_config({"data": {"shards": folder, "decode_actors": 2},
+                       "checkpoint": {"dir": str(tmp_path / "ckpt"), "every_steps": 0},
+                       "train": {"learners": 2, "image_budget": len(keys)}})
+    dying = {"die_after_step": 1, "die_rank": 1, "die_once_marker": str(tmp_path / "died")}
+    caplog.set_level(logging.INFO, logger="stream_swav")
+    trainer = WatchedTrainer(cfg, tmp_path / "trained.jsonl", dying=dying)
+    try:
+        assert trainer.run() == 0
+    finally:
+        close_trainer(trainer)
+
+    assert trainer.restarts == 1
+    assert "no checkpoint yet: restarting from scratch" in caplog.text
+    # After the restart the stream began again: the second run alone covers every sample once.
+    *_, final_run = runs(trainer.trained)
+    assert collections.Counter(s.key for s in final_run) == {key: 1 for key in keys}
+    assert {s.rank for s in final_run} == {0, 1}
+
+
+def test_a_spent_failure_budget_ends_the_run_with_one_clear_line(cluster, tmp_path, caplog):
+    folder, _ = shards(tmp_path / "shards", count=2)
+    cfg = tiny_config({"data": {"shards": folder},
+                       "checkpoint": {"dir": str(tmp_path / "ckpt"), "every_steps": 1},
+                       "train": {"max_failures": 1}})  # no budget: only the failures end it
+    caplog.set_level(logging.INFO, logger="stream_swav")
+    # Every learner dies after its first step.
+    trainer = WatchedTrainer(cfg, tmp_path / "trained.jsonl", dying={"die_after_step": 1})
+    assert driver.train(cfg, trainer) == driver.EXIT_FAILED
+    final = [r for r in caplog.records if r.levelno >= logging.ERROR][-1].getMessage()
+    assert "learners failed 2 time(s), more than train.max_failures=1" in final
+    assert "\n" not in final and "the latest checkpoint is step" in final
+
+
+# ------------------------------------------------------------------------------------ node failure
+
+
+def test_a_run_survives_losing_a_node(cluster, tmp_path):
+    node = cluster.add_node(num_cpus=3)
+    cluster.wait_for_nodes()
+    folder, keys = shards(tmp_path / "shards", count=6)
+    # A replacement that does not fit on the remaining node is given up after 10 s.
+    cfg = tiny_config({"data": {"shards": folder, "decode_actors": 4, "inflight_batches_per_actor": 2},
+                       "checkpoint": {"dir": str(tmp_path / "ckpt"), "every_steps": 2},
+                       "train": {"image_budget": 2 * len(keys), "startup_timeout_s": 10}})
+    removed: dict[str, object] = {}
+
+    def remove_the_second_node(trainer: WatchedTrainer) -> None:
+        if removed or trainer.step < 2:
+            return
+        nodes = {node_of(a) for a in [*trainer.group.actors, *trainer.pool.actors.values()]}
+        removed.update(nodes=len(nodes), step=trainer.step)
+        cluster.remove_node(node)
+
+    trainer = WatchedTrainer(cfg, tmp_path / "trained.jsonl", after_chunk=remove_the_second_node)
+    try:
+        assert trainer.run() == 0
+    finally:
+        close_trainer(trainer)
+
+    assert removed, "the run ended before the node could be removed"
+    assert removed["nodes"] == 2, "the run's actors did not sit on both nodes"
+    assert trainer.stop_reason == "budget reached" and trainer.images_seen >= 2 * len(keys)
+    # Whatever was lost with the node (decode actors, their batches, maybe the learner) was read again.
+    assert set(s.key for s in trainer.trained) == keys
+    assert trainer.pool.restarts + trainer.restarts >= 1
+
+
+# ------------------------------------------------------------------------------------ resources
+
+
+def test_decode_actors_that_do_not_fit_are_scaled_down_with_a_warning(cluster, tmp_path, caplog):
+    folder, keys = shards(tmp_path / "shards", count=2)
+    # 3 CPUs: the learner takes 1, so 2 of the 5 decode actors fit.
+    cfg = tiny_config({"data": {"shards": folder, "decode_actors": 5},
+                       "checkpoint": {"dir": str(tmp_path / "ckpt"), "every_steps": 0},
+                       "train": {"image_budget": 16}})
+    caplog.set_level(logging.INFO, logger="stream_swav")
+    trainer = WatchedTrainer(cfg, tmp_path / "trained.jsonl")
+    try:
+        assert trainer.run() == 0
+    finally:
+        close_trainer(trainer)
+    assert trainer.metrics.registry.get_sample_value("stream_swav_decode_actors_up") == 2
+    assert "data.decode_actors: 5 wanted, running 2 (only 2 fit" in caplog.text
+
+
+def test_learners_that_cannot_be_placed_fail_within_the_timeout_naming_what_is_missing(cluster, tmp_path):
+    folder, _ = shards(tmp_path / "shards", count=2)
+    cfg = tiny_config({"data": {"shards": folder}, "checkpoint": {"dir": str(tmp_path / "ckpt")},
+                       "train": {"device": "cuda", "startup_timeout_s": 3}})
+    trainer = WatchedTrainer(cfg, tmp_path / "trained.jsonl")
+    started = time.monotonic()
+    try:
+        with pytest.raises(StartupError, match=r"1 GPUs requested for 1 learner\(s\), cluster has 0"):
+            trainer.run()
+    finally:
+        close_trainer(trainer)
+    assert time.monotonic() - started < 30
+
+
+def test_a_stop_while_waiting_for_resources_exits_zero_promptly(cluster, tmp_path):
+    folder, _ = shards(tmp_path / "shards", count=2)
+    cfg = tiny_config({"data": {"shards": folder}, "checkpoint": {"dir": str(tmp_path / "ckpt")},
+                       "train": {"device": "cuda", "startup_timeout_s": 120}})
+    trainer = WatchedTrainer(cfg, tmp_path / "trained.jsonl")
+    # What the SIGTERM handler does (`ray job stop`), two seconds into the wait.
+    threading.Timer(2.0, trainer.request_stop, args=("SIGTERM",)).start()
+    started = time.monotonic()
+    try:
+        assert trainer.run() == 0
+    finally:
+        close_trainer(trainer)
+    assert time.monotonic() - started < 20
+
+
+def test_plan_scales_decode_actors_to_the_cluster_and_refuses_what_cannot_fit():
+    cfg = tiny_config({"data": {"decode_actors": 0}, "train": {"learners": 2, "device": "auto"}})
+    plan = plan_cluster(cfg, {"CPU": 16, "GPU": 2})
+    assert plan == ClusterPlan(learners=2, gpus_per_learner=1.0, cpus_per_learner=1.0, decode_actors=14)
+    # device auto without GPUs: CPU learners.
+    assert plan_cluster(cfg, {"CPU": 16}).gpus_per_learner == 0.0
+    # Too many asked for: what fits, rounded to a multiple of the learners, with a warning.
+    tight = plan_cluster(tiny_config({"data": {"decode_actors": 12}, "train": {"learners": 2}}), {"CPU": 9})
+    assert tight.decode_actors == 6 and "12 wanted, running 6" in tight.warnings[0]
+    # One per learner at least.
+    assert plan_cluster(tiny_config({"data": {"decode_actors": 1}, "train": {"learners": 2}}),
+                        {"CPU": 8}).decode_actors == 2
+    with pytest.raises(StartupError, match="no CPU left for decode actors"):
+        plan_cluster(cfg, {"CPU": 3})

@@ -3,7 +3,7 @@
 #
 #   bash bench/gpu_proof.sh --pack      # here, before a GPU session: builds .gpuproof/ and reports sizes
 #   bash bench/gpu_proof.sh             # on the GPU machine, with .gpuproof carried: results under $OUT
-#   bash bench/gpu_proof.sh --dry-run   # the same steps on the CPU with tiny settings (~2 minutes)
+#   bash bench/gpu_proof.sh --dry-run   # the same steps on the CPU with tiny settings (~1.5 minutes)
 #
 # Steps (each under its own `timeout`; a step that fails or times out is recorded and the next
 # one runs, and $OUT/summary.json is rewritten after every step):

@@ -109,6 +109,9 @@ fi
 LOG=$OUT/gpu_proof.log
 SUMMARY=$OUT/summary.json
 LOCK=$WORK/summary.lock
+# A rerun into the same folder must not mix an earlier run's files into this one's figures.
+rm -f "$OUT"/{summary.json,gpu_proof.log,learner.json,e2e_metrics.jsonl,demo_summary.json,demo_accuracy.png} \
+    "$OUT"/{demo_results.jsonl,pytest.txt}
 : > "$LOG"
 
 BACKGROUND=()
@@ -240,7 +243,7 @@ fi
 wait "$E2E_SHARDS_PID"
 summary step --name e2e-shards --figures "$WORK/e2e-data.json"
 PORT=$("${HELPER[@]}" free-port)
-touch "$OUT/e2e_metrics.jsonl"
+: > "$OUT/e2e_metrics.jsonl"
 "${HELPER[@]}" scrape --url "http://127.0.0.1:$PORT/metrics" --out "$OUT/e2e_metrics.jsonl" \
     --stop-file "$WORK/e2e.done" --max-s "$((E2E_S + KILL_GRACE_S))" &
 SCRAPER_PID=$!

@@ -99,6 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="labelled test images scored (default: 1,000 on CPU, 10,000 on GPU)")
     p.add_argument("--dataset", default="auto", choices=DEMO_DATASETS,
                    help="demo images: Fashion-MNIST when found (auto), or the procedural 10-class set")
+    p.add_argument("--prepare-only", action="store_true", help="only make the demo shards (kept for the next run)")
     p.set_defaults(func=_app("demo"))
 
     p = sub.add_parser("config", help="print the effective configuration as YAML")

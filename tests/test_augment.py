@@ -215,6 +215,7 @@ def test_rejects_bad_input():
         photometric_augment(torch.zeros(2, 8, 8, 3, dtype=torch.uint8), AugmentConfig(), 0.5)
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_matches_cpu_for_the_same_parameters():
     cfg = AugmentConfig()

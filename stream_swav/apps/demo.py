@@ -193,6 +193,9 @@ def run(args: argparse.Namespace) -> int:
     made = demo_shards(out / "shards", eval_train=eval_train, eval_test=eval_test, dataset=args.dataset,
                        progress=True)
     log.info("demo data: %s", made.describe())
+    if args.prepare_only:
+        print(made.describe())
+        return 0
 
     base = merge_dicts(DEMO_CONFIG, DEMO_GPU_OVERRIDES if gpu else cpu_learner_overrides())
     if args.minutes:

@@ -1,0 +1,70 @@
+"""`bench/gpu_proof.sh --dry-run`: the GPU proof run's steps on the CPU with tiny settings.
+
+Behaviour only (speed goals live in the benchmarks): every step is reported with a status, a step
+that fails does not stop the ones after it, the promised files exist, and $OUT stays within what a
+device run brings back (at most 8 files, none deeper than $OUT/a/b/file, 16 MiB each).
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+STEPS = {"setup", "demo-shards", "e2e-shards", "learner", "e2e", "demo", "tests"}
+PROMISED = {"summary.json", "gpu_proof.log", "learner.json", "e2e_metrics.jsonl", "demo_summary.json",
+            "demo_accuracy.png", "demo_results.jsonl", "pytest.txt"}
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_dry_run_reports_every_step_and_goes_on_after_a_failed_one(tmp_path):
+    out = tmp_path / "out"
+    env = {**os.environ, "OUT": str(out), "GPU_PROOF_PYTHON": sys.executable, "GPU_PROOF_WORK": str(tmp_path / "work"),
+           # The demo's shards fail on purpose: the learner, e2e, demo and tests steps must still run,
+           # and the demo, whose shard making is idempotent, makes them itself.
+           "GPU_PROOF_FAIL_STEP": "demo-shards"}
+    result = subprocess.run(["bash", str(REPO / "bench" / "gpu_proof.sh"), "--dry-run"], cwd=REPO, env=env,
+                            capture_output=True, text=True, timeout=570)
+    output = (result.stdout + result.stderr)[-4000:]
+
+    assert result.returncode == 1, output  # one step failed, and the exit status says so
+    summary = json.loads((out / "summary.json").read_text())
+    steps = summary["steps"]
+    assert set(steps) == STEPS
+    forced = steps["demo-shards"]
+    assert (forced["status"], forced["rc"]) == ("failed", 3) and "forced" in forced["note"], forced
+    for name in sorted(STEPS - {"demo-shards"}):
+        step = steps[name]
+        assert step["status"] == "ok", (name, step, output)
+        assert step["seconds"] <= step["budget_s"] and step["started_unix"] > 0
+    assert summary["failed_steps"] == ["demo-shards"]
+
+    learner = steps["learner"]["figures"]
+    assert learner["batches"]["8"]["ours"]["images_per_s"] > 0 and learner["batches"]["8"]["classic"]["images_per_s"] > 0
+    assert learner["loss_match"]["ours_vs_classic"] < 1e-2
+    e2e = steps["e2e"]["figures"]
+    assert e2e["learners"] == 1 and e2e["decode_actors"] == 1 and e2e["steps"] >= 1 and e2e["images_trained"] > 0
+    assert 0.0 <= e2e["input_wait_ratio_final"] <= 1.0 and e2e["scrapes"] >= 2
+    demo = steps["demo"]["figures"]
+    assert demo["eval_split"] == "500/200" and 0.0 <= demo["knn_top1_last"] <= 1.0 and demo["images_seen"] > 0
+    assert "Fashion-MNIST" in demo["dataset"] or "procedural" in demo["dataset"]
+    tests = steps["tests"]["figures"]
+    assert not tests["failed"] and sum(tests["counts"].get(k, 0) for k in ("passed", "skipped")) >= 1
+    targets = summary["targets"]
+    assert targets["applies"] is False  # tiny CPU figures are no verdict
+    assert {"learner_ours_vs_classic_at_256", "demo_knn_top1", "e2e_input_wait"} <= set(targets)
+
+    files = [p for p in out.rglob("*") if p.is_file() or p.is_symlink()]
+    assert {str(p.relative_to(out)) for p in files} == PROMISED == set(summary["files"])
+    assert len(files) <= 8
+    for path in files:
+        assert len(path.relative_to(out).parts) <= 3 and not path.is_symlink() and path.stat().st_size <= 16 * 2**20
+    log_lines = (out / "gpu_proof.log").read_text().splitlines()
+    tagged = {m[1] for line in log_lines if (m := re.match(r"\d\d:\d\d:\d\d (\S+)", line))}
+    assert STEPS | {"gpu-proof"} <= tagged

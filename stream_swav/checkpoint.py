@@ -21,10 +21,12 @@ a run that died mid-save) are left alone until a later save reaches their step.
 """
 from __future__ import annotations
 
+import errno
 import io
 import json
 import logging
 import math
+import os
 import re
 import time
 from dataclasses import dataclass
@@ -169,10 +171,35 @@ def save_checkpoint(dir_url: str, step: int, images_seen: int, state: dict[str, 
     }
     record_bytes = (json.dumps(record, indent=2, allow_nan=False) + "\n").encode()
 
-    storage.write_bytes_atomic(join_url(step_url, STATE), state_bytes, storage_cfg)
-    storage.write_bytes_atomic(join_url(step_url, BACKBONE), backbone_bytes, storage_cfg)
-    storage.write_bytes_atomic(join_url(step_url, META), record_bytes, storage_cfg)
-    storage.write_bytes_atomic(latest_url, record_bytes, storage_cfg)
+    def write() -> None:
+        try:
+            storage.write_bytes_atomic(join_url(step_url, STATE), state_bytes, storage_cfg)
+            storage.write_bytes_atomic(join_url(step_url, BACKBONE), backbone_bytes, storage_cfg)
+            storage.write_bytes_atomic(join_url(step_url, META), record_bytes, storage_cfg)
+            storage.write_bytes_atomic(latest_url, record_bytes, storage_cfg)
+        except BaseException:
+            # A failed save leaves nothing of itself behind (latest.json still names the previous one).
+            _remove_quietly(step_url, storage_cfg)
+            raise
+
+    try:
+        write()
+    except OSError as error:
+        if error.errno != errno.ENOSPC:
+            raise
+        # The disk is full: older checkpoints make room, oldest first, as long as one is left that
+        # latest.json does not name; the last good checkpoint is never deleted.
+        for victim in _room_for(dir_url, previous, step, storage_cfg):
+            log.warning("no space left for checkpoint %s: deleting the older %s to make room", step_name, victim)
+            _remove_quietly(victim, storage_cfg)
+            try:
+                write()
+                break
+            except OSError as again:
+                if again.errno != errno.ENOSPC:
+                    raise
+        else:
+            raise
 
     deleted = prune_checkpoints(dir_url, storage_cfg, keep_last=keep_last, milestone_steps=milestone_steps)
     return CheckpointInfo(
@@ -180,6 +207,22 @@ def save_checkpoint(dir_url: str, step: int, images_seen: int, state: dict[str, 
         state_url=record["state_url"], backbone_url=record["backbone_url"], latest_url=latest_url,
         bytes_written=len(state_bytes) + len(backbone_bytes) + 2 * len(record_bytes),
         duration_s=time.monotonic() - started, wall_time=wall_time, deleted=tuple(deleted))
+
+
+def _remove_quietly(url: str, storage_cfg: StorageConfig) -> None:
+    try:
+        storage.rm(url, storage_cfg)
+    except FileNotFoundError:
+        pass
+    except Exception:  # noqa: BLE001 - a leftover costs space only; retention retries it later
+        log.warning("could not remove %s", url, exc_info=True)
+
+
+def _room_for(dir_url: str, latest: dict[str, Any] | None, saving: int, storage_cfg: StorageConfig) -> list[str]:
+    """Step folders that may go to make room for a save, oldest first: every one but the latest
+    checkpoint's and the one being written."""
+    keep = {saving, latest["step"] if latest is not None else -1}
+    return [url for step, url in sorted(list_step_dirs(dir_url, storage_cfg).items()) if step not in keep]
 
 
 def list_step_dirs(dir_url: str, storage_cfg: StorageConfig) -> dict[int, str]:
@@ -266,6 +309,20 @@ def _check_record(record: Any, url: str) -> None:
             raise ValueError(f"{url}: {key} must be {expected!r}, got {record.get(key)!r}")
 
 
+def check_contained(root_url: str, step_url: str, storage_cfg: StorageConfig) -> None:
+    """A step folder reached from a checkpoint folder must lie inside it, symbolic links resolved,
+    as latest.json may only name our own layout: an edited folder cannot lead a loader elsewhere.
+    (Object stores have no links.)"""
+    protocol, root = storage.split_protocol(root_url)
+    if protocol != "file":
+        return
+    real_root = os.path.realpath(root)
+    real_step = os.path.realpath(storage.split_protocol(step_url)[1])
+    if os.path.commonpath([real_root, real_step]) != real_root:
+        raise ValueError(f"{step_url} leads outside the checkpoint folder {root_url} (to {real_step}); "
+                         f"refusing to load it")
+
+
 def resolve_file(url: str, filename: str, storage_cfg: StorageConfig) -> str:
     """URL of `filename` (state.pt or backbone.pt) for a checkpoint root (via
     latest.json), a step folder, or the file itself."""
@@ -273,6 +330,7 @@ def resolve_file(url: str, filename: str, storage_cfg: StorageConfig) -> str:
         return url
     latest = read_latest(url, storage_cfg)
     if latest is not None:
+        check_contained(url, join_url(url, step_dir_name(latest["step"])), storage_cfg)
         return join_url(url, latest["state" if filename == STATE else "backbone"])
     candidate = join_url(url, filename)
     if storage.exists(candidate, storage_cfg):
@@ -341,6 +399,8 @@ def resolve_checkpoint(url: str, storage_cfg: StorageConfig | None = None,
         record = record if record is not None else read_latest(url, storage_cfg)
         # With a latest.json this is a checkpoint folder; without, a step folder.
         folder = join_url(url, step_dir_name(record["step"])) if record is not None else url
+        if record is not None:
+            check_contained(url, folder, storage_cfg)
         backbone_url = join_url(folder, BACKBONE)
     if not storage.exists(backbone_url, storage_cfg):
         raise FileNotFoundError(f"{url}: no backbone at {backbone_url} (expected a checkpoint folder with "
@@ -406,6 +466,7 @@ def load_for_resume(dir_url: str, storage_cfg: StorageConfig) -> ResumePoint | N
     for step in candidates:
         step_url = folders[step]
         try:
+            check_contained(dir_url, step_url, storage_cfg)
             if latest is not None and step == latest["step"]:
                 record = latest
             else:

@@ -114,6 +114,11 @@ class DataConfig:
     max_pixels: int = setting(40_000_000, POSITIVE)
     min_side: int = setting(8, POSITIVE)
     max_sample_bytes: int = setting(32 * 1024 * 1024, POSITIVE)
+    # At most this much archive is read from one shard, and of a gzipped shard at most max_expansion
+    # times its compressed size: the rest of a shard past either is skipped, counted as
+    # shard-bytes-limit (a compression bomb would cost a decoder hours per pass). 0: no limit.
+    max_shard_bytes: int = setting(64 * 1024**3, NON_NEGATIVE)
+    max_expansion: float = setting(50.0, NON_NEGATIVE)
     shard_read_retries: int = setting(4, NON_NEGATIVE)
     shard_retry_backoff_s: float = setting(1.0, NON_NEGATIVE)
 

@@ -1,3 +1,4 @@
+import errno
 import json
 import os
 import signal
@@ -117,30 +118,54 @@ def test_files_are_written_in_order_with_latest_last(tmp_path, monkeypatch):
                        "/latest.json"]
 
 
-def test_failed_write_leaves_latest_on_the_previous_checkpoint(tmp_path, monkeypatch):
+def test_a_failed_save_leaves_nothing_and_latest_on_the_previous_checkpoint(tmp_path, monkeypatch):
     save(tmp_path, 100)
     before = (tmp_path / "latest.json").read_bytes()
     real = checkpoint.storage.write_bytes_atomic
 
     def failing(url, data, cfg):
         if url.endswith("backbone.pt"):
-            raise OSError("disk full")
+            raise OSError("the storage went away")
         real(url, data, cfg)
 
     monkeypatch.setattr(checkpoint.storage, "write_bytes_atomic", failing)
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(OSError, match="went away"):
         save(tmp_path, 200)
     assert (tmp_path / "latest.json").read_bytes() == before
-    assert (tmp_path / "step-000000200" / "state.pt").exists()
+    # What the failed save wrote (state.pt) is gone with its folder.
+    assert not (tmp_path / "step-000000200").exists()
     assert load_checkpoint(str(tmp_path), STORAGE)["images_seen"] == 320 * 100
-    with pytest.raises(FileNotFoundError):
-        load_backbone_state(str(tmp_path / "step-000000200"), STORAGE)
 
     monkeypatch.setattr(checkpoint.storage, "write_bytes_atomic", real)
-    info = save(tmp_path, 300, keep_last=3)
-    # The partial folder is older than the new latest and incomplete: cleaned up.
-    assert info.deleted == (str(tmp_path / "step-000000200"),)
+    save(tmp_path, 300, keep_last=3)
     assert sorted(list_step_dirs(str(tmp_path), STORAGE)) == [100, 300]
+
+
+def test_a_full_disk_makes_room_from_older_checkpoints_but_never_the_latest(tmp_path, monkeypatch):
+    """ENOSPC while saving: older checkpoints go, oldest first, until the save fits; the one
+    latest.json names is never deleted."""
+    for step in (100, 200, 300):
+        save(tmp_path, step, keep_last=5)
+    real = checkpoint.storage.write_bytes_atomic
+    disk = {"folders": 3}  # a disk with room for this many checkpoints
+
+    def full_disk(url, data, cfg):
+        if url.endswith("state.pt") and len(list_step_dirs(str(tmp_path), STORAGE)) >= disk["folders"]:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real(url, data, cfg)
+
+    monkeypatch.setattr(checkpoint.storage, "write_bytes_atomic", full_disk)
+    save(tmp_path, 400, keep_last=5)
+    assert sorted(list_step_dirs(str(tmp_path), STORAGE)) == [200, 300, 400]
+    assert read_latest(str(tmp_path), STORAGE)["step"] == 400
+
+    # Nothing can make room: only the latest (400) is left besides the one being written.
+    disk["folders"] = 1
+    with pytest.raises(OSError, match="No space left"):
+        save(tmp_path, 500, keep_last=5)
+    assert sorted(list_step_dirs(str(tmp_path), STORAGE)) == [400]
+    assert read_latest(str(tmp_path), STORAGE)["step"] == 400
+    assert load_checkpoint(str(tmp_path), STORAGE)["images_seen"] == 320 * 400
 
 
 def test_state_that_would_not_load_safely_is_refused_before_writing(tmp_path):

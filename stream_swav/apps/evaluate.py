@@ -177,7 +177,8 @@ def load_labeled_images(spec: str, image_size: int, storage_cfg: StorageConfig |
         # A shuffle buffer of one keeps archive order.
         for _, sample in iter_shard(url, fs, seed=0, buffer_size=1, max_sample_bytes=limits.max_bytes,
                                     read_retries=data_cfg.shard_read_retries,
-                                    retry_backoff_s=data_cfg.shard_retry_backoff_s, report=report):
+                                    retry_backoff_s=data_cfg.shard_retry_backoff_s, report=report,
+                                    max_shard_bytes=data_cfg.max_shard_bytes, max_expansion=data_cfg.max_expansion):
             if limit and len(labels) >= limit:
                 break
             if sample.error is not None or sample.image is None:

@@ -392,6 +392,7 @@ class Follower:
         for step, url in sorted(ckpt.list_step_dirs(self.checkpoints, self.storage_cfg).items()):
             if step in self.results.steps or not storage.exists(storage.join_url(url, ckpt.META), self.storage_cfg):
                 continue
+            ckpt.check_contained(self.checkpoints, url, self.storage_cfg)
             rows.append(self.evaluate(resolve_checkpoint(url, self.storage_cfg)))
         return rows
 

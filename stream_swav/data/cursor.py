@@ -97,6 +97,8 @@ class _Pass:
         self.cursor = 0
         self.released: deque[int] = deque()
         self.deferred: deque[int] = deque()
+        # Whether any sample of this pass was read at all (positions count skipped samples too).
+        self.read_any = False
 
     def shard_at(self, place: int) -> int:
         return self.order[place] if place < self.base else place
@@ -126,6 +128,8 @@ class StreamCursor:
         # Oldest pass not yet complete; passes before it are forgotten.
         self._current = 0
         self._passes: dict[int, _Pass] = {}
+        # Passes completed in a row without a single sample read (every read failed).
+        self.empty_passes_in_row = 0
 
     # ------------------------------------------------------------- queries
     @property
@@ -231,11 +235,13 @@ class StreamCursor:
             state = self._pass(pass_index)
             if position > state.positions.get(shard, 0) and not state.is_finished(shard):
                 state.positions[shard] = int(position)
+                state.read_any = True
         for pass_index, shard in finished:
             if pass_index >= self._current:
                 self._pass(pass_index).mark_finished(shard)
         while self._current in self._passes and self._passes[self._current].complete(len(self._urls)):
-            del self._passes[self._current]
+            done = self._passes.pop(self._current)
+            self.empty_passes_in_row = 0 if done.read_any else self.empty_passes_in_row + 1
             self._current += 1
 
     def _pass(self, pass_index: int) -> _Pass:

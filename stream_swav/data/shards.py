@@ -30,6 +30,7 @@ from __future__ import annotations
 import gzip
 import io
 import logging
+import math
 import os
 import posixpath
 import random
@@ -62,6 +63,8 @@ _BLOCK = 512
 _ZERO_BLOCK = bytes(_BLOCK)
 _FILE_TYPES = (tarfile.REGTYPE, tarfile.AREGTYPE, tarfile.CONTTYPE)
 _GZIP_MAGIC = b"\x1f\x8b"
+# Skip reason of the rest of a shard read past its size limits.
+SHARD_BYTES_LIMIT = "shard-bytes-limit"
 _SKIP_CHUNK = 1024 * 1024
 _READ_CHUNK = 8 * 1024 * 1024
 _MAX_EXTENDED_HEADER = 1024 * 1024
@@ -139,12 +142,22 @@ def split_member_name(name: str) -> tuple[str, str]:
 
 
 class _TarReader:
-    """Walks tar headers one member at a time; the caller reads or ignores each member's data."""
+    """Walks tar headers one member at a time; the caller reads or ignores each member's data.
 
-    def __init__(self, fileobj: IO[bytes], errors: Counter, report: ShardReport) -> None:
+    At most `max_bytes` of archive are read (0: no limit), and of a gzipped one at most
+    `max_expansion` times its compressed size: a small shard that inflates to gigabytes
+    (a compression bomb) costs a bounded share of a decoder's time, every pass."""
+
+    def __init__(self, fileobj: IO[bytes], errors: Counter, report: ShardReport, max_bytes: int = 0,
+                 max_expansion: float = 0.0) -> None:
         head = fileobj.read(2)
         fileobj.seek(0)
         self._gzipped = head == _GZIP_MAGIC
+        self._limit = max_bytes or math.inf
+        compressed = getattr(fileobj, "size", None)
+        if self._gzipped and max_expansion and compressed:
+            self._limit = min(self._limit, max_expansion * compressed)
+        self._consumed = 0
         self._raw = fileobj
         self._file: IO[bytes] = gzip.GzipFile(fileobj=fileobj, mode="rb") if self._gzipped else fileobj
         self._errors = errors
@@ -161,6 +174,10 @@ class _TarReader:
             raise TarFormatError("truncated-shard", f"compressed stream ends early: {exc}") from None
         except (gzip.BadGzipFile, zlib.error) as exc:
             raise TarFormatError("bad-tar", f"gzip: {exc}") from None
+        self._consumed += len(data)
+        if self._consumed > self._limit:
+            raise TarFormatError(SHARD_BYTES_LIMIT, f"more than {self._limit:.0f} bytes of archive read "
+                                                    f"(data.max_shard_bytes / data.max_expansion)")
         if self._gzipped:
             position = self._raw.tell()
             self._report.bytes_read += position - self._raw_position
@@ -289,12 +306,14 @@ def _finished(sample: Sample) -> Sample:
     return sample
 
 
-def read_samples(fileobj: IO[bytes], max_sample_bytes: int, errors: Counter,
-                 report: ShardReport) -> Iterator[Sample]:
-    """Samples of one tar in archive order. Format problems are counted into `errors`, never raised."""
+def read_samples(fileobj: IO[bytes], max_sample_bytes: int, errors: Counter, report: ShardReport, *,
+                 max_shard_bytes: int = 0, max_expansion: float = 0.0) -> Iterator[Sample]:
+    """Samples of one tar in archive order. Format problems are counted into `errors`, never raised;
+    past the archive limits (see `_TarReader`) the rest of the shard is counted as one
+    ``shard-bytes-limit`` and skipped."""
     current: Sample | None = None
     try:
-        reader = _TarReader(fileobj, errors, report)
+        reader = _TarReader(fileobj, errors, report, max_shard_bytes, max_expansion)
         while (member := reader.next_member()) is not None:
             name, size = member
             key, ext = split_member_name(name)
@@ -348,7 +367,7 @@ def shuffled_samples(samples: Iterable[T], buffer_size: int, seed: int) -> Itera
 
 def iter_shard(url: str, fs: fsspec.AbstractFileSystem, seed: int, buffer_size: int, start: int = 0, *,
                max_sample_bytes: int, read_retries: int, retry_backoff_s: float,
-               report: ShardReport | None = None,
+               report: ShardReport | None = None, max_shard_bytes: int = 0, max_expansion: float = 0.0,
                block_size: int = READ_BLOCK_BYTES) -> Iterator[tuple[int, Sample]]:
     """(position, sample) for every position >= `start` in the shard's emission order.
 
@@ -369,8 +388,9 @@ def iter_shard(url: str, fs: fsspec.AbstractFileSystem, seed: int, buffer_size: 
         attempt_errors: Counter = Counter()
         try:
             with fs.open(path, "rb", block_size=block_size) as f:
-                samples = shuffled_samples(read_samples(f, max_sample_bytes, attempt_errors, report),
-                                           buffer_size, seed)
+                samples = shuffled_samples(read_samples(f, max_sample_bytes, attempt_errors, report,
+                                                        max_shard_bytes=max_shard_bytes,
+                                                        max_expansion=max_expansion), buffer_size, seed)
                 for position, sample in enumerate(samples):
                     if position < next_position:
                         continue

@@ -185,7 +185,9 @@ class DecodeWorker:
             for position, sample in iter_shard(task.url, fs, task.seed, data.shuffle_buffer, task.start,
                                                max_sample_bytes=data.max_sample_bytes,
                                                read_retries=data.shard_read_retries,
-                                               retry_backoff_s=data.shard_retry_backoff_s, report=report):
+                                               retry_backoff_s=data.shard_retry_backoff_s, report=report,
+                                               max_shard_bytes=data.max_shard_bytes,
+                                               max_expansion=data.max_expansion):
                 if held.sample is not None and not self._put(held):
                     return
                 held = _Item(task.key, position=position, sample=sample,

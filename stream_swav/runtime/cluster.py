@@ -14,6 +14,7 @@ import os
 from dataclasses import dataclass, field
 
 import ray
+from ray._private import ray_constants
 
 from stream_swav.config import Config, UsageError
 
@@ -30,6 +31,11 @@ class StartupError(UsageError):
 FORWARDED_ENV = ("AWS_DEFAULT_REGION", "AWS_REGION", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3",
                  "FSSPEC_S3_ENDPOINT_URL", "AWS_CONFIG_FILE", "AWS_SHARED_CREDENTIALS_FILE",
                  "AWS_EC2_METADATA_DISABLED")
+
+
+_CLUSTER_MODE_ENV = ray_constants.ENABLE_RAY_CLUSTERS_ENV_VAR
+# What starting a private local Ray changed, to undo on shutdown.
+_LOOPBACK_ONLY: dict[str, object] = {}
 
 
 def init_ray() -> str:
@@ -49,11 +55,31 @@ def init_ray() -> str:
     if address:
         ray.init(address=address, runtime_env=runtime_env, log_to_driver=True)
         return f"joined the Ray cluster at {address} (RAY_ADDRESS)"
-    # One machine, one run: every Ray service of this private cluster listens on loopback only.
+    # One machine, one run: every Ray service of this private cluster (GCS, raylet, workers,
+    # agents) listens on loopback only. Ray binds to loopback exactly when the node's address is
+    # loopback, and on Linux it takes the routable address unless cluster mode is off, which is
+    # what this setting of Ray's (named for Windows and macOS, where it is the default) does. Its
+    # processes read it from the environment; this one has read it already.
+    _LOOPBACK_ONLY.update(env=os.environ.get(_CLUSTER_MODE_ENV), constant=ray_constants.ENABLE_RAY_CLUSTER)
+    os.environ[_CLUSTER_MODE_ENV] = "0"
+    ray_constants.ENABLE_RAY_CLUSTER = False
     ray.init(address="local", include_dashboard=False, runtime_env=runtime_env, log_to_driver=True,
-             num_cpus=os.cpu_count() or 1, _node_ip_address="127.0.0.1")
+             num_cpus=os.cpu_count() or 1)
     return ("started a private local Ray on 127.0.0.1 (set RAY_ADDRESS to join an existing cluster, "
             "e.g. RAY_ADDRESS=auto for one started with `ray start` on this machine)")
+
+
+def shutdown_ray() -> None:
+    """Shut down this process's Ray, and undo what starting a private one changed."""
+    if ray.is_initialized():
+        ray.shutdown()
+    if _LOOPBACK_ONLY:
+        previous = _LOOPBACK_ONLY.pop("env")
+        if previous is None:
+            os.environ.pop(_CLUSTER_MODE_ENV, None)
+        else:
+            os.environ[_CLUSTER_MODE_ENV] = previous
+        ray_constants.ENABLE_RAY_CLUSTER = _LOOPBACK_ONLY.pop("constant")
 
 
 @dataclass(frozen=True)
@@ -112,4 +138,5 @@ def describe_shortfall(plan: ClusterPlan, resources: dict[str, float]) -> str:
                                 f"(resources are taken, or split over nodes)")
 
 
-__all__ = ["StartupError", "ClusterPlan", "plan_cluster", "describe_shortfall", "init_ray", "FORWARDED_ENV"]
+__all__ = ["StartupError", "ClusterPlan", "plan_cluster", "describe_shortfall", "init_ray", "shutdown_ray",
+           "FORWARDED_ENV"]

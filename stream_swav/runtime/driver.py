@@ -40,7 +40,7 @@ from stream_swav.config import Config, ConfigError
 from stream_swav.data.sources import ShardSource
 from stream_swav.model import BackboneSpec
 from stream_swav.runtime.checkpointing import CheckpointPolicy
-from stream_swav.runtime.cluster import StartupError, init_ray, plan_cluster
+from stream_swav.runtime.cluster import StartupError, init_ray, plan_cluster, shutdown_ray
 from stream_swav.runtime.decode_pool import DecodePool
 from stream_swav.runtime.learner_group import LearnerFailure, LearnerGroup, Stopped, first_line
 from stream_swav.runtime.ledger import StreamLedger
@@ -172,8 +172,13 @@ class Trainer:
             raise ConfigError(f"data.shards: {len(shards)} shard(s) for {cfg.train.learners} learners; every learner "
                               f"needs a shard of its own: split the data into more shards or use fewer learners")
         self.last_relist = time.monotonic()
+        # Which checkpoint to resume from is known before any actor starts: a folder where none
+        # loads stops the run here, in one line.
+        point = ckpt.load_for_resume(cfg.checkpoint.dir, cfg.storage)
         self.start_actors()
-        self.restore(shards)
+        self.restore(shards, point)
+        # A time budget counts training time: from here, once the actors are up.
+        self.started = time.monotonic()
         self.observer.progress.restart(self.images_seen)
         self.state = RunState.RUNNING
 
@@ -189,10 +194,9 @@ class Trainer:
         log.info("%d learner(s) on %s; %d decode actor(s)", plan.learners, ", ".join(devices), len(self.pool.actors))
         self.metrics.set_actors_up(learners=plan.learners, decode_actors=len(self.pool.actors))
 
-    def restore(self, shards: list[str]) -> None:
-        """Load the newest checkpoint that loads into the learners and rewind the stream to it; with
-        none, the stream starts from its beginning (the learners are fresh)."""
-        point = ckpt.load_for_resume(self.cfg.checkpoint.dir, self.cfg.storage)
+    def restore(self, shards: list[str], point: ckpt.ResumePoint | None) -> None:
+        """Load a checkpoint (the newest that loads) into the learners and rewind the stream to it;
+        with none, the stream starts from its beginning (the learners are fresh)."""
         if point is None:
             self.ledger.rewind(None, self.cfg.data.seed, shards)
             self.step = self.images_seen = 0
@@ -228,7 +232,7 @@ class Trainer:
                             f"last cause: {cause}; the latest checkpoint is step {self.last_checkpoint_step}")
         log.warning("restarting the learners from the latest checkpoint; steps trained since it are trained again")
         self.start_actors()
-        self.restore(self.source.list_shards())
+        self.restore(self.source.list_shards(), ckpt.load_for_resume(self.cfg.checkpoint.dir, self.cfg.storage))
         self.state = RunState.RUNNING
 
     def finish(self) -> int:
@@ -320,8 +324,7 @@ def train(cfg: Config, trainer: Trainer | None = None) -> int:
             signal.signal(sig, handler)
         trainer.metrics.stop_server()
         trainer.shutdown_actors()
-        if ray.is_initialized():
-            ray.shutdown()
+        shutdown_ray()
 
 
 __all__ = ["Trainer", "RunState", "RunFailed", "train", "StartupError"]

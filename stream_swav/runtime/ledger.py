@@ -10,11 +10,20 @@ many waiting).
 """
 from __future__ import annotations
 
+import logging
+import time
 from collections.abc import Iterable
 from typing import Any
 
 from stream_swav.data.cursor import ShardKey, ShardTask, StreamCursor
 from stream_swav.runtime.reports import Progress
+
+log = logging.getLogger("stream_swav.ledger")
+
+
+# A pass that read nothing (every shard failed) is followed by a pause before the next one, doubling
+# from the first to the last, rather than decode actors racing through passes that cannot be read.
+EMPTY_PASS_PAUSE_S = (1.0, 60.0)
 
 
 class StreamLedger:
@@ -22,6 +31,8 @@ class StreamLedger:
         self.cursor = StreamCursor(seed)
         self.shards_per_slot = shards_per_slot
         self.holders: dict[int, set[ShardKey]] = {}
+        # No new tasks before this time (time.monotonic()), after a pass that read nothing.
+        self.paused_until = 0.0
 
     def add_shards(self, urls: Iterable[str]) -> list[str]:
         return self.cursor.add_shards(list(urls))
@@ -32,6 +43,8 @@ class StreamLedger:
         still gets some."""
         slots = list(slots)
         tasks: dict[int, list[ShardTask]] = {}
+        if time.monotonic() < self.paused_until:
+            return tasks
         for depth in range(1, self.shards_per_slot + 1):
             for slot in slots:
                 held = self.holders.setdefault(slot, set())
@@ -46,10 +59,18 @@ class StreamLedger:
 
     def record(self, progress: Progress) -> None:
         """Trained batches: move the cursor, and let go of finished shards."""
+        empty_before, pass_before = self.cursor.empty_passes_in_row, self.cursor.pass_index
         self.cursor.advance(progress.positions, progress.finished)
         for key in progress.finished:
             for held in self.holders.values():
                 held.discard(key)
+        if self.cursor.empty_passes_in_row > empty_before:
+            first, last = EMPTY_PASS_PAUSE_S
+            pause = min(last, first * 2 ** (self.cursor.empty_passes_in_row - 1))
+            self.paused_until = time.monotonic() + pause
+            log.warning("pass %d ended without a single sample read (%d pass(es) in a row; every read failed, see "
+                        "stream_swav_decode_errors_total): waiting %.0fs before handing out more shards",
+                        pass_before, self.cursor.empty_passes_in_row, pause)
 
     def release(self, slot: int) -> None:
         """Decode actor `slot` is gone: its shards go back, to be re-read from what was trained."""
@@ -67,6 +88,7 @@ class StreamLedger:
         """Back to a checkpoint's cursor (or to the start of the stream when `state` is None), with
         nothing assigned; shards listed now but unknown to the checkpoint join the passes under way."""
         self.holders.clear()
+        self.paused_until = 0.0
         self.cursor = StreamCursor(seed)
         if state is not None:
             self.cursor.load_state_dict(state)

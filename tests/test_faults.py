@@ -1,0 +1,327 @@
+"""Faults found by hostile probing, each reproduced as it was tried.
+
+1. A failed final checkpoint (a full disk: a real tmpfs where the system allows mounting one).
+2. A corrupt newest checkpoint beside good older ones.
+3. A shard whose file name is not valid UTF-8.
+4. Compressed bombs in .tar.gz shards.
+5. A stream whose every read fails.
+6. The local Ray of `stream-swav train` listening beyond loopback.
+7. A step folder that is a symbolic link to somewhere else.
+"""
+from __future__ import annotations
+
+import gzip
+import io
+import json
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+import textwrap
+import time
+import uuid
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import ray
+from conftest import colour_samples, tar_bytes
+from runtime_helpers import RAY_ENV, TESTS, WatchedTrainer, close_trainer, tiny_config, write_config
+
+from stream_swav import checkpoint as ckpt
+from stream_swav import cli
+from stream_swav.config import DataConfig, StorageConfig
+from stream_swav.data.shards import SHARD_BYTES_LIMIT, ShardReport, iter_shard
+from stream_swav.runtime import driver
+from stream_swav.storage import filesystem_for
+
+# Small enough that a checkpoint is about a megabyte, so a few-megabyte tmpfs holds exactly one.
+SMALL_MODEL = {"arch": "resnet10", "width": 8, "small_stem": True, "hidden_dim": 32, "output_dim": 16,
+               "prototypes": 16}
+
+
+def shards(folder: Path, names: list[str], size: int = 16) -> set[str]:
+    """Shards named `names` (bytes names allowed) in `folder`; the keys the decoders give their samples."""
+    folder.mkdir(parents=True, exist_ok=True)
+    keys = set()
+    for index, name in enumerate(names):
+        samples = colour_samples(size, prefix=f"s{index}", start=100 * index)
+        path = os.path.join(os.fsencode(folder), os.fsencode(name))
+        with open(path, "wb") as f:
+            f.write(tar_bytes(samples))
+        url = os.fsdecode(path)
+        keys |= {f"{url}/{key}" for key, _ in samples}
+    return keys
+
+
+@pytest.fixture
+def local_ray():
+    ray.init(address="local", num_cpus=3, include_dashboard=False, runtime_env=RAY_ENV, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+# ------------------------------------------------------------------------------ 1. full disk
+
+
+@pytest.fixture
+def tmpfs(tmp_path):
+    """A real tmpfs of 64 MiB (resized by the test), or a skip where mounting is not allowed."""
+    mount = tmp_path / "tmpfs"
+    mount.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", str(mount)], capture_output=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.decode().strip()}")
+    yield mount
+    subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_a_final_checkpoint_that_cannot_be_written_fails_the_run_and_names_the_last_saved_step(tmp_path, tmpfs,
+                                                                                             caplog):
+    keys = shards(tmp_path / "shards", ["a.tar", "b.tar"])
+    ckpt_dir = tmpfs / "checkpoints"
+    cfg = tiny_config({"model": SMALL_MODEL, "data": {"shards": str(tmp_path / "shards")},
+                       "checkpoint": {"dir": str(ckpt_dir), "every_steps": 2, "keep_last": 1},
+                       "train": {"image_budget": 16}})
+    assert driver.train(cfg) == 0
+    used = sum(f.stat().st_size for f in ckpt_dir.rglob("*") if f.is_file())
+    # Room for the one checkpoint there is and half another: every later save runs out of space.
+    subprocess.run(["mount", "-o", f"remount,size={int(1.5 * used)}", str(tmpfs)], check=True)
+    caplog.set_level(logging.INFO, logger="stream_swav")
+    trainer = driver.Trainer(tiny_config({**{"model": SMALL_MODEL}, "data": {"shards": str(tmp_path / "shards")},
+                                          "checkpoint": {"dir": str(ckpt_dir), "every_steps": 2, "keep_last": 1},
+                                          "train": {"image_budget": 2 * len(keys)}}))
+    assert driver.train(trainer.cfg, trainer) == driver.EXIT_FINAL_CHECKPOINT_FAILED
+    last = caplog.records[-1].getMessage()
+    assert "final checkpoint at step" in last and "the last checkpoint saved is step 2" in last
+    failures = trainer.metrics.registry.get_sample_value("stream_swav_checkpoint_failures_total")
+    assert failures >= 2
+    # Failed saves left nothing behind; the checkpoint of step 2 still loads.
+    assert sorted(ckpt.list_step_dirs(str(ckpt_dir), StorageConfig())) == [2]
+    assert ckpt.load_checkpoint(str(ckpt_dir), StorageConfig())["step"] == 2
+
+
+# ------------------------------------------------------------------------------ 2. corrupt newest
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_resume_skips_a_corrupt_newest_checkpoint_and_stops_in_one_line_when_none_loads(tmp_path, local_ray,
+                                                                                      caplog, capsys):
+    shards(tmp_path / "shards", ["a.tar", "b.tar"])
+    overrides = {"data": {"shards": str(tmp_path / "shards")},
+                 "checkpoint": {"dir": str(tmp_path / "ckpt"), "every_steps": 2, "keep_last": 3}}
+    trainer = WatchedTrainer(tiny_config(merge_budget(overrides, 48)), tmp_path / "first.jsonl")
+    try:
+        assert trainer.run() == 0
+    finally:
+        close_trainer(trainer)
+    steps = sorted(ckpt.list_step_dirs(str(tmp_path / "ckpt"), StorageConfig()))
+    assert steps == [2, 4, 6]
+    newest = tmp_path / "ckpt" / "step-000000006" / "state.pt"
+    newest.write_bytes(newest.read_bytes()[:1000])
+
+    caplog.set_level(logging.INFO, logger="stream_swav")
+    again = WatchedTrainer(tiny_config(merge_budget(overrides, 64)), tmp_path / "second.jsonl")
+    try:
+        assert again.run() == 0
+    finally:
+        close_trainer(again)
+    assert "skipped checkpoint" in caplog.text and "step-000000006" in caplog.text
+    assert f"resumed from {tmp_path / 'ckpt' / 'step-000000004'}: step 4" in caplog.text
+
+    # No checkpoint loads: one line, exit 2, before any training.
+    for folder in (tmp_path / "ckpt").glob("step-*"):
+        (folder / "state.pt").write_bytes(b"not a checkpoint")
+    capsys.readouterr()
+    config = write_config(tmp_path / "train.yaml", merge_budget(overrides, 64))
+    assert cli.main(["train", "--config", str(config)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("stream-swav: error: checkpoint.dir: no checkpoint in") and "\n" not in err
+
+
+def merge_budget(overrides: dict, images: int) -> dict:
+    return {**overrides, "train": {"image_budget": images}}
+
+
+# ------------------------------------------------------------------------------ 3. odd file names
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_a_shard_whose_name_is_not_utf8_trains_checkpoints_and_resumes(tmp_path, local_ray):
+    odd = b"shard-\xff\xfe.tar"
+    keys = shards(tmp_path / "shards", [odd, b"plain.tar"])
+    cfg = {"data": {"shards": str(tmp_path / "shards"), "open_shards_per_actor": 1},
+           "checkpoint": {"dir": str(tmp_path / "ckpt"), "every_steps": 2}}
+    trainer = WatchedTrainer(tiny_config({**cfg, "train": {"image_budget": len(keys)}}), tmp_path / "trained.jsonl")
+    try:
+        assert trainer.run() == 0
+    finally:
+        close_trainer(trainer)
+    assert {s.key for s in trainer.trained} == keys
+    # The checkpointed cursor names the shard as it is on disk, and a resumed run goes on from it.
+    again = WatchedTrainer(tiny_config({**cfg, "train": {"image_budget": 2 * len(keys)}}), tmp_path / "more.jsonl")
+    try:
+        assert again.run() == 0
+    finally:
+        close_trainer(again)
+    cursor = again.ledger.cursor
+    assert any(os.fsencode(cursor.url(n)).endswith(odd) for n in range(cursor.n_shards))
+    assert Counter(s.key for s in again.trained) == {key: 1 for key in keys}
+
+
+# ------------------------------------------------------------------------------ 4. compression bombs
+
+
+def gzipped_tar(members: list[tuple[str, bytes]]) -> bytes:
+    raw = io.BytesIO()
+    with tarfile.open(fileobj=raw, mode="w") as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return gzip.compress(raw.getvalue(), compresslevel=9)
+
+
+def read_all(path: Path, **limits) -> tuple[list[str], ShardReport, float]:
+    fs, _ = filesystem_for(str(path), StorageConfig())
+    report = ShardReport()
+    started = time.monotonic()
+    keys = [s.key for _, s in iter_shard(str(path), fs, 0, 1, max_sample_bytes=1 << 20, read_retries=0,
+                                         retry_backoff_s=0, report=report, **limits)]
+    return keys, report, time.monotonic() - started
+
+
+def test_a_compression_bomb_costs_a_bounded_read_and_is_counted(tmp_path):
+    before = [(f"{key}.{ext}", data) for key, members in colour_samples(3, "before") for ext, data in members.items()]
+    after = [(f"{key}.{ext}", data) for key, members in colour_samples(3, "after") for ext, data in members.items()]
+    bomb = tmp_path / "bomb.tar.gz"
+    # 256 MiB of zeros inside: about 250 kB compressed, an expansion of about 1000x.
+    bomb.write_bytes(gzipped_tar(before + [("zzz.bin", bytes(256 << 20))] + after))
+    assert bomb.stat().st_size < 1 << 20
+    defaults = DataConfig()
+    keys, report, seconds = read_all(bomb, max_shard_bytes=defaults.max_shard_bytes,
+                                     max_expansion=defaults.max_expansion)
+    # What came before the bomb is kept; the rest of the shard is one counted skip.
+    assert keys == [f"before-{n:05d}" for n in range(3)]
+    assert report.errors == Counter({SHARD_BYTES_LIMIT: 1})
+    # At most 50x the compressed size was inflated, not the 256 MiB.
+    assert report.bytes_read <= bomb.stat().st_size and seconds < 10
+    # Without limits the whole shard is read.
+    keys, report, _ = read_all(bomb)
+    assert keys == [f"before-{n:05d}" for n in range(3)] + ["zzz"] + [f"after-{n:05d}" for n in range(3)]
+    assert not report.errors
+
+
+def test_the_absolute_limit_holds_for_plain_tars_too(tmp_path):
+    shard = tmp_path / "big.tar"
+    shard.write_bytes(tar_bytes(colour_samples(40, "x")))
+    keys, report, _ = read_all(shard, max_shard_bytes=8 * 1024)
+    assert 0 < len(keys) < 40 and report.errors == Counter({SHARD_BYTES_LIMIT: 1})
+
+
+# ------------------------------------------------------------------------------ 5. every read fails
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_a_stream_whose_reads_all_fail_pauses_between_passes(tmp_path, local_ray, caplog):
+    listing = tmp_path / "shards.txt"
+    listing.write_text("".join(f"{tmp_path}/missing-{n}.tar\n" for n in range(3)))
+    cfg = tiny_config({"data": {"shards": str(listing), "decode_actors": 2},
+                       "checkpoint": {"dir": str(tmp_path / "ckpt")},
+                       "train": {"time_budget_s": 9, "report_interval_s": 0.3}})
+    caplog.set_level(logging.INFO, logger="stream_swav")
+    trainer = WatchedTrainer(cfg, tmp_path / "trained.jsonl")
+    try:
+        assert trainer.run() == 0
+    finally:
+        close_trainer(trainer)
+    pauses = [r.getMessage() for r in caplog.records if "without a single sample read" in r.getMessage()]
+    # Pauses of 1, 2, 4 s...: a handful of passes in 9 s, not one pass after another as fast as reads fail.
+    assert 2 <= len(pauses) <= 4, pauses
+    assert "waiting 1s" in pauses[0] and "waiting 2s" in pauses[1]
+    assert trainer.ledger.cursor.pass_index <= 5
+    assert trainer.metrics.registry.get_sample_value("stream_swav_decode_errors_total",
+                                                      {"reason": "shard-read-error"}) >= 3
+
+
+# ------------------------------------------------------------------------------ 6. loopback
+
+
+LISTENERS = textwrap.dedent("""
+    import json, os, sys
+    from pathlib import Path
+    import ray
+    from stream_swav.runtime.cluster import init_ray, shutdown_ray
+
+    init_ray()
+    ray.get(ray.remote(lambda: 1).remote())  # a worker process up too
+    tmp = os.environ["RAY_TMPDIR"].encode()
+    mine = set()
+    for proc in Path("/proc").iterdir():
+        try:
+            if proc.name.isdigit() and b"RAY_TMPDIR=" + tmp in (proc / "environ").read_bytes().split(b"\\0"):
+                mine.add(proc)
+        except OSError:
+            pass
+    inodes = set()
+    for proc in mine:
+        try:
+            for fd in (proc / "fd").iterdir():
+                target = os.readlink(fd)
+                if target.startswith("socket:["):
+                    inodes.add(target[8:-1])
+        except OSError:
+            pass
+    listening = []
+    for table in ("tcp", "tcp6"):
+        for line in Path(f"/proc/net/{table}").read_text().splitlines()[1:]:
+            fields = line.split()
+            if fields[3] == "0A" and fields[9] in inodes:  # LISTEN
+                listening.append(fields[1].split(":")[0])
+    shutdown_ray()
+    print(json.dumps({"processes": len(mine), "listening": listening}))
+""")
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(120)
+def test_the_private_local_ray_listens_on_loopback_only(tmp_path):
+    ray_tmp = f"/tmp/rl{uuid.uuid4().hex[:6]}"
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env["RAY_TMPDIR"] = ray_tmp
+    try:
+        done = subprocess.run([sys.executable, "-c", LISTENERS], env=env, capture_output=True, text=True,
+                              timeout=100, cwd=TESTS)
+    finally:
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    found = json.loads(done.stdout.strip().splitlines()[-1])
+    assert found["processes"] >= 3 and len(found["listening"]) >= 3
+    # /proc/net/tcp writes 127.0.0.1 as 0100007F; tcp6 writes ::ffff:127.0.0.1 and ::1 likewise.
+    loopback = {"0100007F", "0000000000000000FFFF00000100007F", "00000000000000000000000001000000"}
+    assert set(found["listening"]) <= loopback, found["listening"]
+
+
+# ------------------------------------------------------------------------------ 7. symbolic links
+
+
+def test_a_step_folder_linked_elsewhere_is_refused_by_export_and_resume(tmp_path, capsys):
+    from test_export import save_trained_looking_checkpoint
+
+    save_trained_looking_checkpoint(tmp_path / "checkpoints", small_stem=False)
+    step = tmp_path / "checkpoints" / "step-000000040"
+    elsewhere = tmp_path / "elsewhere"
+    step.rename(elsewhere)
+    step.symlink_to(elsewhere, target_is_directory=True)
+    assert cli.main(["export", "--checkpoint", str(tmp_path / "checkpoints"), "--out", str(tmp_path / "x.pt")]) == 2
+    assert "leads outside the checkpoint folder" in capsys.readouterr().err
+    assert not (tmp_path / "x.pt").exists()
+    with pytest.raises(ckpt.NoLoadableCheckpoint, match="leads outside"):
+        ckpt.load_for_resume(str(tmp_path / "checkpoints"), StorageConfig())

@@ -55,6 +55,18 @@ ALL_POSITIVE = Check(lambda v: all(x > 0 for x in v), "must be > 0")
 TCP_PORT = Check(lambda v: 0 <= v <= 65535, "must be a TCP port in [0, 65535]")
 
 
+def _balanced_braces(text: str) -> bool:
+    depth = 0
+    for char in text:
+        depth += (char == "{") - (char == "}")
+        if depth < 0:
+            return False
+    return depth == 0
+
+
+BALANCED_BRACES = Check(_balanced_braces, "has unbalanced braces; a pattern takes {000..099} ranges or {a,b} lists")
+
+
 def one_of(*options: Any) -> Check:
     return Check(lambda v: v in options, f"must be one of {', '.join(str(o) for o in options)}")
 
@@ -102,7 +114,7 @@ class StorageConfig:
 @dataclass
 class DataConfig:
     # Brace pattern, folder/prefix to list, or a .txt file of URLs (local, file:// or s3://).
-    shards: str = ""
+    shards: str = setting("", BALANCED_BRACES)
     follow: bool = False
     relist_interval_s: float = setting(30.0, POSITIVE)
     seed: int = 0

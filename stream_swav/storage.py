@@ -29,7 +29,7 @@ import fsspec
 from botocore.exceptions import BotoCoreError, ClientError
 from fsspec.implementations.local import LocalFileSystem
 
-from stream_swav.config import StorageConfig
+from stream_swav.config import StorageConfig, UsageError
 
 ENDPOINT_ENV = ("FSSPEC_S3_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL")
 # Part of the cache key: a changed identity must not reuse a client made for the old one.
@@ -134,6 +134,29 @@ def _make_filesystem(protocol: str, options: dict[str, Any], cfg: StorageConfig)
     # s3fs retries interrupted body reads on its own; its count includes the first attempt.
     fs.retries = cfg.retries + 1
     return fs
+
+
+def usage_error(error: BaseException, key: str, url: str, cfg: StorageConfig) -> UsageError | None:
+    """A storage failure the user can fix, as one line naming the config key and what to do; None
+    for anything else (a bug, a transient fault), which keeps its traceback."""
+    from botocore.exceptions import ConnectTimeoutError, EndpointConnectionError, NoCredentialsError, \
+        PartialCredentialsError
+
+    detail = str(error).splitlines()[0] if str(error) else type(error).__name__
+    if isinstance(error, (NoCredentialsError, PartialCredentialsError)):
+        return UsageError(f"{key}: no S3 credentials to read {url}: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY "
+                          f"(or AWS_PROFILE, or give the machine an instance role), or storage.anon: true for a public "
+                          f"bucket")
+    if isinstance(error, (EndpointConnectionError, ConnectTimeoutError, aiohttp.ClientConnectionError)):
+        endpoint = resolve_endpoint(cfg) or "AWS S3"
+        return UsageError(f"{key}: cannot reach the S3 endpoint {endpoint} for {url}: check storage.endpoint_url "
+                          f"(or AWS_ENDPOINT_URL) and that the endpoint is up and reachable from here")
+    if isinstance(error, PermissionError):
+        return UsageError(f"{key}: access to {url} is denied ({detail}); check the credentials and the "
+                          f"permissions of the bucket or folder")
+    if isinstance(error, FileNotFoundError):
+        return UsageError(f"{key}: {url} does not exist ({detail})")
+    return None
 
 
 def describe_storage(cfg: StorageConfig) -> dict[str, Any]:

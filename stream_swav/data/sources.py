@@ -23,7 +23,7 @@ from collections import defaultdict
 
 import braceexpand
 
-from stream_swav.config import StorageConfig
+from stream_swav.config import ConfigError, StorageConfig
 from stream_swav.storage import TRANSIENT_ERRORS, filesystem_for, join_protocol, split_protocol
 
 log = logging.getLogger(__name__)
@@ -32,7 +32,7 @@ SHARD_SUFFIXES = (".tar", ".tar.gz", ".tgz")
 LIST_SUFFIX = ".txt"
 
 
-class ShardSpecError(ValueError):
+class ShardSpecError(ConfigError):
     """The shard spec cannot be understood or its list file cannot be read."""
 
 

@@ -26,6 +26,7 @@ from __future__ import annotations
 import enum
 import logging
 import math
+import os
 import signal
 import threading
 import time
@@ -36,8 +37,9 @@ import ray
 from ray.exceptions import RayTaskError
 
 from stream_swav import checkpoint as ckpt
+from stream_swav import storage
 from stream_swav.config import Config, ConfigError
-from stream_swav.data.sources import ShardSource
+from stream_swav.data.sources import ShardSource, spec_kind
 from stream_swav.model import BackboneSpec
 from stream_swav.runtime.checkpointing import CheckpointPolicy
 from stream_swav.runtime.cluster import StartupError, init_ray, plan_cluster, shutdown_ray
@@ -47,7 +49,7 @@ from stream_swav.runtime.ledger import StreamLedger
 from stream_swav.runtime.metrics import Metrics
 from stream_swav.runtime.observers import RunObserver, TrainingStopped
 from stream_swav.runtime.reports import ChunkSummary
-from stream_swav.storage import describe_storage
+
 
 log = logging.getLogger("stream_swav.driver")
 
@@ -161,7 +163,7 @@ class Trainer:
                                   f"({err.strerror or err}); choose another port, or 0 for any free one") from err
             log.info("metrics at http://%s:%d/metrics", cfg.metrics.host, self.metrics_port)
         if any(url.startswith("s3://") for url in (cfg.data.shards, cfg.checkpoint.dir)):
-            log.info("object storage: %s", describe_storage(cfg.storage))
+            log.info("object storage: %s", storage.describe_storage(cfg.storage))
         shards = self.source.list_shards()
         if not shards and not cfg.data.follow:
             raise ConfigError(f"data.shards: no shards found for {cfg.data.shards!r}")
@@ -296,8 +298,37 @@ class Trainer:
             self.group.shutdown()
 
 
+def check_before_start(cfg: Config) -> None:
+    """What can be known to be wrong before Ray starts, each refused in one line naming the key:
+    shards that cannot be listed or are not there, a checkpoint folder out of reach, a GPU asked
+    for on a machine without one."""
+    if cfg.train.device == "cuda" and not os.environ.get("RAY_ADDRESS"):
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ConfigError("train.device: cuda, but this machine has no usable CUDA GPU and no cluster is named "
+                              "(RAY_ADDRESS); use train.device=auto or cpu, or set RAY_ADDRESS to a GPU cluster")
+    for key, url, look in (("data.shards", cfg.data.shards, lambda: ShardSource(url, cfg.storage).list_shards()),
+                           ("checkpoint.dir", cfg.checkpoint.dir, lambda: storage.exists(url, cfg.storage))):
+        try:
+            found = look()
+        except ConfigError:
+            raise
+        except Exception as error:
+            usage = storage.usage_error(error, key, url, cfg.storage)
+            if usage is None:
+                raise
+            raise usage from error
+        if key == "data.shards" and not found and not cfg.data.follow:
+            where = "" if storage.exists(url, cfg.storage) or spec_kind(url) != "prefix" else " (it does not exist)"
+            raise ConfigError(f"data.shards: no shards at {url}{where}; give a folder or s3:// prefix holding "
+                              f".tar/.tar.gz/.tgz shards, a brace pattern or a .txt list (`stream-swav make-shards` "
+                              f"makes shards from images), or data.follow: true to wait for them")
+
+
 def train(cfg: Config, trainer: Trainer | None = None) -> int:
     """`stream-swav train`: run until a budget or SIGTERM/SIGINT; the exit status."""
+    check_before_start(cfg)
     trainer = trainer or Trainer(cfg)
     # ray.init installs its own SIGTERM handler (an immediate exit, no checkpoint): start Ray first
     # so that ours replaces it.

@@ -1,0 +1,102 @@
+"""The command line as a new user meets it: fast help, a version, and mistakes answered in one line.
+
+Each mistake must end with exit status 2 and one line on stderr naming the key or resource and
+what to do, before any Ray is started, with the traceback available under --debug.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+from conftest import colour_samples, free_port, start_moto, tar_bytes, use_fake_credentials
+from runtime_helpers import write_config
+
+from stream_swav import cli
+from stream_swav.config import UsageError
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def one_line_error(capsys: pytest.CaptureFixture, argv: list[str]) -> str:
+    """Run the CLI in this process; it must return 2 with exactly one line on stderr."""
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("stream-swav: ") and "\n" not in err and "Traceback" not in err, err
+    return err
+
+
+def test_help_is_fast_and_every_option_explains_itself():
+    started = time.monotonic()
+    done = subprocess.run([sys.executable, "-m", "stream_swav", "--help"], capture_output=True, text=True,
+                          cwd=REPO, check=True)
+    # Building the parser imports no torch (the apps are imported when their command runs).
+    probe = subprocess.run([sys.executable, "-c", "import sys; from stream_swav import cli; cli.build_parser(); "
+                            "print('torch' in sys.modules, 'ray' in sys.modules)"],
+                           capture_output=True, text=True, cwd=REPO, check=True)
+    assert probe.stdout.split() == ["False", "False"]
+    assert "train" in done.stdout and time.monotonic() - started < 60
+    version = subprocess.run([sys.executable, "-m", "stream_swav", "--version"], capture_output=True, text=True,
+                             cwd=REPO, check=True)
+    assert version.stdout.startswith("stream-swav ")
+    parser = cli.build_parser()
+    for action in parser._subparsers._group_actions[0].choices.values():
+        for option in action._actions:
+            if option.dest not in ("help",):
+                assert option.help, f"{action.prog}: {option.option_strings or option.dest} has no help text"
+
+
+def test_configuration_mistakes_are_one_line(capsys):
+    err = one_line_error(capsys, ["config", "--set", "data.shards={000..009.tar"])
+    assert "data.shards: has unbalanced braces" in err
+    err = one_line_error(capsys, ["config", "--set", "optim.base_lr=-1"])
+    assert "optim.base_lr: must be > 0" in err
+    # The traceback is there for whoever asks.
+    with pytest.raises(UsageError):
+        cli.main(["--debug", "config", "--set", "optim.base_lr=-1"])
+
+
+def test_train_refuses_missing_shards_and_a_missing_gpu_before_starting_ray(tmp_path, capsys):
+    config = write_config(tmp_path / "train.yaml", {"data": {"shards": str(tmp_path / "nowhere")},
+                                                    "checkpoint": {"dir": str(tmp_path / "ckpt")}})
+    started = time.monotonic()
+    err = one_line_error(capsys, ["train", "--config", str(config)])
+    assert f"data.shards: no shards at {tmp_path / 'nowhere'} (it does not exist)" in err
+    assert time.monotonic() - started < 20  # no Ray was started for this
+
+    (tmp_path / "shards").mkdir()
+    (tmp_path / "shards" / "a.tar").write_bytes(tar_bytes(colour_samples(2)))
+    config = write_config(tmp_path / "gpu.yaml", {"data": {"shards": str(tmp_path / "shards")},
+                                                  "checkpoint": {"dir": str(tmp_path / "ckpt")},
+                                                  "train": {"device": "cuda"}})
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    err = one_line_error(capsys, ["train", "--config", str(config)])
+    assert "train.device: cuda, but this machine has no usable CUDA GPU" in err
+
+
+def test_s3_without_credentials_or_endpoint_is_one_line(tmp_path, capsys, monkeypatch, moto_endpoint):
+    use_fake_credentials(monkeypatch, moto_endpoint)
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+        monkeypatch.delenv(name)
+    config = write_config(tmp_path / "s3.yaml", {"data": {"shards": "s3://bucket/shards/"},
+                                                 "storage": {"retries": 0, "connect_timeout_s": 1},
+                                                 "checkpoint": {"dir": str(tmp_path / "ckpt")}})
+    err = one_line_error(capsys, ["train", "--config", str(config)])
+    assert "data.shards: no S3 credentials to read s3://bucket/shards/" in err and "AWS_ACCESS_KEY_ID" in err
+
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "key")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "secret")
+    closed = f"http://127.0.0.1:{free_port()}"
+    config = write_config(tmp_path / "down.yaml", {"data": {"shards": "s3://bucket/shards/"},
+                                                   "storage": {"endpoint_url": closed, "retries": 0,
+                                                               "connect_timeout_s": 1, "read_timeout_s": 2},
+                                                   "checkpoint": {"dir": str(tmp_path / "ckpt")}})
+    err = one_line_error(capsys, ["train", "--config", str(config)])
+    assert f"data.shards: cannot reach the S3 endpoint {closed}" in err and "storage.endpoint_url" in err

@@ -48,6 +48,7 @@ checkpoint folder.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import hashlib
 import json
 import logging
@@ -75,7 +76,7 @@ from stream_swav.apps.evaluate import (EvalData, embed, knn_predict, load_eval_d
 from stream_swav.apps.follow import append_jsonl, nice_ticks, read_jsonl
 from stream_swav.apps.make_shards import array_samples, write_shards
 from stream_swav.checkpoint import load_resolved_backbone, resolve_checkpoint
-from stream_swav.config import CODES, Config, StorageConfig, config_from_dict, load_config, merge_dicts
+from stream_swav.config import CODES, Config, ModelConfig, StorageConfig, config_from_dict, load_config, merge_dicts
 from stream_swav.model import BackboneSpec, SwAVModel
 from stream_swav.runtime.metrics import usage_perplexity
 from stream_swav.swav import prototype_counts
@@ -531,7 +532,9 @@ def evaluate_run(checkpoint_dir: str, data: EvalData, groups: dict[str, tuple[in
     row: dict[str, Any] = knn_groups(index_feats, query_feats, data, groups, device)
 
     state = ckpt.load_checkpoint(checkpoint_dir, StorageConfig())
-    model = SwAVModel(config_from_dict(resolved.config).model)
+    # Only the model section matters here; checkpoints of other versions may carry other keys elsewhere.
+    known = {f.name for f in dataclasses.fields(ModelConfig)}
+    model = SwAVModel(ModelConfig(**{k: v for k, v in resolved.config["model"].items() if k in known}))
     model.load_state_dict(state["model"])
     model.eval()
     z = F.normalize(model.projection(query_feats), dim=1)

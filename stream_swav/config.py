@@ -293,8 +293,11 @@ class MetricsConfig:
     host: str = "127.0.0.1"
     port: int = setting(9400, TCP_PORT)
     perplexity_window_steps: int = setting(50, POSITIVE)
-    # The collapse alarm fires when the feature spread (see learner.feature_spread) is below this.
+    # The collapse alarm fires after collapse_after_images when the feature spread (see
+    # learner.feature_spread) is below collapse_spread, or the argmax prototype usage perplexity over
+    # the window below collapse_perplexity (0: max(2, K/50)).
     collapse_spread: float = setting(0.05, NON_NEGATIVE)
+    collapse_perplexity: float = setting(0.0, NON_NEGATIVE)
     collapse_after_images: int = setting(0, NON_NEGATIVE)  # 0: after warmup
 
 

@@ -13,7 +13,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from stream_swav.config import Config, config_from_dict
+from stream_swav.config import Config, MetricsConfig, config_from_dict
 from stream_swav.data.batch import BatchMeta, CropBatch
 from stream_swav.learner import Learner, StepStats
 from stream_swav.optim import learning_rate_for
@@ -123,8 +123,24 @@ def test_learner_learns_on_synthetic_stream_without_collapse():
     first, last = np.mean(losses[:5]), np.mean(losses[-5:])
     assert last < 0.6 * math.log(PROTOTYPES), losses
     assert last < 0.5 * first, losses
-    # Which prototype the network prefers stays spread over many of them.
+    # Which prototype the network prefers stays spread over many of them, and so do the embeddings:
+    # the collapse alarm stays quiet on a run that learns.
     assert usage_perplexity(usage.numpy()) > PROTOTYPES / 4, usage.tolist()
+    assert stats.feature_spread.item() > 2 * MetricsConfig().collapse_spread
+
+
+def test_collapsed_embeddings_have_no_spread():
+    """What the collapse alarm reads: the same image everywhere gives (nearly) the same embedding."""
+    torch.set_num_threads(1)
+    cfg = tiny_config()
+    learner = Learner(cfg, torch.device("cpu"))
+    varied = learner.train_step(SyntheticStream(n_classes=4, image_size=8, seed=2).batch(cfg))
+    batch = SyntheticStream(n_classes=4, image_size=8, seed=2).batch(cfg)
+    batch.global_crops[:] = batch.global_crops[:, :1]
+    batch.local_crops[:] = batch.local_crops[:, :1]
+    learner.cfg.augment.color_jitter_prob = learner.cfg.augment.blur_prob_global = 0.0
+    same = learner.train_step(batch)
+    assert same.feature_spread.item() < MetricsConfig().collapse_spread < varied.feature_spread.item()
 
 
 def test_state_dict_round_trip_resumes_identically():

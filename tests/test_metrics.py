@@ -17,7 +17,7 @@ from stream_swav.runtime.metrics import (
     Metrics,
     PrototypeUsage,
     collapse_alarm,
-    collapse_after,
+    CollapseSettings,
 )
 
 
@@ -173,18 +173,24 @@ def test_metric_names_follow_conventions():
     assert counters == {name for name in METRIC_NAMES if name.endswith("_total")}
 
 
-def test_collapse_alarm_fires_on_lost_spread_after_warmup_only():
-    settled = {"images_seen": 10_000, "after_images": 1_000}
-    assert collapse_alarm(0.01, 0.05, **settled)
-    assert not collapse_alarm(0.3, 0.05, **settled)
-    # Not before warmup: an untrained network's embeddings are close together too.
-    assert not collapse_alarm(0.01, 0.05, images_seen=999, after_images=1_000)
-    assert not collapse_alarm(math.nan, 0.05, **settled)
+def test_collapse_alarm_fires_on_lost_spread_or_shrunk_usage_after_warmup_only():
+    settings = CollapseSettings(spread=0.05, perplexity=2.0, after_images=1_000)
+    healthy = {"feature_spread": 0.4, "perplexity": 3.4, "settings": settings}
+    assert not collapse_alarm(**healthy, images_seen=10_000)
+    assert collapse_alarm(**{**healthy, "feature_spread": 0.01}, images_seen=10_000)
+    assert collapse_alarm(**{**healthy, "perplexity": 1.1}, images_seen=10_000)
+    # Not before warm-up: an untrained network's embeddings are close together too.
+    assert not collapse_alarm(**{**healthy, "feature_spread": 0.01}, images_seen=999)
+    assert not collapse_alarm(feature_spread=math.nan, perplexity=math.nan, settings=settings, images_seen=10_000)
 
 
-def test_collapse_after_defaults_to_the_warmup():
-    assert collapse_after(MetricsConfig(), warmup_images=500) == 500
-    assert collapse_after(MetricsConfig(collapse_after_images=7), warmup_images=500) == 7
+def test_collapse_settings_resolve_automatic_values():
+    assert CollapseSettings.from_config(MetricsConfig(), prototypes=3000, warmup_images=500) == \
+        CollapseSettings(spread=0.05, perplexity=60.0, after_images=500)
+    # With few prototypes K/50 < 1 could never fire; everything on one prototype (perplexity 1) must.
+    assert CollapseSettings.from_config(MetricsConfig(), prototypes=30, warmup_images=0).perplexity == 2.0
+    cfg = MetricsConfig(collapse_perplexity=10.0, collapse_after_images=7, collapse_spread=0.1)
+    assert CollapseSettings.from_config(cfg, prototypes=3000, warmup_images=500) == CollapseSettings(0.1, 10.0, 7)
 
 def test_usage_perplexity_of_counts():
     assert math.isnan(usage_perplexity([0, 0, 0]))

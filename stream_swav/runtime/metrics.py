@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import threading
 import time
+from dataclasses import dataclass
 from collections import deque
 from collections.abc import Callable
 from wsgiref.simple_server import WSGIServer
@@ -259,20 +260,35 @@ class EvalMetrics(_Exporter):
         self._failures.inc()
 
 
-def collapse_alarm(feature_spread: float, threshold: float, images_seen: int, after_images: int) -> bool:
-    """True when training looks collapsed: after warm-up, the batch's embeddings have (almost) no
-    spread left, i.e. every image maps to about the same point. Neither the loss nor the codes tell
-    that reliably: a collapsed network can sit at ln(K) (Sinkhorn) or near 0 (codes that allow
-    concentration), and a healthy one starts at ln(K) too.
+def collapse_alarm(*, feature_spread: float, perplexity: float, settings: "CollapseSettings",
+                   images_seen: int) -> bool:
+    """True when training looks collapsed, after warm-up: the batch's embeddings have (almost) no
+    spread left (every image maps to about the same point), or the network's preferred prototypes
+    have shrunk to a handful. The loss is no sign: a collapsed network can sit at ln(K) (Sinkhorn)
+    or near 0 (codes that allow concentration), and a healthy one starts at ln(K) too.
 
-    A non-finite spread never raises the alarm; non-finite steps have their own counter.
+    Non-finite inputs never raise the alarm; non-finite steps have their own counter.
     """
-    return images_seen >= after_images and math.isfinite(feature_spread) and feature_spread < threshold
+    if images_seen < settings.after_images:
+        return False
+    no_spread = math.isfinite(feature_spread) and feature_spread < settings.spread
+    few_prototypes = math.isfinite(perplexity) and perplexity < settings.perplexity
+    return no_spread or few_prototypes
 
 
-def collapse_after(cfg: MetricsConfig, warmup_images: int) -> int:
-    """Images after which the alarm may fire (metrics.collapse_after_images; 0: after warmup)."""
-    return cfg.collapse_after_images if cfg.collapse_after_images > 0 else warmup_images
+@dataclass(frozen=True)
+class CollapseSettings:
+    spread: float
+    perplexity: float
+    after_images: int
+
+    @classmethod
+    def from_config(cls, cfg: MetricsConfig, prototypes: int, warmup_images: int) -> "CollapseSettings":
+        """With the config's 0 = automatic resolved: K/50 prototypes (at least 2: everything on one
+        prototype must fire for small K too), after warm-up."""
+        return cls(spread=cfg.collapse_spread,
+                   perplexity=cfg.collapse_perplexity if cfg.collapse_perplexity > 0 else max(2.0, prototypes / 50.0),
+                   after_images=cfg.collapse_after_images if cfg.collapse_after_images > 0 else warmup_images)
 
 
 def usage_perplexity(counts: np.ndarray | list[int]) -> float:

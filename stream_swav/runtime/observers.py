@@ -11,7 +11,7 @@ import numpy as np
 
 from stream_swav.config import Config
 from stream_swav.progress import ProgressLine
-from stream_swav.runtime.metrics import Metrics, PrototypeUsage, collapse_after, collapse_alarm
+from stream_swav.runtime.metrics import CollapseSettings, Metrics, PrototypeUsage, collapse_alarm
 from stream_swav.runtime.reports import ChunkSummary
 
 log = logging.getLogger("stream_swav.driver")
@@ -48,7 +48,7 @@ class RunObserver:
         self.metrics = metrics
         self.usage = PrototypeUsage(cfg.model.prototypes, cfg.metrics.perplexity_window_steps)
         self.throughput = Throughput(window_s=max(cfg.train.log_interval_s, 5.0))
-        self.collapse_after = collapse_after(cfg.metrics, cfg.optim.warmup_images)
+        self.collapse = CollapseSettings.from_config(cfg.metrics, cfg.model.prototypes, cfg.optim.warmup_images)
         self.collapsed = False
         self.last: ChunkSummary | None = None
         self.decode_errors = 0
@@ -72,12 +72,13 @@ class RunObserver:
             self.usage.update_from_counts(np.asarray(summary.prototype_counts, dtype=np.int64))
             m.observe_steps(steps=summary.steps, images=summary.images, images_seen=summary.images_seen,
                             loss=summary.loss, learning_rate=summary.lr)
-            alarm = collapse_alarm(summary.feature_spread, self.cfg.metrics.collapse_spread, summary.images_seen,
-                                   self.collapse_after)
+            perplexity = self.usage.perplexity()
+            alarm = collapse_alarm(feature_spread=summary.feature_spread, perplexity=perplexity,
+                                   settings=self.collapse, images_seen=summary.images_seen)
             if alarm and not self.collapsed:
-                log.warning("collapse alarm: the embeddings' spread is %.3f (metrics.collapse_spread=%g): the "
-                            "network maps every image to about the same point; loss %.4f", summary.feature_spread,
-                            self.cfg.metrics.collapse_spread, summary.loss)
+                log.warning("collapse alarm: embedding spread %.3f (alarm below %g), prototype perplexity %.1f of %d "
+                            "(alarm below %g); loss %.4f", summary.feature_spread, self.collapse.spread, perplexity,
+                            self.cfg.model.prototypes, self.collapse.perplexity, summary.loss)
             self.collapsed = alarm
             m.set_swav_health(queue_fill_ratio=summary.queue_fill / max(self.cfg.swav.queue_length, 1),
                               prototype_perplexity=self.usage.perplexity(), prototypes_unused=self.usage.unused(),

@@ -154,7 +154,7 @@ class ResNetTrunk(nn.Module):
         return weights
 
 
-def build_backbone(spec: BackboneSpec) -> tuple[nn.Module, int]:
+def build_backbone(spec: BackboneSpec) -> tuple[ResNetTrunk, int]:
     """A randomly initialised ResNet trunk and its feature width."""
     backbone = ResNetTrunk(spec)
     return backbone, backbone.feature_dim

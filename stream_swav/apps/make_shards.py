@@ -26,7 +26,6 @@ import argparse
 import io
 import json
 import logging
-import os
 import sys
 import time
 from collections import Counter

@@ -58,28 +58,30 @@ import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, ImageDraw, ImageFont
 from torch import Tensor
 
 from stream_swav import checkpoint as ckpt
-from stream_swav import logs
+from stream_swav import logs, plotting
 from stream_swav.apps import KNN_K, KNN_TEMPERATURE
 from stream_swav.apps.datasets import CLASS_NAMES, NUM_CLASSES, candidate_dirs, find_fashion_mnist, load_split
 from stream_swav.apps.demo import DEMO_CONFIG, cpu_learner_overrides
 from stream_swav.apps.evaluate import (EvalData, embed, knn_predict, load_eval_data, pick_device, pixel_features,
                                        random_backbone)
-from stream_swav.apps.follow import append_jsonl, nice_ticks, read_jsonl
+from stream_swav.apps.follow import append_jsonl, read_jsonl
 from stream_swav.apps.make_shards import array_samples, write_shards
 from stream_swav.checkpoint import load_resolved_backbone, resolve_checkpoint
 from stream_swav.config import CODES, Config, ModelConfig, StorageConfig, config_from_dict, load_config, merge_dicts
 from stream_swav.model import BackboneSpec, SwAVModel
 from stream_swav.runtime.metrics import usage_perplexity
 from stream_swav.swav import prototype_counts
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 log = logging.getLogger("stream_swav.longtail")
 
@@ -358,65 +360,57 @@ def format_markdown(rows: list[dict[str, Any]], streams: Iterable[str] = STREAMS
 
 # ---- plot ---------------------------------------------------------------------------------------------
 
-METHOD_COLORS = {"sinkhorn": (130, 130, 130), "relaxed": (31, 94, 180), "prior": (220, 110, 20)}
+METHOD_COLORS = {"sinkhorn": "#828282", "relaxed": "#1f5eb4", "prior": "#dc6e14"}
 BAR_GROUPS = (("all", "top1"), ("frequent", "frequent_top1"), ("middle", "middle_top1"), ("rare", "rare_top1"))
+# Pixels per stream panel, plus a margin for the shared axis label.
+PANEL_WIDTH_PX, PLOT_HEIGHT_PX, MARGIN_PX = 500, 580, 60
 
 
 def draw_plot(rows: list[dict[str, Any]], streams: Iterable[str] = STREAMS, methods: Iterable[str] = CODES,
-              title: str = "kNN top-1 by class-frequency group (mean ± std over seeds)") -> Image.Image:
-    """One panel per stream: bars of top-1 (all, frequent, middle, rare) per codes method."""
+              title: str = "kNN top-1 by class-frequency group (mean ± std over seeds)") -> Figure | None:
+    """One panel per stream: bars of top-1 (all, frequent, middle, rare) per codes method, with the
+    standard deviation over seeds as error bars and each method's usage perplexity in the legend.
+    None when matplotlib is not installed."""
     streams = [s for s in streams if any(r.get("stream") == s for r in rows)]
     if not streams:
         raise ValueError("draw_plot: no rows of the given streams")
+    figure = plotting.new_figure(MARGIN_PX + PANEL_WIDTH_PX * len(streams), PLOT_HEIGHT_PX, PLOT_PNG)
+    if figure is None:
+        return None
     methods = list(methods)
     summary = {(e["stream"], e["method"]): e for e in summarize(rows, streams, methods)}
-    panel_w, panel_h, top, bottom, left = 520, 380, 80, 90, 60
-    image = Image.new("RGB", (left + panel_w * len(streams) + 20, top + panel_h + bottom), "white")
-    draw = ImageDraw.Draw(image)
-    font, small = ImageFont.load_default(size=14), ImageFont.load_default(size=12)
-    draw.text((image.width / 2, 16), title, fill="black", font=ImageFont.load_default(size=17), anchor="mt")
-    highs = [100 * (e[key][0] + e[key][1]) for e in summary.values() for _, key in BAR_GROUPS
-             if math.isfinite(e[key][0])]
-    ticks = nice_ticks(0.0, max(highs, default=100.0))
-    y_max = ticks[-1] or 1.0
-
-    def y_px(value: float) -> float:
-        return top + panel_h * (1 - value / y_max)
-
-    for panel, stream in enumerate(streams):
-        x0 = left + panel * panel_w
-        x1 = x0 + panel_w - 30
-        draw.text(((x0 + x1) / 2, top - 14), f"{stream} stream", fill="black", font=font, anchor="ms")
-        for tick in ticks:
-            draw.line([(x0, y_px(tick)), (x1, y_px(tick))], fill=(225, 225, 225))
-            draw.text((x0 - 6, y_px(tick)), f"{tick:g}", fill="black", font=small, anchor="rm")
-        draw.line([(x0, top), (x0, top + panel_h), (x1, top + panel_h)], fill="black")
-        slot = (x1 - x0) / len(BAR_GROUPS)
-        bar = slot * 0.8 / max(len(methods), 1)
-        for g, (label, key) in enumerate(BAR_GROUPS):
-            gx = x0 + g * slot + slot * 0.1
-            draw.text((gx + slot * 0.4, top + panel_h + 6), label, fill="black", font=font, anchor="mt")
-            for m, method in enumerate(methods):
-                entry = summary.get((stream, method))
-                if entry is None or not math.isfinite(entry[key][0]):
-                    continue
-                mean, std = 100 * entry[key][0], 100 * entry[key][1]
-                bx = gx + m * bar
-                draw.rectangle([bx + 1, y_px(mean), bx + bar - 1, y_px(0)], fill=METHOD_COLORS.get(method, "black"))
-                if std > 0:
-                    cx = bx + bar / 2
-                    draw.line([(cx, y_px(mean - std)), (cx, y_px(mean + std))], fill="black", width=1)
-                    draw.line([(cx - 3, y_px(mean + std)), (cx + 3, y_px(mean + std))], fill="black")
-                    draw.line([(cx - 3, y_px(mean - std)), (cx + 3, y_px(mean - std))], fill="black")
-        # Legend with each method's prototype usage perplexity on this stream.
+    figure.suptitle(title)
+    axes = figure.subplots(1, len(streams), sharey=True, squeeze=False)[0]
+    axes[0].set_ylabel("top-1 %")
+    width = 0.8 / max(len(methods), 1)
+    for axis, stream in zip(axes, streams):
+        axis.set_title(f"{stream} stream")
+        axis.grid(axis="y", color="#e1e1e1")
+        axis.set_axisbelow(True)
+        axis.set_xticks(range(len(BAR_GROUPS)), [label for label, _ in BAR_GROUPS])
         for m, method in enumerate(methods):
             entry = summary.get((stream, method))
-            perplexity = f", perplexity {entry['perplexity'][0]:.1f}" if entry else ""
-            ly = top + panel_h + 30 + 17 * m
-            draw.rectangle([x0 + 10, ly, x0 + 22, ly + 12], fill=METHOD_COLORS.get(method, "black"))
-            draw.text((x0 + 28, ly + 6), f"{method}{perplexity}", fill="black", font=small, anchor="lm")
-    draw.text((8, top - 12), "top-1 %", fill="black", font=small, anchor="lb")
-    return image
+            if entry is None:
+                continue
+            groups = [g for g, (_, key) in enumerate(BAR_GROUPS) if math.isfinite(entry[key][0])]
+            means = [100 * entry[BAR_GROUPS[g][1]][0] for g in groups]
+            stds = [100 * entry[BAR_GROUPS[g][1]][1] for g in groups]
+            perplexity = entry["perplexity"][0]
+            label = method + (f", perplexity {perplexity:.1f}" if math.isfinite(perplexity) else "")
+            axis.bar([g - 0.4 + (m + 0.5) * width for g in groups], means, width * 0.9, yerr=stds, capsize=3,
+                     color=METHOD_COLORS.get(method, "black"), label=label)
+        # Under the panel, where it can hide no bar.
+        axis.legend(loc="upper center", bbox_to_anchor=(0.5, -0.08), fontsize="small", frameon=False)
+    return figure
+
+
+def write_plot(rows: list[dict[str, Any]], streams: Iterable[str], methods: Iterable[str], path: Path) -> Path | None:
+    """The plot of `rows` as a PNG at `path`; None (nothing written) when matplotlib is not installed."""
+    figure = draw_plot(rows, streams, methods)
+    if figure is None:
+        return None
+    path.write_bytes(plotting.png_bytes(figure))
+    return path
 
 
 # ---- data, training and evaluation ---------------------------------------------------------------------
@@ -607,7 +601,7 @@ def write_reports(out: Path, rows: list[dict[str, Any]], config: str, streams: l
     rows = [r for r in rows if r.get("config_id") == config]
     (out / RESULTS_MD).write_text(format_markdown(rows, streams, methods, references))
     if rows:
-        draw_plot(rows, streams, methods).save(out / PLOT_PNG)
+        write_plot(rows, streams, methods, out / PLOT_PNG)
 
 
 def _split(text: str) -> list[str]:

@@ -3,9 +3,16 @@
 Layout under the checkpoint folder (a local path or an s3:// URL)::
 
     step-000001000/state.pt      everything needed to resume (torch.save of a dict)
-    step-000001000/backbone.pt   torchvision ResNet state_dict (strict=True loadable)
+    step-000001000/backbone.pt   the backbone's state_dict, keyed as torchvision's ResNet without fc
     step-000001000/meta.json     the record below; written last in the folder
     latest.json                  the record of the newest complete checkpoint
+
+backbone.pt (`SwAVModel.backbone_state_dict`) has no classifier entries, as SwAV trains none, and
+records its BackboneSpec in the state dict's ``_metadata``. With torchvision's stem and width,
+``m = torchvision.models.<arch>(); m.fc = torch.nn.Identity(); m.load_state_dict(sd)`` loads it
+strictly; any backbone loads with ``stream_swav.load_backbone(path)``. Files written before the spec
+was recorded carry zero ``fc`` placeholders instead; consumers (`load_resolved_backbone`) drop
+them and take the spec from meta.json / latest.json, which record it too.
 
 Each file is written atomically (temporary name + rename locally; a single PUT
 on S3), in that order, and latest.json only after all of them succeeded. A
@@ -38,7 +45,7 @@ import torch
 from stream_swav import storage
 from stream_swav.storage import join_url
 from stream_swav.config import AugmentConfig, StorageConfig, UsageError
-from stream_swav.model import BackboneSpec, load_backbone
+from stream_swav.model import BackboneSpec, load_backbone, recorded_spec
 
 log = logging.getLogger(__name__)
 
@@ -387,9 +394,10 @@ class ResolvedCheckpoint:
 
 def resolve_checkpoint(url: str, storage_cfg: StorageConfig | None = None,
                        record: dict[str, Any] | None = None) -> ResolvedCheckpoint:
-    """Accepts a checkpoint folder (follows latest.json), a step folder, or a backbone.pt URL
-    inside a step folder. Architecture and stem come from the latest.json/meta.json record,
-    else from the configuration stored in state.pt. `record` skips re-reading latest.json."""
+    """Accepts a checkpoint folder (follows latest.json), a step folder, a backbone.pt URL inside a
+    step folder, or any backbone file (an export). The backbone spec comes from the latest.json/meta.json
+    record, else from the configuration stored in state.pt, else from the spec the backbone file
+    records. `record` skips re-reading latest.json."""
     storage_cfg = storage_cfg or StorageConfig()
     url = url.rstrip("/")
     if url.endswith(".pt"):
@@ -416,18 +424,27 @@ def resolve_checkpoint(url: str, storage_cfg: StorageConfig | None = None,
         state = load_checkpoint(state_url, storage_cfg)
         config = state.get("config") if isinstance(state.get("config"), dict) else None
     config = config or {}
-    described_by = record if "arch" in record else config.get("model", {})
     try:
-        spec = BackboneSpec.from_record(described_by)
+        if "arch" in record:
+            spec = BackboneSpec.from_record(record)
+        elif isinstance(config.get("model"), dict):
+            spec = BackboneSpec.from_record(config["model"])
+        else:
+            # A bare backbone file (an export, a copy): the spec it records.
+            spec = recorded_spec(load_backbone_state(backbone_url, storage_cfg))
+            if spec is None:
+                raise ValueError(f"{backbone_url} records no backbone spec")
     except ValueError as error:
-        raise ValueError(f"{url}: cannot tell the architecture from {META}, latest.json or the configuration "
-                         f"in {STATE}: {error}") from error
+        raise ValueError(f"{url}: cannot tell the architecture from {META}, latest.json, the configuration "
+                         f"in {STATE} or the backbone file: {error}") from error
     return ResolvedCheckpoint(url=url, backbone_url=backbone_url, spec=spec,
                               step=record.get("step"), images_seen=record.get("images_seen"), config=config,
                               record=record)
 
 
 def load_resolved_backbone(resolved: ResolvedCheckpoint, storage_cfg: StorageConfig | None = None) -> torch.nn.Module:
+    """The checkpoint's feature extractor in eval mode (see `stream_swav.model.load_backbone`); backbone
+    files of every format load."""
     state = load_backbone_state(resolved.backbone_url, storage_cfg or StorageConfig())
     return load_backbone(state, resolved.spec)
 

@@ -152,14 +152,16 @@ def build_parser() -> argparse.ArgumentParser:
     _embedding_arguments(p)
     p.set_defaults(func=_app("follow"))
 
-    p = sub.add_parser("export", help="backbone weights for torchvision, optionally TorchScript")
+    p = sub.add_parser("export", help="backbone weights for torchvision, optionally a torch.export program")
     p.add_argument("--checkpoint", required=True,
                    help="checkpoint folder (uses latest.json), step folder, or backbone.pt; local or s3://")
     p.add_argument("--out", required=True, help="state_dict file to write (local or s3://), e.g. resnet50.pt")
-    p.add_argument("--torchscript", action="store_true",
-                   help="also write <out stem>.torchscript.pt (feature extractor, verified on a dummy input)")
+    p.add_argument("--pt2", action="store_true",
+                   help="also write <out stem>.pt2: the feature extractor as a torch.export program (any batch "
+                        "size, --image-size square images), checked against eager on a dummy batch; loads with "
+                        "torch.export.load(path).module(), no stream-swav needed")
     p.add_argument("--image-size", type=int, default=0,
-                   help="dummy input size for the TorchScript check (default: the training crop size)")
+                   help="input size of the .pt2 program in px (default: the training crop size)")
     _endpoint_argument(p)
     p.set_defaults(func=_app("export"))
     return parser

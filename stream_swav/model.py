@@ -6,6 +6,8 @@ BatchNorm statistics cover all of them, as in the reference implementation.
 """
 from __future__ import annotations
 
+import os
+from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -18,11 +20,15 @@ from torchvision.models.resnet import BasicBlock, Bottleneck, conv1x1
 
 from stream_swav.config import ARCHS, ModelConfig
 
-# torchvision's ImageNet classifier width; the exported state dict carries an fc
-# of this shape so it loads into `torchvision.models.<arch>()` unchanged.
-TORCHVISION_CLASSES = 1000
-FC_KEYS = ("fc.weight", "fc.bias")
 TORCHVISION_WIDTH = 64
+# A backbone file records its BackboneSpec under this key of the state dict's `_metadata`: the
+# per-module metadata PyTorch keeps on every state dict. It survives torch.save and
+# torch.load(weights_only=True), and load_state_dict only reads the entries of the modules it
+# loads, so the file describes itself and still loads strictly into torchvision's ResNet.
+SPEC_METADATA_KEY = "stream_swav.backbone_spec"
+# Backbone files written before the spec was recorded carried zero-filled torchvision classifier
+# entries (SwAV trains no classifier); loading drops them.
+PLACEHOLDER_FC_KEYS = ("fc.weight", "fc.bias")
 
 # Residual block and blocks per stage. resnet10 is not in torchvision: one block per stage, the
 # cheapest trunk with all four stages, for CPU runs on small images.
@@ -98,6 +104,7 @@ class ResNetTrunk(nn.Module):
 
     def __init__(self, spec: BackboneSpec) -> None:
         super().__init__()
+        self.spec = spec
         block, layers = RESNET_LAYOUTS[spec.arch]
         width = spec.width
         if spec.small_stem:
@@ -137,28 +144,64 @@ class ResNetTrunk(nn.Module):
         x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
         return self.fc(torch.flatten(self.avgpool(x), 1))
 
+    def backbone_state_dict(self) -> OrderedDict[str, Tensor]:
+        """The weights as stream-swav writes them (backbone.pt, `stream-swav export`): a CPU copy
+        keyed as `torchvision.models.<arch>()` without the classifier, with the spec recorded
+        under `SPEC_METADATA_KEY` of its `_metadata`."""
+        state = self.state_dict()
+        weights = OrderedDict((k, v.detach().to("cpu", copy=True)) for k, v in state.items())
+        weights._metadata = {**state._metadata, SPEC_METADATA_KEY: self.spec.to_record()}  # type: ignore[attr-defined]
+        return weights
 
-def build_backbone(spec: BackboneSpec) -> tuple[nn.Module, int]:
+
+def build_backbone(spec: BackboneSpec) -> tuple[ResNetTrunk, int]:
     """A randomly initialised ResNet trunk and its feature width."""
     backbone = ResNetTrunk(spec)
     return backbone, backbone.feature_dim
 
 
-def load_backbone(state_dict: dict[str, Tensor], spec: BackboneSpec) -> nn.Module:
-    """Rebuild a backbone from `SwAVModel.backbone_state_dict()` output, loading strictly.
+def recorded_spec(state_dict: Mapping[str, Tensor]) -> BackboneSpec | None:
+    """The spec a backbone state dict records (see `SPEC_METADATA_KEY`), or None when it records
+    none (files written before it was recorded, or a dict rebuilt without its `_metadata`)."""
+    metadata = getattr(state_dict, "_metadata", None)
+    record = metadata.get(SPEC_METADATA_KEY) if isinstance(metadata, Mapping) else None
+    if record is None:
+        return None
+    if not isinstance(record, Mapping):
+        raise ValueError(f"the recorded backbone spec is not a mapping: {record!r}")
+    return BackboneSpec.from_record(record)
 
-    The fc placeholders are dropped: the returned module ends in `nn.Identity`
-    and yields pooled features. Any other missing, extra or mis-shaped key raises.
+
+def load_backbone(source: str | os.PathLike[str] | Mapping[str, Tensor],
+                  spec: BackboneSpec | None = None) -> ResNetTrunk:
+    """The feature extractor of a backbone file (a local path) or state dict, in eval mode:
+    it returns pooled features (its `fc` is `nn.Identity`).
+
+    The architecture is the spec the weights record; `spec` is needed only for files that record
+    none (their checkpoint's latest.json or meta.json has it), and is checked against the recorded
+    one otherwise. The zero `fc` placeholders of such older files are dropped. Any other missing,
+    extra or mis-shaped key raises ValueError.
     """
-    if not isinstance(state_dict, dict):
-        raise TypeError(f"expected a state dict (dict of tensors), got {type(state_dict).__name__}")
-    backbone, _ = build_backbone(spec)
-    weights = {k: v for k, v in state_dict.items() if k not in FC_KEYS}
+    if isinstance(source, (str, os.PathLike)):
+        state = torch.load(source, map_location="cpu", weights_only=True)
+    else:
+        state = source
+    if not isinstance(state, Mapping):
+        raise TypeError(f"expected a state dict (dict of tensors), got {type(state).__name__}")
+    recorded = recorded_spec(state)
+    if spec is None and recorded is None:
+        raise ValueError("the weights record no backbone spec (written before stream-swav recorded it); "
+                         "pass the spec from the checkpoint's meta.json: load_backbone(path, BackboneSpec(...))")
+    if spec is not None and recorded is not None and spec != recorded:
+        raise ValueError(f"state dict does not match {spec.describe()}: it records {recorded.describe()}")
+    spec = spec or recorded
+    backbone = ResNetTrunk(spec)
+    weights = {k: v for k, v in state.items() if k not in PLACEHOLDER_FC_KEYS}
     try:
         backbone.load_state_dict(weights, strict=True)
     except RuntimeError as error:
         raise ValueError(f"state dict does not match {spec.describe()}: {error}") from error
-    return backbone
+    return backbone.eval()
 
 
 class SwAVModel(nn.Module):
@@ -203,19 +246,14 @@ class SwAVModel(nn.Module):
         """
         return self.backbone(images)
 
-    def backbone_state_dict(self) -> dict[str, Tensor]:
-        """Backbone weights on CPU, keyed as in `torchvision.models.<arch>()`.
+    def backbone_state_dict(self) -> OrderedDict[str, Tensor]:
+        """Backbone weights on CPU, keyed as in `torchvision.models.<arch>()` without `fc`
+        (SwAV trains no classifier), with the spec recorded (see `ResNetTrunk.backbone_state_dict`).
 
-        SwAV trains no classifier, so `fc.weight` (1000, feature_dim) and `fc.bias`
-        (1000,) are zero placeholders that only make a strict load into torchvision
-        succeed. That load works when `spec.torchvision_compatible`; otherwise (small stem,
-        other width, resnet10) the dict loads with `load_backbone(state, spec)`.
+        When `spec.torchvision_compatible`, `m = torchvision.models.<arch>(); m.fc = nn.Identity()`
+        loads it with `strict=True`; any spec loads with `load_backbone(state)`.
         """
-        state = {k: v.detach().to("cpu", copy=True) for k, v in self.backbone.state_dict().items()}
-        dtype = self.backbone.conv1.weight.dtype
-        state["fc.weight"] = torch.zeros(TORCHVISION_CLASSES, self.feature_dim, dtype=dtype)
-        state["fc.bias"] = torch.zeros(TORCHVISION_CLASSES, dtype=dtype)
-        return state
+        return self.backbone.backbone_state_dict()
 
 
-__all__ = ["BackboneSpec", "ResNetTrunk", "SwAVModel", "build_backbone", "load_backbone", "TORCHVISION_CLASSES"]
+__all__ = ["BackboneSpec", "ResNetTrunk", "SwAVModel", "build_backbone", "load_backbone", "recorded_spec"]

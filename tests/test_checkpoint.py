@@ -10,15 +10,18 @@ import textwrap
 import pytest
 import torch
 
-from stream_swav.config import CheckpointConfig, StorageConfig
+from stream_swav.config import CheckpointConfig, ModelConfig, StorageConfig
 from stream_swav import checkpoint
+from stream_swav.model import BackboneSpec, SwAVModel
 from stream_swav.runtime.checkpointing import CheckpointPolicy
 from stream_swav.checkpoint import (
     list_step_dirs,
     load_backbone_state,
     load_checkpoint,
+    load_resolved_backbone,
     prune_checkpoints,
     read_latest,
+    resolve_checkpoint,
     retained_steps,
     save_checkpoint,
 )
@@ -87,6 +90,35 @@ def test_round_trip_through_every_kind_of_url(tmp_path):
     model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.BatchNorm1d(3))
     model.load_state_dict(load_checkpoint(str(tmp_path), STORAGE)["model"], strict=True)
     torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9).load_state_dict(state["optimizer"])
+
+
+def test_backbones_of_the_current_and_the_old_format_both_load(tmp_path):
+    """backbone.pt records its spec and has no fc entries; files written before that carry zero fc
+    placeholders and leave the spec to meta.json. Consumers load both, and a bare backbone file
+    (an export) by the spec it records."""
+    spec = BackboneSpec("resnet10", small_stem=True, stem_stride=2, width=4)
+    torch.manual_seed(0)
+    model = SwAVModel(ModelConfig(arch="resnet10", small_stem=True, stem_stride=2, width=4, hidden_dim=8,
+                                  output_dim=4, prototypes=3)).eval()
+    current = model.backbone_state_dict()
+    old = {k: v.clone() for k, v in model.backbone.state_dict().items()}
+    old.update({"fc.weight": torch.zeros(1000, 32), "fc.bias": torch.zeros(1000)})
+    save_checkpoint(str(tmp_path / "current"), 1, 64, {}, current, spec.to_record(), STORAGE)
+    save_checkpoint(str(tmp_path / "old"), 1, 64, {}, old, spec.to_record(), STORAGE)
+    bare = tmp_path / "export" / "narrow.pt"
+    bare.parent.mkdir()
+    torch.save(current, bare)
+
+    images = torch.randn(2, 3, 20, 20)
+    with torch.no_grad():
+        expected = model.embed(images)
+        for url in (tmp_path / "current", tmp_path / "old", bare):
+            resolved = resolve_checkpoint(str(url))
+            assert resolved.spec == spec
+            torch.testing.assert_close(load_resolved_backbone(resolved)(images), expected)
+    torch.save(old, bare)
+    with pytest.raises(ValueError, match="records no backbone spec"):
+        resolve_checkpoint(str(bare))
 
 
 def test_latest_moves_to_the_newest_save(tmp_path):

@@ -3,12 +3,13 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from PIL import Image
+from PIL import Image, ImageColor
 
 from pipelines import longtail
 from stream_swav.apps.evaluate import EvalData, LabeledImages
@@ -168,16 +169,33 @@ def test_restart_skips_runs_already_recorded(tmp_path):
         longtail.plan_runs(["longtail"], ["equal"], [0])
 
 
-def test_plot_is_a_png_with_one_panel_per_stream(tmp_path):
+def test_plot_is_a_png_with_one_panel_per_stream_and_a_bar_colour_per_method(tmp_path):
     rows = [fake_row(stream, method, seed, 0.5 + 0.05 * seed, 0.3)
             for stream in ("longtail", "balanced") for method in ("sinkhorn", "relaxed", "prior")
             for seed in (0, 1)]
-    path = tmp_path / "plot.png"
-    longtail.draw_plot(rows).save(path)
-    with Image.open(path) as image:
-        assert image.format == "PNG"
-        one_panel = longtail.draw_plot([r for r in rows if r["stream"] == "longtail"], streams=("longtail",))
-        assert image.width > one_panel.width and image.height == one_panel.height
+    both = longtail.write_plot(rows, longtail.STREAMS, longtail.CODES, tmp_path / "both.png")
+    one = longtail.write_plot([r for r in rows if r["stream"] == "longtail"], ("longtail",), longtail.CODES,
+                              tmp_path / "one.png")
+    with Image.open(both) as image, Image.open(one) as one_panel:
+        assert image.format == "PNG" and one_panel.format == "PNG"
+        assert image.size == (longtail.MARGIN_PX + 2 * longtail.PANEL_WIDTH_PX, longtail.PLOT_HEIGHT_PX)
+        assert one_panel.size == (longtail.MARGIN_PX + longtail.PANEL_WIDTH_PX, longtail.PLOT_HEIGHT_PX)
+        pixels = np.asarray(image.convert("RGB"))
+    for method, colour in longtail.METHOD_COLORS.items():
+        # Bars are filled rectangles: thousands of pixels of exactly the method's colour.
+        assert (pixels == np.array(ImageColor.getrgb(colour))).all(axis=2).sum() > 2000, method
+    with pytest.raises(ValueError, match="no rows"):
+        longtail.draw_plot(rows, streams=("neither",))
+
+
+def test_without_matplotlib_the_reports_are_written_and_the_plot_skipped(tmp_path, monkeypatch, caplog):
+    for module in ("matplotlib", "matplotlib.figure"):
+        monkeypatch.setitem(sys.modules, module, None)  # an import of matplotlib now fails
+    rows = [fake_row("longtail", method, 0, 0.5, 0.3) for method in ("sinkhorn", "relaxed")]
+    longtail.write_reports(tmp_path, rows, "cfg", ["longtail"], ["sinkhorn", "relaxed"], {})
+    assert "| longtail | relaxed | 1 |" in (tmp_path / longtail.RESULTS_MD).read_text()
+    assert not (tmp_path / longtail.PLOT_PNG).exists()
+    assert "longtail.png not drawn: matplotlib is not installed (pip install 'stream-swav[plots]')" in caplog.text
 
 
 # ---- configuration -------------------------------------------------------------------------------------

@@ -4,6 +4,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import sys
 import tarfile
 from collections import Counter
 from pathlib import Path
@@ -175,6 +176,38 @@ def test_interrupted_run_resumes_after_the_last_published_shard(tmp_path):
     assert [f.read_bytes() for f in sorted(dest.glob("*.tar"))] == [f.read_bytes() for f in sorted(fresh.glob("*.tar"))]
     assert json.loads((fresh / "manifest.json").read_text())["shards"][0]["skipped"] == {}
     assert json.loads((fresh / "manifest.json").read_text())["shards"][1]["skipped"] == {"truncated": 1}
+
+
+class Terminal(io.StringIO):
+    """An in-memory stream that says it is a terminal, as stderr is for an interactive user."""
+
+    def isatty(self) -> bool:
+        return True
+
+
+def progress_samples() -> list[ShardSample | SkippedSample]:
+    samples: list[ShardSample | SkippedSample] = [
+        ShardSample(i, f"{i:09d}", {"png": encoded(photo(i, (8, 8)), "PNG")}) for i in range(5)]
+    return samples + [SkippedSample(5, "broken.jpg", "truncated")]
+
+
+def test_progress_line_on_a_terminal_counts_samples_shards_and_skips(tmp_path, monkeypatch):
+    terminal = Terminal()
+    monkeypatch.setattr(sys, "stderr", terminal)
+    write_shards(progress_samples(), tmp_path / "shards", 2, 1 << 20, StorageConfig(), settings={"source": "test"},
+                 total=6, progress=True)
+    drawn = terminal.getvalue()
+    assert drawn.startswith("\r") and drawn.endswith("\x1b[K\n") and drawn.count("\n") == 1
+    final = drawn.rsplit("\r", 1)[-1]
+    assert final.startswith("[" + "#" * 30 + "] 100.0% | 6/6 samples | ")
+    assert "| 3 shard(s) | " in final and " MB | skipped 1" in final
+
+
+def test_progress_off_a_terminal_writes_no_redrawn_line(tmp_path, capsys):
+    summary = write_shards(progress_samples(), tmp_path / "shards", 2, 1 << 20, StorageConfig(),
+                           settings={"source": "test"}, total=6, progress=True)
+    assert summary.samples == 5 and summary.shards_written == 3
+    assert "\r" not in capsys.readouterr().err
 
 
 def test_other_settings_or_foreign_shards_are_refused(image_folder, tmp_path, capsys):

@@ -2,8 +2,9 @@ import pytest
 import torch
 import torchvision
 
+import stream_swav
 from stream_swav.config import ModelConfig
-from stream_swav.model import BackboneSpec, SwAVModel, build_backbone, load_backbone
+from stream_swav.model import BackboneSpec, SwAVModel, build_backbone, load_backbone, recorded_spec
 
 torch.set_num_threads(1)
 
@@ -94,13 +95,19 @@ def test_gradients_reach_backbone_and_prototypes():
     assert model.projection[0].weight.grad.abs().sum() > 0
 
 
-def test_backbone_state_dict_loads_into_torchvision_strict():
+def test_backbone_state_dict_loads_into_torchvision_strict(tmp_path):
     model = tiny_model(small_stem=False)
     state = model.backbone_state_dict()
-    assert state["fc.weight"].shape == (1000, 512) and not state["fc.weight"].any() and not state["fc.bias"].any()
+    # No classifier entries: forgetting to replace fc fails loudly instead of giving zero logits.
+    assert not any(key.startswith("fc.") for key in state)
+    torch.save(state, tmp_path / "backbone.pt")
+    loaded = torch.load(tmp_path / "backbone.pt", weights_only=True)
+    assert recorded_spec(loaded) == BackboneSpec("resnet18")
+    with pytest.raises(RuntimeError, match="Missing key"):
+        torchvision.models.resnet18().load_state_dict(loaded, strict=True)
     reference = torchvision.models.resnet18()
-    reference.load_state_dict(state, strict=True)
     reference.fc = torch.nn.Identity()
+    reference.load_state_dict(loaded, strict=True)
     model.eval()
     reference.eval()
     images = torch.randn(2, 3, 32, 32)
@@ -112,19 +119,39 @@ def test_backbone_state_dict_loads_into_torchvision_strict():
     assert not torch.equal(state["conv1.weight"], model.backbone.conv1.weight)
 
 
-def test_small_stem_state_dict_round_trips_through_load_backbone():
+def test_small_stem_backbone_loads_in_one_call_from_its_file(tmp_path):
     model = tiny_model(small_stem=True).eval()
     state = model.backbone_state_dict()
     with pytest.raises(RuntimeError):
         torchvision.models.resnet18().load_state_dict(state, strict=True)
-    backbone = load_backbone(state, BackboneSpec("resnet18", small_stem=True)).eval()
+    torch.save(state, tmp_path / "backbone.pt")
+    backbone = stream_swav.load_backbone(tmp_path / "backbone.pt")
+    assert not backbone.training and isinstance(backbone.fc, torch.nn.Identity)
+    assert backbone.spec == BackboneSpec("resnet18", small_stem=True)
     images = torch.randn(2, 3, 16, 16)
     with torch.no_grad():
         torch.testing.assert_close(backbone(images), model.embed(images))
-    with pytest.raises(ValueError, match="does not match resnet18"):
+        torch.testing.assert_close(load_backbone(state, BackboneSpec("resnet18", True))(images), model.embed(images))
+    with pytest.raises(ValueError, match=r"does not match resnet18: it records resnet18 \(small stem\)"):
         load_backbone(state, BackboneSpec("resnet18"))
+    incomplete = model.backbone_state_dict()
+    del incomplete["layer1.0.conv1.weight"]
     with pytest.raises(ValueError, match="does not match"):
-        load_backbone({k: v for k, v in state.items() if k != "layer1.0.conv1.weight"}, BackboneSpec("resnet18", True))
+        load_backbone(incomplete)
+
+
+def test_backbone_files_of_the_old_format_load_with_their_spec():
+    """Written before the spec was recorded: zero fc placeholders, the spec only in meta.json."""
+    model = tiny_model(small_stem=True).eval()
+    old = {k: v.clone() for k, v in model.backbone.state_dict().items()}
+    old.update({"fc.weight": torch.zeros(1000, 512), "fc.bias": torch.zeros(1000)})
+    assert recorded_spec(old) is None
+    with pytest.raises(ValueError, match="record no backbone spec"):
+        load_backbone(old)
+    backbone = load_backbone(old, BackboneSpec("resnet18", small_stem=True))
+    images = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(backbone(images), model.embed(images))
 
 
 @pytest.mark.parametrize("arch", ["resnet18", "resnet50"])
@@ -146,10 +173,10 @@ def test_narrow_resnet10_with_stride_two_stem():
     assert spec.describe() == "resnet10 (width 8, small stem, stride 2)"
     state = SwAVModel(ModelConfig(arch="resnet10", small_stem=True, stem_stride=2, width=8, hidden_dim=32,
                                   output_dim=16, prototypes=10)).backbone_state_dict()
-    assert state["fc.weight"].shape == (1000, 64)
-    assert load_backbone(state, spec).feature_dim == 64
+    assert recorded_spec(state) == spec
+    assert load_backbone(state).feature_dim == 64
     with pytest.raises(ValueError, match="does not match resnet10"):
-        load_backbone(state, BackboneSpec("resnet10", small_stem=True, width=16))
+        load_backbone({k: v for k, v in state.items()}, BackboneSpec("resnet10", small_stem=True, width=16))
 
 
 def test_backbone_spec_refuses_bad_values_and_reads_old_records():

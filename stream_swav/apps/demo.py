@@ -183,7 +183,7 @@ def cpu_learner_overrides() -> dict[str, Any]:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from stream_swav.apps.follow import evaluate_checkpoints
+    from stream_swav.apps.follow import PLOT_PNG, evaluate_checkpoints
     from stream_swav.runtime.driver import train
 
     out = Path(args.out)
@@ -231,7 +231,8 @@ def run(args: argparse.Namespace) -> int:
           f"(k=20, cosine, T=0.07), {made.eval_train_count:,} labelled train -> {made.eval_test_count:,} test images:")
     for name, accuracy in table:
         print(f"  {name:<40} {100 * accuracy:6.2f}%")
-    print(f"Accuracy and loss against images seen: {eval_dir / 'accuracy.png'}")
+    if (eval_dir / PLOT_PNG).exists():  # not drawn without matplotlib (logged)
+        print(f"Accuracy and loss against images seen: {eval_dir / PLOT_PNG}")
     print(f"Checkpoints: {cfg.checkpoint.dir}   results: {eval_dir / 'results.jsonl'}")
     (eval_dir / "summary.json").write_text(json.dumps({"dataset": made.describe(), "rows": table, "last": last},
                                                        indent=2))

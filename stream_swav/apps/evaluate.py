@@ -42,7 +42,7 @@ from stream_swav.config import AugmentConfig, DataConfig, StorageConfig
 from stream_swav.data.decode import DecodeLimits, SampleError, decode_image
 from stream_swav.data.shards import ShardReport, iter_shard, parse_label
 from stream_swav.data.sources import ShardSource
-from stream_swav.model import BackboneSpec, build_backbone, load_backbone
+from stream_swav.model import BackboneSpec, build_backbone
 from stream_swav.checkpoint import ResolvedCheckpoint, load_resolved_backbone, resolve_checkpoint
 
 PROBE_MAX_ITER = 100

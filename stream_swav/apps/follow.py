@@ -24,10 +24,9 @@ import sys
 import time
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
-from PIL import Image, ImageDraw, ImageFont
 
 from stream_swav.apps.evaluate import (
     DEFAULT_K,
@@ -38,11 +37,14 @@ from stream_swav.apps.evaluate import (
     pick_device,
     reference_rows,
 )
-from stream_swav import storage
+from stream_swav import plotting, storage
 from stream_swav.config import StorageConfig
 from stream_swav import checkpoint as ckpt
 from stream_swav.checkpoint import ResolvedCheckpoint, load_resolved_backbone, resolve_checkpoint
 from stream_swav.runtime.metrics import EvalMetrics
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 log = logging.getLogger(__name__)
 
@@ -140,153 +142,74 @@ class ResultLog:
 
 # ---- plot ---------------------------------------------------------------------------------------------
 
-
-def nice_ticks(low: float, high: float, target: int = 6) -> list[float]:
-    """Round tick values (1, 2 or 5 times a power of ten apart) covering [low, high]."""
-    low, high = min(low, high), max(low, high)
-    if high - low < 1e-12:
-        pad = max(abs(low) * 0.05, 1e-6)
-        low, high = low - pad, high + pad
-    raw = (high - low) / max(target, 1)
-    magnitude = 10 ** math.floor(math.log10(raw))
-    step = next(m * magnitude for m in (1, 2, 2.5, 5, 10) if m * magnitude >= raw)
-    first = math.floor(low / step + 1e-9) * step
-    last = math.ceil(high / step - 1e-9) * step
-    count = int(round((last - first) / step))
-    return [round(first + i * step, 10) for i in range(count + 1)]
+BLUE, GREEN, ORANGE, GREY, PURPLE, TEAL = "#1f5eb4", "#289646", "#dc6e14", "#828282", "#963ca0", "#008c8c"
+PLOT_SIZE_PX = (960, 580)
 
 
-def _padded(values: list[float], share: float = 0.03) -> tuple[float, float]:
-    """min and max widened a little, so no series runs along the frame."""
-    low, high = min(values), max(values)
-    pad = (high - low) * share
-    return low - pad, high + pad
-
-
-def _short_number(value: float) -> str:
-    for divisor, suffix in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
-        if abs(value) >= divisor:
-            return f"{value / divisor:g}{suffix}"
-    return f"{value:g}"
-
-
-def _dashed_line(draw: ImageDraw.ImageDraw, start: tuple[float, float], end: tuple[float, float],
-                 fill: tuple[int, int, int], width: int = 2, dash: int = 8) -> None:
-    (x0, y0), (x1, y1) = start, end
-    length = math.hypot(x1 - x0, y1 - y0)
-    for offset in range(0, int(length), 2 * dash):
-        a, b = offset / length, min(offset + dash, length) / length
-        draw.line([(x0 + (x1 - x0) * a, y0 + (y1 - y0) * a), (x0 + (x1 - x0) * b, y0 + (y1 - y0) * b)],
-                  fill=fill, width=width)
-
-
-BLUE, GREEN, ORANGE, GREY, PURPLE = (31, 94, 180), (40, 150, 70), (220, 110, 20), (130, 130, 130), (150, 60, 160)
-TEAL = (0, 140, 140)
-
-
-def draw_plot(rows: list[dict[str, Any]], title: str = "Streaming SwAV: evaluation against images seen",
-              size: tuple[int, int] = (960, 580)) -> Image.Image:
+def draw_plot(rows: list[dict[str, Any]], title: str = "Streaming SwAV: evaluation against images seen"
+              ) -> Figure | None:
     """Accuracy (left axis, %) and training loss (right axis) against images seen, with the
-    reference accuracies (random-init backbone, raw pixels) as dashed lines when present."""
-    width, height = size
-    left, right, top, bottom = 80, 80, 56, 110
-    image = Image.new("RGB", size, "white")
-    draw = ImageDraw.Draw(image)
-    font = ImageFont.load_default(size=14)
-    small = ImageFont.load_default(size=12)
-    draw.text((width / 2, 14), title, fill="black", font=ImageFont.load_default(size=17), anchor="mt")
+    reference accuracies (random-init backbone, raw pixels) as dashed levels when present.
+    None when matplotlib is not installed."""
+    figure = plotting.new_figure(*PLOT_SIZE_PX, PLOT_PNG)
+    if figure is None:
+        return None
+    from matplotlib.ticker import EngFormatter
+
+    figure.suptitle(title)
+    accuracy_axis = figure.add_subplot()
+    accuracy_axis.set_xlabel("images seen")
+    accuracy_axis.set_ylabel("accuracy (%)", color=BLUE)
+    if not rows:
+        accuracy_axis.set(xticks=[], yticks=[])
+        accuracy_axis.text(0.5, 0.5, "no evaluations yet", ha="center", va="center",
+                           transform=accuracy_axis.transAxes)
+        return figure
+    accuracy_axis.xaxis.set_major_formatter(EngFormatter(sep=""))
+    accuracy_axis.grid(color="#ebebeb")
 
     rows = sorted(rows, key=lambda r: r.get("images_seen") or 0)
-    xs = [float(r.get("images_seen") or 0) for r in rows]
 
-    def series(key: str) -> list[tuple[float, float]]:
-        return [(x, 100.0 * r[key] if key != "loss" else r[key]) for x, r in zip(xs, rows)
-                if isinstance(r.get(key), (int, float)) and math.isfinite(r[key])]
+    def series(key: str, scale: float) -> tuple[list[float], list[float]]:
+        points = [(float(r.get("images_seen") or 0), scale * r[key]) for r in rows
+                  if isinstance(r.get(key), (int, float)) and math.isfinite(r[key])]
+        return [x for x, _ in points], [y for _, y in points]
 
-    accuracy = {"kNN top-1": (series("knn_top1"), BLUE), "linear probe top-1": (series("probe_top1"), GREEN)}
-    references = {"random-init kNN": (series("random_knn_top1"), GREY),
-                  "random-init, data BN kNN": (series("random_bn_knn_top1"), TEAL),
-                  "raw-pixel kNN": (series("pixels_knn_top1"), PURPLE)}
-    loss = series("loss")
-    plot_box = (left, top, width - right, height - bottom)
-    draw.rectangle(plot_box, outline="black", width=1)
-    if not rows:
-        draw.text((width / 2, height / 2), "no evaluations yet", fill="black", font=font, anchor="mm")
-        return image
-
-    x_ticks = nice_ticks(min(xs + [0.0]), max(xs))
-    accuracy_values = [v for points, _ in (*accuracy.values(), *references.values()) for _, v in points]
-    acc_ticks = nice_ticks(*_padded(accuracy_values or [0.0, 100.0]), 5)
-    loss_ticks = nice_ticks(*_padded([v for _, v in loss]), 5) if loss else []
-
-    def to_px(x: float, y: float, ticks: list[float]) -> tuple[float, float]:
-        fx = (x - x_ticks[0]) / (x_ticks[-1] - x_ticks[0])
-        fy = (y - ticks[0]) / (ticks[-1] - ticks[0])
-        return left + fx * (width - left - right), height - bottom - fy * (height - top - bottom)
-
-    for tick in x_ticks:
-        px, _ = to_px(tick, acc_ticks[0], acc_ticks)
-        draw.line([(px, top), (px, height - bottom)], fill=(235, 235, 235))
-        draw.line([(px, height - bottom), (px, height - bottom + 5)], fill="black")
-        draw.text((px, height - bottom + 8), _short_number(tick), fill="black", font=small, anchor="mt")
-    for tick in acc_ticks:
-        _, py = to_px(x_ticks[0], tick, acc_ticks)
-        draw.line([(left, py), (width - right, py)], fill=(235, 235, 235))
-        draw.line([(left - 5, py), (left, py)], fill="black")
-        draw.text((left - 8, py), f"{tick:g}%", fill=BLUE, font=small, anchor="rm")
-    for tick in loss_ticks:
-        _, py = to_px(x_ticks[0], tick, loss_ticks)
-        draw.line([(width - right, py), (width - right + 5, py)], fill="black")
-        draw.text((width - right + 8, py), f"{tick:g}", fill=ORANGE, font=small, anchor="lm")
-    draw.rectangle(plot_box, outline="black", width=1)
-    draw.text(((left + width - right) / 2, height - bottom + 34), "images seen", fill="black", font=font,
-              anchor="mm")
-    draw.text((12, top - 22), "accuracy", fill=BLUE, font=font, anchor="lm")
-    if loss:
-        draw.text((width - 12, top - 22), "training loss", fill=ORANGE, font=font, anchor="rm")
-
-    def polyline(points: list[tuple[float, float]], ticks: list[float], color: tuple[int, int, int]) -> None:
-        pixels = [to_px(x, y, ticks) for x, y in points]
-        if len(pixels) > 1:
-            draw.line(pixels, fill=color, width=3, joint="curve")
-        for px, py in pixels:
-            draw.ellipse([px - 4, py - 4, px + 4, py + 4], fill=color)
-
-    legend: list[tuple[str, tuple[int, int, int], bool]] = []
-    for name, (points, color) in references.items():
-        if points:
-            # The references do not change with training: a level line at their mean.
-            level = sum(v for _, v in points) / len(points)
-            _dashed_line(draw, to_px(x_ticks[0], level, acc_ticks), to_px(x_ticks[-1], level, acc_ticks), color)
-            legend.append((f"{name} ({level:.1f}%)", color, True))
-    for name, (points, color) in accuracy.items():
-        if points:
-            polyline(points, acc_ticks, color)
-            legend.append((f"{name} (last {points[-1][1]:.1f}%)", color, False))
-    if loss:
-        polyline(loss, loss_ticks, ORANGE)
-        legend.append((f"training loss (last {loss[-1][1]:.3f})", ORANGE, False))
-
-    # The legend sits in rows under the axis title, where it can hide no data.
-    x, y = left, height - 44
-    for text, color, dashed in legend:
-        entry_width = 40 + draw.textlength(text, font=small) + 24
-        if x + entry_width > width - right and x > left:
-            x, y = left, y + 20
-        if dashed:
-            _dashed_line(draw, (x, y), (x + 30, y), color, dash=5)
-        else:
-            draw.line([(x, y), (x + 30, y)], fill=color, width=3)
-        draw.text((x + 38, y), text, fill="black", font=small, anchor="lm")
-        x += entry_width
-    return image
+    for name, key, colour in (("random-init kNN", "random_knn_top1", GREY),
+                              ("random-init, data BN kNN", "random_bn_knn_top1", TEAL),
+                              ("raw-pixel kNN", "pixels_knn_top1", PURPLE)):
+        _, values = series(key, 100.0)
+        if values:
+            # The references do not change with training: a level at their mean.
+            level = sum(values) / len(values)
+            accuracy_axis.axhline(level, color=colour, linestyle="--", linewidth=2,
+                                  label=f"{name} ({level:.1f}%)")
+    for name, key, colour in (("kNN top-1", "knn_top1", BLUE), ("linear probe top-1", "probe_top1", GREEN)):
+        xs, values = series(key, 100.0)
+        if values:
+            accuracy_axis.plot(xs, values, color=colour, linewidth=2.5, marker="o",
+                               label=f"{name} (last {values[-1]:.1f}%)")
+    accuracy_axis.set_xlim(left=0)
+    handles, labels = accuracy_axis.get_legend_handles_labels()
+    xs, losses = series("loss", 1.0)
+    if losses:
+        loss_axis = accuracy_axis.twinx()
+        loss_axis.set_ylabel("training loss", color=ORANGE)
+        line, = loss_axis.plot(xs, losses, color=ORANGE, linewidth=2.5, marker="o")
+        handles.append(line)
+        labels.append(f"training loss (last {losses[-1]:.3f})")
+    # Under the axes, where the legend can hide no data.
+    figure.legend(handles, labels, loc="outside lower center", ncol=3, frameon=False)
+    return figure
 
 
-def write_plot(results_jsonl: str | Path, png_path: str | Path) -> Path:
-    """Draw the rows of `results_jsonl` into `png_path` (written atomically); returns the path."""
-    buffer = io.BytesIO()
-    draw_plot(read_results(results_jsonl)).save(buffer, format="PNG")
-    storage.write_bytes_atomic(str(png_path), buffer.getvalue(), StorageConfig())
+def write_plot(results_jsonl: str | Path, png_path: str | Path) -> Path | None:
+    """Draw the rows of `results_jsonl` into `png_path` (written atomically); returns the path, or None
+    when matplotlib is not installed."""
+    figure = draw_plot(read_results(results_jsonl))
+    if figure is None:
+        return None
+    storage.write_bytes_atomic(str(png_path), plotting.png_bytes(figure), StorageConfig())
     return Path(png_path)
 
 

@@ -25,14 +25,14 @@ from __future__ import annotations
 import argparse
 import io
 import json
-import os
+import logging
 import sys
 import time
 from collections import Counter
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -43,6 +43,9 @@ from stream_swav.config import DataConfig, StorageConfig
 from stream_swav.data.decode import DecodeLimits, SampleError, decode_image
 from stream_swav.data.shards import (IMAGE_EXTENSIONS, ShardReport, ShardWriter, label_bytes, normalised_ext,
                                       parse_label, read_samples)
+from stream_swav.progress import ProgressLine
+
+log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
 MANIFEST_FORMAT = 1
@@ -52,6 +55,8 @@ JPEG_QUALITY = 90
 FULL_RESOLUTION = 1 << 30
 # tar stores every member as a 512-byte header plus data padded to 512 bytes.
 TAR_BLOCK = 512
+# Off a terminal the progress line is not drawn; a log line this often says how far it got.
+PROGRESS_LOG_INTERVAL_S = 5.0
 
 
 @dataclass(frozen=True)
@@ -108,39 +113,6 @@ class Summary:
 
 class ShardsExistError(ValueError):
     """DEST holds shards this run must not overwrite or mix with."""
-
-
-class ProgressBar:
-    """One self-rewriting stderr line; on non-terminals a plain line every few seconds."""
-
-    def __init__(self, total: int | None, stream: TextIO | None = None, enabled: bool = True) -> None:
-        self.total = total
-        self.stream = stream or sys.stderr
-        self.enabled = enabled
-        self.interactive = self.stream.isatty()
-        self.started = time.monotonic()
-        self.last_draw = 0.0
-
-    def update(self, done: int, shards: int, nbytes: int, skipped: int, final: bool = False) -> None:
-        if not self.enabled:
-            return
-        now = time.monotonic()
-        if not final and now - self.last_draw < (0.2 if self.interactive else 5.0):
-            return
-        self.last_draw = now
-        rate = done / max(now - self.started, 1e-9)
-        if self.total:
-            filled = int(30 * min(done / self.total, 1.0))
-            head = f"[{'#' * filled}{'.' * (30 - filled)}] {done:,}/{self.total:,}"
-        else:
-            head = f"{done:,}"
-        line = (f"{head} | {shards} shard(s) | {nbytes / 1e6:,.1f} MB | {rate:,.0f}/s"
-                f"{f' | skipped {skipped:,}' if skipped else ''}")
-        if self.interactive:
-            self.stream.write(f"\r{line}\x1b[K" + ("\n" if final else ""))
-        else:
-            self.stream.write(line + "\n")
-        self.stream.flush()
 
 
 def shard_name(number: int) -> str:
@@ -227,7 +199,7 @@ def write_shards(samples: Iterable[ShardSample | SkippedSample], dest: str | Pat
     `settings` describes how the samples were made (source, encoding...); it is
     stored in the manifest, and a re-run resumes only when it matches. Samples
     with an index below the resume point are dropped unread, and `total` (the
-    expected number of source entries) only drives the progress bar.
+    expected number of source entries) only drives the progress line.
     """
     if max_count < 1 or max_bytes < 1:
         raise ValueError(f"max_count and max_bytes must be >= 1, got {max_count}, {max_bytes}")
@@ -247,12 +219,25 @@ def write_shards(samples: Iterable[ShardSample | SkippedSample], dest: str | Pat
     manifest = {"format": MANIFEST_FORMAT, "settings": settings, "shards": list(kept), "complete": False,
                 "next_index": start}
 
-    bar = ProgressBar(total, enabled=progress)
+    progress_line = ProgressLine(total=total, unit="samples", start=start, enabled=progress)
+    last_logged = time.monotonic()
     writer = ShardWriter(dest, storage_cfg)
     count = size = 0
     first_index = start
     skipped_in_shard: Counter = Counter()
     done = start
+
+    def show_progress(final: bool = False) -> None:
+        nonlocal last_logged
+        if not progress:
+            return
+        skipped = sum(summary.skipped.values())
+        extra = (f"{len(manifest['shards'])} shard(s) | {(summary.bytes + size) / 1e6:,.1f} MB"
+                 + (f" | skipped {skipped:,}" if skipped else ""))
+        progress_line.update(done, extra, final=final)
+        if not progress_line.interactive and time.monotonic() - last_logged >= PROGRESS_LOG_INTERVAL_S:
+            last_logged = time.monotonic()
+            log.info("make-shards: %s", progress_line.describe(done, extra))
 
     def publish(next_index: int) -> None:
         nonlocal count, size
@@ -286,16 +271,18 @@ def write_shards(samples: Iterable[ShardSample | SkippedSample], dest: str | Pat
                 count += 1
                 size += item_size
                 summary.samples += 1
-            bar.update(done, len(manifest["shards"]), summary.bytes + size,
-                       sum(summary.skipped.values()))
+            show_progress()
         if count:
             publish(done)
+    except BaseException:
+        progress_line.close()  # the error goes on a line of its own
+        raise
     finally:
         writer.discard()
     manifest["complete"] = True
     manifest["next_index"] = max(done, manifest["next_index"])
     _write_manifest(dest, manifest, storage_cfg)
-    bar.update(done, len(manifest["shards"]), summary.bytes, sum(summary.skipped.values()), final=True)
+    show_progress(final=True)
     summary.seconds = time.monotonic() - started
     return summary
 

@@ -315,7 +315,7 @@ def test_the_private_local_ray_listens_on_loopback_only(tmp_path):
 def test_a_step_folder_linked_elsewhere_is_refused_by_export_and_resume(tmp_path, capsys):
     from test_export import save_trained_looking_checkpoint
 
-    save_trained_looking_checkpoint(tmp_path / "checkpoints", small_stem=False)
+    save_trained_looking_checkpoint(tmp_path / "checkpoints", {"arch": "resnet18"}, crop_size=32)
     step = tmp_path / "checkpoints" / "step-000000040"
     elsewhere = tmp_path / "elsewhere"
     step.rename(elsewhere)

@@ -13,12 +13,16 @@ import re
 import shlex
 import shutil
 import subprocess
+import sys
+import threading
 import tomllib
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
+from conftest import free_port
 
 from stream_swav.config import load_config
 from stream_swav.runtime.metrics import METRIC_NAMES, EvalMetrics, Metrics
@@ -276,6 +280,75 @@ def test_dockerfile_default_command_and_port() -> None:
     exposed = {int(p) for p in re.findall(r"^EXPOSE (\d+)$", text, re.MULTILINE)}
     assert load_config(GPU_CONFIG).metrics.port in exposed
     assert re.search(r"^RUN pip install \.", text, re.MULTILINE)
+
+
+def submit(*args: str, ray_address: str, home: Path) -> subprocess.CompletedProcess:
+    """deploy/submit.sh with the venv's python3 (which checks the configuration) and no Ray token."""
+    env = {"PATH": f"{Path(sys.executable).parent}{os.pathsep}/usr/bin:/bin", "HOME": str(home),
+           "RAY_ADDRESS": ray_address}
+    return subprocess.run(["bash", str(DEPLOY / "submit.sh"), *args], env=env, capture_output=True, text=True,
+                          timeout=60)
+
+
+@pytest.mark.parametrize("overrides, key", [
+    ([], "data.shards"),  # the smoke config as it is: runs/... is relative
+    (["--set", "data.shards=/mnt/shards", "--set", "checkpoint.dir=file://runs/ckpt"], "checkpoint.dir"),
+], ids=["smoke-config", "set-after-dashdash"])
+def test_submit_refuses_relative_local_paths_before_contacting_the_cluster(overrides: list[str], key: str,
+                                                                           tmp_path: Path) -> None:
+    # Nothing listens at RAY_ADDRESS: reaching the cluster would fail with another message.
+    done = submit("--config", "deploy/configs/cpu-smoke.yaml", "--", *overrides,
+                  ray_address=f"http://127.0.0.1:{free_port()}", home=tmp_path)
+    assert done.returncode == 2, done.stdout + done.stderr
+    (line,) = done.stderr.splitlines()
+    assert line.startswith(f"stream-swav: configuration error: {key}: ") and "absolute path" in line and "s3://" in line
+
+
+def test_submit_checks_the_dashboard_once_the_paths_are_usable(tmp_path: Path) -> None:
+    address = f"http://127.0.0.1:{free_port()}"
+    done = submit("--config", "deploy/configs/cpu-smoke.yaml", "--", "--set", "data.shards=/mnt/shards",
+                  "--set", "checkpoint.dir=s3://bucket/ckpt", ray_address=address, home=tmp_path)
+    assert done.returncode == 2
+    (line,) = done.stderr.splitlines()
+    assert line.startswith(f"submit.sh: no Ray dashboard answers at {address} ")
+
+
+def test_submit_refuses_a_token_cluster_without_its_token_before_uploading(tmp_path: Path) -> None:
+    """A head with token authentication answers /api/authentication_mode without a token (as Ray
+    2.60's dashboard does, see tests/test_job.py) and refuses everything else without one."""
+    requests = []
+
+    class TokenDashboard(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            requests.append(self.path)
+            if self.path == "/api/authentication_mode":
+                body = json.dumps({"authentication_mode": "token"}).encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+            else:
+                self.send_error(401, "Unauthorized: Missing authentication token")
+
+        do_POST = do_PUT = do_GET
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), TokenDashboard)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        done = submit("--config", "deploy/configs/cpu-smoke.yaml", "--", "--set", "data.shards=/mnt/shards",
+                      "--set", "checkpoint.dir=/mnt/ckpt", ray_address=f"127.0.0.1:{server.server_port}",
+                      home=tmp_path)
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert done.returncode == 2, done.stdout + done.stderr
+    (line,) = done.stderr.splitlines()
+    assert "requires its auth token" in line and "ray get-auth-token" in line and "RAY_AUTH_TOKEN" in line
+    assert requests == ["/api/authentication_mode"]
 
 
 def test_submit_script_is_valid_bash_and_refuses_without_an_address() -> None:

@@ -32,6 +32,8 @@ DEPLOY = REPO / "deploy"
 GPU_CONFIG = DEPLOY / "configs" / "resnet50-gpu.yaml"
 DASHBOARD = DEPLOY / "grafana" / "stream-swav.json"
 ALERTS = DEPLOY / "prometheus" / "alerts.yml"
+PROMETHEUS_SINGLE_HOST = DEPLOY / "prometheus" / "prometheus.yml"
+PROMETHEUS_KUBERNETES = DEPLOY / "prometheus" / "prometheus-kubernetes.yml"
 RAYJOB = DEPLOY / "kuberay" / "rayjob.yaml"
 RUNTIME_ENV = DEPLOY / "runtime_env.yaml"
 ENTRYPOINT = "stream-swav train"
@@ -194,13 +196,43 @@ def test_alert_rules_pass_promtool() -> None:
         assert done.returncode == 0, done.stdout + done.stderr
 
 
-def test_prometheus_scrapes_trainer_and_follower_and_loads_the_alerts() -> None:
-    config = yaml.safe_load((DEPLOY / "prometheus" / "prometheus.yml").read_text())
-    assert all((DEPLOY / "prometheus" / f).is_file() for f in config["rule_files"])
-    targets = [t for job in config["scrape_configs"] for sc in job.get("static_configs", []) for t in sc["targets"]]
+@pytest.mark.skipif(shutil.which("promtool") is None, reason="promtool (Prometheus) not installed")
+@pytest.mark.parametrize("config", [PROMETHEUS_SINGLE_HOST, PROMETHEUS_KUBERNETES], ids=lambda p: p.name)
+def test_prometheus_configs_pass_promtool(config: Path) -> None:
+    done = subprocess.run([shutil.which("promtool"), "check", "config", config.name], cwd=config.parent,
+                          capture_output=True, text=True, timeout=120)
+    if config == PROMETHEUS_KUBERNETES and "field kubernetes_sd_configs not found" in done.stdout + done.stderr:
+        pytest.skip("this promtool is built without Kubernetes service discovery (Debian's is)")
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_single_host_prometheus_scrapes_trainer_and_follower_and_loads_the_alerts() -> None:
+    config = yaml.safe_load(PROMETHEUS_SINGLE_HOST.read_text())
+    assert config["rule_files"] == ["alerts.yml"]
+    for job in config["scrape_configs"]:
+        assert "static_configs" in job and not any(key.endswith("_sd_configs") for key in job), job["job_name"]
+    targets = [t for job in config["scrape_configs"] for sc in job["static_configs"] for t in sc["targets"]]
     ports = {int(t.rsplit(":", 1)[1]) for t in targets}
     assert {load_config(GPU_CONFIG).metrics.port, 9401} <= ports
-    assert any("kubernetes_sd_configs" in job for job in config["scrape_configs"])
+
+
+def test_kubernetes_prometheus_keeps_the_rayjob_head_pod_and_loads_the_alerts() -> None:
+    config = yaml.safe_load(PROMETHEUS_KUBERNETES.read_text())
+    assert config["rule_files"] == ["alerts.yml"]
+    (job,) = config["scrape_configs"]
+    assert job["kubernetes_sd_configs"][0]["role"] == "pod"
+    job_doc, _ = rayjob_documents()
+    head = job_doc["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]["metadata"]
+    # What Prometheus sees of the head pod, as __meta_kubernetes_pod_* labels.
+    meta = {"__meta_kubernetes_pod_phase": "Running"}
+    for prefix, values in (("annotation", head["annotations"]), ("label", head["labels"])):
+        meta.update({f"__meta_kubernetes_pod_{prefix}_{re.sub(r'[^a-zA-Z0-9_]', '_', key)}": value
+                     for key, value in values.items()})
+    keeps = [rule for rule in job["relabel_configs"] if rule.get("action") == "keep"]
+    assert keeps
+    for rule in keeps:
+        value = ";".join(meta.get(label, "") for label in rule["source_labels"])
+        assert re.fullmatch(rule["regex"], value), rule
 
 
 # ------------------------------------------------------------------------------------------ configs

@@ -23,6 +23,8 @@ from typing import Any
 import pytest
 import yaml
 from conftest import free_port
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
 
 from stream_swav.config import load_config
 from stream_swav.runtime.metrics import METRIC_NAMES, EvalMetrics, Metrics
@@ -34,6 +36,7 @@ DASHBOARD = DEPLOY / "grafana" / "stream-swav.json"
 ALERTS = DEPLOY / "prometheus" / "alerts.yml"
 PROMETHEUS_SINGLE_HOST = DEPLOY / "prometheus" / "prometheus.yml"
 PROMETHEUS_KUBERNETES = DEPLOY / "prometheus" / "prometheus-kubernetes.yml"
+CONSTRAINTS = DEPLOY / "constraints.txt"
 RAYJOB = DEPLOY / "kuberay" / "rayjob.yaml"
 RUNTIME_ENV = DEPLOY / "runtime_env.yaml"
 ENTRYPOINT = "stream-swav train"
@@ -311,7 +314,40 @@ def test_dockerfile_default_command_and_port() -> None:
     assert re.search(r"^FROM \$\{RAY_IMAGE\}$", text, re.MULTILINE)
     exposed = {int(p) for p in re.findall(r"^EXPOSE (\d+)$", text, re.MULTILINE)}
     assert load_config(GPU_CONFIG).metrics.port in exposed
-    assert re.search(r"^RUN pip install \.", text, re.MULTILINE)
+    assert re.search(r"^RUN pip install -c deploy/constraints\.txt \.", text, re.MULTILINE)
+
+
+def pinned_versions() -> dict[str, str]:
+    """deploy/constraints.txt as {canonical name: version}; every entry must be an exact pin."""
+    pins = {}
+    for line in CONSTRAINTS.read_text().splitlines():
+        entry = line.split("#", 1)[0].strip()
+        if entry:
+            match = re.fullmatch(r"([A-Za-z0-9._-]+)==([A-Za-z0-9.+!-]+)", entry)
+            assert match, f"deploy/constraints.txt: not an exact pin: {line}"
+            pins[canonicalize_name(match[1])] = match[2]
+    return pins
+
+
+def test_constraints_pin_every_runtime_dependency_within_its_range() -> None:
+    pins = pinned_versions()
+    for declared in tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]:
+        requirement = Requirement(declared)
+        name = canonicalize_name(requirement.name)
+        assert name in pins, f"{requirement.name} is not pinned in deploy/constraints.txt"
+        assert requirement.specifier.contains(pins[name], prereleases=True), f"{name}=={pins[name]} vs {declared}"
+
+
+def test_dockerfile_installs_everything_under_the_constraints() -> None:
+    text = (DEPLOY / "Dockerfile").read_text()
+    instructions = "\n".join(line for line in text.splitlines() if not line.lstrip().startswith("#"))
+    installs = re.findall(r"\bpip install\b[^\n]*", instructions)
+    assert installs and all(" -c deploy/constraints.txt " in install for install in installs), installs
+    assert (instructions.index("COPY --chown=ray:users deploy/constraints.txt ./deploy/constraints.txt")
+            < instructions.index("pip install"))
+    # The image's Ray is the one the constraints pin (pip would otherwise replace it).
+    base = re.search(r"^ARG RAY_IMAGE=rayproject/ray:(\d+\.\d+\.\d+)-", text, re.MULTILINE).group(1)
+    assert pinned_versions()["ray"] == base
 
 
 def submit(*args: str, ray_address: str, home: Path) -> subprocess.CompletedProcess:

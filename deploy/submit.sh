@@ -9,8 +9,11 @@
 #   --no-wait       return after submitting instead of following the logs
 #
 # Everything after `--` goes to `stream-swav train`, e.g. `-- --set train.learners=4`.
-# SUBMISSION_ID overrides the generated job id. Stop the run cleanly (final checkpoint) with
-#   ray job stop --address "$RAY_ADDRESS" <submission id>
+# SUBMISSION_ID overrides the generated job id. Before uploading anything it refuses (exit 2) a
+# config whose data.shards or checkpoint.dir is a relative local path, and a cluster that requires
+# its auth token when none is here; against such a cluster it sets RAY_AUTH_MODE=token, which the
+# stop command it prints needs as well:
+#   [RAY_AUTH_MODE=token] ray job stop --address "$RAY_ADDRESS" <submission id>
 set -euo pipefail
 
 repo_root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -25,7 +28,7 @@ while [[ $# -gt 0 ]]; do
         --ship-wheel) ship_wheel=1; shift ;;
         --no-wait) wait_flag=(--no-wait); shift ;;
         --) shift; break ;;
-        -h|--help) sed -n '2,15p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,16p' "$0"; exit 0 ;;
         *) echo "submit.sh: unknown option $1 (stream-swav arguments go after --)" >&2; exit 2 ;;
     esac
 done
@@ -36,11 +39,45 @@ done
 # The path is resolved on the cluster inside the uploaded working dir, so it must be relative.
 [[ "$config" != /* ]] || { echo "submit.sh: give the config relative to the repository root" >&2; exit 2; }
 
-# Catch a typo in the config or in --set here rather than after the upload and cluster start-up.
-if command -v stream-swav >/dev/null 2>&1; then
-    stream-swav config --config "$config" "$@" >/dev/null
-else
-    echo "submit.sh: stream-swav not installed locally; the config is checked on the cluster" >&2
+# Check the configuration the job will run with, here rather than after the upload and the cluster's
+# start-up: a typo, or a relative local path in data.shards or checkpoint.dir, which the job would
+# resolve inside its throwaway copy of the working dir (shards not there, checkpoints lost with it).
+# This checkout's own stream_swav does it: the job runs this checkout's code (runtime_env.yaml).
+python3 -m stream_swav config --for-job --config "$config" "$@" >/dev/null
+
+# Token authentication (Ray 2.60): a cluster started while a token exists (~/.ray/auth_token, which
+# the first local ray.init() creates) refuses requests without it, but the job CLI sends it only
+# under RAY_AUTH_MODE=token. The dashboard tells its mode without a token; a Ray without token
+# authentication has no such endpoint (an HTTP error), and needs none.
+dashboard=$RAY_ADDRESS
+[[ $dashboard == *://* ]] || dashboard=http://$dashboard
+auth_mode=$(python3 - "$dashboard" <<'PY'
+import json
+import sys
+import urllib.error
+import urllib.request
+
+try:
+    with urllib.request.urlopen(sys.argv[1].rstrip("/") + "/api/authentication_mode", timeout=30) as reply:
+        print(json.load(reply).get("authentication_mode", "disabled"))
+except urllib.error.HTTPError:
+    print("disabled")
+except (urllib.error.URLError, OSError) as error:
+    sys.exit(f"submit.sh: no Ray dashboard answers at {sys.argv[1]} ({getattr(error, 'reason', error)}); "
+             "RAY_ADDRESS must be the dashboard, e.g. http://ray-head:8265")
+PY
+) || exit 2
+ray_auth=
+if [[ $auth_mode == token ]]; then
+    # Where Ray looks, in its order: RAY_AUTH_TOKEN, else the file RAY_AUTH_TOKEN_PATH names, else
+    # ~/.ray/auth_token.
+    if [[ -z ${RAY_AUTH_TOKEN:-} && ! -s ${RAY_AUTH_TOKEN_PATH:-$HOME/.ray/auth_token} ]]; then
+        echo "submit.sh: the cluster at $RAY_ADDRESS requires its auth token: put the output of" \
+            "\`ray get-auth-token\` on its head into ~/.ray/auth_token here, or into RAY_AUTH_TOKEN" >&2
+        exit 2
+    fi
+    export RAY_AUTH_MODE=token
+    ray_auth="RAY_AUTH_MODE=token "
 fi
 
 runtime_env=deploy/runtime_env.yaml
@@ -73,7 +110,7 @@ fi
 
 submission_id=${SUBMISSION_ID:-stream-swav-$(date -u +%Y%m%d-%H%M%S)}
 echo "submitting $submission_id ($config) to $RAY_ADDRESS"
-echo "stop it cleanly with: ray job stop --address $RAY_ADDRESS $submission_id"
+echo "stop it cleanly with: ${ray_auth}ray job stop --address $RAY_ADDRESS $submission_id"
 
 ray job submit \
     --address "$RAY_ADDRESS" \

@@ -14,7 +14,7 @@ from collections.abc import Callable
 
 from stream_swav import logs
 from stream_swav.apps import DEMO_DATASETS, FOLLOW_INTERVAL_S, FOLLOW_PORT, KNN_K, KNN_TEMPERATURE, REENCODE_EXT
-from stream_swav.config import ConfigError, UsageError
+from stream_swav.config import Config, ConfigError, UsageError
 
 
 def _version() -> str:
@@ -60,12 +60,33 @@ def _train(args: argparse.Namespace) -> int:
     return train(cfg)
 
 
+def _check_paths_for_job(cfg: Config) -> None:
+    """Refuse data.shards or checkpoint.dir that a Ray job cannot use as they are meant.
+
+    A job runs in a throwaway copy of the submitted working dir on the cluster, so a relative local
+    path points there: shards that were never uploaded, checkpoints lost with the job."""
+    if not cfg.data.shards:
+        raise ConfigError("data.shards: no shard spec given; a Ray job needs an absolute path on storage every "
+                          "node mounts, or s3://")
+    for key, value in (("data.shards", cfg.data.shards), ("checkpoint.dir", cfg.checkpoint.dir)):
+        scheme, separator, rest = value.partition("://")
+        if separator and scheme.lower() != "file":
+            continue
+        if not (rest if separator else value).startswith("/"):
+            raise ConfigError(f"{key}: {value!r} is relative, so a Ray job would resolve it inside its temporary "
+                              f"working dir on the cluster; use an absolute path on storage every node mounts, "
+                              f"or s3://")
+
+
 def _config(args: argparse.Namespace) -> int:
     import yaml
 
     from stream_swav.config import load_config
 
-    sys.stdout.write(yaml.safe_dump(load_config(args.config, args.overrides).to_dict(), sort_keys=False))
+    cfg = load_config(args.config, args.overrides)
+    if args.for_job:
+        _check_paths_for_job(cfg)
+    sys.stdout.write(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     return 0
 
 
@@ -104,6 +125,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("config", help="print the effective configuration as YAML")
     _config_arguments(p)
+    p.add_argument("--for-job", action="store_true",
+                   help="also refuse what a Ray job cannot use: no data.shards, or a relative local path in "
+                        "data.shards or checkpoint.dir (deploy/submit.sh checks with this)")
     p.set_defaults(func=_config)
 
     p = sub.add_parser("make-shards", help="images (folder, tar, Fashion-MNIST) -> WebDataset shards")

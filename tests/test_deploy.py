@@ -13,12 +13,18 @@ import re
 import shlex
 import shutil
 import subprocess
+import sys
+import threading
 import tomllib
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
+from conftest import free_port
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
 
 from stream_swav.config import load_config
 from stream_swav.runtime.metrics import METRIC_NAMES, EvalMetrics, Metrics
@@ -28,6 +34,9 @@ DEPLOY = REPO / "deploy"
 GPU_CONFIG = DEPLOY / "configs" / "resnet50-gpu.yaml"
 DASHBOARD = DEPLOY / "grafana" / "stream-swav.json"
 ALERTS = DEPLOY / "prometheus" / "alerts.yml"
+PROMETHEUS_SINGLE_HOST = DEPLOY / "prometheus" / "prometheus.yml"
+PROMETHEUS_KUBERNETES = DEPLOY / "prometheus" / "prometheus-kubernetes.yml"
+CONSTRAINTS = DEPLOY / "constraints.txt"
 RAYJOB = DEPLOY / "kuberay" / "rayjob.yaml"
 RUNTIME_ENV = DEPLOY / "runtime_env.yaml"
 ENTRYPOINT = "stream-swav train"
@@ -190,13 +199,43 @@ def test_alert_rules_pass_promtool() -> None:
         assert done.returncode == 0, done.stdout + done.stderr
 
 
-def test_prometheus_scrapes_trainer_and_follower_and_loads_the_alerts() -> None:
-    config = yaml.safe_load((DEPLOY / "prometheus" / "prometheus.yml").read_text())
-    assert all((DEPLOY / "prometheus" / f).is_file() for f in config["rule_files"])
-    targets = [t for job in config["scrape_configs"] for sc in job.get("static_configs", []) for t in sc["targets"]]
+@pytest.mark.skipif(shutil.which("promtool") is None, reason="promtool (Prometheus) not installed")
+@pytest.mark.parametrize("config", [PROMETHEUS_SINGLE_HOST, PROMETHEUS_KUBERNETES], ids=lambda p: p.name)
+def test_prometheus_configs_pass_promtool(config: Path) -> None:
+    done = subprocess.run([shutil.which("promtool"), "check", "config", config.name], cwd=config.parent,
+                          capture_output=True, text=True, timeout=120)
+    if config == PROMETHEUS_KUBERNETES and "field kubernetes_sd_configs not found" in done.stdout + done.stderr:
+        pytest.skip("this promtool is built without Kubernetes service discovery (Debian's is)")
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_single_host_prometheus_scrapes_trainer_and_follower_and_loads_the_alerts() -> None:
+    config = yaml.safe_load(PROMETHEUS_SINGLE_HOST.read_text())
+    assert config["rule_files"] == ["alerts.yml"]
+    for job in config["scrape_configs"]:
+        assert "static_configs" in job and not any(key.endswith("_sd_configs") for key in job), job["job_name"]
+    targets = [t for job in config["scrape_configs"] for sc in job["static_configs"] for t in sc["targets"]]
     ports = {int(t.rsplit(":", 1)[1]) for t in targets}
     assert {load_config(GPU_CONFIG).metrics.port, 9401} <= ports
-    assert any("kubernetes_sd_configs" in job for job in config["scrape_configs"])
+
+
+def test_kubernetes_prometheus_keeps_the_rayjob_head_pod_and_loads_the_alerts() -> None:
+    config = yaml.safe_load(PROMETHEUS_KUBERNETES.read_text())
+    assert config["rule_files"] == ["alerts.yml"]
+    (job,) = config["scrape_configs"]
+    assert job["kubernetes_sd_configs"][0]["role"] == "pod"
+    job_doc, _ = rayjob_documents()
+    head = job_doc["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]["metadata"]
+    # What Prometheus sees of the head pod, as __meta_kubernetes_pod_* labels.
+    meta = {"__meta_kubernetes_pod_phase": "Running"}
+    for prefix, values in (("annotation", head["annotations"]), ("label", head["labels"])):
+        meta.update({f"__meta_kubernetes_pod_{prefix}_{re.sub(r'[^a-zA-Z0-9_]', '_', key)}": value
+                     for key, value in values.items()})
+    keeps = [rule for rule in job["relabel_configs"] if rule.get("action") == "keep"]
+    assert keeps
+    for rule in keeps:
+        value = ";".join(meta.get(label, "") for label in rule["source_labels"])
+        assert re.fullmatch(rule["regex"], value), rule
 
 
 # ------------------------------------------------------------------------------------------ configs
@@ -275,7 +314,109 @@ def test_dockerfile_default_command_and_port() -> None:
     assert re.search(r"^FROM \$\{RAY_IMAGE\}$", text, re.MULTILINE)
     exposed = {int(p) for p in re.findall(r"^EXPOSE (\d+)$", text, re.MULTILINE)}
     assert load_config(GPU_CONFIG).metrics.port in exposed
-    assert re.search(r"^RUN pip install \.", text, re.MULTILINE)
+    assert re.search(r"^RUN pip install -c deploy/constraints\.txt \.", text, re.MULTILINE)
+
+
+def pinned_versions() -> dict[str, str]:
+    """deploy/constraints.txt as {canonical name: version}; every entry must be an exact pin."""
+    pins = {}
+    for line in CONSTRAINTS.read_text().splitlines():
+        entry = line.split("#", 1)[0].strip()
+        if entry:
+            match = re.fullmatch(r"([A-Za-z0-9._-]+)==([A-Za-z0-9.+!-]+)", entry)
+            assert match, f"deploy/constraints.txt: not an exact pin: {line}"
+            pins[canonicalize_name(match[1])] = match[2]
+    return pins
+
+
+def test_constraints_pin_every_runtime_dependency_within_its_range() -> None:
+    pins = pinned_versions()
+    for declared in tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]:
+        requirement = Requirement(declared)
+        name = canonicalize_name(requirement.name)
+        assert name in pins, f"{requirement.name} is not pinned in deploy/constraints.txt"
+        assert requirement.specifier.contains(pins[name], prereleases=True), f"{name}=={pins[name]} vs {declared}"
+
+
+def test_dockerfile_installs_everything_under_the_constraints() -> None:
+    text = (DEPLOY / "Dockerfile").read_text()
+    instructions = "\n".join(line for line in text.splitlines() if not line.lstrip().startswith("#"))
+    installs = re.findall(r"\bpip install\b[^\n]*", instructions)
+    assert installs and all(" -c deploy/constraints.txt " in install for install in installs), installs
+    assert (instructions.index("COPY --chown=ray:users deploy/constraints.txt ./deploy/constraints.txt")
+            < instructions.index("pip install"))
+    # The image's Ray is the one the constraints pin (pip would otherwise replace it).
+    base = re.search(r"^ARG RAY_IMAGE=rayproject/ray:(\d+\.\d+\.\d+)-", text, re.MULTILINE).group(1)
+    assert pinned_versions()["ray"] == base
+
+
+def submit(*args: str, ray_address: str, home: Path) -> subprocess.CompletedProcess:
+    """deploy/submit.sh with the venv's python3 (which checks the configuration) and no Ray token."""
+    env = {"PATH": f"{Path(sys.executable).parent}{os.pathsep}/usr/bin:/bin", "HOME": str(home),
+           "RAY_ADDRESS": ray_address}
+    return subprocess.run(["bash", str(DEPLOY / "submit.sh"), *args], env=env, capture_output=True, text=True,
+                          timeout=60)
+
+
+@pytest.mark.parametrize("overrides, key", [
+    ([], "data.shards"),  # the smoke config as it is: runs/... is relative
+    (["--set", "data.shards=/mnt/shards", "--set", "checkpoint.dir=file://runs/ckpt"], "checkpoint.dir"),
+], ids=["smoke-config", "set-after-dashdash"])
+def test_submit_refuses_relative_local_paths_before_contacting_the_cluster(overrides: list[str], key: str,
+                                                                           tmp_path: Path) -> None:
+    # Nothing listens at RAY_ADDRESS: reaching the cluster would fail with another message.
+    done = submit("--config", "deploy/configs/cpu-smoke.yaml", "--", *overrides,
+                  ray_address=f"http://127.0.0.1:{free_port()}", home=tmp_path)
+    assert done.returncode == 2, done.stdout + done.stderr
+    (line,) = done.stderr.splitlines()
+    assert line.startswith(f"stream-swav: configuration error: {key}: ") and "absolute path" in line and "s3://" in line
+
+
+def test_submit_checks_the_dashboard_once_the_paths_are_usable(tmp_path: Path) -> None:
+    address = f"http://127.0.0.1:{free_port()}"
+    done = submit("--config", "deploy/configs/cpu-smoke.yaml", "--", "--set", "data.shards=/mnt/shards",
+                  "--set", "checkpoint.dir=s3://bucket/ckpt", ray_address=address, home=tmp_path)
+    assert done.returncode == 2
+    (line,) = done.stderr.splitlines()
+    assert line.startswith(f"submit.sh: no Ray dashboard answers at {address} ")
+
+
+def test_submit_refuses_a_token_cluster_without_its_token_before_uploading(tmp_path: Path) -> None:
+    """A head with token authentication answers /api/authentication_mode without a token (as Ray
+    2.60's dashboard does, see tests/test_job.py) and refuses everything else without one."""
+    requests = []
+
+    class TokenDashboard(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            requests.append(self.path)
+            if self.path == "/api/authentication_mode":
+                body = json.dumps({"authentication_mode": "token"}).encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+            else:
+                self.send_error(401, "Unauthorized: Missing authentication token")
+
+        do_POST = do_PUT = do_GET
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), TokenDashboard)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        done = submit("--config", "deploy/configs/cpu-smoke.yaml", "--", "--set", "data.shards=/mnt/shards",
+                      "--set", "checkpoint.dir=/mnt/ckpt", ray_address=f"127.0.0.1:{server.server_port}",
+                      home=tmp_path)
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert done.returncode == 2, done.stdout + done.stderr
+    (line,) = done.stderr.splitlines()
+    assert "requires its auth token" in line and "ray get-auth-token" in line and "RAY_AUTH_TOKEN" in line
+    assert requests == ["/api/authentication_mode"]
 
 
 def test_submit_script_is_valid_bash_and_refuses_without_an_address() -> None:

@@ -19,6 +19,7 @@ from stream_swav.checkpoint import (
     load_backbone_state,
     load_checkpoint,
     load_resolved_backbone,
+    mark_final,
     prune_checkpoints,
     read_latest,
     resolve_checkpoint,
@@ -127,6 +128,18 @@ def test_latest_moves_to_the_newest_save(tmp_path):
     assert read_latest(str(tmp_path), STORAGE)["step"] == 200
     assert load_checkpoint(str(tmp_path), STORAGE)["images_seen"] == 320 * 200
     assert load_checkpoint(str(tmp_path / "step-000000100"), STORAGE)["images_seen"] == 320 * 100
+
+
+def test_a_stop_right_after_a_periodic_save_marks_that_checkpoint_final(tmp_path):
+    save(tmp_path, 100)
+    save(tmp_path, 200)
+    assert not mark_final(str(tmp_path), 100, STORAGE)  # not the latest: nothing is rewritten
+    assert read_latest(str(tmp_path), STORAGE).get("final") is None
+    assert mark_final(str(tmp_path), 200, STORAGE)
+    latest = read_latest(str(tmp_path), STORAGE)
+    assert latest["final"] is True and latest["step"] == 200 and latest["metrics"]["loss"] == 7.9
+    assert json.loads((tmp_path / "step-000000200" / "meta.json").read_text()) == latest
+    assert load_checkpoint(str(tmp_path), STORAGE)["images_seen"] == 320 * 200
 
 
 def test_empty_or_missing_folder(tmp_path):

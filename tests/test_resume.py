@@ -198,5 +198,5 @@ def test_sigterm_writes_a_final_checkpoint_and_exits_zero(tmp_path, ray_tmpdir):
     # Everything trained before the stop is in the last checkpoint, which is newer than the one
     # that was latest when the signal came.
     assert final["step"] == int(stopped.group(1)) > previous
-    assert final["images_seen"] == int(stopped.group(2))
+    assert final["images_seen"] == int(stopped.group(2)) and final["final"] is True
     ckpt.load_checkpoint(str(ckpt_dir), storage.StorageConfig())

@@ -261,8 +261,10 @@ class Trainer:
 
     def checkpoint(self, final: bool = False) -> bool:
         """Save through rank 0; False when the save failed (the previous checkpoint stays the latest)."""
-        if self.step == self.last_checkpoint_step or self.step == 0:
+        if self.step == 0:
             return True
+        if self.step == self.last_checkpoint_step:
+            return not final or self.mark_final()
         started = time.time()
         last = self.observer.last
         figures = {"loss": last.loss, "lr": last.lr, "feature_spread": last.feature_spread,
@@ -286,6 +288,16 @@ class Trainer:
         log.info("checkpoint step %d (%d images) written in %.1fs: %s", saved["step"], saved["images_seen"],
                  time.time() - started, saved["step_url"])
         return True
+
+    def mark_final(self) -> bool:
+        try:
+            if ckpt.mark_final(self.cfg.checkpoint.dir, self.step, self.cfg.storage):
+                return True
+        except (OSError, ValueError) as err:
+            log.error("could not mark checkpoint step %d as final: %s", self.step, first_line(err))
+            return False
+        log.error("checkpoint step %d is saved but latest.json names another step", self.step)
+        return False
 
     def request_stop(self, reason: str) -> None:
         self.stop_reason = reason

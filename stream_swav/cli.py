@@ -72,7 +72,11 @@ def _check_paths_for_job(cfg: Config) -> None:
         scheme, separator, rest = value.partition("://")
         if separator and scheme.lower() != "file":
             continue
-        if not (rest if separator else value).startswith("/"):
+        path = rest if separator else value
+        if path.startswith("~"):
+            raise ConfigError(f"{key}: {value!r} starts with ~, which a Ray job does not expand (it would be a "
+                              f"folder named ~ in its temporary working dir); write the absolute path")
+        if not path.startswith("/"):
             raise ConfigError(f"{key}: {value!r} is relative, so a Ray job would resolve it inside its temporary "
                               f"working dir on the cluster; use an absolute path on storage every node mounts, "
                               f"or s3://")

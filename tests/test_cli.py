@@ -55,6 +55,10 @@ def test_configuration_mistakes_are_one_line(capsys):
     assert "data.shards: has unbalanced braces" in err
     err = one_line_error(capsys, ["config", "--set", "optim.base_lr=-1"])
     assert "optim.base_lr: must be > 0" in err
+    # What a Ray job could not use: a home-relative path is not expanded on the cluster.
+    err = one_line_error(capsys, ["config", "--for-job", "--set", "data.shards=~/shards",
+                                  "--set", "checkpoint.dir=/mnt/ckpt"])
+    assert "data.shards: '~/shards' starts with ~" in err and "absolute path" in err
     # The traceback is there for whoever asks.
     with pytest.raises(UsageError):
         cli.main(["--debug", "config", "--set", "optim.base_lr=-1"])

@@ -8,7 +8,6 @@ skipped where there is no CUDA device.
 """
 from __future__ import annotations
 
-import contextlib
 import io
 from collections.abc import Iterator
 from typing import Any
@@ -20,9 +19,10 @@ from torch import Tensor
 
 from stream_swav.augment import photometric_augment
 from stream_swav.config import AugmentConfig, Config, config_from_dict
-from stream_swav.data.batch import CropBatch
+from stream_swav.data.batch import BatchMeta, CropBatch
 from stream_swav.learner import Learner
 from stream_swav.model import SwAVModel
+from test_learner_equivalence import strict_float32
 
 pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 
@@ -51,24 +51,12 @@ def host_batch(cfg: Config, seed: int = 0) -> CropBatch:
         stack = rng.integers(0, 256, (count, BATCH, size, size, 3), dtype=np.uint8)
         stack.flags.writeable = False
         stacks.append(stack)
-    return CropBatch(global_crops=stacks[0], local_crops=stacks[1], keys=[f"k{i}" for i in range(BATCH)])
+    return CropBatch(global_crops=stacks[0], local_crops=stacks[1], meta=BatchMeta(keys=[f"k{i}" for i in range(BATCH)]))
 
 
 def on_device(batch: CropBatch) -> CropBatch:
     return CropBatch(global_crops=torch.from_numpy(batch.global_crops.copy()).to(CUDA),
-                     local_crops=torch.from_numpy(batch.local_crops.copy()).to(CUDA), keys=batch.keys)
-
-
-@contextlib.contextmanager
-def strict_float32() -> Iterator[None]:
-    """No TF32 in cuDNN convolutions and CUDA matmuls; the cuDNN flags the Learner sets restored after."""
-    saved = (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.benchmark)
-    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
-    try:
-        yield
-    finally:
-        (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32,
-         torch.backends.cudnn.benchmark) = saved
+                     local_crops=torch.from_numpy(batch.local_crops.copy()).to(CUDA), meta=batch.meta)
 
 
 def flat_parameters(learner: Learner) -> Tensor:

@@ -94,14 +94,27 @@ class RecordingLearner(Learner):
 
     With `die_after_step`, the learner of rank `die_rank` kills its own process (SIGKILL, as the
     out-of-memory killer would) right after recording that step; with `die_once_marker` only the
-    first time (the marker file remembers), so the learner that replaces it lives on."""
+    first time (the marker file remembers), so the learner that replaces it lives on. With
+    `die_while_starting` it dies so as soon as it is built, before any step (a node lost while the
+    run starts)."""
 
     def __init__(self, cfg: Config, device: Any, rank: int, world_size: int, *, log_path: str,
-                 die_after_step: int = 0, die_rank: int = 0, die_once_marker: str = "") -> None:
+                 die_after_step: int = 0, die_rank: int = 0, die_once_marker: str = "",
+                 die_while_starting: bool = False) -> None:
         super().__init__(cfg, device, rank=rank, world_size=world_size)
         self.log_path = log_path
         self.die_after_step = die_after_step if rank == die_rank else 0
         self.die_once_marker = die_once_marker
+        if die_while_starting and rank == die_rank:
+            self.die_once()
+
+    def die_once(self) -> None:
+        """SIGKILL this process, unless the once-marker says it happened already."""
+        if self.die_once_marker and os.path.exists(self.die_once_marker):
+            return
+        if self.die_once_marker:
+            Path(self.die_once_marker).touch()
+        os.kill(os.getpid(), signal.SIGKILL)
 
     def train_step(self, batch: Any) -> Any:
         stats = super().train_step(batch)
@@ -112,10 +125,8 @@ class RecordingLearner(Learner):
         # One write per step, flushed before the next step starts: a SIGKILL loses nothing trained.
         with open(self.log_path, "a") as f:
             f.write(line + "\n")
-        if self.step == self.die_after_step and not (self.die_once_marker and os.path.exists(self.die_once_marker)):
-            if self.die_once_marker:
-                Path(self.die_once_marker).touch()
-            os.kill(os.getpid(), signal.SIGKILL)
+        if self.step == self.die_after_step:
+            self.die_once()
         return stats
 
 
@@ -177,9 +188,9 @@ def close_trainer(trainer: driver.Trainer) -> None:
 
 
 def run_to_end(cfg: Config, log_path: Path, after_chunk: Callable[[WatchedTrainer], None] | None = None,
-               expect: int = 0) -> WatchedTrainer:
+               expect: int = 0, dying: dict[str, Any] | None = None) -> WatchedTrainer:
     """Run a WatchedTrainer until it stops, check its exit status and release its actors."""
-    trainer = WatchedTrainer(cfg, log_path, after_chunk=after_chunk)
+    trainer = WatchedTrainer(cfg, log_path, after_chunk=after_chunk, dying=dying)
     try:
         assert trainer.run() == expect
     finally:

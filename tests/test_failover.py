@@ -17,8 +17,8 @@ import pytest
 import ray
 from conftest import colour_samples, tar_bytes
 from ray.cluster_utils import Cluster
-from runtime_helpers import (RAY_ENV, WatchedTrainer, close_trainer, object_url, runs, sample_keys, tiny_config,
-                             write_shard)
+from runtime_helpers import (RAY_ENV, WatchedTrainer, close_trainer, object_url, run_to_end, runs, sample_keys,
+                             tiny_config, write_shard)
 
 from stream_swav.runtime import driver
 from stream_swav.runtime.cluster import ClusterPlan, StartupError, plan_cluster
@@ -65,11 +65,7 @@ def test_a_killed_learner_is_replaced_and_only_what_followed_the_checkpoint_is_t
                        "train": {"image_budget": len(keys)}})
     # The learner dies (SIGKILL) right after step 5, past its checkpoint at step 4; once.
     dying = {"die_after_step": 5, "die_once_marker": str(tmp_path / "died")}
-    trainer = WatchedTrainer(cfg, tmp_path / "trained.jsonl", dying=dying)
-    try:
-        assert trainer.run() == 0
-    finally:
-        close_trainer(trainer)
+    trainer = run_to_end(cfg, tmp_path / "trained.jsonl", dying=dying)
 
     assert trainer.restarts == 1
     assert trainer.metrics.registry.get_sample_value("stream_swav_learner_restarts_total") == 1
@@ -84,6 +80,18 @@ def test_a_killed_learner_is_replaced_and_only_what_followed_the_checkpoint_is_t
     assert trainer.images_seen == len(keys)
 
 
+def test_a_learner_lost_while_the_run_starts_is_a_counted_failure_and_the_run_goes_on(cluster, tmp_path):
+    folder, keys = shards(tmp_path / "shards")
+    cfg = tiny_config({"data": {"shards": folder},
+                       "checkpoint": {"dir": str(tmp_path / "ckpt"), "every_steps": 0},
+                       "train": {"image_budget": len(keys)}})
+    dying = {"die_while_starting": True, "die_once_marker": str(tmp_path / "died")}
+    trainer = run_to_end(cfg, tmp_path / "trained.jsonl", dying=dying)
+    assert trainer.restarts == 1
+    assert trainer.metrics.registry.get_sample_value("stream_swav_learner_restarts_total") == 1
+    assert collections.Counter(s.key for s in trainer.trained) == {key: 1 for key in keys}
+
+
 def test_killing_one_of_two_learners_restarts_both_from_scratch_before_any_checkpoint(cluster, tmp_path, caplog):
     cluster.add_node(num_cpus=3)
     folder, keys = shards(tmp_path / "shards")
@@ -92,11 +100,7 @@ def test_killing_one_of_two_learners_restarts_both_from_scratch_before_any_check
                        "train": {"learners": 2, "image_budget": len(keys)}})
     dying = {"die_after_step": 1, "die_rank": 1, "die_once_marker": str(tmp_path / "died")}
     caplog.set_level(logging.INFO, logger="stream_swav")
-    trainer = WatchedTrainer(cfg, tmp_path / "trained.jsonl", dying=dying)
-    try:
-        assert trainer.run() == 0
-    finally:
-        close_trainer(trainer)
+    trainer = run_to_end(cfg, tmp_path / "trained.jsonl", dying=dying)
 
     assert trainer.restarts == 1
     assert "no checkpoint yet: restarting from scratch" in caplog.text
@@ -140,11 +144,7 @@ def test_a_run_survives_losing_a_node(cluster, tmp_path):
         removed.update(nodes=len(nodes), step=trainer.step)
         cluster.remove_node(node)
 
-    trainer = WatchedTrainer(cfg, tmp_path / "trained.jsonl", after_chunk=remove_the_second_node)
-    try:
-        assert trainer.run() == 0
-    finally:
-        close_trainer(trainer)
+    trainer = run_to_end(cfg, tmp_path / "trained.jsonl", after_chunk=remove_the_second_node)
 
     assert removed, "the run ended before the node could be removed"
     assert removed["nodes"] == 2, "the run's actors did not sit on both nodes"
@@ -164,11 +164,7 @@ def test_decode_actors_that_do_not_fit_are_scaled_down_with_a_warning(cluster, t
                        "checkpoint": {"dir": str(tmp_path / "ckpt"), "every_steps": 0},
                        "train": {"image_budget": 16}})
     caplog.set_level(logging.INFO, logger="stream_swav")
-    trainer = WatchedTrainer(cfg, tmp_path / "trained.jsonl")
-    try:
-        assert trainer.run() == 0
-    finally:
-        close_trainer(trainer)
+    trainer = run_to_end(cfg, tmp_path / "trained.jsonl")
     assert trainer.metrics.registry.get_sample_value("stream_swav_decode_actors_up") == 2
     assert "data.decode_actors: 5 wanted, running 2 (only 2 fit" in caplog.text
 

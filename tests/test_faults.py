@@ -28,7 +28,7 @@ from pathlib import Path
 import pytest
 import ray
 from conftest import colour_samples, tar_bytes
-from runtime_helpers import RAY_ENV, TESTS, WatchedTrainer, close_trainer, tiny_config, write_config
+from runtime_helpers import RAY_ENV, TESTS, run_to_end, tiny_config, write_config
 
 from stream_swav import checkpoint as ckpt
 from stream_swav import cli
@@ -115,22 +115,14 @@ def test_resume_skips_a_corrupt_newest_checkpoint_and_stops_in_one_line_when_non
     shards(tmp_path / "shards", ["a.tar", "b.tar"])
     overrides = {"data": {"shards": str(tmp_path / "shards")},
                  "checkpoint": {"dir": str(tmp_path / "ckpt"), "every_steps": 2, "keep_last": 3}}
-    trainer = WatchedTrainer(tiny_config(merge_budget(overrides, 48)), tmp_path / "first.jsonl")
-    try:
-        assert trainer.run() == 0
-    finally:
-        close_trainer(trainer)
+    trainer = run_to_end(tiny_config(merge_budget(overrides, 48)), tmp_path / "first.jsonl")
     steps = sorted(ckpt.list_step_dirs(str(tmp_path / "ckpt"), StorageConfig()))
     assert steps == [2, 4, 6]
     newest = tmp_path / "ckpt" / "step-000000006" / "state.pt"
     newest.write_bytes(newest.read_bytes()[:1000])
 
     caplog.set_level(logging.INFO, logger="stream_swav")
-    again = WatchedTrainer(tiny_config(merge_budget(overrides, 64)), tmp_path / "second.jsonl")
-    try:
-        assert again.run() == 0
-    finally:
-        close_trainer(again)
+    again = run_to_end(tiny_config(merge_budget(overrides, 64)), tmp_path / "second.jsonl")
     assert "skipped checkpoint" in caplog.text and "step-000000006" in caplog.text
     assert f"resumed from {tmp_path / 'ckpt' / 'step-000000004'}: step 4" in caplog.text
 
@@ -158,18 +150,10 @@ def test_a_shard_whose_name_is_not_utf8_trains_checkpoints_and_resumes(tmp_path,
     keys = shards(tmp_path / "shards", [odd, b"plain.tar"])
     cfg = {"data": {"shards": str(tmp_path / "shards"), "open_shards_per_actor": 1},
            "checkpoint": {"dir": str(tmp_path / "ckpt"), "every_steps": 2}}
-    trainer = WatchedTrainer(tiny_config({**cfg, "train": {"image_budget": len(keys)}}), tmp_path / "trained.jsonl")
-    try:
-        assert trainer.run() == 0
-    finally:
-        close_trainer(trainer)
+    trainer = run_to_end(tiny_config({**cfg, "train": {"image_budget": len(keys)}}), tmp_path / "trained.jsonl")
     assert {s.key for s in trainer.trained} == keys
     # The checkpointed cursor names the shard as it is on disk, and a resumed run goes on from it.
-    again = WatchedTrainer(tiny_config({**cfg, "train": {"image_budget": 2 * len(keys)}}), tmp_path / "more.jsonl")
-    try:
-        assert again.run() == 0
-    finally:
-        close_trainer(again)
+    again = run_to_end(tiny_config({**cfg, "train": {"image_budget": 2 * len(keys)}}), tmp_path / "more.jsonl")
     cursor = again.ledger.cursor
     assert any(os.fsencode(cursor.url(n)).endswith(odd) for n in range(cursor.n_shards))
     assert Counter(s.key for s in again.trained) == {key: 1 for key in keys}
@@ -237,11 +221,7 @@ def test_a_stream_whose_reads_all_fail_pauses_between_passes(tmp_path, local_ray
                        "checkpoint": {"dir": str(tmp_path / "ckpt")},
                        "train": {"time_budget_s": 9, "report_interval_s": 0.3}})
     caplog.set_level(logging.INFO, logger="stream_swav")
-    trainer = WatchedTrainer(cfg, tmp_path / "trained.jsonl")
-    try:
-        assert trainer.run() == 0
-    finally:
-        close_trainer(trainer)
+    trainer = run_to_end(cfg, tmp_path / "trained.jsonl")
     pauses = [r.getMessage() for r in caplog.records if "without a single sample read" in r.getMessage()]
     # Pauses of 1, 2, 4 s...: a handful of passes in 9 s, not one pass after another as fast as reads fail.
     assert 2 <= len(pauses) <= 4, pauses

@@ -177,8 +177,7 @@ class Trainer:
         # Which checkpoint to resume from is known before any actor starts: a folder where none
         # loads stops the run here, in one line.
         point = ckpt.load_for_resume(cfg.checkpoint.dir, cfg.storage)
-        self.start_actors()
-        self.restore(shards, point)
+        self.bring_up(shards, point)
         # A time budget counts training time: from here, once the actors are up.
         self.started = time.monotonic()
         self.observer.progress.restart(self.images_seen)
@@ -221,9 +220,29 @@ class Trainer:
                                         saved_now=False)
         log.info("resumed from %s: step %d, %d images seen", point.url, self.step, self.images_seen)
 
+    def bring_up(self, shards: list[str], point: ckpt.ResumePoint | None) -> None:
+        """Start the learners and decode actors and restore `point`. A learner that fails meanwhile
+        (a node lost during start-up, a process killed for memory) is a failure like any other:
+        counted against the budget, then a new group from the latest checkpoint."""
+        while True:
+            try:
+                self.start_actors()
+                self.restore(shards, point)
+                return
+            except LearnerFailure as failure:
+                self.count_failure(failure.cause)
+                shards, point = self.source.list_shards(), ckpt.load_for_resume(self.cfg.checkpoint.dir,
+                                                                                  self.cfg.storage)
+
     def recover(self, cause: str) -> None:
         """A learner died or its node was lost: a new group from the latest checkpoint, within budget."""
         self.state = RunState.RECOVERING
+        self.count_failure(cause)
+        self.bring_up(self.source.list_shards(), ckpt.load_for_resume(self.cfg.checkpoint.dir, self.cfg.storage))
+        self.state = RunState.RUNNING
+
+    def count_failure(self, cause: str) -> None:
+        """Count a learner failure and release every actor; RunFailed once the budget is spent."""
         self.restarts += 1
         self.metrics.count_learner_restart()
         budget = self.cfg.train.max_failures
@@ -233,9 +252,6 @@ class Trainer:
             raise RunFailed(f"learners failed {self.restarts} time(s), more than train.max_failures={budget}; "
                             f"last cause: {cause}; the latest checkpoint is step {self.last_checkpoint_step}")
         log.warning("restarting the learners from the latest checkpoint; steps trained since it are trained again")
-        self.start_actors()
-        self.restore(self.source.list_shards(), ckpt.load_for_resume(self.cfg.checkpoint.dir, self.cfg.storage))
-        self.state = RunState.RUNNING
 
     def finish(self) -> int:
         """STOPPING: the final checkpoint, then DONE."""

@@ -126,7 +126,8 @@ class NullLearner:
         self.images_seen += len(batch) * self.world_size
         return StepStats(step=self.step, images_seen=self.images_seen, loss=torch.tensor(6.5), lr=0.3,
                          prototype_counts=self.counts.clone(), marginal_error=torch.tensor(0.01),
-                         feature_spread=torch.tensor(0.5), queue_fill=0, nonfinite=False, nonfinite_in_row=0)
+                         feature_spread=torch.tensor(0.5),
+                         score_spread=torch.tensor(0.2), queue_fill=0, nonfinite=False, nonfinite_in_row=0)
 
     def state_dict(self) -> dict[str, Any]:
         return {"step": self.step, "images_seen": self.images_seen}

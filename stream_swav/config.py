@@ -183,6 +183,12 @@ class ModelConfig:
         yield ("model.stem_stride", self.stem_stride == 1 or self.small_stem,
                "can be 2 only with model.small_stem: true", self.stem_stride)
 
+    def advice(self) -> Iterator[str]:
+        if self.prototypes < self.output_dim:
+            yield (f"model.prototypes: {self.prototypes} prototypes span fewer directions than model.output_dim="
+                   f"{self.output_dim}; embeddings can settle where no prototype scores them (loss stuck at ln(K), "
+                   f"alarm: stream_swav_prototype_score_spread); use at least as many prototypes as dimensions")
+
 
 @dataclass
 class SwAVConfig:
@@ -294,9 +300,11 @@ class MetricsConfig:
     port: int = setting(9400, TCP_PORT)
     perplexity_window_steps: int = setting(50, POSITIVE)
     # The collapse alarm fires after collapse_after_images when the feature spread (see
-    # learner.feature_spread) is below collapse_spread, or the argmax prototype usage perplexity over
-    # the window below collapse_perplexity (0: max(2, K/50)).
+    # learner.feature_spread) is below collapse_spread, the score spread (learner.score_spread)
+    # below collapse_score_spread, or the argmax prototype usage perplexity over the window below
+    # collapse_perplexity (0: max(2, K/50)).
     collapse_spread: float = setting(0.05, NON_NEGATIVE)
+    collapse_score_spread: float = setting(0.02, NON_NEGATIVE)
     collapse_perplexity: float = setting(0.0, NON_NEGATIVE)
     collapse_after_images: int = setting(0, NON_NEGATIVE)  # 0: after warmup
 
@@ -331,6 +339,11 @@ class Config:
         yield ("swav.crops_for_assign", len(assign) >= 1 and len(set(assign)) == len(assign)
                and all(0 <= i < self.total_crops for i in assign),
                f"must be distinct crop indices in [0, {self.total_crops})", assign)
+
+    def warnings(self) -> list[str]:
+        """Valid but risky settings, one line each naming the key (logged when a run starts)."""
+        return [line for s in dataclasses.fields(self) for line in getattr(getattr(self, s.name), "advice",
+                                                                              lambda: ())()]
 
     def validate(self) -> "Config":
         """Every field's check, then the rules relating fields; raises ConfigError naming the key."""

@@ -49,6 +49,12 @@ class StepStats:
     # monitors collapse). About 1 for embeddings spread over the sphere, 0 when every image maps
     # to the same point, whatever the loss or the codes say.
     feature_spread: Tensor
+    # How much the assignment crops' scores differ between prototypes: the standard deviation over
+    # prototypes of each row's cosine scores, averaged over rows. 0 when no prototype scores an image
+    # differently from another (all prototypes alike, or embeddings orthogonal to every prototype,
+    # which fewer prototypes than embedding dimensions allows); the loss then sits at ln(K) with no
+    # gradient out, while the embeddings may still be spread.
+    score_spread: Tensor
     queue_fill: int
     nonfinite: bool
     nonfinite_in_row: int
@@ -62,6 +68,7 @@ class StepStats:
             "lr": self.lr,
             "marginal_error": self.marginal_error.item(),
             "feature_spread": self.feature_spread.item(),
+            "score_spread": self.score_spread.item(),
             "queue_fill": float(self.queue_fill),
             "nonfinite": float(self.nonfinite),
             "nonfinite_in_row": float(self.nonfinite_in_row),
@@ -151,6 +158,12 @@ def feature_spread(features: Tensor) -> Tensor:
     """sqrt(dim) * mean over dimensions of the standard deviation over the batch of (A, B, dim) unit
     embeddings: ~1 when spread over the sphere, 0 when collapsed to a point."""
     return features.float().std(dim=1).mean() * math.sqrt(features.shape[2])
+
+
+def score_spread(scores: Tensor) -> Tensor:
+    """Mean over the rows of (A, B, K) cosine scores of their standard deviation over prototypes:
+    about 1/sqrt(dim) for random unit vectors, 0 when every prototype scores each image alike."""
+    return scores.float().std(dim=2).mean()
 
 
 class Learner:
@@ -324,6 +337,7 @@ class Learner:
             prototype_counts=prototype_counts(assign_scores.reshape(-1, assign_scores.shape[2])),
             marginal_error=marginal_error(codes, self.codes.target),
             feature_spread=feature_spread(assign_features),
+            score_spread=score_spread(assign_scores),
             queue_fill=self.queue.fill if self.queue is not None else 0,
             nonfinite=nonfinite,
             nonfinite_in_row=self.nonfinite_in_row,

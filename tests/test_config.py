@@ -198,6 +198,12 @@ def test_stride_two_stem_needs_the_small_stem():
     assert load_config(None, ["model.small_stem=true", "model.stem_stride=2"]).model.stem_stride == 2
 
 
+def test_fewer_prototypes_than_embedding_dimensions_is_valid_but_warned():
+    assert load_config().warnings() == []
+    (line,) = load_config(overrides=["model.prototypes=30", "model.output_dim=64"]).warnings()
+    assert line.startswith("model.prototypes: 30 prototypes span fewer directions than model.output_dim=64")
+
+
 def test_choice_errors_list_the_allowed_values():
     err = refused(["optim.optimizer=adam"], "optim.optimizer")
     assert "lars" in str(err) and "sgd" in str(err) and "'adam'" in str(err)

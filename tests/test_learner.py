@@ -15,7 +15,7 @@ import torch.multiprocessing as mp
 
 from stream_swav.config import Config, MetricsConfig, config_from_dict
 from stream_swav.data.batch import BatchMeta, CropBatch
-from stream_swav.learner import Learner, StepStats
+from stream_swav.learner import Learner, StepStats, feature_spread, score_spread
 from stream_swav.optim import learning_rate_for
 from stream_swav.runtime.metrics import usage_perplexity
 
@@ -127,6 +127,7 @@ def test_learner_learns_on_synthetic_stream_without_collapse():
     # the collapse alarm stays quiet on a run that learns.
     assert usage_perplexity(usage.numpy()) > PROTOTYPES / 4, usage.tolist()
     assert stats.feature_spread.item() > 2 * MetricsConfig().collapse_spread
+    assert stats.score_spread.item() > 2 * MetricsConfig().collapse_score_spread
 
 
 def test_collapsed_embeddings_have_no_spread():
@@ -141,6 +142,22 @@ def test_collapsed_embeddings_have_no_spread():
     learner.cfg.augment.color_jitter_prob = learner.cfg.augment.blur_prob_global = 0.0
     same = learner.train_step(batch)
     assert same.feature_spread.item() < MetricsConfig().collapse_spread < varied.feature_spread.item()
+
+
+def test_embeddings_orthogonal_to_every_prototype_have_no_score_spread():
+    """The other collapse the alarm reads: with fewer prototypes than embedding dimensions, the
+    embeddings can move where no prototype scores them (seen in a long-tail run: loss at ln(K),
+    embeddings still spread)."""
+    generator = torch.Generator().manual_seed(0)
+    dim, prototypes = 64, 30
+    embeddings = torch.nn.functional.normalize(torch.randn(2, 128, dim, generator=generator), dim=2)
+    away = embeddings.clone()
+    away[..., :prototypes] = 0  # nothing along the prototypes' directions
+    away = torch.nn.functional.normalize(away, dim=2)
+    axes = torch.eye(dim)[:prototypes]
+    threshold = MetricsConfig().collapse_score_spread
+    assert score_spread(away @ axes.T).item() < threshold < score_spread(embeddings @ axes.T).item()
+    assert feature_spread(away).item() > 2 * MetricsConfig().collapse_spread
 
 
 def test_state_dict_round_trip_resumes_identically():

@@ -52,7 +52,7 @@ def test_trainer_metrics_are_served_with_their_values():
         metrics.count_nonfinite_loss()
         metrics.set_throughput(images_per_second=812.5, input_wait_ratio=0.25)
         metrics.set_swav_health(queue_fill_ratio=0.5, prototype_perplexity=123.0, prototypes_unused=7,
-                                sinkhorn_marginal_error=0.01, feature_spread=0.5,
+                                sinkhorn_marginal_error=0.01, feature_spread=0.5, score_spread=0.25,
                                 collapse=True)
         metrics.set_gpu_memory(allocated_bytes=3 * 2**30, reserved_bytes=4 * 2**30)
         metrics.set_actors_up(learners=1, decode_actors=6)
@@ -73,7 +73,8 @@ def test_trainer_metrics_are_served_with_their_values():
             p + "loss": 7.25, p + "learning_rate": 0.3, p + "nonfinite_loss_total": 1,
             p + "images_per_second": 812.5, p + "input_wait_ratio": 0.25,
             p + "queue_fill_ratio": 0.5, p + "prototype_perplexity": 123.0, p + "prototypes_unused": 7,
-            p + "sinkhorn_marginal_error": 0.01, p + "feature_spread": 0.5, p + "collapse_alarm": 1,
+            p + "sinkhorn_marginal_error": 0.01, p + "feature_spread": 0.5, p + "prototype_score_spread": 0.25,
+            p + "collapse_alarm": 1,
             p + "gpu_memory_allocated_bytes": 3 * 2**30, p + "gpu_memory_reserved_bytes": 4 * 2**30,
             p + "learners_up": 1, p + "decode_actors_up": 6,
             p + "decode_errors_total{reason=corrupt_image}": 5, p + "decode_errors_total{reason=too_large}": 1,
@@ -174,23 +175,26 @@ def test_metric_names_follow_conventions():
 
 
 def test_collapse_alarm_fires_on_lost_spread_or_shrunk_usage_after_warmup_only():
-    settings = CollapseSettings(spread=0.05, perplexity=2.0, after_images=1_000)
-    healthy = {"feature_spread": 0.4, "perplexity": 3.4, "settings": settings}
+    settings = CollapseSettings(spread=0.05, score_spread=0.02, perplexity=2.0, after_images=1_000)
+    healthy = {"feature_spread": 0.4, "score_spread": 0.25, "perplexity": 3.4, "settings": settings}
     assert not collapse_alarm(**healthy, images_seen=10_000)
     assert collapse_alarm(**{**healthy, "feature_spread": 0.01}, images_seen=10_000)
+    # Spread embeddings that no prototype tells apart (measured: 0.0009 on such a run, 0.24-0.27 on healthy ones).
+    assert collapse_alarm(**{**healthy, "score_spread": 0.001}, images_seen=10_000)
     assert collapse_alarm(**{**healthy, "perplexity": 1.1}, images_seen=10_000)
     # Not before warm-up: an untrained network's embeddings are close together too.
     assert not collapse_alarm(**{**healthy, "feature_spread": 0.01}, images_seen=999)
-    assert not collapse_alarm(feature_spread=math.nan, perplexity=math.nan, settings=settings, images_seen=10_000)
+    assert not collapse_alarm(feature_spread=math.nan, score_spread=math.nan, perplexity=math.nan, settings=settings,
+                              images_seen=10_000)
 
 
 def test_collapse_settings_resolve_automatic_values():
     assert CollapseSettings.from_config(MetricsConfig(), prototypes=3000, warmup_images=500) == \
-        CollapseSettings(spread=0.05, perplexity=60.0, after_images=500)
+        CollapseSettings(spread=0.05, score_spread=0.02, perplexity=60.0, after_images=500)
     # With few prototypes K/50 < 1 could never fire; everything on one prototype (perplexity 1) must.
     assert CollapseSettings.from_config(MetricsConfig(), prototypes=30, warmup_images=0).perplexity == 2.0
     cfg = MetricsConfig(collapse_perplexity=10.0, collapse_after_images=7, collapse_spread=0.1)
-    assert CollapseSettings.from_config(cfg, prototypes=3000, warmup_images=500) == CollapseSettings(0.1, 10.0, 7)
+    assert CollapseSettings.from_config(cfg, prototypes=3000, warmup_images=500) == CollapseSettings(0.1, 0.02, 10.0, 7)
 
 def test_usage_perplexity_of_counts():
     assert math.isnan(usage_perplexity([0, 0, 0]))

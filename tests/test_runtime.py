@@ -111,6 +111,7 @@ def test_end_to_end_on_s3_with_metrics_and_checkpoints(s3_bucket, tmp_path):
     assert metric(scraped, "stream_swav_images_seen") == at_scrape["images"]
     assert math.isfinite(metric(scraped, "stream_swav_loss"))
     assert 0 < metric(scraped, "stream_swav_feature_spread") <= 2
+    assert 0 < metric(scraped, "stream_swav_prototype_score_spread") <= 1
     assert metric(scraped, "stream_swav_bytes_read_total") > 0
     assert metric(scraped, "stream_swav_shards_completed_total") >= 2
     assert metric(scraped, "stream_swav_last_checkpoint_step") >= 2

@@ -185,6 +185,7 @@ class LearnerActorImpl:
             figures = last.to_floats()
             report.loss, report.lr = figures["loss"], figures["lr"]
             report.marginal_error, report.feature_spread = figures["marginal_error"], figures["feature_spread"]
+            report.score_spread = figures["score_spread"]
             report.queue_fill, report.nonfinite_in_row = last.queue_fill, last.nonfinite_in_row
             report.prototype_counts = counts.cpu().tolist()
         if self.device.type == "cuda":

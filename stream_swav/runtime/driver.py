@@ -153,6 +153,8 @@ class Trainer:
     # --------------------------------------------------------------- states
     def start(self) -> None:
         cfg = self.cfg
+        for warning in cfg.warnings():
+            log.warning("%s", warning)
         if not ray.is_initialized():
             log.info("%s", init_ray())
         if cfg.metrics.enabled:
@@ -284,6 +286,7 @@ class Trainer:
         started = time.time()
         last = self.observer.last
         figures = {"loss": last.loss, "lr": last.lr, "feature_spread": last.feature_spread,
+                   "score_spread": last.score_spread,
                    "marginal_error": last.marginal_error} if last is not None else {}
         info = {"metrics": {k: v for k, v in figures.items() if math.isfinite(v)},
                 **BackboneSpec.from_config(self.cfg.model).to_record(), "final": final,

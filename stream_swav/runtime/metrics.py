@@ -39,6 +39,7 @@ TRAINER_METRIC_NAMES: tuple[str, ...] = tuple(PREFIX + n for n in (
     "prototypes_unused",
     "sinkhorn_marginal_error",
     "feature_spread",
+    "prototype_score_spread",
     "input_wait_ratio",
     "nonfinite_loss_total",
     "collapse_alarm",
@@ -142,6 +143,9 @@ class Metrics(_Exporter):
                                               "Max deviation of the code marginals from their targets.")
         self._feature_spread = gauge("feature_spread",
                                      "Spread of the batch's unit embeddings (about 1 spread out, 0 collapsed).")
+        self._score_spread = gauge("prototype_score_spread",
+                                   "Std over prototypes of the cosine scores, batch mean (0: no prototype tells "
+                                   "images apart).")
         self._input_wait_ratio = gauge("input_wait_ratio", "Fraction of learner time spent waiting for batches.")
         self._nonfinite_loss = counter("nonfinite_loss", "Steps skipped because the loss was NaN or infinite.")
         self._collapse_alarm = gauge("collapse_alarm", "1 while the collapse heuristics fire, else 0.")
@@ -182,8 +186,10 @@ class Metrics(_Exporter):
         self._input_wait_ratio.set(input_wait_ratio)
 
     def set_swav_health(self, *, queue_fill_ratio: float, prototype_perplexity: float, prototypes_unused: int,
-                        sinkhorn_marginal_error: float, feature_spread: float, collapse: bool) -> None:
+                        sinkhorn_marginal_error: float, feature_spread: float, score_spread: float,
+                        collapse: bool) -> None:
         self._feature_spread.set(feature_spread)
+        self._score_spread.set(score_spread)
         self._queue_fill_ratio.set(queue_fill_ratio)
         self._prototype_perplexity.set(prototype_perplexity)
         self._prototypes_unused.set(prototypes_unused)
@@ -260,25 +266,28 @@ class EvalMetrics(_Exporter):
         self._failures.inc()
 
 
-def collapse_alarm(*, feature_spread: float, perplexity: float, settings: "CollapseSettings",
+def collapse_alarm(*, feature_spread: float, score_spread: float, perplexity: float, settings: "CollapseSettings",
                    images_seen: int) -> bool:
     """True when training looks collapsed, after warm-up: the batch's embeddings have (almost) no
-    spread left (every image maps to about the same point), or the network's preferred prototypes
-    have shrunk to a handful. The loss is no sign: a collapsed network can sit at ln(K) (Sinkhorn)
-    or near 0 (codes that allow concentration), and a healthy one starts at ln(K) too.
+    spread left (every image maps to about the same point), no prototype scores an image
+    differently from another (embeddings orthogonal to every prototype: the loss stays at ln(K)
+    with no gradient out), or the network's preferred prototypes have shrunk to a handful. The
+    loss alone is no sign: a healthy run starts at ln(K) too.
 
     Non-finite inputs never raise the alarm; non-finite steps have their own counter.
     """
     if images_seen < settings.after_images:
         return False
     no_spread = math.isfinite(feature_spread) and feature_spread < settings.spread
+    no_scores = math.isfinite(score_spread) and score_spread < settings.score_spread
     few_prototypes = math.isfinite(perplexity) and perplexity < settings.perplexity
-    return no_spread or few_prototypes
+    return no_spread or no_scores or few_prototypes
 
 
 @dataclass(frozen=True)
 class CollapseSettings:
     spread: float
+    score_spread: float
     perplexity: float
     after_images: int
 
@@ -286,7 +295,7 @@ class CollapseSettings:
     def from_config(cls, cfg: MetricsConfig, prototypes: int, warmup_images: int) -> "CollapseSettings":
         """With the config's 0 = automatic resolved: K/50 prototypes (at least 2: everything on one
         prototype must fire for small K too), after warm-up."""
-        return cls(spread=cfg.collapse_spread,
+        return cls(spread=cfg.collapse_spread, score_spread=cfg.collapse_score_spread,
                    perplexity=cfg.collapse_perplexity if cfg.collapse_perplexity > 0 else max(2.0, prototypes / 50.0),
                    after_images=cfg.collapse_after_images if cfg.collapse_after_images > 0 else warmup_images)
 

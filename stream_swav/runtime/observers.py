@@ -73,17 +73,19 @@ class RunObserver:
             m.observe_steps(steps=summary.steps, images=summary.images, images_seen=summary.images_seen,
                             loss=summary.loss, learning_rate=summary.lr)
             perplexity = self.usage.perplexity()
-            alarm = collapse_alarm(feature_spread=summary.feature_spread, perplexity=perplexity,
-                                   settings=self.collapse, images_seen=summary.images_seen)
+            alarm = collapse_alarm(feature_spread=summary.feature_spread, score_spread=summary.score_spread,
+                                   perplexity=perplexity, settings=self.collapse, images_seen=summary.images_seen)
             if alarm and not self.collapsed:
-                log.warning("collapse alarm: embedding spread %.3f (alarm below %g), prototype perplexity %.1f of %d "
-                            "(alarm below %g); loss %.4f", summary.feature_spread, self.collapse.spread, perplexity,
+                log.warning("collapse alarm: embedding spread %.3f (alarm below %g), score spread %.4f (alarm below %g), "
+                            "prototype perplexity %.1f of %d (alarm below %g); loss %.4f", summary.feature_spread,
+                            self.collapse.spread, summary.score_spread, self.collapse.score_spread, perplexity,
                             self.cfg.model.prototypes, self.collapse.perplexity, summary.loss)
             self.collapsed = alarm
             m.set_swav_health(queue_fill_ratio=summary.queue_fill / max(self.cfg.swav.queue_length, 1),
                               prototype_perplexity=self.usage.perplexity(), prototypes_unused=self.usage.unused(),
                               sinkhorn_marginal_error=summary.marginal_error,
-                              feature_spread=summary.feature_spread, collapse=alarm)
+                              feature_spread=summary.feature_spread, score_spread=summary.score_spread,
+                              collapse=alarm)
         m.set_throughput(images_per_second=self.throughput.rate(), input_wait_ratio=summary.input_wait_ratio)
         m.set_batches_in_flight(batches_in_flight)
         if summary.gpu_memory_reserved_bytes:
@@ -106,10 +108,10 @@ class RunObserver:
         if s is None or s.step == self._logged_step:
             return
         self._logged_step = s.step
-        log.info("step %d | %d images | %.1f img/s | loss %.4f | perplexity %.1f/%d | spread %.2f | input-wait "
-                 "%.0f%% | decode errors %d | lr %.4g", s.step, s.images_seen, self.throughput.rate(), s.loss,
-                 self.usage.perplexity(), self.cfg.model.prototypes, s.feature_spread, 100 * s.input_wait_ratio,
-                 self.decode_errors, s.lr)
+        log.info("step %d | %d images | %.1f img/s | loss %.4f | perplexity %.1f/%d | spread %.2f | scores %.3f | "
+                 "input-wait %.0f%% | decode errors %d | lr %.4g", s.step, s.images_seen, self.throughput.rate(), s.loss,
+                 self.usage.perplexity(), self.cfg.model.prototypes, s.feature_spread, s.score_spread,
+                 100 * s.input_wait_ratio, self.decode_errors, s.lr)
         if not self.progress.interactive:
             line = self.progress.describe(s.images_seen)
             if line:

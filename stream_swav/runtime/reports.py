@@ -60,6 +60,7 @@ class StepReport:
     lr: float = 0.0
     marginal_error: float = math.nan
     feature_spread: float = math.nan
+    score_spread: float = math.nan
     queue_fill: int = 0
     # Argmax prototype usage summed over the call's steps (K,).
     prototype_counts: list[int] = field(default_factory=list)
@@ -91,6 +92,7 @@ class ChunkSummary:
     lr: float
     marginal_error: float
     feature_spread: float
+    score_spread: float
     queue_fill: int
     prototype_counts: list[int]
     nonfinite: int
@@ -116,7 +118,7 @@ class ChunkSummary:
         return cls(
             steps=first.steps, step=first.step, images=sum(r.images for r in reports),
             images_seen=first.images_seen, loss=first.loss, lr=first.lr, marginal_error=first.marginal_error,
-            feature_spread=first.feature_spread, queue_fill=first.queue_fill, prototype_counts=counts,
+            feature_spread=first.feature_spread, score_spread=first.score_spread, queue_fill=first.queue_fill, prototype_counts=counts,
             nonfinite=first.nonfinite, nonfinite_in_row=first.nonfinite_in_row, progress=progress,
             # The slowest-fed learner sets the pace of all of them.
             input_wait_ratio=wait / (wait + busy) if wait + busy > 0 else 0.0,

@@ -32,6 +32,7 @@ import hashlib
 import random
 import zlib
 from collections import deque
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -185,39 +186,27 @@ class StreamCursor:
         return None
 
     def _next_shard(self, state: _Pass, other: _Pass | None) -> int | None:
-        def available(shard: int) -> bool:
-            return not state.is_finished(shard) and shard not in state.assigned
-
-        def busy_elsewhere(shard: int) -> bool:
-            return other is not None and shard in other.assigned
-
-        while state.released:
-            shard = state.released.popleft()
-            if not available(shard):
+        """The first shard of the pass that can be handed out. A shard the other live pass still
+        reads waits in `deferred` (one reader per shard at a time)."""
+        for shard in self._candidates(state):
+            if state.is_finished(shard) or shard in state.assigned:
                 continue
-            if busy_elsewhere(shard):
-                state.deferred.append(shard)
-                continue
-            return shard
-        # Deferred shards wait for the other pass to let go of them; each is looked at once per call.
-        for _ in range(len(state.deferred)):
-            shard = state.deferred.popleft()
-            if not available(shard):
-                continue
-            if busy_elsewhere(shard):
-                state.deferred.append(shard)
-                continue
-            return shard
-        while state.cursor < len(self._urls):
-            shard = state.shard_at(state.cursor)
-            state.cursor += 1
-            if not available(shard):
-                continue
-            if busy_elsewhere(shard):
+            if other is not None and shard in other.assigned:
                 state.deferred.append(shard)
                 continue
             return shard
         return None
+
+    def _candidates(self, state: _Pass) -> Iterator[int]:
+        """Released shards first, then the deferred ones, each looked at once per call, then the
+        pass's order from its cursor; what is yielded is taken off its queue or passed by the cursor."""
+        while state.released:
+            yield state.released.popleft()
+        for _ in range(len(state.deferred)):
+            yield state.deferred.popleft()
+        while state.cursor < len(self._urls):
+            state.cursor += 1
+            yield state.shard_at(state.cursor - 1)
 
     def release(self, key: ShardKey) -> None:
         """The reader of a shard went away: hand it out again later, from its recorded position."""

@@ -209,6 +209,8 @@ def test_config_is_scaled_to_the_budget_and_overrides_win():
     assert cfg.swav.freeze_prototypes_steps == 6  # 64 steps at batch 64
     assert cfg.swav.mass_momentum == 0.95
     assert cfg.model.arch == "resnet10" and cfg.model.prototypes == 30
+    # The study's recipe is one the library does not warn about (prototypes span the embedding space).
+    assert cfg.model.output_dim <= cfg.model.prototypes and cfg.warnings() == []
     assert longtail.shared_config(10_000_000, None, []).swav.mass_momentum == 0.99
     run = longtail.RunSpec("balanced", "prior", 2)
     per_run = longtail.run_config(cfg, run, "/shards/balanced", "/ckpt/x")

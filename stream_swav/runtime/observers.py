@@ -76,13 +76,14 @@ class RunObserver:
             alarm = collapse_alarm(feature_spread=summary.feature_spread, score_spread=summary.score_spread,
                                    perplexity=perplexity, settings=self.collapse, images_seen=summary.images_seen)
             if alarm and not self.collapsed:
-                log.warning("collapse alarm: embedding spread %.3f (alarm below %g), score spread %.4f (alarm below %g), "
-                            "prototype perplexity %.1f of %d (alarm below %g); loss %.4f", summary.feature_spread,
-                            self.collapse.spread, summary.score_spread, self.collapse.score_spread, perplexity,
-                            self.cfg.model.prototypes, self.collapse.perplexity, summary.loss)
+                log.warning("collapse alarm: embedding spread %.3f (alarm below %g), score spread %.4f "
+                            "(alarm below %g), prototype perplexity %.1f of %d (alarm below %g); loss %.4f",
+                            summary.feature_spread, self.collapse.spread, summary.score_spread,
+                            self.collapse.score_spread, perplexity, self.cfg.model.prototypes,
+                            self.collapse.perplexity, summary.loss)
             self.collapsed = alarm
             m.set_swav_health(queue_fill_ratio=summary.queue_fill / max(self.cfg.swav.queue_length, 1),
-                              prototype_perplexity=self.usage.perplexity(), prototypes_unused=self.usage.unused(),
+                              prototype_perplexity=perplexity, prototypes_unused=self.usage.unused(),
                               sinkhorn_marginal_error=summary.marginal_error,
                               feature_spread=summary.feature_spread, score_spread=summary.score_spread,
                               collapse=alarm)
@@ -108,9 +109,9 @@ class RunObserver:
         if s is None or s.step == self._logged_step:
             return
         self._logged_step = s.step
-        log.info("step %d | %d images | %.1f img/s | loss %.4f | perplexity %.1f/%d | spread %.2f | scores %.3f | "
-                 "input-wait %.0f%% | decode errors %d | lr %.4g", s.step, s.images_seen, self.throughput.rate(), s.loss,
-                 self.usage.perplexity(), self.cfg.model.prototypes, s.feature_spread, s.score_spread,
+        log.info("step %d | %d images | %.1f img/s | loss %.4f | perplexity %.1f/%d | spread %.2f | scores %.3f "
+                 "| input-wait %.0f%% | decode errors %d | lr %.4g", s.step, s.images_seen, self.throughput.rate(),
+                 s.loss, self.usage.perplexity(), self.cfg.model.prototypes, s.feature_spread, s.score_spread,
                  100 * s.input_wait_ratio, self.decode_errors, s.lr)
         if not self.progress.interactive:
             line = self.progress.describe(s.images_seen)

@@ -118,7 +118,8 @@ class ChunkSummary:
         return cls(
             steps=first.steps, step=first.step, images=sum(r.images for r in reports),
             images_seen=first.images_seen, loss=first.loss, lr=first.lr, marginal_error=first.marginal_error,
-            feature_spread=first.feature_spread, score_spread=first.score_spread, queue_fill=first.queue_fill, prototype_counts=counts,
+            feature_spread=first.feature_spread, score_spread=first.score_spread, queue_fill=first.queue_fill,
+            prototype_counts=counts,
             nonfinite=first.nonfinite, nonfinite_in_row=first.nonfinite_in_row, progress=progress,
             # The slowest-fed learner sets the pace of all of them.
             input_wait_ratio=wait / (wait + busy) if wait + busy > 0 else 0.0,

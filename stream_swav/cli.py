@@ -90,6 +90,8 @@ def _config(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
     if args.for_job:
         _check_paths_for_job(cfg)
+    for warning in cfg.warnings():
+        print(f"warning: {warning}", file=sys.stderr)
     sys.stdout.write(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     return 0
 

@@ -64,6 +64,15 @@ def test_configuration_mistakes_are_one_line(capsys):
         cli.main(["--debug", "config", "--set", "optim.base_lr=-1"])
 
 
+def test_config_prints_risky_settings_as_warnings_beside_the_yaml(capsys):
+    assert cli.main(["config", "--set", "model.prototypes=30", "--set", "model.output_dim=64"]) == 0
+    out, err = capsys.readouterr()
+    assert "prototypes: 30" in out and "output_dim: 64" in out
+    assert err.startswith("warning: model.prototypes: 30 prototypes span fewer directions than model.output_dim=64")
+    assert cli.main(["config"]) == 0
+    assert capsys.readouterr().err == ""
+
+
 def test_train_refuses_missing_shards_and_a_missing_gpu_before_starting_ray(tmp_path, capsys):
     config = write_config(tmp_path / "train.yaml", {"data": {"shards": str(tmp_path / "nowhere")},
                                                     "checkpoint": {"dir": str(tmp_path / "ckpt")}})

@@ -118,12 +118,15 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="make demo shards, train on local Ray, evaluate, print the results")
     _config_arguments(p)
     p.add_argument("--out", default="runs/demo", help="folder for shards, checkpoints and results")
-    p.add_argument("--minutes", type=float, default=0.0, help="training time budget (default: 4 on CPU, 8 on GPU)")
+    p.add_argument("--images", type=int, default=0,
+                   help="training images (default: 153,600 on CPU, 4,000,000 on GPU)")
+    p.add_argument("--minutes", type=float, default=0.0,
+                   help="cap on the training time, whatever --images says (default: 7 on CPU, 8 on GPU)")
     p.add_argument("--fresh", action="store_true", help="delete checkpoints and results of an earlier demo")
     p.add_argument("--eval-train", type=int, default=0,
-                   help="labelled training images in the kNN index (default: 5,000 on CPU, 60,000 on GPU)")
+                   help="labelled training images in the kNN index and probe training set (default: all 60,000)")
     p.add_argument("--eval-test", type=int, default=0,
-                   help="labelled test images scored (default: 1,000 on CPU, 10,000 on GPU)")
+                   help="labelled test images scored (default: all 10,000)")
     p.add_argument("--dataset", default="auto", choices=DEMO_DATASETS,
                    help="demo images: Fashion-MNIST when found (auto), or the procedural 10-class set")
     p.add_argument("--prepare-only", action="store_true", help="only make the demo shards (kept for the next run)")

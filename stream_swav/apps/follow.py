@@ -52,7 +52,7 @@ RESULTS_JSONL = "results.jsonl"
 RESULTS_CSV = "results.csv"
 PLOT_PNG = "accuracy.png"
 CSV_COLUMNS = ("step", "images_seen", "knn_top1", "probe_top1", "loss", "random_knn_top1", "random_bn_knn_top1",
-               "pixels_knn_top1", "time", "eval_seconds", "checkpoint")
+               "pixels_knn_top1", "random_probe_top1", "random_bn_probe_top1", "pixels_probe_top1", "time", "eval_seconds", "checkpoint")
 # Result-row key prefix of each `reference_rows` feature set.
 REFERENCE_PREFIXES = {"random-init": "random", "random-init-data-bn": "random_bn", "raw-pixels": "pixels"}
 
@@ -142,7 +142,8 @@ class ResultLog:
 
 # ---- plot ---------------------------------------------------------------------------------------------
 
-BLUE, GREEN, ORANGE, GREY, PURPLE, TEAL = "#1f5eb4", "#289646", "#dc6e14", "#828282", "#963ca0", "#008c8c"
+BLUE, GREEN, ORANGE, GREY, PURPLE, TEAL, PINK = ("#1f5eb4", "#289646", "#dc6e14", "#828282", "#963ca0", "#008c8c",
+                                                "#c8508c")
 PLOT_SIZE_PX = (960, 580)
 
 
@@ -177,7 +178,8 @@ def draw_plot(rows: list[dict[str, Any]], title: str = "Streaming SwAV: evaluati
 
     for name, key, colour in (("random-init kNN", "random_knn_top1", GREY),
                               ("random-init, data BN kNN", "random_bn_knn_top1", TEAL),
-                              ("raw-pixel kNN", "pixels_knn_top1", PURPLE)):
+                              ("raw-pixel kNN", "pixels_knn_top1", PURPLE),
+                              ("raw-pixel linear probe", "pixels_probe_top1", PINK)):
         _, values = series(key, 100.0)
         if values:
             # The references do not change with training: a level at their mean.

@@ -1,0 +1,390 @@
+"""Learning-quality study: which recipe learns the most per image on Fashion-MNIST, on 2 CPU cores.
+
+``python -m pipelines.quality --out runs/quality --variants base,cosine --seeds 0,1 --images 150000``
+
+1. Shards, made once under OUT/shards: the demo's own (`demo_shards`: every
+   Fashion-MNIST training image plus the demo's corrupt samples for training; the
+   whole 60k training split as the labelled index and the whole 10k test split
+   as queries).
+2. Every (variant, seed) trains with the real runtime (the driver's `train`,
+   what `stream-swav train` runs: local Ray, decode actors, learner actor,
+   checkpoints) for exactly ``--images`` images. The recipe is the demo's CPU
+   recipe (`demo_config`) at that image budget, then the variant's overrides
+   (`VARIANTS`), then ``--set``; train.seed and data.seed are the run's seed.
+3. The final checkpoint's backbone is evaluated on the full split: weighted
+   kNN (k=20, cosine, T=0.07) and the library's linear probe (L-BFGS); with
+   ``--sklearn`` also scikit-learn's LogisticRegression on the same
+   standardised features and the same objective (C = 1 / (weight decay * N)),
+   an independent solver for the probe's margin. The no-learning references
+   (raw pixels, the random-init backbone of the base recipe) are scored once.
+4. One row per run in OUT/results.jsonl; OUT/results.md (mean ± sample std
+   over seeds per variant, with its difference to the first variant listed)
+   is rewritten after every run. Runs already in results.jsonl with the same
+   variant, seed, image budget and overrides are skipped, so an interrupted
+   study picks up where it stopped.
+
+``--trend --budgets 150000,300000,600000`` instead trains each (variant, seed)
+once to the largest budget, keeps its checkpoints at every budget and evaluates
+them (the schedule is constant, so the checkpoint at N images is what a run of
+N images writes), and plots accuracy against images seen beside the
+references (OUT/trend.png).
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from stream_swav import logs, plotting
+from stream_swav.apps.demo import demo_config, demo_shards
+from stream_swav.apps.evaluate import (EvalData, embed, knn_top1, linear_probe_top1, load_eval_data, pick_device,
+                                       random_backbone, recalibrate_batchnorm, reference_rows)
+from stream_swav.apps.follow import append_jsonl, read_jsonl
+from stream_swav.checkpoint import load_resolved_backbone, resolve_checkpoint
+from stream_swav.config import Config, config_from_dict, load_config, merge_dicts
+from stream_swav.model import BackboneSpec
+
+log = logging.getLogger("stream_swav.quality")
+
+RESULTS_JSONL = "results.jsonl"
+RESULTS_MD = "results.md"
+TREND_PNG = "trend.png"
+
+# One factor at a time, each against `base` (the demo recipe as it stands). Values are
+# `--set`-style overrides; a variant named in --variants must be here or be given with --variant.
+VARIANTS: dict[str, dict[str, Any]] = {
+    "base": {},
+    "cosine": {"optim": {"schedule": "warmup-cosine"}},
+    "lr-0.6": {"optim": {"base_lr": 0.6}},
+    "lr-2.4": {"optim": {"base_lr": 2.4}},
+    "sgd": {"optim": {"optimizer": "sgd", "base_lr": 0.3, "weight_decay": 5e-4}},
+    "global-scale-0.2": {"crops": {"global_scale": [0.2, 1.0]}},
+    "global-scale-0.5": {"crops": {"global_scale": [0.5, 1.0]}},
+    "local-0": {"crops": {"local_count": 0}},
+    "local-4": {"crops": {"local_count": 4}},
+    "local-6": {"crops": {"local_count": 6}},
+    "local-20px": {"crops": {"local_size": 20, "local_scale": [0.2, 0.5]}},
+    "blur-off": {"augment": {"blur_prob_global": 0.0}},
+    "jitter-off": {"augment": {"color_jitter_prob": 0.0}},
+    "jitter-0.4": {"augment": {"brightness": 0.4, "contrast": 0.4}},
+    "prototypes-256": {"model": {"prototypes": 256}},
+    "prototypes-1024": {"model": {"prototypes": 1024}},
+    "temperature-0.2": {"swav": {"temperature": 0.2}},
+    "epsilon-0.03": {"swav": {"epsilon": 0.03}},
+    "queue-off": {"swav": {"queue_length": 0}},
+    "queue-4096": {"swav": {"queue_length": 4096}},
+    "freeze-off": {"swav": {"freeze_prototypes_steps": 0}},
+    "batch-64": {"train": {"batch_size": 64}},
+    "batch-256": {"train": {"batch_size": 256}},
+    "width-24": {"model": {"width": 24}},
+    "width-32": {"model": {"width": 32}},
+    "resnet18": {"model": {"arch": "resnet18"}},
+    "head-128": {"model": {"output_dim": 128, "prototypes": 128}},
+}
+
+
+# ---- runs ---------------------------------------------------------------------------------------------
+
+
+def run_id(variant: str, overrides: dict[str, Any], seed: int, images: int) -> str:
+    text = json.dumps({"variant": variant, "overrides": overrides, "seed": seed, "images": images}, sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+def run_config(images: int, overrides: dict[str, Any], extra: list[str], seed: int, shards: str,
+               checkpoint_dir: str) -> Config:
+    """The demo recipe for `images` images <- the variant's overrides <- --set <- this run's seed and paths."""
+    base = merge_dicts(demo_config(images, gpu=False), overrides)
+    cfg = load_config(None, extra, base=base)
+    return config_from_dict(merge_dicts(cfg.to_dict(), {
+        "data": {"shards": shards, "seed": seed}, "train": {"seed": seed, "time_budget_s": 0.0,
+                                                            "image_budget": images, "progress_bar": False},
+        # One checkpoint at the end is all the study reads.
+        "checkpoint": {"dir": checkpoint_dir, "every_seconds": 0, "every_steps": 0, "keep_last": 1},
+        "metrics": {"enabled": False}}))
+
+
+def standardised(train_feats: Tensor, test_feats: Tensor) -> tuple[Tensor, Tensor]:
+    """The probe's inputs: L2-normalised rows, standardised with the training mean and deviation
+    (as `linear_probe_top1` does)."""
+    train, test = F.normalize(train_feats.float(), dim=1), F.normalize(test_feats.float(), dim=1)
+    mean, std = train.mean(dim=0), train.std(dim=0, unbiased=False).clamp_min(1e-6)
+    return (train - mean) / std, (test - mean) / std
+
+
+def sklearn_probe_top1(train_feats: Tensor, train_labels: Tensor, test_feats: Tensor, test_labels: Tensor,
+                       weight_decay: float = 1e-4) -> float:
+    """scikit-learn's multinomial LogisticRegression on the same standardised features, with the
+    library probe's objective: mean cross-entropy + weight_decay/2 * |W|^2 is sklearn's
+    C * sum cross-entropy + |W|^2 / 2 with C = 1 / (weight_decay * N)."""
+    from sklearn.linear_model import LogisticRegression
+
+    train, test = standardised(train_feats, test_feats)
+    model = LogisticRegression(C=1.0 / (weight_decay * len(train)), max_iter=2000, tol=1e-6)
+    model.fit(train.numpy(), train_labels.numpy())
+    return float((model.predict(test.numpy()) == test_labels.numpy()).mean())
+
+
+def score(train_feats: Tensor, test_feats: Tensor, data: EvalData, with_sklearn: bool) -> dict[str, float]:
+    row = {"knn_top1": knn_top1(train_feats, data.train.labels, test_feats, data.test.labels),
+           "probe_top1": linear_probe_top1(train_feats, data.train.labels, test_feats, data.test.labels)}
+    if with_sklearn:
+        row["sklearn_probe_top1"] = sklearn_probe_top1(train_feats, data.train.labels, test_feats, data.test.labels)
+    return row
+
+
+def embed_with_layer3(backbone: torch.nn.Module, images: Tensor, mean: tuple[float, ...], std: tuple[float, ...],
+                      device: torch.device) -> tuple[Tensor, Tensor]:
+    """The backbone's pooled output and, beside it, its pooled third-stage output (features of the
+    second kind studied: the last two stages' pooled features concatenated, as DINO's linear
+    evaluation concatenates several blocks' outputs)."""
+    pooled_layer3: list[Tensor] = []
+    hook = backbone.layer3.register_forward_hook(
+        lambda _module, _inputs, output: pooled_layer3.append(output.float().mean(dim=(2, 3)).cpu()))
+    try:
+        final = embed(backbone, images, mean, std, device=device)
+    finally:
+        hook.remove()
+    return final, torch.cat(pooled_layer3)
+
+
+def feature_sets(backbone: torch.nn.Module, data: EvalData, mean: tuple[float, ...], std: tuple[float, ...],
+                 device: torch.device) -> dict[str, tuple[Tensor, Tensor]]:
+    """(index, query) features per kind: "pooled" (what backbone.pt returns) and "layer3+4"."""
+    train_final, train_l3 = embed_with_layer3(backbone, data.train.images, mean, std, device)
+    test_final, test_l3 = embed_with_layer3(backbone, data.test.images, mean, std, device)
+
+    def both(final: Tensor, layer3: Tensor) -> Tensor:
+        # Each part at unit norm, so neither dominates the cosine similarity by its scale.
+        return torch.cat([F.normalize(layer3, dim=1), F.normalize(final, dim=1)], dim=1)
+
+    return {"pooled": (train_final, test_final),
+            "layer3+4": (both(train_final, train_l3), both(test_final, test_l3))}
+
+
+def evaluate_run(checkpoint_dir: str, data: EvalData, device: torch.device, with_sklearn: bool) -> dict[str, Any]:
+    resolved = resolve_checkpoint(checkpoint_dir)
+    mean, std = resolved.normalization()
+    features = feature_sets(load_resolved_backbone(resolved), data, mean, std, device)
+    row: dict[str, Any] = score(*features["pooled"], data, with_sklearn)
+    row.update({f"{name}_{k}": v for k, v in score(*features["layer3+4"], data, False).items()
+                for name in ["l34"]})
+    metrics = resolved.record.get("metrics", {})
+    return {**row, "step": resolved.step, "images_seen": resolved.images_seen, "final_loss": metrics.get("loss")}
+
+
+def references(cfg: Config, data: EvalData, device: torch.device, with_sklearn: bool) -> dict[str, dict[str, float]]:
+    """Raw pixels, the random-init backbone and the same with the data's BatchNorm statistics."""
+    rows = reference_rows(BackboneSpec.from_config(cfg.model), data, cfg.augment.mean, cfg.augment.std,
+                          device=device)
+    out = {row["features"]: {"knn_top1": row["knn_top1"], "probe_top1": row["probe_top1"]} for row in rows}
+    random = random_backbone(BackboneSpec.from_config(cfg.model))
+    for name, backbone in (("random-init", random), ("random-init-data-bn", recalibrate_batchnorm(
+            random, data.train.images, cfg.augment.mean, cfg.augment.std, device=device))):
+        features = feature_sets(backbone, data, cfg.augment.mean, cfg.augment.std, device)["layer3+4"]
+        out[name].update({f"l34_{k}": v for k, v in score(*features, data, False).items()})
+    if with_sklearn:
+        from stream_swav.apps.evaluate import pixel_features
+        pixels = (pixel_features(data.train.images, cfg.augment.mean, cfg.augment.std),
+                  pixel_features(data.test.images, cfg.augment.mean, cfg.augment.std))
+        out["raw-pixels"]["sklearn_probe_top1"] = sklearn_probe_top1(pixels[0], data.train.labels, pixels[1],
+                                                                     data.test.labels)
+    return out
+
+
+# ---- reports ------------------------------------------------------------------------------------------
+
+
+def _mean_std(values: list[float]) -> str:
+    if not values:
+        return "-"
+    if len(values) == 1:
+        return f"{100 * values[0]:.2f}"
+    return f"{100 * statistics.mean(values):.2f} ± {100 * statistics.stdev(values):.2f}"
+
+
+def format_markdown(rows: list[dict[str, Any]], refs: dict[str, dict[str, float]]) -> str:
+    """One line per (variant, images): seeds, kNN and probes as mean ± sample std, the kNN difference to
+    `base` at the same budget (paired by seed), images/s (training time including Ray's start)."""
+    groups: dict[tuple[str, int], list[dict[str, Any]]] = {}
+    for row in rows:
+        groups.setdefault((row["variant"], row["images"]), []).append(row)
+    lines = ["| variant | images | seeds | kNN % | linear probe % | sklearn probe % | kNN vs base (paired) | "
+             "layer3+4 kNN % | layer3+4 probe % | images/s |", "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for (variant, images), members in groups.items():
+        base = {r["seed"]: r["knn_top1"] for r in groups.get(("base", images), [])}
+        diffs = [r["knn_top1"] - base[r["seed"]] for r in members if r["seed"] in base]
+        sk = [r["sklearn_probe_top1"] for r in members if "sklearn_probe_top1" in r]
+        rate = statistics.mean(r["images_seen"] / r["train_seconds"] for r in members)
+        lines.append(f"| {variant} | {images:,} | {','.join(str(r['seed']) for r in members)} | "
+                     f"{_mean_std([r['knn_top1'] for r in members])} | "
+                     f"{_mean_std([r['probe_top1'] for r in members])} | {_mean_std(sk)} | "
+                     f"{'+' if diffs and statistics.mean(diffs) >= 0 else ''}{_mean_std(diffs)} | "
+                     f"{_mean_std([r['l34_knn_top1'] for r in members if 'l34_knn_top1' in r])} | "
+                     f"{_mean_std([r['l34_probe_top1'] for r in members if 'l34_probe_top1' in r])} | {rate:,.0f} |")
+    lines += ["", "| reference | kNN % | linear probe % | sklearn probe % | layer3+4 kNN % | layer3+4 probe % |",
+              "|---|---:|---:|---:|---:|---:|"]
+
+    def cell(values: dict[str, float], key: str) -> str:
+        return f"{100 * values[key]:.2f}" if key in values else "-"
+
+    for name, values in refs.items():
+        lines.append(f"| {name} | " + " | ".join(cell(values, key) for key in (
+            "knn_top1", "probe_top1", "sklearn_probe_top1", "l34_knn_top1", "l34_probe_top1")) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def draw_trend(rows: list[dict[str, Any]], refs: dict[str, dict[str, float]], path: Path) -> Path | None:
+    figure = plotting.new_figure(900, 560, TREND_PNG)
+    if figure is None:
+        return None
+    axis = figure.add_subplot()
+    axis.set_xlabel("images seen")
+    axis.set_ylabel("top-1 on the full 10k test split (%)")
+    axis.grid(color="#ebebeb")
+    budgets = sorted({r["images"] for r in rows})
+    for key, name, colour in (("knn_top1", "SwAV kNN", "#1f5eb4"), ("probe_top1", "SwAV linear probe", "#289646")):
+        means = [statistics.mean(100 * r[key] for r in rows if r["images"] == b) for b in budgets]
+        axis.plot(budgets, means, marker="o", linewidth=2.5, color=colour, label=name)
+        for b in budgets:
+            axis.scatter([b] * sum(r["images"] == b for r in rows),
+                         [100 * r[key] for r in rows if r["images"] == b], color=colour, s=12, alpha=0.5)
+    for ref, colour in (("raw-pixels", "#963ca0"), ("random-init", "#828282")):
+        for key, style in (("knn_top1", "--"), ("probe_top1", ":")):
+            axis.axhline(100 * refs[ref][key], color=colour, linestyle=style, linewidth=1.8,
+                         label=f"{ref} {'kNN' if key == 'knn_top1' else 'probe'} ({100 * refs[ref][key]:.1f}%)")
+    axis.set_xscale("log", base=2)
+    axis.set_xticks(budgets, [f"{b / 1000:.0f}k" for b in budgets])
+    figure.legend(loc="outside lower center", ncol=3, frameon=False)
+    from stream_swav import storage
+    from stream_swav.config import StorageConfig
+    storage.write_bytes_atomic(str(path), plotting.png_bytes(figure), StorageConfig())
+    return path
+
+
+# ---- pipeline -----------------------------------------------------------------------------------------
+
+
+def run_study(args: argparse.Namespace) -> int:
+    from stream_swav.runtime.driver import train
+
+    out = Path(args.out)
+    variants = dict(VARIANTS)
+    for text in args.variant:
+        name, _, spec = text.partition("=")
+        variants[name] = json.loads(spec)
+    names = [v for v in args.variants.split(",") if v]
+    unknown = [v for v in names if v not in variants]
+    if unknown:
+        print(f"quality: unknown variant(s) {', '.join(unknown)}; known: {', '.join(variants)}", file=sys.stderr)
+        return 2
+    seeds = [int(s) for s in args.seeds.split(",")]
+    budgets = sorted(int(b) for b in args.budgets.split(",")) if args.trend else [args.images]
+    made = demo_shards(out / "shards", eval_train=60_000, eval_test=10_000, dataset="fashion-mnist",
+                       data_dir=args.data_dir)
+    device = pick_device(args.device)
+    data = load_eval_data(made.eval_train, made.eval_test, made.image_size)
+    refs_path = out / ("references-sklearn.json" if args.sklearn else "references.json")
+    if not refs_path.is_file():
+        cfg = run_config(budgets[0], variants[names[0]], args.overrides, 0, made.train, str(out / "unused"))
+        refs_path.write_text(json.dumps(references(cfg, data, device, args.sklearn), indent=2) + "\n")
+    refs = json.loads(refs_path.read_text())
+    results = out / RESULTS_JSONL
+    failures = 0
+    for name in names:
+        for seed in seeds:
+            overrides = merge_dicts(variants[name], {"set": args.overrides} if args.overrides else {})
+            # A trend is one run to the largest budget, evaluated at each budget: with the constant
+            # learning rate nothing in a run depends on its budget, so its checkpoint at N images
+            # is what a run of N images would have written.
+            rids = {images: run_id(name, overrides, seed, images) + ("-trend" if args.trend else "")
+                    for images in budgets}
+            done = {r["run_id"]: r for r in read_jsonl(results) if r.get("run_id") in rids.values()}
+            if all(rid in done and (not args.sklearn or "sklearn_probe_top1" in done[rid])
+                   for rid in rids.values()):
+                continue
+            longest = budgets[-1]
+            checkpoint_dir = str(out / "checkpoints" / f"{name}-s{seed}-{longest}-{rids[longest]}")
+            cfg = run_config(longest, variants[name], args.overrides, seed, made.train, checkpoint_dir)
+            if args.trend:
+                if cfg.optim.schedule != "warmup-constant" or any(b % cfg.global_batch for b in budgets):
+                    print("quality: --trend needs the constant schedule and budgets that are multiples of the "
+                          f"batch ({cfg.global_batch})", file=sys.stderr)
+                    return 2
+                cfg = config_from_dict(merge_dicts(cfg.to_dict(), {"checkpoint": {
+                    "every_steps": budgets[0] // cfg.global_batch, "keep_last": longest // budgets[0] + 1}}))
+            train_seconds = next(iter(done.values()))["train_seconds"] if done else None
+            if not done:
+                log.info("run %s seed %d: %d images", name, seed, longest)
+                started = time.monotonic()
+                rc = train(cfg)
+                train_seconds = round(time.monotonic() - started, 1)
+                if rc != 0:
+                    log.error("run %s seed %d: training exited with %d; no row written", name, seed, rc)
+                    failures += 1
+                    continue
+            steps = {images: images // cfg.global_batch for images in budgets} if args.trend else {longest: None}
+            for images, step in steps.items():
+                started = time.monotonic()
+                row = evaluate_run(checkpoint_dir if step is None else f"{checkpoint_dir}/step-{step:09d}",
+                                   data, device, args.sklearn)
+                row.update({"variant": name, "overrides": overrides, "seed": seed, "images": images,
+                            "run_id": rids[images], "train_seconds": train_seconds,
+                            "eval_seconds": round(time.monotonic() - started, 1), "trend": args.trend})
+                append_jsonl(results, row)
+                log.info("run %s seed %d at %d images: kNN %.2f%%, probe %.2f%%", name, seed, row["images_seen"],
+                         100 * row["knn_top1"], 100 * row["probe_top1"])
+            write_reports(out, refs)
+    write_reports(out, refs)
+    print((out / RESULTS_MD).read_text())
+    return 1 if failures else 0
+
+
+def write_reports(out: Path, refs: dict[str, dict[str, float]]) -> None:
+    rows = read_jsonl(out / RESULTS_JSONL)
+    latest: dict[str, dict[str, Any]] = {}
+    for row in rows:
+        latest[row["run_id"]] = row  # a rerun with --sklearn replaces the row without
+    rows = list(latest.values())
+    (out / RESULTS_MD).write_text(format_markdown([r for r in rows if not r.get("trend")], refs))
+    trend = [r for r in rows if r.get("trend")]
+    if trend:
+        draw_trend(trend, refs, out / TREND_PNG)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m pipelines.quality", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default="runs/quality", help="folder for shards, checkpoints and results")
+    parser.add_argument("--variants", default="base", help=f"comma-separated, from: {', '.join(VARIANTS)}")
+    parser.add_argument("--variant", action="append", default=[], metavar="NAME={JSON overrides}",
+                        help="define another variant; repeatable")
+    parser.add_argument("--seeds", default="0", help="comma-separated seeds (train.seed and data.seed)")
+    parser.add_argument("--images", type=int, default=150_000, help="training images per run")
+    parser.add_argument("--trend", action="store_true", help="one run per image budget in --budgets, and a plot")
+    parser.add_argument("--budgets", default="", help="comma-separated image budgets for --trend")
+    parser.add_argument("--sklearn", action="store_true",
+                        help="also score with scikit-learn's LogisticRegression (pip install scikit-learn)")
+    parser.add_argument("--data-dir", help="Fashion-MNIST folder (default: searched)")
+    parser.add_argument("--device", default="auto", help="evaluation device: auto, cpu or cuda")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                        help="override one configuration value for every run; repeatable")
+    args = parser.parse_args(argv)
+    if args.trend and not args.budgets:
+        parser.error("--trend needs --budgets")
+    logs.configure()
+    return run_study(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -45,13 +45,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from stream_swav import logs, plotting
+from stream_swav import logs, plotting, storage
 from stream_swav.apps.demo import demo_config, demo_shards
 from stream_swav.apps.evaluate import (EvalData, embed, knn_top1, linear_probe_top1, load_eval_data, pick_device,
-                                       random_backbone, recalibrate_batchnorm, reference_rows)
+                                       pixel_features, random_backbone, recalibrate_batchnorm, reference_rows,
+                                       standardised)
 from stream_swav.apps.follow import append_jsonl, read_jsonl
 from stream_swav.checkpoint import load_resolved_backbone, resolve_checkpoint
-from stream_swav.config import Config, config_from_dict, load_config, merge_dicts
+from stream_swav.config import Config, StorageConfig, config_from_dict, load_config, merge_dicts
 from stream_swav.model import BackboneSpec
 
 log = logging.getLogger("stream_swav.quality")
@@ -118,14 +119,6 @@ def run_config(images: int, overrides: dict[str, Any], extra: list[str], seed: i
         "metrics": {"enabled": False}}))
 
 
-def standardised(train_feats: Tensor, test_feats: Tensor) -> tuple[Tensor, Tensor]:
-    """The probe's inputs: L2-normalised rows, standardised with the training mean and deviation
-    (as `linear_probe_top1` does)."""
-    train, test = F.normalize(train_feats.float(), dim=1), F.normalize(test_feats.float(), dim=1)
-    mean, std = train.mean(dim=0), train.std(dim=0, unbiased=False).clamp_min(1e-6)
-    return (train - mean) / std, (test - mean) / std
-
-
 def sklearn_probe_top1(train_feats: Tensor, train_labels: Tensor, test_feats: Tensor, test_labels: Tensor,
                        weight_decay: float = 1e-4) -> float:
     """scikit-learn's multinomial LogisticRegression on the same standardised features, with the
@@ -181,8 +174,7 @@ def evaluate_run(checkpoint_dir: str, data: EvalData, device: torch.device, with
     mean, std = resolved.normalization()
     features = feature_sets(load_resolved_backbone(resolved), data, mean, std, device)
     row: dict[str, Any] = score(*features["pooled"], data, with_sklearn)
-    row.update({f"{name}_{k}": v for k, v in score(*features["layer3+4"], data, False).items()
-                for name in ["l34"]})
+    row.update({f"l34_{k}": v for k, v in score(*features["layer3+4"], data, False).items()})
     metrics = resolved.record.get("metrics", {})
     return {**row, "step": resolved.step, "images_seen": resolved.images_seen, "final_loss": metrics.get("loss")}
 
@@ -198,7 +190,6 @@ def references(cfg: Config, data: EvalData, device: torch.device, with_sklearn: 
         features = feature_sets(backbone, data, cfg.augment.mean, cfg.augment.std, device)["layer3+4"]
         out[name].update({f"l34_{k}": v for k, v in score(*features, data, False).items()})
     if with_sklearn:
-        from stream_swav.apps.evaluate import pixel_features
         pixels = (pixel_features(data.train.images, cfg.augment.mean, cfg.augment.std),
                   pixel_features(data.test.images, cfg.augment.mean, cfg.augment.std))
         out["raw-pixels"]["sklearn_probe_top1"] = sklearn_probe_top1(pixels[0], data.train.labels, pixels[1],
@@ -270,8 +261,6 @@ def draw_trend(rows: list[dict[str, Any]], refs: dict[str, dict[str, float]], pa
     axis.set_xscale("log", base=2)
     axis.set_xticks(budgets, [f"{b / 1000:.0f}k" for b in budgets])
     figure.legend(loc="outside lower center", ncol=3, frameon=False)
-    from stream_swav import storage
-    from stream_swav.config import StorageConfig
     storage.write_bytes_atomic(str(path), plotting.png_bytes(figure), StorageConfig())
     return path
 

@@ -92,6 +92,14 @@ def knn_top1(train_feats: Tensor, train_labels: Tensor, test_feats: Tensor, test
     return (predictions == test_labels.cpu().long()).float().mean().item()
 
 
+def standardised(train_feats: Tensor, test_feats: Tensor) -> tuple[Tensor, Tensor]:
+    """The linear probe's inputs: L2-normalised rows, standardised with the training rows' mean and
+    deviation (which only conditions the problem)."""
+    train, test = F.normalize(train_feats.float(), dim=1), F.normalize(test_feats.float(), dim=1)
+    mean, std = train.mean(dim=0), train.std(dim=0, unbiased=False).clamp_min(1e-6)
+    return (train - mean) / std, (test - mean) / std
+
+
 def linear_probe_top1(train_feats: Tensor, train_labels: Tensor, test_feats: Tensor, test_labels: Tensor,
                       num_classes: int | None = None, *, weight_decay: float = PROBE_WEIGHT_DECAY,
                       max_iter: int = PROBE_MAX_ITER) -> float:
@@ -103,11 +111,7 @@ def linear_probe_top1(train_feats: Tensor, train_labels: Tensor, test_feats: Ten
     _check_split(test_feats, test_labels, "test")
     num_classes = num_classes or int(max(train_labels.max(), test_labels.max())) + 1
     device = train_feats.device
-    train = F.normalize(train_feats.float(), dim=1)
-    test = F.normalize(test_feats.float().to(device), dim=1)
-    mean = train.mean(dim=0)
-    std = train.std(dim=0, unbiased=False).clamp_min(1e-6)
-    train, test = (train - mean) / std, (test - mean) / std
+    train, test = standardised(train_feats, test_feats.to(device))
     labels = train_labels.to(device).long()
 
     # (classes, dim) as in nn.Linear: the weight gradient is then grad^T @ features, a fast

@@ -52,7 +52,8 @@ RESULTS_JSONL = "results.jsonl"
 RESULTS_CSV = "results.csv"
 PLOT_PNG = "accuracy.png"
 CSV_COLUMNS = ("step", "images_seen", "knn_top1", "probe_top1", "loss", "random_knn_top1", "random_bn_knn_top1",
-               "pixels_knn_top1", "random_probe_top1", "random_bn_probe_top1", "pixels_probe_top1", "time", "eval_seconds", "checkpoint")
+               "pixels_knn_top1", "random_probe_top1", "random_bn_probe_top1", "pixels_probe_top1", "time",
+               "eval_seconds", "checkpoint")
 # Result-row key prefix of each `reference_rows` feature set.
 REFERENCE_PREFIXES = {"random-init": "random", "random-init-data-bn": "random_bn", "raw-pixels": "pixels"}
 

@@ -167,7 +167,7 @@ def test_dashboard_covers_the_runs_vital_signs() -> None:
             for name in METRIC_IDENTIFIER.findall(expr)}
     wanted = {"stream_swav_" + n for n in (
         "images_per_second", "images_trained_total", "loss", "learning_rate", "prototype_perplexity",
-        "prototypes_unused", "sinkhorn_marginal_error", "queue_fill_ratio", "input_wait_ratio",
+        "prototypes_unused", "sinkhorn_marginal_error", "queue_fill_ratio", "input_wait_seconds_total",
         "decode_errors_total", "shards_completed_total", "bytes_read_total", "object_store_batches_in_flight",
         "checkpoint_age_seconds", "checkpoint_duration_seconds", "last_checkpoint_step", "nonfinite_loss_total",
         "gpu_memory_allocated_bytes", "eval_knn_top1_ratio")}
@@ -186,7 +186,7 @@ def test_counters_are_only_read_as_rates_in_the_dashboard() -> None:
 
 def test_alerts_cover_the_required_conditions() -> None:
     used = {name for expr in alert_expressions() for name in METRIC_IDENTIFIER.findall(expr)}
-    for name in ("collapse_alarm", "checkpoint_age_seconds", "input_wait_ratio", "decode_errors_total",
+    for name in ("collapse_alarm", "checkpoint_age_seconds", "input_wait_seconds_total", "decode_errors_total",
                  "nonfinite_loss_total"):
         assert "stream_swav_" + name in used
 

@@ -50,7 +50,8 @@ def test_trainer_metrics_are_served_with_their_values():
         metrics.observe_steps(steps=1, images=64, images_seen=6_464, loss=7.5, learning_rate=0.15)
         metrics.observe_steps(steps=1, images=64, images_seen=6_528, loss=7.25, learning_rate=0.3)
         metrics.count_nonfinite_loss()
-        metrics.set_throughput(images_per_second=812.5, input_wait_ratio=0.25)
+        metrics.set_throughput(images_per_second=812.5, input_wait_ratio=0.25, input_wait_s=1.5, busy_s=4.5)
+        metrics.set_throughput(images_per_second=812.5, input_wait_ratio=0.25, input_wait_s=0.5, busy_s=1.5)
         metrics.set_swav_health(queue_fill_ratio=0.5, prototype_perplexity=123.0, prototypes_unused=7,
                                 sinkhorn_marginal_error=0.01, feature_spread=0.5, score_spread=0.25,
                                 collapse=True)
@@ -72,6 +73,7 @@ def test_trainer_metrics_are_served_with_their_values():
             p + "images_trained_total": 128, p + "steps_total": 2, p + "images_seen": 6_528,
             p + "loss": 7.25, p + "learning_rate": 0.3, p + "nonfinite_loss_total": 1,
             p + "images_per_second": 812.5, p + "input_wait_ratio": 0.25,
+            p + "input_wait_seconds_total": 2.0, p + "learner_busy_seconds_total": 6.0,
             p + "queue_fill_ratio": 0.5, p + "prototype_perplexity": 123.0, p + "prototypes_unused": 7,
             p + "sinkhorn_marginal_error": 0.01, p + "feature_spread": 0.5, p + "prototype_score_spread": 0.25,
             p + "collapse_alarm": 1,

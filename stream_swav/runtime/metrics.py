@@ -41,6 +41,8 @@ TRAINER_METRIC_NAMES: tuple[str, ...] = tuple(PREFIX + n for n in (
     "feature_spread",
     "prototype_score_spread",
     "input_wait_ratio",
+    "input_wait_seconds_total",
+    "learner_busy_seconds_total",
     "nonfinite_loss_total",
     "collapse_alarm",
     "gpu_memory_allocated_bytes",
@@ -146,7 +148,11 @@ class Metrics(_Exporter):
         self._score_spread = gauge("prototype_score_spread",
                                    "Std over prototypes of the cosine scores, batch mean (0: no prototype tells "
                                    "images apart).")
-        self._input_wait_ratio = gauge("input_wait_ratio", "Fraction of learner time spent waiting for batches.")
+        self._input_wait_ratio = gauge("input_wait_ratio",
+                                       "Fraction of the latest chunk the pacing learner spent waiting for batches.")
+        # Counters, so that any window's wait fraction is d(wait) / (d(wait) + d(busy)) between two scrapes.
+        self._input_wait_seconds = counter("input_wait_seconds", "Seconds the pacing learner waited for batches.")
+        self._learner_busy_seconds = counter("learner_busy_seconds", "Seconds the pacing learner spent stepping.")
         self._nonfinite_loss = counter("nonfinite_loss", "Steps skipped because the loss was NaN or infinite.")
         self._collapse_alarm = gauge("collapse_alarm", "1 while the collapse heuristics fire, else 0.")
         self._gpu_memory_allocated = gauge("gpu_memory_allocated_bytes", "CUDA memory held by tensors.")
@@ -181,9 +187,13 @@ class Metrics(_Exporter):
     def count_nonfinite_loss(self, steps: int = 1) -> None:
         self._nonfinite_loss.inc(steps)
 
-    def set_throughput(self, *, images_per_second: float, input_wait_ratio: float) -> None:
+    def set_throughput(self, *, images_per_second: float, input_wait_ratio: float, input_wait_s: float,
+                       busy_s: float) -> None:
+        """The latest rate and chunk's wait fraction; the chunk's wait and busy seconds add to the counters."""
         self._images_per_second.set(images_per_second)
         self._input_wait_ratio.set(input_wait_ratio)
+        self._input_wait_seconds.inc(input_wait_s)
+        self._learner_busy_seconds.inc(busy_s)
 
     def set_swav_health(self, *, queue_fill_ratio: float, prototype_perplexity: float, prototypes_unused: int,
                         sinkhorn_marginal_error: float, feature_spread: float, score_spread: float,

@@ -99,6 +99,9 @@ class ChunkSummary:
     nonfinite_in_row: int
     progress: Progress
     input_wait_ratio: float
+    # The pacing learner's seconds in this chunk: waiting for batches, and stepping.
+    input_wait_s: float
+    busy_s: float
     latency_s: list[float]
     failed_feeders: list[int]
     batches_held: int
@@ -113,16 +116,16 @@ class ChunkSummary:
         for report in reports:
             progress.merge(report.progress)
             counts = [a + b for a, b in zip(counts, report.prototype_counts)] if report.prototype_counts else counts
-        busy = max(r.busy_s for r in reports)
-        wait = max(r.wait_s for r in reports)
+        # The slowest-fed learner sets the pace of all of them.
+        pacing = max(reports, key=lambda r: r.wait_s)
+        wait, busy = pacing.wait_s, pacing.busy_s
         return cls(
             steps=first.steps, step=first.step, images=sum(r.images for r in reports),
             images_seen=first.images_seen, loss=first.loss, lr=first.lr, marginal_error=first.marginal_error,
             feature_spread=first.feature_spread, score_spread=first.score_spread, queue_fill=first.queue_fill,
             prototype_counts=counts,
             nonfinite=first.nonfinite, nonfinite_in_row=first.nonfinite_in_row, progress=progress,
-            # The slowest-fed learner sets the pace of all of them.
-            input_wait_ratio=wait / (wait + busy) if wait + busy > 0 else 0.0,
+            input_wait_ratio=wait / (wait + busy) if wait + busy > 0 else 0.0, input_wait_s=wait, busy_s=busy,
             latency_s=[x for r in reports for x in r.latency_s],
             failed_feeders=sorted({f for r in reports for f in r.failed_feeders}),
             batches_held=sum(r.batches_held for r in reports),

@@ -18,10 +18,10 @@
    an independent solver for the probe's margin. The no-learning references
    (raw pixels, the random-init backbone of the base recipe) are scored once.
 4. One row per run in OUT/results.jsonl; OUT/results.md (mean ± sample std
-   over seeds per variant, with its difference to the first variant listed)
+   over seeds per variant, with its kNN difference to `base` paired by seed)
    is rewritten after every run. Runs already in results.jsonl with the same
    variant, seed, image budget and overrides are skipped, so an interrupted
-   study picks up where it stopped.
+   study picks up where it stopped; ``--rescore`` scores their kept checkpoints again.
 
 ``--trend --budgets 150000,300000,600000`` instead trains each (variant, seed)
 once to the largest budget, keeps its checkpoints at every budget and evaluates
@@ -140,41 +140,54 @@ def score(train_feats: Tensor, test_feats: Tensor, data: EvalData, with_sklearn:
     return row
 
 
-def embed_with_layer3(backbone: torch.nn.Module, images: Tensor, mean: tuple[float, ...], std: tuple[float, ...],
-                      device: torch.device) -> tuple[Tensor, Tensor]:
-    """The backbone's pooled output and, beside it, its pooled third-stage output (features of the
-    second kind studied: the last two stages' pooled features concatenated, as DINO's linear
-    evaluation concatenates several blocks' outputs)."""
+def embed_with_maps(backbone: torch.nn.Module, images: Tensor, mean: tuple[float, ...], std: tuple[float, ...],
+                    device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
+    """The backbone's pooled output, its pooled third-stage output, and its last stage's map
+    average-pooled to a 2x2 grid (on 28 px crops that map is 2x2 already: the grid keeps the coarse
+    layout that global pooling throws away)."""
     pooled_layer3: list[Tensor] = []
-    hook = backbone.layer3.register_forward_hook(
-        lambda _module, _inputs, output: pooled_layer3.append(output.float().mean(dim=(2, 3)).cpu()))
+    grid_layer4: list[Tensor] = []
+    hooks = [backbone.layer3.register_forward_hook(
+                 lambda _module, _inputs, output: pooled_layer3.append(output.float().mean(dim=(2, 3)).cpu())),
+             backbone.layer4.register_forward_hook(
+                 lambda _module, _inputs, output: grid_layer4.append(
+                     F.adaptive_avg_pool2d(output.float(), 2).flatten(1).cpu()))]
     try:
         final = embed(backbone, images, mean, std, device=device)
     finally:
-        hook.remove()
-    return final, torch.cat(pooled_layer3)
+        for hook in hooks:
+            hook.remove()
+    return final, torch.cat(pooled_layer3), torch.cat(grid_layer4)
+
+
+# Feature kinds scored per run, by result-key prefix: "" is what backbone.pt returns (globally pooled
+# last stage); "l34_" the last two stages pooled and concatenated, as DINO's linear evaluation
+# concatenates several blocks; "grid_" the last stage pooled to 2x2 and flattened, the small-grid
+# pooling of conv features used in linear-evaluation benchmarks (Goyal et al., 2019).
+FEATURE_KINDS = ("", "l34_", "grid_")
 
 
 def feature_sets(backbone: torch.nn.Module, data: EvalData, mean: tuple[float, ...], std: tuple[float, ...],
                  device: torch.device) -> dict[str, tuple[Tensor, Tensor]]:
-    """(index, query) features per kind: "pooled" (what backbone.pt returns) and "layer3+4"."""
-    train_final, train_l3 = embed_with_layer3(backbone, data.train.images, mean, std, device)
-    test_final, test_l3 = embed_with_layer3(backbone, data.test.images, mean, std, device)
+    """(index, query) features per kind in FEATURE_KINDS."""
+    train_final, train_l3, train_grid = embed_with_maps(backbone, data.train.images, mean, std, device)
+    test_final, test_l3, test_grid = embed_with_maps(backbone, data.test.images, mean, std, device)
 
     def both(final: Tensor, layer3: Tensor) -> Tensor:
         # Each part at unit norm, so neither dominates the cosine similarity by its scale.
         return torch.cat([F.normalize(layer3, dim=1), F.normalize(final, dim=1)], dim=1)
 
-    return {"pooled": (train_final, test_final),
-            "layer3+4": (both(train_final, train_l3), both(test_final, test_l3))}
+    return {"": (train_final, test_final), "l34_": (both(train_final, train_l3), both(test_final, test_l3)),
+            "grid_": (train_grid, test_grid)}
 
 
 def evaluate_run(checkpoint_dir: str, data: EvalData, device: torch.device, with_sklearn: bool) -> dict[str, Any]:
     resolved = resolve_checkpoint(checkpoint_dir)
     mean, std = resolved.normalization()
     features = feature_sets(load_resolved_backbone(resolved), data, mean, std, device)
-    row: dict[str, Any] = score(*features["pooled"], data, with_sklearn)
-    row.update({f"l34_{k}": v for k, v in score(*features["layer3+4"], data, False).items()})
+    row: dict[str, Any] = {}
+    for kind, (train_feats, test_feats) in features.items():
+        row.update({kind + k: v for k, v in score(train_feats, test_feats, data, with_sklearn and not kind).items()})
     metrics = resolved.record.get("metrics", {})
     return {**row, "step": resolved.step, "images_seen": resolved.images_seen, "final_loss": metrics.get("loss")}
 
@@ -187,8 +200,10 @@ def references(cfg: Config, data: EvalData, device: torch.device, with_sklearn: 
     random = random_backbone(BackboneSpec.from_config(cfg.model))
     for name, backbone in (("random-init", random), ("random-init-data-bn", recalibrate_batchnorm(
             random, data.train.images, cfg.augment.mean, cfg.augment.std, device=device))):
-        features = feature_sets(backbone, data, cfg.augment.mean, cfg.augment.std, device)["layer3+4"]
-        out[name].update({f"l34_{k}": v for k, v in score(*features, data, False).items()})
+        for kind, (train_feats, test_feats) in feature_sets(backbone, data, cfg.augment.mean, cfg.augment.std,
+                                                            device).items():
+            if kind:
+                out[name].update({kind + k: v for k, v in score(train_feats, test_feats, data, False).items()})
     if with_sklearn:
         pixels = (pixel_features(data.train.images, cfg.augment.mean, cfg.augment.std),
                   pixel_features(data.test.images, cfg.augment.mean, cfg.augment.std))
@@ -215,7 +230,8 @@ def format_markdown(rows: list[dict[str, Any]], refs: dict[str, dict[str, float]
     for row in rows:
         groups.setdefault((row["variant"], row["images"]), []).append(row)
     lines = ["| variant | images | seeds | kNN % | linear probe % | sklearn probe % | kNN vs base (paired) | "
-             "layer3+4 kNN % | layer3+4 probe % | images/s |", "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
+             "layer3+4 kNN % | layer3+4 probe % | 2x2 grid kNN % | 2x2 grid probe % | images/s |",
+             "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for (variant, images), members in groups.items():
         base = {r["seed"]: r["knn_top1"] for r in groups.get(("base", images), [])}
         diffs = [r["knn_top1"] - base[r["seed"]] for r in members if r["seed"] in base]
@@ -226,16 +242,19 @@ def format_markdown(rows: list[dict[str, Any]], refs: dict[str, dict[str, float]
                      f"{_mean_std([r['probe_top1'] for r in members])} | {_mean_std(sk)} | "
                      f"{'+' if diffs and statistics.mean(diffs) >= 0 else ''}{_mean_std(diffs)} | "
                      f"{_mean_std([r['l34_knn_top1'] for r in members if 'l34_knn_top1' in r])} | "
-                     f"{_mean_std([r['l34_probe_top1'] for r in members if 'l34_probe_top1' in r])} | {rate:,.0f} |")
-    lines += ["", "| reference | kNN % | linear probe % | sklearn probe % | layer3+4 kNN % | layer3+4 probe % |",
-              "|---|---:|---:|---:|---:|---:|"]
+                     f"{_mean_std([r['l34_probe_top1'] for r in members if 'l34_probe_top1' in r])} | "
+                     f"{_mean_std([r['grid_knn_top1'] for r in members if 'grid_knn_top1' in r])} | "
+                     f"{_mean_std([r['grid_probe_top1'] for r in members if 'grid_probe_top1' in r])} | {rate:,.0f} |")
+    lines += ["", "| reference | kNN % | linear probe % | sklearn probe % | layer3+4 kNN % | layer3+4 probe % | "
+              "2x2 grid kNN % | 2x2 grid probe % |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
 
     def cell(values: dict[str, float], key: str) -> str:
         return f"{100 * values[key]:.2f}" if key in values else "-"
 
     for name, values in refs.items():
         lines.append(f"| {name} | " + " | ".join(cell(values, key) for key in (
-            "knn_top1", "probe_top1", "sklearn_probe_top1", "l34_knn_top1", "l34_probe_top1")) + " |")
+            "knn_top1", "probe_top1", "sklearn_probe_top1", "l34_knn_top1", "l34_probe_top1", "grid_knn_top1",
+            "grid_probe_top1")) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -303,8 +322,8 @@ def run_study(args: argparse.Namespace) -> int:
             rids = {images: run_id(name, overrides, seed, images) + ("-trend" if args.trend else "")
                     for images in budgets}
             done = {r["run_id"]: r for r in read_jsonl(results) if r.get("run_id") in rids.values()}
-            if all(rid in done and (not args.sklearn or "sklearn_probe_top1" in done[rid])
-                   for rid in rids.values()):
+            if not args.rescore and all(rid in done and (not args.sklearn or "sklearn_probe_top1" in done[rid])
+                                        for rid in rids.values()):
                 continue
             longest = budgets[-1]
             checkpoint_dir = str(out / "checkpoints" / f"{name}-s{seed}-{longest}-{rids[longest]}")
@@ -317,6 +336,8 @@ def run_study(args: argparse.Namespace) -> int:
                 cfg = config_from_dict(merge_dicts(cfg.to_dict(), {"checkpoint": {
                     "every_steps": budgets[0] // cfg.global_batch, "keep_last": longest // budgets[0] + 1}}))
             train_seconds = next(iter(done.values()))["train_seconds"] if done else None
+            if args.rescore and not done:
+                continue  # --rescore only scores the checkpoints of finished runs again
             if not done:
                 log.info("run %s seed %d: %d images", name, seed, longest)
                 started = time.monotonic()
@@ -368,6 +389,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--budgets", default="", help="comma-separated image budgets for --trend")
     parser.add_argument("--sklearn", action="store_true",
                         help="also score with scikit-learn's LogisticRegression (pip install scikit-learn)")
+    parser.add_argument("--rescore", action="store_true",
+                        help="score the kept checkpoints of finished runs again (new feature kinds); train nothing")
     parser.add_argument("--data-dir", help="Fashion-MNIST folder (default: searched)")
     parser.add_argument("--device", default="auto", help="evaluation device: auto, cpu or cuda")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",

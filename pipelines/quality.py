@@ -78,6 +78,8 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "blur-off": {"augment": {"blur_prob_global": 0.0}},
     "jitter-off": {"augment": {"color_jitter_prob": 0.0}},
     "jitter-0.4": {"augment": {"brightness": 0.4, "contrast": 0.4}},
+    "jitter-1.0": {"augment": {"brightness": 1.0, "contrast": 1.0}},
+    "jitter-p1": {"augment": {"color_jitter_prob": 1.0}},
     "prototypes-256": {"model": {"prototypes": 256}},
     "prototypes-1024": {"model": {"prototypes": 1024}},
     "temperature-0.2": {"swav": {"temperature": 0.2}},

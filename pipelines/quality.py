@@ -390,7 +390,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--trend", action="store_true", help="one run per image budget in --budgets, and a plot")
     parser.add_argument("--budgets", default="", help="comma-separated image budgets for --trend")
     parser.add_argument("--sklearn", action="store_true",
-                        help="also score with scikit-learn's LogisticRegression (pip install scikit-learn)")
+                        help="also score with scikit-learn's LogisticRegression (pip install -e '.[study]')")
     parser.add_argument("--rescore", action="store_true",
                         help="score the kept checkpoints of finished runs again (new feature kinds); train nothing")
     parser.add_argument("--data-dir", help="Fashion-MNIST folder (default: searched)")

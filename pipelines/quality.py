@@ -310,7 +310,9 @@ def run_study(args: argparse.Namespace) -> int:
     data = load_eval_data(made.eval_train, made.eval_test, made.image_size)
     refs_path = out / ("references-sklearn.json" if args.sklearn else "references.json")
     if not refs_path.is_file():
-        cfg = run_config(budgets[0], variants[names[0]], args.overrides, 0, made.train, str(out / "unused"))
+        # The base recipe's backbone, whatever the variants: a wider variant's own random init
+        # scores higher, and the table's references must not move with the first variant named.
+        cfg = run_config(budgets[0], VARIANTS["base"], args.overrides, 0, made.train, str(out / "unused"))
         refs_path.write_text(json.dumps(references(cfg, data, device, args.sklearn), indent=2) + "\n")
     refs = json.loads(refs_path.read_text())
     results = out / RESULTS_JSONL

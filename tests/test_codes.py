@@ -19,6 +19,7 @@ from stream_swav.codes import (RelaxedCodes, annealed_lambda, build_codes, floor
                                relaxed_target)
 from stream_swav.config import CODES, SwAVConfig
 from stream_swav.swav import sinkhorn
+from conftest import free_port
 
 K = 24
 GAMMA = 0.2
@@ -337,17 +338,10 @@ def _distributed_worker(rank: int, world: int, port: int, out_dir: str) -> None:
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
 
 def test_distributed_equals_one_process_on_the_whole_batch(tmp_path: Path) -> None:
     world = 2
-    context = mp.start_processes(_distributed_worker, args=(world, _free_port(), str(tmp_path)), nprocs=world,
+    context = mp.start_processes(_distributed_worker, args=(world, free_port(), str(tmp_path)), nprocs=world,
                                  join=False, start_method="spawn")
     deadline = time.monotonic() + 120
     try:

@@ -2,7 +2,6 @@ from __future__ import annotations
 
 import io
 import math
-import socket
 import warnings
 from datetime import timedelta
 from typing import Any
@@ -18,6 +17,7 @@ from stream_swav.data.batch import BatchMeta, CropBatch
 from stream_swav.learner import Learner, StepStats, feature_spread, score_spread
 from stream_swav.optim import learning_rate_for
 from stream_swav.runtime.metrics import usage_perplexity
+from conftest import free_port
 
 PROTOTYPES = 16
 
@@ -325,11 +325,6 @@ def test_read_only_arrays_from_the_object_store_are_accepted_silently():
     assert isinstance(stats, StepStats) and not stats.nonfinite
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def _distributed_worker(rank: int, world_size: int, port: int, out_dir: str) -> None:
     torch.set_num_threads(1)
@@ -359,7 +354,7 @@ def _distributed_worker(rank: int, world_size: int, port: int, out_dir: str) -> 
 @pytest.mark.slow
 @pytest.mark.timeout(180)
 def test_two_learners_stay_in_sync_and_skip_together(tmp_path):
-    mp.spawn(_distributed_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_distributed_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
     for result in ranks:
         # A NaN on one learner makes both skip, so DDP never waits on a missing backward.

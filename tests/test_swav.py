@@ -1,7 +1,6 @@
 from __future__ import annotations
 
 import math
-import socket
 from datetime import timedelta
 
 import pytest
@@ -10,6 +9,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from stream_swav.swav import FeatureQueue, marginal_error, prototype_counts, sinkhorn, swav_loss
+from conftest import free_port
 
 
 def reference_sinkhorn(scores: torch.Tensor, epsilon: float, iterations: int) -> torch.Tensor:
@@ -93,11 +93,6 @@ def test_sinkhorn_rejects_bad_shapes():
         sinkhorn(torch.zeros(3, 2), log_marginal=torch.zeros(3))
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def _sinkhorn_worker(rank: int, world_size: int, port: int, scores: torch.Tensor, out_dir: str) -> None:
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size,
@@ -112,7 +107,7 @@ def _sinkhorn_worker(rank: int, world_size: int, port: int, scores: torch.Tensor
 @pytest.mark.timeout(120)
 def test_sinkhorn_over_two_processes_equals_single_process(tmp_path):
     scores = random_scores(20, 6, seed=5) * 5
-    mp.spawn(_sinkhorn_worker, args=(2, _free_port(), scores, str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_sinkhorn_worker, args=(2, free_port(), scores, str(tmp_path)), nprocs=2, join=True)
     distributed = torch.cat([torch.load(tmp_path / f"codes{rank}.pt", weights_only=True) for rank in range(2)])
     torch.testing.assert_close(distributed, sinkhorn(scores, epsilon=0.05, iterations=3), rtol=1e-5, atol=1e-6)
     # Each half partitioned on its own gives something else: the reduction mattered.

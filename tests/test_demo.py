@@ -42,3 +42,14 @@ def test_demo_runs_from_shards_to_an_evaluated_summary(tmp_path, monkeypatch, ca
     assert (out / "eval" / "accuracy.png").stat().st_size > 0
     checkpoints = json.loads((out / "checkpoints" / "latest.json").read_text())
     assert (checkpoints["arch"], checkpoints["width"], checkpoints["stem_stride"]) == ("resnet10", 16, 2)
+
+
+def test_demo_recipe_checkpoints_at_every_quarter_of_its_image_budget():
+    from stream_swav.apps.demo import demo_config
+    from stream_swav.config import config_from_dict
+
+    for images, gpu in ((153_600, False), (4_000_000, True)):
+        cfg = config_from_dict(demo_config(images, gpu))
+        assert cfg.checkpoint.every_seconds == 0 and cfg.train.image_budget == images
+        assert cfg.checkpoint.every_steps * cfg.train.batch_size * 4 <= images
+        assert images // (cfg.checkpoint.every_steps * cfg.train.batch_size) == 4

@@ -7,6 +7,7 @@
 5. A stream whose every read fails.
 6. The local Ray of `stream-swav train` listening beyond loopback.
 7. A step folder that is a symbolic link to somewhere else.
+8. A driver that started a private local Ray killed with SIGKILL.
 """
 from __future__ import annotations
 
@@ -16,9 +17,11 @@ import json
 import logging
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tarfile
+import tempfile
 import textwrap
 import time
 import uuid
@@ -27,6 +30,7 @@ from pathlib import Path
 
 import pytest
 import ray
+from stream_swav.runtime import private_ray
 from conftest import colour_samples, tar_bytes
 from runtime_helpers import RAY_ENV, TESTS, run_to_end, tiny_config, write_config
 
@@ -305,3 +309,73 @@ def test_a_step_folder_linked_elsewhere_is_refused_by_export_and_resume(tmp_path
     assert not (tmp_path / "x.pt").exists()
     with pytest.raises(ckpt.NoLoadableCheckpoint, match="leads outside"):
         ckpt.load_for_resume(str(tmp_path / "checkpoints"), StorageConfig())
+
+
+# ------------------------------------------------------------------ 8. a driver killed with SIGKILL
+
+PRIVATE_DRIVER = """
+import sys, time
+from stream_swav.runtime.cluster import init_ray
+init_ray()
+print("up", flush=True)
+time.sleep(600)
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(150)
+def test_a_killed_drivers_private_ray_is_reaped_by_the_next_start(tmp_path, monkeypatch):
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # this test's records only
+    ray_tmp = f"/tmp/rk{uuid.uuid4().hex[:6]}"
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env.update(RAY_TMPDIR=ray_tmp, TMPDIR=str(tmp_path))
+    driver = subprocess.Popen([sys.executable, "-c", PRIVATE_DRIVER], env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.DEVNULL, text=True, cwd=TESTS)
+    processes: list[list[int]] = []
+    try:
+        assert driver.stdout.readline().strip() == "up"
+        record = json.loads((private_ray.records_dir() / f"{driver.pid}.json").read_text())
+        processes = record["processes"]
+        assert len(processes) >= 3  # GCS, raylet and its agents at least
+        driver.send_signal(signal.SIGKILL)
+        driver.wait(timeout=10)
+        time.sleep(5)  # what shares the driver's fate is gone by now; what outlives it stays
+        left = [pid for pid, ticks in processes if private_ray.start_ticks(pid) == ticks]
+
+        reaped = private_ray.reap()
+
+        assert reaped == len(left)
+        deadline = time.monotonic() + 10
+        while any(private_ray.start_ticks(pid) == ticks for pid, ticks in processes) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not [pid for pid, ticks in processes if private_ray.start_ticks(pid) == ticks]
+        assert not list(private_ray.records_dir().glob("*.json"))
+    finally:
+        if driver.poll() is None:
+            driver.kill()
+        for pid, ticks in processes:
+            if private_ray.start_ticks(pid) == ticks:
+                os.kill(pid, signal.SIGKILL)
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+
+
+def test_a_record_of_a_live_driver_is_left_alone_and_a_torn_one_is_dropped(tmp_path, monkeypatch):
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    folder = private_ray.records_dir()
+    folder.mkdir()
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        me = [os.getpid(), private_ray.start_ticks(os.getpid())]
+        (folder / "live.json").write_text(json.dumps({"driver": me, "processes": [
+            [sleeper.pid, private_ray.start_ticks(sleeper.pid)]]}))
+        (folder / "torn.json").write_text('{"driver": [1')
+        # A dead driver whose process PID was reused: the start time differs, so it is not killed.
+        (folder / "reused.json").write_text(json.dumps({"driver": [2**22 + 7, 1], "processes": [
+            [sleeper.pid, private_ray.start_ticks(sleeper.pid) + 1]]}))
+
+        assert private_ray.reap() == 0
+
+        assert sleeper.poll() is None
+        assert sorted(p.name for p in folder.glob("*.json")) == ["live.json"]
+    finally:
+        sleeper.kill()

@@ -17,6 +17,7 @@ import ray
 from ray._private import ray_constants
 
 from stream_swav.config import Config, UsageError
+from stream_swav.runtime import private_ray
 
 log = logging.getLogger("stream_swav.cluster")
 
@@ -63,8 +64,10 @@ def init_ray() -> str:
     _LOOPBACK_ONLY.update(env=os.environ.get(_CLUSTER_MODE_ENV), constant=ray_constants.ENABLE_RAY_CLUSTER)
     os.environ[_CLUSTER_MODE_ENV] = "0"
     ray_constants.ENABLE_RAY_CLUSTER = False
+    private_ray.reap()
     ray.init(address="local", include_dashboard=False, runtime_env=runtime_env, log_to_driver=True,
              num_cpus=os.cpu_count() or 1)
+    private_ray.record()
     return ("started a private local Ray on 127.0.0.1 (set RAY_ADDRESS to join an existing cluster, "
             "e.g. RAY_ADDRESS=auto for one started with `ray start` on this machine)")
 
@@ -74,6 +77,7 @@ def shutdown_ray() -> None:
     if ray.is_initialized():
         ray.shutdown()
     if _LOOPBACK_ONLY:
+        private_ray.forget()
         previous = _LOOPBACK_ONLY.pop("env")
         if previous is None:
             os.environ.pop(_CLUSTER_MODE_ENV, None)

@@ -169,14 +169,21 @@ def test_decode_actors_that_do_not_fit_are_scaled_down_with_a_warning(cluster, t
     assert "data.decode_actors: 5 wanted, running 2 (only 2 fit" in caplog.text
 
 
-def test_learners_that_cannot_be_placed_fail_within_the_timeout_naming_what_is_missing(cluster, tmp_path):
+@pytest.mark.parametrize("train, missing", [
+    ({"device": "cuda"}, r"1 GPUs requested for 1 learner\(s\), cluster has 0"),
+    # More CPUs than the whole cluster has (as after losing a node for good): the learners' placement
+    # is what is missing, not CPUs for decode actors.
+    ({"device": "cpu", "cpus_per_learner": 4}, r"4 CPUs requested for 1 learner\(s\), cluster has 3"),
+])
+def test_learners_that_cannot_be_placed_fail_within_the_timeout_naming_what_is_missing(cluster, tmp_path, train,
+                                                                                        missing):
     folder, _ = shards(tmp_path / "shards", count=2)
     cfg = tiny_config({"data": {"shards": folder}, "checkpoint": {"dir": str(tmp_path / "ckpt")},
-                       "train": {"device": "cuda", "startup_timeout_s": 3}})
+                       "train": {**train, "startup_timeout_s": 3}})
     trainer = WatchedTrainer(cfg, tmp_path / "trained.jsonl")
     started = time.monotonic()
     try:
-        with pytest.raises(StartupError, match=r"1 GPUs requested for 1 learner\(s\), cluster has 0"):
+        with pytest.raises(StartupError, match=r"train\.learners: .*" + missing):
             trainer.run()
     finally:
         close_trainer(trainer)
@@ -212,3 +219,9 @@ def test_plan_scales_decode_actors_to_the_cluster_and_refuses_what_cannot_fit():
                         {"CPU": 8}).decode_actors == 2
     with pytest.raises(StartupError, match="no CPU left for decode actors"):
         plan_cluster(cfg, {"CPU": 3})
+    # The learners themselves do not fit now (a node gone for good): no refusal here, the learners'
+    # placement waits up to train.startup_timeout_s and names what they asked for.
+    wide = tiny_config({"train": {"learners": 1, "cpus_per_learner": 2}})
+    waiting = plan_cluster(wide, {"CPU": 1})
+    assert waiting.decode_actors == 1 and waiting.learner_bundle == {"CPU": 2}
+    assert waiting.warnings[0].startswith("train.learners:") and "train.startup_timeout_s" in waiting.warnings[0]

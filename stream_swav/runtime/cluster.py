@@ -110,6 +110,18 @@ def plan_cluster(cfg: Config, resources: dict[str, float]) -> ClusterPlan:
     gpus_per_learner = train.gpus_per_learner if use_gpu else 0.0
     warnings = []
     spare = cpus - learners * train.cpus_per_learner
+    if spare < 0 or gpus < learners * gpus_per_learner:
+        # The learners themselves do not fit the cluster as it is now (a node lost for good, an
+        # autoscaler yet to add one). Their placement waits up to train.startup_timeout_s and, if it
+        # times out, says what the learners asked for; the decode actors are planned for then.
+        wanted = cfg.data.decode_actors or learners
+        actors = max(learners, wanted - wanted % learners)
+        warnings.append(f"train.learners: {learners} learner(s) of {train.cpus_per_learner:g} CPU"
+                        + (f" and {gpus_per_learner:g} GPU" if gpus_per_learner else "")
+                        + f" each do not fit the cluster's {cpus:g} CPUs and {gpus:g} GPUs now; waiting up to "
+                        f"train.startup_timeout_s={train.startup_timeout_s:g} s for room")
+        return ClusterPlan(learners=learners, gpus_per_learner=gpus_per_learner,
+                           cpus_per_learner=train.cpus_per_learner, decode_actors=actors, warnings=tuple(warnings))
     if spare < learners:
         raise StartupError(
             f"data.decode_actors: no CPU left for decode actors: {learners} learner(s) reserve "

@@ -18,8 +18,10 @@ The run moves through explicit states, as Ray Train's controller does:
                     v
                   DONE            (final checkpoint written; exit 0, or non-zero if it could not be)
 
-Every wait has a deadline or watches the stop flag, so SIGTERM (`ray job stop`)
-is acted on in bounded time in every state.
+SIGTERM (`ray job stop`) sets the stop flag. Waits for placement and start-up have a deadline
+and watch the flag; a training chunk and a checkpoint save are waited for to their end (bounded by
+the learners and by storage, as `LearnerGroup.run_chunk` and `LearnerGroup.save` say), so a stop
+is acted on after at most one chunk (about train.report_interval_s) plus a save under way.
 """
 from __future__ import annotations
 

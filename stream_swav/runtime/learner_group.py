@@ -127,16 +127,28 @@ class LearnerGroup:
         return int(wait_all(refs, None, None, "restoring the checkpoint")[0])
 
     def run_chunk(self, max_steps: int, max_seconds: float) -> list[StepReport]:
-        """Every rank trains up to `max_steps` steps for at most about `max_seconds`; their reports."""
+        """Every rank trains up to `max_steps` steps for at most about `max_seconds`; their reports.
+
+        No deadline and no stop check here; what bounds the wait is the learners: each returns once
+        `max_seconds` have passed at the end of the step under way (minutes for a first step that
+        torch.compile compiles), a learner that raises fails the wait at once, and Ray fails the
+        call of a learner whose process dies (at once) or whose node is lost (when its health checks
+        miss). A rank stuck in a collective whose peer hangs holds the chunk until torch.distributed's
+        timeout fails its step (30 minutes for gloo, 10 for NCCL). A stop request is acted on when
+        the chunk ends, at most about train.report_interval_s later, so that its steps are kept."""
         refs = [actor.run.remote(max_steps, max_seconds) for actor in self.actors]
         return wait_all(refs, None, None, "training")
 
     def save(self, directory: str, extra: dict[str, Any], info: dict[str, Any]) -> dict[str, Any]:
-        """Rank 0 writes the checkpoint, with the other ranks' queues and random states."""
+        """Rank 0 writes the checkpoint, with the other ranks' queues and random states.
+
+        No deadline and no stop check: a stop waits for the checkpoint under way (it is what a stop
+        wants kept). The write is bounded by storage: a local disk's write, or s3fs's own retries and
+        timeouts for an object store; a learner that dies meanwhile fails the call."""
         others = [actor.rank_state.remote() for actor in self.actors[1:]]
         ref = self.actors[0].save_checkpoint.remote(directory, extra, others, info)
         pending = [ref]
-        while pending:
+        while pending:  # in short waits, so that Python's signal handlers run meanwhile
             done, pending = ray.wait(pending, timeout=POLL_S)
         try:
             return ray.get(ref)

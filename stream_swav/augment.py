@@ -93,18 +93,6 @@ def _blend(x: Tensor, reference: Tensor, factor: Tensor) -> Tensor:
     return (f * x + (1.0 - f) * reference).clamp(0.0, 1.0)
 
 
-def adjust_brightness(x: Tensor, factor: Tensor) -> Tensor:
-    return _blend(x, torch.zeros_like(x[:, :1]), factor)
-
-
-def adjust_contrast(x: Tensor, factor: Tensor) -> Tensor:
-    return _blend(x, rgb_to_gray(x).mean(dim=(1, 2, 3), keepdim=True), factor)
-
-
-def adjust_saturation(x: Tensor, factor: Tensor) -> Tensor:
-    return _blend(x, rgb_to_gray(x), factor)
-
-
 def rgb_to_hsv(x: Tensor) -> Tensor:
     """(N, 3, H, W) RGB in [0, 1] -> HSV with hue in turns [0, 1)."""
     r, g, b = x[:, 0:1], x[:, 1:2], x[:, 2:3]
@@ -243,5 +231,4 @@ def photometric_augment(images: Tensor, cfg: AugmentConfig, blur_prob: float,
 
 
 __all__ = ["photometric_augment", "PhotometricParams", "sample_params", "apply_params", "color_jitter",
-           "adjust_brightness", "adjust_contrast", "adjust_saturation", "adjust_hue", "rgb_to_gray",
-           "rgb_to_hsv", "hsv_to_rgb", "gaussian_blur", "blur_kernel_size"]
+           "adjust_hue", "rgb_to_gray", "rgb_to_hsv", "hsv_to_rgb", "gaussian_blur", "blur_kernel_size"]

@@ -213,12 +213,10 @@ def test_prototype_usage_window():
     assert usage.perplexity() == pytest.approx(4.0)
     assert usage.unused() == 0
     usage.update_from_counts(np.array([4, 0, 0, 0]))
-    assert usage.assignments == 8
     # Window = both steps: counts [5, 1, 1, 1].
     assert usage.perplexity() == pytest.approx(usage_perplexity([5, 1, 1, 1]))
     usage.update_from_counts([2, 0, 0, 0])
     # The first step has left the window: only prototype 0 is used.
-    assert usage.assignments == 6
     assert usage.perplexity() == pytest.approx(1.0)
     assert usage.unused() == 3
     with pytest.raises(ValueError, match="4 non-negative integers"):
@@ -227,4 +225,18 @@ def test_prototype_usage_window():
         usage.update_from_counts(np.array([1, -2, 0, 0]))
     with pytest.raises(ValueError, match="4 non-negative integers"):
         usage.update_from_counts(np.array([0.5, 0, 0, 0]))
-    assert usage.assignments == 6
+    assert usage.perplexity() == pytest.approx(1.0)  # refused counts changed nothing
+
+
+def test_prototype_usage_window_counts_steps_not_chunks():
+    usage = PrototypeUsage(num_prototypes=2, window_steps=10)
+    usage.update_from_counts([5, 0], steps=6)
+    usage.update_from_counts([0, 5], steps=6)
+    # 12 steps held: the older chunk is still needed to cover 10 steps.
+    assert usage.perplexity() == pytest.approx(2.0)
+    usage.update_from_counts([0, 5], steps=4)
+    # The newest two chunks cover 10 steps: the oldest left the window.
+    assert usage.unused() == 1
+    usage.update_from_counts([7, 0], steps=25)
+    # A chunk longer than the window is the window alone.
+    assert usage.unused() == 1 and usage.perplexity() == pytest.approx(1.0)

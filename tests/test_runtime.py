@@ -161,7 +161,6 @@ def test_killed_decode_actor_loses_and_repeats_nothing(tmp_path):
     trainer = run_to_end(cfg, tmp_path / "trained.jsonl", after_chunk=kill_mid_shard_then_stop_after_pass_zero)
 
     assert killed, "no decode actor held a part-read shard of pass 0 at the end of a chunk"
-    assert trainer.pool.restarts == 1
     assert trainer.metrics.registry.get_sample_value("stream_swav_decode_actor_restarts_total") == 1
     assert trainer.stop_reason == "pass 0 trained"
     # Pass 0 exactly once; what of pass 1 got in before the stop, at most once.

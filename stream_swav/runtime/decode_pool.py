@@ -30,7 +30,6 @@ class DecodePool:
         self.learners = learners
         self.build_worker = build_worker
         self.actors: dict[int, Any] = {}
-        self.restarts = 0
         # Replacements not known to be up yet: slot -> (ready ref, deadline).
         self._starting: dict[int, tuple[Any, float]] = {}
         # Slots given up on for this learner group (they could not be placed again).
@@ -66,7 +65,6 @@ class DecodePool:
             if handle is not None:
                 ray.kill(handle, no_restart=True)
             ledger.release(slot)
-            self.restarts += 1
             handle = self._launch(slot)
             self.actors[slot] = handle
             self._starting[slot] = (handle.ready.remote(), deadline)

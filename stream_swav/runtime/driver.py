@@ -128,8 +128,10 @@ class Trainer:
         self.step, self.images_seen = summary.step, summary.images_seen
         self.ledger.record(summary.progress)
         if summary.failed_feeders:
-            self.group.attach(self.pool.replace(summary.failed_feeders, self.ledger))
-            self.metrics.count_decode_actor_restarts(len(summary.failed_feeders))
+            replaced = self.pool.replace(summary.failed_feeders, self.ledger)
+            self.group.attach(replaced)
+            # Slots given up on are not replaced, so not counted.
+            self.metrics.count_decode_actor_restarts(sum(len(feeders) for feeders in replaced.values()))
         self.observer.on_chunk(summary, summary.batches_held)
         # At the end of the run the checkpoint is written once, as the final one.
         if self.policy.due(self.step, time.time()) and not self.stop.is_set() and self.chunk_limits()[0] > 0:

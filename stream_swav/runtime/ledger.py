@@ -77,10 +77,6 @@ class StreamLedger:
         for key in self.holders.pop(slot, set()):
             self.cursor.release(key)
 
-    def release_all(self) -> None:
-        for slot in list(self.holders):
-            self.release(slot)
-
     def state_dict(self) -> dict[str, Any]:
         return self.cursor.state_dict()
 

@@ -322,10 +322,11 @@ def usage_perplexity(counts: np.ndarray | list[int]) -> float:
 
 
 class PrototypeUsage:
-    """Argmax prototype assignments over the last `window_steps` steps.
+    """Argmax prototype assignments over the last `window_steps` training steps.
 
-    Per-prototype totals are kept alongside the per-step counts, so reading the
-    perplexity costs O(K) regardless of the window length.
+    Counts arrive per chunk (several steps, all learners together); the window keeps the newest
+    chunks that cover `window_steps` steps (at least the newest chunk). Per-prototype totals are
+    kept alongside, so reading the perplexity costs O(K) regardless of the window length.
     """
 
     def __init__(self, num_prototypes: int, window_steps: int) -> None:
@@ -334,24 +335,27 @@ class PrototypeUsage:
         if window_steps < 1:
             raise ValueError(f"window_steps must be >= 1, got {window_steps}")
         self.num_prototypes = num_prototypes
-        self._steps: deque[np.ndarray] = deque(maxlen=window_steps)
+        self.window_steps = window_steps
+        self._chunks: deque[tuple[np.ndarray, int]] = deque()
+        self._window_steps_held = 0
         self._totals = np.zeros(num_prototypes, dtype=np.int64)
 
-    def update_from_counts(self, counts: np.ndarray | list[int]) -> None:
-        """Add one step's assignment count per prototype (a bincount made where the codes are)."""
+    def update_from_counts(self, counts: np.ndarray | list[int], steps: int = 1) -> None:
+        """Add the assignment count per prototype of `steps` steps (a bincount made where the codes are)."""
         counts = np.asarray(counts)
         if counts.shape != (self.num_prototypes,) or not np.issubdtype(counts.dtype, np.integer) or (counts < 0).any():
             raise ValueError(f"counts must be {self.num_prototypes} non-negative integers, "
                              f"got shape {counts.shape} dtype {counts.dtype}")
+        if steps < 1:
+            raise ValueError(f"steps must be >= 1, got {steps}")
         counts = counts.astype(np.int64)
-        if len(self._steps) == self._steps.maxlen:
-            self._totals -= self._steps[0]
-        self._steps.append(counts)
+        self._chunks.append((counts, steps))
         self._totals += counts
-
-    @property
-    def assignments(self) -> int:
-        return int(self._totals.sum())
+        self._window_steps_held += steps
+        while self._window_steps_held - self._chunks[0][1] >= self.window_steps:
+            oldest, oldest_steps = self._chunks.popleft()
+            self._totals -= oldest
+            self._window_steps_held -= oldest_steps
 
     def perplexity(self) -> float:
         """The window's `usage_perplexity`."""

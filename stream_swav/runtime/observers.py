@@ -69,7 +69,7 @@ class RunObserver:
         m.count_reads(bytes_read=progress.bytes_read, shards_completed=len(progress.finished))
         if summary.steps:
             self.throughput.add(summary.images)
-            self.usage.update_from_counts(np.asarray(summary.prototype_counts, dtype=np.int64))
+            self.usage.update_from_counts(np.asarray(summary.prototype_counts, dtype=np.int64), summary.steps)
             m.observe_steps(steps=summary.steps, images=summary.images, images_seen=summary.images_seen,
                             loss=summary.loss, learning_rate=summary.lr)
             perplexity = self.usage.perplexity()

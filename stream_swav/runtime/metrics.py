@@ -26,51 +26,6 @@ PREFIX = "stream_swav_"
 # rest are folded into "other" so a misbehaving reader cannot explode the series count.
 MAX_DECODE_ERROR_REASONS = 32
 
-# Names as PromQL sees them (counters with their _total suffix).
-TRAINER_METRIC_NAMES: tuple[str, ...] = tuple(PREFIX + n for n in (
-    "images_trained_total",
-    "steps_total",
-    "images_seen",
-    "images_per_second",
-    "loss",
-    "learning_rate",
-    "queue_fill_ratio",
-    "prototype_perplexity",
-    "prototypes_unused",
-    "sinkhorn_marginal_error",
-    "feature_spread",
-    "prototype_score_spread",
-    "input_wait_ratio",
-    "input_wait_seconds_total",
-    "learner_busy_seconds_total",
-    "nonfinite_loss_total",
-    "collapse_alarm",
-    "gpu_memory_allocated_bytes",
-    "gpu_memory_reserved_bytes",
-    "learners_up",
-    "decode_actors_up",
-    "decode_errors_total",
-    "decode_actor_restarts_total",
-    "learner_restarts_total",
-    "shards_completed_total",
-    "bytes_read_total",
-    "object_store_batches_in_flight",
-    "checkpoint_age_seconds",
-    "checkpoint_duration_seconds",
-    "checkpoint_size_bytes",
-    "last_checkpoint_step",
-    "checkpoints_saved_total",
-    "checkpoint_failures_total",
-))
-EVAL_METRIC_NAMES: tuple[str, ...] = tuple(PREFIX + n for n in (
-    "eval_knn_top1_ratio",
-    "eval_checkpoint_step",
-    "eval_images_seen",
-    "eval_duration_seconds",
-    "evaluations_total",
-    "eval_failures_total",
-))
-METRIC_NAMES: tuple[str, ...] = TRAINER_METRIC_NAMES + EVAL_METRIC_NAMES
 
 
 class _Server:
@@ -110,6 +65,11 @@ class _Exporter:
 
     def _gauge(self, name: str, doc: str) -> Gauge:
         return Gauge(PREFIX + name, doc, registry=self.registry)
+
+    def family_names(self) -> tuple[str, ...]:
+        """Every family this exporter registers, named as PromQL sees it (counters with _total)."""
+        return tuple(family.name + ("_total" if family.type == "counter" else "")
+                     for family in self.registry.collect())
 
     def start_server(self, host: str, port: int) -> int:
         """Serve /metrics on host:port (0 picks a free port); returns the bound port."""
@@ -363,3 +323,9 @@ class PrototypeUsage:
 
     def unused(self) -> int:
         return int((self._totals == 0).sum())
+
+
+# The names dashboards, alerts and tests may use, read from the exporters themselves.
+TRAINER_METRIC_NAMES: tuple[str, ...] = Metrics(clock=lambda: 0.0).family_names()
+EVAL_METRIC_NAMES: tuple[str, ...] = EvalMetrics().family_names()
+METRIC_NAMES: tuple[str, ...] = TRAINER_METRIC_NAMES + EVAL_METRIC_NAMES

@@ -18,7 +18,7 @@ import ray
 from stream_swav.config import Config
 from stream_swav.runtime.actors import DecodeActor
 from stream_swav.runtime.cluster import StartupError
-from stream_swav.runtime.learner_group import POLL_S, Stopped, first_line
+from stream_swav.runtime.learner_group import POLL_S, Stopped, first_line, kill_quietly
 from stream_swav.runtime.ledger import StreamLedger
 
 log = logging.getLogger("stream_swav.decoders")
@@ -94,11 +94,7 @@ class DecodePool:
     def shutdown(self) -> None:
         self._starting.clear()
         self.dropped.clear()
-        for handle in self.actors.values():
-            try:
-                ray.kill(handle, no_restart=True)
-            except Exception:  # noqa: BLE001 - already gone with its node
-                pass
+        kill_quietly(self.actors.values())
         self.actors = {}
 
     def _spawn(self, slots: list[int], stop: threading.Event) -> None:
@@ -109,8 +105,7 @@ class DecodePool:
         deadline = time.monotonic() + self.cfg.train.startup_timeout_s
         while pending and time.monotonic() < deadline:
             if stop.is_set():
-                for handle in started.values():
-                    ray.kill(handle, no_restart=True)
+                kill_quietly(started.values())
                 raise Stopped("stop requested while starting decode actors")
             done, _ = ray.wait(list(pending), num_returns=len(pending), timeout=POLL_S)
             for ref in done:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import ray
@@ -62,6 +62,15 @@ def wait_all(refs: list[Any], stop: threading.Event | None, deadline: float | No
             except (RayActorError, RayTaskError, RayError) as err:
                 raise LearnerFailure(f"{what}: {first_line(err)}") from err
     return ray.get(list(refs))
+
+
+def kill_quietly(handles: Iterable[Any]) -> None:
+    """ray.kill every actor, those already gone (with their node) included."""
+    for handle in handles:
+        try:
+            ray.kill(handle, no_restart=True)
+        except Exception:  # noqa: BLE001 - already gone with its node
+            pass
 
 
 class LearnerGroup:
@@ -157,11 +166,7 @@ class LearnerGroup:
         # A RayTaskError (the save itself raised, e.g. a full disk) goes to the caller unchanged.
 
     def shutdown(self) -> None:
-        for actor in self.actors:
-            try:
-                ray.kill(actor, no_restart=True)
-            except Exception:  # noqa: BLE001 - already gone with its node
-                pass
+        kill_quietly(self.actors)
         self.actors = []
         if self._placement is not None:
             try:
@@ -171,4 +176,4 @@ class LearnerGroup:
             self._placement = None
 
 
-__all__ = ["LearnerGroup", "LearnerFailure", "Stopped", "wait_all", "first_line"]
+__all__ = ["LearnerGroup", "LearnerFailure", "Stopped", "wait_all", "first_line", "kill_quietly"]

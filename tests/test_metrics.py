@@ -240,3 +240,25 @@ def test_prototype_usage_window_counts_steps_not_chunks():
     usage.update_from_counts([7, 0], steps=25)
     # A chunk longer than the window is the window alone.
     assert usage.unused() == 1 and usage.perplexity() == pytest.approx(1.0)
+
+
+def test_a_chunk_summary_merges_every_ranks_report():
+    from stream_swav.runtime.reports import ChunkSummary, Progress, StepReport
+
+    def report(rank: int, **values) -> StepReport:
+        progress = Progress()
+        progress.positions = {("pass0", f"shard-{rank}"): 10 * (rank + 1)}
+        progress.bytes_read = 100
+        return StepReport(rank=rank, steps=4, step=40, images=256, images_seen=10_240, loss=3.0 + rank, lr=0.5,
+                          prototype_counts=[rank, 1], progress=progress, latency_s=[0.1 * rank],
+                          failed_feeders=[rank, 7], batches_held=2, gpu_memory_reserved_bytes=rank * 10, **values)
+
+    summary = ChunkSummary.merge([report(0, busy_s=9.0, wait_s=1.0), report(1, busy_s=7.0, wait_s=3.0)])
+
+    assert (summary.steps, summary.step, summary.images_seen, summary.loss) == (4, 40, 10_240, 3.0)  # rank 0's
+    assert summary.images == 512 and summary.prototype_counts == [1, 2] and summary.batches_held == 4
+    assert summary.progress.bytes_read == 200 and len(summary.progress.positions) == 2
+    assert summary.failed_feeders == [0, 1, 7] and summary.latency_s == [0.0, 0.1]
+    assert summary.gpu_memory_reserved_bytes == 10
+    # The pacing rank is the one that waited most: its own wait and busy seconds, and their ratio.
+    assert (summary.wait_s, summary.busy_s, summary.input_wait_ratio) == (3.0, 7.0, 0.3)

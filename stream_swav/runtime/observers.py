@@ -88,7 +88,7 @@ class RunObserver:
                               feature_spread=summary.feature_spread, score_spread=summary.score_spread,
                               collapse=alarm)
         m.set_throughput(images_per_second=self.throughput.rate(), input_wait_ratio=summary.input_wait_ratio,
-                         input_wait_s=summary.input_wait_s, busy_s=summary.busy_s)
+                         input_wait_s=summary.wait_s, busy_s=summary.busy_s)
         m.set_batches_in_flight(batches_in_flight)
         if summary.gpu_memory_reserved_bytes:
             m.set_gpu_memory(allocated_bytes=summary.gpu_memory_allocated_bytes,

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 from stream_swav.data.batch import BatchMeta
 from stream_swav.data.cursor import ShardKey
@@ -81,32 +81,12 @@ class StepReport:
 
 
 @dataclass
-class ChunkSummary:
-    """The reports of one chunk from every rank, merged."""
+class ChunkSummary(StepReport):
+    """The reports of one chunk from every rank, merged into one: rank 0's step count and last-step
+    figures (equal on every rank, or rank 0's own), the sums, unions and maxima of the rest, and the
+    waiting and stepping seconds of the pacing learner (the slowest-fed one sets everyone's pace)."""
 
-    steps: int
-    step: int
-    images: int
-    images_seen: int
-    loss: float
-    lr: float
-    marginal_error: float
-    feature_spread: float
-    score_spread: float
-    queue_fill: int
-    prototype_counts: list[int]
-    nonfinite: int
-    nonfinite_in_row: int
-    progress: Progress
-    input_wait_ratio: float
-    # The pacing learner's seconds in this chunk: waiting for batches, and stepping.
-    input_wait_s: float
-    busy_s: float
-    latency_s: list[float]
-    failed_feeders: list[int]
-    batches_held: int
-    gpu_memory_allocated_bytes: int
-    gpu_memory_reserved_bytes: int
+    input_wait_ratio: float = 0.0
 
     @classmethod
     def merge(cls, reports: list[StepReport]) -> "ChunkSummary":
@@ -115,22 +95,19 @@ class ChunkSummary:
         counts = [0] * len(first.prototype_counts)
         for report in reports:
             progress.merge(report.progress)
-            counts = [a + b for a, b in zip(counts, report.prototype_counts)] if report.prototype_counts else counts
-        # The slowest-fed learner sets the pace of all of them.
+            if report.prototype_counts:
+                counts = [a + b for a, b in zip(counts, report.prototype_counts)]
         pacing = max(reports, key=lambda r: r.wait_s)
         wait, busy = pacing.wait_s, pacing.busy_s
-        return cls(
-            steps=first.steps, step=first.step, images=sum(r.images for r in reports),
-            images_seen=first.images_seen, loss=first.loss, lr=first.lr, marginal_error=first.marginal_error,
-            feature_spread=first.feature_spread, score_spread=first.score_spread, queue_fill=first.queue_fill,
-            prototype_counts=counts,
-            nonfinite=first.nonfinite, nonfinite_in_row=first.nonfinite_in_row, progress=progress,
-            input_wait_ratio=wait / (wait + busy) if wait + busy > 0 else 0.0, input_wait_s=wait, busy_s=busy,
-            latency_s=[x for r in reports for x in r.latency_s],
-            failed_feeders=sorted({f for r in reports for f in r.failed_feeders}),
-            batches_held=sum(r.batches_held for r in reports),
-            gpu_memory_allocated_bytes=max(r.gpu_memory_allocated_bytes for r in reports),
-            gpu_memory_reserved_bytes=max(r.gpu_memory_reserved_bytes for r in reports))
+        merged = {
+            "images": sum(r.images for r in reports), "prototype_counts": counts, "progress": progress,
+            "wait_s": wait, "busy_s": busy, "input_wait_ratio": wait / (wait + busy) if wait + busy > 0 else 0.0,
+            "latency_s": [x for r in reports for x in r.latency_s],
+            "failed_feeders": sorted({f for r in reports for f in r.failed_feeders}),
+            "batches_held": sum(r.batches_held for r in reports),
+            "gpu_memory_allocated_bytes": max(r.gpu_memory_allocated_bytes for r in reports),
+            "gpu_memory_reserved_bytes": max(r.gpu_memory_reserved_bytes for r in reports)}
+        return cls(**{**{f.name: getattr(first, f.name) for f in fields(StepReport)}, **merged})
 
 
 __all__ = ["Progress", "StepReport", "ChunkSummary"]

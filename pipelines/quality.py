@@ -308,7 +308,9 @@ def run_study(args: argparse.Namespace) -> int:
                        data_dir=args.data_dir)
     device = pick_device(args.device)
     data = load_eval_data(made.eval_train, made.eval_test, made.image_size)
-    refs_path = out / ("references-sklearn.json" if args.sklearn else "references.json")
+    # The references with scikit-learn's probe, once scored, serve every later report too.
+    with_sklearn_refs = out / "references-sklearn.json"
+    refs_path = with_sklearn_refs if args.sklearn or with_sklearn_refs.is_file() else out / "references.json"
     if not refs_path.is_file():
         # The base recipe's backbone, whatever the variants: a wider variant's own random init
         # scores higher, and the table's references must not move with the first variant named.

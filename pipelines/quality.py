@@ -85,6 +85,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "temperature-0.2": {"swav": {"temperature": 0.2}},
     "epsilon-0.03": {"swav": {"epsilon": 0.03}},
     "queue-off": {"swav": {"queue_length": 0}},
+    "queue-on": {"swav": {"queue_length": 1024, "queue_start_images": 4096}},
     "queue-4096": {"swav": {"queue_length": 4096}},
     "freeze-off": {"swav": {"freeze_prototypes_steps": 0}},
     "batch-64": {"train": {"batch_size": 64}},

@@ -14,7 +14,6 @@ import json
 import logging
 import os
 import shutil
-from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -69,7 +68,7 @@ DEMO_GPU_OVERRIDES: dict[str, Any] = {
 # The demo trains this many images, stopping earlier when the time cap is reached (the rate
 # stays constant, so a cut-off loses images, not a schedule's end). On the 2-core development machine
 # the learner runs at ~460 images/s: 153,600 images in under 6 minutes. The cap keeps the whole
-# command (shards ~35 s, Ray ~20 s, evaluation ~3.5 min) near 10 minutes on a slower machine.
+# command (shards ~65 s, Ray ~20 s, evaluation ~3.5 min) near 10 minutes on a slower machine.
 DEMO_IMAGES = 153_600  # 1,200 steps of 128
 DEMO_MINUTES = 6.0
 DEMO_GPU_IMAGES = 4_000_000
@@ -166,26 +165,20 @@ def demo_shards(dest: str | Path, storage_cfg: StorageConfig | None = None, *, e
     budget = 1 << 40
     odd_count = DEMO_ODD_COPIES * len(odd_images(np.zeros((size, size, 3), np.uint8)))
 
-    jobs = {
-        "train": lambda: write_shards(
-            _with_odd_samples(train_images, train_labels, size, image_format, DEMO_ODD_COPIES), f"{dest}/train",
-            max_count, budget, storage_cfg, settings={**settings, "odd_copies": DEMO_ODD_COPIES},
-            total=len(train_images) + odd_count, progress=progress),
-        "eval-train": lambda: write_shards(
-            array_samples(train_images, train_labels, size=size, image_format=image_format,
-                          indices=eval_train_indices), f"{dest}/eval-train", max_count, budget, storage_cfg,
-            settings={**settings, "count": eval_train}, total=eval_train),
-        "eval-test": lambda: write_shards(
-            array_samples(test_images, test_labels, size=size, image_format=image_format,
-                          indices=eval_test_indices), f"{dest}/eval-test", max_count, budget, storage_cfg,
-            settings={**settings, "count": eval_test}, total=eval_test),
+    summaries = {
+        "train": write_shards(_with_odd_samples(train_images, train_labels, size, image_format, DEMO_ODD_COPIES),
+                              f"{dest}/train", max_count, budget, storage_cfg,
+                              settings={**settings, "odd_copies": DEMO_ODD_COPIES},
+                              total=len(train_images) + odd_count, progress=progress),
+        "eval-train": write_shards(array_samples(train_images, train_labels, size=size, image_format=image_format,
+                                                 indices=eval_train_indices),
+                                   f"{dest}/eval-train", max_count, budget, storage_cfg,
+                                   settings={**settings, "count": eval_train}, total=eval_train, progress=progress),
+        "eval-test": write_shards(array_samples(test_images, test_labels, size=size, image_format=image_format,
+                                                indices=eval_test_indices),
+                                  f"{dest}/eval-test", max_count, budget, storage_cfg,
+                                  settings={**settings, "count": eval_test}, total=eval_test, progress=progress),
     }
-    # Two writers: PNG compression releases the GIL, and on the 2-core machine this takes the
-    # demo's shards from ~62 s to ~35 s (the training set and the evaluation sets side by side).
-    # Only the training set draws a progress line: two would overwrite each other on a terminal.
-    with ThreadPoolExecutor(max_workers=2, thread_name_prefix="demo-shards") as pool:
-        futures = {name: pool.submit(job) for name, job in jobs.items()}
-        summaries = {name: future.result() for name, future in futures.items()}
     return DemoShards(dataset=description, train=f"{dest}/train", eval_train=f"{dest}/eval-train",
                       eval_test=f"{dest}/eval-test", train_count=len(train_images) + odd_count,
                       eval_train_count=eval_train, eval_test_count=eval_test, image_size=size,

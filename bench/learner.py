@@ -22,6 +22,8 @@ Sinkhorn and optimiser not counted) against the device's dense bf16 peak.
     PYTHONPATH=. python bench/learner.py                      # ours vs classic, batch 64 and 256
     PYTHONPATH=. python bench/learner.py --levers             # what each speed lever gives
     PYTHONPATH=. python bench/learner.py --tiny               # CPU smoke run (resnet18, 16/8 px)
+    PYTHONPATH=. python bench/learner.py --families           # ours per backbone family, at each deploy
+                                                              # recipe's crops and batch (CPU: shrunk)
 
 Without a CUDA device, --device auto falls back to the --tiny settings.
 """
@@ -50,7 +52,7 @@ from torch import Tensor
 from torch.utils.flop_counter import FlopCounterMode
 
 from stream_swav.augment import photometric_augment
-from stream_swav.config import COMPILE_MODES, Config, config_from_dict
+from stream_swav.config import COMPILE_MODES, Config, config_from_dict, load_config
 from stream_swav.data.batch import BatchMeta, CropBatch
 from stream_swav.learner import Learner
 from stream_swav.model import SwAVModel
@@ -66,6 +68,18 @@ TINY = {"arch": "resnet18", "small_stem": True, "global_size": 16, "local_size":
 # Dense bf16 tensor-core peaks (no sparsity), by a substring of the device name; the first match wins.
 PEAK_BF16 = (("H100 PCIe", 756e12), ("H100", 989e12), ("H200", 989e12), ("H800", 989e12), ("GH200", 989e12),
              ("A100", 312e12), ("L40S", 362e12))
+# The deploy recipe of each backbone family, measured by --families at its own crops and batch.
+DEPLOY_CONFIGS = Path(__file__).resolve().parents[1] / "deploy" / "configs"
+FAMILY_RECIPES = {"resnet": "resnet50-gpu.yaml", "regnet": "regnety-seer-gpu.yaml", "vit": "vit-s16-gpu.yaml"}
+# On the CPU (--tiny) each recipe is shrunk to a member of the same class at 16/8 px crops, batch 8.
+TINY_FAMILY_SETS = {
+    "resnet": ["model.arch=resnet18", "model.small_stem=true"],
+    "regnet": ["model.arch=regnet_y_400mf", "model.small_stem=true"],
+    "vit": ["model.width=96", "model.vit_layers=4", "model.vit_heads=3", "model.vit_patch_size=4",
+            "model.vit_image_size=16"],
+}
+TINY_RECIPE_SETS = ["crops.global_size=16", "crops.local_size=8", "model.hidden_dim=512", "model.prototypes=300",
+                    "swav.queue_length=0"]
 LEVERS = ("fp32", "bf16", "channels_last", "compile", "cudagraphs", "no_sync", "host_input", "augment", "classic")
 # A relative loss difference below this counts as agreement at bf16 precision (8 mantissa bits: 2^-8 = 0.004).
 BF16_LOSS_RTOL = 1e-2
@@ -334,7 +348,11 @@ def classic_step(classic: ClassicSwAV, views: list[Tensor], lr: float) -> Callab
 
 def flops_per_image(args: argparse.Namespace, device: torch.device) -> float:
     """Forward + backward FLOPs of the network for one image's crops (linear in the batch size)."""
-    cfg = bench_config(args, 2, precision="fp32", channels_last=False, compile_network=False)
+    return network_flops(bench_config(args, 2, precision="fp32", channels_last=False, compile_network=False), device)
+
+
+def network_flops(cfg: Config, device: torch.device) -> float:
+    """Forward + backward FLOPs of `cfg`'s network for one image's crops."""
     model = SwAVModel(cfg.model).to(device)
     c = cfg.crops
     crops = [torch.randn(2 * c.global_count, 3, c.global_size, c.global_size, device=device),
@@ -523,6 +541,44 @@ def run_levers(args: argparse.Namespace, device: torch.device, report: dict[str,
         guarded(report, "levers", name, batch, lambda: classic_case(args, device, batch, name, flops, peak))
 
 
+def family_config(args: argparse.Namespace, family: str, device: torch.device) -> Config:
+    """A family's deploy recipe for one learner on `device` in steady state (no warm-up, prototypes
+    trained, the queue, if any, full and in use); shrunk for the CPU with --tiny."""
+    sets = [f"train.device={device.type}", "train.learners=1", "model.sync_batchnorm=false",
+            f"train.compile={'true' if args.compile_on else 'false'}", f"train.compile_mode={args.compile_mode}",
+            "swav.freeze_prototypes_steps=0", "swav.queue_start_images=0", "optim.warmup_images=0"]
+    if args.tiny:
+        sets += TINY_RECIPE_SETS + TINY_FAMILY_SETS[family] + ["train.batch_size=8"]
+    if args.family_batch:
+        sets.append(f"train.batch_size={args.family_batch}")
+    return load_config(DEPLOY_CONFIGS / FAMILY_RECIPES[family], sets)
+
+
+def run_families(args: argparse.Namespace, device: torch.device, report: dict[str, Any],
+                 peak: float | None) -> None:
+    """Our learner step for each family's recipe; the ResNet-50 recipe, when measured, is the baseline."""
+    for family in args.family_list:
+        cfg = family_config(args, family, device)
+        c = cfg.crops
+        name = (f"{family}: {cfg.model.arch}, {c.global_count}x{c.global_size} + {c.local_count}x{c.local_size}, "
+                f"{cfg.optimizer}")
+
+        def case() -> list[Result]:
+            flops = network_flops(cfg, device)
+            learner = Learner(cfg, device)
+            if learner.queue is not None:
+                learner.queue.load_state_dict({"features": random_queue(cfg), "fill": cfg.swav.queue_length,
+                                               "next": 0})
+            crops = device_batch(cfg, cfg.train.batch_size, device)
+            result = timed(ours_step(learner, crops), device, args.warmup, args.steps, cfg.train.batch_size, name,
+                           flops, peak)
+            report.setdefault("family_flops_per_image", {})[family] = flops
+            return [result]
+
+        release(device)
+        guarded(report, "families", name, cfg.train.batch_size, case)
+
+
 # ----------------------------------------------------------------------------- output
 
 def emit(report: dict[str, Any], section: str, result: Result) -> None:
@@ -562,6 +618,22 @@ def print_table(rows: list[dict[str, Any]], baseline: dict[int, float], title: s
               f"{fmt(ratio, '.2f') + ('x' if ratio is not None else ''):>10} {row['warmup_s']:>9.1f}{skipped}")
 
 
+def print_families(rows: list[dict[str, Any]]) -> None:
+    """Each family's figures beside the ResNet recipe's, measured in the same run."""
+    baseline = next((r for r in rows if r["name"].startswith("resnet:") and not r["error"]), None)
+    print(f"\nOurs per backbone family (each at its recipe's crops and batch)")
+    print(f"{'path':<62} {'batch':>5} {'images/s':>9} {'step ms':>8} {'peak GiB':>8} {'MFU':>6} {'vs resnet':>9}")
+    for row in rows:
+        if row["error"]:
+            print(f"{row['name']:<62} {row['batch']:>5} {row['error']}")
+            continue
+        ratio = row["images_per_s"] / baseline["images_per_s"] if baseline else None
+        mfu = None if row["mfu"] is None else 100 * row["mfu"]
+        print(f"{row['name']:<62} {row['batch']:>5} {row['images_per_s']:>9.1f} {row['step_ms']:>8.1f} "
+              f"{fmt(row['peak_gib'], '.1f'):>8} {fmt(mfu, '.1f') + ('%' if mfu is not None else ''):>6} "
+              f"{fmt(ratio, '.2f') + ('x' if ratio is not None else ''):>9}")
+
+
 def summarise(report: dict[str, Any]) -> None:
     classic = {r["batch"]: r["images_per_s"] for section in ("results", "levers") for r in report.get(section, [])
                if r["name"].startswith("classic") and not r["error"]}
@@ -573,6 +645,8 @@ def summarise(report: dict[str, Any]) -> None:
                       f"images/s (target at batch 256 on an H100: >= 2.0x)")
     if report.get("levers"):
         print_table(report["levers"], classic, f"Levers, batch {report['settings']['levers_batch']}")
+    if report.get("families"):
+        print_families(report["families"])
     match = report.get("loss_match")
     if match:
         losses = match["losses"]
@@ -617,6 +691,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help=f"run the lever ablation instead: all, or a comma list of {', '.join(LEVERS)}")
     parser.add_argument("--levers-batch", type=int, default=0,
                         help="batch size of the ablation (default 128 on CUDA: float32 eager at 256 needs ~90 GB)")
+    parser.add_argument("--families", nargs="?", const=",".join(FAMILY_RECIPES), default="",
+                        help="measure our step for each backbone family's deploy recipe instead: all, or a comma "
+                        f"list of {', '.join(FAMILY_RECIPES)} (with --tiny: shrunk to CPU size)")
+    parser.add_argument("--family-batch", type=int, default=0,
+                        help="batch size for --families (default: each recipe's own; tiny 8)")
     parser.add_argument("--peak-tflops", type=float, help="peak FLOP/s for MFU, in TFLOP/s (default: by device name)")
     parser.add_argument("--cpu-threads", type=int, default=1,
                         help="torch threads on CPU (default 1: on a shared machine more threads make steps erratic)")
@@ -642,6 +721,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if not args.levers_batch:
         args.levers_batch = 128 if args.device == "cuda" else max(args.batch_list)
     args.compile_on = args.compile == "on" or (args.compile == "auto" and args.device == "cuda")
+    args.family_list = list(FAMILY_RECIPES) if args.families == "all" else \
+        [f.strip() for f in args.families.split(",") if f.strip()]
+    unknown = set(args.family_list) - set(FAMILY_RECIPES)
+    if unknown:
+        parser.error(f"--families: unknown {', '.join(sorted(unknown))}; choose from {', '.join(FAMILY_RECIPES)}")
     return args
 
 
@@ -653,11 +737,20 @@ def main(argv: list[str] | None = None) -> None:
     torch.backends.cudnn.benchmark = True
     if device.type == "cpu":
         torch.set_num_threads(args.cpu_threads)
-    flops = flops_per_image(args, device)
     peak, peak_text = peak_flops(device, args.peak_tflops)
-    settings = {k: v for k, v in vars(args).items() if k not in ("lever_keys", "batch_list")}
-    report: dict[str, Any] = {"environment": environment(device), "settings": settings, "syncs_per_step": {},
-                              "flops_per_image": flops, "peak_flops": peak}
+    settings = {k: v for k, v in vars(args).items() if k not in ("lever_keys", "batch_list", "family_list")}
+    if args.family_list:
+        report: dict[str, Any] = {"environment": environment(device), "settings": settings, "peak_flops": peak}
+        print(" | ".join(f"{k} {v}" for k, v in report["environment"].items()), flush=True)
+        print(f"backbone families {', '.join(args.family_list)}: compile {'on' if args.compile_on else 'off'}; "
+              f"{args.warmup} warm-up + {args.steps} timed steps each; peak {peak_text}", flush=True)
+        run_families(args, device, report, peak)
+        summarise(report)
+        write_json(report)
+        return
+    flops = flops_per_image(args, device)
+    report = {"environment": environment(device), "settings": settings, "syncs_per_step": {},
+              "flops_per_image": flops, "peak_flops": peak}
     env = report["environment"]
     print(" | ".join(f"{k} {v}" for k, v in env.items()), flush=True)
     print(f"{args.arch}{' (small stem)' if args.small_stem else ''}, {args.global_count}x{args.global_size} + "

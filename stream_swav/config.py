@@ -85,7 +85,86 @@ def setting(default: Any, check: Check | None = None) -> Any:
 # ---------------------------------------------------------------------------------------- sections
 
 
-ARCHS = ("resnet10", "resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
+RESNET_ARCHS = ("resnet10", "resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
+# torchvision's RegNets (Radosavovic et al. 2020), SEER's family.
+REGNET_ARCHS = tuple(f"regnet_{kind}_{size}" for kind in ("y", "x")
+                     for size in ("400mf", "800mf", "1_6gf", "3_2gf", "8gf", "16gf", "32gf", "128gf")
+                     if (kind, size) != ("x", "128gf"))
+
+
+@dataclass(frozen=True)
+class ViTShape:
+    """A Vision Transformer's patch size, encoder blocks, attention heads and token width; its
+    position embeddings are for 224 px images and its MLPs are 4x the width, as in torchvision."""
+
+    patch_size: int
+    layers: int
+    heads: int
+    width: int
+    image_size: int = 224
+
+
+# torchvision's ViTs (Dosovitskiy et al. 2021) and ViT-S/16, DINO's workhorse (Caron et al. 2021),
+# built from the same torchvision class.
+VIT_SHAPES = {
+    "vit_s_16": ViTShape(16, 12, 6, 384),
+    "vit_b_16": ViTShape(16, 12, 12, 768),
+    "vit_b_32": ViTShape(32, 12, 12, 768),
+    "vit_l_16": ViTShape(16, 24, 16, 1024),
+    "vit_l_32": ViTShape(32, 24, 16, 1024),
+    "vit_h_14": ViTShape(14, 32, 16, 1280),
+}
+ARCHS = RESNET_ARCHS + REGNET_ARCHS + tuple(VIT_SHAPES)
+OPTIMIZERS = ("auto", "lars", "sgd", "adamw")
+# What `optim.optimizer: auto` picks: LARS for convolutional nets (SwAV, SEER), AdamW for ViTs (DINO).
+FAMILY_OPTIMIZER = {"resnet": "lars", "regnet": "lars", "vit": "adamw"}
+# Defaults of the optim keys a configuration leaves unset when the optimiser is AdamW: DINO's
+# ViT-S/16 recipe (lr 5e-4 per 256 images to 1e-6, weight decay 0.04 to 0.4 on a cosine) with
+# DINOv2's gradient clipping at norm 3. The other defaults in OptimConfig are SwAV's LARS recipe.
+ADAMW_DEFAULTS: dict[str, Any] = {"optim": {
+    "base_lr": 5e-4, "final_lr": 1e-6, "weight_decay": 0.04, "weight_decay_end": 0.4,
+    "weight_decay_schedule": "cosine", "clip_grad_norm": 3.0}}
+
+
+def arch_family(arch: str) -> str:
+    """resnet, regnet or vit."""
+    if arch in VIT_SHAPES:
+        return "vit"
+    return "regnet" if arch.startswith("regnet_") else "resnet"
+
+
+def vit_shape(backbone: Any) -> ViTShape:
+    """The ViT shape of a model section or backbone spec: its arch's, with each vit_* key and width
+    that is not 0 in its place."""
+    shape = VIT_SHAPES[backbone.arch]
+    return ViTShape(backbone.vit_patch_size or shape.patch_size, backbone.vit_layers or shape.layers,
+                    backbone.vit_heads or shape.heads, backbone.width or shape.width,
+                    backbone.vit_image_size or shape.image_size)
+
+
+VIT_KEYS = ("vit_patch_size", "vit_layers", "vit_heads", "vit_image_size")
+
+
+def backbone_rules(backbone: Any) -> Iterator[Rule]:
+    """The rules a backbone's fields (a model section or a BackboneSpec) must meet together."""
+    family = arch_family(backbone.arch)
+    yield ("model.small_stem", family != "vit" or not backbone.small_stem,
+           "applies to ResNets and RegNets; a ViT's stem is its patch size (model.vit_patch_size)",
+           backbone.small_stem)
+    yield ("model.stem_stride", backbone.stem_stride == 1 or (backbone.small_stem and family == "resnet"),
+           "can be 2 only with model.small_stem: true on a ResNet", backbone.stem_stride)
+    yield ("model.width", family != "regnet" or backbone.width == 0,
+           "RegNets keep torchvision's widths; leave it at 0", backbone.width)
+    for key in VIT_KEYS:
+        value = getattr(backbone, key)
+        yield (f"model.{key}", family == "vit" or value == 0,
+               f"applies to ViTs only (model.arch is {backbone.arch}); leave it at 0", value)
+    if family == "vit":
+        shape = vit_shape(backbone)
+        yield ("model.width", shape.width % shape.heads == 0,
+               f"a ViT's width must be a multiple of its heads ({shape.heads})", shape.width)
+        yield ("model.vit_image_size", shape.image_size % shape.patch_size == 0,
+               f"must be a multiple of the patch size ({shape.patch_size})", shape.image_size)
 CODES = ("sinkhorn", "prior", "relaxed")
 SCHEDULES = ("warmup-constant", "warmup-cosine")
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
@@ -167,21 +246,36 @@ class AugmentConfig:
 
 @dataclass
 class ModelConfig:
+    # A ResNet (resnet10..resnet152), a RegNet (regnet_y_*, regnet_x_*) or a ViT (vit_s_16, vit_b_16,
+    # vit_b_32, vit_l_16, vit_l_32, vit_h_14).
     arch: str = setting("resnet50", one_of(*ARCHS))
-    # CIFAR-style stem (3x3 conv, stride 1, no max-pool) for 28-64 px images.
+    # ResNet: CIFAR-style stem (3x3 conv, stride 1, no max-pool); RegNet: stride-1 stem. For 28-64 px images.
     small_stem: bool = False
-    # 2 halves the small stem's output resolution: 4x cheaper, for CPU runs.
+    # 2 halves a ResNet's small stem's output resolution: 4x cheaper, for CPU runs.
     stem_stride: int = setting(1, one_of(1, 2))
-    # Channels of the first residual stage (torchvision: 64); later stages double it.
-    width: int = setting(64, POSITIVE)
+    # ResNet: channels of the first stage (torchvision: 64), doubled at each later one. ViT: token
+    # width (heads x head size). 0: the architecture's own. RegNets keep theirs.
+    width: int = setting(0, NON_NEGATIVE)
+    # ViT only, 0: the architecture's own. Small values make CPU-sized ViTs of the same class.
+    vit_patch_size: int = setting(0, NON_NEGATIVE)
+    vit_layers: int = setting(0, NON_NEGATIVE)
+    vit_heads: int = setting(0, NON_NEGATIVE)
+    # Resolution of the position embeddings the ViT keeps as weights; other crop sizes interpolate them.
+    vit_image_size: int = setting(0, NON_NEGATIVE)
     hidden_dim: int = setting(2048, POSITIVE)
     output_dim: int = setting(128, POSITIVE)
     prototypes: int = setting(3000, POSITIVE)
+    # Only for nets with BatchNorm (ResNets, RegNets); a ViT and its head have none.
     sync_batchnorm: bool = False
 
+    @property
+    def family(self) -> str:
+        return arch_family(self.arch)
+
     def rules(self) -> Iterator[Rule]:
-        yield ("model.stem_stride", self.stem_stride == 1 or self.small_stem,
-               "can be 2 only with model.small_stem: true", self.stem_stride)
+        yield from backbone_rules(self)
+        yield ("model.sync_batchnorm", self.family != "vit" or not self.sync_batchnorm,
+               "a ViT has no BatchNorm to synchronise; set it to false", self.sync_batchnorm)
 
     def advice(self) -> Iterator[str]:
         if self.prototypes < self.output_dim:
@@ -221,13 +315,21 @@ class SwAVConfig:
 
 @dataclass
 class OptimConfig:
-    optimizer: str = setting("lars", one_of("lars", "sgd"))
+    # auto: LARS for ResNets and RegNets, AdamW for ViTs. With AdamW, the keys below that the
+    # configuration leaves unset take ADAMW_DEFAULTS (DINO's recipe) instead of SwAV's.
+    optimizer: str = setting("auto", one_of(*OPTIMIZERS))
     # Learning rate for a global batch of 256; scaled linearly with the batch.
     base_lr: float = setting(0.6, POSITIVE)
     final_lr: float = setting(0.0006, NON_NEGATIVE)
+    # LARS and SGD only.
     momentum: float = setting(0.9, within(0.0, 1.0, high_open=True))
     weight_decay: float = setting(1e-6, NON_NEGATIVE)
+    # constant (weight_decay throughout) or cosine (weight_decay to weight_decay_end over cosine_images).
+    weight_decay_schedule: str = setting("constant", one_of("constant", "cosine"))
+    weight_decay_end: float = setting(0.4, NON_NEGATIVE)
     trust_coefficient: float = setting(0.001, POSITIVE)
+    # Gradients are rescaled to at most this global norm before each step; 0 leaves them alone.
+    clip_grad_norm: float = setting(0.0, NON_NEGATIVE)
     # warmup-constant (endless streams) or warmup-cosine (to final_lr over cosine_images).
     schedule: str = setting("warmup-constant", one_of(*SCHEDULES))
     warmup_images: int = setting(10 * 1_281_167, NON_NEGATIVE)
@@ -236,6 +338,8 @@ class OptimConfig:
     def rules(self) -> Iterator[Rule]:
         yield ("optim.cosine_images", self.schedule != "warmup-cosine" or self.cosine_images > self.warmup_images,
                "must be > optim.warmup_images for warmup-cosine", self.cosine_images)
+        yield ("optim.final_lr", self.schedule != "warmup-cosine" or self.final_lr <= self.base_lr,
+               "must be <= optim.base_lr for warmup-cosine", self.final_lr)
 
 
 @dataclass
@@ -334,16 +438,33 @@ class Config:
     def to_dict(self) -> dict[str, Any]:
         return _to_plain(dataclasses.asdict(self))
 
+    @property
+    def optimizer(self) -> str:
+        """The optimiser the run uses: optim.optimizer, with auto resolved from the architecture."""
+        chosen = self.optim.optimizer
+        return FAMILY_OPTIMIZER[self.model.family] if chosen == "auto" else chosen
+
     def rules(self) -> Iterator[Rule]:
+        if self.model.family == "vit" and self.model.arch in VIT_SHAPES:
+            patch = vit_shape(self.model).patch_size
+            for key, size, count in (("crops.global_size", self.crops.global_size, self.crops.global_count),
+                                     ("crops.local_size", self.crops.local_size, self.crops.local_count)):
+                yield (key, not count or size % patch == 0,
+                       f"a ViT's crops must be a multiple of its patch size ({patch})", size)
         assign = self.swav.crops_for_assign
         yield ("swav.crops_for_assign", len(assign) >= 1 and len(set(assign)) == len(assign)
                and all(0 <= i < self.total_crops for i in assign),
                f"must be distinct crop indices in [0, {self.total_crops})", assign)
 
+    def advice(self) -> Iterator[str]:
+        if self.optimizer == "adamw" and self.optim.base_lr > 0.01:
+            yield (f"optim.base_lr: {self.optim.base_lr} is a LARS rate; AdamW diverges there (DINO trains ViTs "
+                   f"at 5e-4 per 256 images, the AdamW default when the key is unset)")
+
     def warnings(self) -> list[str]:
         """Valid but risky settings, one line each naming the key (logged when a run starts)."""
-        return [line for s in dataclasses.fields(self) for line in getattr(getattr(self, s.name), "advice",
-                                                                              lambda: ())()]
+        parts = [getattr(self, s.name) for s in dataclasses.fields(self)] + [self]
+        return [line for part in parts for line in getattr(part, "advice", lambda: ())()]
 
     def validate(self) -> "Config":
         """Every field's check, then the rules relating fields; raises ConfigError naming the key."""
@@ -521,14 +642,22 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         layers.append(loaded)
     if overrides:
         layers.append(parse_overrides(overrides))
-    for layer in layers:
-        _apply(cfg, "", layer)
-    return cfg.validate()
+    return _build(layers)
 
 
 def config_from_dict(values: dict[str, Any]) -> Config:
+    return _build([values])
+
+
+def _build(layers: list[dict[str, Any]]) -> Config:
+    """Defaults <- layers, validated; the defaults are AdamW's where the layers choose AdamW."""
     cfg = Config()
-    _apply(cfg, "", values)
+    for layer in layers:
+        _apply(cfg, "", layer)
+    if cfg.optimizer == "adamw":
+        cfg = Config()
+        for layer in [ADAMW_DEFAULTS, *layers]:
+            _apply(cfg, "", layer)
     return cfg.validate()
 
 
@@ -540,4 +669,5 @@ def scaled_learning_rate(cfg: Config, lr: float) -> float:
 __all__ = ["Config", "ConfigError", "UsageError", "load_config", "config_from_dict", "parse_overrides", "merge_dicts",
            "scaled_learning_rate", "StorageConfig", "DataConfig", "CropsConfig", "AugmentConfig", "ModelConfig",
            "SwAVConfig", "OptimConfig", "TrainConfig", "CheckpointConfig", "MetricsConfig", "ARCHS", "CODES",
+           "RESNET_ARCHS", "REGNET_ARCHS", "VIT_SHAPES", "ViTShape", "arch_family", "vit_shape", "backbone_rules",
            "COMPILE_MODES", "SCHEDULES"]

@@ -26,7 +26,7 @@ from stream_swav.codes import build_codes
 from stream_swav.config import Config
 from stream_swav.data.batch import CropBatch
 from stream_swav.model import SwAVModel
-from stream_swav.optim import build_optimizer, learning_rate_for
+from stream_swav.optim import build_optimizer, learning_rate_for, weight_decay_for
 from stream_swav.swav import FeatureQueue, is_distributed, marginal_error, prototype_counts, swav_loss
 
 
@@ -185,7 +185,7 @@ class Learner:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(cfg.train.seed)
             model = SwAVModel(cfg.model)
-        if distributed and cfg.model.sync_batchnorm:
+        if distributed and cfg.model.sync_batchnorm:  # config refuses it for ViTs, which have no BatchNorm
             if self.device.type != "cuda":
                 raise ValueError("model.sync_batchnorm: SyncBatchNorm needs CUDA learners; set it to false on CPU")
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
@@ -283,11 +283,16 @@ class Learner:
         batch_size = _check_batch(batch, cfg)
         images_before = self.images_seen
         # The rate for the images seen once this batch is in, so the first step of a warmup is not wasted.
-        lr = learning_rate_for(cfg, images_before + batch_size * self.world_size)
+        images_after = images_before + batch_size * self.world_size
+        lr = learning_rate_for(cfg, images_after)
+        decay = weight_decay_for(cfg, images_after)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
+            if group["decayed"]:
+                group["weight_decay"] = decay
 
-        torch._foreach_copy_(self._buffer_snapshot, self._buffers)
+        if self._buffers:  # a ViT has none
+            torch._foreach_copy_(self._buffer_snapshot, self._buffers)
         crops = self._augment(batch)
         self.network.train()
         if self._cudagraphs:
@@ -314,7 +319,8 @@ class Learner:
         if nonfinite:
             self.nonfinite_total += 1
             self.nonfinite_in_row += 1
-            torch._foreach_copy_(self._buffers, self._buffer_snapshot)
+            if self._buffers:
+                torch._foreach_copy_(self._buffers, self._buffer_snapshot)
         else:
             self.nonfinite_in_row = 0
             self.codes.commit()
@@ -323,6 +329,9 @@ class Learner:
                 # means no momentum or weight decay either.
                 for p in self.model.prototypes.parameters():
                     p.grad = None
+            if cfg.optim.clip_grad_norm:
+                # The gradients are finite here and identical on every rank (DDP averaged them).
+                nn.utils.clip_grad_norm_(self.model.parameters(), cfg.optim.clip_grad_norm, foreach=True)
             self.optimizer.step()
             self.model.normalize_prototypes()
             if self.queue is not None and self.queue.accepts(images_before):

@@ -1,30 +1,36 @@
-"""SwAV network: ResNet trunk, MLP projection head, prototype layer.
+"""SwAV network: a backbone (ResNet, RegNet or ViT), a projection head, a prototype layer.
 
-The learner feeds crops grouped by resolution; each group is one backbone
-call, and the projection head then sees every crop of the step at once so its
-BatchNorm statistics cover all of them, as in the reference implementation.
+The learner feeds crops grouped by resolution; each group is one backbone call (a ViT interpolates
+its position embeddings to the group's patch grid), and the projection head then sees every crop of
+the step at once so its BatchNorm statistics cover all of them, as in the reference implementation.
+
+Every backbone keeps torchvision's module names, so its weights load strictly into the torchvision
+model it is built like (`BackboneSpec.torchvision_constructor`) with the classifier replaced by
+`nn.Identity()`; `load_backbone` loads any of them, however configured.
 """
 from __future__ import annotations
 
 import os
 from collections import OrderedDict
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 import torchvision
 from torch import Tensor, nn
+from torchvision.models import VisionTransformer
 from torchvision.models.resnet import BasicBlock, Bottleneck, conv1x1
 
-from stream_swav.config import ARCHS, ModelConfig
+from stream_swav.config import ARCHS, RESNET_ARCHS, VIT_KEYS, VIT_SHAPES, ModelConfig, arch_family, backbone_rules, \
+    vit_shape
 
 TORCHVISION_WIDTH = 64
 # A backbone file records its BackboneSpec under this key of the state dict's `_metadata`: the
 # per-module metadata PyTorch keeps on every state dict. It survives torch.save and
 # torch.load(weights_only=True), and load_state_dict only reads the entries of the modules it
-# loads, so the file describes itself and still loads strictly into torchvision's ResNet.
+# loads, so the file describes itself and still loads strictly into torchvision's model.
 SPEC_METADATA_KEY = "stream_swav.backbone_spec"
 # Backbone files written before the spec was recorded carried zero-filled torchvision classifier
 # entries (SwAV trains no classifier); loading drops them.
@@ -40,62 +46,139 @@ RESNET_LAYOUTS: dict[str, tuple[type[nn.Module], tuple[int, int, int, int]]] = {
     "resnet101": (Bottleneck, (3, 4, 23, 3)),
     "resnet152": (Bottleneck, (3, 8, 36, 3)),
 }
-assert set(RESNET_LAYOUTS) == set(ARCHS)
+assert set(RESNET_LAYOUTS) == set(RESNET_ARCHS)
 
 
 @dataclass(frozen=True)
 class BackboneSpec:
-    """Everything needed to rebuild a backbone from its weights; every checkpoint records it."""
+    """Everything needed to rebuild a backbone from its weights; every checkpoint records it.
+
+    The fields mirror the `model` config section. Zeros meaning "the architecture's own" are
+    resolved on construction, so two specs of the same network are equal however they were written.
+    """
 
     arch: str
-    # CIFAR-style stem: a 3x3 convolution and no max-pool, for 28-64 px images.
+    # ResNet: CIFAR-style stem (3x3 convolution, no max-pool); RegNet: a stride-1 stem. For 28-64 px images.
     small_stem: bool = False
-    # Stride of the small stem: 2 runs the first stage at half resolution (14x14 for 28 px).
+    # Stride of a ResNet's small stem: 2 runs the first stage at half resolution (14x14 for 28 px).
     stem_stride: int = 1
-    # Channels of the first residual stage, doubled at each later stage; torchvision's is 64.
-    width: int = TORCHVISION_WIDTH
+    # ResNet: channels of the first stage, doubled at each later one (torchvision: 64). ViT: token width.
+    width: int = 0
+    # ViT only: patch size, encoder blocks, attention heads, resolution of the position embeddings.
+    vit_patch_size: int = 0
+    vit_layers: int = 0
+    vit_heads: int = 0
+    vit_image_size: int = 0
 
     def __post_init__(self) -> None:
-        if self.arch not in ARCHS:
+        if not isinstance(self.arch, str) or self.arch not in ARCHS:
             raise ValueError(f"unknown backbone {self.arch!r}; expected one of {', '.join(ARCHS)}")
-        if self.stem_stride not in (1, 2) or (self.stem_stride != 1 and not self.small_stem):
-            raise ValueError(f"stem_stride must be 1, or 2 with the small stem; got {self.stem_stride} "
-                             f"(small_stem={self.small_stem})")
-        if isinstance(self.width, bool) or not isinstance(self.width, int) or self.width < 1:
-            raise ValueError(f"width must be a positive integer, got {self.width!r}")
+        if not isinstance(self.small_stem, bool):
+            raise ValueError(f"small_stem must be true or false, got {self.small_stem!r}")
+        for name in ("stem_stride", "width", *VIT_KEYS):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"{name} must be an integer >= 0, got {value!r}")
+        if self.stem_stride not in (1, 2):
+            raise ValueError(f"stem_stride must be 1 or 2, got {self.stem_stride}")
+        if self.family == "resnet" and self.width == 0:
+            object.__setattr__(self, "width", TORCHVISION_WIDTH)
+        if self.family == "vit":
+            shape = vit_shape(self)
+            for name, value in (("width", shape.width), ("vit_patch_size", shape.patch_size),
+                                ("vit_layers", shape.layers), ("vit_heads", shape.heads),
+                                ("vit_image_size", shape.image_size)):
+                object.__setattr__(self, name, value)
+        for key, holds, message, value in backbone_rules(self):
+            if not holds:
+                raise ValueError(f"{key}: {message}, got {value!r}")
 
     @classmethod
     def from_config(cls, cfg: ModelConfig) -> "BackboneSpec":
-        return cls(cfg.arch, cfg.small_stem, cfg.stem_stride, cfg.width)
+        return cls(**{f.name: getattr(cfg, f.name) for f in fields(cls)})
 
     @classmethod
     def from_record(cls, record: Mapping[str, Any]) -> "BackboneSpec":
-        """From a checkpoint record or a `model` config section; stem_stride and width may be
-        absent (checkpoints written before they existed). Raises ValueError naming what is wrong."""
+        """From a checkpoint record or a `model` config section; every field but arch and small_stem
+        may be absent (checkpoints written before it existed). Raises ValueError naming what is wrong."""
         arch, small_stem = record.get("arch"), record.get("small_stem")
         if not isinstance(arch, str) or not isinstance(small_stem, bool):
             raise ValueError(f"a backbone needs arch (str) and small_stem (bool), got arch={arch!r}, "
                              f"small_stem={small_stem!r}")
-        return cls(arch, small_stem, record.get("stem_stride", 1), record.get("width", TORCHVISION_WIDTH))
+        return cls(arch, small_stem, **{f.name: record.get(f.name, f.default) for f in fields(cls)[2:]})
 
     def to_record(self) -> dict[str, Any]:
         return asdict(self)
 
     @property
+    def family(self) -> str:
+        """resnet, regnet or vit."""
+        return arch_family(self.arch)
+
+    @property
+    def classifier(self) -> str:
+        """The torchvision model's classifier attribute, which stream-swav's backbones replace with nn.Identity()."""
+        return "heads" if self.family == "vit" else "fc"
+
+    def torchvision_constructor(self) -> str | None:
+        """The Python expression of the torchvision model these weights load into strictly (its
+        classifier set to nn.Identity()) and that computes the same features; None when there is none
+        (resnet10, a small stem, a ResNet width other than 64)."""
+        if self.family == "vit":
+            if vit_shape(self) == VIT_SHAPES[self.arch] and hasattr(torchvision.models, self.arch):
+                return f"torchvision.models.{self.arch}()"
+            return (f"torchvision.models.VisionTransformer(image_size={self.vit_image_size}, "
+                    f"patch_size={self.vit_patch_size}, num_layers={self.vit_layers}, num_heads={self.vit_heads}, "
+                    f"hidden_dim={self.width}, mlp_dim={4 * self.width})")
+        if self.small_stem or (self.family == "resnet" and self.width != TORCHVISION_WIDTH):
+            return None
+        return f"torchvision.models.{self.arch}()" if hasattr(torchvision.models, self.arch) else None
+
+    @property
     def torchvision_compatible(self) -> bool:
-        """Whether the weights load into `torchvision.models.<arch>()` as they are."""
-        return hasattr(torchvision.models, self.arch) and not self.small_stem and self.width == TORCHVISION_WIDTH
+        """Whether the weights load into a torchvision model as they are (see `torchvision_constructor`)."""
+        return self.torchvision_constructor() is not None
 
     def describe(self) -> str:
         details = []
-        if self.width != TORCHVISION_WIDTH:
-            details.append(f"width {self.width}")
-        if self.small_stem:
-            details.append("small stem" + (f", stride {self.stem_stride}" if self.stem_stride != 1 else ""))
+        if self.family == "vit":
+            default = VIT_SHAPES[self.arch]
+            for value, own, text in ((self.width, default.width, f"width {self.width}"),
+                                     (self.vit_layers, default.layers, f"{self.vit_layers} layers"),
+                                     (self.vit_heads, default.heads, f"{self.vit_heads} heads"),
+                                     (self.vit_patch_size, default.patch_size, f"patch {self.vit_patch_size}"),
+                                     (self.vit_image_size, default.image_size, f"{self.vit_image_size} px")):
+                if value != own:
+                    details.append(text)
+        elif self.family == "regnet":
+            if self.small_stem:
+                details.append("stride-1 stem")
+        else:
+            if self.width != TORCHVISION_WIDTH:
+                details.append(f"width {self.width}")
+            if self.small_stem:
+                details.append("small stem" + (f", stride {self.stem_stride}" if self.stem_stride != 1 else ""))
         return self.arch + (f" ({', '.join(details)})" if details else "")
 
 
-class ResNetTrunk(nn.Module):
+class Trunk:
+    """What every backbone module offers besides `forward` (images -> pooled features): its spec,
+    its feature width and its weights as stream-swav writes them."""
+
+    spec: BackboneSpec
+    feature_dim: int
+
+    def backbone_state_dict(self) -> OrderedDict[str, Tensor]:
+        """The weights as stream-swav writes them (backbone.pt, `stream-swav export`): a CPU copy
+        keyed as the torchvision model without its classifier, with the spec recorded under
+        `SPEC_METADATA_KEY` of its `_metadata`."""
+        state = self.state_dict()  # type: ignore[attr-defined]
+        weights = OrderedDict((k, v.detach().to("cpu", copy=True)) for k, v in state.items())
+        weights._metadata = {**state._metadata, SPEC_METADATA_KEY: self.spec.to_record()}  # type: ignore[attr-defined]
+        return weights
+
+
+class ResNetTrunk(Trunk, nn.Module):
     """torchvision's ResNet without its classifier, with a choice of stem and width.
 
     Module names and initialisation follow torchvision's, so at width 64 with the standard stem the
@@ -144,19 +227,63 @@ class ResNetTrunk(nn.Module):
         x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
         return self.fc(torch.flatten(self.avgpool(x), 1))
 
-    def backbone_state_dict(self) -> OrderedDict[str, Tensor]:
-        """The weights as stream-swav writes them (backbone.pt, `stream-swav export`): a CPU copy
-        keyed as `torchvision.models.<arch>()` without the classifier, with the spec recorded
-        under `SPEC_METADATA_KEY` of its `_metadata`."""
-        state = self.state_dict()
-        weights = OrderedDict((k, v.detach().to("cpu", copy=True)) for k, v in state.items())
-        weights._metadata = {**state._metadata, SPEC_METADATA_KEY: self.spec.to_record()}  # type: ignore[attr-defined]
-        return weights
+
+class RegNetTrunk(Trunk, nn.Module):
+    """torchvision's RegNet without its classifier: its stem and stages, under torchvision's names
+    and with its initialisation; the small stem is the same convolution at stride 1."""
+
+    def __init__(self, spec: BackboneSpec) -> None:
+        super().__init__()
+        self.spec = spec
+        net = getattr(torchvision.models, spec.arch)()
+        self.stem, self.trunk_output, self.avgpool = net.stem, net.trunk_output, net.avgpool
+        if spec.small_stem:
+            self.stem[0].stride = (1, 1)
+        self.fc = nn.Identity()
+        self.feature_dim = net.fc.in_features
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc(torch.flatten(self.avgpool(self.trunk_output(self.stem(x))), 1))
 
 
-def build_backbone(spec: BackboneSpec) -> tuple[ResNetTrunk, int]:
-    """A randomly initialised ResNet trunk and its feature width."""
-    backbone = ResNetTrunk(spec)
+class ViTTrunk(Trunk, VisionTransformer):
+    """torchvision's VisionTransformer without its classifier, for any crop size that is a multiple
+    of the patch size: the position embeddings, kept as weights for `vit_image_size`, are
+    interpolated bicubically to other patch grids (as DINO does for multi-crop). The feature is the
+    class token after the final LayerNorm, what torchvision's classifier reads; at the native size
+    the output is torchvision's."""
+
+    def __init__(self, spec: BackboneSpec) -> None:
+        super().__init__(image_size=spec.vit_image_size, patch_size=spec.vit_patch_size, num_layers=spec.vit_layers,
+                         num_heads=spec.vit_heads, hidden_dim=spec.width, mlp_dim=4 * spec.width)
+        self.spec = spec
+        self.heads = nn.Identity()
+        self.feature_dim = spec.width
+
+    def position_embedding(self, rows: int, cols: int) -> Tensor:
+        """(1, 1 + rows * cols, width) embeddings for a rows x cols patch grid."""
+        embedding = self.encoder.pos_embedding
+        grid = self.image_size // self.patch_size
+        if (rows, cols) == (grid, grid):
+            return embedding
+        patches = embedding[:, 1:].reshape(1, grid, grid, -1).permute(0, 3, 1, 2)
+        patches = F.interpolate(patches, size=(rows, cols), mode="bicubic", align_corners=False)
+        return torch.cat([embedding[:, :1], patches.permute(0, 2, 3, 1).reshape(1, rows * cols, -1)], dim=1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        tokens = self.conv_proj(x)
+        n, _, rows, cols = tokens.shape
+        tokens = torch.cat([self.class_token.expand(n, -1, -1), tokens.flatten(2).transpose(1, 2)], dim=1)
+        tokens = self.encoder.dropout(tokens + self.position_embedding(rows, cols))
+        return self.heads(self.encoder.ln(self.encoder.layers(tokens))[:, 0])
+
+
+TRUNKS: dict[str, type[nn.Module]] = {"resnet": ResNetTrunk, "regnet": RegNetTrunk, "vit": ViTTrunk}
+
+
+def build_backbone(spec: BackboneSpec) -> tuple[nn.Module, int]:
+    """A randomly initialised backbone of `spec`'s family and its feature width."""
+    backbone = TRUNKS[spec.family](spec)
     return backbone, backbone.feature_dim
 
 
@@ -173,9 +300,9 @@ def recorded_spec(state_dict: Mapping[str, Tensor]) -> BackboneSpec | None:
 
 
 def load_backbone(source: str | os.PathLike[str] | Mapping[str, Tensor],
-                  spec: BackboneSpec | None = None) -> ResNetTrunk:
+                  spec: BackboneSpec | None = None) -> nn.Module:
     """The feature extractor of a backbone file (a local path) or state dict, in eval mode:
-    it returns pooled features (its `fc` is `nn.Identity`).
+    it returns pooled features (its classifier is `nn.Identity`).
 
     The architecture is the spec the weights record; `spec` is needed only for files that record
     none (their checkpoint's latest.json or meta.json has it), and is checked against the recorded
@@ -195,8 +322,8 @@ def load_backbone(source: str | os.PathLike[str] | Mapping[str, Tensor],
     if spec is not None and recorded is not None and spec != recorded:
         raise ValueError(f"state dict does not match {spec.describe()}: it records {recorded.describe()}")
     spec = spec or recorded
-    backbone = ResNetTrunk(spec)
-    weights = {k: v for k, v in state.items() if k not in PLACEHOLDER_FC_KEYS}
+    backbone, _ = build_backbone(spec)
+    weights = {k: v for k, v in state.items() if k not in PLACEHOLDER_FC_KEYS or spec.family != "resnet"}
     try:
         backbone.load_state_dict(weights, strict=True)
     except RuntimeError as error:
@@ -209,12 +336,13 @@ class SwAVModel(nn.Module):
         super().__init__()
         self.spec = BackboneSpec.from_config(cfg)
         self.backbone, self.feature_dim = build_backbone(self.spec)
-        self.projection = nn.Sequential(
-            nn.Linear(self.feature_dim, cfg.hidden_dim),
-            nn.BatchNorm1d(cfg.hidden_dim),
-            nn.ReLU(inplace=True),
-            nn.Linear(cfg.hidden_dim, cfg.output_dim),
-        )
+        if self.spec.family == "vit":
+            # DINO's head for ViTs: no BatchNorm, so a ViT run has none to synchronise and no batch
+            # statistics couple its crops.
+            hidden: list[nn.Module] = [nn.Linear(self.feature_dim, cfg.hidden_dim), nn.GELU()]
+        else:
+            hidden = [nn.Linear(self.feature_dim, cfg.hidden_dim), nn.BatchNorm1d(cfg.hidden_dim), nn.ReLU(inplace=True)]
+        self.projection = nn.Sequential(*hidden, nn.Linear(cfg.hidden_dim, cfg.output_dim))
         self.prototypes = nn.Linear(cfg.output_dim, cfg.prototypes, bias=False)
         self.normalize_prototypes()
 
@@ -247,13 +375,15 @@ class SwAVModel(nn.Module):
         return self.backbone(images)
 
     def backbone_state_dict(self) -> OrderedDict[str, Tensor]:
-        """Backbone weights on CPU, keyed as in `torchvision.models.<arch>()` without `fc`
-        (SwAV trains no classifier), with the spec recorded (see `ResNetTrunk.backbone_state_dict`).
+        """Backbone weights on CPU, keyed as the torchvision model without its classifier (SwAV
+        trains none), with the spec recorded (see `Trunk.backbone_state_dict`).
 
-        When `spec.torchvision_compatible`, `m = torchvision.models.<arch>(); m.fc = nn.Identity()`
-        loads it with `strict=True`; any spec loads with `load_backbone(state)`.
+        When `spec.torchvision_constructor()` names a model, that model with its classifier
+        (`spec.classifier`) set to nn.Identity() loads it with `strict=True`; any spec loads with
+        `load_backbone(state)`.
         """
         return self.backbone.backbone_state_dict()
 
 
-__all__ = ["BackboneSpec", "ResNetTrunk", "SwAVModel", "build_backbone", "load_backbone", "recorded_spec"]
+__all__ = ["BackboneSpec", "RegNetTrunk", "ResNetTrunk", "SwAVModel", "Trunk", "ViTTrunk", "build_backbone",
+           "load_backbone", "recorded_spec"]

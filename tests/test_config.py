@@ -173,7 +173,7 @@ def test_malformed_overrides_are_refused_clearly():
     # Choices.
     ("model.arch=vit_b16", "model.arch"),
     ("model.stem_stride=3", "model.stem_stride"),
-    ("model.width=0", "model.width"),
+    ("model.width=-8", "model.width"),
     ("swav.codes=greedy", "swav.codes"),
     ("optim.optimizer=adam", "optim.optimizer"),
     ("optim.schedule=linear", "optim.schedule"),
@@ -196,6 +196,39 @@ def test_validation_names_the_offending_key(override, key):
 def test_stride_two_stem_needs_the_small_stem():
     assert "model.small_stem" in str(refused(["model.stem_stride=2"], "model.stem_stride"))
     assert load_config(None, ["model.small_stem=true", "model.stem_stride=2"]).model.stem_stride == 2
+
+
+@pytest.mark.parametrize("overrides, key, says", [
+    (["model.arch=vit_s_16", "model.small_stem=true"], "model.small_stem", "patch size"),
+    (["model.arch=regnet_y_400mf", "model.small_stem=true", "model.stem_stride=2"], "model.stem_stride", "ResNet"),
+    (["model.arch=regnet_y_400mf", "model.width=32"], "model.width", "RegNets keep torchvision's widths"),
+    (["model.arch=resnet18", "model.vit_layers=4"], "model.vit_layers", "applies to ViTs only"),
+    (["model.arch=vit_s_16", "model.width=100"], "model.width", "multiple of its heads (6)"),
+    (["model.arch=vit_s_16", "model.vit_image_size=100"], "model.vit_image_size", "multiple of the patch size (16)"),
+    (["model.arch=vit_s_16", "crops.local_size=90"], "crops.local_size", "multiple of its patch size (16)"),
+    (["model.arch=vit_b_16", "model.sync_batchnorm=true"], "model.sync_batchnorm", "no BatchNorm"),
+    (["optim.schedule=warmup-cosine", "optim.base_lr=0.0001"], "optim.final_lr", "<= optim.base_lr"),
+])
+def test_backbone_families_refuse_what_does_not_apply_to_them(overrides, key, says):
+    assert says in str(refused(overrides, key))
+
+
+def test_the_optimiser_and_its_defaults_follow_the_architecture():
+    resnet, vit = load_config(), load_config(overrides=["model.arch=vit_s_16"])
+    assert (resnet.optimizer, resnet.optim.base_lr, resnet.optim.weight_decay_schedule) == ("lars", 0.6, "constant")
+    assert (vit.optimizer, vit.optim.base_lr, vit.optim.final_lr) == ("adamw", 5e-4, 1e-6)
+    assert (vit.optim.weight_decay, vit.optim.weight_decay_end, vit.optim.clip_grad_norm) == (0.04, 0.4, 3.0)
+    # Whatever the configuration sets wins, and a configuration that travels as a dict stays the same.
+    tuned = load_config(overrides=["model.arch=vit_s_16", "optim.base_lr=0.001", "optim.weight_decay=0.05"])
+    assert (tuned.optim.base_lr, tuned.optim.weight_decay, tuned.optim.final_lr) == (0.001, 0.05, 1e-6)
+    assert config_from_dict(tuned.to_dict()) == tuned
+    # AdamW chosen for a ResNet takes AdamW's defaults; LARS chosen for a ViT takes SwAV's.
+    assert load_config(overrides=["optim.optimizer=adamw"]).optim.base_lr == 5e-4
+    lars_vit = load_config(overrides=["model.arch=vit_s_16", "optim.optimizer=lars"])
+    assert (lars_vit.optimizer, lars_vit.optim.base_lr) == ("lars", 0.6)
+    # A LARS rate carried over to a ViT is valid but warned about, naming the key.
+    (line,) = load_config(overrides=["model.arch=vit_s_16", "optim.base_lr=0.6"]).warnings()
+    assert line.startswith("optim.base_lr: 0.6 is a LARS rate; AdamW diverges there")
 
 
 def test_fewer_prototypes_than_embedding_dimensions_is_valid_but_warned():

@@ -81,9 +81,10 @@ def learner_snapshot(learner: Learner) -> dict[str, Any]:
     return {
         "params": [p.detach().clone() for p in learner.model.parameters()],
         "buffers": [b.detach().clone() for b in learner.model.buffers()],
-        "momentum": {i: s["momentum_buffer"].clone()
-                     for i, s in enumerate(learner.optimizer.state[p] for p in learner.model.parameters())
-                     if "momentum_buffer" in s},
+        # Every tensor of the optimiser's state: LARS' momentum, AdamW's moments and step counts.
+        "optimizer": {(i, key): value.clone()
+                      for i, state in enumerate(learner.optimizer.state[p] for p in learner.model.parameters())
+                      for key, value in state.items() if isinstance(value, torch.Tensor)},
         "queue": learner.queue.buffer.clone() if learner.queue is not None else None,
     }
 
@@ -92,9 +93,9 @@ def assert_same(a: dict[str, Any], b: dict[str, Any]) -> None:
     for key in ("params", "buffers"):
         for x, y in zip(a[key], b[key]):
             torch.testing.assert_close(x, y, rtol=0, atol=0, equal_nan=True)
-    assert a["momentum"].keys() == b["momentum"].keys()
-    for i in a["momentum"]:
-        torch.testing.assert_close(a["momentum"][i], b["momentum"][i], rtol=0, atol=0)
+    assert a["optimizer"].keys() == b["optimizer"].keys()
+    for key in a["optimizer"]:
+        torch.testing.assert_close(a["optimizer"][key], b["optimizer"][key], rtol=0, atol=0)
     if a["queue"] is not None:
         torch.testing.assert_close(a["queue"], b["queue"], rtol=0, atol=0)
 
@@ -160,9 +161,23 @@ def test_embeddings_orthogonal_to_every_prototype_have_no_score_spread():
     assert feature_spread(away).item() > 2 * MetricsConfig().collapse_spread
 
 
-def test_state_dict_round_trip_resumes_identically():
+# A small member of each backbone family, for the tiny crops above (a ViT with 2-pixel patches).
+FAMILY_MODELS: dict[str, dict[str, Any]] = {
+    "resnet": {"arch": "resnet18", "small_stem": True},
+    "regnet": {"arch": "regnet_y_400mf", "small_stem": True},
+    "vit": {"arch": "vit_s_16", "small_stem": False, "width": 32, "vit_layers": 2, "vit_heads": 2,
+            "vit_patch_size": 2, "vit_image_size": 6},
+}
+# The ViT trains with AdamW (its default), at an AdamW rate; the others with LARS.
+FAMILY_OPTIM: dict[str, dict[str, Any]] = {"vit": {"base_lr": 5e-4}}
+
+
+@pytest.mark.parametrize("family", FAMILY_MODELS)
+def test_state_dict_round_trip_resumes_identically(family):
     torch.set_num_threads(1)
-    cfg = tiny_config(swav={"queue_length": 8, "freeze_prototypes_steps": 2})
+    cfg = tiny_config(model=FAMILY_MODELS[family], optim=FAMILY_OPTIM.get(family, {}),
+                      swav={"queue_length": 8, "freeze_prototypes_steps": 2})
+    assert cfg.optimizer == ("adamw" if family == "vit" else "lars")
     stream = SyntheticStream(n_classes=4, image_size=8, seed=1)
     learner = Learner(cfg, torch.device("cpu"))
     for _ in range(3):

@@ -185,7 +185,8 @@ def test_backbone_spec_refuses_bad_values_and_reads_old_records():
     with pytest.raises(ValueError, match="stem_stride"):
         BackboneSpec("resnet18", small_stem=True, stem_stride=4)
     with pytest.raises(ValueError, match="width"):
-        BackboneSpec("resnet18", width=0)
+        BackboneSpec("resnet18", width=-1)
+    assert BackboneSpec("resnet18", width=0) == BackboneSpec("resnet18", width=64)  # 0: the architecture's own
     # Records written before stem_stride and width existed mean torchvision's trunk.
     assert BackboneSpec.from_record({"arch": "resnet50", "small_stem": False}) == BackboneSpec("resnet50")
     spec = BackboneSpec("resnet10", True, 2, 16)

@@ -271,6 +271,8 @@ def recalibrate_batchnorm(backbone: nn.Module, images: Tensor, mean: tuple[float
     for norm in norms:
         norm.reset_running_stats()
         norm.momentum = None  # cumulative average over every batch below
+    if not norms:  # a ViT: nothing to recalibrate, the row equals random-init
+        return copy.eval()
     copy.train()
     subset = images[:max_images] if max_images else images
     for batch in normalized_batches(subset, mean, std, batch_size, device):

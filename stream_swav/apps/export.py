@@ -1,11 +1,11 @@
 """`stream-swav export`: a checkpoint's backbone as a torchvision-keyed state_dict, optionally a torch.export program.
 
-The state_dict (``--out``, a torch.save file) is keyed as ``torchvision.models.<arch>()``
-without the classifier (SwAV trains none), and records the backbone's spec. With
-torchvision's stem at width 64 it loads strictly into torchvision::
+The state_dict (``--out``, a torch.save file) is keyed as the torchvision model without its
+classifier (SwAV trains none), and records the backbone's spec. Every ViT, every RegNet with its
+own stem and every ResNet with torchvision's stem at width 64 loads strictly into torchvision::
 
-    model = torchvision.models.resnet50()
-    model.fc = torch.nn.Identity()          # pooled features
+    model = torchvision.models.resnet50()   # or regnet_y_16gf(), vit_b_16(), VisionTransformer(...)
+    model.fc = torch.nn.Identity()          # pooled features (a ViT's classifier is model.heads)
     model.load_state_dict(torch.load("resnet50-swav.pt", weights_only=True))
     model.eval()
 
@@ -91,10 +91,12 @@ def loading_snippet(written: dict[str, Any]) -> list[str]:
     """Python lines that load the state_dict `export_backbone` wrote into `model` (a feature extractor)."""
     path, comments = _local_name(written["state_dict"])
     spec = BackboneSpec.from_record(written)
-    if spec.torchvision_compatible:
+    constructor = spec.torchvision_constructor()
+    if constructor:
         return [*comments, "import torch, torchvision",
-                f"model = torchvision.models.{spec.arch}()",
-                "model.fc = torch.nn.Identity()  # SwAV trains no classifier: the model returns pooled features",
+                f"model = {constructor}",
+                f"model.{spec.classifier} = torch.nn.Identity()  # SwAV trains no classifier: the model returns "
+                f"{'the class token' if spec.family == 'vit' else 'pooled features'}",
                 f"model.load_state_dict(torch.load({path!r}, weights_only=True))",
                 "model.eval()"]
     return [*comments, "import stream_swav",

@@ -39,7 +39,7 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 
 # Steps in the order the summary lists them: setup, background data, then the four measurements.
-STEPS = ("setup", "demo-shards", "e2e-shards", "learner", "e2e", "demo", "tests")
+STEPS = ("setup", "demo-shards", "e2e-shards", "learner", "families", "e2e", "demo", "tests")
 OUT_FILE_LIMIT = 8
 OUT_FILE_BYTES = 16 * 2**20
 TRAVEL_LIMIT = 64 * 2**20
@@ -690,6 +690,21 @@ def cmd_learner_figures(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_families_figures(args: argparse.Namespace) -> int:
+    """Per backbone family (bench/learner.py --families): its recipe's network and our step's figures."""
+    report = read_json(Path(args.families_json)) or {}
+    flops = report.get("family_flops_per_image") or {}
+    figures = {"environment": report.get("environment"), "families": {}}
+    for row in report.get("families", []):
+        family, _, recipe = row["name"].partition(": ")
+        figures["families"][family] = {
+            "recipe": recipe, "batch": row["batch"], "flops_per_image": flops.get(family),
+            **{k: row.get(k) for k in ("images_per_s", "step_ms", "peak_gib", "mfu", "warmup_s", "nonfinite_steps",
+                                       "error") if row.get(k) not in (None, "")}}
+    write_json_atomic(Path(args.json), figures)
+    return 0
+
+
 METRIC_LINE = re.compile(r"^(stream_swav_[a-z_]+)(\{[^}]*\})?\s+([-+0-9.eEinfNa]+)$")
 
 
@@ -957,6 +972,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--learner-json", required=True)
     p.add_argument("--json", required=True)
     p.set_defaults(func=cmd_learner_figures)
+
+    p = sub.add_parser("families-figures")
+    p.add_argument("--families-json", required=True)
+    p.add_argument("--json", required=True)
+    p.set_defaults(func=cmd_families_figures)
 
     p = sub.add_parser("scrape")
     p.add_argument("--url", required=True)

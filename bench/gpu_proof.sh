@@ -11,6 +11,8 @@
 #   demo-shards  background: the demo's Fashion-MNIST shards (the demo finds them done)
 #   e2e-shards   background: Fashion-MNIST upscaled to 256 px JPEG shards for the e2e step
 #   learner      bench/learner.py: our learner step vs a classic SwAV step, ResNet-50, batch 64 and 256
+#   families     bench/learner.py --families regnet,vit: our step for the RegNetY (SEER-style) and
+#                ViT-S/16 deploy recipes at their crops and batch, eager bf16
 #   e2e          `stream-swav train` with deploy/configs/resnet50-gpu.yaml on local Ray: decode actors
 #                on the CPUs feed one GPU learner; img/s, input wait and GPU utilisation
 #   demo         `stream-swav demo`: full ResNet-18, batch 256, 4 min of training, kNN on 60k/10k
@@ -64,6 +66,8 @@ if [[ $MODE == gpu ]]; then
     # torch.compile warms up once per batch size (a minute or more for ResNet-50), so 3 warm-up + 15
     # timed steps; 256 first, so that a cut-off at the cap loses batch 64, not the headline figure.
     LEARNER_S=200;     LEARNER_ARGS=(--batch-sizes 256,64 --warmup 3 --steps 15)
+    # Eager: compiling two more networks would take minutes; 3 warm-up steps cover cuDNN's autotuning.
+    FAMILIES_S=75;     FAMILIES_ARGS=(--families regnet,vit --compile off --warmup 3 --steps 10)
     # The train budget includes Ray's start (~6 s here); ~30 s of it are steady state.
     E2E_S=100;         E2E_BUDGET=(--set train.time_budget_s=45)
     E2E_SETS=(--set train.cpus_per_learner=2)
@@ -73,11 +77,12 @@ if [[ $MODE == gpu ]]; then
     DEMO_ARGS=(--set metrics.port=0)
     TESTS_S=120;       TESTS_WITH_DEMO=1
 else
-    TOTAL_S=${GPU_PROOF_BUDGET_S:-300}
+    TOTAL_S=${GPU_PROOF_BUDGET_S:-330}
     SETUP_S=60
     DEMO_SHARDS_S=120; DEMO_SHARD_ARGS=(--eval-train 500 --eval-test 200)
     E2E_SHARDS_S=60;   E2E_DATA_ARGS=(--count 1200 --size 64 --per-shard 300 --workers 2)
     LEARNER_S=120;     LEARNER_ARGS=(--tiny)
+    FAMILIES_S=60;     FAMILIES_ARGS=(--families regnet,vit --tiny)
     # Image budgets, not time budgets: on a loaded 2-core machine Ray's start alone can take 30 s of a
     # time budget, whose clock starts before it, and leave no step trained.
     E2E_S=150;         E2E_BUDGET=(--set train.image_budget=160 --set train.time_budget_s=0)
@@ -189,6 +194,7 @@ summary init --mode "$MODE" --budget-s "$TOTAL_S"
 say "GPU proof run ($MODE), commit $(git -C "$REPO" rev-parse --short HEAD 2>/dev/null || echo "unknown (no git)")," \
     "python $PY; results in $OUT, scratch in $WORK"
 say "budget: all done within ${TOTAL_S}s; setup <=${SETUP_S}s; learner <=${LEARNER_S}s;" \
+    "families <=${FAMILIES_S}s;" \
     "e2e <=${E2E_S}s (${E2E_BUDGET[*]}); demo ${DEMO_MAX_MIN} min of training + ~${DEMO_RESERVE_S}s" \
     "(fewer minutes, not under ${DEMO_MIN_MIN}, when behind);" \
     "tests <=${TESTS_S}s $([[ $TESTS_WITH_DEMO == 1 ]] && echo alongside || echo before) the demo;" \
@@ -237,6 +243,14 @@ run_step learner "$LEARNER_S" "$PY" bench/learner.py "${LEARNER_ARGS[@]}" --json
 if [[ -s $OUT/learner.json ]]; then
     "${HELPER[@]}" learner-figures --learner-json "$OUT/learner.json" --json "$WORK/learner-figures.json"
     summary step --name learner --figures "$WORK/learner-figures.json"
+fi
+
+# ------------------------------------------------------------------------------------------ b2. families
+# Its JSON stays in $WORK ($OUT holds 8 files already): the summary carries its figures.
+run_step families "$FAMILIES_S" "$PY" bench/learner.py "${FAMILIES_ARGS[@]}" --json-out "$WORK/families.json"
+if [[ -s $WORK/families.json ]]; then
+    "${HELPER[@]}" families-figures --families-json "$WORK/families.json" --json "$WORK/families-figures.json"
+    summary step --name families --figures "$WORK/families-figures.json"
 fi
 
 # ------------------------------------------------------------------------------------------ c. e2e

@@ -181,3 +181,34 @@ def test_cuda_learner_state_resumes_on_cuda_and_loads_without_a_gpu():
     reference = {k: v.cpu() for k, v in state["model"].items()}
     for key, value in on_cpu.state_dict().items():
         assert torch.equal(value, reference[key]), key
+
+
+# A RegNetY and a ViT at their real sizes (the recipes' families), on small crops.
+CUDA_FAMILIES = {"regnet": {"arch": "regnet_y_400mf"},
+                 "vit": {"arch": "vit_s_16", "vit_image_size": 32, "small_stem": False}}
+
+
+@pytest.mark.parametrize("family", CUDA_FAMILIES)
+def test_regnet_and_vit_train_in_bf16_with_their_optimisers_and_agree_with_float32(family):
+    model = {"arch": "resnet18", "small_stem": False, "hidden_dim": 64, "output_dim": 32, "prototypes": 48,
+             **CUDA_FAMILIES[family]}
+    cfg = config_from_dict({
+        "model": model,
+        "crops": {"global_size": 32, "global_count": 2, "local_size": 16, "local_count": 2},
+        "swav": {"queue_length": 0, "freeze_prototypes_steps": 0},
+        "optim": {"warmup_images": 0},
+        "train": {"batch_size": BATCH, "seed": 5},
+    })
+    assert cfg.optimizer == ("adamw" if family == "vit" else "lars")
+    bf16, fp32 = Learner(cfg, CUDA), Learner(config_from_dict({**cfg.to_dict(), "train": {
+        **cfg.to_dict()["train"], "precision": "fp32"}}), CUDA)
+    assert bf16.autocast_dtype == torch.bfloat16 and fp32.autocast_dtype is None
+    batch = host_batch(cfg)
+    with strict_float32():
+        reference = fp32.train_step(batch)
+    stats = bf16.train_step(batch)
+    assert not stats.nonfinite and torch.isfinite(stats.loss)
+    torch.testing.assert_close(stats.loss.float(), reference.loss.float(), rtol=BF16_LOSS_RTOL, atol=0)
+    for seed in range(1, 4):
+        assert not bf16.train_step(host_batch(cfg, seed)).nonfinite
+    assert all(torch.isfinite(p).all() for p in bf16.model.parameters())

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-STEPS = {"setup", "demo-shards", "e2e-shards", "learner", "e2e", "demo", "tests"}
+STEPS = {"setup", "demo-shards", "e2e-shards", "learner", "families", "e2e", "demo", "tests"}
 PROMISED = {"summary.json", "gpu_proof.log", "learner.json", "e2e_metrics.jsonl", "demo_summary.json",
             "demo_accuracy.png", "demo_results.jsonl", "pytest.txt"}
 
@@ -48,6 +48,11 @@ def test_dry_run_reports_every_step_and_goes_on_after_a_failed_one(tmp_path):
     learner = steps["learner"]["figures"]
     assert learner["batches"]["8"]["ours"]["images_per_s"] > 0 and learner["batches"]["8"]["classic"]["images_per_s"] > 0
     assert learner["loss_match"]["ours_vs_classic"] < 1e-2
+    families = steps["families"]["figures"]["families"]
+    assert set(families) == {"regnet", "vit"}
+    for family, figures in families.items():
+        assert figures["images_per_s"] > 0 and figures["flops_per_image"] > 0 and "error" not in figures, family
+    assert families["regnet"]["recipe"].startswith("regnet_y_400mf") and families["vit"]["recipe"].startswith("vit_s_16")
     e2e = steps["e2e"]["figures"]
     assert e2e["learners"] == 1 and e2e["decode_actors"] == 1 and e2e["steps"] >= 1 and e2e["images_trained"] > 0
     assert 0.0 <= e2e["input_wait_ratio_whole_run"] <= 1.0 and e2e["scrapes"] >= 2
@@ -105,3 +110,24 @@ def test_e2e_input_wait_is_the_steady_windows_own_share_from_the_counters(tmp_pa
     assert figures["images_per_s_steady"] == 128.0
     verdict = proof.targets({"mode": "gpu", "steps": {"e2e": {"figures": figures}}})["e2e_input_wait"]
     assert verdict["source"] == "steady window" and verdict["met"] is False  # 5% is not under 5%
+
+
+def test_family_figures_come_from_the_benchmarks_rows_and_keep_a_failed_family(tmp_path):
+    # A recorded `bench/learner.py --families` report: the RegNetY measured, the ViT out of memory.
+    report = {"environment": {"device": "NVIDIA H100"}, "family_flops_per_image": {"regnet": 4.1e10},
+              "families": [
+                  {"name": "regnet: regnet_y_32gf, 2x160 + 4x96, lars", "batch": 64, "images_per_s": 812.5,
+                   "step_ms": 78.8, "peak_gib": 41.2, "mfu": 0.21, "warmup_s": 9.0, "nonfinite_steps": 0, "error": ""},
+                  {"name": "vit: vit_s_16, 2x224 + 8x96, adamw", "batch": 128, "images_per_s": None, "step_ms": None,
+                   "peak_gib": None, "mfu": None, "warmup_s": None, "nonfinite_steps": 0,
+                   "error": "OutOfMemoryError: CUDA out of memory"}]}
+    source, figures_path = tmp_path / "families.json", tmp_path / "figures.json"
+    source.write_text(json.dumps(report))
+    proof = load_gpu_proof()
+    assert proof.cmd_families_figures(proof.argparse.Namespace(families_json=str(source), json=str(figures_path))) == 0
+    figures = json.loads(figures_path.read_text())
+    assert figures["families"]["regnet"] == {
+        "recipe": "regnet_y_32gf, 2x160 + 4x96, lars", "batch": 64, "flops_per_image": 4.1e10, "images_per_s": 812.5,
+        "step_ms": 78.8, "peak_gib": 41.2, "mfu": 0.21, "warmup_s": 9.0, "nonfinite_steps": 0}
+    assert figures["families"]["vit"]["error"].startswith("OutOfMemoryError")
+    assert "images_per_s" not in figures["families"]["vit"] and figures["environment"]["device"] == "NVIDIA H100"

@@ -53,7 +53,7 @@ from stream_swav.apps.evaluate import (EvalData, embed, knn_top1, linear_probe_t
 from stream_swav.apps.follow import append_jsonl, read_jsonl
 from stream_swav.checkpoint import load_resolved_backbone, resolve_checkpoint
 from stream_swav.config import Config, StorageConfig, config_from_dict, load_config, merge_dicts
-from stream_swav.model import BackboneSpec
+from stream_swav.model import BackboneSpec, ResNetTrunk
 
 log = logging.getLogger("stream_swav.quality")
 
@@ -174,7 +174,11 @@ FEATURE_KINDS = ("", "l34_", "grid_")
 
 def feature_sets(backbone: torch.nn.Module, data: EvalData, mean: tuple[float, ...], std: tuple[float, ...],
                  device: torch.device) -> dict[str, tuple[Tensor, Tensor]]:
-    """(index, query) features per kind in FEATURE_KINDS."""
+    """(index, query) features per kind in FEATURE_KINDS; only the pooled output for backbones other
+    than ResNets (the other kinds read a ResNet's stages)."""
+    if not isinstance(backbone, ResNetTrunk):
+        return {"": (embed(backbone, data.train.images, mean, std, device=device),
+                     embed(backbone, data.test.images, mean, std, device=device))}
     train_final, train_l3, train_grid = embed_with_maps(backbone, data.train.images, mean, std, device)
     test_final, test_l3, test_grid = embed_with_maps(backbone, data.test.images, mean, std, device)
 

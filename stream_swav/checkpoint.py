@@ -3,14 +3,15 @@
 Layout under the checkpoint folder (a local path or an s3:// URL)::
 
     step-000001000/state.pt      everything needed to resume (torch.save of a dict)
-    step-000001000/backbone.pt   the backbone's state_dict, keyed as torchvision's ResNet without fc
+    step-000001000/backbone.pt   the backbone's state_dict, keyed as torchvision's model without its classifier
     step-000001000/meta.json     the record below; written last in the folder
     latest.json                  the record of the newest complete checkpoint
 
 backbone.pt (`SwAVModel.backbone_state_dict`) has no classifier entries, as SwAV trains none, and
-records its BackboneSpec in the state dict's ``_metadata``. With torchvision's stem and width,
-``m = torchvision.models.<arch>(); m.fc = torch.nn.Identity(); m.load_state_dict(sd)`` loads it
-strictly; any backbone loads with ``stream_swav.load_backbone(path)``. Files written before the spec
+records its BackboneSpec in the state dict's ``_metadata``. Where the spec names a torchvision
+model (`BackboneSpec.torchvision_constructor`: torchvision's stem and width, any ViT), e.g.
+``m = torchvision.models.<arch>(); m.fc = torch.nn.Identity(); m.load_state_dict(sd)`` (``m.heads``
+for a ViT) loads it strictly; any backbone loads with ``stream_swav.load_backbone(path)``. Files written before the spec
 was recorded carry zero ``fc`` placeholders instead; consumers (`load_resolved_backbone`) drop
 them and take the spec from meta.json / latest.json, which record it too.
 

@@ -13,7 +13,8 @@ import sys
 from collections.abc import Callable
 
 from stream_swav import logs
-from stream_swav.apps import DEMO_DATASETS, FOLLOW_INTERVAL_S, FOLLOW_PORT, KNN_K, KNN_TEMPERATURE, REENCODE_EXT
+from stream_swav.apps import DEMO_DATASETS, DEMO_GPU_IMAGES, DEMO_GPU_MINUTES, DEMO_IMAGES, DEMO_MINUTES, \
+    FOLLOW_INTERVAL_S, FOLLOW_PORT, KNN_K, KNN_TEMPERATURE, REENCODE_EXT
 from stream_swav.config import Config, ConfigError, UsageError
 
 
@@ -119,9 +120,10 @@ def build_parser() -> argparse.ArgumentParser:
     _config_arguments(p)
     p.add_argument("--out", default="runs/demo", help="folder for shards, checkpoints and results")
     p.add_argument("--images", type=int, default=0,
-                   help="training images (default: 153,600 on CPU, 4,000,000 on GPU)")
+                   help=f"training images (default: {DEMO_IMAGES:,} on CPU, {DEMO_GPU_IMAGES:,} on GPU)")
     p.add_argument("--minutes", type=float, default=0.0,
-                   help="cap on the training time, whatever --images says (default: 7 on CPU, 8 on GPU)")
+                   help=f"cap on the training time, whatever --images says (default: {DEMO_MINUTES:g} on CPU, "
+                        f"{DEMO_GPU_MINUTES:g} on GPU)")
     p.add_argument("--fresh", action="store_true", help="delete checkpoints and results of an earlier demo")
     p.add_argument("--eval-train", type=int, default=0,
                    help="labelled training images in the kNN index and probe training set (default: all 60,000)")

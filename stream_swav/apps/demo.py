@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from stream_swav.apps import DEMO_DATASETS
+from stream_swav.apps import DEMO_DATASETS, DEMO_GPU_IMAGES, DEMO_GPU_MINUTES, DEMO_IMAGES, DEMO_MINUTES
 from stream_swav.apps.datasets import (candidate_dirs, find_fashion_mnist, load_split, procedural_dataset)
 from stream_swav.apps.make_shards import ShardSample, Summary, array_samples, write_shards
 from stream_swav.apps.odd_images import odd_images
@@ -65,14 +65,6 @@ DEMO_GPU_OVERRIDES: dict[str, Any] = {
 }
 
 
-# The demo trains this many images, stopping earlier when the time cap is reached (the rate
-# stays constant, so a cut-off loses images, not a schedule's end). On the 2-core development machine
-# the learner runs at ~460 images/s: 153,600 images in under 6 minutes. The cap keeps the whole
-# command (shards ~65 s, Ray ~20 s, evaluation ~3.5 min) near 10 minutes on a slower machine.
-DEMO_IMAGES = 153_600  # 1,200 steps of 128
-DEMO_MINUTES = 6.0
-DEMO_GPU_IMAGES = 4_000_000
-DEMO_GPU_MINUTES = 8.0
 
 # Corrupt and odd-format samples the demo's train shards carry, spread over the stream.
 DEMO_ODD_COPIES = 2

@@ -226,8 +226,10 @@ def random_queue(cfg: Config) -> Tensor:
 
 
 def make_learner(cfg: Config, device: torch.device, learner_type: type[Learner] = Learner) -> Learner:
+    """A learner in steady state: its queue, if it has one, full of random unit vectors."""
     learner = learner_type(cfg, device)
-    learner.queue.load_state_dict({"features": random_queue(cfg), "fill": cfg.swav.queue_length, "next": 0})
+    if learner.queue is not None:
+        learner.queue.load_state_dict({"features": random_queue(cfg), "fill": cfg.swav.queue_length, "next": 0})
     return learner
 
 
@@ -565,10 +567,7 @@ def run_families(args: argparse.Namespace, device: torch.device, report: dict[st
 
         def case() -> list[Result]:
             flops = network_flops(cfg, device)
-            learner = Learner(cfg, device)
-            if learner.queue is not None:
-                learner.queue.load_state_dict({"features": random_queue(cfg), "fill": cfg.swav.queue_length,
-                                               "next": 0})
+            learner = make_learner(cfg, device)
             crops = device_batch(cfg, cfg.train.batch_size, device)
             result = timed(ours_step(learner, crops), device, args.warmup, args.steps, cfg.train.batch_size, name,
                            flops, peak)
@@ -621,7 +620,7 @@ def print_table(rows: list[dict[str, Any]], baseline: dict[int, float], title: s
 def print_families(rows: list[dict[str, Any]]) -> None:
     """Each family's figures beside the ResNet recipe's, measured in the same run."""
     baseline = next((r for r in rows if r["name"].startswith("resnet:") and not r["error"]), None)
-    print(f"\nOurs per backbone family (each at its recipe's crops and batch)")
+    print("\nOurs per backbone family (each at its recipe's crops and batch)")
     print(f"{'path':<62} {'batch':>5} {'images/s':>9} {'step ms':>8} {'peak GiB':>8} {'MFU':>6} {'vs resnet':>9}")
     for row in rows:
         if row["error"]:

@@ -165,6 +165,8 @@ def backbone_rules(backbone: Any) -> Iterator[Rule]:
                f"a ViT's width must be a multiple of its heads ({shape.heads})", shape.width)
         yield ("model.vit_image_size", shape.image_size % shape.patch_size == 0,
                f"must be a multiple of the patch size ({shape.patch_size})", shape.image_size)
+
+
 CODES = ("sinkhorn", "prior", "relaxed")
 SCHEDULES = ("warmup-constant", "warmup-cosine")
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
@@ -445,7 +447,7 @@ class Config:
         return FAMILY_OPTIMIZER[self.model.family] if chosen == "auto" else chosen
 
     def rules(self) -> Iterator[Rule]:
-        if self.model.family == "vit" and self.model.arch in VIT_SHAPES:
+        if self.model.family == "vit":
             patch = vit_shape(self.model).patch_size
             for key, size, count in (("crops.global_size", self.crops.global_size, self.crops.global_count),
                                      ("crops.local_size", self.crops.local_size, self.crops.local_count)):

@@ -134,11 +134,6 @@ class BackboneSpec:
             return None
         return f"torchvision.models.{self.arch}()" if hasattr(torchvision.models, self.arch) else None
 
-    @property
-    def torchvision_compatible(self) -> bool:
-        """Whether the weights load into a torchvision model as they are (see `torchvision_constructor`)."""
-        return self.torchvision_constructor() is not None
-
     def describe(self) -> str:
         details = []
         if self.family == "vit":

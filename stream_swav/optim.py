@@ -96,6 +96,11 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     return groups
 
 
+def half_cosine(start: float, end: float, progress: float) -> float:
+    """From `start` at progress 0 to `end` at progress 1 along half a cosine; `end` past 1."""
+    return end + 0.5 * (start - end) * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
 def learning_rate(images_seen: int, *, peak_lr: float, final_lr: float, warmup_images: int, schedule: str,
                   cosine_images: int) -> float:
     """Learning rate after `images_seen` images.
@@ -109,8 +114,7 @@ def learning_rate(images_seen: int, *, peak_lr: float, final_lr: float, warmup_i
         return peak_lr * images_seen / warmup_images
     if schedule == "warmup-constant":
         return peak_lr
-    progress = min(1.0, (images_seen - warmup_images) / (cosine_images - warmup_images))
-    return final_lr + 0.5 * (peak_lr - final_lr) * (1.0 + math.cos(math.pi * progress))
+    return half_cosine(peak_lr, final_lr, (images_seen - warmup_images) / (cosine_images - warmup_images))
 
 
 def learning_rate_for(cfg: Config, images_seen: int) -> float:
@@ -127,8 +131,7 @@ def weight_decay(images_seen: int, *, start: float, end: float, schedule: str, c
     0.04 -> 0.4 for ViTs)."""
     if schedule == "constant":
         return start
-    progress = min(1.0, images_seen / cosine_images)
-    return end + 0.5 * (start - end) * (1.0 + math.cos(math.pi * progress))
+    return half_cosine(start, end, images_seen / cosine_images)
 
 
 def weight_decay_for(cfg: Config, images_seen: int) -> float:
@@ -156,5 +159,5 @@ def build_optimizer(model: nn.Module, cfg: Config) -> torch.optim.Optimizer:
     raise ValueError(f"optim.optimizer: unknown optimizer {cfg.optimizer!r}")
 
 
-__all__ = ["LARS", "param_groups", "learning_rate", "learning_rate_for", "weight_decay", "weight_decay_for",
+__all__ = ["LARS", "param_groups", "half_cosine", "learning_rate", "learning_rate_for", "weight_decay", "weight_decay_for",
            "build_optimizer"]

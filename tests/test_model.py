@@ -160,7 +160,7 @@ def test_standard_trunk_has_torchvision_keys_and_shapes(arch):
     theirs = {k: v for k, v in getattr(torchvision.models, arch)().state_dict().items() if not k.startswith("fc.")}
     assert list(ours) == list(theirs)
     assert all(ours[k].shape == theirs[k].shape for k in ours)
-    assert BackboneSpec(arch).torchvision_compatible
+    assert BackboneSpec(arch).torchvision_constructor() == f"torchvision.models.{arch}()"
 
 
 def test_narrow_resnet10_with_stride_two_stem():
@@ -169,7 +169,7 @@ def test_narrow_resnet10_with_stride_two_stem():
     assert dim == 64 and backbone.conv1.stride == (2, 2) and backbone.conv1.out_channels == 8
     assert [len(getattr(backbone, f"layer{i}")) for i in range(1, 5)] == [1, 1, 1, 1]
     assert backbone(torch.randn(2, 3, 28, 28)).shape == (2, 64)
-    assert not spec.torchvision_compatible
+    assert spec.torchvision_constructor() is None
     assert spec.describe() == "resnet10 (width 8, small stem, stride 2)"
     state = SwAVModel(ModelConfig(arch="resnet10", small_stem=True, stem_stride=2, width=8, hidden_dim=32,
                                   output_dim=16, prototypes=10)).backbone_state_dict()

@@ -64,8 +64,6 @@ DEMO_GPU_OVERRIDES: dict[str, Any] = {
     "optim": {"warmup_images": 50_000},
 }
 
-
-
 # Corrupt and odd-format samples the demo's train shards carry, spread over the stream.
 DEMO_ODD_COPIES = 2
 

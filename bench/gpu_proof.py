@@ -1,12 +1,15 @@
-"""The Python half of bench/gpu_proof.sh: packing and unpacking what travels to the GPU machine,
-data for the end-to-end step, the incremental summary, metric scraping and each step's figures.
+"""The GPU proof run: every GPU figure of this project from one command, within nine minutes.
 
-The shell script orchestrates; everything that parses, computes or writes JSON lives here, so a
-step that fails or times out still leaves a readable summary. Standard library only, except
-`jpeg-shards` (numpy, Pillow and this repository's shard writer).
+`bash bench/gpu_proof.sh` (on the GPU machine) and `bash bench/gpu_proof.sh --dry-run` (the same
+steps on the CPU with tiny settings) run `python bench/gpu_proof.py run`. `plan` is the table of
+steps: each has a command, a time cap and a function that reads its figures from the files its
+tool wrote. A step starts as soon as the steps it needs have ended (the profile says which those
+are, and so which steps overlap), under its cap cut to the time left before the run's deadline; a
+step that fails or times out is recorded and the others go on. The summary lives in this process
+and is written to $OUT/summary.json, atomically, whenever a step starts or ends. Standard library
+only: the GPU machine's python3 runs this before anything is unpacked.
 
-    python bench/gpu_proof.py pack --out .gpuproof          # here, before a GPU session
-    python3 bench/gpu_proof.py unpack --bundle .gpuproof ... # on the GPU machine (called by the script)
+    python bench/gpu_proof.py e2e-shards --dest DIR ...   # the e2e step's JPEG shards (a step's command)
 """
 from __future__ import annotations
 
@@ -14,535 +17,759 @@ import argparse
 import concurrent.futures
 import contextlib
 import datetime as dt
-import fcntl
 import importlib.metadata
-import importlib.util
 import json
-import lzma
 import math
 import multiprocessing
 import os
 import re
+import shlex
 import shutil
+import signal
+import socket
 import statistics
 import subprocess
 import sys
-import tarfile
 import tempfile
+import threading
 import time
 import urllib.request
-import zipfile
-from collections.abc import Iterator
+import xml.etree.ElementTree as ElementTree
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
+
+from gpu_pack import git_commit  # bench/gpu_pack.py, beside this file
 
 REPO = Path(__file__).resolve().parents[1]
-
-# Steps in the order the summary lists them: setup, background data, then the four measurements.
-STEPS = ("setup", "demo-shards", "e2e-shards", "learner", "families", "e2e", "demo", "tests")
+BUNDLE = REPO / ".gpuproof"
+# Where the GPU run unpacks the bundle's packages: outside the working tree, whose copy may come back.
+SITE = Path("/tmp/gpuproof-site")
+# What the device tool brings back from $OUT: at most 8 files, 16 MiB each, none deeper than $OUT/a/b/file.
 OUT_FILE_LIMIT = 8
 OUT_FILE_BYTES = 16 * 2**20
-TRAVEL_LIMIT = 64 * 2**20
-
-# ---------------------------------------------------------------------------------------------- pack
-
-# What the GPU machine lacks and the proof needs (ray for the runtime; webdataset and braceexpand
-# for the shard sources; botocore for storage.py's error types; s3fs and its stack for s3:// URLs).
-REQUIRED_DISTS = ("ray", "webdataset", "braceexpand", "s3fs", "aiobotocore", "botocore", "jmespath", "aioitertools")
-# Dependencies of those that a Python machine with torch, pytest and aiohttp usually has already.
-# They travel too but are unpacked only where `import` cannot find them, so they never shadow
-# the machine's own copies. Distribution -> the import names that show it is present.
-FALLBACK_DISTS = {
-    "click": ("click",), "filelock": ("filelock",), "packaging": ("packaging",), "protobuf": ("google.protobuf",),
-    "requests": ("requests",), "idna": ("idna",), "certifi": ("certifi",),
-    "charset-normalizer": ("charset_normalizer",), "jsonschema": ("jsonschema",),
-    "jsonschema-specifications": ("jsonschema_specifications",), "referencing": ("referencing",),
-    "rpds-py": ("rpds",),
-}
-# Ray parts a local, headless run never imports: Java jars, the dashboard's web client and the
-# libraries on top of core Ray (the driver starts Ray with include_dashboard=False).
-RAY_DROP = ("jars", "dashboard/client", "rllib", "serve", "llm", "tune", "train", "data", "air")
-# botocore/data holds a model for every AWS service (~29 MB); storage needs S3 (STS for role credentials).
-BOTOCORE_SERVICES = ("s3", "sts")
-RAY_BINARIES = ("ray/_raylet.so", "ray/core/src/ray/raylet/raylet", "ray/core/src/ray/gcs/gcs_server")
-WHEEL_PLATFORMS = ("manylinux_2_28_x86_64", "manylinux_2_17_x86_64", "manylinux2014_x86_64",
-                   "manylinux1_x86_64", "any")
-FMNIST_STEMS = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte",
-                "t10k-labels-idx1-ubyte")
-XZ_PRESET = 9 | lzma.PRESET_EXTREME
+OUT_DEPTH = 3
+LOG_MAX_BYTES = 15 * 2**20
+PROMISED_FILES = ("summary.json", "gpu_proof.log", "learner.json", "e2e_metrics.jsonl", "demo_summary.json",
+                  "demo_accuracy.png", "demo_results.jsonl", "pytest.txt")
+DEMO_FILES = {"summary.json": "demo_summary.json", "accuracy.png": "demo_accuracy.png",
+              "results.jsonl": "demo_results.jsonl"}
+KILL_GRACE_S = 10  # after the TERM at a step's cap, KILL
+MIN_STEP_S = 10    # a step with less time than this before the deadline is skipped, not started
+POLL_S = 0.2
+FORCED_NOTE = "forced failure (GPU_PROOF_FAIL_STEP)"
+FORCED_RC = 3
+DEMO_VERDICT_NOTE = "demo exit 1: its verdict, learned features did not beat random init"
 
 
-def pinned(dist: str) -> str:
-    """`dist==version` of the copy installed here (the one the tests pass with), else plain `dist`."""
-    try:
-        return f"{dist}=={importlib.metadata.version(dist)}"
-    except importlib.metadata.PackageNotFoundError:
-        return dist
+# ------------------------------------------------------------------------------------------ profiles
+
+@dataclass(frozen=True)
+class StepSettings:
+    cap_s: float
+    after: tuple[str, ...] = ()    # steps that must have ended (in any way) before this one starts
+    args: tuple[str, ...] = ()     # the tool's arguments that differ between the profiles
 
 
-def check_packing_interpreter() -> None:
-    """The bundle takes its versions from this interpreter, so it must be the project's environment:
-    an interpreter without ray would pin nothing, and a stray botocore would not match aiobotocore."""
-    missing = []
-    for dist in REQUIRED_DISTS:
-        try:
-            importlib.metadata.version(dist)
-        except importlib.metadata.PackageNotFoundError:
-            missing.append(dist)
-    if missing:
-        raise SystemExit(f"pack: {sys.executable} lacks {', '.join(missing)}; run the pack with the project's "
-                         f"virtualenv (GPU_PROOF_PYTHON=.venv/bin/python bash bench/gpu_proof.sh --pack), whose "
-                         f"versions the tests pass with")
+@dataclass(frozen=True)
+class Profile:
+    """What differs between the GPU run and the dry run."""
+    budget_s: int
+    steps: dict[str, StepSettings]
+    demo_minutes: tuple[float, float]  # the demo's training minutes when on time, and the least when behind
+    demo_reserve_s: float              # the demo's time besides training: start-up, final checkpoint, evaluation
+    scrape_interval_s: float
 
 
-def download_wheels(dists: list[str], dest: Path, python_version: str) -> list[Path]:
-    platforms = [arg for platform in WHEEL_PLATFORMS for arg in ("--platform", platform)]
-    command = [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--only-binary=:all:",
-               "--python-version", python_version, "--implementation", "cp", *platforms, "-d", str(dest),
-               *[pinned(d) for d in dists]]
-    print(f"pip download (versions of {sys.executable}):", " ".join(pinned(d) for d in dists), flush=True)
-    subprocess.run(command, check=True)
-    return sorted(dest.glob("*.whl"))
+def sets(*assignments: str) -> tuple[str, ...]:
+    return tuple(arg for assignment in assignments for arg in ("--set", assignment))
 
 
-def wheel_dist(path: Path) -> str:
-    """Distribution name of a wheel file, normalised as in FALLBACK_DISTS (dashes, lower case)."""
-    return path.name.split("-")[0].replace("_", "-").lower()
+GPU = Profile(
+    budget_s=530,  # 8 min 50 s: inside the 9 minutes, with the summary written
+    steps={
+        "setup": StepSettings(90),
+        # The shards are made on the CPUs while the GPU runs the learner benchmark.
+        "demo-shards": StepSettings(240, ("setup",), ("--eval-train", "60000", "--eval-test", "10000")),
+        "e2e-shards": StepSettings(150, ("setup",), ("--count", "40000", "--size", "256", "--per-shard", "1000",
+                                                     "--workers", "4")),
+        # torch.compile warms up once per batch size (a minute or more for ResNet-50), so 3 warm-up + 15
+        # timed steps; 256 first, so that a cut-off at the cap loses batch 64, not the headline figure.
+        "learner": StepSettings(200, ("setup",), ("--batch-sizes", "256,64", "--warmup", "3", "--steps", "15")),
+        # Eager: compiling two more networks would take minutes; 3 warm-up steps cover cuDNN's autotuning.
+        "families": StepSettings(75, ("learner",), ("--families", "regnet,vit", "--compile", "off", "--warmup", "3",
+                                                    "--steps", "10")),
+        # The train budget includes Ray's start (~6 s here); ~30 s of it are steady state.
+        "e2e": StepSettings(100, ("families", "e2e-shards"),
+                            sets("train.time_budget_s=45", "train.cpus_per_learner=2")),
+        # The CUDA tests are small: they share the GPU with the demo's first minute (Ray start-up and the
+        # first steps) instead of taking time of their own; that only makes the demo's figures conservative.
+        "tests": StepSettings(120, ("e2e", "demo-shards")),
+        "demo": StepSettings(math.inf, ("e2e", "demo-shards"), sets("metrics.port=0")),
+    },
+    # Too little reserve would cut the evaluation of the last checkpoint, which runs last: cheaper to
+    # train a few seconds less.
+    demo_minutes=(4.0, 1.0), demo_reserve_s=60, scrape_interval_s=1.0)
+
+# Two cores, and most of a step's time is Python importing torch or Ray starting: every step that
+# needs neither the setup's data nor Ray starts at once, and the two Ray steps run side by side once
+# pytest has started (Ray waits a fixed 30 s for its own processes, and pytest's start beside Ray's
+# once pushed it past that). Their Ray starts come apart by themselves: the demo makes or reads its
+# shards first. Tiny settings everywhere: the dry run checks behaviour, not speed.
+DRY_RUN = Profile(
+    budget_s=330,
+    steps={
+        "setup": StepSettings(90),
+        "demo-shards": StepSettings(120, ("setup",), ("--eval-train", "500", "--eval-test", "200")),
+        # 256 images, read from Fashion-MNIST wherever the demo would find it: no need to wait for the subset.
+        "e2e-shards": StepSettings(60, (), ("--count", "256", "--size", "64", "--per-shard", "64", "--workers", "1")),
+        "learner": StepSettings(120, (), ("--tiny", "--arch", "resnet10", "--no-small-stem", "--batch-sizes", "4",
+                                          "--local-count", "2", "--prototypes", "32", "--queue", "32",
+                                          "--warmup", "1", "--steps", "1")),
+        "families": StepSettings(120, (), ("--families", "regnet,vit", "--tiny", "--family-batch", "4",
+                                           "--warmup", "1", "--steps", "1")),
+        "tests": StepSettings(120),
+        # An image budget, not a time budget: on a loaded 2-core machine Ray's start alone can take 30 s
+        # of a time budget, whose clock starts before it, and leave no step trained. The tiny net trains
+        # the budget in a second or two: reports every 0.25 s, scraped as often, so that the scrapes
+        # see the counters move before the run ends and takes its /metrics with it.
+        "e2e": StepSettings(150, ("e2e-shards", "tests"), sets(
+            "train.image_budget=192", "train.report_interval_s=0.25", "train.time_budget_s=0", "train.device=cpu",
+            "train.cpus_per_learner=1", "train.batch_size=8", "data.decode_actors=1", "data.shuffle_buffer=64",
+            "model.arch=resnet10", "model.width=8", "model.small_stem=true", "model.stem_stride=2",
+            "model.hidden_dim=64", "model.output_dim=32", "model.prototypes=32", "crops.global_size=16",
+            "crops.local_size=8", "crops.local_count=2")),
+        # 16 steps of 32 images, a checkpoint every 8: two evaluations.
+        "demo": StepSettings(math.inf, ("demo-shards", "tests"),
+                             ("--images", "512", "--eval-train", "500", "--eval-test", "200",
+                              *sets("metrics.port=0", "train.batch_size=32", "checkpoint.every_steps=8"))),
+    },
+    demo_minutes=(1.0, 0.5), demo_reserve_s=40, scrape_interval_s=0.25)
+
+PROFILES = {"gpu": GPU, "dry-run": DRY_RUN}
 
 
-def extract_wheel(path: Path, dest: Path) -> None:
-    """Unzip a wheel keeping the file modes it records (raylet and gcs_server must stay executable)."""
-    with zipfile.ZipFile(path) as wheel:
-        for info in wheel.infolist():
-            target = Path(wheel.extract(info, dest))
-            mode = (info.external_attr >> 16) & 0o777
-            if mode and target.is_file():
-                target.chmod(mode | 0o600)
+# ------------------------------------------------------------------------------------------ the steps
+
+@dataclass(frozen=True)
+class Run:
+    """One run's settings, from the command line and the GPU_PROOF_* variables."""
+    mode: str
+    python: str
+    out: Path
+    work: Path
+    started: float       # unix time
+    deadline: float      # unix time
+    fail_step: str = ""
+    e2e_compile: str = "false"
+    metrics_port: int = 0
+
+    @property
+    def profile(self) -> Profile:
+        return PROFILES[self.mode]
+
+    @property
+    def budget_s(self) -> int:
+        return round(self.deadline - self.started)
+
+    @property
+    def gpu_csv(self) -> Path:
+        return self.work / "gpu.csv"
 
 
-def trim_site(site: Path) -> None:
-    for part in RAY_DROP:
-        shutil.rmtree(site / "ray" / part, ignore_errors=True)
-    data = site / "botocore" / "data"
-    if data.is_dir():
-        for entry in data.iterdir():
-            if entry.is_dir() and entry.name not in BOTOCORE_SERVICES:
-                shutil.rmtree(entry)
-    for cache in list(site.rglob("__pycache__")):
-        shutil.rmtree(cache, ignore_errors=True)
-    strip = shutil.which("strip")
-    for name in RAY_BINARIES:
-        binary = site / name
-        if binary.is_file():
-            if strip:
-                # Debug symbols are most of these files and nothing here reads them.
-                subprocess.run([strip, "--strip-unneeded", str(binary)], check=False)
-            if not name.endswith(".so"):
-                binary.chmod(0o755)
+@dataclass(frozen=True)
+class Step:
+    name: str
+    # The tool's command line; a callable when it depends on the time it starts at.
+    command: Sequence[str] | Callable[[], list[str]]
+    cap_s: float
+    after: tuple[str, ...] = ()
+    # After the step: its figures, read from what the tool wrote (and its files copied into $OUT
+    # where the tool writes elsewhere).
+    collect: Callable[[], dict[str, Any]] | None = None
+    # Where the step's own output goes besides the log (the log has every step's, stamped).
+    output: Path | None = None
+    # Runs beside the step, from its start to its end (the e2e step's /metrics scraper).
+    alongside: Callable[[], contextlib.AbstractContextManager[Any]] | None = None
+    # A non-zero exit that is the tool's verdict rather than a failure to measure: the note, or None.
+    accept: Callable[[int], str | None] | None = None
 
 
-def write_tar_xz(source: Path, dest: Path) -> int:
-    """source/* as dest (tar, xz -9e), members in sorted order; returns the size in bytes."""
-    with tarfile.open(dest, "w:xz", preset=XZ_PRESET) as tar:
-        for entry in sorted(source.iterdir()):
-            tar.add(entry, arcname=entry.name)
-    return dest.stat().st_size
+def plan(run: Run) -> list[Step]:
+    """The table of steps, in the order the summary lists them and ready steps start."""
+    py, out, work, profile = run.python, run.out, run.work, run.profile
+
+    def step(name: str, command: Sequence[str] | Callable[[], list[str]], **kwargs: Any) -> Step:
+        settings = profile.steps[name]
+        return Step(name, command, settings.cap_s, settings.after, **kwargs)
+
+    def args(name: str) -> list[str]:
+        return list(profile.steps[name].args)
+
+    figures_json = work / "setup.json"
+    if run.mode == "gpu":
+        setup = [py, "bench/gpu_pack.py", "unpack", "--bundle", str(BUNDLE), "--site", str(SITE)]
+    else:  # the unpacked copy's stand-in: a few thousand Fashion-MNIST images, read through the same variable
+        setup = [py, "bench/gpu_pack.py", "stand-in"]
+    setup += ["--fmnist", str(work / "fmnist"), "--json", str(figures_json)]
+    e2e_data = work / "e2e-data.json"
+    metrics = out / "e2e_metrics.jsonl"
+    demo_out = work / "demo"
+    cuda_tests = [str(p.relative_to(REPO)) for p in sorted((REPO / "tests").glob("test_*.py"))
+                  if "pytest.mark.cuda" in p.read_text()]
+    tests = ([py, "-m", "pytest", "-m", "cuda", "-rA", "-p", "no:cacheprovider", "--timeout", "120",
+              f"--junitxml={work / 'pytest.xml'}", *cuda_tests] if cuda_tests
+             else failing_command("no test file marks a test with pytest.mark.cuda", 1))
+
+    def demo_command() -> list[str]:
+        minutes = demo_minutes(run.deadline - time.time(), profile.demo_reserve_s, *profile.demo_minutes)
+        return [py, "-m", "stream_swav", "demo", "--out", str(demo_out), "--fresh", "--minutes", f"{minutes:.1f}",
+                *args("demo")]
+
+    steps = [
+        step("setup", setup, collect=lambda: read_json(figures_json) or {}),
+        step("demo-shards", [py, "-m", "stream_swav", "demo", "--out", str(demo_out), "--prepare-only",
+                             *args("demo-shards")]),
+        step("e2e-shards", [py, "bench/gpu_proof.py", "e2e-shards", "--dest", str(work / "e2e-shards"),
+                            *args("e2e-shards"), "--json", str(e2e_data)],
+             collect=lambda: read_json(e2e_data) or {}),
+        step("learner", [py, "bench/learner.py", *args("learner"), "--json-out", str(out / "learner.json")],
+             collect=lambda: learner_figures(read_json(out / "learner.json") or {})),
+        # Its JSON stays in the scratch folder ($OUT holds 8 files already): the summary carries its figures.
+        step("families", [py, "bench/learner.py", *args("families"), "--json-out", str(work / "families.json")],
+             collect=lambda: families_figures(read_json(work / "families.json") or {})),
+        step("e2e", [py, "-m", "stream_swav", "train", "--config", "deploy/configs/resnet50-gpu.yaml",
+                     *sets(f"data.shards={work / 'e2e-shards'}", "data.follow=false", "train.learners=1",
+                           "train.log_interval_s=5", f"train.compile={run.e2e_compile}",
+                           f"checkpoint.dir={work / 'e2e-checkpoints'}", "checkpoint.keep_last=1",
+                           "metrics.host=127.0.0.1", f"metrics.port={run.metrics_port}"), *args("e2e")],
+             alongside=lambda: Scraper(f"http://127.0.0.1:{run.metrics_port}/metrics", metrics,
+                                       profile.scrape_interval_s),
+             collect=lambda: e2e_figures(read_jsonl(metrics), read_json(e2e_data), gpu_samples(run.gpu_csv))),
+        # Only the files that hold CUDA tests: the others import what the GPU machine lacks (moto).
+        step("tests", tests, output=out / "pytest.txt", collect=lambda: tests_figures(work / "pytest.xml")),
+        step("demo", demo_command, collect=lambda: collect_demo(demo_out, out),
+             accept=lambda rc: DEMO_VERDICT_NOTE if rc == 1 and (demo_out / "eval" / "summary.json").exists()
+             else None),
+    ]
+    names = {s.name for s in steps}
+    unknown = {a for s in steps for a in s.after} - names
+    if unknown or names != set(profile.steps):
+        raise ValueError(f"profile and plan disagree: {sorted(unknown)} / {sorted(names ^ set(profile.steps))}")
+    return steps
 
 
-def compress_idx(source: Path, dest: Path) -> int:
-    """A Fashion-MNIST IDX file (gzipped or plain) recompressed with xz -9e."""
-    import gzip
-
-    opener = gzip.open if source.suffix == ".gz" else open
-    with opener(source, "rb") as f:
-        data = f.read()
-    dest.write_bytes(lzma.compress(data, format=lzma.FORMAT_XZ, preset=XZ_PRESET))
-    return dest.stat().st_size
+def failing_command(message: str, rc: int) -> list[str]:
+    return [sys.executable, "-c", f"import sys; print({message!r}); sys.exit({rc})"]
 
 
-def find_fmnist_source(explicit: str | None) -> Path:
-    candidates = [Path(explicit)] if explicit else []
-    if os.environ.get("STREAM_SWAV_FMNIST"):
-        candidates.append(Path(os.environ["STREAM_SWAV_FMNIST"]))
-    candidates += [REPO.parent / "shared" / "data" / "fashion-mnist", Path("/usr/share/datasets/fashion-mnist")]
-    for folder in candidates:
-        if all(any((folder / f"{stem}{ext}").is_file() for ext in (".gz", "")) for stem in FMNIST_STEMS):
-            return folder
-    raise SystemExit(f"pack: no Fashion-MNIST IDX files in {', '.join(map(str, candidates))}")
+def demo_minutes(seconds_left: float, reserve_s: float, most: float, least: float) -> float:
+    """Training minutes for the demo: `most` when the time left allows it, less otherwise, never
+    under `least`; in tenths, as `stream-swav demo --minutes` takes it."""
+    available = (seconds_left - reserve_s) / 60.0
+    return max(least, min(most, math.floor(available * 10) / 10))
 
 
-def idx_file(folder: Path, stem: str) -> Path:
-    return folder / f"{stem}.gz" if (folder / f"{stem}.gz").is_file() else folder / stem
+# ------------------------------------------------------------------------------------------ the runner
+
+class Log:
+    """gpu_proof.log: every line of every step and of the runner, stamped with the time and a tag."""
+
+    def __init__(self, path: Path) -> None:
+        self.file: IO[str] = open(path, "w", encoding="utf-8", errors="replace")
+        self.lock = threading.Lock()
+
+    def write(self, tag: str, text: str, echo: bool = False) -> None:
+        line = f"{time.strftime('%H:%M:%S')} {tag:<11} {text}"
+        with self.lock:
+            if not self.file.closed:  # a lingering child of a step may still write after the end
+                self.file.write(line + "\n")
+                self.file.flush()
+        if echo:
+            print(line, flush=True)
+
+    def say(self, text: str) -> None:
+        self.write("gpu-proof", text, echo=True)
+
+    def close(self) -> None:
+        with self.lock:
+            self.file.close()
 
 
-def git_files(*args: str) -> list[Path]:
-    listed = subprocess.run(["git", "-C", str(REPO), "ls-files", "-z", *args], check=True,
-                            capture_output=True).stdout.decode().split("\0")
-    return [REPO / name for name in listed if name]
+class Summary:
+    """summary.json, kept here and written whole (atomically) after every change."""
+
+    def __init__(self, path: Path, data: dict[str, Any]) -> None:
+        self.path = path
+        self.data = data
+        self.save()
+
+    def step(self, name: str, **fields: Any) -> None:
+        self.data["steps"][name].update({k: v for k, v in fields.items() if v is not None})
+        self.save()
+
+    def save(self) -> None:
+        write_json_atomic(self.path, self.data)
 
 
-def git_commit() -> str:
-    """HEAD, with "+changes" when the working tree differs from it; "" without git."""
-    try:
-        head = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], check=True,
-                              capture_output=True, text=True).stdout.strip()
-        dirty = subprocess.run(["git", "-C", str(REPO), "status", "--porcelain", "--untracked-files=no"],
-                               check=True, capture_output=True, text=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return ""
-    return head + ("+changes" if dirty else "")
+class Scraper:
+    """/metrics scraped every `interval_s` while a step runs: one JSON line per answered scrape."""
+
+    def __init__(self, url: str, path: Path, interval_s: float) -> None:
+        self.url, self.path, self.interval_s = url, path, interval_s
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self.loop, name="scraper", daemon=True)
+
+    def __enter__(self) -> Scraper:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop.set()
+        self.thread.join()
+
+    def loop(self) -> None:
+        with open(self.path, "w") as out:
+            while True:
+                stopping = self.stop.is_set()  # one scrape more after the step's end
+                try:
+                    with urllib.request.urlopen(self.url, timeout=2) as response:
+                        values = parse_metrics(response.read().decode())
+                    out.write(json.dumps({"t": round(time.time(), 3), "values": values}) + "\n")
+                    out.flush()
+                except OSError:
+                    pass  # not up yet, or gone
+                if stopping:
+                    return
+                self.stop.wait(self.interval_s)
 
 
-def travelling_size(carried: list[Path]) -> dict[str, Any]:
-    """What a device run copies: tracked files, untracked files git does not ignore, and the
-    carried (ignored) folders."""
-    def size_of(paths: list[Path]) -> int:
-        return sum(p.lstat().st_size for p in paths if p.is_file() or p.is_symlink())
-
-    tracked = git_files()
-    untracked = git_files("--others", "--exclude-standard")
-    groups = {"tracked files": (len(tracked), size_of(tracked)),
-              "untracked, not ignored": (len(untracked), size_of(untracked))}
-    for folder in carried:
-        files = [p for p in folder.rglob("*") if p.is_file()]
-        groups[f"carried {folder.name}/"] = (len(files), size_of(files))
-    total = sum(size for _, size in groups.values())
-    return {"groups": groups, "total": total, "limit": TRAVEL_LIMIT}
+@dataclass
+class Running:
+    step: Step
+    process: subprocess.Popen[bytes]
+    started: float   # unix time
+    budget_s: int
+    note: str
+    reader: threading.Thread
+    alongside: contextlib.ExitStack
+    signalled: int = 0           # the last signal sent at the cap (TERM), then after the grace (KILL)
+    signalled_at: float = 0.0    # monotonic
 
 
-def print_size_report(report: dict[str, Any], carried: Path) -> None:
-    print("\nWhat travels with `run` (carry: [\".gpuproof\"]):")
-    for name, (count, size) in report["groups"].items():
-        print(f"  {name:<26} {count:>6} files {size / 2**20:>8.2f} MiB")
-    for path in sorted(carried.rglob("*")):
-        if path.is_file():
-            print(f"    {path.relative_to(REPO)}  {path.stat().st_size / 2**20:.2f} MiB")
-    total, limit = report["total"], report["limit"]
-    print(f"  {'total':<26} {'':>12} {total / 2**20:>8.2f} MiB of {limit / 2**20:.0f} MiB "
-          f"({limit - total:+,} bytes left)")
+@dataclass
+class Runner:
+    run: Run
+    log: Log
+    summary: Summary
+    min_step_s: float = MIN_STEP_S
+    kill_grace_s: float = KILL_GRACE_S
+    running: list[Running] = field(default_factory=list)
 
+    def run_all(self, steps: list[Step]) -> None:
+        pending, ended = list(steps), set()
+        while pending or self.running:
+            for step in [s for s in pending if set(s.after) <= ended]:
+                pending.remove(step)
+                started = self.start(step)
+                if started:
+                    self.running.append(started)
+                else:
+                    ended.add(step.name)
+            time.sleep(POLL_S)
+            for running in list(self.running):
+                self.enforce_cap(running)
+                if running.process.poll() is not None:
+                    self.running.remove(running)
+                    self.finish(running)
+                    ended.add(running.step.name)
 
-def cmd_pack(args: argparse.Namespace) -> int:
-    out = (REPO / args.out).resolve() if not Path(args.out).is_absolute() else Path(args.out)
-    check_packing_interpreter()
-    fmnist = find_fmnist_source(args.fmnist)
-    started = time.monotonic()
-    with tempfile.TemporaryDirectory(prefix="gpuproof-pack-") as tmp:
-        work = Path(tmp)
-        wheels = download_wheels(list(REQUIRED_DISTS) + list(FALLBACK_DISTS), work / "wheels", args.python_version)
-        site, fallback = work / "site", work / "fallback"
-        versions = {}
-        for wheel in wheels:
-            dist = wheel_dist(wheel)
-            versions[dist] = wheel.name.split("-")[1]
-            extract_wheel(wheel, fallback / dist if dist in FALLBACK_DISTS else site)
-        missing = [d for d in list(REQUIRED_DISTS) + list(FALLBACK_DISTS) if d not in versions]
-        if missing:
-            raise SystemExit(f"pack: no wheel downloaded for {', '.join(missing)}")
-        trim_site(site)
-        staging = work / "bundle"
-        (staging / "fmnist").mkdir(parents=True)
-        # The two big archives and the four IDX files compress in parallel: xz -9e is single-threaded.
-        with concurrent.futures.ProcessPoolExecutor(max_workers=max(2, os.cpu_count() or 2)) as pool:
-            jobs = {"site.tar.xz": pool.submit(write_tar_xz, site, staging / "site.tar.xz"),
-                    "fallback.tar.xz": pool.submit(write_tar_xz, fallback, staging / "fallback.tar.xz")}
-            for stem in FMNIST_STEMS:
-                jobs[f"fmnist/{stem}.xz"] = pool.submit(compress_idx, idx_file(fmnist, stem),
-                                                        staging / "fmnist" / f"{stem}.xz")
-            sizes = {name: job.result() for name, job in jobs.items()}
-        manifest = {
-            "made": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-            # The copy on the GPU machine may come without .git: this names the code it was packed with.
-            "commit": git_commit(),
-            "python_version": args.python_version, "platforms": list(WHEEL_PLATFORMS),
-            "required": {d: versions[d] for d in REQUIRED_DISTS},
-            "fallback": {d: {"version": versions[d], "imports": list(FALLBACK_DISTS[d])} for d in FALLBACK_DISTS},
-            "ray_dropped": list(RAY_DROP), "botocore_services": list(BOTOCORE_SERVICES),
-            "fmnist_source": str(fmnist), "sizes": sizes,
-        }
-        (staging / "pack.json").write_text(json.dumps(manifest, indent=2) + "\n")
-        if out.exists():
-            shutil.rmtree(out)
-        shutil.move(str(staging), str(out))
-    print(f"packed {out} in {time.monotonic() - started:.0f} s")
-    for name, size in sizes.items():
-        print(f"  {name:<36} {size / 2**20:8.2f} MiB")
-    report = travelling_size([out])
-    print_size_report(report, out)
-    if report["total"] > TRAVEL_LIMIT:
-        print(f"\nERROR: the travelling tree is {report['total'] / 2**20:.2f} MiB, over the "
-              f"{TRAVEL_LIMIT / 2**20:.0f} MiB a device run carries. Trim the bundle or remove untracked files.",
-              file=sys.stderr)
-        return 1
-    return 0
+    def start(self, step: Step) -> Running | None:
+        left = self.run.deadline - time.time()
+        budget = int(min(step.cap_s, left))
+        if budget < self.min_step_s:
+            self.log.say(f"{step.name}: skipped, {left:.0f}s left before the deadline")
+            self.summary.step(step.name, status="skipped", note=f"not started: {left:.0f}s left before the deadline")
+            return None
+        command = step.command() if callable(step.command) else list(step.command)
+        note = ""
+        if step.name == self.run.fail_step:
+            command, note = failing_command("failing on purpose: GPU_PROOF_FAIL_STEP names this step",
+                                            FORCED_RC), FORCED_NOTE
+        self.log.say(f"{step.name}: start, budget {budget}s: {shlex.join(command)}")
+        started = time.time()
+        self.summary.step(step.name, status="running", budget_s=budget, started_unix=started,
+                          command=shlex.join(command))
+        alongside = contextlib.ExitStack()
+        if step.alongside:
+            alongside.enter_context(step.alongside())
+        # A session of its own, so that the cap stops the step's whole process tree.
+        process = subprocess.Popen(command, cwd=REPO, env=self.step_env(), stdin=subprocess.DEVNULL,
+                                   stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+        reader = threading.Thread(target=self.copy_output, args=(process, step), name=step.name, daemon=True)
+        reader.start()
+        return Running(step, process, started, budget, note, reader, alongside)
 
+    def step_env(self) -> dict[str, str]:
+        env = {**os.environ, "PYTHONUNBUFFERED": "1",
+               # Offline machine: no usage-statistics upload attempts from Ray.
+               "RAY_USAGE_STATS_ENABLED": "0"}
+        # Ray workers inherit this environment: the repository (and the bundle), no pip install needed.
+        paths = [str(REPO)] + ([str(SITE)] if self.run.mode == "gpu" else [])
+        env["PYTHONPATH"] = os.pathsep.join(paths + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
+        fmnist = self.run.work / "fmnist"
+        if (fmnist / "train-images-idx3-ubyte").exists():  # the setup step's Fashion-MNIST, once it wrote it
+            env["STREAM_SWAV_FMNIST"] = str(fmnist)
+        return env
 
-def cmd_size(args: argparse.Namespace) -> int:
-    carried = [REPO / c for c in args.carried]
-    report = travelling_size([c for c in carried if c.is_dir()])
-    print_size_report(report, carried[0] if carried else REPO / ".gpuproof")
-    return 1 if report["total"] > TRAVEL_LIMIT else 0
+    def copy_output(self, process: subprocess.Popen[bytes], step: Step) -> None:
+        assert process.stdout is not None
+        with contextlib.ExitStack() as stack:
+            own = stack.enter_context(open(step.output, "wb")) if step.output else None
+            for raw in process.stdout:
+                if own:
+                    own.write(raw)
+                self.log.write(step.name, raw.decode(errors="replace").rstrip("\r\n"))
 
+    def enforce_cap(self, running: Running) -> None:
+        now = time.monotonic()
+        over = time.time() - running.started >= running.budget_s
+        if over and not running.signalled:
+            self.signal(running, signal.SIGTERM)
+        elif running.signalled == signal.SIGTERM and now - running.signalled_at >= self.kill_grace_s:
+            self.signal(running, signal.SIGKILL)
 
-# -------------------------------------------------------------------------------------------- unpack
+    def signal(self, running: Running, sig: int) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(running.process.pid, sig)
+        running.signalled, running.signalled_at = sig, time.monotonic()
 
-def importable(name: str) -> bool:
-    try:
-        return importlib.util.find_spec(name) is not None
-    except (ImportError, ValueError):
-        return False
+    def stop_all(self) -> None:
+        for running in self.running:
+            self.signal(running, signal.SIGKILL)
 
-
-def decompress_to(source: Path, dest: Path) -> int:
-    with lzma.open(source) as f_in, open(dest, "wb") as f_out:
-        shutil.copyfileobj(f_in, f_out, 1 << 22)
-    return dest.stat().st_size
-
-
-def extract_all(archive: Path, dest: Path) -> None:
-    with tarfile.open(archive, "r:xz") as tar:
-        if hasattr(tarfile, "data_filter"):
-            tar.extractall(dest, filter="data")
+    def finish(self, running: Running) -> None:
+        step, seconds = running.step, time.time() - running.started
+        rc = running.process.returncode
+        rc = 128 - rc if rc < 0 else rc  # killed by signal N: 128 + N, as a shell says
+        note = running.note
+        if running.signalled:
+            # As `timeout` says it: 124 when the TERM ended the step, 137 when it took the KILL.
+            status, rc = "timeout", 137 if running.signalled == signal.SIGKILL else 124
+        elif rc == 0:
+            status = "ok"
+        elif step.accept and not note and (verdict := step.accept(rc)):
+            status, note = "ok", verdict
         else:
-            tar.extractall(dest)
+            status = "failed"
+        # Output that grandchildren still write (Ray's processes ending) is not waited for long.
+        running.reader.join(timeout=5)
+        running.alongside.close()
+        figures = None
+        if step.collect:
+            try:
+                figures = step.collect()
+            except Exception as error:  # a figure's bug must not cost the run its other figures
+                note = f"{note}; " if note else ""
+                note += f"figures failed: {error!r}"
+        self.summary.step(step.name, status=status, rc=rc, seconds=round(seconds, 1), note=note or None,
+                          figures=figures or None)
+        self.log.say(f"{step.name}: {status} (rc {rc}) after {seconds:.1f}s" + (f" [{note}]" if note else ""))
 
 
-def cmd_unpack(args: argparse.Namespace) -> int:
-    """On the GPU machine: the bundle into --site, fallbacks only where missing, Fashion-MNIST as
-    plain IDX files into --fmnist; then check that everything imports with the new path."""
-    bundle, site, fmnist = Path(args.bundle), Path(args.site), Path(args.fmnist)
-    started = time.monotonic()
-    manifest = json.loads((bundle / "pack.json").read_text())
-    # A second run on a warm machine starts from an empty folder: fallbacks are moved, not merged.
-    shutil.rmtree(site, ignore_errors=True)
-    site.mkdir(parents=True)
-    fmnist.mkdir(parents=True, exist_ok=True)
-    with concurrent.futures.ThreadPoolExecutor(max_workers=6) as pool:
-        # lzma releases the GIL while it decompresses, so threads are enough.
-        idx_jobs = [pool.submit(decompress_to, bundle / "fmnist" / f"{stem}.xz", fmnist / stem)
-                    for stem in FMNIST_STEMS]
-        site_job = pool.submit(extract_all, bundle / "site.tar.xz", site)
-        with tempfile.TemporaryDirectory(prefix="gpuproof-fallback-") as tmp:
-            extract_all(bundle / "fallback.tar.xz", Path(tmp))
-            used = []
-            for dist, info in manifest["fallback"].items():
-                if all(importable(name) for name in info["imports"]):
-                    continue
-                used.append(dist)
-                for entry in (Path(tmp) / dist).iterdir():
-                    shutil.move(str(entry), str(site / entry.name))
-        site_job.result()
-        idx_bytes = sum(job.result() for job in idx_jobs)
-    print(f"unpacked {bundle} into {site} and {idx_bytes / 2**20:.1f} MiB of Fashion-MNIST into {fmnist} "
-          f"in {time.monotonic() - started:.1f} s; fallbacks unpacked because missing here: "
-          f"{', '.join(used) or 'none'}", flush=True)
-    figures = {"required": manifest["required"], "fallbacks_used": used,
-               "unpack_seconds": round(time.monotonic() - started, 1)}
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), str(site)])}
-    check = subprocess.run([sys.executable, "-c", IMPORT_CHECK], env=env, capture_output=True, text=True)
-    print(check.stdout + check.stderr, end="", flush=True)
-    if args.json:
-        figures["imports"] = json.loads(check.stdout.strip().splitlines()[-1]) if check.returncode == 0 else {}
-        Path(args.json).write_text(json.dumps(figures, indent=2))
-    return check.returncode
+# ------------------------------------------------------------------------------------------ the run
 
-
-IMPORT_CHECK = """
-import importlib, json, sys
-import braceexpand, botocore, ray, s3fs, webdataset
-import stream_swav.runtime.driver, stream_swav.apps.demo, stream_swav.apps.follow
-names = ("ray", "s3fs", "botocore", "webdataset", "torch", "torchvision", "numpy", "PIL", "aiohttp", "fsspec")
-print(json.dumps({n: getattr(importlib.import_module(n), "__version__", "?") for n in names}))
-"""
-
-
-def cmd_fmnist_subset(args: argparse.Namespace) -> int:
-    """The first --train / --test images of Fashion-MNIST (found as the demo finds it) as plain IDX
-    files in --fmnist: the dry run's stand-in for the unpacked copy, small enough for two cores.
-    Without Fashion-MNIST it writes nothing and the demo uses its procedural images."""
-    from stream_swav.apps import datasets as fashion_mnist
-
-    folder = fashion_mnist.find_fashion_mnist()
-    if folder is None:
-        print("Fashion-MNIST not found: the demo and the e2e data use the procedural image set")
-        return 0
-    dest = Path(args.dest)
-    dest.mkdir(parents=True, exist_ok=True)
-    for split, count in (("train", args.train), ("test", args.test)):
-        images, labels = fashion_mnist.load_split(folder, split)
-        for stem, array in zip(fashion_mnist.SPLIT_FILES[split], (images[:count], labels[:count])):
-            header = bytes([0, 0, fashion_mnist.IDX_UBYTE, array.ndim])
-            header += b"".join(int(d).to_bytes(4, "big") for d in array.shape)
-            (dest / stem).write_bytes(header + array.astype("uint8").tobytes())
-    print(f"Fashion-MNIST subset from {folder}: {args.train} train and {args.test} test images in {dest}")
-    return 0
-
-
-def cmd_dry_setup(args: argparse.Namespace) -> int:
-    """The dry run's setup: the Fashion-MNIST subset, then the same import check as on the GPU machine."""
-    cmd_fmnist_subset(args)
-    check = subprocess.run([sys.executable, "-c", IMPORT_CHECK], capture_output=True, text=True)
-    print(check.stdout + check.stderr, end="", flush=True)
-    if args.json and check.returncode == 0:
-        Path(args.json).write_text(json.dumps({"imports": json.loads(check.stdout.strip().splitlines()[-1])}))
-    return check.returncode
-
-
-# ----------------------------------------------------------------------------------------- e2e data
-
-_SPLIT: tuple[Any, Any] | None = None  # (images, labels), shared with forked workers
-
-
-def _write_part(dest: str, indices: list[int], size: int, per_shard: int) -> dict[str, Any]:
-    from stream_swav.apps.make_shards import array_samples, write_shards
-
-    images, labels = _SPLIT
-    samples = array_samples(images, labels, size=size, image_format="jpeg", indices=indices)
-    return write_shards(samples, dest, per_shard, 1 << 40,
-                        settings={"source": "gpu-proof", "size": size, "first": indices[0]}).to_dict()
-
-
-def cmd_jpeg_shards(args: argparse.Namespace) -> int:
-    """`--count` images upscaled to `--size` px JPEG (quality 90) in shards of `--per-shard`,
-    written by `--workers` processes into dest/part-NN/ (the e2e step reads the whole folder)."""
-    global _SPLIT
-    import numpy as np
-
-    from stream_swav.apps import datasets as fashion_mnist
-
-    started = time.monotonic()
-    folder = fashion_mnist.find_fashion_mnist()
-    if folder is not None:
-        images, labels = fashion_mnist.load_split(folder, "train")
-        source = f"Fashion-MNIST train split ({folder})"
-    else:
-        images, labels = fashion_mnist.procedural_dataset(args.count, seed=0)
-        source = "procedural 10-class shapes (Fashion-MNIST not found)"
-    count = min(args.count, len(images))
-    _SPLIT = (images, labels)
-    parts = [chunk.tolist() for chunk in np.array_split(np.arange(count), args.workers) if len(chunk)]
-    dest = Path(args.dest)
-    context = multiprocessing.get_context("fork")
-    with concurrent.futures.ProcessPoolExecutor(max_workers=len(parts), mp_context=context) as pool:
-        summaries = list(pool.map(_write_part, [str(dest / f"part-{n:02d}") for n in range(len(parts))], parts,
-                                  [args.size] * len(parts), [args.per_shard] * len(parts)))
-    shards = sum(s["shards_written"] + s["shards_kept"] for s in summaries)
-    total_bytes = sum(s["bytes"] for s in summaries)
-    print(f"{count:,} images of {source} as {args.size} px JPEG in {shards} shards "
-          f"({total_bytes / 1e6:.0f} MB, {total_bytes / max(count, 1) / 1e3:.1f} kB per sample) under {dest} "
-          f"in {time.monotonic() - started:.1f} s", flush=True)
-    if args.json:
-        Path(args.json).write_text(json.dumps({"images": count, "source": source, "size": args.size,
-                                               "shards": shards, "bytes": total_bytes}))
-    return 0
-
-
-# ------------------------------------------------------------------------------------------ summary
-
-@contextlib.contextmanager
-def locked(lock: Path) -> Iterator[None]:
-    """Background steps update the summary while the foreground does: one writer at a time."""
-    with open(lock, "a+") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
-
-
-def finite_json(value: Any) -> Any:
-    """NaN and infinities as null: JSON has no spelling for them (Python's NaN is not JSON)."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: finite_json(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [finite_json(v) for v in value]
-    return value
-
-
-def write_json_atomic(path: Path, value: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(finite_json(value), indent=2, default=str, allow_nan=False) + "\n")
-    os.replace(tmp, path)
-
-
-def read_json(path: Path) -> Any:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-
-
-def now_iso() -> str:
-    return dt.datetime.now().astimezone().isoformat(timespec="seconds")
-
-
-def machine_info() -> dict[str, Any]:
-    """What the figures depend on, without importing torch (this runs before every step)."""
-    info: dict[str, Any] = {"python": sys.version.split()[0], "cpus": os.cpu_count()}
-    for dist in ("torch", "torchvision", "numpy", "pillow", "ray"):
-        with contextlib.suppress(importlib.metadata.PackageNotFoundError):
-            info[dist] = importlib.metadata.version(dist)
-    with contextlib.suppress(OSError):
-        meminfo = Path("/proc/meminfo").read_text()
-        info["memory_gib"] = round(int(re.search(r"MemTotal:\s+(\d+)", meminfo)[1]) / 2**20, 1)
-    with contextlib.suppress(OSError):
-        model = re.search(r"model name\s*:\s*(.+)", Path("/proc/cpuinfo").read_text())
-        info["cpu_model"] = model[1].strip() if model else "?"
-    with contextlib.suppress(OSError):
-        shm = os.statvfs("/dev/shm")
-        # Ray's object store lives in /dev/shm when it is big enough, else in /tmp (slower).
-        info["dev_shm_gib"] = round(shm.f_frsize * shm.f_blocks / 2**30, 1)
-    if shutil.which("nvidia-smi"):
-        query = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version,memory.total,power.limit",
-                                "--format=csv,noheader"], capture_output=True, text=True)
-        info["gpus"] = [line.strip() for line in query.stdout.splitlines() if line.strip()]
-    return info
-
-
-def cmd_init(args: argparse.Namespace) -> int:
-    pack = read_json(REPO / ".gpuproof" / "pack.json") if args.mode == "gpu" else None
-    summary = {
-        "mode": args.mode,
+def new_summary(run: Run) -> dict[str, Any]:
+    pack = read_json(BUNDLE / "pack.json") if run.mode == "gpu" else None
+    return {
+        "mode": run.mode,
         "started": now_iso(),
-        "budget_s": args.budget_s,
+        "budget_s": run.budget_s,
         "commit": git_commit() or "unknown (no git in this copy)",
         "pack": {k: pack.get(k) for k in ("made", "commit", "required")} if pack else None,
         "machine": machine_info(),
-        "steps": {name: {"status": "pending"} for name in STEPS},
+        "steps": {name: {"status": "pending"} for name in run.profile.steps},
         "targets": {},
     }
-    with locked(Path(args.lock)):
-        write_json_atomic(Path(args.summary), summary)
-    return 0
 
 
-def cmd_step(args: argparse.Namespace) -> int:
-    fields: dict[str, Any] = {}
-    for key in ("status", "note", "command"):
-        if getattr(args, key) is not None:
-            fields[key] = getattr(args, key)
-    for key in ("rc", "budget_s"):
-        if getattr(args, key) is not None:
-            fields[key] = int(getattr(args, key))
-    if args.seconds is not None:
-        fields["seconds"] = round(float(args.seconds), 1)
-    if args.started is not None:
-        fields["started_unix"] = float(args.started)
-    figures = {}
-    for path in args.figures or []:
-        loaded = read_json(Path(path))
-        if isinstance(loaded, dict):
-            figures.update(loaded)
-    with locked(Path(args.lock)):
-        summary = read_json(Path(args.summary)) or {"steps": {}}
-        step = summary["steps"].setdefault(args.name, {})
-        step.update(fields)
-        if figures:
-            step.setdefault("figures", {}).update(figures)
-        write_json_atomic(Path(args.summary), summary)
-    return 0
+def describe_budget(run: Run) -> str:
+    parts = [f"all done within {run.budget_s}s"]
+    for name, settings in run.profile.steps.items():
+        cap = "the rest" if math.isinf(settings.cap_s) else f"<={settings.cap_s:.0f}s"
+        parts.append(f"{name} {cap}" + (f" after {'+'.join(settings.after)}" if settings.after else ""))
+    most, least = run.profile.demo_minutes
+    parts.append(f"demo trains {most:g} min (fewer when behind, not under {least:g}) "
+                 f"+ ~{run.profile.demo_reserve_s:.0f}s")
+    return "budget: " + "; ".join(parts)
+
+
+def finish_summary(summary: Summary, run: Run) -> None:
+    data = summary.data
+    samples = gpu_samples(run.gpu_csv)
+    for step in data["steps"].values():
+        if samples and "started_unix" in step and "seconds" in step:
+            window = gpu_window(samples, step["started_unix"], step["started_unix"] + step["seconds"])
+            if window:
+                step["gpu"] = window
+    data["finished"] = now_iso()
+    data["wall_s"] = round(time.time() - run.started, 1)
+    data["targets"] = targets(data)
+    data["failed_steps"] = [name for name, step in data["steps"].items() if step.get("status") != "ok"]
+    data["files"] = sorted({str(p.relative_to(run.out)) for p in run.out.rglob("*") if p.is_file()}
+                           | {summary.path.name})
+    summary.save()
+
+
+def run_proof(run: Run) -> int:
+    run.out.mkdir(parents=True, exist_ok=True)
+    # A rerun into the same folder must not mix an earlier run's files into this one's figures.
+    for name in PROMISED_FILES:
+        (run.out / name).unlink(missing_ok=True)
+    log = Log(run.out / "gpu_proof.log")
+    summary = Summary(run.out / "summary.json", new_summary(run))
+    runner = Runner(run, log, summary)
+    log.say(f"GPU proof run ({run.mode}), commit {summary.data['commit']}, python {run.python}; results in "
+            f"{run.out}, scratch in {run.work}")
+    log.say(describe_budget(run))
+    sampler = None
+    if run.mode == "gpu" and shutil.which("nvidia-smi"):
+        with open(run.gpu_csv, "w") as csv:
+            sampler = subprocess.Popen(["nvidia-smi", "-i", "0", "--query-gpu=timestamp,utilization.gpu,memory.used",
+                                        "--format=csv,noheader,nounits", "-lms", "500"],
+                                       stdout=csv, stderr=subprocess.DEVNULL)
+    try:
+        runner.run_all(plan(run))
+    finally:
+        runner.stop_all()
+        if sampler:
+            sampler.terminate()
+            sampler.wait()
+    log.say(f"done in {time.time() - run.started:.0f}s")
+    finish_summary(summary, run)
+    for line in verdict_lines(summary.data):
+        log.say(line)
+    log.close()
+    cap_file(run.out / "gpu_proof.log", LOG_MAX_BYTES)
+    problems = check_out(run.out)
+    with open(run.out / "gpu_proof.log", "a") as appended:
+        for problem in problems:
+            print(f"OUT check: {problem}", file=sys.stderr)
+            appended.write(f"OUT check: {problem}\n")
+    return 0 if not summary.data["failed_steps"] and not problems else 1
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    started = time.time()
+    profile = PROFILES[args.mode]
+    work_named = os.environ.get("GPU_PROOF_WORK", "")
+    work = Path(work_named) if work_named else Path(tempfile.mkdtemp(prefix="gpuproof."))
+    work.mkdir(parents=True, exist_ok=True)
+    run = Run(mode=args.mode, python=sys.executable,
+              out=Path(os.environ.get("OUT") or REPO / "runs" / f"gpu-proof-{args.mode}").resolve(),
+              work=work.resolve(), started=started,
+              deadline=started + int(os.environ.get("GPU_PROOF_BUDGET_S") or profile.budget_s),
+              fail_step=os.environ.get("GPU_PROOF_FAIL_STEP", ""),
+              e2e_compile=os.environ.get("GPU_PROOF_E2E_COMPILE") or "false", metrics_port=free_port())
+    # The device tool's own timeout and Ctrl-C end the run through `finally`: no step outlives it.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
+    try:
+        return run_proof(run)
+    finally:
+        if not work_named and os.environ.get("GPU_PROOF_KEEP", "0") != "1":
+            shutil.rmtree(work, ignore_errors=True)
+
+
+# ------------------------------------------------------------------------------------------ figures
+
+def learner_figures(report: dict[str, Any]) -> dict[str, Any]:
+    """bench/learner.py's report: per batch, ours and classic; ours / classic; loss match; host syncs."""
+    by_batch: dict[str, dict[str, Any]] = {}
+    for row in report.get("results", []):
+        path = "ours" if row["name"].startswith("ours") else "classic"
+        by_batch.setdefault(str(row["batch"]), {})[path] = {
+            k: row.get(k) for k in ("images_per_s", "step_ms", "peak_gib", "mfu", "warmup_s", "nonfinite_steps",
+                                    "error") if row.get(k) not in (None, "")}
+    ratios = {}
+    for batch, paths in by_batch.items():
+        ours, classic = paths.get("ours", {}).get("images_per_s"), paths.get("classic", {}).get("images_per_s")
+        if ours and classic:
+            ratios[batch] = round(ours / classic, 3)
+    match = report.get("loss_match") or {}
+    return {
+        "environment": report.get("environment"),
+        "batches": by_batch,
+        "ours_vs_classic": ratios,
+        "loss_match": {k: match.get(k) for k in ("batch", "losses", "ours_vs_classic", "ours_vs_fp32",
+                                                 "classic_vs_fp32", "ours_precision", "classic_precision")}
+        if match else None,
+        "host_syncs_per_step": {path: len(where) for path, where in (report.get("syncs_per_step") or {}).items()},
+        "host_sync_sites": report.get("syncs_per_step"),
+        "flops_per_image": report.get("flops_per_image"),
+    }
+
+
+def families_figures(report: dict[str, Any]) -> dict[str, Any]:
+    """Per backbone family (bench/learner.py --families): its recipe's network and our step's figures."""
+    flops = report.get("family_flops_per_image") or {}
+    figures: dict[str, Any] = {"environment": report.get("environment"), "families": {}}
+    for row in report.get("families", []):
+        family, _, recipe = row["name"].partition(": ")
+        figures["families"][family] = {
+            "recipe": recipe, "batch": row["batch"], "flops_per_image": flops.get(family),
+            **{k: row.get(k) for k in ("images_per_s", "step_ms", "peak_gib", "mfu", "warmup_s", "nonfinite_steps",
+                                       "error") if row.get(k) not in (None, "")}}
+    return figures
+
+
+METRIC_LINE = re.compile(r"^(stream_swav_[a-z_]+)(\{[^}]*\})?\s+([-+0-9.eEinfNa]+)$")
+
+
+def parse_metrics(text: str) -> dict[str, float]:
+    """stream_swav_* samples of a Prometheus text page; labelled families are summed over labels."""
+    values: dict[str, float] = {}
+    for line in text.splitlines():
+        match = METRIC_LINE.match(line.strip())
+        if match and not match[1].endswith("_created"):
+            values[match[1]] = values.get(match[1], 0.0) + float(match[3])
+    return values
+
+
+def steps_of(scrape: dict[str, Any]) -> float:
+    return scrape["values"].get("stream_swav_steps_total", 0.0)
+
+
+def steady_window(scrapes: list[dict[str, Any]], skip_s: float) -> tuple[dict[str, Any], dict[str, Any]] | None:
+    """First and last scrapes of the steady part of a run: from `skip_s` after the first trained
+    step was seen (cuDNN autotuning and the decoders' start behind us) to the first scrape that
+    saw the final step (after it the driver only drains, checkpoints and stops)."""
+    trained = [s for s in scrapes if steps_of(s) >= 1]
+    if len(trained) < 2:
+        return None
+    end = next(s for s in trained if steps_of(s) == steps_of(trained[-1]))
+    running = [s for s in trained if s["t"] <= end["t"]]
+    window = [s for s in running if s["t"] >= trained[0]["t"] + skip_s]
+    if len(window) < 2:
+        # A short run (the dry run): its second half.
+        window = running[len(running) // 2:]
+    if len(window) < 2 or window[-1]["t"] <= window[0]["t"]:
+        return None
+    return window[0], window[-1]
+
+
+def window_input_wait(a: dict[str, Any], b: dict[str, Any]) -> float | None:
+    """The pacing learner's share of time waiting for batches between scrapes a and b, from the
+    wait and busy counters the learners add to after every chunk (None when they did not move)."""
+    wait, busy = (b["values"].get(name, 0.0) - a["values"].get(name, 0.0)
+                  for name in ("stream_swav_input_wait_seconds_total", "stream_swav_learner_busy_seconds_total"))
+    return round(wait / (wait + busy), 4) if wait + busy > 0 else None
+
+
+def e2e_figures(scrapes: list[dict[str, Any]], shards: dict[str, Any] | None,
+                gpu: list[tuple[float, float, float]], skip_s: float = 10.0) -> dict[str, Any]:
+    """The e2e run's figures from its /metrics scrapes (and the GPU samples of its steady window)."""
+    figures: dict[str, Any] = {"scrapes": len(scrapes)}
+    if scrapes:
+        last = scrapes[-1]["values"]
+        figures.update(
+            # Gauges of the actors up: their most over the run (they fall to 0 as the run stops).
+            learners=int(max(s["values"].get("stream_swav_learners_up", 0) for s in scrapes)),
+            decode_actors=int(max(s["values"].get("stream_swav_decode_actors_up", 0) for s in scrapes)),
+            steps=int(last.get("stream_swav_steps_total", 0)),
+            images_trained=int(last.get("stream_swav_images_trained_total", 0)),
+            images_per_s_gauge=last.get("stream_swav_images_per_second"),
+            loss=last.get("stream_swav_loss"),
+            input_wait_ratio_whole_run=window_input_wait({"values": {}}, scrapes[-1]),
+            decode_errors=int(last.get("stream_swav_decode_errors_total", 0)),
+            gpu_memory_reserved_gib=round(last.get("stream_swav_gpu_memory_reserved_bytes", 0) / 2**30, 2) or None,
+        )
+    window = steady_window(scrapes, skip_s)
+    if window:
+        a, b = window
+        seconds = b["t"] - a["t"]
+        images = b["values"]["stream_swav_images_trained_total"] - a["values"]["stream_swav_images_trained_total"]
+        figures["steady"] = {"from_unix": a["t"], "to_unix": b["t"], "seconds": round(seconds, 1),
+                             "steps": int(steps_of(b) - steps_of(a))}
+        figures["images_per_s_steady"] = round(images / seconds, 1)
+        figures["input_wait_ratio_steady"] = window_input_wait(a, b)
+        in_flight = [s["values"]["stream_swav_object_store_batches_in_flight"] for s in scrapes
+                     if a["t"] <= s["t"] <= b["t"] and "stream_swav_object_store_batches_in_flight" in s["values"]]
+        if in_flight:
+            figures["batches_in_flight_mean"] = round(statistics.fmean(in_flight), 1)
+        steady_gpu = gpu_window(gpu, a["t"], b["t"])
+        if steady_gpu:
+            figures["steady"].update(steady_gpu)
+    if shards:
+        figures["shards"] = shards
+    return figures
+
+
+def collect_demo(demo_out: Path, out: Path) -> dict[str, Any]:
+    """The demo's summary, results and plot into $OUT; its figures from them and its last checkpoint."""
+    eval_dir = demo_out / "eval"
+    for source, dest in DEMO_FILES.items():
+        if (eval_dir / source).is_file():
+            shutil.copyfile(eval_dir / source, out / dest)
+    return demo_figures(read_jsonl(eval_dir / "results.jsonl"), read_json(eval_dir / "summary.json"),
+                        read_json(demo_out / "checkpoints" / "latest.json"))
+
+
+def demo_figures(rows: list[dict[str, Any]], summary: dict[str, Any] | None,
+                 latest: dict[str, Any] | None) -> dict[str, Any]:
+    """From the demo's evaluation rows (one per checkpoint), its summary and its last checkpoint's record."""
+    rows = sorted(rows, key=lambda r: r.get("step", 0))
+    figures: dict[str, Any] = {"checkpoints_evaluated": len(rows)}
+    train = ((latest or {}).get("config") or {}).get("train") or {}
+    if train:
+        figures.update(minutes=round(train["time_budget_s"] / 60, 2), image_budget=train["image_budget"],
+                       batch_size=train["batch_size"])
+    if rows:
+        last = rows[-1]
+        best = max(rows, key=lambda r: r.get("knn_top1") or 0.0)
+        figures.update(
+            knn_top1_last=last.get("knn_top1"), knn_top1_best=best.get("knn_top1"),
+            best_at_images=best.get("images_seen"), images_seen=last.get("images_seen"), steps=last.get("step"),
+            pixels_knn_top1=last.get("pixels_knn_top1"), random_knn_top1=last.get("random_knn_top1"),
+            random_bn_knn_top1=last.get("random_bn_knn_top1"), probe_top1_last=last.get("probe_top1"),
+            pixels_probe_top1=last.get("pixels_probe_top1"), random_probe_top1=last.get("random_probe_top1"),
+            eval_split=f"{last.get('train_count')}/{last.get('test_count')}",
+            beats_random_init=bool((last.get("knn_top1") or 0) > (last.get("random_knn_top1") or 1)),
+            beats_pixels=bool((last.get("knn_top1") or 0) > (last.get("pixels_knn_top1") or 1)),
+        )
+    if len(rows) >= 2:
+        # Training speed between the first and the last checkpoint: past Ray's start and warm-up.
+        first, last = rows[0], rows[-1]
+        seconds = (dt.datetime.fromisoformat(last["checkpoint_time"])
+                   - dt.datetime.fromisoformat(first["checkpoint_time"])).total_seconds()
+        if seconds > 0:
+            figures["train_images_per_s"] = round((last["images_seen"] - first["images_seen"]) / seconds, 1)
+    if summary:
+        figures["dataset"] = summary.get("dataset")
+    return figures
+
+
+def tests_figures(junit_xml: Path) -> dict[str, Any]:
+    """pytest's JUnit XML report: counts, and which tests failed, passed and were skipped (with why)."""
+    try:
+        root = ElementTree.parse(junit_xml).getroot()
+    except (OSError, ElementTree.ParseError):
+        return {}
+    counts = {"passed": 0, "failed": 0, "errors": 0, "skipped": 0}
+    failed, passed, skipped = [], [], []
+    for case in root.iter("testcase"):
+        name = f"{case.get('classname')}::{case.get('name')}"
+        outcome = next((child for child in case if child.tag in ("failure", "error", "skipped")), None)
+        if outcome is None:
+            counts["passed"] += 1
+            passed.append(name)
+        elif outcome.tag == "skipped":
+            counts["skipped"] += 1
+            skipped.append(f"{name}: {outcome.get('message', '')}")
+        else:
+            counts["failed" if outcome.tag == "failure" else "errors"] += 1
+            failed.append(name)
+    return {"counts": counts, "failed": failed, "passed": passed, "skipped": skipped}
 
 
 def gpu_samples(path: Path) -> list[tuple[float, float, float]]:
@@ -567,27 +794,6 @@ def gpu_window(samples: list[tuple[float, float, float]], start: float, end: flo
         return None
     return {"gpu_util_mean_pct": round(statistics.fmean(s[1] for s in inside), 1),
             "gpu_memory_max_mib": max(s[2] for s in inside), "gpu_samples": len(inside)}
-
-
-def cmd_finish(args: argparse.Namespace) -> int:
-    out = Path(args.out)
-    with locked(Path(args.lock)):
-        summary = read_json(Path(args.summary)) or {"steps": {}}
-        samples = gpu_samples(Path(args.gpu_csv)) if args.gpu_csv else []
-        for step in summary["steps"].values():
-            if samples and "started_unix" in step and "seconds" in step:
-                window = gpu_window(samples, step["started_unix"], step["started_unix"] + step["seconds"])
-                if window:
-                    step["gpu"] = window
-        summary["finished"] = now_iso()
-        summary["wall_s"] = round(float(args.wall_s), 1)
-        summary["targets"] = targets(summary)
-        summary["failed_steps"] = [n for n, s in summary["steps"].items() if s.get("status") not in ("ok",)]
-        files = sorted(p for p in out.rglob("*") if p.is_file())
-        summary["files"] = sorted({str(p.relative_to(out)) for p in files} | {Path(args.summary).name})
-        write_json_atomic(Path(args.summary), summary)
-    print_verdicts(summary)
-    return 0
 
 
 def figure(summary: dict[str, Any], step: str, *keys: str) -> Any:
@@ -627,399 +833,187 @@ def targets(summary: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def print_verdicts(summary: dict[str, Any]) -> None:
-    print(f"\nGPU proof ({summary.get('mode')}): {summary.get('wall_s')} s of {summary.get('budget_s')} s budget")
+def verdict_lines(summary: dict[str, Any]) -> Iterator[str]:
+    yield f"GPU proof ({summary.get('mode')}): {summary.get('wall_s')} s of {summary.get('budget_s')} s budget"
     for name, step in summary["steps"].items():
-        extra = f" rc {step['rc']}" if "rc" in step else ""
+        rc = f" rc {step['rc']}" if "rc" in step else ""
         note = f"  [{step['note']}]" if step.get("note") else ""
-        print(f"  {name:<12} {step.get('status', '?'):<8} {step.get('seconds', 0):>6} s{extra}{note}")
+        yield f"  {name:<12} {step.get('status', '?'):<8} {step.get('seconds', 0):>6} s{rc}{note}"
     applies = summary["targets"].get("applies")
     for name, target in summary["targets"].items():
         if name == "applies":
             continue
         met = {True: "MET", False: "NOT MET", None: "no figure"}[target["met"]]
-        print(f"  target {name}: {target['value']} (target {target['target']}): "
-              f"{met if applies else met + ' (dry run: tiny CPU settings, not a verdict)'}")
+        yield (f"  target {name}: {target['value']} (target {target['target']}): "
+               f"{met if applies else met + ' (dry run: tiny CPU settings, not a verdict)'}")
 
 
-# ------------------------------------------------------------------------------------------ figures
+# ------------------------------------------------------------------------------------------ files
 
-def cmd_tests_figures(args: argparse.Namespace) -> int:
-    text = Path(args.pytest_output).read_text(errors="replace") if Path(args.pytest_output).exists() else ""
-    counts: dict[str, int] = {}
-    summary_lines = [line for line in text.splitlines() if re.search(r"\d+ (passed|failed|skipped|error)", line)]
-    if summary_lines:
-        for number, word in re.findall(r"(\d+) (passed|failed|skipped|errors?|xfailed|xpassed|deselected)",
-                                       summary_lines[-1]):
-            counts["errors" if word.startswith("error") else word] = int(number)
-    failed = sorted(set(re.findall(r"^(?:FAILED|ERROR) (\S+)", text, flags=re.M)))
-    passed = sorted(set(re.findall(r"^PASSED (\S+)", text, flags=re.M)))
-    skipped = sorted(set(re.findall(r"^SKIPPED \[\d+\] (\S+)", text, flags=re.M)))
-    write_json_atomic(Path(args.json), {"counts": counts, "failed": failed, "passed": passed,
-                                        "skipped_where": skipped})
-    return 0
-
-
-def cmd_learner_figures(args: argparse.Namespace) -> int:
-    report = read_json(Path(args.learner_json)) or {}
-    rows = report.get("results", [])
-    by_batch: dict[str, dict[str, Any]] = {}
-    for row in rows:
-        path = "ours" if row["name"].startswith("ours") else "classic"
-        by_batch.setdefault(str(row["batch"]), {})[path] = {
-            k: row.get(k) for k in ("images_per_s", "step_ms", "peak_gib", "mfu", "warmup_s", "nonfinite_steps",
-                                    "error") if row.get(k) not in (None, "")}
-    ratios = {}
-    for batch, paths in by_batch.items():
-        ours, classic = paths.get("ours", {}).get("images_per_s"), paths.get("classic", {}).get("images_per_s")
-        if ours and classic:
-            ratios[batch] = round(ours / classic, 3)
-    match = report.get("loss_match") or {}
-    figures = {
-        "environment": report.get("environment"),
-        "batches": by_batch,
-        "ours_vs_classic": ratios,
-        "loss_match": {k: match.get(k) for k in ("batch", "losses", "ours_vs_classic", "ours_vs_fp32",
-                                                 "classic_vs_fp32", "ours_precision", "classic_precision")}
-        if match else None,
-        "host_syncs_per_step": {path: len(where) for path, where in (report.get("syncs_per_step") or {}).items()},
-        "host_sync_sites": report.get("syncs_per_step"),
-        "flops_per_image": report.get("flops_per_image"),
-    }
-    write_json_atomic(Path(args.json), figures)
-    return 0
-
-
-def cmd_families_figures(args: argparse.Namespace) -> int:
-    """Per backbone family (bench/learner.py --families): its recipe's network and our step's figures."""
-    report = read_json(Path(args.families_json)) or {}
-    flops = report.get("family_flops_per_image") or {}
-    figures = {"environment": report.get("environment"), "families": {}}
-    for row in report.get("families", []):
-        family, _, recipe = row["name"].partition(": ")
-        figures["families"][family] = {
-            "recipe": recipe, "batch": row["batch"], "flops_per_image": flops.get(family),
-            **{k: row.get(k) for k in ("images_per_s", "step_ms", "peak_gib", "mfu", "warmup_s", "nonfinite_steps",
-                                       "error") if row.get(k) not in (None, "")}}
-    write_json_atomic(Path(args.json), figures)
-    return 0
-
-
-METRIC_LINE = re.compile(r"^(stream_swav_[a-z_]+)(\{[^}]*\})?\s+([-+0-9.eEinfNa]+)$")
-
-
-def parse_metrics(text: str) -> dict[str, float]:
-    """stream_swav_* samples of a Prometheus text page; labelled families are summed over labels."""
-    values: dict[str, float] = {}
-    for line in text.splitlines():
-        match = METRIC_LINE.match(line.strip())
-        if match and not match[1].endswith("_created"):
-            values[match[1]] = values.get(match[1], 0.0) + float(match[3])
-    return values
-
-
-def cmd_scrape(args: argparse.Namespace) -> int:
-    """Scrape /metrics every --interval seconds, one JSON line per answered scrape, until
-    --stop-file exists (one last scrape then) or --max-s have passed."""
-    deadline = time.time() + args.max_s
-    with open(args.out, "a") as out:
-        while True:
-            stopping = Path(args.stop_file).exists() or time.time() >= deadline
-            try:
-                with urllib.request.urlopen(args.url, timeout=2) as response:
-                    values = parse_metrics(response.read().decode())
-                out.write(json.dumps({"t": round(time.time(), 3), "values": values}) + "\n")
-                out.flush()
-            except OSError:
-                pass
-            if stopping:
-                return 0
-            time.sleep(args.interval)
-
-
-def steps_of(scrape: dict[str, Any]) -> float:
-    return scrape["values"].get("stream_swav_steps_total", 0.0)
-
-
-def steady_window(scrapes: list[dict[str, Any]], skip_s: float) -> tuple[dict[str, Any], dict[str, Any]] | None:
-    """First and last scrapes of the steady part of a run: from `skip_s` after the first trained
-    step was seen (cuDNN autotuning and the decoders' start behind us) to the first scrape that
-    saw the final step (after it the driver only drains, checkpoints and stops)."""
-    trained = [s for s in scrapes if steps_of(s) >= 1]
-    if len(trained) < 2:
+def finite_json(value: Any) -> Any:
+    """NaN and infinities as null: JSON has no spelling for them (Python's NaN is not JSON)."""
+    if isinstance(value, float) and not math.isfinite(value):
         return None
-    end = next(s for s in trained if steps_of(s) == steps_of(trained[-1]))
-    running = [s for s in trained if s["t"] <= end["t"]]
-    window = [s for s in running if s["t"] >= trained[0]["t"] + skip_s]
-    if len(window) < 2:
-        # A short run (the dry run): its second half.
-        window = running[len(running) // 2:]
-    if len(window) < 2 or window[-1]["t"] <= window[0]["t"]:
+    if isinstance(value, dict):
+        return {k: finite_json(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite_json(v) for v in value]
+    return value
+
+
+def write_json_atomic(path: Path, value: Any) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(finite_json(value), indent=2, default=str, allow_nan=False) + "\n")
+    os.replace(tmp, path)
+
+
+def read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
         return None
-    return window[0], window[-1]
 
 
-def window_input_wait(a: dict[str, Any], b: dict[str, Any]) -> float | None:
-    """The pacing learner's share of time waiting for batches between scrapes a and b, from the
-    wait and busy counters the learners add to after every chunk (None when they did not move)."""
-    wait, busy = (b["values"].get(name, 0.0) - a["values"].get(name, 0.0)
-                  for name in ("stream_swav_input_wait_seconds_total", "stream_swav_learner_busy_seconds_total"))
-    return round(wait / (wait + busy), 4) if wait + busy > 0 else None
-
-
-def cmd_e2e_figures(args: argparse.Namespace) -> int:
-    scrapes = []
-    with contextlib.suppress(OSError):
-        for line in Path(args.metrics).read_text().splitlines():
-            with contextlib.suppress(ValueError):
-                scrapes.append(json.loads(line))
-    log = Path(args.log).read_text(errors="replace") if Path(args.log).exists() else ""
-    figures: dict[str, Any] = {"scrapes": len(scrapes)}
-    plan = re.findall(r"(\d+) learner\(s\) on ([^;]+); (\d+) decode actor\(s\)", log)
-    if plan:
-        figures.update(learners=int(plan[-1][0]), learner_device=plan[-1][1].strip(), decode_actors=int(plan[-1][2]))
-    progress = re.findall(r"step (\d+) \| (\d+) images \| ([0-9.]+) img/s \| loss ([0-9.naN]+) .*?input-wait (\d+)%",
-                          log)
-    if progress:
-        step, images, rate, loss, wait = progress[-1]
-        figures["last_log_line"] = {"step": int(step), "images": int(images), "images_per_s": float(rate),
-                                    "loss": float(loss), "input_wait_pct": int(wait)}
-    if scrapes:
-        last = scrapes[-1]["values"]
-        figures.update(
-            steps=int(last.get("stream_swav_steps_total", 0)),
-            images_trained=int(last.get("stream_swav_images_trained_total", 0)),
-            images_per_s_gauge=last.get("stream_swav_images_per_second"),
-            input_wait_ratio_whole_run=window_input_wait({"values": {}}, scrapes[-1]),
-            decode_errors=int(last.get("stream_swav_decode_errors_total", 0)),
-            gpu_memory_reserved_gib=round(last.get("stream_swav_gpu_memory_reserved_bytes", 0) / 2**30, 2) or None,
-        )
-    window = steady_window(scrapes, args.skip_s)
-    if window:
-        a, b = window
-        seconds = b["t"] - a["t"]
-        images = b["values"]["stream_swav_images_trained_total"] - a["values"]["stream_swav_images_trained_total"]
-        figures["steady"] = {"from_unix": a["t"], "to_unix": b["t"], "seconds": round(seconds, 1),
-                             "steps": int(b["values"]["stream_swav_steps_total"] - a["values"]["stream_swav_steps_total"])}
-        figures["images_per_s_steady"] = round(images / seconds, 1)
-        figures["input_wait_ratio_steady"] = window_input_wait(a, b)
-        in_flight = [s["values"].get("stream_swav_object_store_batches_in_flight") for s in scrapes
-                     if a["t"] <= s["t"] <= b["t"]]
-        in_flight = [v for v in in_flight if v is not None]
-        if in_flight:
-            figures["batches_in_flight_mean"] = round(statistics.fmean(in_flight), 1)
-        samples = gpu_samples(Path(args.gpu_csv)) if args.gpu_csv else []
-        gpu = gpu_window(samples, a["t"], b["t"])
-        if gpu:
-            figures["steady"].update(gpu)
-    data = read_json(Path(args.data_json)) if args.data_json else None
-    if data:
-        figures["shards"] = data
-    write_json_atomic(Path(args.json), figures)
-    return 0
-
-
-def cmd_demo_figures(args: argparse.Namespace) -> int:
-    eval_dir = Path(args.eval_dir)
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    """The complete lines of a JSON-lines file (a line cut by a kill is left out)."""
     rows = []
     with contextlib.suppress(OSError):
-        for line in (eval_dir / "results.jsonl").read_text().splitlines():
+        for line in path.read_text().splitlines():
             with contextlib.suppress(ValueError):
                 rows.append(json.loads(line))
-    rows.sort(key=lambda r: r.get("step", 0))
-    figures: dict[str, Any] = {"checkpoints_evaluated": len(rows), "minutes": args.minutes}
-    if rows:
-        last = rows[-1]
-        best = max(rows, key=lambda r: r.get("knn_top1") or 0.0)
-        figures.update(
-            knn_top1_last=last.get("knn_top1"), knn_top1_best=best.get("knn_top1"),
-            best_at_images=best.get("images_seen"), images_seen=last.get("images_seen"), steps=last.get("step"),
-            pixels_knn_top1=last.get("pixels_knn_top1"), random_knn_top1=last.get("random_knn_top1"),
-            random_bn_knn_top1=last.get("random_bn_knn_top1"), probe_top1_last=last.get("probe_top1"),
-            pixels_probe_top1=last.get("pixels_probe_top1"), random_probe_top1=last.get("random_probe_top1"),
-            eval_split=f"{last.get('train_count')}/{last.get('test_count')}",
-            beats_random_init=bool((last.get("knn_top1") or 0) > (last.get("random_knn_top1") or 1)),
-            beats_pixels=bool((last.get("knn_top1") or 0) > (last.get("pixels_knn_top1") or 1)),
-        )
-    summary = read_json(eval_dir / "summary.json")
-    if summary:
-        figures["dataset"] = summary.get("dataset")
-    log = Path(args.log).read_text(errors="replace") if args.log and Path(args.log).exists() else ""
-    rates = re.findall(r"\| ([0-9.]+) img/s \|", log)
-    if rates:
-        figures["train_images_per_s_last_log"] = float(rates[-1])
-    write_json_atomic(Path(args.json), figures)
-    return 0
+    return rows
 
 
-# -------------------------------------------------------------------------------------------- misc
-
-def cmd_free_port(args: argparse.Namespace) -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        print(sock.getsockname()[1])
-    return 0
-
-
-def cmd_demo_minutes(args: argparse.Namespace) -> int:
-    """Training minutes for the demo: `--max` when the time left allows it, less otherwise, never
-    under `--min` (printed with one decimal, as `stream-swav demo --minutes` takes it)."""
-    available = (args.deadline - time.time() - args.reserve_s) / 60.0
-    print(f"{max(args.min, min(args.max, math.floor(available * 10) / 10)):.1f}")
-    return 0
-
-
-def cmd_check_out(args: argparse.Namespace) -> int:
-    """Fail when $OUT breaks the device tool's limits (count, depth, size) and say which file."""
-    out = Path(args.out)
+def check_out(out: Path) -> list[str]:
+    """What breaks the device tool's limits on $OUT (count, depth, size, links), one line each."""
     files = sorted(p for p in out.rglob("*") if p.is_file() or p.is_symlink())
     problems = []
     if len(files) > OUT_FILE_LIMIT:
         problems.append(f"{len(files)} files, the limit is {OUT_FILE_LIMIT}")
     for path in files:
         relative = path.relative_to(out)
-        if len(relative.parts) > 3:
+        if len(relative.parts) > OUT_DEPTH:
             problems.append(f"{relative}: deeper than $OUT/a/b/file")
         if path.is_symlink():
             problems.append(f"{relative}: a link does not come back")
         elif path.stat().st_size > OUT_FILE_BYTES:
             problems.append(f"{relative}: {path.stat().st_size:,} bytes, over 16 MiB")
-    for problem in problems:
-        print(f"OUT check: {problem}", file=sys.stderr)
-    return 1 if problems else 0
+    return problems
 
 
-def cmd_cap_file(args: argparse.Namespace) -> int:
+def cap_file(path: Path, max_bytes: int) -> None:
     """Keep a log under the size that comes back: its head and tail, with a marker between."""
-    path = Path(args.path)
-    if not path.exists() or path.stat().st_size <= args.max_bytes:
-        return 0
+    if not path.exists() or path.stat().st_size <= max_bytes:
+        return
     data = path.read_bytes()
-    keep = args.max_bytes // 2 - 1024
-    marker = f"\n[... {len(data) - 2 * keep:,} bytes cut to stay under {args.max_bytes:,} ...]\n".encode()
+    keep = max_bytes // 2 - 1024
+    marker = f"\n[... {len(data) - 2 * keep:,} bytes cut to stay under {max_bytes:,} ...]\n".encode()
     path.write_bytes(data[:keep] + marker + data[-keep:])
+
+
+def now_iso() -> str:
+    return dt.datetime.now().astimezone().isoformat(timespec="seconds")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def machine_info() -> dict[str, Any]:
+    """What the figures depend on, without importing torch."""
+    info: dict[str, Any] = {"python": sys.version.split()[0], "cpus": os.cpu_count()}
+    for dist in ("torch", "torchvision", "numpy", "pillow", "ray"):
+        with contextlib.suppress(importlib.metadata.PackageNotFoundError):
+            info[dist] = importlib.metadata.version(dist)
+    with contextlib.suppress(OSError):
+        meminfo = Path("/proc/meminfo").read_text()
+        info["memory_gib"] = round(int(re.search(r"MemTotal:\s+(\d+)", meminfo)[1]) / 2**20, 1)
+    with contextlib.suppress(OSError):
+        model = re.search(r"model name\s*:\s*(.+)", Path("/proc/cpuinfo").read_text())
+        info["cpu_model"] = model[1].strip() if model else "?"
+    with contextlib.suppress(OSError):
+        shm = os.statvfs("/dev/shm")
+        # Ray's object store lives in /dev/shm when it is big enough, else in /tmp (slower).
+        info["dev_shm_gib"] = round(shm.f_frsize * shm.f_blocks / 2**30, 1)
+    if shutil.which("nvidia-smi"):
+        query = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version,memory.total,power.limit",
+                                "--format=csv,noheader"], capture_output=True, text=True)
+        info["gpus"] = [line.strip() for line in query.stdout.splitlines() if line.strip()]
+    return info
+
+
+# ------------------------------------------------------------------------------------------ e2e data
+
+_SPLIT: tuple[Any, Any] | None = None  # (images, labels), shared with forked workers
+
+
+def _write_part(dest: str, indices: list[int], size: int, per_shard: int) -> dict[str, Any]:
+    from stream_swav.apps.make_shards import array_samples, write_shards
+
+    assert _SPLIT is not None
+    images, labels = _SPLIT
+    samples = array_samples(images, labels, size=size, image_format="jpeg", indices=indices)
+    return write_shards(samples, dest, per_shard, 1 << 40,
+                        settings={"source": "gpu-proof", "size": size, "first": indices[0]}).to_dict()
+
+
+def cmd_e2e_shards(args: argparse.Namespace) -> int:
+    """`--count` images upscaled to `--size` px JPEG (quality 90) in shards of `--per-shard`,
+    written by `--workers` processes into dest/part-NN/ (the e2e step reads the whole folder)."""
+    global _SPLIT
+    import numpy as np
+
+    from stream_swav.apps import datasets as fashion_mnist
+
+    started = time.monotonic()
+    folder = fashion_mnist.find_fashion_mnist()
+    if folder is not None:
+        images, labels = fashion_mnist.load_split(folder, "train")
+        source = f"Fashion-MNIST train split ({folder})"
+    else:
+        images, labels = fashion_mnist.procedural_dataset(args.count, seed=0)
+        source = "procedural 10-class shapes (Fashion-MNIST not found)"
+    count = min(args.count, len(images))
+    _SPLIT = (images, labels)
+    parts = [chunk.tolist() for chunk in np.array_split(np.arange(count), args.workers) if len(chunk)]
+    dests = [str(Path(args.dest) / f"part-{n:02d}") for n in range(len(parts))]
+    jobs = (dests, parts, [args.size] * len(parts), [args.per_shard] * len(parts))
+    if len(parts) == 1:
+        summaries = list(map(_write_part, *jobs))
+    else:
+        context = multiprocessing.get_context("fork")
+        with concurrent.futures.ProcessPoolExecutor(max_workers=len(parts), mp_context=context) as pool:
+            summaries = list(pool.map(_write_part, *jobs))
+    shards = sum(s["shards_written"] + s["shards_kept"] for s in summaries)
+    total_bytes = sum(s["bytes"] for s in summaries)
+    print(f"{count:,} images of {source} as {args.size} px JPEG in {shards} shards "
+          f"({total_bytes / 1e6:.0f} MB, {total_bytes / max(count, 1) / 1e3:.1f} kB per sample) under {args.dest} "
+          f"in {time.monotonic() - started:.1f} s", flush=True)
+    Path(args.json).write_text(json.dumps({"images": count, "source": source, "size": args.size,
+                                           "shards": shards, "bytes": total_bytes}))
     return 0
 
+
+# ------------------------------------------------------------------------------------------ main
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("pack", help="build .gpuproof/: package bundle + Fashion-MNIST, and report the sizes")
-    p.add_argument("--out", default=".gpuproof")
-    p.add_argument("--fmnist", help="Fashion-MNIST folder (default: searched like the demo does)")
-    p.add_argument("--python-version", default="3.12", help="the GPU machine's Python (wheels are picked for it)")
-    p.set_defaults(func=cmd_pack)
+    p = sub.add_parser("run", help="the proof run (bench/gpu_proof.sh calls this; settings from GPU_PROOF_*)")
+    p.add_argument("--mode", choices=sorted(PROFILES), required=True)
+    p.set_defaults(func=cmd_run)
 
-    p = sub.add_parser("size", help="report what a device run would carry")
-    p.add_argument("carried", nargs="*", default=[".gpuproof"])
-    p.set_defaults(func=cmd_size)
-
-    p = sub.add_parser("unpack", help="on the GPU machine: bundle -> site folder, Fashion-MNIST -> IDX files")
-    p.add_argument("--bundle", required=True)
-    p.add_argument("--site", required=True)
-    p.add_argument("--fmnist", required=True)
-    p.add_argument("--json")
-    p.set_defaults(func=cmd_unpack)
-
-    p = sub.add_parser("dry-setup", help="dry run: a small Fashion-MNIST as plain IDX files, then the import check")
-    p.add_argument("--fmnist", dest="dest", required=True)
-    p.add_argument("--train", type=int, default=3000)
-    p.add_argument("--test", type=int, default=500)
-    p.add_argument("--json")
-    p.set_defaults(func=cmd_dry_setup)
-
-    p = sub.add_parser("jpeg-shards", help="Fashion-MNIST upscaled to JPEG shards for the e2e step")
+    p = sub.add_parser("e2e-shards", help="Fashion-MNIST upscaled to JPEG shards for the e2e step")
     p.add_argument("--dest", required=True)
-    p.add_argument("--count", type=int, default=40_000)
-    p.add_argument("--size", type=int, default=256)
-    p.add_argument("--per-shard", type=int, default=1000)
-    p.add_argument("--workers", type=int, default=4)
-    p.add_argument("--json")
-    p.set_defaults(func=cmd_jpeg_shards)
-
-    for name, func in (("init", cmd_init), ("step", cmd_step), ("finish", cmd_finish)):
-        p = sub.add_parser(name)
-        p.add_argument("--summary", required=True)
-        p.add_argument("--lock", required=True)
-        p.set_defaults(func=func)
-        if name == "init":
-            p.add_argument("--mode", required=True, choices=("gpu", "dry-run"))
-            p.add_argument("--budget-s", type=int, required=True)
-        elif name == "step":
-            p.add_argument("--name", required=True)
-            p.add_argument("--status", choices=("pending", "running", "ok", "failed", "timeout", "skipped"))
-            p.add_argument("--rc")
-            p.add_argument("--seconds")
-            p.add_argument("--started")
-            p.add_argument("--budget-s")
-            p.add_argument("--note")
-            p.add_argument("--command")
-            p.add_argument("--figures", action="append", help="JSON file whose keys join the step's figures")
-        else:
-            p.add_argument("--out", required=True)
-            p.add_argument("--wall-s", required=True)
-            p.add_argument("--gpu-csv")
-
-    p = sub.add_parser("tests-figures")
-    p.add_argument("--pytest-output", required=True)
-    p.add_argument("--json", required=True)
-    p.set_defaults(func=cmd_tests_figures)
-
-    p = sub.add_parser("learner-figures")
-    p.add_argument("--learner-json", required=True)
-    p.add_argument("--json", required=True)
-    p.set_defaults(func=cmd_learner_figures)
-
-    p = sub.add_parser("families-figures")
-    p.add_argument("--families-json", required=True)
-    p.add_argument("--json", required=True)
-    p.set_defaults(func=cmd_families_figures)
-
-    p = sub.add_parser("scrape")
-    p.add_argument("--url", required=True)
-    p.add_argument("--out", required=True)
-    p.add_argument("--stop-file", required=True)
-    p.add_argument("--max-s", type=float, required=True)
-    p.add_argument("--interval", type=float, default=1.0)
-    p.set_defaults(func=cmd_scrape)
-
-    p = sub.add_parser("e2e-figures")
-    p.add_argument("--metrics", required=True)
-    p.add_argument("--log", required=True)
-    p.add_argument("--json", required=True)
-    p.add_argument("--gpu-csv")
-    p.add_argument("--data-json")
-    p.add_argument("--skip-s", type=float, default=10.0, help="seconds after the first step left out of 'steady'")
-    p.set_defaults(func=cmd_e2e_figures)
-
-    p = sub.add_parser("demo-figures")
-    p.add_argument("--eval-dir", required=True)
-    p.add_argument("--json", required=True)
-    p.add_argument("--log")
-    p.add_argument("--minutes", type=float)
-    p.set_defaults(func=cmd_demo_figures)
-
-    p = sub.add_parser("free-port")
-    p.set_defaults(func=cmd_free_port)
-
-    p = sub.add_parser("demo-minutes")
-    p.add_argument("--deadline", type=float, required=True, help="unix time by which the demo must be done")
-    p.add_argument("--reserve-s", type=float, required=True, help="the demo's time besides training")
-    p.add_argument("--max", type=float, required=True)
-    p.add_argument("--min", type=float, required=True)
-    p.set_defaults(func=cmd_demo_minutes)
-
-    p = sub.add_parser("check-out")
-    p.add_argument("--out", required=True)
-    p.set_defaults(func=cmd_check_out)
-
-    p = sub.add_parser("cap-file")
-    p.add_argument("path")
-    p.add_argument("--max-bytes", type=int, default=15 * 2**20)
-    p.set_defaults(func=cmd_cap_file)
+    p.add_argument("--count", type=int, required=True)
+    p.add_argument("--size", type=int, required=True)
+    p.add_argument("--per-shard", type=int, required=True)
+    p.add_argument("--workers", type=int, required=True)
+    p.add_argument("--json", required=True, help="the step's figures")
+    p.set_defaults(func=cmd_e2e_shards)
     return parser
 
 

@@ -1,11 +1,14 @@
 """One SwAV training step on a batch of uint8 crops: no Ray, no I/O.
 
-A `Learner` owns the network, optimiser, feature queue and random state of
-one training process. The runtime's actor feeds it `CropBatch`es and saves its
-`state_dict()`; with several learners a `torch.distributed` process group must
-be initialised first, and every learner must call `train_step` in lockstep.
-The crops of a batch may be numpy arrays (as they come out of Ray's object
-store) or uint8 torch tensors, on the host or already on the learner's device.
+Two parts. `LearnerState` builds and owns what one training process holds and a checkpoint
+saves: network, optimiser, feature queue, code state, random streams and counters, with
+`state_dict()`, `check_state()` and `load_state_dict()`. `Learner` adds the step on top of it:
+the network as it runs (DistributedDataParallel, compiled), on-device augmentation, mixed
+precision and `train_step`. The runtime's actor feeds a `Learner` `CropBatch`es and saves its
+`state_dict()`; with several learners a `torch.distributed` process group must be initialised
+first, and every learner must call `train_step` in lockstep. The crops of a batch may be numpy
+arrays (as they come out of Ray's object store) or uint8 torch tensors, on the host or already
+on the learner's device.
 """
 from __future__ import annotations
 
@@ -59,20 +62,28 @@ class StepStats:
     nonfinite: bool
     nonfinite_in_row: int
 
-    def to_floats(self) -> dict[str, float]:
-        """Scalar fields as Python numbers (synchronises with the device); counts are left out."""
-        return {
-            "step": float(self.step),
-            "images_seen": float(self.images_seen),
-            "loss": self.loss.item(),
-            "lr": self.lr,
-            "marginal_error": self.marginal_error.item(),
-            "feature_spread": self.feature_spread.item(),
-            "score_spread": self.score_spread.item(),
-            "queue_fill": float(self.queue_fill),
-            "nonfinite": float(self.nonfinite),
-            "nonfinite_in_row": float(self.nonfinite_in_row),
-        }
+    def figures(self) -> StepFigures:
+        """The scalars as Python numbers (synchronises with the device); counts are left out."""
+        return StepFigures(step=self.step, images_seen=self.images_seen, loss=self.loss.item(), lr=self.lr,
+                           marginal_error=self.marginal_error.item(), feature_spread=self.feature_spread.item(),
+                           score_spread=self.score_spread.item(), queue_fill=self.queue_fill,
+                           nonfinite=self.nonfinite, nonfinite_in_row=self.nonfinite_in_row)
+
+
+@dataclass(frozen=True)
+class StepFigures:
+    """A `StepStats` read on the host: what a learner reports of its last step."""
+
+    step: int
+    images_seen: int
+    loss: float
+    lr: float
+    marginal_error: float
+    feature_spread: float
+    score_spread: float
+    queue_fill: int
+    nonfinite: bool
+    nonfinite_in_row: int
 
 
 # Without CUDA graphs: the augmentation's output is a fresh input of the network each step.
@@ -166,7 +177,17 @@ def score_spread(scores: Tensor) -> Tensor:
     return scores.float().std(dim=2).mean()
 
 
-class Learner:
+# The keys of a learner's state that differ between the ranks of a data-parallel group: each
+# rank's own feature queue and random streams. A checkpoint holds rank 0's state whole and these
+# of every other rank; the rest (weights, optimiser, codes, counters) is the same on every rank.
+RANK_LOCAL_STATE_KEYS = ("queue", "cpu_rng", "augment_rng", "cuda_rng")
+
+
+class LearnerState:
+    """What one training process owns and a checkpoint holds: the network, optimiser, feature
+    queue, code state, augmentation generator and counters, built from the configuration; saved by
+    `state_dict()`, checked by `check_state()`, restored by `load_state_dict()`."""
+
     def __init__(self, cfg: Config, device: torch.device, rank: int = 0, world_size: int = 1) -> None:
         self.cfg = cfg
         self.device = torch.device(device)
@@ -193,10 +214,112 @@ class Learner:
         if cfg.train.channels_last:
             model.to(memory_format=torch.channels_last)
         self.model = model
-        self.network: nn.Module = model
-        if distributed:
+        self.optimizer = build_optimizer(model, cfg)
+        swav = cfg.swav
+        self.queue = None
+        if swav.queue_length > 0:
+            self.queue = FeatureQueue(len(swav.crops_for_assign), swav.queue_length, cfg.model.output_dim,
+                                      start_images=swav.queue_start_images, device=self.device)
+        # The code method and what it carries (a running mass, dual variables); identical on every
+        # rank since its updates use all-reduced masses.
+        self.codes = build_codes(swav, cfg.model.prototypes, self.device)
+        self.generator = torch.Generator(device=self.device)
+        self.generator.manual_seed(cfg.train.seed + rank)
+        self.step = 0
+        self.images_seen = 0
+        self.nonfinite_total = 0
+        self.nonfinite_in_row = 0
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to resume bit-for-bit; plain containers of tensors and numbers only."""
+        state: dict[str, Any] = {
+            "model": _cpu_copy(self.model.state_dict()),
+            "optimizer": _cpu_copy(self.optimizer.state_dict()),
+            "step": self.step,
+            "images_seen": self.images_seen,
+            "nonfinite_total": self.nonfinite_total,
+            "nonfinite_in_row": self.nonfinite_in_row,
+            "cpu_rng": torch.get_rng_state(),
+            "augment_rng": self.generator.get_state(),
+            "codes": self.codes.state_dict(),
+        }
+        if self.queue is not None:
+            state["queue"] = self.queue.state_dict()
+        if self.device.type == "cuda":
+            state["cuda_rng"] = torch.cuda.get_rng_state(self.device)
+        return state
+
+    def check_state(self, state: Any) -> None:
+        """Raise ValueError, naming the part, when `state` is not a `state_dict()` this learner can load."""
+        if not isinstance(state, dict):
+            raise ValueError(f"learner state must be a dict, got {type(state).__name__}")
+        required = ["model", "optimizer", "step", "images_seen", "nonfinite_total", "nonfinite_in_row", "cpu_rng",
+                    "augment_rng"]
+        missing = [k for k in required if k not in state]
+        if missing:
+            raise ValueError(f"learner state lacks {', '.join(missing)}")
+        for key in ("step", "images_seen", "nonfinite_total", "nonfinite_in_row"):
+            value = state[key]
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise ValueError(f"learner state {key}: expected an int >= 0, got {value!r}")
+        for key in ("cpu_rng", "augment_rng"):
+            if not isinstance(state[key], Tensor) or state[key].dtype != torch.uint8:
+                raise ValueError(f"learner state {key}: expected a uint8 tensor")
+        self._check_model_state(state["model"])
+        saved_groups = state["optimizer"].get("param_groups", []) if isinstance(state["optimizer"], dict) else []
+        if [len(g.get("params", [])) for g in saved_groups] != [len(g["params"]) for g in self.optimizer.param_groups]:
+            raise ValueError("learner state optimizer: parameter groups do not match this model and optimizer")
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Resume from `state_dict()` output. Everything is checked before anything is changed."""
+        self.check_state(state)
+        # A checkpoint from a run without queue leaves the queue empty; the queue is
+        # loaded first because it is the one part still checked while loading.
+        if self.queue is not None and "queue" in state:
+            self.queue.load_state_dict(state["queue"])
+        if "codes" in state:
+            self.codes.load_state_dict(state["codes"])
+        self.model.load_state_dict(state["model"])
+        # Hyperparameters come from the current configuration and device (a
+        # checkpoint from a GPU run may say fused=True), state from the checkpoint.
+        hyperparameters = [{k: v for k, v in g.items() if k != "params"} for g in self.optimizer.param_groups]
+        self.optimizer.load_state_dict(state["optimizer"])
+        for group, values in zip(self.optimizer.param_groups, hyperparameters):
+            group.update(values)
+        self.step = state["step"]
+        self.images_seen = state["images_seen"]
+        self.nonfinite_total = state["nonfinite_total"]
+        self.nonfinite_in_row = state["nonfinite_in_row"]
+        torch.set_rng_state(state["cpu_rng"])
+        self.generator.set_state(state["augment_rng"])
+        if self.device.type == "cuda" and "cuda_rng" in state:
+            torch.cuda.set_rng_state(state["cuda_rng"], self.device)
+
+    def _check_model_state(self, model_state: Any) -> None:
+        if not isinstance(model_state, dict):
+            raise ValueError(f"learner state model: expected a dict of tensors, got {type(model_state).__name__}")
+        own = self.model.state_dict()
+        missing = sorted(set(own) - set(model_state))
+        unexpected = sorted(set(model_state) - set(own))
+        if missing or unexpected:
+            raise ValueError(f"learner state model: missing {missing[:5]}, unexpected {unexpected[:5]}")
+        for key, value in own.items():
+            saved = model_state[key]
+            if not isinstance(saved, Tensor) or saved.shape != value.shape:
+                shape = tuple(saved.shape) if isinstance(saved, Tensor) else type(saved).__name__
+                raise ValueError(f"learner state model.{key}: expected shape {tuple(value.shape)}, got {shape}")
+
+
+class Learner(LearnerState):
+    """The SwAV step on a `LearnerState`: the network as it runs (DistributedDataParallel over the
+    ranks, compiled when train.compile), on-device augmentation, mixed precision, and `train_step`."""
+
+    def __init__(self, cfg: Config, device: torch.device, rank: int = 0, world_size: int = 1) -> None:
+        super().__init__(cfg, device, rank=rank, world_size=world_size)
+        self.network: nn.Module = self.model
+        if is_distributed():
             device_ids = [self.device] if self.device.type == "cuda" else None
-            self.network = DistributedDataParallel(model, device_ids=device_ids)
+            self.network = DistributedDataParallel(self.model, device_ids=device_ids)
 
         self._apply_params = apply_params
         self._cudagraphs = False
@@ -211,29 +334,13 @@ class Learner:
         if self.device.type == "cuda":
             # Crop shapes never change during a run, so cuDNN's algorithm search pays once.
             torch.backends.cudnn.benchmark = True
-
-        self.optimizer = build_optimizer(model, cfg)
-        swav = cfg.swav
-        self.queue = None
-        if swav.queue_length > 0:
-            self.queue = FeatureQueue(len(swav.crops_for_assign), swav.queue_length, cfg.model.output_dim,
-                                      start_images=swav.queue_start_images, device=self.device)
-        # The code method and what it carries (a running mass, dual variables); identical on every
-        # rank since its updates use all-reduced masses.
-        self.codes = build_codes(swav, cfg.model.prototypes, self.device)
-        self.generator = torch.Generator(device=self.device)
-        self.generator.manual_seed(cfg.train.seed + rank)
         precision = cfg.train.precision
         self.autocast_dtype = torch.bfloat16 if precision == "bf16" or (
             precision == "auto" and self.device.type == "cuda") else None
         # BatchNorm running statistics, restored when a step is skipped so a
         # non-finite batch cannot poison them for evaluation.
-        self._buffers = list(model.buffers())
+        self._buffers = list(self.model.buffers())
         self._buffer_snapshot = [b.clone() for b in self._buffers]
-        self.step = 0
-        self.images_seen = 0
-        self.nonfinite_total = 0
-        self.nonfinite_in_row = 0
 
     def _autocast(self) -> contextlib.AbstractContextManager:
         if self.autocast_dtype is None:
@@ -352,81 +459,5 @@ class Learner:
             nonfinite_in_row=self.nonfinite_in_row,
         )
 
-    def state_dict(self) -> dict[str, Any]:
-        """Everything needed to resume bit-for-bit; plain containers of tensors and numbers only."""
-        state: dict[str, Any] = {
-            "model": _cpu_copy(self.model.state_dict()),
-            "optimizer": _cpu_copy(self.optimizer.state_dict()),
-            "step": self.step,
-            "images_seen": self.images_seen,
-            "nonfinite_total": self.nonfinite_total,
-            "nonfinite_in_row": self.nonfinite_in_row,
-            "cpu_rng": torch.get_rng_state(),
-            "augment_rng": self.generator.get_state(),
-            "codes": self.codes.state_dict(),
-        }
-        if self.queue is not None:
-            state["queue"] = self.queue.state_dict()
-        if self.device.type == "cuda":
-            state["cuda_rng"] = torch.cuda.get_rng_state(self.device)
-        return state
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Resume from `state_dict()` output. Everything is checked before anything is changed."""
-        if not isinstance(state, dict):
-            raise ValueError(f"learner state must be a dict, got {type(state).__name__}")
-        required = ["model", "optimizer", "step", "images_seen", "nonfinite_total", "nonfinite_in_row", "cpu_rng",
-                    "augment_rng"]
-        missing = [k for k in required if k not in state]
-        if missing:
-            raise ValueError(f"learner state lacks {', '.join(missing)}")
-        for key in ("step", "images_seen", "nonfinite_total", "nonfinite_in_row"):
-            value = state[key]
-            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-                raise ValueError(f"learner state {key}: expected an int >= 0, got {value!r}")
-        for key in ("cpu_rng", "augment_rng"):
-            if not isinstance(state[key], Tensor) or state[key].dtype != torch.uint8:
-                raise ValueError(f"learner state {key}: expected a uint8 tensor")
-        self._check_model_state(state["model"])
-        saved_groups = state["optimizer"].get("param_groups", []) if isinstance(state["optimizer"], dict) else []
-        if [len(g.get("params", [])) for g in saved_groups] != [len(g["params"]) for g in self.optimizer.param_groups]:
-            raise ValueError("learner state optimizer: parameter groups do not match this model and optimizer")
-
-        # A checkpoint from a run without queue leaves the queue empty; the queue is
-        # loaded first because it is the one part still checked while loading.
-        if self.queue is not None and "queue" in state:
-            self.queue.load_state_dict(state["queue"])
-        if "codes" in state:
-            self.codes.load_state_dict(state["codes"])
-        self.model.load_state_dict(state["model"])
-        # Hyperparameters come from the current configuration and device (a
-        # checkpoint from a GPU run may say fused=True), state from the checkpoint.
-        hyperparameters = [{k: v for k, v in g.items() if k != "params"} for g in self.optimizer.param_groups]
-        self.optimizer.load_state_dict(state["optimizer"])
-        for group, values in zip(self.optimizer.param_groups, hyperparameters):
-            group.update(values)
-        self.step = state["step"]
-        self.images_seen = state["images_seen"]
-        self.nonfinite_total = state["nonfinite_total"]
-        self.nonfinite_in_row = state["nonfinite_in_row"]
-        torch.set_rng_state(state["cpu_rng"])
-        self.generator.set_state(state["augment_rng"])
-        if self.device.type == "cuda" and "cuda_rng" in state:
-            torch.cuda.set_rng_state(state["cuda_rng"], self.device)
-
-    def _check_model_state(self, model_state: Any) -> None:
-        if not isinstance(model_state, dict):
-            raise ValueError(f"learner state model: expected a dict of tensors, got {type(model_state).__name__}")
-        own = self.model.state_dict()
-        missing = sorted(set(own) - set(model_state))
-        unexpected = sorted(set(model_state) - set(own))
-        if missing or unexpected:
-            raise ValueError(f"learner state model: missing {missing[:5]}, unexpected {unexpected[:5]}")
-        for key, value in own.items():
-            saved = model_state[key]
-            if not isinstance(saved, Tensor) or saved.shape != value.shape:
-                shape = tuple(saved.shape) if isinstance(saved, Tensor) else type(saved).__name__
-                raise ValueError(f"learner state model.{key}: expected shape {tuple(value.shape)}, got {shape}")
-
-
-__all__ = ["Learner", "StepStats"]
+__all__ = ["Learner", "LearnerState", "RANK_LOCAL_STATE_KEYS", "StepFigures", "StepStats"]

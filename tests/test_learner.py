@@ -202,7 +202,7 @@ def test_state_dict_round_trip_resumes_identically(family):
 
     resumed_stats = resumed.train_step(batch)
     assert resumed_stats.loss.item() == original_stats.loss.item()
-    assert resumed_stats.to_floats() == original_stats.to_floats()
+    assert resumed_stats.figures() == original_stats.figures()
     assert_same(learner_snapshot(resumed), learner_snapshot(learner))
 
 
@@ -241,7 +241,7 @@ def test_nonfinite_loss_skips_update_and_counts_in_a_row():
     for in_row in (1, 2):
         stats = learner.train_step(stream.batch(cfg))
         assert stats.nonfinite and stats.nonfinite_in_row == in_row
-        assert not math.isfinite(stats.to_floats()["loss"])
+        assert not math.isfinite(stats.figures().loss)
         # Parameters, momentum, BatchNorm statistics and queue are exactly as before.
         assert_same(learner_snapshot(learner), before)
     assert learner.nonfinite_total == 2 and stats.queue_fill == 4

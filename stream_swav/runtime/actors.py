@@ -182,11 +182,10 @@ class LearnerActorImpl:
         report.step, report.images_seen = self.learner.step, self.learner.images_seen
         if last is not None:
             # The call's one read of device values: none per step.
-            figures = last.to_floats()
-            report.loss, report.lr = figures["loss"], figures["lr"]
-            report.marginal_error, report.feature_spread = figures["marginal_error"], figures["feature_spread"]
-            report.score_spread = figures["score_spread"]
-            report.queue_fill, report.nonfinite_in_row = last.queue_fill, last.nonfinite_in_row
+            figures = last.figures()
+            report.loss, report.lr, report.marginal_error = figures.loss, figures.lr, figures.marginal_error
+            report.feature_spread, report.score_spread = figures.feature_spread, figures.score_spread
+            report.queue_fill, report.nonfinite_in_row = figures.queue_fill, figures.nonfinite_in_row
             report.prototype_counts = counts.cpu().tolist()
         if self.device.type == "cuda":
             report.gpu_memory_allocated_bytes = int(torch.cuda.memory_allocated(self.device))
@@ -195,8 +194,10 @@ class LearnerActorImpl:
 
     def rank_state(self) -> dict[str, Any]:
         """What differs between ranks: queue and random streams."""
+        from stream_swav.learner import RANK_LOCAL_STATE_KEYS
+
         state = self.learner.state_dict()
-        return {k: state[k] for k in ("queue", "cpu_rng", "augment_rng", "cuda_rng") if k in state}
+        return {k: state[k] for k in RANK_LOCAL_STATE_KEYS if k in state}
 
     def save_checkpoint(self, directory: str, extra: dict[str, Any], other_ranks: list[Any],
                         info: dict[str, Any]) -> dict[str, Any]:

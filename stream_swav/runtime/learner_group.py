@@ -19,6 +19,7 @@ from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from stream_swav.config import Config
+from stream_swav.learner import RANK_LOCAL_STATE_KEYS
 from stream_swav.runtime.actors import LearnerActor
 from stream_swav.runtime.cluster import ClusterPlan, StartupError, describe_shortfall
 from stream_swav.runtime.reports import StepReport
@@ -130,7 +131,7 @@ class LearnerGroup:
                     rank_state.update(other_ranks[rank - 1])
                 else:
                     # A rank new to this checkpoint keeps its own fresh queue and random streams.
-                    for key in ("queue", "cpu_rng", "augment_rng", "cuda_rng"):
+                    for key in RANK_LOCAL_STATE_KEYS:
                         rank_state.pop(key, None)
             refs.append(actor.load_state.remote(rank_state))
         return int(wait_all(refs, None, None, "restoring the checkpoint")[0])

@@ -5,7 +5,8 @@ stream_swav.learner and the batch supply in runtime.feed; these classes only
 move things through Ray. A learner pulls batches from the decode actors
 assigned to it and trains a run of steps per call, answering with one
 `StepReport`, so the driver handles one small message per learner per chunk
-rather than every batch.
+rather than every batch. What crosses Ray is typed: the `Config` itself (validated
+once, where it was loaded), `StepReport`s and the `CheckpointInfo` of a save.
 
 Both actors take an optional factory for their inner part (`build_worker`,
 `build_learner`): the control-plane benchmark swaps in stand-ins that do no
@@ -19,14 +20,17 @@ import os
 import socket
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import ray
 
 from stream_swav import logs
-from stream_swav.config import Config, TrainConfig, config_from_dict
+from stream_swav.config import Config, TrainConfig
 from stream_swav.data.cursor import ShardTask
 from stream_swav.runtime.reports import StepReport
+
+if TYPE_CHECKING:
+    from stream_swav.checkpoint import CheckpointInfo
 
 log = logging.getLogger("stream_swav.actors")
 
@@ -40,10 +44,10 @@ def _default_worker(cfg: Config, worker_index: int) -> Any:
 
 
 class DecodeActorImpl:
-    def __init__(self, config: dict[str, Any], worker_index: int,
+    def __init__(self, cfg: Config, worker_index: int,
                  build_worker: Callable[[Config, int], Any] | None = None) -> None:
         logs.configure()
-        self.worker = (build_worker or _default_worker)(config_from_dict(config), worker_index)
+        self.worker = (build_worker or _default_worker)(cfg, worker_index)
 
     def ready(self) -> int:
         """The actor's pid, once it is up (the driver waits on this with a timeout)."""
@@ -76,12 +80,12 @@ def _default_learner(cfg: Config, device: Any, rank: int, world_size: int) -> An
 class LearnerActorImpl:
     """One learner: one GPU (or the CPU), one rank of the data-parallel group."""
 
-    def __init__(self, config: dict[str, Any], rank: int, world_size: int,
+    def __init__(self, cfg: Config, rank: int, world_size: int,
                  build_learner: Callable[[Config, Any, int, int], Any] | None = None) -> None:
         import torch
 
         logs.configure()
-        self.cfg = config_from_dict(config)
+        self.cfg = cfg
         self.rank = rank
         self.world_size = world_size
         self.build_learner = build_learner or _default_learner
@@ -200,21 +204,18 @@ class LearnerActorImpl:
         return {k: state[k] for k in RANK_LOCAL_STATE_KEYS if k in state}
 
     def save_checkpoint(self, directory: str, extra: dict[str, Any], other_ranks: list[Any],
-                        info: dict[str, Any]) -> dict[str, Any]:
+                        info: dict[str, Any]) -> CheckpointInfo:
         """Write a checkpoint of this learner (rank 0), with the other ranks' queues and random states."""
-        import dataclasses
-
         from stream_swav.checkpoint import save_checkpoint
 
         state = self.learner.state_dict()
         state.update(extra)
         if other_ranks:
             state["other_ranks"] = ray.get(other_ranks)
-        saved = save_checkpoint(directory, step=self.learner.step, images_seen=self.learner.images_seen,
-                                state=state, backbone=self.learner.model.backbone_state_dict(), info=info,
-                                storage_cfg=self.cfg.storage, keep_last=self.cfg.checkpoint.keep_last,
-                                milestone_steps=self.cfg.checkpoint.milestone_steps)
-        return dataclasses.asdict(saved)
+        return save_checkpoint(directory, step=self.learner.step, images_seen=self.learner.images_seen,
+                               state=state, backbone=self.learner.model.backbone_state_dict(), info=info,
+                               storage_cfg=self.cfg.storage, keep_last=self.cfg.checkpoint.keep_last,
+                               milestone_steps=self.cfg.checkpoint.milestone_steps)
 
 
 DecodeActor = ray.remote(DecodeActorImpl)

@@ -123,7 +123,7 @@ class DecodePool:
         self._check_every_learner_fed()
 
     def _launch(self, slot: int) -> Any:
-        return DecodeActor.options(num_cpus=1, max_restarts=0).remote(self.cfg.to_dict(), slot, self.build_worker)
+        return DecodeActor.options(num_cpus=1, max_restarts=0).remote(self.cfg, slot, self.build_worker)
 
     def _check_every_learner_fed(self) -> None:
         starving = [rank for rank, slots in self.feeders().items() if not slots]

@@ -304,12 +304,12 @@ class Trainer:
             log.error("checkpoint at step %d failed: %s", self.step, first_line(err))
             self.policy.mark(self.step, time.time())
             return False
-        self.last_checkpoint_step = self.observer.last_checkpoint_step = saved["step"]
-        self.policy.mark(self.step, saved["wall_time"])
-        self.metrics.observe_checkpoint(step=saved["step"], wall_time=saved["wall_time"],
-                                        duration_s=time.time() - started, size_bytes=saved["bytes_written"])
-        log.info("checkpoint step %d (%d images) written in %.1fs: %s", saved["step"], saved["images_seen"],
-                 time.time() - started, saved["step_url"])
+        self.last_checkpoint_step = self.observer.last_checkpoint_step = saved.step
+        self.policy.mark(self.step, saved.wall_time)
+        self.metrics.observe_checkpoint(step=saved.step, wall_time=saved.wall_time,
+                                        duration_s=time.time() - started, size_bytes=saved.bytes_written)
+        log.info("checkpoint step %d (%d images) written in %.1fs: %s", saved.step, saved.images_seen,
+                 time.time() - started, saved.step_url)
         return True
 
     def mark_final(self) -> bool:

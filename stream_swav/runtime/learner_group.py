@@ -18,6 +18,7 @@ from ray.exceptions import GetTimeoutError, RayActorError, RayError, RayTaskErro
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
+from stream_swav.checkpoint import CheckpointInfo
 from stream_swav.config import Config
 from stream_swav.learner import RANK_LOCAL_STATE_KEYS
 from stream_swav.runtime.actors import LearnerActor
@@ -104,10 +105,9 @@ class LearnerGroup:
                 raise
             options = [{"scheduling_strategy": PlacementGroupSchedulingStrategy(self._placement, rank)}
                        for rank in range(world)]
-        config = self.cfg.to_dict()
         self.actors = [LearnerActor.options(num_gpus=self.plan.gpus_per_learner, num_cpus=self.plan.cpus_per_learner,
                                             max_restarts=0, **options[rank])
-                       .remote(config, rank, world, self.build_learner) for rank in range(world)]
+                       .remote(self.cfg, rank, world, self.build_learner) for rank in range(world)]
         master_addr, master_port = (wait_all([self.actors[0].address.remote()], stop, deadline, "learner start")[0]
                                     if world > 1 else (None, None))
         return wait_all([a.setup.remote(master_addr, master_port) for a in self.actors], stop, None, "learner setup")
@@ -149,7 +149,7 @@ class LearnerGroup:
         refs = [actor.run.remote(max_steps, max_seconds) for actor in self.actors]
         return wait_all(refs, None, None, "training")
 
-    def save(self, directory: str, extra: dict[str, Any], info: dict[str, Any]) -> dict[str, Any]:
+    def save(self, directory: str, extra: dict[str, Any], info: dict[str, Any]) -> CheckpointInfo:
         """Rank 0 writes the checkpoint, with the other ranks' queues and random states.
 
         No deadline and no stop check: a stop waits for the checkpoint under way (it is what a stop

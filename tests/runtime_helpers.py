@@ -175,10 +175,11 @@ class WatchedTrainer(driver.Trainer):
     def trained(self) -> list[TrainedSample]:
         return read_trained(self.log_path)
 
-    def train_chunk(self) -> None:
-        super().train_chunk()
-        if self.after_chunk is not None and self.state is driver.RunState.RUNNING:
+    def train_chunk(self) -> driver.RunState:
+        next_state = super().train_chunk()
+        if self.after_chunk is not None and next_state is driver.RunState.RUNNING:
             self.after_chunk(self)
+        return next_state
 
 
 def close_trainer(trainer: driver.Trainer) -> None:

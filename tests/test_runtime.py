@@ -23,7 +23,9 @@ from runtime_helpers import (RAY_ENV, WatchedTrainer, close_trainer, object_url,
 from stream_swav import storage
 from stream_swav.model import BackboneSpec, load_backbone
 from stream_swav import checkpoint as ckpt
+from stream_swav.runtime import driver
 from stream_swav.runtime.metrics import TRAINER_METRIC_NAMES
+from stream_swav.runtime.reports import StepReport
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
@@ -257,3 +259,46 @@ def test_follow_mode_trains_a_shard_that_appears_during_the_run(tmp_path):
     assert new_url in [trainer.ledger.cursor.url(i) for i in range(trainer.ledger.cursor.n_shards)]
     trained = {s.key for s in trainer.trained}
     assert first_keys <= trained and trained & new_keys
+
+
+def test_non_finite_losses_in_a_row_take_the_run_from_running_to_failed(tmp_path, caplog):
+    """The RUNNING handler's verdict, on a stand-in learner group whose every step is non-finite:
+    FAILED after train.max_nonfinite_in_row of them, exit 3, no checkpoint asked for."""
+    # A checkpoint would be due at step 3, the step that ends the run.
+    cfg = tiny_config({"data": {"shards": str(tmp_path)},
+                       "checkpoint": {"dir": str(tmp_path / "ckpt"), "every_steps": 3},
+                       "train": {"max_nonfinite_in_row": 3}})
+
+    class NonFiniteGroup:
+        step = 0
+
+        def run_chunk(self, max_steps: int, max_seconds: float) -> list[StepReport]:
+            self.step += 1
+            return [StepReport(rank=0, steps=1, step=self.step, images=8, images_seen=8 * self.step,
+                               prototype_counts=[0] * cfg.model.prototypes, nonfinite=1, nonfinite_in_row=self.step)]
+
+        def save(self, *args):
+            raise AssertionError("no checkpoint after non-finite steps")
+
+    class IdlePool:
+        def poll(self, ledger) -> None:
+            pass
+
+        top_up = poll
+
+    trainer = driver.Trainer(cfg)
+    trainer.group, trainer.pool, trainer.started = NonFiniteGroup(), IdlePool(), 0.0
+    trainer.state = driver.RunState.RUNNING
+    states = []
+    handle_chunk = trainer.train_chunk
+
+    def watched_chunk() -> driver.RunState:
+        states.append(handle_chunk())
+        return states[-1]
+
+    trainer.train_chunk = watched_chunk
+    assert trainer.run() == driver.EXIT_NONFINITE
+    assert states == [driver.RunState.RUNNING, driver.RunState.RUNNING, driver.RunState.FAILED]
+    assert trainer.state is driver.RunState.FAILED and trainer.step == 3
+    assert trainer.metrics.registry.get_sample_value("stream_swav_nonfinite_loss_total") == 3
+    assert "3 non-finite losses in a row (train.max_nonfinite_in_row=3)" in caplog.records[-1].getMessage()

@@ -6,17 +6,37 @@ and train a chunk of steps per call (at most `train.report_interval_s`), then
 report what they trained. The driver never touches a batch: per chunk it
 merges one report per learner into the stream ledger (the cursor of what was
 trained, which checkpoints save), hands new shard tasks to decode actors,
-replaces failed ones, and decides when to checkpoint and when to stop.
+replaces failed ones, and decides when to checkpoint and when to stop. What
+the run reports as it goes (metrics, alarms, log lines) is the observer's.
 
-The run moves through explicit states, as Ray Train's controller does:
+The run moves through explicit states, as Ray Train v2's controller does: `run` calls the
+handler of the current state, which does that state's work and returns the next one.
 
-    STARTING --> RUNNING <--> RECOVERING      (a learner died: new group, back to the latest checkpoint)
-                    |              |
-                    v              v
-                 STOPPING       (failure budget spent, or stopped while recovering: exit)
-                    |
-                    v
-                  DONE            (final checkpoint written; exit 0, or non-zero if it could not be)
+    STARTING -------------------------------+
+     |    |                                 v
+     |    +----> RUNNING <----------> RECOVERING --+
+     |            |    |               |    |  ^   |
+     |            v    |               |    |  +---+
+     |        STOPPING +--> FAILED <---+    |
+     |            |                         |
+     v            v                         |
+    DONE <--------+-------------------------+
+
+  STARTING   -> RUNNING     learners and decode actors up, the latest checkpoint restored
+             -> RECOVERING  a learner failed while starting
+             -> DONE        stopped while waiting for the actors to come up (exit 0)
+  RUNNING    -> RUNNING     a chunk trained (and a checkpoint written when one was due)
+             -> RECOVERING  a learner died or its node was lost
+             -> STOPPING    budget reached or stop requested
+             -> FAILED      too many non-finite losses in a row (exit 3)
+  RECOVERING -> RUNNING     a new learner group, back at the latest checkpoint
+             -> RECOVERING  a learner of the new group failed too
+             -> FAILED      failure budget spent (exit 1)
+             -> DONE        stopped while waiting for the actors to come up (exit 0)
+  STOPPING   -> DONE        final checkpoint written (exit 0), or not (exit 4)
+
+Usage and environment errors (`ConfigError`, `StartupError`) are raised, not states: the run
+cannot be what was asked for, and `stream-swav train` exits 2 in one line.
 
 SIGTERM (`ray job stop`) sets the stop flag. Waits for placement and start-up have a deadline
 and watch the flag; a training chunk and a checkpoint save are waited for to their end (bounded by
@@ -49,7 +69,7 @@ from stream_swav.runtime.decode_pool import DecodePool
 from stream_swav.runtime.learner_group import LearnerFailure, LearnerGroup, Stopped, first_line
 from stream_swav.runtime.ledger import StreamLedger
 from stream_swav.runtime.metrics import Metrics
-from stream_swav.runtime.observers import RunObserver, TrainingStopped
+from stream_swav.runtime.observers import RunObserver
 from stream_swav.runtime.reports import ChunkSummary
 
 
@@ -67,10 +87,11 @@ class RunState(enum.Enum):
     RECOVERING = "recovering"
     STOPPING = "stopping"
     DONE = "done"
+    FAILED = "failed"
 
-
-class RunFailed(RuntimeError):
-    """The run cannot go on (learner failure budget spent); the message says why in one line."""
+    @property
+    def is_final(self) -> bool:
+        return self in (RunState.DONE, RunState.FAILED)
 
 
 class Trainer:
@@ -79,6 +100,9 @@ class Trainer:
         self.cfg = cfg
         self.build_learner, self.build_worker = build_learner, build_worker
         self.state = RunState.STARTING
+        self.exit_status = 0
+        # Why the learner group failed, for RECOVERING.
+        self.failure_cause = ""
         self.stop = threading.Event()
         self.stop_reason = ""
         self.metrics = Metrics()
@@ -90,72 +114,31 @@ class Trainer:
         self.pool: DecodePool | None = None
         self.observer = RunObserver(cfg, self.metrics)
         self.step = self.images_seen = 0
+        self.last_summary: ChunkSummary | None = None
         self.last_checkpoint_step = -1
         self.restarts = 0
         self.metrics_port = 0
-        self.started = time.monotonic()
+        # When the actors first came up: a time budget counts training time from there.
+        self.started: float | None = None
         self.last_relist = 0.0
 
     # ------------------------------------------------------------------ the loop
     def run(self) -> int:
-        """Train until a budget is reached or a stop is requested; the exit status."""
+        """Run the handler of each state in turn until the run is DONE or FAILED; the exit status."""
+        handlers: dict[RunState, Callable[[], RunState]] = {
+            RunState.STARTING: self.start, RunState.RUNNING: self.train_chunk,
+            RunState.RECOVERING: self.recover, RunState.STOPPING: self.finish}
         try:
-            self.start()
-            while self.state is RunState.RUNNING:
-                self.train_chunk()
-            return self.finish()
-        except Stopped:
-            log.info("stopped (%s) before training could resume; the latest checkpoint is step %d",
-                     self.stop_reason, self.last_checkpoint_step)
-            return 0
+            while not self.state.is_final:
+                self.state = handlers[self.state]()
+            return self.exit_status
         finally:
             self.observer.close()
 
-    def train_chunk(self) -> None:
-        max_steps, max_seconds = self.chunk_limits()
-        if self.stop.is_set() or max_steps == 0:
-            self.stop_reason = self.stop_reason or "budget reached"
-            self.state = RunState.STOPPING
-            return
-        self.follow_new_shards()
-        self.pool.poll(self.ledger)
-        self.pool.top_up(self.ledger)
-        try:
-            summary = ChunkSummary.merge(self.group.run_chunk(max_steps, max_seconds))
-        except LearnerFailure as failure:
-            self.recover(failure.cause)
-            return
-        self.step, self.images_seen = summary.step, summary.images_seen
-        self.ledger.record(summary.progress)
-        if summary.failed_feeders:
-            replaced = self.pool.replace(summary.failed_feeders, self.ledger)
-            self.group.attach(replaced)
-            # Slots given up on are not replaced, so not counted.
-            self.metrics.count_decode_actor_restarts(sum(len(feeders) for feeders in replaced.values()))
-        self.observer.on_chunk(summary, summary.batches_held)
-        # At the end of the run the checkpoint is written once, as the final one.
-        if self.policy.due(self.step, time.time()) and not self.stop.is_set() and self.chunk_limits()[0] > 0:
-            self.checkpoint()
-
-    def chunk_limits(self) -> tuple[int, float]:
-        """Steps and seconds the next chunk may take: up to a budget, a checkpoint step, a report."""
-        train = self.cfg.train
-        steps = math.inf
-        if train.image_budget:
-            steps = math.ceil(max(0, train.image_budget - self.images_seen) / self.cfg.global_batch)
-        every = self.cfg.checkpoint.every_steps
-        if every:
-            steps = min(steps, every - self.step % every)
-        seconds = train.report_interval_s
-        if train.time_budget_s:
-            left = train.time_budget_s - (time.monotonic() - self.started)
-            if left <= 0:
-                return 0, 0.0
-            seconds = min(seconds, left)
-        return int(min(steps, 2**31 - 1)), seconds
-
     # --------------------------------------------------------------- states
-    def start(self) -> None:
+    def start(self) -> RunState:
+        """STARTING: refuse what cannot run, serve metrics, find the checkpoint to resume from and
+        bring the actors up."""
         cfg = self.cfg
         for warning in cfg.warnings():
             log.warning("%s", warning)
@@ -182,12 +165,90 @@ class Trainer:
         self.last_relist = time.monotonic()
         # Which checkpoint to resume from is known before any actor starts: a folder where none
         # loads stops the run here, in one line.
-        point = ckpt.load_for_resume(cfg.checkpoint.dir, cfg.storage)
-        self.bring_up(shards, point)
-        # A time budget counts training time: from here, once the actors are up.
-        self.started = time.monotonic()
-        self.observer.progress.restart(self.images_seen)
-        self.state = RunState.RUNNING
+        return self.bring_up(shards, ckpt.load_for_resume(cfg.checkpoint.dir, cfg.storage))
+
+    def train_chunk(self) -> RunState:
+        """RUNNING: one chunk on every learner, merged into the stream ledger; a checkpoint when due."""
+        max_steps, max_seconds = self.chunk_limits()
+        if self.stop.is_set() or max_steps == 0:
+            self.stop_reason = self.stop_reason or "budget reached"
+            return RunState.STOPPING
+        self.follow_new_shards()
+        self.pool.poll(self.ledger)
+        self.pool.top_up(self.ledger)
+        try:
+            summary = ChunkSummary.merge(self.group.run_chunk(max_steps, max_seconds))
+        except LearnerFailure as failure:
+            self.failure_cause = failure.cause
+            return RunState.RECOVERING
+        self.step, self.images_seen, self.last_summary = summary.step, summary.images_seen, summary
+        self.ledger.record(summary.progress)
+        replaced = self.pool.replace(summary.failed_feeders, self.ledger) if summary.failed_feeders else {}
+        if replaced:
+            self.group.attach(replaced)
+        self.observer.on_chunk(summary, decode_actors_replaced=sum(len(feeders) for feeders in replaced.values()))
+        limit = self.cfg.train.max_nonfinite_in_row
+        if summary.nonfinite_in_row >= limit:
+            return self.fail(EXIT_NONFINITE, f"{summary.nonfinite_in_row} non-finite losses in a row "
+                                             f"(train.max_nonfinite_in_row={limit}); stopping without a new "
+                                             f"checkpoint, the last good one is step {self.last_checkpoint_step}")
+        # At the end of the run the checkpoint is written once, as the final one.
+        if self.policy.due(self.step, time.time()) and not self.stop.is_set() and self.chunk_limits()[0] > 0:
+            self.checkpoint()
+        return RunState.RUNNING
+
+    def recover(self) -> RunState:
+        """RECOVERING: a learner died or its node was lost. Count it and release every actor; within
+        the failure budget, a new group from the latest checkpoint."""
+        self.restarts += 1
+        self.observer.on_failure(self.restarts, self.failure_cause)
+        self.shutdown_actors()
+        budget = self.cfg.train.max_failures
+        if 0 <= budget < self.restarts:
+            return self.fail(EXIT_FAILED, f"learners failed {self.restarts} time(s), more than train.max_failures="
+                                          f"{budget}; last cause: {self.failure_cause}; the latest checkpoint is "
+                                          f"step {self.last_checkpoint_step}")
+        log.warning("restarting the learners from the latest checkpoint; steps trained since it are trained again")
+        return self.bring_up(self.source.list_shards(), ckpt.load_for_resume(self.cfg.checkpoint.dir,
+                                                                             self.cfg.storage))
+
+    def finish(self) -> RunState:
+        """STOPPING: the final checkpoint, then DONE."""
+        self.observer.log_progress()
+        if not self.checkpoint(final=True):
+            log.error("final checkpoint at step %d failed; the last checkpoint saved is step %d", self.step,
+                      self.last_checkpoint_step)
+            self.exit_status = EXIT_FINAL_CHECKPOINT_FAILED
+            return RunState.DONE
+        log.info("stopped (%s) at step %d after %d images", self.stop_reason or "stop requested", self.step,
+                 self.images_seen)
+        return RunState.DONE
+
+    def fail(self, exit_status: int, why: str) -> RunState:
+        """FAILED, with `why` as the run's last line."""
+        log.error("%s", why)
+        self.exit_status = exit_status
+        return RunState.FAILED
+
+    # ------------------------------------------------------------ bringing actors up
+    def bring_up(self, shards: list[str], point: ckpt.ResumePoint | None) -> RunState:
+        """Start the learners and decode actors and restore `point`: RUNNING. A learner that fails
+        meanwhile (a node lost during start-up, a process killed for memory) is a failure like any
+        other: RECOVERING. A stop while waiting for resources: DONE, without a checkpoint."""
+        try:
+            self.start_actors()
+            self.restore(shards, point)
+        except LearnerFailure as failure:
+            self.failure_cause = failure.cause
+            return RunState.RECOVERING
+        except Stopped:
+            log.info("stopped (%s) before training could resume; the latest checkpoint is step %d",
+                     self.stop_reason, self.last_checkpoint_step)
+            return RunState.DONE
+        if self.started is None:
+            self.started = time.monotonic()
+            self.observer.progress.restart(self.images_seen)
+        return RunState.RUNNING
 
     def start_actors(self) -> None:
         plan = plan_cluster(self.cfg, ray.cluster_resources())
@@ -198,8 +259,7 @@ class Trainer:
         self.pool = DecodePool(self.cfg, plan.learners, self.build_worker)
         self.pool.start(plan.decode_actors, self.stop)
         self.group.attach(self.pool.feeders())
-        log.info("%d learner(s) on %s; %d decode actor(s)", plan.learners, ", ".join(devices), len(self.pool.actors))
-        self.metrics.set_actors_up(learners=plan.learners, decode_actors=len(self.pool.actors))
+        self.observer.on_actors_up(plan.learners, devices, len(self.pool.actors))
 
     def restore(self, shards: list[str], point: ckpt.ResumePoint | None) -> None:
         """Load a checkpoint (the newest that loads) into the learners and rewind the stream to it;
@@ -210,69 +270,34 @@ class Trainer:
             if self.restarts:
                 log.warning("no checkpoint yet: restarting from scratch, at the beginning of the stream")
             return
-        for url, why in point.skipped:
-            log.warning("skipped checkpoint %s: it does not load (%s); resuming from an older one", url, why)
         cursor = point.state.pop("stream_cursor")
         point.state.pop("config", None)
         self.step = self.group.restore(point.state)
         self.images_seen = int(point.state["images_seen"])
         # Shards listed now but not in the checkpoint (a growing bucket) join the passes under way.
         self.ledger.rewind(cursor, self.cfg.data.seed, shards)
-        self.last_checkpoint_step = self.observer.last_checkpoint_step = self.step
+        self.last_checkpoint_step = self.step
         self.policy.mark(self.step, time.time())
-        record = point.record
-        self.metrics.observe_checkpoint(step=self.step, wall_time=float(record["wall_time"]), duration_s=0.0,
-                                        size_bytes=int(record.get("state_bytes", 0)) + int(record.get("backbone_bytes", 0)),
-                                        saved_now=False)
-        log.info("resumed from %s: step %d, %d images seen", point.url, self.step, self.images_seen)
-
-    def bring_up(self, shards: list[str], point: ckpt.ResumePoint | None) -> None:
-        """Start the learners and decode actors and restore `point`. A learner that fails meanwhile
-        (a node lost during start-up, a process killed for memory) is a failure like any other:
-        counted against the budget, then a new group from the latest checkpoint."""
-        while True:
-            try:
-                self.start_actors()
-                self.restore(shards, point)
-                return
-            except LearnerFailure as failure:
-                self.count_failure(failure.cause)
-                shards, point = self.source.list_shards(), ckpt.load_for_resume(self.cfg.checkpoint.dir,
-                                                                                  self.cfg.storage)
-
-    def recover(self, cause: str) -> None:
-        """A learner died or its node was lost: a new group from the latest checkpoint, within budget."""
-        self.state = RunState.RECOVERING
-        self.count_failure(cause)
-        self.bring_up(self.source.list_shards(), ckpt.load_for_resume(self.cfg.checkpoint.dir, self.cfg.storage))
-        self.state = RunState.RUNNING
-
-    def count_failure(self, cause: str) -> None:
-        """Count a learner failure and release every actor; RunFailed once the budget is spent."""
-        self.restarts += 1
-        self.metrics.count_learner_restart()
-        budget = self.cfg.train.max_failures
-        log.error("learner failure %d (train.max_failures=%d): %s", self.restarts, budget, cause)
-        self.shutdown_actors()
-        if 0 <= budget < self.restarts:
-            raise RunFailed(f"learners failed {self.restarts} time(s), more than train.max_failures={budget}; "
-                            f"last cause: {cause}; the latest checkpoint is step {self.last_checkpoint_step}")
-        log.warning("restarting the learners from the latest checkpoint; steps trained since it are trained again")
-
-    def finish(self) -> int:
-        """STOPPING: the final checkpoint, then DONE."""
-        self.observer.log_progress()
-        saved = self.checkpoint(final=True)
-        self.state = RunState.DONE
-        if not saved:
-            log.error("final checkpoint at step %d failed; the last checkpoint saved is step %d", self.step,
-                      self.last_checkpoint_step)
-            return EXIT_FINAL_CHECKPOINT_FAILED
-        log.info("stopped (%s) at step %d after %d images", self.stop_reason or "stop requested", self.step,
-                 self.images_seen)
-        return 0
+        self.observer.on_resume(point, self.step, self.images_seen)
 
     # ------------------------------------------------------------ helpers
+    def chunk_limits(self) -> tuple[int, float]:
+        """Steps and seconds the next chunk may take: up to a budget, a checkpoint step, a report."""
+        train = self.cfg.train
+        steps = math.inf
+        if train.image_budget:
+            steps = math.ceil(max(0, train.image_budget - self.images_seen) / self.cfg.global_batch)
+        every = self.cfg.checkpoint.every_steps
+        if every:
+            steps = min(steps, every - self.step % every)
+        seconds = train.report_interval_s
+        if train.time_budget_s:
+            left = train.time_budget_s - (time.monotonic() - self.started)
+            if left <= 0:
+                return 0, 0.0
+            seconds = min(seconds, left)
+        return int(min(steps, 2**31 - 1)), seconds
+
     def follow_new_shards(self) -> None:
         if not self.cfg.data.follow or time.monotonic() - self.last_relist < self.cfg.data.relist_interval_s:
             return
@@ -288,7 +313,7 @@ class Trainer:
         if self.step == self.last_checkpoint_step:
             return not final or self.mark_final()
         started = time.time()
-        last = self.observer.last
+        last = self.last_summary
         figures = {"loss": last.loss, "lr": last.lr, "feature_spread": last.feature_spread,
                    "score_spread": last.score_spread,
                    "marginal_error": last.marginal_error} if last is not None else {}
@@ -300,16 +325,12 @@ class Trainer:
         try:
             saved = self.group.save(self.cfg.checkpoint.dir, extra, info)
         except (RayTaskError, LearnerFailure) as err:
-            self.metrics.count_checkpoint_failure()
-            log.error("checkpoint at step %d failed: %s", self.step, first_line(err))
+            self.observer.on_checkpoint_failed(self.step, first_line(err))
             self.policy.mark(self.step, time.time())
             return False
-        self.last_checkpoint_step = self.observer.last_checkpoint_step = saved.step
+        self.last_checkpoint_step = saved.step
         self.policy.mark(self.step, saved.wall_time)
-        self.metrics.observe_checkpoint(step=saved.step, wall_time=saved.wall_time,
-                                        duration_s=time.time() - started, size_bytes=saved.bytes_written)
-        log.info("checkpoint step %d (%d images) written in %.1fs: %s", saved.step, saved.images_seen,
-                 time.time() - started, saved.step_url)
+        self.observer.on_checkpoint(saved, duration_s=time.time() - started)
         return True
 
     def mark_final(self) -> bool:
@@ -379,12 +400,6 @@ def train(cfg: Config, trainer: Trainer | None = None) -> int:
         previous[sig] = signal.signal(sig, on_signal)
     try:
         return trainer.run()
-    except TrainingStopped as err:
-        log.error("%s", err)
-        return EXIT_NONFINITE
-    except RunFailed as err:
-        log.error("%s", err)
-        return EXIT_FAILED
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
@@ -393,4 +408,4 @@ def train(cfg: Config, trainer: Trainer | None = None) -> int:
         shutdown_ray()
 
 
-__all__ = ["Trainer", "RunState", "RunFailed", "train", "StartupError"]
+__all__ = ["Trainer", "RunState", "train", "StartupError"]

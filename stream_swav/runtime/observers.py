@@ -1,5 +1,9 @@
-"""What the driver does with each chunk besides the stream bookkeeping: the Prometheus families,
-the collapse alarm, the non-finite policy and the progress log."""
+"""What the run reports as it goes: the Prometheus families, the collapse alarm, the progress log
+and the log lines of actors, checkpoints, resumes and failures.
+
+The driver calls one hook per event (`on_actors_up`, `on_chunk`, `on_checkpoint`,
+`on_checkpoint_failed`, `on_resume`, `on_failure`); the hooks only record and report, they decide
+nothing about the run."""
 from __future__ import annotations
 
 import collections
@@ -9,16 +13,13 @@ import time
 
 import numpy as np
 
+from stream_swav.checkpoint import CheckpointInfo, ResumePoint
 from stream_swav.config import Config
 from stream_swav.progress import ProgressLine
 from stream_swav.runtime.metrics import CollapseSettings, Metrics, PrototypeUsage, collapse_alarm
 from stream_swav.runtime.reports import ChunkSummary
 
 log = logging.getLogger("stream_swav.driver")
-
-
-class TrainingStopped(RuntimeError):
-    """The run ended early for a reason the operator must see (e.g. non-finite losses)."""
 
 
 class Throughput:
@@ -52,17 +53,21 @@ class RunObserver:
         self.collapsed = False
         self.last: ChunkSummary | None = None
         self.decode_errors = 0
-        self.last_checkpoint_step = -1
         self.progress = ProgressLine(total=cfg.train.image_budget or None, seconds=cfg.train.time_budget_s or None,
                                      unit="images", enabled=cfg.train.progress_bar)
         self._last_log = time.monotonic()
         self._logged_step = -1
 
-    def on_chunk(self, summary: ChunkSummary, batches_in_flight: int) -> None:
-        """Metrics, alarms and the log for one chunk; raises TrainingStopped on too many non-finite
-        losses in a row."""
+    def on_actors_up(self, learners: int, devices: list[str], decode_actors: int) -> None:
+        self.metrics.set_actors_up(learners=learners, decode_actors=decode_actors)
+        log.info("%d learner(s) on %s; %d decode actor(s)", learners, ", ".join(devices), decode_actors)
+
+    def on_chunk(self, summary: ChunkSummary, decode_actors_replaced: int) -> None:
+        """Metrics, alarms and the log for one chunk, after which `decode_actors_replaced` decode
+        actors were replaced (slots given up on are not)."""
         self.last = summary
         m = self.metrics
+        m.count_decode_actor_restarts(decode_actors_replaced)
         progress = summary.progress
         m.count_decode_errors(progress.errors)
         self.decode_errors += sum(progress.errors.values())
@@ -89,20 +94,42 @@ class RunObserver:
                               collapse=alarm)
         m.set_throughput(images_per_second=self.throughput.rate(), input_wait_ratio=summary.input_wait_ratio,
                          input_wait_s=summary.wait_s, busy_s=summary.busy_s)
-        m.set_batches_in_flight(batches_in_flight)
+        m.set_batches_in_flight(summary.batches_held)
         if summary.gpu_memory_reserved_bytes:
             m.set_gpu_memory(allocated_bytes=summary.gpu_memory_allocated_bytes,
                              reserved_bytes=summary.gpu_memory_reserved_bytes)
         if summary.nonfinite:
             m.count_nonfinite_loss(summary.nonfinite)
-            if summary.nonfinite_in_row >= self.cfg.train.max_nonfinite_in_row:
-                raise TrainingStopped(
-                    f"{summary.nonfinite_in_row} non-finite losses in a row (train.max_nonfinite_in_row="
-                    f"{self.cfg.train.max_nonfinite_in_row}); stopping without a new checkpoint, the last good "
-                    f"one is step {self.last_checkpoint_step}")
         self.progress.update(summary.images_seen)
         if time.monotonic() - self._last_log >= self.cfg.train.log_interval_s:
             self.log_progress()
+
+    def on_checkpoint(self, saved: CheckpointInfo, duration_s: float) -> None:
+        """A checkpoint written by this run, `duration_s` after the driver asked for it."""
+        self.metrics.observe_checkpoint(step=saved.step, wall_time=saved.wall_time, duration_s=duration_s,
+                                        size_bytes=saved.bytes_written)
+        log.info("checkpoint step %d (%d images) written in %.1fs: %s", saved.step, saved.images_seen, duration_s,
+                 saved.step_url)
+
+    def on_checkpoint_failed(self, step: int, cause: str) -> None:
+        """A save that failed; the previous checkpoint stays the latest."""
+        self.metrics.count_checkpoint_failure()
+        log.error("checkpoint at step %d failed: %s", step, cause)
+
+    def on_resume(self, point: ResumePoint, step: int, images_seen: int) -> None:
+        """The learners were restored from `point`: the checkpoint gauges start from it."""
+        for url, why in point.skipped:
+            log.warning("skipped checkpoint %s: it does not load (%s); resuming from an older one", url, why)
+        record = point.record
+        size = int(record.get("state_bytes", 0)) + int(record.get("backbone_bytes", 0))
+        self.metrics.observe_checkpoint(step=step, wall_time=float(record["wall_time"]), duration_s=0.0,
+                                        size_bytes=size, saved_now=False)
+        log.info("resumed from %s: step %d, %d images seen", point.url, step, images_seen)
+
+    def on_failure(self, restarts: int, cause: str) -> None:
+        """The learner group failed, for the `restarts`-th time in this run."""
+        self.metrics.count_learner_restart()
+        log.error("learner failure %d (train.max_failures=%d): %s", restarts, self.cfg.train.max_failures, cause)
 
     def log_progress(self) -> None:
         self._last_log = time.monotonic()
@@ -123,4 +150,4 @@ class RunObserver:
         self.progress.close()
 
 
-__all__ = ["RunObserver", "Throughput", "TrainingStopped"]
+__all__ = ["RunObserver", "Throughput"]

@@ -1,8 +1,9 @@
 """Failures a cluster brings, on real Ray clusters: learners killed, a node removed, too few
 resources, a stop while waiting for them.
 
-Each test builds its own cluster with `ray.cluster_utils.Cluster` (one or more raylets with their
-own object stores on this machine, as Ray's own tests do) and trains the tiny CPU configuration.
+The tests share one cluster made with `ray.cluster_utils.Cluster` (raylets with their own object
+stores on this machine, as Ray's own tests do): each starts from its head alone with every CPU
+free, adds the nodes it needs (they are removed after it), and trains the tiny CPU configuration.
 Which samples were trained comes from the RecordingLearner's log, written inside the learners,
 so work done by a learner that is killed afterwards is counted too.
 """
@@ -30,15 +31,41 @@ FAST_FAILURE_DETECTION = {"health_check_failure_threshold": 3, "health_check_per
                           "health_check_initial_delay_ms": 0}
 
 
-@pytest.fixture
-def cluster():
-    """A cluster of one head (add nodes in the test), connected; torn down after the test."""
+HEAD_CPUS = 3
+
+
+@pytest.fixture(scope="module")
+def head_only_cluster():
+    """One cluster for the module (a cluster's start costs ~10 s on 2 cores); `cluster` resets it."""
     made = Cluster(initialize_head=True, connect=False,
-                   head_node_args={"num_cpus": 3, "_system_config": FAST_FAILURE_DETECTION})
+                   head_node_args={"num_cpus": HEAD_CPUS, "include_dashboard": False,
+                                   "_system_config": FAST_FAILURE_DETECTION})
     ray.init(address=made.address, runtime_env=RAY_ENV, log_to_driver=False)
     yield made
     ray.shutdown()
     made.shutdown()
+
+
+@pytest.fixture
+def cluster(head_only_cluster):
+    """The module's cluster as each test expects it: the head alone, all its CPUs free. Nodes the
+    test adds are removed afterwards, and the next test waits until Ray has seen them go and the
+    actors of the test before have released their CPUs."""
+    wait_for_head_only()
+    yield head_only_cluster
+    for node in list(head_only_cluster.worker_nodes):
+        head_only_cluster.remove_node(node)
+
+
+def wait_for_head_only(timeout_s: float = 60) -> None:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        alive = [node for node in ray.nodes() if node["Alive"]]
+        free = ray.available_resources().get("CPU", 0)
+        if len(alive) == 1 and free == HEAD_CPUS and ray.cluster_resources().get("CPU") == HEAD_CPUS:
+            return
+        assert time.monotonic() < deadline, f"cluster not back to its head alone: {len(alive)} nodes, {free} CPUs free"
+        time.sleep(0.2)
 
 
 def shards(folder, count: int = 4, size: int = 16) -> tuple[str, set[str]]:
@@ -119,6 +146,7 @@ def test_a_spent_failure_budget_ends_the_run_with_one_clear_line(cluster, tmp_pa
     # Every learner dies after its first step.
     trainer = WatchedTrainer(cfg, tmp_path / "trained.jsonl", dying={"die_after_step": 1})
     assert driver.train(cfg, trainer) == driver.EXIT_FAILED
+    assert ray.is_initialized(), "train() disconnected from a Ray its caller had connected to"
     final = [r for r in caplog.records if r.levelno >= logging.ERROR][-1].getMessage()
     assert "learners failed 2 time(s), more than train.max_failures=1" in final
     assert "\n" not in final and "the latest checkpoint is step" in final

@@ -134,7 +134,7 @@ def test_driver_killed_mid_run_resumes_from_latest_checkpoint(s3_bucket, tmp_pat
     state = ckpt.load_checkpoint(ckpt_dir, s3_bucket.storage)
     assert state["step"] == resume_step and state["images_seen"] == latest["images_seen"] == resume_step * BATCH
     StreamCursor(0).load_state_dict(state["stream_cursor"])
-    load_backbone(ckpt.load_backbone_state(ckpt_dir, s3_bucket.storage), BackboneSpec("resnet18", small_stem=True))
+    load_backbone(ckpt.load_backbone_state(ckpt_dir, s3_bucket.storage), BackboneSpec("resnet18", small_stem=True, width=16))
 
     second_log, second_keys = tmp_path / "second.log", tmp_path / "second-keys.log"
     second = start_driver(command, driver_env(ray_tmpdir, **{KEYS_LOG_ENV: str(second_keys)}), second_log)

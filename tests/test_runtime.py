@@ -132,7 +132,7 @@ def test_end_to_end_on_s3_with_metrics_and_checkpoints(s3_bucket, tmp_path):
     assert len(steps) == 3 and max(steps) == trainer.step
     assert all(storage.exists(storage.join_url(url, ckpt.META), s3_bucket.storage) for url in steps.values())
     backbone = load_backbone(ckpt.load_backbone_state(ckpt_dir, s3_bucket.storage),
-                             BackboneSpec("resnet18", small_stem=True))
+                             BackboneSpec("resnet18", small_stem=True, width=16))
     backbone.eval()
     with torch.no_grad():
         features = backbone(torch.rand(2, 3, 16, 16))

@@ -387,7 +387,8 @@ def train(cfg: Config, trainer: Trainer | None = None) -> int:
     check_before_start(cfg)
     trainer = trainer or Trainer(cfg)
     # ray.init installs its own SIGTERM handler (an immediate exit, no checkpoint): start Ray first
-    # so that ours replaces it.
+    # so that ours replaces it. A Ray the caller connected to before is the caller's to shut down.
+    connected_here = not ray.is_initialized()
     log.info("%s", init_ray())
     previous = {}
 
@@ -405,7 +406,8 @@ def train(cfg: Config, trainer: Trainer | None = None) -> int:
             signal.signal(sig, handler)
         trainer.metrics.stop_server()
         trainer.shutdown_actors()
-        shutdown_ray()
+        if connected_here:
+            shutdown_ray()
 
 
 __all__ = ["Trainer", "RunState", "train", "StartupError"]

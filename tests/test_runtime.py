@@ -136,7 +136,7 @@ def test_end_to_end_on_s3_with_metrics_and_checkpoints(s3_bucket, tmp_path):
     backbone.eval()
     with torch.no_grad():
         features = backbone(torch.rand(2, 3, 16, 16))
-    assert features.shape == (2, 512) and torch.isfinite(features).all()
+    assert features.shape == (2, 128) and torch.isfinite(features).all()
 
 
 def test_killed_decode_actor_loses_and_repeats_nothing(tmp_path):

@@ -149,19 +149,21 @@ class _Factory:
 class BenchTrainer(driver.Trainer):
     """The driver as it is, plus notes per chunk: wall time, process and main-thread CPU, steps."""
 
-    def start(self) -> None:
-        super().start()
+    def start(self) -> driver.RunState:
+        next_state = super().start()
         # The time budget counts from here, once every actor is up.
         self.started = time.monotonic()
         self.samples = [(time.monotonic(), time.process_time(), time.thread_time(), self.step)]
         self.latencies: list[tuple[float, float]] = []  # (wall at report, latency s)
+        return next_state
 
-    def train_chunk(self) -> None:
-        super().train_chunk()
+    def train_chunk(self) -> driver.RunState:
+        next_state = super().train_chunk()
         now = time.monotonic()
         self.samples.append((now, time.process_time(), time.thread_time(), self.step))
-        if self.observer.last is not None:
-            self.latencies += [(now, x) for x in self.observer.last.latency_s]
+        if self.last_summary is not None:
+            self.latencies += [(now, x) for x in self.last_summary.latency_s]
+        return next_state
 
 
 # ------------------------------------------------------------------------------------ measuring

@@ -1,9 +1,11 @@
 """Every backbone family (ResNet, RegNet, ViT) through the user's path: `stream-swav train` on real
-shards with its private local Ray, a resume from its checkpoint, `export` (state_dict and torch.export
+shards, a resume from its checkpoint, `export` (state_dict and torch.export
 program), a strict load into torchvision's own model, `eval` and `follow` on labelled shards.
 
 CPU-sized members of each family: the same classes and code paths as the full-size ones, only
-configured smaller (a 16 px crop, a 4-pixel-patch ViT of width 32).
+configured smaller (a 16 px crop, a 4-pixel-patch ViT of width 32). The runs share one local Ray
+started by the module (a private Ray per run costs ~8 s each; tests/test_demo.py and test_resume.py
+start theirs the user's way).
 """
 from __future__ import annotations
 
@@ -14,11 +16,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import ray
 import torch
 import torchvision
 from torch import nn
 
-from runtime_helpers import resumed_step, write_config
+from runtime_helpers import RAY_ENV, resumed_step, write_config
 from stream_swav import cli
 from stream_swav.apps.datasets import procedural_dataset
 from stream_swav.apps.make_shards import array_samples, write_shards
@@ -30,7 +33,7 @@ STORAGE = StorageConfig()
 SIZE = 16
 FAMILIES: dict[str, dict[str, Any]] = {
     "resnet": {"arch": "resnet10", "width": 8, "small_stem": True},
-    "regnet": {"arch": "regnet_y_400mf", "small_stem": False},
+    "regnet": {"arch": "regnet_y_400mf", "width": 0, "small_stem": False},
     "vit": {"arch": "vit_s_16", "small_stem": False, "width": 32, "vit_layers": 2, "vit_heads": 2,
             "vit_patch_size": 4, "vit_image_size": SIZE},
 }
@@ -49,6 +52,13 @@ def labelled_shards(tmp_path_factory) -> tuple[str, str]:
     return specs[0], specs[1]
 
 
+@pytest.fixture(scope="module")
+def local_ray():
+    ray.init(address="local", num_cpus=2, include_dashboard=False, runtime_env=RAY_ENV, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
 def train(config: Path, budget: int) -> int:
     return cli.main(["train", "--config", str(config), "--set", f"train.image_budget={budget}"])
 
@@ -56,7 +66,7 @@ def train(config: Path, budget: int) -> int:
 @pytest.mark.slow
 @pytest.mark.timeout(600)
 @pytest.mark.parametrize("family", FAMILIES)
-def test_each_family_trains_resumes_exports_and_loads_into_torchvision(family, labelled_shards, tmp_path,
+def test_each_family_trains_resumes_exports_and_loads_into_torchvision(family, labelled_shards, local_ray, tmp_path,
                                                                         caplog, capsys):
     train_spec, test_spec = labelled_shards
     checkpoints = tmp_path / "checkpoints"

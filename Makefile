@@ -17,8 +17,10 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(VENV)/bin/stream-swav demo
 
+# Two workers: much of the suite waits on Ray and process start-up rather than computing. Each test
+# file stays in one worker (--dist loadfile), so the Ray a module starts serves all its tests.
 test: $(STAMP)
-	$(VENV)/bin/python -m pytest -q -p no:cacheprovider
+	$(VENV)/bin/python -m pytest -q -p no:cacheprovider -n 2 --dist loadfile
 
 # Optional speed-up: swap plain Pillow for Pillow-SIMD (builds from source;
 # needs a C compiler and libjpeg/zlib headers, e.g. Debian's libjpeg-dev zlib1g-dev).

@@ -60,8 +60,9 @@ def shards(folder: Path, names: list[str], size: int = 16) -> set[str]:
     return keys
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def local_ray():
+    """One local Ray for the module's runs (`driver.train` leaves a Ray its caller started alone)."""
     ray.init(address="local", num_cpus=3, include_dashboard=False, runtime_env=RAY_ENV, log_to_driver=False)
     yield
     ray.shutdown()
@@ -85,7 +86,7 @@ def tmpfs(tmp_path):
 @pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_a_final_checkpoint_that_cannot_be_written_fails_the_run_and_names_the_last_saved_step(tmp_path, tmpfs,
-                                                                                             caplog):
+                                                                                             local_ray, caplog):
     keys = shards(tmp_path / "shards", ["a.tar", "b.tar"])
     ckpt_dir = tmpfs / "checkpoints"
     cfg = tiny_config({"model": SMALL_MODEL, "data": {"shards": str(tmp_path / "shards")},

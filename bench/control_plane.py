@@ -132,6 +132,9 @@ class NullLearner:
     def state_dict(self) -> dict[str, Any]:
         return {"step": self.step, "images_seen": self.images_seen}
 
+    def rank_local_state(self) -> dict[str, Any]:
+        return {}
+
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.step, self.images_seen = state["step"], state["images_seen"]
 

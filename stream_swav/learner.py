@@ -239,10 +239,15 @@ class LearnerState:
             "images_seen": self.images_seen,
             "nonfinite_total": self.nonfinite_total,
             "nonfinite_in_row": self.nonfinite_in_row,
-            "cpu_rng": torch.get_rng_state(),
-            "augment_rng": self.generator.get_state(),
             "codes": self.codes.state_dict(),
         }
+        state.update(self.rank_local_state())
+        return state
+
+    def rank_local_state(self) -> dict[str, Any]:
+        """The part of `state_dict()` under RANK_LOCAL_STATE_KEYS, without copying the rest: what a
+        rank other than 0 contributes to a checkpoint."""
+        state: dict[str, Any] = {"cpu_rng": torch.get_rng_state(), "augment_rng": self.generator.get_state()}
         if self.queue is not None:
             state["queue"] = self.queue.state_dict()
         if self.device.type == "cuda":

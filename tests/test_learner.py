@@ -14,7 +14,7 @@ import torch.multiprocessing as mp
 
 from stream_swav.config import Config, MetricsConfig, config_from_dict
 from stream_swav.data.batch import BatchMeta, CropBatch
-from stream_swav.learner import Learner, StepStats, feature_spread, score_spread
+from stream_swav.learner import RANK_LOCAL_STATE_KEYS, Learner, StepStats, feature_spread, score_spread
 from stream_swav.optim import learning_rate_for
 from stream_swav.runtime.metrics import usage_perplexity
 from conftest import free_port
@@ -188,6 +188,10 @@ def test_state_dict_round_trip_resumes_identically(family):
 
     state = learner.state_dict()
     expected = learner_snapshot(learner)
+    # What another rank contributes to a checkpoint is exactly the rank-local part of its state.
+    local = learner.rank_local_state()
+    assert set(local) == {key for key in RANK_LOCAL_STATE_KEYS if key in state} == {"queue", "cpu_rng", "augment_rng"}
+    torch.testing.assert_close(local, {key: state[key] for key in local}, rtol=0, atol=0)
     batch = stream.batch(cfg)
     # Training on after taking the state must not alter it (checkpoints are written in the background).
     original_stats = learner.train_step(batch)

@@ -198,10 +198,7 @@ class LearnerActorImpl:
 
     def rank_state(self) -> dict[str, Any]:
         """What differs between ranks: queue and random streams."""
-        from stream_swav.learner import RANK_LOCAL_STATE_KEYS
-
-        state = self.learner.state_dict()
-        return {k: state[k] for k in RANK_LOCAL_STATE_KEYS if k in state}
+        return self.learner.rank_local_state()
 
     def save_checkpoint(self, directory: str, extra: dict[str, Any], other_ranks: list[Any],
                         info: dict[str, Any]) -> CheckpointInfo:

@@ -214,7 +214,7 @@ class Trainer:
 
     def finish(self) -> RunState:
         """STOPPING: the final checkpoint, then DONE."""
-        self.observer.log_progress()
+        self.observer.log_progress(self.last_summary)
         if not self.checkpoint(final=True):
             log.error("final checkpoint at step %d failed; the last checkpoint saved is step %d", self.step,
                       self.last_checkpoint_step)

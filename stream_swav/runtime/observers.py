@@ -51,7 +51,6 @@ class RunObserver:
         self.throughput = Throughput(window_s=max(cfg.train.log_interval_s, 5.0))
         self.collapse = CollapseSettings.from_config(cfg.metrics, cfg.model.prototypes, cfg.optim.warmup_images)
         self.collapsed = False
-        self.last: ChunkSummary | None = None
         self.decode_errors = 0
         self.progress = ProgressLine(total=cfg.train.image_budget or None, seconds=cfg.train.time_budget_s or None,
                                      unit="images", enabled=cfg.train.progress_bar)
@@ -65,7 +64,6 @@ class RunObserver:
     def on_chunk(self, summary: ChunkSummary, decode_actors_replaced: int) -> None:
         """Metrics, alarms and the log for one chunk, after which `decode_actors_replaced` decode
         actors were replaced (slots given up on are not)."""
-        self.last = summary
         m = self.metrics
         m.count_decode_actor_restarts(decode_actors_replaced)
         progress = summary.progress
@@ -102,7 +100,7 @@ class RunObserver:
             m.count_nonfinite_loss(summary.nonfinite)
         self.progress.update(summary.images_seen)
         if time.monotonic() - self._last_log >= self.cfg.train.log_interval_s:
-            self.log_progress()
+            self.log_progress(summary)
 
     def on_checkpoint(self, saved: CheckpointInfo, duration_s: float) -> None:
         """A checkpoint written by this run, `duration_s` after the driver asked for it."""
@@ -131,9 +129,9 @@ class RunObserver:
         self.metrics.count_learner_restart()
         log.error("learner failure %d (train.max_failures=%d): %s", restarts, self.cfg.train.max_failures, cause)
 
-    def log_progress(self) -> None:
+    def log_progress(self, s: ChunkSummary | None) -> None:
+        """The log line of the latest chunk `s` (none before the first), once per step."""
         self._last_log = time.monotonic()
-        s = self.last
         if s is None or s.step == self._logged_step:
             return
         self._logged_step = s.step

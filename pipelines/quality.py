@@ -94,6 +94,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "width-32": {"model": {"width": 32}},
     "resnet18": {"model": {"arch": "resnet18"}},
     "head-128": {"model": {"output_dim": 128, "prototypes": 128}},
+    "grid-2": {"model": {"feature_grid": 2}},
     # Combinations of the single factors that helped.
     "scale-0.5+jitter-0.4": {"crops": {"global_scale": [0.5, 1.0]}, "augment": {"brightness": 0.4, "contrast": 0.4}},
     "scale-0.5+jitter-0.4+local-0": {"crops": {"global_scale": [0.5, 1.0], "local_count": 0},

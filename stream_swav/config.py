@@ -153,6 +153,8 @@ def backbone_rules(backbone: Any) -> Iterator[Rule]:
            backbone.small_stem)
     yield ("model.stem_stride", backbone.stem_stride == 1 or (backbone.small_stem and family == "resnet"),
            "can be 2 only with model.small_stem: true on a ResNet", backbone.stem_stride)
+    yield ("model.feature_grid", backbone.feature_grid == 1 or family == "resnet",
+           "applies to ResNets only; leave it at 1", backbone.feature_grid)
     yield ("model.width", family != "regnet" or backbone.width == 0,
            "RegNets keep torchvision's widths; leave it at 0", backbone.width)
     for key in VIT_KEYS:
@@ -255,6 +257,10 @@ class ModelConfig:
     small_stem: bool = False
     # 2 halves a ResNet's small stem's output resolution: 4x cheaper, for CPU runs.
     stem_stride: int = setting(1, one_of(1, 2))
+    # ResNet: the last stage's map is average-pooled to a feature_grid x feature_grid grid and
+    # flattened (1: global pooling, torchvision's). A grid keeps the coarse layout that pixels of
+    # small, centred images carry (docs/quality.md).
+    feature_grid: int = setting(1, POSITIVE)
     # ResNet: channels of the first stage (torchvision: 64), doubled at each later one. ViT: token
     # width (heads x head size). 0: the architecture's own. RegNets keep theirs.
     width: int = setting(0, NON_NEGATIVE)

@@ -69,12 +69,16 @@ class BackboneSpec:
     vit_layers: int = 0
     vit_heads: int = 0
     vit_image_size: int = 0
+    # ResNet: the side of the grid the last stage is average-pooled to, flattened (1: global pooling).
+    feature_grid: int = 1
 
     def __post_init__(self) -> None:
         if not isinstance(self.arch, str) or self.arch not in ARCHS:
             raise ValueError(f"unknown backbone {self.arch!r}; expected one of {', '.join(ARCHS)}")
         if not isinstance(self.small_stem, bool):
             raise ValueError(f"small_stem must be true or false, got {self.small_stem!r}")
+        if isinstance(self.feature_grid, bool) or not isinstance(self.feature_grid, int) or self.feature_grid < 1:
+            raise ValueError(f"feature_grid must be an integer >= 1, got {self.feature_grid!r}")
         for name in ("stem_stride", "width", *VIT_KEYS):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
@@ -130,7 +134,7 @@ class BackboneSpec:
             return (f"torchvision.models.VisionTransformer(image_size={self.vit_image_size}, "
                     f"patch_size={self.vit_patch_size}, num_layers={self.vit_layers}, num_heads={self.vit_heads}, "
                     f"hidden_dim={self.width}, mlp_dim={4 * self.width})")
-        if self.small_stem or (self.family == "resnet" and self.width != TORCHVISION_WIDTH):
+        if self.small_stem or (self.family == "resnet" and (self.width != TORCHVISION_WIDTH or self.feature_grid != 1)):
             return None
         return f"torchvision.models.{self.arch}()" if hasattr(torchvision.models, self.arch) else None
 
@@ -153,6 +157,8 @@ class BackboneSpec:
                 details.append(f"width {self.width}")
             if self.small_stem:
                 details.append("small stem" + (f", stride {self.stem_stride}" if self.stem_stride != 1 else ""))
+            if self.feature_grid != 1:
+                details.append(f"{self.feature_grid}x{self.feature_grid} feature grid")
         return self.arch + (f" ({', '.join(details)})" if details else "")
 
 
@@ -197,9 +203,9 @@ class ResNetTrunk(Trunk, nn.Module):
         self.layer2 = self._make_stage(block, width * 2, layers[1], stride=2)
         self.layer3 = self._make_stage(block, width * 4, layers[2], stride=2)
         self.layer4 = self._make_stage(block, width * 8, layers[3], stride=2)
-        self.avgpool = nn.AdaptiveAvgPool2d((1, 1))
+        self.avgpool = nn.AdaptiveAvgPool2d((spec.feature_grid, spec.feature_grid))
         self.fc = nn.Identity()
-        self.feature_dim = self.inplanes
+        self.feature_dim = self.inplanes * spec.feature_grid ** 2
         for module in self.modules():
             if isinstance(module, nn.Conv2d):
                 nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")

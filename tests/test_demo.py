@@ -41,7 +41,12 @@ def test_demo_runs_from_shards_to_an_evaluated_summary(tmp_path, monkeypatch, ca
     assert rc == (0 if last["knn_top1"] > last["random_knn_top1"] else 1)
     assert (out / "eval" / "accuracy.png").stat().st_size > 0
     checkpoints = json.loads((out / "checkpoints" / "latest.json").read_text())
-    assert (checkpoints["arch"], checkpoints["width"], checkpoints["stem_stride"]) == ("resnet10", 16, 2)
+    assert (checkpoints["arch"], checkpoints["width"], checkpoints["stem_stride"], checkpoints["feature_grid"]) == \
+        ("resnet10", 16, 2, 2)
+    # Every checkpoint gets kNN; the linear probe runs on the newest only (it costs ~3x a kNN).
+    rows = [json.loads(line) for line in (out / "eval" / "results.jsonl").read_text().splitlines()]
+    assert len(rows) >= 2 and rows[-1]["probe_top1"] == last["probe_top1"]
+    assert all(row["probe_top1"] is None and 0.0 <= row["knn_top1"] <= 1.0 for row in rows[:-1])
 
 
 def test_demo_recipe_checkpoints_at_every_quarter_of_its_image_budget():

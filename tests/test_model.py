@@ -179,6 +179,29 @@ def test_narrow_resnet10_with_stride_two_stem():
         load_backbone({k: v for k, v in state.items()}, BackboneSpec("resnet10", small_stem=True, width=16))
 
 
+def test_feature_grid_flattens_the_last_stage_pooled_to_a_grid():
+    spec = BackboneSpec("resnet10", small_stem=True, stem_stride=2, width=8, feature_grid=2)
+    backbone, dim = build_backbone(spec)
+    assert dim == 4 * 64 and spec.describe() == "resnet10 (width 8, small stem, stride 2, 2x2 feature grid)"
+    images = torch.randn(3, 3, 28, 28)
+    # The same weights pooled globally give the mean of the grid cells, channel by channel.
+    pooled, _ = build_backbone(BackboneSpec("resnet10", small_stem=True, stem_stride=2, width=8))
+    pooled.load_state_dict(backbone.state_dict())
+    backbone.eval(), pooled.eval()
+    with torch.no_grad():
+        grid = backbone(images)
+        torch.testing.assert_close(grid.view(3, 64, 4).mean(dim=2), pooled(images))
+    assert spec.torchvision_constructor() is None  # torchvision's ResNet pools globally
+    # A checkpoint's backbone file records the grid, so it loads back computing the same features.
+    state = SwAVModel(ModelConfig(arch="resnet10", small_stem=True, stem_stride=2, width=8, feature_grid=2,
+                                  hidden_dim=32, output_dim=16, prototypes=10)).backbone_state_dict()
+    assert recorded_spec(state) == spec and load_backbone(state).feature_dim == 256
+    with pytest.raises(ValueError, match="feature_grid"):
+        BackboneSpec("resnet10", feature_grid=0)
+    with pytest.raises(ValueError, match="feature_grid"):
+        BackboneSpec("vit_s_16", feature_grid=2)
+
+
 def test_backbone_spec_refuses_bad_values_and_reads_old_records():
     with pytest.raises(ValueError, match="stem_stride"):
         BackboneSpec("resnet18", small_stem=False, stem_stride=2)

@@ -265,8 +265,9 @@ class Follower:
                 for row in rows for metric in ("knn_top1", "probe_top1") if metric in row}
         return self._reference_rows[key]
 
-    def evaluate(self, resolved: ResolvedCheckpoint) -> dict[str, Any]:
-        """Evaluate one checkpoint, record the row (jsonl, csv, plot, gauges) and return it."""
+    def evaluate(self, resolved: ResolvedCheckpoint, probe: bool | None = None) -> dict[str, Any]:
+        """Evaluate one checkpoint, record the row (jsonl, csv, plot, gauges) and return it; `probe`
+        overrides the follower's own setting for this checkpoint (not for the references)."""
         started = time.monotonic()
         size = self.image_size or resolved.global_crop_size()
         if not size:
@@ -275,7 +276,8 @@ class Follower:
         data = self._eval_data(size)
         mean, std = resolved.normalization()
         scores = evaluate_backbone(load_resolved_backbone(resolved, self.storage_cfg), "checkpoint", data, mean,
-                                   std, k=self.k, temperature=self.temperature, probe=self.probe,
+                                   std, k=self.k, temperature=self.temperature,
+                                   probe=self.probe if probe is None else probe,
                                    batch_size=self.batch_size, device=self.device)
         metrics = resolved.record.get("metrics") if isinstance(resolved.record.get("metrics"), dict) else {}
         loss = metrics.get("loss")
@@ -312,25 +314,31 @@ class Follower:
             return None
         return self.evaluate(resolve_checkpoint(self.checkpoints, self.storage_cfg, record=latest))
 
-    def evaluate_retained(self) -> list[dict[str, Any]]:
-        """Evaluate every complete step folder present that has no result yet, oldest first."""
+    def evaluate_retained(self, probe_newest_only: bool = False) -> list[dict[str, Any]]:
+        """Evaluate every complete step folder present that has no result yet, oldest first;
+        `probe_newest_only` runs the linear probe (when the follower has it on) on the newest only."""
+        pending = [(step, url) for step, url in sorted(ckpt.list_step_dirs(self.checkpoints, self.storage_cfg).items())
+                   if step not in self.results.steps
+                   and storage.exists(storage.join_url(url, ckpt.META), self.storage_cfg)]
         rows = []
-        for step, url in sorted(ckpt.list_step_dirs(self.checkpoints, self.storage_cfg).items()):
-            if step in self.results.steps or not storage.exists(storage.join_url(url, ckpt.META), self.storage_cfg):
-                continue
+        for i, (step, url) in enumerate(pending):
             ckpt.check_contained(self.checkpoints, url, self.storage_cfg)
-            rows.append(self.evaluate(resolve_checkpoint(url, self.storage_cfg)))
+            newest = i == len(pending) - 1
+            rows.append(self.evaluate(resolve_checkpoint(url, self.storage_cfg),
+                                      probe=self.probe and newest if probe_newest_only else None))
         return rows
 
 
 def evaluate_checkpoints(checkpoint_dir: str | Path, train: str, test: str, *,
                          storage_cfg: StorageConfig | None = None, out_dir: str | Path, references: bool = False,
-                         probe: bool = False, **options: Any) -> list[dict[str, Any]]:
+                         probe: bool = False, probe_newest_only: bool = False,
+                         **options: Any) -> list[dict[str, Any]]:
     """Evaluate every retained checkpoint not evaluated yet (see `Follower`); returns all rows
-    of out_dir/results.jsonl, oldest step first."""
+    of out_dir/results.jsonl, oldest step first. `probe_newest_only`: the linear probe (when `probe`)
+    runs on the newest checkpoint only, the others get kNN."""
     follower = Follower(str(checkpoint_dir), str(train), str(test), out_dir, storage_cfg, probe=probe,
                         references=references, **options)
-    follower.evaluate_retained()
+    follower.evaluate_retained(probe_newest_only)
     write_plot(follower.results.jsonl, follower.plot_path)
     return sorted(follower.results.rows, key=lambda r: r["step"])
 

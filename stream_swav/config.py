@@ -342,6 +342,9 @@ class OptimConfig:
     schedule: str = setting("warmup-constant", one_of(*SCHEDULES))
     warmup_images: int = setting(10 * 1_281_167, NON_NEGATIVE)
     cosine_images: int = setting(400 * 1_281_167, POSITIVE)
+    # > 0: checkpoints export (backbone.pt) an exponential moving average of the backbone's weights and
+    # BatchNorm statistics with this momentum per step, instead of the trained weights; 0: off.
+    ema_momentum: float = setting(0.0, within(0.0, 1.0, high_open=True))
 
     def rules(self) -> Iterator[Rule]:
         yield ("optim.cosine_images", self.schedule != "warmup-cosine" or self.cosine_images > self.warmup_images,

@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import math
 import warnings
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,7 +30,7 @@ from stream_swav.codes import build_codes
 from stream_swav.config import Config
 from stream_swav.data.batch import CropBatch
 from stream_swav.model import SwAVModel
-from stream_swav.optim import build_optimizer, learning_rate_for, weight_decay_for
+from stream_swav.optim import WeightAverage, build_optimizer, learning_rate_for, weight_decay_for
 from stream_swav.swav import FeatureQueue, is_distributed, marginal_error, prototype_counts, swav_loss
 
 
@@ -215,6 +216,8 @@ class LearnerState:
             model.to(memory_format=torch.channels_last)
         self.model = model
         self.optimizer = build_optimizer(model, cfg)
+        # What backbone.pt holds when optim.ema_momentum is set; training never reads it.
+        self.average = WeightAverage(model.backbone, cfg.optim.ema_momentum) if cfg.optim.ema_momentum else None
         swav = cfg.swav
         self.queue = None
         if swav.queue_length > 0:
@@ -241,8 +244,15 @@ class LearnerState:
             "nonfinite_in_row": self.nonfinite_in_row,
             "codes": self.codes.state_dict(),
         }
+        if self.average is not None:
+            state["average"] = self.average.state_dict()
         state.update(self.rank_local_state())
         return state
+
+    def exported_backbone_state_dict(self) -> OrderedDict[str, Tensor]:
+        """backbone.pt's weights: the moving average with optim.ema_momentum, else the trained backbone."""
+        backbone = self.average.module if self.average is not None else self.model.backbone
+        return backbone.backbone_state_dict()
 
     def rank_local_state(self) -> dict[str, Any]:
         """The part of `state_dict()` under RANK_LOCAL_STATE_KEYS, without copying the rest: what a
@@ -271,6 +281,8 @@ class LearnerState:
             if not isinstance(state[key], Tensor) or state[key].dtype != torch.uint8:
                 raise ValueError(f"learner state {key}: expected a uint8 tensor")
         self._check_model_state(state["model"])
+        if self.average is not None and "average" in state:
+            self.average.check_state(state["average"])
         saved_groups = state["optimizer"].get("param_groups", []) if isinstance(state["optimizer"], dict) else []
         if [len(g.get("params", [])) for g in saved_groups] != [len(g["params"]) for g in self.optimizer.param_groups]:
             raise ValueError("learner state optimizer: parameter groups do not match this model and optimizer")
@@ -285,6 +297,12 @@ class LearnerState:
         if "codes" in state:
             self.codes.load_state_dict(state["codes"])
         self.model.load_state_dict(state["model"])
+        if self.average is not None:
+            # A checkpoint written without an average starts one from its weights.
+            if "average" in state:
+                self.average.load_state_dict(state["average"])
+            else:
+                self.average.restart()
         # Hyperparameters come from the current configuration and device (a
         # checkpoint from a GPU run may say fused=True), state from the checkpoint.
         hyperparameters = [{k: v for k, v in g.items() if k != "params"} for g in self.optimizer.param_groups]
@@ -446,6 +464,8 @@ class Learner(LearnerState):
                 nn.utils.clip_grad_norm_(self.model.parameters(), cfg.optim.clip_grad_norm, foreach=True)
             self.optimizer.step()
             self.model.normalize_prototypes()
+            if self.average is not None:
+                self.average.update()
             if self.queue is not None and self.queue.accepts(images_before):
                 self.queue.push(assign_features)
         self.optimizer.zero_grad(set_to_none=True)

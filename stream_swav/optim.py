@@ -1,9 +1,10 @@
-"""LARS, AdamW and SGD over parameter groups, and the learning-rate and weight-decay schedules counted in
-images seen."""
+"""LARS, AdamW and SGD over parameter groups, the learning-rate and weight-decay schedules counted in
+images seen, and the exponential moving average of a module's weights that a run can export."""
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+import copy
+from collections.abc import Iterable, Mapping
 
 import torch
 from torch import Tensor, nn
@@ -159,5 +160,72 @@ def build_optimizer(model: nn.Module, cfg: Config) -> torch.optim.Optimizer:
     raise ValueError(f"optim.optimizer: unknown optimizer {cfg.optimizer!r}")
 
 
+class WeightAverage:
+    """An exponential moving average of a module's parameters and floating-point buffers (BatchNorm
+    running statistics), kept in a frozen copy of the module on the same device.
+
+    `update()` after each optimiser step moves every averaged tensor towards the live one by
+    1 - min(momentum, (1 + updates) / (10 + updates)): the warm-up keeps the random initial weights
+    from dominating the first hundreds of steps. Integer buffers (BatchNorm's batch counter) are
+    copied. Training never reads the average; it is what a run exports when asked (Polyak averaging:
+    with a constant learning rate the live weights keep bouncing around the average).
+    """
+
+    def __init__(self, module: nn.Module, momentum: float) -> None:
+        if not 0.0 < momentum < 1.0:
+            raise ValueError(f"momentum must be in (0, 1), got {momentum!r}")
+        self.momentum = momentum
+        self.updates = 0
+        self.module = copy.deepcopy(module).requires_grad_(False)
+        # The tensors pair up once: optimisers and load_state_dict change both modules in place.
+        self._averaged: list[Tensor] = []
+        self._live: list[Tensor] = []
+        self._copied: list[tuple[Tensor, Tensor]] = []
+        for mine, theirs in zip(self.module.state_dict(keep_vars=True).values(),
+                                module.state_dict(keep_vars=True).values()):
+            if mine.is_floating_point():
+                self._averaged.append(mine.detach())
+                self._live.append(theirs.detach())
+            else:
+                self._copied.append((mine, theirs))
+
+    @torch.no_grad()
+    def update(self) -> None:
+        self.updates += 1
+        weight = 1.0 - min(self.momentum, (1 + self.updates) / (10 + self.updates))
+        torch._foreach_lerp_(self._averaged, self._live, weight)
+        for mine, theirs in self._copied:
+            mine.copy_(theirs)
+
+    @torch.no_grad()
+    def restart(self) -> None:
+        """Start the average again from the live weights (a resumed run whose checkpoint has none)."""
+        torch._foreach_copy_(self._averaged, self._live)
+        for mine, theirs in self._copied:
+            mine.copy_(theirs)
+        self.updates = 0
+
+    def state_dict(self) -> dict[str, object]:
+        return {"updates": self.updates, "module": {k: v.detach().to("cpu", copy=True)
+                                                    for k, v in self.module.state_dict().items()}}
+
+    def check_state(self, state: object) -> None:
+        """Raise ValueError when `state` is not a `state_dict()` of an average of this module."""
+        if not isinstance(state, Mapping) or not isinstance(state.get("updates"), int) \
+                or isinstance(state.get("updates"), bool) or state["updates"] < 0 \
+                or not isinstance(state.get("module"), Mapping):
+            raise ValueError("weight average: expected {'updates': int >= 0, 'module': state dict}")
+        own = self.module.state_dict()
+        saved = state["module"]
+        if set(saved) != set(own) or any(not isinstance(saved[k], Tensor) or saved[k].shape != v.shape
+                                         for k, v in own.items()):
+            raise ValueError("weight average: its tensors do not match this model")
+
+    def load_state_dict(self, state: Mapping[str, object]) -> None:
+        self.check_state(state)
+        self.module.load_state_dict(state["module"])  # type: ignore[arg-type]
+        self.updates = int(state["updates"])  # type: ignore[arg-type]
+
+
 __all__ = ["LARS", "param_groups", "half_cosine", "learning_rate", "learning_rate_for", "weight_decay", "weight_decay_for",
-           "build_optimizer"]
+           "build_optimizer", "WeightAverage"]

@@ -386,3 +386,33 @@ def test_two_learners_stay_in_sync_and_skip_together(tmp_path):
     for a, b in zip(ranks[0]["params"], ranks[1]["params"]):
         finite = torch.isfinite(b)
         torch.testing.assert_close(a[finite], b[finite], rtol=0, atol=0)
+
+
+def test_weight_average_is_what_the_learner_exports_and_resumes():
+    cfg = tiny_config(optim={"ema_momentum": 0.9})
+    stream = SyntheticStream(n_classes=4, image_size=8, seed=2)
+    learner = Learner(cfg, torch.device("cpu"))
+    for _ in range(3):
+        learner.train_step(stream.batch(cfg))
+    exported = learner.exported_backbone_state_dict()
+    live = learner.model.backbone_state_dict()
+    assert exported.keys() == live.keys() and exported._metadata == live._metadata
+    # Trained weights moved past their average; the exported file holds the average.
+    assert not torch.equal(exported["conv1.weight"], live["conv1.weight"])
+    torch.testing.assert_close(exported["conv1.weight"], learner.average.module.conv1.weight, rtol=0, atol=0)
+    assert learner.average.updates == 3
+
+    state = learner.state_dict()
+    resumed = Learner(cfg, torch.device("cpu"))
+    resumed.load_state_dict(state)
+    torch.testing.assert_close(resumed.exported_backbone_state_dict(), exported, rtol=0, atol=0)
+    # A checkpoint from a run without the average starts one from its trained weights.
+    del state["average"]
+    restarted = Learner(cfg, torch.device("cpu"))
+    restarted.load_state_dict(state)
+    assert restarted.average.updates == 0
+    torch.testing.assert_close(restarted.exported_backbone_state_dict(), live, rtol=0, atol=0)
+    # Without the option the trained backbone is exported and no average is kept.
+    plain = Learner(tiny_config(), torch.device("cpu"))
+    assert plain.average is None and "average" not in plain.state_dict()
+    torch.testing.assert_close(plain.exported_backbone_state_dict(), plain.model.backbone_state_dict())

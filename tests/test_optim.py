@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from stream_swav.config import config_from_dict
-from stream_swav.optim import LARS, build_optimizer, learning_rate, learning_rate_for, param_groups
+from stream_swav.optim import LARS, WeightAverage, build_optimizer, learning_rate, learning_rate_for, param_groups
 
 
 def norm(values: list[float]) -> float:
@@ -132,3 +132,49 @@ def test_configured_schedule_scales_with_global_batch():
     cfg = config_from_dict({"optim": {"base_lr": 0.6, "final_lr": 0.0006, "warmup_images": 0},
                             "train": {"batch_size": 128, "learners": 4}})
     assert learning_rate_for(cfg, 10) == pytest.approx(0.6 * 512 / 256)
+
+
+def test_weight_average_follows_the_live_weights_with_a_warmed_up_momentum():
+    live = nn.Sequential(nn.Linear(2, 2), nn.BatchNorm1d(2))
+    average = WeightAverage(live, momentum=0.5)
+    start = live[0].weight.detach().clone()
+    assert not any(p.requires_grad for p in average.module.parameters())
+    with torch.no_grad():
+        live[0].weight.add_(1.0)
+    live.train()(torch.randn(4, 2))  # moves the BatchNorm statistics and its integer batch counter
+    average.update()
+    # First update: momentum min(0.5, 2/11) = 2/11, so the average moves 9/11 of the way.
+    torch.testing.assert_close(average.module[0].weight, start + 9 / 11)
+    torch.testing.assert_close(average.module[1].running_mean, live[1].running_mean * 9 / 11)
+    assert average.module[1].num_batches_tracked.item() == 1
+    for _ in range(20):
+        average.update()
+    # Later the configured momentum holds: the gap to the live weights halves per update.
+    torch.testing.assert_close(average.module[0].weight, live[0].weight, atol=1e-5, rtol=0)
+
+
+def test_weight_average_state_round_trips_and_refuses_another_model():
+    live = nn.Linear(3, 2)
+    average = WeightAverage(live, momentum=0.9)
+    with torch.no_grad():
+        live.weight.mul_(2)
+    average.update()
+    state = average.state_dict()
+    saved = io.BytesIO()
+    torch.save(state, saved)
+    saved.seek(0)
+    other = WeightAverage(nn.Linear(3, 2), momentum=0.9)
+    other.load_state_dict(torch.load(saved, weights_only=True))
+    assert other.updates == 1
+    torch.testing.assert_close(other.module.weight, average.module.weight, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="do not match"):
+        WeightAverage(nn.Linear(4, 2), momentum=0.9).load_state_dict(state)
+    with pytest.raises(ValueError, match="updates"):
+        other.load_state_dict({"module": state["module"]})
+    restarted = WeightAverage(live, momentum=0.9)
+    restarted.load_state_dict(state)
+    restarted.restart()  # back to the live weights
+    assert restarted.updates == 0
+    torch.testing.assert_close(restarted.module.weight, live.weight, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="momentum"):
+        WeightAverage(live, momentum=1.0)

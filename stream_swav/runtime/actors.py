@@ -210,7 +210,7 @@ class LearnerActorImpl:
         if other_ranks:
             state["other_ranks"] = ray.get(other_ranks)
         return save_checkpoint(directory, step=self.learner.step, images_seen=self.learner.images_seen,
-                               state=state, backbone=self.learner.model.backbone_state_dict(), info=info,
+                               state=state, backbone=self.learner.exported_backbone_state_dict(), info=info,
                                storage_cfg=self.cfg.storage, keep_last=self.cfg.checkpoint.keep_last,
                                milestone_steps=self.cfg.checkpoint.milestone_steps)
 

@@ -8,11 +8,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 from stream_swav import cli
 from stream_swav.apps import evaluate
 from stream_swav.apps.evaluate import (
+    one_copy_of_equal_channels,
     knn_top1,
     linear_probe_top1,
     load_labeled_images,
@@ -211,3 +213,17 @@ def test_eval_cli_reports_a_missing_checkpoint_cleanly(tiny_shards, tmp_path, ca
     assert cli.main(["eval", "--checkpoint", str(tmp_path / "nothing"), "--train", train_spec, "--test",
                           test_spec]) == 2
     assert "no backbone" in capsys.readouterr().err
+
+
+def test_pixel_knn_uses_one_copy_of_equal_channels_with_the_same_similarities():
+    gray = torch.randint(0, 256, (50, 8, 8, 1), dtype=torch.uint8).expand(-1, -1, -1, 3).contiguous()
+    feats = pixel_features(gray, (0.3,) * 3, (0.4,) * 3)
+    train, test = one_copy_of_equal_channels(feats[:40], feats[40:])
+    assert train.shape == (40, 64) and test.shape == (10, 64)
+    torch.testing.assert_close(F.normalize(test, dim=1) @ F.normalize(train, dim=1).T,
+                               F.normalize(feats[40:], dim=1) @ F.normalize(feats[:40], dim=1).T)
+    # Colour images, or gray ones normalised per channel differently, keep all three channels.
+    colour = pixel_features(torch.randint(0, 256, (50, 8, 8, 3), dtype=torch.uint8), (0.3,) * 3, (0.4,) * 3)
+    assert one_copy_of_equal_channels(colour[:40], colour[40:])[0].shape == (40, 192)
+    shifted = pixel_features(gray, (0.3, 0.4, 0.5), (0.4,) * 3)
+    assert one_copy_of_equal_channels(shifted[:40], shifted[40:])[0].shape == (40, 192)

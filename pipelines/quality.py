@@ -23,6 +23,9 @@
    variant, seed, image budget and overrides are skipped, so an interrupted
    study picks up where it stopped; ``--rescore`` scores their kept checkpoints again.
 
+``--checkpoint NAME=DIR`` (repeatable) scores checkpoints trained elsewhere, e.g. by
+``make demo``, the same way, as rows of variant NAME.
+
 ``--trend --budgets 150000,300000,600000`` instead trains each (variant, seed)
 once to the largest budget, keeps its checkpoints at every budget and evaluates
 them (the schedule is constant, so the checkpoint at N images is what a run of
@@ -94,7 +97,9 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "width-32": {"model": {"width": 32}},
     "resnet18": {"model": {"arch": "resnet18"}},
     "head-128": {"model": {"output_dim": 128, "prototypes": 128}},
+    "grid-1": {"model": {"feature_grid": 1}},
     "grid-2": {"model": {"feature_grid": 2}},
+    "ema-0.99": {"optim": {"ema_momentum": 0.99}},
     # Combinations of the single factors that helped.
     "scale-0.5+jitter-0.4": {"crops": {"global_scale": [0.5, 1.0]}, "augment": {"brightness": 0.4, "contrast": 0.4}},
     "scale-0.5+jitter-0.4+local-0": {"crops": {"global_scale": [0.5, 1.0], "local_count": 0},
@@ -148,13 +153,13 @@ def score(train_feats: Tensor, test_feats: Tensor, data: EvalData, with_sklearn:
 
 def embed_with_maps(backbone: torch.nn.Module, images: Tensor, mean: tuple[float, ...], std: tuple[float, ...],
                     device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
-    """The backbone's pooled output, its pooled third-stage output, and its last stage's map
-    average-pooled to a 2x2 grid (on 28 px crops that map is 2x2 already: the grid keeps the coarse
-    layout that global pooling throws away)."""
-    pooled_layer3: list[Tensor] = []
+    """The backbone's output, its third stage's map (N, C, H, W), and its last stage's map
+    average-pooled to a 2x2 grid and flattened (on 28 px crops that map is 2x2 already: the grid keeps
+    the coarse layout that global pooling throws away)."""
+    map_layer3: list[Tensor] = []
     grid_layer4: list[Tensor] = []
     hooks = [backbone.layer3.register_forward_hook(
-                 lambda _module, _inputs, output: pooled_layer3.append(output.float().mean(dim=(2, 3)).cpu())),
+                 lambda _module, _inputs, output: map_layer3.append(output.float().cpu())),
              backbone.layer4.register_forward_hook(
                  lambda _module, _inputs, output: grid_layer4.append(
                      F.adaptive_avg_pool2d(output.float(), 2).flatten(1).cpu()))]
@@ -163,19 +168,21 @@ def embed_with_maps(backbone: torch.nn.Module, images: Tensor, mean: tuple[float
     finally:
         for hook in hooks:
             hook.remove()
-    return final, torch.cat(pooled_layer3), torch.cat(grid_layer4)
+    return final, torch.cat(map_layer3), torch.cat(grid_layer4)
 
 
-# Feature kinds scored per run, by result-key prefix: "" is what backbone.pt returns (globally pooled
-# last stage); "l34_" the last two stages pooled and concatenated, as DINO's linear evaluation
-# concatenates several blocks; "grid_" the last stage pooled to 2x2 and flattened, the small-grid
-# pooling of conv features used in linear-evaluation benchmarks (Goyal et al., 2019).
-FEATURE_KINDS = ("", "l34_", "grid_")
+# Feature kinds scored per run, by result-key prefix, with their table labels: "" is what backbone.pt
+# returns (the last stage pooled globally, or to a grid with model.feature_grid); "l34_" the last two
+# stages pooled and concatenated, as DINO's linear evaluation concatenates several blocks; "grid_" the
+# last stage pooled to 2x2 and flattened, the small-grid pooling of conv features used in
+# linear-evaluation benchmarks (Goyal et al., 2019); "l3map_" the third stage's whole map (4x4 on
+# 28 px crops), more dimensions than the pixels, scored to show what an earlier, wider map gives.
+FEATURE_KINDS = {"": "", "l34_": "layer3+4", "grid_": "2x2 grid", "l3map_": "layer3 map"}
 
 
 def feature_sets(backbone: torch.nn.Module, data: EvalData, mean: tuple[float, ...], std: tuple[float, ...],
                  device: torch.device) -> dict[str, tuple[Tensor, Tensor]]:
-    """(index, query) features per kind in FEATURE_KINDS; only the pooled output for backbones other
+    """(index, query) features per kind in FEATURE_KINDS; only the output for backbones other
     than ResNets (the other kinds read a ResNet's stages)."""
     if not isinstance(backbone, ResNetTrunk):
         return {"": (embed(backbone, data.train.images, mean, std, device=device),
@@ -183,12 +190,13 @@ def feature_sets(backbone: torch.nn.Module, data: EvalData, mean: tuple[float, .
     train_final, train_l3, train_grid = embed_with_maps(backbone, data.train.images, mean, std, device)
     test_final, test_l3, test_grid = embed_with_maps(backbone, data.test.images, mean, std, device)
 
-    def both(final: Tensor, layer3: Tensor) -> Tensor:
-        # Each part at unit norm, so neither dominates the cosine similarity by its scale.
-        return torch.cat([F.normalize(layer3, dim=1), F.normalize(final, dim=1)], dim=1)
+    def both(final: Tensor, layer3_map: Tensor) -> Tensor:
+        # The third stage pooled globally; each part at unit norm, so neither dominates the cosine
+        # similarity by its scale.
+        return torch.cat([F.normalize(layer3_map.mean(dim=(2, 3)), dim=1), F.normalize(final, dim=1)], dim=1)
 
     return {"": (train_final, test_final), "l34_": (both(train_final, train_l3), both(test_final, test_l3)),
-            "grid_": (train_grid, test_grid)}
+            "grid_": (train_grid, test_grid), "l3map_": (train_l3.flatten(1), test_l3.flatten(1))}
 
 
 def evaluate_run(checkpoint_dir: str, data: EvalData, device: torch.device, with_sklearn: bool) -> dict[str, Any]:
@@ -202,18 +210,29 @@ def evaluate_run(checkpoint_dir: str, data: EvalData, device: torch.device, with
     return {**row, "step": resolved.step, "images_seen": resolved.images_seen, "final_loss": metrics.get("loss")}
 
 
+def random_init_kinds(cfg: Config, data: EvalData, device: torch.device,
+                      kinds: tuple[str, ...] = tuple(FEATURE_KINDS)[1:]) -> dict[str, dict[str, float]]:
+    """The random-init backbone's (and the same with the data's BatchNorm statistics) scores for the
+    feature kinds other than the output, which `reference_rows` scores."""
+    out: dict[str, dict[str, float]] = {}
+    random = random_backbone(BackboneSpec.from_config(cfg.model))
+    for name, backbone in (("random-init", random), ("random-init-data-bn", recalibrate_batchnorm(
+            random, data.train.images, cfg.augment.mean, cfg.augment.std, device=device))):
+        out[name] = {}
+        for kind, (train_feats, test_feats) in feature_sets(backbone, data, cfg.augment.mean, cfg.augment.std,
+                                                            device).items():
+            if kind in kinds:
+                out[name].update({kind + k: v for k, v in score(train_feats, test_feats, data, False).items()})
+    return out
+
+
 def references(cfg: Config, data: EvalData, device: torch.device, with_sklearn: bool) -> dict[str, dict[str, float]]:
     """Raw pixels, the random-init backbone and the same with the data's BatchNorm statistics."""
     rows = reference_rows(BackboneSpec.from_config(cfg.model), data, cfg.augment.mean, cfg.augment.std,
                           device=device)
     out = {row["features"]: {"knn_top1": row["knn_top1"], "probe_top1": row["probe_top1"]} for row in rows}
-    random = random_backbone(BackboneSpec.from_config(cfg.model))
-    for name, backbone in (("random-init", random), ("random-init-data-bn", recalibrate_batchnorm(
-            random, data.train.images, cfg.augment.mean, cfg.augment.std, device=device))):
-        for kind, (train_feats, test_feats) in feature_sets(backbone, data, cfg.augment.mean, cfg.augment.std,
-                                                            device).items():
-            if kind:
-                out[name].update({kind + k: v for k, v in score(train_feats, test_feats, data, False).items()})
+    for name, values in random_init_kinds(cfg, data, device).items():
+        out[name].update(values)
     if with_sklearn:
         pixels = (pixel_features(data.train.images, cfg.augment.mean, cfg.augment.std),
                   pixel_features(data.test.images, cfg.augment.mean, cfg.augment.std))
@@ -235,41 +254,46 @@ def _mean_std(values: list[float]) -> str:
 
 def format_markdown(rows: list[dict[str, Any]], refs: dict[str, dict[str, float]]) -> str:
     """One line per (variant, images): seeds, kNN and probes as mean ± sample std, the kNN difference to
-    `base` at the same budget (paired by seed), images/s (training time including Ray's start)."""
+    `base` at the same budget (paired by seed), each other feature kind's kNN and probe, images/s
+    (training time including Ray's start)."""
     groups: dict[tuple[str, int], list[dict[str, Any]]] = {}
     for row in rows:
         groups.setdefault((row["variant"], row["images"]), []).append(row)
-    lines = ["| variant | images | seeds | kNN % | linear probe % | sklearn probe % | kNN vs base (paired) | "
-             "layer3+4 kNN % | layer3+4 probe % | 2x2 grid kNN % | 2x2 grid probe % | images/s |",
-             "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    other_kinds = [(prefix, label) for prefix, label in FEATURE_KINDS.items() if prefix]
+    kind_headers = "".join(f" {label} kNN % | {label} probe % |" for _, label in other_kinds)
+    lines = ["| variant | images | seeds | kNN % | linear probe % | sklearn probe % | kNN vs base (paired) |"
+             + kind_headers + " images/s |",
+             "|---|---:|---|---:|---:|---:|---:|" + "---:|---:|" * len(other_kinds) + "---:|"]
+
+    def column(members: list[dict[str, Any]], key: str) -> str:
+        return _mean_std([r[key] for r in members if key in r])
+
     for (variant, images), members in groups.items():
         base = {r["seed"]: r["knn_top1"] for r in groups.get(("base", images), [])}
         diffs = [r["knn_top1"] - base[r["seed"]] for r in members if r["seed"] in base]
-        sk = [r["sklearn_probe_top1"] for r in members if "sklearn_probe_top1" in r]
-        rate = statistics.mean(r["images_seen"] / r["train_seconds"] for r in members)
+        rates = [r["images_seen"] / r["train_seconds"] for r in members if r.get("train_seconds")]
+        kinds = "".join(f" {column(members, prefix + 'knn_top1')} | {column(members, prefix + 'probe_top1')} |"
+                        for prefix, _ in other_kinds)
         lines.append(f"| {variant} | {images:,} | {','.join(str(r['seed']) for r in members)} | "
-                     f"{_mean_std([r['knn_top1'] for r in members])} | "
-                     f"{_mean_std([r['probe_top1'] for r in members])} | {_mean_std(sk)} | "
-                     f"{'+' if diffs and statistics.mean(diffs) >= 0 else ''}{_mean_std(diffs)} | "
-                     f"{_mean_std([r['l34_knn_top1'] for r in members if 'l34_knn_top1' in r])} | "
-                     f"{_mean_std([r['l34_probe_top1'] for r in members if 'l34_probe_top1' in r])} | "
-                     f"{_mean_std([r['grid_knn_top1'] for r in members if 'grid_knn_top1' in r])} | "
-                     f"{_mean_std([r['grid_probe_top1'] for r in members if 'grid_probe_top1' in r])} | {rate:,.0f} |")
-    lines += ["", "| reference | kNN % | linear probe % | sklearn probe % | layer3+4 kNN % | layer3+4 probe % | "
-              "2x2 grid kNN % | 2x2 grid probe % |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
+                     f"{column(members, 'knn_top1')} | {column(members, 'probe_top1')} | "
+                     f"{column(members, 'sklearn_probe_top1')} | "
+                     f"{'+' if diffs and statistics.mean(diffs) >= 0 else ''}{_mean_std(diffs)} |{kinds} "
+                     f"{f'{statistics.mean(rates):,.0f}' if rates else '-'} |")
+    ref_keys = ["knn_top1", "probe_top1", "sklearn_probe_top1"] + [
+        prefix + metric for prefix, _ in other_kinds for metric in ("knn_top1", "probe_top1")]
+    lines += ["", "| reference | kNN % | linear probe % | sklearn probe % |" + kind_headers,
+              "|---|---:|---:|---:|" + "---:|---:|" * len(other_kinds)]
 
     def cell(values: dict[str, float], key: str) -> str:
         return f"{100 * values[key]:.2f}" if key in values else "-"
 
     for name, values in refs.items():
-        lines.append(f"| {name} | " + " | ".join(cell(values, key) for key in (
-            "knn_top1", "probe_top1", "sklearn_probe_top1", "l34_knn_top1", "l34_probe_top1", "grid_knn_top1",
-            "grid_probe_top1")) + " |")
+        lines.append(f"| {name} | " + " | ".join(cell(values, key) for key in ref_keys) + " |")
     return "\n".join(lines) + "\n"
 
 
 def draw_trend(rows: list[dict[str, Any]], refs: dict[str, dict[str, float]], path: Path) -> Path | None:
-    figure = plotting.new_figure(900, 560, TREND_PNG)
+    figure = plotting.new_figure(960, 680, TREND_PNG)
     if figure is None:
         return None
     axis = figure.add_subplot()
@@ -277,16 +301,27 @@ def draw_trend(rows: list[dict[str, Any]], refs: dict[str, dict[str, float]], pa
     axis.set_ylabel("top-1 on the full 10k test split (%)")
     axis.grid(color="#ebebeb")
     budgets = sorted({r["images"] for r in rows})
-    for key, name, colour in (("knn_top1", "SwAV kNN", "#1f5eb4"), ("probe_top1", "SwAV linear probe", "#289646")):
-        means = [statistics.mean(100 * r[key] for r in rows if r["images"] == b) for b in budgets]
-        axis.plot(budgets, means, marker="o", linewidth=2.5, color=colour, label=name)
-        for b in budgets:
-            axis.scatter([b] * sum(r["images"] == b for r in rows),
-                         [100 * r[key] for r in rows if r["images"] == b], color=colour, s=12, alpha=0.5)
-    for ref, colour in (("raw-pixels", "#963ca0"), ("random-init", "#828282")):
-        for key, style in (("knn_top1", "--"), ("probe_top1", ":")):
-            axis.axhline(100 * refs[ref][key], color=colour, linestyle=style, linewidth=1.8,
-                         label=f"{ref} {'kNN' if key == 'knn_top1' else 'probe'} ({100 * refs[ref][key]:.1f}%)")
+    # The output's kinds drawn: the pooled output, and the 2x2 grid where every row has it (the grid is
+    # what a model.feature_grid 2 backbone outputs).
+    kinds = [("", "pooled", "-")] + ([("grid_", "2x2 grid", "-.")] if all("grid_knn_top1" in r for r in rows) else [])
+    for prefix, kind, line in kinds:
+        for metric, name, colour in (("knn_top1", "kNN", "#1f5eb4"), ("probe_top1", "linear probe", "#289646")):
+            key = prefix + metric
+            means = [statistics.mean(100 * r[key] for r in rows if r["images"] == b) for b in budgets]
+            axis.plot(budgets, means, marker="o", linewidth=2.5, linestyle=line, color=colour,
+                      label=f"SwAV {name}, {kind}")
+            for b in budgets:
+                axis.scatter([b] * sum(r["images"] == b for r in rows),
+                             [100 * r[key] for r in rows if r["images"] == b], color=colour, s=12, alpha=0.5)
+    references = [("raw-pixels", "", "raw pixels", "#963ca0")] + [
+        ("random-init", prefix, f"random init, {kind}", "#828282" if not prefix else "#b4b4b4")
+        for prefix, kind, _ in kinds]
+    for ref, prefix, name, colour in references:
+        for metric, style in (("knn_top1", "--"), ("probe_top1", ":")):
+            value = refs[ref].get(prefix + metric)
+            if value is not None:
+                axis.axhline(100 * value, color=colour, linestyle=style, linewidth=1.8,
+                             label=f"{name} {'kNN' if metric == 'knn_top1' else 'probe'} ({100 * value:.1f}%)")
     axis.set_xscale("log", base=2)
     axis.set_xticks(budgets, [f"{b / 1000:.0f}k" for b in budgets])
     figure.legend(loc="outside lower center", ncol=3, frameon=False)
@@ -305,7 +340,8 @@ def run_study(args: argparse.Namespace) -> int:
     for text in args.variant:
         name, _, spec = text.partition("=")
         variants[name] = json.loads(spec)
-    names = [v for v in args.variants.split(",") if v]
+    # Only the named checkpoints when --checkpoint is given without --variants.
+    names = [v for v in (args.variants or ("" if args.checkpoint else "base")).split(",") if v]
     unknown = [v for v in names if v not in variants]
     if unknown:
         print(f"quality: unknown variant(s) {', '.join(unknown)}; known: {', '.join(variants)}", file=sys.stderr)
@@ -325,7 +361,16 @@ def run_study(args: argparse.Namespace) -> int:
         cfg = run_config(budgets[0], VARIANTS["base"], args.overrides, 0, made.train, str(out / "unused"))
         refs_path.write_text(json.dumps(references(cfg, data, device, args.sklearn), indent=2) + "\n")
     refs = json.loads(refs_path.read_text())
+    missing = tuple(kind for kind in FEATURE_KINDS if f"{kind}knn_top1" not in refs["random-init"])
+    if missing:
+        # References scored before a feature kind existed get the random-init backbones' new kinds.
+        cfg = run_config(budgets[0], VARIANTS["base"], args.overrides, 0, made.train, str(out / "unused"))
+        for name, values in random_init_kinds(cfg, data, device, missing).items():
+            refs[name].update(values)
+        refs_path.write_text(json.dumps(refs, indent=2) + "\n")
     results = out / RESULTS_JSONL
+    for text in args.checkpoint:
+        score_checkpoint(text, out, data, device, args)
     failures = 0
     for name in names:
         for seed in seeds:
@@ -378,6 +423,28 @@ def run_study(args: argparse.Namespace) -> int:
     return 1 if failures else 0
 
 
+def score_checkpoint(text: str, out: Path, data: EvalData, device: torch.device, args: argparse.Namespace) -> None:
+    """--checkpoint NAME=DIR: score a checkpoint trained elsewhere (e.g. by `make demo`) as the study
+    scores its own runs, as a row of variant NAME with the seed its configuration records."""
+    name, _, path = text.partition("=")
+    resolved = resolve_checkpoint(path)
+    rid = "checkpoint-" + hashlib.sha256(f"{name}|{resolved.url}|{resolved.step}".encode()).hexdigest()[:12]
+    done = [r for r in read_jsonl(out / RESULTS_JSONL) if r.get("run_id") == rid]
+    if done and not args.rescore and (not args.sklearn or "sklearn_probe_top1" in done[-1]):
+        return
+    started = time.monotonic()
+    row = evaluate_run(path, data, device, args.sklearn)
+    train_cfg = resolved.record.get("config", {}).get("train", {})
+    # Grouped by the run's image budget: runs cut short by a time cap still share a table line.
+    row.update({"variant": name, "overrides": {"checkpoint": path}, "seed": train_cfg.get("seed"),
+                "images": train_cfg.get("image_budget") or row["images_seen"],
+                "run_id": rid, "train_seconds": None, "eval_seconds": round(time.monotonic() - started, 1),
+                "trend": False})
+    append_jsonl(out / RESULTS_JSONL, row)
+    log.info("checkpoint %s (%s, seed %s) at %d images: kNN %.2f%%, probe %.2f%%", name, path, row["seed"],
+             row["images_seen"], 100 * row["knn_top1"], 100 * row["probe_top1"])
+
+
 def write_reports(out: Path, refs: dict[str, dict[str, float]]) -> None:
     rows = read_jsonl(out / RESULTS_JSONL)
     latest: dict[str, dict[str, Any]] = {}
@@ -394,7 +461,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m pipelines.quality", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="runs/quality", help="folder for shards, checkpoints and results")
-    parser.add_argument("--variants", default="base", help=f"comma-separated, from: {', '.join(VARIANTS)}")
+    parser.add_argument("--variants", help=f"comma-separated, from: {', '.join(VARIANTS)} (default: base, or none "
+                                           "with --checkpoint)")
     parser.add_argument("--variant", action="append", default=[], metavar="NAME={JSON overrides}",
                         help="define another variant; repeatable")
     parser.add_argument("--seeds", default="0", help="comma-separated seeds (train.seed and data.seed)")
@@ -405,6 +473,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="also score with scikit-learn's LogisticRegression (pip install -e '.[study]')")
     parser.add_argument("--rescore", action="store_true",
                         help="score the kept checkpoints of finished runs again (new feature kinds); train nothing")
+    parser.add_argument("--checkpoint", action="append", default=[], metavar="NAME=DIR",
+                        help="also score a checkpoint trained elsewhere (e.g. make demo's) as variant NAME; repeatable")
     parser.add_argument("--data-dir", help="Fashion-MNIST folder (default: searched)")
     parser.add_argument("--device", default="auto", help="evaluation device: auto, cpu or cuda")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",

@@ -37,3 +37,24 @@ def test_table_pairs_each_variant_with_base_by_seed():
     assert "| +2.50 ± 0.71 |" in lines["local-0"]
     assert "| 81.00 ± 1.41 |" in lines["base"] and "| 512 |" in lines["base"]
     assert "| raw-pixels | 85.70 | 84.40 | - | - | - |" in table
+
+
+def test_feature_kinds_of_a_resnet_read_its_stages():
+    import torch
+
+    from pipelines.quality import FEATURE_KINDS, feature_sets
+    from stream_swav.apps.evaluate import EvalData, LabeledImages, random_backbone
+    from stream_swav.model import BackboneSpec
+
+    images = torch.randint(0, 256, (6, 28, 28, 3), dtype=torch.uint8)
+    split = LabeledImages(images, torch.arange(6) % 2)
+    data = EvalData(split, split, 28)
+    backbone = random_backbone(BackboneSpec("resnet10", small_stem=True, stem_stride=2, width=8, feature_grid=2))
+    sets = feature_sets(backbone, data, (0.5,) * 3, (0.25,) * 3, torch.device("cpu"))
+    assert set(sets) == set(FEATURE_KINDS)
+    # Output: the 2x2 grid of the last stage (64 channels); layer3+4: 32 pooled + that output;
+    # the 2x2 grid kind equals the output here; the third stage's map is 32 x 4 x 4 at 28 px.
+    dims = {kind: (train.shape, test.shape) for kind, (train, test) in sets.items()}
+    assert dims == {"": ((6, 256), (6, 256)), "l34_": ((6, 288), (6, 288)), "grid_": ((6, 256), (6, 256)),
+                    "l3map_": ((6, 512), (6, 512))}
+    torch.testing.assert_close(sets["grid_"][0], sets[""][0])

@@ -54,7 +54,7 @@ from stream_swav.apps.evaluate import (EvalData, embed, knn_top1, linear_probe_t
                                        pixel_features, random_backbone, recalibrate_batchnorm, reference_rows,
                                        standardised)
 from stream_swav.apps.follow import append_jsonl, read_jsonl
-from stream_swav.checkpoint import load_resolved_backbone, resolve_checkpoint
+from stream_swav.checkpoint import ResolvedCheckpoint, load_resolved_backbone, resolve_checkpoint
 from stream_swav.config import Config, StorageConfig, config_from_dict, load_config, merge_dicts
 from stream_swav.model import BackboneSpec, ResNetTrunk
 
@@ -199,8 +199,8 @@ def feature_sets(backbone: torch.nn.Module, data: EvalData, mean: tuple[float, .
             "grid_": (train_grid, test_grid), "l3map_": (train_l3.flatten(1), test_l3.flatten(1))}
 
 
-def evaluate_run(checkpoint_dir: str, data: EvalData, device: torch.device, with_sklearn: bool) -> dict[str, Any]:
-    resolved = resolve_checkpoint(checkpoint_dir)
+def evaluate_run(resolved: ResolvedCheckpoint, data: EvalData, device: torch.device,
+                 with_sklearn: bool) -> dict[str, Any]:
     mean, std = resolved.normalization()
     features = feature_sets(load_resolved_backbone(resolved), data, mean, std, device)
     row: dict[str, Any] = {}
@@ -355,17 +355,16 @@ def run_study(args: argparse.Namespace) -> int:
     # The references with scikit-learn's probe, once scored, serve every later report too.
     with_sklearn_refs = out / "references-sklearn.json"
     refs_path = with_sklearn_refs if args.sklearn or with_sklearn_refs.is_file() else out / "references.json"
+    # The base recipe's backbone, whatever the variants: a wider variant's own random init scores
+    # higher, and the table's references must not move with the first variant named.
+    base_cfg = run_config(budgets[0], VARIANTS["base"], args.overrides, 0, made.train, str(out / "unused"))
     if not refs_path.is_file():
-        # The base recipe's backbone, whatever the variants: a wider variant's own random init
-        # scores higher, and the table's references must not move with the first variant named.
-        cfg = run_config(budgets[0], VARIANTS["base"], args.overrides, 0, made.train, str(out / "unused"))
-        refs_path.write_text(json.dumps(references(cfg, data, device, args.sklearn), indent=2) + "\n")
+        refs_path.write_text(json.dumps(references(base_cfg, data, device, args.sklearn), indent=2) + "\n")
     refs = json.loads(refs_path.read_text())
     missing = tuple(kind for kind in FEATURE_KINDS if f"{kind}knn_top1" not in refs["random-init"])
     if missing:
         # References scored before a feature kind existed get the random-init backbones' new kinds.
-        cfg = run_config(budgets[0], VARIANTS["base"], args.overrides, 0, made.train, str(out / "unused"))
-        for name, values in random_init_kinds(cfg, data, device, missing).items():
+        for name, values in random_init_kinds(base_cfg, data, device, missing).items():
             refs[name].update(values)
         refs_path.write_text(json.dumps(refs, indent=2) + "\n")
     results = out / RESULTS_JSONL
@@ -409,7 +408,8 @@ def run_study(args: argparse.Namespace) -> int:
             steps = {images: images // cfg.global_batch for images in budgets} if args.trend else {longest: None}
             for images, step in steps.items():
                 started = time.monotonic()
-                row = evaluate_run(checkpoint_dir if step is None else f"{checkpoint_dir}/step-{step:09d}",
+                row = evaluate_run(resolve_checkpoint(checkpoint_dir if step is None
+                                                      else f"{checkpoint_dir}/step-{step:09d}"),
                                    data, device, args.sklearn)
                 row.update({"variant": name, "overrides": overrides, "seed": seed, "images": images,
                             "run_id": rids[images], "train_seconds": train_seconds,
@@ -433,7 +433,7 @@ def score_checkpoint(text: str, out: Path, data: EvalData, device: torch.device,
     if done and not args.rescore and (not args.sklearn or "sklearn_probe_top1" in done[-1]):
         return
     started = time.monotonic()
-    row = evaluate_run(path, data, device, args.sklearn)
+    row = evaluate_run(resolved, data, device, args.sklearn)
     train_cfg = resolved.record.get("config", {}).get("train", {})
     # Grouped by the run's image budget: runs cut short by a time cap still share a table line.
     row.update({"variant": name, "overrides": {"checkpoint": path}, "seed": train_cfg.get("seed"),

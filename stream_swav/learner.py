@@ -29,7 +29,7 @@ from stream_swav.augment import apply_params, sample_params
 from stream_swav.codes import build_codes
 from stream_swav.config import Config
 from stream_swav.data.batch import CropBatch
-from stream_swav.model import SwAVModel
+from stream_swav.model import SwAVModel, check_state_dict
 from stream_swav.optim import WeightAverage, build_optimizer, learning_rate_for, weight_decay_for
 from stream_swav.swav import FeatureQueue, is_distributed, marginal_error, prototype_counts, swav_loss
 
@@ -280,7 +280,7 @@ class LearnerState:
         for key in ("cpu_rng", "augment_rng"):
             if not isinstance(state[key], Tensor) or state[key].dtype != torch.uint8:
                 raise ValueError(f"learner state {key}: expected a uint8 tensor")
-        self._check_model_state(state["model"])
+        check_state_dict(state["model"], self.model, "learner state model")
         if self.average is not None and "average" in state:
             self.average.check_state(state["average"])
         saved_groups = state["optimizer"].get("param_groups", []) if isinstance(state["optimizer"], dict) else []
@@ -317,20 +317,6 @@ class LearnerState:
         self.generator.set_state(state["augment_rng"])
         if self.device.type == "cuda" and "cuda_rng" in state:
             torch.cuda.set_rng_state(state["cuda_rng"], self.device)
-
-    def _check_model_state(self, model_state: Any) -> None:
-        if not isinstance(model_state, dict):
-            raise ValueError(f"learner state model: expected a dict of tensors, got {type(model_state).__name__}")
-        own = self.model.state_dict()
-        missing = sorted(set(own) - set(model_state))
-        unexpected = sorted(set(model_state) - set(own))
-        if missing or unexpected:
-            raise ValueError(f"learner state model: missing {missing[:5]}, unexpected {unexpected[:5]}")
-        for key, value in own.items():
-            saved = model_state[key]
-            if not isinstance(saved, Tensor) or saved.shape != value.shape:
-                shape = tuple(saved.shape) if isinstance(saved, Tensor) else type(saved).__name__
-                raise ValueError(f"learner state model.{key}: expected shape {tuple(value.shape)}, got {shape}")
 
 
 class Learner(LearnerState):

@@ -162,6 +162,23 @@ class BackboneSpec:
         return self.arch + (f" ({', '.join(details)})" if details else "")
 
 
+def check_state_dict(saved: Any, module: nn.Module, name: str) -> None:
+    """Raise ValueError, starting with `name`, unless `saved` has exactly `module`'s state-dict keys
+    with tensors of its shapes: checked before anything is loaded, so a bad state changes nothing."""
+    if not isinstance(saved, Mapping):
+        raise ValueError(f"{name}: expected a dict of tensors, got {type(saved).__name__}")
+    own = module.state_dict()
+    missing = sorted(set(own) - set(saved))
+    unexpected = sorted(set(saved) - set(own))
+    if missing or unexpected:
+        raise ValueError(f"{name}: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    for key, value in own.items():
+        tensor = saved[key]
+        if not isinstance(tensor, Tensor) or tensor.shape != value.shape:
+            shape = tuple(tensor.shape) if isinstance(tensor, Tensor) else type(tensor).__name__
+            raise ValueError(f"{name}.{key}: expected shape {tuple(value.shape)}, got {shape}")
+
+
 class Trunk:
     """What every backbone module offers besides `forward` (images -> pooled features): its spec,
     its feature width and its weights as stream-swav writes them."""
@@ -387,4 +404,4 @@ class SwAVModel(nn.Module):
 
 
 __all__ = ["BackboneSpec", "RegNetTrunk", "ResNetTrunk", "SwAVModel", "Trunk", "ViTTrunk", "build_backbone",
-           "load_backbone", "recorded_spec"]
+           "check_state_dict", "load_backbone", "recorded_spec"]

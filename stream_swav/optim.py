@@ -10,6 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from stream_swav.config import Config, scaled_learning_rate
+from stream_swav.model import check_state_dict
 
 
 class LARS(torch.optim.Optimizer):
@@ -215,11 +216,10 @@ class WeightAverage:
                 or isinstance(state.get("updates"), bool) or state["updates"] < 0 \
                 or not isinstance(state.get("module"), Mapping):
             raise ValueError("weight average: expected {'updates': int >= 0, 'module': state dict}")
-        own = self.module.state_dict()
-        saved = state["module"]
-        if set(saved) != set(own) or any(not isinstance(saved[k], Tensor) or saved[k].shape != v.shape
-                                         for k, v in own.items()):
-            raise ValueError("weight average: its tensors do not match this model")
+        try:
+            check_state_dict(state["module"], self.module, "module")
+        except ValueError as error:
+            raise ValueError(f"weight average: its tensors do not match this model ({error})") from error
 
     def load_state_dict(self, state: Mapping[str, object]) -> None:
         self.check_state(state)

@@ -255,9 +255,8 @@ class Trainer:
         for warning in plan.warnings:
             log.warning("%s", warning)
         self.group = LearnerGroup(self.cfg, plan, self.build_learner)
-        devices = self.group.start(self.stop)
         self.pool = DecodePool(self.cfg, plan.learners, self.build_worker)
-        self.pool.start(plan.decode_actors, self.stop)
+        devices = self.group.start(self.stop, while_starting=lambda: self.pool.start(plan.decode_actors, self.stop))
         self.group.attach(self.pool.feeders())
         self.observer.on_actors_up(plan.learners, devices, len(self.pool.actors))
 

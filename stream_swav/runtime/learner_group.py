@@ -84,9 +84,13 @@ class LearnerGroup:
         self.actors: list[Any] = []
         self._placement: Any = None
 
-    def start(self, stop: threading.Event) -> list[str]:
+    def start(self, stop: threading.Event, while_starting: Callable[[], None] = lambda: None) -> list[str]:
         """Place the learners (waiting up to train.startup_timeout_s for the resources), start them,
-        join their process group and build the models. Returns each learner's device."""
+        join their process group and build the models. Returns each learner's device.
+
+        `while_starting` runs once the learners are placed and their processes are starting (the
+        decode actors' start: importing torch makes a learner's start several seconds longer than
+        a decode actor's, and the learners' places are already held, so nothing competes for them)."""
         world = self.plan.learners
         timeout = self.cfg.train.startup_timeout_s
         bundle = self.plan.learner_bundle
@@ -108,6 +112,7 @@ class LearnerGroup:
         self.actors = [LearnerActor.options(num_gpus=self.plan.gpus_per_learner, num_cpus=self.plan.cpus_per_learner,
                                             max_restarts=0, **options[rank])
                        .remote(self.cfg, rank, world, self.build_learner) for rank in range(world)]
+        while_starting()
         master_addr, master_port = (wait_all([self.actors[0].address.remote()], stop, deadline, "learner start")[0]
                                     if world > 1 else (None, None))
         return wait_all([a.setup.remote(master_addr, master_port) for a in self.actors], stop, None, "learner setup")

@@ -9,9 +9,7 @@ STAMP := $(VENV)/.installed
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install -q --upgrade pip
-	# --no-compile: byte-compiling every file of torch, its CUDA libraries and Ray takes about a
-	# minute; Python compiles the modules a run imports when it first imports them.
-	$(VENV)/bin/pip install -q --no-compile -e '.[test,plots]'
+	$(VENV)/bin/pip install -q -e '.[test,plots]'
 	touch $(STAMP)
 
 install: $(STAMP)

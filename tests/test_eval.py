@@ -22,6 +22,7 @@ from stream_swav.apps.evaluate import (
     random_backbone,
     resize_center_crop,
     resolve_checkpoint,
+    standardised,
 )
 from stream_swav.apps.datasets import procedural_dataset
 from stream_swav.apps.make_shards import array_samples
@@ -215,15 +216,28 @@ def test_eval_cli_reports_a_missing_checkpoint_cleanly(tiny_shards, tmp_path, ca
     assert "no backbone" in capsys.readouterr().err
 
 
-def test_pixel_knn_uses_one_copy_of_equal_channels_with_the_same_similarities():
+def test_pixel_scores_use_one_copy_of_equal_channels_with_the_same_similarities_and_probe_optimum():
     gray = torch.randint(0, 256, (50, 8, 8, 1), dtype=torch.uint8).expand(-1, -1, -1, 3).contiguous()
     feats = pixel_features(gray, (0.3,) * 3, (0.4,) * 3)
-    train, test = one_copy_of_equal_channels(feats[:40], feats[40:])
-    assert train.shape == (40, 64) and test.shape == (10, 64)
+    train, test, copies = one_copy_of_equal_channels(feats[:40], feats[40:])
+    assert train.shape == (40, 64) and test.shape == (10, 64) and copies == 3
     torch.testing.assert_close(F.normalize(test, dim=1) @ F.normalize(train, dim=1).T,
                                F.normalize(feats[40:], dim=1) @ F.normalize(feats[:40], dim=1).T)
+    # The probe's objective on one copy with a third of the penalty, at the 3-copy optimum's folded
+    # weights, equals the 3-copy objective there: the same minimum (checked at equal thirds).
+    labels = torch.arange(40) % 4
+    (three, _), (one, _) = standardised(feats[:40], feats[40:]), standardised(train, test)
+    torch.testing.assert_close(three, one.repeat_interleave(3, dim=1))
+    weight = torch.randn(4, 64)
+
+    def objective(x: torch.Tensor, w: torch.Tensor, decay: float) -> torch.Tensor:
+        return F.cross_entropy(x @ w.T, labels) + 0.5 * decay * w.square().sum()
+
+    thirds = (weight / 3).repeat_interleave(3, dim=1)
+    torch.testing.assert_close(objective(three, thirds, 1e-2), objective(one, weight, 1e-2 / 3))
     # Colour images, or gray ones normalised per channel differently, keep all three channels.
     colour = pixel_features(torch.randint(0, 256, (50, 8, 8, 3), dtype=torch.uint8), (0.3,) * 3, (0.4,) * 3)
     assert one_copy_of_equal_channels(colour[:40], colour[40:])[0].shape == (40, 192)
     shifted = pixel_features(gray, (0.3, 0.4, 0.5), (0.4,) * 3)
-    assert one_copy_of_equal_channels(shifted[:40], shifted[40:])[0].shape == (40, 192)
+    kept, _, copies = one_copy_of_equal_channels(shifted[:40], shifted[40:])
+    assert kept.shape == (40, 192) and copies == 1

@@ -335,32 +335,39 @@ def evaluate_backbone(backbone: nn.Module, name: str, data: EvalData, mean: tupl
                           device=device)
 
 
-def one_copy_of_equal_channels(train_feats: Tensor, test_feats: Tensor) -> tuple[Tensor, Tensor]:
+def one_copy_of_equal_channels(train_feats: Tensor, test_feats: Tensor) -> tuple[Tensor, Tensor, int]:
     """Pixel features (N, S*S*3) with one channel when all three are equal everywhere (a grayscale
-    dataset), else as they are. Cosine similarities, hence kNN, are exactly the same on one copy as
-    on three (every dot product and squared norm triples), at a third of the cost."""
+    dataset), else as they are; and how many equal copies were folded into one (3 or 1).
+
+    Both scores are the same on one copy at a third of the cost. kNN: every dot product and squared
+    norm triples, so cosine similarities do not change. Linear probe: `standardised` features of
+    three copies are three copies of one copy's, so weights (W1, W2, W3) give the logits of
+    W1 + W2 + W3 on one copy; an L2 penalty is smallest for equal thirds, where it is a third of
+    that of their sum. Three copies with penalty d have the optimum of one copy with d / 3."""
     def channels(feats: Tensor) -> Tensor:
         return feats.view(len(feats), -1, 3)
 
     if all(bool((channels(f)[..., 1:] == channels(f)[..., :1]).all()) for f in (train_feats, test_feats)):
-        return channels(train_feats)[..., 0].contiguous(), channels(test_feats)[..., 0].contiguous()
-    return train_feats, test_feats
+        return channels(train_feats)[..., 0].contiguous(), channels(test_feats)[..., 0].contiguous(), 3
+    return train_feats, test_feats, 1
 
 
 def evaluate_pixels(data: EvalData, mean: tuple[float, ...], std: tuple[float, ...], *, k: int = DEFAULT_K,
                     temperature: float = DEFAULT_TEMPERATURE, probe: bool = True,
                     device: torch.device | None = None) -> dict[str, Any]:
-    """The raw-pixel row: kNN on `one_copy_of_equal_channels`, the linear probe on all three channels
-    (its L2 penalty does see the copies)."""
+    """The raw-pixel row, scored on `one_copy_of_equal_channels` (the probe with the penalty that
+    gives the optimum of all three channels); `dim` is the pixels' as fed, channels included."""
     device = device or pick_device()
     started = time.monotonic()
     train_feats = pixel_features(data.train.images, mean, std)
     test_feats = pixel_features(data.test.images, mean, std)
-    row = score_features("raw-pixels", *one_copy_of_equal_channels(train_feats, test_feats), data, k=k,
-                         temperature=temperature, probe=False, device=device)
+    train_one, test_one, copies = one_copy_of_equal_channels(train_feats, test_feats)
+    row = score_features("raw-pixels", train_one, test_one, data, k=k, temperature=temperature, probe=False,
+                         device=device)
     if probe:
-        row["probe_top1"] = linear_probe_top1(train_feats.to(device), data.train.labels, test_feats.to(device),
-                                              data.test.labels, data.num_classes)
+        row["probe_top1"] = linear_probe_top1(train_one.to(device), data.train.labels, test_one.to(device),
+                                              data.test.labels, data.num_classes,
+                                              weight_decay=PROBE_WEIGHT_DECAY / copies)
     row.update(dim=int(train_feats.shape[1]), seconds=round(time.monotonic() - started, 3))
     return row
 

@@ -34,6 +34,8 @@ class DecodePool:
         self._starting: dict[int, tuple[Any, float]] = {}
         # Slots given up on for this learner group (they could not be placed again).
         self.dropped: set[int] = set()
+        # Launched by `launch`, not yet waited for by `wait_started`: slot -> handle.
+        self._launched: dict[int, Any] = {}
 
     def feeders(self) -> dict[int, dict[int, Any]]:
         """rank -> {slot: handle} of the live decode actors."""
@@ -42,8 +44,10 @@ class DecodePool:
             by_rank[slot % self.learners][slot] = handle
         return by_rank
 
-    def start(self, count: int, stop: threading.Event) -> None:
-        self._spawn(list(range(count)), stop)
+    def launch(self, count: int) -> None:
+        """Start `count` decode actors without waiting for them (`wait_started` does), so that they
+        start while the learners do."""
+        self._launched = {slot: self._launch(slot) for slot in range(count)}
 
     def top_up(self, ledger: StreamLedger) -> None:
         """Keep every actor holding its share of shard tasks."""
@@ -94,13 +98,14 @@ class DecodePool:
     def shutdown(self) -> None:
         self._starting.clear()
         self.dropped.clear()
-        kill_quietly(self.actors.values())
-        self.actors = {}
+        kill_quietly([*self.actors.values(), *self._launched.values()])
+        self.actors, self._launched = {}, {}
 
-    def _spawn(self, slots: list[int], stop: threading.Event) -> None:
-        """Start actors for `slots` and wait (train.startup_timeout_s) until they are up; those that
+    def wait_started(self, stop: threading.Event) -> None:
+        """Wait up to train.startup_timeout_s, counted from now (a decode actor that started beside
+        the learners had their start-up time too), until the launched actors are up; those that
         are not are dropped, unless that leaves a learner without any."""
-        started = {slot: self._launch(slot) for slot in slots}
+        started, self._launched = self._launched, {}
         pending = {handle.ready.remote(): slot for slot, handle in started.items()}
         deadline = time.monotonic() + self.cfg.train.startup_timeout_s
         while pending and time.monotonic() < deadline:

@@ -256,7 +256,8 @@ class Trainer:
             log.warning("%s", warning)
         self.group = LearnerGroup(self.cfg, plan, self.build_learner)
         self.pool = DecodePool(self.cfg, plan.learners, self.build_worker)
-        devices = self.group.start(self.stop, while_starting=lambda: self.pool.start(plan.decode_actors, self.stop))
+        devices = self.group.start(self.stop, while_starting=lambda: self.pool.launch(plan.decode_actors))
+        self.pool.wait_started(self.stop)
         self.group.attach(self.pool.feeders())
         self.observer.on_actors_up(plan.learners, devices, len(self.pool.actors))
 

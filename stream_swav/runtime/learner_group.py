@@ -88,9 +88,9 @@ class LearnerGroup:
         """Place the learners (waiting up to train.startup_timeout_s for the resources), start them,
         join their process group and build the models. Returns each learner's device.
 
-        `while_starting` runs once the learners are placed and their processes are starting (the
-        decode actors' start: importing torch makes a learner's start several seconds longer than
-        a decode actor's, and the learners' places are already held, so nothing competes for them)."""
+        `while_starting` runs once the learners are placed and their processes are starting: the
+        driver launches the decode actors there, whose start (a few seconds shorter than a learner's,
+        which imports torch) then overlaps the learners'; the learners' places are held already."""
         world = self.plan.learners
         timeout = self.cfg.train.startup_timeout_s
         bundle = self.plan.learner_bundle

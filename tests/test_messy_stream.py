@@ -1,0 +1,136 @@
+"""The messy-stream benchmark (pipelines/messy_stream.py): its composition, what each kind of entry
+looks like, and the shards it writes, read back through stream-swav's own reader and decoder."""
+from __future__ import annotations
+
+import io
+import json
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+from fmnist_helpers import needs_fmnist, write_fmnist_subset
+from PIL import Image
+
+from pipelines import messy_stream
+from pipelines.messy_stream import (JUNK_VARIANTS, NEAR_VARIANTS, Entry, MessySpec, composition, entry_fields,
+                                    plan_messy_stream)
+from stream_swav.data.decode import DecodeLimits, decode_image
+from stream_swav.data.shards import ShardReport, parse_label, read_samples
+
+LIMITS = DecodeLimits(max_pixels=1 << 20, min_side=8, max_bytes=1 << 20)
+
+
+def labels_like_fashion_mnist(per_class: int = 300) -> np.ndarray:
+    return np.random.default_rng(0).permutation(np.repeat(np.arange(10), per_class))
+
+
+def test_the_plan_has_the_stated_shares_each_distinct_image_once_and_follows_its_seed():
+    labels = labels_like_fashion_mnist()
+    spec = MessySpec(imbalance_ratio=10, duplicate_fraction=0.4, pool_fraction=0.02, near_fraction=0.5,
+                     junk_fraction=0.1, seed=3)
+    entries = plan_messy_stream(labels, spec)
+    made = composition(entries, labels)
+    kinds = made["kinds"]
+    assert kinds["exact"] + kinds["near"] == round(len(entries) * 0.4)
+    assert kinds["junk"] == pytest.approx(len(entries) * 0.1, abs=1)
+    assert kinds["unique"] == made["distinct_images"] == pytest.approx(len(entries) * 0.5, abs=1)
+    assert abs(kinds["near"] - kinds["exact"]) < 0.15 * (kinds["near"] + kinds["exact"])
+    # Distinct images once each, Zipf over the classes (head / tail = the ratio, within rounding).
+    unique = [e.source for e in entries if e.kind == "unique"]
+    assert len(set(unique)) == len(unique)
+    per_class = made["distinct_per_class"]
+    assert per_class[0] == 300 and 9 <= per_class[0] / per_class[-1] <= 11
+    # The copies come from a pool of 2% of the distinct images, all of them distinct images too.
+    copied = {e.source for e in entries if e.kind in ("exact", "near")}
+    assert copied <= set(unique) and made["pool_images"] == len(copied) <= round(0.02 * len(unique))
+    assert {e.variant for e in entries if e.kind == "near"} == set(NEAR_VARIANTS)
+    assert {e.variant for e in entries if e.kind == "junk"} == set(JUNK_VARIANTS)
+    assert all(e.source == -1 for e in entries if e.kind == "junk")
+    # Mixed, not in blocks: the first tenth of the stream already holds every kind.
+    assert {e.kind for e in entries[:len(entries) // 10]} == set(messy_stream.KINDS)
+    assert plan_messy_stream(labels, spec) == entries
+    assert plan_messy_stream(labels, MessySpec(seed=4, pool_fraction=0.02)) != entries
+
+
+@pytest.mark.parametrize("knobs, message", [
+    ({"duplicate_fraction": 0.7, "junk_fraction": 0.3}, "must be below 1"),
+    ({"pool_fraction": 0.0}, "pool_fraction"),
+    ({"near_fraction": 1.5}, "near_fraction"),
+    ({"imbalance_ratio": 0.5}, "imbalance_ratio"),
+])
+def test_impossible_knobs_are_refused_naming_the_knob(knobs, message):
+    with pytest.raises(ValueError, match=message):
+        MessySpec(**knobs)
+
+
+def decoded(fields: dict[str, bytes]) -> np.ndarray:
+    data = fields.get("png", fields.get("jpg"))
+    return np.asarray(decode_image(data, LIMITS, 8).convert("L").resize((28, 28)), dtype=np.float32)
+
+
+def test_copies_are_the_original_or_close_to_it_and_junk_is_a_valid_image_of_nothing():
+    # Smooth shapes on black, as in Fashion-MNIST (a shirt-like block, a bag-like bar): a copy must
+    # stay close to its original, and further from the other image.
+    images = np.zeros((2, 28, 28), dtype=np.uint8)
+    images[0, 4:24, 8:20] = np.linspace(120, 250, 20, dtype=np.uint8)[:, None]
+    images[1, 3:12, 2:26] = np.linspace(250, 120, 24, dtype=np.uint8)[None, :]
+    labels = np.array([4, 7])
+    original = entry_fields(Entry("unique", 0), images, labels, 28)
+    assert entry_fields(Entry("exact", 0), images, labels, 28)["png"] == original["png"]
+    reference, other = decoded(original), decoded(entry_fields(Entry("unique", 1), images, labels, 28))
+
+    def correlation(a: np.ndarray, b: np.ndarray) -> float:
+        return float(np.corrcoef(a.ravel(), b.ravel())[0, 1])
+
+    for variant in NEAR_VARIANTS:
+        for param in range(5):
+            fields = entry_fields(Entry("near", 0, variant, param), images, labels, 28)
+            assert fields.get("png") != original["png"] and parse_label(fields["cls"]) == 4
+            assert json.loads(fields["json"]) == {"kind": "near", "source": 0, "variant": variant}
+            copy = decoded(fields)
+            assert correlation(copy, reference) > correlation(copy, other) + 0.3, (variant, param)
+    for variant in JUNK_VARIANTS:
+        for param in range(3):
+            fields = entry_fields(Entry("junk", -1, variant, param), images, labels, 28)
+            assert "cls" not in fields and json.loads(fields["json"])["kind"] == "junk"
+            assert decoded(fields).shape == (28, 28)
+    text = np.asarray(Image.open(io.BytesIO(entry_fields(Entry("junk", -1, "text", 0), images, labels,
+                                                         28)["png"])).convert("L"))
+    assert len(np.unique(text)) >= 2  # ink on a background
+
+
+@needs_fmnist
+def test_the_pipeline_writes_both_streams_that_read_back_as_stated(tmp_path: Path, capsys):
+    data = write_fmnist_subset(tmp_path / "fmnist", train=1000, test=10)
+    out = tmp_path / "messy"
+    assert messy_stream.main(["--out", str(out), "--data-dir", str(data), "--pool-fraction", "0.05"]) == 0
+    report = json.loads((out / "stream.json").read_text())
+    assert report == {**json.loads(capsys.readouterr().out), "spec": report["spec"], "size": 28}
+
+    def read(folder: Path) -> list:
+        samples = []
+        for shard in sorted(folder.glob("*.tar")):
+            with open(shard, "rb") as f:
+                samples += list(read_samples(f, 1 << 20, Counter(), ShardReport()))
+        return samples
+
+    messy, clean = read(out / "messy"), read(out / "clean")
+    assert len(messy) == report["messy"]["images"] and len(clean) == report["clean"]["images"]
+    records = [json.loads(s.meta["json"]) for s in messy]
+    assert dict(Counter(r["kind"] for r in records)) == report["messy"]["kinds"]
+    for sample in messy + clean:  # every image decodes through the training path's decoder
+        assert decode_image(sample.image, LIMITS, 8).size[0] >= 8
+    # The clean reference: as many distinct images (rounded to the classes), balanced, nothing else.
+    assert report["clean"]["images"] == report["messy"]["distinct_images"] // 10 * 10
+    assert len(set(report["clean"]["distinct_per_class"])) == 1
+    by_source = {r["source"]: s.image for r, s in zip(records, messy) if r["kind"] == "unique"}
+    assert all(s.image == by_source[r["source"]] for r, s in zip(records, messy) if r["kind"] == "exact")
+    # A second run finds both streams complete and leaves them as they are.
+    before = {p: p.read_bytes() for p in (out / "messy").glob("*.tar")}
+    assert messy_stream.main(["--out", str(out), "--data-dir", str(data), "--pool-fraction", "0.05"]) == 0
+    assert {p: p.read_bytes() for p in (out / "messy").glob("*.tar")} == before
+    # A knob out of range: one line, exit 2.
+    capsys.readouterr()
+    assert messy_stream.main(["--out", str(out), "--data-dir", str(data), "--junk-fraction", "0.9"]) == 2
+    assert capsys.readouterr().err.startswith("messy_stream: error: duplicate_fraction + junk_fraction")

@@ -68,7 +68,7 @@ from torch import Tensor
 from stream_swav import checkpoint as ckpt
 from stream_swav import logs, plotting
 from stream_swav.apps import KNN_K, KNN_TEMPERATURE
-from stream_swav.apps.datasets import CLASS_NAMES, NUM_CLASSES, candidate_dirs, find_fashion_mnist, load_split
+from stream_swav.apps.datasets import CLASS_NAMES, NUM_CLASSES, load_split, require_fashion_mnist
 from stream_swav.apps.demo import DEMO_CONFIG, cpu_learner_overrides
 from stream_swav.apps.evaluate import (EvalData, embed, knn_predict, load_eval_data, pick_device, pixel_features,
                                        random_backbone)
@@ -433,10 +433,7 @@ class Streams:
 def build_streams(out: Path, data_dir: str | None, streams: Iterable[str], *, stream_seed: int,
                   index_per_class: int, test_images: int, image_size: int, class_order: str = "label") -> Streams:
     """Write (or keep, when already complete) the shards of every stream and of the kNN data."""
-    folder = find_fashion_mnist(data_dir)
-    if folder is None:
-        where = data_dir or ", ".join(str(p) for p in candidate_dirs())
-        raise FileNotFoundError(f"no Fashion-MNIST IDX files in {where} (set --data-dir)")
+    folder = require_fashion_mnist(data_dir, hint="set --data-dir")
     train_images, train_labels = load_split(folder, "train")
     query_images, query_labels = load_split(folder, "test")
     base = {"source": "fashion-mnist", "size": image_size, "format": IMAGE_FORMAT, "seed": stream_seed}

@@ -45,8 +45,8 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from stream_swav import logs
-from stream_swav.apps.datasets import NUM_CLASSES, candidate_dirs, find_fashion_mnist, load_split
-from stream_swav.apps.make_shards import ShardSample, encode_image, write_shards
+from stream_swav.apps.datasets import NUM_CLASSES, load_split, require_fashion_mnist
+from stream_swav.apps.make_shards import ShardSample, array_image, encode_image, write_shards
 from stream_swav.data.shards import label_bytes
 from pipelines.longtail import balanced_subset, class_counts, zipf_subset
 
@@ -128,12 +128,6 @@ def composition(entries: Sequence[Entry], labels: np.ndarray) -> dict[str, Any]:
 # ---- rendering --------------------------------------------------------------------------------------
 
 
-def base_image(images: np.ndarray, index: int, size: int) -> Image.Image:
-    """A training image as the clean stream stores it: RGB, `size` px."""
-    image = Image.fromarray(images[index]).convert("RGB")
-    return image if image.size == (size, size) else image.resize((size, size), Image.Resampling.BICUBIC)
-
-
 def near_copy(image: Image.Image, variant: str, param: int) -> tuple[Image.Image, str]:
     """A repost of `image`: another encoding, size or framing. Returns the image and its format."""
     rng = np.random.default_rng(param)
@@ -187,7 +181,7 @@ def entry_fields(entry: Entry, images: np.ndarray, labels: np.ndarray, size: int
     if entry.kind == "junk":
         image, fmt = junk_image(entry.variant, entry.param, size), IMAGE_FORMAT
     else:
-        image, fmt = base_image(images, entry.source, size), IMAGE_FORMAT
+        image, fmt = array_image(images, entry.source, size), IMAGE_FORMAT
         if entry.kind == "near":
             image, fmt = near_copy(image, entry.variant, entry.param)
     fields = {"jpg" if fmt == "jpeg" else "png": encode_image(image, fmt)}
@@ -198,8 +192,9 @@ def entry_fields(entry: Entry, images: np.ndarray, labels: np.ndarray, size: int
     return fields
 
 
-def messy_samples(entries: Sequence[Entry], images: np.ndarray, labels: np.ndarray, size: int,
+def entry_samples(entries: Sequence[Entry], images: np.ndarray, labels: np.ndarray, size: int,
                   start: int = 0) -> Iterator[ShardSample]:
+    """Shard samples of `entries` (the messy or the clean stream), keyed by stream position."""
     for position in range(start, len(entries)):
         yield ShardSample(position, f"{position:09d}", entry_fields(entries[position], images, labels, size))
 
@@ -214,17 +209,14 @@ def clean_entries(labels: np.ndarray, distinct: int, seed: int) -> list[Entry]:
 
 def build(out: Path, spec: MessySpec, *, size: int = 28, data_dir: str | None = None) -> dict[str, Any]:
     """Write (or keep, when already complete) OUT/messy and OUT/clean; returns and writes OUT/stream.json."""
-    folder = find_fashion_mnist(data_dir)
-    if folder is None:
-        where = data_dir or ", ".join(str(p) for p in candidate_dirs())
-        raise FileNotFoundError(f"no Fashion-MNIST IDX files in {where} (set --data-dir)")
+    folder = require_fashion_mnist(data_dir, hint="set --data-dir")
     images, labels = load_split(folder, "train")
     messy = plan_messy_stream(labels, spec)
     summary = composition(messy, labels)
     clean = clean_entries(labels, summary["distinct_images"], spec.seed)
     settings = {"source": "fashion-mnist", "size": size, **asdict(spec)}
     for name, entries in (("messy", messy), ("clean", clean)):
-        written = write_shards(messy_samples(entries, images, labels, size), out / name, SHARD_MAX_COUNT,
+        written = write_shards(entry_samples(entries, images, labels, size), out / name, SHARD_MAX_COUNT,
                                SHARD_MAX_BYTES, settings={**settings, "stream": name}, total=len(entries))
         log.info("%s", written.format())
     report = {"spec": asdict(spec), "size": size, "messy": {"dir": str(out / "messy"), **summary},

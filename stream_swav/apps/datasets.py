@@ -60,6 +60,16 @@ def find_fashion_mnist(explicit: str | Path | None = None) -> Path | None:
     return next((f for f in folders if f.is_dir() and has_idx_files(f)), None)
 
 
+def require_fashion_mnist(explicit: str | Path | None = None, hint: str = "") -> Path:
+    """`find_fashion_mnist`, or FileNotFoundError naming where it looked (and `hint`, the caller's
+    way to point elsewhere)."""
+    folder = find_fashion_mnist(explicit)
+    if folder is None:
+        where = explicit or ", ".join(str(p) for p in candidate_dirs())
+        raise FileNotFoundError(f"no Fashion-MNIST IDX files in {where}" + (f" ({hint})" if hint else ""))
+    return folder
+
+
 def read_idx(path: Path) -> np.ndarray:
     """An IDX file of unsigned bytes as an array of its declared shape."""
     opener = gzip.open if path.suffix == ".gz" else open

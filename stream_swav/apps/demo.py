@@ -25,7 +25,7 @@ import numpy as np
 from PIL import Image
 
 from stream_swav.apps import DEMO_DATASETS, DEMO_GPU_IMAGES, DEMO_GPU_MINUTES, DEMO_IMAGES, DEMO_MINUTES
-from stream_swav.apps.datasets import (candidate_dirs, find_fashion_mnist, load_split, procedural_dataset)
+from stream_swav.apps.datasets import find_fashion_mnist, load_split, procedural_dataset, require_fashion_mnist
 from stream_swav.apps.make_shards import ShardSample, Summary, array_samples, write_shards
 from stream_swav.apps.odd_images import odd_images
 from stream_swav.config import StorageConfig, load_config, merge_dicts
@@ -137,10 +137,12 @@ def demo_shards(dest: str | Path, storage_cfg: StorageConfig | None = None, *, e
     dest = str(dest).rstrip("/")
     if dataset not in DEMO_DATASETS:
         raise ValueError(f"dataset must be one of {', '.join(DEMO_DATASETS)}, got {dataset!r}")
-    folder = find_fashion_mnist(data_dir) if dataset != "procedural" else None
-    if folder is None and (data_dir or dataset == "fashion-mnist"):
-        where = data_dir or ", ".join(str(p) for p in candidate_dirs())
-        raise FileNotFoundError(f"no Fashion-MNIST IDX files in {where}")
+    if dataset == "procedural":
+        folder = None
+    elif data_dir or dataset == "fashion-mnist":
+        folder = require_fashion_mnist(data_dir)
+    else:  # auto: the procedural stand-in when none is found
+        folder = find_fashion_mnist()
     if folder is not None:
         description = f"Fashion-MNIST ({folder})"
         train_images, train_labels = load_split(folder, "train")

@@ -377,11 +377,15 @@ def array_samples(images: np.ndarray, labels: np.ndarray, *, size: int, image_fo
     order = np.arange(len(images)) if indices is None else np.asarray(indices)
     for position in range(start, len(order)):
         i = int(order[position])
-        image = Image.fromarray(images[i]).convert("RGB")
-        if image.size != (size, size):
-            image = image.resize((size, size), Image.Resampling.BICUBIC)
+        image = array_image(images, i, size)
         fields = {REENCODE_EXT[image_format]: encode_image(image, image_format), "cls": label_bytes(int(labels[i]))}
         yield ShardSample(position, f"{position:09d}", fields)
+
+
+def array_image(images: np.ndarray, index: int, size: int) -> Image.Image:
+    """`images[index]` ((H, W) or (H, W, 3) uint8) as the RGB image, `size` px square, that shards store."""
+    image = Image.fromarray(images[index]).convert("RGB")
+    return image if image.size == (size, size) else image.resize((size, size), Image.Resampling.BICUBIC)
 
 
 def encode_image(image: Image.Image, fmt: str) -> bytes:

@@ -134,3 +134,25 @@ def test_the_pipeline_writes_both_streams_that_read_back_as_stated(tmp_path: Pat
     capsys.readouterr()
     assert messy_stream.main(["--out", str(out), "--data-dir", str(data), "--junk-fraction", "0.9"]) == 2
     assert capsys.readouterr().err.startswith("messy_stream: error: duplicate_fraction + junk_fraction")
+
+
+@needs_fmnist
+def test_the_dedup_study_drops_exact_copies_and_keeps_every_distinct_image_at_distance_zero(tmp_path, capsys):
+    from pipelines import dedup_study
+    from stream_swav.curation import SeenSet
+
+    data = write_fmnist_subset(tmp_path / "fmnist", train=1000, test=10)
+    out = tmp_path / "messy"
+    assert messy_stream.main(["--out", str(out), "--data-dir", str(data), "--pool-fraction", "0.05"]) == 0
+    hashes = dedup_study.stream_hashes(out / "messy")
+    stream = json.loads((out / "stream.json").read_text())
+    assert len(hashes) == stream["messy"]["images"]
+    exact = dedup_study.score(hashes, SeenSet(10_000, max_distance=0))
+    # A copy that comes before its original is kept and the original dropped: nearly all, not all.
+    assert exact["exact_dropped"] > 0.8 and exact["distinct_lost"] == 0.0
+    # Fashion-MNIST items of one kind look alike: a loose match loses distinct images.
+    assert exact["distinct_lost"] <= dedup_study.score(hashes, SeenSet(10_000, max_distance=8))["distinct_lost"]
+    assert dedup_study.main(["--stream", str(out / "messy"), "--distances", "0,4"]) == 0
+    table = capsys.readouterr().out
+    assert table.count("\n| ") == 3 and "| 0 |" in table and "| 4 |" in table
+    assert dedup_study.main(["--stream", str(tmp_path / "nothing")]) == 2

@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 .PHONY: demo test install pillow-simd bench clean
 
 # pip installs uv, and uv installs the rest: it downloads and unpacks in parallel (the CUDA build of
-# torch and its libraries are ~5.5 GB unpacked), a fresh install taking ~1 minute where pip took ~4.
+# torch and its libraries are ~5.5 GB unpacked), a fresh install taking ~1-2 minutes where pip took ~4.
 # uv reads no pip.conf: a private index is named with UV_INDEX_URL / UV_EXTRA_INDEX_URL. Bytecode is
 # compiled at install so that no process compiles torch again (some environments set
 # PYTHONDONTWRITEBYTECODE, and then every import would).

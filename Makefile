@@ -13,14 +13,15 @@ STAMP := $(VENV)/.installed
 # PYTHONDONTWRITEBYTECODE, and then every import would).
 # A constraint file configured for pip (`pip config list`: global.constraint, or PIP_CONSTRAINT)
 # holds for uv too: an environment that caps torch gets the same torch whichever installs it.
-PIP_CONSTRAINT_FILE := $(shell $(PYTHON) -m pip config list 2>/dev/null \
+# (Recursive `=`: pip is asked only when the install recipe runs, not on every make.)
+PIP_CONSTRAINT_FILE = $(shell $(PYTHON) -m pip config list 2>/dev/null \
 	| sed -n "s/^\(global\|:env:\)\.constraint='\(.*\)'$$/\2/p" | head -n 1)
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install -q uv
 	$(VENV)/bin/uv pip install --python $(VENV)/bin/python -q --compile-bytecode \
-		$(if $(PIP_CONSTRAINT_FILE),--constraint $(PIP_CONSTRAINT_FILE)) -e '.[test,plots]'
+		$(addprefix --constraint ,$(PIP_CONSTRAINT_FILE)) -e '.[test,plots]'
 	touch $(STAMP)
 
 install: $(STAMP)

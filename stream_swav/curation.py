@@ -3,7 +3,7 @@ set of the hashes seen in the current pass, matching near-copies by Hamming dist
 
 Pure state, no Ray or I/O: a decode actor will own one `SeenSet` and ask `admit` for every image it
 decodes. Not yet wired into the decode actors or the checkpoints (see docs/curation.md); today
-`pipelines/messy_stream.py --dedup-study` measures it on the messy-stream benchmark.
+`pipelines/dedup_study.py` measures it on the messy-stream benchmark.
 
 The hash (pHash): the image in gray at 32x32, its 2-D DCT, the 8x8 lowest frequencies; bit i is
 set when coefficient i exceeds their median (the DC term excluded: it only says how bright the

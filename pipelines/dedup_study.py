@@ -50,10 +50,10 @@ def stream_hashes(folder: Path) -> list[tuple[int, dict]]:
 def score(hashes: list[tuple[int, dict]], seen: SeenSet) -> dict[str, float]:
     offered, dropped = Counter(), Counter()
     kept_per_source: dict[int, int] = defaultdict(int)
-    for h, record in hashes:
+    for position, (h, record) in enumerate(hashes):
         kind = record["kind"]
         offered[kind] += 1
-        if seen.admit(h, 0):
+        if seen.admit(h, (0, 0), position):
             if record["source"] >= 0:
                 kept_per_source[record["source"]] += 1
         else:

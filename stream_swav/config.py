@@ -425,6 +425,19 @@ class MetricsConfig:
 
 
 @dataclass
+class CurationConfig:
+    # Drop repeats: each decode actor hashes every image it decodes (64-bit DCT perceptual hash)
+    # and drops an image whose hash (or one within dedup_max_distance bits) was already admitted
+    # more than max_repeats times in the current pass. Measured in docs/curation.md.
+    dedup: bool = False
+    max_repeats: int = setting(0, NON_NEGATIVE)
+    # 0 matches only equal hashes; looser matching also drops distinct images that look alike.
+    dedup_max_distance: int = setting(0, within(0, 31))
+    # Hashes each decode actor remembers, the oldest forgotten first (~175 bytes each at distance 0).
+    seen_capacity: int = setting(1_000_000, POSITIVE)
+
+
+@dataclass
 class Config:
     data: DataConfig = field(default_factory=DataConfig)
     storage: StorageConfig = field(default_factory=StorageConfig)
@@ -436,6 +449,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    curation: CurationConfig = field(default_factory=CurationConfig)
 
     @property
     def total_crops(self) -> int:
@@ -679,6 +693,6 @@ def scaled_learning_rate(cfg: Config, lr: float) -> float:
 
 __all__ = ["Config", "ConfigError", "UsageError", "load_config", "config_from_dict", "parse_overrides", "merge_dicts",
            "scaled_learning_rate", "StorageConfig", "DataConfig", "CropsConfig", "AugmentConfig", "ModelConfig",
-           "SwAVConfig", "OptimConfig", "TrainConfig", "CheckpointConfig", "MetricsConfig", "ARCHS", "CODES",
-           "RESNET_ARCHS", "REGNET_ARCHS", "VIT_SHAPES", "ViTShape", "arch_family", "vit_shape", "backbone_rules",
+           "SwAVConfig", "OptimConfig", "TrainConfig", "CheckpointConfig", "MetricsConfig", "CurationConfig", "ARCHS",
+           "CODES", "RESNET_ARCHS", "REGNET_ARCHS", "VIT_SHAPES", "ViTShape", "arch_family", "vit_shape", "backbone_rules",
            "COMPILE_MODES", "SCHEDULES"]

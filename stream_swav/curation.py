@@ -1,9 +1,10 @@
 """Repeat detection for online curation (issue #23): a perceptual hash of each image and a bounded
 set of the hashes seen in the current pass, matching near-copies by Hamming distance.
 
-Pure state, no Ray or I/O: a decode actor will own one `SeenSet` and ask `admit` for every image it
-decodes. Not yet wired into the decode actors or the checkpoints (see docs/curation.md); today
-`pipelines/dedup_study.py` measures it on the messy-stream benchmark.
+Pure state, no Ray or I/O: with `curation.dedup` on, each decode worker owns one `SeenSet` and asks
+`admit` for every image it decodes (`data.worker`); the driver gathers the workers' sets at each
+checkpoint, cuts them back to the stream cursor and saves their union (`runtime.driver`).
+`pipelines/dedup_study.py` measures the detector offline on the messy-stream benchmark.
 
 The hash (pHash): the image in gray at 32x32, its 2-D DCT, the 8x8 lowest frequencies; bit i is
 set when coefficient i exceeds their median (the DC term excluded: it only says how bright the
@@ -15,10 +16,12 @@ from __future__ import annotations
 
 import functools
 from collections import OrderedDict
-from dataclasses import dataclass
+from collections.abc import Callable
 
 import numpy as np
 from PIL import Image
+
+from stream_swav.data.cursor import ShardKey
 
 HASH_BITS = 64
 _HASH_SIDE = 32  # the gray thumbnail the DCT runs on
@@ -54,27 +57,47 @@ def hamming(a: int, b: int) -> int:
     return (a ^ b).bit_count()
 
 
-@dataclass
-class _Entry:
-    hash: int
-    count: int  # occurrences admitted or not, in `pass_index`
-    pass_index: int
+# An admitted occurrence is one int: pass, shard number and emission position packed together.
+_POSITION_BITS = 32
+_SHARD_BITS = 40
+
+
+def _pack(pass_index: int, shard: int, position: int) -> int:
+    if not (0 <= position < 1 << _POSITION_BITS and 0 <= shard < 1 << _SHARD_BITS and pass_index >= 0):
+        raise ValueError(f"occurrence out of range: pass {pass_index}, shard {shard}, position {position}")
+    return (pass_index << _SHARD_BITS | shard) << _POSITION_BITS | position
+
+
+def _unpack(event: int) -> tuple[ShardKey, int]:
+    return ((event >> (_SHARD_BITS + _POSITION_BITS), event >> _POSITION_BITS & ((1 << _SHARD_BITS) - 1)),
+            event & ((1 << _POSITION_BITS) - 1))
+
+
+def _pass_of(event: int) -> int:
+    return event >> (_SHARD_BITS + _POSITION_BITS)
 
 
 class SeenSet:
     """The hashes of the images seen, at most `capacity` of them (the oldest first out), each with
-    how often it (or a hash within `max_distance` bits of it) occurred in the current pass.
+    the occurrences of it (or of a hash within `max_distance` bits of it) that were admitted.
 
-    `admit(h, pass_index)` says whether an image may train: the first `1 + max_repeats` occurrences
-    of a hash in a pass may, later ones may not. Counts are per pass: an entry last seen in an
-    earlier pass starts again from zero, so reading the same shards a second time is not taken for
-    duplication. Near matches are found by multi-index hashing: the 64 bits are cut into
-    `max_distance + 1` bands, and two hashes within `max_distance` bits agree exactly on at least
-    one band (pigeonhole), so only entries sharing a band value are compared. Memory: one entry
-    and `max_distance + 1` index slots per hash, bounded by `capacity`.
+    `admit(h, shard, position)` says whether an image may train: the first `1 + max_repeats`
+    occurrences of a hash in a pass may, later ones may not. Counts are per pass, so reading the
+    same shards a second time is not taken for duplication. Each admitted occurrence is remembered
+    by where it is in the stream (shard key and emission position), which is what lets `cut` take
+    the set back to the stream cursor: a decode actor runs ahead of what its learner has trained,
+    and a checkpoint must not hold the hashes of images it will read again after a resume (they
+    would be dropped as repeats of themselves). Only admitted occurrences are kept (a dropped one
+    changes nothing), and only those of the two latest passes (two can be read at once).
+
+    Near matches are found by multi-index hashing: the 64 bits are cut into `max_distance + 1`
+    bands, and two hashes within `max_distance` bits agree exactly on at least one band
+    (pigeonhole), so only entries sharing a band value are compared. With `max_distance` 0 the
+    hash itself is the key and there is no index. Memory (tracemalloc, 200,000 random hashes, one
+    occurrence each): ~175 bytes per hash at distance 0, ~630 at distance 2 (three bands).
     """
 
-    def __init__(self, capacity: int, max_distance: int = 4, max_repeats: int = 0) -> None:
+    def __init__(self, capacity: int, max_distance: int = 0, max_repeats: int = 0) -> None:
         if capacity < 1:
             raise ValueError(f"capacity must be >= 1, got {capacity}")
         if not 0 <= max_distance < HASH_BITS // 2:
@@ -85,63 +108,148 @@ class SeenSet:
         self.max_distance = max_distance
         self.max_repeats = max_repeats
         edges = np.linspace(0, HASH_BITS, max_distance + 2).round().astype(int)
-        self._bands = [(int(lo), int(hi)) for lo, hi in zip(edges[:-1], edges[1:])]
-        self._entries: OrderedDict[int, _Entry] = OrderedDict()  # by insertion id, oldest first
-        self._index: dict[tuple[int, int], set[int]] = {}
-        self._next_id = 0
+        self._bands = [(int(lo), int(hi)) for lo, hi in zip(edges[:-1], edges[1:])] if max_distance else []
+        # hash -> its admitted occurrences (one packed int, or a tuple of them), oldest hash first.
+        self._entries: OrderedDict[int, int | tuple[int, ...]] = OrderedDict()
+        # Band value (band number in the top bits) -> the hashes holding it; only with max_distance > 0.
+        self._index: dict[int, list[int]] = {}
 
     def __len__(self) -> int:
         return len(self._entries)
 
-    def _keys(self, h: int) -> list[tuple[int, int]]:
-        return [(band, (h >> lo) & ((1 << (hi - lo)) - 1)) for band, (lo, hi) in enumerate(self._bands)]
+    def _keys(self, h: int) -> list[int]:
+        return [band << HASH_BITS | (h >> lo) & ((1 << (hi - lo)) - 1) for band, (lo, hi) in enumerate(self._bands)]
 
-    def _nearest(self, h: int) -> _Entry | None:
+    def _nearest(self, h: int) -> int | None:
+        """The stored hash nearest to `h` within max_distance bits, or None."""
+        if h in self._entries or not self._bands:
+            return h if h in self._entries else None
         best, best_distance = None, self.max_distance + 1
         for key in self._keys(h):
-            for entry_id in self._index.get(key, ()):
-                entry = self._entries[entry_id]
-                distance = hamming(h, entry.hash)
+            for other in self._index.get(key, ()):
+                distance = hamming(h, other)
                 if distance < best_distance:
-                    best, best_distance = entry, distance
+                    best, best_distance = other, distance
         return best
 
-    def _insert(self, h: int, pass_index: int, count: int = 1) -> None:
+    def _insert(self, h: int, events: tuple[int, ...]) -> None:
         if len(self._entries) >= self.capacity:
-            oldest_id, oldest = self._entries.popitem(last=False)
-            for key in self._keys(oldest.hash):
-                slot = self._index[key]
-                slot.discard(oldest_id)
-                if not slot:
-                    del self._index[key]
-        entry_id = self._next_id
-        self._next_id += 1
-        self._entries[entry_id] = _Entry(h, count, pass_index)
+            oldest, _ = self._entries.popitem(last=False)
+            self._unindex(oldest)
+        self._entries[h] = events[0] if len(events) == 1 else events
         for key in self._keys(h):
-            self._index.setdefault(key, set()).add(entry_id)
+            self._index.setdefault(key, []).append(h)
 
-    def admit(self, h: int, pass_index: int) -> bool:
-        """Count one occurrence of `h` in pass `pass_index`; True while it is within the allowed repeats."""
-        entry = self._nearest(h)
-        if entry is None:
-            self._insert(h, pass_index)
+    def _unindex(self, h: int) -> None:
+        for key in self._keys(h):
+            slot = self._index[key]
+            slot.remove(h)
+            if not slot:
+                del self._index[key]
+
+    def _events(self, h: int) -> tuple[int, ...]:
+        events = self._entries[h]
+        return (events,) if isinstance(events, int) else events
+
+    def admit(self, h: int, shard: ShardKey, position: int) -> bool:
+        """Offer the occurrence of `h` at `position` of `shard` (pass, shard number); True while it
+        is within the repeats allowed in its pass (and then it is remembered)."""
+        pass_index = shard[0]
+        event = _pack(pass_index, shard[1], position)
+        match = self._nearest(h)
+        if match is None:
+            self._insert(h, (event,))
             return True
-        if entry.pass_index != pass_index:
-            entry.count, entry.pass_index = 0, pass_index
-        entry.count += 1
-        return entry.count <= 1 + self.max_repeats
+        events = self._events(match)
+        if sum(1 for e in events if _pass_of(e) == pass_index) > self.max_repeats:
+            return False
+        self._entries[match] = (*(e for e in events if _pass_of(e) >= pass_index - 1), event)
+        return True
+
+    def cut(self, consumed: Callable[[ShardKey, int], bool]) -> None:
+        """Forget every admitted occurrence for which `consumed((pass, shard), position)` is False,
+        and the hashes left with none: the set as if only the consumed samples had been offered
+        (exactly so when the samples were offered in the order they are consumed, which holds for
+        one decode actor, whose batches its learner trains in order)."""
+        for h in list(self._entries):
+            events = self._events(h)
+            kept = tuple(e for e in events if consumed(*_unpack(e)))
+            if not kept:
+                del self._entries[h]
+                self._unindex(h)
+            elif len(kept) != len(events):
+                self._entries[h] = kept[0] if len(kept) == 1 else kept
+
+    def absorb(self, state: dict[str, list[int]]) -> None:
+        """Merge another set's `state_dict()` into this one (the seen-sets of other decode actors):
+        a hash this set matches gains its occurrences, the others are added, oldest first."""
+        for h, events in _entries_of(state):
+            self._merge(h, events)
+
+    def _merge(self, h: int, events: tuple[int, ...]) -> None:
+        match = self._nearest(h)
+        if match is None:
+            self._insert(h, events)
+        else:
+            merged = tuple(sorted(set(self._events(match)) | set(events)))
+            self._entries[match] = merged[0] if len(merged) == 1 else merged
 
     def state_dict(self) -> dict[str, list[int]]:
-        """Plain lists (oldest first), loadable with torch.load(weights_only=True) and as JSON."""
-        entries = list(self._entries.values())
-        return {"hashes": [e.hash for e in entries], "counts": [e.count for e in entries],
-                "passes": [e.pass_index for e in entries]}
+        """Plain int lists (oldest hash first), loadable with torch.load(weights_only=True) and as
+        JSON: the hashes, how many admitted occurrences each has, and those occurrences flattened
+        as pass, shard, position."""
+        hashes, counts, flat = [], [], []
+        for h in self._entries:
+            events = self._events(h)
+            hashes.append(h)
+            counts.append(len(events))
+            for e in events:
+                (pass_index, shard), position = _unpack(e)
+                flat += (pass_index, shard, position)
+        return {"hashes": hashes, "event_counts": counts, "events": flat}
 
     def load_state_dict(self, state: dict[str, list[int]]) -> None:
-        hashes, counts, passes = state["hashes"], state["counts"], state["passes"]
-        if not len(hashes) == len(counts) == len(passes):
-            raise ValueError("seen-set state: hashes, counts and passes differ in length")
+        entries = _entries_of(state)
         self._entries.clear()
         self._index.clear()
-        for h, count, pass_index in zip(hashes, counts, passes):
-            self._insert(int(h), int(pass_index), int(count))
+        for h, events in entries:
+            self._insert(h, events)
+
+
+def union(states: list[dict[str, list[int]]], consumed: Callable[[ShardKey, int], bool], capacity: int,
+          max_distance: int = 0, max_repeats: int = 0) -> SeenSet:
+    """One set from several sets' states (the decode workers'), each cut back to `consumed` first.
+    Their entries are merged by age rank (each set's oldest first, the sets interleaved), so that
+    when the union holds more than `capacity` hashes every set loses its oldest, not the last set
+    merged all of its own."""
+    ranked = []
+    for n, state in enumerate(states):
+        one = SeenSet(capacity, max_distance, max_repeats)
+        one.load_state_dict(state)
+        one.cut(consumed)
+        entries = _entries_of(one.state_dict())
+        ranked += [((i + 1) / len(entries), n, h, events) for i, (h, events) in enumerate(entries)]
+    merged = SeenSet(capacity, max_distance, max_repeats)
+    for _, _, h, events in sorted(ranked, key=lambda r: (r[0], r[1])):
+        merged._merge(h, events)
+    return merged
+
+
+def _entries_of(state: dict[str, list[int]]) -> list[tuple[int, tuple[int, ...]]]:
+    """(hash, occurrences) of a `SeenSet.state_dict()`; ValueError when it is malformed."""
+    try:
+        hashes, counts, flat = state["hashes"], state["event_counts"], state["events"]
+        if len(hashes) != len(counts) or 3 * sum(counts) != len(flat) or min(counts, default=1) < 1:
+            raise ValueError("hashes, event_counts and events disagree")
+        entries, at = [], 0
+        for h, count in zip(hashes, counts):
+            events = tuple(_pack(int(flat[i]), int(flat[i + 1]), int(flat[i + 2])) for i in range(at, at + 3 * count, 3))
+            at += 3 * count
+            if not 0 <= int(h) < 1 << HASH_BITS:
+                raise ValueError(f"hash {h} is not {HASH_BITS}-bit")
+            entries.append((int(h), events))
+        return entries
+    except (KeyError, TypeError) as exc:
+        raise ValueError(f"malformed seen-set state: {type(exc).__name__}: {exc}") from None
+    except ValueError as exc:
+        raise ValueError(f"malformed seen-set state: {exc}") from None

@@ -54,42 +54,88 @@ def test_flat_images_of_any_colour_hash_to_zero():
 def test_repeats_past_the_allowance_are_dropped_and_near_copies_count_as_repeats():
     seen = SeenSet(capacity=100, max_distance=4, max_repeats=1)
     a, b = perceptual_hash(scene(1)), perceptual_hash(scene(2))
-    assert [seen.admit(a, 0) for _ in range(3)] == [True, True, False]
-    assert seen.admit(a ^ 0b1011, 0) is False  # three bits away: the same image
-    assert seen.admit(b, 0) is True and len(seen) == 2
-    assert seen.admit(a ^ 0b11111, 0) is True  # five bits away: another image, a new entry
+    assert [seen.admit(a, (0, 0), i) for i in range(3)] == [True, True, False]
+    assert seen.admit(a ^ 0b1011, (0, 0), 3) is False  # three bits away: the same image
+    assert seen.admit(b, (0, 0), 4) is True and len(seen) == 2
+    assert seen.admit(a ^ 0b11111, (0, 0), 5) is True  # five bits away: another image, a new entry
     assert len(seen) == 3
 
 
 def test_a_new_pass_is_not_taken_for_duplication():
     seen = SeenSet(capacity=10, max_repeats=0)
     h = perceptual_hash(scene(3))
-    assert [seen.admit(h, 0), seen.admit(h, 0)] == [True, False]
-    assert [seen.admit(h, 1), seen.admit(h, 1)] == [True, False]
+    assert [seen.admit(h, (0, 0), 0), seen.admit(h, (0, 1), 0)] == [True, False]
+    assert [seen.admit(h, (1, 0), 0), seen.admit(h, (1, 1), 0)] == [True, False]
 
 
 def test_capacity_bounds_memory_and_forgets_the_oldest_first():
     seen = SeenSet(capacity=3, max_distance=2)
     hashes = [perceptual_hash(scene(seed)) for seed in range(4)]
-    for h in hashes:
-        assert seen.admit(h, 0)
+    for i, h in enumerate(hashes):
+        assert seen.admit(h, (0, 0), i)
     assert len(seen) == 3
-    assert seen.admit(hashes[0], 0) is True  # forgotten: admitted again (and hashes[1] evicted)
-    assert seen.admit(hashes[3], 0) is False
-    assert len(seen._index) <= 3 * 3  # no index slot outlives its entry
+    assert seen.admit(hashes[0], (0, 0), 4) is True  # forgotten: admitted again (and hashes[1] evicted)
+    assert seen.admit(hashes[3], (0, 0), 5) is False
+    assert sum(len(slot) for slot in seen._index.values()) == 3 * 3  # no index slot outlives its entry
 
 
 def test_state_round_trips_and_makes_the_same_decisions():
     seen = SeenSet(capacity=5, max_distance=3, max_repeats=1)
     stream = [perceptual_hash(scene(seed % 7)) for seed in range(20)]
-    for h in stream[:10]:
-        seen.admit(h, 0)
+    for i, h in enumerate(stream[:10]):
+        seen.admit(h, (0, 0), i)
     restored = SeenSet(capacity=5, max_distance=3, max_repeats=1)
     restored.load_state_dict(seen.state_dict())
     assert restored.state_dict() == seen.state_dict()
-    assert [restored.admit(h, 0) for h in stream[10:]] == [seen.admit(h, 0) for h in stream[10:]]
-    with pytest.raises(ValueError, match="differ in length"):
-        restored.load_state_dict({"hashes": [1], "counts": [], "passes": [0]})
+    assert ([restored.admit(h, (0, 0), i) for i, h in enumerate(stream[10:], 10)]
+            == [seen.admit(h, (0, 0), i) for i, h in enumerate(stream[10:], 10)])
+    for malformed in ({"hashes": [1], "event_counts": [], "events": [0, 0, 0]},
+                      {"hashes": [1], "event_counts": [1], "events": [0, 0]},
+                      {"hashes": [1 << 64], "event_counts": [1], "events": [0, 0, 0]}, {"hashes": [1]}):
+        with pytest.raises(ValueError, match="malformed seen-set state"):
+            restored.load_state_dict(malformed)
+
+
+def test_cut_takes_the_set_back_to_what_was_consumed():
+    """A worker offers samples ahead of what was trained; cut back to the trained prefix, the set
+    decides the re-read samples as a set that had seen only the trained ones would."""
+    hashes = [perceptual_hash(scene(seed)) for seed in range(6)]
+    # (hash index, shard, position) in the order one worker offered them; two shards interleaved.
+    offered = [(0, 0, 0), (1, 1, 0), (0, 1, 1), (2, 0, 1), (3, 1, 2), (2, 0, 2), (4, 1, 3), (5, 0, 3)]
+    consumed_up_to = {(0, 0): 2, (0, 1): 3}  # the trained prefix: the first five offers
+    ahead = SeenSet(capacity=100, max_repeats=0)
+    for hi, shard, position in offered:
+        ahead.admit(hashes[hi], (0, shard), position)
+    ahead.cut(lambda key, position: position < consumed_up_to[key])
+    reference = SeenSet(capacity=100, max_repeats=0)
+    for hi, shard, position in offered[:5]:
+        reference.admit(hashes[hi], (0, shard), position)
+    assert ahead.state_dict() == reference.state_dict()
+    # Re-reading the untrained samples: each admitted, as in a run that never went ahead.
+    assert [ahead.admit(hashes[hi], (0, shard), position) for hi, shard, position in offered[5:]] == [False, True, True]
+
+
+def test_a_cut_across_a_pass_boundary_keeps_the_earlier_pass_count():
+    seen = SeenSet(capacity=10, max_repeats=0)
+    h = perceptual_hash(scene(4))
+    assert seen.admit(h, (0, 0), 0) and seen.admit(h, (1, 0), 0)
+    seen.cut(lambda key, position: key[0] == 0)  # pass 1 not trained yet
+    assert seen.admit(h, (0, 3), 7) is False  # still a repeat within pass 0
+    assert seen.admit(h, (1, 0), 0) is True
+
+
+def test_absorbing_another_set_merges_occurrences_and_dedups_across_sets():
+    first, second = SeenSet(capacity=10), SeenSet(capacity=10)
+    a, b, c = (perceptual_hash(scene(seed)) for seed in (5, 6, 7))
+    first.admit(a, (0, 0), 0)
+    second.admit(a, (0, 1), 0)
+    second.admit(b, (0, 1), 1)
+    first.absorb(second.state_dict())
+    assert len(first) == 2 and first.state_dict()["event_counts"] == [2, 1]
+    assert first.admit(b, (0, 0), 1) is False and first.admit(c, (0, 0), 2) is True
+    small = SeenSet(capacity=1)
+    small.absorb(first.state_dict())
+    assert small.state_dict()["hashes"] == [c]  # bounded: the newest survives
 
 
 @pytest.mark.parametrize("kwargs", [{"capacity": 0}, {"capacity": 1, "max_distance": 32},
@@ -97,3 +143,91 @@ def test_state_round_trips_and_makes_the_same_decisions():
 def test_impossible_settings_are_refused(kwargs):
     with pytest.raises(ValueError):
         SeenSet(**kwargs)
+
+
+# ------------------------------------------------------------------ in the decode worker
+
+def scene_bytes(seed: int, quality: int = 90) -> bytes:
+    buffer = io.BytesIO()
+    scene(seed, size=48).convert("RGB").save(buffer, "JPEG", quality=quality)
+    return buffer.getvalue()
+
+
+def dedup_worker(capacity: int = 1000):
+    from stream_swav.config import Config
+    from stream_swav.data.worker import DecodeWorker
+
+    cfg = Config()
+    cfg.crops.global_size, cfg.crops.local_size, cfg.crops.local_count = 16, 8, 1
+    cfg.data.shuffle_buffer = 1
+    cfg.curation.dedup, cfg.curation.seen_capacity = True, capacity
+    cfg.validate()
+    return DecodeWorker(cfg.data, cfg.crops, cfg.storage, 0, cfg.curation)
+
+
+def read_all(worker, batch_size: int = 4):
+    batches = []
+    while (batch := worker.next_batch(batch_size)) is not None:
+        batches.append(batch)
+    return batches
+
+
+def test_the_worker_drops_repeats_keeps_distinct_images_and_counts_every_position(tmp_path):
+    from conftest import tar_bytes
+
+    from stream_swav.data.cursor import ShardTask
+
+    # 10 distinct scenes; scene 0 and 1 come back as byte copies and re-encoded at another quality.
+    samples = [(f"s{n:02d}", {"jpg": scene_bytes(n)}) for n in range(10)]
+    samples += [("c00", {"jpg": scene_bytes(0)}), ("c01", {"jpg": scene_bytes(1, quality=40)}),
+                ("c00b", {"jpg": scene_bytes(0, quality=60)})]
+    path = tmp_path / "repeats.tar"
+    path.write_bytes(tar_bytes(samples))
+    with dedup_worker() as worker:
+        worker.assign(ShardTask(url=str(path), index=0, pass_index=0, seed=0, start=0))
+        first = read_all(worker)
+        worker.assign(ShardTask(url=str(path), index=0, pass_index=1, seed=0, start=0))
+        second = read_all(worker)
+    for batches in (first, second):
+        kept = sorted(key.rsplit("/", 1)[1] for b in batches for key in b.meta.keys)
+        assert kept == [f"s{n:02d}" for n in range(10)]  # a second pass is not taken for duplication
+        assert sum(b.meta.dropped["duplicate"] for b in batches) == 3
+        assert max(p for b in batches for p in b.meta.progress.values()) == len(samples)  # drops are consumed
+        assert sum(b.meta.errors.total() for b in batches) == 0
+    assert second[-1].meta.seen_hashes == 10
+
+
+def test_without_curation_the_worker_keeps_repeats(tmp_path):
+    from conftest import tar_bytes
+
+    from stream_swav.config import Config
+    from stream_swav.data.cursor import ShardTask
+    from stream_swav.data.worker import DecodeWorker
+
+    path = tmp_path / "repeats.tar"
+    path.write_bytes(tar_bytes([(f"k{n}", {"jpg": scene_bytes(0)}) for n in range(5)]))
+    cfg = Config()
+    cfg.crops.global_size, cfg.crops.local_size, cfg.crops.local_count = 16, 8, 1
+    with DecodeWorker(cfg.data, cfg.crops, cfg.storage, 0, cfg.curation) as worker:
+        worker.assign(ShardTask(url=str(path), index=0, pass_index=0, seed=0, start=0))
+        batches = read_all(worker)
+        assert worker.seen_state() is None
+    assert sum(len(b) for b in batches) == 5 and not any(b.meta.dropped for b in batches)
+
+
+def test_union_of_worker_sets_is_cut_back_to_the_cursor_and_bounded():
+    from stream_swav.curation import union
+
+    hashes = [perceptual_hash(scene(seed)) for seed in range(8)]
+    a, b = SeenSet(100), SeenSet(100)
+    for i in range(4):
+        a.admit(hashes[i], (0, 0), i)  # shard 0, positions 0-3
+        b.admit(hashes[4 + i], (0, 1), i)  # shard 1, positions 0-3
+    b.admit(hashes[0], (0, 1), 4)  # a repeat across workers: both admitted it
+    trained = {(0, 0): 2, (0, 1): 5}
+    merged = union([a.state_dict(), b.state_dict()], lambda key, pos: pos < trained[key], capacity=100)
+    assert sorted(merged.state_dict()["hashes"]) == sorted(hashes[:2] + hashes[4:8])
+    assert merged.admit(hashes[0], (0, 0), 9) is False and merged.admit(hashes[2], (0, 0), 2) is True
+    small = union([a.state_dict(), b.state_dict()], lambda key, pos: True, capacity=4)
+    # Over capacity each set loses its oldest: the two newest of each survive.
+    assert sorted(small.state_dict()["hashes"]) == sorted([hashes[2], hashes[3], hashes[7], hashes[0]])

@@ -59,6 +59,8 @@ def test_trainer_metrics_are_served_with_their_values():
         metrics.set_actors_up(learners=1, decode_actors=6)
         metrics.count_decode_errors({"corrupt_image": 2, "too_large": 1})
         metrics.count_decode_errors({"corrupt_image": 3})
+        metrics.count_curation({"duplicate": 4}, seen_hashes=900)
+        metrics.count_curation({"duplicate": 2}, seen_hashes=1_000)
         metrics.count_reads(bytes_read=10_000, shards_completed=2)
         metrics.count_decode_actor_restarts()
         metrics.count_learner_restart()
@@ -80,6 +82,7 @@ def test_trainer_metrics_are_served_with_their_values():
             p + "gpu_memory_allocated_bytes": 3 * 2**30, p + "gpu_memory_reserved_bytes": 4 * 2**30,
             p + "learners_up": 1, p + "decode_actors_up": 6,
             p + "decode_errors_total{reason=corrupt_image}": 5, p + "decode_errors_total{reason=too_large}": 1,
+            p + "curation_dropped_total{reason=duplicate}": 6, p + "curation_seen_hashes": 1_000,
             p + "bytes_read_total": 10_000, p + "shards_completed_total": 2,
             p + "decode_actor_restarts_total": 1, p + "learner_restarts_total": 1,
             p + "object_store_batches_in_flight": 5,

@@ -6,6 +6,8 @@ pass trained exactly once") use the RecordingLearner, which logs every trained k
 """
 from __future__ import annotations
 
+import collections
+import io
 import math
 import os
 import signal
@@ -302,3 +304,54 @@ def test_non_finite_losses_in_a_row_take_the_run_from_running_to_failed(tmp_path
     assert trainer.state is driver.RunState.FAILED and trainer.step == 3
     assert trainer.metrics.registry.get_sample_value("stream_swav_nonfinite_loss_total") == 3
     assert "3 non-finite losses in a row (train.max_nonfinite_in_row=3)" in caplog.records[-1].getMessage()
+
+
+def scene_jpeg(seed: int) -> bytes:
+    """A textured JPEG, distinct per seed (flat colours would all hash alike)."""
+    from test_curation import scene
+
+    buffer = io.BytesIO()
+    scene(seed, size=32).convert("RGB").save(buffer, "JPEG", quality=90)
+    return buffer.getvalue()
+
+
+def test_dedup_trains_each_image_once_per_pass_through_a_checkpoint_and_resume(tmp_path):
+    """curation.dedup: byte copies of images read earlier (some by then trained, some only read) are
+    dropped; the seen-set saved with a checkpoint holds exactly the trained images, so a resumed
+    run neither trains a repeat of something trained before nor drops an image it re-reads."""
+    scene_of: dict[str, int] = {}
+    for index in range(4):
+        # Ten images of its own, then byte copies of five of the next shard's (whatever the pass
+        # order, copies of some images come after their originals, some before).
+        own = [(f"s{index}-{n}", 10 * index + n) for n in range(10)]
+        copies = [(f"s{index}-copy{n}", 10 * ((index + 1) % 4) + n) for n in range(5)]
+        url = object_url(str(tmp_path / "shards"), f"shard-{index}.tar")
+        os.makedirs(tmp_path / "shards", exist_ok=True)
+        write_shard(url, tar_bytes([(key, {"jpg": scene_jpeg(seed)}) for key, seed in own + copies]))
+        scene_of.update({f"{url}/{key}": seed for key, seed in own + copies})
+    overrides = {"data": {"shards": str(tmp_path / "shards")}, "curation": {"dedup": True},
+                 "checkpoint": {"dir": str(tmp_path / "ckpt"), "every_steps": 2},
+                 "train": {"image_budget": 10_000, "report_interval_s": 0.2}}
+    log = tmp_path / "trained.jsonl"
+
+    def stop_mid_pass_zero(trainer: WatchedTrainer) -> None:
+        if trainer.step >= 3:
+            trainer.request_stop("mid pass 0")
+
+    first = run_to_end(tiny_config(overrides), log, after_chunk=stop_mid_pass_zero)
+    assert first.ledger.cursor.pass_index == 0
+    trained_first = {scene_of[s.key] for s in first.trained}
+    saved = ckpt.load_checkpoint(str(tmp_path / "ckpt"), first.cfg.storage)["seen_set"]
+    # Cut back to the cursor: the hashes of what was trained, none of what was only read ahead.
+    assert len(saved["hashes"]) == len(trained_first) and 0 < len(trained_first) < 40
+
+    def stop_after_pass_zero(trainer: WatchedTrainer) -> None:
+        if trainer.ledger.cursor.pass_index >= 1:
+            trainer.request_stop("pass 0 trained")
+
+    second = run_to_end(tiny_config(overrides), log, after_chunk=stop_after_pass_zero)
+    pass_zero = collections.Counter(scene_of[s.key] for s in second.trained if s.pass_index == 0)
+    assert pass_zero == {seed: 1 for seed in range(40)}
+    dropped = second.metrics.registry.get_sample_value("stream_swav_curation_dropped_total",
+                                                       {"reason": "duplicate"})
+    assert dropped and dropped >= 1

@@ -33,6 +33,11 @@ class BatchMeta:
     # Skipped samples by reason, since the previous batch of the same worker; shard-level reasons
     # (bad-tar, truncated-shard, shard-read-error...) arrive with the shard's finish.
     errors: Counter = field(default_factory=Counter)
+    # Samples decoded but dropped by curation, by reason ("duplicate"), since the previous batch of
+    # the same worker. Like skipped ones, they count as consumed in `progress`.
+    dropped: Counter = field(default_factory=Counter)
+    # Hashes the worker's seen-set held when this batch was made (0 without curation.dedup).
+    seen_hashes: int = 0
     # Bytes pulled from storage for this batch, re-reads after errors included.
     bytes_read: int = 0
     # Unix time the batch was completed by its decode worker.

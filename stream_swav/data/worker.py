@@ -8,7 +8,11 @@ shard's samples arrive in its emission order however the shards interleave;
 that is what lets `BatchMeta.progress` be a plain position per shard.
 
 Decoding and cropping happen in the caller's thread, with a numpy Generator
-seeded from (data.seed, worker_index).
+seeded from (data.seed, worker_index). With curation.dedup, each decoded image
+is hashed there and offered to the worker's `SeenSet` before it is cropped; a
+repeat is dropped and counted, and its position counts as consumed like a
+skipped sample's. Samples are offered in the order their batches are trained,
+so the set can be cut back to any trained point (`SeenSet.cut`).
 """
 from __future__ import annotations
 
@@ -16,12 +20,13 @@ import logging
 import queue
 import threading
 import time
-from collections import Counter, deque
+from collections import deque
 from dataclasses import dataclass
 
 import numpy as np
 
-from stream_swav.config import CropsConfig, DataConfig, StorageConfig
+from stream_swav.config import CropsConfig, CurationConfig, DataConfig, StorageConfig
+from stream_swav.curation import SeenSet, perceptual_hash
 from stream_swav.data.batch import BatchMeta, CropBatch
 from stream_swav.data.cursor import ShardKey, ShardTask
 from stream_swav.data.decode import DecodeLimits, SampleError, decode_image
@@ -52,7 +57,8 @@ class _Item:
 
 
 class DecodeWorker:
-    def __init__(self, data: DataConfig, crops: CropsConfig, storage: StorageConfig, worker_index: int) -> None:
+    def __init__(self, data: DataConfig, crops: CropsConfig, storage: StorageConfig, worker_index: int,
+                 curation: CurationConfig | None = None) -> None:
         self.data = data
         self.storage = storage
         self.worker_index = worker_index
@@ -66,6 +72,10 @@ class DecodeWorker:
         self._tasks: dict[ShardKey, ShardTask] = {}
         self._waiting: deque[ShardKey] = deque()
         self._readers: dict[ShardKey, threading.Thread] = {}
+        self.seen: SeenSet | None = None
+        if curation is not None and curation.dedup:
+            self.seen = SeenSet(curation.seen_capacity, max_distance=curation.dedup_max_distance,
+                                max_repeats=curation.max_repeats)
 
     @property
     def assigned(self) -> int:
@@ -108,7 +118,7 @@ class DecodeWorker:
             if item.sample is not None:
                 meta.progress[item.shard] = item.position + 1
                 meta.urls[item.shard] = task.url
-                image_crops = self._crop(item.sample, meta.errors)
+                image_crops = self._crop(item, meta)
                 if image_crops is not None:
                     crops.append(image_crops)
                     meta.keys.append(f"{task.url}/{item.sample.key}")
@@ -120,7 +130,18 @@ class DecodeWorker:
             return None
         global_crops, local_crops = stack_crops(crops, self._geometry)
         meta.made_at = time.time()
+        meta.seen_hashes = len(self.seen) if self.seen is not None else 0
         return CropBatch(global_crops=global_crops, local_crops=local_crops, meta=meta)
+
+    def seen_state(self) -> dict[str, list[int]] | None:
+        """The seen-set's `state_dict()` (None without curation.dedup): hashes of samples offered so
+        far, trained or not; whoever saves it cuts it back to what was trained."""
+        return self.seen.state_dict() if self.seen is not None else None
+
+    def absorb_seen(self, state: dict[str, list[int]]) -> None:
+        """Merge a seen-set state (a checkpoint's, or other workers' cut back to what was trained)."""
+        if self.seen is not None:
+            self.seen.absorb(state)
 
     def close(self) -> None:
         """Stop the reader threads; assigned work is dropped (the stream cursor re-reads it)."""
@@ -162,14 +183,19 @@ class DecodeWorker:
         self._readers.pop(shard).join()
         del self._tasks[shard]
 
-    def _crop(self, sample: Sample, errors: Counter) -> PerImageCrops | None:
+    def _crop(self, item: _Item, meta: BatchMeta) -> PerImageCrops | None:
+        """The crops of a reader's sample, or None (counted in `meta`) when it is skipped or dropped."""
+        sample = item.sample
         if sample.error is not None:
-            errors[sample.error] += 1
+            meta.errors[sample.error] += 1
             return None
         try:
             image = decode_image(sample.image or b"", self._limits, self._min_side)
         except SampleError as exc:
-            errors[exc.reason] += 1
+            meta.errors[exc.reason] += 1
+            return None
+        if self.seen is not None and not self.seen.admit(perceptual_hash(image), item.shard, item.position):
+            meta.dropped["duplicate"] += 1
             return None
         return crop_image(image, self._geometry, self._rng)
 

@@ -40,7 +40,7 @@ def _default_worker(cfg: Config, worker_index: int) -> Any:
     from stream_swav.imaging import log_pillow_flavour
 
     log_pillow_flavour(log)
-    return DecodeWorker(cfg.data, cfg.crops, cfg.storage, worker_index)
+    return DecodeWorker(cfg.data, cfg.crops, cfg.storage, worker_index, cfg.curation)
 
 
 class DecodeActorImpl:
@@ -59,6 +59,12 @@ class DecodeActorImpl:
 
     def next_batch(self, batch_size: int) -> Any:
         return self.worker.next_batch(batch_size)
+
+    def seen_state(self) -> dict[str, list[int]] | None:
+        return self.worker.seen_state()
+
+    def absorb_seen(self, state: dict[str, list[int]]) -> None:
+        self.worker.absorb_seen(state)
 
 
 def free_port() -> int:

@@ -4,6 +4,11 @@ Slot s feeds learner s % learners, for the life of the run (a replacement takes
 over its slot). Actors that cannot be placed in time are dropped, with a
 warning, as long as every learner keeps one; the cluster may simply have
 fewer CPUs than planned (a lost node).
+
+With curation.dedup, each actor owns a seen-set of the images it decoded. The
+pool gathers them for a checkpoint (`seen_states`) and hands every actor,
+replacements included, the union last saved (`share_seen`), so that repeats
+read by different actors meet at the latest one checkpoint later.
 """
 from __future__ import annotations
 
@@ -36,6 +41,8 @@ class DecodePool:
         self.dropped: set[int] = set()
         # Launched by `launch`, not yet waited for by `wait_started`: slot -> handle.
         self._launched: dict[int, Any] = {}
+        # The seen-set union last shared (an ObjectRef), for replacements to start from.
+        self._seen: Any = None
 
     def feeders(self) -> dict[int, dict[int, Any]]:
         """rank -> {slot: handle} of the live decode actors."""
@@ -95,6 +102,32 @@ class DecodePool:
                     self.dropped.add(slot)
                     self._check_every_learner_fed()
 
+    def seen_states(self, timeout_s: float) -> list[dict[str, list[int]]]:
+        """Every live actor's seen-set state, as far as they answer within `timeout_s` (an actor
+        answers after the batch requests queued before; one that does not is left out, with a
+        warning: its repeats since the last checkpoint may be admitted again after a resume)."""
+        pending = {handle.seen_state.remote(): slot for slot, handle in self.actors.items()}
+        done, late = ray.wait(list(pending), num_returns=len(pending), timeout=timeout_s) if pending else ([], [])
+        states = []
+        for ref in done:
+            try:
+                state = ray.get(ref)
+            except Exception as err:  # noqa: BLE001 - a failed actor is replaced after its learner reports it
+                log.warning("decode actor %d gave no seen-set for the checkpoint: %s", pending[ref], first_line(err))
+                continue
+            if state is not None:
+                states.append(state)
+        if late:
+            log.warning("decode actor(s) %s gave no seen-set within %.0fs; the checkpoint saves the others'",
+                        sorted(pending[ref] for ref in late), timeout_s)
+        return states
+
+    def share_seen(self, state: dict[str, list[int]]) -> None:
+        """Give every actor, and every later replacement, this seen-set state to merge into its own."""
+        self._seen = ray.put(state)
+        for handle in self.actors.values():
+            handle.absorb_seen.remote(self._seen)
+
     def shutdown(self) -> None:
         self._starting.clear()
         self.dropped.clear()
@@ -128,7 +161,10 @@ class DecodePool:
         self._check_every_learner_fed()
 
     def _launch(self, slot: int) -> Any:
-        return DecodeActor.options(num_cpus=1, max_restarts=0).remote(self.cfg, slot, self.build_worker)
+        handle = DecodeActor.options(num_cpus=1, max_restarts=0).remote(self.cfg, slot, self.build_worker)
+        if self._seen is not None:
+            handle.absorb_seen.remote(self._seen)
+        return handle
 
     def _check_every_learner_fed(self) -> None:
         starving = [rank for rank, slots in self.feeders().items() if not slots]

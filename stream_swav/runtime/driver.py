@@ -61,6 +61,7 @@ from ray.exceptions import RayTaskError
 from stream_swav import checkpoint as ckpt
 from stream_swav import storage
 from stream_swav.config import Config, ConfigError
+from stream_swav.curation import union as seen_union
 from stream_swav.data.sources import ShardSource, spec_kind
 from stream_swav.model import BackboneSpec
 from stream_swav.runtime.checkpointing import CheckpointPolicy
@@ -79,6 +80,9 @@ log = logging.getLogger("stream_swav.driver")
 EXIT_FAILED = 1
 EXIT_NONFINITE = 3
 EXIT_FINAL_CHECKPOINT_FAILED = 4
+
+# How long a checkpoint waits for the decode actors' seen-sets (curation.dedup).
+SEEN_GATHER_TIMEOUT_S = 60.0
 
 
 class RunState(enum.Enum):
@@ -272,10 +276,14 @@ class Trainer:
             return
         cursor = point.state.pop("stream_cursor")
         point.state.pop("config", None)
+        seen = point.state.pop("seen_set", None)
         self.step = self.group.restore(point.state)
         self.images_seen = int(point.state["images_seen"])
         # Shards listed now but not in the checkpoint (a growing bucket) join the passes under way.
         self.ledger.rewind(cursor, self.cfg.data.seed, shards)
+        if seen is not None and self.cfg.curation.dedup:
+            # Saved cut back to the cursor: the hashes of what was trained, nothing read after it.
+            self.pool.share_seen(seen)
         self.last_checkpoint_step = self.step
         self.policy.mark(self.step, time.time())
         self.observer.on_resume(point, self.step, self.images_seen)
@@ -322,6 +330,8 @@ class Trainer:
                 # Consumers need crop size and normalisation without loading state.pt.
                 "config": self.cfg.to_dict()}
         extra = {"stream_cursor": self.ledger.state_dict(), "config": self.cfg.to_dict()}
+        if self.cfg.curation.dedup:
+            extra["seen_set"] = self.gather_seen()
         try:
             saved = self.group.save(self.cfg.checkpoint.dir, extra, info)
         except (RayTaskError, LearnerFailure) as err:
@@ -330,8 +340,23 @@ class Trainer:
             return False
         self.last_checkpoint_step = saved.step
         self.policy.mark(self.step, saved.wall_time)
+        if "seen_set" in extra:
+            # Every actor learns the others' trained hashes: repeats read by different actors meet.
+            self.pool.share_seen(extra["seen_set"])
         self.observer.on_checkpoint(saved, duration_s=time.time() - started)
         return True
+
+    def gather_seen(self) -> dict[str, list[int]]:
+        """The decode actors' seen-sets merged and cut back to the stream cursor: only hashes of
+        samples that were trained, so none read again after a resume is taken for its own repeat."""
+        cursor, curation = self.ledger.cursor, self.cfg.curation
+
+        def consumed(key: tuple[int, int], position: int) -> bool:
+            return cursor.is_finished(key) or position < cursor.position(key)
+
+        merged = seen_union(self.pool.seen_states(SEEN_GATHER_TIMEOUT_S), consumed, curation.seen_capacity,
+                            curation.dedup_max_distance, curation.max_repeats)
+        return merged.state_dict()
 
     def mark_final(self) -> bool:
         try:

@@ -121,6 +121,13 @@ class Metrics(_Exporter):
         self._learners_up = gauge("learners_up", "Learner actors alive.")
         self._decode_actors_up = gauge("decode_actors_up", "Decode actors alive.")
         self._decode_errors = counter("decode_errors", "Samples skipped by the readers, by reason.", ("reason",))
+        self._curation_dropped = counter("curation_dropped", "Samples decoded and dropped by curation, by reason "
+                                         "(duplicate); they count as read, never as trained.", ("reason",))
+        # Served from the start (at 0), so that rate() over a run with nothing dropped yet is 0, not absent.
+        self._curation_dropped.labels(reason="duplicate")
+        self._curation_seen_hashes = gauge("curation_seen_hashes",
+                                           "Hashes held by the fullest decode actor's seen-set (curation.dedup; "
+                                           "at most curation.seen_capacity).")
         self._decode_actor_restarts = counter("decode_actor_restarts", "Decode actors restarted after a failure.")
         self._learner_restarts = counter("learner_restarts",
                                          "Times the learner group was restarted from a checkpoint after a failure.")
@@ -182,6 +189,12 @@ class Metrics(_Exporter):
                     reason = "other"
                 self._decode_error_reasons.add(reason)
             self._decode_errors.labels(reason=reason).inc(count)
+
+    def count_curation(self, dropped: dict[str, int], seen_hashes: int) -> None:
+        """Samples dropped by curation by reason, and the fullest seen-set's size."""
+        for reason, count in dropped.items():
+            self._curation_dropped.labels(reason=reason).inc(count)
+        self._curation_seen_hashes.set(seen_hashes)
 
     def count_reads(self, *, bytes_read: int = 0, shards_completed: int = 0) -> None:
         self._bytes_read.inc(bytes_read)

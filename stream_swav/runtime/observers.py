@@ -52,6 +52,7 @@ class RunObserver:
         self.collapse = CollapseSettings.from_config(cfg.metrics, cfg.model.prototypes, cfg.optim.warmup_images)
         self.collapsed = False
         self.decode_errors = 0
+        self.curation_dropped = 0
         self.progress = ProgressLine(total=cfg.train.image_budget or None, seconds=cfg.train.time_budget_s or None,
                                      unit="images", enabled=cfg.train.progress_bar)
         self._last_log = time.monotonic()
@@ -69,6 +70,9 @@ class RunObserver:
         progress = summary.progress
         m.count_decode_errors(progress.errors)
         self.decode_errors += sum(progress.errors.values())
+        if self.cfg.curation.dedup:
+            m.count_curation(progress.dropped, progress.seen_hashes)
+            self.curation_dropped += sum(progress.dropped.values())
         m.count_reads(bytes_read=progress.bytes_read, shards_completed=len(progress.finished))
         if summary.steps:
             self.throughput.add(summary.images)
@@ -135,10 +139,12 @@ class RunObserver:
         if s is None or s.step == self._logged_step:
             return
         self._logged_step = s.step
+        curation = (f" | repeats dropped {self.curation_dropped} | seen-set {s.progress.seen_hashes}"
+                    if self.cfg.curation.dedup else "")
         log.info("step %d | %d images | %.1f img/s | loss %.4f | perplexity %.1f/%d | spread %.2f | scores %.3f "
-                 "| input-wait %.0f%% | decode errors %d | lr %.4g", s.step, s.images_seen, self.throughput.rate(),
+                 "| input-wait %.0f%% | decode errors %d%s | lr %.4g", s.step, s.images_seen, self.throughput.rate(),
                  s.loss, self.usage.perplexity(), self.cfg.model.prototypes, s.feature_spread, s.score_spread,
-                 100 * s.input_wait_ratio, self.decode_errors, s.lr)
+                 100 * s.input_wait_ratio, self.decode_errors, curation, s.lr)
         if not self.progress.interactive:
             line = self.progress.describe(s.images_seen)
             if line:

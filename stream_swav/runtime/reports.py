@@ -19,13 +19,16 @@ from stream_swav.data.cursor import ShardKey
 @dataclass
 class Progress:
     """Stream bookkeeping of consumed batches, merged: the furthest position per shard, the shards
-    finished, skip counts and bytes. Merging is order-free because each shard is read by one decode
+    finished, skip and curation-drop counts and bytes. Merging is order-free because each shard is read by one decode
     actor and consumed by one learner, in order."""
 
     positions: dict[ShardKey, int] = field(default_factory=dict)
     finished: list[ShardKey] = field(default_factory=list)
     errors: Counter = field(default_factory=Counter)
+    dropped: Counter = field(default_factory=Counter)
     bytes_read: int = 0
+    # The fullest decode worker seen-set among the batches (hashes held).
+    seen_hashes: int = 0
 
     def add(self, meta: BatchMeta) -> None:
         for key, position in meta.progress.items():
@@ -33,7 +36,9 @@ class Progress:
                 self.positions[key] = position
         self.finished.extend(meta.finished)
         self.errors.update(meta.errors)
+        self.dropped.update(meta.dropped)
         self.bytes_read += meta.bytes_read
+        self.seen_hashes = max(self.seen_hashes, meta.seen_hashes)
 
     def merge(self, other: "Progress") -> None:
         for key, position in other.positions.items():
@@ -41,7 +46,9 @@ class Progress:
                 self.positions[key] = position
         self.finished.extend(other.finished)
         self.errors.update(other.errors)
+        self.dropped.update(other.dropped)
         self.bytes_read += other.bytes_read
+        self.seen_hashes = max(self.seen_hashes, other.seen_hashes)
 
 
 @dataclass

@@ -435,6 +435,11 @@ class CurationConfig:
     dedup_max_distance: int = setting(0, within(0, 31))
     # Hashes each decode actor remembers, the oldest forgotten first (~175 bytes each at distance 0).
     seen_capacity: int = setting(1_000_000, POSITIVE)
+    # Concept balance (stream_swav.balance): samples the network assigns to over-used prototypes
+    # weigh less in the loss, by (K * usage) ** -balance; 0 is off, 1 aims at uniform usage.
+    balance: float = setting(0.0, within(0.0, 1.0))
+    # Momentum of each learner's running estimate of prototype usage (per step).
+    balance_momentum: float = setting(0.99, within(0.0, 1.0, high_open=True))
 
 
 @dataclass

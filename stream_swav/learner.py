@@ -26,6 +26,7 @@ from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
 from stream_swav.augment import apply_params, sample_params
+from stream_swav.balance import PrototypeBalance
 from stream_swav.codes import build_codes
 from stream_swav.config import Config
 from stream_swav.data.batch import CropBatch
@@ -179,9 +180,10 @@ def score_spread(scores: Tensor) -> Tensor:
 
 
 # The keys of a learner's state that differ between the ranks of a data-parallel group: each
-# rank's own feature queue and random streams. A checkpoint holds rank 0's state whole and these
-# of every other rank; the rest (weights, optimiser, codes, counters) is the same on every rank.
-RANK_LOCAL_STATE_KEYS = ("queue", "cpu_rng", "augment_rng", "cuda_rng")
+# rank's own feature queue, random streams and prototype-usage estimate (curation.balance). A
+# checkpoint holds rank 0's state whole and these of every other rank; the rest (weights,
+# optimiser, codes, counters) is the same on every rank.
+RANK_LOCAL_STATE_KEYS = ("queue", "cpu_rng", "augment_rng", "cuda_rng", "balance")
 
 
 class LearnerState:
@@ -226,6 +228,10 @@ class LearnerState:
         # The code method and what it carries (a running mass, dual variables); identical on every
         # rank since its updates use all-reduced masses.
         self.codes = build_codes(swav, cfg.model.prototypes, self.device)
+        self.balance = None
+        if cfg.curation.balance > 0:
+            self.balance = PrototypeBalance(cfg.model.prototypes, cfg.curation.balance,
+                                            cfg.curation.balance_momentum, device=self.device)
         self.generator = torch.Generator(device=self.device)
         self.generator.manual_seed(cfg.train.seed + rank)
         self.step = 0
@@ -260,6 +266,8 @@ class LearnerState:
         state: dict[str, Any] = {"cpu_rng": torch.get_rng_state(), "augment_rng": self.generator.get_state()}
         if self.queue is not None:
             state["queue"] = self.queue.state_dict()
+        if self.balance is not None:
+            state["balance"] = self.balance.state_dict()
         if self.device.type == "cuda":
             state["cuda_rng"] = torch.cuda.get_rng_state(self.device)
         return state
@@ -281,6 +289,8 @@ class LearnerState:
             if not isinstance(state[key], Tensor) or state[key].dtype != torch.uint8:
                 raise ValueError(f"learner state {key}: expected a uint8 tensor")
         check_state_dict(state["model"], self.model, "learner state model")
+        if self.balance is not None and "balance" in state:
+            self.balance.check_state(state["balance"])
         if self.average is not None and "average" in state:
             self.average.check_state(state["average"])
         saved_groups = state["optimizer"].get("param_groups", []) if isinstance(state["optimizer"], dict) else []
@@ -294,6 +304,9 @@ class LearnerState:
         # loaded first because it is the one part still checked while loading.
         if self.queue is not None and "queue" in state:
             self.queue.load_state_dict(state["queue"])
+        # Without a saved estimate (balance turned on at a resume), usage starts uniform.
+        if self.balance is not None and "balance" in state:
+            self.balance.load_state_dict(state["balance"])
         if "codes" in state:
             self.codes.load_state_dict(state["codes"])
         self.model.load_state_dict(state["model"])
@@ -422,7 +435,11 @@ class Learner(LearnerState):
         queued = self.queue.features() if self.queue is not None else None
         queued_scores = queued @ self.model.prototypes.weight.detach().t() if queued is not None else None
         codes = self.codes.assign(assign_scores, queued_scores, images_before)
-        loss = swav_loss(scores, codes, assign_crops, swav.temperature)
+        # Which prototype the network prefers for each assignment crop: the collapse monitor's usage
+        # and, with curation.balance, the first assignment crop's picks weigh the images.
+        counts = prototype_counts(assign_scores.reshape(-1, assign_scores.shape[2]))
+        weights = self.balance.weights(assign_scores[0].argmax(dim=1)) if self.balance is not None else None
+        loss = swav_loss(scores, codes, assign_crops, swav.temperature, weights)
         # Everything read from the network's outputs is taken before backward, so nothing
         # depends on how long a compiled graph keeps its output buffers.
         assign_features = z.detach().view(-1, batch_size, z.shape[1])[assign_crops]
@@ -440,6 +457,8 @@ class Learner(LearnerState):
         else:
             self.nonfinite_in_row = 0
             self.codes.commit()
+            if self.balance is not None:
+                self.balance.update(counts)
             if self.step <= swav.freeze_prototypes_steps:
                 # Prototypes stay put at first (SwAV's first-epoch freeze); no gradient
                 # means no momentum or weight decay either.
@@ -461,7 +480,7 @@ class Learner(LearnerState):
             images_seen=self.images_seen,
             loss=loss.detach(),
             lr=lr,
-            prototype_counts=prototype_counts(assign_scores.reshape(-1, assign_scores.shape[2])),
+            prototype_counts=counts,
             marginal_error=marginal_error(codes, self.codes.target),
             feature_spread=feature_spread(assign_features),
             score_spread=score_spread(assign_scores),

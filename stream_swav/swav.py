@@ -84,7 +84,8 @@ def sinkhorn(scores: Tensor, epsilon: float = 0.05, iterations: int = 3, log_mar
         return (log_q + log_b).exp().t()
 
 
-def swav_loss(scores: Tensor, codes: Tensor, assign_crops: Sequence[int], temperature: float) -> Tensor:
+def swav_loss(scores: Tensor, codes: Tensor, assign_crops: Sequence[int], temperature: float,
+              weights: Tensor | None = None) -> Tensor:
     """Swapped-prediction loss.
 
     scores: (n_crops, B, K) prototype scores of every crop, with gradient.
@@ -92,7 +93,8 @@ def swav_loss(scores: Tensor, codes: Tensor, assign_crops: Sequence[int], temper
     the crops), without gradient. For each assignment crop a, every other crop v
     predicts q_a through softmax(scores_v / temperature); the cross-entropies are
     averaged over the batch, over the n_crops - 1 predicting crops, then over
-    assignment crops.
+    assignment crops. `weights` (B,), mean 1, weigh the images in the batch average
+    (concept balance, `stream_swav.balance`).
     """
     if scores.dim() != 3 or scores.shape[0] < 2:
         raise ValueError(f"swav_loss: scores must be (n_crops >= 2, B, K), got shape {tuple(scores.shape)}")
@@ -105,6 +107,10 @@ def swav_loss(scores: Tensor, codes: Tensor, assign_crops: Sequence[int], temper
     with torch.autocast(device_type=scores.device.type, enabled=False):
         dtype = exact_dtype(scores)
         log_p = F.log_softmax(scores.to(dtype) / temperature, dim=2)
+        if weights is not None:
+            if weights.shape != (scores.shape[1],):
+                raise ValueError(f"swav_loss: weights {tuple(weights.shape)} do not match a batch of {scores.shape[1]}")
+            log_p = log_p * weights.to(dtype)[None, :, None]
         # Cross-entropy of each assignment crop's codes against every crop's prediction: (A, n_crops).
         cross_entropy = -torch.einsum("abk,cbk->ac", codes.to(dtype), log_p) / scores.shape[1]
         own = cross_entropy[torch.arange(len(assign_crops)), torch.as_tensor(list(assign_crops))]

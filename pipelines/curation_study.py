@@ -1,0 +1,170 @@
+"""What online curation recovers on the messy-stream benchmark: clean vs messy vs messy with dedup,
+each trained through the real runtime and scored on the full Fashion-MNIST split.
+
+``python -m pipelines.curation_study --out runs/curation --seeds 0,1,2 [--images 153600]
+[--conditions clean,messy,messy-dedup] [--stream-seed 0]``
+
+Conditions: `clean`, `messy` (no curation), `messy-dedup` (curation.dedup), `messy-dedup-balance`
+(and curation.balance 0.5), `messy-dedup-equal-steps` (dedup, budget in images trained).
+
+1. The benchmark stream (`pipelines.messy_stream`, default knobs, ``--stream-seed``) under
+   OUT/stream, and the demo's evaluation shards (the whole 60k training split as the labelled
+   index and probe set, the 10k test split as queries) under OUT/shards.
+2. Every (condition, seed) trains the demo's CPU recipe (`pipelines.quality.run_config`) with the
+   driver's `train`, what `stream-swav train` runs, for the same number of images *read from the
+   stream* (``--images``): the clean and messy streams train every image they read; with dedup,
+   a pass trains only the images it keeps, so the run's image budget is ``--images`` times the
+   share a pass keeps (measured once per stream by the same hash and seen-set, `dedup_study`),
+   except in `messy-dedup-equal-steps`, which trains ``--images`` images.
+   train.seed and data.seed are the run's seed.
+3. The final checkpoint is scored as the quality study scores (weighted kNN, the library's
+   linear probe); raw pixels and the random-init backbone are scored once.
+4. One row per run in OUT/results.jsonl (runs already there are skipped); OUT/results.md gives
+   mean ± sample std per condition and the differences to `messy` paired by seed.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from pipelines import dedup_study, messy_stream
+from pipelines.quality import evaluate_run, references, run_config
+from stream_swav import logs
+from stream_swav.apps.demo import demo_shards
+from stream_swav.apps.evaluate import load_eval_data, pick_device
+from stream_swav.apps.follow import append_jsonl, read_jsonl
+from stream_swav.checkpoint import resolve_checkpoint
+from stream_swav.curation import SeenSet
+
+log = logging.getLogger("stream_swav.curation_study")
+
+# condition -> (stream folder under OUT/stream, recipe overrides, whether the budget counts images read
+# (a dedup run trains fewer) or trained)
+CONDITIONS: dict[str, tuple[str, dict[str, Any], str]] = {
+    "clean": ("clean", {}, "read"),
+    "messy": ("messy", {}, "read"),
+    "messy-dedup": ("messy", {"curation": {"dedup": True}}, "read"),
+    "messy-dedup-balance": ("messy", {"curation": {"dedup": True, "balance": 0.5}}, "read"),
+    # The same compute as `messy`: as many images trained, so more passes read.
+    "messy-dedup-equal-steps": ("messy", {"curation": {"dedup": True}}, "trained"),
+}
+
+
+def kept_share(stream: Path, cache: Path) -> float:
+    """The share of a pass over `stream` that dedup (the default distance and repeats) keeps."""
+    if cache.is_file():
+        return json.loads(cache.read_text())["kept_share"]
+    defaults = SeenSet(1)  # the seen-set's defaults are curation's
+    scored = dedup_study.score(dedup_study.stream_hashes(stream),
+                               SeenSet(10_000_000, defaults.max_distance, defaults.max_repeats))
+    share = scored["images_kept"] / scored["images"]
+    cache.write_text(json.dumps({**scored, "kept_share": share}, indent=2) + "\n")
+    return share
+
+
+def _pm(values: list[float]) -> str:
+    if len(values) < 2:
+        return f"{100 * values[0]:.2f}" if values else "-"
+    return f"{100 * statistics.mean(values):.2f} ± {100 * statistics.stdev(values):.2f}"
+
+
+def format_markdown(rows: list[dict[str, Any]], refs: dict[str, dict[str, float]]) -> str:
+    by_condition: dict[str, dict[int, dict[str, Any]]] = {}
+    for row in rows:
+        by_condition.setdefault(row["condition"], {})[row["seed"]] = row
+    lines = ["| condition | seeds | images trained | kNN top-1 | linear probe | kNN vs messy (paired) | "
+             "probe vs messy (paired) | train images/s |", "|---|---|---:|---:|---:|---:|---:|---:|"]
+    messy = by_condition.get("messy", {})
+    for name in [c for c in CONDITIONS if c in by_condition]:
+        runs = by_condition[name]
+        seeds = sorted(runs)
+        diffs = {metric: [runs[s][metric] - messy[s][metric] for s in seeds if s in messy]
+                 for metric in ("knn_top1", "probe_top1")}
+        rate = [runs[s]["images_seen"] / runs[s]["train_seconds"] for s in seeds]
+        lines.append(f"| {name} | {','.join(map(str, seeds))} | {runs[seeds[0]]['images_seen']:,} | "
+                     f"{_pm([runs[s]['knn_top1'] for s in seeds])} | {_pm([runs[s]['probe_top1'] for s in seeds])} | "
+                     + " | ".join("-" if name == "messy" or not d else f"{_pm(d)}" for d in diffs.values())
+                     + f" | {statistics.mean(rate):.0f} |")
+    for ref in ("raw-pixels", "random-init"):
+        lines.append(f"| {ref} | | | {100 * refs[ref]['knn_top1']:.2f} | {100 * refs[ref]['probe_top1']:.2f} | | | |")
+    return "\n".join(lines) + "\n"
+
+
+def run_study(args: argparse.Namespace) -> int:
+    from stream_swav.runtime.driver import train
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    names = args.conditions.split(",")
+    unknown = [n for n in names if n not in CONDITIONS]
+    if unknown:
+        print(f"curation_study: unknown condition(s) {', '.join(unknown)}; known: {', '.join(CONDITIONS)}",
+              file=sys.stderr)
+        return 2
+    spec = messy_stream.MessySpec(seed=args.stream_seed)
+    messy_stream.build(out / "stream", spec, data_dir=args.data_dir)
+    made = demo_shards(out / "shards", eval_train=60_000, eval_test=10_000, dataset="fashion-mnist",
+                       data_dir=args.data_dir)
+    share = kept_share(out / "stream" / "messy", out / "kept.json")
+    device = pick_device("auto")
+    data = load_eval_data(made.eval_train, made.eval_test, made.image_size)
+    refs_path = out / "references.json"
+    if not refs_path.is_file():
+        base = run_config(args.images, {}, [], 0, made.train, str(out / "unused"))
+        refs_path.write_text(json.dumps(references(base, data, device, False), indent=2) + "\n")
+    refs = json.loads(refs_path.read_text())
+    results = out / "results.jsonl"
+    failures = 0
+    for seed in (int(s) for s in args.seeds.split(",")):
+        for name in names:
+            stream, overrides, budget = CONDITIONS[name]
+            done = [r for r in read_jsonl(results)
+                    if (r["condition"], r["seed"], r["images_read"]) == (name, seed, args.images)]
+            if done:
+                continue
+            checkpoint_dir = out / "checkpoints" / f"{name}-s{seed}-{args.images}"
+            cfg = run_config(args.images, overrides, [], seed, str(out / "stream" / stream), str(checkpoint_dir))
+            images = args.images
+            if cfg.curation.dedup and budget == "read":
+                images = round(args.images * share / cfg.global_batch) * cfg.global_batch
+                cfg = run_config(images, overrides, [], seed, str(out / "stream" / stream), str(checkpoint_dir))
+            log.info("%s seed %d: %d images trained (%d read)", name, seed, images, args.images)
+            started = time.monotonic()
+            if train(cfg) != 0:
+                log.error("%s seed %d: training failed; no row written", name, seed)
+                failures += 1
+                continue
+            train_seconds = round(time.monotonic() - started, 1)
+            row = evaluate_run(resolve_checkpoint(str(checkpoint_dir)), data, device, False)
+            row.update({"condition": name, "seed": seed, "images_read": args.images, "train_seconds": train_seconds})
+            append_jsonl(results, row)
+            log.info("%s seed %d: kNN %.2f%%, probe %.2f%%", name, seed, 100 * row["knn_top1"],
+                     100 * row["probe_top1"])
+            (out / "results.md").write_text(format_markdown(read_jsonl(results), refs))
+    (out / "results.md").write_text(format_markdown(read_jsonl(results), refs))
+    print((out / "results.md").read_text())
+    return 1 if failures else 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m pipelines.curation_study", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default="runs/curation", help="folder for streams, shards, checkpoints, results")
+    parser.add_argument("--conditions", default="clean,messy,messy-dedup", help=f"from: {', '.join(CONDITIONS)}")
+    parser.add_argument("--seeds", default="0", help="comma-separated seeds (train.seed and data.seed)")
+    parser.add_argument("--images", type=int, default=153_600, help="images read from the stream per run")
+    parser.add_argument("--stream-seed", type=int, default=0, help="the messy stream's seed")
+    parser.add_argument("--data-dir", help="Fashion-MNIST folder (default: searched)")
+    args = parser.parse_args(argv)
+    logs.configure()
+    return run_study(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -166,19 +166,27 @@ class SeenSet:
         self._entries[match] = (*(e for e in events if _pass_of(e) >= pass_index - 1), event)
         return True
 
-    def cut(self, consumed: Callable[[ShardKey, int], bool]) -> None:
-        """Forget every admitted occurrence for which `consumed((pass, shard), position)` is False,
-        and the hashes left with none: the set as if only the consumed samples had been offered
-        (exactly so when the samples were offered in the order they are consumed, which holds for
-        one decode actor, whose batches its learner trains in order)."""
-        for h in list(self._entries):
-            events = self._events(h)
-            kept = tuple(e for e in events if consumed(*_unpack(e)))
-            if not kept:
-                del self._entries[h]
-                self._unindex(h)
-            elif len(kept) != len(events):
-                self._entries[h] = kept[0] if len(kept) == 1 else kept
+    def trained_state(self, consumed: Callable[[ShardKey, int], bool], newest: int | None = None
+                      ) -> dict[str, list[int]]:
+        """`state_dict()` of this set cut back to what was consumed (the set itself is unchanged):
+        without every admitted occurrence for which `consumed((pass, shard), position)` is False,
+        and without the hashes left with none; of those, the `newest` at most. That is the set as if
+        only the consumed samples had been offered, exactly so when samples were offered in the
+        order they are consumed, which holds for one decode worker, whose batches its learner
+        trains in order."""
+        hashes: list[int] = []
+        counts: list[int] = []
+        events: list[list[int]] = []
+        for h in reversed(self._entries):
+            if newest is not None and len(hashes) >= newest:
+                break
+            kept = [_unpack(e) for e in self._events(h)]
+            kept = [(key, position) for key, position in kept if consumed(key, position)]
+            if kept:
+                hashes.append(h)
+                counts.append(len(kept))
+                events.append([x for (pass_index, shard), position in kept for x in (pass_index, shard, position)])
+        return {"hashes": hashes[::-1], "event_counts": counts[::-1], "events": [x for e in events[::-1] for x in e]}
 
     def absorb(self, state: dict[str, list[int]]) -> None:
         """Merge another set's `state_dict()` into this one (the seen-sets of other decode actors):
@@ -216,18 +224,15 @@ class SeenSet:
             self._insert(h, events)
 
 
-def union(states: list[dict[str, list[int]]], consumed: Callable[[ShardKey, int], bool], capacity: int,
-          max_distance: int = 0, max_repeats: int = 0) -> SeenSet:
-    """One set from several sets' states (the decode workers'), each cut back to `consumed` first.
-    Their entries are merged by age rank (each set's oldest first, the sets interleaved), so that
-    when the union holds more than `capacity` hashes every set loses its oldest, not the last set
-    merged all of its own."""
+def union(states: list[dict[str, list[int]]], capacity: int, max_distance: int = 0, max_repeats: int = 0
+          ) -> SeenSet:
+    """One set from several sets' states (the decode workers' `trained_state`s). Their entries are
+    merged by age rank (each set's oldest first, the sets interleaved), so that when they hold more
+    than `capacity` hashes together every set loses its oldest, not the last set merged all of its
+    own."""
     ranked = []
     for n, state in enumerate(states):
-        one = SeenSet(capacity, max_distance, max_repeats)
-        one.load_state_dict(state)
-        one.cut(consumed)
-        entries = _entries_of(one.state_dict())
+        entries = _entries_of(state)
         ranked += [((i + 1) / len(entries), n, h, events) for i, (h, events) in enumerate(entries)]
     merged = SeenSet(capacity, max_distance, max_repeats)
     for _, _, h, events in sorted(ranked, key=lambda r: (r[0], r[1])):

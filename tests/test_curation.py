@@ -96,7 +96,7 @@ def test_state_round_trips_and_makes_the_same_decisions():
             restored.load_state_dict(malformed)
 
 
-def test_cut_takes_the_set_back_to_what_was_consumed():
+def test_the_trained_state_is_the_set_cut_back_to_what_was_consumed():
     """A worker offers samples ahead of what was trained; cut back to the trained prefix, the set
     decides the re-read samples as a set that had seen only the trained ones would."""
     hashes = [perceptual_hash(scene(seed)) for seed in range(6)]
@@ -106,20 +106,26 @@ def test_cut_takes_the_set_back_to_what_was_consumed():
     ahead = SeenSet(capacity=100, max_repeats=0)
     for hi, shard, position in offered:
         ahead.admit(hashes[hi], (0, shard), position)
-    ahead.cut(lambda key, position: position < consumed_up_to[key])
+    live = ahead.state_dict()
+    trained = ahead.trained_state(lambda key, position: position < consumed_up_to[key])
+    assert ahead.state_dict() == live  # the live set keeps what it read ahead
     reference = SeenSet(capacity=100, max_repeats=0)
     for hi, shard, position in offered[:5]:
         reference.admit(hashes[hi], (0, shard), position)
-    assert ahead.state_dict() == reference.state_dict()
+    assert trained == reference.state_dict()
     # Re-reading the untrained samples: each admitted, as in a run that never went ahead.
-    assert [ahead.admit(hashes[hi], (0, shard), position) for hi, shard, position in offered[5:]] == [False, True, True]
+    resumed = SeenSet(capacity=100, max_repeats=0)
+    resumed.load_state_dict(trained)
+    assert [resumed.admit(hashes[hi], (0, shard), position) for hi, shard, position in offered[5:]] == [False, True, True]
+    # Of the trained hashes, the newest only.
+    assert ahead.trained_state(lambda key, position: True, newest=2)["hashes"] == [hashes[4], hashes[5]]
 
 
 def test_a_cut_across_a_pass_boundary_keeps_the_earlier_pass_count():
     seen = SeenSet(capacity=10, max_repeats=0)
     h = perceptual_hash(scene(4))
     assert seen.admit(h, (0, 0), 0) and seen.admit(h, (1, 0), 0)
-    seen.cut(lambda key, position: key[0] == 0)  # pass 1 not trained yet
+    seen.load_state_dict(seen.trained_state(lambda key, position: key[0] == 0))  # pass 1 not trained yet
     assert seen.admit(h, (0, 3), 7) is False  # still a repeat within pass 0
     assert seen.admit(h, (1, 0), 0) is True
 
@@ -211,11 +217,11 @@ def test_without_curation_the_worker_keeps_repeats(tmp_path):
     with DecodeWorker(cfg.data, cfg.crops, cfg.storage, 0, cfg.curation) as worker:
         worker.assign(ShardTask(url=str(path), index=0, pass_index=0, seed=0, start=0))
         batches = read_all(worker)
-        assert worker.seen_state() is None
+        assert worker.seen_state({}) is None
     assert sum(len(b) for b in batches) == 5 and not any(b.meta.dropped for b in batches)
 
 
-def test_union_of_worker_sets_is_cut_back_to_the_cursor_and_bounded():
+def test_union_of_worker_sets_cut_back_to_the_cursor_is_bounded():
     from stream_swav.curation import union
 
     hashes = [perceptual_hash(scene(seed)) for seed in range(8)]
@@ -225,9 +231,9 @@ def test_union_of_worker_sets_is_cut_back_to_the_cursor_and_bounded():
         b.admit(hashes[4 + i], (0, 1), i)  # shard 1, positions 0-3
     b.admit(hashes[0], (0, 1), 4)  # a repeat across workers: both admitted it
     trained = {(0, 0): 2, (0, 1): 5}
-    merged = union([a.state_dict(), b.state_dict()], lambda key, pos: pos < trained[key], capacity=100)
+    merged = union([s.trained_state(lambda key, pos: pos < trained[key]) for s in (a, b)], capacity=100)
     assert sorted(merged.state_dict()["hashes"]) == sorted(hashes[:2] + hashes[4:8])
     assert merged.admit(hashes[0], (0, 0), 9) is False and merged.admit(hashes[2], (0, 0), 2) is True
-    small = union([a.state_dict(), b.state_dict()], lambda key, pos: True, capacity=4)
+    small = union([a.state_dict(), b.state_dict()], capacity=4)
     # Over capacity each set loses its oldest: the two newest of each survive.
     assert sorted(small.state_dict()["hashes"]) == sorted([hashes[2], hashes[3], hashes[7], hashes[0]])

@@ -253,3 +253,12 @@ def test_restore_delivers_exactly_the_samples_not_yet_delivered(tmp_path):
     assert restored.pass_index == 1
     assert len(before) + len(after) == len(all_keys)
     assert sorted(before + after) == sorted(all_keys)
+
+
+def test_trained_says_which_positions_are_behind_the_cursor():
+    cursor = StreamCursor(seed=0)
+    cursor.add_shards(["a.tar", "b.tar"])
+    cursor.advance({(0, 0): 3}, [(0, 1)])
+    assert cursor.trained((0, 0), 2) and not cursor.trained((0, 0), 3)
+    assert cursor.trained((0, 1), 10**6)  # finished
+    assert not cursor.trained((1, 0), 0)  # the next pass has not started

@@ -159,6 +159,11 @@ class StreamCursor:
         state = self._passes.get(pass_index)
         return state is not None and state.is_finished(shard)
 
+    def trained(self, key: ShardKey, position: int) -> bool:
+        """Whether the sample at emission `position` of shard `key` (pass, shard) is behind the cursor:
+        trained, or skipped or dropped on the way."""
+        return self.is_finished(key) or position < self.position(key)
+
     def assigned(self) -> list[ShardKey]:
         """Shards handed out and neither finished nor released."""
         return [(p, shard) for p, state in sorted(self._passes.items()) for shard in sorted(state.assigned)]

@@ -28,7 +28,7 @@ import numpy as np
 from stream_swav.config import CropsConfig, CurationConfig, DataConfig, StorageConfig
 from stream_swav.curation import SeenSet, perceptual_hash
 from stream_swav.data.batch import BatchMeta, CropBatch
-from stream_swav.data.cursor import ShardKey, ShardTask
+from stream_swav.data.cursor import ShardKey, ShardTask, StreamCursor
 from stream_swav.data.decode import DecodeLimits, SampleError, decode_image
 from stream_swav.data.multicrop import MultiCropGeometry, PerImageCrops, crop_image, min_decode_side, stack_crops
 from stream_swav.data.shards import Sample, ShardReport, iter_shard
@@ -133,10 +133,15 @@ class DecodeWorker:
         meta.seen_hashes = len(self.seen) if self.seen is not None else 0
         return CropBatch(global_crops=global_crops, local_crops=local_crops, meta=meta)
 
-    def seen_state(self) -> dict[str, list[int]] | None:
-        """The seen-set's `state_dict()` (None without curation.dedup): hashes of samples offered so
-        far, trained or not; whoever saves it cuts it back to what was trained."""
-        return self.seen.state_dict() if self.seen is not None else None
+    def seen_state(self, trained: dict, newest: int | None = None) -> dict[str, list[int]] | None:
+        """The seen-set (None without curation.dedup) cut back to what the stream cursor state
+        `trained` (`StreamCursor.state_dict()`) says was trained, of the `newest` hashes at most;
+        the live set keeps what was read ahead."""
+        if self.seen is None:
+            return None
+        cursor = StreamCursor(0)
+        cursor.load_state_dict(trained)
+        return self.seen.trained_state(cursor.trained, newest)
 
     def absorb_seen(self, state: dict[str, list[int]]) -> None:
         """Merge a seen-set state (a checkpoint's, or other workers' cut back to what was trained)."""

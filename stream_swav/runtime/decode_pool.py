@@ -102,11 +102,15 @@ class DecodePool:
                     self.dropped.add(slot)
                     self._check_every_learner_fed()
 
-    def seen_states(self, timeout_s: float) -> list[dict[str, list[int]]]:
-        """Every live actor's seen-set state, as far as they answer within `timeout_s` (an actor
+    def seen_states(self, trained: dict[str, Any], timeout_s: float) -> list[dict[str, list[int]]]:
+        """Every live actor's seen-set cut back (by the actor) to the stream cursor state `trained`,
+        each of its newest curation.seen_capacity / actors hashes, so that their union is about one
+        set's size whatever the number of actors; as far as they answer within `timeout_s` (an actor
         answers after the batch requests queued before; one that does not is left out, with a
         warning: its repeats since the last checkpoint may be admitted again after a resume)."""
-        pending = {handle.seen_state.remote(): slot for slot, handle in self.actors.items()}
+        newest = -(-self.cfg.curation.seen_capacity // max(1, len(self.actors)))
+        trained_ref = ray.put(trained)
+        pending = {handle.seen_state.remote(trained_ref, newest): slot for slot, handle in self.actors.items()}
         done, late = ray.wait(list(pending), num_returns=len(pending), timeout=timeout_s) if pending else ([], [])
         states = []
         for ref in done:

@@ -331,7 +331,7 @@ class Trainer:
                 "config": self.cfg.to_dict()}
         extra = {"stream_cursor": self.ledger.state_dict(), "config": self.cfg.to_dict()}
         if self.cfg.curation.dedup:
-            extra["seen_set"] = self.gather_seen()
+            extra["seen_set"] = self.gather_seen(extra["stream_cursor"])
         try:
             saved = self.group.save(self.cfg.checkpoint.dir, extra, info)
         except (RayTaskError, LearnerFailure) as err:
@@ -346,15 +346,12 @@ class Trainer:
         self.observer.on_checkpoint(saved, duration_s=time.time() - started)
         return True
 
-    def gather_seen(self) -> dict[str, list[int]]:
-        """The decode actors' seen-sets merged and cut back to the stream cursor: only hashes of
-        samples that were trained, so none read again after a resume is taken for its own repeat."""
-        cursor, curation = self.ledger.cursor, self.cfg.curation
-
-        def consumed(key: tuple[int, int], position: int) -> bool:
-            return cursor.is_finished(key) or position < cursor.position(key)
-
-        merged = seen_union(self.pool.seen_states(SEEN_GATHER_TIMEOUT_S), consumed, curation.seen_capacity,
+    def gather_seen(self, cursor_state: dict[str, Any]) -> dict[str, list[int]]:
+        """The decode actors' seen-sets cut back to the stream cursor (by each actor) and merged:
+        only hashes of samples that were trained, so none read again after a resume is taken for
+        its own repeat."""
+        curation = self.cfg.curation
+        merged = seen_union(self.pool.seen_states(cursor_state, SEEN_GATHER_TIMEOUT_S), curation.seen_capacity,
                             curation.dedup_max_distance, curation.max_repeats)
         return merged.state_dict()
 

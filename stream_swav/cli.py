@@ -1,6 +1,6 @@
 """stream-swav: self-supervised visual features (SwAV) from an endless stream of images, on Ray.
 
-Subcommands: train, demo, config, make-shards, eval, follow, export. Each app is imported
+Subcommands: train, demo, config, make-shards, eval, gallery, follow, export. Each app is imported
 only when its subcommand runs, so `--help` and `--version` stay fast.
 """
 from __future__ import annotations
@@ -168,6 +168,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json-out", metavar="FILE", help="also write the result as JSON to this file")
     _embedding_arguments(p)
     p.set_defaults(func=_app("evaluate"))
+
+    p = sub.add_parser("gallery", help="PNG of the images a checkpoint's prototypes hold, and of what dedup drops")
+    p.add_argument("--checkpoint", required=True,
+                   help="checkpoint folder (uses latest.json) or step folder of a training run; local or s3://")
+    p.add_argument("--shards", required=True, help="shards to draw images from (labels not needed)")
+    p.add_argument("--out", default="gallery.png", help="PNG to write, local or s3:// (default gallery.png)")
+    p.add_argument("--max-images", type=int, default=20_000,
+                   help="read at most this many images, in shard order (default 20000; 0: all)")
+    p.add_argument("--prototypes", type=int, default=6,
+                   help="rows for this many most used and as many least used prototypes (default 6)")
+    p.add_argument("--per-row", type=int, default=12, help="images per row, and repeats shown (default 12)")
+    p.add_argument("--device", default="auto", help="auto (cuda when available), cpu or cuda")
+    _endpoint_argument(p)
+    p.set_defaults(func=_app("gallery"))
 
     p = sub.add_parser("follow", help="evaluate each new checkpoint as it appears")
     p.add_argument("--checkpoints", required=True, help="checkpoint folder (local or s3://) to follow")

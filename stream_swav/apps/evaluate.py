@@ -39,6 +39,7 @@ from torch import Tensor, nn
 from stream_swav import storage
 from stream_swav.apps import KNN_K as DEFAULT_K, KNN_TEMPERATURE as DEFAULT_TEMPERATURE
 from stream_swav.config import AugmentConfig, DataConfig, StorageConfig
+from stream_swav.curation import perceptual_hash
 from stream_swav.data.decode import DecodeLimits, SampleError, decode_image
 from stream_swav.data.shards import ShardReport, iter_shard, parse_label
 from stream_swav.data.sources import ShardSource
@@ -137,14 +138,21 @@ def linear_probe_top1(train_feats: Tensor, train_labels: Tensor, test_feats: Ten
 # ---- images -------------------------------------------------------------------------------------------
 
 
+# The label of an image kept without one (`load_labeled_images(..., unlabelled=True)`).
+NO_LABEL = -1
+
+
 @dataclass
 class LabeledImages:
     # (N, S, S, 3) uint8, resized and centre-cropped.
     images: Tensor
-    # (N,) int64.
+    # (N,) int64; NO_LABEL for images kept without a label.
     labels: Tensor
     # Samples left out, by reason (decode failures, missing or malformed labels...).
     skipped: Counter = field(default_factory=Counter)
+    # With hashes=True: the perceptual hash of each image as decoded, before resizing, as the decode
+    # worker hashes it for curation.dedup.
+    hashes: list[int] = field(default_factory=list)
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -163,9 +171,11 @@ def resize_center_crop(image: Image.Image, size: int) -> np.ndarray:
 
 
 def load_labeled_images(spec: str, image_size: int, storage_cfg: StorageConfig | None = None,
-                        data_cfg: DataConfig | None = None, limit: int = 0) -> LabeledImages:
+                        data_cfg: DataConfig | None = None, limit: int = 0, *, unlabelled: bool = False,
+                        hashes: bool = False) -> LabeledImages:
     """Every labelled image of the shards `spec` names (folder/prefix, brace pattern or .txt list),
-    in shard and archive order, at most `limit` (0: all)."""
+    in shard and archive order, at most `limit` (0: all). `unlabelled` also keeps images without a
+    label (as NO_LABEL); `hashes` records each image's perceptual hash."""
     storage_cfg = storage_cfg or StorageConfig()
     data_cfg = data_cfg or DataConfig()
     limits = DecodeLimits.from_config(data_cfg)
@@ -174,6 +184,7 @@ def load_labeled_images(spec: str, image_size: int, storage_cfg: StorageConfig |
         raise FileNotFoundError(f"{spec}: no shards found")
     images: list[np.ndarray] = []
     labels: list[int] = []
+    image_hashes: list[int] = []
     skipped: Counter = Counter()
     for url in shards:
         fs, _ = storage.filesystem_for(url, storage_cfg)
@@ -189,7 +200,7 @@ def load_labeled_images(spec: str, image_size: int, storage_cfg: StorageConfig |
                 skipped[sample.error or "no-image"] += 1
                 continue
             label = parse_label(sample.meta.get("cls"))
-            if label is None:
+            if label is None and not unlabelled:
                 skipped["no-label"] += 1
                 continue
             try:
@@ -198,14 +209,18 @@ def load_labeled_images(spec: str, image_size: int, storage_cfg: StorageConfig |
                 skipped[error.reason] += 1
                 continue
             images.append(resize_center_crop(image, image_size))
-            labels.append(label)
+            labels.append(NO_LABEL if label is None else label)
+            if hashes:
+                image_hashes.append(perceptual_hash(image))
         skipped.update(report.errors)
         if limit and len(labels) >= limit:
             break
     if not labels:
-        raise ValueError(f"{spec}: no labelled images (samples need a decodable image and a <key>.cls); "
-                         f"skipped: {dict(skipped)}")
-    return LabeledImages(torch.from_numpy(np.stack(images)), torch.tensor(labels, dtype=torch.int64), skipped)
+        wanted = ("images (samples need a decodable image)" if unlabelled
+                  else "labelled images (samples need a decodable image and a <key>.cls)")
+        raise ValueError(f"{spec}: no {wanted}; skipped: {dict(skipped)}")
+    return LabeledImages(torch.from_numpy(np.stack(images)), torch.tensor(labels, dtype=torch.int64), skipped,
+                         image_hashes)
 
 
 def pixel_features(images: Tensor, mean: tuple[float, ...], std: tuple[float, ...]) -> Tensor:

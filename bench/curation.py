@@ -1,0 +1,158 @@
+"""What online curation costs: the decode worker with and without curation.dedup, and the learner
+step with and without curation.balance, measured in the same run.
+
+decode:   `DecodeWorker.next_batch` (the decode actors' whole path: shard reading threads, decode,
+          multi-crop, batching) over every image of a shard folder, once with curation off and
+          once with dedup on (perceptual hash + seen-set per image; the images dedup drops are not
+          cropped). Timed in CPU seconds of the process (reader threads included) per image *read*,
+          so load from other jobs on the machine counts less. Each setting runs `--repeats` times,
+          alternating, and the median is reported.
+learner:  `Learner.train_step` of the demo's CPU recipe (`demo_config`) on a fixed batch, with
+          curation.balance 0 and 0.5, alternating, in CPU seconds per step.
+
+    python bench/curation.py --shards runs/curation/stream/messy [--repeats 3] [--steps 20]
+    python bench/curation.py --photo-side 640 --photos 400     # photo-sized synthetic JPEGs
+
+The shards are any folder of tar shards; `python -m pipelines.messy_stream --out DIR` makes the
+benchmark stream (DIR/messy), where about 29% of the images are repeats that dedup drops. With
+--photo-side, a temporary shard of textured JPEGs of that side (none repeated) is written and read
+with the default crops (2 x 224 + 6 x 96), where decoding, not hashing, is the work.
+"""
+from __future__ import annotations
+
+import argparse
+import io
+import statistics
+import tarfile
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw, ImageFilter
+
+from stream_swav.apps.demo import demo_config
+from stream_swav.config import Config, CropsConfig, config_from_dict, merge_dicts
+from stream_swav.data.batch import CropBatch
+from stream_swav.data.cursor import ShardTask, shard_seed
+from stream_swav.data.worker import DecodeWorker
+from stream_swav.learner import Learner
+
+from machine import cpu_model  # bench/machine.py, beside this script
+
+
+def recipe(overrides: dict) -> Config:
+    cfg = config_from_dict(merge_dicts(demo_config(153_600, gpu=False), overrides))
+    cfg.train.device = "cpu"
+    return cfg
+
+
+def photo_shard(folder: Path, count: int, side: int) -> Path:
+    """A tar shard of `count` distinct textured JPEGs of `side` x `side` pixels."""
+    path = folder / "photos.tar"
+    rng = np.random.default_rng(0)
+    with tarfile.open(path, "w") as tar:
+        for n in range(count):
+            image = Image.fromarray(rng.integers(0, 256, (side, side, 3), dtype=np.uint8)).filter(
+                ImageFilter.GaussianBlur(2))
+            draw = ImageDraw.Draw(image)
+            for _ in range(8):
+                x, y = rng.integers(0, side, 2)
+                draw.ellipse((int(x), int(y), int(x) + side // 4, int(y) + side // 5),
+                             fill=tuple(int(c) for c in rng.integers(0, 256, 3)))
+            buffer = io.BytesIO()
+            image.save(buffer, "JPEG", quality=90)
+            info = tarfile.TarInfo(f"{n:06d}.jpg")
+            info.size = buffer.tell()
+            buffer.seek(0)
+            tar.addfile(info, buffer)
+    return path
+
+
+def read_everything(shards: list[Path], cfg: Config) -> tuple[float, int, int]:
+    """(CPU seconds, images read, images kept) through one decode worker."""
+    started = time.process_time()
+    read = kept = 0
+    with DecodeWorker(cfg.data, cfg.crops, cfg.storage, 0, cfg.curation) as worker:
+        for index, shard in enumerate(shards):
+            worker.assign(ShardTask(url=str(shard), index=index, pass_index=0, seed=shard_seed(0, 0, str(shard)),
+                                    start=0))
+        while (batch := worker.next_batch(cfg.train.batch_size)) is not None:
+            kept += len(batch)
+            read += len(batch) + batch.meta.errors.total() + batch.meta.dropped.total()
+    return time.process_time() - started, read, kept
+
+
+def decode_cost(shards: list[Path], repeats: int, crops: dict) -> None:
+    settings = {"off": recipe({"crops": crops}), "dedup": recipe({"crops": crops, "curation": {"dedup": True}})}
+    seconds: dict[str, list[float]] = {name: [] for name in settings}
+    counts: dict[str, tuple[int, int]] = {}
+    for _ in range(repeats):
+        for name, cfg in settings.items():
+            cpu, read, kept = read_everything(shards, cfg)
+            seconds[name].append(cpu / read)
+            counts[name] = (read, kept)
+    base = statistics.median(seconds["off"])
+    print(f"\ndecode worker, {len(shards)} shards, median of {repeats} (CPU ms per image read)")
+    print("| curation | images read | images kept | CPU ms / image read | images read / CPU s | vs off |")
+    print("|---|---:|---:|---:|---:|---:|")
+    for name in settings:
+        ms = 1000 * statistics.median(seconds[name])
+        read, kept = counts[name]
+        print(f"| {name} | {read:,} | {kept:,} | {ms:.3f} | {1000 / ms:,.0f} | {ms / (1000 * base):.2f}x |")
+
+
+def learner_cost(steps: int) -> None:
+    torch.set_num_threads(1)
+    rng = np.random.default_rng(0)
+    results: dict[float, list[float]] = {0.0: [], 0.5: []}
+    learners = {strength: Learner(recipe({"curation": {"balance": strength}}), torch.device("cpu"))
+                for strength in results}
+    crops = learners[0.0].cfg.crops
+    batch_size = learners[0.0].cfg.train.batch_size
+    batch = CropBatch(
+        global_crops=rng.integers(0, 256, (crops.global_count, batch_size, crops.global_size, crops.global_size, 3),
+                                  dtype=np.uint8),
+        local_crops=np.zeros((0, batch_size, crops.local_size, crops.local_size, 3), np.uint8))
+    for learner in learners.values():
+        learner.train_step(batch)  # warm-up
+    for _ in range(steps):
+        for strength, learner in learners.items():
+            started = time.process_time()
+            learner.train_step(batch)
+            results[strength].append(time.process_time() - started)
+    base = statistics.median(results[0.0])
+    print(f"\nlearner step, demo CPU recipe, batch {batch_size}, one thread, median of {steps} steps")
+    print("| curation.balance | CPU ms / step | vs off |")
+    print("|---:|---:|---:|")
+    for strength, values in results.items():
+        ms = 1000 * statistics.median(values)
+        print(f"| {strength:g} | {ms:.1f} | {ms / (1000 * base):.3f}x |")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shards", type=Path, help="folder of .tar shards")
+    parser.add_argument("--photo-side", type=int, default=0, help="instead, synthetic JPEGs of this side")
+    parser.add_argument("--photos", type=int, default=400, help="how many, with --photo-side")
+    parser.add_argument("--repeats", type=int, default=3, help="passes per decode setting")
+    parser.add_argument("--steps", type=int, default=20, help="timed learner steps per balance setting")
+    args = parser.parse_args()
+    print(f"CPU: {cpu_model()}, torch {torch.__version__}")
+    if args.photo_side:
+        with tempfile.TemporaryDirectory() as folder:
+            shard = photo_shard(Path(folder), args.photos, args.photo_side)
+            print(f"{args.photos} synthetic {args.photo_side} px JPEGs, default crops (2 x 224 + 6 x 96)")
+            decode_cost([shard], args.repeats, crops=CropsConfig().__dict__)
+        return
+    shards = sorted(args.shards.glob("*.tar")) if args.shards else []
+    if not shards:
+        raise SystemExit(f"no .tar shards in {args.shards}; make some with python -m pipelines.messy_stream, "
+                         f"or use --photo-side")
+    decode_cost(shards, args.repeats, crops={})
+    learner_cost(args.steps)
+
+
+if __name__ == "__main__":
+    main()

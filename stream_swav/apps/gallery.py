@@ -56,6 +56,7 @@ SHARDS_HINT = "give a folder or s3:// prefix of .tar shards, a brace pattern or 
 # Every image is drawn this wide, whatever its size; white space between images, as a share of that.
 THUMB_PX = 96
 GAP = 1 / 12
+FRAME_GREY = 190
 # Heights besides the images: a row's title, a caption line under a row, a section's heading, the
 # figure's title; and the narrowest figure (longer titles wrap at its edge).
 ROW_TITLE_PX = 26
@@ -237,11 +238,14 @@ def repeats_section(images: Tensor, dropped: int, repeats: list[Repeat], curatio
 
 def mosaic(tiles: list[np.ndarray], cells: int, gap: int) -> np.ndarray:
     """(S, S, 3) uint8 tiles side by side on white, `gap` px apart, in a strip of `cells` places, so
-    that every strip is drawn at one scale however many tiles it has."""
+    that every strip is drawn at one scale however many tiles it has. Each tile gets a one-pixel grey
+    frame in the gap around it: a white or blank image must still show where it is."""
     size = tiles[0].shape[0]
-    strip = np.full((size, cells * size + (cells - 1) * gap, 3), 255, np.uint8)
+    strip = np.full((size + 2, cells * size + (cells - 1) * gap + 2, 3), 255, np.uint8)
     for i, tile in enumerate(tiles):
-        strip[:, i * (size + gap):i * (size + gap) + size] = tile
+        left = 1 + i * (size + gap)
+        strip[:, left - 1:left + size + 1] = FRAME_GREY
+        strip[1:size + 1, left:left + size] = tile
     return strip
 
 
@@ -260,7 +264,7 @@ def draw_gallery(title: str, sections: list[Section], cells: int) -> Figure:
             continue
         for axes, row in zip(subfigure.subplots(len(section.rows), 1, squeeze=False)[:, 0], section.rows):
             size = row.tiles[0].shape[0]
-            gap = max(1, round(GAP * size))
+            gap = max(2, round(GAP * size))
             axes.imshow(mosaic(row.tiles, cells, gap))
             axes.set_title(row.title, loc="left", fontsize=9)
             axes.set_yticks([])
@@ -268,8 +272,9 @@ def draw_gallery(title: str, sections: list[Section], cells: int) -> Figure:
             if row.captions:
                 group = len(row.tiles) // len(row.captions)
                 pitch = size + gap
-                # Under the middle of each group; pixel j of the strip spans [j - 0.5, j + 0.5].
-                axes.set_xticks([i * group * pitch + (group * pitch - gap) / 2 - 0.5
+                # Under the middle of each group (the strip starts with a frame pixel); pixel j of the
+                # strip spans [j - 0.5, j + 0.5].
+                axes.set_xticks([1 + i * group * pitch + (group * pitch - gap) / 2 - 0.5
                                  for i in range(len(row.captions))], row.captions, fontsize=8)
                 axes.tick_params(length=0)
             for spine in axes.spines.values():

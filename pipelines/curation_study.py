@@ -2,12 +2,12 @@
 each trained through the real runtime and scored on the full Fashion-MNIST split.
 
 ``python -m pipelines.curation_study --out runs/curation --seeds 0,1,2 [--images 153600]
-[--conditions clean,messy,messy-dedup] [--stream-seed 0]``
+[--conditions clean,messy,messy-dedup] [--stream-seed 0] [--duplicate-fraction 0.4 ...]``
 
 Conditions: `clean`, `messy` (no curation), `messy-dedup` (curation.dedup), `messy-dedup-balance`
 (and curation.balance 0.5), `messy-dedup-equal-steps` (dedup, budget in images trained).
 
-1. The benchmark stream (`pipelines.messy_stream`, default knobs, ``--stream-seed``) under
+1. The benchmark stream (`pipelines.messy_stream`, its knobs as given, ``--stream-seed``) under
    OUT/stream, and the demo's evaluation shards (the whole 60k training split as the labelled
    index and probe set, the 10k test split as queries) under OUT/shards.
 2. Every (condition, seed) trains the demo's CPU recipe (`pipelines.quality.run_config`) with the
@@ -20,7 +20,8 @@ Conditions: `clean`, `messy` (no curation), `messy-dedup` (curation.dedup), `mes
 3. The final checkpoint is scored as the quality study scores (weighted kNN, the library's
    linear probe); raw pixels and the random-init backbone are scored once.
 4. One row per run in OUT/results.jsonl (runs already there are skipped); OUT/results.md gives
-   mean ± sample std per condition and the differences to `messy` paired by seed.
+   mean ± sample std per condition and the differences to `messy` paired by seed. Use one OUT per
+   set of stream knobs: OUT/stream is built once.
 """
 from __future__ import annotations
 
@@ -30,6 +31,7 @@ import logging
 import statistics
 import sys
 import time
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +42,7 @@ from stream_swav.apps.demo import demo_shards
 from stream_swav.apps.evaluate import load_eval_data, pick_device
 from stream_swav.apps.follow import append_jsonl, read_jsonl
 from stream_swav.checkpoint import resolve_checkpoint
+from stream_swav.config import CurationConfig
 from stream_swav.curation import SeenSet
 
 log = logging.getLogger("stream_swav.curation_study")
@@ -60,9 +63,9 @@ def kept_share(stream: Path, cache: Path) -> float:
     """The share of a pass over `stream` that dedup (the default distance and repeats) keeps."""
     if cache.is_file():
         return json.loads(cache.read_text())["kept_share"]
-    defaults = SeenSet(1)  # the seen-set's defaults are curation's
+    defaults = CurationConfig()
     scored = dedup_study.score(dedup_study.stream_hashes(stream),
-                               SeenSet(10_000_000, defaults.max_distance, defaults.max_repeats))
+                               SeenSet(10_000_000, defaults.dedup_max_distance, defaults.max_repeats))
     share = scored["images_kept"] / scored["images"]
     cache.write_text(json.dumps({**scored, "kept_share": share}, indent=2) + "\n")
     return share
@@ -107,7 +110,12 @@ def run_study(args: argparse.Namespace) -> int:
         print(f"curation_study: unknown condition(s) {', '.join(unknown)}; known: {', '.join(CONDITIONS)}",
               file=sys.stderr)
         return 2
-    spec = messy_stream.MessySpec(seed=args.stream_seed)
+    try:
+        spec = messy_stream.MessySpec(args.imbalance_ratio, args.duplicate_fraction, args.pool_fraction,
+                                      args.near_fraction, args.junk_fraction, args.stream_seed)
+    except ValueError as err:
+        print(f"curation_study: {err}", file=sys.stderr)
+        return 2
     messy_stream.build(out / "stream", spec, data_dir=args.data_dir)
     made = demo_shards(out / "shards", eval_train=60_000, eval_test=10_000, dataset="fashion-mnist",
                        data_dir=args.data_dir)
@@ -124,8 +132,8 @@ def run_study(args: argparse.Namespace) -> int:
     for seed in (int(s) for s in args.seeds.split(",")):
         for name in names:
             stream, overrides, budget = CONDITIONS[name]
-            done = [r for r in read_jsonl(results)
-                    if (r["condition"], r["seed"], r["images_read"]) == (name, seed, args.images)]
+            done = [r for r in read_jsonl(results) if (r["condition"], r["seed"], r["images_read"]) ==
+                    (name, seed, args.images) and r.get("stream", asdict(messy_stream.MessySpec())) == asdict(spec)]
             if done:
                 continue
             checkpoint_dir = out / "checkpoints" / f"{name}-s{seed}-{args.images}"
@@ -142,7 +150,8 @@ def run_study(args: argparse.Namespace) -> int:
                 continue
             train_seconds = round(time.monotonic() - started, 1)
             row = evaluate_run(resolve_checkpoint(str(checkpoint_dir)), data, device, False)
-            row.update({"condition": name, "seed": seed, "images_read": args.images, "train_seconds": train_seconds})
+            row.update({"condition": name, "seed": seed, "images_read": args.images, "train_seconds": train_seconds,
+                        "stream": asdict(spec)})
             append_jsonl(results, row)
             log.info("%s seed %d: kNN %.2f%%, probe %.2f%%", name, seed, 100 * row["knn_top1"],
                      100 * row["probe_top1"])
@@ -160,6 +169,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", default="0", help="comma-separated seeds (train.seed and data.seed)")
     parser.add_argument("--images", type=int, default=153_600, help="images read from the stream per run")
     parser.add_argument("--stream-seed", type=int, default=0, help="the messy stream's seed")
+    defaults = messy_stream.MessySpec()
+    for knob in ("imbalance_ratio", "duplicate_fraction", "pool_fraction", "near_fraction", "junk_fraction"):
+        parser.add_argument(f"--{knob.replace('_', '-')}", type=float, default=getattr(defaults, knob),
+                            help=f"the messy stream's {knob} (default {getattr(defaults, knob):g})")
     parser.add_argument("--data-dir", help="Fashion-MNIST folder (default: searched)")
     args = parser.parse_args(argv)
     logs.configure()

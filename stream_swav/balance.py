@@ -23,6 +23,13 @@ from torch import Tensor
 MAX_RATIO = 10.0
 
 
+def raw_weights(usage: Tensor, strength: float) -> Tensor:
+    """The weight of an image of each prototype at these usage shares (K,), before a batch's weights
+    are rescaled to mean 1: (K * usage) ** -strength within [1/MAX_RATIO, MAX_RATIO]."""
+    relative = (usage.shape[0] * usage).clamp_min(1e-6)
+    return relative.pow(-strength).clamp(1.0 / MAX_RATIO, MAX_RATIO)
+
+
 class PrototypeBalance:
     def __init__(self, prototypes: int, strength: float, momentum: float = 0.99,
                  device: torch.device | str | None = None) -> None:
@@ -39,15 +46,13 @@ class PrototypeBalance:
 
     def weights(self, assigned: Tensor) -> Tensor:
         """(B,) loss weights, mean 1, for samples whose argmax prototypes are `assigned` (B,) int."""
-        relative = (self.usage.shape[0] * self.usage[assigned]).clamp_min(1e-6)
-        weights = relative.pow(-self.strength).clamp(1.0 / MAX_RATIO, MAX_RATIO)
+        weights = raw_weights(self.usage, self.strength)[assigned]
         return weights / weights.mean()
 
     def update(self, counts: Tensor) -> None:
         """Fold in one step's argmax counts (K,) (`swav.prototype_counts`)."""
-        total = counts.sum()
-        if total > 0:
-            self.usage.mul_(self.momentum).add_(counts.to(self.usage.dtype) / total, alpha=1.0 - self.momentum)
+        # counts sum to the assignment rows of a step, never 0; no host-side check, so no device sync.
+        self.usage.mul_(self.momentum).add_(counts.to(self.usage.dtype) / counts.sum(), alpha=1.0 - self.momentum)
 
     def state_dict(self) -> dict[str, Tensor]:
         return {"usage": self.usage.detach().cpu().clone()}
@@ -63,4 +68,4 @@ class PrototypeBalance:
         self.usage.copy_(state["usage"])
 
 
-__all__ = ["PrototypeBalance", "MAX_RATIO"]
+__all__ = ["PrototypeBalance", "MAX_RATIO", "raw_weights"]

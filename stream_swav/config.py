@@ -431,8 +431,9 @@ class CurationConfig:
     # more than max_repeats times in the current pass. Measured in docs/curation.md.
     dedup: bool = False
     max_repeats: int = setting(0, NON_NEGATIVE)
-    # 0 matches only equal hashes; looser matching also drops distinct images that look alike.
-    dedup_max_distance: int = setting(0, within(0, 31))
+    # 0 matches only equal hashes; looser matching also drops distinct images that look alike, and
+    # past 4 bits the lookup compares more hashes per image than decoding it costs.
+    dedup_max_distance: int = setting(0, within(0, 4))
     # Hashes each decode actor remembers, the oldest forgotten first (~175 bytes each at distance 0).
     seen_capacity: int = setting(1_000_000, POSITIVE)
     # Concept balance (stream_swav.balance): samples the network assigns to over-used prototypes
@@ -699,5 +700,5 @@ def scaled_learning_rate(cfg: Config, lr: float) -> float:
 __all__ = ["Config", "ConfigError", "UsageError", "load_config", "config_from_dict", "parse_overrides", "merge_dicts",
            "scaled_learning_rate", "StorageConfig", "DataConfig", "CropsConfig", "AugmentConfig", "ModelConfig",
            "SwAVConfig", "OptimConfig", "TrainConfig", "CheckpointConfig", "MetricsConfig", "CurationConfig", "ARCHS",
-           "CODES", "RESNET_ARCHS", "REGNET_ARCHS", "VIT_SHAPES", "ViTShape", "arch_family", "vit_shape", "backbone_rules",
-           "COMPILE_MODES", "SCHEDULES"]
+           "CODES", "RESNET_ARCHS", "REGNET_ARCHS", "VIT_SHAPES", "ViTShape", "arch_family", "vit_shape",
+           "backbone_rules", "COMPILE_MODES", "SCHEDULES"]

@@ -1,9 +1,10 @@
 """Repeat detection for online curation (issue #23): a perceptual hash of each image and a bounded
-set of the hashes seen in the current pass, matching near-copies by Hamming distance.
+set of the hashes seen, counted per pass, matching near-copies by Hamming distance.
 
 Pure state, no Ray or I/O: with `curation.dedup` on, each decode worker owns one `SeenSet` and asks
-`admit` for every image it decodes (`data.worker`); the driver gathers the workers' sets at each
-checkpoint, cuts them back to the stream cursor and saves their union (`runtime.driver`).
+`admit` for every image it decodes (`data.worker`); at each checkpoint every worker cuts its set
+back to the stream cursor (`SeenSet.trained_state`) and the driver merges them into the union it
+saves and shares (`SeenSet.merge_trained`, `runtime.driver`).
 `pipelines/dedup_study.py` measures the detector offline on the messy-stream benchmark.
 
 The hash (pHash): the image in gray at 32x32, its 2-D DCT, the 8x8 lowest frequencies; bit i is
@@ -15,8 +16,10 @@ one another, which is what a curator wants of them.
 from __future__ import annotations
 
 import functools
+import zlib
 from collections import OrderedDict
 from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -80,22 +83,25 @@ def _pass_of(event: int) -> int:
 
 
 class SeenSet:
-    """The hashes of the images seen, at most `capacity` of them (the oldest first out), each with
-    the occurrences of it (or of a hash within `max_distance` bits of it) that were admitted.
+    """The hashes of the images seen, at most `capacity` of them (the least recently seen first
+    out), each with the occurrences of it (or of a hash within `max_distance` bits of it) that were
+    admitted.
 
     `admit(h, shard, position)` says whether an image may train: the first `1 + max_repeats`
     occurrences of a hash in a pass may, later ones may not. Counts are per pass, so reading the
     same shards a second time is not taken for duplication. Each admitted occurrence is remembered
-    by where it is in the stream (shard key and emission position), which is what lets `cut` take
-    the set back to the stream cursor: a decode actor runs ahead of what its learner has trained,
-    and a checkpoint must not hold the hashes of images it will read again after a resume (they
-    would be dropped as repeats of themselves). Only admitted occurrences are kept (a dropped one
-    changes nothing), and only those of the two latest passes (two can be read at once).
+    by where it is in the stream (shard key and emission position), which is what lets
+    `trained_state` take the set back to the stream cursor: a decode actor runs ahead of what its
+    learner has trained, and a checkpoint must not hold the hashes of images it will read again
+    after a resume (they would be dropped as repeats of themselves). Only admitted occurrences are
+    kept (a dropped one changes nothing), and only those of an entry's two latest passes (two passes
+    can be read at once).
 
     Near matches are found by multi-index hashing: the 64 bits are cut into `max_distance + 1`
     bands, and two hashes within `max_distance` bits agree exactly on at least one band
     (pigeonhole), so only entries sharing a band value are compared. With `max_distance` 0 the
-    hash itself is the key and there is no index. Memory (tracemalloc, 200,000 random hashes, one
+    hash itself is the key and there is no index. An entry is keyed by the first hash that made it;
+    a near match adds its occurrence there. Memory (tracemalloc, 200,000 random hashes, one
     occurrence each): ~175 bytes per hash at distance 0, ~630 at distance 2 (three bands).
     """
 
@@ -111,7 +117,7 @@ class SeenSet:
         self.max_repeats = max_repeats
         edges = np.linspace(0, HASH_BITS, max_distance + 2).round().astype(int)
         self._bands = [(int(lo), int(hi)) for lo, hi in zip(edges[:-1], edges[1:])] if max_distance else []
-        # hash -> its admitted occurrences (one packed int, or a tuple of them), oldest hash first.
+        # hash -> its admitted occurrences (one packed int, or a tuple of them); least recently seen first.
         self._entries: OrderedDict[int, int | tuple[int, ...]] = OrderedDict()
         # Band value (band number in the top bits) -> the hashes holding it; only with max_distance > 0.
         self._index: dict[int, list[int]] = {}
@@ -134,11 +140,14 @@ class SeenSet:
                     best, best_distance = other, distance
         return best
 
-    def _insert(self, h: int, events: tuple[int, ...]) -> None:
+    def _insert(self, h: int, events: tuple[int, ...], oldest: bool = False) -> None:
+        """A new entry, as the most recently seen one, or with `oldest` as the first to go."""
         if len(self._entries) >= self.capacity:
-            oldest, _ = self._entries.popitem(last=False)
-            self._unindex(oldest)
-        self._entries[h] = events[0] if len(events) == 1 else events
+            evicted, _ = self._entries.popitem(last=False)
+            self._unindex(evicted)
+        self._set(h, events)
+        if oldest:
+            self._entries.move_to_end(h, last=False)
         for key in self._keys(h):
             self._index.setdefault(key, []).append(h)
 
@@ -153,72 +162,88 @@ class SeenSet:
         events = self._entries[h]
         return (events,) if isinstance(events, int) else events
 
+    def _set(self, h: int, events: tuple[int, ...]) -> None:
+        self._entries[h] = events[0] if len(events) == 1 else events
+
     def admit(self, h: int, shard: ShardKey, position: int) -> bool:
         """Offer the occurrence of `h` at `position` of `shard` (pass, shard number); True while it
-        is within the repeats allowed in its pass (and then it is remembered)."""
+        is within the repeats allowed in its pass (and then it is remembered). Either way the entry
+        it matches becomes the most recently seen: a hash reposted all the time stays remembered."""
         pass_index = shard[0]
         event = _pack(pass_index, shard[1], position)
         match = self._nearest(h)
         if match is None:
             self._insert(h, (event,))
             return True
+        self._entries.move_to_end(match)
         events = self._events(match)
         if sum(1 for e in events if _pass_of(e) == pass_index) > self.max_repeats:
             return False
-        self._entries[match] = (*(e for e in events if _pass_of(e) >= pass_index - 1), event)
+        self._set(match, _recent((*events, event)))
         return True
 
     def trained_state(self, consumed: Callable[[ShardKey, int], bool], newest: int | None = None
-                      ) -> dict[str, list[int]]:
+                      ) -> dict[str, Any]:
         """`state_dict()` of this set cut back to what was consumed (the set itself is unchanged):
         without every admitted occurrence for which `consumed((pass, shard), position)` is False,
-        and without the hashes left with none; of those, the `newest` at most. That is the set as if
-        only the consumed samples had been offered, exactly so when samples were offered in the
-        order they are consumed, which holds for one decode worker, whose batches its learner
-        trains in order."""
-        hashes: list[int] = []
-        counts: list[int] = []
-        events: list[list[int]] = []
+        and without the hashes left with none; of those, the `newest` (most recently seen) at most.
+        That is the set as if only the consumed samples had been offered (exactly so while nothing
+        was evicted and with distance 0), when samples were offered in the order they are consumed,
+        which holds for one decode worker, whose batches its learner trains in order."""
+        entries: list[tuple[int, tuple[int, ...]]] = []
         for h in reversed(self._entries):
-            if newest is not None and len(hashes) >= newest:
+            if newest is not None and len(entries) >= newest:
                 break
-            kept = [_unpack(e) for e in self._events(h)]
-            kept = [(key, position) for key, position in kept if consumed(key, position)]
+            kept = tuple(e for e in self._events(h) if consumed(*_unpack(e)))
             if kept:
-                hashes.append(h)
-                counts.append(len(kept))
-                events.append([x for (pass_index, shard), position in kept for x in (pass_index, shard, position)])
-        return {"hashes": hashes[::-1], "event_counts": counts[::-1], "events": [x for e in events[::-1] for x in e]}
+                entries.append((h, kept))
+        return _state_of(entries[::-1])
 
-    def absorb(self, state: dict[str, list[int]]) -> None:
-        """Merge another set's `state_dict()` into this one (the seen-sets of other decode actors):
-        a hash this set matches gains its occurrences, the others are added, oldest first."""
+    def absorb(self, state: dict[str, Any]) -> None:
+        """Merge another set's `state_dict()` (the union of what every decode actor trained) into
+        this one: a hash this set matches gains its occurrences; the others are added as the least
+        recently seen, so that this set's own newest hashes stay what `trained_state(newest=...)`
+        sends."""
         for h, events in _entries_of(state):
-            self._merge(h, events)
+            self._merge(h, events, oldest=True)
 
-    def _merge(self, h: int, events: tuple[int, ...]) -> None:
+    def merge_trained(self, states: list[dict[str, Any]]) -> dict[str, Any]:
+        """Merge several sets' `trained_state`s (the decode actors') into this one, interleaved by
+        age rank (each set's oldest first), so that past `capacity` every set loses its oldest, not
+        the last one merged all of its own; returns the `state_dict()` of the entries that were
+        added or gained occurrences (what the actors do not all know yet)."""
+        ranked = []
+        for n, state in enumerate(states):
+            entries = _entries_of(state)
+            ranked += [((i + 1) / len(entries), n, h, events) for i, (h, events) in enumerate(entries)]
+        changed: dict[int, None] = {}
+        for _, _, h, events in sorted(ranked, key=lambda r: (r[0], r[1])):
+            key, news = self._merge(h, events)
+            if news:
+                changed[key] = None
+        return _state_of([(h, self._events(h)) for h in changed if h in self._entries])
+
+    def _merge(self, h: int, events: tuple[int, ...], oldest: bool = False) -> tuple[int, bool]:
+        """Add `h` with `events`, or add the events to the entry matching it: the entry's key, and
+        whether that added anything."""
         match = self._nearest(h)
         if match is None:
-            self._insert(h, events)
-        else:
-            merged = tuple(sorted(set(self._events(match)) | set(events)))
-            self._entries[match] = merged[0] if len(merged) == 1 else merged
+            self._insert(h, _recent(events), oldest)
+            return h, True
+        before = self._events(match)
+        merged = _recent(tuple(sorted(set(before) | set(events))))
+        self._set(match, merged)
+        if not oldest:
+            self._entries.move_to_end(match)
+        return match, merged != before
 
-    def state_dict(self) -> dict[str, list[int]]:
-        """Plain int lists (oldest hash first), loadable with torch.load(weights_only=True) and as
-        JSON: the hashes, how many admitted occurrences each has, and those occurrences flattened
-        as pass, shard, position."""
-        hashes, counts, flat = [], [], []
-        for h in self._entries:
-            events = self._events(h)
-            hashes.append(h)
-            counts.append(len(events))
-            for e in events:
-                (pass_index, shard), position = _unpack(e)
-                flat += (pass_index, shard, position)
-        return {"hashes": hashes, "event_counts": counts, "events": flat}
+    def state_dict(self) -> dict[str, Any]:
+        """Packed arrays (least recently seen hash first), loadable with torch.load(weights_only=True):
+        the hashes, how many admitted occurrences each has, and those occurrences as pass, shard,
+        position."""
+        return _state_of([(h, self._events(h)) for h in self._entries])
 
-    def load_state_dict(self, state: dict[str, list[int]]) -> None:
+    def load_state_dict(self, state: dict[str, Any]) -> None:
         entries = _entries_of(state)
         self._entries.clear()
         self._index.clear()
@@ -226,37 +251,45 @@ class SeenSet:
             self._insert(h, events)
 
 
-def union(states: list[dict[str, list[int]]], capacity: int, max_distance: int = 0, max_repeats: int = 0
-          ) -> SeenSet:
-    """One set from several sets' states (the decode workers' `trained_state`s). Their entries are
-    merged by age rank (each set's oldest first, the sets interleaved), so that when they hold more
-    than `capacity` hashes together every set loses its oldest, not the last set merged all of its
-    own."""
-    ranked = []
-    for n, state in enumerate(states):
-        entries = _entries_of(state)
-        ranked += [((i + 1) / len(entries), n, h, events) for i, (h, events) in enumerate(entries)]
-    merged = SeenSet(capacity, max_distance, max_repeats)
-    for _, _, h, events in sorted(ranked, key=lambda r: (r[0], r[1])):
-        merged._merge(h, events)
-    return merged
+def _recent(events: tuple[int, ...]) -> tuple[int, ...]:
+    """The occurrences of the latest two passes among `events`, in order."""
+    latest = max(_pass_of(e) for e in events)
+    return tuple(e for e in events if _pass_of(e) >= latest - 1)
 
 
-def _entries_of(state: dict[str, list[int]]) -> list[tuple[int, tuple[int, ...]]]:
-    """(hash, occurrences) of a `SeenSet.state_dict()`; ValueError when it is malformed."""
+_STATE_FORMAT = 1
+
+
+def _state_of(entries: list[tuple[int, tuple[int, ...]]]) -> dict[str, Any]:
+    """A state from (hash, packed occurrences) pairs: zlib-compressed little-endian arrays."""
+    counts = np.fromiter((len(events) for _, events in entries), np.uint32, len(entries))
+    hashes = np.fromiter((h for h, _ in entries), np.uint64, len(entries))
+    unpacked = [_unpack(e) for _, events in entries for e in events]
+    flat = np.fromiter((x for (pass_index, shard), position in unpacked for x in (pass_index, shard, position)),
+                       np.int64, 3 * len(unpacked))
+    return {"format": _STATE_FORMAT, **{name: zlib.compress(array.astype(array.dtype.newbyteorder("<")).tobytes(), 1)
+                                        for name, array in (("hashes", hashes), ("event_counts", counts),
+                                                            ("events", flat))}}
+
+
+def _entries_of(state: dict[str, Any]) -> list[tuple[int, tuple[int, ...]]]:
+    """(hash, packed occurrences) of a state; ValueError when it is malformed."""
     try:
-        hashes, counts, flat = state["hashes"], state["event_counts"], state["events"]
+        if state["format"] != _STATE_FORMAT:
+            raise ValueError(f"unknown format {state['format']!r}")
+        hashes = np.frombuffer(zlib.decompress(state["hashes"]), "<u8").tolist()
+        counts = np.frombuffer(zlib.decompress(state["event_counts"]), "<u4").tolist()
+        flat = np.frombuffer(zlib.decompress(state["events"]), "<i8").tolist()
         if len(hashes) != len(counts) or 3 * sum(counts) != len(flat) or min(counts, default=1) < 1:
             raise ValueError("hashes, event_counts and events disagree")
+        if len(set(hashes)) != len(hashes):
+            raise ValueError("a hash appears twice")
         entries, at = [], 0
         for h, count in zip(hashes, counts):
-            events = tuple(_pack(int(flat[i]), int(flat[i + 1]), int(flat[i + 2])) for i in range(at, at + 3 * count, 3))
+            entries.append((h, tuple(_pack(*flat[i:i + 3]) for i in range(at, at + 3 * count, 3))))
             at += 3 * count
-            if not 0 <= int(h) < 1 << HASH_BITS:
-                raise ValueError(f"hash {h} is not {HASH_BITS}-bit")
-            entries.append((int(h), events))
         return entries
-    except (KeyError, TypeError) as exc:
+    except (KeyError, TypeError, zlib.error) as exc:
         raise ValueError(f"malformed seen-set state: {type(exc).__name__}: {exc}") from None
     except ValueError as exc:
         raise ValueError(f"malformed seen-set state: {exc}") from None

@@ -66,7 +66,8 @@ def test_a_learner_with_balance_trains_and_keeps_its_estimate_through_a_checkpoi
     for _ in range(3):
         assert torch.isfinite(learner.train_step(stream.batch(cfg)).loss)
     usage = learner.balance.usage.clone()
-    assert usage.sum().item() == pytest.approx(1.0) and not torch.allclose(usage, torch.full_like(usage, 1 / len(usage)))
+    assert usage.sum().item() == pytest.approx(1.0)
+    assert not torch.allclose(usage, torch.full_like(usage, 1 / len(usage)))
     state = learner.state_dict()
     assert "balance" in learner.rank_local_state()
     buffer = io.BytesIO()

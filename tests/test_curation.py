@@ -8,7 +8,17 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw, ImageFilter
 
-from stream_swav.curation import SeenSet, hamming, perceptual_hash
+from stream_swav.curation import SeenSet, _entries_of, _state_of, hamming, perceptual_hash
+
+
+def hashes_of(state: dict) -> list[int]:
+    """A seen-set state's hashes, least recently seen first."""
+    return [h for h, _ in _entries_of(state)]
+
+
+def entries(state: dict) -> list[tuple[int, tuple[int, ...]]]:
+    """A seen-set state's (hash, occurrences), in hash order: what it holds, whatever the recency."""
+    return sorted(_entries_of(state))
 
 
 def scene(seed: int, size: int = 64) -> Image.Image:
@@ -89,11 +99,13 @@ def test_state_round_trips_and_makes_the_same_decisions():
     assert restored.state_dict() == seen.state_dict()
     assert ([restored.admit(h, (0, 0), i) for i, h in enumerate(stream[10:], 10)]
             == [seen.admit(h, (0, 0), i) for i, h in enumerate(stream[10:], 10)])
-    for malformed in ({"hashes": [1], "event_counts": [], "events": [0, 0, 0]},
-                      {"hashes": [1], "event_counts": [1], "events": [0, 0]},
-                      {"hashes": [1 << 64], "event_counts": [1], "events": [0, 0, 0]}, {"hashes": [1]}):
+    good = seen.state_dict()
+    twice = _state_of([(5, (1,)), (5, (2,))])
+    for malformed in ({**good, "format": 2}, {**good, "event_counts": good["hashes"]}, {**good, "events": b"x"},
+                      {k: v for k, v in good.items() if k != "hashes"}, twice):
         with pytest.raises(ValueError, match="malformed seen-set state"):
             restored.load_state_dict(malformed)
+    assert restored.state_dict() == seen.state_dict()  # refused before anything changed
 
 
 def test_the_trained_state_is_the_set_cut_back_to_what_was_consumed():
@@ -112,13 +124,15 @@ def test_the_trained_state_is_the_set_cut_back_to_what_was_consumed():
     reference = SeenSet(capacity=100, max_repeats=0)
     for hi, shard, position in offered[:5]:
         reference.admit(hashes[hi], (0, shard), position)
-    assert trained == reference.state_dict()
+    # The same hashes and occurrences; their recency differs (a read-ahead repeat refreshed its entry).
+    assert entries(trained) == entries(reference.state_dict())
     # Re-reading the untrained samples: each admitted, as in a run that never went ahead.
     resumed = SeenSet(capacity=100, max_repeats=0)
     resumed.load_state_dict(trained)
-    assert [resumed.admit(hashes[hi], (0, shard), position) for hi, shard, position in offered[5:]] == [False, True, True]
+    again = [resumed.admit(hashes[hi], (0, shard), position) for hi, shard, position in offered[5:]]
+    assert again == [False, True, True]
     # Of the trained hashes, the newest only.
-    assert ahead.trained_state(lambda key, position: True, newest=2)["hashes"] == [hashes[4], hashes[5]]
+    assert hashes_of(ahead.trained_state(lambda key, position: True, newest=2)) == [hashes[4], hashes[5]]
 
 
 def test_a_cut_across_a_pass_boundary_keeps_the_earlier_pass_count():
@@ -137,11 +151,37 @@ def test_absorbing_another_set_merges_occurrences_and_dedups_across_sets():
     second.admit(a, (0, 1), 0)
     second.admit(b, (0, 1), 1)
     first.absorb(second.state_dict())
-    assert len(first) == 2 and first.state_dict()["event_counts"] == [2, 1]
+    # b, new to `first`, comes in as its least recently seen: its own hashes stay the newest.
+    assert [(h, len(events)) for h, events in _entries_of(first.state_dict())] == [(b, 1), (a, 2)]
+    assert hashes_of(first.trained_state(lambda key, position: True, newest=1)) == [a]
     assert first.admit(b, (0, 0), 1) is False and first.admit(c, (0, 0), 2) is True
     small = SeenSet(capacity=1)
     small.absorb(first.state_dict())
-    assert small.state_dict()["hashes"] == [c]  # bounded: the newest survives
+    assert len(small) == 1  # bounded
+
+
+def test_the_least_recently_seen_hash_goes_first():
+    seen = SeenSet(capacity=2)
+    a, b, c = (perceptual_hash(scene(seed)) for seed in (8, 9, 10))
+    assert seen.admit(a, (0, 0), 0) and seen.admit(b, (0, 0), 1)
+    assert seen.admit(a, (0, 0), 2) is False  # a repeat: a is now the most recently seen
+    assert seen.admit(c, (0, 0), 3)  # b goes, not a
+    assert seen.admit(a, (0, 0), 4) is False and seen.admit(b, (0, 0), 5) is True
+
+
+def test_occurrences_do_not_pile_up_over_passes_when_sets_share_their_hashes():
+    """One actor admits a hash in every pass; the driver's union merges the actors' trained sets and
+    hands back what it gained, as at every checkpoint. Only two passes of occurrences are kept."""
+    h = perceptual_hash(scene(11))
+    reader, other, union = SeenSet(10), SeenSet(10), SeenSet(10)
+    for pass_index in range(6):
+        assert reader.admit(h, (pass_index, pass_index % 3), 0)
+        gained = union.merge_trained([s.trained_state(lambda key, position: True) for s in (reader, other)])
+        for s in (reader, other):
+            s.absorb(gained)
+    for s in (reader, other, union):
+        assert [len(events) for _, events in _entries_of(s.state_dict())] == [2]
+    assert entries(union.merge_trained([reader.trained_state(lambda key, position: True)])) == []  # nothing new
 
 
 @pytest.mark.parametrize("kwargs", [{"capacity": 0}, {"capacity": 1, "max_distance": 32},
@@ -221,9 +261,7 @@ def test_without_curation_the_worker_keeps_repeats(tmp_path):
     assert sum(len(b) for b in batches) == 5 and not any(b.meta.dropped for b in batches)
 
 
-def test_union_of_worker_sets_cut_back_to_the_cursor_is_bounded():
-    from stream_swav.curation import union
-
+def test_the_union_of_worker_sets_cut_back_to_the_cursor_is_bounded():
     hashes = [perceptual_hash(scene(seed)) for seed in range(8)]
     a, b = SeenSet(100), SeenSet(100)
     for i in range(4):
@@ -231,9 +269,11 @@ def test_union_of_worker_sets_cut_back_to_the_cursor_is_bounded():
         b.admit(hashes[4 + i], (0, 1), i)  # shard 1, positions 0-3
     b.admit(hashes[0], (0, 1), 4)  # a repeat across workers: both admitted it
     trained = {(0, 0): 2, (0, 1): 5}
-    merged = union([s.trained_state(lambda key, pos: pos < trained[key]) for s in (a, b)], capacity=100)
-    assert sorted(merged.state_dict()["hashes"]) == sorted(hashes[:2] + hashes[4:8])
+    merged = SeenSet(100)
+    gained = merged.merge_trained([s.trained_state(lambda key, pos: pos < trained[key]) for s in (a, b)])
+    assert sorted(hashes_of(merged.state_dict())) == sorted(hashes_of(gained)) == sorted(hashes[:2] + hashes[4:8])
     assert merged.admit(hashes[0], (0, 0), 9) is False and merged.admit(hashes[2], (0, 0), 2) is True
-    small = union([a.state_dict(), b.state_dict()], capacity=4)
+    small = SeenSet(4)
+    small.merge_trained([a.trained_state(lambda key, pos: True), b.trained_state(lambda key, pos: True)])
     # Over capacity each set loses its oldest: the two newest of each survive.
-    assert sorted(small.state_dict()["hashes"]) == sorted([hashes[2], hashes[3], hashes[7], hashes[0]])
+    assert sorted(hashes_of(small.state_dict())) == sorted([hashes[2], hashes[3], hashes[7], hashes[0]])

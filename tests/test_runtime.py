@@ -306,6 +306,9 @@ def test_non_finite_losses_in_a_row_take_the_run_from_running_to_failed(tmp_path
     assert "3 non-finite losses in a row (train.max_nonfinite_in_row=3)" in caplog.records[-1].getMessage()
 
 
+from test_curation import hashes_of  # noqa: E402 - beside the helpers of the dedup test below
+
+
 def scene_jpeg(seed: int) -> bytes:
     """A textured JPEG, distinct per seed (flat colours would all hash alike)."""
     from test_curation import scene
@@ -343,7 +346,7 @@ def test_dedup_trains_each_image_once_per_pass_through_a_checkpoint_and_resume(t
     trained_first = {scene_of[s.key] for s in first.trained}
     saved = ckpt.load_checkpoint(str(tmp_path / "ckpt"), first.cfg.storage)["seen_set"]
     # Cut back to the cursor: the hashes of what was trained, none of what was only read ahead.
-    assert len(saved["hashes"]) == len(trained_first) and 0 < len(trained_first) < 40
+    assert len(hashes_of(saved)) == len(trained_first) and 0 < len(trained_first) < 40
 
     def stop_after_pass_zero(trainer: WatchedTrainer) -> None:
         if trainer.ledger.cursor.pass_index >= 1:

@@ -12,9 +12,8 @@ The PNG has a row per prototype for the `--prototypes` most used and the `--prot
 used of those given an image (each prototype once, in order of usage, most used first), showing
 up to `--per-row` of its images, those it scores highest. Each row is labelled with the
 prototype's usage and, when the run had curation.balance > 0, the loss weight concept balance
-gives an image of that prototype at that usage: (K * usage) ** -balance within
-[1 / MAX_RATIO, MAX_RATIO], as `stream_swav.balance` computes it before rescaling a batch's
-weights to mean 1.
+gives an image of that prototype at that usage (`stream_swav.balance.raw_weights`: before a
+batch's weights are rescaled to mean 1).
 
 The section "dropped as repeats" replays curation.dedup on the same images when the run's
 configuration has it on: each image is hashed as decoded, before resizing (as the decode worker
@@ -38,7 +37,7 @@ from torch import Tensor, nn
 
 from stream_swav import plotting, storage
 from stream_swav.apps.evaluate import embed, load_labeled_images, pick_device
-from stream_swav.balance import MAX_RATIO
+from stream_swav.balance import raw_weights
 from stream_swav.checkpoint import STATE, ResolvedCheckpoint, load_checkpoint, resolve_checkpoint
 from stream_swav.config import Config, CurationConfig, StorageConfig, UsageError, config_from_dict
 from stream_swav.curation import SeenSet, hamming
@@ -144,12 +143,6 @@ def best_images(scores: Tensor, assigned: Tensor, prototype: int, count: int) ->
     return members[order[:count]].tolist()
 
 
-def balance_weight(usage: float, prototypes: int, strength: float) -> float:
-    """The loss weight concept balance gives an image of a prototype at `usage` (see stream_swav.balance),
-    before a batch's weights are rescaled to mean 1."""
-    return float(np.clip((prototypes * usage) ** -strength, 1.0 / MAX_RATIO, MAX_RATIO))
-
-
 @dataclass(frozen=True)
 class Repeat:
     # Positions in reading order: the dropped image, and the earlier kept image with the nearest hash.
@@ -209,11 +202,12 @@ def prototype_sections(images: Tensor, scores: Tensor, assigned: Tensor, counts:
     """The most and the least used prototypes (`prototype_rows`), a row of their best images each;
     `balance` is the run's curation.balance."""
     usage = counts / len(images)
+    weights = raw_weights(torch.as_tensor(usage), balance).tolist()
 
     def prototype_row(k: int) -> Row:
         title = f"prototype {k}: {100 * usage[k]:.1f}% of images"
         if balance > 0:
-            title += f", loss weight {balance_weight(usage[k], len(usage), balance):.2f}"
+            title += f", loss weight {weights[k]:.2f}"
         return Row(title, [images[i].numpy() for i in best_images(scores, assigned, k, per_row)])
 
     most, least = prototype_rows(counts, rows)

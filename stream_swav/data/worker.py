@@ -12,7 +12,7 @@ seeded from (data.seed, worker_index). With curation.dedup, each decoded image
 is hashed there and offered to the worker's `SeenSet` before it is cropped; a
 repeat is dropped and counted, and its position counts as consumed like a
 skipped sample's. Samples are offered in the order their batches are trained,
-so the set can be cut back to any trained point (`SeenSet.cut`).
+so the set can be cut back to any trained point (`SeenSet.trained_state`).
 """
 from __future__ import annotations
 

@@ -6,9 +6,11 @@ warning, as long as every learner keeps one; the cluster may simply have
 fewer CPUs than planned (a lost node).
 
 With curation.dedup, each actor owns a seen-set of the images it decoded. The
-pool gathers them for a checkpoint (`seen_states`) and hands every actor,
-replacements included, the union last saved (`share_seen`), so that repeats
-read by different actors meet at the latest one checkpoint later.
+pool gathers them, cut back to what was trained, for a checkpoint
+(`seen_states`), hands every live actor what the driver's union gained from
+them (`share_seen`), so that repeats read by different actors meet at the
+latest one checkpoint later, and starts every replacement from the whole union
+(`seen_source`).
 """
 from __future__ import annotations
 
@@ -30,7 +32,8 @@ log = logging.getLogger("stream_swav.decoders")
 
 
 class DecodePool:
-    def __init__(self, cfg: Config, learners: int, build_worker: Callable[[Config, int], Any] | None = None) -> None:
+    def __init__(self, cfg: Config, learners: int, build_worker: Callable[[Config, int], Any] | None = None,
+                 seen_source: Callable[[], dict[str, Any] | None] | None = None) -> None:
         self.cfg = cfg
         self.learners = learners
         self.build_worker = build_worker
@@ -41,8 +44,8 @@ class DecodePool:
         self.dropped: set[int] = set()
         # Launched by `launch`, not yet waited for by `wait_started`: slot -> handle.
         self._launched: dict[int, Any] = {}
-        # The seen-set union last shared (an ObjectRef), for replacements to start from.
-        self._seen: Any = None
+        # The trained seen-set union now (None when empty or without curation.dedup), for replacements.
+        self.seen_source = seen_source
 
     def feeders(self) -> dict[int, dict[int, Any]]:
         """rank -> {slot: handle} of the live decode actors."""
@@ -102,15 +105,17 @@ class DecodePool:
                     self.dropped.add(slot)
                     self._check_every_learner_fed()
 
-    def seen_states(self, trained: dict[str, Any], timeout_s: float) -> list[dict[str, list[int]]]:
+    def seen_states(self, trained: dict[str, Any], timeout_s: float) -> list[dict[str, Any]]:
         """Every live actor's seen-set cut back (by the actor) to the stream cursor state `trained`,
-        each of its newest curation.seen_capacity / actors hashes, so that their union is about one
-        set's size whatever the number of actors; as far as they answer within `timeout_s` (an actor
-        answers after the batch requests queued before; one that does not is left out, with a
-        warning: its repeats since the last checkpoint may be admitted again after a resume)."""
-        newest = -(-self.cfg.curation.seen_capacity // max(1, len(self.actors)))
+        each of its newest curation.seen_capacity / actors hashes, so that what they send is about
+        one set's size whatever the number of actors; as far as they answer within `timeout_s` (an
+        actor answers after the batch requests queued before; one that does not is left out, with a
+        warning: its repeats since the last checkpoint may be admitted again after a resume).
+        Replacements not up yet are not asked: they have read nothing."""
+        asked = {slot: handle for slot, handle in self.actors.items() if slot not in self._starting}
+        newest = -(-self.cfg.curation.seen_capacity // max(1, len(asked)))
         trained_ref = ray.put(trained)
-        pending = {handle.seen_state.remote(trained_ref, newest): slot for slot, handle in self.actors.items()}
+        pending = {handle.seen_state.remote(trained_ref, newest): slot for slot, handle in asked.items()}
         done, late = ray.wait(list(pending), num_returns=len(pending), timeout=timeout_s) if pending else ([], [])
         states = []
         for ref in done:
@@ -126,11 +131,11 @@ class DecodePool:
                         sorted(pending[ref] for ref in late), timeout_s)
         return states
 
-    def share_seen(self, state: dict[str, list[int]]) -> None:
-        """Give every actor, and every later replacement, this seen-set state to merge into its own."""
-        self._seen = ray.put(state)
+    def share_seen(self, state: dict[str, Any]) -> None:
+        """Give every live actor this seen-set state (trained hashes) to merge into its own."""
+        ref = ray.put(state)
         for handle in self.actors.values():
-            handle.absorb_seen.remote(self._seen)
+            handle.absorb_seen.remote(ref)
 
     def shutdown(self) -> None:
         self._starting.clear()
@@ -166,8 +171,9 @@ class DecodePool:
 
     def _launch(self, slot: int) -> Any:
         handle = DecodeActor.options(num_cpus=1, max_restarts=0).remote(self.cfg, slot, self.build_worker)
-        if self._seen is not None:
-            handle.absorb_seen.remote(self._seen)
+        seen = self.seen_source() if self.seen_source is not None else None
+        if seen is not None:
+            handle.absorb_seen.remote(seen)
         return handle
 
     def _check_every_learner_fed(self) -> None:

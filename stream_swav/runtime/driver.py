@@ -61,7 +61,7 @@ from ray.exceptions import RayTaskError
 from stream_swav import checkpoint as ckpt
 from stream_swav import storage
 from stream_swav.config import Config, ConfigError
-from stream_swav.curation import union as seen_union
+from stream_swav.curation import SeenSet
 from stream_swav.data.sources import ShardSource, spec_kind
 from stream_swav.model import BackboneSpec
 from stream_swav.runtime.checkpointing import CheckpointPolicy
@@ -125,6 +125,8 @@ class Trainer:
         # When the actors first came up: a time budget counts training time from there.
         self.started: float | None = None
         self.last_relist = 0.0
+        # curation.dedup: the hashes of the images trained, as of the latest checkpoint (saved with it).
+        self.seen: SeenSet | None = None
 
     # ------------------------------------------------------------------ the loop
     def run(self) -> int:
@@ -259,7 +261,7 @@ class Trainer:
         for warning in plan.warnings:
             log.warning("%s", warning)
         self.group = LearnerGroup(self.cfg, plan, self.build_learner)
-        self.pool = DecodePool(self.cfg, plan.learners, self.build_worker)
+        self.pool = DecodePool(self.cfg, plan.learners, self.build_worker, seen_source=self.seen_state)
         devices = self.group.start(self.stop, while_starting=lambda: self.pool.launch(plan.decode_actors))
         self.pool.wait_started(self.stop)
         self.group.attach(self.pool.feeders())
@@ -268,6 +270,9 @@ class Trainer:
     def restore(self, shards: list[str], point: ckpt.ResumePoint | None) -> None:
         """Load a checkpoint (the newest that loads) into the learners and rewind the stream to it;
         with none, the stream starts from its beginning (the learners are fresh)."""
+        curation = self.cfg.curation
+        self.seen = (SeenSet(curation.seen_capacity, curation.dedup_max_distance, curation.max_repeats)
+                     if curation.dedup else None)
         if point is None:
             self.ledger.rewind(None, self.cfg.data.seed, shards)
             self.step = self.images_seen = 0
@@ -281,8 +286,9 @@ class Trainer:
         self.images_seen = int(point.state["images_seen"])
         # Shards listed now but not in the checkpoint (a growing bucket) join the passes under way.
         self.ledger.rewind(cursor, self.cfg.data.seed, shards)
-        if seen is not None and self.cfg.curation.dedup:
+        if seen is not None and self.seen is not None:
             # Saved cut back to the cursor: the hashes of what was trained, nothing read after it.
+            self.seen.load_state_dict(seen)
             self.pool.share_seen(seen)
         self.last_checkpoint_step = self.step
         self.policy.mark(self.step, time.time())
@@ -330,7 +336,7 @@ class Trainer:
                 # Consumers need crop size and normalisation without loading state.pt.
                 "config": self.cfg.to_dict()}
         extra = {"stream_cursor": self.ledger.state_dict(), "config": self.cfg.to_dict()}
-        if self.cfg.curation.dedup:
+        if self.seen is not None:
             extra["seen_set"] = self.gather_seen(extra["stream_cursor"])
         try:
             saved = self.group.save(self.cfg.checkpoint.dir, extra, info)
@@ -340,20 +346,21 @@ class Trainer:
             return False
         self.last_checkpoint_step = saved.step
         self.policy.mark(self.step, saved.wall_time)
-        if "seen_set" in extra:
-            # Every actor learns the others' trained hashes: repeats read by different actors meet.
-            self.pool.share_seen(extra["seen_set"])
         self.observer.on_checkpoint(saved, duration_s=time.time() - started)
         return True
 
-    def gather_seen(self, cursor_state: dict[str, Any]) -> dict[str, list[int]]:
-        """The decode actors' seen-sets cut back to the stream cursor (by each actor) and merged:
-        only hashes of samples that were trained, so none read again after a resume is taken for
-        its own repeat."""
-        curation = self.cfg.curation
-        merged = seen_union(self.pool.seen_states(cursor_state, SEEN_GATHER_TIMEOUT_S), curation.seen_capacity,
-                            curation.dedup_max_distance, curation.max_repeats)
-        return merged.state_dict()
+    def gather_seen(self, cursor_state: dict[str, Any]) -> dict[str, Any]:
+        """The union's state after merging the decode actors' seen-sets, each cut back (by its
+        actor) to the stream cursor: only hashes of samples that were trained, so none read again
+        after a resume is taken for its own repeat. Every actor gets what the union gained, so that
+        repeats read by different actors meet."""
+        gained = self.seen.merge_trained(self.pool.seen_states(cursor_state, SEEN_GATHER_TIMEOUT_S))
+        self.pool.share_seen(gained)
+        return self.seen.state_dict()
+
+    def seen_state(self) -> dict[str, Any] | None:
+        """The trained-hash union as of the latest checkpoint, for a decode actor that starts now."""
+        return self.seen.state_dict() if self.seen is not None and len(self.seen) else None
 
     def mark_final(self) -> bool:
         try:

@@ -70,7 +70,8 @@ class RunObserver:
         progress = summary.progress
         m.count_decode_errors(progress.errors)
         self.decode_errors += sum(progress.errors.values())
-        if self.cfg.curation.dedup:
+        if self.cfg.curation.dedup and (progress.dropped or progress.seen_hashes):
+            # A chunk that trained no batch knows nothing of the seen-sets: the gauge keeps its value.
             m.count_curation(progress.dropped, progress.seen_hashes)
             self.curation_dropped += sum(progress.dropped.values())
         m.count_reads(bytes_read=progress.bytes_read, shards_completed=len(progress.finished))

@@ -44,6 +44,7 @@ from stream_swav.apps.follow import append_jsonl, read_jsonl
 from stream_swav.checkpoint import resolve_checkpoint
 from stream_swav.config import CurationConfig
 from stream_swav.curation import SeenSet
+from stream_swav.data.multicrop import min_decode_side
 
 log = logging.getLogger("stream_swav.curation_study")
 
@@ -59,12 +60,13 @@ CONDITIONS: dict[str, tuple[str, dict[str, Any], str]] = {
 }
 
 
-def kept_share(stream: Path, cache: Path) -> float:
-    """The share of a pass over `stream` that dedup (the default distance and repeats) keeps."""
+def kept_share(stream: Path, min_side: int, cache: Path) -> float:
+    """The share of a pass over `stream` that dedup (the default distance and repeats) keeps, the
+    images decoded as a worker whose largest crop is `min_side` decodes them."""
     if cache.is_file():
         return json.loads(cache.read_text())["kept_share"]
     defaults = CurationConfig()
-    scored = dedup_study.score(dedup_study.stream_hashes(stream),
+    scored = dedup_study.score(dedup_study.stream_hashes(stream, min_side),
                                SeenSet(10_000_000, defaults.dedup_max_distance, defaults.max_repeats))
     share = scored["images_kept"] / scored["images"]
     cache.write_text(json.dumps({**scored, "kept_share": share}, indent=2) + "\n")
@@ -119,13 +121,13 @@ def run_study(args: argparse.Namespace) -> int:
     messy_stream.build(out / "stream", spec, data_dir=args.data_dir)
     made = demo_shards(out / "shards", eval_train=60_000, eval_test=10_000, dataset="fashion-mnist",
                        data_dir=args.data_dir)
-    share = kept_share(out / "stream" / "messy", out / "kept.json")
+    recipe = run_config(args.images, {}, [], 0, made.train, str(out / "unused"))
+    share = kept_share(out / "stream" / "messy", min_decode_side(recipe.crops), out / "kept.json")
     device = pick_device("auto")
     data = load_eval_data(made.eval_train, made.eval_test, made.image_size)
     refs_path = out / "references.json"
     if not refs_path.is_file():
-        base = run_config(args.images, {}, [], 0, made.train, str(out / "unused"))
-        refs_path.write_text(json.dumps(references(base, data, device, False), indent=2) + "\n")
+        refs_path.write_text(json.dumps(references(recipe, data, device, False), indent=2) + "\n")
     refs = json.loads(refs_path.read_text())
     results = out / "results.jsonl"
     failures = 0

@@ -2,10 +2,11 @@
 messy-stream benchmark, offline: no training, one pass in stream order.
 
 ``python -m pipelines.dedup_study --stream runs/messy/messy [--distances 0,2,4,6,8]
-[--max-repeats 0] [--capacity 1000000]``
+[--max-repeats 0] [--capacity 1000000] [--min-side 28]``
 
-Every sample is read with the shard reader and decoded with the training path's decoder, hashed,
-and offered to a fresh `SeenSet` per setting. Each messy sample's json member says what it is
+Every sample is read with the shard reader and decoded with the training path's decoder as a decode
+worker decodes it (JPEG draft scaling down to ``--min-side``, the recipe's largest crop: the demo's
+28 px), hashed, and offered to a fresh `SeenSet` per setting. Each messy sample's json member says what it is
 (`pipelines/messy_stream.py`), so per setting this prints: the share of exact and near copies
 dropped; the share of junk dropped; the distinct images lost (a training-split image none of whose
 occurrences was kept: the mistake curation must not make); and the surplus kept (occurrences kept
@@ -28,8 +29,9 @@ from stream_swav.data.decode import DecodeLimits, SampleError, decode_image
 from stream_swav.data.shards import iter_shard
 
 
-def stream_hashes(folder: Path) -> list[tuple[int, dict]]:
-    """(hash, json record) of every decodable sample, shards in name order, samples in file order."""
+def stream_hashes(folder: Path, min_side: int) -> list[tuple[int, dict]]:
+    """(hash, json record) of every decodable sample, shards in name order, samples in file order;
+    decoded as a decode worker whose largest crop is `min_side` decodes it (`min_decode_side`)."""
     data = DataConfig()
     limits = DecodeLimits.from_config(data)
     fs = fsspec.filesystem("file")
@@ -40,7 +42,7 @@ def stream_hashes(folder: Path) -> list[tuple[int, dict]]:
             if sample.image is None:
                 continue
             try:
-                image = decode_image(sample.image, limits, min_target_side=1)
+                image = decode_image(sample.image, limits, min_target_side=min_side)
             except SampleError:
                 continue
             out.append((perceptual_hash(image), json.loads(sample.meta["json"])))
@@ -77,12 +79,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--distances", default="0,2,4,6,8", help="Hamming distances to try (comma-separated)")
     parser.add_argument("--max-repeats", type=int, default=0)
     parser.add_argument("--capacity", type=int, default=1_000_000)
+    parser.add_argument("--min-side", type=int, default=28,
+                        help="decode as a worker whose largest crop is this (default 28, the demo's)")
     args = parser.parse_args(argv)
     if not any(args.stream.glob("*.tar")):
         print(f"--stream: no shards in {args.stream}; write them with python -m pipelines.messy_stream", file=sys.stderr)
         return 2
     started = time.perf_counter()
-    hashes = stream_hashes(args.stream)
+    hashes = stream_hashes(args.stream, args.min_side)
     print(f"{len(hashes)} images read, decoded and hashed in {time.perf_counter() - started:.1f} s")
     print("| max distance | exact copies dropped | near copies dropped | junk dropped | distinct images lost "
           "| surplus kept | images kept |")

@@ -144,7 +144,7 @@ def test_the_dedup_study_drops_exact_copies_and_keeps_every_distinct_image_at_di
     data = write_fmnist_subset(tmp_path / "fmnist", train=1000, test=10)
     out = tmp_path / "messy"
     assert messy_stream.main(["--out", str(out), "--data-dir", str(data), "--pool-fraction", "0.05"]) == 0
-    hashes = dedup_study.stream_hashes(out / "messy")
+    hashes = dedup_study.stream_hashes(out / "messy", min_side=28)
     stream = json.loads((out / "stream.json").read_text())
     assert len(hashes) == stream["messy"]["images"]
     exact = dedup_study.score(hashes, SeenSet(10_000, max_distance=0))

@@ -44,9 +44,15 @@ from typing import Any
 import torch
 
 from stream_swav import storage
-from stream_swav.storage import join_url
+from stream_swav.backbone_spec import BackboneSpec, recorded_spec
 from stream_swav.config import AugmentConfig, StorageConfig, UsageError
-from stream_swav.model import BackboneSpec, load_backbone, recorded_spec
+from stream_swav.storage import join_url
+
+# The keys of a learner's state that differ between the ranks of a data-parallel group: each
+# rank's own feature queue, random streams and prototype-usage estimate (curation.balance). A
+# checkpoint holds rank 0's state whole and these of every other rank; the rest (weights,
+# optimiser, codes, counters) is the same on every rank.
+RANK_LOCAL_STATE_KEYS = ("queue", "cpu_rng", "augment_rng", "cuda_rng", "balance")
 
 log = logging.getLogger(__name__)
 
@@ -460,6 +466,8 @@ def resolve_checkpoint(url: str, storage_cfg: StorageConfig | None = None,
 def load_resolved_backbone(resolved: ResolvedCheckpoint, storage_cfg: StorageConfig | None = None) -> torch.nn.Module:
     """The checkpoint's feature extractor in eval mode (see `stream_swav.model.load_backbone`); backbone
     files of every format load."""
+    from stream_swav.model import load_backbone  # builds the network: torchvision, only when asked
+
     state = load_backbone_state(resolved.backbone_url, storage_cfg or StorageConfig())
     return load_backbone(state, resolved.spec)
 

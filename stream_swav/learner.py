@@ -27,6 +27,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from stream_swav.augment import apply_params, sample_params
 from stream_swav.balance import PrototypeBalance
+from stream_swav.checkpoint import RANK_LOCAL_STATE_KEYS
 from stream_swav.codes import build_codes
 from stream_swav.config import Config
 from stream_swav.data.batch import CropBatch
@@ -177,13 +178,6 @@ def score_spread(scores: Tensor) -> Tensor:
     """Mean over the rows of (A, B, K) cosine scores of their standard deviation over prototypes:
     about 1/sqrt(dim) for random unit vectors, 0 when every prototype scores each image alike."""
     return scores.float().std(dim=2).mean()
-
-
-# The keys of a learner's state that differ between the ranks of a data-parallel group: each
-# rank's own feature queue, random streams and prototype-usage estimate (curation.balance). A
-# checkpoint holds rank 0's state whole and these of every other rank; the rest (weights,
-# optimiser, codes, counters) is the same on every rank.
-RANK_LOCAL_STATE_KEYS = ("queue", "cpu_rng", "augment_rng", "cuda_rng", "balance")
 
 
 class LearnerState:

@@ -63,7 +63,7 @@ from stream_swav import storage
 from stream_swav.config import Config, ConfigError
 from stream_swav.curation import SeenSet
 from stream_swav.data.sources import ShardSource, spec_kind
-from stream_swav.model import BackboneSpec
+from stream_swav.backbone_spec import BackboneSpec
 from stream_swav.runtime.checkpointing import CheckpointPolicy
 from stream_swav.runtime.cluster import StartupError, init_ray, plan_cluster, shutdown_ray
 from stream_swav.runtime.decode_pool import DecodePool

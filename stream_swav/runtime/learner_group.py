@@ -18,9 +18,8 @@ from ray.exceptions import GetTimeoutError, RayActorError, RayError, RayTaskErro
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from stream_swav.checkpoint import CheckpointInfo
+from stream_swav.checkpoint import RANK_LOCAL_STATE_KEYS, CheckpointInfo
 from stream_swav.config import Config
-from stream_swav.learner import RANK_LOCAL_STATE_KEYS
 from stream_swav.runtime.actors import LearnerActor
 from stream_swav.runtime.cluster import ClusterPlan, StartupError, describe_shortfall
 from stream_swav.runtime.reports import StepReport

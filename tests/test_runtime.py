@@ -318,20 +318,26 @@ def scene_jpeg(seed: int) -> bytes:
     return buffer.getvalue()
 
 
+def shards_with_repeats(folder, shards: int = 4) -> dict[str, int]:
+    """Shards of ten textured images each, then byte copies of five of the next shard's (whatever
+    the pass order, copies of some images come after their originals, some before); returns the
+    scene of every sample key."""
+    scene_of: dict[str, int] = {}
+    os.makedirs(folder, exist_ok=True)
+    for index in range(shards):
+        own = [(f"s{index}-{n}", 10 * index + n) for n in range(10)]
+        copies = [(f"s{index}-copy{n}", 10 * ((index + 1) % shards) + n) for n in range(5)]
+        url = object_url(str(folder), f"shard-{index}.tar")
+        write_shard(url, tar_bytes([(key, {"jpg": scene_jpeg(seed)}) for key, seed in own + copies]))
+        scene_of.update({f"{url}/{key}": seed for key, seed in own + copies})
+    return scene_of
+
+
 def test_dedup_trains_each_image_once_per_pass_through_a_checkpoint_and_resume(tmp_path):
     """curation.dedup: byte copies of images read earlier (some by then trained, some only read) are
     dropped; the seen-set saved with a checkpoint holds exactly the trained images, so a resumed
     run neither trains a repeat of something trained before nor drops an image it re-reads."""
-    scene_of: dict[str, int] = {}
-    for index in range(4):
-        # Ten images of its own, then byte copies of five of the next shard's (whatever the pass
-        # order, copies of some images come after their originals, some before).
-        own = [(f"s{index}-{n}", 10 * index + n) for n in range(10)]
-        copies = [(f"s{index}-copy{n}", 10 * ((index + 1) % 4) + n) for n in range(5)]
-        url = object_url(str(tmp_path / "shards"), f"shard-{index}.tar")
-        os.makedirs(tmp_path / "shards", exist_ok=True)
-        write_shard(url, tar_bytes([(key, {"jpg": scene_jpeg(seed)}) for key, seed in own + copies]))
-        scene_of.update({f"{url}/{key}": seed for key, seed in own + copies})
+    scene_of = shards_with_repeats(tmp_path / "shards")
     overrides = {"data": {"shards": str(tmp_path / "shards")}, "curation": {"dedup": True},
                  "checkpoint": {"dir": str(tmp_path / "ckpt"), "every_steps": 2},
                  "train": {"image_budget": 10_000, "report_interval_s": 0.2}}
@@ -358,3 +364,32 @@ def test_dedup_trains_each_image_once_per_pass_through_a_checkpoint_and_resume(t
     dropped = second.metrics.registry.get_sample_value("stream_swav_curation_dropped_total",
                                                        {"reason": "duplicate"})
     assert dropped and dropped >= 1
+
+
+def test_dedup_with_two_decode_actors_and_one_killed_loses_no_image(tmp_path):
+    """Two decode actors, each with its own seen-set, meeting at checkpoints; one is killed mid-pass
+    and its replacement starts from the union. Every sample is still trained at most once and every
+    image at least once in pass 0; a repeat is admitted at most once per actor that reads it (two
+    actors, and the killed one's replacement, which forgot what its predecessor admitted)."""
+    scene_of = shards_with_repeats(tmp_path / "shards", shards=6)
+    cfg = tiny_config({"data": {"shards": str(tmp_path / "shards"), "decode_actors": 2,
+                                "inflight_batches_per_actor": 1},
+                       "curation": {"dedup": True}, "checkpoint": {"dir": str(tmp_path / "ckpt"), "every_steps": 2},
+                       "train": {"image_budget": 10_000, "report_interval_s": 0.2}})
+    killed: dict[str, int] = {}
+
+    def kill_one_after_a_checkpoint_then_stop(trainer: WatchedTrainer) -> None:
+        if not killed and trainer.last_checkpoint_step > 0 and trainer.ledger.cursor.pass_index == 0:
+            slot, handle = next(iter(trainer.pool.actors.items()))
+            killed.update(slot=slot, pid=ray.get(handle.ready.remote()))
+            os.kill(killed["pid"], signal.SIGKILL)
+        if trainer.ledger.cursor.pass_index >= 1:
+            trainer.request_stop("pass 0 trained")
+
+    trainer = run_to_end(cfg, tmp_path / "trained.jsonl", after_chunk=kill_one_after_a_checkpoint_then_stop)
+    assert killed, "no checkpoint was written while pass 0 was read"
+    assert trainer.metrics.registry.get_sample_value("stream_swav_decode_actor_restarts_total") == 1
+    keys = [s.key for s in trainer.trained if s.pass_index == 0]
+    assert len(keys) == len(set(keys))  # the cursor: no sample twice
+    scenes = collections.Counter(scene_of[key] for key in keys)
+    assert set(scenes) == set(range(60)) and max(scenes.values()) <= 3

@@ -223,8 +223,9 @@ def test_backpressure_bounds_batches_waiting(tmp_path):
     shards, _ = shards_on_disk(tmp_path, [16, 16, 16])
     cfg = tiny_config({"data": {"shards": shards, "decode_actors": 2, "inflight_batches_per_actor": 2},
                        "checkpoint": {"dir": str(tmp_path / "ckpt"), "every_steps": 0},
-                       "train": {"image_budget": 96, "report_interval_s": 0.2}})
-    # Each learner asks each of its decode actors for at most 2 batches ahead of training.
+                       "train": {"image_budget": 240, "report_interval_s": 0.2}})
+    # Each learner asks each of its decode actors for at most 2 batches ahead of training. (A budget
+    # of 96 images was trained in 4 chunks on an idle machine: too few samples of the gauge.)
     capacity = 2 * 2
     held: list[float] = []
 

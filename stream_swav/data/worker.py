@@ -22,6 +22,7 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -133,7 +134,7 @@ class DecodeWorker:
         meta.seen_hashes = len(self.seen) if self.seen is not None else 0
         return CropBatch(global_crops=global_crops, local_crops=local_crops, meta=meta)
 
-    def seen_state(self, trained: dict, newest: int | None = None) -> dict[str, list[int]] | None:
+    def seen_state(self, trained: dict[str, Any], newest: int | None = None) -> dict[str, Any] | None:
         """The seen-set (None without curation.dedup) cut back to what the stream cursor state
         `trained` (`StreamCursor.state_dict()`) says was trained, of the `newest` hashes at most;
         the live set keeps what was read ahead."""
@@ -143,7 +144,7 @@ class DecodeWorker:
         cursor.load_state_dict(trained)
         return self.seen.trained_state(cursor.trained, newest)
 
-    def absorb_seen(self, state: dict[str, list[int]]) -> None:
+    def absorb_seen(self, state: dict[str, Any]) -> None:
         """Merge a seen-set state (a checkpoint's, or other workers' cut back to what was trained)."""
         if self.seen is not None:
             self.seen.absorb(state)

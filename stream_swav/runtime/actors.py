@@ -60,10 +60,10 @@ class DecodeActorImpl:
     def next_batch(self, batch_size: int) -> Any:
         return self.worker.next_batch(batch_size)
 
-    def seen_state(self, trained: dict[str, Any], newest: int | None) -> dict[str, list[int]] | None:
+    def seen_state(self, trained: dict[str, Any], newest: int | None) -> dict[str, Any] | None:
         return self.worker.seen_state(trained, newest)
 
-    def absorb_seen(self, state: dict[str, list[int]]) -> None:
+    def absorb_seen(self, state: dict[str, Any]) -> None:
         self.worker.absorb_seen(state)
 
 

@@ -9,8 +9,8 @@ With curation.dedup, each actor owns a seen-set of the images it decoded. The
 pool gathers them, cut back to what was trained, for a checkpoint
 (`seen_states`), hands every live actor what the driver's union gained from
 them (`share_seen`), so that repeats read by different actors meet at the
-latest one checkpoint later, and starts every replacement from the whole union
-(`seen_source`).
+latest one checkpoint later, and starts every actor it launches, replacements
+included, from the whole union (`seen_source`).
 """
 from __future__ import annotations
 
@@ -44,7 +44,8 @@ class DecodePool:
         self.dropped: set[int] = set()
         # Launched by `launch`, not yet waited for by `wait_started`: slot -> handle.
         self._launched: dict[int, Any] = {}
-        # The trained seen-set union now (None when empty or without curation.dedup), for replacements.
+        # The trained seen-set union now (None when empty or without curation.dedup), for every actor
+        # launched: at a (re)start the restored checkpoint's, later the latest checkpoint's.
         self.seen_source = seen_source
 
     def feeders(self) -> dict[int, dict[int, Any]]:

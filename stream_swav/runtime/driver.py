@@ -60,10 +60,10 @@ from ray.exceptions import RayTaskError
 
 from stream_swav import checkpoint as ckpt
 from stream_swav import storage
+from stream_swav.backbone_spec import BackboneSpec
 from stream_swav.config import Config, ConfigError
 from stream_swav.curation import SeenSet
 from stream_swav.data.sources import ShardSource, spec_kind
-from stream_swav.backbone_spec import BackboneSpec
 from stream_swav.runtime.checkpointing import CheckpointPolicy
 from stream_swav.runtime.cluster import StartupError, init_ray, plan_cluster, shutdown_ray
 from stream_swav.runtime.decode_pool import DecodePool
@@ -241,6 +241,9 @@ class Trainer:
         """Start the learners and decode actors and restore `point`: RUNNING. A learner that fails
         meanwhile (a node lost during start-up, a process killed for memory) is a failure like any
         other: RECOVERING. A stop while waiting for resources: DONE, without a checkpoint."""
+        # Before any decode actor starts, so that each starts from the union of the checkpoint being
+        # restored, not from the union of the run that failed (it may be ahead of that checkpoint).
+        self.seen = self.restored_seen(point)
         try:
             self.start_actors()
             self.restore(shards, point)
@@ -270,9 +273,6 @@ class Trainer:
     def restore(self, shards: list[str], point: ckpt.ResumePoint | None) -> None:
         """Load a checkpoint (the newest that loads) into the learners and rewind the stream to it;
         with none, the stream starts from its beginning (the learners are fresh)."""
-        curation = self.cfg.curation
-        self.seen = (SeenSet(curation.seen_capacity, curation.dedup_max_distance, curation.max_repeats)
-                     if curation.dedup else None)
         if point is None:
             self.ledger.rewind(None, self.cfg.data.seed, shards)
             self.step = self.images_seen = 0
@@ -281,15 +281,10 @@ class Trainer:
             return
         cursor = point.state.pop("stream_cursor")
         point.state.pop("config", None)
-        seen = point.state.pop("seen_set", None)
         self.step = self.group.restore(point.state)
         self.images_seen = int(point.state["images_seen"])
         # Shards listed now but not in the checkpoint (a growing bucket) join the passes under way.
         self.ledger.rewind(cursor, self.cfg.data.seed, shards)
-        if seen is not None and self.seen is not None:
-            # Saved cut back to the cursor: the hashes of what was trained, nothing read after it.
-            self.seen.load_state_dict(seen)
-            self.pool.share_seen(seen)
         self.last_checkpoint_step = self.step
         self.policy.mark(self.step, time.time())
         self.observer.on_resume(point, self.step, self.images_seen)
@@ -349,6 +344,18 @@ class Trainer:
         self.observer.on_checkpoint(saved, duration_s=time.time() - started)
         return True
 
+    def restored_seen(self, point: ckpt.ResumePoint | None) -> SeenSet | None:
+        """curation.dedup's union of trained hashes as `point` saved it (cut back to its cursor:
+        nothing read after it), empty without a point; None without dedup."""
+        saved = point.state.pop("seen_set", None) if point is not None else None
+        curation = self.cfg.curation
+        if not curation.dedup:
+            return None
+        seen = SeenSet(curation.seen_capacity, curation.dedup_max_distance, curation.max_repeats)
+        if saved is not None:
+            seen.load_state_dict(saved)
+        return seen
+
     def gather_seen(self, cursor_state: dict[str, Any]) -> dict[str, Any]:
         """The union's state after merging the decode actors' seen-sets, each cut back (by its
         actor) to the stream cursor: only hashes of samples that were trained, so none read again
@@ -359,7 +366,8 @@ class Trainer:
         return self.seen.state_dict()
 
     def seen_state(self) -> dict[str, Any] | None:
-        """The trained-hash union as of the latest checkpoint, for a decode actor that starts now."""
+        """The trained-hash union as of the latest checkpoint (or the one restored), for a decode
+        actor that starts now."""
         return self.seen.state_dict() if self.seen is not None and len(self.seen) else None
 
     def mark_final(self) -> bool:

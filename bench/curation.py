@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import io
 import statistics
-import tarfile
 import tempfile
 import time
 from pathlib import Path
@@ -33,9 +32,10 @@ import torch
 from PIL import Image, ImageDraw, ImageFilter
 
 from stream_swav.apps.demo import demo_config
-from stream_swav.config import Config, CropsConfig, config_from_dict, merge_dicts
+from stream_swav.config import Config, CropsConfig, StorageConfig, config_from_dict, merge_dicts
 from stream_swav.data.batch import CropBatch
 from stream_swav.data.cursor import ShardTask, shard_seed
+from stream_swav.data.shards import ShardWriter
 from stream_swav.data.worker import DecodeWorker
 from stream_swav.learner import Learner
 
@@ -50,24 +50,22 @@ def recipe(overrides: dict) -> Config:
 
 def photo_shard(folder: Path, count: int, side: int) -> Path:
     """A tar shard of `count` distinct textured JPEGs of `side` x `side` pixels."""
-    path = folder / "photos.tar"
     rng = np.random.default_rng(0)
-    with tarfile.open(path, "w") as tar:
-        for n in range(count):
-            image = Image.fromarray(rng.integers(0, 256, (side, side, 3), dtype=np.uint8)).filter(
-                ImageFilter.GaussianBlur(2))
-            draw = ImageDraw.Draw(image)
-            for _ in range(8):
-                x, y = rng.integers(0, side, 2)
-                draw.ellipse((int(x), int(y), int(x) + side // 4, int(y) + side // 5),
-                             fill=tuple(int(c) for c in rng.integers(0, 256, 3)))
-            buffer = io.BytesIO()
-            image.save(buffer, "JPEG", quality=90)
-            info = tarfile.TarInfo(f"{n:06d}.jpg")
-            info.size = buffer.tell()
-            buffer.seek(0)
-            tar.addfile(info, buffer)
-    return path
+    writer = ShardWriter(str(folder), StorageConfig())
+    writer.open()
+    for n in range(count):
+        image = Image.fromarray(rng.integers(0, 256, (side, side, 3), dtype=np.uint8)).filter(
+            ImageFilter.GaussianBlur(2))
+        draw = ImageDraw.Draw(image)
+        for _ in range(8):
+            x, y = rng.integers(0, side, 2)
+            draw.ellipse((int(x), int(y), int(x) + side // 4, int(y) + side // 5),
+                         fill=tuple(int(c) for c in rng.integers(0, 256, 3)))
+        buffer = io.BytesIO()
+        image.save(buffer, "JPEG", quality=90)
+        writer.add(f"{n:06d}", {"jpg": buffer.getvalue()})
+    writer.publish("photos.tar")
+    return folder / "photos.tar"
 
 
 def read_everything(shards: list[Path], cfg: Config) -> tuple[float, int, int]:

@@ -674,7 +674,7 @@ def e2e_figures(scrapes: list[dict[str, Any]], shards: dict[str, Any] | None,
         last = scrapes[-1]["values"]
         figures.update(
             # Gauges of the actors up: their most over the run (they fall to 0 as the run stops).
-            learners=int(max(s["values"].get("stream_swav_learners_up", 0) for s in scrapes)),
+            learners=int(max(s["values"].get("stream_swav_learners", 0) for s in scrapes)),
             decode_actors=int(max(s["values"].get("stream_swav_decode_actors_up", 0) for s in scrapes)),
             steps=int(last.get("stream_swav_steps_total", 0)),
             images_trained=int(last.get("stream_swav_images_trained_total", 0)),

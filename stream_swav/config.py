@@ -356,7 +356,17 @@ class OptimConfig:
 @dataclass
 class TrainConfig:
     batch_size: int = setting(64, POSITIVE)
+    # The learners wanted (the most the run trains with).
     learners: int = setting(1, POSITIVE)
+    # The fewest the run trains with; 0: train.learners (a fixed size). Below train.learners the
+    # group is elastic: it starts once min_learners are placed, grows towards train.learners as room
+    # appears, and shrinks on a learner's loss without going back to a checkpoint.
+    min_learners: int = setting(0, NON_NEGATIVE)
+    # How often an elastic group below train.learners looks for room for another learner.
+    resize_interval_s: float = setting(30.0, POSITIVE)
+    # The longest a learner waits in one collective (torch.distributed's timeout): how long survivors
+    # can be held by a peer that hangs without dying (a dead peer's gloo connection fails at once).
+    collective_timeout_s: float = setting(600.0, POSITIVE)
     # auto: cuda when the learner got a GPU, else cpu.
     device: str = setting("auto", one_of("auto", "cpu", "cuda"))
     # auto: bf16 autocast on CUDA, float32 on CPU.
@@ -389,9 +399,21 @@ class TrainConfig:
     # grows with learners / report_interval_s, not with the step rate.
     report_interval_s: float = setting(2.0, POSITIVE)
 
+    @property
+    def fewest_learners(self) -> int:
+        """The smallest group the run trains with: min_learners, or learners when it is 0."""
+        return self.min_learners or self.learners
+
+    @property
+    def elastic(self) -> bool:
+        """Whether the group may train below train.learners (shrink on a loss, grow back)."""
+        return self.fewest_learners < self.learners
+
     def rules(self) -> Iterator[Rule]:
-        yield ("train.batch_size", self.batch_size >= 2 or self.learners > 1, "must be >= 2 for Sinkhorn",
+        yield ("train.batch_size", self.batch_size >= 2 or self.fewest_learners > 1, "must be >= 2 for Sinkhorn",
                self.batch_size)
+        yield ("train.min_learners", self.min_learners <= self.learners,
+               "must be <= train.learners (0: equal to it)", self.min_learners)
 
 
 @dataclass
@@ -692,9 +714,10 @@ def _build(layers: list[dict[str, Any]]) -> Config:
     return cfg.validate()
 
 
-def scaled_learning_rate(cfg: Config, lr: float) -> float:
-    """Linear scaling rule: rates in the config are for a global batch of 256."""
-    return lr * cfg.global_batch / 256.0
+def scaled_learning_rate(cfg: Config, lr: float, global_batch: int | None = None) -> float:
+    """Linear scaling rule: rates in the config are for a global batch of 256; the batch is
+    cfg.global_batch unless an elastic group trains with fewer learners now."""
+    return lr * (global_batch or cfg.global_batch) / 256.0
 
 
 __all__ = ["Config", "ConfigError", "UsageError", "load_config", "config_from_dict", "parse_overrides", "merge_dicts",

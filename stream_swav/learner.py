@@ -195,9 +195,10 @@ class LearnerState:
             raise ValueError(f"world_size={world_size} but the process group has {dist.get_world_size()} processes")
         if not distributed and world_size != 1:
             raise ValueError(f"world_size={world_size} needs an initialised torch.distributed process group")
-        if cfg.train.learners != world_size:
-            # The learning rate is scaled by train.learners, the image count by world_size.
-            raise ValueError(f"train.learners={cfg.train.learners} but world_size={world_size}")
+        if not cfg.train.fewest_learners <= world_size <= cfg.train.learners:
+            # The learning rate and the image count are scaled by world_size (an elastic group's size now).
+            raise ValueError(f"world_size={world_size} is outside train.min_learners..train.learners "
+                             f"({cfg.train.fewest_learners}..{cfg.train.learners})")
 
         # Same seed on every rank: replicas start identical (DDP also broadcasts rank 0's weights).
         with torch.random.fork_rng(devices=[]):
@@ -266,6 +267,18 @@ class LearnerState:
             state["cuda_rng"] = torch.cuda.get_rng_state(self.device)
         return state
 
+    def shared_state(self) -> dict[str, Any]:
+        """What every rank holds alike (network, optimiser, code state, counters): `state_dict()`
+        without the rank-local part, for a rank that joins or fell a step behind."""
+        state = self.state_dict()
+        for key in RANK_LOCAL_STATE_KEYS:
+            state.pop(key, None)
+        return state
+
+    def adopt(self, shared: dict[str, Any]) -> None:
+        """Take another rank's `shared_state()`, keeping this rank's queue and random streams."""
+        self.load_state_dict({**shared, **self.rank_local_state()})
+
     def check_state(self, state: Any) -> None:
         """Raise ValueError, naming the part, when `state` is not a `state_dict()` this learner can load."""
         if not isinstance(state, dict):
@@ -332,18 +345,11 @@ class Learner(LearnerState):
 
     def __init__(self, cfg: Config, device: torch.device, rank: int = 0, world_size: int = 1) -> None:
         super().__init__(cfg, device, rank=rank, world_size=world_size)
-        self.network: nn.Module = self.model
-        if is_distributed():
-            device_ids = [self.device] if self.device.type == "cuda" else None
-            self.network = DistributedDataParallel(self.model, device_ids=device_ids)
-
+        self.network = self._build_network()
         self._apply_params = apply_params
         self._cudagraphs = False
         if cfg.train.compile:
             mode = cfg.train.compile_mode
-            # Shapes are fixed per run; dynamic=False keeps the two crop sizes from turning
-            # into one slower shape-generic graph after the first recompilation.
-            self.network = torch.compile(self.network, mode=mode, dynamic=False)
             # sample_params stays eager: dynamo cannot trace torch.rand with an explicit generator.
             self._apply_params = torch.compile(apply_params, mode=_AUGMENT_COMPILE_MODE[mode], dynamic=False)
             self._cudagraphs = self.device.type == "cuda" and mode in _CUDAGRAPH_MODES
@@ -357,6 +363,28 @@ class Learner(LearnerState):
         # non-finite batch cannot poison them for evaluation.
         self._buffers = list(self.model.buffers())
         self._buffer_snapshot = [b.clone() for b in self._buffers]
+
+    def _build_network(self) -> nn.Module:
+        """The model as it runs: DistributedDataParallel over the process group (whose construction
+        gives every rank rank 0's weights), compiled when train.compile."""
+        network: nn.Module = self.model
+        if is_distributed():
+            device_ids = [self.device] if self.device.type == "cuda" else None
+            network = DistributedDataParallel(self.model, device_ids=device_ids)
+        if self.cfg.train.compile:
+            # Shapes are fixed per run; dynamic=False keeps the two crop sizes from turning
+            # into one slower shape-generic graph after the first recompilation.
+            network = torch.compile(network, mode=self.cfg.train.compile_mode, dynamic=False)
+        return network
+
+    def regroup(self, rank: int, world_size: int) -> None:
+        """Train on in a process group formed again (an elastic group that shrank or grew): the
+        network is wrapped anew over it; every call of it must be made on all its ranks together."""
+        # Below train.min_learners too: survivors hold their state while the driver waits for more.
+        if not 1 <= world_size <= self.cfg.train.learners:
+            raise ValueError(f"world_size={world_size} is outside 1..train.learners")
+        self.rank, self.world_size = rank, world_size
+        self.network = self._build_network()
 
     def _autocast(self) -> contextlib.AbstractContextManager:
         if self.autocast_dtype is None:
@@ -401,21 +429,34 @@ class Learner(LearnerState):
     def train_step(self, batch: CropBatch) -> StepStats:
         """One update from one batch; a batch whose loss or gradients are not finite
         is consumed (counted in step and images_seen) without changing any weight,
-        optimiser state, BatchNorm statistic or queue entry."""
+        optimiser state, BatchNorm statistic or queue entry.
+
+        Every collective of the step comes before the first change of state, so a step that raises
+        (a peer lost in a collective) leaves the learner as it was before it, BatchNorm statistics
+        included: an elastic group's survivors go on from their last whole step."""
+        if self._buffers:  # a ViT has none
+            torch._foreach_copy_(self._buffer_snapshot, self._buffers)
+        try:
+            return self._train_step(batch)
+        except BaseException:
+            if self._buffers:
+                torch._foreach_copy_(self._buffers, self._buffer_snapshot)
+            self.optimizer.zero_grad(set_to_none=True)
+            raise
+
+    def _train_step(self, batch: CropBatch) -> StepStats:
         cfg, swav = self.cfg, self.cfg.swav
         batch_size = _check_batch(batch, cfg)
         images_before = self.images_seen
         # The rate for the images seen once this batch is in, so the first step of a warmup is not wasted.
         images_after = images_before + batch_size * self.world_size
-        lr = learning_rate_for(cfg, images_after)
+        lr = learning_rate_for(cfg, images_after, batch_size * self.world_size)
         decay = weight_decay_for(cfg, images_after)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
             if group["decayed"]:
                 group["weight_decay"] = decay
 
-        if self._buffers:  # a ViT has none
-            torch._foreach_copy_(self._buffer_snapshot, self._buffers)
         crops = self._augment(batch)
         self.network.train()
         if self._cudagraphs:
@@ -440,9 +481,9 @@ class Learner(LearnerState):
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
 
+        nonfinite = not self._all_finite(loss)  # the step's last collective
         self.step += 1
-        self.images_seen = images_before + batch_size * self.world_size
-        nonfinite = not self._all_finite(loss)
+        self.images_seen = images_after
         if nonfinite:
             self.nonfinite_total += 1
             self.nonfinite_in_row += 1

@@ -119,11 +119,12 @@ def learning_rate(images_seen: int, *, peak_lr: float, final_lr: float, warmup_i
     return half_cosine(peak_lr, final_lr, (images_seen - warmup_images) / (cosine_images - warmup_images))
 
 
-def learning_rate_for(cfg: Config, images_seen: int) -> float:
-    """The configured schedule; base_lr and final_lr are both scaled from a global batch of 256."""
+def learning_rate_for(cfg: Config, images_seen: int, global_batch: int | None = None) -> float:
+    """The configured schedule; base_lr and final_lr are both scaled from a global batch of 256 to
+    `global_batch` (default cfg.global_batch: every learner of train.learners)."""
     o = cfg.optim
-    return learning_rate(images_seen, peak_lr=scaled_learning_rate(cfg, o.base_lr),
-                         final_lr=scaled_learning_rate(cfg, o.final_lr), warmup_images=o.warmup_images,
+    return learning_rate(images_seen, peak_lr=scaled_learning_rate(cfg, o.base_lr, global_batch),
+                         final_lr=scaled_learning_rate(cfg, o.final_lr, global_batch), warmup_images=o.warmup_images,
                          schedule=o.schedule, cosine_images=o.cosine_images)
 
 

@@ -18,8 +18,8 @@ import pytest
 import ray
 from conftest import colour_samples, tar_bytes
 from ray.cluster_utils import Cluster
-from runtime_helpers import (RAY_ENV, WatchedTrainer, close_trainer, object_url, run_to_end, runs, sample_keys,
-                             tiny_config, write_shard)
+from runtime_helpers import (RAY_ENV, WatchedTrainer, close_trainer, object_url, pass_counts, run_to_end, runs,
+                             sample_keys, tiny_config, write_shard)
 
 from stream_swav.runtime import driver
 from stream_swav.runtime.cluster import ClusterPlan, StartupError, plan_cluster
@@ -254,3 +254,107 @@ def test_plan_scales_decode_actors_to_the_cluster_and_refuses_what_cannot_fit():
     waiting = plan_cluster(wide, {"CPU": 1})
     assert waiting.decode_actors == 1 and waiting.learner_bundle == {"CPU": 2}
     assert waiting.warnings[0].startswith("train.learners:") and "train.startup_timeout_s" in waiting.warnings[0]
+
+
+# ------------------------------------------------------------------------------------ elastic groups
+
+
+def metric(trainer, name: str, **labels: str) -> float:
+    return trainer.metrics.registry.get_sample_value(name, labels or None) or 0.0
+
+
+def test_an_elastic_group_goes_on_without_a_killed_learner_grows_back_and_trains_every_sample_once(
+        cluster, tmp_path, caplog):
+    cluster.add_node(num_cpus=3)
+    folder, keys = shards(tmp_path / "shards", count=8, size=32)
+    passes = 3
+    cfg = tiny_config({"data": {"shards": folder, "decode_actors": 2},
+                       "checkpoint": {"dir": str(tmp_path / "ckpt"), "every_steps": 4},
+                       "train": {"learners": 2, "min_learners": 1, "image_budget": passes * len(keys),
+                                 "resize_interval_s": 1}})
+    # The learner that joins as rank 1 dies (SIGKILL) after 3 steps of its own; once.
+    dying = {"die_after_own_steps": 3, "die_rank": 1, "die_once_marker": str(tmp_path / "died")}
+
+    def slow_while_short(trainer) -> None:
+        if len(trainer.group.actors) < 2:
+            time.sleep(1.0)  # leave a joining learner time to start before the stream runs out
+
+    caplog.set_level(logging.INFO, logger="stream_swav")
+    trainer = run_to_end(cfg, tmp_path / "trained.jsonl", after_chunk=slow_while_short, dying=dying)
+
+    assert (tmp_path / "died").exists(), "the learner never died"
+    # It started with one learner, grew to two, went on with one when one died, grew back to two.
+    assert "1 learner(s) on cpu" in caplog.text
+    assert metric(trainer, "stream_swav_resizes_total", direction="shrink") == 1
+    assert metric(trainer, "stream_swav_resizes_total", direction="grow") == 2
+    assert metric(trainer, "stream_swav_learners") == 2
+    # Nothing was read back from a checkpoint and no step was trained twice.
+    assert metric(trainer, "stream_swav_rollback_steps_total") == 0
+    assert metric(trainer, "stream_swav_learner_restarts_total") == 0
+    assert "resumed from" not in caplog.text and "restarting the learners" not in caplog.text
+    steps = collections.Counter((s.rank, s.step) for s in trainer.trained)
+    assert max(steps.values()) == cfg.train.batch_size, "some rank trained one step twice"
+    # Every sample of each pass trained exactly once, across the shrink (pass 0) and the grow back;
+    # the last pass may end unfinished at the budget (decode actors read ahead into it).
+    for pass_index in range(passes - 1):
+        assert pass_counts(trainer.trained, pass_index) == {key: 1 for key in keys}, f"pass {pass_index}"
+    assert max(pass_counts(trainer.trained, passes - 1).values()) == 1
+    # It ended at its budget with a final checkpoint of the step it reached.
+    assert trainer.stop_reason == "budget reached" and trainer.last_checkpoint_step == trainer.step
+
+
+def test_an_elastic_group_goes_on_at_the_smaller_size_when_a_learners_node_never_returns(cluster, tmp_path):
+    # Two CPUs per learner and one decode actor each: one learner per node, the third never fits.
+    node = cluster.add_node(num_cpus=3)
+    cluster.wait_for_nodes()
+    folder, keys = shards(tmp_path / "shards", count=8, size=32)
+    cfg = tiny_config({"data": {"shards": folder, "decode_actors": 2},
+                       "checkpoint": {"dir": str(tmp_path / "ckpt"), "every_steps": 0},
+                       "train": {"learners": 2, "min_learners": 1, "cpus_per_learner": 2, "cpu_threads": 1,
+                                 "image_budget": 2 * len(keys), "resize_interval_s": 1, "startup_timeout_s": 10}})
+    removed: dict[str, int] = {}
+
+    def remove_the_node_of_one_learner(trainer) -> None:
+        if removed:
+            return
+        if len(trainer.group.actors) < 2:
+            time.sleep(1.0)  # leave the joining learner time to start before the stream runs out
+            return
+        learner_nodes = {node_of(actor) for actor in trainer.group.actors}
+        assert len(learner_nodes) == 2
+        removed["step"] = trainer.step
+        cluster.remove_node(node)
+
+    trainer = run_to_end(cfg, tmp_path / "trained.jsonl", after_chunk=remove_the_node_of_one_learner)
+
+    assert removed, "the group never reached two learners"
+    assert metric(trainer, "stream_swav_learners") == 1
+    assert metric(trainer, "stream_swav_resizes_total", direction="shrink") == 1
+    assert metric(trainer, "stream_swav_rollback_steps_total") == 0
+    assert trainer.stop_reason == "budget reached" and trainer.images_seen >= 2 * len(keys)
+    assert pass_counts(trainer.trained, 0) == {key: 1 for key in keys}
+
+
+def test_an_elastic_group_below_min_learners_saves_the_survivors_and_ends_with_one_clear_line(
+        cluster, tmp_path, caplog):
+    node = cluster.add_node(num_cpus=3)
+    cluster.wait_for_nodes()
+    folder, _ = shards(tmp_path / "shards", count=4, size=24)
+    cfg = tiny_config({"data": {"shards": folder, "decode_actors": 2},
+                       "checkpoint": {"dir": str(tmp_path / "ckpt"), "every_steps": 0},
+                       "train": {"learners": 3, "min_learners": 2, "cpus_per_learner": 2, "cpu_threads": 1,
+                                 "resize_interval_s": 1, "startup_timeout_s": 5}})
+    removed: dict[str, int] = {}
+
+    def remove_a_learners_node(trainer) -> None:
+        if not removed:
+            removed["step"] = trainer.step
+            cluster.remove_node(node)
+
+    caplog.set_level(logging.INFO, logger="stream_swav")
+    trainer = run_to_end(cfg, tmp_path / "trained.jsonl", after_chunk=remove_a_learners_node,
+                         expect=driver.EXIT_TOO_FEW_LEARNERS)
+    final = [r for r in caplog.records if r.levelno >= logging.ERROR][-1].getMessage()
+    assert final.startswith("train.min_learners: 1 learner(s) left, fewer than train.min_learners=2")
+    assert "\n" not in final and f"checkpoint step {trainer.step} holds everything trained" in final
+    assert trainer.last_checkpoint_step == trainer.step >= removed["step"]

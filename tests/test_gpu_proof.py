@@ -226,15 +226,15 @@ def test_metrics_page_samples_are_summed_over_labels_without_created_stamps(proo
 def test_e2e_input_wait_is_the_steady_windows_own_share_from_the_counters(proof, tmp_path):
     # Recorded scrapes: a start-up with a long wait (5 s waited, 1 s busy), then a steady window where
     # the learner waits 1 s in every 20. The per-chunk gauge jumps around and must not matter.
-    scrapes = [{"t": 100.0, "values": {P + "steps_total": 0, P + "learners_up": 1, P + "decode_actors_up": 14}}]
+    scrapes = [{"t": 100.0, "values": {P + "steps_total": 0, P + "learners": 1, P + "decode_actors_up": 14}}]
     for i in range(1, 8):
         scrapes.append({"t": 100.0 + 10 * i, "values": {
             P + "steps_total": 10 * i, P + "images_trained_total": 1280 * i, P + "loss": 8.0 - 0.1 * i,
-            P + "input_wait_ratio": 0.9 if i % 2 else 0.0, P + "learners_up": 1, P + "decode_actors_up": 14,
+            P + "input_wait_ratio": 0.9 if i % 2 else 0.0, P + "learners": 1, P + "decode_actors_up": 14,
             P + "object_store_batches_in_flight": 20 + i % 2,
             P + "input_wait_seconds_total": 5.0 + 0.5 * (i - 1), P + "learner_busy_seconds_total": 1.0 + 9.5 * (i - 1)}})
     # Drained: no new step, and the actors going down.
-    scrapes.append({"t": 180.0, "values": {**scrapes[-1]["values"], P + "learners_up": 0, P + "decode_actors_up": 0}})
+    scrapes.append({"t": 180.0, "values": {**scrapes[-1]["values"], P + "learners": 0, P + "decode_actors_up": 0}})
     # nvidia-smi --query-gpu=timestamp,utilization.gpu,memory.used --format=csv,noheader,nounits, local time.
     csv = tmp_path / "gpu.csv"
     csv.write_text("".join(f"{time.strftime('%Y/%m/%d %H:%M:%S', time.localtime(t))}.000, {util}, {mib}\n"

@@ -172,7 +172,7 @@ def test_submitted_smoke_run_checkpoints_serves_metrics_and_stops_with_a_final_c
                        lambda: scrape(metrics_port).get("stream_swav_steps_total", 0) > first["step"],
                        "step after the first checkpoint on the metrics endpoint")
     served = scrape(metrics_port)
-    assert served["stream_swav_last_checkpoint_step"] >= first["step"] and served["stream_swav_learners_up"] == 1
+    assert served["stream_swav_last_checkpoint_step"] >= first["step"] and served["stream_swav_learners"] == 1
     # The smoke config asks for 2 decode actors; beside the learner's CPU only 1 fits on this head.
     logs = ray_head.api(f"/api/jobs/{submission_id}/logs")["logs"]
     assert "data.decode_actors: 2 wanted, running 1" in logs, logs[-4000:]

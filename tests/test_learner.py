@@ -226,8 +226,64 @@ def test_load_state_dict_rejects_mismatched_state_and_changes_nothing():
 
 
 def test_learner_count_must_match_world_size():
-    with pytest.raises(ValueError, match="train.learners=2 but world_size=1"):
+    with pytest.raises(ValueError, match=r"world_size=1 is outside train.min_learners..train.learners \(2..2\)"):
         Learner(tiny_config(train={"learners": 2}), torch.device("cpu"))
+
+
+def test_an_elastic_learner_scales_the_learning_rate_with_the_learners_training_now():
+    torch.set_num_threads(1)
+    # Up to 4 learners, 1 of them training now: the global batch, and so the rate, is a quarter.
+    cfg = tiny_config(train={"learners": 4, "min_learners": 1})
+    learner = Learner(cfg, torch.device("cpu"))
+    stats = learner.train_step(SyntheticStream(n_classes=4, image_size=8).batch(cfg))
+    batch = cfg.train.batch_size
+    assert stats.images_seen == batch
+    assert stats.lr == pytest.approx(learning_rate_for(cfg, batch, global_batch=batch))
+    assert stats.lr == pytest.approx(learning_rate_for(cfg, batch) / 4)
+
+
+def test_a_step_that_fails_in_a_collective_leaves_the_learner_as_it_was(monkeypatch):
+    torch.set_num_threads(1)
+    cfg = tiny_config(swav={"queue_length": 8, "queue_start_images": 0})
+    learner = Learner(cfg, torch.device("cpu"))
+    stream = SyntheticStream(n_classes=4, image_size=8)
+    learner.train_step(stream.batch(cfg))
+    before, step, images = learner_snapshot(learner), learner.step, learner.images_seen
+
+    def peer_gone(_loss: Any) -> bool:
+        raise RuntimeError("[third_party/gloo/gloo/transport/tcp/pair.cc:561] Connection closed by peer")
+
+    monkeypatch.setattr(learner, "_all_finite", peer_gone)
+    with pytest.raises(RuntimeError, match="gloo"):
+        learner.train_step(stream.batch(cfg))
+    # The forward pass ran (BatchNorm statistics moved) but nothing of the step stays.
+    assert (learner.step, learner.images_seen) == (step, images)
+    assert_same(learner_snapshot(learner), before)
+    assert all(p.grad is None for p in learner.model.parameters())
+
+
+def test_a_joining_learner_adopts_the_shared_state_and_keeps_its_own_queue_and_random_streams():
+    torch.set_num_threads(1)
+    cfg = tiny_config(swav={"queue_length": 8, "queue_start_images": 0})
+    stream = SyntheticStream(n_classes=4, image_size=8)
+    leader = Learner(cfg, torch.device("cpu"))
+    for _ in range(2):
+        leader.train_step(stream.batch(cfg))
+    joiner = Learner(cfg, torch.device("cpu"), rank=0)
+    own_local = joiner.rank_local_state()
+    shared = leader.shared_state()
+    assert not set(RANK_LOCAL_STATE_KEYS) & set(shared)
+    joiner.adopt(shared)
+    assert (joiner.step, joiner.images_seen) == (leader.step, leader.images_seen)
+    for mine, theirs in zip(joiner.model.parameters(), leader.model.parameters()):
+        torch.testing.assert_close(mine, theirs, rtol=0, atol=0)
+    led, joined = learner_snapshot(leader), learner_snapshot(joiner)
+    assert led["optimizer"].keys() == joined["optimizer"].keys()
+    for key in led["optimizer"]:
+        torch.testing.assert_close(led["optimizer"][key], joined["optimizer"][key], rtol=0, atol=0)
+    # Its queue is its own (still empty), not the leader's.
+    assert joiner.queue.fill == 0 < leader.queue.fill
+    torch.testing.assert_close(joiner.generator.get_state(), own_local["augment_rng"], rtol=0, atol=0)
 
 
 def test_nonfinite_loss_skips_update_and_counts_in_a_row():

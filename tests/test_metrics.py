@@ -56,7 +56,9 @@ def test_trainer_metrics_are_served_with_their_values():
                                 sinkhorn_marginal_error=0.01, feature_spread=0.5, score_spread=0.25,
                                 collapse=True)
         metrics.set_gpu_memory(allocated_bytes=3 * 2**30, reserved_bytes=4 * 2**30)
-        metrics.set_actors_up(learners=1, decode_actors=6)
+        metrics.set_actors_up(learners=1, decode_actors=6, learners_target=2)
+        metrics.count_resize("shrink")
+        metrics.count_rollback_steps(3)
         metrics.count_decode_errors({"corrupt_image": 2, "too_large": 1})
         metrics.count_decode_errors({"corrupt_image": 3})
         metrics.count_curation({"duplicate": 4}, seen_hashes=900)
@@ -80,7 +82,9 @@ def test_trainer_metrics_are_served_with_their_values():
             p + "sinkhorn_marginal_error": 0.01, p + "feature_spread": 0.5, p + "prototype_score_spread": 0.25,
             p + "collapse_alarm": 1,
             p + "gpu_memory_allocated_bytes": 3 * 2**30, p + "gpu_memory_reserved_bytes": 4 * 2**30,
-            p + "learners_up": 1, p + "decode_actors_up": 6,
+            p + "learners": 1, p + "decode_actors_up": 6, p + "learners_target": 2,
+            p + "resizes_total{direction=shrink}": 1, p + "resizes_total{direction=grow}": 0,
+            p + "rollback_steps_total": 3,
             p + "decode_errors_total{reason=corrupt_image}": 5, p + "decode_errors_total{reason=too_large}": 1,
             p + "curation_dropped_total{reason=duplicate}": 6, p + "curation_seen_hashes": 1_000,
             p + "bytes_read_total": 10_000, p + "shards_completed_total": 2,
@@ -265,3 +269,31 @@ def test_a_chunk_summary_merges_every_ranks_report():
     assert summary.gpu_memory_reserved_bytes == 10
     # The pacing rank is the one that waited most: its own wait and busy seconds, and their ratio.
     assert (summary.wait_s, summary.busy_s, summary.input_wait_ratio) == (3.0, 7.0, 0.3)
+
+
+def test_the_union_of_survivors_views_takes_each_ranks_longest_and_counts_nothing_twice():
+    from collections import Counter
+
+    from stream_swav.runtime.reports import GroupView, Progress
+
+    def delta(rank: int, position: int, errors: int = 0, finished: bool = False) -> Progress:
+        shard = (0, rank)
+        return Progress(positions={shard: position}, finished=[shard] if finished else [],
+                        errors=Counter({"corrupt_image": errors}) if errors else Counter(), bytes_read=10)
+
+    # Ranks 0, 1 and 2 committed two steps; rank 2 then died. Survivor 0 completed a third step
+    # (with rank 2's last batch, which finished its shard) that survivor 1's collective failed on.
+    ahead, behind = GroupView(), GroupView()
+    for view in (ahead, behind):
+        for position in (8, 16):
+            for rank in range(3):
+                view.commit(rank, delta(rank, position, errors=1))
+    for rank in range(3):
+        ahead.commit(rank, delta(rank, 24, finished=rank == 2))
+
+    union = GroupView.union([behind, ahead])
+    assert union.positions == {(0, 0): 24, (0, 1): 24, (0, 2): 24}
+    assert union.finished == [(0, 2)]
+    # Each rank's view counted once: 3 steps x 3 ranks, not summed over the two survivors.
+    assert union.bytes_read == 90 and union.errors == {"corrupt_image": 6}
+    assert GroupView.union([behind]).positions == {(0, 0): 16, (0, 1): 16, (0, 2): 16}

@@ -27,7 +27,7 @@ import ray
 from stream_swav import logs
 from stream_swav.config import Config, TrainConfig
 from stream_swav.data.cursor import ShardTask
-from stream_swav.runtime.reports import StepReport
+from stream_swav.runtime.reports import GroupView, Progress, StepReport
 
 if TYPE_CHECKING:
     from stream_swav.checkpoint import CheckpointInfo
@@ -77,6 +77,19 @@ def learner_cpu_threads(train: TrainConfig) -> int:
     return train.cpu_threads or max(1, math.ceil(train.cpus_per_learner))
 
 
+def first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return f"{type(err).__name__}: {text.splitlines()[0] if text else ''}".rstrip(": ")
+
+
+def is_peer_loss(err: BaseException) -> bool:
+    """Whether `err` is a collective failing because a peer is gone: gloo's closed connection or
+    timeout (a RuntimeError naming gloo), NCCL's and the store's errors (torch's DistError)."""
+    import torch.distributed as dist
+
+    return isinstance(err, dist.DistError) or (isinstance(err, RuntimeError) and "gloo" in str(err))
+
+
 def _default_learner(cfg: Config, device: Any, rank: int, world_size: int) -> Any:
     from stream_swav.learner import Learner
 
@@ -110,24 +123,93 @@ class LearnerActorImpl:
         from stream_swav.runtime.feed import Feed
 
         self.feed = Feed(self.cfg.train.batch_size, self.cfg.data.inflight_batches_per_actor)
+        # Bookkeeping-only batches received since the last vote; they commit with the next one.
+        self.pending = Progress()
+        # What every rank committed in the current (or last) call, as this rank saw it.
+        self.view = GroupView()
+        # (step, feeder slot, batch) of a step that failed in a collective, until `settle`.
+        self.attempt: tuple[int, int, Any] | None = None
 
     def address(self) -> tuple[str, int]:
         return ray.util.get_node_ip_address(), free_port()
 
     def setup(self, master_addr: str | None, master_port: int | None) -> str:
         """Join the process group (when several learners) and build the model."""
+        return self.regroup(master_addr, master_port, self.rank, self.world_size)
+
+    def regroup(self, master_addr: str | None, master_port: int | None, rank: int, world_size: int) -> str:
+        """Leave the process group this learner is in (if any) and join a new one as `rank` of
+        `world_size`, keeping everything trained: an elastic group that shrank or grew. Builds the
+        model on the first call. Every member of the new group must be called together."""
+        import datetime
+
         import torch
         import torch.distributed as dist
 
-        if self.world_size > 1:
+        self._leave_process_group()
+        self.rank, self.world_size = rank, world_size
+        if world_size > 1:
             backend = "nccl" if self.device.type == "cuda" else "gloo"
+            if backend == "nccl" and self.cfg.train.elastic:
+                # NCCL's watchdog aborts a collective stuck past the timeout without ending the process,
+                # so that a survivor of a lost peer can join the next group.
+                os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "2")
+            timeout = datetime.timedelta(seconds=self.cfg.train.collective_timeout_s)
             dist.init_process_group(backend=backend, init_method=f"tcp://{master_addr}:{master_port}",
-                                    rank=self.rank, world_size=self.world_size)
+                                    rank=rank, world_size=world_size, timeout=timeout)
             # Per-step votes (does every rank have a batch?) go over the CPU, off the GPU's stream.
-            self.vote_group = dist.new_group(backend="gloo") if backend != "gloo" else dist.group.WORLD
-        torch.manual_seed(self.cfg.train.seed)
-        self.learner = self.build_learner(self.cfg, self.device, self.rank, self.world_size)
+            self.vote_group = dist.new_group(backend="gloo", timeout=timeout) if backend != "gloo" else dist.group.WORLD
+        if self.learner is None:
+            torch.manual_seed(self.cfg.train.seed)
+            self.learner = self.build_learner(self.cfg, self.device, rank, world_size)
+        else:
+            self.learner.regroup(rank, world_size)
         return str(self.device)
+
+    def _leave_process_group(self) -> None:
+        import torch.distributed as dist
+
+        if not dist.is_initialized():
+            return
+        if dist.get_backend() == "nccl":
+            try:  # a communicator a lost peer left stuck is aborted, not waited for
+                dist.distributed_c10d._abort_process_group()
+            except Exception:  # noqa: BLE001 - already aborted by the watchdog
+                pass
+        try:
+            dist.destroy_process_group()
+        except Exception:  # noqa: BLE001 - a group broken by a lost peer may fail to tear down cleanly
+            pass
+        self.vote_group = None
+
+    def shared_state(self) -> dict[str, Any]:
+        """What every rank holds alike, for a learner that joins or fell behind (`adopt`)."""
+        return self.learner.shared_state()
+
+    def adopt(self, shared: dict[str, Any]) -> int:
+        """Take a survivor's `shared_state()`, keeping this rank's queue and random streams."""
+        self.learner.adopt(shared)
+        return self.learner.step
+
+    def ping(self) -> int:
+        return self.rank
+
+    def position(self) -> tuple[GroupView, int, int]:
+        """What every rank committed in the last call as this rank saw it, its step and images seen."""
+        return self.view, self.learner.step, self.learner.images_seen
+
+    def settle(self, committed_step: int) -> int:
+        """After a peer's loss: the step this rank was attempting when its collective failed was
+        trained by the group if a survivor completed it (`committed_step` reaches it), so its batch
+        and bookkeeping are spent; otherwise its batch is first in line again. This rank's step."""
+        if self.attempt is not None:
+            step, slot, batch = self.attempt
+            self.attempt = None
+            if step <= committed_step:
+                self.pending = Progress()
+            else:
+                self.feed.put_back(slot, batch)
+        return self.learner.step
 
     def attach(self, feeders: dict[int, Any]) -> None:
         """Pull from these decode actors (slot -> handle), replacing the feeders of those slots."""
@@ -138,16 +220,19 @@ class LearnerActorImpl:
         self.learner.load_state_dict(state)
         return self.learner.step
 
-    def _agree(self, go: bool) -> bool:
-        """Whether every rank can take the next step (one tiny all-reduce), so all stay in lockstep."""
+    def _vote(self, batch: Progress | None) -> list[tuple[Progress, Progress | None]]:
+        """Every rank's (bookkeeping pending, batch's bookkeeping or None), in rank order: one small
+        all-gather before each step. All take the step only if every rank has a batch, so all stay in
+        lockstep; and every rank learns what every other trains, which is what lets the survivors
+        of a lost peer account for the samples it trained."""
+        mine = (self.pending, batch)
         if self.world_size == 1:
-            return go
-        import torch
+            return [mine]
         import torch.distributed as dist
 
-        flag = torch.tensor([1 if go else 0], dtype=torch.int32)
-        dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=self.vote_group)
-        return bool(flag.item())
+        votes: list[Any] = [None] * self.world_size
+        dist.all_gather_object(votes, mine, group=self.vote_group)
+        return votes
 
     def run(self, max_steps: int, max_seconds: float) -> StepReport:
         """Train up to `max_steps` steps, for about `max_seconds` at most, on batches pulled from the
@@ -156,6 +241,7 @@ class LearnerActorImpl:
         import torch
 
         report = StepReport(rank=self.rank)
+        self.view = GroupView()
         deadline = time.monotonic() + max_seconds
         max_nonfinite = self.cfg.train.max_nonfinite_in_row
         counts = None
@@ -164,17 +250,41 @@ class LearnerActorImpl:
             waited = time.perf_counter()
             remaining = deadline - time.monotonic()
             wanted = report.steps < max_steps and remaining > 0
-            got = self.feed.next(remaining, report.progress.add) if wanted else None
+            got = self.feed.next(remaining, self.pending.add) if wanted else None
             report.wait_s += time.perf_counter() - waited
-            if not self._agree(got is not None):
+            try:
+                votes = self._vote(Progress.of(got[1].meta) if got is not None else None)
+            except Exception as err:
+                if not is_peer_loss(err):
+                    raise
+                if got is not None:
+                    self.feed.put_back(*got)
+                report.interrupted = first_line(err)
+                break
+            if any(batch is None for _, batch in votes):
+                # No step; what every rank received that trains nothing is accounted for now.
+                for rank, (pending, _) in enumerate(votes):
+                    self.view.commit(rank, pending)
+                self.pending = Progress()
                 if got is not None:
                     self.feed.put_back(*got)
                 break
-            _, batch = got
+            slot, batch = got
             started = time.perf_counter()
             report.latency_s.append(max(0.0, time.time() - batch.meta.made_at))
-            last = self.learner.train_step(batch)
-            report.progress.add(batch.meta)
+            self.attempt = (self.learner.step + 1, slot, batch)
+            try:
+                last = self.learner.train_step(batch)
+            except Exception as err:
+                if not is_peer_loss(err):
+                    raise
+                report.interrupted = first_line(err)
+                break
+            self.attempt = None
+            for rank, (pending, trained) in enumerate(votes):
+                pending.merge(trained)
+                self.view.commit(rank, pending)
+            self.pending = Progress()
             report.steps += 1
             report.images += len(batch)
             counts = last.prototype_counts if counts is None else counts + last.prototype_counts
@@ -189,8 +299,9 @@ class LearnerActorImpl:
         self.feed.refill()
         report.failed_feeders = self.feed.take_failed()
         report.batches_held = self.feed.held()
+        report.progress = self.view.ranks.get(self.rank, Progress())
         report.step, report.images_seen = self.learner.step, self.learner.images_seen
-        if last is not None:
+        if last is not None and not report.interrupted:
             # The call's one read of device values: none per step.
             figures = last.figures()
             report.loss, report.lr, report.marginal_error = figures.loss, figures.lr, figures.marginal_error

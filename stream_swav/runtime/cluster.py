@@ -99,12 +99,13 @@ class ClusterPlan:
         return {k: v for k, v in (("CPU", self.cpus_per_learner), ("GPU", self.gpus_per_learner)) if v > 0}
 
 
-def plan_cluster(cfg: Config, resources: dict[str, float]) -> ClusterPlan:
-    """Learners' requests and the number of decode actors, from the cluster's total resources."""
+def plan_cluster(cfg: Config, resources: dict[str, float], learners: int | None = None) -> ClusterPlan:
+    """Learners' requests and the number of decode actors, from the cluster's total resources, for
+    `learners` learners (default train.learners)."""
     train = cfg.train
     gpus = resources.get("GPU", 0.0)
     cpus = resources.get("CPU", 0.0)
-    learners = train.learners
+    learners = learners or train.learners
     use_gpu = train.device == "cuda" or (train.device == "auto" and train.gpus_per_learner > 0
                                          and gpus >= learners * train.gpus_per_learner)
     gpus_per_learner = train.gpus_per_learner if use_gpu else 0.0

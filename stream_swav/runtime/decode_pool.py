@@ -1,9 +1,12 @@
 """The decode actors of a run: spawned, given shard tasks, replaced when they fail.
 
-Slot s feeds learner s % learners, for the life of the run (a replacement takes
-over its slot). Actors that cannot be placed in time are dropped, with a
-warning, as long as every learner keeps one; the cluster may simply have
-fewer CPUs than planned (a lost node).
+Each slot feeds one learner rank (at launch, slot s feeds rank s % learners; a
+replacement takes over its slot). Actors that cannot be placed in time are
+dropped, with a warning, as long as every learner keeps one; the cluster may
+simply have fewer CPUs than planned (a lost node). When an elastic group loses
+a rank, that rank's actors go with it and their shards are re-read from what
+was trained (`drop_ranks`); a joining rank gets actors of its own
+(`launch_for`, `take_in`).
 
 With curation.dedup, each actor owns a seen-set of the images it decoded. The
 pool gathers them, cut back to what was trained, for a checkpoint
@@ -38,6 +41,11 @@ class DecodePool:
         self.learners = learners
         self.build_worker = build_worker
         self.actors: dict[int, Any] = {}
+        # Which learner rank each slot feeds.
+        self.rank_of: dict[int, int] = {}
+        # Actors started for a learner about to join: slot -> (handle, ready ref, deadline).
+        self.joining: dict[int, tuple[Any, Any, float]] = {}
+        self._next_slot = 0
         # Replacements not known to be up yet: slot -> (ready ref, deadline).
         self._starting: dict[int, tuple[Any, float]] = {}
         # Slots given up on for this learner group (they could not be placed again).
@@ -52,13 +60,85 @@ class DecodePool:
         """rank -> {slot: handle} of the live decode actors."""
         by_rank: dict[int, dict[int, Any]] = {rank: {} for rank in range(self.learners)}
         for slot, handle in self.actors.items():
-            by_rank[slot % self.learners][slot] = handle
+            by_rank[self.rank_of[slot]][slot] = handle
         return by_rank
 
     def launch(self, count: int) -> None:
         """Start `count` decode actors without waiting for them (`wait_started` does), so that they
         start while the learners do."""
         self._launched = {slot: self._launch(slot) for slot in range(count)}
+        self.rank_of = {slot: slot % self.learners for slot in range(count)}
+        self._next_slot = count
+
+    def drop_ranks(self, ranks: set[int], ledger: StreamLedger) -> int:
+        """The actors feeding learner `ranks` (lost) are stopped and their shards go back to be re-read
+        from what was trained; the ledger must have recorded what those ranks trained first. How many."""
+        slots = [slot for slot, rank in self.rank_of.items() if rank in ranks]
+        for slot in slots:
+            handle = self.actors.pop(slot, None)
+            self._starting.pop(slot, None)
+            self.rank_of.pop(slot)
+            if handle is not None:
+                kill_quietly([handle])
+            ledger.release(slot)
+        return len(slots)
+
+    def renumber(self, old_ranks: list[int]) -> None:
+        """The learners were numbered again: new rank i was rank old_ranks[i]."""
+        new_rank = {old: new for new, old in enumerate(old_ranks)}
+        self.rank_of = {slot: new_rank[rank] for slot, rank in self.rank_of.items()}
+        self.learners = len(old_ranks)
+
+    def launch_for(self, count: int) -> list[int]:
+        """Start `count` actors for a learner about to join, without waiting (`joined` looks): their slots."""
+        deadline = time.monotonic() + self.cfg.train.startup_timeout_s
+        slots = []
+        for _ in range(count):
+            slot, self._next_slot = self._next_slot, self._next_slot + 1
+            handle = self._launch(slot)
+            self.joining[slot] = (handle, handle.ready.remote(), deadline)
+            slots.append(slot)
+        return slots
+
+    def joined(self, slots: list[int]) -> tuple[bool, list[int]]:
+        """Of actors started for a joining learner: (whether each is up or given up on, those up).
+        One that failed to start or is past its deadline is given up on."""
+        up, waiting = [], False
+        for slot in slots:
+            if slot not in self.joining:
+                continue
+            handle, ready, deadline = self.joining[slot]
+            done, _ = ray.wait([ready], timeout=0)
+            if done:
+                try:
+                    ray.get(ready)
+                    up.append(slot)
+                    continue
+                except Exception as err:  # noqa: BLE001 - whatever kept it from starting, it is given up on
+                    log.warning("decode actor %d for a joining learner could not start: %s", slot, first_line(err))
+            elif time.monotonic() <= deadline:
+                waiting = True
+                continue
+            kill_quietly([handle])
+            del self.joining[slot]
+        return not waiting, up
+
+    def take_in(self, slots: list[int], rank: int) -> dict[int, Any]:
+        """These joining actors feed learner `rank` from now: its feeders, slot -> handle."""
+        feeders = {}
+        for slot in slots:
+            handle, _, _ = self.joining.pop(slot)
+            self.actors[slot] = feeders[slot] = handle
+            self.rank_of[slot] = rank
+        self.learners = max(self.learners, rank + 1)
+        return feeders
+
+    def cancel_joining(self, slots: list[int] | None = None) -> None:
+        """Stop actors started for a learner that will not join (all of them by default)."""
+        for slot in list(self.joining) if slots is None else slots:
+            handle, _, _ = self.joining.pop(slot, (None, None, None))
+            if handle is not None:
+                kill_quietly([handle])
 
     def top_up(self, ledger: StreamLedger) -> None:
         """Keep every actor holding its share of shard tasks."""
@@ -83,7 +163,7 @@ class DecodePool:
             handle = self._launch(slot)
             self.actors[slot] = handle
             self._starting[slot] = (handle.ready.remote(), deadline)
-            by_rank.setdefault(slot % self.learners, {})[slot] = handle
+            by_rank.setdefault(self.rank_of[slot], {})[slot] = handle
         return by_rank
 
     def poll(self, ledger: StreamLedger) -> None:
@@ -141,6 +221,7 @@ class DecodePool:
     def shutdown(self) -> None:
         self._starting.clear()
         self.dropped.clear()
+        self.cancel_joining()
         kill_quietly([*self.actors.values(), *self._launched.values()])
         self.actors, self._launched = {}, {}
 

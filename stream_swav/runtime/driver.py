@@ -12,28 +12,26 @@ the run reports as it goes (metrics, alarms, log lines) is the observer's.
 The run moves through explicit states, as Ray Train v2's controller does: `run` calls the
 handler of the current state, which does that state's work and returns the next one.
 
-    STARTING -------------------------------+
-     |    |                                 v
-     |    +----> RUNNING <----------> RECOVERING --+
-     |            |    |               |    |  ^   |
-     |            v    |               |    |  +---+
-     |        STOPPING +--> FAILED <---+    |
-     |            |                         |
-     v            v                         |
-    DONE <--------+-------------------------+
-
   STARTING   -> RUNNING     learners and decode actors up, the latest checkpoint restored
              -> RECOVERING  a learner failed while starting
              -> DONE        stopped while waiting for the actors to come up (exit 0)
-  RUNNING    -> RUNNING     a chunk trained (and a checkpoint written when one was due)
-             -> RECOVERING  a learner died or its node was lost
+  RUNNING    -> RUNNING     a chunk trained (and a checkpoint written when one was due); an
+                            elastic group below train.learners took in learners that came up
+             -> SHRINKING   members of an elastic group died or their node was lost (found in
+                            a chunk or by a checkpoint that failed)
+             -> RECOVERING  a learner of a fixed-size group died or its node was lost
              -> STOPPING    budget reached or stop requested
              -> FAILED      too many non-finite losses in a row (exit 3)
+  SHRINKING  -> RUNNING     the survivors go on from the last step any completed, no checkpoint read
+             -> RECOVERING  none survived, the survivors could not go on, or the budget is spent
+             -> FAILED      below train.min_learners for train.startup_timeout_s (exit 5, after
+                            a checkpoint of the survivors)
   RECOVERING -> RUNNING     a new learner group, back at the latest checkpoint
              -> RECOVERING  a learner of the new group failed too
              -> FAILED      failure budget spent (exit 1)
              -> DONE        stopped while waiting for the actors to come up (exit 0)
   STOPPING   -> DONE        final checkpoint written (exit 0), or not (exit 4)
+             -> SHRINKING   the final checkpoint failed because an elastic group lost a member
 
 Usage and environment errors (`ConfigError`, `StartupError`) are raised, not states: the run
 cannot be what was asked for, and `stream-swav train` exits 2 in one line.
@@ -45,6 +43,7 @@ is acted on after at most one chunk (about train.report_interval_s) plus a save 
 """
 from __future__ import annotations
 
+import dataclasses
 import enum
 import logging
 import math
@@ -56,7 +55,7 @@ from collections.abc import Callable
 from typing import Any
 
 import ray
-from ray.exceptions import RayTaskError
+from ray.exceptions import GetTimeoutError, RayError, RayTaskError
 
 from stream_swav import checkpoint as ckpt
 from stream_swav import storage
@@ -67,7 +66,8 @@ from stream_swav.data.sources import ShardSource, spec_kind
 from stream_swav.runtime.checkpointing import CheckpointPolicy
 from stream_swav.runtime.cluster import StartupError, init_ray, plan_cluster, shutdown_ray
 from stream_swav.runtime.decode_pool import DecodePool
-from stream_swav.runtime.learner_group import LearnerFailure, LearnerGroup, Stopped, first_line
+from stream_swav.runtime.learner_group import (POLL_S, Joiner, LearnerFailure, LearnerGroup, LearnersLost, Stopped,
+                                                first_line, kill_quietly)
 from stream_swav.runtime.ledger import StreamLedger
 from stream_swav.runtime.metrics import Metrics
 from stream_swav.runtime.observers import RunObserver
@@ -80,6 +80,7 @@ log = logging.getLogger("stream_swav.driver")
 EXIT_FAILED = 1
 EXIT_NONFINITE = 3
 EXIT_FINAL_CHECKPOINT_FAILED = 4
+EXIT_TOO_FEW_LEARNERS = 5
 
 # How long a checkpoint waits for the decode actors' seen-sets (curation.dedup).
 SEEN_GATHER_TIMEOUT_S = 60.0
@@ -88,6 +89,7 @@ SEEN_GATHER_TIMEOUT_S = 60.0
 class RunState(enum.Enum):
     STARTING = "starting"
     RUNNING = "running"
+    SHRINKING = "shrinking"
     RECOVERING = "recovering"
     STOPPING = "stopping"
     DONE = "done"
@@ -127,12 +129,18 @@ class Trainer:
         self.last_relist = 0.0
         # curation.dedup: the hashes of the images trained, as of the latest checkpoint (saved with it).
         self.seen: SeenSet | None = None
+        # An elastic group: the members lost (for SHRINKING), learners started to join it, when it next
+        # starts more, and how many decode actors each learner gets.
+        self.loss: LearnersLost | None = None
+        self.joiners: list[Joiner] = []
+        self.next_grow = 0.0
+        self.decoders_per_learner = 1
 
     # ------------------------------------------------------------------ the loop
     def run(self) -> int:
         """Run the handler of each state in turn until the run is DONE or FAILED; the exit status."""
         handlers: dict[RunState, Callable[[], RunState]] = {
-            RunState.STARTING: self.start, RunState.RUNNING: self.train_chunk,
+            RunState.STARTING: self.start, RunState.RUNNING: self.train_chunk, RunState.SHRINKING: self.shrink,
             RunState.RECOVERING: self.recover, RunState.STOPPING: self.finish}
         try:
             while not self.state.is_final:
@@ -175,6 +183,12 @@ class Trainer:
 
     def train_chunk(self) -> RunState:
         """RUNNING: one chunk on every learner, merged into the stream ledger; a checkpoint when due."""
+        if self.cfg.train.elastic and not self.stop.is_set():
+            try:
+                self.tend_joiners()
+            except (LearnerFailure, GetTimeoutError) as failure:
+                self.failure_cause = f"taking in a learner: {getattr(failure, 'cause', None) or first_line(failure)}"
+                return RunState.RECOVERING
         max_steps, max_seconds = self.chunk_limits()
         if self.stop.is_set() or max_steps == 0:
             self.stop_reason = self.stop_reason or "budget reached"
@@ -184,8 +198,11 @@ class Trainer:
         self.pool.top_up(self.ledger)
         try:
             summary = ChunkSummary.merge(self.group.run_chunk(max_steps, max_seconds))
-        except LearnerFailure as failure:
-            self.failure_cause = failure.cause
+        except LearnersLost as loss:
+            self.loss = loss
+            return RunState.SHRINKING
+        except (LearnerFailure, GetTimeoutError) as failure:
+            self.failure_cause = getattr(failure, "cause", None) or first_line(failure)
             return RunState.RECOVERING
         self.step, self.images_seen, self.last_summary = summary.step, summary.images_seen, summary
         self.ledger.record(summary.progress)
@@ -201,7 +218,59 @@ class Trainer:
         # At the end of the run the checkpoint is written once, as the final one.
         if self.policy.due(self.step, time.time()) and not self.stop.is_set() and self.chunk_limits()[0] > 0:
             self.checkpoint()
+        return RunState.SHRINKING if self.loss is not None else RunState.RUNNING
+
+    def shrink(self) -> RunState:
+        """SHRINKING: members of an elastic group died or stopped answering. The survivors go on with
+        what they hold, from the last step any of them completed; what every rank trained up to it
+        goes into the stream ledger, and the lost ranks' decode actors go, their shards re-read from
+        there. No checkpoint is read. With nobody left, a spent failure budget, or survivors that
+        cannot settle and regroup: RECOVERING (today's restart from the latest checkpoint)."""
+        loss, self.loss = self.loss, None
+        budget = self.cfg.train.max_failures
+        self.failure_cause = loss.cause
+        if 0 <= budget <= self.restarts or len(loss.lost) >= len(self.group.actors):
+            return RunState.RECOVERING
+        try:
+            shrunk = self.group.shrink(loss.lost)
+        except (LearnerFailure, GetTimeoutError) as err:
+            self.failure_cause = f"{loss.cause}; the survivors could not go on: {first_line(err)}"
+            return RunState.RECOVERING
+        self.restarts += 1
+        self.ledger.record(shrunk.progress)
+        self.pool.drop_ranks(set(loss.lost), self.ledger)
+        self.pool.renumber(shrunk.old_ranks)
+        self.step, self.images_seen = shrunk.step, shrunk.images_seen
+        self.observer.on_shrink(self.restarts, loss.cause, learners=len(self.group.actors), step=self.step,
+                                adopted=shrunk.adopted)
+        if len(self.group.actors) < self.cfg.train.fewest_learners:
+            return self.regain_fewest()
         return RunState.RUNNING
+
+    def regain_fewest(self) -> RunState:
+        """The survivors are fewer than train.min_learners: wait up to train.startup_timeout_s for
+        learners to join, training nothing meanwhile. If too few come, the survivors' state is
+        saved (nothing trained is lost) and the run ends: FAILED, exit 5."""
+        train = self.cfg.train
+        deadline = time.monotonic() + train.startup_timeout_s
+        self.next_grow = 0.0
+        while len(self.group.actors) < train.fewest_learners and time.monotonic() < deadline \
+                and not self.stop.is_set():
+            try:
+                self.tend_joiners()
+            except (LearnerFailure, GetTimeoutError) as failure:
+                self.failure_cause = getattr(failure, "cause", None) or first_line(failure)
+                return RunState.RECOVERING
+            time.sleep(POLL_S)
+        if len(self.group.actors) >= train.fewest_learners:
+            return RunState.RUNNING
+        saved = self.checkpoint(final=True)
+        kept = (f"checkpoint step {self.step} holds everything trained" if saved else
+                f"the survivors' checkpoint failed; the latest checkpoint is step {self.last_checkpoint_step}")
+        return self.fail(EXIT_TOO_FEW_LEARNERS,
+                         f"train.min_learners: {len(self.group.actors)} learner(s) left, fewer than train.min_learners="
+                         f"{train.fewest_learners}, and no more could be placed within train.startup_timeout_s="
+                         f"{train.startup_timeout_s:g}s; {kept}; start the run again when the cluster has room")
 
     def recover(self) -> RunState:
         """RECOVERING: a learner died or its node was lost. Count it and release every actor; within
@@ -215,13 +284,19 @@ class Trainer:
                                           f"{budget}; last cause: {self.failure_cause}; the latest checkpoint is "
                                           f"step {self.last_checkpoint_step}")
         log.warning("restarting the learners from the latest checkpoint; steps trained since it are trained again")
-        return self.bring_up(self.source.list_shards(), ckpt.load_for_resume(self.cfg.checkpoint.dir,
-                                                                             self.cfg.storage))
+        step_before = self.step
+        next_state = self.bring_up(self.source.list_shards(), ckpt.load_for_resume(self.cfg.checkpoint.dir,
+                                                                                   self.cfg.storage))
+        if next_state is RunState.RUNNING:
+            self.observer.on_rollback(max(0, step_before - self.step))
+        return next_state
 
     def finish(self) -> RunState:
         """STOPPING: the final checkpoint, then DONE."""
         self.observer.log_progress(self.last_summary)
         if not self.checkpoint(final=True):
+            if self.loss is not None:  # an elastic group lost a member: the survivors save it
+                return RunState.SHRINKING
             log.error("final checkpoint at step %d failed; the last checkpoint saved is step %d", self.step,
                       self.last_checkpoint_step)
             self.exit_status = EXIT_FINAL_CHECKPOINT_FAILED
@@ -260,9 +335,21 @@ class Trainer:
         return RunState.RUNNING
 
     def start_actors(self) -> None:
-        plan = plan_cluster(self.cfg, ray.cluster_resources())
+        train, resources = self.cfg.train, ray.cluster_resources()
+        # An elastic group starts with the fewest it trains with; the others join as they come up.
+        plan = plan_cluster(self.cfg, resources, learners=train.fewest_learners)
         for warning in plan.warnings:
             log.warning("%s", warning)
+        self.decoders_per_learner = plan.decode_actors // plan.learners
+        if train.elastic:
+            self.next_grow = 0.0
+            try:  # each learner gets its share of what the whole group would have, if it fits now
+                whole = plan_cluster(self.cfg, resources)
+            except StartupError:
+                whole = None
+            if whole is not None and not any(w.startswith("train.learners:") for w in whole.warnings):
+                self.decoders_per_learner = min(self.decoders_per_learner, whole.decode_actors // whole.learners)
+                plan = dataclasses.replace(plan, decode_actors=self.decoders_per_learner * plan.learners)
         self.group = LearnerGroup(self.cfg, plan, self.build_learner)
         self.pool = DecodePool(self.cfg, plan.learners, self.build_worker, seen_source=self.seen_state)
         devices = self.group.start(self.stop, while_starting=lambda: self.pool.launch(plan.decode_actors))
@@ -289,13 +376,60 @@ class Trainer:
         self.policy.mark(self.step, time.time())
         self.observer.on_resume(point, self.step, self.images_seen)
 
+    # ------------------------------------------------------------ an elastic group's growth
+    def tend_joiners(self) -> None:
+        """An elastic group below train.learners, at a chunk boundary: start the learners it lacks
+        (Ray places them when the cluster has room; after a failed join, again train.resize_interval_s
+        later), give each one that came up its decode actors, and take in at once every one whose
+        decode actors are up. Nothing here waits, except the new group's forming."""
+        train = self.cfg.train
+        missing = train.learners - len(self.group.actors) - len(self.joiners)
+        if missing > 0 and time.monotonic() >= self.next_grow:
+            self.joiners += [self.group.launch_joiner() for _ in range(missing)]
+        ready = []
+        for joiner in list(self.joiners):
+            if not joiner.slots:
+                if not ray.wait([joiner.ready], timeout=0)[0]:
+                    continue  # not placed yet
+                try:
+                    ray.get(joiner.ready)
+                except RayError as err:
+                    self.drop_joiner(joiner, first_line(err))
+                    continue
+                joiner.slots = self.pool.launch_for(self.decoders_per_learner)
+                continue
+            settled, up = self.pool.joined(joiner.slots)
+            if settled and not up:
+                self.drop_joiner(joiner, "none of its decode actors could start")
+            elif settled:
+                joiner.slots = up
+                ready.append(joiner)
+        if not ready:
+            return
+        for joiner in ready:
+            self.joiners.remove(joiner)
+        ranks = self.group.grow(ready)
+        for joiner, rank in zip(ready, ranks):
+            self.group.attach({rank: self.pool.take_in(joiner.slots, rank)})
+        self.observer.on_grow(len(ready), learners=len(self.group.actors), decode_actors=len(self.pool.actors))
+
+    def drop_joiner(self, joiner: Joiner, why: str) -> None:
+        log.warning("a learner starting to join could not (%s); trying again in train.resize_interval_s=%gs", why,
+                    self.cfg.train.resize_interval_s)
+        self.joiners.remove(joiner)
+        kill_quietly([joiner.actor])
+        self.pool.cancel_joining(joiner.slots)
+        self.next_grow = time.monotonic() + self.cfg.train.resize_interval_s
+
     # ------------------------------------------------------------ helpers
     def chunk_limits(self) -> tuple[int, float]:
         """Steps and seconds the next chunk may take: up to a budget, a checkpoint step, a report."""
         train = self.cfg.train
         steps = math.inf
         if train.image_budget:
-            steps = math.ceil(max(0, train.image_budget - self.images_seen) / self.cfg.global_batch)
+            # Per step: the learners training now (an elastic group's size changes).
+            global_batch = train.batch_size * len(self.group.actors)
+            steps = math.ceil(max(0, train.image_budget - self.images_seen) / global_batch)
         every = self.cfg.checkpoint.every_steps
         if every:
             steps = min(steps, every - self.step % every)
@@ -338,6 +472,9 @@ class Trainer:
         except (RayTaskError, LearnerFailure) as err:
             self.observer.on_checkpoint_failed(self.step, first_line(err))
             self.policy.mark(self.step, time.time())
+            if self.cfg.train.elastic and isinstance(err, LearnerFailure):
+                lost = self.group.find_lost(timeout_s=self.cfg.train.collective_timeout_s)
+                self.loss = LearnersLost(lost) if lost else None
             return False
         self.last_checkpoint_step = saved.step
         self.policy.mark(self.step, saved.wall_time)
@@ -385,6 +522,8 @@ class Trainer:
         self.stop.set()
 
     def shutdown_actors(self) -> None:
+        kill_quietly([joiner.actor for joiner in self.joiners])
+        self.joiners = []
         if self.pool is not None:
             self.pool.shutdown()
         if self.group is not None:

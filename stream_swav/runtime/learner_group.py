@@ -1,9 +1,15 @@
-"""The learners of a run as one unit: placed together, set up together, failing together.
+"""The learners of a run as one unit: placed together, set up together, stepping together.
 
 Learners share a torch.distributed process group, so one dead rank stalls the
-others inside a collective: any failure of any member fails the group, which
-is torn down whole (`LearnerFailure`) and replaced by the driver. Every wait
-here has a deadline or can be given up, so the driver never blocks for good.
+others inside a collective. A fixed-size group (train.min_learners unset) fails
+whole on any member's failure (`LearnerFailure`) and is replaced by the driver
+from the latest checkpoint. An elastic group (train.min_learners below
+train.learners) reports which members were lost (`LearnersLost`) and goes on
+without them: the survivors settle the step under way, the ones a step behind
+take the state of the one ahead, and they form a new process group (`shrink`);
+learners that start later join the same way, taking a member's state over Ray
+(`launch_joiner`, `grow`). Every wait here has a deadline or can be given up,
+so the driver never blocks for good.
 """
 from __future__ import annotations
 
@@ -11,6 +17,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
 from typing import Any
 
 import ray
@@ -20,9 +27,9 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from stream_swav.checkpoint import RANK_LOCAL_STATE_KEYS, CheckpointInfo
 from stream_swav.config import Config
-from stream_swav.runtime.actors import LearnerActor
+from stream_swav.runtime.actors import LearnerActor, first_line
 from stream_swav.runtime.cluster import ClusterPlan, StartupError, describe_shortfall
-from stream_swav.runtime.reports import StepReport
+from stream_swav.runtime.reports import GroupView, Progress, StepReport
 
 log = logging.getLogger("stream_swav.learners")
 
@@ -38,13 +45,41 @@ class LearnerFailure(RuntimeError):
         self.cause = cause
 
 
+class LearnersLost(LearnerFailure):
+    """Members of an elastic group died (or stopped answering); the others are alive and hold what
+    they trained. `lost`: rank -> why; `reports`: the survivors' answers to the chunk, if any."""
+
+    def __init__(self, lost: dict[int, str], reports: dict[int, StepReport] | None = None) -> None:
+        super().__init__("; ".join(f"learner {rank}: {why}" for rank, why in sorted(lost.items())))
+        self.lost = lost
+        self.reports = reports or {}
+
+
+@dataclass
+class Shrunk:
+    """What `shrink` did: the group's bookkeeping as far as any survivor knew it committed (the
+    lost ranks' steps included), the step the survivors go on from (the furthest any completed),
+    the old rank of each new one, and how many survivors took another's state."""
+
+    progress: Progress
+    step: int
+    images_seen: int
+    old_ranks: list[int]
+    adopted: int
+
+
+@dataclass
+class Joiner:
+    """A learner started for an elastic group that has not joined it yet: placed once `ready` answers,
+    then given decode actors (`slots`), then taken in by `grow`."""
+
+    actor: Any
+    ready: Any
+    slots: list[int] = field(default_factory=list)
+
+
 class Stopped(RuntimeError):
     """A stop was requested while waiting (SIGTERM during start-up or recovery)."""
-
-
-def first_line(err: BaseException) -> str:
-    text = str(err).strip()
-    return f"{type(err).__name__}: {text.splitlines()[0] if text else ''}".rstrip(": ")
 
 
 def wait_all(refs: list[Any], stop: threading.Event | None, deadline: float | None, what: str) -> list[Any]:
@@ -151,7 +186,117 @@ class LearnerGroup:
         timeout fails its step (30 minutes for gloo, 10 for NCCL). A stop request is acted on when
         the chunk ends, at most about train.report_interval_s later, so that its steps are kept."""
         refs = [actor.run.remote(max_steps, max_seconds) for actor in self.actors]
-        return wait_all(refs, None, None, "training")
+        if not self.cfg.train.elastic:
+            return wait_all(refs, None, None, "training")
+        return self._wait_elastic(refs)
+
+    def _wait_elastic(self, refs: list[Any]) -> list[StepReport]:
+        """The reports of every rank, or `LearnersLost` naming the ranks whose process died and
+        holding the survivors' reports. Once one rank is lost, the others are waited for up to
+        train.collective_timeout_s plus a chunk (their collective fails at once when the peer's
+        connection closes, at that timeout when it hangs); one not back by then is lost too."""
+        train = self.cfg.train
+        pending = {ref: rank for rank, ref in enumerate(refs)}
+        reports: dict[int, StepReport] = {}
+        lost: dict[int, str] = {}
+        until: float | None = None
+        while pending:
+            if until is not None and time.monotonic() > until:
+                for rank in pending.values():
+                    lost[rank] = f"no answer within train.collective_timeout_s={train.collective_timeout_s:g}s of a peer's loss"
+                kill_quietly([self.actors[rank] for rank in pending.values()])
+                break
+            done, _ = ray.wait(list(pending), num_returns=len(pending), timeout=POLL_S)
+            for ref in done:
+                rank = pending.pop(ref)
+                try:
+                    reports[rank] = ray.get(ref)
+                except RayActorError as err:
+                    lost[rank] = first_line(err)
+                    until = until or time.monotonic() + train.collective_timeout_s + train.report_interval_s
+                except (RayTaskError, RayError) as err:
+                    # A learner that raised (not a lost peer): its state is in doubt, the group fails.
+                    raise LearnerFailure(f"training: {first_line(err)}") from err
+        if lost:
+            raise LearnersLost(lost, reports)
+        interrupted = [r for r in reports.values() if r.interrupted]
+        if interrupted:
+            raise LearnerFailure(f"training: a collective failed with every learner alive: {interrupted[0].interrupted}")
+        return [reports[rank] for rank in range(len(refs))]
+
+    def find_lost(self, timeout_s: float) -> dict[int, str]:
+        """Ranks whose actor is gone (or does not answer within `timeout_s`): after a failure outside
+        a chunk, such as a checkpoint's."""
+        refs = {actor.ping.remote(): rank for rank, actor in enumerate(self.actors)}
+        done, late = ray.wait(list(refs), num_returns=len(refs), timeout=timeout_s)
+        lost = {refs[ref]: f"no answer within {timeout_s:g}s" for ref in late}
+        for ref in done:
+            try:
+                ray.get(ref)
+            except RayError as err:
+                lost[refs[ref]] = first_line(err)
+        return lost
+
+    def shrink(self, lost: Iterable[int]) -> Shrunk:
+        """Go on without the `lost` ranks (killed here). The survivors' views of the last chunk give
+        what every rank, the lost ones too, trained up to the last step any survivor completed; the
+        survivor that got furthest leads: the others settle the step they were attempting against it
+        and, when a step behind, take its state. It becomes rank 0 of the new group (whose
+        DistributedDataParallel hands its weights to all), the others keep their order."""
+        lost = set(lost)
+        kill_quietly([self.actors[rank] for rank in lost])
+        survivors = [rank for rank in range(len(self.actors)) if rank not in lost]
+        if not survivors:
+            raise LearnerFailure("every learner was lost")
+        timeout = self.cfg.train.collective_timeout_s
+        deadline = time.monotonic() + timeout
+        answers = wait_all([self.actors[rank].position.remote() for rank in survivors], None, deadline,
+                           "the survivors' positions")
+        views = [view for view, _, _ in answers]
+        steps = [step for _, step, _ in answers]
+        lead = max(range(len(survivors)), key=lambda i: steps[i])
+        committed, images_seen = steps[lead], answers[lead][2]
+        progress = GroupView.union(views)
+        settled = wait_all([self.actors[rank].settle.remote(committed) for rank in survivors], None, deadline,
+                           "settling the step under way")
+        behind = [survivors[i] for i, step in enumerate(settled) if step < committed]
+        if behind:
+            state = self.actors[survivors[lead]].shared_state.remote()
+            wait_all([self.actors[rank].adopt.remote(state) for rank in behind], None, deadline,
+                     "a survivor taking the leader's state")
+        order = [survivors[lead]] + [rank for rank in survivors if rank != survivors[lead]]
+        self.actors = [self.actors[rank] for rank in order]
+        self._regroup(deadline)
+        return Shrunk(progress=progress, step=committed, images_seen=images_seen, old_ranks=order,
+                      adopted=len(behind))
+
+    def launch_joiner(self) -> Joiner:
+        """Start a learner for this group without waiting for room: Ray places it when the cluster has
+        its CPUs (and GPU); `grow` takes it in once it answers."""
+        actor = LearnerActor.options(num_gpus=self.plan.gpus_per_learner, num_cpus=self.plan.cpus_per_learner,
+                                     max_restarts=0).remote(self.cfg, len(self.actors), len(self.actors) + 1,
+                                                            self.build_learner)
+        return Joiner(actor=actor, ready=actor.ping.remote())
+
+    def grow(self, joiners: list[Joiner]) -> list[int]:
+        """Take started learners into the group: all form a new process group (the joiners build their
+        model there) and the joiners take rank 0's state over Ray, keeping their own fresh queue and
+        random streams. Their new ranks."""
+        deadline = time.monotonic() + self.cfg.train.collective_timeout_s
+        first = len(self.actors)
+        self.actors += [joiner.actor for joiner in joiners]
+        self._regroup(deadline)
+        state = self.actors[0].shared_state.remote()
+        wait_all([joiner.actor.adopt.remote(state) for joiner in joiners], None, deadline,
+                 "a joining learner taking the group's state")
+        return list(range(first, len(self.actors)))
+
+    def _regroup(self, deadline: float) -> None:
+        world = len(self.actors)
+        master_addr, master_port = (wait_all([self.actors[0].address.remote()], None, deadline, "a new group's master")[0]
+                                    if world > 1 else (None, None))
+        wait_all([actor.regroup.remote(master_addr, master_port, rank, world) for rank, actor in enumerate(self.actors)],
+                 None, deadline, "forming the learners' process group again")
 
     def save(self, directory: str, extra: dict[str, Any], info: dict[str, Any]) -> CheckpointInfo:
         """Rank 0 writes the checkpoint, with the other ranks' queues and random states.
@@ -181,4 +326,5 @@ class LearnerGroup:
             self._placement = None
 
 
-__all__ = ["LearnerGroup", "LearnerFailure", "Stopped", "wait_all", "first_line", "kill_quietly"]
+__all__ = ["LearnerGroup", "LearnerFailure", "LearnersLost", "Shrunk", "Joiner", "Stopped", "wait_all", "first_line",
+           "kill_quietly"]

@@ -118,7 +118,14 @@ class Metrics(_Exporter):
         self._gpu_memory_allocated = gauge("gpu_memory_allocated_bytes", "CUDA memory held by tensors.")
         self._gpu_memory_reserved = gauge("gpu_memory_reserved_bytes",
                                           "CUDA memory reserved by the caching allocator.")
-        self._learners_up = gauge("learners_up", "Learner actors alive.")
+        self._learners = gauge("learners", "Learners training now (an elastic group's size changes).")
+        self._learners_target = gauge("learners_target", "Learners wanted (train.learners).")
+        self._resizes = counter("resizes", "Times an elastic learner group shrank or grew, by direction.",
+                                ("direction",))
+        for direction in ("shrink", "grow"):
+            self._resizes.labels(direction=direction)
+        self._rollback_steps = counter("rollback_steps", "Global steps trained again after a learner failure "
+                                       "(back to a checkpoint); 0 while survivors carry on.")
         self._decode_actors_up = gauge("decode_actors_up", "Decode actors alive.")
         self._decode_errors = counter("decode_errors", "Samples skipped by the readers, by reason.", ("reason",))
         self._curation_dropped = counter("curation_dropped", "Samples decoded and dropped by curation, by reason "
@@ -177,9 +184,13 @@ class Metrics(_Exporter):
         self._gpu_memory_allocated.set(allocated_bytes)
         self._gpu_memory_reserved.set(reserved_bytes)
 
-    def set_actors_up(self, *, learners: int, decode_actors: int) -> None:
-        self._learners_up.set(learners)
-        self._decode_actors_up.set(decode_actors)
+    def set_actors_up(self, *, learners: int, decode_actors: int | None = None,
+                      learners_target: int | None = None) -> None:
+        self._learners.set(learners)
+        if learners_target is not None:
+            self._learners_target.set(learners_target)
+        if decode_actors is not None:
+            self._decode_actors_up.set(decode_actors)
 
     def count_decode_errors(self, errors: dict[str, int]) -> None:
         """Add skipped-sample counts keyed by reason (e.g. a batch's `errors` Counter)."""
@@ -205,6 +216,12 @@ class Metrics(_Exporter):
 
     def count_learner_restart(self) -> None:
         self._learner_restarts.inc()
+
+    def count_resize(self, direction: str) -> None:
+        self._resizes.labels(direction=direction).inc()
+
+    def count_rollback_steps(self, steps: int) -> None:
+        self._rollback_steps.inc(steps)
 
     def set_batches_in_flight(self, batches: int) -> None:
         self._batches_in_flight.set(batches)

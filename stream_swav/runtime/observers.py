@@ -59,7 +59,8 @@ class RunObserver:
         self._logged_step = -1
 
     def on_actors_up(self, learners: int, devices: list[str], decode_actors: int) -> None:
-        self.metrics.set_actors_up(learners=learners, decode_actors=decode_actors)
+        self.metrics.set_actors_up(learners=learners, decode_actors=decode_actors,
+                                   learners_target=self.cfg.train.learners)
         log.info("%d learner(s) on %s; %d decode actor(s)", learners, ", ".join(devices), decode_actors)
 
     def on_chunk(self, summary: ChunkSummary, decode_actors_replaced: int) -> None:
@@ -133,6 +134,25 @@ class RunObserver:
         """The learner group failed, for the `restarts`-th time in this run."""
         self.metrics.count_learner_restart()
         log.error("learner failure %d (train.max_failures=%d): %s", restarts, self.cfg.train.max_failures, cause)
+
+    def on_shrink(self, failures: int, cause: str, *, learners: int, step: int, adopted: int) -> None:
+        """An elastic group lost members and went on with `learners` survivors from `step`, nothing
+        rolled back; `adopted` survivors were a step behind and took the leader's state."""
+        self.metrics.count_resize("shrink")
+        self.metrics.set_actors_up(learners=learners)
+        log.error("learner failure %d (train.max_failures=%d): %s", failures, self.cfg.train.max_failures, cause)
+        log.warning("going on with %d of %d learner(s) from step %d: no checkpoint read, nothing trained again%s",
+                    learners, self.cfg.train.learners, step,
+                    f" ({adopted} survivor(s) a step behind took the leader's state)" if adopted else "")
+
+    def on_grow(self, joined: int, *, learners: int, decode_actors: int) -> None:
+        self.metrics.count_resize("grow")
+        self.metrics.set_actors_up(learners=learners, decode_actors=decode_actors)
+        log.info("%d learner(s) joined: training with %d of %d", joined, learners, self.cfg.train.learners)
+
+    def on_rollback(self, steps: int) -> None:
+        """A restart from a checkpoint trains these global steps again."""
+        self.metrics.count_rollback_steps(steps)
 
     def log_progress(self, s: ChunkSummary | None) -> None:
         """The log line of the latest chunk `s` (none before the first), once per step."""

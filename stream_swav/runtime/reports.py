@@ -40,6 +40,12 @@ class Progress:
         self.bytes_read += meta.bytes_read
         self.seen_hashes = max(self.seen_hashes, meta.seen_hashes)
 
+    @classmethod
+    def of(cls, meta: BatchMeta) -> "Progress":
+        progress = cls()
+        progress.add(meta)
+        return progress
+
     def merge(self, other: "Progress") -> None:
         for key, position in other.positions.items():
             if position > self.positions.get(key, 0):
@@ -49,6 +55,33 @@ class Progress:
         self.dropped.update(other.dropped)
         self.bytes_read += other.bytes_read
         self.seen_hashes = max(self.seen_hashes, other.seen_hashes)
+
+
+@dataclass
+class GroupView:
+    """What every rank of the group committed in one chunk, as one rank saw it.
+
+    The ranks exchange each step's bookkeeping in the vote before it (`Progress` of the batch and of
+    the bookkeeping-only batches received since the last vote), so any survivor of a peer's death
+    knows what the dead rank trained up to the last step that completed. Views of two survivors
+    differ at most by the last commit (a collective that completed on some ranks only): `union`
+    takes, per rank, the view with the most commits."""
+
+    ranks: dict[int, Progress] = field(default_factory=dict)
+    commits: dict[int, int] = field(default_factory=dict)
+
+    def commit(self, rank: int, delta: Progress) -> None:
+        self.ranks.setdefault(rank, Progress()).merge(delta)
+        self.commits[rank] = self.commits.get(rank, 0) + 1
+
+    @staticmethod
+    def union(views: list["GroupView"]) -> Progress:
+        """The group's progress as far as any of `views` knows it committed."""
+        total = Progress()
+        for rank in sorted({rank for view in views for rank in view.ranks}):
+            longest = max((v for v in views if rank in v.ranks), key=lambda v: v.commits[rank])
+            total.merge(longest.ranks[rank])
+        return total
 
 
 @dataclass
@@ -85,6 +118,8 @@ class StepReport:
     batches_held: int = 0
     gpu_memory_allocated_bytes: int = 0
     gpu_memory_reserved_bytes: int = 0
+    # Why the call ended in a failed collective (a peer lost), in one line; "" when it did not.
+    interrupted: str = ""
 
 
 @dataclass
@@ -117,4 +152,4 @@ class ChunkSummary(StepReport):
         return cls(**{**{f.name: getattr(first, f.name) for f in fields(StepReport)}, **merged})
 
 
-__all__ = ["Progress", "StepReport", "ChunkSummary"]
+__all__ = ["Progress", "GroupView", "StepReport", "ChunkSummary"]

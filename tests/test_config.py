@@ -328,3 +328,13 @@ def test_missing_yaml_file_names_the_path(tmp_path):
     broken.write_text("train: [batch_size: 8\n")
     with pytest.raises(ConfigError, match=re.escape(str(broken)) + ": not valid YAML"):
         load_config(broken)
+
+
+def test_min_learners_makes_the_group_elastic_and_may_not_exceed_learners():
+    fixed = load_config(overrides=["train.learners=4"])
+    assert (fixed.train.fewest_learners, fixed.train.elastic) == (4, False)
+    elastic = load_config(overrides=["train.learners=4", "train.min_learners=2"])
+    assert (elastic.train.fewest_learners, elastic.train.elastic) == (2, True)
+    assert "train.learners (0: equal to it)" in str(refused(["train.learners=2", "train.min_learners=3"],
+                                                            "train.min_learners"))
+    refused(["train.collective_timeout_s=0"], "train.collective_timeout_s")

@@ -183,12 +183,17 @@ class LearnerGroup:
         torch.compile compiles), a learner that raises fails the wait at once, and Ray fails the
         call of a learner whose process dies (at once) or whose node is lost (when its health checks
         miss). A rank stuck in a collective whose peer hangs holds the chunk until torch.distributed's
-        timeout fails its step (30 minutes for gloo, 10 for NCCL). A stop request is acted on when
-        the chunk ends, at most about train.report_interval_s later, so that its steps are kept."""
+        timeout fails its step (train.collective_timeout_s). A stop request is acted on when the
+        chunk ends, at most about train.report_interval_s later, so that its steps are kept. An
+        elastic group raises `LearnersLost` instead of `LearnerFailure` when members died."""
         refs = [actor.run.remote(max_steps, max_seconds) for actor in self.actors]
-        if not self.cfg.train.elastic:
-            return wait_all(refs, None, None, "training")
-        return self._wait_elastic(refs)
+        if self.cfg.train.elastic:
+            return self._wait_elastic(refs)
+        reports = wait_all(refs, None, None, "training")
+        interrupted = [r.interrupted for r in reports if r.interrupted]
+        if interrupted:  # every rank answered, yet a collective failed (a peer that hung, then came back)
+            raise LearnerFailure(f"training: a collective failed: {interrupted[0]}")
+        return reports
 
     def _wait_elastic(self, refs: list[Any]) -> list[StepReport]:
         """The reports of every rank, or `LearnersLost` naming the ranks whose process died and

@@ -11,13 +11,14 @@ the real learner on a small CPU recipe, two learners, over synthetic shards:
            stream_swav_rollback_steps_total, times the learners).
   arrival  two CPUs per learner, so one learner per node; the worker node is removed (the fixed
            group restarts and waits for room, the elastic one goes on with one learner) and a node
-           is added back --gap seconds later. Figure: seconds from the node's arrival to the end of
-           the first chunk trained by two learners again.
+           is added back --gap seconds later. Figures: global steps trained while the node was
+           away, and seconds from the node's arrival to the end of the first chunk trained by two
+           learners again.
 
 Times are taken at chunk ends (train.report_interval_s=0.25 s apart), so they are late by up to
 that much.
 
-    PYTHONPATH=. python bench/elastic.py [--checkpoint-every 40] [--gap 3] [--json-out FILE]
+    PYTHONPATH=. python bench/elastic.py [--checkpoint-every 40] [--gap 3] [--repeats 2] [--json-out FILE]
 """
 from __future__ import annotations
 
@@ -140,47 +141,50 @@ def arrival(cluster: Cluster, shards: str, workdir: Path, elastic: bool, gap: fl
 
     def act(trainer: TimedTrainer) -> None:
         events = trainer.events
-        if "removed" not in events and len(trainer.group.actors) == 2 and trainer.step >= 30:
-            events["removed"] = time.monotonic()
-            cluster.remove_node(node)
+        if "remove" not in events and len(trainer.group.actors) == 2 and trainer.step >= 30:
+            events["remove"] = time.monotonic()
         elif "arrived" in events and any(t > events["arrived"] and n == 2 for t, _, n in trainer.trained):
             trainer.request_stop("measured")
 
-    def add_node_back(trainer: TimedTrainer) -> None:
-        # From a watcher thread: the fixed group waits for room outside any chunk.
+    def change_the_cluster(trainer: TimedTrainer) -> None:
+        # Ray's cluster utilities run in the main thread only; the trainer runs in another.
         events = trainer.events
-        if "removed" in events and "arrived" not in events and time.monotonic() - events["removed"] > gap:
+        if "remove" in events and "removed" not in events:
+            cluster.remove_node(node)
+            events["removed"] = time.monotonic()
+        elif "removed" in events and "arrived" not in events and time.monotonic() - events["removed"] > gap:
             cluster.add_node(num_cpus=NODE_CPUS)
             events["arrived"] = time.monotonic()
 
-    trainer = run(cfg, act, add_node_back)
+    trainer = run(cfg, act, change_the_cluster)
     for extra in list(cluster.worker_nodes):
         cluster.remove_node(extra)
+    events = trainer.events
+    away = [step for t, step, _ in trainer.trained if events["removed"] < t <= events["arrived"]]
+    before = max(step for t, step, _ in trainer.trained if t <= events["removed"])
     return {"path": "elastic" if elastic else "restore",
+            "steps_trained_while_away": max(0, max(away, default=before) - before),
             "seconds_from_arrival_to_two_learners_training": round(trainer.first_trained_after("arrived", 2), 2),
             "steps_trained_again": trainer.rolled_back}
 
 
 def run(cfg: Config, act: Callable[[TimedTrainer], None],
-        watch_every: Callable[[TimedTrainer], None] = lambda _trainer: None) -> TimedTrainer:
-    """Run the trainer to its stop, calling `watch_every(trainer)` every 0.2 s from a thread."""
+        every: Callable[[TimedTrainer], None] = lambda _trainer: None) -> TimedTrainer:
+    """Run the trainer to its stop in a thread, calling `every(trainer)` here every 0.2 s meanwhile."""
     trainer = TimedTrainer(cfg, act)
-    done = threading.Event()
-
-    def watch() -> None:
-        while not done.wait(0.2):
-            watch_every(trainer)
-
-    watcher = threading.Thread(target=watch, daemon=True)
-    watcher.start()
+    ended: dict[str, Any] = {}
+    thread = threading.Thread(target=lambda: ended.update(status=trainer.run()), daemon=True)
+    thread.start()
     try:
-        status = trainer.run()
+        while thread.is_alive():
+            every(trainer)
+            thread.join(0.2)
     finally:
-        done.set()
-        watcher.join()
+        trainer.request_stop("bench ended")
+        thread.join()
         trainer.shutdown_actors()
-    if status != 0:
-        raise RuntimeError(f"the run ended with exit status {status}")
+    if ended.get("status") != 0:
+        raise RuntimeError(f"the run ended with exit status {ended.get('status')}")
     return trainer
 
 
@@ -188,6 +192,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--checkpoint-every", type=int, default=40, help="steps between checkpoints")
     parser.add_argument("--gap", type=float, default=3.0, help="seconds between a node's loss and its return")
+    parser.add_argument("--repeats", type=int, default=1, help="runs of each measurement")
     parser.add_argument("--json-out", help="also write the figures here")
     args = parser.parse_args()
     cluster = Cluster(initialize_head=True, connect=False,
@@ -205,24 +210,26 @@ def main() -> int:
             shards = write_shards(Path(tmp) / "shards", shards=8, per_shard=256)
             cluster.add_node(num_cpus=NODE_CPUS)
             cluster.wait_for_nodes()
-            results["death"] = [death(cluster, shards, Path(tmp) / f"death-{elastic}", elastic, args.checkpoint_every)
-                                for elastic in (False, True)]
+            results["death"] = [death(cluster, shards, Path(tmp) / f"death-{elastic}-{n}", elastic,
+                                      args.checkpoint_every)
+                                for n in range(args.repeats) for elastic in (False, True)]
             for node in list(cluster.worker_nodes):
                 cluster.remove_node(node)
-            results["arrival"] = [arrival(cluster, shards, Path(tmp) / f"arrival-{elastic}", elastic, args.gap)
-                                  for elastic in (False, True)]
+            results["arrival"] = [arrival(cluster, shards, Path(tmp) / f"arrival-{elastic}-{n}", elastic, args.gap)
+                                  for n in range(args.repeats) for elastic in (False, True)]
     finally:
         ray.shutdown()
         cluster.shutdown()
     print(f"machine: {results['machine']}; 2 learners (tiny ResNet-18, CPU), checkpoint every "
           f"{args.checkpoint_every} steps, node back after {args.gap:g} s")
-    print(f"{'failure':<9} {'path':<8} {'s to next step':>14} {'steps again':>11} {'learner-steps lost':>18}")
+    print(f"{'death':<8} {'s to next step':>14} {'steps trained again':>19} {'learner-steps lost':>18}")
     for row in results["death"]:
-        print(f"{'death':<9} {row['path']:<8} {row['seconds_to_next_step']:>14.2f} {row['steps_trained_again']:>11d} "
+        print(f"{row['path']:<8} {row['seconds_to_next_step']:>14.2f} {row['steps_trained_again']:>19d} "
               f"{row['learner_steps_lost']:>18d}")
+    print(f"{'arrival':<8} {'steps while away':>16} {'s from arrival to 2 training':>28} {'steps trained again':>19}")
     for row in results["arrival"]:
-        print(f"{'arrival':<9} {row['path']:<8} {row['seconds_from_arrival_to_two_learners_training']:>14.2f} "
-              f"{row['steps_trained_again']:>11d} {'':>18}")
+        print(f"{row['path']:<8} {row['steps_trained_while_away']:>16d} "
+              f"{row['seconds_from_arrival_to_two_learners_training']:>28.2f} {row['steps_trained_again']:>19d}")
     if args.json_out:
         Path(args.json_out).write_text(json.dumps(results, indent=2))
     return 0

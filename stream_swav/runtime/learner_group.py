@@ -130,6 +130,10 @@ class LearnerGroup:
         bundle = self.plan.learner_bundle
         deadline = time.monotonic() + timeout
         options: list[dict[str, Any]] = [{} for _ in range(world)]
+        if self.cfg.train.elastic:
+            # No placement group: Ray cannot take one bundle out of a group, and would keep (and
+            # re-place) a lost member's bundle, holding the room a joiner needs.
+            return self._start_elastic(stop, while_starting, deadline)
         if bundle:
             self._placement = placement_group([bundle] * world, strategy="PACK")
             try:
@@ -146,6 +150,28 @@ class LearnerGroup:
         self.actors = [LearnerActor.options(num_gpus=self.plan.gpus_per_learner, num_cpus=self.plan.cpus_per_learner,
                                             max_restarts=0, **options[rank])
                        .remote(self.cfg, rank, world, self.build_learner) for rank in range(world)]
+        while_starting()
+        master_addr, master_port = (wait_all([self.actors[0].address.remote()], stop, deadline, "learner start")[0]
+                                    if world > 1 else (None, None))
+        return wait_all([a.setup.remote(master_addr, master_port) for a in self.actors], stop, None, "learner setup")
+
+    def _start_elastic(self, stop: threading.Event, while_starting: Callable[[], None], deadline: float) -> list[str]:
+        """An elastic group's first members: placed as plain actors (all within the deadline), then
+        their decode actors are launched, so that these do not take the learners' CPUs."""
+        world = self.plan.learners
+        self.actors = [LearnerActor.options(num_gpus=self.plan.gpus_per_learner, num_cpus=self.plan.cpus_per_learner,
+                                            max_restarts=0).remote(self.cfg, rank, world, self.build_learner)
+                       for rank in range(world)]
+        try:
+            wait_all([actor.ping.remote() for actor in self.actors], stop, deadline, "learner placement")
+        except GetTimeoutError:
+            self.shutdown()
+            raise StartupError(f"train.learners: could not place train.min_learners={world} learner(s) within "
+                               f"train.startup_timeout_s={self.cfg.train.startup_timeout_s:g}s: "
+                               f"{describe_shortfall(self.plan, ray.cluster_resources())}") from None
+        except BaseException:
+            self.shutdown()
+            raise
         while_starting()
         master_addr, master_port = (wait_all([self.actors[0].address.remote()], stop, deadline, "learner start")[0]
                                     if world > 1 else (None, None))

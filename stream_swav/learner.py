@@ -195,16 +195,21 @@ class LearnerState:
             raise ValueError(f"world_size={world_size} but the process group has {dist.get_world_size()} processes")
         if not distributed and world_size != 1:
             raise ValueError(f"world_size={world_size} needs an initialised torch.distributed process group")
-        if not cfg.train.fewest_learners <= world_size <= cfg.train.learners:
+        # An elastic group's members are built at any size up to train.learners (a joiner while the
+        # group is below train.min_learners too); a fixed group's at train.learners.
+        fewest = 1 if cfg.train.elastic else cfg.train.learners
+        if not fewest <= world_size <= cfg.train.learners:
             # The learning rate and the image count are scaled by world_size (an elastic group's size now).
-            raise ValueError(f"world_size={world_size} is outside train.min_learners..train.learners "
-                             f"({cfg.train.fewest_learners}..{cfg.train.learners})")
+            raise ValueError(f"world_size={world_size} is outside {fewest}..train.learners ({cfg.train.learners})")
 
         # Same seed on every rank: replicas start identical (DDP also broadcasts rank 0's weights).
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(cfg.train.seed)
             model = SwAVModel(cfg.model)
-        if distributed and cfg.model.sync_batchnorm:  # config refuses it for ViTs, which have no BatchNorm
+        # Converted whenever the run may have several learners: an elastic group's first member starts
+        # alone, and its BatchNorm must issue the same collectives as that of members joining later
+        # (SyncBatchNorm without a process group of several acts as plain BatchNorm).
+        if (distributed or cfg.train.learners > 1) and cfg.model.sync_batchnorm:  # refused for ViTs: no BatchNorm
             if self.device.type != "cuda":
                 raise ValueError("model.sync_batchnorm: SyncBatchNorm needs CUDA learners; set it to false on CPU")
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
@@ -377,6 +382,11 @@ class Learner(LearnerState):
             network = torch.compile(network, mode=self.cfg.train.compile_mode, dynamic=False)
         return network
 
+    def release_network(self) -> None:
+        """Let go of the network's hold on the process group (DistributedDataParallel's), so that
+        the group can be torn down at once; `regroup` wraps the model again."""
+        self.network = self.model
+
     def regroup(self, rank: int, world_size: int) -> None:
         """Train on in a process group formed again (an elastic group that shrank or grew): the
         network is wrapped anew over it; every call of it must be made on all its ranks together."""
@@ -432,8 +442,9 @@ class Learner(LearnerState):
         optimiser state, BatchNorm statistic or queue entry.
 
         Every collective of the step comes before the first change of state, so a step that raises
-        (a peer lost in a collective) leaves the learner as it was before it, BatchNorm statistics
-        included: an elastic group's survivors go on from their last whole step."""
+        (a peer lost in a collective) leaves weights, optimiser, code state, queue, counters and
+        BatchNorm statistics as they were before it (the random streams have moved on): an elastic
+        group's survivors go on from their last whole step."""
         if self._buffers:  # a ViT has none
             torch._foreach_copy_(self._buffer_snapshot, self._buffers)
         try:
@@ -450,7 +461,9 @@ class Learner(LearnerState):
         images_before = self.images_seen
         # The rate for the images seen once this batch is in, so the first step of a warmup is not wasted.
         images_after = images_before + batch_size * self.world_size
-        lr = learning_rate_for(cfg, images_after, batch_size * self.world_size)
+        # From the configured batch, not this rank's (a short last batch of a shard): every rank must
+        # step with the same rate, or the replicas drift apart.
+        lr = learning_rate_for(cfg, images_after, cfg.train.batch_size * self.world_size)
         decay = weight_decay_for(cfg, images_after)
         for group in self.optimizer.param_groups:
             group["lr"] = lr

@@ -343,7 +343,7 @@ def test_an_elastic_group_below_min_learners_saves_the_survivors_and_ends_with_o
     cfg = tiny_config({"data": {"shards": folder, "decode_actors": 2},
                        "checkpoint": {"dir": str(tmp_path / "ckpt"), "every_steps": 0},
                        "train": {"learners": 3, "min_learners": 2, "cpus_per_learner": 2, "cpu_threads": 1,
-                                 "resize_interval_s": 1, "startup_timeout_s": 5}})
+                                 "resize_interval_s": 1, "startup_timeout_s": 15}})
     removed: dict[str, int] = {}
 
     def remove_a_learners_node(trainer) -> None:

@@ -2,6 +2,9 @@ from __future__ import annotations
 
 import io
 import math
+import os
+import signal
+import time
 import warnings
 from datetime import timedelta
 from typing import Any
@@ -226,7 +229,7 @@ def test_load_state_dict_rejects_mismatched_state_and_changes_nothing():
 
 
 def test_learner_count_must_match_world_size():
-    with pytest.raises(ValueError, match=r"world_size=1 is outside train.min_learners..train.learners \(2..2\)"):
+    with pytest.raises(ValueError, match=r"world_size=1 is outside 2..train.learners \(2\)"):
         Learner(tiny_config(train={"learners": 2}), torch.device("cpu"))
 
 
@@ -472,3 +475,58 @@ def test_weight_average_is_what_the_learner_exports_and_resumes():
     plain = Learner(tiny_config(), torch.device("cpu"))
     assert plain.average is None and "average" not in plain.state_dict()
     torch.testing.assert_close(plain.exported_backbone_state_dict(), plain.model.backbone_state_dict())
+
+
+def _peer_loss_worker(rank: int, world_size: int, port: int, out_dir: str) -> None:
+    """One rank of an elastic group whose last rank dies after the first step."""
+    from stream_swav.runtime.actors import is_peer_loss, leave_process_group
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size,
+                            timeout=timedelta(seconds=45))
+    cfg = tiny_config(train={"batch_size": 4, "learners": world_size, "min_learners": 1})
+    learner = Learner(cfg, torch.device("cpu"), rank=rank, world_size=world_size)
+    stream = SyntheticStream(n_classes=4, image_size=8, seed=rank)
+    learner.train_step(stream.batch(cfg))
+    if rank == world_size - 1:
+        time.sleep(1.0)
+        os.kill(os.getpid(), signal.SIGKILL)
+    started = time.monotonic()
+    peer_loss = None
+    try:
+        learner.train_step(stream.batch(cfg))
+    except RuntimeError as err:
+        peer_loss = is_peer_loss(err)
+    if peer_loss:
+        leave_process_group(learner, broken=True)
+    torch.save({"peer_loss": peer_loss, "seconds": time.monotonic() - started, "step": learner.step,
+                "left": not dist.is_initialized()}, f"{out_dir}/rank{rank}.pt")
+    # Alive until every survivor has failed: none may learn of the loss from another's exit.
+    deadline = time.monotonic() + 90
+    while time.monotonic() < deadline and not all(os.path.exists(f"{out_dir}/rank{r}.pt")
+                                                  for r in range(world_size - 1)):
+        time.sleep(0.2)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(180)
+def test_survivors_of_a_dead_rank_all_fail_their_step_promptly_not_at_the_timeout(tmp_path):
+    # Four ranks, the last killed: gloo's ring collectives tell only its neighbours (ranks 0 and 2);
+    # rank 1 learns of it because they tear their group down at once, long before the 45 s timeout.
+    world_size = 4
+    context = mp.get_context("spawn")
+    port = free_port()
+    workers = [context.Process(target=_peer_loss_worker, args=(rank, world_size, port, str(tmp_path)))
+               for rank in range(world_size)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join(timeout=150)
+    assert workers[-1].exitcode == -signal.SIGKILL
+    for rank in range(world_size - 1):
+        assert workers[rank].exitcode == 0, f"rank {rank} exited with {workers[rank].exitcode}"
+        result = torch.load(tmp_path / f"rank{rank}.pt")
+        assert result["peer_loss"] and result["left"], (rank, result)
+        # The step that failed left the learner at its last whole step.
+        assert result["step"] == 1
+        assert result["seconds"] < 20, (rank, result)

@@ -14,6 +14,7 @@ work, and tests a learner that records what it trained, around the same shells.
 """
 from __future__ import annotations
 
+import gc
 import logging
 import math
 import os
@@ -90,6 +91,29 @@ def is_peer_loss(err: BaseException) -> bool:
     return isinstance(err, dist.DistError) or (isinstance(err, RuntimeError) and "gloo" in str(err))
 
 
+def leave_process_group(learner: Any, broken: bool) -> None:
+    """Tear down this process's torch.distributed groups (if any), closing their connections now:
+    the learner's network lets go of the group first and the garbage is collected, since a
+    gloo group's sockets close only when nothing holds it. A `broken` NCCL group (a peer lost)
+    is aborted rather than waited for."""
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        return
+    if hasattr(learner, "release_network"):
+        learner.release_network()
+    if broken and dist.get_backend() == "nccl":
+        try:
+            dist.distributed_c10d._abort_process_group()
+        except Exception:  # noqa: BLE001 - already aborted by the watchdog
+            pass
+    try:
+        dist.destroy_process_group()
+    except Exception:  # noqa: BLE001 - a group broken by a lost peer may fail to tear down cleanly
+        pass
+    gc.collect()
+
+
 def _default_learner(cfg: Config, device: Any, rank: int, world_size: int) -> Any:
     from stream_swav.learner import Learner
 
@@ -146,14 +170,18 @@ class LearnerActorImpl:
         import torch
         import torch.distributed as dist
 
-        self._leave_process_group()
+        leave_process_group(self.learner, broken=False)
+        self.vote_group = None
         self.rank, self.world_size = rank, world_size
         if world_size > 1:
             backend = "nccl" if self.device.type == "cuda" else "gloo"
             if backend == "nccl" and self.cfg.train.elastic:
                 # NCCL's watchdog aborts a collective stuck past the timeout without ending the process,
-                # so that a survivor of a lost peer can join the next group.
+                # so that a survivor of a lost peer can join the next group; blocking waits make the
+                # aborted collective raise in the step (rather than return what it had), so that the
+                # step does not commit. The step syncs with the host once anyway (its finite check).
                 os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "2")
+                os.environ.setdefault("TORCH_NCCL_BLOCKING_WAIT", "1")
             timeout = datetime.timedelta(seconds=self.cfg.train.collective_timeout_s)
             dist.init_process_group(backend=backend, init_method=f"tcp://{master_addr}:{master_port}",
                                     rank=rank, world_size=world_size, timeout=timeout)
@@ -165,22 +193,6 @@ class LearnerActorImpl:
         else:
             self.learner.regroup(rank, world_size)
         return str(self.device)
-
-    def _leave_process_group(self) -> None:
-        import torch.distributed as dist
-
-        if not dist.is_initialized():
-            return
-        if dist.get_backend() == "nccl":
-            try:  # a communicator a lost peer left stuck is aborted, not waited for
-                dist.distributed_c10d._abort_process_group()
-            except Exception:  # noqa: BLE001 - already aborted by the watchdog
-                pass
-        try:
-            dist.destroy_process_group()
-        except Exception:  # noqa: BLE001 - a group broken by a lost peer may fail to tear down cleanly
-            pass
-        self.vote_group = None
 
     def shared_state(self) -> dict[str, Any]:
         """What every rank holds alike, for a learner that joins or fell behind (`adopt`)."""
@@ -299,6 +311,11 @@ class LearnerActorImpl:
         self.feed.refill()
         report.failed_feeders = self.feed.take_failed()
         report.batches_held = self.feed.held()
+        if report.interrupted:
+            # At once: in a ring collective only the dead rank's neighbours see its connection close;
+            # the others learn of the loss when ours close, rather than at the collective's timeout.
+            leave_process_group(self.learner, broken=True)
+            self.vote_group = None
         report.progress = self.view.ranks.get(self.rank, Progress())
         report.step, report.images_seen = self.learner.step, self.learner.images_seen
         if last is not None and not report.interrupted:

@@ -26,6 +26,7 @@ handler of the current state, which does that state's work and returns the next 
              -> RECOVERING  none survived, the survivors could not go on, or the budget is spent
              -> FAILED      below train.min_learners for train.startup_timeout_s (exit 5, after
                             a checkpoint of the survivors)
+             -> STOPPING    stop requested while below train.min_learners
   RECOVERING -> RUNNING     a new learner group, back at the latest checkpoint
              -> RECOVERING  a learner of the new group failed too
              -> FAILED      failure budget spent (exit 1)
@@ -240,9 +241,14 @@ class Trainer:
         self.ledger.record(shrunk.progress)
         self.pool.drop_ranks(set(loss.lost), self.ledger)
         self.pool.renumber(shrunk.old_ranks)
+        # Decode actors of survivors that failed in the same chunk: the survivors dropped them already.
+        failed = sorted({slot for report in loss.reports.values() for slot in report.failed_feeders
+                         if slot in self.pool.rank_of})
+        if failed:
+            self.group.attach(self.pool.replace(failed, self.ledger))
         self.step, self.images_seen = shrunk.step, shrunk.images_seen
         self.observer.on_shrink(self.restarts, loss.cause, learners=len(self.group.actors), step=self.step,
-                                adopted=shrunk.adopted)
+                                adopted=shrunk.adopted, decode_actors=len(self.pool.actors))
         if len(self.group.actors) < self.cfg.train.fewest_learners:
             return self.regain_fewest()
         return RunState.RUNNING
@@ -264,6 +270,8 @@ class Trainer:
             time.sleep(POLL_S)
         if len(self.group.actors) >= train.fewest_learners:
             return RunState.RUNNING
+        if self.stop.is_set():
+            return RunState.STOPPING  # the survivors write the final checkpoint; exit 0
         saved = self.checkpoint(final=True)
         kept = (f"checkpoint step {self.step} holds everything trained" if saved else
                 f"the survivors' checkpoint failed; the latest checkpoint is step {self.last_checkpoint_step}")
@@ -404,6 +412,12 @@ class Trainer:
             elif settled:
                 joiner.slots = up
                 ready.append(joiner)
+        # One that died since it answered would fail the new group's forming: look once more.
+        answers = self.group.answering([joiner.actor for joiner in ready])
+        for joiner, answered in list(zip(ready, answers)):
+            if not answered:
+                ready.remove(joiner)
+                self.drop_joiner(joiner, "it stopped answering")
         if not ready:
             return
         for joiner in ready:

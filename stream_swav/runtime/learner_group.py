@@ -268,6 +268,19 @@ class LearnerGroup:
                 lost[refs[ref]] = first_line(err)
         return lost
 
+    @staticmethod
+    def answering(actors: list[Any], timeout_s: float = 5.0) -> list[bool]:
+        """Whether each of `actors` answers within `timeout_s`."""
+        refs = [actor.ping.remote() for actor in actors]
+        done, _ = ray.wait(refs, num_returns=len(refs), timeout=timeout_s)
+        answered = []
+        for ref in refs:
+            try:
+                answered.append(ref in done and ray.get(ref) is not None)
+            except RayError:
+                answered.append(False)
+        return answered
+
     def shrink(self, lost: Iterable[int]) -> Shrunk:
         """Go on without the `lost` ranks (killed here). The survivors' views of the last chunk give
         what every rank, the lost ones too, trained up to the last step any survivor completed; the

@@ -135,11 +135,12 @@ class RunObserver:
         self.metrics.count_learner_restart()
         log.error("learner failure %d (train.max_failures=%d): %s", restarts, self.cfg.train.max_failures, cause)
 
-    def on_shrink(self, failures: int, cause: str, *, learners: int, step: int, adopted: int) -> None:
+    def on_shrink(self, failures: int, cause: str, *, learners: int, step: int, adopted: int,
+                  decode_actors: int) -> None:
         """An elastic group lost members and went on with `learners` survivors from `step`, nothing
         rolled back; `adopted` survivors were a step behind and took the leader's state."""
         self.metrics.count_resize("shrink")
-        self.metrics.set_actors_up(learners=learners)
+        self.metrics.set_actors_up(learners=learners, decode_actors=decode_actors)
         log.error("learner failure %d (train.max_failures=%d): %s", failures, self.cfg.train.max_failures, cause)
         log.warning("going on with %d of %d learner(s) from step %d: no checkpoint read, nothing trained again%s",
                     learners, self.cfg.train.learners, step,

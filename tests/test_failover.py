@@ -358,3 +358,33 @@ def test_an_elastic_group_below_min_learners_saves_the_survivors_and_ends_with_o
     assert final.startswith("train.min_learners: 1 learner(s) left, fewer than train.min_learners=2")
     assert "\n" not in final and f"checkpoint step {trainer.step} holds everything trained" in final
     assert trainer.last_checkpoint_step == trainer.step >= removed["step"]
+
+
+def test_a_learner_lost_while_joining_is_left_out_and_the_group_trains_on_without_a_restart(cluster, tmp_path,
+                                                                                            caplog):
+    cluster.add_node(num_cpus=3)
+    folder, keys = shards(tmp_path / "shards", count=8, size=32)
+    cfg = tiny_config({"data": {"shards": folder, "decode_actors": 2},
+                       "checkpoint": {"dir": str(tmp_path / "ckpt"), "every_steps": 0},
+                       "train": {"learners": 2, "min_learners": 1, "image_budget": 3 * len(keys),
+                                 "resize_interval_s": 1, "collective_timeout_s": 30}})
+    # The first learner built as rank 1 (the first joiner) dies as soon as its model is built, in
+    # the middle of forming the new group; the next joiner lives.
+    dying = {"die_while_starting": True, "die_rank": 1, "die_once_marker": str(tmp_path / "died")}
+
+    def slow_while_short(trainer) -> None:
+        if len(trainer.group.actors) < 2:
+            time.sleep(1.0)
+
+    caplog.set_level(logging.INFO, logger="stream_swav")
+    trainer = run_to_end(cfg, tmp_path / "trained.jsonl", after_chunk=slow_while_short, dying=dying)
+
+    assert (tmp_path / "died").exists(), "the joiner never died"
+    assert "going on without the joiner(s)" in caplog.text
+    assert "restarting the learners" not in caplog.text
+    assert metric(trainer, "stream_swav_learner_restarts_total") == 0
+    assert metric(trainer, "stream_swav_resizes_total", direction="grow") == 1
+    assert metric(trainer, "stream_swav_learners") == 2
+    for pass_index in (0, 1):
+        assert pass_counts(trainer.trained, pass_index) == {key: 1 for key in keys}, f"pass {pass_index}"
+    assert max(pass_counts(trainer.trained, 2).values()) == 1

@@ -188,8 +188,7 @@ class Trainer:
             try:
                 self.tend_joiners()
             except (LearnerFailure, GetTimeoutError) as failure:
-                self.failure_cause = f"taking in a learner: {getattr(failure, 'cause', None) or first_line(failure)}"
-                return RunState.RECOVERING
+                return self.after_failed_grow(getattr(failure, "cause", None) or first_line(failure))
         max_steps, max_seconds = self.chunk_limits()
         if self.stop.is_set() or max_steps == 0:
             self.stop_reason = self.stop_reason or "budget reached"
@@ -265,8 +264,7 @@ class Trainer:
             try:
                 self.tend_joiners()
             except (LearnerFailure, GetTimeoutError) as failure:
-                self.failure_cause = getattr(failure, "cause", None) or first_line(failure)
-                return RunState.RECOVERING
+                return self.after_failed_grow(getattr(failure, "cause", None) or first_line(failure))
             time.sleep(POLL_S)
         if len(self.group.actors) >= train.fewest_learners:
             return RunState.RUNNING
@@ -422,10 +420,32 @@ class Trainer:
             return
         for joiner in ready:
             self.joiners.remove(joiner)
-        ranks = self.group.grow(ready)
+        try:
+            ranks = self.group.grow(ready)
+        except LearnerFailure:
+            for joiner in ready:
+                self.pool.cancel_joining(joiner.slots)
+            self.next_grow = time.monotonic() + self.cfg.train.resize_interval_s
+            raise
         for joiner, rank in zip(ready, ranks):
             self.group.attach({rank: self.pool.take_in(joiner.slots, rank)})
         self.observer.on_grow(len(ready), learners=len(self.group.actors), decode_actors=len(self.pool.actors))
+
+    def after_failed_grow(self, cause: str) -> RunState:
+        """Forming a group with joiners failed (the joiners are gone): members lost meanwhile are a
+        loss like any other (SHRINKING); if none was, the members form their group again by
+        themselves and train on. RECOVERING only if even that fails."""
+        log.warning("%s; going on without the joiner(s)", cause)
+        lost = self.group.find_lost(timeout_s=self.cfg.train.collective_timeout_s)
+        if lost:
+            self.loss = LearnersLost(lost)
+            return RunState.SHRINKING
+        try:
+            self.group.shrink(set())
+        except (LearnerFailure, GetTimeoutError) as err:
+            self.failure_cause = f"{cause}; the learners could not form their group again: {first_line(err)}"
+            return RunState.RECOVERING
+        return RunState.RUNNING if len(self.group.actors) >= self.cfg.train.fewest_learners else self.regain_fewest()
 
     def drop_joiner(self, joiner: Joiner, why: str) -> None:
         log.warning("a learner starting to join could not (%s); trying again in train.resize_interval_s=%gs", why,

@@ -325,14 +325,20 @@ class LearnerGroup:
     def grow(self, joiners: list[Joiner]) -> list[int]:
         """Take started learners into the group: all form a new process group (the joiners build their
         model there) and the joiners take rank 0's state over Ray, keeping their own fresh queue and
-        random streams. Their new ranks."""
+        random streams. Their new ranks. If that fails, the joiners are killed and left out (the
+        members' process group is then torn: `shrink` forms it again) and `LearnerFailure` raised."""
         deadline = time.monotonic() + self.cfg.train.collective_timeout_s
         first = len(self.actors)
         self.actors += [joiner.actor for joiner in joiners]
-        self._regroup(deadline)
-        state = self.actors[0].shared_state.remote()
-        wait_all([joiner.actor.adopt.remote(state) for joiner in joiners], None, deadline,
-                 "a joining learner taking the group's state")
+        try:
+            self._regroup(deadline)
+            state = self.actors[0].shared_state.remote()
+            wait_all([joiner.actor.adopt.remote(state) for joiner in joiners], None, deadline,
+                     "a joining learner taking the group's state")
+        except (LearnerFailure, GetTimeoutError) as err:
+            kill_quietly(self.actors[first:])
+            del self.actors[first:]
+            raise LearnerFailure(f"taking in {len(joiners)} learner(s): {first_line(err)}") from err
         return list(range(first, len(self.actors)))
 
     def _regroup(self, deadline: float) -> None:

@@ -119,11 +119,11 @@ class NullLearner:
                                      minlength=cfg.model.prototypes)
         self.model = _NullModel()
 
-    def train_step(self, batch: CropBatch) -> StepStats:
+    def train_step(self, batch: CropBatch, step_images: int | None = None) -> StepStats:
         if self.step_s:
             time.sleep(self.step_s)
         self.step += 1
-        self.images_seen += len(batch) * self.world_size
+        self.images_seen += step_images if step_images is not None else len(batch) * self.world_size
         return StepStats(step=self.step, images_seen=self.images_seen, loss=torch.tensor(6.5), lr=0.3,
                          prototype_counts=self.counts.clone(), marginal_error=torch.tensor(0.01),
                          feature_spread=torch.tensor(0.5),

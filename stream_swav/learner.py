@@ -436,8 +436,23 @@ class Learner(LearnerState):
             dist.all_reduce(finite, op=dist.ReduceOp.MIN)
         return bool(finite.item())
 
-    def train_step(self, batch: CropBatch) -> StepStats:
-        """One update from one batch; a batch whose loss or gradients are not finite
+    def _check_collectives(self) -> None:
+        """Raise if NCCL's watchdog aborted a collective of this step (a peer lost mid-step): the
+        aborted collective returns what it had, and the step must not commit it. gloo raises in
+        the collective itself."""
+        if not is_distributed() or self.device.type != "cuda":
+            return
+        from torch._C._distributed_c10d import ErrorType
+
+        backend = dist.distributed_c10d._get_default_group()._get_backend(self.device)
+        error = backend.get_error()
+        if error != ErrorType.SUCCESS:
+            raise dist.DistBackendError(f"NCCL collective failed in this step ({error.name}); a peer is lost")
+
+    def train_step(self, batch: CropBatch, step_images: int | None = None) -> StepStats:
+        """One update from one batch; `step_images` is how many images every rank's batch of this
+        step holds together (default: this batch's size times the ranks), the count every rank adds
+        to images_seen alike; a batch whose loss or gradients are not finite
         is consumed (counted in step and images_seen) without changing any weight,
         optimiser state, BatchNorm statistic or queue entry.
 
@@ -448,19 +463,20 @@ class Learner(LearnerState):
         if self._buffers:  # a ViT has none
             torch._foreach_copy_(self._buffer_snapshot, self._buffers)
         try:
-            return self._train_step(batch)
+            return self._train_step(batch, step_images)
         except BaseException:
             if self._buffers:
                 torch._foreach_copy_(self._buffers, self._buffer_snapshot)
             self.optimizer.zero_grad(set_to_none=True)
             raise
 
-    def _train_step(self, batch: CropBatch) -> StepStats:
+    def _train_step(self, batch: CropBatch, step_images: int | None) -> StepStats:
         cfg, swav = self.cfg, self.cfg.swav
         batch_size = _check_batch(batch, cfg)
         images_before = self.images_seen
         # The rate for the images seen once this batch is in, so the first step of a warmup is not wasted.
-        images_after = images_before + batch_size * self.world_size
+        # Every rank must count the same, or their schedules (and so their replicas) drift apart.
+        images_after = images_before + (step_images if step_images is not None else batch_size * self.world_size)
         # From the configured batch, not this rank's (a short last batch of a shard): every rank must
         # step with the same rate, or the replicas drift apart.
         lr = learning_rate_for(cfg, images_after, cfg.train.batch_size * self.world_size)
@@ -495,6 +511,7 @@ class Learner(LearnerState):
         loss.backward()
 
         nonfinite = not self._all_finite(loss)  # the step's last collective
+        self._check_collectives()
         self.step += 1
         self.images_seen = images_after
         if nonfinite:

@@ -120,8 +120,8 @@ class RecordingLearner(Learner):
             Path(self.die_once_marker).touch()
         os.kill(os.getpid(), signal.SIGKILL)
 
-    def train_step(self, batch: Any) -> Any:
-        stats = super().train_step(batch)
+    def train_step(self, batch: Any, step_images: int | None = None) -> Any:
+        stats = super().train_step(batch, step_images)
         meta = batch.meta
         pass_of = {url: pass_index for (pass_index, _), url in meta.urls.items()}
         line = json.dumps({"rank": self.rank, "step": self.step,

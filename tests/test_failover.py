@@ -21,6 +21,7 @@ from ray.cluster_utils import Cluster
 from runtime_helpers import (RAY_ENV, WatchedTrainer, close_trainer, object_url, pass_counts, run_to_end, runs,
                              sample_keys, tiny_config, write_shard)
 
+from stream_swav.config import Config
 from stream_swav.runtime import driver
 from stream_swav.runtime.cluster import ClusterPlan, StartupError, plan_cluster
 
@@ -263,15 +264,21 @@ def metric(trainer, name: str, **labels: str) -> float:
     return trainer.metrics.registry.get_sample_value(name, labels or None) or 0.0
 
 
+def elastic_config(tmp_path, folder: str, every_steps: int = 0, **train) -> Config:
+    """Two decode actors and an elastic group (train: learners, min_learners...) that looks for room
+    for joiners every second."""
+    return tiny_config({"data": {"shards": folder, "decode_actors": 2},
+                        "checkpoint": {"dir": str(tmp_path / "ckpt"), "every_steps": every_steps},
+                        "train": {"resize_interval_s": 1, **train}})
+
+
 def test_an_elastic_group_goes_on_without_a_killed_learner_grows_back_and_trains_every_sample_once(
         cluster, tmp_path, caplog):
     cluster.add_node(num_cpus=3)
     folder, keys = shards(tmp_path / "shards", count=8, size=32)
     passes = 3
-    cfg = tiny_config({"data": {"shards": folder, "decode_actors": 2},
-                       "checkpoint": {"dir": str(tmp_path / "ckpt"), "every_steps": 4},
-                       "train": {"learners": 2, "min_learners": 1, "image_budget": passes * len(keys),
-                                 "resize_interval_s": 1}})
+    cfg = elastic_config(tmp_path, folder, every_steps=4, learners=2, min_learners=1,
+                         image_budget=passes * len(keys))
     # The learner that joins as rank 1 dies (SIGKILL) after 3 steps of its own; once.
     dying = {"die_after_own_steps": 3, "die_rank": 1, "die_once_marker": str(tmp_path / "died")}
 
@@ -308,10 +315,8 @@ def test_an_elastic_group_goes_on_at_the_smaller_size_when_a_learners_node_never
     node = cluster.add_node(num_cpus=3)
     cluster.wait_for_nodes()
     folder, keys = shards(tmp_path / "shards", count=8, size=32)
-    cfg = tiny_config({"data": {"shards": folder, "decode_actors": 2},
-                       "checkpoint": {"dir": str(tmp_path / "ckpt"), "every_steps": 0},
-                       "train": {"learners": 2, "min_learners": 1, "cpus_per_learner": 2, "cpu_threads": 1,
-                                 "image_budget": 2 * len(keys), "resize_interval_s": 1, "startup_timeout_s": 10}})
+    cfg = elastic_config(tmp_path, folder, learners=2, min_learners=1, cpus_per_learner=2, cpu_threads=1,
+                         image_budget=2 * len(keys), startup_timeout_s=10)
     removed: dict[str, int] = {}
 
     def remove_the_node_of_one_learner(trainer) -> None:
@@ -340,10 +345,8 @@ def test_an_elastic_group_below_min_learners_saves_the_survivors_and_ends_with_o
     node = cluster.add_node(num_cpus=3)
     cluster.wait_for_nodes()
     folder, _ = shards(tmp_path / "shards", count=4, size=24)
-    cfg = tiny_config({"data": {"shards": folder, "decode_actors": 2},
-                       "checkpoint": {"dir": str(tmp_path / "ckpt"), "every_steps": 0},
-                       "train": {"learners": 3, "min_learners": 2, "cpus_per_learner": 2, "cpu_threads": 1,
-                                 "resize_interval_s": 1, "startup_timeout_s": 15}})
+    cfg = elastic_config(tmp_path, folder, learners=3, min_learners=2, cpus_per_learner=2, cpu_threads=1,
+                         startup_timeout_s=15)
     removed: dict[str, int] = {}
 
     def remove_a_learners_node(trainer) -> None:
@@ -364,10 +367,8 @@ def test_a_learner_lost_while_joining_is_left_out_and_the_group_trains_on_withou
                                                                                             caplog):
     cluster.add_node(num_cpus=3)
     folder, keys = shards(tmp_path / "shards", count=8, size=32)
-    cfg = tiny_config({"data": {"shards": folder, "decode_actors": 2},
-                       "checkpoint": {"dir": str(tmp_path / "ckpt"), "every_steps": 0},
-                       "train": {"learners": 2, "min_learners": 1, "image_budget": 3 * len(keys),
-                                 "resize_interval_s": 1, "collective_timeout_s": 30}})
+    cfg = elastic_config(tmp_path, folder, learners=2, min_learners=1, image_budget=3 * len(keys),
+                         collective_timeout_s=30)
     # The first learner built as rank 1 (the first joiner) dies as soon as its model is built, in
     # the middle of forming the new group; the next joiner lives.
     dying = {"die_while_starting": True, "die_rank": 1, "die_once_marker": str(tmp_path / "died")}

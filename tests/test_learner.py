@@ -245,6 +245,18 @@ def test_an_elastic_learner_scales_the_learning_rate_with_the_learners_training_
     assert stats.lr == pytest.approx(learning_rate_for(cfg, batch) / 4)
 
 
+def test_every_rank_counts_the_steps_images_alike_even_when_its_own_batch_is_short():
+    torch.set_num_threads(1)
+    cfg = tiny_config(train={"learners": 4, "min_learners": 1}, optim={"warmup_images": 100})
+    learner = Learner(cfg, torch.device("cpu"))
+    short = SyntheticStream(n_classes=4, image_size=8).batch(cfg)
+    short = CropBatch(global_crops=short.global_crops[:, :2], local_crops=short.local_crops[:, :2], meta=short.meta)
+    # Its own batch holds 2 images; the step's batches held 11 together (the vote says so).
+    stats = learner.train_step(short, step_images=11)
+    assert stats.images_seen == learner.images_seen == 11
+    assert stats.lr == pytest.approx(learning_rate_for(cfg, 11, global_batch=cfg.train.batch_size))
+
+
 def test_a_step_that_fails_in_a_collective_leaves_the_learner_as_it_was(monkeypatch):
     torch.set_num_threads(1)
     cfg = tiny_config(swav={"queue_length": 8, "queue_start_images": 0})

@@ -170,18 +170,17 @@ class LearnerActorImpl:
         import torch
         import torch.distributed as dist
 
-        leave_process_group(self.learner, broken=False)
         self.vote_group = None
+        # In an elastic group the old group may be torn (a peer lost, or a join that failed).
+        leave_process_group(self.learner, broken=self.cfg.train.elastic)
         self.rank, self.world_size = rank, world_size
         if world_size > 1:
             backend = "nccl" if self.device.type == "cuda" else "gloo"
             if backend == "nccl" and self.cfg.train.elastic:
                 # NCCL's watchdog aborts a collective stuck past the timeout without ending the process,
-                # so that a survivor of a lost peer can join the next group; blocking waits make the
-                # aborted collective raise in the step (rather than return what it had), so that the
-                # step does not commit. The step syncs with the host once anyway (its finite check).
+                # so that a survivor of a lost peer can join the next group; the step then sees the
+                # abort (Learner._check_collectives) and does not commit.
                 os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "2")
-                os.environ.setdefault("TORCH_NCCL_BLOCKING_WAIT", "1")
             timeout = datetime.timedelta(seconds=self.cfg.train.collective_timeout_s)
             dist.init_process_group(backend=backend, init_method=f"tcp://{master_addr}:{master_port}",
                                     rank=rank, world_size=world_size, timeout=timeout)
@@ -232,12 +231,13 @@ class LearnerActorImpl:
         self.learner.load_state_dict(state)
         return self.learner.step
 
-    def _vote(self, batch: Progress | None) -> list[tuple[Progress, Progress | None]]:
-        """Every rank's (bookkeeping pending, batch's bookkeeping or None), in rank order: one small
-        all-gather before each step. All take the step only if every rank has a batch, so all stay in
-        lockstep; and every rank learns what every other trains, which is what lets the survivors
-        of a lost peer account for the samples it trained."""
-        mine = (self.pending, batch)
+    def _vote(self, batch: Progress | None, images: int) -> list[tuple[Progress, Progress | None, int]]:
+        """Every rank's (bookkeeping pending, batch's bookkeeping or None, images in the batch), in
+        rank order: one small all-gather before each step. All take the step only if every rank has
+        a batch, so all stay in lockstep; every rank learns the step's images (batches can be short)
+        and what every other trains, which is what lets the survivors of a lost peer account for
+        the samples it trained."""
+        mine = (self.pending, batch, images)
         if self.world_size == 1:
             return [mine]
         import torch.distributed as dist
@@ -265,7 +265,8 @@ class LearnerActorImpl:
             got = self.feed.next(remaining, self.pending.add) if wanted else None
             report.wait_s += time.perf_counter() - waited
             try:
-                votes = self._vote(Progress.of(got[1].meta) if got is not None else None)
+                votes = self._vote(Progress.of(got[1].meta) if got is not None else None,
+                                   len(got[1]) if got is not None else 0)
             except Exception as err:
                 if not is_peer_loss(err):
                     raise
@@ -273,9 +274,9 @@ class LearnerActorImpl:
                     self.feed.put_back(*got)
                 report.interrupted = first_line(err)
                 break
-            if any(batch is None for _, batch in votes):
+            if any(batch is None for _, batch, _ in votes):
                 # No step; what every rank received that trains nothing is accounted for now.
-                for rank, (pending, _) in enumerate(votes):
+                for rank, (pending, _, _) in enumerate(votes):
                     self.view.commit(rank, pending)
                 self.pending = Progress()
                 if got is not None:
@@ -286,14 +287,14 @@ class LearnerActorImpl:
             report.latency_s.append(max(0.0, time.time() - batch.meta.made_at))
             self.attempt = (self.learner.step + 1, slot, batch)
             try:
-                last = self.learner.train_step(batch)
+                last = self.learner.train_step(batch, step_images=sum(images for _, _, images in votes))
             except Exception as err:
                 if not is_peer_loss(err):
                     raise
                 report.interrupted = first_line(err)
                 break
             self.attempt = None
-            for rank, (pending, trained) in enumerate(votes):
+            for rank, (pending, trained, _) in enumerate(votes):
                 pending.merge(trained)
                 self.view.commit(rank, pending)
             self.pending = Progress()
@@ -314,8 +315,8 @@ class LearnerActorImpl:
         if report.interrupted:
             # At once: in a ring collective only the dead rank's neighbours see its connection close;
             # the others learn of the loss when ours close, rather than at the collective's timeout.
-            leave_process_group(self.learner, broken=True)
             self.vote_group = None
+            leave_process_group(self.learner, broken=True)
         report.progress = self.view.ranks.get(self.rank, Progress())
         report.step, report.images_seen = self.learner.step, self.learner.images_seen
         if last is not None and not report.interrupted:

@@ -187,6 +187,9 @@ class Trainer:
         if self.cfg.train.elastic and not self.stop.is_set():
             try:
                 self.tend_joiners()
+            except LearnersLost as loss:
+                self.loss = loss
+                return RunState.SHRINKING
             except (LearnerFailure, GetTimeoutError) as failure:
                 return self.after_failed_grow(getattr(failure, "cause", None) or first_line(failure))
         max_steps, max_seconds = self.chunk_limits()
@@ -263,8 +266,14 @@ class Trainer:
                 and not self.stop.is_set():
             try:
                 self.tend_joiners()
+            except LearnersLost as loss:
+                self.loss = loss
+                return RunState.SHRINKING
             except (LearnerFailure, GetTimeoutError) as failure:
-                return self.after_failed_grow(getattr(failure, "cause", None) or first_line(failure))
+                # The members regrouped by themselves (RUNNING): still too few, so wait on.
+                state = self.after_failed_grow(getattr(failure, "cause", None) or first_line(failure))
+                if state is not RunState.RUNNING:
+                    return state
             time.sleep(POLL_S)
         if len(self.group.actors) >= train.fewest_learners:
             return RunState.RUNNING
@@ -427,8 +436,13 @@ class Trainer:
                 self.pool.cancel_joining(joiner.slots)
             self.next_grow = time.monotonic() + self.cfg.train.resize_interval_s
             raise
-        for joiner, rank in zip(ready, ranks):
-            self.group.attach({rank: self.pool.take_in(joiner.slots, rank)})
+        feeders = {rank: self.pool.take_in(joiner.slots, rank) for joiner, rank in zip(ready, ranks)}
+        try:
+            self.group.attach(feeders)
+        except LearnerFailure as err:
+            # The joiners are members now: one lost here is a loss like any other.
+            lost = self.group.find_lost(timeout_s=self.cfg.train.collective_timeout_s)
+            raise (LearnersLost(lost) if lost else err) from err
         self.observer.on_grow(len(ready), learners=len(self.group.actors), decode_actors=len(self.pool.actors))
 
     def after_failed_grow(self, cause: str) -> RunState:
@@ -445,7 +459,7 @@ class Trainer:
         except (LearnerFailure, GetTimeoutError) as err:
             self.failure_cause = f"{cause}; the learners could not form their group again: {first_line(err)}"
             return RunState.RECOVERING
-        return RunState.RUNNING if len(self.group.actors) >= self.cfg.train.fewest_learners else self.regain_fewest()
+        return RunState.RUNNING
 
     def drop_joiner(self, joiner: Joiner, why: str) -> None:
         log.warning("a learner starting to join could not (%s); trying again in train.resize_interval_s=%gs", why,

@@ -185,13 +185,9 @@ class Trainer:
     def train_chunk(self) -> RunState:
         """RUNNING: one chunk on every learner, merged into the stream ledger; a checkpoint when due."""
         if self.cfg.train.elastic and not self.stop.is_set():
-            try:
-                self.tend_joiners()
-            except LearnersLost as loss:
-                self.loss = loss
-                return RunState.SHRINKING
-            except (LearnerFailure, GetTimeoutError) as failure:
-                return self.after_failed_grow(getattr(failure, "cause", None) or first_line(failure))
+            next_state = self.tend_group()
+            if next_state is not None:
+                return next_state
         max_steps, max_seconds = self.chunk_limits()
         if self.stop.is_set() or max_steps == 0:
             self.stop_reason = self.stop_reason or "budget reached"
@@ -264,16 +260,10 @@ class Trainer:
         self.next_grow = 0.0
         while len(self.group.actors) < train.fewest_learners and time.monotonic() < deadline \
                 and not self.stop.is_set():
-            try:
-                self.tend_joiners()
-            except LearnersLost as loss:
-                self.loss = loss
-                return RunState.SHRINKING
-            except (LearnerFailure, GetTimeoutError) as failure:
-                # The members regrouped by themselves (RUNNING): still too few, so wait on.
-                state = self.after_failed_grow(getattr(failure, "cause", None) or first_line(failure))
-                if state is not RunState.RUNNING:
-                    return state
+            next_state = self.tend_group()
+            # RUNNING: a join failed and the members regrouped by themselves; still too few, so wait on.
+            if next_state not in (None, RunState.RUNNING):
+                return next_state
             time.sleep(POLL_S)
         if len(self.group.actors) >= train.fewest_learners:
             return RunState.RUNNING
@@ -444,6 +434,17 @@ class Trainer:
             lost = self.group.find_lost(timeout_s=self.cfg.train.collective_timeout_s)
             raise (LearnersLost(lost) if lost else err) from err
         self.observer.on_grow(len(ready), learners=len(self.group.actors), decode_actors=len(self.pool.actors))
+
+    def tend_group(self) -> RunState | None:
+        """`tend_joiners`; None when it went well, else the state its failure leads to."""
+        try:
+            self.tend_joiners()
+        except LearnersLost as loss:
+            self.loss = loss
+            return RunState.SHRINKING
+        except (LearnerFailure, GetTimeoutError) as failure:
+            return self.after_failed_grow(getattr(failure, "cause", None) or first_line(failure))
+        return None
 
     def after_failed_grow(self, cause: str) -> RunState:
         """Forming a group with joiners failed (the joiners are gone): members lost meanwhile are a

@@ -97,16 +97,18 @@ class RecordingLearner(Learner):
     out-of-memory killer would) right after recording that step; with `die_once_marker` only the
     first time (the marker file remembers), so the learner that replaces it lives on. With
     `die_after_own_steps` it dies after that many steps of its own (a learner that joined a group
-    later starts at the group's step). With `die_while_starting` it dies so as soon as it is built,
-    before any step (a node lost while the run starts). The rank is the one it is built with."""
+    later starts at the group's step); with `die_in_group_of` after its first step in a group of
+    that many learners. With `die_while_starting` it dies so as soon as it is built, before any
+    step (a node lost while the run starts). The rank is the one it is built with."""
 
     def __init__(self, cfg: Config, device: Any, rank: int, world_size: int, *, log_path: str,
                  die_after_step: int = 0, die_rank: int = 0, die_once_marker: str = "",
-                 die_while_starting: bool = False, die_after_own_steps: int = 0) -> None:
+                 die_while_starting: bool = False, die_after_own_steps: int = 0, die_in_group_of: int = 0) -> None:
         super().__init__(cfg, device, rank=rank, world_size=world_size)
         self.log_path = log_path
         self.die_after_step = die_after_step if rank == die_rank else 0
         self.die_after_own_steps = die_after_own_steps if rank == die_rank else 0
+        self.die_in_group_of = die_in_group_of if rank == die_rank else 0
         self.own_steps = 0
         self.die_once_marker = die_once_marker
         if die_while_starting and rank == die_rank:
@@ -130,7 +132,8 @@ class RecordingLearner(Learner):
         with open(self.log_path, "a") as f:
             f.write(line + "\n")
         self.own_steps += 1
-        if self.step == self.die_after_step or self.own_steps == self.die_after_own_steps:
+        if (self.step == self.die_after_step or self.own_steps == self.die_after_own_steps
+                or 0 < self.die_in_group_of <= self.world_size):
             self.die_once()
         return stats
 

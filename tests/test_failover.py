@@ -272,15 +272,20 @@ def elastic_config(tmp_path, folder: str, every_steps: int = 0, **train) -> Conf
                         "train": {"resize_interval_s": 1, **train}})
 
 
+@pytest.mark.parametrize("dying", [
+    # The learner that joined as rank 1 dies (SIGKILL) after 3 steps of its own.
+    {"die_after_own_steps": 3, "die_rank": 1},
+    # The first learner, rank 0 (whose state the others take), dies after its first step beside a joiner.
+    {"die_in_group_of": 2, "die_rank": 0},
+], ids=["joiner-dies", "first-dies"])
 def test_an_elastic_group_goes_on_without_a_killed_learner_grows_back_and_trains_every_sample_once(
-        cluster, tmp_path, caplog):
+        cluster, tmp_path, caplog, dying):
     cluster.add_node(num_cpus=3)
     folder, keys = shards(tmp_path / "shards", count=8, size=32)
     passes = 3
     cfg = elastic_config(tmp_path, folder, every_steps=4, learners=2, min_learners=1,
                          image_budget=passes * len(keys))
-    # The learner that joins as rank 1 dies (SIGKILL) after 3 steps of its own; once.
-    dying = {"die_after_own_steps": 3, "die_rank": 1, "die_once_marker": str(tmp_path / "died")}
+    dying = {**dying, "die_once_marker": str(tmp_path / "died")}  # once: the replacement lives
 
     def slow_while_short(trainer) -> None:
         if len(trainer.group.actors) < 2:
@@ -299,6 +304,8 @@ def test_an_elastic_group_goes_on_without_a_killed_learner_grows_back_and_trains
     assert metric(trainer, "stream_swav_rollback_steps_total") == 0
     assert metric(trainer, "stream_swav_learner_restarts_total") == 0
     assert "resumed from" not in caplog.text and "restarting the learners" not in caplog.text
+    # The chunk the death cut short is counted too: every image trained, once.
+    assert metric(trainer, "stream_swav_images_trained_total") == trainer.images_seen
     steps = collections.Counter((s.rank, s.step) for s in trainer.trained)
     assert max(steps.values()) == cfg.train.batch_size, "some rank trained one step twice"
     # Every sample of each pass trained exactly once, across the shrink (pass 0) and the grow back;

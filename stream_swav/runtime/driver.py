@@ -244,9 +244,11 @@ class Trainer:
                          if slot in self.pool.rank_of})
         if failed:
             self.group.attach(self.pool.replace(failed, self.ledger))
+        self.observer.on_shrink(self.restarts, loss.cause, learners=len(self.group.actors), step=shrunk.step,
+                                adopted=shrunk.adopted, decode_actors=len(self.pool.actors), progress=shrunk.progress,
+                                steps=shrunk.step - self.step, images=shrunk.images_seen - self.images_seen,
+                                images_seen=shrunk.images_seen)
         self.step, self.images_seen = shrunk.step, shrunk.images_seen
-        self.observer.on_shrink(self.restarts, loss.cause, learners=len(self.group.actors), step=self.step,
-                                adopted=shrunk.adopted, decode_actors=len(self.pool.actors))
         if len(self.group.actors) < self.cfg.train.fewest_learners:
             return self.regain_fewest()
         return RunState.RUNNING

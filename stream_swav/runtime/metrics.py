@@ -152,11 +152,15 @@ class Metrics(_Exporter):
 
     def observe_steps(self, *, steps: int, images: int, images_seen: int, loss: float, learning_rate: float) -> None:
         """`steps` optimizer steps over `images` images (all learners together); the last step's figures."""
+        self.count_steps(steps=steps, images=images, images_seen=images_seen)
+        self._loss.set(loss)
+        self._learning_rate.set(learning_rate)
+
+    def count_steps(self, *, steps: int, images: int, images_seen: int) -> None:
+        """`steps` optimizer steps over `images` images (all learners together), without figures."""
         self._steps.inc(steps)
         self._images_trained.inc(images)
         self._images_seen.set(images_seen)
-        self._loss.set(loss)
-        self._learning_rate.set(learning_rate)
 
     def count_nonfinite_loss(self, steps: int = 1) -> None:
         self._nonfinite_loss.inc(steps)

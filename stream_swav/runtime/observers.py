@@ -17,7 +17,7 @@ from stream_swav.checkpoint import CheckpointInfo, ResumePoint
 from stream_swav.config import Config
 from stream_swav.progress import ProgressLine
 from stream_swav.runtime.metrics import CollapseSettings, Metrics, PrototypeUsage, collapse_alarm
-from stream_swav.runtime.reports import ChunkSummary
+from stream_swav.runtime.reports import ChunkSummary, Progress
 
 log = logging.getLogger("stream_swav.driver")
 
@@ -68,14 +68,7 @@ class RunObserver:
         actors were replaced (slots given up on are not)."""
         m = self.metrics
         m.count_decode_actor_restarts(decode_actors_replaced)
-        progress = summary.progress
-        m.count_decode_errors(progress.errors)
-        self.decode_errors += sum(progress.errors.values())
-        if self.cfg.curation.dedup and (progress.dropped or progress.seen_hashes):
-            # A chunk that trained no batch knows nothing of the seen-sets: the gauge keeps its value.
-            m.count_curation(progress.dropped, progress.seen_hashes)
-            self.curation_dropped += sum(progress.dropped.values())
-        m.count_reads(bytes_read=progress.bytes_read, shards_completed=len(progress.finished))
+        self._count_progress(summary.progress)
         if summary.steps:
             self.throughput.add(summary.images)
             self.usage.update_from_counts(np.asarray(summary.prototype_counts, dtype=np.int64), summary.steps)
@@ -135,10 +128,26 @@ class RunObserver:
         self.metrics.count_learner_restart()
         log.error("learner failure %d (train.max_failures=%d): %s", restarts, self.cfg.train.max_failures, cause)
 
+    def _count_progress(self, progress: Progress) -> None:
+        """The reader-side counters of what a chunk trained."""
+        m = self.metrics
+        m.count_decode_errors(progress.errors)
+        self.decode_errors += sum(progress.errors.values())
+        if self.cfg.curation.dedup and (progress.dropped or progress.seen_hashes):
+            # A chunk that trained no batch knows nothing of the seen-sets: the gauge keeps its value.
+            m.count_curation(progress.dropped, progress.seen_hashes)
+            self.curation_dropped += sum(progress.dropped.values())
+        m.count_reads(bytes_read=progress.bytes_read, shards_completed=len(progress.finished))
+
     def on_shrink(self, failures: int, cause: str, *, learners: int, step: int, adopted: int,
-                  decode_actors: int) -> None:
+                  decode_actors: int, progress: Progress, steps: int, images: int, images_seen: int) -> None:
         """An elastic group lost members and went on with `learners` survivors from `step`, nothing
-        rolled back; `adopted` survivors were a step behind and took the leader's state."""
+        rolled back; `adopted` survivors were a step behind and took the leader's state. The chunk
+        the loss cut short trained `steps` steps of `images` images (what `progress` says was read)."""
+        self._count_progress(progress)
+        if steps > 0:
+            # The loss and rate gauges keep the last whole chunk's figures.
+            self.metrics.count_steps(steps=steps, images=images, images_seen=images_seen)
         self.metrics.count_resize("shrink")
         self.metrics.set_actors_up(learners=learners, decode_actors=decode_actors)
         log.error("learner failure %d (train.max_failures=%d): %s", failures, self.cfg.train.max_failures, cause)

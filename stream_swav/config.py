@@ -362,7 +362,8 @@ class TrainConfig:
     # group is elastic: it starts once min_learners are placed, grows towards train.learners as room
     # appears, and shrinks on a learner's loss without going back to a checkpoint.
     min_learners: int = setting(0, NON_NEGATIVE)
-    # How often an elastic group below train.learners looks for room for another learner.
+    # After a failed join, how long an elastic group waits before starting learners again (joiners
+    # are otherwise started at once and placed by Ray whenever the cluster has room).
     resize_interval_s: float = setting(30.0, POSITIVE)
     # The longest a learner waits in one collective (torch.distributed's timeout): how long survivors
     # can be held by a peer that hangs without dying (a dead peer's gloo connection fails at once).
@@ -389,8 +390,9 @@ class TrainConfig:
     # pins every worker to one thread, so without this a CPU learner uses a single core whatever
     # it reserved; more threads than reserved CPUs are allowed when decoders are light.
     cpu_threads: int = setting(0, NON_NEGATIVE)
-    # Learner failures (a dead process, a lost node) the run recovers from by restarting the learners
-    # from the latest checkpoint, as Ray Train's FailureConfig.max_failures: -1 unlimited, 0 none.
+    # Learner failures (a dead process, a lost node) the run recovers from, by restarting the learners
+    # from the latest checkpoint or, in an elastic group, by going on without the lost ones; counted
+    # over the whole run, as Ray Train's FailureConfig.max_failures: -1 unlimited, 0 none.
     max_failures: int = setting(3, within(-1, math.inf))
     # How long to wait for the cluster to place the learners (at start and after a failure) and the
     # decode actors before giving up with a message naming what is missing.

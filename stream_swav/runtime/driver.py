@@ -16,16 +16,19 @@ handler of the current state, which does that state's work and returns the next 
              -> RECOVERING  a learner failed while starting
              -> DONE        stopped while waiting for the actors to come up (exit 0)
   RUNNING    -> RUNNING     a chunk trained (and a checkpoint written when one was due); an
-                            elastic group below train.learners took in learners that came up
+                            elastic group below train.learners took in learners that came up,
+                            or a join failed and the members formed their group again
              -> SHRINKING   members of an elastic group died or their node was lost (found in
-                            a chunk or by a checkpoint that failed)
-             -> RECOVERING  a learner of a fixed-size group died or its node was lost
+                            a chunk, by a checkpoint that failed, or while taking in joiners)
+             -> RECOVERING  a learner of a fixed-size group died or its node was lost; a learner
+                            raised; in an elastic group, members could not form their group again
              -> STOPPING    budget reached or stop requested
              -> FAILED      too many non-finite losses in a row (exit 3)
   SHRINKING  -> RUNNING     the survivors go on from the last step any completed, no checkpoint read
+             -> SHRINKING   below train.min_learners, a member was lost while waiting for joiners
              -> RECOVERING  none survived, the survivors could not go on, or the budget is spent
-             -> FAILED      below train.min_learners for train.startup_timeout_s (exit 5, after
-                            a checkpoint of the survivors)
+             -> FAILED      below train.min_learners for train.startup_timeout_s (counted from
+                            the last loss; exit 5, after a checkpoint of the survivors)
              -> STOPPING    stop requested while below train.min_learners
   RECOVERING -> RUNNING     a new learner group, back at the latest checkpoint
              -> RECOVERING  a learner of the new group failed too
@@ -40,7 +43,9 @@ cannot be what was asked for, and `stream-swav train` exits 2 in one line.
 SIGTERM (`ray job stop`) sets the stop flag. Waits for placement and start-up have a deadline
 and watch the flag; a training chunk and a checkpoint save are waited for to their end (bounded by
 the learners and by storage, as `LearnerGroup.run_chunk` and `LearnerGroup.save` say), so a stop
-is acted on after at most one chunk (about train.report_interval_s) plus a save under way.
+is acted on after at most one chunk (about train.report_interval_s) plus a save under way. An
+elastic group's resizes are waited for too: forming a new process group, and after a loss the
+survivors' answers, each bounded by train.collective_timeout_s.
 """
 from __future__ import annotations
 
@@ -388,7 +393,8 @@ class Trainer:
         """An elastic group below train.learners, at a chunk boundary: start the learners it lacks
         (Ray places them when the cluster has room; after a failed join, again train.resize_interval_s
         later), give each one that came up its decode actors, and take in at once every one whose
-        decode actors are up. Nothing here waits, except the new group's forming."""
+        decode actors are up. Nothing here waits but a last look at the joiners (seconds) and the
+        new group's forming (train.collective_timeout_s at most)."""
         train = self.cfg.train
         missing = train.learners - len(self.group.actors) - len(self.joiners)
         if missing > 0 and time.monotonic() >= self.next_grow:
@@ -429,13 +435,13 @@ class Trainer:
             self.next_grow = time.monotonic() + self.cfg.train.resize_interval_s
             raise
         feeders = {rank: self.pool.take_in(joiner.slots, rank) for joiner, rank in zip(ready, ranks)}
+        self.observer.on_grow(len(ready), learners=len(self.group.actors), decode_actors=len(self.pool.actors))
         try:
             self.group.attach(feeders)
         except LearnerFailure as err:
             # The joiners are members now: one lost here is a loss like any other.
             lost = self.group.find_lost(timeout_s=self.cfg.train.collective_timeout_s)
             raise (LearnersLost(lost) if lost else err) from err
-        self.observer.on_grow(len(ready), learners=len(self.group.actors), decode_actors=len(self.pool.actors))
 
     def tend_group(self) -> RunState | None:
         """`tend_joiners`; None when it went well, else the state its failure leads to."""
@@ -449,10 +455,10 @@ class Trainer:
         return None
 
     def after_failed_grow(self, cause: str) -> RunState:
-        """Forming a group with joiners failed (the joiners are gone): members lost meanwhile are a
-        loss like any other (SHRINKING); if none was, the members form their group again by
-        themselves and train on. RECOVERING only if even that fails."""
-        log.warning("%s; going on without the joiner(s)", cause)
+        """Forming a group with joiners, or giving them their decode actors, failed: members lost
+        meanwhile are a loss like any other (SHRINKING); if none was, the members that remain
+        form their group again by themselves and train on. RECOVERING only if even that fails."""
+        log.warning("%s; the learners that answer form their group again", cause)
         lost = self.group.find_lost(timeout_s=self.cfg.train.collective_timeout_s)
         if lost:
             self.loss = LearnersLost(lost)

@@ -1,7 +1,7 @@
 """The learners of a run as one unit: placed together, set up together, stepping together.
 
 Learners share a torch.distributed process group, so one dead rank stalls the
-others inside a collective. A fixed-size group (train.min_learners unset) fails
+others inside a collective. A fixed-size group (train.min_learners 0 or train.learners) fails
 whole on any member's failure (`LearnerFailure`) and is replaced by the driver
 from the latest checkpoint. An elastic group (train.min_learners below
 train.learners) reports which members were lost (`LearnersLost`) and goes on
@@ -223,9 +223,10 @@ class LearnerGroup:
 
     def _wait_elastic(self, refs: list[Any]) -> list[StepReport]:
         """The reports of every rank, or `LearnersLost` naming the ranks whose process died and
-        holding the survivors' reports. Once one rank is lost, the others are waited for up to
-        train.collective_timeout_s plus a chunk (their collective fails at once when the peer's
-        connection closes, at that timeout when it hangs); one not back by then is lost too."""
+        holding the survivors' reports. Once one rank is lost or answers that its collective failed,
+        the others are waited for up to train.collective_timeout_s plus a chunk (their collective
+        fails at once when the peer's connection closes, at that timeout when it hangs); one not
+        back by then is lost too (killed)."""
         train = self.cfg.train
         pending = {ref: rank for rank, ref in enumerate(refs)}
         reports: dict[int, StepReport] = {}
@@ -242,6 +243,9 @@ class LearnerGroup:
                 rank = pending.pop(ref)
                 try:
                     reports[rank] = ray.get(ref)
+                    if reports[rank].interrupted:
+                        # A peer is lost or hangs: the others get as long as after a death.
+                        until = until or time.monotonic() + train.collective_timeout_s + train.report_interval_s
                 except RayActorError as err:
                     lost[rank] = first_line(err)
                     until = until or time.monotonic() + train.collective_timeout_s + train.report_interval_s

@@ -73,7 +73,7 @@ from stream_swav.runtime.checkpointing import CheckpointPolicy
 from stream_swav.runtime.cluster import StartupError, init_ray, plan_cluster, shutdown_ray
 from stream_swav.runtime.decode_pool import DecodePool
 from stream_swav.runtime.learner_group import (POLL_S, Joiner, LearnerFailure, LearnerGroup, LearnersLost, Stopped,
-                                                first_line, kill_quietly)
+                                                first_line, kill_quietly, unanswered)
 from stream_swav.runtime.ledger import StreamLedger
 from stream_swav.runtime.metrics import Metrics
 from stream_swav.runtime.observers import RunObserver
@@ -418,11 +418,10 @@ class Trainer:
                 joiner.slots = up
                 ready.append(joiner)
         # One that died since it answered would fail the new group's forming: look once more.
-        answers = self.group.answering([joiner.actor for joiner in ready])
-        for joiner, answered in list(zip(ready, answers)):
-            if not answered:
-                ready.remove(joiner)
-                self.drop_joiner(joiner, "it stopped answering")
+        silent = unanswered([joiner.actor for joiner in ready], timeout_s=5.0)
+        for joiner in [ready[index] for index in silent]:
+            ready.remove(joiner)
+            self.drop_joiner(joiner, "it stopped answering")
         if not ready:
             return
         for joiner in ready:
@@ -440,8 +439,7 @@ class Trainer:
             self.group.attach(feeders)
         except LearnerFailure as err:
             # The joiners are members now: one lost here is a loss like any other.
-            lost = self.group.find_lost(timeout_s=self.cfg.train.collective_timeout_s)
-            raise (LearnersLost(lost) if lost else err) from err
+            raise (self.group.losses() or err) from err
 
     def tend_group(self) -> RunState | None:
         """`tend_joiners`; None when it went well, else the state its failure leads to."""
@@ -459,9 +457,8 @@ class Trainer:
         meanwhile are a loss like any other (SHRINKING); if none was, the members that remain
         form their group again by themselves and train on. RECOVERING only if even that fails."""
         log.warning("%s; the learners that answer form their group again", cause)
-        lost = self.group.find_lost(timeout_s=self.cfg.train.collective_timeout_s)
-        if lost:
-            self.loss = LearnersLost(lost)
+        self.loss = self.group.losses()
+        if self.loss is not None:
             return RunState.SHRINKING
         try:
             self.group.shrink(set())
@@ -530,8 +527,7 @@ class Trainer:
             self.observer.on_checkpoint_failed(self.step, first_line(err))
             self.policy.mark(self.step, time.time())
             if self.cfg.train.elastic and isinstance(err, LearnerFailure):
-                lost = self.group.find_lost(timeout_s=self.cfg.train.collective_timeout_s)
-                self.loss = LearnersLost(lost) if lost else None
+                self.loss = self.group.losses()
             return False
         self.last_checkpoint_step = saved.step
         self.policy.mark(self.step, saved.wall_time)

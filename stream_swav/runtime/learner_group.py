@@ -100,6 +100,23 @@ def wait_all(refs: list[Any], stop: threading.Event | None, deadline: float | No
     return ray.get(list(refs))
 
 
+def unanswered(actors: list[Any], timeout_s: float) -> dict[int, str]:
+    """index -> why, for those of `actors` (learner actors) that are gone or do not answer within
+    `timeout_s`."""
+    refs = [actor.ping.remote() for actor in actors]
+    done, _ = ray.wait(refs, num_returns=len(refs), timeout=timeout_s)
+    silent = {}
+    for index, ref in enumerate(refs):
+        if ref not in done:
+            silent[index] = f"no answer within {timeout_s:g}s"
+            continue
+        try:
+            ray.get(ref)
+        except RayError as err:
+            silent[index] = first_line(err)
+    return silent
+
+
 def kill_quietly(handles: Iterable[Any]) -> None:
     """ray.kill every actor, those already gone (with their node) included."""
     for handle in handles:
@@ -124,51 +141,26 @@ class LearnerGroup:
 
         `while_starting` runs once the learners are placed and their processes are starting: the
         driver launches the decode actors there, whose start (a few seconds shorter than a learner's,
-        which imports torch) then overlaps the learners'; the learners' places are held already."""
+        which imports torch) then overlaps the learners'; the learners' places are held already.
+        An elastic group's learners are placed without a placement group (Ray cannot take one
+        bundle out of a group, and would keep, and re-place, a lost member's bundle, holding the
+        room a joiner needs): they are waited for until they answer before the decode actors are
+        launched, so that these do not take the learners' CPUs."""
         world = self.plan.learners
         timeout = self.cfg.train.startup_timeout_s
-        bundle = self.plan.learner_bundle
         deadline = time.monotonic() + timeout
-        options: list[dict[str, Any]] = [{} for _ in range(world)]
-        if self.cfg.train.elastic:
-            # No placement group: Ray cannot take one bundle out of a group, and would keep (and
-            # re-place) a lost member's bundle, holding the room a joiner needs.
-            return self._start_elastic(stop, while_starting, deadline)
-        if bundle:
-            self._placement = placement_group([bundle] * world, strategy="PACK")
-            try:
-                wait_all([self._placement.ready()], stop, deadline, "learner placement")
-            except GetTimeoutError:
-                self.shutdown()
-                raise StartupError(f"train.learners: could not place the learners within train.startup_timeout_s="
-                                   f"{timeout:g}s: {describe_shortfall(self.plan, ray.cluster_resources())}") from None
-            except BaseException:
-                self.shutdown()
-                raise
-            options = [{"scheduling_strategy": PlacementGroupSchedulingStrategy(self._placement, rank)}
-                       for rank in range(world)]
-        self.actors = [LearnerActor.options(num_gpus=self.plan.gpus_per_learner, num_cpus=self.plan.cpus_per_learner,
-                                            max_restarts=0, **options[rank])
-                       .remote(self.cfg, rank, world, self.build_learner) for rank in range(world)]
-        while_starting()
-        master_addr, master_port = (wait_all([self.actors[0].address.remote()], stop, deadline, "learner start")[0]
-                                    if world > 1 else (None, None))
-        return wait_all([a.setup.remote(master_addr, master_port) for a in self.actors], stop, None, "learner setup")
-
-    def _start_elastic(self, stop: threading.Event, while_starting: Callable[[], None], deadline: float) -> list[str]:
-        """An elastic group's first members: placed as plain actors (all within the deadline), then
-        their decode actors are launched, so that these do not take the learners' CPUs."""
-        world = self.plan.learners
-        self.actors = [LearnerActor.options(num_gpus=self.plan.gpus_per_learner, num_cpus=self.plan.cpus_per_learner,
-                                            max_restarts=0).remote(self.cfg, rank, world, self.build_learner)
-                       for rank in range(world)]
+        elastic = self.cfg.train.elastic
         try:
-            wait_all([actor.ping.remote() for actor in self.actors], stop, deadline, "learner placement")
+            if elastic:
+                self.actors = [self._new_learner(rank, world) for rank in range(world)]
+                wait_all([actor.ping.remote() for actor in self.actors], stop, deadline, "learner placement")
+            else:
+                self._place_in_a_group(stop, deadline)
         except GetTimeoutError:
             self.shutdown()
-            raise StartupError(f"train.learners: could not place train.min_learners={world} learner(s) within "
-                               f"train.startup_timeout_s={self.cfg.train.startup_timeout_s:g}s: "
-                               f"{describe_shortfall(self.plan, ray.cluster_resources())}") from None
+            which = f"train.min_learners={world} learner(s)" if elastic else "the learners"
+            raise StartupError(f"train.learners: could not place {which} within train.startup_timeout_s="
+                               f"{timeout:g}s: {describe_shortfall(self.plan, ray.cluster_resources())}") from None
         except BaseException:
             self.shutdown()
             raise
@@ -176,6 +168,22 @@ class LearnerGroup:
         master_addr, master_port = (wait_all([self.actors[0].address.remote()], stop, deadline, "learner start")[0]
                                     if world > 1 else (None, None))
         return wait_all([a.setup.remote(master_addr, master_port) for a in self.actors], stop, None, "learner setup")
+
+    def _place_in_a_group(self, stop: threading.Event, deadline: float) -> None:
+        """A fixed group's learners, placed together in one placement group (when they ask for
+        resources), their actors started without waiting."""
+        world, bundle = self.plan.learners, self.plan.learner_bundle
+        options: list[dict[str, Any]] = [{} for _ in range(world)]
+        if bundle:
+            self._placement = placement_group([bundle] * world, strategy="PACK")
+            wait_all([self._placement.ready()], stop, deadline, "learner placement")
+            options = [{"scheduling_strategy": PlacementGroupSchedulingStrategy(self._placement, rank)}
+                       for rank in range(world)]
+        self.actors = [self._new_learner(rank, world, **options[rank]) for rank in range(world)]
+
+    def _new_learner(self, rank: int, world: int, **options: Any) -> Any:
+        return LearnerActor.options(num_gpus=self.plan.gpus_per_learner, num_cpus=self.plan.cpus_per_learner,
+                                    max_restarts=0, **options).remote(self.cfg, rank, world, self.build_learner)
 
     def attach(self, feeders: dict[int, dict[int, Any]]) -> None:
         """Give each rank its decode actors: rank -> {slot: handle}."""
@@ -228,6 +236,7 @@ class LearnerGroup:
         fails at once when the peer's connection closes, at that timeout when it hangs); one not
         back by then is lost too (killed)."""
         train = self.cfg.train
+        grace_s = train.collective_timeout_s + train.report_interval_s
         pending = {ref: rank for rank, ref in enumerate(refs)}
         reports: dict[int, StepReport] = {}
         lost: dict[int, str] = {}
@@ -245,10 +254,10 @@ class LearnerGroup:
                     reports[rank] = ray.get(ref)
                     if reports[rank].interrupted:
                         # A peer is lost or hangs: the others get as long as after a death.
-                        until = until or time.monotonic() + train.collective_timeout_s + train.report_interval_s
+                        until = until or time.monotonic() + grace_s
                 except RayActorError as err:
                     lost[rank] = first_line(err)
-                    until = until or time.monotonic() + train.collective_timeout_s + train.report_interval_s
+                    until = until or time.monotonic() + grace_s
                 except (RayTaskError, RayError) as err:
                     # A learner that raised (not a lost peer): its state is in doubt, the group fails.
                     raise LearnerFailure(f"training: {first_line(err)}") from err
@@ -259,31 +268,11 @@ class LearnerGroup:
             raise LearnerFailure(f"training: a collective failed with every learner alive: {interrupted[0].interrupted}")
         return [reports[rank] for rank in range(len(refs))]
 
-    def find_lost(self, timeout_s: float) -> dict[int, str]:
-        """Ranks whose actor is gone (or does not answer within `timeout_s`): after a failure outside
-        a chunk, such as a checkpoint's."""
-        refs = {actor.ping.remote(): rank for rank, actor in enumerate(self.actors)}
-        done, late = ray.wait(list(refs), num_returns=len(refs), timeout=timeout_s)
-        lost = {refs[ref]: f"no answer within {timeout_s:g}s" for ref in late}
-        for ref in done:
-            try:
-                ray.get(ref)
-            except RayError as err:
-                lost[refs[ref]] = first_line(err)
-        return lost
-
-    @staticmethod
-    def answering(actors: list[Any], timeout_s: float = 5.0) -> list[bool]:
-        """Whether each of `actors` answers within `timeout_s`."""
-        refs = [actor.ping.remote() for actor in actors]
-        done, _ = ray.wait(refs, num_returns=len(refs), timeout=timeout_s)
-        answered = []
-        for ref in refs:
-            try:
-                answered.append(ref in done and ray.get(ref) is not None)
-            except RayError:
-                answered.append(False)
-        return answered
+    def losses(self) -> LearnersLost | None:
+        """The members whose actor is gone or does not answer within train.collective_timeout_s, as a
+        loss (None if every one answers): after a failure outside a chunk, such as a checkpoint's."""
+        lost = unanswered(self.actors, self.cfg.train.collective_timeout_s)
+        return LearnersLost(lost) if lost else None
 
     def shrink(self, lost: Iterable[int]) -> Shrunk:
         """Go on without the `lost` ranks (killed here). The survivors' views of the last chunk give
@@ -321,9 +310,7 @@ class LearnerGroup:
     def launch_joiner(self) -> Joiner:
         """Start a learner for this group without waiting for room: Ray places it when the cluster has
         its CPUs (and GPU); `grow` takes it in once it answers."""
-        actor = LearnerActor.options(num_gpus=self.plan.gpus_per_learner, num_cpus=self.plan.cpus_per_learner,
-                                     max_restarts=0).remote(self.cfg, len(self.actors), len(self.actors) + 1,
-                                                            self.build_learner)
+        actor = self._new_learner(len(self.actors), len(self.actors) + 1)
         return Joiner(actor=actor, ready=actor.ping.remote())
 
     def grow(self, joiners: list[Joiner]) -> list[int]:
@@ -381,4 +368,4 @@ class LearnerGroup:
 
 
 __all__ = ["LearnerGroup", "LearnerFailure", "LearnersLost", "Shrunk", "Joiner", "Stopped", "wait_all", "first_line",
-           "kill_quietly"]
+           "kill_quietly", "unanswered"]

@@ -108,19 +108,15 @@ class DecodePool:
             if slot not in self.joining:
                 continue
             handle, ready, deadline = self.joining[slot]
-            done, _ = ray.wait([ready], timeout=0)
-            if done:
-                try:
-                    ray.get(ready)
-                    up.append(slot)
-                    continue
-                except Exception as err:  # noqa: BLE001 - whatever kept it from starting, it is given up on
-                    log.warning("decode actor %d for a joining learner could not start: %s", slot, first_line(err))
-            elif time.monotonic() <= deadline:
+            failure = self._start_failure(ready, deadline)
+            if failure is None:
                 waiting = True
-                continue
-            kill_quietly([handle])
-            del self.joining[slot]
+            elif not failure:
+                up.append(slot)
+            else:
+                log.warning("decode actor %d for a joining learner could not start: %s", slot, failure)
+                kill_quietly([handle])
+                del self.joining[slot]
         return not waiting, up
 
     def take_in(self, slots: list[int], rank: int) -> dict[int, Any]:
@@ -170,21 +166,30 @@ class DecodePool:
         """Replacements that came up are done with; one not up by its deadline is dropped and its
         shards go back (the cluster may have lost the room for it)."""
         for slot, (ready, deadline) in list(self._starting.items()):
-            done, _ = ray.wait([ready], timeout=0)
-            if done or time.monotonic() > deadline:
-                del self._starting[slot]
-                try:
-                    if not done:
-                        raise TimeoutError(f"not placed within train.startup_timeout_s="
-                                           f"{self.cfg.train.startup_timeout_s:g}s")
-                    ray.get(ready)
-                except Exception as err:  # noqa: BLE001 - whatever kept it from starting, it is dropped
-                    log.warning("decode actor %d could not start again (%s); running without it", slot,
-                                first_line(err))
-                    ray.kill(self.actors.pop(slot), no_restart=True)
-                    ledger.release(slot)
-                    self.dropped.add(slot)
-                    self._check_every_learner_fed()
+            failure = self._start_failure(ready, deadline)
+            if failure is None:
+                continue
+            del self._starting[slot]
+            if failure:
+                log.warning("decode actor %d could not start again (%s); running without it", slot, failure)
+                ray.kill(self.actors.pop(slot), no_restart=True)
+                ledger.release(slot)
+                self.dropped.add(slot)
+                self._check_every_learner_fed()
+
+    def _start_failure(self, ready: Any, deadline: float) -> str | None:
+        """Of an actor started with `ready` = its ready() ref: None while it may still come up by
+        `deadline`, "" once it is up, else why it will not, in one line."""
+        done, _ = ray.wait([ready], timeout=0)
+        if not done:
+            if time.monotonic() <= deadline:
+                return None
+            return f"TimeoutError: not placed within train.startup_timeout_s={self.cfg.train.startup_timeout_s:g}s"
+        try:
+            ray.get(ready)
+        except Exception as err:  # noqa: BLE001 - whatever kept it from starting, it is given up on
+            return first_line(err)
+        return ""
 
     def seen_states(self, trained: dict[str, Any], timeout_s: float) -> list[dict[str, Any]]:
         """Every live actor's seen-set cut back (by the actor) to the stream cursor state `trained`,

@@ -180,6 +180,16 @@ def score_spread(scores: Tensor) -> Tensor:
     return scores.float().std(dim=2).mean()
 
 
+def check_world_size(cfg: Config, world_size: int) -> None:
+    """A fixed group trains with train.learners ranks; an elastic group's members with any number up
+    to it (below train.min_learners too: survivors hold their state while the driver waits for
+    more, and a joiner is built while the group is that small). The learning rate and the image
+    count are scaled by world_size."""
+    fewest = 1 if cfg.train.elastic else cfg.train.learners
+    if not fewest <= world_size <= cfg.train.learners:
+        raise ValueError(f"world_size={world_size} is outside {fewest}..train.learners ({cfg.train.learners})")
+
+
 class LearnerState:
     """What one training process owns and a checkpoint holds: the network, optimiser, feature
     queue, code state, augmentation generator and counters, built from the configuration; saved by
@@ -195,12 +205,7 @@ class LearnerState:
             raise ValueError(f"world_size={world_size} but the process group has {dist.get_world_size()} processes")
         if not distributed and world_size != 1:
             raise ValueError(f"world_size={world_size} needs an initialised torch.distributed process group")
-        # An elastic group's members are built at any size up to train.learners (a joiner while the
-        # group is below train.min_learners too); a fixed group's at train.learners.
-        fewest = 1 if cfg.train.elastic else cfg.train.learners
-        if not fewest <= world_size <= cfg.train.learners:
-            # The learning rate and the image count are scaled by world_size (an elastic group's size now).
-            raise ValueError(f"world_size={world_size} is outside {fewest}..train.learners ({cfg.train.learners})")
+        check_world_size(cfg, world_size)
 
         # Same seed on every rank: replicas start identical (DDP also broadcasts rank 0's weights).
         with torch.random.fork_rng(devices=[]):
@@ -390,9 +395,7 @@ class Learner(LearnerState):
     def regroup(self, rank: int, world_size: int) -> None:
         """Train on in a process group formed again (an elastic group that shrank or grew): the
         network is wrapped anew over it; every call of it must be made on all its ranks together."""
-        # Below train.min_learners too: survivors hold their state while the driver waits for more.
-        if not 1 <= world_size <= self.cfg.train.learners:
-            raise ValueError(f"world_size={world_size} is outside 1..train.learners")
+        check_world_size(self.cfg, world_size)
         self.rank, self.world_size = rank, world_size
         self.network = self._build_network()
 

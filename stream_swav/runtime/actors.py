@@ -21,7 +21,7 @@ import os
 import socket
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import ray
 
@@ -76,6 +76,16 @@ def free_port() -> int:
 
 def learner_cpu_threads(train: TrainConfig) -> int:
     return train.cpu_threads or max(1, math.ceil(train.cpus_per_learner))
+
+
+class Vote(NamedTuple):
+    """The outcome of the ranks' vote before a step: whether every rank has a batch, the images of
+    all their batches, and rank -> (pending, batch bookkeeping) of the ranks this one learned of
+    (all in an elastic group, itself in a fixed one)."""
+
+    go: bool
+    images: int
+    bookkeeping: dict[int, tuple[Progress, Progress | None]]
 
 
 def first_line(err: BaseException) -> str:
@@ -231,20 +241,26 @@ class LearnerActorImpl:
         self.learner.load_state_dict(state)
         return self.learner.step
 
-    def _vote(self, batch: Progress | None, images: int) -> list[tuple[Progress, Progress | None, int]]:
-        """Every rank's (bookkeeping pending, batch's bookkeeping or None, images in the batch), in
-        rank order: one small all-gather before each step. All take the step only if every rank has
-        a batch, so all stay in lockstep; every rank learns the step's images (batches can be short)
-        and what every other trains, which is what lets the survivors of a lost peer account for
-        the samples it trained."""
-        mine = (self.pending, batch, images)
+    def _vote(self, batch: Progress | None, images: int) -> Vote:
+        """One small all-gather before each step. All take the step only if every rank has a batch,
+        so all stay in lockstep, and every rank learns the step's images (batches can be short). In
+        an elastic group every rank also learns what every other trains (its pending and batch
+        bookkeeping), which is what lets the survivors of a lost peer account for the samples it
+        trained; a fixed group, which restarts from a checkpoint on a loss, sends two integers."""
+        mine = (self.pending, batch)
         if self.world_size == 1:
-            return [mine]
+            return Vote(batch is not None, images, {self.rank: mine})
+        import torch
         import torch.distributed as dist
 
-        votes: list[Any] = [None] * self.world_size
-        dist.all_gather_object(votes, mine, group=self.vote_group)
-        return votes
+        if self.cfg.train.elastic:
+            votes: list[Any] = [None] * self.world_size
+            dist.all_gather_object(votes, (*mine, images), group=self.vote_group)
+            return Vote(all(vote[1] is not None for vote in votes), sum(vote[2] for vote in votes),
+                        {rank: vote[:2] for rank, vote in enumerate(votes)})
+        flags = [torch.zeros(2, dtype=torch.int64) for _ in range(self.world_size)]
+        dist.all_gather(flags, torch.tensor([int(batch is not None), images]), group=self.vote_group)
+        return Vote(all(int(flag[0]) for flag in flags), sum(int(flag[1]) for flag in flags), {self.rank: mine})
 
     def run(self, max_steps: int, max_seconds: float) -> StepReport:
         """Train up to `max_steps` steps, for about `max_seconds` at most, on batches pulled from the
@@ -274,9 +290,9 @@ class LearnerActorImpl:
                     self.feed.put_back(*got)
                 report.interrupted = first_line(err)
                 break
-            if any(batch is None for _, batch, _ in votes):
+            if not votes.go:
                 # No step; what every rank received that trains nothing is accounted for now.
-                for rank, (pending, _, _) in enumerate(votes):
+                for rank, (pending, _) in votes.bookkeeping.items():
                     self.view.commit(rank, pending)
                 self.pending = Progress()
                 if got is not None:
@@ -287,14 +303,14 @@ class LearnerActorImpl:
             report.latency_s.append(max(0.0, time.time() - batch.meta.made_at))
             self.attempt = (self.learner.step + 1, slot, batch)
             try:
-                last = self.learner.train_step(batch, step_images=sum(images for _, _, images in votes))
+                last = self.learner.train_step(batch, step_images=votes.images)
             except Exception as err:
                 if not is_peer_loss(err):
                     raise
                 report.interrupted = first_line(err)
                 break
             self.attempt = None
-            for rank, (pending, trained, _) in enumerate(votes):
+            for rank, (pending, trained) in votes.bookkeeping.items():
                 pending.merge(trained)
                 self.view.commit(rank, pending)
             self.pending = Progress()

@@ -61,9 +61,10 @@ class Progress:
 class GroupView:
     """What every rank of the group committed in one chunk, as one rank saw it.
 
-    The ranks exchange each step's bookkeeping in the vote before it (`Progress` of the batch and of
-    the bookkeeping-only batches received since the last vote), so any survivor of a peer's death
-    knows what the dead rank trained up to the last step that completed. Views of two survivors
+    The ranks of an elastic group exchange each step's bookkeeping in the vote before it (`Progress`
+    of the batch and of the bookkeeping-only batches received since the last vote), so any survivor
+    of a peer's death knows what the dead rank trained up to the last step that completed (a fixed
+    group's rank sees only its own). Views of two survivors
     differ at most by the last commit (a collective that completed on some ranks only): `union`
     takes, per rank, the view with the most commits."""
 

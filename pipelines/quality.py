@@ -8,7 +8,9 @@
    as queries).
 2. Every (variant, seed) trains with the real runtime (the driver's `train`,
    what `stream-swav train` runs: local Ray, decode actors, learner actor,
-   checkpoints) for exactly ``--images`` images. The recipe is the demo's CPU
+   checkpoints) for exactly ``--images`` images, or with ``--minutes M`` for M
+   minutes of training (--images the cap: variants of different speeds
+   compared at equal wall-clock time). The recipe is the demo's CPU
    recipe (`demo_config`) at that image budget, then the variant's overrides
    (`VARIANTS`), then ``--set``; train.seed and data.seed are the run's seed.
 3. The final checkpoint's backbone is evaluated on the full split: weighted
@@ -95,6 +97,8 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "batch-256": {"train": {"batch_size": 256}},
     "width-24": {"model": {"width": 24}},
     "width-32": {"model": {"width": 32}},
+    # A stride-1 stem: the first stage at the image's full 28x28 instead of 14x14, the last stage 4x4.
+    "stem-1": {"model": {"stem_stride": 1}},
     "resnet18": {"model": {"arch": "resnet18"}},
     "head-128": {"model": {"output_dim": 128, "prototypes": 128}},
     "grid-1": {"model": {"feature_grid": 1}},
@@ -110,18 +114,20 @@ VARIANTS: dict[str, dict[str, Any]] = {
 # ---- runs ---------------------------------------------------------------------------------------------
 
 
-def run_id(variant: str, overrides: dict[str, Any], seed: int, images: int) -> str:
-    text = json.dumps({"variant": variant, "overrides": overrides, "seed": seed, "images": images}, sort_keys=True)
+def run_id(variant: str, overrides: dict[str, Any], seed: int, images: int, minutes: float = 0.0) -> str:
+    key = {"variant": variant, "overrides": overrides, "seed": seed, "images": images}
+    text = json.dumps({**key, "minutes": minutes} if minutes else key, sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
 def run_config(images: int, overrides: dict[str, Any], extra: list[str], seed: int, shards: str,
-               checkpoint_dir: str) -> Config:
-    """The demo recipe for `images` images <- the variant's overrides <- --set <- this run's seed and paths."""
+               checkpoint_dir: str, minutes: float = 0.0) -> Config:
+    """The demo recipe for `images` images (stopping earlier after `minutes` of training, when given)
+    <- the variant's overrides <- --set <- this run's seed and paths."""
     base = merge_dicts(demo_config(images, gpu=False), overrides)
     cfg = load_config(None, extra, base=base)
     return config_from_dict(merge_dicts(cfg.to_dict(), {
-        "data": {"shards": shards, "seed": seed}, "train": {"seed": seed, "time_budget_s": 0.0,
+        "data": {"shards": shards, "seed": seed}, "train": {"seed": seed, "time_budget_s": 60.0 * minutes,
                                                             "image_budget": images, "progress_bar": False},
         # One checkpoint at the end is all the study reads.
         "checkpoint": {"dir": checkpoint_dir, "every_seconds": 0, "every_steps": 0, "keep_last": 1},
@@ -256,9 +262,9 @@ def format_markdown(rows: list[dict[str, Any]], refs: dict[str, dict[str, float]
     """One line per (variant, images): seeds, kNN and probes as mean ± sample std, the kNN difference to
     `base` at the same budget (paired by seed), each other feature kind's kNN and probe, images/s
     (training time including Ray's start)."""
-    groups: dict[tuple[str, int], list[dict[str, Any]]] = {}
+    groups: dict[tuple[str, int, float], list[dict[str, Any]]] = {}
     for row in rows:
-        groups.setdefault((row["variant"], row["images"]), []).append(row)
+        groups.setdefault((row["variant"], row["images"], row.get("minutes") or 0.0), []).append(row)
     other_kinds = [(prefix, label) for prefix, label in FEATURE_KINDS.items() if prefix]
     kind_headers = "".join(f" {label} kNN % | {label} probe % |" for _, label in other_kinds)
     lines = ["| variant | images | seeds | kNN % | linear probe % | sklearn probe % | kNN vs base (paired) |"
@@ -268,13 +274,16 @@ def format_markdown(rows: list[dict[str, Any]], refs: dict[str, dict[str, float]
     def column(members: list[dict[str, Any]], key: str) -> str:
         return _mean_std([r[key] for r in members if key in r])
 
-    for (variant, images), members in groups.items():
-        base = {r["seed"]: r["knn_top1"] for r in groups.get(("base", images), [])}
+    for (variant, images, minutes), members in groups.items():
+        base = {r["seed"]: r["knn_top1"] for r in groups.get(("base", images, minutes), [])}
         diffs = [r["knn_top1"] - base[r["seed"]] for r in members if r["seed"] in base]
         rates = [r["images_seen"] / r["train_seconds"] for r in members if r.get("train_seconds")]
         kinds = "".join(f" {column(members, prefix + 'knn_top1')} | {column(members, prefix + 'probe_top1')} |"
                         for prefix, _ in other_kinds)
-        lines.append(f"| {variant} | {images:,} | {','.join(str(r['seed']) for r in members)} | "
+        # A wall-clock budget trains as many images as fit: the column shows those trained (the mean).
+        trained = (f"{statistics.mean(r['images_seen'] for r in members):,.0f} in {minutes:g} min" if minutes
+                   else f"{images:,}")
+        lines.append(f"| {variant} | {trained} | {','.join(str(r['seed']) for r in members)} | "
                      f"{column(members, 'knn_top1')} | {column(members, 'probe_top1')} | "
                      f"{column(members, 'sklearn_probe_top1')} | "
                      f"{'+' if diffs and statistics.mean(diffs) >= 0 else ''}{_mean_std(diffs)} |{kinds} "
@@ -377,7 +386,7 @@ def run_study(args: argparse.Namespace) -> int:
             # A trend is one run to the largest budget, evaluated at each budget: with the constant
             # learning rate nothing in a run depends on its budget, so its checkpoint at N images
             # is what a run of N images would have written.
-            rids = {images: run_id(name, overrides, seed, images) + ("-trend" if args.trend else "")
+            rids = {images: run_id(name, overrides, seed, images, args.minutes) + ("-trend" if args.trend else "")
                     for images in budgets}
             done = {r["run_id"]: r for r in read_jsonl(results) if r.get("run_id") in rids.values()}
             if not args.rescore and all(rid in done and (not args.sklearn or "sklearn_probe_top1" in done[rid])
@@ -385,7 +394,7 @@ def run_study(args: argparse.Namespace) -> int:
                 continue
             longest = budgets[-1]
             checkpoint_dir = str(out / "checkpoints" / f"{name}-s{seed}-{longest}-{rids[longest]}")
-            cfg = run_config(longest, variants[name], args.overrides, seed, made.train, checkpoint_dir)
+            cfg = run_config(longest, variants[name], args.overrides, seed, made.train, checkpoint_dir, args.minutes)
             if args.trend:
                 if cfg.optim.schedule != "warmup-constant" or any(b % cfg.global_batch for b in budgets):
                     print("quality: --trend needs the constant schedule and budgets that are multiples of the "
@@ -412,6 +421,7 @@ def run_study(args: argparse.Namespace) -> int:
                                                       else f"{checkpoint_dir}/step-{step:09d}"),
                                    data, device, args.sklearn)
                 row.update({"variant": name, "overrides": overrides, "seed": seed, "images": images,
+                            "minutes": args.minutes,
                             "run_id": rids[images], "train_seconds": train_seconds,
                             "eval_seconds": round(time.monotonic() - started, 1), "trend": args.trend})
                 append_jsonl(results, row)
@@ -467,6 +477,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="define another variant; repeatable")
     parser.add_argument("--seeds", default="0", help="comma-separated seeds (train.seed and data.seed)")
     parser.add_argument("--images", type=int, default=150_000, help="training images per run")
+    parser.add_argument("--minutes", type=float, default=0.0,
+                        help="train each run for this many minutes of wall-clock time (from the learners' first "
+                             "step), --images being the cap: variants compared at equal time, not equal images")
     parser.add_argument("--trend", action="store_true", help="one run per image budget in --budgets, and a plot")
     parser.add_argument("--budgets", default="", help="comma-separated image budgets for --trend")
     parser.add_argument("--sklearn", action="store_true",
@@ -482,6 +495,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.trend and not args.budgets:
         parser.error("--trend needs --budgets")
+    if args.trend and args.minutes:
+        parser.error("--trend scores fixed image budgets; drop --minutes")
     logs.configure()
     return run_study(args)
 

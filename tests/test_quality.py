@@ -17,6 +17,24 @@ def test_run_config_is_the_demo_recipe_with_the_variant_the_budget_and_the_seed(
     assert (cfg.checkpoint.keep_last, cfg.metrics.enabled) == (1, False)
 
 
+def test_a_wall_clock_run_stops_on_time_with_the_images_as_its_cap(tmp_path):
+    cfg = run_config(2_000_000, {}, [], 0, "shards/train", str(tmp_path / "ckpt"), minutes=4)
+    assert (cfg.train.image_budget, cfg.train.time_budget_s) == (2_000_000, 240.0)
+    # Image-budget runs keep the ids they had before --minutes existed (their results stay found).
+    assert run_id("base", {}, 0, 1000, 0.0) == run_id("base", {}, 0, 1000)
+    assert run_id("base", {}, 0, 1000, 4.0) != run_id("base", {}, 0, 1000)
+
+
+def test_trend_and_minutes_are_refused_together(tmp_path, capsys):
+    import pytest
+
+    from pipelines.quality import main
+
+    with pytest.raises(SystemExit) as refused:
+        main(["--out", str(tmp_path), "--trend", "--budgets", "1000", "--minutes", "4"])
+    assert refused.value.code == 2 and "--minutes" in capsys.readouterr().err
+
+
 def test_run_id_changes_with_every_part():
     first = run_id("base", {}, 0, 1000)
     assert first == run_id("base", {}, 0, 1000)
@@ -37,6 +55,19 @@ def test_table_pairs_each_variant_with_base_by_seed():
     assert "| +2.50 ± 0.71 |" in lines["local-0"]
     assert "| 81.00 ± 1.41 |" in lines["base"] and "| 512 |" in lines["base"]
     assert "| raw-pixels | 85.70 | 84.40 | - | - | - |" in table
+
+
+def test_wall_clock_runs_are_paired_with_base_at_the_same_minutes_and_show_the_images_trained():
+    def row(variant, seed, knn, seen, minutes):
+        return {"variant": variant, "seed": seed, "images": 10_000, "minutes": minutes, "knn_top1": knn,
+                "probe_top1": 0.5, "images_seen": seen, "train_seconds": 60.0 * minutes}
+
+    rows = [row("base", 0, 0.80, 3000, 4.0), row("stem-1", 0, 0.83, 1000, 4.0), row("base", 0, 0.70, 10_000, 0.0)]
+    lines = {(line.split(" | ")[0].strip("| "), line.split(" | ")[1]): line
+             for line in format_markdown(rows, {}).splitlines()[2:] if line.startswith("| ")}
+    # Paired with the 4-minute base (80%), not the image-budget one (70%).
+    assert "| +3.00 |" in lines[("stem-1", "1,000 in 4 min")]
+    assert ("base", "3,000 in 4 min") in lines and ("base", "10,000") in lines
 
 
 def test_feature_kinds_of_a_resnet_read_its_stages():

@@ -42,7 +42,7 @@ def test_demo_runs_from_shards_to_an_evaluated_summary(tmp_path, monkeypatch, ca
     assert (out / "eval" / "accuracy.png").stat().st_size > 0
     checkpoints = json.loads((out / "checkpoints" / "latest.json").read_text())
     assert (checkpoints["arch"], checkpoints["width"], checkpoints["stem_stride"], checkpoints["feature_grid"]) == \
-        ("resnet10", 16, 2, 2)
+        ("resnet10", 16, 1, 2)
     # Every checkpoint gets kNN; the linear probe runs on the newest only (it costs ~3x a kNN).
     rows = [json.loads(line) for line in (out / "eval" / "results.jsonl").read_text().splitlines()]
     assert len(rows) >= 2 and rows[-1]["probe_top1"] == last["probe_top1"]

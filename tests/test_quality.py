@@ -89,3 +89,16 @@ def test_feature_kinds_of_a_resnet_read_its_stages():
     assert dims == {"": ((6, 256), (6, 256)), "l34_": ((6, 288), (6, 288)), "grid_": ((6, 256), (6, 256)),
                     "l3map_": ((6, 512), (6, 512))}
     torch.testing.assert_close(sets["grid_"][0], sets[""][0])
+
+
+def test_the_other_studies_keep_the_stem_they_were_measured_with(tmp_path):
+    # The demo moved to a stride-1 stem; the long-tail and curation studies' tables were measured
+    # with the stride-2 one, and their commands must still reproduce them.
+    from pipelines import curation_study, longtail
+    from stream_swav.config import merge_dicts
+
+    assert run_config(1000, {}, [], 0, "s", str(tmp_path)).model.stem_stride == 1
+    dedup = merge_dicts(curation_study.RECIPE, curation_study.CONDITIONS["messy-dedup"][1])
+    cfg = run_config(1000, dedup, [], 0, "s", str(tmp_path))
+    assert cfg.model.stem_stride == 2 and cfg.curation.dedup
+    assert longtail.shared_config(1000, None, []).model.stem_stride == 2

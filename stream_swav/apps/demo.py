@@ -33,15 +33,18 @@ from stream_swav.data.shards import label_bytes
 
 log = logging.getLogger("stream_swav.demo")
 
-# Embedded defaults: a ResNet-10 at a quarter of torchvision's width, with a 3x3 stride-2 stem so
-# 28 px images keep 14x14 in the first stage. A 2-core CPU trains it at several hundred images per
-# second, enough passes over the data to learn in minutes; a full-width ResNet-18 trains ~15x slower.
+# Embedded defaults: a ResNet-10 at a quarter of torchvision's width, with a 3x3 stride-1 stem so
+# 28 px images keep their full resolution in the first stage (and 4x4 in the last). A 2-core CPU trains
+# it at several hundred images per second, enough passes over the data to learn in minutes; a
+# full-width ResNet-18 trains ~15x slower. In the quality study's wall-clock screen (docs/quality.md,
+# screen 4) the stride-1 stem learned the most per second of everything tried, though a stride-2 stem
+# trains twice as many images in the same time.
 DEMO_CONFIG: dict[str, Any] = {
-    # The features are the last stage's 2x2 map, not its global mean: Fashion-MNIST's garments are
-    # centred and aligned, and the layout that global pooling throws away is what raw pixels score on
-    # (docs/quality.md: on the trained demo backbone +0.7-1.1 kNN and +1.9-2.8 probe points over global
-    # pooling; on a random-init one +2.9 and +5.7, so the demo's references use the same grid).
-    "model": {"arch": "resnet10", "width": 16, "small_stem": True, "stem_stride": 2, "feature_grid": 2,
+    # The features are the last stage's map pooled to 2x2, not its global mean: Fashion-MNIST's
+    # garments are centred and aligned, and the layout that global pooling throws away is what raw
+    # pixels score on (docs/quality.md: on a trained backbone +0.7-1.1 kNN and +1.9-2.8 probe points
+    # over global pooling; on a random-init one +2.9 and +5.7, so the demo's references use the same grid).
+    "model": {"arch": "resnet10", "width": 16, "small_stem": True, "stem_stride": 1, "feature_grid": 2,
               "hidden_dim": 512, "output_dim": 64, "prototypes": 64},
     # No local crops: in the quality study (docs/quality.md) 2x16 px local crops of 28 px images
     # cost 40% of the step and gave no accuracy per image; without them kNN rose 2.2 points at 75k.
@@ -63,11 +66,11 @@ DEMO_CONFIG: dict[str, Any] = {
     "metrics": {"port": 9400},
 }
 
-# On a GPU the same recipe runs with a full ResNet-18 at full resolution, a bigger batch and longer.
-# The CPU study's lessons carry over on paper (no local crops, no queue, a constant rate, the 2x2
+# On a GPU the same recipe runs with a full ResNet-18, a bigger batch and longer. The CPU study's
+# lessons carry over on paper (no local crops, no queue, a constant rate, the stride-1 stem, the 2x2
 # feature grid: here the last stage's 4x4 map pooled to 2x2, 2,048-d); never measured on a GPU.
 DEMO_GPU_OVERRIDES: dict[str, Any] = {
-    "model": {"arch": "resnet18", "width": 64, "stem_stride": 1},
+    "model": {"arch": "resnet18", "width": 64},
     "train": {"batch_size": 256},
     "optim": {"warmup_images": 50_000},
 }

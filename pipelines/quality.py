@@ -11,8 +11,9 @@
    checkpoints) for exactly ``--images`` images, or with ``--minutes M`` for M
    minutes of training (--images the cap: variants of different speeds
    compared at equal wall-clock time). The recipe is the demo's CPU
-   recipe (`demo_config`) at that image budget, then the variant's overrides
-   (`VARIANTS`), then ``--set``; train.seed and data.seed are the run's seed.
+   recipe (`demo_config`) at that image budget, then ``--set`` (for every run),
+   then the variant's overrides (`VARIANTS`, winning over --set on their own
+   keys); train.seed and data.seed are the run's seed.
 3. The final checkpoint's backbone is evaluated on the full split: weighted
    kNN (k=20, cosine, T=0.07) and the library's linear probe (L-BFGS); with
    ``--sklearn`` also scikit-learn's LogisticRegression on the same
@@ -123,10 +124,10 @@ def run_id(variant: str, overrides: dict[str, Any], seed: int, images: int, minu
 def run_config(images: int, overrides: dict[str, Any], extra: list[str], seed: int, shards: str,
                checkpoint_dir: str, minutes: float = 0.0) -> Config:
     """The demo recipe for `images` images (stopping earlier after `minutes` of training, when given)
-    <- the variant's overrides <- --set <- this run's seed and paths."""
-    base = merge_dicts(demo_config(images, gpu=False), overrides)
-    cfg = load_config(None, extra, base=base)
-    return config_from_dict(merge_dicts(cfg.to_dict(), {
+    <- --set <- the variant's overrides <- this run's seed and paths. --set changes the base that every
+    variant changes one thing of, so a variant's own keys win over it."""
+    base = load_config(None, extra, base=demo_config(images, gpu=False))
+    return config_from_dict(merge_dicts(merge_dicts(base.to_dict(), overrides), {
         "data": {"shards": shards, "seed": seed}, "train": {"seed": seed, "time_budget_s": 60.0 * minutes,
                                                             "image_budget": images, "progress_bar": False},
         # One checkpoint at the end is all the study reads.

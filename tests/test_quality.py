@@ -17,6 +17,13 @@ def test_run_config_is_the_demo_recipe_with_the_variant_the_budget_and_the_seed(
     assert (cfg.checkpoint.keep_last, cfg.metrics.enabled) == (1, False)
 
 
+def test_set_changes_the_base_and_a_variant_wins_on_its_own_keys(tmp_path):
+    stride_2 = ["model.stem_stride=2"]
+    assert run_config(1000, VARIANTS["base"], stride_2, 0, "s", str(tmp_path)).model.stem_stride == 2
+    assert run_config(1000, VARIANTS["stem-1"], stride_2, 0, "s", str(tmp_path)).model.stem_stride == 1
+    assert run_config(1000, VARIANTS["width-32"], stride_2, 0, "s", str(tmp_path)).model.stem_stride == 2
+
+
 def test_a_wall_clock_run_stops_on_time_with_the_images_as_its_cap(tmp_path):
     cfg = run_config(2_000_000, {}, [], 0, "shards/train", str(tmp_path / "ckpt"), minutes=4)
     assert (cfg.train.image_budget, cfg.train.time_budget_s) == (2_000_000, 240.0)

@@ -302,6 +302,15 @@ def format_markdown(rows: list[dict[str, Any]], refs: dict[str, dict[str, float]
     return "\n".join(lines) + "\n"
 
 
+def trend_kinds(rows: list[dict[str, Any]]) -> list[tuple[str, str, str]]:
+    """(result-key prefix, label, line style) of the feature kinds a trend plot draws: the backbone's
+    output, and the last stage's 2x2 grid where every row has it and it differs from the output (a
+    model.feature_grid 2 backbone outputs that grid, and a second, identical line would only hide the first)."""
+    grid_differs = all("grid_knn_top1" in r for r in rows) and any(
+        r["grid_knn_top1"] != r["knn_top1"] or r["grid_probe_top1"] != r["probe_top1"] for r in rows)
+    return [("", "output", "-")] + ([("grid_", "2x2 grid", "-.")] if grid_differs else [])
+
+
 def draw_trend(rows: list[dict[str, Any]], refs: dict[str, dict[str, float]], path: Path) -> Path | None:
     figure = plotting.new_figure(960, 680, TREND_PNG)
     if figure is None:
@@ -311,9 +320,7 @@ def draw_trend(rows: list[dict[str, Any]], refs: dict[str, dict[str, float]], pa
     axis.set_ylabel("top-1 on the full 10k test split (%)")
     axis.grid(color="#ebebeb")
     budgets = sorted({r["images"] for r in rows})
-    # The output's kinds drawn: the pooled output, and the 2x2 grid where every row has it (the grid is
-    # what a model.feature_grid 2 backbone outputs).
-    kinds = [("", "pooled", "-")] + ([("grid_", "2x2 grid", "-.")] if all("grid_knn_top1" in r for r in rows) else [])
+    kinds = trend_kinds(rows)
     for prefix, kind, line in kinds:
         for metric, name, colour in (("knn_top1", "kNN", "#1f5eb4"), ("probe_top1", "linear probe", "#289646")):
             key = prefix + metric

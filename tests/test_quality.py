@@ -109,3 +109,13 @@ def test_the_other_studies_keep_the_stem_they_were_measured_with(tmp_path):
     cfg = run_config(1000, dedup, [], 0, "s", str(tmp_path))
     assert cfg.model.stem_stride == 2 and cfg.curation.dedup
     assert longtail.shared_config(1000, None, []).model.stem_stride == 2
+
+
+def test_trend_draws_the_grid_only_where_it_is_not_the_output():
+    from pipelines.quality import trend_kinds
+
+    pooled = {"knn_top1": 0.84, "probe_top1": 0.83, "grid_knn_top1": 0.85, "grid_probe_top1": 0.86}
+    grid = {"knn_top1": 0.87, "probe_top1": 0.88, "grid_knn_top1": 0.87, "grid_probe_top1": 0.88}
+    assert [label for _, label, _ in trend_kinds([pooled, pooled])] == ["output", "2x2 grid"]
+    assert [label for _, label, _ in trend_kinds([grid, grid])] == ["output"]
+    assert [label for _, label, _ in trend_kinds([{"knn_top1": 0.8, "probe_top1": 0.8}])] == ["output"]

@@ -17,9 +17,10 @@ REENCODE_EXT = {"jpeg": "jpg", "png": "png"}
 DEMO_DATASETS = ("auto", "fashion-mnist", "procedural")
 # The demo trains this many images, stopping earlier when the time cap is reached (the rate
 # stays constant, so a cut-off loses images, not a schedule's end). On the 2-core development machine
-# (December 2026) the learner trains the demo's ResNet-10 at ~640 images/s: 192,000 images in about
-# 5 minutes. The cap keeps the whole command (shards, Ray, evaluation) near 10 minutes on a slower
-# machine, which then trains fewer images and scores lower (README, Results).
+# (December 2026) the learner trains the demo's ResNet-10 at ~720 images/s: 192,000 images in about
+# 4.5 minutes. On a slower machine the cap stops training earlier (fewer images, lower scores), but
+# it bounds only the training: on one 2.5x slower the whole command would take ~13 minutes (README,
+# Results: an estimate).
 DEMO_IMAGES = 192_000  # 1,500 steps of 128
 DEMO_MINUTES = 6.0
 DEMO_GPU_IMAGES = 4_000_000

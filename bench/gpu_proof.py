@@ -132,10 +132,11 @@ DRY_RUN = Profile(
         "tests": StepSettings(120),
         # An image budget, not a time budget: on a loaded 2-core machine Ray's start alone can take 30 s
         # of a time budget, whose clock starts before it, and leave no step trained. The tiny net trains
-        # the budget in a second or two: reports every 0.25 s, scraped as often, so that the scrapes
-        # see the counters move before the run ends and takes its /metrics with it.
+        # the budget (4 passes over the 256 images) in a few seconds: reports every 0.25 s, scraped as
+        # often, so that the scrapes see the counters move before the run ends and takes its /metrics
+        # with it. 192 images once trained between two scrapes beside the demo step (0 steps seen).
         "e2e": StepSettings(150, ("e2e-shards", "tests"), sets(
-            "train.image_budget=192", "train.report_interval_s=0.25", "train.time_budget_s=0", "train.device=cpu",
+            "train.image_budget=1024", "train.report_interval_s=0.25", "train.time_budget_s=0", "train.device=cpu",
             "train.cpus_per_learner=1", "train.batch_size=8", "data.decode_actors=1", "data.shuffle_buffer=64",
             "model.arch=resnet10", "model.width=8", "model.small_stem=true", "model.stem_stride=2",
             "model.hidden_dim=64", "model.output_dim=32", "model.prototypes=32", "crops.global_size=16",

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import ray
 import yaml
 
 from stream_swav import storage
@@ -174,14 +175,30 @@ class WatchedTrainer(driver.Trainer):
     """A Trainer that records its samples and calls `after_chunk(trainer)` after each chunk."""
 
     def __init__(self, cfg: Config, log_path: Path, after_chunk: Callable[["WatchedTrainer"], None] | None = None,
-                 dying: dict[str, Any] | None = None, **kwargs: Any) -> None:
+                 dying: dict[str, Any] | None = None, grow_from_steps: list[int] | None = None,
+                 **kwargs: Any) -> None:
         super().__init__(cfg, build_learner=recording_learner(log_path, **(dying or {})), **kwargs)
         self.log_path = log_path
         self.after_chunk = after_chunk
+        # An elastic group's n-th growth waits for step grow_from_steps[n]; its joiners start meanwhile.
+        self.grow_from_steps = list(grow_from_steps or [])
 
     @property
     def trained(self) -> list[TrainedSample]:
         return read_trained(self.log_path)
+
+    def tend_joiners(self) -> None:
+        if self.grow_from_steps and self.step < self.grow_from_steps[0]:
+            missing = self.cfg.train.learners - len(self.group.actors) - len(self.joiners)
+            self.joiners += [self.group.launch_joiner() for _ in range(max(0, missing))]
+            for joiner in self.joiners:
+                if not joiner.slots and ray.wait([joiner.ready], timeout=0)[0]:
+                    joiner.slots = self.pool.launch_for(self.decoders_per_learner)
+            return
+        learners = len(self.group.actors)
+        super().tend_joiners()
+        if self.grow_from_steps and len(self.group.actors) > learners:
+            self.grow_from_steps.pop(0)
 
     def train_chunk(self) -> driver.RunState:
         next_state = super().train_chunk()
@@ -197,9 +214,10 @@ def close_trainer(trainer: driver.Trainer) -> None:
 
 
 def run_to_end(cfg: Config, log_path: Path, after_chunk: Callable[[WatchedTrainer], None] | None = None,
-               expect: int = 0, dying: dict[str, Any] | None = None) -> WatchedTrainer:
+               expect: int = 0, dying: dict[str, Any] | None = None,
+               grow_from_steps: list[int] | None = None) -> WatchedTrainer:
     """Run a WatchedTrainer until it stops, check its exit status and release its actors."""
-    trainer = WatchedTrainer(cfg, log_path, after_chunk=after_chunk, dying=dying)
+    trainer = WatchedTrainer(cfg, log_path, after_chunk=after_chunk, dying=dying, grow_from_steps=grow_from_steps)
     try:
         assert trainer.run() == expect
     finally:

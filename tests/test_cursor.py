@@ -12,6 +12,8 @@ from conftest import colour_samples, tar_bytes
 from stream_swav.config import Config
 from stream_swav.data.cursor import ShardTask, StreamCursor, shard_seed, stable_seed
 from stream_swav.data.worker import DecodeWorker
+from stream_swav.runtime.ledger import StreamLedger
+from stream_swav.runtime.reports import Progress
 
 URLS = [f"s3://bkt/shards/{n:03d}.tar" for n in range(8)]
 
@@ -84,6 +86,43 @@ def test_a_shard_open_in_one_pass_waits_before_the_next():
     assert [(t.url, t.pass_index) for t in drain(cursor)] == [(a.url, 1)]
     finish(cursor, [b])
     assert [(t.url, t.pass_index) for t in drain(cursor)] == [(b.url, 1)]
+
+
+def test_an_idle_reader_gets_a_shard_open_in_the_other_pass_then_one_of_a_later_pass():
+    cursor = StreamCursor(seed=0)
+    cursor.add_shards(URLS[:2])
+    a, b = cursor.next_task(), cursor.next_task()
+    # Both shards are open in pass 0, so pass 1 waits for a reader that holds one already...
+    assert cursor.next_task() is None
+    # ...but not for a reader holding none (its learner would hold back every other one).
+    first, second = cursor.next_task(idle=True), cursor.next_task(idle=True)
+    assert {(t.url, t.pass_index) for t in (first, second)} == {(a.url, 1), (b.url, 1)}
+    beyond = cursor.next_task(idle=True)
+    assert beyond.pass_index == 2 and beyond.start == 0
+    assert cursor.next_task() is None
+    # The passes complete in order all the same, and a restart starts the later pass over.
+    finish(cursor, [a, b, first, second])
+    assert cursor.pass_index == 2 and cursor.assigned() == [beyond.key]
+    restored = StreamCursor(seed=0)
+    restored.load_state_dict(cursor.state_dict())
+    assert {(t.url, t.pass_index) for t in drain(restored)} == {(a.url, 2), (b.url, 2)}
+    assert StreamCursor(seed=0).next_task(idle=True) is None  # no shard at all
+
+
+def test_a_decode_actor_left_with_no_shard_gets_one_while_another_holds_what_the_passes_have_left():
+    """The arrangement that stalled an elastic group: a survivor's decode actor held the last
+    shards of pass 0, so pass 1's copies of them waited, and the joining learner's actor had
+    none; the learners step together, so neither trained again."""
+    ledger = StreamLedger(seed=0, shards_per_slot=4)
+    ledger.add_shards(URLS[:4])
+    held = ledger.top_up([1])[1]
+    assert [t.pass_index for t in held] == [0, 0, 0, 0]
+    ledger.record(Progress(finished=[held[0].key]))
+    later = ledger.top_up([1])[1]
+    assert [(t.url, t.pass_index) for t in later] == [(held[0].url, 1)]
+    given = ledger.top_up([1, 2])
+    assert list(given) == [2] and len(given[2]) == 1 and given[2][0].pass_index == 1
+    assert given[2][0].url in {t.url for t in held[1:]}
 
 
 def test_new_shards_join_the_pass_under_way():

@@ -15,8 +15,9 @@ into a shard's deterministic emission order (see `shards.iter_shard`), so
 Shards are numbered in discovery order; `(pass, shard number)` is a
 `ShardKey`, the key of batch bookkeeping. Handing out pass p+1 starts as soon
 as every shard of pass p is handed out or finished, so readers never wait at a
-pass boundary; at most two passes are handed out at a time, and one shard is
-never open in both.
+pass boundary; two passes are handed out at a time, and one shard is not open
+in both, except for a reader that would otherwise have nothing to read (see
+`next_task`).
 
 Built for millions of shards: handing out a task, recording a batch and
 releasing a shard cost O(1) amortised, whatever the number of shards; a pass
@@ -177,18 +178,35 @@ class StreamCursor:
             self._urls.append(url)
         return new
 
-    def next_task(self) -> ShardTask | None:
-        """Hand out the next shard (it counts as assigned until finished or released), or None for now."""
+    def next_task(self, idle: bool = False) -> ShardTask | None:
+        """Hand out the next shard (it counts as assigned until finished or released), or None for now.
+
+        `idle`: for a reader holding no shard at all. Learners step together, so a reader left
+        without work can hold every learner back while the shards in hand wait for it: it is given
+        one even where the two passes have none to spare, first a shard that is open in the other
+        pass, else the next free shard of a later pass (so at most one pass per idle reader runs
+        ahead; None only without any shard)."""
         for pass_index in (self._current, self._current + 1):
             state = self._pass(pass_index)
             other = self._passes.get(pass_index - 1 if pass_index > self._current else pass_index + 1)
             shard = self._next_shard(state, other)
             if shard is not None:
-                state.assigned.add(shard)
-                url = self._urls[shard]
-                return ShardTask(url=url, index=shard, pass_index=pass_index,
-                                 seed=shard_seed(self.seed, pass_index, url), start=state.positions.get(shard, 0))
-        return None
+                return self._hand_out(pass_index, shard)
+        if not idle or not self._urls:
+            return None
+        pass_index = self._current
+        while True:  # ends: a pass not handed out yet has every shard free
+            shard = self._next_shard(self._pass(pass_index), None)
+            if shard is not None:
+                return self._hand_out(pass_index, shard)
+            pass_index += 1
+
+    def _hand_out(self, pass_index: int, shard: int) -> ShardTask:
+        state = self._passes[pass_index]
+        state.assigned.add(shard)
+        url = self._urls[shard]
+        return ShardTask(url=url, index=shard, pass_index=pass_index, seed=shard_seed(self.seed, pass_index, url),
+                         start=state.positions.get(shard, 0))
 
     def _next_shard(self, state: _Pass, other: _Pass | None) -> int | None:
         """The first shard of the pass that can be handed out. A shard the other live pass still

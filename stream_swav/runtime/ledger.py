@@ -40,7 +40,9 @@ class StreamLedger:
     def top_up(self, slots: Iterable[int]) -> dict[int, list[ShardTask]]:
         """New shard tasks for these decode actor slots, each up to `shards_per_slot` held at once,
         dealt one at a time in turn, so that when shards are scarce every slot (and so every learner)
-        still gets some."""
+        still gets some. A slot holding none gets one whatever the passes in hand have left: its
+        learner could otherwise have nothing to train while the others, which step with it, wait
+        with every shard left (`StreamCursor.next_task`'s `idle`)."""
         slots = list(slots)
         tasks: dict[int, list[ShardTask]] = {}
         if time.monotonic() < self.paused_until:
@@ -50,7 +52,7 @@ class StreamLedger:
                 held = self.holders.setdefault(slot, set())
                 if len(held) >= depth:
                     continue
-                task = self.cursor.next_task()
+                task = self.cursor.next_task(idle=not held)
                 if task is None:
                     return tasks
                 held.add(task.key)

@@ -95,7 +95,8 @@ class SeenSet:
     learner has trained, and a checkpoint must not hold the hashes of images it will read again
     after a resume (they would be dropped as repeats of themselves). Only admitted occurrences are
     kept (a dropped one changes nothing), and only those of an entry's two latest passes (two passes
-    can be read at once).
+    are read at once; rarely three, when a decode actor with nothing else to read runs a pass ahead
+    (`StreamCursor.next_task`): a repeat in the oldest of them may then be admitted once more).
 
     Near matches are found by multi-index hashing: the 64 bits are cut into `max_distance + 1`
     bands, and two hashes within `max_distance` bits agree exactly on at least one band

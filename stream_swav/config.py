@@ -400,6 +400,9 @@ class TrainConfig:
     # Learners train this long (at most) per call and then report to the driver: the driver's work
     # grows with learners / report_interval_s, not with the step rate.
     report_interval_s: float = setting(2.0, POSITIVE)
+    # A run that trains no step for this long logs a warning, again each such period, naming what
+    # the learners wait for (a step needs a batch on every learner); 0: never.
+    stall_warning_s: float = setting(300.0, NON_NEGATIVE)
 
     @property
     def fewest_learners(self) -> int:

@@ -7,10 +7,13 @@ pass trained exactly once") use the RecordingLearner, which logs every trained k
 from __future__ import annotations
 
 import collections
+import dataclasses
 import io
+import logging
 import math
 import os
 import signal
+import time
 import urllib.request
 
 import badsamples
@@ -27,7 +30,8 @@ from stream_swav.model import BackboneSpec, load_backbone
 from stream_swav import checkpoint as ckpt
 from stream_swav.runtime import driver
 from stream_swav.runtime.metrics import TRAINER_METRIC_NAMES
-from stream_swav.runtime.reports import StepReport
+from stream_swav.runtime.decode_pool import DecodePool
+from stream_swav.runtime.reports import ChunkSummary, StepReport
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
@@ -262,6 +266,54 @@ def test_follow_mode_trains_a_shard_that_appears_during_the_run(tmp_path):
     assert new_url in [trainer.ledger.cursor.url(i) for i in range(trainer.ledger.cursor.n_shards)]
     trained = {s.key for s in trainer.trained}
     assert first_keys <= trained and trained & new_keys
+
+
+def test_a_run_that_trains_nothing_says_why_and_trains_once_a_shard_appears(tmp_path, caplog):
+    folder = tmp_path / "shards"
+    folder.mkdir()
+    samples = colour_samples(16, prefix="late")
+    url = object_url(str(folder), "shard-0.tar")
+    keys = sample_keys(url, samples)
+    cfg = tiny_config({"data": {"shards": str(folder), "follow": True, "relist_interval_s": 1.0},
+                       "checkpoint": {"dir": str(tmp_path / "ckpt"), "every_steps": 0},
+                       "train": {"stall_warning_s": 1.0}})
+    caplog.set_level(logging.INFO, logger="stream_swav")
+
+    def write_the_shard_once_warned_then_stop_once_trained(trainer: WatchedTrainer) -> None:
+        if "no step trained for" in caplog.text and not os.path.exists(url):
+            write_shard(url, tar_bytes(samples))
+        if keys <= {s.key for s in trainer.trained}:
+            trainer.request_stop("shard trained")
+
+    trainer = run_to_end(cfg, tmp_path / "trained.jsonl",
+                         after_chunk=write_the_shard_once_warned_then_stop_once_trained)
+
+    warnings = [r.getMessage() for r in caplog.records if "no step trained for" in r.getMessage()]
+    assert warnings and "no shard listed yet (data.follow waits for new ones)" in warnings[0]
+    assert trainer.stop_reason == "shard trained"
+
+
+def test_a_stall_names_the_shards_each_learners_decode_actors_hold(tmp_path, caplog):
+    """The arrangement of a stall the learners cannot leave by themselves: one learner's decode
+    actor holds every shard left, the other's none (no Ray needed: the driver's own bookkeeping)."""
+    cfg = tiny_config({"data": {"shards": str(tmp_path)}, "train": {"stall_warning_s": 0.05}})
+    trainer = driver.Trainer(cfg)
+    trainer.ledger.add_shards([f"{tmp_path}/shard-{n}.tar" for n in range(4)])
+    trainer.ledger.top_up([0])
+    trainer.pool = DecodePool(cfg, learners=2)
+    trainer.pool.actors, trainer.pool.rank_of = {0: "handle", 1: "handle"}, {0: 0, 1: 1}
+    caplog.set_level(logging.INFO, logger="stream_swav")
+    idle = ChunkSummary.merge([StepReport(rank=0), StepReport(rank=1)])
+    trainer.watch_for_stall(idle)
+    assert "no step trained" not in caplog.text  # not yet
+    time.sleep(0.1)
+    trainer.watch_for_stall(idle)
+    assert "shards held for each learner: learner 0: 4, learner 1: 0" in caplog.text
+    caplog.clear()
+    trainer.watch_for_stall(dataclasses.replace(idle, steps=1))
+    time.sleep(0.1)
+    trainer.watch_for_stall(idle)
+    assert "no step trained" not in caplog.text  # a step started the count again
 
 
 def test_non_finite_losses_in_a_row_take_the_run_from_running_to_failed(tmp_path, caplog):

@@ -141,6 +141,9 @@ class Trainer:
         self.joiners: list[Joiner] = []
         self.next_grow = 0.0
         self.decoders_per_learner = 1
+        # Since when chunks have trained nothing, and when that was last logged (train.stall_warning_s).
+        self.idle_since: float | None = None
+        self.stall_logged = 0.0
 
     # ------------------------------------------------------------------ the loop
     def run(self) -> int:
@@ -214,6 +217,7 @@ class Trainer:
         if replaced:
             self.group.attach(replaced)
         self.observer.on_chunk(summary, decode_actors_replaced=sum(len(feeders) for feeders in replaced.values()))
+        self.watch_for_stall(summary)
         limit = self.cfg.train.max_nonfinite_in_row
         if summary.nonfinite_in_row >= limit:
             return self.fail(EXIT_NONFINITE, f"{summary.nonfinite_in_row} non-finite losses in a row "
@@ -223,6 +227,21 @@ class Trainer:
         if self.policy.due(self.step, time.time()) and not self.stop.is_set() and self.chunk_limits()[0] > 0:
             self.checkpoint()
         return RunState.SHRINKING if self.loss is not None else RunState.RUNNING
+
+    def watch_for_stall(self, summary: ChunkSummary) -> None:
+        """Chunks that train nothing for train.stall_warning_s: a warning, again each such period,
+        with the shards each learner's decode actors hold (a step waits for a batch on every one)."""
+        limit, now = self.cfg.train.stall_warning_s, time.monotonic()
+        if summary.steps or not limit:
+            self.idle_since = None
+            return
+        if self.idle_since is None:
+            self.idle_since = self.stall_logged = now
+        if now - self.stall_logged >= limit:
+            self.stall_logged = now
+            held = {rank: sum(len(self.ledger.holders.get(slot, ())) for slot in slots)
+                    for rank, slots in self.pool.feeders().items()}
+            self.observer.on_stall(now - self.idle_since, held, self.ledger.cursor.n_shards)
 
     def shrink(self) -> RunState:
         """SHRINKING: members of an elastic group died or stopped answering. The survivors go on with

@@ -160,6 +160,16 @@ class RunObserver:
         self.metrics.set_actors_up(learners=learners, decode_actors=decode_actors)
         log.info("%d learner(s) joined: training with %d of %d", joined, learners, self.cfg.train.learners)
 
+    def on_stall(self, seconds: float, shards_held: dict[int, int], shards_listed: int) -> None:
+        """No step trained for `seconds`; `shards_held`: learner rank -> shards its decode actors hold."""
+        if shards_listed:
+            why = "shards held for each learner: " + ", ".join(
+                f"learner {rank}: {count}" for rank, count in sorted(shards_held.items()))
+        else:
+            why = "no shard listed yet (data.follow waits for new ones)"
+        log.warning("no step trained for %.0fs: the learners wait for batches (a step needs one on every learner); "
+                    "%s; decode errors so far %d", seconds, why, self.decode_errors)
+
     def on_rollback(self, steps: int) -> None:
         """A restart from a checkpoint trains these global steps again."""
         self.metrics.count_rollback_steps(steps)

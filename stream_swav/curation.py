@@ -94,9 +94,10 @@ class SeenSet:
     `trained_state` take the set back to the stream cursor: a decode actor runs ahead of what its
     learner has trained, and a checkpoint must not hold the hashes of images it will read again
     after a resume (they would be dropped as repeats of themselves). Only admitted occurrences are
-    kept (a dropped one changes nothing), and only those of an entry's two latest passes (two passes
-    are read at once; rarely three, when a decode actor with nothing else to read runs a pass ahead
-    (`StreamCursor.next_task`): a repeat in the oldest of them may then be admitted once more).
+    kept (a dropped one changes nothing), and only those of an entry's latest `PASSES_KEPT` (3)
+    passes: two are read at once, a third while a decode actor with nothing else to read runs ahead
+    (`StreamCursor.next_task`). A reader stuck for longer, while another runs two passes ahead, lets
+    repeats of its pass be admitted again.
 
     Near matches are found by multi-index hashing: the 64 bits are cut into `max_distance + 1`
     bands, and two hashes within `max_distance` bits agree exactly on at least one band
@@ -252,10 +253,15 @@ class SeenSet:
             self._insert(h, events)
 
 
+# Passes whose occurrences an entry keeps: two passes are read at once, and a third while a decode
+# actor with nothing else to read runs a pass ahead (`StreamCursor.next_task`'s `idle`).
+PASSES_KEPT = 3
+
+
 def _recent(events: tuple[int, ...]) -> tuple[int, ...]:
-    """The occurrences of the latest two passes among `events`, in order."""
+    """The occurrences of the latest PASSES_KEPT passes among `events`, in order."""
     latest = max(_pass_of(e) for e in events)
-    return tuple(e for e in events if _pass_of(e) >= latest - 1)
+    return tuple(e for e in events if _pass_of(e) > latest - PASSES_KEPT)
 
 
 _STATE_FORMAT = 1

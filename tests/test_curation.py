@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw, ImageFilter
 
-from stream_swav.curation import SeenSet, _entries_of, _state_of, hamming, perceptual_hash
+from stream_swav.curation import PASSES_KEPT, SeenSet, _entries_of, _state_of, hamming, perceptual_hash
 
 
 def hashes_of(state: dict) -> list[int]:
@@ -76,6 +76,14 @@ def test_a_new_pass_is_not_taken_for_duplication():
     h = perceptual_hash(scene(3))
     assert [seen.admit(h, (0, 0), 0), seen.admit(h, (0, 1), 0)] == [True, False]
     assert [seen.admit(h, (1, 0), 0), seen.admit(h, (1, 1), 0)] == [True, False]
+
+
+def test_a_repeat_in_a_pass_is_dropped_while_a_decode_actor_reads_two_passes_ahead():
+    """Two passes are read at once, and a third when an idle decode actor runs ahead."""
+    seen = SeenSet(capacity=10, max_repeats=0)
+    h = perceptual_hash(scene(4))
+    assert seen.admit(h, (0, 0), 0) and seen.admit(h, (2, 1), 0)
+    assert seen.admit(h, (0, 1), 5) is False
 
 
 def test_capacity_bounds_memory_and_forgets_the_oldest_first():
@@ -171,7 +179,7 @@ def test_the_least_recently_seen_hash_goes_first():
 
 def test_occurrences_do_not_pile_up_over_passes_when_sets_share_their_hashes():
     """One actor admits a hash in every pass; the driver's union merges the actors' trained sets and
-    hands back what it gained, as at every checkpoint. Only two passes of occurrences are kept."""
+    hands back what it gained, as at every checkpoint. Only PASSES_KEPT passes of occurrences are kept."""
     h = perceptual_hash(scene(11))
     reader, other, union = SeenSet(10), SeenSet(10), SeenSet(10)
     for pass_index in range(6):
@@ -180,7 +188,7 @@ def test_occurrences_do_not_pile_up_over_passes_when_sets_share_their_hashes():
         for s in (reader, other):
             s.absorb(gained)
     for s in (reader, other, union):
-        assert [len(events) for _, events in _entries_of(s.state_dict())] == [2]
+        assert [len(events) for _, events in _entries_of(s.state_dict())] == [PASSES_KEPT]
     assert entries(union.merge_trained([reader.trained_state(lambda key, position: True)])) == []  # nothing new
 
 

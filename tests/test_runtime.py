@@ -12,6 +12,7 @@ import io
 import logging
 import math
 import os
+import re
 import signal
 import time
 import urllib.request
@@ -296,7 +297,7 @@ def test_a_run_that_trains_nothing_says_why_and_trains_once_a_shard_appears(tmp_
 def test_a_stall_names_the_shards_each_learners_decode_actors_hold(tmp_path, caplog):
     """The arrangement of a stall the learners cannot leave by themselves: one learner's decode
     actor holds every shard left, the other's none (no Ray needed: the driver's own bookkeeping)."""
-    cfg = tiny_config({"data": {"shards": str(tmp_path)}, "train": {"stall_warning_s": 0.05}})
+    cfg = tiny_config({"data": {"shards": str(tmp_path)}, "train": {"stall_warning_s": 0.2}})
     trainer = driver.Trainer(cfg)
     trainer.ledger.add_shards([f"{tmp_path}/shard-{n}.tar" for n in range(4)])
     trainer.ledger.top_up([0])
@@ -304,16 +305,24 @@ def test_a_stall_names_the_shards_each_learners_decode_actors_hold(tmp_path, cap
     trainer.pool.actors, trainer.pool.rank_of = {0: "handle", 1: "handle"}, {0: 0, 1: 1}
     caplog.set_level(logging.INFO, logger="stream_swav")
     idle = ChunkSummary.merge([StepReport(rank=0), StepReport(rank=1)])
-    trainer.watch_for_stall(idle)
+
+    def chunk(summary: ChunkSummary = idle, seconds: float = 0.15) -> None:
+        started = time.monotonic()
+        time.sleep(seconds)
+        trainer.watch_for_stall(summary, started)
+
+    chunk()
     assert "no step trained" not in caplog.text  # not yet
-    time.sleep(0.1)
-    trainer.watch_for_stall(idle)
+    chunk()
+    assert re.search(r"no step trained for \d+s: the learners wait for batches", caplog.text)
     assert "shards held for each learner: learner 0: 4, learner 1: 0" in caplog.text
     caplog.clear()
-    trainer.watch_for_stall(dataclasses.replace(idle, steps=1))
-    time.sleep(0.1)
-    trainer.watch_for_stall(idle)
+    chunk(dataclasses.replace(idle, steps=1))
+    chunk()
     assert "no step trained" not in caplog.text  # a step started the count again
+    trainer.ledger.paused_until = time.monotonic() + 30  # passes that read nothing hold shards back
+    chunk()
+    assert re.search(r"no shard handed out for another \d+s: the last pass read nothing", caplog.text)
 
 
 def test_non_finite_losses_in_a_row_take_the_run_from_running_to_failed(tmp_path, caplog):

@@ -16,8 +16,8 @@ Shards are numbered in discovery order; `(pass, shard number)` is a
 `ShardKey`, the key of batch bookkeeping. Handing out pass p+1 starts as soon
 as every shard of pass p is handed out or finished, so readers never wait at a
 pass boundary; two passes are handed out at a time, and one shard is not open
-in both, except for a reader that would otherwise have nothing to read (see
-`next_task`).
+in both, except for a reader that would otherwise have nothing to read: it may
+take a shard open in the other pass, or run passes ahead (see `next_task`).
 
 Built for millions of shards: handing out a task, recording a batch and
 releasing a shard cost O(1) amortised, whatever the number of shards; a pass
@@ -184,8 +184,9 @@ class StreamCursor:
         `idle`: for a reader holding no shard at all. Learners step together, so a reader left
         without work can hold every learner back while the shards in hand wait for it: it is given
         one even where the two passes have none to spare, first a shard that is open in the other
-        pass, else the next free shard of a later pass (so at most one pass per idle reader runs
-        ahead; None only without any shard)."""
+        pass, else the next free shard of a later pass (None only without any shard). A reader that
+        keeps finishing while another holds the oldest pass's last shard runs on, a pass at a
+        time; in lockstep the holder's reads keep pace, so that takes a reader stuck for a pass."""
         for pass_index in (self._current, self._current + 1):
             state = self._pass(pass_index)
             other = self._passes.get(pass_index - 1 if pass_index > self._current else pass_index + 1)

@@ -203,6 +203,7 @@ class Trainer:
         self.follow_new_shards()
         self.pool.poll(self.ledger)
         self.pool.top_up(self.ledger)
+        chunk_started = time.monotonic()
         try:
             summary = ChunkSummary.merge(self.group.run_chunk(max_steps, max_seconds))
         except LearnersLost as loss:
@@ -217,7 +218,7 @@ class Trainer:
         if replaced:
             self.group.attach(replaced)
         self.observer.on_chunk(summary, decode_actors_replaced=sum(len(feeders) for feeders in replaced.values()))
-        self.watch_for_stall(summary)
+        self.watch_for_stall(summary, chunk_started)
         limit = self.cfg.train.max_nonfinite_in_row
         if summary.nonfinite_in_row >= limit:
             return self.fail(EXIT_NONFINITE, f"{summary.nonfinite_in_row} non-finite losses in a row "
@@ -228,20 +229,22 @@ class Trainer:
             self.checkpoint()
         return RunState.SHRINKING if self.loss is not None else RunState.RUNNING
 
-    def watch_for_stall(self, summary: ChunkSummary) -> None:
-        """Chunks that train nothing for train.stall_warning_s: a warning, again each such period,
-        with the shards each learner's decode actors hold (a step waits for a batch on every one)."""
+    def watch_for_stall(self, summary: ChunkSummary, chunk_started: float) -> None:
+        """Chunks in a row that train nothing, from the start of the first, for train.stall_warning_s:
+        a warning, again each such period, with the shards each learner's decode actors hold (a step
+        waits for a batch on every one). A restart or a shrink starts the count again."""
         limit, now = self.cfg.train.stall_warning_s, time.monotonic()
         if summary.steps or not limit:
             self.idle_since = None
             return
         if self.idle_since is None:
-            self.idle_since = self.stall_logged = now
+            self.idle_since = self.stall_logged = chunk_started
         if now - self.stall_logged >= limit:
             self.stall_logged = now
             held = {rank: sum(len(self.ledger.holders.get(slot, ())) for slot in slots)
                     for rank, slots in self.pool.feeders().items()}
-            self.observer.on_stall(now - self.idle_since, held, self.ledger.cursor.n_shards)
+            self.observer.on_stall(now - self.idle_since, held, self.ledger.cursor.n_shards,
+                                   paused_s=max(0.0, self.ledger.paused_until - now))
 
     def shrink(self) -> RunState:
         """SHRINKING: members of an elastic group died or stopped answering. The survivors go on with
@@ -250,6 +253,7 @@ class Trainer:
         there. No checkpoint is read. With nobody left, a spent failure budget, or survivors that
         cannot settle and regroup: RECOVERING (today's restart from the latest checkpoint)."""
         loss, self.loss = self.loss, None
+        self.idle_since = None
         budget = self.cfg.train.max_failures
         self.failure_cause = loss.cause
         if 0 <= budget <= self.restarts or len(loss.lost) >= len(self.group.actors):
@@ -350,6 +354,7 @@ class Trainer:
         # Before any decode actor starts, so that each starts from the union of the checkpoint being
         # restored, not from the union of the run that failed (it may be ahead of that checkpoint).
         self.seen = self.restored_seen(point)
+        self.idle_since = None
         try:
             self.start_actors()
             self.restore(shards, point)

@@ -160,13 +160,17 @@ class RunObserver:
         self.metrics.set_actors_up(learners=learners, decode_actors=decode_actors)
         log.info("%d learner(s) joined: training with %d of %d", joined, learners, self.cfg.train.learners)
 
-    def on_stall(self, seconds: float, shards_held: dict[int, int], shards_listed: int) -> None:
-        """No step trained for `seconds`; `shards_held`: learner rank -> shards its decode actors hold."""
-        if shards_listed:
+    def on_stall(self, seconds: float, shards_held: dict[int, int], shards_listed: int, paused_s: float = 0.0) -> None:
+        """No step trained for `seconds`; `shards_held`: learner rank -> shards its decode actors hold;
+        `paused_s`: how long shards are still held back after passes that read nothing."""
+        if not shards_listed:
+            why = "no shard listed yet (data.follow waits for new ones)"
+        elif paused_s > 0:
+            why = (f"no shard handed out for another {paused_s:.0f}s: the last pass read nothing (every read "
+                   f"failed, see stream_swav_decode_errors_total)")
+        else:
             why = "shards held for each learner: " + ", ".join(
                 f"learner {rank}: {count}" for rank, count in sorted(shards_held.items()))
-        else:
-            why = "no shard listed yet (data.follow waits for new ones)"
         log.warning("no step trained for %.0fs: the learners wait for batches (a step needs one on every learner); "
                     "%s; decode errors so far %d", seconds, why, self.decode_errors)
 

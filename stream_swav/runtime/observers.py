@@ -160,7 +160,7 @@ class RunObserver:
         self.metrics.set_actors_up(learners=learners, decode_actors=decode_actors)
         log.info("%d learner(s) joined: training with %d of %d", joined, learners, self.cfg.train.learners)
 
-    def on_stall(self, seconds: float, shards_held: dict[int, int], shards_listed: int, paused_s: float = 0.0) -> None:
+    def on_stall(self, seconds: float, shards_held: dict[int, int], shards_listed: int, paused_s: float) -> None:
         """No step trained for `seconds`; `shards_held`: learner rank -> shards its decode actors hold;
         `paused_s`: how long shards are still held back after passes that read nothing."""
         if not shards_listed:

@@ -184,6 +184,49 @@ def test_a_run_survives_losing_a_node(cluster, tmp_path):
     assert decode_restarts + trainer.restarts >= 1
 
 
+@ray.remote(num_cpus=1)
+class CpuHolder:
+    """Holds a CPU of the cluster, as another job's task would."""
+
+    def ready(self) -> bool:
+        return True
+
+
+def test_a_learner_whose_only_decode_actor_cannot_start_again_waits_for_it_and_loses_nothing(cluster, tmp_path,
+                                                                                             caplog):
+    folder, keys = shards(tmp_path / "shards", count=4)
+    # 3 CPUs: the learner, its one decode actor, one free. A replacement is given 2 s to start.
+    cfg = tiny_config({"data": {"shards": folder, "decode_actors": 1},
+                       "checkpoint": {"dir": str(tmp_path / "ckpt"), "every_steps": 0},
+                       "train": {"image_budget": 2 * len(keys), "startup_timeout_s": 2}})
+    caplog.set_level(logging.INFO, logger="stream_swav")
+    seen: dict[str, object] = {}
+
+    def starve_then_free(trainer: WatchedTrainer) -> None:
+        if "holders" not in seen and trainer.step >= 2:
+            holders = [CpuHolder.remote()]
+            ray.get(holders[0].ready.remote())  # the free CPU
+            (actor,) = trainer.pool.actors.values()
+            ray.kill(actor, no_restart=True)
+            # The decode actor's CPU, taken before its replacement (launched at the next chunk) asks.
+            holders.append(CpuHolder.remote())
+            ray.get(holders[1].ready.remote(), timeout=30)
+            seen.update(holders=holders, starved_at=trainer.step)
+        elif "holders" in seen and "freed_at" not in seen and "launched again" in caplog.text:
+            for holder in seen["holders"]:
+                ray.kill(holder)
+            seen["freed_at"] = trainer.step
+
+    trainer = run_to_end(cfg, tmp_path / "trained.jsonl", after_chunk=starve_then_free)
+
+    assert "freed_at" in seen, "the replacement was never launched again"
+    assert "decode actor 0 could not start again" in caplog.text and "learner 0's only one" in caplog.text
+    # Training went on once the replacement came up.
+    assert trainer.step > seen["freed_at"]
+    assert trainer.stop_reason == "budget reached" and trainer.images_seen >= 2 * len(keys)
+    assert set(s.key for s in trainer.trained) == keys
+
+
 # ------------------------------------------------------------------------------------ resources
 
 

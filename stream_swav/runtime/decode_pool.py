@@ -3,7 +3,9 @@
 Each slot feeds one learner rank (at launch, slot s feeds rank s % learners; a
 replacement takes over its slot). Actors that cannot be placed in time are
 dropped, with a warning, as long as every learner keeps one; the cluster may
-simply have fewer CPUs than planned (a lost node). When an elastic group loses
+simply have fewer CPUs than planned (a lost node). At start, a learner left
+with none ends the run (`StartupError`); later, its last replacement is
+launched again until one starts. When an elastic group loses
 a rank, that rank's actors go with it and their shards are re-read from what
 was trained (`drop_ranks`); a joining rank gets actors of its own
 (`launch_for`, `take_in`).
@@ -156,26 +158,41 @@ class DecodePool:
             if handle is not None:
                 ray.kill(handle, no_restart=True)
             ledger.release(slot)
-            handle = self._launch(slot)
-            self.actors[slot] = handle
-            self._starting[slot] = (handle.ready.remote(), deadline)
-            by_rank.setdefault(self.rank_of[slot], {})[slot] = handle
+            by_rank.setdefault(self.rank_of[slot], {})[slot] = self._launch_replacement(slot, deadline)
         return by_rank
 
-    def poll(self, ledger: StreamLedger) -> None:
+    def _launch_replacement(self, slot: int, deadline: float) -> Any:
+        """A new actor in `slot`, which `poll` watches until it is up or `deadline` passes."""
+        handle = self.actors[slot] = self._launch(slot)
+        self._starting[slot] = (handle.ready.remote(), deadline)
+        return handle
+
+    def poll(self, ledger: StreamLedger) -> dict[int, dict[int, Any]]:
         """Replacements that came up are done with; one not up by its deadline is dropped and its
-        shards go back (the cluster may have lost the room for it)."""
+        shards go back (the cluster may have lost the room for it), unless it is its learner's last:
+        that one is launched again, with a new deadline, for as long as it takes (a learner without
+        a decode actor holds every step back; the cluster may get the room back, and the stall
+        warning says what waits). Returns the feeders launched again, rank -> {slot: handle}."""
+        relaunched: dict[int, dict[int, Any]] = {}
         for slot, (ready, deadline) in list(self._starting.items()):
             failure = self._start_failure(ready, deadline)
             if failure is None:
                 continue
             del self._starting[slot]
-            if failure:
-                log.warning("decode actor %d could not start again (%s); running without it", slot, failure)
-                ray.kill(self.actors.pop(slot), no_restart=True)
-                ledger.release(slot)
-                self.dropped.add(slot)
-                self._check_every_learner_fed()
+            if not failure:
+                continue
+            ray.kill(self.actors.pop(slot), no_restart=True)
+            ledger.release(slot)
+            rank = self.rank_of[slot]
+            if not self.feeders()[rank]:
+                log.warning("decode actor %d could not start again (%s); it is learner %d's only one, so it is "
+                            "launched again: nothing trains until it starts", slot, failure, rank)
+                deadline = time.monotonic() + self.cfg.train.startup_timeout_s
+                relaunched.setdefault(rank, {})[slot] = self._launch_replacement(slot, deadline)
+                continue
+            log.warning("decode actor %d could not start again (%s); running without it", slot, failure)
+            self.dropped.add(slot)
+        return relaunched
 
     def _start_failure(self, ready: Any, deadline: float) -> str | None:
         """Of an actor started with `ready` = its ready() ref: None while it may still come up by

@@ -201,7 +201,9 @@ class Trainer:
             self.stop_reason = self.stop_reason or "budget reached"
             return RunState.STOPPING
         self.follow_new_shards()
-        self.pool.poll(self.ledger)
+        relaunched = self.pool.poll(self.ledger)
+        if relaunched:
+            self.group.attach(relaunched)
         self.pool.top_up(self.ledger)
         chunk_started = time.monotonic()
         try:

@@ -22,7 +22,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import ray
 import yaml
 
 from stream_swav import storage
@@ -188,16 +187,11 @@ class WatchedTrainer(driver.Trainer):
         return read_trained(self.log_path)
 
     def tend_joiners(self) -> None:
-        if self.grow_from_steps and self.step < self.grow_from_steps[0]:
-            missing = self.cfg.train.learners - len(self.group.actors) - len(self.joiners)
-            self.joiners += [self.group.launch_joiner() for _ in range(max(0, missing))]
-            for joiner in self.joiners:
-                if not joiner.slots and ray.wait([joiner.ready], timeout=0)[0]:
-                    joiner.slots = self.pool.launch_for(self.decoders_per_learner)
-            return
-        learners = len(self.group.actors)
-        super().tend_joiners()
-        if self.grow_from_steps and len(self.group.actors) > learners:
+        ready = self.ready_joiners()
+        if not ready or (self.grow_from_steps and self.step < self.grow_from_steps[0]):
+            return  # the joiners start and wait; the take-in is held back to its step
+        self.take_in_joiners(ready)
+        if self.grow_from_steps:
             self.grow_from_steps.pop(0)
 
     def train_chunk(self) -> driver.RunState:

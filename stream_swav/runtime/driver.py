@@ -417,10 +417,16 @@ class Trainer:
     # ------------------------------------------------------------ an elastic group's growth
     def tend_joiners(self) -> None:
         """An elastic group below train.learners, at a chunk boundary: start the learners it lacks
-        (Ray places them when the cluster has room; after a failed join, again train.resize_interval_s
-        later), give each one that came up its decode actors, and take in at once every one whose
-        decode actors are up. Nothing here waits but a last look at the joiners (seconds) and the
-        new group's forming (train.collective_timeout_s at most)."""
+        and take in at once every one whose decode actors are up. Nothing here waits but a last look
+        at the joiners (seconds) and the new group's forming (train.collective_timeout_s at most)."""
+        ready = self.ready_joiners()
+        if ready:
+            self.take_in_joiners(ready)
+
+    def ready_joiners(self) -> list[Joiner]:
+        """Start the learners the group lacks (Ray places them when the cluster has room; after a
+        failed join, again train.resize_interval_s later), give each one that came up its decode
+        actors, and return those whose decode actors are up and that still answer."""
         train = self.cfg.train
         missing = train.learners - len(self.group.actors) - len(self.joiners)
         if missing > 0 and time.monotonic() >= self.next_grow:
@@ -448,8 +454,10 @@ class Trainer:
         for joiner in [ready[index] for index in silent]:
             ready.remove(joiner)
             self.drop_joiner(joiner, "it stopped answering")
-        if not ready:
-            return
+        return ready
+
+    def take_in_joiners(self, ready: list[Joiner]) -> None:
+        """The group grows by these joiners, each fed from now by its decode actors."""
         for joiner in ready:
             self.joiners.remove(joiner)
         try:

@@ -1,0 +1,181 @@
+"""Which concepts a balancing signal would weigh up or down, offline, on a labelled stream: can the
+model's own view of the stream see the stream's class imbalance at all?
+
+``python -m pipelines.balance_signals --checkpoint CKPT --shards STREAM [--strength 1]
+[--clusters 10,100] [--levels 200/20] [--max-images 0] [--seed 0]``
+
+Every image of the shards is scored with the checkpoint's whole SwAV model, and each signal gives
+it a weight, (K * usage of its group) ** -strength within the same cap as `curation.balance`
+(`stream_swav.balance.raw_weights`), usage being the share of the stream's images in the group:
+
+- `prototypes`: the group is the argmax of the image's prototype scores, what `curation.balance`
+  weighs by in training (there from a running estimate, here from the whole stream);
+- `kmeans-K`: spherical k-means with K centroids on the pooled backbone features (centred), which
+  unlike SwAV's prototypes are not fitted under an equal-partition constraint;
+- `hkmeans-K1/K2`: two levels (Vo et al. 2024, the curation behind DINOv2's data: flat k-means
+  puts centroids where the data is dense, clustering the centroids again spreads them over
+  concepts): the K1 centroids clustered into K2, an image weighed by its top-level group's usage.
+
+The table gives, per class (the shards' `cls`; images without one, such as the messy stream's junk,
+are a row of their own), its share of the stream and its share of the weight under each signal,
+and the total-variation distance of the labelled classes' shares from uniform: what a balance that
+sees concepts would bring towards 0.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from stream_swav import logs
+from stream_swav.apps.evaluate import NO_LABEL, embed, load_labeled_images, pick_device
+from stream_swav.apps.gallery import load_swav_model
+from stream_swav.balance import raw_weights
+from stream_swav.checkpoint import resolve_checkpoint
+from stream_swav.config import StorageConfig
+from stream_swav.model import SwAVModel
+
+BATCH_SIZE = 512
+KMEANS_ITERATIONS = 30
+KMEANS_RESTARTS = 3
+
+
+class ScoresAndFeatures(nn.Module):
+    """A SwAV model as one module from a batch of images to [prototype scores | pooled backbone
+    features], so that `embed` runs the backbone once for both."""
+
+    def __init__(self, model: SwAVModel) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, images: Tensor) -> Tensor:
+        features = self.model.backbone(images)
+        scores = self.model.prototypes(F.normalize(self.model.projection(features), dim=1))
+        return torch.cat([scores, features], dim=1)
+
+
+def spherical_kmeans(points: Tensor, k: int, seed: int, restarts: int = KMEANS_RESTARTS) -> tuple[Tensor, Tensor]:
+    """Centroids (k, D) and each point's centroid (N,) for unit rows `points` (N, D): of `restarts`
+    runs from `seed`, the one whose points are closest to their centroids (one start can leave a
+    concept split and another merged)."""
+    if not 1 <= k <= len(points):
+        raise ValueError(f"k must be in [1, {len(points)}] (the points to cluster), got {k}")
+    generator = torch.Generator().manual_seed(seed)
+    runs = [_lloyd(points, k, generator) for _ in range(restarts)]
+    centroids = max(runs, key=lambda c: float((points @ c.T).max(dim=1).values.sum()))
+    return centroids, (points @ centroids.T).argmax(dim=1)
+
+
+def _lloyd(points: Tensor, k: int, generator: torch.Generator) -> Tensor:
+    """Lloyd's iterations under cosine similarity from a k-means++ start (each next centroid a point
+    drawn with odds its squared distance to the nearest one so far, so a small concept far from the
+    rest gets one); an empty centroid keeps its place."""
+    centroids = points.new_empty(k, points.shape[1])
+    centroids[0] = points[torch.randint(len(points), (1,), generator=generator)]
+    nearest = (1.0 - points @ centroids[0]).clamp_min(0.0)
+    for j in range(1, k):
+        odds = nearest.square()
+        pick = torch.multinomial(odds if odds.sum() > 0 else torch.ones_like(odds), 1, generator=generator)
+        centroids[j] = points[pick]
+        nearest = torch.minimum(nearest, (1.0 - points @ centroids[j]).clamp_min(0.0))
+    for _ in range(KMEANS_ITERATIONS):
+        assigned = (points @ centroids.T).argmax(dim=1)
+        sums = torch.zeros_like(centroids).index_add_(0, assigned, points)
+        filled = torch.bincount(assigned, minlength=k) > 0
+        centroids[filled] = F.normalize(sums[filled], dim=1)
+    return centroids
+
+
+def group_weights(groups: Tensor, count: int, strength: float) -> Tensor:
+    """Each image's weight (N,) when images are weighed by the usage of their group (N,) of `count`."""
+    usage = torch.bincount(groups, minlength=count).double() / len(groups)
+    return raw_weights(usage, strength)[groups]
+
+
+def class_shares(labels: np.ndarray, weights: np.ndarray, classes: list[int]) -> list[float]:
+    total = weights.sum()
+    return [float(weights[labels == c].sum() / total) for c in classes]
+
+
+def distance_from_uniform(labels: np.ndarray, weights: np.ndarray) -> float:
+    """Total-variation distance of the labelled classes' weighted shares (unlabelled images left
+    out) from uniform over those classes."""
+    labelled = labels != NO_LABEL
+    classes = sorted(set(labels[labelled].tolist()))
+    shares = np.asarray(class_shares(labels[labelled], weights[labelled], classes))
+    return float(0.5 * np.abs(shares - 1.0 / len(classes)).sum())
+
+
+def signal_weights(scores: Tensor, features: Tensor, strength: float, clusters: list[int],
+                   levels: list[tuple[int, int]], seed: int) -> dict[str, Tensor]:
+    """Every signal's weights (N,), in table order; `uniform` (all 1) is the stream as it is."""
+    out = {"uniform": torch.ones(len(scores), dtype=torch.float64)}
+    out["prototypes"] = group_weights(scores.argmax(dim=1), scores.shape[1], strength)
+    points = F.normalize(features - features.mean(dim=0), dim=1)
+    for k in clusters:
+        _, assigned = spherical_kmeans(points, k, seed)
+        out[f"kmeans-{k}"] = group_weights(assigned, k, strength)
+    for fine, coarse in levels:
+        centroids, assigned = spherical_kmeans(points, fine, seed)
+        _, parent = spherical_kmeans(centroids, coarse, seed)
+        out[f"hkmeans-{fine}/{coarse}"] = group_weights(parent[assigned], coarse, strength)
+    return out
+
+
+def format_markdown(labels: np.ndarray, weights: dict[str, Tensor]) -> str:
+    classes = sorted(set(labels.tolist()) - {NO_LABEL}) + ([NO_LABEL] if (labels == NO_LABEL).any() else [])
+    names = list(weights)
+    lines = ["| class | " + " | ".join("share" if n == "uniform" else n for n in names) + " |",
+             "|---|" + "---:|" * len(names)]
+    columns = {n: class_shares(labels, w.numpy(), classes) for n, w in weights.items()}
+    for row, c in enumerate(classes):
+        lines.append(f"| {'no label' if c == NO_LABEL else c} | "
+                     + " | ".join(f"{100 * columns[n][row]:.1f}%" for n in names) + " |")
+    lines.append("| distance from balanced | "
+                 + " | ".join(f"{distance_from_uniform(labels, w.numpy()):.3f}" for w in weights.values()) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m pipelines.balance_signals", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--checkpoint", required=True, help="a run's checkpoint (folder, latest.json or backbone.pt)")
+    parser.add_argument("--shards", required=True, help="labelled shards: the stream the run trained on")
+    parser.add_argument("--strength", type=float, default=1.0, help="the weights' exponent, as curation.balance")
+    parser.add_argument("--clusters", default="10,100", help="flat k-means sizes, comma-separated")
+    parser.add_argument("--levels", default="200/20", help="two-level k-means sizes FINE/COARSE, comma-separated")
+    parser.add_argument("--max-images", type=int, default=0, help="read at most this many images (0: all)")
+    parser.add_argument("--seed", type=int, default=0, help="k-means initialisation seed")
+    args = parser.parse_args(argv)
+    logs.configure()
+    if not 0.0 <= args.strength <= 1.0:
+        parser.error(f"--strength must be in [0, 1], got {args.strength}")
+    try:
+        clusters = [int(k) for k in args.clusters.split(",") if k]
+        levels = [(int(f), int(c)) for f, c in (pair.split("/") for pair in args.levels.split(",") if pair)]
+    except ValueError:
+        parser.error(f"--clusters takes integers and --levels FINE/COARSE pairs, got {args.clusters!r} and "
+                     f"{args.levels!r}")
+    storage_cfg = StorageConfig()
+    cfg, model = load_swav_model(resolve_checkpoint(args.checkpoint, storage_cfg), storage_cfg)
+    read = load_labeled_images(args.shards, cfg.crops.global_size, storage_cfg, cfg.data, args.max_images,
+                               unlabelled=True)
+    both = embed(ScoresAndFeatures(model), read.images, cfg.augment.mean, cfg.augment.std, BATCH_SIZE,
+                 pick_device("auto"))
+    scores, features = both[:, :cfg.model.prototypes], both[:, cfg.model.prototypes:]
+    labels = np.asarray(read.labels)
+    try:
+        weights = signal_weights(scores, features, args.strength, clusters, levels, args.seed)
+    except ValueError as err:
+        parser.error(str(err))
+    print(f"{args.checkpoint} on {args.shards}: {len(labels):,} images, strength {args.strength:g}\n")
+    print(format_markdown(labels, weights))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,54 @@
+"""The balance-signal study's pure parts: k-means, group weights and the distance from balanced, on
+features where the concepts are plain to see (so a signal that sees them must balance them)."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from pipelines.balance_signals import distance_from_uniform, format_markdown, signal_weights, spherical_kmeans
+from stream_swav.apps.evaluate import NO_LABEL
+
+# Three concepts, 10:3:1, and unlabelled images of a fourth.
+SIZES = {0: 500, 1: 150, 2: 50, NO_LABEL: 100}
+
+
+def separated_concepts(dim: int = 16, seed: int = 0) -> tuple[torch.Tensor, np.ndarray]:
+    generator = torch.Generator().manual_seed(seed)
+    axes = torch.eye(dim)[:len(SIZES)] * 5.0
+    points, labels = [], []
+    for axis, (label, count) in zip(axes, SIZES.items()):
+        points.append(axis + 0.1 * torch.randn(count, dim, generator=generator))
+        labels += [label] * count
+    return torch.cat(points), np.asarray(labels)
+
+
+def test_kmeans_finds_separated_concepts_whatever_their_size():
+    features, labels = separated_concepts()
+    _, assigned = spherical_kmeans(F.normalize(features, dim=1), 4, seed=1)
+    # Every concept lands in one cluster of its own.
+    assert {label: len(set(assigned[labels == label].tolist())) for label in SIZES} == {label: 1 for label in SIZES}
+    assert len(set(assigned.tolist())) == 4
+    with pytest.raises(ValueError, match="k must be"):
+        spherical_kmeans(F.normalize(features, dim=1), len(features) + 1, seed=0)
+
+
+def test_a_signal_that_sees_the_concepts_balances_them_and_the_stream_as_is_does_not():
+    features, labels = separated_concepts()
+    # Prototype scores that see nothing: every image prefers prototype 0.
+    scores = torch.zeros(len(labels), 8)
+    scores[:, 0] = 1.0
+    weights = signal_weights(scores, features, 1.0, [4], [(12, 4)], seed=1)
+    assert list(weights) == ["uniform", "prototypes", "kmeans-4", "hkmeans-12/4"]
+    as_is = distance_from_uniform(labels, weights["uniform"].numpy())
+    assert as_is == pytest.approx(0.5 * (abs(500 / 700 - 1 / 3) + abs(150 / 700 - 1 / 3) + abs(50 / 700 - 1 / 3)))
+    assert distance_from_uniform(labels, weights["prototypes"].numpy()) == pytest.approx(as_is)
+    assert distance_from_uniform(labels, weights["kmeans-4"].numpy()) < 0.01
+    assert distance_from_uniform(labels, weights["hkmeans-12/4"].numpy()) < 0.05
+
+    table = format_markdown(labels, weights)
+    rows = {line.split(" | ")[0].strip("| "): line for line in table.splitlines()}
+    assert rows["0"].startswith("| 0 | 62.5% | 62.5% | 25.0%")
+    assert rows["no label"].startswith("| no label | 12.5% |")
+    assert f"{as_is:.3f}" in rows["distance from balanced"]

@@ -5,7 +5,8 @@ each trained through the real runtime and scored on the full Fashion-MNIST split
 [--conditions clean,messy,messy-dedup] [--stream-seed 0] [--duplicate-fraction 0.4 ...]``
 
 Conditions: `clean`, `messy` (no curation), `messy-dedup` (curation.dedup), `messy-dedup-balance`
-(and curation.balance 0.5), `messy-dedup-equal-steps` (dedup, budget in images trained).
+(and curation.balance 0.5), `messy-balance` (curation.balance 1, no dedup), `messy-dedup-equal-steps`
+(dedup, budget in images trained).
 
 1. The benchmark stream (`pipelines.messy_stream`, its knobs as given, ``--stream-seed``) under
    OUT/stream, and the demo's evaluation shards (the whole 60k training split as the labelled
@@ -60,6 +61,8 @@ CONDITIONS: dict[str, tuple[str, dict[str, Any], str]] = {
     "messy": ("messy", {}, "read"),
     "messy-dedup": ("messy", {"curation": {"dedup": True}}, "read"),
     "messy-dedup-balance": ("messy", {"curation": {"dedup": True, "balance": 0.5}}, "read"),
+    # Balance alone, at full strength: what the network's prototype usage does against the imbalance.
+    "messy-balance": ("messy", {"curation": {"balance": 1.0}}, "read"),
     # The same compute as `messy`: as many images trained, so more passes read.
     "messy-dedup-equal-steps": ("messy", {"curation": {"dedup": True}}, "trained"),
 }

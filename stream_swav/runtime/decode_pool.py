@@ -4,8 +4,8 @@ Each slot feeds one learner rank (at launch, slot s feeds rank s % learners; a
 replacement takes over its slot). Actors that cannot be placed in time are
 dropped, with a warning, as long as every learner keeps one; the cluster may
 simply have fewer CPUs than planned (a lost node). At start, a learner left
-with none ends the run (`StartupError`); later, its last replacement is
-launched again until one starts. When an elastic group loses
+with none ends the run (`StartupError`); later, its last replacement, if it
+was not placed in time, is launched again until one starts. When an elastic group loses
 a rank, that rank's actors go with it and their shards are re-read from what
 was trained (`drop_ranks`); a joining rank gets actors of its own
 (`launch_for`, `take_in`).
@@ -34,6 +34,9 @@ from stream_swav.runtime.learner_group import POLL_S, Stopped, first_line, kill_
 from stream_swav.runtime.ledger import StreamLedger
 
 log = logging.getLogger("stream_swav.decoders")
+
+# How `_start_failure` names an actor that was not placed in time (as against one that failed).
+PLACEMENT_TIMEOUT = "TimeoutError: not placed"
 
 
 class DecodePool:
@@ -169,10 +172,11 @@ class DecodePool:
 
     def poll(self, ledger: StreamLedger) -> dict[int, dict[int, Any]]:
         """Replacements that came up are done with; one not up by its deadline is dropped and its
-        shards go back (the cluster may have lost the room for it), unless it is its learner's last:
-        that one is launched again, with a new deadline, for as long as it takes (a learner without
-        a decode actor holds every step back; the cluster may get the room back, and the stall
-        warning says what waits). Returns the feeders launched again, rank -> {slot: handle}."""
+        shards go back (the cluster may have lost the room for it), unless it is its learner's last
+        and was not placed in time: that one is launched again, with a new deadline, for as long as
+        it takes (a learner without a decode actor holds every step back; the cluster may get the
+        room back, and the stall warning says what waits). A learner's last that failed to start
+        ends the run (`StartupError`). Returns the feeders launched again, rank -> {slot: handle}."""
         relaunched: dict[int, dict[int, Any]] = {}
         for slot, (ready, deadline) in list(self._starting.items()):
             failure = self._start_failure(ready, deadline)
@@ -184,7 +188,8 @@ class DecodePool:
             ray.kill(self.actors.pop(slot), no_restart=True)
             ledger.release(slot)
             rank = self.rank_of[slot]
-            if not self.feeders()[rank]:
+            # Only a lack of room is waited out; an actor that fails to start would fail again.
+            if not self.feeders()[rank] and failure.startswith(PLACEMENT_TIMEOUT):
                 log.warning("decode actor %d could not start again (%s); it is learner %d's only one, so it is "
                             "launched again: nothing trains until it starts", slot, failure, rank)
                 deadline = time.monotonic() + self.cfg.train.startup_timeout_s
@@ -192,6 +197,7 @@ class DecodePool:
                 continue
             log.warning("decode actor %d could not start again (%s); running without it", slot, failure)
             self.dropped.add(slot)
+            self._check_every_learner_fed()
         return relaunched
 
     def _start_failure(self, ready: Any, deadline: float) -> str | None:
@@ -201,7 +207,7 @@ class DecodePool:
         if not done:
             if time.monotonic() <= deadline:
                 return None
-            return f"TimeoutError: not placed within train.startup_timeout_s={self.cfg.train.startup_timeout_s:g}s"
+            return f"{PLACEMENT_TIMEOUT} within train.startup_timeout_s={self.cfg.train.startup_timeout_s:g}s"
         try:
             ray.get(ready)
         except Exception as err:  # noqa: BLE001 - whatever kept it from starting, it is given up on

@@ -219,7 +219,8 @@ class Trainer:
         replaced = self.pool.replace(summary.failed_feeders, self.ledger) if summary.failed_feeders else {}
         if replaced:
             self.group.attach(replaced)
-        self.observer.on_chunk(summary, decode_actors_replaced=sum(len(feeders) for feeders in replaced.values()))
+        self.observer.on_chunk(summary, decode_actors_replaced=sum(len(feeders) for feeders in
+                                                                   [*replaced.values(), *relaunched.values()]))
         self.watch_for_stall(summary, chunk_started)
         limit = self.cfg.train.max_nonfinite_in_row
         if summary.nonfinite_in_row >= limit:

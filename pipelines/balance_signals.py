@@ -78,7 +78,7 @@ def _lloyd(points: Tensor, k: int, generator: torch.Generator) -> Tensor:
     centroids[0] = points[torch.randint(len(points), (1,), generator=generator)]
     nearest = (1.0 - points @ centroids[0]).clamp_min(0.0)
     for j in range(1, k):
-        odds = nearest.square()
+        odds = nearest  # 1 - cos of unit vectors is half their squared distance
         pick = torch.multinomial(odds if odds.sum() > 0 else torch.ones_like(odds), 1, generator=generator)
         centroids[j] = points[pick]
         nearest = torch.minimum(nearest, (1.0 - points @ centroids[j]).clamp_min(0.0))

@@ -2,9 +2,12 @@
 network assigns to over-used prototypes weigh less in the loss, so that what the model is trained
 on moves towards uniform over prototypes, as DINOv2's retrieval-based balancing does offline.
 
-Sinkhorn already spreads each batch's *codes* evenly over the prototypes; what a flooded concept
-skews is which prototype the network itself prefers (the argmax of its scores, also the collapse
-monitor's signal). `PrototypeBalance` keeps a running estimate of that usage and turns it into one
+Sinkhorn already spreads each batch's *codes* evenly over the prototypes; the premise here is that
+a flooded concept skews which prototype the network itself prefers (the argmax of its scores, also
+the collapse monitor's signal). Measured on the messy-stream benchmark it barely does: a model
+trained on the stream spreads its prototypes over the flooded concept too, and these weights leave
+the classes' shares almost as they were (docs/curation.md). `PrototypeBalance` keeps a running
+estimate of that usage and turns it into one
 weight per sample: (K * usage[assigned prototype]) ** -strength, rescaled to mean 1 over the batch,
 so the loss keeps its scale. Strength 1 makes the weighted usage uniform when the estimate is
 right; 0 is plain SwAV. Nothing is dropped (the stream cursor is untouched) and nothing extra is

@@ -345,10 +345,11 @@ def test_non_finite_losses_in_a_row_take_the_run_from_running_to_failed(tmp_path
             raise AssertionError("no checkpoint after non-finite steps")
 
     class IdlePool:
-        def poll(self, ledger) -> None:
-            pass
+        def poll(self, ledger) -> dict:
+            return {}  # no decode actor launched again
 
-        top_up = poll
+        def top_up(self, ledger) -> None:
+            pass
 
     trainer = driver.Trainer(cfg)
     trainer.group, trainer.pool, trainer.started = NonFiniteGroup(), IdlePool(), 0.0

@@ -53,9 +53,8 @@ class ScoresAndFeatures(nn.Module):
         self.model = model
 
     def forward(self, images: Tensor) -> Tensor:
-        features = self.model.backbone(images)
-        scores = self.model.prototypes(F.normalize(self.model.projection(features), dim=1))
-        return torch.cat([scores, features], dim=1)
+        features = self.model.embed(images)
+        return torch.cat([self.model.head(features)[1], features], dim=1)
 
 
 def spherical_kmeans(points: Tensor, k: int, seed: int, restarts: int = KMEANS_RESTARTS) -> tuple[Tensor, Tensor]:

@@ -243,7 +243,10 @@ class SwAVModel(nn.Module):
         for i, group in enumerate(crops):
             if group.dim() != 4 or group.shape[1] != 3:
                 raise ValueError(f"crops[{i}]: expected shape (N, 3, H, W), got {tuple(group.shape)}")
-        features = torch.cat([self.backbone(group) for group in crops])
+        return self.head(torch.cat([self.backbone(group) for group in crops]))
+
+    def head(self, features: Tensor) -> tuple[Tensor, Tensor]:
+        """z, unit rows, and the prototype scores z @ C^T of backbone features (N, feature_dim)."""
         z = F.normalize(self.projection(features), dim=1)
         return z, self.prototypes(z)
 

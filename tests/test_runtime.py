@@ -32,6 +32,7 @@ from stream_swav import checkpoint as ckpt
 from stream_swav.runtime import driver
 from stream_swav.runtime.metrics import TRAINER_METRIC_NAMES
 from stream_swav.runtime.decode_pool import DecodePool
+from stream_swav.runtime.learner_group import LearnerFailure
 from stream_swav.runtime.reports import ChunkSummary, StepReport
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
@@ -367,6 +368,47 @@ def test_non_finite_losses_in_a_row_take_the_run_from_running_to_failed(tmp_path
     assert trainer.state is driver.RunState.FAILED and trainer.step == 3
     assert trainer.metrics.registry.get_sample_value("stream_swav_nonfinite_loss_total") == 3
     assert "3 non-finite losses in a row (train.max_nonfinite_in_row=3)" in caplog.records[-1].getMessage()
+
+
+def test_a_learner_lost_while_given_decode_actors_is_left_to_the_next_chunk(tmp_path, caplog):
+    """A learner that dies between chunks fails the attach of its relaunched or replaced decode
+    actors: the driver logs it and goes on (the others took theirs), and the chunk that follows
+    meets the loss as any other, RECOVERING here (a fixed group); it does not escape the run loop."""
+    cfg = tiny_config({"data": {"shards": str(tmp_path)}})
+    attached: list[dict] = []
+
+    class DyingGroup:
+        chunks = 0
+
+        def attach(self, feeders: dict) -> None:
+            attached.append(feeders)
+            raise LearnerFailure("attaching decode actors: the actor died unexpectedly")
+
+        def run_chunk(self, max_steps: int, max_seconds: float) -> list[StepReport]:
+            self.chunks += 1
+            if self.chunks == 2:
+                raise LearnerFailure("learner 1: the actor died unexpectedly")
+            return [StepReport(rank=rank, steps=1, step=1, images=8, images_seen=8, failed_feeders=[rank],
+                               prototype_counts=[0] * cfg.model.prototypes) for rank in (0, 1)]
+
+    class RelaunchingPool:
+        def poll(self, ledger) -> dict:
+            return {1: {1: "relaunched"}}
+
+        def top_up(self, ledger) -> None:
+            pass
+
+        def replace(self, slots, ledger) -> dict:
+            return {rank: {slot: "replacement"} for rank, slot in enumerate(slots)}
+
+    trainer = driver.Trainer(cfg)
+    trainer.group, trainer.pool, trainer.started = DyingGroup(), RelaunchingPool(), 0.0
+    caplog.set_level(logging.WARNING, logger="stream_swav")
+    assert trainer.train_chunk() is driver.RunState.RUNNING  # both attaches failed, the chunk ran
+    assert attached == [{1: {1: "relaunched"}}, {0: {0: "replacement"}, 1: {1: "replacement"}}]
+    assert trainer.step == 1 and caplog.text.count("the next chunk deals with the learner") == 2
+    assert trainer.train_chunk() is driver.RunState.RECOVERING
+    assert trainer.failure_cause == "learner 1: the actor died unexpectedly"
 
 
 from test_curation import hashes_of  # noqa: E402 - beside the helpers of the dedup test below

@@ -202,8 +202,7 @@ class Trainer:
             return RunState.STOPPING
         self.follow_new_shards()
         relaunched = self.pool.poll(self.ledger)
-        if relaunched:
-            self.group.attach(relaunched)
+        self.attach_feeders(relaunched)
         self.pool.top_up(self.ledger)
         chunk_started = time.monotonic()
         try:
@@ -217,8 +216,7 @@ class Trainer:
         self.step, self.images_seen, self.last_summary = summary.step, summary.images_seen, summary
         self.ledger.record(summary.progress)
         replaced = self.pool.replace(summary.failed_feeders, self.ledger) if summary.failed_feeders else {}
-        if replaced:
-            self.group.attach(replaced)
+        self.attach_feeders(replaced)
         self.observer.on_chunk(summary, decode_actors_replaced=sum(len(feeders) for feeders in
                                                                    [*replaced.values(), *relaunched.values()]))
         self.watch_for_stall(summary, chunk_started)
@@ -231,6 +229,17 @@ class Trainer:
         if self.policy.due(self.step, time.time()) and not self.stop.is_set() and self.chunk_limits()[0] > 0:
             self.checkpoint()
         return RunState.SHRINKING if self.loss is not None else RunState.RUNNING
+
+    def attach_feeders(self, feeders: dict[int, dict[int, Any]]) -> None:
+        """Hand learners their new decode actors (rank -> {slot: handle}). A learner that died since
+        the last chunk fails its attach while the others take theirs; the next chunk finds it and
+        shrinks or recovers as for any lost learner, so that is not handled here."""
+        if not feeders:
+            return
+        try:
+            self.group.attach(feeders)
+        except LearnerFailure as err:
+            log.warning("%s; the next chunk deals with the learner", first_line(err))
 
     def watch_for_stall(self, summary: ChunkSummary, chunk_started: float) -> None:
         """Chunks in a row that train nothing, from the start of the first, for train.stall_warning_s:
@@ -274,7 +283,7 @@ class Trainer:
         failed = sorted({slot for report in loss.reports.values() for slot in report.failed_feeders
                          if slot in self.pool.rank_of})
         if failed:
-            self.group.attach(self.pool.replace(failed, self.ledger))
+            self.attach_feeders(self.pool.replace(failed, self.ledger))
         self.observer.on_shrink(self.restarts, loss.cause, learners=len(self.group.actors), step=shrunk.step,
                                 adopted=shrunk.adopted, decode_actors=len(self.pool.actors), progress=shrunk.progress,
                                 steps=shrunk.step - self.step, images=shrunk.images_seen - self.images_seen,

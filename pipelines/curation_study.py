@@ -6,7 +6,8 @@ each trained through the real runtime and scored on the full Fashion-MNIST split
 
 Conditions: `clean`, `messy` (no curation), `messy-dedup` (curation.dedup), `messy-dedup-balance`
 (and curation.balance 0.5), `messy-balance` (curation.balance 1, no dedup), `messy-dedup-equal-steps`
-(dedup, budget in images trained).
+(dedup, budget in images trained), `oracle` (the messy stream's distinct images balanced by their
+labels, `messy_stream.oracle_entries`: the ceiling of any concept balancing).
 
 1. The benchmark stream (`pipelines.messy_stream`, its knobs as given, ``--stream-seed``) under
    OUT/stream, and the demo's evaluation shards (the whole 60k training split as the labelled
@@ -65,6 +66,8 @@ CONDITIONS: dict[str, tuple[str, dict[str, Any], str]] = {
     "messy-balance": ("messy", {"curation": {"balance": 1.0}}, "read"),
     # The same compute as `messy`: as many images trained, so more passes read.
     "messy-dedup-equal-steps": ("messy", {"curation": {"dedup": True}}, "trained"),
+    # Labels balance the distinct images perfectly: what a balancing signal could reach at best.
+    "oracle": ("oracle", {}, "read"),
 }
 
 
@@ -126,7 +129,8 @@ def run_study(args: argparse.Namespace) -> int:
     except ValueError as err:
         print(f"curation_study: {err}", file=sys.stderr)
         return 2
-    messy_stream.build(out / "stream", spec, data_dir=args.data_dir)
+    messy_stream.build(out / "stream", spec, data_dir=args.data_dir,
+                       oracle=any(CONDITIONS[n][0] == "oracle" for n in names))
     made = demo_shards(out / "shards", eval_train=60_000, eval_test=10_000, dataset="fashion-mnist",
                        data_dir=args.data_dir)
     recipe = run_config(args.images, RECIPE, [], 0, made.train, str(out / "unused"))

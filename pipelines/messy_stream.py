@@ -22,6 +22,9 @@ writer (manifest, byte-identical re-runs, resume):
   permutation drawn from the seed.
 - ``OUT/clean``: the reference, the same number of distinct images balanced over the classes, no
   copies, no junk (`pipelines.longtail.balanced_subset`).
+- ``OUT/oracle`` (only when asked, ``--oracle``): the messy stream's distinct images, each repeated
+  so that every class occurs as often as the largest (byte-identical copies), no pool copies, no
+  junk: the classes balanced by their labels, the best any balancing of those images could do.
 
 Every messy sample carries a ``json`` member ``{"kind", "source", "variant"}`` (kind: unique,
 exact, near or junk; source: the training-split index, -1 for junk), which the decoders pass
@@ -204,23 +207,41 @@ def clean_entries(labels: np.ndarray, distinct: int, seed: int) -> list[Entry]:
     return [Entry("unique", int(i)) for i in balanced_subset(labels, distinct // NUM_CLASSES, seed)]
 
 
+def oracle_entries(messy: Sequence[Entry], labels: np.ndarray, seed: int) -> list[Entry]:
+    """The messy stream's distinct images balanced by their labels: an image of a class with n
+    distinct images occurs n_max / n times (the fraction drawn per image), byte-identical after the
+    first, in an order drawn from `seed`. Balancing by a signal can only approach this."""
+    rng = np.random.default_rng([seed, 2323])
+    unique = np.asarray([e.source for e in messy if e.kind == "unique"], dtype=np.int64)
+    counts = class_counts(labels[unique], NUM_CLASSES)
+    repeats = counts.max() / counts[labels[unique]]
+    occurrences = np.floor(repeats).astype(np.int64) + (rng.random(len(unique)) < repeats % 1)
+    entries = [Entry("unique" if copy == 0 else "exact", int(source))
+               for source, times in zip(unique, occurrences) for copy in range(times)]
+    return [entries[i] for i in rng.permutation(len(entries))]
+
+
 # ---- pipeline ---------------------------------------------------------------------------------------
 
 
-def build(out: Path, spec: MessySpec, *, size: int = 28, data_dir: str | None = None) -> dict[str, Any]:
-    """Write (or keep, when already complete) OUT/messy and OUT/clean; returns and writes OUT/stream.json."""
+def build(out: Path, spec: MessySpec, *, size: int = 28, data_dir: str | None = None,
+          oracle: bool = False) -> dict[str, Any]:
+    """Write (or keep, when already complete) OUT/messy, OUT/clean and, with `oracle`, OUT/oracle;
+    returns and writes OUT/stream.json."""
     folder = require_fashion_mnist(data_dir, hint="set --data-dir")
     images, labels = load_split(folder, "train")
     messy = plan_messy_stream(labels, spec)
     summary = composition(messy, labels)
-    clean = clean_entries(labels, summary["distinct_images"], spec.seed)
+    streams = {"messy": messy, "clean": clean_entries(labels, summary["distinct_images"], spec.seed)}
+    if oracle:
+        streams["oracle"] = oracle_entries(messy, labels, spec.seed)
     settings = {"source": "fashion-mnist", "size": size, **asdict(spec)}
-    for name, entries in (("messy", messy), ("clean", clean)):
+    for name, entries in streams.items():
         written = write_shards(entry_samples(entries, images, labels, size), out / name, SHARD_MAX_COUNT,
                                SHARD_MAX_BYTES, settings={**settings, "stream": name}, total=len(entries))
         log.info("%s", written.format())
-    report = {"spec": asdict(spec), "size": size, "messy": {"dir": str(out / "messy"), **summary},
-              "clean": {"dir": str(out / "clean"), **composition(clean, labels)}}
+    report = {"spec": asdict(spec), "size": size,
+              **{name: {"dir": str(out / name), **composition(entries, labels)} for name, entries in streams.items()}}
     (out / "stream.json").write_text(json.dumps(report, indent=2) + "\n")
     return report
 
@@ -231,6 +252,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data-dir", default=None, help="Fashion-MNIST IDX folder (default: the demo's search)")
     parser.add_argument("--size", type=int, default=28, help="stored side of the images (default 28)")
     parser.add_argument("--seed", type=int, default=defaults.seed)
+    parser.add_argument("--oracle", action="store_true",
+                        help="also write OUT/oracle: the distinct images balanced by their labels")
     for name in ("imbalance_ratio", "duplicate_fraction", "pool_fraction", "near_fraction", "junk_fraction"):
         parser.add_argument(f"--{name.replace('_', '-')}", type=float, default=getattr(defaults, name))
 
@@ -243,11 +266,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         spec = MessySpec(args.imbalance_ratio, args.duplicate_fraction, args.pool_fraction, args.near_fraction,
                          args.junk_fraction, args.seed)
-        report = build(Path(args.out), spec, size=args.size, data_dir=args.data_dir)
+        report = build(Path(args.out), spec, size=args.size, data_dir=args.data_dir, oracle=args.oracle)
     except (ValueError, FileNotFoundError) as err:
         print(f"messy_stream: error: {err}", file=sys.stderr)
         return 2
-    print(json.dumps({k: report[k] for k in ("messy", "clean")}, indent=2))
+    print(json.dumps({k: v for k, v in report.items() if k not in ("spec", "size")}, indent=2))
     return 0
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import statistics
 from collections import Counter
 from pathlib import Path
 
@@ -14,7 +15,7 @@ from PIL import Image
 
 from pipelines import messy_stream
 from pipelines.messy_stream import (JUNK_VARIANTS, NEAR_VARIANTS, Entry, MessySpec, composition, entry_fields,
-                                    plan_messy_stream)
+                                    oracle_entries, plan_messy_stream)
 from stream_swav.data.decode import DecodeLimits, decode_image
 from stream_swav.data.shards import ShardReport, parse_label, read_samples
 
@@ -51,6 +52,26 @@ def test_the_plan_has_the_stated_shares_each_distinct_image_once_and_follows_its
     assert {e.kind for e in entries[:len(entries) // 10]} == set(messy_stream.KINDS)
     assert plan_messy_stream(labels, spec) == entries
     assert plan_messy_stream(labels, MessySpec(seed=4, pool_fraction=0.02)) != entries
+
+
+def test_the_oracle_stream_balances_the_distinct_images_by_their_labels_and_nothing_else():
+    labels = labels_like_fashion_mnist()
+    messy = plan_messy_stream(labels, MessySpec(imbalance_ratio=10, pool_fraction=0.02, seed=3))
+    oracle = oracle_entries(messy, labels, seed=3)
+    unique = [e.source for e in messy if e.kind == "unique"]
+    # Every distinct image, once as itself, the rest byte-identical repeats; no pool copies, no junk.
+    assert sorted(e.source for e in oracle if e.kind == "unique") == sorted(unique)
+    assert {e.kind for e in oracle} == {"unique", "exact"} and {e.variant for e in oracle} == {""}
+    # Each class as often as the largest (300 distinct images), within the drawn fractions.
+    per_class = np.bincount(labels[[e.source for e in oracle]], minlength=10)
+    assert per_class[0] == 300 and all(abs(n - 300) < 0.15 * 300 for n in per_class)
+    # An image of the rarest class (~30 distinct) repeats ~10 times; one of the largest, once.
+    repeats = Counter(e.source for e in oracle)
+    assert {repeats[s] for s in unique if labels[s] == 0} == {1}
+    assert 9 <= statistics.mean(repeats[s] for s in unique if labels[s] == 9) <= 11
+    # Mixed, and drawn from its seed.
+    assert set(labels[[e.source for e in oracle[:len(oracle) // 10]]]) == set(range(10))
+    assert oracle_entries(messy, labels, seed=3) == oracle != oracle_entries(messy, labels, seed=4)
 
 
 @pytest.mark.parametrize("knobs, message", [
@@ -104,7 +125,8 @@ def test_copies_are_the_original_or_close_to_it_and_junk_is_a_valid_image_of_not
 def test_the_pipeline_writes_both_streams_that_read_back_as_stated(tmp_path: Path, capsys):
     data = write_fmnist_subset(tmp_path / "fmnist", train=1000, test=10)
     out = tmp_path / "messy"
-    assert messy_stream.main(["--out", str(out), "--data-dir", str(data), "--pool-fraction", "0.05"]) == 0
+    assert messy_stream.main(["--out", str(out), "--data-dir", str(data), "--pool-fraction", "0.05",
+                              "--oracle"]) == 0
     report = json.loads((out / "stream.json").read_text())
     assert report == {**json.loads(capsys.readouterr().out), "spec": report["spec"], "size": 28}
 
@@ -115,8 +137,9 @@ def test_the_pipeline_writes_both_streams_that_read_back_as_stated(tmp_path: Pat
                 samples += list(read_samples(f, 1 << 20, Counter(), ShardReport()))
         return samples
 
-    messy, clean = read(out / "messy"), read(out / "clean")
+    messy, clean, oracle = read(out / "messy"), read(out / "clean"), read(out / "oracle")
     assert len(messy) == report["messy"]["images"] and len(clean) == report["clean"]["images"]
+    assert len(oracle) == report["oracle"]["images"] and report["oracle"]["kinds"].keys() == {"unique", "exact"}
     records = [json.loads(s.meta["json"]) for s in messy]
     assert dict(Counter(r["kind"] for r in records)) == report["messy"]["kinds"]
     for sample in messy + clean:  # every image decodes through the training path's decoder

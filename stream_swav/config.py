@@ -363,7 +363,8 @@ class TrainConfig:
     # appears, and shrinks on a learner's loss without going back to a checkpoint.
     min_learners: int = setting(0, NON_NEGATIVE)
     # After a failed join, how long an elastic group waits before starting learners again (joiners
-    # are otherwise started at once and placed by Ray whenever the cluster has room).
+    # are otherwise started at once and placed by Ray whenever the cluster has room); also how long
+    # after a failed try decode actors dropped for want of room are tried again.
     resize_interval_s: float = setting(30.0, POSITIVE)
     # The longest a learner waits in one collective (torch.distributed's timeout): how long survivors
     # can be held by a peer that hangs without dying (a dead peer's gloo connection fails at once).

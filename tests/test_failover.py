@@ -227,6 +227,54 @@ def test_a_learner_whose_only_decode_actor_cannot_start_again_waits_for_it_and_l
     assert set(s.key for s in trainer.trained) == keys
 
 
+def test_a_decode_actor_dropped_for_want_of_room_comes_back_when_the_room_does(cluster, tmp_path, caplog):
+    folder, keys = shards(tmp_path / "shards", count=4)
+    # 3 CPUs: the learner and its two decode actors. A replacement is given 2 s to start; a dropped
+    # slot is tried again every 0.5 s.
+    cfg = tiny_config({"data": {"shards": folder, "decode_actors": 2},
+                       "checkpoint": {"dir": str(tmp_path / "ckpt"), "every_steps": 0},
+                       "train": {"image_budget": 100 * len(keys), "startup_timeout_s": 2,
+                                 "resize_interval_s": 0.5}})
+    caplog.set_level(logging.INFO, logger="stream_swav")
+    seen: dict[str, object] = {}
+
+    def take_room_then_give_it_back(trainer: WatchedTrainer) -> None:
+        if "holder" not in seen and trainer.step >= 2:
+            victim = min(trainer.pool.actors)
+            ray.kill(trainer.pool.actors[victim], no_restart=True)
+            # Its CPU, taken before its replacement (launched after the chunk that finds it dead) asks.
+            holder = CpuHolder.remote()
+            ray.get(holder.ready.remote(), timeout=30)
+            seen.update(holder=holder, victim=victim)
+        elif "holder" in seen and "freed_at" not in seen and "running without it" in caplog.text:
+            assert seen["victim"] in trainer.pool.dropped and len(trainer.pool.actors) == 1
+            assert trainer.metrics.registry.get_sample_value("stream_swav_decode_actors_up") == 1
+            ray.kill(seen["holder"])
+            seen["freed_at"] = trainer.step
+        elif "freed_at" in seen and seen["victim"] in trainer.pool.actors:
+            # Back: it holds shards and its batches are trained (the run stops after a few of them).
+            if trainer.ledger.holders.get(seen["victim"]):
+                seen.setdefault("held_at", trainer.step)
+            if "held_at" in seen and trainer.step >= seen["held_at"] + 4:
+                seen["at_stop"] = (sorted(trainer.pool.dropped), len(trainer.pool.actors),
+                                   trainer.metrics.registry.get_sample_value("stream_swav_decode_actors_up"))
+                trainer.request_stop("the dropped decode actor is back")
+
+    trainer = run_to_end(cfg, tmp_path / "trained.jsonl", after_chunk=take_room_then_give_it_back)
+
+    assert "freed_at" in seen, "the decode actor was never dropped"
+    assert f"decode actor {seen['victim']} is back" in caplog.text
+    assert trainer.stop_reason == "the dropped decode actor is back", trainer.stop_reason
+    assert seen["at_stop"] == ([], 2, 2)  # nothing dropped, both actors up (and the gauge says so)
+    # Every sample of each pass trained once, through the drop and the return; the last pass may
+    # end unfinished where the run was stopped.
+    last = max(s.pass_index for s in trainer.trained)
+    assert last >= 1
+    for pass_index in range(last):
+        assert pass_counts(trainer.trained, pass_index) == {key: 1 for key in keys}, f"pass {pass_index}"
+    assert max(pass_counts(trainer.trained, last).values()) == 1
+
+
 # ------------------------------------------------------------------------------------ resources
 
 

@@ -346,7 +346,10 @@ def test_non_finite_losses_in_a_row_take_the_run_from_running_to_failed(tmp_path
             raise AssertionError("no checkpoint after non-finite steps")
 
     class IdlePool:
-        def poll(self, ledger) -> dict:
+        def up(self) -> int:
+            return 1
+
+        def poll(self, ledger, regain: bool = True) -> dict:
             return {}  # no decode actor launched again
 
         def top_up(self, ledger) -> None:
@@ -392,7 +395,10 @@ def test_a_learner_lost_while_given_decode_actors_is_left_to_the_next_chunk(tmp_
                                prototype_counts=[0] * cfg.model.prototypes) for rank in (0, 1)]
 
     class RelaunchingPool:
-        def poll(self, ledger) -> dict:
+        def up(self) -> int:
+            return 2
+
+        def poll(self, ledger, regain: bool = True) -> dict:
             return {1: {1: "relaunched"}}
 
         def top_up(self, ledger) -> None:

@@ -3,7 +3,9 @@
 Each slot feeds one learner rank (at launch, slot s feeds rank s % learners; a
 replacement takes over its slot). Actors that cannot be placed in time are
 dropped, with a warning, as long as every learner keeps one; the cluster may
-simply have fewer CPUs than planned (a lost node). At start, a learner left
+simply have fewer CPUs than planned (a lost node). A dropped slot is tried
+again every train.resize_interval_s (`poll`), so the room a returning node
+brings gives its learner the actor back. At start, a learner left
 with none ends the run (`StartupError`); later, its last replacement, if it
 was not placed in time, is launched again until one starts. When an elastic group loses
 a rank, that rank's actors go with it and their shards are re-read from what
@@ -53,8 +55,11 @@ class DecodePool:
         self._next_slot = 0
         # Replacements not known to be up yet: slot -> (ready ref, deadline).
         self._starting: dict[int, tuple[Any, float]] = {}
-        # Slots given up on for this learner group (they could not be placed again).
+        # Slots given up on for now (they could not be placed): tried again from `_regain_at` on, each
+        # try an actor that holds no shards until it is up: slot -> (handle, ready ref, deadline).
         self.dropped: set[int] = set()
+        self.regaining: dict[int, tuple[Any, Any, float]] = {}
+        self._regain_at = 0.0
         # Launched by `launch`, not yet waited for by `wait_started`: slot -> handle.
         self._launched: dict[int, Any] = {}
         # The trained seen-set union now (None when empty or without curation.dedup), for every actor
@@ -67,6 +72,10 @@ class DecodePool:
         for slot, handle in self.actors.items():
             by_rank[self.rank_of[slot]][slot] = handle
         return by_rank
+
+    def up(self) -> int:
+        """How many actors feed learners now (replacements still starting are not counted)."""
+        return len(self.actors) - len(self._starting)
 
     def launch(self, count: int) -> None:
         """Start `count` decode actors without waiting for them (`wait_started` does), so that they
@@ -83,8 +92,9 @@ class DecodePool:
             handle = self.actors.pop(slot, None)
             self._starting.pop(slot, None)
             self.rank_of.pop(slot)
-            if handle is not None:
-                kill_quietly([handle])
+            self.dropped.discard(slot)
+            trying, _, _ = self.regaining.pop(slot, (None, None, None))
+            kill_quietly([h for h in (handle, trying) if h is not None])
             ledger.release(slot)
         return len(slots)
 
@@ -170,14 +180,15 @@ class DecodePool:
         self._starting[slot] = (handle.ready.remote(), deadline)
         return handle
 
-    def poll(self, ledger: StreamLedger) -> dict[int, dict[int, Any]]:
+    def poll(self, ledger: StreamLedger, regain: bool = True) -> dict[int, dict[int, Any]]:
         """Replacements that came up are done with; one not up by its deadline is dropped and its
         shards go back (the cluster may have lost the room for it), unless it is its learner's last
         and was not placed in time: that one is launched again, with a new deadline, for as long as
         it takes (a learner without a decode actor holds every step back; the cluster may get the
         room back, and the stall warning says what waits). A learner's last that failed to start
-        ends the run (`StartupError`). Returns the feeders launched again, rank -> {slot: handle}."""
-        relaunched: dict[int, dict[int, Any]] = {}
+        ends the run (`StartupError`). With `regain`, dropped slots are tried again (`_regain`).
+        Returns the feeders launched again and those regained, rank -> {slot: handle}."""
+        relaunched = self._regain(regain)
         for slot, (ready, deadline) in list(self._starting.items()):
             failure = self._start_failure(ready, deadline)
             if failure is None:
@@ -199,6 +210,35 @@ class DecodePool:
             self.dropped.add(slot)
             self._check_every_learner_fed()
         return relaunched
+
+    def _regain(self, try_again: bool) -> dict[int, dict[int, Any]]:
+        """Actors of dropped slots that came up, rank -> {slot: handle}: they feed their learner again
+        (and get shards at the next top-up). A try not up by its deadline is stopped; with
+        `try_again`, the dropped slots are tried again train.resize_interval_s after the last try
+        ended. A try holds no shards, so one that waits for room holds nothing back."""
+        regained: dict[int, dict[int, Any]] = {}
+        for slot, (handle, ready, deadline) in list(self.regaining.items()):
+            failure = self._start_failure(ready, deadline)
+            if failure is None:
+                continue
+            del self.regaining[slot]
+            if failure:
+                kill_quietly([handle])
+                log.debug("decode actor %d is still dropped: %s", slot, failure)
+                continue
+            self.dropped.discard(slot)
+            self.actors[slot] = regained.setdefault(self.rank_of[slot], {})[slot] = handle
+            log.warning("decode actor %d is back (it was dropped for want of room): learner %d pulls from it again",
+                        slot, self.rank_of[slot])
+        now = time.monotonic()
+        if self.regaining or not self.dropped:
+            self._regain_at = now + self.cfg.train.resize_interval_s
+        elif try_again and now >= self._regain_at:
+            deadline = now + self.cfg.train.startup_timeout_s
+            for slot in sorted(self.dropped):
+                handle = self._launch(slot)
+                self.regaining[slot] = (handle, handle.ready.remote(), deadline)
+        return regained
 
     def _start_failure(self, ready: Any, deadline: float) -> str | None:
         """Of an actor started with `ready` = its ready() ref: None while it may still come up by
@@ -250,7 +290,8 @@ class DecodePool:
         self._starting.clear()
         self.dropped.clear()
         self.cancel_joining()
-        kill_quietly([*self.actors.values(), *self._launched.values()])
+        kill_quietly([*self.actors.values(), *self._launched.values(), *(h for h, _, _ in self.regaining.values())])
+        self.regaining.clear()
         self.actors, self._launched = {}, {}
 
     def wait_started(self, stop: threading.Event) -> None:

@@ -201,7 +201,10 @@ class Trainer:
             self.stop_reason = self.stop_reason or "budget reached"
             return RunState.STOPPING
         self.follow_new_shards()
-        relaunched = self.pool.poll(self.ledger)
+        # An elastic group below its size leaves the room a node brings to joining learners (which
+        # bring decode actors of their own) rather than to dropped decode actors.
+        growing = self.cfg.train.elastic and len(self.group.actors) < self.cfg.train.learners
+        relaunched = self.pool.poll(self.ledger, regain=not growing)
         self.attach_feeders(relaunched)
         self.pool.top_up(self.ledger)
         chunk_started = time.monotonic()
@@ -218,7 +221,8 @@ class Trainer:
         replaced = self.pool.replace(summary.failed_feeders, self.ledger) if summary.failed_feeders else {}
         self.attach_feeders(replaced)
         self.observer.on_chunk(summary, decode_actors_replaced=sum(len(feeders) for feeders in
-                                                                   [*replaced.values(), *relaunched.values()]))
+                                                                   [*replaced.values(), *relaunched.values()]),
+                               decode_actors=self.pool.up())
         self.watch_for_stall(summary, chunk_started)
         limit = self.cfg.train.max_nonfinite_in_row
         if summary.nonfinite_in_row >= limit:

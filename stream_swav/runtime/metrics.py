@@ -135,7 +135,8 @@ class Metrics(_Exporter):
         self._curation_seen_hashes = gauge("curation_seen_hashes",
                                            "Hashes held by the fullest decode actor's seen-set (curation.dedup; "
                                            "at most curation.seen_capacity).")
-        self._decode_actor_restarts = counter("decode_actor_restarts", "Decode actors restarted after a failure.")
+        self._decode_actor_restarts = counter("decode_actor_restarts", "Decode actors restarted after a failure, "
+                                              "launched again, or back after being dropped.")
         self._learner_restarts = counter("learner_restarts",
                                          "Times the learner group was restarted from a checkpoint after a failure.")
         self._shards_completed = counter("shards_completed", "Shards read to the end.")
@@ -188,9 +189,10 @@ class Metrics(_Exporter):
         self._gpu_memory_allocated.set(allocated_bytes)
         self._gpu_memory_reserved.set(reserved_bytes)
 
-    def set_actors_up(self, *, learners: int, decode_actors: int | None = None,
+    def set_actors_up(self, *, learners: int | None = None, decode_actors: int | None = None,
                       learners_target: int | None = None) -> None:
-        self._learners.set(learners)
+        if learners is not None:
+            self._learners.set(learners)
         if learners_target is not None:
             self._learners_target.set(learners_target)
         if decode_actors is not None:

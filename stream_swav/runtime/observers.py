@@ -63,11 +63,12 @@ class RunObserver:
                                    learners_target=self.cfg.train.learners)
         log.info("%d learner(s) on %s; %d decode actor(s)", learners, ", ".join(devices), decode_actors)
 
-    def on_chunk(self, summary: ChunkSummary, decode_actors_replaced: int) -> None:
+    def on_chunk(self, summary: ChunkSummary, decode_actors_replaced: int, decode_actors: int) -> None:
         """Metrics, alarms and the log for one chunk, after which `decode_actors_replaced` decode
-        actors were replaced (slots given up on are not)."""
+        actors were replaced or regained (slots given up on are not) and `decode_actors` are up."""
         m = self.metrics
         m.count_decode_actor_restarts(decode_actors_replaced)
+        m.set_actors_up(decode_actors=decode_actors)
         self._count_progress(summary.progress)
         if summary.steps:
             self.throughput.add(summary.images)

@@ -6,7 +6,8 @@ each trained through the real runtime and scored on the full Fashion-MNIST split
 
 Conditions: `clean`, `messy` (no curation), `messy-dedup` (curation.dedup), `messy-dedup-balance`
 (and curation.balance 0.5), `messy-balance` (curation.balance 1, no dedup), `messy-dedup-equal-steps`
-(dedup, budget in images trained), `oracle` (the messy stream's distinct images balanced by their
+(dedup, budget in images trained), `messy-density` (curation.balance 1.5 by the density of the projected
+features, no dedup), `oracle` (the messy stream's distinct images balanced by their
 labels, `messy_stream.oracle_entries`: the ceiling of any concept balancing).
 
 1. The benchmark stream (`pipelines.messy_stream`, its knobs as given, ``--stream-seed``) under
@@ -64,6 +65,9 @@ CONDITIONS: dict[str, tuple[str, dict[str, Any], str]] = {
     "messy-dedup-balance": ("messy", {"curation": {"dedup": True, "balance": 0.5}}, "read"),
     # Balance alone, at full strength: what the network's prototype usage does against the imbalance.
     "messy-balance": ("messy", {"curation": {"balance": 1.0}}, "read"),
+    # Balance alone by the density of the projected features (docs/curation.md: the own-model signal
+    # that sees the most of the imbalance offline).
+    "messy-density": ("messy", {"curation": {"balance": 1.5, "balance_signal": "density"}}, "read"),
     # The same compute as `messy`: as many images trained, so more passes read.
     "messy-dedup-equal-steps": ("messy", {"curation": {"dedup": True}}, "trained"),
     # Labels balance the distinct images perfectly: what a balancing signal could reach at best.

@@ -1,45 +1,67 @@
-"""Concept balance from the model's own prototype assignments (curation.balance): samples the
-network assigns to over-used prototypes weigh less in the loss, so that what the model is trained
-on moves towards uniform over prototypes, as DINOv2's retrieval-based balancing does offline.
+"""Concept balance from the model's own view of the stream (curation.balance): images of what the
+stream over-represents weigh less in the loss, so that what the model is trained on moves towards
+balanced, as DINOv2's retrieval-based balancing does offline. Nothing is dropped (the stream cursor
+is untouched); the weights are rescaled to mean 1 over the batch, so the loss keeps its scale, and
+each stays within MAX_RATIO either way. Two signals (curation.balance_signal):
 
-Sinkhorn already spreads each batch's *codes* evenly over the prototypes; the premise here is that
-a flooded concept skews which prototype the network itself prefers (the argmax of its scores, also
-the collapse monitor's signal). Measured on the messy-stream benchmark it barely does: a model
-trained on the stream spreads its prototypes over the flooded concept too, and these weights leave
-the classes' shares almost as they were (docs/curation.md). `PrototypeBalance` keeps a running
-estimate of that usage and turns it into one
-weight per sample: (K * usage[assigned prototype]) ** -strength, rescaled to mean 1 over the batch,
-so the loss keeps its scale. Strength 1 makes the weighted usage uniform when the estimate is
-right; 0 is plain SwAV. Nothing is dropped (the stream cursor is untouched) and nothing extra is
-computed: the scores come from the step's own forward pass.
+- `PrototypeBalance` ("prototypes"): a running estimate of how often the network prefers each
+  prototype (the argmax of its scores, also the collapse monitor's signal); an image weighs
+  (K * usage[its prototype]) ** -strength. The premise was that a flooded concept skews those
+  preferences. Measured on the messy-stream benchmark it barely does: SwAV's equal-partition codes
+  spread the prototypes over a flooded concept too, and these weights leave the classes' shares
+  almost as they were (docs/curation.md).
+- `DensityBalance` ("density"): a kernel density estimate of each image's projected feature among
+  those of the last `bank` images (von Mises-Fisher kernel of bandwidth `bandwidth`, a ring
+  buffer); an image weighs (its density / the batch's mean density) ** -strength. A concept that
+  floods the stream is dense there whatever the prototypes do; measured offline it takes the
+  classes about half the way to balanced (docs/curation.md).
 
-Pure state in torch, no I/O or process group: each learner keeps its own estimate from its own
-batches (rank-local, saved per rank like the feature queue), which needs no collective per step.
+Both read only what the step computed anyway (scores, projected features; the density costs one
+(B x bank) product). Pure state in torch, no I/O or process group: each learner keeps its own
+estimate from its own batches (rank-local, saved per rank like the feature queue), which needs no
+collective per step.
 """
 from __future__ import annotations
 
 import torch
 from torch import Tensor
 
+from stream_swav.swav import FeatureQueue
+
 # A sample's weight before the batch rescaling stays within [1/MAX_RATIO, MAX_RATIO] (1 at uniform
 # usage): an image of a prototype almost never picked must not carry a step.
 MAX_RATIO = 10.0
 
 
+# The strongest exponent: the density signal compresses the imbalance it sees, so it needs more than 1.
+MAX_STRENGTH = 2.0
+
+
 def raw_weights(usage: Tensor, strength: float) -> Tensor:
     """The weight of an image of each prototype at these usage shares (K,), before a batch's weights
     are rescaled to mean 1: (K * usage) ** -strength within [1/MAX_RATIO, MAX_RATIO]."""
-    relative = (usage.shape[0] * usage).clamp_min(1e-6)
-    return relative.pow(-strength).clamp(1.0 / MAX_RATIO, MAX_RATIO)
+    return relative_weights(usage.shape[0] * usage, strength)
+
+
+def relative_weights(relative: Tensor, strength: float) -> Tensor:
+    """relative ** -strength within [1/MAX_RATIO, MAX_RATIO], for how over-represented (> 1) or
+    under-represented (< 1) each image or group is."""
+    return relative.clamp_min(1e-6).pow(-strength).clamp(1.0 / MAX_RATIO, MAX_RATIO)
+
+
+def _check_strength(strength: float) -> None:
+    if not 0.0 <= strength <= MAX_STRENGTH:
+        raise ValueError(f"strength must be in [0, {MAX_STRENGTH:g}], got {strength}")
 
 
 class PrototypeBalance:
+    STATE_KEY = "balance"
+
     def __init__(self, prototypes: int, strength: float, momentum: float = 0.99,
                  device: torch.device | str | None = None) -> None:
         if prototypes < 1:
             raise ValueError(f"prototypes must be >= 1, got {prototypes}")
-        if not 0.0 <= strength <= 1.0:
-            raise ValueError(f"strength must be in [0, 1], got {strength}")
+        _check_strength(strength)
         if not 0.0 <= momentum < 1.0:
             raise ValueError(f"momentum must be in [0, 1), got {momentum}")
         self.strength = strength
@@ -47,12 +69,12 @@ class PrototypeBalance:
         # Share of argmax assignments per prototype; starts uniform (every weight 1).
         self.usage = torch.full((prototypes,), 1.0 / prototypes, device=device)
 
-    def weights(self, assigned: Tensor) -> Tensor:
-        """(B,) loss weights, mean 1, for samples whose argmax prototypes are `assigned` (B,) int."""
-        weights = raw_weights(self.usage, self.strength)[assigned]
+    def weights(self, scores: Tensor, z: Tensor) -> Tensor:
+        """(B,) loss weights, mean 1, for samples with these prototype scores (B, K)."""
+        weights = raw_weights(self.usage, self.strength)[scores.argmax(dim=1)]
         return weights / weights.mean()
 
-    def update(self, counts: Tensor) -> None:
+    def update(self, counts: Tensor, z: Tensor) -> None:
         """Fold in one step's argmax counts (K,) (`swav.prototype_counts`)."""
         # counts sum to the assignment rows of a step, never 0; no host-side check, so no device sync.
         self.usage.mul_(self.momentum).add_(counts.to(self.usage.dtype) / counts.sum(), alpha=1.0 - self.momentum)
@@ -71,4 +93,47 @@ class PrototypeBalance:
         self.usage.copy_(state["usage"])
 
 
-__all__ = ["PrototypeBalance", "MAX_RATIO", "raw_weights"]
+class DensityBalance:
+    STATE_KEY = "balance_density"
+
+    def __init__(self, dim: int, strength: float, bandwidth: float = 0.2, bank: int = 4096,
+                 device: torch.device | str | None = None) -> None:
+        _check_strength(strength)
+        if not bandwidth > 0.0:
+            raise ValueError(f"bandwidth must be > 0, got {bandwidth}")
+        if bank < 1:
+            raise ValueError(f"bank must be >= 1, got {bank}")
+        self.strength = strength
+        self.bandwidth = bandwidth
+        # The last `bank` images' projected features (unit rows): the sample the density is taken on.
+        self.bank = FeatureQueue(1, bank, dim, device=device)
+
+    def weights(self, scores: Tensor, z: Tensor) -> Tensor:
+        """(B,) loss weights, mean 1, for samples with these projected features z (B, dim), unit
+        rows; all 1 until the bank is full."""
+        stored = self.bank.features()
+        if stored is None:
+            return torch.ones(len(z), device=z.device)
+        # exp((cos - 1) / bandwidth): 1 for an identical feature, so no overflow at any bandwidth.
+        density = torch.exp((z.float() @ stored[0].t() - 1.0) / self.bandwidth).mean(dim=1)
+        weights = relative_weights(density / density.mean(), self.strength)
+        return weights / weights.mean()
+
+    def update(self, counts: Tensor, z: Tensor) -> None:
+        """Store one step's projected features (B, dim) over the bank's oldest."""
+        self.bank.push(z.unsqueeze(0))
+
+    def state_dict(self) -> dict[str, Tensor | int]:
+        return self.bank.state_dict()
+
+    def check_state(self, state: object) -> None:
+        """Raise ValueError unless `state` is a `state_dict()` of a balance with as large a bank."""
+        if not isinstance(state, dict):
+            raise ValueError("balance state: expected a dict")
+        FeatureQueue(1, self.bank.length, self.bank.buffer.shape[2]).load_state_dict(state)
+
+    def load_state_dict(self, state: dict[str, Tensor | int]) -> None:
+        self.bank.load_state_dict(state)
+
+
+__all__ = ["DensityBalance", "PrototypeBalance", "MAX_RATIO", "MAX_STRENGTH", "raw_weights", "relative_weights"]

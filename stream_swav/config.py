@@ -464,11 +464,18 @@ class CurationConfig:
     dedup_max_distance: int = setting(0, within(0, 4))
     # Hashes each decode actor remembers, the oldest forgotten first (~175 bytes each at distance 0).
     seen_capacity: int = setting(1_000_000, POSITIVE)
-    # Concept balance (stream_swav.balance): samples the network assigns to over-used prototypes
-    # weigh less in the loss, by (K * usage) ** -balance; 0 is off, 1 aims at uniform usage.
-    balance: float = setting(0.0, within(0.0, 1.0))
-    # Momentum of each learner's running estimate of prototype usage (per step).
+    # Concept balance (stream_swav.balance): images of what the stream over-represents weigh less in
+    # the loss, by how over-represented they look ** -balance; 0 is off. balance_signal says how it
+    # looks: "prototypes", the running usage of the image's preferred prototype (1 aims at uniform
+    # usage); "density", the image's kernel density among the last balance_bank images' projected
+    # features (bandwidth balance_bandwidth), which compresses the imbalance, so 1.5-2 is needed.
+    balance: float = setting(0.0, within(0.0, 2.0))
+    balance_signal: str = setting("prototypes", one_of("prototypes", "density"))
+    # Momentum of each learner's running estimate of prototype usage (per step; "prototypes").
     balance_momentum: float = setting(0.99, within(0.0, 1.0, high_open=True))
+    # The density's kernel bandwidth on cosine similarity and its sample ("density").
+    balance_bandwidth: float = setting(0.2, POSITIVE)
+    balance_bank: int = setting(4096, POSITIVE)
 
 
 @dataclass

@@ -26,7 +26,7 @@ from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
 from stream_swav.augment import apply_params, sample_params
-from stream_swav.balance import PrototypeBalance
+from stream_swav.balance import DensityBalance, PrototypeBalance
 from stream_swav.checkpoint import RANK_LOCAL_STATE_KEYS
 from stream_swav.codes import build_codes
 from stream_swav.config import Config
@@ -233,10 +233,14 @@ class LearnerState:
         # The code method and what it carries (a running mass, dual variables); identical on every
         # rank since its updates use all-reduced masses.
         self.codes = build_codes(swav, cfg.model.prototypes, self.device)
-        self.balance = None
-        if cfg.curation.balance > 0:
-            self.balance = PrototypeBalance(cfg.model.prototypes, cfg.curation.balance,
-                                            cfg.curation.balance_momentum, device=self.device)
+        curation = cfg.curation
+        self.balance: PrototypeBalance | DensityBalance | None = None
+        if curation.balance > 0 and curation.balance_signal == "density":
+            self.balance = DensityBalance(cfg.model.output_dim, curation.balance, curation.balance_bandwidth,
+                                          curation.balance_bank, device=self.device)
+        elif curation.balance > 0:
+            self.balance = PrototypeBalance(cfg.model.prototypes, curation.balance, curation.balance_momentum,
+                                            device=self.device)
         self.generator = torch.Generator(device=self.device)
         self.generator.manual_seed(cfg.train.seed + rank)
         self.step = 0
@@ -272,7 +276,7 @@ class LearnerState:
         if self.queue is not None:
             state["queue"] = self.queue.state_dict()
         if self.balance is not None:
-            state["balance"] = self.balance.state_dict()
+            state[self.balance.STATE_KEY] = self.balance.state_dict()
         if self.device.type == "cuda":
             state["cuda_rng"] = torch.cuda.get_rng_state(self.device)
         return state
@@ -306,8 +310,8 @@ class LearnerState:
             if not isinstance(state[key], Tensor) or state[key].dtype != torch.uint8:
                 raise ValueError(f"learner state {key}: expected a uint8 tensor")
         check_state_dict(state["model"], self.model, "learner state model")
-        if self.balance is not None and "balance" in state:
-            self.balance.check_state(state["balance"])
+        if self.balance is not None and self.balance.STATE_KEY in state:
+            self.balance.check_state(state[self.balance.STATE_KEY])
         if self.average is not None and "average" in state:
             self.average.check_state(state["average"])
         saved_groups = state["optimizer"].get("param_groups", []) if isinstance(state["optimizer"], dict) else []
@@ -321,9 +325,9 @@ class LearnerState:
         # loaded first because it is the one part still checked while loading.
         if self.queue is not None and "queue" in state:
             self.queue.load_state_dict(state["queue"])
-        # Without a saved estimate (balance turned on at a resume), usage starts uniform.
-        if self.balance is not None and "balance" in state:
-            self.balance.load_state_dict(state["balance"])
+        # Without a saved estimate (balance, or this signal, turned on at a resume), it starts afresh.
+        if self.balance is not None and self.balance.STATE_KEY in state:
+            self.balance.load_state_dict(state[self.balance.STATE_KEY])
         if "codes" in state:
             self.codes.load_state_dict(state["codes"])
         self.model.load_state_dict(state["model"])
@@ -502,14 +506,14 @@ class Learner(LearnerState):
         queued = self.queue.features() if self.queue is not None else None
         queued_scores = queued @ self.model.prototypes.weight.detach().t() if queued is not None else None
         codes = self.codes.assign(assign_scores, queued_scores, images_before)
-        # Which prototype the network prefers for each assignment crop: the collapse monitor's usage
-        # and, with curation.balance, the first assignment crop's picks weigh the images.
+        # Which prototype the network prefers for each assignment crop: the collapse monitor's usage.
         counts = prototype_counts(assign_scores.reshape(-1, assign_scores.shape[2]))
-        weights = self.balance.weights(assign_scores[0].argmax(dim=1)) if self.balance is not None else None
-        loss = swav_loss(scores, codes, assign_crops, swav.temperature, weights)
         # Everything read from the network's outputs is taken before backward, so nothing
         # depends on how long a compiled graph keeps its output buffers.
         assign_features = z.detach().view(-1, batch_size, z.shape[1])[assign_crops]
+        # With curation.balance, the first assignment crop's scores or features weigh the images.
+        weights = self.balance.weights(assign_scores[0], assign_features[0]) if self.balance is not None else None
+        loss = swav_loss(scores, codes, assign_crops, swav.temperature, weights)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
 
@@ -526,7 +530,7 @@ class Learner(LearnerState):
             self.nonfinite_in_row = 0
             self.codes.commit()
             if self.balance is not None:
-                self.balance.update(counts)
+                self.balance.update(counts, assign_features[0])
             if self.step <= swav.freeze_prototypes_steps:
                 # Prototypes stay put at first (SwAV's first-epoch freeze); no gradient
                 # means no momentum or weight decay either.

@@ -1,13 +1,15 @@
-"""Concept balance (curation.balance): per-sample loss weights from the network's prototype usage."""
+"""Concept balance (curation.balance): per-sample loss weights from the network's prototype usage
+or from the density of its projected features."""
 from __future__ import annotations
 
 import io
 
 import pytest
 import torch
+import torch.nn.functional as F
 from test_learner import SyntheticStream, tiny_config
 
-from stream_swav.balance import MAX_RATIO, PrototypeBalance
+from stream_swav.balance import MAX_RATIO, DensityBalance, PrototypeBalance
 from stream_swav.learner import Learner
 from stream_swav.runtime.metrics import usage_perplexity
 from stream_swav.swav import swav_loss
@@ -19,31 +21,41 @@ def skewed_assignments(n: int, prototypes: int, seed: int = 0) -> torch.Tensor:
     return torch.multinomial(probs / probs.sum(), n, replacement=True, generator=torch.Generator().manual_seed(seed))
 
 
+NO_FEATURES = torch.empty(0)  # what the prototype signal is given as features: it reads none
+
+
+def picks(assigned: torch.Tensor, prototypes: int) -> torch.Tensor:
+    """Scores (B, K) whose argmax is `assigned`."""
+    return F.one_hot(assigned, prototypes).float()
+
+
 def test_balance_moves_the_trained_distribution_towards_uniform_over_prototypes():
     k = 8
     balance = PrototypeBalance(k, strength=1.0, momentum=0.9)
     for step in range(200):  # the usage estimate converges on the skewed stream
-        balance.update(torch.bincount(skewed_assignments(256, k, seed=step), minlength=k))
+        balance.update(torch.bincount(skewed_assignments(256, k, seed=step), minlength=k), NO_FEATURES)
     assigned = skewed_assignments(20_000, k, seed=999)
     raw = torch.bincount(assigned, minlength=k).double()
-    trained = torch.zeros(k, dtype=torch.float64).index_add_(0, assigned, balance.weights(assigned).double())
+    trained = torch.zeros(k, dtype=torch.float64).index_add_(0, assigned, balance.weights(picks(assigned, k), NO_FEATURES).double())
     assert usage_perplexity(raw.numpy()) < 0.85 * k
     assert usage_perplexity(trained.numpy()) > 0.99 * k  # what the loss weighs is uniform over prototypes
     half = PrototypeBalance(k, strength=0.5)
     half.usage.copy_(balance.usage)
-    partial = torch.zeros(k, dtype=torch.float64).index_add_(0, assigned, half.weights(assigned).double())
+    partial = torch.zeros(k, dtype=torch.float64).index_add_(0, assigned, half.weights(picks(assigned, k), NO_FEATURES).double())
     assert usage_perplexity(raw.numpy()) < usage_perplexity(partial.numpy()) < usage_perplexity(trained.numpy())
 
 
 def test_weights_have_mean_one_and_bounded_ratios():
     balance = PrototypeBalance(4, strength=1.0)
-    assert torch.equal(balance.weights(torch.tensor([0, 1, 2, 3])), torch.ones(4))  # uniform usage at first
+    assert torch.equal(balance.weights(picks(torch.tensor([0, 1, 2, 3]), 4), NO_FEATURES),
+                       torch.ones(4))  # uniform usage at first
     balance.usage.copy_(torch.tensor([0.97, 0.01, 0.01, 0.01]))
-    weights = balance.weights(torch.tensor([0, 0, 0, 1]))
+    weights = balance.weights(picks(torch.tensor([0, 0, 0, 1]), 4), NO_FEATURES)
     assert weights.mean().item() == pytest.approx(1.0)
     # The rare prototype's weight is capped at MAX_RATIO times a uniformly used one's.
     assert weights[3] / weights[0] == pytest.approx(MAX_RATIO * 4 * 0.97)
-    assert torch.equal(PrototypeBalance(4, strength=0.0).weights(torch.tensor([0, 1])), torch.ones(2))
+    assert torch.equal(PrototypeBalance(4, strength=0.0).weights(picks(torch.tensor([0, 1]), 4), NO_FEATURES),
+                       torch.ones(2))
 
 
 def test_weighted_loss_is_the_plain_loss_at_unit_weights_and_weighs_images():
@@ -82,8 +94,79 @@ def test_a_learner_with_balance_trains_and_keeps_its_estimate_through_a_checkpoi
     assert restored.step == 3  # refused before anything changed
 
 
-@pytest.mark.parametrize("kwargs", [{"prototypes": 0, "strength": 1.0}, {"prototypes": 2, "strength": 1.5},
+@pytest.mark.parametrize("kwargs", [{"prototypes": 0, "strength": 1.0}, {"prototypes": 2, "strength": 2.5},
                                     {"prototypes": 2, "strength": 0.5, "momentum": 1.0}])
 def test_impossible_balance_settings_are_refused(kwargs):
     with pytest.raises(ValueError):
         PrototypeBalance(**kwargs)
+
+
+def concepts(counts: list[int], dim: int = 16, spread: float = 0.15, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Unit features of concepts (a random direction each, images scattered around it) with these
+    image counts, shuffled; and each image's concept."""
+    generator = torch.Generator().manual_seed(seed)
+    centres = F.normalize(torch.randn(len(counts), dim, generator=generator), dim=1)
+    concept = torch.repeat_interleave(torch.arange(len(counts)), torch.tensor(counts))
+    points = F.normalize(centres[concept] + spread * torch.randn(len(concept), dim, generator=generator), dim=1)
+    order = torch.randperm(len(concept), generator=generator)
+    return points[order], concept[order]
+
+
+def test_density_balance_moves_a_flooded_stream_towards_balanced_concepts():
+    """Concepts 10:5:2:1 in the stream: weighed by their density among the last images, each
+    concept's share of the weight moves most of the way to a quarter; all 1 until the bank is full."""
+    features, concept = concepts([4000, 2000, 800, 400])
+    balance = DensityBalance(dim=16, strength=1.5, bandwidth=0.2, bank=1024)
+    assert torch.equal(balance.weights(NO_FEATURES, features[:256]), torch.ones(256))
+    balance.update(NO_FEATURES, features[:1024])
+    weights = torch.cat([balance.weights(NO_FEATURES, batch) for batch in features[1024:].split(256)])
+    later = concept[1024:]
+    raw = torch.bincount(later, minlength=4).double() / len(later)
+    weighed = torch.zeros(4, dtype=torch.float64).index_add_(0, later, weights.double())
+    weighed /= weighed.sum()
+    assert raw[0] > 0.5 and raw[3] < 0.06
+    assert (weighed - 0.25).abs().sum() < 0.25 * (raw - 0.25).abs().sum()
+    for batch in weights.split(256):
+        assert batch.mean().item() == pytest.approx(1.0, abs=1e-5)
+    assert torch.equal(DensityBalance(16, strength=0.0, bank=1024).weights(NO_FEATURES, features[:4]), torch.ones(4))
+
+
+def test_the_density_bank_keeps_the_latest_images_and_survives_a_checkpoint():
+    features, _ = concepts([300, 100])
+    balance = DensityBalance(dim=16, strength=1.5, bank=128)
+    for batch in features.split(100):
+        balance.update(NO_FEATURES, batch)
+    torch.testing.assert_close(balance.bank.features()[0].sort(dim=0).values, features[-128:].sort(dim=0).values)
+    buffer = io.BytesIO()
+    torch.save(balance.state_dict(), buffer)
+    buffer.seek(0)
+    restored = DensityBalance(dim=16, strength=1.5, bank=128)
+    restored.load_state_dict(torch.load(buffer, weights_only=True))
+    torch.testing.assert_close(restored.weights(NO_FEATURES, features[:64]), balance.weights(NO_FEATURES, features[:64]))
+    with pytest.raises(ValueError, match="features must be a tensor of shape"):
+        DensityBalance(dim=16, strength=1.5, bank=64).check_state(balance.state_dict())
+    for kwargs in ({"strength": 2.5}, {"strength": 1.0, "bandwidth": 0.0}, {"strength": 1.0, "bank": 0}):
+        with pytest.raises(ValueError):
+            DensityBalance(dim=16, **kwargs)
+
+
+def test_a_learner_with_density_balance_trains_and_keeps_its_bank_through_a_checkpoint():
+    torch.set_num_threads(1)
+    cfg = tiny_config(curation={"balance": 1.5, "balance_signal": "density", "balance_bank": 8})
+    stream = SyntheticStream(n_classes=4, image_size=8, seed=3)
+    learner = Learner(cfg, torch.device("cpu"))
+    for _ in range(3):
+        assert torch.isfinite(learner.train_step(stream.batch(cfg)).loss)
+    assert isinstance(learner.balance, DensityBalance) and learner.balance.bank.is_full
+    assert "balance_density" in learner.rank_local_state()
+    buffer = io.BytesIO()
+    torch.save(learner.state_dict(), buffer)
+    buffer.seek(0)
+    restored = Learner(cfg, torch.device("cpu"))
+    restored.load_state_dict(torch.load(buffer, weights_only=True))
+    torch.testing.assert_close(restored.balance.bank.buffer, learner.balance.bank.buffer)
+    # A checkpoint of the prototype signal: the density starts afresh rather than refusing the resume.
+    prototype_state = Learner(tiny_config(curation={"balance": 1.0}), torch.device("cpu")).state_dict()
+    fresh = Learner(cfg, torch.device("cpu"))
+    fresh.load_state_dict(prototype_state)
+    assert fresh.balance.bank.fill == 0

@@ -1,8 +1,11 @@
 """Concept balance from the model's own view of the stream (curation.balance): images of what the
-stream over-represents weigh less in the loss, so that what the model is trained on moves towards
-balanced, as DINOv2's retrieval-based balancing does offline. Nothing is dropped (the stream cursor
-is untouched); the weights are rescaled to mean 1 over the batch, so the loss keeps its scale, and
-each stays within MAX_RATIO either way. Two signals (curation.balance_signal):
+stream over-represents weigh less, so that what the model is trained on moves towards balanced, as
+DINOv2's retrieval-based balancing does offline. A weight counts twice: in the loss, and as the
+image's share of the mass in the codes' transport (`stream_swav.swav.sinkhorn`), so that the
+prototypes are shared out over the weighted batch, as over a batch drawn balanced. Nothing is
+dropped (the stream cursor is untouched); the weights are rescaled to mean 1 over the batch, so
+the loss keeps its scale, and each stays within MAX_RATIO either way. Two signals
+(curation.balance_signal):
 
 - `PrototypeBalance` ("prototypes"): a running estimate of how often the network prefers each
   prototype (the argmax of its scores, also the collapse monitor's signal); an image weighs

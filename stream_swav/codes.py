@@ -26,7 +26,9 @@ endless stream does not have). README, "Long-tailed streams", has the figures.
 Each method is a small object that owns the state it carries between steps
 (as DINO's loss owns its centre): `assign` computes codes for the (A, B, K)
 scores of the A assignment crops, with an optional (A, N, K) block of queued
-scores solved together with the batch (only batch rows come back), and holds
+scores solved together with the batch (only batch rows come back) and optional
+sample weights (B,) (concept balance: a sample's share of the prototypes' mass
+follows its weight, queued rows weighing 1), and holds
 the state update it implies; `commit` keeps that update once the step turned
 out finite. Every crop starts from the same state and the update averages what
 the crops observed, so crop order does not matter.
@@ -48,7 +50,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from stream_swav.config import SwAVConfig
-from stream_swav.swav import exact_dtype, global_logsumexp, global_rows, is_distributed, sinkhorn
+from stream_swav.swav import exact_dtype, global_logsumexp, global_rows, is_distributed, log_sample_mass, sinkhorn
 
 
 def with_queue(scores: Tensor, queued: Tensor | None) -> Tensor:
@@ -59,6 +61,13 @@ def with_queue(scores: Tensor, queued: Tensor | None) -> Tensor:
         raise ValueError(f"queued scores {tuple(queued.shape)} do not match batch scores {tuple(scores.shape)}")
     dtype = exact_dtype(scores)
     return torch.cat([scores.to(dtype), queued.to(dtype)], dim=1)
+
+
+def joint_weights(weights: Tensor | None, rows: int) -> Tensor | None:
+    """The batch's sample weights (B,) followed by 1 for each queued row, (rows,); None stays None."""
+    if weights is None:
+        return None
+    return torch.cat([weights, weights.new_ones(rows - len(weights))])
 
 
 @torch.no_grad()
@@ -133,12 +142,12 @@ def annealed_lambda(images_seen: int, start: float, end: float, anneal_images: i
 
 @torch.no_grad()
 def relaxed_sinkhorn(scores: Tensor, target_mass: Tensor, lam: float, epsilon: float, iterations: int,
-                     floor: float) -> Tensor:
+                     floor: float, sample_weights: Tensor | None = None) -> Tensor:
     """Codes (B, K) from entropic transport with an exact sample marginal and a KL-relaxed prototype marginal.
 
     With P (K x B_global) the plan and S the scores, it maximises
     <S, P> + epsilon * H(P) - lam * KL(P 1 || target_mass) subject to every
-    sample carrying 1/B_global. Stationarity gives P = diag(u) exp(S / epsilon) diag(v)
+    sample carrying 1/B_global (or its share of `sample_weights`). Stationarity gives P = diag(u) exp(S / epsilon) diag(v)
     and the scaling iterations of Chizat et al. (2018): v makes each sample's
     column sum exactly, u = (target / (G v)) ** (lam / (lam + epsilon)). The
     exponent -> 1 as lam -> inf, which is SwAV's Sinkhorn (towards the
@@ -156,14 +165,14 @@ def relaxed_sinkhorn(scores: Tensor, target_mass: Tensor, lam: float, epsilon: f
         log_kernel = scores.to(dtype).t() / epsilon  # (K, B)
         log_target = target_mass.to(device=scores.device, dtype=dtype).clamp_min(torch.finfo(dtype).tiny)
         log_target = log_target.log().unsqueeze(1)  # (K, 1)
-        log_sample_mass = -global_rows(scores.shape[0], log_kernel).log()
-        log_v = log_sample_mass.expand(1, scores.shape[0])
+        log_column = log_sample_mass(scores.shape[0], log_kernel, sample_weights)
+        log_v = log_column
         for step in range(iterations):
             log_u = exponent * (log_target - global_logsumexp(log_kernel + log_v, dim=1))
             if step + 1 < iterations:
                 # Columns live entirely on this process: no communication.
-                log_v = log_sample_mass - torch.logsumexp(log_kernel + log_u, dim=0, keepdim=True)
-        # The final v would normalise each column to 1/B; rescaled by B that is a softmax over prototypes.
+                log_v = log_column - torch.logsumexp(log_kernel + log_u, dim=0, keepdim=True)
+        # The final v would normalise each column to its sample's mass; divided out, a softmax over prototypes.
         codes = torch.softmax((log_kernel + log_u).t(), dim=1)
         return project_to_floor(codes, floor)
 
@@ -193,10 +202,11 @@ class SinkhornCodes:
         self._log_target = target.log()
 
     @torch.no_grad()
-    def assign(self, scores: Tensor, queued: Tensor | None, images_seen: int) -> Tensor:
+    def assign(self, scores: Tensor, queued: Tensor | None, images_seen: int, weights: Tensor | None = None) -> Tensor:
         joint = with_queue(scores, queued)
-        return torch.stack([sinkhorn(crop, self.epsilon, self.iterations, self._log_target)[: scores.shape[1]]
-                            for crop in joint])
+        column_weights = joint_weights(weights, joint.shape[1])
+        return torch.stack([sinkhorn(crop, self.epsilon, self.iterations, self._log_target,
+                                     column_weights)[: scores.shape[1]] for crop in joint])
 
     def commit(self) -> None:
         pass
@@ -234,12 +244,14 @@ class RelaxedCodes:
         return relaxed_target(self.mass, self.floor)
 
     @torch.no_grad()
-    def assign(self, scores: Tensor, queued: Tensor | None, images_seen: int) -> Tensor:
+    def assign(self, scores: Tensor, queued: Tensor | None, images_seen: int, weights: Tensor | None = None) -> Tensor:
         cfg = self.cfg
         lam = annealed_lambda(images_seen, cfg.relaxed_lambda_start, cfg.relaxed_lambda, cfg.relaxed_anneal_images)
         target = self.target
-        joint = [relaxed_sinkhorn(crop, target, lam, cfg.epsilon, cfg.sinkhorn_iterations, self.floor)
-                 for crop in with_queue(scores, queued)]
+        joint_scores = with_queue(scores, queued)
+        column_weights = joint_weights(weights, joint_scores.shape[1])
+        joint = [relaxed_sinkhorn(crop, target, lam, cfg.epsilon, cfg.sinkhorn_iterations, self.floor, column_weights)
+                 for crop in joint_scores]
         observed = torch.stack([global_prototype_mass(codes) for codes in joint]).mean(dim=0)
         self._proposed = (cfg.mass_momentum * self.mass
                           + (1.0 - cfg.mass_momentum) * observed.to(device=self.mass.device, dtype=self.mass.dtype))

@@ -465,7 +465,7 @@ class CurationConfig:
     # Hashes each decode actor remembers, the oldest forgotten first (~175 bytes each at distance 0).
     seen_capacity: int = setting(1_000_000, POSITIVE)
     # Concept balance (stream_swav.balance): images of what the stream over-represents weigh less in
-    # the loss, by how over-represented they look ** -balance; 0 is off. balance_signal says how it
+    # the loss and the codes, by how over-represented they look ** -balance; 0 is off. balance_signal says how it
     # looks: "prototypes", the running usage of the image's preferred prototype (1 aims at uniform
     # usage); "density", the image's kernel density among the last balance_bank images' projected
     # features (bandwidth balance_bandwidth), which compresses the imbalance, so 1.5-2 is needed.

@@ -503,16 +503,17 @@ class Learner(LearnerState):
         scores = scores.view(-1, batch_size, scores.shape[1])
         assign_crops = list(swav.crops_for_assign)
         assign_scores = scores.detach()[assign_crops]
-        queued = self.queue.features() if self.queue is not None else None
-        queued_scores = queued @ self.model.prototypes.weight.detach().t() if queued is not None else None
-        codes = self.codes.assign(assign_scores, queued_scores, images_before)
-        # Which prototype the network prefers for each assignment crop: the collapse monitor's usage.
-        counts = prototype_counts(assign_scores.reshape(-1, assign_scores.shape[2]))
         # Everything read from the network's outputs is taken before backward, so nothing
         # depends on how long a compiled graph keeps its output buffers.
         assign_features = z.detach().view(-1, batch_size, z.shape[1])[assign_crops]
-        # With curation.balance, the first assignment crop's scores or features weigh the images.
+        # With curation.balance, the first assignment crop's scores or features weigh the images, in
+        # the loss and in the codes (an image's share of the prototypes' mass follows its weight).
         weights = self.balance.weights(assign_scores[0], assign_features[0]) if self.balance is not None else None
+        queued = self.queue.features() if self.queue is not None else None
+        queued_scores = queued @ self.model.prototypes.weight.detach().t() if queued is not None else None
+        codes = self.codes.assign(assign_scores, queued_scores, images_before, weights)
+        # Which prototype the network prefers for each assignment crop: the collapse monitor's usage.
+        counts = prototype_counts(assign_scores.reshape(-1, assign_scores.shape[2]))
         loss = swav_loss(scores, codes, assign_crops, swav.temperature, weights)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()

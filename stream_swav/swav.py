@@ -46,15 +46,32 @@ def global_rows(rows: int, like: Tensor) -> Tensor:
     return count
 
 
+def log_sample_mass(rows: int, like: Tensor, weights: Tensor | None = None) -> Tensor:
+    """(1, rows): the log of each local sample's share of the global batch's mass in a transport
+    plan, 1/B_global each, or with `weights` (rows,) its weight over every process's weights summed
+    (concept balance: an image that counts for more takes more of the prototypes' mass)."""
+    if weights is None:
+        return (-global_rows(rows, like).log()).expand(1, rows)
+    if weights.shape != (rows,):
+        raise ValueError(f"sample weights {tuple(weights.shape)} do not match {rows} rows")
+    weights = weights.to(device=like.device, dtype=like.dtype).clamp_min(torch.finfo(like.dtype).tiny)
+    total = weights.sum()
+    if is_distributed():
+        dist.all_reduce(total)
+    return (weights / total).log().unsqueeze(0)
+
+
 @torch.no_grad()
-def sinkhorn(scores: Tensor, epsilon: float = 0.05, iterations: int = 3, log_marginal: Tensor | None = None) -> Tensor:
+def sinkhorn(scores: Tensor, epsilon: float = 0.05, iterations: int = 3, log_marginal: Tensor | None = None,
+             sample_weights: Tensor | None = None) -> Tensor:
     """Soft assignment of samples to prototypes with a fixed prototype marginal (SwAV's online codes).
 
     Solves the entropy-regularised transport problem whose plan Q (K x B_global)
     is proportional to exp(scores / epsilon)^T, with prototype k receiving
     exp(log_marginal[k]) of the mass (1/K each by default: equal partition) and
-    each sample 1/B_global, by alternating normalisations. Returns codes (B, K)
-    for the local rows, each summing to 1.
+    each sample 1/B_global (or its share of `sample_weights`, `log_sample_mass`),
+    by alternating normalisations. Returns codes (B, K) for the local rows, each
+    summing to 1.
 
     The iteration runs in log space with logsumexp, so |scores| / epsilon of
     1e6 neither overflows nor underflows to 0/0; the global scale normalisation
@@ -75,13 +92,13 @@ def sinkhorn(scores: Tensor, epsilon: float = 0.05, iterations: int = 3, log_mar
                 raise ValueError(f"sinkhorn: log_marginal must be ({n_prototypes},), got {tuple(log_marginal.shape)}")
             log_row = log_marginal.to(device=log_q.device, dtype=dtype).unsqueeze(1)
         # Made on the device (no host-to-device copy, which would wait for the GPU).
-        log_b = global_rows(batch, log_q).log()
+        log_column = log_sample_mass(batch, log_q, sample_weights)
         for _ in range(iterations):
             log_q = log_q - global_logsumexp(log_q, dim=1) + log_row
             # Columns live entirely on this process: no communication needed.
-            log_q = log_q - (torch.logsumexp(log_q, dim=0, keepdim=True) + log_b)
-        # The last step left every column with mass 1/B; scaling by B makes each code a distribution.
-        return (log_q + log_b).exp().t()
+            log_q = log_q - torch.logsumexp(log_q, dim=0, keepdim=True) + log_column
+        # The last step left every column with its sample's mass; dividing it out makes each code a distribution.
+        return (log_q - log_column).exp().t()
 
 
 def swav_loss(scores: Tensor, codes: Tensor, assign_crops: Sequence[int], temperature: float,

@@ -39,16 +39,19 @@ def test_a_signal_that_sees_the_concepts_balances_them_and_the_stream_as_is_does
     # Prototype scores that see nothing: every image prefers prototype 0.
     scores = torch.zeros(len(labels), 8)
     scores[:, 0] = 1.0
-    weights = signal_weights(scores, features, 1.0, [4], [(12, 4)], seed=1)
-    assert list(weights) == ["uniform", "prototypes", "kmeans-4", "hkmeans-12/4"]
+    z = F.normalize(features, dim=1)
+    weights = signal_weights(scores, z, features, 1.0, [4], [(12, 4)], [(0.2, 1.0)], bank=400, seed=1)
+    assert list(weights) == ["uniform", "prototypes", "density-0.2/1", "kmeans-4", "hkmeans-12/4"]
     as_is = distance_from_uniform(labels, weights["uniform"].numpy())
     assert as_is == pytest.approx(0.5 * (abs(500 / 700 - 1 / 3) + abs(150 / 700 - 1 / 3) + abs(50 / 700 - 1 / 3)))
     assert distance_from_uniform(labels, weights["prototypes"].numpy()) == pytest.approx(as_is)
     assert distance_from_uniform(labels, weights["kmeans-4"].numpy()) < 0.01
     assert distance_from_uniform(labels, weights["hkmeans-12/4"].numpy()) < 0.05
+    # Separated concepts: an image's density is its concept's share of the bank, so strength 1 balances.
+    assert distance_from_uniform(labels, weights["density-0.2/1"].numpy()) < 0.05
 
     table = format_markdown(labels, weights)
     rows = {line.split(" | ")[0].strip("| "): line for line in table.splitlines()}
-    assert rows["0"].startswith("| 0 | 62.5% | 62.5% | 25.0%")
+    assert rows["0"].startswith("| 0 | 62.5% | 62.5% |") and rows["0"].endswith("| 25.0% | 25.0% |")
     assert rows["no label"].startswith("| no label | 12.5% |")
     assert f"{as_is:.3f}" in rows["distance from balanced"]

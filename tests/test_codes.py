@@ -66,6 +66,22 @@ def step(method, scores: torch.Tensor, queued: torch.Tensor | None = None, image
 
 
 @pytest.mark.parametrize("method", CODES)
+def test_sample_weights_move_the_codes_and_unit_weights_do_not(method: str) -> None:
+    """Concept balance's weights set each sample's share of the mass in every method (with a queue
+    too, whose rows weigh 1); codes stay distributions."""
+    scores, _ = long_tailed_scores()
+    both = torch.stack([scores, scores.flip(0)])
+    queued = both[:, :32]
+    plain = build_codes(swav_cfg(method), K).assign(both, queued, images_seen=0)
+    ones = build_codes(swav_cfg(method), K).assign(both, queued, 0, torch.ones(scores.shape[0]))
+    torch.testing.assert_close(ones, plain)
+    weights = torch.linspace(0.2, 1.8, scores.shape[0])
+    weighted = build_codes(swav_cfg(method), K).assign(both, queued, 0, weights)
+    torch.testing.assert_close(weighted.sum(dim=2), torch.ones(2, scores.shape[0]), atol=1e-5, rtol=0)
+    assert not torch.allclose(weighted, plain, atol=1e-3)
+
+
+@pytest.mark.parametrize("method", CODES)
 def test_every_code_is_a_distribution(method: str) -> None:
     scores, _ = long_tailed_scores()
     both = torch.stack([scores, scores.flip(0)])

@@ -338,9 +338,9 @@ def test_queue_is_filled_from_start_images_and_used_only_when_full():
     seen_queues = []
     assign = learner.codes.assign
 
-    def recording_assign(scores, queued, images_seen):
+    def recording_assign(scores, queued, images_seen, weights):
         seen_queues.append(None if queued is None else queued.clone())
-        return assign(scores, queued, images_seen)
+        return assign(scores, queued, images_seen, weights)
 
     learner.codes.assign = recording_assign
     fills = [learner.train_step(stream.batch(cfg)).queue_fill for _ in range(4)]

@@ -94,6 +94,30 @@ def test_sinkhorn_rejects_bad_shapes():
 
 
 
+def test_weighted_sinkhorn_partitions_the_weighted_batch_equally_and_keeps_codes_distributions():
+    """Sample weights (concept balance) set each sample's share of the mass: the prototypes split
+    the *weighted* batch equally, so a down-weighted flood no longer takes most of them."""
+    generator = torch.Generator().manual_seed(6)
+    # 30 images of a flooded concept lean to prototypes 0-3, 10 of a rare one to 4-7.
+    lean = torch.cat([torch.tensor([1.0] * 4 + [0.0] * 4).expand(30, 8), torch.tensor([0.0] * 4 + [1.0] * 4).expand(10, 8)])
+    scores = lean + 0.1 * torch.randn(40, 8, generator=generator)
+    weights = torch.cat([torch.full((30,), 1 / 3), torch.ones(10)])
+    weights = weights / weights.mean()
+    plain = sinkhorn(scores, epsilon=0.05, iterations=200)
+    weighted = sinkhorn(scores, epsilon=0.05, iterations=200, sample_weights=weights)
+    torch.testing.assert_close(weighted.sum(dim=1), torch.ones(40))
+    # The weighted batch's mass per prototype is equal; the plain one's is not, under these weights.
+    mass = (weights[:, None] * weighted).sum(dim=0) / weights.sum()
+    torch.testing.assert_close(mass, torch.full((8,), 1 / 8), rtol=1e-3, atol=1e-4)
+    assert ((weights[:, None] * plain).sum(dim=0) / weights.sum() - 1 / 8).abs().max() > 0.02
+    # Unweighted, a third of the flood's mass spills into the rare concept's prototypes; weighted, none.
+    assert plain[:30, 4:].sum(dim=1).mean() > 0.25 and weighted[:30, 4:].sum(dim=1).mean() < 0.05
+    # Unit weights are the plain algorithm.
+    torch.testing.assert_close(sinkhorn(scores, sample_weights=torch.ones(40)), sinkhorn(scores))
+    with pytest.raises(ValueError, match="sample weights"):
+        sinkhorn(scores, sample_weights=torch.ones(39))
+
+
 def _sinkhorn_worker(rank: int, world_size: int, port: int, scores: torch.Tensor, out_dir: str) -> None:
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size,
                             timeout=timedelta(seconds=60))

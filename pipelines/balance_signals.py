@@ -2,7 +2,7 @@
 model's own view of the stream see the stream's class imbalance at all?
 
 ``python -m pipelines.balance_signals --checkpoint CKPT --shards STREAM [--strength 1]
-[--clusters 10,100] [--levels 200/20] [--max-images 0] [--seed 0]``
+[--clusters 10,100] [--levels 200/20] [--density 0.2/1.5] [--bank 4096] [--max-images 0] [--seed 0]``
 
 Every image of the shards is scored with the checkpoint's whole SwAV model, and each signal gives
 it a weight, (K * usage of its group) ** -strength within the same cap as `curation.balance`
@@ -34,7 +34,7 @@ from torch import Tensor, nn
 from stream_swav import logs
 from stream_swav.apps.evaluate import NO_LABEL, embed, load_labeled_images, pick_device
 from stream_swav.apps.gallery import load_swav_model
-from stream_swav.balance import raw_weights
+from stream_swav.balance import DensityBalance, raw_weights
 from stream_swav.checkpoint import resolve_checkpoint
 from stream_swav.config import StorageConfig
 from stream_swav.model import SwAVModel
@@ -45,8 +45,8 @@ KMEANS_RESTARTS = 3
 
 
 class ScoresAndFeatures(nn.Module):
-    """A SwAV model as one module from a batch of images to [prototype scores | pooled backbone
-    features], so that `embed` runs the backbone once for both."""
+    """A SwAV model as one module from a batch of images to [prototype scores | projected features |
+    pooled backbone features], so that `embed` runs the backbone once for all."""
 
     def __init__(self, model: SwAVModel) -> None:
         super().__init__()
@@ -54,7 +54,8 @@ class ScoresAndFeatures(nn.Module):
 
     def forward(self, images: Tensor) -> Tensor:
         features = self.model.embed(images)
-        return torch.cat([self.model.head(features)[1], features], dim=1)
+        z, scores = self.model.head(features)
+        return torch.cat([scores, z, features], dim=1)
 
 
 def spherical_kmeans(points: Tensor, k: int, seed: int, restarts: int = KMEANS_RESTARTS) -> tuple[Tensor, Tensor]:
@@ -109,11 +110,25 @@ def distance_from_uniform(labels: np.ndarray, weights: np.ndarray) -> float:
     return float(0.5 * np.abs(shares - 1.0 / len(classes)).sum())
 
 
-def signal_weights(scores: Tensor, features: Tensor, strength: float, clusters: list[int],
-                   levels: list[tuple[int, int]], seed: int) -> dict[str, Tensor]:
+def density_weights(z: Tensor, bandwidth: float, strength: float, bank: int, seed: int) -> Tensor:
+    """Each image's weight (N,) under `DensityBalance`, its bank `bank` of the images `z` (N, dim)
+    drawn at random."""
+    balance = DensityBalance(z.shape[1], strength, bandwidth, min(bank, len(z)))
+    drawn = torch.randperm(len(z), generator=torch.Generator().manual_seed(seed))[:balance.bank.length]
+    no_labels = torch.empty(0, dtype=torch.int64)
+    balance.update(z[:0], z[drawn], no_labels)
+    return balance.weights(z[:0], z, no_labels).double()
+
+
+def signal_weights(scores: Tensor, z: Tensor, features: Tensor, strength: float, clusters: list[int],
+                   levels: list[tuple[int, int]], densities: list[tuple[float, float]], bank: int,
+                   seed: int) -> dict[str, Tensor]:
     """Every signal's weights (N,), in table order; `uniform` (all 1) is the stream as it is."""
     out = {"uniform": torch.ones(len(scores), dtype=torch.float64)}
     out["prototypes"] = group_weights(scores.argmax(dim=1), scores.shape[1], strength)
+    for bandwidth, density_strength in densities:
+        out[f"density-{bandwidth:g}/{density_strength:g}"] = density_weights(z, bandwidth, density_strength, bank,
+                                                                             seed)
     points = F.normalize(features - features.mean(dim=0), dim=1)
     for k in clusters:
         _, assigned = spherical_kmeans(points, k, seed)
@@ -147,6 +162,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--strength", type=float, default=1.0, help="the weights' exponent, as curation.balance")
     parser.add_argument("--clusters", default="10,100", help="flat k-means sizes, comma-separated")
     parser.add_argument("--levels", default="200/20", help="two-level k-means sizes FINE/COARSE, comma-separated")
+    parser.add_argument("--density", default="0.2/1.5",
+                        help="density signals BANDWIDTH/STRENGTH, comma-separated (none: empty)")
+    parser.add_argument("--bank", type=int, default=4096, help="the density signal's bank of images")
     parser.add_argument("--max-images", type=int, default=0, help="read at most this many images (0: all)")
     parser.add_argument("--seed", type=int, default=0, help="k-means initialisation seed")
     args = parser.parse_args(argv)
@@ -156,19 +174,22 @@ def main(argv: list[str] | None = None) -> int:
     try:
         clusters = [int(k) for k in args.clusters.split(",") if k]
         levels = [(int(f), int(c)) for f, c in (pair.split("/") for pair in args.levels.split(",") if pair)]
+        densities = [(float(b), float(x)) for b, x in (pair.split("/") for pair in args.density.split(",") if pair)]
     except ValueError:
-        parser.error(f"--clusters takes integers and --levels FINE/COARSE pairs, got {args.clusters!r} and "
-                     f"{args.levels!r}")
+        parser.error(f"--clusters takes integers, --levels FINE/COARSE pairs and --density BANDWIDTH/STRENGTH "
+                     f"pairs, got {args.clusters!r}, {args.levels!r} and {args.density!r}")
     storage_cfg = StorageConfig()
     cfg, model = load_swav_model(resolve_checkpoint(args.checkpoint, storage_cfg), storage_cfg)
     read = load_labeled_images(args.shards, cfg.crops.global_size, storage_cfg, cfg.data, args.max_images,
                                unlabelled=True)
     both = embed(ScoresAndFeatures(model), read.images, cfg.augment.mean, cfg.augment.std, BATCH_SIZE,
                  pick_device("auto"))
-    scores, features = both[:, :cfg.model.prototypes], both[:, cfg.model.prototypes:]
+    scores, z, features = both.split([cfg.model.prototypes, cfg.model.output_dim,
+                                      both.shape[1] - cfg.model.prototypes - cfg.model.output_dim], dim=1)
     labels = np.asarray(read.labels)
     try:
-        weights = signal_weights(scores, features, args.strength, clusters, levels, args.seed)
+        weights = signal_weights(scores, z, features, args.strength, clusters, levels, densities, args.bank,
+                                 args.seed)
     except ValueError as err:
         parser.error(str(err))
     print(f"{args.checkpoint} on {args.shards}: {len(labels):,} images, strength {args.strength:g}\n")

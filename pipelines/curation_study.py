@@ -7,7 +7,8 @@ each trained through the real runtime and scored on the full Fashion-MNIST split
 Conditions: `clean`, `messy` (no curation), `messy-dedup` (curation.dedup), `messy-dedup-balance`
 (and curation.balance 0.5), `messy-balance` (curation.balance 1, no dedup), `messy-dedup-equal-steps`
 (dedup, budget in images trained), `messy-density` (curation.balance 1.5 by the density of the projected
-features, no dedup), `oracle` (the messy stream's distinct images balanced by their
+features, no dedup), `messy-label` (curation.balance 1 by the stream's labels: the perfect signal as
+weights), `oracle` (the messy stream's distinct images balanced by their
 labels, `messy_stream.oracle_entries`: the ceiling of any concept balancing).
 
 1. The benchmark stream (`pipelines.messy_stream`, its knobs as given, ``--stream-seed``) under
@@ -68,6 +69,8 @@ CONDITIONS: dict[str, tuple[str, dict[str, Any], str]] = {
     # Balance alone by the density of the projected features (docs/curation.md: the own-model signal
     # that sees the most of the imbalance offline).
     "messy-density": ("messy", {"curation": {"balance": 1.5, "balance_signal": "density"}}, "read"),
+    # Balance by the labels the stream carries: the perfect signal, weighing instead of resampling.
+    "messy-label": ("messy", {"curation": {"balance": 1.0, "balance_signal": "label"}}, "read"),
     # The same compute as `messy`: as many images trained, so more passes read.
     "messy-dedup-equal-steps": ("messy", {"curation": {"dedup": True}}, "trained"),
     # Labels balance the distinct images perfectly: what a balancing signal could reach at best.

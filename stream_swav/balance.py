@@ -4,7 +4,7 @@ DINOv2's retrieval-based balancing does offline. A weight counts twice: in the l
 image's share of the mass in the codes' transport (`stream_swav.swav.sinkhorn`), so that the
 prototypes are shared out over the weighted batch, as over a batch drawn balanced. Nothing is
 dropped (the stream cursor is untouched); the weights are rescaled to mean 1 over the batch, so
-the loss keeps its scale, and each stays within MAX_RATIO either way. Two signals
+the loss keeps its scale, and each stays within MAX_RATIO either way. Three signals
 (curation.balance_signal):
 
 - `PrototypeBalance` ("prototypes"): a running estimate of how often the network prefers each
@@ -18,9 +18,12 @@ the loss keeps its scale, and each stays within MAX_RATIO either way. Two signal
   buffer); an image weighs (its density / the batch's mean density) ** -strength. A concept that
   floods the stream is dense there whatever the prototypes do; measured offline it takes the
   classes about half the way to balanced (docs/curation.md).
+- `LabelBalance` ("label"): the running share of the class each sample carries in its `cls`
+  member, where the stream has one (a tag, a source, a curated class); unlabelled samples weigh 1.
+  On the benchmark's labelled classes it is the perfect signal, what the others approximate.
 
-Both read only what the step computed anyway (scores, projected features; the density costs one
-(B x bank) product). Pure state in torch, no I/O or process group: each learner keeps its own
+All read only what the step has anyway (scores, projected features, the batch's labels; the
+density costs one (B x bank) product). Pure state in torch, no I/O or process group: each learner keeps its own
 estimate from its own batches (rank-local, saved per rank like the feature queue), which needs no
 collective per step.
 """
@@ -57,36 +60,45 @@ def _check_strength(strength: float) -> None:
         raise ValueError(f"strength must be in [0, {MAX_STRENGTH:g}], got {strength}")
 
 
-class PrototypeBalance:
-    STATE_KEY = "balance"
+class UsageBalance:
+    """A running estimate of how often each of `groups` groups turns up (shares, momentum per step),
+    and an image's weight from its group's: (groups seen * share) ** -strength. An image of no
+    group (-1, or beyond `groups`), or of a group not seen yet, weighs 1; the former is not counted."""
 
-    def __init__(self, prototypes: int, strength: float, momentum: float = 0.99,
-                 device: torch.device | str | None = None) -> None:
-        if prototypes < 1:
-            raise ValueError(f"prototypes must be >= 1, got {prototypes}")
+    def __init__(self, groups: int, strength: float, momentum: float, usage: Tensor) -> None:
+        if groups < 1:
+            raise ValueError(f"groups must be >= 1, got {groups}")
         _check_strength(strength)
         if not 0.0 <= momentum < 1.0:
             raise ValueError(f"momentum must be in [0, 1), got {momentum}")
         self.strength = strength
         self.momentum = momentum
-        # Share of argmax assignments per prototype; starts uniform (every weight 1).
-        self.usage = torch.full((prototypes,), 1.0 / prototypes, device=device)
+        self.usage = usage
 
-    def weights(self, scores: Tensor, z: Tensor) -> Tensor:
-        """(B,) loss weights, mean 1, for samples with these prototype scores (B, K)."""
-        weights = raw_weights(self.usage, self.strength)[scores.argmax(dim=1)]
+    def group_weights(self, groups: Tensor) -> Tensor:
+        """(B,) weights, mean 1, for images of these groups (B,) int."""
+        known = (groups >= 0) & (groups < len(self.usage))
+        # Relative to the groups seen so far, so a stream of 10 classes of 1,000 possible is not
+        # read as 100 times under-represented; no host-side check, so no device sync.
+        shares = self.usage / self.usage.sum().clamp_min(1e-12)
+        # A group not seen yet has no estimate: it weighs 1 until it has one.
+        relative = torch.where(self.usage > 0, shares * torch.count_nonzero(self.usage), 1.0)
+        weights = torch.where(known, relative_weights(relative, self.strength)[groups.clamp(0, len(self.usage) - 1)],
+                              torch.ones_like(shares[:1]))
         return weights / weights.mean()
 
-    def update(self, counts: Tensor, z: Tensor) -> None:
-        """Fold in one step's argmax counts (K,) (`swav.prototype_counts`)."""
-        # counts sum to the assignment rows of a step, never 0; no host-side check, so no device sync.
-        self.usage.mul_(self.momentum).add_(counts.to(self.usage.dtype) / counts.sum(), alpha=1.0 - self.momentum)
+    def fold(self, counts: Tensor) -> None:
+        """Fold in one step's counts per group (K,); a step that counted none changes nothing."""
+        counts = counts.to(self.usage.dtype)
+        share = counts / counts.sum().clamp_min(1.0)
+        momentum = torch.where(counts.sum() > 0, self.momentum, 1.0)
+        self.usage.mul_(momentum).add_(share * (1.0 - momentum))
 
     def state_dict(self) -> dict[str, Tensor]:
         return {"usage": self.usage.detach().cpu().clone()}
 
     def check_state(self, state: object) -> None:
-        """Raise ValueError unless `state` is a `state_dict()` of a balance with as many prototypes."""
+        """Raise ValueError unless `state` is a `state_dict()` of a balance with as many groups."""
         usage = state.get("usage") if isinstance(state, dict) else None
         if not isinstance(usage, Tensor) or usage.shape != self.usage.shape or not torch.isfinite(usage).all():
             raise ValueError(f"balance state: usage must be a finite tensor of shape {tuple(self.usage.shape)}")
@@ -94,6 +106,45 @@ class PrototypeBalance:
     def load_state_dict(self, state: dict[str, Tensor]) -> None:
         self.check_state(state)
         self.usage.copy_(state["usage"])
+
+
+class PrototypeBalance(UsageBalance):
+    STATE_KEY = "balance"
+
+    def __init__(self, prototypes: int, strength: float, momentum: float = 0.99,
+                 device: torch.device | str | None = None) -> None:
+        # Share of argmax assignments per prototype; starts uniform (every weight 1).
+        super().__init__(prototypes, strength, momentum,
+                         torch.full((max(prototypes, 1),), 1.0 / max(prototypes, 1), device=device))
+
+    def weights(self, scores: Tensor, z: Tensor, labels: Tensor) -> Tensor:
+        """(B,) loss weights, mean 1, for samples with these prototype scores (B, K)."""
+        return self.group_weights(scores.argmax(dim=1))
+
+    def update(self, counts: Tensor, z: Tensor, labels: Tensor) -> None:
+        """Fold in one step's argmax counts (K,) (`swav.prototype_counts`)."""
+        self.fold(counts)
+
+
+class LabelBalance(UsageBalance):
+    """Balance by the class a stream's samples carry (their `cls` member: a tag, a source, a
+    curated class), where there is one: the signal a model's own view approximates."""
+
+    STATE_KEY = "balance_label"
+
+    def __init__(self, classes: int, strength: float, momentum: float = 0.99,
+                 device: torch.device | str | None = None) -> None:
+        # Nothing seen yet: every weight 1 until the first labelled step.
+        super().__init__(classes, strength, momentum, torch.zeros(max(classes, 1), device=device))
+
+    def weights(self, scores: Tensor, z: Tensor, labels: Tensor) -> Tensor:
+        """(B,) loss weights, mean 1, for samples of these classes (B,) (-1: none)."""
+        return self.group_weights(labels)
+
+    def update(self, counts: Tensor, z: Tensor, labels: Tensor) -> None:
+        """Fold in one step's labels (B,) (-1 and classes beyond the estimate are not counted)."""
+        known = (labels >= 0) & (labels < len(self.usage))
+        self.fold(torch.bincount(labels[known], minlength=len(self.usage)))
 
 
 class DensityBalance:
@@ -111,7 +162,7 @@ class DensityBalance:
         # The last `bank` images' projected features (unit rows): the sample the density is taken on.
         self.bank = FeatureQueue(1, bank, dim, device=device)
 
-    def weights(self, scores: Tensor, z: Tensor) -> Tensor:
+    def weights(self, scores: Tensor, z: Tensor, labels: Tensor) -> Tensor:
         """(B,) loss weights, mean 1, for samples with these projected features z (B, dim), unit
         rows; all 1 until the bank is full."""
         stored = self.bank.features()
@@ -122,7 +173,7 @@ class DensityBalance:
         weights = relative_weights(density / density.mean(), self.strength)
         return weights / weights.mean()
 
-    def update(self, counts: Tensor, z: Tensor) -> None:
+    def update(self, counts: Tensor, z: Tensor, labels: Tensor) -> None:
         """Store one step's projected features (B, dim) over the bank's oldest."""
         self.bank.push(z.unsqueeze(0))
 
@@ -139,4 +190,4 @@ class DensityBalance:
         self.bank.load_state_dict(state)
 
 
-__all__ = ["DensityBalance", "PrototypeBalance", "MAX_RATIO", "MAX_STRENGTH", "raw_weights", "relative_weights"]
+__all__ = ["DensityBalance", "LabelBalance", "PrototypeBalance", "UsageBalance", "MAX_RATIO", "MAX_STRENGTH", "raw_weights", "relative_weights"]

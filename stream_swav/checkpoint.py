@@ -52,7 +52,7 @@ from stream_swav.storage import join_url
 # rank's own feature queue, random streams and prototype-usage estimate (curation.balance). A
 # checkpoint holds rank 0's state whole and these of every other rank; the rest (weights,
 # optimiser, codes, counters) is the same on every rank.
-RANK_LOCAL_STATE_KEYS = ("queue", "cpu_rng", "augment_rng", "cuda_rng", "balance", "balance_density")
+RANK_LOCAL_STATE_KEYS = ("queue", "cpu_rng", "augment_rng", "cuda_rng", "balance", "balance_density", "balance_label")
 
 log = logging.getLogger(__name__)
 

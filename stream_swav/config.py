@@ -468,11 +468,14 @@ class CurationConfig:
     # the loss and the codes, by how over-represented they look ** -balance; 0 is off. balance_signal says how it
     # looks: "prototypes", the running usage of the image's preferred prototype (1 aims at uniform
     # usage); "density", the image's kernel density among the last balance_bank images' projected
-    # features (bandwidth balance_bandwidth), which compresses the imbalance, so 1.5-2 is needed.
+    # features (bandwidth balance_bandwidth), which compresses the imbalance, so 1.5-2 is needed;
+    # "label", the running share of the class in the sample's `cls` member (below balance_classes;
+    # unlabelled samples weigh 1).
     balance: float = setting(0.0, within(0.0, 2.0))
-    balance_signal: str = setting("prototypes", one_of("prototypes", "density"))
-    # Momentum of each learner's running estimate of prototype usage (per step; "prototypes").
+    balance_signal: str = setting("prototypes", one_of("prototypes", "density", "label"))
+    # Momentum of each learner's running estimate of prototype or class usage (per step).
     balance_momentum: float = setting(0.99, within(0.0, 1.0, high_open=True))
+    balance_classes: int = setting(1000, POSITIVE)
     # The density's kernel bandwidth on cosine similarity and its sample ("density").
     balance_bandwidth: float = setting(0.2, POSITIVE)
     balance_bank: int = setting(4096, POSITIVE)

@@ -26,7 +26,7 @@ from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
 from stream_swav.augment import apply_params, sample_params
-from stream_swav.balance import DensityBalance, PrototypeBalance
+from stream_swav.balance import DensityBalance, LabelBalance, PrototypeBalance
 from stream_swav.checkpoint import RANK_LOCAL_STATE_KEYS
 from stream_swav.codes import build_codes
 from stream_swav.config import Config
@@ -142,6 +142,14 @@ def _cpu_copy(value: Any) -> Any:
     return value
 
 
+def batch_labels(batch: CropBatch, device: torch.device) -> Tensor:
+    """Each image's class from its `cls` member, (B,) int64, -1 where it has none (or where the batch
+    carries no labels, as a stand-in batch need not)."""
+    size = len(batch)
+    labels = batch.meta.labels if len(batch.meta.labels) == size else [-1] * size
+    return torch.tensor(labels, dtype=torch.int64).to(device, non_blocking=True)
+
+
 def _check_batch(batch: CropBatch, cfg: Config) -> int:
     """Batch size, after checking the crops are what this configuration trains on."""
     expected = (("global_crops", cfg.crops.global_count, cfg.crops.global_size),
@@ -234,10 +242,13 @@ class LearnerState:
         # rank since its updates use all-reduced masses.
         self.codes = build_codes(swav, cfg.model.prototypes, self.device)
         curation = cfg.curation
-        self.balance: PrototypeBalance | DensityBalance | None = None
+        self.balance: PrototypeBalance | DensityBalance | LabelBalance | None = None
         if curation.balance > 0 and curation.balance_signal == "density":
             self.balance = DensityBalance(cfg.model.output_dim, curation.balance, curation.balance_bandwidth,
                                           curation.balance_bank, device=self.device)
+        elif curation.balance > 0 and curation.balance_signal == "label":
+            self.balance = LabelBalance(curation.balance_classes, curation.balance, curation.balance_momentum,
+                                        device=self.device)
         elif curation.balance > 0:
             self.balance = PrototypeBalance(cfg.model.prototypes, curation.balance, curation.balance_momentum,
                                             device=self.device)
@@ -508,7 +519,8 @@ class Learner(LearnerState):
         assign_features = z.detach().view(-1, batch_size, z.shape[1])[assign_crops]
         # With curation.balance, the first assignment crop's scores or features weigh the images, in
         # the loss and in the codes (an image's share of the prototypes' mass follows its weight).
-        weights = self.balance.weights(assign_scores[0], assign_features[0]) if self.balance is not None else None
+        labels = batch_labels(batch, self.device) if self.balance is not None else None
+        weights = self.balance.weights(assign_scores[0], assign_features[0], labels) if self.balance is not None else None
         queued = self.queue.features() if self.queue is not None else None
         queued_scores = queued @ self.model.prototypes.weight.detach().t() if queued is not None else None
         codes = self.codes.assign(assign_scores, queued_scores, images_before, weights)
@@ -531,7 +543,7 @@ class Learner(LearnerState):
             self.nonfinite_in_row = 0
             self.codes.commit()
             if self.balance is not None:
-                self.balance.update(counts, assign_features[0])
+                self.balance.update(counts, assign_features[0], labels)
             if self.step <= swav.freeze_prototypes_steps:
                 # Prototypes stay put at first (SwAV's first-epoch freeze); no gradient
                 # means no momentum or weight decay either.

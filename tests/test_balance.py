@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from test_learner import SyntheticStream, tiny_config
 
-from stream_swav.balance import MAX_RATIO, DensityBalance, PrototypeBalance
+from stream_swav.balance import MAX_RATIO, DensityBalance, LabelBalance, PrototypeBalance
 from stream_swav.learner import Learner
 from stream_swav.runtime.metrics import usage_perplexity
 from stream_swav.swav import swav_loss
@@ -21,7 +21,8 @@ def skewed_assignments(n: int, prototypes: int, seed: int = 0) -> torch.Tensor:
     return torch.multinomial(probs / probs.sum(), n, replacement=True, generator=torch.Generator().manual_seed(seed))
 
 
-NO_FEATURES = torch.empty(0)  # what the prototype signal is given as features: it reads none
+NO_FEATURES = torch.empty(0)  # what a signal that reads no features is given
+NO_LABELS = torch.empty(0, dtype=torch.int64)
 
 
 def picks(assigned: torch.Tensor, prototypes: int) -> torch.Tensor:
@@ -33,29 +34,31 @@ def test_balance_moves_the_trained_distribution_towards_uniform_over_prototypes(
     k = 8
     balance = PrototypeBalance(k, strength=1.0, momentum=0.9)
     for step in range(200):  # the usage estimate converges on the skewed stream
-        balance.update(torch.bincount(skewed_assignments(256, k, seed=step), minlength=k), NO_FEATURES)
+        balance.update(torch.bincount(skewed_assignments(256, k, seed=step), minlength=k), NO_FEATURES, NO_LABELS)
     assigned = skewed_assignments(20_000, k, seed=999)
     raw = torch.bincount(assigned, minlength=k).double()
-    trained = torch.zeros(k, dtype=torch.float64).index_add_(0, assigned, balance.weights(picks(assigned, k), NO_FEATURES).double())
+    weights = balance.weights(picks(assigned, k), NO_FEATURES, NO_LABELS).double()
+    trained = torch.zeros(k, dtype=torch.float64).index_add_(0, assigned, weights)
     assert usage_perplexity(raw.numpy()) < 0.85 * k
     assert usage_perplexity(trained.numpy()) > 0.99 * k  # what the loss weighs is uniform over prototypes
     half = PrototypeBalance(k, strength=0.5)
     half.usage.copy_(balance.usage)
-    partial = torch.zeros(k, dtype=torch.float64).index_add_(0, assigned, half.weights(picks(assigned, k), NO_FEATURES).double())
+    half_weights = half.weights(picks(assigned, k), NO_FEATURES, NO_LABELS).double()
+    partial = torch.zeros(k, dtype=torch.float64).index_add_(0, assigned, half_weights)
     assert usage_perplexity(raw.numpy()) < usage_perplexity(partial.numpy()) < usage_perplexity(trained.numpy())
 
 
 def test_weights_have_mean_one_and_bounded_ratios():
     balance = PrototypeBalance(4, strength=1.0)
-    assert torch.equal(balance.weights(picks(torch.tensor([0, 1, 2, 3]), 4), NO_FEATURES),
+    assert torch.equal(balance.weights(picks(torch.tensor([0, 1, 2, 3]), 4), NO_FEATURES, NO_LABELS),
                        torch.ones(4))  # uniform usage at first
     balance.usage.copy_(torch.tensor([0.97, 0.01, 0.01, 0.01]))
-    weights = balance.weights(picks(torch.tensor([0, 0, 0, 1]), 4), NO_FEATURES)
+    weights = balance.weights(picks(torch.tensor([0, 0, 0, 1]), 4), NO_FEATURES, NO_LABELS)
     assert weights.mean().item() == pytest.approx(1.0)
     # The rare prototype's weight is capped at MAX_RATIO times a uniformly used one's.
     assert weights[3] / weights[0] == pytest.approx(MAX_RATIO * 4 * 0.97)
-    assert torch.equal(PrototypeBalance(4, strength=0.0).weights(picks(torch.tensor([0, 1]), 4), NO_FEATURES),
-                       torch.ones(2))
+    unit = PrototypeBalance(4, strength=0.0).weights(picks(torch.tensor([0, 1]), 4), NO_FEATURES, NO_LABELS)
+    assert torch.equal(unit, torch.ones(2))
 
 
 def test_weighted_loss_is_the_plain_loss_at_unit_weights_and_weighs_images():
@@ -117,9 +120,9 @@ def test_density_balance_moves_a_flooded_stream_towards_balanced_concepts():
     concept's share of the weight moves most of the way to a quarter; all 1 until the bank is full."""
     features, concept = concepts([4000, 2000, 800, 400])
     balance = DensityBalance(dim=16, strength=1.5, bandwidth=0.2, bank=1024)
-    assert torch.equal(balance.weights(NO_FEATURES, features[:256]), torch.ones(256))
-    balance.update(NO_FEATURES, features[:1024])
-    weights = torch.cat([balance.weights(NO_FEATURES, batch) for batch in features[1024:].split(256)])
+    assert torch.equal(balance.weights(NO_FEATURES, features[:256], NO_LABELS), torch.ones(256))
+    balance.update(NO_FEATURES, features[:1024], NO_LABELS)
+    weights = torch.cat([balance.weights(NO_FEATURES, batch, NO_LABELS) for batch in features[1024:].split(256)])
     later = concept[1024:]
     raw = torch.bincount(later, minlength=4).double() / len(later)
     weighed = torch.zeros(4, dtype=torch.float64).index_add_(0, later, weights.double())
@@ -128,21 +131,23 @@ def test_density_balance_moves_a_flooded_stream_towards_balanced_concepts():
     assert (weighed - 0.25).abs().sum() < 0.25 * (raw - 0.25).abs().sum()
     for batch in weights.split(256):
         assert batch.mean().item() == pytest.approx(1.0, abs=1e-5)
-    assert torch.equal(DensityBalance(16, strength=0.0, bank=1024).weights(NO_FEATURES, features[:4]), torch.ones(4))
+    unit = DensityBalance(16, strength=0.0, bank=1024)
+    assert torch.equal(unit.weights(NO_FEATURES, features[:4], NO_LABELS), torch.ones(4))
 
 
 def test_the_density_bank_keeps_the_latest_images_and_survives_a_checkpoint():
     features, _ = concepts([300, 100])
     balance = DensityBalance(dim=16, strength=1.5, bank=128)
     for batch in features.split(100):
-        balance.update(NO_FEATURES, batch)
+        balance.update(NO_FEATURES, batch, NO_LABELS)
     torch.testing.assert_close(balance.bank.features()[0].sort(dim=0).values, features[-128:].sort(dim=0).values)
     buffer = io.BytesIO()
     torch.save(balance.state_dict(), buffer)
     buffer.seek(0)
     restored = DensityBalance(dim=16, strength=1.5, bank=128)
     restored.load_state_dict(torch.load(buffer, weights_only=True))
-    torch.testing.assert_close(restored.weights(NO_FEATURES, features[:64]), balance.weights(NO_FEATURES, features[:64]))
+    torch.testing.assert_close(restored.weights(NO_FEATURES, features[:64], NO_LABELS),
+                               balance.weights(NO_FEATURES, features[:64], NO_LABELS))
     with pytest.raises(ValueError, match="features must be a tensor of shape"):
         DensityBalance(dim=16, strength=1.5, bank=64).check_state(balance.state_dict())
     for kwargs in ({"strength": 2.5}, {"strength": 1.0, "bandwidth": 0.0}, {"strength": 1.0, "bank": 0}):
@@ -170,3 +175,41 @@ def test_a_learner_with_density_balance_trains_and_keeps_its_bank_through_a_chec
     fresh = Learner(cfg, torch.device("cpu"))
     fresh.load_state_dict(prototype_state)
     assert fresh.balance.bank.fill == 0
+
+
+def test_label_balance_weighs_classes_to_balanced_and_leaves_unlabelled_samples_at_one():
+    classes = skewed_assignments(4096, 8, seed=5)
+    balance = LabelBalance(classes=1000, strength=1.0, momentum=0.9)
+    labels = classes.clone()
+    labels[::10] = -1  # a tenth of the stream carries no class
+    assert torch.equal(balance.weights(NO_FEATURES, NO_FEATURES, labels[:6]), torch.ones(6))  # nothing seen yet
+    for batch in labels.split(256):
+        balance.update(NO_LABELS, NO_FEATURES, batch)
+    assert torch.count_nonzero(balance.usage) == 8  # 8 classes seen of the 1,000 it can hold
+    later = skewed_assignments(20_000, 8, seed=6)
+    weights = balance.weights(NO_FEATURES, NO_FEATURES, later).double()
+    trained = torch.zeros(8, dtype=torch.float64).index_add_(0, later, weights)
+    assert usage_perplexity(torch.bincount(later, minlength=8).double().numpy()) < 0.85 * 8
+    assert usage_perplexity(trained.numpy()) > 0.99 * 8
+    # An unlabelled sample weighs what a sample of a class at its fair share does.
+    mixed = balance.weights(NO_FEATURES, NO_FEATURES, torch.tensor([-1, 0, 7, 5000]))
+    assert mixed[0] == mixed[3] and mixed[1] < mixed[0] < mixed[2]
+    # A step without labels leaves the estimate as it was.
+    before = balance.usage.clone()
+    balance.update(NO_LABELS, NO_FEATURES, torch.full((4,), -1))
+    assert torch.equal(balance.usage, before)
+
+
+def test_a_learner_with_label_balance_reads_the_batch_labels():
+    torch.set_num_threads(1)
+    cfg = tiny_config(curation={"balance": 1.0, "balance_signal": "label", "balance_classes": 4,
+                                "balance_momentum": 0.5})
+    stream = SyntheticStream(n_classes=4, image_size=8, seed=3)
+    learner = Learner(cfg, torch.device("cpu"))
+    for _ in range(2):
+        batch = stream.batch(cfg)
+        batch.meta.labels = [0] * (len(batch) - 1) + [3]
+        assert torch.isfinite(learner.train_step(batch).loss)
+    assert isinstance(learner.balance, LabelBalance)
+    assert learner.balance.usage[0] > learner.balance.usage[3] > 0 and learner.balance.usage[1] == 0
+    assert "balance_label" in learner.rank_local_state()

@@ -62,6 +62,10 @@ def test_good_samples_arrive_and_bad_ones_are_counted_by_reason(tmp_path):
     good = {f"{path}/{i:03d}-{name}" for i, (name, _, _, expected) in enumerate(cases) if expected[0] == "ok"}
     good |= {f"{path}/{key}" for key, _ in colour_samples(5, "after")}
     assert sorted(keys) == sorted(good)
+    # Each image's class from its cls member, -1 where it has none (the odd cases carry none).
+    labels = {k: label for b in batches for k, label in zip(b.meta.keys, b.meta.labels, strict=True)}
+    assert {labels[f"{path}/{key}"] for key, _ in colour_samples(5, "after")} == {0, 1, 2, 3, 4}
+    assert {labels[k] for k in good} - {0, 1, 2, 3, 4} == {-1}
     expected_errors = Counter(expected[1] for _, _, _, expected in cases if expected[0] == "skip")
     expected_errors.update({"too-many-bytes": 1, "no-image": 1})
     assert sum((b.meta.errors for b in batches), Counter()) == expected_errors

@@ -24,6 +24,8 @@ class BatchMeta:
     # Sample keys, "<shard url>/<tar member key>", unique within a pass. May be empty: a batch can
     # carry only bookkeeping (a shard whose last samples were all bad).
     keys: list[str] = field(default_factory=list)
+    # Each sample's class from its `cls` member, -1 where it has none (curation.balance_signal: label).
+    labels: list[int] = field(default_factory=list)
     # (pass, shard number) -> emission position reached (exclusive).
     progress: dict[ShardKey, int] = field(default_factory=dict)
     # Shards whose every sample has now been emitted.

@@ -32,7 +32,7 @@ from stream_swav.data.batch import BatchMeta, CropBatch
 from stream_swav.data.cursor import ShardKey, ShardTask, StreamCursor
 from stream_swav.data.decode import DecodeLimits, SampleError, decode_image
 from stream_swav.data.multicrop import MultiCropGeometry, PerImageCrops, crop_image, min_decode_side, stack_crops
-from stream_swav.data.shards import Sample, ShardReport, iter_shard
+from stream_swav.data.shards import Sample, ShardReport, iter_shard, parse_label
 from stream_swav.storage import filesystem_for
 
 log = logging.getLogger(__name__)
@@ -123,6 +123,8 @@ class DecodeWorker:
                 if image_crops is not None:
                     crops.append(image_crops)
                     meta.keys.append(f"{task.url}/{item.sample.key}")
+                    label = parse_label(item.sample.meta.get("cls"))
+                    meta.labels.append(-1 if label is None else label)
             if item.report is not None:
                 self._finish(item.shard)
                 meta.finished.append(item.shard)

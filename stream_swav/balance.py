@@ -23,9 +23,9 @@ the loss keeps its scale, and each stays within MAX_RATIO either way. Three sign
   On the benchmark's labelled classes it is the perfect signal, what the others approximate.
 
 All read only what the step has anyway (scores, projected features, the batch's labels; the
-density costs one (B x bank) product). Pure state in torch, no I/O or process group: each learner keeps its own
-estimate from its own batches (rank-local, saved per rank like the feature queue), which needs no
-collective per step.
+density costs one (B x bank) product). Pure state in torch, no I/O or process group: each learner
+keeps its own estimate from its own batches (rank-local, saved per rank like the feature queue),
+which needs no collective per step.
 """
 from __future__ import annotations
 
@@ -83,8 +83,8 @@ class UsageBalance:
         shares = self.usage / self.usage.sum().clamp_min(1e-12)
         # A group not seen yet has no estimate: it weighs 1 until it has one.
         relative = torch.where(self.usage > 0, shares * torch.count_nonzero(self.usage), 1.0)
-        weights = torch.where(known, relative_weights(relative, self.strength)[groups.clamp(0, len(self.usage) - 1)],
-                              torch.ones_like(shares[:1]))
+        of_group = relative_weights(relative, self.strength)[groups.clamp(0, len(self.usage) - 1)]
+        weights = torch.where(known, of_group, torch.ones_like(shares[:1]))
         return weights / weights.mean()
 
     def fold(self, counts: Tensor) -> None:
@@ -190,4 +190,5 @@ class DensityBalance:
         self.bank.load_state_dict(state)
 
 
-__all__ = ["DensityBalance", "LabelBalance", "PrototypeBalance", "UsageBalance", "MAX_RATIO", "MAX_STRENGTH", "raw_weights", "relative_weights"]
+__all__ = ["DensityBalance", "LabelBalance", "PrototypeBalance", "UsageBalance", "MAX_RATIO", "MAX_STRENGTH",
+           "raw_weights", "relative_weights"]

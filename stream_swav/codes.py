@@ -147,7 +147,8 @@ def relaxed_sinkhorn(scores: Tensor, target_mass: Tensor, lam: float, epsilon: f
 
     With P (K x B_global) the plan and S the scores, it maximises
     <S, P> + epsilon * H(P) - lam * KL(P 1 || target_mass) subject to every
-    sample carrying 1/B_global (or its share of `sample_weights`). Stationarity gives P = diag(u) exp(S / epsilon) diag(v)
+    sample carrying 1/B_global (or its share of `sample_weights`). Stationarity gives
+    P = diag(u) exp(S / epsilon) diag(v)
     and the scaling iterations of Chizat et al. (2018): v makes each sample's
     column sum exactly, u = (target / (G v)) ** (lam / (lam + epsilon)). The
     exponent -> 1 as lam -> inf, which is SwAV's Sinkhorn (towards the

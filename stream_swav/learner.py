@@ -519,8 +519,10 @@ class Learner(LearnerState):
         assign_features = z.detach().view(-1, batch_size, z.shape[1])[assign_crops]
         # With curation.balance, the first assignment crop's scores or features weigh the images, in
         # the loss and in the codes (an image's share of the prototypes' mass follows its weight).
-        labels = batch_labels(batch, self.device) if self.balance is not None else None
-        weights = self.balance.weights(assign_scores[0], assign_features[0], labels) if self.balance is not None else None
+        weights = labels = None
+        if self.balance is not None:
+            labels = batch_labels(batch, self.device)
+            weights = self.balance.weights(assign_scores[0], assign_features[0], labels)
         queued = self.queue.features() if self.queue is not None else None
         queued_scores = queued @ self.model.prototypes.weight.detach().t() if queued is not None else None
         codes = self.codes.assign(assign_scores, queued_scores, images_before, weights)

@@ -104,7 +104,8 @@ def test_impossible_balance_settings_are_refused(kwargs):
         PrototypeBalance(**kwargs)
 
 
-def concepts(counts: list[int], dim: int = 16, spread: float = 0.15, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+def concepts(counts: list[int], dim: int = 16, spread: float = 0.15,
+             seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """Unit features of concepts (a random direction each, images scattered around it) with these
     image counts, shuffled; and each image's concept."""
     generator = torch.Generator().manual_seed(seed)

@@ -99,7 +99,8 @@ def test_weighted_sinkhorn_partitions_the_weighted_batch_equally_and_keeps_codes
     the *weighted* batch equally, so a down-weighted flood no longer takes most of them."""
     generator = torch.Generator().manual_seed(6)
     # 30 images of a flooded concept lean to prototypes 0-3, 10 of a rare one to 4-7.
-    lean = torch.cat([torch.tensor([1.0] * 4 + [0.0] * 4).expand(30, 8), torch.tensor([0.0] * 4 + [1.0] * 4).expand(10, 8)])
+    lean = torch.cat([torch.tensor([1.0] * 4 + [0.0] * 4).expand(30, 8),
+                      torch.tensor([0.0] * 4 + [1.0] * 4).expand(10, 8)])
     scores = lean + 0.1 * torch.randn(40, 8, generator=generator)
     weights = torch.cat([torch.full((30,), 1 / 3), torch.ones(10)])
     weights = weights / weights.mean()

@@ -5,8 +5,9 @@ model's own view of the stream see the stream's class imbalance at all?
 [--clusters 10,100] [--levels 200/20] [--density 0.2/1.5] [--bank 4096] [--max-images 0] [--seed 0]``
 
 Every image of the shards is scored with the checkpoint's whole SwAV model, and each signal gives
-it a weight, (K * usage of its group) ** -strength within the same cap as `curation.balance`
-(`stream_swav.balance.raw_weights`), usage being the share of the stream's images in the group:
+it a weight within the same cap as `curation.balance`: the group signals (K * usage of its group)
+** -strength (`stream_swav.balance.raw_weights`), usage being the share of the stream's images in
+the group; the density signal as `DensityBalance` weighs:
 
 - `prototypes`: the group is the argmax of the image's prototype scores, what `curation.balance`
   weighs by in training (there from a running estimate, here from the whole stream);

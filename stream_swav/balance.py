@@ -143,8 +143,11 @@ class LabelBalance(UsageBalance):
 
     def update(self, counts: Tensor, z: Tensor, labels: Tensor) -> None:
         """Fold in one step's labels (B,) (-1 and classes beyond the estimate are not counted)."""
+        # A masked count with a fixed shape: no host-device sync on a GPU, as boolean indexing has.
         known = (labels >= 0) & (labels < len(self.usage))
-        self.fold(torch.bincount(labels[known], minlength=len(self.usage)))
+        counts = torch.zeros_like(self.usage).index_add_(0, labels.clamp(0, len(self.usage) - 1),
+                                                          known.to(self.usage.dtype))
+        self.fold(counts)
 
 
 class DensityBalance:

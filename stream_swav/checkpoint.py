@@ -49,7 +49,7 @@ from stream_swav.config import AugmentConfig, StorageConfig, UsageError
 from stream_swav.storage import join_url
 
 # The keys of a learner's state that differ between the ranks of a data-parallel group: each
-# rank's own feature queue, random streams and prototype-usage estimate (curation.balance). A
+# rank's own feature queue, random streams and balance estimate (curation.balance: usage, bank). A
 # checkpoint holds rank 0's state whole and these of every other rank; the rest (weights,
 # optimiser, codes, counters) is the same on every rank.
 RANK_LOCAL_STATE_KEYS = ("queue", "cpu_rng", "augment_rng", "cuda_rng", "balance", "balance_density", "balance_label")

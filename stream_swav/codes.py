@@ -50,7 +50,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from stream_swav.config import SwAVConfig
-from stream_swav.swav import exact_dtype, global_logsumexp, global_rows, is_distributed, log_sample_mass, sinkhorn
+from stream_swav.swav import exact_dtype, global_logsumexp, is_distributed, log_sample_mass, sinkhorn
 
 
 def with_queue(scores: Tensor, queued: Tensor | None) -> Tensor:
@@ -71,16 +71,20 @@ def joint_weights(weights: Tensor | None, rows: int) -> Tensor | None:
 
 
 @torch.no_grad()
-def global_prototype_mass(codes: Tensor) -> Tensor:
-    """Share of the global batch's mass on each prototype, (K,), from (B_local, K) codes whose rows sum to 1."""
+def global_prototype_mass(codes: Tensor, weights: Tensor | None = None) -> Tensor:
+    """Share of the global batch's mass on each prototype, (K,), from (B_local, K) codes whose rows
+    sum to 1, each row carrying its share of `weights` (B_local,) when given (concept balance)."""
     if codes.dim() != 2 or codes.shape[0] < 1:
         raise ValueError(f"global_prototype_mass: codes must be (B, K) with B >= 1, got {tuple(codes.shape)}")
     with torch.autocast(device_type=codes.device.type, enabled=False):
         dtype = exact_dtype(codes)
-        total = codes.to(dtype).sum(dim=0)
+        rows = codes.to(dtype)
+        if weights is not None:
+            rows = rows * weights.to(device=rows.device, dtype=dtype).unsqueeze(1)
+        total = rows.sum(dim=0)
         if is_distributed():
             dist.all_reduce(total)
-        return total / global_rows(codes.shape[0], total)
+        return total / total.sum().clamp_min(torch.finfo(dtype).tiny)
 
 
 def floor_mixture(mass: Tensor, floor: float) -> tuple[Tensor, Tensor]:
@@ -116,14 +120,14 @@ def floor_mixture(mass: Tensor, floor: float) -> tuple[Tensor, Tensor]:
 
 
 @torch.no_grad()
-def project_to_floor(codes: Tensor, floor: float) -> Tensor:
+def project_to_floor(codes: Tensor, floor: float, weights: Tensor | None = None) -> Tensor:
     """Mix every code with the same small distribution so each prototype gets >= floor of the global mass.
 
     Rows keep summing to 1; codes already respecting the floor are returned
     unchanged. The mixture (see `floor_mixture`) is computed from the
     all-reduced mass, so every process applies the same one.
     """
-    weight, profile = floor_mixture(global_prototype_mass(codes), floor)
+    weight, profile = floor_mixture(global_prototype_mass(codes, weights), floor)
     return (1.0 - weight).to(codes.dtype) * codes + (weight * profile).to(codes.dtype)
 
 
@@ -175,7 +179,7 @@ def relaxed_sinkhorn(scores: Tensor, target_mass: Tensor, lam: float, epsilon: f
                 log_v = log_column - torch.logsumexp(log_kernel + log_u, dim=0, keepdim=True)
         # The final v would normalise each column to its sample's mass; divided out, a softmax over prototypes.
         codes = torch.softmax((log_kernel + log_u).t(), dim=1)
-        return project_to_floor(codes, floor)
+        return project_to_floor(codes, floor, sample_weights)
 
 
 @torch.no_grad()
@@ -253,7 +257,8 @@ class RelaxedCodes:
         column_weights = joint_weights(weights, joint_scores.shape[1])
         joint = [relaxed_sinkhorn(crop, target, lam, cfg.epsilon, cfg.sinkhorn_iterations, self.floor, column_weights)
                  for crop in joint_scores]
-        observed = torch.stack([global_prototype_mass(codes) for codes in joint]).mean(dim=0)
+        # The mass the weighted plan puts on each prototype, which is what the target should follow.
+        observed = torch.stack([global_prototype_mass(codes, column_weights) for codes in joint]).mean(dim=0)
         self._proposed = (cfg.mass_momentum * self.mass
                           + (1.0 - cfg.mass_momentum) * observed.to(device=self.mass.device, dtype=self.mass.dtype))
         return torch.stack([codes[: scores.shape[1]] for codes in joint])

@@ -54,11 +54,13 @@ def log_sample_mass(rows: int, like: Tensor, weights: Tensor | None = None) -> T
         return (-global_rows(rows, like).log()).expand(1, rows)
     if weights.shape != (rows,):
         raise ValueError(f"sample weights {tuple(weights.shape)} do not match {rows} rows")
-    weights = weights.to(device=like.device, dtype=like.dtype).clamp_min(torch.finfo(like.dtype).tiny)
+    weights = weights.to(device=like.device, dtype=like.dtype)
     total = weights.sum()
     if is_distributed():
         dist.all_reduce(total)
-    return (weights / total).log().unsqueeze(0)
+    # In logs, so a weight too small to divide by the total still gives a finite share.
+    tiny = torch.finfo(like.dtype).tiny
+    return (weights.clamp_min(tiny).log() - total.clamp_min(tiny).log()).unsqueeze(0)
 
 
 @torch.no_grad()

@@ -81,6 +81,27 @@ def test_sample_weights_move_the_codes_and_unit_weights_do_not(method: str) -> N
     assert not torch.allclose(weighted, plain, atol=1e-3)
 
 
+def test_relaxed_codes_follow_the_weighted_mass_of_their_plan():
+    """With sample weights the running mass that the relaxed target follows is the weighted plan's
+    (each code counted by its weight), not the stream's."""
+    scores, _ = long_tailed_scores()
+    weights = torch.linspace(0.2, 1.8, scores.shape[0])
+    method = build_codes(swav_cfg("relaxed"), K)
+    before = method.mass.clone()
+    codes = method.assign(scores.unsqueeze(0), None, 0, weights)
+    method.commit()
+    momentum = method.cfg.mass_momentum
+    expected = momentum * before + (1 - momentum) * global_prototype_mass(codes[0], weights)
+    torch.testing.assert_close(method.mass, expected, rtol=0, atol=1e-7)
+    # The two masses differ well beyond that tolerance, so the check above tells them apart.
+    observed, unweighted = global_prototype_mass(codes[0], weights), global_prototype_mass(codes[0])
+    assert (observed - unweighted).abs().max() > 1e-3
+    assert (expected - (momentum * before + (1 - momentum) * unweighted)).abs().max() > 1e-5
+    one_hot = F.one_hot(torch.tensor([0, 0, 0, 1]), 2).float()
+    torch.testing.assert_close(global_prototype_mass(one_hot, torch.tensor([1 / 3, 1 / 3, 1 / 3, 1.0])),
+                               torch.tensor([0.5, 0.5]))
+
+
 @pytest.mark.parametrize("method", CODES)
 def test_every_code_is_a_distribution(method: str) -> None:
     scores, _ = long_tailed_scores()

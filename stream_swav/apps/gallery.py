@@ -320,7 +320,9 @@ def make_gallery(checkpoint: str, shards: str, out: str, *, max_images: int, pro
     scores = embed(PrototypeScores(model), read.images, cfg.augment.mean, cfg.augment.std, BATCH_SIZE, device)
     assigned = scores.argmax(dim=1)
     counts = torch.bincount(assigned, minlength=cfg.model.prototypes).numpy()
-    sections = prototype_sections(read.images, scores, assigned, counts, cfg.curation.balance, prototypes, per_row)
+    # The loss weights balance gave these prototypes: only where the run balanced by them.
+    balance = cfg.curation.balance if cfg.curation.balance_signal == "prototypes" else 0.0
+    sections = prototype_sections(read.images, scores, assigned, counts, balance, prototypes, per_row)
     repeats_dropped = None
     if cfg.curation.dedup:
         repeats_dropped, repeats = replay_dedup(read.hashes, cfg.curation, per_row)

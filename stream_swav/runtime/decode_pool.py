@@ -55,9 +55,11 @@ class DecodePool:
         self._next_slot = 0
         # Replacements not known to be up yet: slot -> (ready ref, deadline).
         self._starting: dict[int, tuple[Any, float]] = {}
-        # Slots given up on for now (they could not be placed): tried again from `_regain_at` on, each
-        # try an actor that holds no shards until it is up: slot -> (handle, ready ref, deadline).
+        # Slots given up on. Those dropped for want of room (`regainable`) are tried again from
+        # `_regain_at` on, each try an actor that holds no shards until it is up: slot -> (handle,
+        # ready ref, deadline). One that failed to start would fail again, and is not.
         self.dropped: set[int] = set()
+        self.regainable: set[int] = set()
         self.regaining: dict[int, tuple[Any, Any, float]] = {}
         self._regain_at = 0.0
         # Launched by `launch`, not yet waited for by `wait_started`: slot -> handle.
@@ -93,6 +95,7 @@ class DecodePool:
             self._starting.pop(slot, None)
             self.rank_of.pop(slot)
             self.dropped.discard(slot)
+            self.regainable.discard(slot)
             trying, _, _ = self.regaining.pop(slot, (None, None, None))
             kill_quietly([h for h in (handle, trying) if h is not None])
             ledger.release(slot)
@@ -207,18 +210,28 @@ class DecodePool:
                 relaunched.setdefault(rank, {})[slot] = self._launch_replacement(slot, deadline)
                 continue
             log.warning("decode actor %d could not start again (%s); running without it", slot, failure)
-            self.dropped.add(slot)
+            self._drop(slot, regain=failure.startswith(PLACEMENT_TIMEOUT))
             self._check_every_learner_fed()
         return relaunched
+
+    def _drop(self, slot: int, regain: bool) -> None:
+        """Give `slot` up; with `regain` (it was not placed for want of room), to be tried again
+        train.resize_interval_s from now."""
+        self.dropped.add(slot)
+        if regain:
+            self.regainable.add(slot)
+            self._regain_at = time.monotonic() + self.cfg.train.resize_interval_s
 
     def _regain(self, try_again: bool) -> dict[int, dict[int, Any]]:
         """Actors of dropped slots that came up, rank -> {slot: handle}: they feed their learner again
         (and get shards at the next top-up). A try not up by its deadline is stopped; with
-        `try_again`, the dropped slots are tried again train.resize_interval_s after the last try
-        ended. A try holds no shards, so one that waits for room holds nothing back."""
+        `try_again`, the slots dropped for want of room are tried again train.resize_interval_s after
+        the last try ended, and not while a replacement is starting (a learner's last waits in
+        `_starting`, and a try must not take the room it waits for); without it, tries under way
+        stop. A try holds no shards, so one that waits for room holds nothing back."""
         regained: dict[int, dict[int, Any]] = {}
         for slot, (handle, ready, deadline) in list(self.regaining.items()):
-            failure = self._start_failure(ready, deadline)
+            failure = self._start_failure(ready, deadline) if try_again else "the room goes to joining learners"
             if failure is None:
                 continue
             del self.regaining[slot]
@@ -227,15 +240,20 @@ class DecodePool:
                 log.debug("decode actor %d is still dropped: %s", slot, failure)
                 continue
             self.dropped.discard(slot)
+            self.regainable.discard(slot)
             self.actors[slot] = regained.setdefault(self.rank_of[slot], {})[slot] = handle
+            # What the seen-set union gained while it started (a checkpoint's share reached only actors up).
+            seen = self.seen_source() if self.seen_source is not None else None
+            if seen is not None:
+                handle.absorb_seen.remote(seen)
             log.warning("decode actor %d is back (it was dropped for want of room): learner %d pulls from it again",
                         slot, self.rank_of[slot])
         now = time.monotonic()
-        if self.regaining or not self.dropped:
-            self._regain_at = now + self.cfg.train.resize_interval_s
-        elif try_again and now >= self._regain_at:
+        if self.regaining or self._starting:
+            self._regain_at = max(self._regain_at, now + self.cfg.train.resize_interval_s)
+        elif try_again and self.regainable and now >= self._regain_at:
             deadline = now + self.cfg.train.startup_timeout_s
-            for slot in sorted(self.dropped):
+            for slot in sorted(self.regainable):
                 handle = self._launch(slot)
                 self.regaining[slot] = (handle, handle.ready.remote(), deadline)
         return regained
@@ -289,6 +307,7 @@ class DecodePool:
     def shutdown(self) -> None:
         self._starting.clear()
         self.dropped.clear()
+        self.regainable.clear()
         self.cancel_joining()
         kill_quietly([*self.actors.values(), *self._launched.values(), *(h for h, _, _ in self.regaining.values())])
         self.regaining.clear()
@@ -315,7 +334,7 @@ class DecodePool:
                     log.warning("decode actor %d could not start: %s", slot, first_line(err))
         for ref, slot in pending.items():
             ray.kill(started[slot], no_restart=True)
-            self.dropped.add(slot)
+            self._drop(slot, regain=True)
             log.warning("decode actor %d could not be placed within train.startup_timeout_s=%gs; running without it",
                         slot, self.cfg.train.startup_timeout_s)
         self._check_every_learner_fed()

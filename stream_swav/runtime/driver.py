@@ -289,7 +289,7 @@ class Trainer:
         if failed:
             self.attach_feeders(self.pool.replace(failed, self.ledger))
         self.observer.on_shrink(self.restarts, loss.cause, learners=len(self.group.actors), step=shrunk.step,
-                                adopted=shrunk.adopted, decode_actors=len(self.pool.actors), progress=shrunk.progress,
+                                adopted=shrunk.adopted, decode_actors=self.pool.up(), progress=shrunk.progress,
                                 steps=shrunk.step - self.step, images=shrunk.images_seen - self.images_seen,
                                 images_seen=shrunk.images_seen)
         self.step, self.images_seen = shrunk.step, shrunk.images_seen
@@ -482,7 +482,7 @@ class Trainer:
             self.next_grow = time.monotonic() + self.cfg.train.resize_interval_s
             raise
         feeders = {rank: self.pool.take_in(joiner.slots, rank) for joiner, rank in zip(ready, ranks)}
-        self.observer.on_grow(len(ready), learners=len(self.group.actors), decode_actors=len(self.pool.actors))
+        self.observer.on_grow(len(ready), learners=len(self.group.actors), decode_actors=self.pool.up())
         try:
             self.group.attach(feeders)
         except LearnerFailure as err:

@@ -124,8 +124,8 @@ def learner_cost(steps: int) -> None:
                                   dtype=np.uint8),
         local_crops=np.zeros((0, batch_size, crops.local_size, crops.local_size, 3), np.uint8))
     batch.meta.labels = rng.integers(0, 10, batch_size).tolist()
-    # Warm-up; the density's bank (4,096 images) fills in 32 steps, after which it weighs.
-    for _ in range(-(-4096 // batch_size) + 1):
+    # Warm-up, until the density's bank is full (it weighs nothing before).
+    for _ in range(-(-learners["density 1.5"].cfg.curation.balance_bank // batch_size) + 1):
         for learner in learners.values():
             learner.train_step(batch)
     for _ in range(steps):

@@ -32,6 +32,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from stream_swav.config import CurationConfig
 from stream_swav.swav import FeatureQueue
 
 # A sample's weight before the batch rescaling stays within [1/MAX_RATIO, MAX_RATIO] (1 at uniform
@@ -65,7 +66,8 @@ class UsageBalance:
     and an image's weight from its group's: (groups seen * share) ** -strength. An image of no
     group (-1, or beyond `groups`), or of a group not seen yet, weighs 1; the former is not counted."""
 
-    def __init__(self, groups: int, strength: float, momentum: float, usage: Tensor) -> None:
+    def __init__(self, groups: int, strength: float, momentum: float, start: float,
+                 device: torch.device | str | None = None) -> None:
         if groups < 1:
             raise ValueError(f"groups must be >= 1, got {groups}")
         _check_strength(strength)
@@ -73,7 +75,8 @@ class UsageBalance:
             raise ValueError(f"momentum must be in [0, 1), got {momentum}")
         self.strength = strength
         self.momentum = momentum
-        self.usage = usage
+        # Each group's share before any step: `start` (0 = not seen yet).
+        self.usage = torch.full((groups,), start, device=device)
 
     def group_weights(self, groups: Tensor) -> Tensor:
         """(B,) weights, mean 1, for images of these groups (B,) int."""
@@ -114,8 +117,7 @@ class PrototypeBalance(UsageBalance):
     def __init__(self, prototypes: int, strength: float, momentum: float = 0.99,
                  device: torch.device | str | None = None) -> None:
         # Share of argmax assignments per prototype; starts uniform (every weight 1).
-        super().__init__(prototypes, strength, momentum,
-                         torch.full((max(prototypes, 1),), 1.0 / max(prototypes, 1), device=device))
+        super().__init__(prototypes, strength, momentum, 1.0 / max(prototypes, 1), device)
 
     def weights(self, scores: Tensor, z: Tensor, labels: Tensor) -> Tensor:
         """(B,) loss weights, mean 1, for samples with these prototype scores (B, K)."""
@@ -135,7 +137,7 @@ class LabelBalance(UsageBalance):
     def __init__(self, classes: int, strength: float, momentum: float = 0.99,
                  device: torch.device | str | None = None) -> None:
         # Nothing seen yet: every weight 1 until the first labelled step.
-        super().__init__(classes, strength, momentum, torch.zeros(max(classes, 1), device=device))
+        super().__init__(classes, strength, momentum, 0.0, device)
 
     def weights(self, scores: Tensor, z: Tensor, labels: Tensor) -> Tensor:
         """(B,) loss weights, mean 1, for samples of these classes (B,) (-1: none)."""
@@ -193,5 +195,23 @@ class DensityBalance:
         self.bank.load_state_dict(state)
 
 
-__all__ = ["DensityBalance", "LabelBalance", "PrototypeBalance", "UsageBalance", "MAX_RATIO", "MAX_STRENGTH",
-           "raw_weights", "relative_weights"]
+Balance = PrototypeBalance | DensityBalance | LabelBalance
+
+
+def build_balance(cfg: CurationConfig, prototypes: int, feature_dim: int,
+                  device: torch.device | str | None = None) -> Balance | None:
+    """The `curation.balance_signal` balance at `curation.balance` (None when it is 0), with its state
+    on `device`; `prototypes` and `feature_dim` are the model's (scores and projected features)."""
+    if cfg.balance == 0:
+        return None
+    if cfg.balance_signal == "prototypes":
+        return PrototypeBalance(prototypes, cfg.balance, cfg.balance_momentum, device)
+    if cfg.balance_signal == "density":
+        return DensityBalance(feature_dim, cfg.balance, cfg.balance_bandwidth, cfg.balance_bank, device)
+    if cfg.balance_signal == "label":
+        return LabelBalance(cfg.balance_classes, cfg.balance, cfg.balance_momentum, device)
+    raise ValueError(f"curation.balance_signal: unknown signal {cfg.balance_signal!r}")
+
+
+__all__ = ["build_balance", "Balance", "DensityBalance", "LabelBalance", "PrototypeBalance", "UsageBalance",
+           "MAX_RATIO", "MAX_STRENGTH", "raw_weights", "relative_weights"]

@@ -26,7 +26,7 @@ from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
 from stream_swav.augment import apply_params, sample_params
-from stream_swav.balance import DensityBalance, LabelBalance, PrototypeBalance
+from stream_swav.balance import build_balance
 from stream_swav.checkpoint import RANK_LOCAL_STATE_KEYS
 from stream_swav.codes import build_codes
 from stream_swav.config import Config
@@ -241,17 +241,8 @@ class LearnerState:
         # The code method and what it carries (a running mass, dual variables); identical on every
         # rank since its updates use all-reduced masses.
         self.codes = build_codes(swav, cfg.model.prototypes, self.device)
-        curation = cfg.curation
-        self.balance: PrototypeBalance | DensityBalance | LabelBalance | None = None
-        if curation.balance > 0 and curation.balance_signal == "density":
-            self.balance = DensityBalance(cfg.model.output_dim, curation.balance, curation.balance_bandwidth,
-                                          curation.balance_bank, device=self.device)
-        elif curation.balance > 0 and curation.balance_signal == "label":
-            self.balance = LabelBalance(curation.balance_classes, curation.balance, curation.balance_momentum,
-                                        device=self.device)
-        elif curation.balance > 0:
-            self.balance = PrototypeBalance(cfg.model.prototypes, curation.balance, curation.balance_momentum,
-                                            device=self.device)
+        # Concept balance (curation.balance): its running estimate, rank-local like the queue.
+        self.balance = build_balance(cfg.curation, cfg.model.prototypes, cfg.model.output_dim, self.device)
         self.generator = torch.Generator(device=self.device)
         self.generator.manual_seed(cfg.train.seed + rank)
         self.step = 0

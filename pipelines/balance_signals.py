@@ -2,7 +2,8 @@
 model's own view of the stream see the stream's class imbalance at all?
 
 ``python -m pipelines.balance_signals --checkpoint CKPT --shards STREAM [--strength 1]
-[--clusters 10,100] [--levels 200/20] [--density 0.2/1.5] [--bank 4096] [--max-images 0] [--seed 0]``
+[--clusters 10,100] [--levels 200/20] [--density 0.2/1.5] [--bank 4096] [--max-images 0] [--seed 0]
+[--resample MAX_SHOWS]``
 
 Every image of the shards is scored with the checkpoint's whole SwAV model, and each signal gives
 it a weight within the same cap as `curation.balance`: the group signals (K * usage of its group)
@@ -15,7 +16,13 @@ the group; the density signal as `DensityBalance` weighs:
   unlike SwAV's prototypes are not fitted under an equal-partition constraint;
 - `hkmeans-K1/K2`: two levels (Vo et al. 2024, the curation behind DINOv2's data: flat k-means
   puts centroids where the data is dense, clustering the centroids again spreads them over
-  concepts): the K1 centroids clustered into K2, an image weighed by its top-level group's usage.
+  concepts): the K1 centroids clustered into K2, an image weighed by its top-level group's usage;
+- `label`: the group is the class itself (unlabelled images weigh 1, as `LabelBalance` weighs
+  them): the perfect signal, for scale.
+
+With `--resample`, each signal's weights become the expected number of shows of each image under
+curation.balance_mode resample (`stream_swav.balance.expected_shows`, in random batches of the
+checkpoint's batch size): the columns are then the shares of what would be trained.
 
 The table gives, per class (the shards' `cls`; images without one, such as the messy stream's junk,
 are a row of their own), its share of the stream and its share of the weight under each signal,
@@ -35,7 +42,7 @@ from torch import Tensor, nn
 from stream_swav import logs
 from stream_swav.apps.evaluate import NO_LABEL, embed, load_labeled_images, pick_device
 from stream_swav.apps.gallery import load_swav_model
-from stream_swav.balance import DensityBalance, raw_weights
+from stream_swav.balance import DensityBalance, expected_shows, raw_weights
 from stream_swav.checkpoint import resolve_checkpoint
 from stream_swav.config import StorageConfig
 from stream_swav.model import SwAVModel
@@ -121,9 +128,9 @@ def density_weights(z: Tensor, bandwidth: float, strength: float, bank: int, see
     return balance.weights(z[:0], z, no_labels).double()
 
 
-def signal_weights(scores: Tensor, z: Tensor, features: Tensor, strength: float, clusters: list[int],
-                   levels: list[tuple[int, int]], densities: list[tuple[float, float]], bank: int,
-                   seed: int) -> dict[str, Tensor]:
+def signal_weights(scores: Tensor, z: Tensor, features: Tensor, labels: Tensor, strength: float,
+                   clusters: list[int], levels: list[tuple[int, int]], densities: list[tuple[float, float]],
+                   bank: int, seed: int) -> dict[str, Tensor]:
     """Every signal's weights (N,), in table order; `uniform` (all 1) is the stream as it is."""
     out = {"uniform": torch.ones(len(scores), dtype=torch.float64)}
     out["prototypes"] = group_weights(scores.argmax(dim=1), scores.shape[1], strength)
@@ -138,7 +145,21 @@ def signal_weights(scores: Tensor, z: Tensor, features: Tensor, strength: float,
         centroids, assigned = spherical_kmeans(points, fine, seed)
         _, parent = spherical_kmeans(centroids, coarse, seed)
         out[f"hkmeans-{fine}/{coarse}"] = group_weights(parent[assigned], coarse, strength)
+    known = labels != NO_LABEL
+    classes, grouped = torch.unique(labels[known], return_inverse=True)
+    out["label"] = torch.ones(len(labels), dtype=torch.float64)
+    out["label"][known] = group_weights(grouped, len(classes), strength)
     return out
+
+
+def as_resampled(weights: Tensor, batch_size: int, max_shows: int, seed: int) -> Tensor:
+    """Each image's expected shows (N,) when the stream, in batches of `batch_size` drawn at random,
+    is resampled by these weights as curation.balance_mode resample does."""
+    order = torch.randperm(len(weights), generator=torch.Generator().manual_seed(seed))
+    shows = torch.empty(len(weights), dtype=torch.float64)
+    for batch in order.split(batch_size):
+        shows[batch] = expected_shows(weights[batch], max_shows).double()
+    return shows
 
 
 def format_markdown(labels: np.ndarray, weights: dict[str, Tensor]) -> str:
@@ -168,6 +189,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--bank", type=int, default=4096, help="the density signal's bank of images")
     parser.add_argument("--max-images", type=int, default=0, help="read at most this many images (0: all)")
     parser.add_argument("--seed", type=int, default=0, help="k-means initialisation seed")
+    parser.add_argument("--resample", type=int, default=0, metavar="MAX_SHOWS",
+                        help="each signal resampling (curation.balance_mode resample with resample_max_shows "
+                             "MAX_SHOWS, batches of the checkpoint's train.batch_size) instead of weighing")
     args = parser.parse_args(argv)
     logs.configure()
     if not 0.0 <= args.strength <= 1.0:
@@ -189,11 +213,15 @@ def main(argv: list[str] | None = None) -> int:
                                       both.shape[1] - cfg.model.prototypes - cfg.model.output_dim], dim=1)
     labels = np.asarray(read.labels)
     try:
-        weights = signal_weights(scores, z, features, args.strength, clusters, levels, densities, args.bank,
-                                 args.seed)
+        weights = signal_weights(scores, z, features, torch.from_numpy(labels), args.strength, clusters, levels,
+                                 densities, args.bank, args.seed)
     except ValueError as err:
         parser.error(str(err))
-    print(f"{args.checkpoint} on {args.shards}: {len(labels):,} images, strength {args.strength:g}\n")
+    if args.resample:
+        weights = {name: w if name == "uniform" else as_resampled(w, cfg.train.batch_size, args.resample, args.seed)
+                   for name, w in weights.items()}
+    how = f", resampled (at most {args.resample} shows)" if args.resample else ""
+    print(f"{args.checkpoint} on {args.shards}: {len(labels):,} images, strength {args.strength:g}{how}\n")
     print(format_markdown(labels, weights))
     return 0
 

@@ -8,7 +8,9 @@ Conditions: `clean`, `messy` (no curation), `messy-dedup` (curation.dedup), `mes
 (and curation.balance 0.5), `messy-balance` (curation.balance 1, no dedup), `messy-dedup-equal-steps`
 (dedup, budget in images trained), `messy-density` (curation.balance 1.5 by the density of the projected
 features, no dedup), `messy-label` (curation.balance 1 by the stream's labels: the perfect signal as
-weights), `oracle` (the messy stream's distinct images balanced by their
+weights), `messy-resample-label` and `messy-resample-density` (the same signals resampling: rare
+images shown again with fresh crops, budget in images trained; `messy-dedup-resample-label` and
+`messy-dedup-resample-density` after dedup), `oracle` (the messy stream's distinct images balanced by their
 labels, `messy_stream.oracle_entries`: the ceiling of any concept balancing).
 
 1. The benchmark stream (`pipelines.messy_stream`, its knobs as given, ``--stream-seed``) under
@@ -71,6 +73,18 @@ CONDITIONS: dict[str, tuple[str, dict[str, Any], str]] = {
     "messy-density": ("messy", {"curation": {"balance": 1.5, "balance_signal": "density"}}, "read"),
     # Balance by the labels the stream carries: the perfect signal, weighing instead of resampling.
     "messy-label": ("messy", {"curation": {"balance": 1.0, "balance_signal": "label"}}, "read"),
+    # Resampling instead of weighing (curation.balance_mode resample): images the signal finds rare
+    # are shown again with fresh crops; as many images trained as `messy` (replays included), so
+    # fewer read from the stream, as `oracle`. By the labels, then by the density.
+    "messy-resample-label": ("messy", {"curation": {"balance": 1.0, "balance_signal": "label",
+                                                    "balance_mode": "resample"}}, "trained"),
+    "messy-resample-density": ("messy", {"curation": {"balance": 1.5, "balance_signal": "density",
+                                                      "balance_mode": "resample"}}, "trained"),
+    # Repeats dropped first, so that neither signal is dominated by the floods' copies.
+    "messy-dedup-resample-label": ("messy", {"curation": {"dedup": True, "balance": 1.0, "balance_signal": "label",
+                                                          "balance_mode": "resample"}}, "trained"),
+    "messy-dedup-resample-density": ("messy", {"curation": {"dedup": True, "balance": 1.5, "balance_signal": "density",
+                                                            "balance_mode": "resample"}}, "trained"),
     # The same compute as `messy`: as many images trained, so more passes read.
     "messy-dedup-equal-steps": ("messy", {"curation": {"dedup": True}}, "trained"),
     # Labels balance the distinct images perfectly: what a balancing signal could reach at best.
@@ -164,7 +178,8 @@ def run_study(args: argparse.Namespace) -> int:
             if cfg.curation.dedup and budget == "read":
                 images = round(args.images * share / cfg.global_batch) * cfg.global_batch
                 cfg = run_config(images, overrides, [], seed, str(out / "stream" / stream), str(checkpoint_dir))
-            log.info("%s seed %d: %d images trained (%d read)", name, seed, images, args.images)
+            reads = f" ({args.images} read)" if budget == "read" else " (replays or dedup's drops make the reads differ)"
+            log.info("%s seed %d: %d images trained%s", name, seed, images, reads)
             started = time.monotonic()
             if train(cfg) != 0:
                 log.error("%s seed %d: training failed; no row written", name, seed)

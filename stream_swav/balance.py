@@ -22,6 +22,11 @@ the loss keeps its scale, and each stays within MAX_RATIO either way. Three sign
   member, where the stream has one (a tag, a source, a curated class); unlabelled samples weigh 1.
   On the benchmark's labelled classes it is the perfect signal, what the others approximate.
 
+With curation.balance_mode resample, the same weights decide instead how many times each image is
+shown (`resample_shows`): the learner asks the decode actor that made the batch for those images
+again, cropped afresh, and trains the step unweighted. Measured on the benchmark, resampling by the
+labels recovers what weighing by them does not (docs/curation.md).
+
 All read only what the step has anyway (scores, projected features, the batch's labels; the
 density costs one (B x bank) product). Pure state in torch, no I/O or process group: each learner
 keeps its own estimate from its own batches (rank-local, saved per rank like the feature queue),
@@ -197,6 +202,31 @@ class DensityBalance:
 
 Balance = PrototypeBalance | DensityBalance | LabelBalance
 
+# In `resample` mode the densest tenth of a batch is shown once and every image in proportion to its
+# weight relative to them: a quantile, not the batch's one heaviest, so a single outlier (a flooded
+# repeat) does not make every other image look rare.
+RESAMPLE_REFERENCE_QUANTILE = 0.1
+
+
+def expected_shows(weights: Tensor, max_shows: int) -> Tensor:
+    """How many times each image of a batch with these weights (B,) is to be trained on average: its
+    weight over the batch's RESAMPLE_REFERENCE_QUANTILE weight, within [1, max_shows]."""
+    if max_shows < 1:
+        raise ValueError(f"max_shows must be >= 1, got {max_shows}")
+    reference = torch.quantile(weights.float(), RESAMPLE_REFERENCE_QUANTILE).clamp_min(1e-12)
+    return (weights.float() / reference).clamp(1.0, float(max_shows))
+
+
+def resample_shows(weights: Tensor, max_shows: int, generator: torch.Generator | None = None) -> Tensor:
+    """How many times to train each image (B,) int: `expected_shows` rounded up or down at random,
+    so that each count's expectation is the ratio. Resampling by these counts moves what is trained
+    towards what the weights would make of it, with every show a fresh view instead of a scaled
+    gradient."""
+    ratio = expected_shows(weights, max_shows)
+    whole = ratio.floor()
+    draw = torch.rand(ratio.shape, device=ratio.device, generator=generator)
+    return (whole + (draw < ratio - whole).to(whole.dtype)).to(torch.int64).clamp_max(max_shows)
+
 
 def build_balance(cfg: CurationConfig, prototypes: int, feature_dim: int,
                   device: torch.device | str | None = None) -> Balance | None:
@@ -213,5 +243,5 @@ def build_balance(cfg: CurationConfig, prototypes: int, feature_dim: int,
     raise ValueError(f"curation.balance_signal: unknown signal {cfg.balance_signal!r}")
 
 
-__all__ = ["build_balance", "Balance", "DensityBalance", "LabelBalance", "PrototypeBalance", "UsageBalance",
-           "MAX_RATIO", "MAX_STRENGTH", "raw_weights", "relative_weights"]
+__all__ = ["build_balance", "expected_shows", "resample_shows", "Balance", "DensityBalance", "LabelBalance", "PrototypeBalance",
+           "UsageBalance", "MAX_RATIO", "MAX_STRENGTH", "RESAMPLE_REFERENCE_QUANTILE", "raw_weights", "relative_weights"]

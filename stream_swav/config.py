@@ -479,6 +479,23 @@ class CurationConfig:
     # The density's kernel bandwidth on cosine similarity and its sample ("density").
     balance_bandwidth: float = setting(0.2, POSITIVE)
     balance_bank: int = setting(4096, POSITIVE)
+    # How the balance acts: "weigh" scales each image's loss and share of the codes; "resample" shows
+    # under-represented images again instead, with fresh crops from their decode actor, each trained
+    # about (its weight / the batch's 10th-percentile weight) times, at most resample_max_shows
+    # (docs/curation.md: on the benchmark, resampling by the labels recovers what weighing does not).
+    balance_mode: str = setting("weigh", one_of("weigh", "resample"))
+    resample_max_shows: int = setting(10, within(1, 100))
+    # At most this share of each batch is replays (the rest is read from the stream), so the stream
+    # keeps moving whatever the signal asks for; requests beyond what fits wait, then are dropped.
+    resample_share: float = setting(0.75, within(0.0, 1.0, low_open=True, high_open=True))
+    # Decoded images each decode actor keeps for replays: its latest emitted ones, and those waiting
+    # to be shown again (each bound separately). A request for an image already forgotten is missed.
+    resample_cache: int = setting(1024, POSITIVE)
+
+    def rules(self) -> Iterator[Rule]:
+        yield ("curation.balance_mode", self.balance_mode != "resample" or self.balance > 0,
+               "resample needs a signal to resample by: set curation.balance > 0 (1 aims at balanced)",
+               self.balance_mode)
 
 
 @dataclass

@@ -26,7 +26,7 @@ from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
 from stream_swav.augment import apply_params, sample_params
-from stream_swav.balance import build_balance
+from stream_swav.balance import build_balance, resample_shows
 from stream_swav.checkpoint import RANK_LOCAL_STATE_KEYS
 from stream_swav.codes import build_codes
 from stream_swav.config import Config
@@ -64,6 +64,12 @@ class StepStats:
     queue_fill: int
     nonfinite: bool
     nonfinite_in_row: int
+    # curation.balance_mode resample: how many times each image read from the stream (the batch's
+    # first rows, replays excluded) should be trained in all, (fresh,) int64 on the host, being
+    # copied from the device until `shows_ready` (a CUDA event; None when already there) has passed.
+    # Read a step late, so asking for replays does not stall the device.
+    shows: Tensor | None = None
+    shows_ready: Any = None
 
     def figures(self) -> StepFigures:
         """The scalars as Python numbers (synchronises with the device); counts are left out."""
@@ -510,10 +516,17 @@ class Learner(LearnerState):
         assign_features = z.detach().view(-1, batch_size, z.shape[1])[assign_crops]
         # With curation.balance, the first assignment crop's scores or features weigh the images, in
         # the loss and in the codes (an image's share of the prototypes' mass follows its weight).
-        weights = labels = None
-        if self.balance is not None:
+        # In resample mode the weights say instead how often each image read from the stream (not
+        # its replays, which are the batch's last rows) is shown again, and the step itself is unweighted.
+        # A batch can be all replays (its decode actor's shards ended): nothing to weigh or count then.
+        weights = labels = shows = None
+        fresh = batch_size - batch.meta.replayed
+        if self.balance is not None and fresh > 0:
             labels = batch_labels(batch, self.device)
-            weights = self.balance.weights(assign_scores[0], assign_features[0], labels)
+            weights = self.balance.weights(assign_scores[0, :fresh], assign_features[0, :fresh], labels[:fresh])
+            if cfg.curation.balance_mode == "resample":
+                shows = resample_shows(weights, cfg.curation.resample_max_shows)
+                weights = None
         queued = self.queue.features() if self.queue is not None else None
         queued_scores = queued @ self.model.prototypes.weight.detach().t() if queued is not None else None
         codes = self.codes.assign(assign_scores, queued_scores, images_before, weights)
@@ -535,8 +548,11 @@ class Learner(LearnerState):
         else:
             self.nonfinite_in_row = 0
             self.codes.commit()
-            if self.balance is not None:
-                self.balance.update(counts, assign_features[0], labels)
+            if labels is not None:
+                # The estimate is of the stream: replays would count a rare image as common.
+                fresh_counts = counts if fresh == batch_size else prototype_counts(
+                    assign_scores[:, :fresh].reshape(-1, assign_scores.shape[2]))
+                self.balance.update(fresh_counts, assign_features[0, :fresh], labels[:fresh])
             if self.step <= swav.freeze_prototypes_steps:
                 # Prototypes stay put at first (SwAV's first-epoch freeze); no gradient
                 # means no momentum or weight decay either.
@@ -565,7 +581,20 @@ class Learner(LearnerState):
             queue_fill=self.queue.fill if self.queue is not None else 0,
             nonfinite=nonfinite,
             nonfinite_in_row=self.nonfinite_in_row,
+            **self._shows_to_host(shows if not nonfinite else None),
         )
+
+    def _shows_to_host(self, shows: Tensor | None) -> dict[str, Any]:
+        """StepStats' shows and shows_ready: a copy started now, finished when its event has passed."""
+        if shows is None:
+            return {}
+        if self.device.type != "cuda":
+            return {"shows": shows}
+        host = torch.empty(shows.shape, dtype=shows.dtype, pin_memory=True)
+        host.copy_(shows, non_blocking=True)
+        ready = torch.cuda.Event()
+        ready.record()
+        return {"shows": host, "shows_ready": ready}
 
 
 __all__ = ["Learner", "LearnerState", "RANK_LOCAL_STATE_KEYS", "StepFigures", "StepStats"]

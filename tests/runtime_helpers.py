@@ -126,8 +126,11 @@ class RecordingLearner(Learner):
         stats = super().train_step(batch, step_images)
         meta = batch.meta
         pass_of = {url: pass_index for (pass_index, _), url in meta.urls.items()}
+        # Replays (curation.balance_mode resample), the batch's last rows, were not read from the stream.
+        read = len(meta.keys) - meta.replayed
         line = json.dumps({"rank": self.rank, "step": self.step,
-                           "samples": [[pass_of[key.rsplit("/", 1)[0]], key] for key in meta.keys]})
+                           "samples": [[pass_of[key.rsplit("/", 1)[0]], key] for key in meta.keys[:read]],
+                           "replays": meta.keys[read:]})
         # One write per step, flushed before the next step starts: a SIGKILL loses nothing trained.
         with open(self.log_path, "a") as f:
             f.write(line + "\n")
@@ -164,6 +167,13 @@ def read_trained(log_path: Path) -> list[TrainedSample]:
         row = json.loads(line)
         trained += [TrainedSample(row["rank"], row["step"], p, key, number) for p, key in row["samples"]]
     return trained
+
+
+def read_replays(log_path: Path) -> list[str]:
+    """The keys of every replay trained (curation.balance_mode resample), in order."""
+    if not Path(log_path).exists():
+        return []
+    return [key for line in Path(log_path).read_text().splitlines() for key in json.loads(line).get("replays", [])]
 
 
 def pass_counts(trained: list[TrainedSample], pass_index: int) -> collections.Counter:

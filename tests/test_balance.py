@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from test_learner import SyntheticStream, tiny_config
 
-from stream_swav.balance import MAX_RATIO, DensityBalance, LabelBalance, PrototypeBalance
+from stream_swav.balance import MAX_RATIO, DensityBalance, LabelBalance, PrototypeBalance, resample_shows
 from stream_swav.learner import Learner
 from stream_swav.runtime.metrics import usage_perplexity
 from stream_swav.swav import swav_loss
@@ -214,3 +214,65 @@ def test_a_learner_with_label_balance_reads_the_batch_labels():
     assert isinstance(learner.balance, LabelBalance)
     assert learner.balance.usage[0] > learner.balance.usage[3] > 0 and learner.balance.usage[1] == 0
     assert "balance_label" in learner.rank_local_state()
+
+
+def test_resample_shows_are_the_weight_over_the_batch_reference_in_expectation():
+    # A batch as the label signal weighs a 10:1 stream: 90% at 0.1 of the rare images' weight.
+    weights = torch.cat([torch.full((900,), 0.2), torch.full((100,), 2.0)])
+    generator = torch.Generator().manual_seed(0)
+    shows = torch.stack([resample_shows(weights, 10, generator) for _ in range(200)]).double()
+    assert shows.min() >= 1 and shows.max() <= 10
+    assert torch.equal(shows[:, :900], torch.ones_like(shows[:, :900]))  # the reference is shown once
+    assert torch.equal(shows[:, 900:], torch.full_like(shows[:, 900:], 10.0))  # 10 times its weight
+    # Between whole numbers, rounded at random to the ratio's expectation.
+    halves = torch.cat([torch.full((900,), 1.0), torch.full((100,), 2.5)])
+    drawn = torch.stack([resample_shows(halves, 10, generator) for _ in range(400)]).double()
+    assert set(drawn[:, 900:].unique().tolist()) == {2.0, 3.0}
+    assert drawn[:, 900:].mean().item() == pytest.approx(2.5, abs=0.02)
+    # Capped at max_shows however rare an image looks; never below once.
+    assert resample_shows(torch.tensor([1.0] * 9 + [1000.0]), 4)[-1] == 4
+    assert torch.equal(resample_shows(torch.tensor([1.0] * 19 + [0.01]), 4), torch.ones(20, dtype=torch.int64))
+    with pytest.raises(ValueError, match="max_shows"):
+        resample_shows(weights, 0)
+
+
+def test_a_resampling_learner_trains_unweighted_and_counts_only_what_it_read():
+    torch.set_num_threads(1)
+    cfg = tiny_config(curation={"balance": 1.0, "balance_signal": "label", "balance_classes": 4,
+                                "balance_momentum": 0.5, "balance_mode": "resample"})
+    stream = SyntheticStream(n_classes=4, image_size=8, seed=3)
+    learner = Learner(cfg, torch.device("cpu"))
+    batch = stream.batch(cfg)
+    batch.meta.labels = [0] * (len(batch) - 2) + [3, 3]
+    batch.meta.replayed = 1  # the last row is a replay: not counted, not asked for again
+    first = learner.train_step(batch)
+    assert first.shows.shape == (len(batch) - 1,) and first.shows_ready is None
+    torch.testing.assert_close(learner.balance.usage[[0, 3]], torch.tensor([0.5 * (len(batch) - 2) / (len(batch) - 1),
+                                                                            0.5 * 1 / (len(batch) - 1)]))
+    second = learner.train_step(batch)
+    # Class 3 is half as common as class 0 in what was read (the replay not counted): its image is
+    # shown twice, class 0's, the batch's reference, once.
+    assert second.shows.tolist() == [1, 1, 2]
+    # Unweighted: the loss is what a learner without balance computes from the same state and batch.
+    plain_cfg = tiny_config(curation={})
+    plain = Learner(plain_cfg, torch.device("cpu"))
+    plain.load_state_dict({k: v for k, v in learner.state_dict().items() if k != "balance_label"})
+    resampling = Learner(cfg, torch.device("cpu"))
+    resampling.load_state_dict(learner.state_dict())
+    torch.manual_seed(7)
+    expected = plain.train_step(batch).loss
+    torch.manual_seed(7)
+    torch.testing.assert_close(resampling.train_step(batch).loss, expected)
+
+
+def test_a_batch_of_replays_only_trains_and_leaves_the_estimate_alone():
+    torch.set_num_threads(1)
+    cfg = tiny_config(curation={"balance": 1.0, "balance_signal": "label", "balance_classes": 4,
+                                "balance_mode": "resample"})
+    learner = Learner(cfg, torch.device("cpu"))
+    batch = SyntheticStream(n_classes=4, image_size=8, seed=3).batch(cfg)
+    batch.meta.labels = [0] * len(batch)
+    batch.meta.replayed = len(batch)
+    stats = learner.train_step(batch)
+    assert torch.isfinite(stats.loss) and stats.shows is None and learner.step == 1
+    assert torch.equal(learner.balance.usage, torch.zeros(4))

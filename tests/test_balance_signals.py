@@ -7,7 +7,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pipelines.balance_signals import distance_from_uniform, format_markdown, signal_weights, spherical_kmeans
+from pipelines.balance_signals import (as_resampled, distance_from_uniform, format_markdown, signal_weights,
+                                      spherical_kmeans)
 from stream_swav.apps.evaluate import NO_LABEL
 
 # Three concepts, 10:3:1, and unlabelled images of a fourth.
@@ -40,8 +41,9 @@ def test_a_signal_that_sees_the_concepts_balances_them_and_the_stream_as_is_does
     scores = torch.zeros(len(labels), 8)
     scores[:, 0] = 1.0
     z = F.normalize(features, dim=1)
-    weights = signal_weights(scores, z, features, 1.0, [4], [(12, 4)], [(0.2, 1.0)], bank=400, seed=1)
-    assert list(weights) == ["uniform", "prototypes", "density-0.2/1", "kmeans-4", "hkmeans-12/4"]
+    weights = signal_weights(scores, z, features, torch.from_numpy(labels), 1.0, [4], [(12, 4)], [(0.2, 1.0)],
+                             bank=400, seed=1)
+    assert list(weights) == ["uniform", "prototypes", "density-0.2/1", "kmeans-4", "hkmeans-12/4", "label"]
     as_is = distance_from_uniform(labels, weights["uniform"].numpy())
     assert as_is == pytest.approx(0.5 * (abs(500 / 700 - 1 / 3) + abs(150 / 700 - 1 / 3) + abs(50 / 700 - 1 / 3)))
     assert distance_from_uniform(labels, weights["prototypes"].numpy()) == pytest.approx(as_is)
@@ -49,9 +51,27 @@ def test_a_signal_that_sees_the_concepts_balances_them_and_the_stream_as_is_does
     assert distance_from_uniform(labels, weights["hkmeans-12/4"].numpy()) < 0.05
     # Separated concepts: an image's density is its concept's share of the bank, so strength 1 balances.
     assert distance_from_uniform(labels, weights["density-0.2/1"].numpy()) < 0.05
+    # The labels balance the labelled classes exactly; unlabelled images weigh 1.
+    assert distance_from_uniform(labels, weights["label"].numpy()) == pytest.approx(0.0, abs=1e-9)
+    assert torch.equal(weights["label"][torch.from_numpy(labels == NO_LABEL)], torch.ones(SIZES[NO_LABEL],
+                                                                                           dtype=torch.float64))
 
     table = format_markdown(labels, weights)
     rows = {line.split(" | ")[0].strip("| "): line for line in table.splitlines()}
-    assert rows["0"].startswith("| 0 | 62.5% | 62.5% |") and rows["0"].endswith("| 25.0% | 25.0% |")
+    assert rows["0"].startswith("| 0 | 62.5% | 62.5% |") and rows["0"].endswith("| 25.0% | 25.0% | 29.2% |")
     assert rows["no label"].startswith("| no label | 12.5% |")
     assert f"{as_is:.3f}" in rows["distance from balanced"]
+
+
+def test_resampled_by_the_labels_the_trained_classes_move_to_balanced_up_to_the_show_cap():
+    features, labels = separated_concepts()
+    known = torch.from_numpy(labels)
+    weights = signal_weights(torch.zeros(len(labels), 4), F.normalize(features, dim=1), features, known, 1.0, [], [],
+                             [], bank=400, seed=1)
+    # 10:3:1 over 700 labelled images: resampled within 10 shows, the rare class is shown 10 times and
+    # the middle one 10/3, in batches where the common class is the reference.
+    shows = as_resampled(weights["label"], batch_size=700 + 100, max_shows=10, seed=0)
+    assert distance_from_uniform(labels, shows.numpy()) < 0.02
+    capped = as_resampled(weights["label"], batch_size=800, max_shows=2, seed=0)
+    assert 0.1 < distance_from_uniform(labels, capped.numpy()) < distance_from_uniform(labels, np.ones(len(labels)))
+

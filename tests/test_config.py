@@ -338,3 +338,13 @@ def test_min_learners_makes_the_group_elastic_and_may_not_exceed_learners():
     assert "train.learners (0: equal to it)" in str(refused(["train.learners=2", "train.min_learners=3"],
                                                             "train.min_learners"))
     refused(["train.collective_timeout_s=0"], "train.collective_timeout_s")
+
+
+def test_resampling_needs_a_balance_to_resample_by():
+    err = refused(["curation.balance_mode=resample"], "curation.balance_mode")
+    assert "curation.balance > 0" in str(err)
+    refused(["curation.balance_mode=drop"], "curation.balance_mode")
+    refused(["curation.balance=1", "curation.balance_mode=resample", "curation.resample_share=1"],
+            "curation.resample_share")
+    cfg = load_config(overrides=["curation.balance=1", "curation.balance_mode=resample"])
+    assert (cfg.curation.resample_max_shows, cfg.curation.resample_share) == (10, 0.75)

@@ -23,8 +23,8 @@ import ray
 import torch
 from conftest import colour_samples, tar_bytes, use_fake_credentials
 from prometheus_client.parser import text_string_to_metric_families
-from runtime_helpers import (RAY_ENV, WatchedTrainer, close_trainer, object_url, pass_counts, run_to_end,
-                             sample_keys, tiny_config, write_shard)
+from runtime_helpers import (RAY_ENV, WatchedTrainer, close_trainer, object_url, pass_counts, read_replays,
+                             run_to_end, sample_keys, tiny_config, write_shard)
 
 from stream_swav import storage
 from stream_swav.model import BackboneSpec, load_backbone
@@ -504,3 +504,35 @@ def test_dedup_with_two_decode_actors_and_one_killed_loses_no_image(tmp_path):
     assert len(keys) == len(set(keys))  # the cursor: no sample twice
     scenes = collections.Counter(scene_of[key] for key in keys)
     assert set(scenes) == set(range(60)) and max(scenes.values()) <= 3
+
+
+def test_resampling_shows_rare_images_again_and_reads_every_image_once(tmp_path):
+    """curation.balance_mode resample by the labels on a 9:1 stream: the learner asks its decode actor
+    for the rare class's images again, which trains them again with fresh crops, never the common
+    class's (the batch's reference); every image is still read and trained exactly once per pass,
+    and the replays are counted apart from what was read."""
+    shards = str(tmp_path / "shards")
+    rare: dict[str, bool] = {}
+    for index in range(2):
+        samples = [(f"s{index}-{n}", {"jpg": scene_jpeg(40 * index + n), "cls": b"1" if n % 10 == 3 else b"0"})
+                   for n in range(40)]
+        url = write_shard(object_url(shards, f"shard-{index}.tar"), tar_bytes(samples))
+        rare.update({f"{url}/{key}": members["cls"] == b"1" for key, members in samples})
+    cfg = tiny_config({"data": {"shards": shards},
+                       "curation": {"balance": 1.0, "balance_signal": "label", "balance_momentum": 0.5,
+                                    "balance_mode": "resample"},
+                       "checkpoint": {"dir": str(tmp_path / "ckpt")},
+                       "train": {"image_budget": 10_000, "report_interval_s": 0.2}})
+    log = tmp_path / "trained.jsonl"
+
+    def stop_after_two_passes(trainer: WatchedTrainer) -> None:
+        if trainer.ledger.cursor.pass_index >= 2:
+            trainer.request_stop("passes 0 and 1 trained")
+
+    trainer = run_to_end(cfg, log, after_chunk=stop_after_two_passes)
+    for pass_index in (0, 1):
+        assert pass_counts(trainer.trained, pass_index) == {key: 1 for key in rare}
+    replays = read_replays(log)
+    assert replays and all(rare[key] for key in replays)
+    assert trainer.metrics.registry.get_sample_value("stream_swav_curation_replays_total",
+                                                     {"outcome": "trained"}) == len(replays)

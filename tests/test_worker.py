@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import io
 import os
 import threading
 from collections import Counter
@@ -7,6 +8,7 @@ from collections import Counter
 import badsamples
 import numpy as np
 import pytest
+from PIL import Image
 from conftest import colour_of, colour_samples, tar_bytes
 
 from stream_swav.config import Config
@@ -190,3 +192,74 @@ def test_unsupported_url_fails_loudly(tmp_path):
         with pytest.raises(RuntimeError, match="reader of gs://bucket/x.tar") as info:
             worker.next_batch(2)
         assert "unsupported scheme" in str(info.value.__cause__)
+
+
+def resample_worker(cfg: Config, share: float, cache: int) -> DecodeWorker:
+    cfg.curation.balance, cfg.curation.balance_mode = 1.0, "resample"
+    cfg.curation.resample_share, cfg.curation.resample_cache = share, cache
+    cfg.validate()
+    return DecodeWorker(cfg.data, cfg.crops, cfg.storage, 0, cfg.curation)
+
+
+def test_replays_show_cached_images_again_at_the_batch_end_and_move_no_stream_position(tmp_path):
+    path = tmp_path / "s.tar"
+    path.write_bytes(tar_bytes(colour_samples(20)))
+    shard = task_for(str(path)).key
+    with resample_worker(small_config(), share=0.5, cache=8) as worker:
+        worker.assign(task_for(str(path)))
+        first = worker.next_batch(4)
+        a, b = first.meta.keys[:2]
+        # a three more times, b once; an unknown key is missed, counted by shows asked.
+        second = worker.next_batch(4, replays=[(a, 3), (b, 1), (f"{path}/img-99999", 2)])
+        third = worker.next_batch(4)
+        fourth = worker.next_batch(4)
+        fifth = worker.next_batch(4)
+        # Half of each batch at most: two replays, then the stream fills the rest.
+        assert (second.meta.replayed, third.meta.replayed, fourth.meta.replayed, fifth.meta.replayed) == (2, 1, 1, 0)
+        assert second.meta.keys[-2:] == [a, b] and third.meta.keys[-1] == a and fourth.meta.keys[-1] == a
+        assert len(second) == len(third) == len(fifth) == 4
+        assert (second.meta.replays_missed, third.meta.replays_missed) == (2, 0)
+        # Replays carry their image's pixels and label, and are not read from the stream.
+        for batch in (second, third, fourth):
+            for i in range(len(batch) - batch.meta.replayed, len(batch)):
+                number = int(batch.meta.keys[i].rsplit("-", 1)[1])
+                assert batch.meta.labels[i] == number
+                mean = batch.global_crops[:, i].reshape(-1, 3).mean(axis=0)
+                assert np.abs(mean - colour_of(number)).max() < 6
+        assert [b.meta.progress[shard] for b in (first, second, third, fourth, fifth)] == [4, 6, 9, 12, 16]
+        fresh = [k for batch in (first, second, third, fourth, fifth)
+                 for k in batch.meta.keys[:len(batch) - batch.meta.replayed]]
+        assert len(set(fresh)) == len(fresh) == 16
+        # Only the latest `resample_cache` (8) emitted images are kept: the first batch's are gone.
+        later = worker.next_batch(4, replays=[(first.meta.keys[2], 1), (fifth.meta.keys[0], 1)])
+        assert later.meta.replays_missed == 1 and later.meta.keys[-1] == fifth.meta.keys[0]
+
+
+def png_of(pixels: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+def test_a_replay_is_cropped_afresh(tmp_path):
+    rng = np.random.default_rng(0)
+    samples = [(f"noise-{n:05d}", {"png": png_of(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8))})
+               for n in range(4)]
+    path = tmp_path / "noise.tar"
+    path.write_bytes(tar_bytes(samples))
+    with resample_worker(small_config(), share=0.5, cache=8) as worker:
+        worker.assign(task_for(str(path)))
+        first = worker.next_batch(2)
+        again = worker.next_batch(2, replays=[(first.meta.keys[0], 1)])
+    assert again.meta.keys[-1] == first.meta.keys[0] and again.meta.replayed == 1
+    assert not np.array_equal(again.global_crops[:, -1], first.global_crops[:, 0])
+
+
+def test_without_resampling_replay_requests_are_all_missed(tmp_path):
+    path = tmp_path / "s.tar"
+    path.write_bytes(tar_bytes(colour_samples(6)))
+    with make_worker(small_config(), 0) as worker:
+        worker.assign(task_for(str(path)))
+        first = worker.next_batch(3)
+        second = worker.next_batch(3, replays=[(first.meta.keys[0], 2)])
+    assert second.meta.replayed == 0 and second.meta.replays_missed == 2 and len(second) == 3

@@ -38,6 +38,13 @@ class BatchMeta:
     # Samples decoded but dropped by curation, by reason ("duplicate"), since the previous batch of
     # the same worker. Like skipped ones, they count as consumed in `progress`.
     dropped: Counter = field(default_factory=Counter)
+    # The batch's last `replayed` samples are replays (curation.balance_mode: resample): images
+    # trained before, shown again with fresh crops at a learner's request. They are not read from the
+    # stream, so `progress` does not count them; their keys repeat earlier ones.
+    replayed: int = 0
+    # Replays asked for since the previous batch of the same worker that could not be made: the
+    # image was no longer cached, or the waiting requests were full.
+    replays_missed: int = 0
     # Hashes the worker's seen-set held when this batch was made (0 without curation.dedup).
     seen_hashes: int = 0
     # Bytes pulled from storage for this batch, re-reads after errors included.

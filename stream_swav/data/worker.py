@@ -13,6 +13,13 @@ is hashed there and offered to the worker's `SeenSet` before it is cropped; a
 repeat is dropped and counted, and its position counts as consumed like a
 skipped sample's. Samples are offered in the order their batches are trained,
 so the set can be cut back to any trained point (`SeenSet.trained_state`).
+
+With curation.balance_mode resample, the worker keeps its latest decoded images
+(`curation.resample_cache`) so that a learner can ask for some of them again
+(`next_batch`'s `replays`: keys and how many more times). A replay is cropped
+afresh and goes at the end of a later batch, one show per image per batch, up
+to `curation.resample_share` of the batch; it is not read from the stream, so
+it moves no stream position.
 """
 from __future__ import annotations
 
@@ -20,11 +27,12 @@ import logging
 import queue
 import threading
 import time
-from collections import deque
+from collections import OrderedDict, deque
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+from PIL import Image
 
 from stream_swav.config import CropsConfig, CurationConfig, DataConfig, StorageConfig
 from stream_swav.curation import SeenSet, perceptual_hash
@@ -77,6 +85,14 @@ class DecodeWorker:
         if curation is not None and curation.dedup:
             self.seen = SeenSet(curation.seen_capacity, max_distance=curation.dedup_max_distance,
                                 max_repeats=curation.max_repeats)
+        # Resampling: images emitted lately (key -> (image, label)), and those asked for again, as
+        # [key, image, label, shows left], served round-robin; each bounded by resample_cache.
+        self._resample = curation is not None and curation.balance_mode == "resample" and curation.balance > 0
+        self._cache_size = curation.resample_cache if curation is not None else 0
+        self._replay_share = curation.resample_share if curation is not None else 0.0
+        self._recent: OrderedDict[str, tuple[Image.Image, int]] = OrderedDict()
+        self._replays: deque[list[Any]] = deque()
+        self._replays_missed = 0
 
     @property
     def assigned(self) -> int:
@@ -91,22 +107,29 @@ class DecodeWorker:
         self._tasks[task.key] = task
         self._waiting.append(task.key)
 
-    def next_batch(self, batch_size: int) -> CropBatch | None:
+    def next_batch(self, batch_size: int, replays: list[tuple[str, int]] | None = None) -> CropBatch | None:
         """Up to `batch_size` decoded samples with their stream bookkeeping.
 
         Short when the assigned shards run out. A batch may hold no samples at
         all but still report finished shards, positions and errors (a shard
         whose last samples were all bad): pass its bookkeeping on like any
         other. None only when there was nothing left to report.
+
+        `replays` asks for images of earlier batches of this worker again, as
+        (key, further shows); those waiting fill the end of this batch and the
+        next ones (`BatchMeta.replayed`).
         """
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         if self._stop.is_set():
             raise RuntimeError("worker is closed")
+        self._ask_replays(replays or [])
         crops: list[PerImageCrops] = []
         meta = BatchMeta()
         touched = False
-        while len(crops) < batch_size:
+        # Replays take at most their share of the batch, so the stream moves on whatever is asked.
+        replay_slots = min(len(self._replays), int(self._replay_share * batch_size))
+        while len(crops) < batch_size - replay_slots:
             self._start_readers()
             if not self._readers:
                 break
@@ -119,18 +142,32 @@ class DecodeWorker:
             if item.sample is not None:
                 meta.progress[item.shard] = item.position + 1
                 meta.urls[item.shard] = task.url
-                image_crops = self._crop(item, meta)
-                if image_crops is not None:
-                    crops.append(image_crops)
-                    meta.keys.append(f"{task.url}/{item.sample.key}")
+                image = self._admit(item, meta)
+                if image is not None:
+                    key = f"{task.url}/{item.sample.key}"
                     label = parse_label(item.sample.meta.get("cls"))
-                    meta.labels.append(-1 if label is None else label)
+                    label = -1 if label is None else label
+                    crops.append(crop_image(image, self._geometry, self._rng))
+                    meta.keys.append(key)
+                    meta.labels.append(label)
+                    self._remember(key, image, label)
             if item.report is not None:
                 self._finish(item.shard)
                 meta.finished.append(item.shard)
                 meta.errors.update(item.report.errors)
         if not touched:
             return None
+        for _ in range(replay_slots):
+            entry = self._replays.popleft()
+            key, image, label, left = entry
+            crops.append(crop_image(image, self._geometry, self._rng))
+            meta.keys.append(key)
+            meta.labels.append(label)
+            meta.replayed += 1
+            if left > 1:
+                entry[3] = left - 1
+                self._replays.append(entry)
+        meta.replays_missed, self._replays_missed = self._replays_missed, 0
         global_crops, local_crops = stack_crops(crops, self._geometry)
         meta.made_at = time.time()
         meta.seen_hashes = len(self.seen) if self.seen is not None else 0
@@ -191,8 +228,25 @@ class DecodeWorker:
         self._readers.pop(shard).join()
         del self._tasks[shard]
 
-    def _crop(self, item: _Item, meta: BatchMeta) -> PerImageCrops | None:
-        """The crops of a reader's sample, or None (counted in `meta`) when it is skipped or dropped."""
+    def _remember(self, key: str, image: Image.Image, label: int) -> None:
+        """Keep an emitted image for a replay request, the oldest forgotten first."""
+        if not self._resample:
+            return
+        self._recent[key] = (image, label)
+        if len(self._recent) > self._cache_size:
+            self._recent.popitem(last=False)
+
+    def _ask_replays(self, replays: list[tuple[str, int]]) -> None:
+        """Queue a learner's replay requests; one for an image forgotten, or beyond what may wait, is missed."""
+        for key, shows in replays:
+            kept = self._recent.pop(key, None)
+            if kept is None or len(self._replays) >= self._cache_size:
+                self._replays_missed += shows
+                continue
+            self._replays.append([key, kept[0], kept[1], shows])
+
+    def _admit(self, item: _Item, meta: BatchMeta) -> Image.Image | None:
+        """A reader's sample decoded, or None (counted in `meta`) when it is skipped or dropped."""
         sample = item.sample
         if sample.error is not None:
             meta.errors[sample.error] += 1
@@ -205,7 +259,7 @@ class DecodeWorker:
         if self.seen is not None and not self.seen.admit(perceptual_hash(image), item.shard, item.position):
             meta.dropped["duplicate"] += 1
             return None
-        return crop_image(image, self._geometry, self._rng)
+        return image
 
     def _read_shard(self, task: ShardTask) -> None:
         data = self.data

@@ -58,7 +58,9 @@ class DecodeActorImpl:
         for task in tasks:
             self.worker.assign(task)
 
-    def next_batch(self, batch_size: int) -> Any:
+    def next_batch(self, batch_size: int, replays: list[tuple[str, int]] | None = None) -> Any:
+        if replays:
+            return self.worker.next_batch(batch_size, replays)
         return self.worker.next_batch(batch_size)
 
     def seen_state(self, trained: dict[str, Any], newest: int | None) -> dict[str, Any] | None:
@@ -163,6 +165,9 @@ class LearnerActorImpl:
         self.view = GroupView()
         # (step, feeder slot, batch) of a step that failed in a collective, until `settle`.
         self.attempt: tuple[int, int, Any] | None = None
+        # (feeder slot, the batch's keys, its StepStats) of the last step that asked for replays
+        # (curation.balance_mode resample), read one step later so the device is not waited on.
+        self.replays_due: tuple[int, list[str], Any] | None = None
 
     def address(self) -> tuple[str, int]:
         return ray.util.get_node_ip_address(), free_port()
@@ -231,6 +236,17 @@ class LearnerActorImpl:
             else:
                 self.feed.put_back(slot, batch)
         return self.learner.step
+
+    def _ask_replays(self) -> None:
+        """Hand the replays the last step asked for to the feeder that made its batch: each image
+        read from the stream that is to be shown more than once, with how many more times."""
+        if self.replays_due is None:
+            return
+        slot, keys, stats = self.replays_due
+        self.replays_due = None
+        if stats.shows_ready is not None:
+            stats.shows_ready.synchronize()
+        self.feed.ask_replays(slot, [(key, shows - 1) for key, shows in zip(keys, stats.shows.tolist()) if shows > 1])
 
     def attach(self, feeders: dict[int, Any]) -> None:
         """Pull from these decode actors (slot -> handle), replacing the feeders of those slots."""
@@ -310,6 +326,9 @@ class LearnerActorImpl:
                 report.interrupted = first_line(err)
                 break
             self.attempt = None
+            self._ask_replays()
+            if last.shows is not None:
+                self.replays_due = (slot, batch.meta.keys, last)
             for rank, (pending, trained) in votes.bookkeeping.items():
                 pending.merge(trained)
                 self.view.commit(rank, pending)
@@ -322,6 +341,7 @@ class LearnerActorImpl:
             # Every rank sees the same (all-reduced) verdict, so all stop here together.
             if last.nonfinite_in_row >= max_nonfinite:
                 break
+        self._ask_replays()
         # A sample of the latencies is enough for percentiles, and keeps the report small.
         report.latency_s = report.latency_s[::math.ceil(len(report.latency_s) / 100) or 1]
         # Decode actors keep working while the driver handles this report.

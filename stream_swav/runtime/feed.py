@@ -40,6 +40,8 @@ class _Feeder:
     # Oldest first: ObjectRefs of requests in flight, possibly a fetched CropBatch at the front.
     items: collections.deque = field(default_factory=collections.deque)
     idle_until: float = 0.0
+    # Replays (key, further shows) to ask for with the next request (curation.balance_mode resample).
+    replays: list = field(default_factory=list)
 
 
 class Feed:
@@ -101,6 +103,12 @@ class Feed:
         if slot in self.feeders:
             self.feeders[slot].items.appendleft(batch)
 
+    def ask_replays(self, slot: int, replays: list[tuple[str, int]]) -> None:
+        """Ask feeder `slot` for these images of its batches again, with its next request; a feeder
+        gone (replaced since) takes nothing: its successor never had those images."""
+        if slot in self.feeders and replays:
+            self.feeders[slot].replays.extend(replays)
+
     def take_failed(self) -> list[int]:
         failed, self.failed = self.failed, []
         return failed
@@ -112,7 +120,12 @@ class Feed:
             if now < feeder.idle_until:
                 continue
             while len(feeder.items) < self.inflight:
-                feeder.items.append(feeder.handle.next_batch.remote(self.batch_size))
+                if feeder.replays:
+                    request = feeder.handle.next_batch.remote(self.batch_size, feeder.replays)
+                    feeder.replays = []
+                else:
+                    request = feeder.handle.next_batch.remote(self.batch_size)
+                feeder.items.append(request)
 
     def _in_turn(self) -> list[tuple[int, _Feeder]]:
         """Feeders in round-robin order, starting after the one that gave the last batch."""

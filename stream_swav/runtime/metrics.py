@@ -132,6 +132,12 @@ class Metrics(_Exporter):
                                          "(duplicate); they count as read, never as trained.", ("reason",))
         # Served from the start (at 0), so that rate() over a run with nothing dropped yet is 0, not absent.
         self._curation_dropped.labels(reason="duplicate")
+        self._curation_replays = counter("curation_replays", "Replays of images read before (curation.balance_mode "
+                                         "resample), by outcome: trained (counted in images trained, not read), or "
+                                         "missed (the decode actor had forgotten the image, or its requests were full).",
+                                         ("outcome",))
+        for outcome in ("trained", "missed"):
+            self._curation_replays.labels(outcome=outcome)
         self._curation_seen_hashes = gauge("curation_seen_hashes",
                                            "Hashes held by the fullest decode actor's seen-set (curation.dedup; "
                                            "at most curation.seen_capacity).")
@@ -212,6 +218,10 @@ class Metrics(_Exporter):
         for reason, count in dropped.items():
             self._curation_dropped.labels(reason=reason).inc(count)
         self._curation_seen_hashes.set(seen_hashes)
+
+    def count_replays(self, trained: int, missed: int) -> None:
+        self._curation_replays.labels(outcome="trained").inc(trained)
+        self._curation_replays.labels(outcome="missed").inc(missed)
 
     def count_reads(self, *, bytes_read: int = 0, shards_completed: int = 0) -> None:
         self._bytes_read.inc(bytes_read)

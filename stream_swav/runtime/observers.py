@@ -53,6 +53,8 @@ class RunObserver:
         self.collapsed = False
         self.decode_errors = 0
         self.curation_dropped = 0
+        self.replayed = 0
+        self.replays_missed = 0
         self.progress = ProgressLine(total=cfg.train.image_budget or None, seconds=cfg.train.time_budget_s or None,
                                      unit="images", enabled=cfg.train.progress_bar)
         self._last_log = time.monotonic()
@@ -138,6 +140,10 @@ class RunObserver:
             # A chunk that trained no batch knows nothing of the seen-sets: the gauge keeps its value.
             m.count_curation(progress.dropped, progress.seen_hashes)
             self.curation_dropped += sum(progress.dropped.values())
+        if progress.replayed or progress.replays_missed:
+            m.count_replays(progress.replayed, progress.replays_missed)
+            self.replayed += progress.replayed
+            self.replays_missed += progress.replays_missed
         m.count_reads(bytes_read=progress.bytes_read, shards_completed=len(progress.finished))
 
     def on_shrink(self, failures: int, cause: str, *, learners: int, step: int, adopted: int,
@@ -187,6 +193,8 @@ class RunObserver:
         self._logged_step = s.step
         curation = (f" | repeats dropped {self.curation_dropped} | seen-set {s.progress.seen_hashes}"
                     if self.cfg.curation.dedup else "")
+        if self.cfg.curation.balance_mode == "resample" and self.cfg.curation.balance > 0:
+            curation += f" | replayed {self.replayed} (missed {self.replays_missed})"
         log.info("step %d | %d images | %.1f img/s | loss %.4f | perplexity %.1f/%d | spread %.2f | scores %.3f "
                  "| input-wait %.0f%% | decode errors %d%s | lr %.4g", s.step, s.images_seen, self.throughput.rate(),
                  s.loss, self.usage.perplexity(), self.cfg.model.prototypes, s.feature_spread, s.score_spread,

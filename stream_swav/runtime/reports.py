@@ -29,6 +29,9 @@ class Progress:
     bytes_read: int = 0
     # The fullest decode worker seen-set among the batches (hashes held).
     seen_hashes: int = 0
+    # Replays trained (not read from the stream) and replay requests missed (curation.balance_mode resample).
+    replayed: int = 0
+    replays_missed: int = 0
 
     def add(self, meta: BatchMeta) -> None:
         for key, position in meta.progress.items():
@@ -39,6 +42,8 @@ class Progress:
         self.dropped.update(meta.dropped)
         self.bytes_read += meta.bytes_read
         self.seen_hashes = max(self.seen_hashes, meta.seen_hashes)
+        self.replayed += meta.replayed
+        self.replays_missed += meta.replays_missed
 
     @classmethod
     def of(cls, meta: BatchMeta) -> "Progress":
@@ -55,6 +60,8 @@ class Progress:
         self.dropped.update(other.dropped)
         self.bytes_read += other.bytes_read
         self.seen_hashes = max(self.seen_hashes, other.seen_hashes)
+        self.replayed += other.replayed
+        self.replays_missed += other.replays_missed
 
 
 @dataclass

@@ -537,6 +537,16 @@ class Config:
                                      ("crops.local_size", self.crops.local_size, self.crops.local_count)):
                 yield (key, not count or size % patch == 0,
                        f"a ViT's crops must be a multiple of its patch size ({patch})", size)
+        curation = self.curation
+        if curation.balance_mode == "resample":
+            # A replay request reaches the decode actor a step late, behind the requests in flight.
+            held = (self.data.inflight_batches_per_actor + 2) * self.train.batch_size
+            yield ("curation.resample_cache", curation.resample_cache >= held,
+                   f"must hold the images emitted while a replay request comes back, "
+                   f"(data.inflight_batches_per_actor + 2) x train.batch_size = {held}", curation.resample_cache)
+            yield ("curation.resample_share", int(curation.resample_share * self.train.batch_size) >= 1,
+                   f"leaves no room for a replay in a batch of train.batch_size={self.train.batch_size}",
+                   curation.resample_share)
         assign = self.swav.crops_for_assign
         yield ("swav.crops_for_assign", len(assign) >= 1 and len(set(assign)) == len(assign)
                and all(0 <= i < self.total_crops for i in assign),

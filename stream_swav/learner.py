@@ -525,7 +525,8 @@ class Learner(LearnerState):
             labels = batch_labels(batch, self.device)
             weights = self.balance.weights(assign_scores[0, :fresh], assign_features[0, :fresh], labels[:fresh])
             if cfg.curation.balance_mode == "resample":
-                shows = resample_shows(weights, cfg.curation.resample_max_shows)
+                # The rank's own generator: ranks must not round alike, and it is checkpointed.
+                shows = resample_shows(weights, cfg.curation.resample_max_shows, self.generator)
                 weights = None
         queued = self.queue.features() if self.queue is not None else None
         queued_scores = queued @ self.model.prototypes.weight.detach().t() if queued is not None else None

@@ -348,3 +348,9 @@ def test_resampling_needs_a_balance_to_resample_by():
             "curation.resample_share")
     cfg = load_config(overrides=["curation.balance=1", "curation.balance_mode=resample"])
     assert (cfg.curation.resample_max_shows, cfg.curation.resample_share) == (10, 0.75)
+    # The cache must outlast a replay request's way back: (inflight + 2) batches.
+    err = refused(["curation.balance=1", "curation.balance_mode=resample", "train.batch_size=512"],
+                  "curation.resample_cache")
+    assert "= 2048" in str(err)
+    refused(["curation.balance=1", "curation.balance_mode=resample", "train.batch_size=2", "curation.resample_share=0.4"],
+            "curation.resample_share")

@@ -197,6 +197,8 @@ def test_unsupported_url_fails_loudly(tmp_path):
 def resample_worker(cfg: Config, share: float, cache: int) -> DecodeWorker:
     cfg.curation.balance, cfg.curation.balance_mode = 1.0, "resample"
     cfg.curation.resample_share, cfg.curation.resample_cache = share, cache
+    # The learners' side the cache must cover (the worker is asked for its own batch sizes below).
+    cfg.train.batch_size, cfg.data.inflight_batches_per_actor = 2, 1
     cfg.validate()
     return DecodeWorker(cfg.data, cfg.crops, cfg.storage, 0, cfg.curation)
 
@@ -263,3 +265,19 @@ def test_without_resampling_replay_requests_are_all_missed(tmp_path):
         first = worker.next_batch(3)
         second = worker.next_batch(3, replays=[(first.meta.keys[0], 2)])
     assert second.meta.replayed == 0 and second.meta.replays_missed == 2 and len(second) == 3
+
+
+def test_a_large_image_is_kept_for_replays_at_the_side_the_crops_need(tmp_path):
+    rng = np.random.default_rng(1)
+    path = tmp_path / "big.tar"
+    path.write_bytes(tar_bytes([("big-00000", {"png": png_of(rng.integers(0, 256, (200, 300, 3), dtype=np.uint8))}),
+                                ("big-00001", {"png": png_of(rng.integers(0, 256, (200, 300, 3), dtype=np.uint8))})]))
+    with resample_worker(small_config(), share=0.5, cache=8) as worker:
+        worker.assign(task_for(str(path)))
+        first = worker.next_batch(1)
+        (image, _), = worker._recent.values()
+        assert image.size == (24, 16)  # the shorter side at the global crop's 16 px
+        again = worker.next_batch(1, replays=[(first.meta.keys[0], 1)])
+        # A batch of one leaves no room (half of 1 is 0): the replay waits for a batch with fresh rows.
+        assert again.meta.replayed == 0 and len(again) == 1
+        assert worker.next_batch(2) is None  # the shards are done: nothing fresh, so no replay either

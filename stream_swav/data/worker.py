@@ -157,6 +157,8 @@ class DecodeWorker:
                 meta.errors.update(item.report.errors)
         if not touched:
             return None
+        # A batch cut short by the end of its shards keeps the share too (none without fresh rows).
+        replay_slots = min(replay_slots, int(self._replay_share / (1.0 - self._replay_share) * len(crops)))
         for _ in range(replay_slots):
             entry = self._replays.popleft()
             key, image, label, left = entry
@@ -229,10 +231,16 @@ class DecodeWorker:
         del self._tasks[shard]
 
     def _remember(self, key: str, image: Image.Image, label: int) -> None:
-        """Keep an emitted image for a replay request, the oldest forgotten first."""
+        """Keep an emitted image for a replay request, the oldest forgotten first; at the side the
+        largest crop needs, as JPEG draft mode decodes it, so that a large PNG does not hold ~100 MB."""
         if not self._resample:
             return
+        scale = self._min_side / min(image.size)
+        if scale < 1.0:
+            image = image.resize((max(1, round(image.width * scale)), max(1, round(image.height * scale))),
+                                 Image.Resampling.BILINEAR)
         self._recent[key] = (image, label)
+        self._recent.move_to_end(key)
         if len(self._recent) > self._cache_size:
             self._recent.popitem(last=False)
 

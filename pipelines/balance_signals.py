@@ -18,7 +18,7 @@ the group; the density signal as `DensityBalance` weighs:
   puts centroids where the data is dense, clustering the centroids again spreads them over
   concepts): the K1 centroids clustered into K2, an image weighed by its top-level group's usage;
 - `label`: the group is the class itself (unlabelled images weigh 1, as `LabelBalance` weighs
-  them): the perfect signal, for scale.
+  them, and are shown once when resampled): the perfect signal, for scale.
 
 With `--resample`, each signal's weights become the expected number of shows of each image under
 curation.balance_mode resample (`stream_swav.balance.expected_shows`, in random batches of the
@@ -152,13 +152,14 @@ def signal_weights(scores: Tensor, z: Tensor, features: Tensor, labels: Tensor, 
     return out
 
 
-def as_resampled(weights: Tensor, batch_size: int, max_shows: int, seed: int) -> Tensor:
+def as_resampled(weights: Tensor, batch_size: int, max_shows: int, seed: int, placed: Tensor | None = None) -> Tensor:
     """Each image's expected shows (N,) when the stream, in batches of `batch_size` drawn at random,
-    is resampled by these weights as curation.balance_mode resample does."""
+    is resampled by these weights as curation.balance_mode resample does (images not `placed`, (N,)
+    bool, shown once)."""
     order = torch.randperm(len(weights), generator=torch.Generator().manual_seed(seed))
     shows = torch.empty(len(weights), dtype=torch.float64)
     for batch in order.split(batch_size):
-        shows[batch] = expected_shows(weights[batch], max_shows).double()
+        shows[batch] = expected_shows(weights[batch], max_shows, None if placed is None else placed[batch]).double()
     return shows
 
 
@@ -218,7 +219,10 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as err:
         parser.error(str(err))
     if args.resample:
-        weights = {name: w if name == "uniform" else as_resampled(w, cfg.train.batch_size, args.resample, args.seed)
+        # As LabelBalance places them: an unlabelled image is shown once.
+        labelled = torch.from_numpy(labels != NO_LABEL)
+        weights = {name: w if name == "uniform" else as_resampled(w, cfg.train.batch_size, args.resample, args.seed,
+                                                                  labelled if name == "label" else None)
                    for name, w in weights.items()}
     how = f", resampled (at most {args.resample} shows)" if args.resample else ""
     print(f"{args.checkpoint} on {args.shards}: {len(labels):,} images, strength {args.strength:g}{how}\n")

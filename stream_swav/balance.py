@@ -95,6 +95,10 @@ class UsageBalance:
         weights = torch.where(known, of_group, torch.ones_like(shares[:1]))
         return weights / weights.mean()
 
+    def placed(self, labels: Tensor) -> Tensor | None:
+        """Which samples the signal can say anything about (None: all)."""
+        return None
+
     def fold(self, counts: Tensor) -> None:
         """Fold in one step's counts per group (K,); a step that counted none changes nothing."""
         counts = counts.to(self.usage.dtype)
@@ -148,6 +152,12 @@ class LabelBalance(UsageBalance):
         """(B,) loss weights, mean 1, for samples of these classes (B,) (-1: none)."""
         return self.group_weights(labels)
 
+    def placed(self, labels: Tensor) -> Tensor:
+        """(B,) bool: which samples the estimate has an opinion on (a class it has seen). The rest
+        weigh 1 when weighed, and are shown once when resampled: nothing says they are rare."""
+        known = (labels >= 0) & (labels < len(self.usage))
+        return known & (self.usage[labels.clamp(0, len(self.usage) - 1)] > 0)
+
     def update(self, counts: Tensor, z: Tensor, labels: Tensor) -> None:
         """Fold in one step's labels (B,) (-1 and classes beyond the estimate are not counted)."""
         # A masked count with a fixed shape: no host-device sync on a GPU, as boolean indexing has.
@@ -183,6 +193,10 @@ class DensityBalance:
         weights = relative_weights(density / density.mean(), self.strength)
         return weights / weights.mean()
 
+    def placed(self, labels: Tensor) -> Tensor | None:
+        """Every sample has a density (None: all placed)."""
+        return None
+
     def update(self, counts: Tensor, z: Tensor, labels: Tensor) -> None:
         """Store one step's projected features (B, dim) over the bank's oldest."""
         self.bank.push(z.unsqueeze(0))
@@ -208,21 +222,27 @@ Balance = PrototypeBalance | DensityBalance | LabelBalance
 RESAMPLE_REFERENCE_QUANTILE = 0.1
 
 
-def expected_shows(weights: Tensor, max_shows: int) -> Tensor:
+def expected_shows(weights: Tensor, max_shows: int, placed: Tensor | None = None) -> Tensor:
     """How many times each image of a batch with these weights (B,) is to be trained on average: its
-    weight over the batch's RESAMPLE_REFERENCE_QUANTILE weight, within [1, max_shows]."""
+    weight over the RESAMPLE_REFERENCE_QUANTILE weight of the batch's images the signal `placed`
+    (B,) bool (default: all), within [1, max_shows]; an image not placed is shown once."""
     if max_shows < 1:
         raise ValueError(f"max_shows must be >= 1, got {max_shows}")
-    reference = torch.quantile(weights.float(), RESAMPLE_REFERENCE_QUANTILE).clamp_min(1e-12)
-    return (weights.float() / reference).clamp(1.0, float(max_shows))
+    weights = weights.float()
+    if placed is not None:
+        # NaN rather than a boolean index: no device sync; a batch with none placed has no reference.
+        weights = torch.where(placed, weights, torch.nan)
+    reference = torch.nanquantile(weights, RESAMPLE_REFERENCE_QUANTILE).nan_to_num(1.0).clamp_min(1e-12)
+    return (weights / reference).nan_to_num(1.0).clamp(1.0, float(max_shows))
 
 
-def resample_shows(weights: Tensor, max_shows: int, generator: torch.Generator | None = None) -> Tensor:
+def resample_shows(weights: Tensor, max_shows: int, generator: torch.Generator | None = None,
+                   placed: Tensor | None = None) -> Tensor:
     """How many times to train each image (B,) int: `expected_shows` rounded up or down at random,
     so that each count's expectation is the ratio. Resampling by these counts moves what is trained
     towards what the weights would make of it, with every show a fresh view instead of a scaled
     gradient."""
-    ratio = expected_shows(weights, max_shows)
+    ratio = expected_shows(weights, max_shows, placed)
     whole = ratio.floor()
     draw = torch.rand(ratio.shape, device=ratio.device, generator=generator)
     return (whole + (draw < ratio - whole).to(whole.dtype)).to(torch.int64).clamp_max(max_shows)

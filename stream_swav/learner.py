@@ -525,8 +525,10 @@ class Learner(LearnerState):
             labels = batch_labels(batch, self.device)
             weights = self.balance.weights(assign_scores[0, :fresh], assign_features[0, :fresh], labels[:fresh])
             if cfg.curation.balance_mode == "resample":
-                # The rank's own generator: ranks must not round alike, and it is checkpointed.
-                shows = resample_shows(weights, cfg.curation.resample_max_shows, self.generator)
+                # The rank's own generator: ranks must not round alike, and it is checkpointed. Only
+                # what the signal can place is shown more than once (unlabelled junk is not rare).
+                shows = resample_shows(weights, cfg.curation.resample_max_shows, self.generator,
+                                       self.balance.placed(labels[:fresh]))
                 weights = None
         queued = self.queue.features() if self.queue is not None else None
         queued_scores = queued @ self.model.prototypes.weight.detach().t() if queued is not None else None

@@ -276,3 +276,22 @@ def test_a_batch_of_replays_only_trains_and_leaves_the_estimate_alone():
     stats = learner.train_step(batch)
     assert torch.isfinite(stats.loss) and stats.shows is None and learner.step == 1
     assert torch.equal(learner.balance.usage, torch.zeros(4))
+
+
+def test_only_what_the_signal_places_is_shown_again():
+    # Half the batch unlabelled at weight 1 (a class at its fair share), the rest a 9:1 split.
+    weights = torch.cat([torch.ones(50), torch.full((45,), 0.2), torch.full((5,), 1.8)])
+    placed = torch.arange(100) >= 50
+    shows = resample_shows(weights, 10, torch.Generator().manual_seed(0), placed)
+    assert torch.equal(shows[:50], torch.ones(50, dtype=torch.int64))  # unplaced: once, whatever their weight
+    assert torch.equal(shows[50:95], torch.ones(45, dtype=torch.int64))  # the reference among the placed
+    assert torch.equal(shows[95:], torch.full((5,), 9, dtype=torch.int64))
+    # Without the mask the unplaced images, five times the reference's weight, are shown five times.
+    assert resample_shows(weights, 10, torch.Generator().manual_seed(0))[:50].eq(5).all()
+    # None placed: every image once.
+    assert resample_shows(weights, 10, placed=torch.zeros(100, dtype=torch.bool)).eq(1).all()
+    balance = LabelBalance(classes=4, strength=1.0)
+    balance.update(NO_LABELS, NO_FEATURES, torch.tensor([0, 0, 1]))
+    assert balance.placed(torch.tensor([0, 1, 2, -1, 7])).tolist() == [True, True, False, False, False]
+    assert PrototypeBalance(4, 1.0).placed(torch.tensor([0])) is None
+

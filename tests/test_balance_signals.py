@@ -74,4 +74,9 @@ def test_resampled_by_the_labels_the_trained_classes_move_to_balanced_up_to_the_
     assert distance_from_uniform(labels, shows.numpy()) < 0.02
     capped = as_resampled(weights["label"], batch_size=800, max_shows=2, seed=0)
     assert 0.1 < distance_from_uniform(labels, capped.numpy()) < distance_from_uniform(labels, np.ones(len(labels)))
+    # Unlabelled images placed nowhere are shown once; otherwise as a class at its fair share.
+    labelled = known != NO_LABEL
+    placed = as_resampled(weights["label"], batch_size=800, max_shows=10, seed=0, placed=labelled)
+    assert placed[~labelled].eq(1).all() and shows[~labelled].gt(2).all()
+    assert distance_from_uniform(labels, placed.numpy()) < 0.02
 

@@ -83,7 +83,8 @@ class NullDecodeWorker:
     def assign(self, task: Any) -> None:
         self.open.append([task, task.start])
 
-    def next_batch(self, batch_size: int) -> CropBatch | None:
+    def next_batch(self, batch_size: int, replays: list[tuple[str, int]] | None = None) -> CropBatch | None:
+        # Replay requests (curation.balance_mode resample) are not served: the stand-in keeps no images.
         if not self.open:
             return None
         meta = BatchMeta()

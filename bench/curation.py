@@ -82,7 +82,7 @@ def read_everything(shards: list[Path], cfg: Config) -> tuple[float, int, int, i
     images on average, as a learner would."""
     started = time.process_time()
     read = kept = trained = 0
-    resample = cfg.curation.balance_mode == "resample"
+    resample = cfg.curation.resampling
     rng = np.random.default_rng(0)
     replays: list[tuple[str, int]] = []
     with DecodeWorker(cfg.data, cfg.crops, cfg.storage, 0, cfg.curation) as worker:

@@ -83,15 +83,20 @@ class UsageBalance:
         # Each group's share before any step: `start` (0 = not seen yet).
         self.usage = torch.full((groups,), start, device=device)
 
+    def lookup(self, groups: Tensor) -> tuple[Tensor, Tensor]:
+        """(B,) bool, which of these groups (B,) int the estimate holds (not -1, not beyond it), and
+        (B,) the groups clamped into range, for indexing without a host-device sync."""
+        return (groups >= 0) & (groups < len(self.usage)), groups.clamp(0, len(self.usage) - 1)
+
     def group_weights(self, groups: Tensor) -> Tensor:
         """(B,) weights, mean 1, for images of these groups (B,) int."""
-        known = (groups >= 0) & (groups < len(self.usage))
+        known, index = self.lookup(groups)
         # Relative to the groups seen so far, so a stream of 10 classes of 1,000 possible is not
         # read as 100 times under-represented; no host-side check, so no device sync.
         shares = self.usage / self.usage.sum().clamp_min(1e-12)
         # A group not seen yet has no estimate: it weighs 1 until it has one.
         relative = torch.where(self.usage > 0, shares * torch.count_nonzero(self.usage), 1.0)
-        of_group = relative_weights(relative, self.strength)[groups.clamp(0, len(self.usage) - 1)]
+        of_group = relative_weights(relative, self.strength)[index]
         weights = torch.where(known, of_group, torch.ones_like(shares[:1]))
         return weights / weights.mean()
 
@@ -155,15 +160,14 @@ class LabelBalance(UsageBalance):
     def placed(self, labels: Tensor) -> Tensor:
         """(B,) bool: which samples the estimate has an opinion on (a class it has seen). The rest
         weigh 1 when weighed, and are shown once when resampled: nothing says they are rare."""
-        known = (labels >= 0) & (labels < len(self.usage))
-        return known & (self.usage[labels.clamp(0, len(self.usage) - 1)] > 0)
+        known, index = self.lookup(labels)
+        return known & (self.usage[index] > 0)
 
     def update(self, counts: Tensor, z: Tensor, labels: Tensor) -> None:
         """Fold in one step's labels (B,) (-1 and classes beyond the estimate are not counted)."""
         # A masked count with a fixed shape: no host-device sync on a GPU, as boolean indexing has.
-        known = (labels >= 0) & (labels < len(self.usage))
-        counts = torch.zeros_like(self.usage).index_add_(0, labels.clamp(0, len(self.usage) - 1),
-                                                          known.to(self.usage.dtype))
+        known, index = self.lookup(labels)
+        counts = torch.zeros_like(self.usage).index_add_(0, index, known.to(self.usage.dtype))
         self.fold(counts)
 
 

@@ -492,6 +492,11 @@ class CurationConfig:
     # to be shown again (each bound separately). A request for an image already forgotten is missed.
     resample_cache: int = setting(1024, POSITIVE)
 
+    @property
+    def resampling(self) -> bool:
+        """Whether images are resampled (validation refuses resample mode without a balance)."""
+        return self.balance_mode == "resample" and self.balance > 0
+
     def rules(self) -> Iterator[Rule]:
         yield ("curation.balance_mode", self.balance_mode != "resample" or self.balance > 0,
                "resample needs a signal to resample by: set curation.balance > 0 (1 aims at balanced)",
@@ -538,7 +543,7 @@ class Config:
                 yield (key, not count or size % patch == 0,
                        f"a ViT's crops must be a multiple of its patch size ({patch})", size)
         curation = self.curation
-        if curation.balance_mode == "resample":
+        if curation.resampling:
             # A replay request reaches the decode actor a step late, behind the requests in flight.
             held = (self.data.inflight_batches_per_actor + 2) * self.train.batch_size
             yield ("curation.resample_cache", curation.resample_cache >= held,

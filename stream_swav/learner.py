@@ -524,7 +524,7 @@ class Learner(LearnerState):
         if self.balance is not None and fresh > 0:
             labels = batch_labels(batch, self.device)
             weights = self.balance.weights(assign_scores[0, :fresh], assign_features[0, :fresh], labels[:fresh])
-            if cfg.curation.balance_mode == "resample":
+            if cfg.curation.resampling:
                 # The rank's own generator: ranks must not round alike, and it is checkpointed. Only
                 # what the signal can place is shown more than once (unlabelled junk is not rare).
                 shows = resample_shows(weights, cfg.curation.resample_max_shows, self.generator,

@@ -87,7 +87,7 @@ class DecodeWorker:
                                 max_repeats=curation.max_repeats)
         # Resampling: images emitted lately (key -> (image, label)), and those asked for again, as
         # [key, image, label, shows left], served round-robin; each bounded by resample_cache.
-        self._resample = curation is not None and curation.balance_mode == "resample" and curation.balance > 0
+        self._resample = curation is not None and curation.resampling
         self._cache_size = curation.resample_cache if curation is not None else 0
         self._replay_share = curation.resample_share if curation is not None else 0.0
         self._recent: OrderedDict[str, tuple[Image.Image, int]] = OrderedDict()

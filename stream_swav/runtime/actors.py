@@ -59,9 +59,7 @@ class DecodeActorImpl:
             self.worker.assign(task)
 
     def next_batch(self, batch_size: int, replays: list[tuple[str, int]] | None = None) -> Any:
-        if replays:
-            return self.worker.next_batch(batch_size, replays)
-        return self.worker.next_batch(batch_size)
+        return self.worker.next_batch(batch_size, replays)
 
     def seen_state(self, trained: dict[str, Any], newest: int | None) -> dict[str, Any] | None:
         return self.worker.seen_state(trained, newest)

@@ -120,12 +120,8 @@ class Feed:
             if now < feeder.idle_until:
                 continue
             while len(feeder.items) < self.inflight:
-                if feeder.replays:
-                    request = feeder.handle.next_batch.remote(self.batch_size, feeder.replays)
-                    feeder.replays = []
-                else:
-                    request = feeder.handle.next_batch.remote(self.batch_size)
-                feeder.items.append(request)
+                feeder.items.append(feeder.handle.next_batch.remote(self.batch_size, feeder.replays))
+                feeder.replays = []
 
     def _in_turn(self) -> list[tuple[int, _Feeder]]:
         """Feeders in round-robin order, starting after the one that gave the last batch."""

@@ -193,7 +193,7 @@ class RunObserver:
         self._logged_step = s.step
         curation = (f" | repeats dropped {self.curation_dropped} | seen-set {s.progress.seen_hashes}"
                     if self.cfg.curation.dedup else "")
-        if self.cfg.curation.balance_mode == "resample" and self.cfg.curation.balance > 0:
+        if self.cfg.curation.resampling:
             curation += f" | replayed {self.replayed} (missed {self.replays_missed})"
         log.info("step %d | %d images | %.1f img/s | loss %.4f | perplexity %.1f/%d | spread %.2f | scores %.3f "
                  "| input-wait %.0f%% | decode errors %d%s | lr %.4g", s.step, s.images_seen, self.throughput.rate(),

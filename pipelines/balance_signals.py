@@ -40,7 +40,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from stream_swav import logs
-from stream_swav.apps.evaluate import NO_LABEL, embed, load_labeled_images, pick_device
+from stream_swav.apps.evaluate import embed, pick_device
+from stream_swav.data.labelled import NO_LABEL, load_labeled_images
 from stream_swav.apps.gallery import load_swav_model
 from stream_swav.balance import DensityBalance, expected_shows, raw_weights
 from stream_swav.checkpoint import resolve_checkpoint

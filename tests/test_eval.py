@@ -17,14 +17,13 @@ from stream_swav.apps.evaluate import (
     one_copy_of_equal_channels,
     knn_top1,
     linear_probe_top1,
-    load_labeled_images,
     pixel_features,
     random_backbone,
-    resize_center_crop,
     resolve_checkpoint,
     standardised,
 )
 from stream_swav.apps.datasets import procedural_dataset
+from stream_swav.data.labelled import load_labeled_images, resize_center_crop
 from stream_swav.apps.make_shards import array_samples
 from stream_swav.apps.make_shards import ShardSample, write_shards
 from stream_swav.config import StorageConfig, config_from_dict

@@ -16,7 +16,7 @@ from test_curation import scene
 from test_learner import SyntheticStream, tiny_config
 
 from stream_swav import cli
-from stream_swav.apps.evaluate import NO_LABEL, load_labeled_images
+from stream_swav.data.labelled import NO_LABEL, load_labeled_images
 from stream_swav.apps.gallery import MIN_WIDTH_PX, make_gallery, prototype_rows, replay_dedup
 from stream_swav.checkpoint import save_checkpoint
 from stream_swav.config import CurationConfig, StorageConfig

@@ -12,7 +12,8 @@ import torch.nn.functional as F
 from PIL import Image, ImageColor
 
 from pipelines import longtail
-from stream_swav.apps.evaluate import EvalData, LabeledImages
+from stream_swav.apps.evaluate import EvalData
+from stream_swav.data.labelled import LabeledImages
 from pipelines.longtail import zipf_subset
 from stream_swav.apps.datasets import find_fashion_mnist, load_split
 from stream_swav.config import StorageConfig

@@ -81,7 +81,8 @@ def test_feature_kinds_of_a_resnet_read_its_stages():
     import torch
 
     from pipelines.quality import FEATURE_KINDS, feature_sets
-    from stream_swav.apps.evaluate import EvalData, LabeledImages, random_backbone
+    from stream_swav.apps.evaluate import EvalData, random_backbone
+    from stream_swav.data.labelled import LabeledImages
     from stream_swav.model import BackboneSpec
 
     images = torch.randint(0, 256, (6, 28, 28, 3), dtype=torch.uint8)

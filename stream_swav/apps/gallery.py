@@ -36,7 +36,8 @@ import torch
 from torch import Tensor, nn
 
 from stream_swav import plotting, storage
-from stream_swav.apps.evaluate import embed, load_labeled_images, pick_device
+from stream_swav.apps.evaluate import embed, pick_device
+from stream_swav.data.labelled import load_labeled_images
 from stream_swav.balance import raw_weights
 from stream_swav.checkpoint import STATE, ResolvedCheckpoint, load_checkpoint, resolve_checkpoint
 from stream_swav.config import Config, CurationConfig, StorageConfig, UsageError, config_from_dict

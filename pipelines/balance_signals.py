@@ -3,7 +3,7 @@ model's own view of the stream see the stream's class imbalance at all?
 
 ``python -m pipelines.balance_signals --checkpoint CKPT --shards STREAM [--strength 1]
 [--clusters 10,100] [--levels 200/20] [--density 0.2/1.5] [--bank 4096] [--max-images 0] [--seed 0]
-[--resample MAX_SHOWS]``
+[--resample MAX_SHOWS] [--reference SHARDS --reference-images 200 --reference-similarity -1]``
 
 Every image of the shards is scored with the checkpoint's whole SwAV model, and each signal gives
 it a weight within the same cap as `curation.balance`: the group signals (K * usage of its group)
@@ -17,6 +17,9 @@ the group; the density signal as `DensityBalance` weighs:
 - `hkmeans-K1/K2`: two levels (Vo et al. 2024, the curation behind DINOv2's data: flat k-means
   puts centroids where the data is dense, clustering the centroids again spreads them over
   concepts): the K1 centroids clustered into K2, an image weighed by its top-level group's usage;
+- `reference-R`: the group is the most similar of R images of a curated reference (`--reference`),
+  in the projected space, as `curation.balance_signal: reference` weighs (an image less similar to
+  every one than `--reference-similarity` weighs 1 and is shown once);
 - `label`: the group is the class itself (unlabelled images weigh 1, as `LabelBalance` weighs
   them, and are shown once when resampled): the perfect signal, for scale.
 
@@ -43,7 +46,7 @@ from stream_swav import logs
 from stream_swav.apps.evaluate import embed, pick_device
 from stream_swav.data.labelled import NO_LABEL, load_labeled_images
 from stream_swav.apps.gallery import load_swav_model
-from stream_swav.balance import DensityBalance, expected_shows, raw_weights
+from stream_swav.balance import DensityBalance, ReferenceBalance, expected_shows, raw_weights
 from stream_swav.checkpoint import resolve_checkpoint
 from stream_swav.config import StorageConfig
 from stream_swav.model import SwAVModel
@@ -129,11 +132,27 @@ def density_weights(z: Tensor, bandwidth: float, strength: float, bank: int, see
     return balance.weights(z[:0], z, no_labels).double()
 
 
+def reference_weights(z: Tensor, references: Tensor, similarity: float, strength: float) -> tuple[Tensor, Tensor]:
+    """Each image's weight (N,) under `ReferenceBalance` with these anchors (R, dim), the usage being
+    the share of the stream's placed images at each, and which images it places (N,) bool."""
+    balance = ReferenceBalance(len(references), strength, min_similarity=similarity)
+    balance.set_anchors(references)
+    anchor = balance.nearest(z)
+    placed = anchor >= 0
+    weights = torch.ones(len(z), dtype=torch.float64)
+    if placed.any():
+        weights[placed] = group_weights(anchor[placed], len(references), strength)
+    return weights, placed
+
+
 def signal_weights(scores: Tensor, z: Tensor, features: Tensor, labels: Tensor, strength: float,
                    clusters: list[int], levels: list[tuple[int, int]], densities: list[tuple[float, float]],
-                   bank: int, seed: int) -> dict[str, Tensor]:
-    """Every signal's weights (N,), in table order; `uniform` (all 1) is the stream as it is."""
+                   bank: int, seed: int, references: Tensor | None = None,
+                   reference_similarity: float = -1.0) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+    """Every signal's weights (N,), in table order (`uniform`, all 1, is the stream as it is), and for
+    the signals that place only some images (`label`, `reference-R`), which (N,) bool."""
     out = {"uniform": torch.ones(len(scores), dtype=torch.float64)}
+    placed = {}
     out["prototypes"] = group_weights(scores.argmax(dim=1), scores.shape[1], strength)
     for bandwidth, density_strength in densities:
         out[f"density-{bandwidth:g}/{density_strength:g}"] = density_weights(z, bandwidth, density_strength, bank,
@@ -146,11 +165,15 @@ def signal_weights(scores: Tensor, z: Tensor, features: Tensor, labels: Tensor, 
         centroids, assigned = spherical_kmeans(points, fine, seed)
         _, parent = spherical_kmeans(centroids, coarse, seed)
         out[f"hkmeans-{fine}/{coarse}"] = group_weights(parent[assigned], coarse, strength)
+    if references is not None:
+        name = f"reference-{len(references)}"
+        out[name], placed[name] = reference_weights(z, references, reference_similarity, strength)
     known = labels != NO_LABEL
     classes, grouped = torch.unique(labels[known], return_inverse=True)
     out["label"] = torch.ones(len(labels), dtype=torch.float64)
     out["label"][known] = group_weights(grouped, len(classes), strength)
-    return out
+    placed["label"] = known
+    return out, placed
 
 
 def as_resampled(weights: Tensor, batch_size: int, max_shows: int, seed: int, placed: Tensor | None = None) -> Tensor:
@@ -194,6 +217,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--resample", type=int, default=0, metavar="MAX_SHOWS",
                         help="each signal resampling (curation.balance_mode resample with resample_max_shows "
                              "MAX_SHOWS, batches of the checkpoint's train.batch_size) instead of weighing")
+    parser.add_argument("--reference", help="shards of a curated reference: adds the reference signal's column")
+    parser.add_argument("--reference-images", type=int, default=200,
+                        help="the reference's images read, each an anchor (curation.balance_reference_images)")
+    parser.add_argument("--reference-similarity", type=float, default=-1.0,
+                        help="an image is placed when this similar to an anchor "
+                             "(curation.balance_reference_similarity)")
     args = parser.parse_args(argv)
     logs.configure()
     if not 0.0 <= args.strength <= 1.0:
@@ -214,16 +243,22 @@ def main(argv: list[str] | None = None) -> int:
     scores, z, features = both.split([cfg.model.prototypes, cfg.model.output_dim,
                                       both.shape[1] - cfg.model.prototypes - cfg.model.output_dim], dim=1)
     labels = np.asarray(read.labels)
+    references = None
+    if args.reference:
+        reference = load_labeled_images(args.reference, cfg.crops.global_size, storage_cfg, cfg.data,
+                                        args.reference_images, unlabelled=True)
+        references = embed(ScoresAndFeatures(model), reference.images, cfg.augment.mean, cfg.augment.std, BATCH_SIZE,
+                           pick_device("auto"))[:, cfg.model.prototypes:cfg.model.prototypes + cfg.model.output_dim]
     try:
-        weights = signal_weights(scores, z, features, torch.from_numpy(labels), args.strength, clusters, levels,
-                                 densities, args.bank, args.seed)
+        weights, placed = signal_weights(scores, z, features, torch.from_numpy(labels), args.strength, clusters,
+                                         levels, densities, args.bank, args.seed, references,
+                                         args.reference_similarity)
     except ValueError as err:
         parser.error(str(err))
     if args.resample:
-        # As LabelBalance places them: an unlabelled image is shown once.
-        labelled = torch.from_numpy(labels != NO_LABEL)
+        # As the balances place them: an image a signal cannot place (unlabelled, near no anchor) is shown once.
         weights = {name: w if name == "uniform" else as_resampled(w, cfg.train.batch_size, args.resample, args.seed,
-                                                                  labelled if name == "label" else None)
+                                                                  placed.get(name))
                    for name, w in weights.items()}
     how = f", resampled (at most {args.resample} shows)" if args.resample else ""
     print(f"{args.checkpoint} on {args.shards}: {len(labels):,} images, strength {args.strength:g}{how}\n")

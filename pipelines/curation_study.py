@@ -10,7 +10,8 @@ Conditions: `clean`, `messy` (no curation), `messy-dedup` (curation.dedup), `mes
 features, no dedup), `messy-label` (curation.balance 1 by the stream's labels: the perfect signal as
 weights), `messy-resample-label` and `messy-resample-density` (the same signals resampling: rare
 images shown again with fresh crops, budget in images trained; `messy-dedup-resample-label` and
-`messy-dedup-resample-density` after dedup), `oracle` (the messy stream's distinct images balanced by their
+`messy-dedup-resample-density` after dedup; `messy-resample-reference` and
+`messy-dedup-resample-reference` by a curated reference: 200 images of the clean stream), `oracle` (the messy stream's distinct images balanced by their
 labels, `messy_stream.oracle_entries`: the ceiling of any concept balancing).
 
 1. The benchmark stream (`pipelines.messy_stream`, its knobs as given, ``--stream-seed``) under
@@ -59,6 +60,11 @@ log = logging.getLogger("stream_swav.curation_study")
 # the demo's stride-1 stem costs twice the time per image).
 RECIPE: dict[str, Any] = {"model": {"stem_stride": 2}}
 
+# The reference signal's settings; {stream} is OUT/stream.
+REFERENCE: dict[str, Any] = {"balance": 1.0, "balance_signal": "reference", "balance_reference": "{stream}/clean",
+                             "balance_reference_images": 200, "balance_momentum": 0.998,
+                             "balance_reference_similarity": 0.6}
+
 # condition -> (stream folder under OUT/stream, recipe overrides, whether the budget counts images read
 # (a dedup run trains fewer) or trained)
 CONDITIONS: dict[str, tuple[str, dict[str, Any], str]] = {
@@ -85,6 +91,13 @@ CONDITIONS: dict[str, tuple[str, dict[str, Any], str]] = {
                                                           "balance_mode": "resample"}}, "trained"),
     "messy-dedup-resample-density": ("messy", {"curation": {"dedup": True, "balance": 1.5, "balance_signal": "density",
                                                             "balance_mode": "resample"}}, "trained"),
+    # Resampling by a curated reference (DINOv2's retrieval, online): 200 images of the clean stream
+    # (about 20 per class, unlabelled to the run) are the anchors; a stream image's anchor is its most
+    # similar one, if cosine similarity 0.6 is reached (junk mostly is not: docs/curation.md); a slow
+    # estimate, as 200 anchors share each batch.
+    "messy-resample-reference": ("messy", {"curation": {**REFERENCE, "balance_mode": "resample"}}, "trained"),
+    "messy-dedup-resample-reference": ("messy", {"curation": {**REFERENCE, "dedup": True,
+                                                              "balance_mode": "resample"}}, "trained"),
     # The same compute as `messy`: as many images trained, so more passes read.
     "messy-dedup-equal-steps": ("messy", {"curation": {"dedup": True}}, "trained"),
     # Labels balance the distinct images perfectly: what a balancing signal could reach at best.
@@ -168,6 +181,9 @@ def run_study(args: argparse.Namespace) -> int:
         for name in names:
             stream, overrides, budget = CONDITIONS[name]
             overrides = merge_dicts(RECIPE, overrides)
+            if "balance_reference" in overrides.get("curation", {}):
+                overrides["curation"]["balance_reference"] = overrides["curation"]["balance_reference"].format(
+                    stream=out / "stream")
             done = [r for r in read_jsonl(results) if (r["condition"], r["seed"], r["images_read"]) ==
                     (name, seed, args.images) and r.get("stream", asdict(messy_stream.MessySpec())) == asdict(spec)]
             if done:

@@ -4,7 +4,7 @@ DINOv2's retrieval-based balancing does offline. A weight counts twice: in the l
 image's share of the mass in the codes' transport (`stream_swav.swav.sinkhorn`), so that the
 prototypes are shared out over the weighted batch, as over a batch drawn balanced. Nothing is
 dropped (the stream cursor is untouched); the weights are rescaled to mean 1 over the batch, so
-the loss keeps its scale, and each stays within MAX_RATIO either way. Three signals
+the loss keeps its scale, and each stays within MAX_RATIO either way. Four signals
 (curation.balance_signal):
 
 - `PrototypeBalance` ("prototypes"): a running estimate of how often the network prefers each
@@ -21,6 +21,10 @@ the loss keeps its scale, and each stays within MAX_RATIO either way. Three sign
 - `LabelBalance` ("label"): the running share of the class each sample carries in its `cls`
   member, where the stream has one (a tag, a source, a curated class); unlabelled samples weigh 1.
   On the benchmark's labelled classes it is the perfect signal, what the others approximate.
+- `ReferenceBalance` ("reference"): the running share of the stream nearest to each image of a
+  curated reference (shards of images drawn balanced over the concepts wanted), embedded by the
+  model as it trains: DINOv2's retrieval around curated sets, online. Images near no reference
+  image (junk, for a reference of real concepts) are left alone.
 
 With curation.balance_mode resample, the same weights decide instead how many times each image is
 shown (`resample_shows`): the learner asks the decode actor that made the batch for those images
@@ -28,7 +32,8 @@ again, cropped afresh, and trains the step unweighted. Measured on the benchmark
 labels recovers what weighing by them does not (docs/curation.md).
 
 All read only what the step has anyway (scores, projected features, the batch's labels; the
-density costs one (B x bank) product). Pure state in torch, no I/O or process group: each learner
+density costs one (B x bank) product, the reference one (B x anchors) product and, every
+curation.balance_reference_refresh steps, a forward pass over the reference). Pure state in torch, no I/O or process group: each learner
 keeps its own estimate from its own batches (rank-local, saved per rank like the feature queue),
 which needs no collective per step.
 """
@@ -88,6 +93,11 @@ class UsageBalance:
         (B,) the groups clamped into range, for indexing without a host-device sync."""
         return (groups >= 0) & (groups < len(self.usage)), groups.clamp(0, len(self.usage) - 1)
 
+    def seen(self, groups: Tensor) -> Tensor:
+        """(B,) bool: which of these groups (B,) the estimate holds and has seen."""
+        known, index = self.lookup(groups)
+        return known & (self.usage[index] > 0)
+
     def group_weights(self, groups: Tensor) -> Tensor:
         """(B,) weights, mean 1, for images of these groups (B,) int."""
         known, index = self.lookup(groups)
@@ -100,8 +110,8 @@ class UsageBalance:
         weights = torch.where(known, of_group, torch.ones_like(shares[:1]))
         return weights / weights.mean()
 
-    def placed(self, labels: Tensor) -> Tensor | None:
-        """Which samples the signal can say anything about (None: all)."""
+    def placed(self, scores: Tensor, z: Tensor, labels: Tensor) -> Tensor | None:
+        """(B,) bool: which samples the signal can say anything about (None: all)."""
         return None
 
     def fold(self, counts: Tensor) -> None:
@@ -157,11 +167,10 @@ class LabelBalance(UsageBalance):
         """(B,) loss weights, mean 1, for samples of these classes (B,) (-1: none)."""
         return self.group_weights(labels)
 
-    def placed(self, labels: Tensor) -> Tensor:
+    def placed(self, scores: Tensor, z: Tensor, labels: Tensor) -> Tensor:
         """(B,) bool: which samples the estimate has an opinion on (a class it has seen). The rest
         weigh 1 when weighed, and are shown once when resampled: nothing says they are rare."""
-        known, index = self.lookup(labels)
-        return known & (self.usage[index] > 0)
+        return self.seen(labels)
 
     def update(self, counts: Tensor, z: Tensor, labels: Tensor) -> None:
         """Fold in one step's labels (B,) (-1 and classes beyond the estimate are not counted)."""
@@ -169,6 +178,70 @@ class LabelBalance(UsageBalance):
         known, index = self.lookup(labels)
         counts = torch.zeros_like(self.usage).index_add_(0, index, known.to(self.usage.dtype))
         self.fold(counts)
+
+
+class ReferenceBalance(UsageBalance):
+    """Balance against a curated reference: DINOv2's retrieval-based balancing, online. The groups
+    are the reference's images (a set drawn balanced over concepts, given as shards), embedded by
+    the current model (`set_anchors`, refreshed as it trains); a stream image belongs to the anchor
+    its projected feature is most similar to, if at least `min_similarity`, and weighs (anchors seen
+    * its anchor's running share) ** -strength. Anchors spread evenly over concepts, so an anchor's
+    share of the stream says how over-represented its concept is, where the prototypes (shared out
+    equally by Sinkhorn) and the density (high for a tight concept, frequent or not) do not. An
+    image near no anchor (junk, for a reference of real concepts) is not placed: it weighs 1, is
+    shown once, and is not counted."""
+
+    STATE_KEY = "balance_reference"
+
+    def __init__(self, anchors: int, strength: float, momentum: float = 0.99, min_similarity: float = -1.0,
+                 device: torch.device | str | None = None) -> None:
+        # Nothing seen yet: every weight 1 until the first step with anchors.
+        super().__init__(anchors, strength, momentum, 0.0, device)
+        if not -1.0 <= min_similarity <= 1.0:
+            raise ValueError(f"min_similarity must be in [-1, 1], got {min_similarity}")
+        self.min_similarity = min_similarity
+        # (anchors, dim) unit rows: the reference as the model now sees it; None until set.
+        self.anchors: Tensor | None = None
+
+    def set_anchors(self, features: Tensor) -> None:
+        """The reference's projected features (anchors, dim), in the reference's order."""
+        if features.dim() != 2 or len(features) != len(self.usage):
+            raise ValueError(f"anchors: expected ({len(self.usage)}, dim) features, got {tuple(features.shape)}")
+        self.anchors = torch.nn.functional.normalize(features.detach().float(), dim=1).to(self.usage.device)
+
+    def nearest(self, z: Tensor) -> Tensor:
+        """(B,) the anchor each projected feature (B, dim) belongs to; -1 where none is similar enough
+        (or no anchors are set yet)."""
+        if self.anchors is None:
+            return torch.full((len(z),), -1, dtype=torch.int64, device=z.device)
+        best = (z.float() @ self.anchors.t()).max(dim=1)
+        return torch.where(best.values >= self.min_similarity, best.indices, -1)
+
+    def weights(self, scores: Tensor, z: Tensor, labels: Tensor) -> Tensor:
+        """(B,) loss weights, mean 1, for samples with these projected features z (B, dim)."""
+        return self.group_weights(self.nearest(z))
+
+    def placed(self, scores: Tensor, z: Tensor, labels: Tensor) -> Tensor:
+        """(B,) bool: samples near an anchor the estimate has seen."""
+        return self.seen(self.nearest(z))
+
+    def update(self, counts: Tensor, z: Tensor, labels: Tensor) -> None:
+        """Fold in one step's projected features (B, dim) by their anchors (images near none are
+        not counted)."""
+        known, index = self.lookup(self.nearest(z))
+        self.fold(torch.zeros_like(self.usage).index_add_(0, index, known.to(self.usage.dtype)))
+
+    def check_state(self, state: object) -> None:
+        """A saved estimate over another number of anchors (the reference changed) is not an error:
+        `load_state_dict` starts afresh then."""
+        usage = state.get("usage") if isinstance(state, dict) else None
+        if not isinstance(usage, Tensor) or usage.dim() != 1 or not torch.isfinite(usage).all():
+            raise ValueError("balance state: usage must be a finite 1-D tensor")
+
+    def load_state_dict(self, state: dict[str, Tensor]) -> None:
+        self.check_state(state)
+        if state["usage"].shape == self.usage.shape:
+            self.usage.copy_(state["usage"])
 
 
 class DensityBalance:
@@ -197,7 +270,7 @@ class DensityBalance:
         weights = relative_weights(density / density.mean(), self.strength)
         return weights / weights.mean()
 
-    def placed(self, labels: Tensor) -> Tensor | None:
+    def placed(self, scores: Tensor, z: Tensor, labels: Tensor) -> Tensor | None:
         """Every sample has a density (None: all placed)."""
         return None
 
@@ -218,7 +291,7 @@ class DensityBalance:
         self.bank.load_state_dict(state)
 
 
-Balance = PrototypeBalance | DensityBalance | LabelBalance
+Balance = PrototypeBalance | DensityBalance | LabelBalance | ReferenceBalance
 
 # In `resample` mode the densest tenth of a batch is shown once and every image in proportion to its
 # weight relative to them: a quantile, not the batch's one heaviest, so a single outlier (a flooded
@@ -253,9 +326,10 @@ def resample_shows(weights: Tensor, max_shows: int, generator: torch.Generator |
 
 
 def build_balance(cfg: CurationConfig, prototypes: int, feature_dim: int,
-                  device: torch.device | str | None = None) -> Balance | None:
+                  device: torch.device | str | None = None, references: int = 0) -> Balance | None:
     """The `curation.balance_signal` balance at `curation.balance` (None when it is 0), with its state
-    on `device`; `prototypes` and `feature_dim` are the model's (scores and projected features)."""
+    on `device`; `prototypes` and `feature_dim` are the model's (scores and projected features),
+    `references` the reference's images (the "reference" signal's anchors)."""
     if cfg.balance == 0:
         return None
     if cfg.balance_signal == "prototypes":
@@ -264,8 +338,12 @@ def build_balance(cfg: CurationConfig, prototypes: int, feature_dim: int,
         return DensityBalance(feature_dim, cfg.balance, cfg.balance_bandwidth, cfg.balance_bank, device)
     if cfg.balance_signal == "label":
         return LabelBalance(cfg.balance_classes, cfg.balance, cfg.balance_momentum, device)
+    if cfg.balance_signal == "reference":
+        if references < 1:
+            raise ValueError("curation.balance_reference: the reference signal needs reference images")
+        return ReferenceBalance(references, cfg.balance, cfg.balance_momentum, cfg.balance_reference_similarity, device)
     raise ValueError(f"curation.balance_signal: unknown signal {cfg.balance_signal!r}")
 
 
 __all__ = ["build_balance", "expected_shows", "resample_shows", "Balance", "DensityBalance", "LabelBalance", "PrototypeBalance",
-           "UsageBalance", "MAX_RATIO", "MAX_STRENGTH", "RESAMPLE_REFERENCE_QUANTILE", "raw_weights", "relative_weights"]
+           "ReferenceBalance", "UsageBalance", "MAX_RATIO", "MAX_STRENGTH", "RESAMPLE_REFERENCE_QUANTILE", "raw_weights", "relative_weights"]

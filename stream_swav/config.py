@@ -470,15 +470,25 @@ class CurationConfig:
     # usage); "density", the image's kernel density among the last balance_bank images' projected
     # features (bandwidth balance_bandwidth), which compresses the imbalance, so 1.5-2 is needed;
     # "label", the running share of the class in the sample's `cls` member (below balance_classes;
-    # unlabelled samples weigh 1).
+    # unlabelled samples weigh 1); "reference", the running share of the stream that is nearest to
+    # the same image of a curated reference (balance_reference: shards of images drawn balanced over
+    # the concepts wanted, as DINOv2 retrieves around curated sets), embedded by the model as it trains.
     balance: float = setting(0.0, within(0.0, 2.0))
-    balance_signal: str = setting("prototypes", one_of("prototypes", "density", "label"))
+    balance_signal: str = setting("prototypes", one_of("prototypes", "density", "label", "reference"))
     # Momentum of each learner's running estimate of prototype or class usage (per step).
     balance_momentum: float = setting(0.99, within(0.0, 1.0, high_open=True))
     balance_classes: int = setting(1000, POSITIVE)
     # The density's kernel bandwidth on cosine similarity and its sample ("density").
     balance_bandwidth: float = setting(0.2, POSITIVE)
     balance_bank: int = setting(4096, POSITIVE)
+    # "reference": its shards (folder, s3:// prefix, brace pattern or .txt list), how many of their
+    # images are read (each one anchor), how often (steps) the learner embeds them again, and the
+    # cosine similarity of projected features under which a stream image is near no anchor (not
+    # placed: weighs 1, shown once; -1 places every image).
+    balance_reference: str = ""
+    balance_reference_images: int = setting(1000, within(1, 100_000))
+    balance_reference_refresh: int = setting(100, POSITIVE)
+    balance_reference_similarity: float = setting(-1.0, within(-1.0, 1.0))
     # How the balance acts: "weigh" scales each image's loss and share of the codes; "resample" shows
     # under-represented images again instead, with fresh crops from their decode actor, each trained
     # about (its weight / the batch's 10th-percentile weight) times, at most resample_max_shows
@@ -501,6 +511,10 @@ class CurationConfig:
         yield ("curation.balance_mode", self.balance_mode != "resample" or self.balance > 0,
                "resample needs a signal to resample by: set curation.balance > 0 (1 aims at balanced)",
                self.balance_mode)
+        yield ("curation.balance_reference",
+               self.balance == 0 or self.balance_signal != "reference" or bool(self.balance_reference),
+               "the reference signal needs the shards of a curated reference set (images drawn balanced "
+               "over the concepts wanted)", self.balance_reference)
 
 
 @dataclass

@@ -26,11 +26,12 @@ from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
 from stream_swav.augment import apply_params, sample_params
-from stream_swav.balance import build_balance, resample_shows
+from stream_swav.balance import ReferenceBalance, build_balance, resample_shows
 from stream_swav.checkpoint import RANK_LOCAL_STATE_KEYS
 from stream_swav.codes import build_codes
 from stream_swav.config import Config
 from stream_swav.data.batch import CropBatch
+from stream_swav.data.labelled import normalized_batches
 from stream_swav.model import SwAVModel, check_state_dict
 from stream_swav.optim import WeightAverage, build_optimizer, learning_rate_for, weight_decay_for
 from stream_swav.swav import FeatureQueue, is_distributed, marginal_error, prototype_counts, swav_loss
@@ -209,7 +210,8 @@ class LearnerState:
     queue, code state, augmentation generator and counters, built from the configuration; saved by
     `state_dict()`, checked by `check_state()`, restored by `load_state_dict()`."""
 
-    def __init__(self, cfg: Config, device: torch.device, rank: int = 0, world_size: int = 1) -> None:
+    def __init__(self, cfg: Config, device: torch.device, rank: int = 0, world_size: int = 1,
+                 reference_images: Tensor | None = None) -> None:
         self.cfg = cfg
         self.device = torch.device(device)
         self.rank = rank
@@ -247,8 +249,12 @@ class LearnerState:
         # The code method and what it carries (a running mass, dual variables); identical on every
         # rank since its updates use all-reduced masses.
         self.codes = build_codes(swav, cfg.model.prototypes, self.device)
-        # Concept balance (curation.balance): its running estimate, rank-local like the queue.
-        self.balance = build_balance(cfg.curation, cfg.model.prototypes, cfg.model.output_dim, self.device)
+        # Concept balance (curation.balance): its running estimate, rank-local like the queue. The
+        # reference signal's images (N, S, S, 3) uint8, at the global crops' side, are kept on the
+        # device to be embedded again as the model trains (`refresh_reference`).
+        self.reference_images = None if reference_images is None else reference_images.to(self.device)
+        self.balance = build_balance(cfg.curation, cfg.model.prototypes, cfg.model.output_dim, self.device,
+                                     0 if reference_images is None else len(reference_images))
         self.generator = torch.Generator(device=self.device)
         self.generator.manual_seed(cfg.train.seed + rank)
         self.step = 0
@@ -365,8 +371,9 @@ class Learner(LearnerState):
     """The SwAV step on a `LearnerState`: the network as it runs (DistributedDataParallel over the
     ranks, compiled when train.compile), on-device augmentation, mixed precision, and `train_step`."""
 
-    def __init__(self, cfg: Config, device: torch.device, rank: int = 0, world_size: int = 1) -> None:
-        super().__init__(cfg, device, rank=rank, world_size=world_size)
+    def __init__(self, cfg: Config, device: torch.device, rank: int = 0, world_size: int = 1,
+                 reference_images: Tensor | None = None) -> None:
+        super().__init__(cfg, device, rank=rank, world_size=world_size, reference_images=reference_images)
         self.network = self._build_network()
         self._apply_params = apply_params
         self._cudagraphs = False
@@ -410,6 +417,27 @@ class Learner(LearnerState):
         check_world_size(self.cfg, world_size)
         self.rank, self.world_size = rank, world_size
         self.network = self._build_network()
+
+    @torch.no_grad()
+    def refresh_reference(self) -> None:
+        """Embed the reference's images with the model as it is now (eval mode: BatchNorm's running
+        statistics, none updated), as the reference signal's anchors. Each rank embeds its own, alike,
+        with no collective; the undistributed, uncompiled model, so no DDP hook or graph is involved."""
+        if not isinstance(self.balance, ReferenceBalance):
+            return
+        aug = self.cfg.augment
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            features = []
+            for images in normalized_batches(self.reference_images, tuple(aug.mean), tuple(aug.std),
+                                             self.cfg.train.batch_size, self.device):
+                with self._autocast():
+                    z, _ = self.model.head(self.model.embed(images))
+                features.append(z.float())
+            self.balance.set_anchors(torch.cat(features))
+        finally:
+            self.model.train(was_training)
 
     def _autocast(self) -> contextlib.AbstractContextManager:
         if self.autocast_dtype is None:
@@ -501,6 +529,10 @@ class Learner(LearnerState):
             if group["decayed"]:
                 group["weight_decay"] = decay
 
+        # The reference signal's anchors move with the model: embedded again every so many steps.
+        if isinstance(self.balance, ReferenceBalance) and (
+                self.balance.anchors is None or self.step % cfg.curation.balance_reference_refresh == 0):
+            self.refresh_reference()
         crops = self._augment(batch)
         self.network.train()
         if self._cudagraphs:
@@ -528,7 +560,8 @@ class Learner(LearnerState):
                 # The rank's own generator: ranks must not round alike, and it is checkpointed. Only
                 # what the signal can place is shown more than once (unlabelled junk is not rare).
                 shows = resample_shows(weights, cfg.curation.resample_max_shows, self.generator,
-                                       self.balance.placed(labels[:fresh]))
+                                       self.balance.placed(assign_scores[0, :fresh], assign_features[0, :fresh],
+                                                           labels[:fresh]))
                 weights = None
         queued = self.queue.features() if self.queue is not None else None
         queued_scores = queued @ self.model.prototypes.weight.detach().t() if queued is not None else None

@@ -1,15 +1,17 @@
-"""Concept balance (curation.balance): per-sample loss weights from the network's prototype usage
-or from the density of its projected features."""
+"""Concept balance (curation.balance): per-sample loss weights or shows from the network's prototype
+usage, the density of its projected features, the stream's labels or a curated reference."""
 from __future__ import annotations
 
 import io
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 from test_learner import SyntheticStream, tiny_config
 
-from stream_swav.balance import MAX_RATIO, DensityBalance, LabelBalance, PrototypeBalance, resample_shows
+from stream_swav.balance import (MAX_RATIO, DensityBalance, LabelBalance, PrototypeBalance, ReferenceBalance,
+                                 resample_shows)
 from stream_swav.learner import Learner
 from stream_swav.runtime.metrics import usage_perplexity
 from stream_swav.swav import swav_loss
@@ -292,6 +294,111 @@ def test_only_what_the_signal_places_is_shown_again():
     assert resample_shows(weights, 10, placed=torch.zeros(100, dtype=torch.bool)).eq(1).all()
     balance = LabelBalance(classes=4, strength=1.0)
     balance.update(NO_LABELS, NO_FEATURES, torch.tensor([0, 0, 1]))
-    assert balance.placed(torch.tensor([0, 1, 2, -1, 7])).tolist() == [True, True, False, False, False]
-    assert PrototypeBalance(4, 1.0).placed(torch.tensor([0])) is None
+    assert balance.placed(NO_FEATURES, NO_FEATURES, torch.tensor([0, 1, 2, -1, 7])).tolist() == [
+        True, True, False, False, False]
+    assert PrototypeBalance(4, 1.0).placed(NO_FEATURES, NO_FEATURES, torch.tensor([0])) is None
 
+
+
+def test_reference_balance_weighs_concepts_by_their_anchors_and_leaves_what_is_near_none_alone():
+    """Concepts 10:5:2:1 in the stream, a reference of 8 images of each (the curated set): weighed by
+    the running share of their nearest anchor, the concepts' shares of the weight move most of the
+    way to a quarter; an image near no anchor is neither placed, nor weighed, nor counted."""
+    stream, of = concepts([4000, 2000, 800, 400], seed=1)
+    # The reference: its own draw around the same centres (the seed's), 8 images of each concept.
+    reference, reference_concept = concepts([8, 8, 8, 8], seed=1)
+    balance = ReferenceBalance(len(reference), strength=1.0, momentum=0.95, min_similarity=0.5)
+    assert torch.equal(balance.nearest(stream[:3]), torch.full((3,), -1))  # no anchors yet
+    assert torch.equal(balance.weights(NO_FEATURES, stream[:256], NO_LABELS), torch.ones(256))
+    assert not balance.placed(NO_FEATURES, stream[:4], NO_LABELS).any()
+    balance.set_anchors(reference)
+    assert (reference_concept[balance.nearest(stream)] == of).float().mean() > 0.99
+    for batch in stream[:4096].split(256):
+        balance.update(NO_LABELS, batch, NO_LABELS)
+    weights = torch.cat([balance.weights(NO_FEATURES, batch, NO_LABELS) for batch in stream[4096:].split(256)])
+    later = of[4096:]
+    raw = torch.bincount(later, minlength=4).double() / len(later)
+    weighed = torch.zeros(4, dtype=torch.float64).index_add_(0, later, weights.double())
+    weighed /= weighed.sum()
+    assert raw[0] > 0.5 and raw[3] < 0.07
+    assert (weighed - 0.25).abs().sum() < 0.25 * (raw - 0.25).abs().sum()
+    # Far from every anchor (a direction no concept has): weight 1, not placed, not counted.
+    stray = -reference[:1]
+    assert balance.nearest(stray).item() == -1
+    assert torch.equal(balance.weights(NO_FEATURES, stray.expand(3, -1), NO_LABELS), torch.ones(3))
+    assert not balance.placed(NO_FEATURES, stray, NO_LABELS).item()
+    before = balance.usage.clone()
+    balance.update(NO_LABELS, stray.expand(5, -1), NO_LABELS)
+    assert torch.equal(balance.usage, before)
+    with pytest.raises(ValueError, match="anchors"):
+        balance.set_anchors(reference[:3])
+    with pytest.raises(ValueError, match="min_similarity"):
+        ReferenceBalance(4, 1.0, min_similarity=1.5)
+
+
+def test_reference_balance_keeps_its_estimate_through_a_checkpoint_unless_the_reference_changed():
+    reference, _ = concepts([4, 4])
+    stream, _ = concepts([60, 20])
+    balance = ReferenceBalance(len(reference), strength=1.0)
+    balance.set_anchors(reference)
+    balance.update(NO_LABELS, stream, NO_LABELS)
+    buffer = io.BytesIO()
+    torch.save(balance.state_dict(), buffer)
+    buffer.seek(0)
+    state = torch.load(buffer, weights_only=True)
+    restored = ReferenceBalance(len(reference), strength=1.0)
+    restored.load_state_dict(state)
+    torch.testing.assert_close(restored.usage, balance.usage)
+    # Another reference (another number of anchors): the estimate starts afresh, the resume goes on.
+    other = ReferenceBalance(5, strength=1.0)
+    other.load_state_dict(state)
+    assert torch.equal(other.usage, torch.zeros(5))
+    with pytest.raises(ValueError, match="usage"):
+        other.check_state({"usage": torch.tensor([float("nan")])})
+
+
+def test_a_learner_with_the_reference_signal_embeds_its_reference_and_refreshes_it():
+    torch.set_num_threads(1)
+    cfg = tiny_config(curation={"balance": 1.0, "balance_signal": "reference", "balance_reference": "unused",
+                                "balance_reference_refresh": 2, "balance_mode": "resample"})
+    stream = SyntheticStream(n_classes=4, image_size=6, seed=3)
+    reference = torch.from_numpy(stream.images(12))
+    with pytest.raises(ValueError, match="reference images"):
+        Learner(cfg, torch.device("cpu"))
+    learner = Learner(cfg, torch.device("cpu"), reference_images=reference)
+    assert isinstance(learner.balance, ReferenceBalance) and learner.balance.anchors is None
+    learner.train_step(stream.batch(cfg))
+    first = learner.balance.anchors.clone()
+    assert first.shape == (12, cfg.model.output_dim) and learner.balance.usage.sum() > 0
+    # The anchors are the model's own view of the reference, in eval mode, none of its statistics moved.
+    learner.model.eval()
+    with torch.no_grad():
+        mean, std = torch.tensor(cfg.augment.mean).view(1, 3, 1, 1), torch.tensor(cfg.augment.std).view(1, 3, 1, 1)
+        images = (reference.permute(0, 3, 1, 2).float() / 255.0 - mean) / std
+    learner.model.train()
+    buffers = [b.clone() for b in learner.model.buffers()]
+    learner.refresh_reference()
+    assert learner.model.training and all(torch.equal(a, b) for a, b in zip(buffers, learner.model.buffers()))
+    with torch.no_grad():
+        learner.model.eval()
+        expected, _ = learner.model.head(learner.model.embed(images))
+        learner.model.train()
+    torch.testing.assert_close(learner.balance.anchors, expected)
+    stats = learner.train_step(stream.batch(cfg))  # step 1: the anchors of step 0's model are kept
+    assert stats.shows is not None and stats.shows.min() >= 1
+    learner.train_step(stream.batch(cfg))  # step 2: embedded again, the model having moved
+    assert not torch.allclose(learner.balance.anchors, first)
+    assert "balance_reference" in learner.rank_local_state()
+
+
+def test_learners_read_the_reference_from_its_shards_at_the_global_crops_side(tmp_path):
+    from stream_swav.apps.make_shards import array_samples, write_shards
+    from stream_swav.runtime.actors import reference_images
+
+    images = SyntheticStream(n_classes=3, image_size=20, seed=1).images(7)
+    write_shards(array_samples(images, np.zeros(7, dtype=np.int64), size=20), tmp_path / "reference", 4, 1 << 30)
+    cfg = tiny_config(curation={"balance": 1.0, "balance_signal": "reference",
+                                "balance_reference": str(tmp_path / "reference"), "balance_reference_images": 5})
+    read = reference_images(cfg)
+    assert read.shape == (5, cfg.crops.global_size, cfg.crops.global_size, 3) and read.dtype == torch.uint8
+    assert reference_images(tiny_config(curation={"balance": 1.0})) is None

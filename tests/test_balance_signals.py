@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from pipelines.balance_signals import (as_resampled, distance_from_uniform, format_markdown, signal_weights,
                                       spherical_kmeans)
-from stream_swav.apps.evaluate import NO_LABEL
+from stream_swav.data.labelled import NO_LABEL
 
 # Three concepts, 10:3:1, and unlabelled images of a fourth.
 SIZES = {0: 500, 1: 150, 2: 50, NO_LABEL: 100}
@@ -41,9 +41,16 @@ def test_a_signal_that_sees_the_concepts_balances_them_and_the_stream_as_is_does
     scores = torch.zeros(len(labels), 8)
     scores[:, 0] = 1.0
     z = F.normalize(features, dim=1)
-    weights = signal_weights(scores, z, features, torch.from_numpy(labels), 1.0, [4], [(12, 4)], [(0.2, 1.0)],
-                             bank=400, seed=1)
-    assert list(weights) == ["uniform", "prototypes", "density-0.2/1", "kmeans-4", "hkmeans-12/4", "label"]
+    # A curated reference: an image of each labelled concept, none of the unlabelled one's.
+    references = torch.cat([z[labels == label][:1] for label in (0, 1, 2)])
+    weights, placed = signal_weights(scores, z, features, torch.from_numpy(labels), 1.0, [4], [(12, 4)],
+                                     [(0.2, 1.0)], bank=400, seed=1, references=references, reference_similarity=0.5)
+    assert list(weights) == ["uniform", "prototypes", "density-0.2/1", "kmeans-4", "hkmeans-12/4", "reference-3",
+                             "label"]
+    # The reference places every image of its concepts and none of the fourth; balances the former.
+    assert torch.equal(placed["reference-3"], torch.from_numpy(labels != NO_LABEL))
+    assert distance_from_uniform(labels, weights["reference-3"].numpy()) < 0.01
+    assert weights["reference-3"][torch.from_numpy(labels == NO_LABEL)].eq(1).all()
     as_is = distance_from_uniform(labels, weights["uniform"].numpy())
     assert as_is == pytest.approx(0.5 * (abs(500 / 700 - 1 / 3) + abs(150 / 700 - 1 / 3) + abs(50 / 700 - 1 / 3)))
     assert distance_from_uniform(labels, weights["prototypes"].numpy()) == pytest.approx(as_is)
@@ -58,7 +65,7 @@ def test_a_signal_that_sees_the_concepts_balances_them_and_the_stream_as_is_does
 
     table = format_markdown(labels, weights)
     rows = {line.split(" | ")[0].strip("| "): line for line in table.splitlines()}
-    assert rows["0"].startswith("| 0 | 62.5% | 62.5% |") and rows["0"].endswith("| 25.0% | 25.0% | 29.2% |")
+    assert rows["0"].startswith("| 0 | 62.5% | 62.5% |") and rows["0"].endswith("| 25.0% | 25.0% | 29.2% | 29.2% |")
     assert rows["no label"].startswith("| no label | 12.5% |")
     assert f"{as_is:.3f}" in rows["distance from balanced"]
 
@@ -66,8 +73,8 @@ def test_a_signal_that_sees_the_concepts_balances_them_and_the_stream_as_is_does
 def test_resampled_by_the_labels_the_trained_classes_move_to_balanced_up_to_the_show_cap():
     features, labels = separated_concepts()
     known = torch.from_numpy(labels)
-    weights = signal_weights(torch.zeros(len(labels), 4), F.normalize(features, dim=1), features, known, 1.0, [], [],
-                             [], bank=400, seed=1)
+    weights, _ = signal_weights(torch.zeros(len(labels), 4), F.normalize(features, dim=1), features, known, 1.0, [],
+                                [], [], bank=400, seed=1)
     # 10:3:1 over 700 labelled images: resampled within 10 shows, the rare class is shown 10 times and
     # the middle one 10/3, in batches where the common class is the reference.
     shows = as_resampled(weights["label"], batch_size=700 + 100, max_shows=10, seed=0)

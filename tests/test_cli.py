@@ -83,6 +83,13 @@ def test_train_refuses_missing_shards_and_a_missing_gpu_before_starting_ray(tmp_
 
     (tmp_path / "shards").mkdir()
     (tmp_path / "shards" / "a.tar").write_bytes(tar_bytes(colour_samples(2)))
+    (tmp_path / "empty").mkdir()
+    config = write_config(tmp_path / "reference.yaml", {"data": {"shards": str(tmp_path / "shards")},
+                                                        "checkpoint": {"dir": str(tmp_path / "ckpt")},
+                                                        "curation": {"balance": 1.0, "balance_signal": "reference",
+                                                                     "balance_reference": str(tmp_path / "empty")}})
+    err = one_line_error(capsys, ["train", "--config", str(config)])
+    assert f"curation.balance_reference: no shards at {tmp_path / 'empty'}" in err
     config = write_config(tmp_path / "gpu.yaml", {"data": {"shards": str(tmp_path / "shards")},
                                                   "checkpoint": {"dir": str(tmp_path / "ckpt")},
                                                   "train": {"device": "cuda"}})

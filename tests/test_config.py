@@ -354,3 +354,13 @@ def test_resampling_needs_a_balance_to_resample_by():
     assert "= 2048" in str(err)
     refused(["curation.balance=1", "curation.balance_mode=resample", "train.batch_size=2", "curation.resample_share=0.4"],
             "curation.resample_share")
+
+
+def test_the_reference_signal_needs_its_shards():
+    err = refused(["curation.balance=1", "curation.balance_signal=reference"], "curation.balance_reference")
+    assert "curated reference set" in str(err)
+    cfg = load_config(overrides=["curation.balance=1", "curation.balance_signal=reference",
+                                 "curation.balance_reference=s3://bucket/reference/"])
+    assert (cfg.curation.balance_reference_images, cfg.curation.balance_reference_similarity) == (1000, -1.0)
+    load_config(overrides=["curation.balance_signal=reference"])  # balance off: nothing to refuse
+    refused(["curation.balance_reference_similarity=1.5"], "curation.balance_reference_similarity")

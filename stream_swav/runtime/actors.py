@@ -127,7 +127,24 @@ def leave_process_group(learner: Any, broken: bool) -> None:
 def _default_learner(cfg: Config, device: Any, rank: int, world_size: int) -> Any:
     from stream_swav.learner import Learner
 
-    return Learner(cfg, device, rank=rank, world_size=world_size)
+    return Learner(cfg, device, rank=rank, world_size=world_size, reference_images=reference_images(cfg))
+
+
+def reference_images(cfg: Config) -> Any:
+    """The curated reference's images (curation.balance_signal reference) as the learner embeds them:
+    at most curation.balance_reference_images of its shards, decoded, at the global crops' side;
+    None for any other signal. Each learner reads its own (a thousand images, once)."""
+    curation = cfg.curation
+    if curation.balance == 0 or curation.balance_signal != "reference":
+        return None
+    from stream_swav.data.labelled import load_labeled_images
+
+    read = load_labeled_images(curation.balance_reference, cfg.crops.global_size, cfg.storage, cfg.data,
+                               curation.balance_reference_images, unlabelled=True)
+    if read.skipped:
+        log.warning("curation.balance_reference: %d image(s) of %s skipped: %s", sum(read.skipped.values()),
+                    curation.balance_reference, dict(read.skipped))
+    return read.images
 
 
 class LearnerActorImpl:

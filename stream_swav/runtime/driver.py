@@ -633,18 +633,22 @@ class Trainer:
 
 def check_before_start(cfg: Config) -> None:
     """What can be known to be wrong before Ray starts, each refused in one line naming the key:
-    shards that cannot be listed or are not there, a checkpoint folder out of reach, a GPU asked
-    for on a machine without one."""
+    shards (of the stream, or of curation.balance_reference) that cannot be listed or are not there,
+    a checkpoint folder out of reach, a GPU asked for on a machine without one."""
     if cfg.train.device == "cuda" and not os.environ.get("RAY_ADDRESS"):
         import torch
 
         if not torch.cuda.is_available():
             raise ConfigError("train.device: cuda, but this machine has no usable CUDA GPU and no cluster is named "
                               "(RAY_ADDRESS); use train.device=auto or cpu, or set RAY_ADDRESS to a GPU cluster")
-    for key, url, look in (("data.shards", cfg.data.shards, lambda: ShardSource(url, cfg.storage).list_shards()),
-                           ("checkpoint.dir", cfg.checkpoint.dir, lambda: storage.exists(url, cfg.storage))):
+    looks = [("data.shards", cfg.data.shards, lambda url: ShardSource(url, cfg.storage).list_shards()),
+             ("checkpoint.dir", cfg.checkpoint.dir, lambda url: storage.exists(url, cfg.storage))]
+    if cfg.curation.balance > 0 and cfg.curation.balance_signal == "reference":
+        looks.append(("curation.balance_reference", cfg.curation.balance_reference,
+                      lambda url: ShardSource(url, cfg.storage).list_shards()))
+    for key, url, look in looks:
         try:
-            found = look()
+            found = look(url)
         except ConfigError:
             raise
         except Exception as error:
@@ -657,6 +661,9 @@ def check_before_start(cfg: Config) -> None:
             raise ConfigError(f"data.shards: no shards at {url}{where}; give a folder or s3:// prefix holding "
                               f".tar/.tar.gz/.tgz shards, a brace pattern or a .txt list (`stream-swav make-shards` "
                               f"makes shards from images), or data.follow: true to wait for them")
+        if key == "curation.balance_reference" and not found:
+            raise ConfigError(f"curation.balance_reference: no shards at {url}; give the shards of a curated "
+                              f"reference set (a folder, s3:// prefix, brace pattern or .txt list)")
 
 
 def train(cfg: Config, trainer: Trainer | None = None) -> int:

@@ -10,8 +10,10 @@ decode:   `DecodeWorker.next_batch` (the decode actors' whole path: shard readin
           image trained, so load from other jobs on the machine counts less. Each setting runs `--repeats` times,
           alternating, and the median is reported.
 learner:  `Learner.train_step` of the demo's CPU recipe (`demo_config`) on a fixed batch, with
-          curation.balance off and on with each signal (prototypes 0.5, density 1.5, label 1),
-          weighing and resampling, alternating, in CPU seconds per step.
+          curation.balance off and on with each signal (prototypes 0.5, density 1.5, label 1,
+          reference 1 with 1,000 reference images), weighing and resampling, alternating, in CPU
+          seconds per step; and the reference's embedding, which the median leaves out as it comes
+          every balance_reference_refresh steps, per step amortised.
 
     python bench/curation.py --shards runs/curation/stream/messy [--repeats 3] [--steps 20]
     python bench/curation.py --photo-side 640 --photos 400     # photo-sized synthetic JPEGs
@@ -35,7 +37,7 @@ import torch
 from PIL import Image, ImageDraw, ImageFilter
 
 from stream_swav.apps.demo import demo_config
-from stream_swav.config import Config, CropsConfig, StorageConfig, config_from_dict, merge_dicts
+from stream_swav.config import Config, CropsConfig, CurationConfig, StorageConfig, config_from_dict, merge_dicts
 from stream_swav.data.batch import CropBatch
 from stream_swav.data.cursor import ShardTask, shard_seed
 from stream_swav.data.shards import ShardWriter
@@ -132,6 +134,8 @@ BALANCE_SETTINGS: dict[str, dict[str, object]] = {
     "label 1": {"balance": 1.0, "balance_signal": "label"},
     "label 1, resample": {"balance": 1.0, "balance_signal": "label", "balance_mode": "resample"},
     "density 1.5, resample": {"balance": 1.5, "balance_signal": "density", "balance_mode": "resample"},
+    "reference 1, resample": {"balance": 1.0, "balance_signal": "reference", "balance_reference": "in memory",
+                              "balance_mode": "resample"},
 }
 
 
@@ -139,7 +143,12 @@ def learner_cost(steps: int) -> None:
     torch.set_num_threads(1)
     rng = np.random.default_rng(0)
     results: dict[str, list[float]] = {name: [] for name in BALANCE_SETTINGS}
-    learners = {name: Learner(recipe({"curation": curation}), torch.device("cpu"))
+    size = recipe({}).crops.global_size
+    # The reference signal's images at its default count (random pixels: the cost is the same).
+    reference = torch.from_numpy(rng.integers(0, 256, (CurationConfig().balance_reference_images, size, size, 3),
+                                              dtype=np.uint8))
+    learners = {name: Learner(recipe({"curation": curation}), torch.device("cpu"),
+                              reference_images=reference if curation.get("balance_signal") == "reference" else None)
                 for name, curation in BALANCE_SETTINGS.items()}
     crops = learners["off"].cfg.crops
     batch_size = learners["off"].cfg.train.batch_size
@@ -164,6 +173,17 @@ def learner_cost(steps: int) -> None:
     for name, values in results.items():
         ms = 1000 * statistics.median(values)
         print(f"| {name} | {ms:.1f} | {ms / (1000 * base):.3f}x |")
+    # The reference is embedded again every balance_reference_refresh steps, outside the median.
+    learner = learners["reference 1, resample"]
+    refreshes = []
+    for _ in range(3):
+        started = time.process_time()
+        learner.refresh_reference()
+        refreshes.append(time.process_time() - started)
+    every = learner.cfg.curation.balance_reference_refresh
+    ms = 1000 * statistics.median(refreshes)
+    print(f"embedding the reference's {len(reference):,} images: {ms:.0f} CPU ms, every {every} steps: "
+          f"{ms / every:.1f} ms per step ({ms / every / (1000 * base):.1%} of a step off)")
 
 
 def main() -> None:

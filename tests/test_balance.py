@@ -118,6 +118,13 @@ def concepts(counts: list[int], dim: int = 16, spread: float = 0.15,
     return points[order], concept[order]
 
 
+def concept_shares(concept: torch.Tensor, weights: torch.Tensor, count: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each concept's share of these images (N,) as they are, and of their weights (N,)."""
+    raw = torch.bincount(concept, minlength=count).double() / len(concept)
+    weighed = torch.zeros(count, dtype=torch.float64).index_add_(0, concept, weights.double())
+    return raw, weighed / weighed.sum()
+
+
 def test_density_balance_moves_a_flooded_stream_towards_balanced_concepts():
     """Concepts 10:5:2:1 in the stream: weighed by their density among the last images, each
     concept's share of the weight moves most of the way to a quarter; all 1 until the bank is full."""
@@ -126,10 +133,7 @@ def test_density_balance_moves_a_flooded_stream_towards_balanced_concepts():
     assert torch.equal(balance.weights(NO_FEATURES, features[:256], NO_LABELS), torch.ones(256))
     balance.update(NO_FEATURES, features[:1024], NO_LABELS)
     weights = torch.cat([balance.weights(NO_FEATURES, batch, NO_LABELS) for batch in features[1024:].split(256)])
-    later = concept[1024:]
-    raw = torch.bincount(later, minlength=4).double() / len(later)
-    weighed = torch.zeros(4, dtype=torch.float64).index_add_(0, later, weights.double())
-    weighed /= weighed.sum()
+    raw, weighed = concept_shares(concept[1024:], weights)
     assert raw[0] > 0.5 and raw[3] < 0.06
     assert (weighed - 0.25).abs().sum() < 0.25 * (raw - 0.25).abs().sum()
     for batch in weights.split(256):
@@ -316,10 +320,7 @@ def test_reference_balance_weighs_concepts_by_their_anchors_and_leaves_what_is_n
     for batch in stream[:4096].split(256):
         balance.update(NO_LABELS, batch, NO_LABELS)
     weights = torch.cat([balance.weights(NO_FEATURES, batch, NO_LABELS) for batch in stream[4096:].split(256)])
-    later = of[4096:]
-    raw = torch.bincount(later, minlength=4).double() / len(later)
-    weighed = torch.zeros(4, dtype=torch.float64).index_add_(0, later, weights.double())
-    weighed /= weighed.sum()
+    raw, weighed = concept_shares(of[4096:], weights)
     assert raw[0] > 0.5 and raw[3] < 0.07
     assert (weighed - 0.25).abs().sum() < 0.25 * (raw - 0.25).abs().sum()
     # Far from every anchor (a direction no concept has): weight 1, not placed, not counted.

@@ -3,7 +3,7 @@ model's own view of the stream see the stream's class imbalance at all?
 
 ``python -m pipelines.balance_signals --checkpoint CKPT --shards STREAM [--strength 1]
 [--clusters 10,100] [--levels 200/20] [--density 0.2/1.5] [--bank 4096] [--max-images 0] [--seed 0]
-[--resample MAX_SHOWS] [--reference SHARDS --reference-images 200 --reference-similarity -1]``
+[--resample MAX_SHOWS] [--reference SHARDS --reference-images 1000 --reference-similarity -1]``
 
 Every image of the shards is scored with the checkpoint's whole SwAV model, and each signal gives
 it a weight within the same cap as `curation.balance`: the group signals (K * usage of its group)
@@ -141,7 +141,9 @@ def reference_weights(z: Tensor, references: Tensor, similarity: float, strength
     placed = anchor >= 0
     weights = torch.ones(len(z), dtype=torch.float64)
     if placed.any():
-        weights[placed] = group_weights(anchor[placed], len(references), strength)
+        # Relative to the anchors the stream reaches, as the running estimate's are.
+        _, reached = torch.unique(anchor[placed], return_inverse=True)
+        weights[placed] = group_weights(reached, int(reached.max()) + 1, strength)
     return weights, placed
 
 
@@ -218,7 +220,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="each signal resampling (curation.balance_mode resample with resample_max_shows "
                              "MAX_SHOWS, batches of the checkpoint's train.batch_size) instead of weighing")
     parser.add_argument("--reference", help="shards of a curated reference: adds the reference signal's column")
-    parser.add_argument("--reference-images", type=int, default=200,
+    parser.add_argument("--reference-images", type=int, default=1000,
                         help="the reference's images read, each an anchor (curation.balance_reference_images)")
     parser.add_argument("--reference-similarity", type=float, default=-1.0,
                         help="an image is placed when this similar to an anchor "

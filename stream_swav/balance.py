@@ -31,9 +31,9 @@ shown (`resample_shows`): the learner asks the decode actor that made the batch 
 again, cropped afresh, and trains the step unweighted. Measured on the benchmark, resampling by the
 labels recovers what weighing by them does not (docs/curation.md).
 
-All read only what the step has anyway (scores, projected features, the batch's labels; the
-density costs one (B x bank) product, the reference one (B x anchors) product and, every
-curation.balance_reference_refresh steps, a forward pass over the reference). Pure state in torch, no I/O or process group: each learner
+All but the reference read only what the step has anyway (scores, projected features, the batch's
+labels; the density costs one (B x bank) product); the reference costs a (B x anchors) product and,
+every curation.balance_reference_refresh steps, a forward pass over the reference. Pure state in torch, no I/O or process group: each learner
 keeps its own estimate from its own batches (rank-local, saved per rank like the feature queue),
 which needs no collective per step.
 """

@@ -52,7 +52,8 @@ from stream_swav.storage import join_url
 # rank's own feature queue, random streams and balance estimate (curation.balance: usage, bank). A
 # checkpoint holds rank 0's state whole and these of every other rank; the rest (weights,
 # optimiser, codes, counters) is the same on every rank.
-RANK_LOCAL_STATE_KEYS = ("queue", "cpu_rng", "augment_rng", "cuda_rng", "balance", "balance_density", "balance_label")
+RANK_LOCAL_STATE_KEYS = ("queue", "cpu_rng", "augment_rng", "cuda_rng", "balance", "balance_density", "balance_label",
+                         "balance_reference")
 
 log = logging.getLogger(__name__)
 

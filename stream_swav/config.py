@@ -470,12 +470,13 @@ class CurationConfig:
     # usage); "density", the image's kernel density among the last balance_bank images' projected
     # features (bandwidth balance_bandwidth), which compresses the imbalance, so 1.5-2 is needed;
     # "label", the running share of the class in the sample's `cls` member (below balance_classes;
-    # unlabelled samples weigh 1); "reference", the running share of the stream that is nearest to
-    # the same image of a curated reference (balance_reference: shards of images drawn balanced over
-    # the concepts wanted, as DINOv2 retrieves around curated sets), embedded by the model as it trains.
+    # unlabelled samples weigh 1); "reference", the running share of the stream whose nearest image
+    # of a curated reference is the image's own nearest (balance_reference: shards of images drawn
+    # balanced over the concepts wanted, as DINOv2 retrieves around curated sets), embedded by the
+    # model as it trains.
     balance: float = setting(0.0, within(0.0, 2.0))
     balance_signal: str = setting("prototypes", one_of("prototypes", "density", "label", "reference"))
-    # Momentum of each learner's running estimate of prototype or class usage (per step).
+    # Momentum of each learner's running estimate of prototype, class or reference-anchor usage (per step).
     balance_momentum: float = setting(0.99, within(0.0, 1.0, high_open=True))
     balance_classes: int = setting(1000, POSITIVE)
     # The density's kernel bandwidth on cosine similarity and its sample ("density").
@@ -484,9 +485,10 @@ class CurationConfig:
     # "reference": its shards (folder, s3:// prefix, brace pattern or .txt list), how many of their
     # images are read (each one anchor), how often (steps) the learner embeds them again, and the
     # cosine similarity of projected features under which a stream image is near no anchor (not
-    # placed: weighs 1, shown once; -1 places every image).
+    # placed: weighs 1, shown once; -1 places every image). The images stay on the learner's device
+    # (1,000 at 224 px: 150 MB), hence the bound.
     balance_reference: str = ""
-    balance_reference_images: int = setting(1000, within(1, 100_000))
+    balance_reference_images: int = setting(1000, within(1, 10_000))
     balance_reference_refresh: int = setting(100, POSITIVE)
     balance_reference_similarity: float = setting(-1.0, within(-1.0, 1.0))
     # How the balance acts: "weigh" scales each image's loss and share of the codes; "resample" shows

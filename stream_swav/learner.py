@@ -342,6 +342,9 @@ class LearnerState:
         # Without a saved estimate (balance, or this signal, turned on at a resume), it starts afresh.
         if self.balance is not None and self.balance.STATE_KEY in state:
             self.balance.load_state_dict(state[self.balance.STATE_KEY])
+        if isinstance(self.balance, ReferenceBalance):
+            # Anchors embedded by the weights being replaced: embedded again at the next step.
+            self.balance.anchors = None
         if "codes" in state:
             self.codes.load_state_dict(state["codes"])
         self.model.load_state_dict(state["model"])

@@ -389,7 +389,19 @@ def test_a_learner_with_the_reference_signal_embeds_its_reference_and_refreshes_
     assert stats.shows is not None and stats.shows.min() >= 1
     learner.train_step(stream.batch(cfg))  # step 2: embedded again, the model having moved
     assert not torch.allclose(learner.balance.anchors, first)
-    assert "balance_reference" in learner.rank_local_state()
+    assert "balance_reference" in learner.rank_local_state() and "balance_reference" not in learner.shared_state()
+    # New weights (a resume, or adopting a survivor's): the anchors are embedded again at the next step.
+    learner.load_state_dict(learner.state_dict())
+    assert learner.balance.anchors is None
+    learner.train_step(stream.batch(cfg))
+    assert learner.balance.anchors is not None
+
+
+def test_every_balance_estimate_is_rank_local():
+    from stream_swav.checkpoint import RANK_LOCAL_STATE_KEYS
+
+    for balance in (PrototypeBalance, DensityBalance, LabelBalance, ReferenceBalance):
+        assert balance.STATE_KEY in RANK_LOCAL_STATE_KEYS
 
 
 def test_learners_read_the_reference_from_its_shards_at_the_global_crops_side(tmp_path):

@@ -90,6 +90,15 @@ def test_train_refuses_missing_shards_and_a_missing_gpu_before_starting_ray(tmp_
                                                                      "balance_reference": str(tmp_path / "empty")}})
     err = one_line_error(capsys, ["train", "--config", str(config)])
     assert f"curation.balance_reference: no shards at {tmp_path / 'empty'}" in err
+    # Shards without one decodable image, and a brace pattern that does not expand, name the key too.
+    (tmp_path / "empty" / "a.tar").write_bytes(tar_bytes([("bad-0", {"jpg": b"not a jpeg"})]))
+    err = one_line_error(capsys, ["train", "--config", str(config)])
+    assert f"curation.balance_reference: {tmp_path / 'empty'}: no images" in err
+    config = write_config(tmp_path / "braces.yaml", {"data": {"shards": str(tmp_path / "shards")},
+                                                     "checkpoint": {"dir": str(tmp_path / "ckpt")},
+                                                     "curation": {"balance": 1.0, "balance_signal": "reference",
+                                                                  "balance_reference": "/ref/{a,b"}})
+    assert "curation.balance_reference: Unbalanced braces" in one_line_error(capsys, ["train", "--config", str(config)])
     config = write_config(tmp_path / "gpu.yaml", {"data": {"shards": str(tmp_path / "shards")},
                                                   "checkpoint": {"dir": str(tmp_path / "ckpt")},
                                                   "train": {"device": "cuda"}})

@@ -46,9 +46,11 @@ def spec_kind(spec: str) -> str:
 
 
 class ShardSource:
-    def __init__(self, spec: str, storage_cfg: StorageConfig) -> None:
+    def __init__(self, spec: str, storage_cfg: StorageConfig, key: str = "data.shards") -> None:
+        # The configuration key the spec came from, which its errors name.
+        self.key = key
         if not spec.strip():
-            raise ShardSpecError("data.shards: empty shard spec")
+            raise ShardSpecError(f"{key}: empty shard spec")
         self.spec = spec.strip()
         self.storage_cfg = storage_cfg
         self.kind = spec_kind(self.spec)
@@ -88,10 +90,10 @@ class ShardSource:
         try:
             urls = list(braceexpand.braceexpand(self.spec))
         except braceexpand.UnbalancedBracesError as exc:
-            raise ShardSpecError(f"data.shards: {exc}") from None
+            raise ShardSpecError(f"{self.key}: {exc}") from None
         leftover = [u for u in urls if "{" in u or "}" in u]
         if leftover:
-            raise ShardSpecError(f"data.shards: cannot expand the braces in {leftover[0]!r}; "
+            raise ShardSpecError(f"{self.key}: cannot expand the braces in {leftover[0]!r}; "
                                  "use {000..099} ranges or {a,b} lists")
         return list(dict.fromkeys(split_protocol(url)[1] for url in urls))
 
@@ -130,11 +132,11 @@ class ShardSource:
         try:
             raw = fs.cat_file(path)
         except FileNotFoundError:
-            raise ShardSpecError(f"data.shards: list file {self.spec} does not exist") from None
+            raise ShardSpecError(f"{self.key}: list file {self.spec} does not exist") from None
         try:
             text = raw.decode("utf-8")
         except UnicodeDecodeError as exc:
-            raise ShardSpecError(f"data.shards: list file {self.spec} is not UTF-8 text: {exc}") from None
+            raise ShardSpecError(f"{self.key}: list file {self.spec} is not UTF-8 text: {exc}") from None
         folder = posixpath.dirname(path)
         urls = []
         for number, line in enumerate(text.splitlines(), start=1):
@@ -146,7 +148,7 @@ class ShardSource:
             try:
                 protocol, entry_path = split_protocol(entry)
             except ValueError as exc:
-                raise ShardSpecError(f"data.shards: {self.spec} line {number}: {exc}") from None
+                raise ShardSpecError(f"{self.key}: {self.spec} line {number}: {exc}") from None
             urls.append(join_protocol(protocol, entry_path))
         return list(dict.fromkeys(urls))
 

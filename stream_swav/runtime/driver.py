@@ -68,6 +68,7 @@ from stream_swav import storage
 from stream_swav.backbone_spec import BackboneSpec
 from stream_swav.config import Config, ConfigError
 from stream_swav.curation import SeenSet
+from stream_swav.data.labelled import load_labeled_images
 from stream_swav.data.sources import ShardSource, spec_kind
 from stream_swav.runtime.checkpointing import CheckpointPolicy
 from stream_swav.runtime.cluster import StartupError, init_ray, plan_cluster, shutdown_ray
@@ -645,7 +646,7 @@ def check_before_start(cfg: Config) -> None:
              ("checkpoint.dir", cfg.checkpoint.dir, lambda url: storage.exists(url, cfg.storage))]
     if cfg.curation.balance > 0 and cfg.curation.balance_signal == "reference":
         looks.append(("curation.balance_reference", cfg.curation.balance_reference,
-                      lambda url: ShardSource(url, cfg.storage).list_shards()))
+                      lambda url: ShardSource(url, cfg.storage, key="curation.balance_reference").list_shards()))
     for key, url, look in looks:
         try:
             found = look(url)
@@ -664,6 +665,13 @@ def check_before_start(cfg: Config) -> None:
         if key == "curation.balance_reference" and not found:
             raise ConfigError(f"curation.balance_reference: no shards at {url}; give the shards of a curated "
                               f"reference set (a folder, s3:// prefix, brace pattern or .txt list)")
+        if key == "curation.balance_reference":
+            # One image read here, so that shards without a decodable one are refused once, not by
+            # every learner actor as it starts.
+            try:
+                load_labeled_images(url, 8, cfg.storage, cfg.data, 1, unlabelled=True)
+            except ValueError as error:
+                raise ConfigError(f"curation.balance_reference: {error}") from None
 
 
 def train(cfg: Config, trainer: Trainer | None = None) -> int:

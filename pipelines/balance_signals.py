@@ -240,17 +240,20 @@ def main(argv: list[str] | None = None) -> int:
     cfg, model = load_swav_model(resolve_checkpoint(args.checkpoint, storage_cfg), storage_cfg)
     read = load_labeled_images(args.shards, cfg.crops.global_size, storage_cfg, cfg.data, args.max_images,
                                unlabelled=True)
-    both = embed(ScoresAndFeatures(model), read.images, cfg.augment.mean, cfg.augment.std, BATCH_SIZE,
-                 pick_device("auto"))
-    scores, z, features = both.split([cfg.model.prototypes, cfg.model.output_dim,
-                                      both.shape[1] - cfg.model.prototypes - cfg.model.output_dim], dim=1)
+
+    def scores_z_features(images: Tensor) -> tuple[Tensor, ...]:
+        both = embed(ScoresAndFeatures(model), images, cfg.augment.mean, cfg.augment.std, BATCH_SIZE,
+                     pick_device("auto"))
+        return both.split([cfg.model.prototypes, cfg.model.output_dim,
+                           both.shape[1] - cfg.model.prototypes - cfg.model.output_dim], dim=1)
+
+    scores, z, features = scores_z_features(read.images)
     labels = np.asarray(read.labels)
     references = None
     if args.reference:
         reference = load_labeled_images(args.reference, cfg.crops.global_size, storage_cfg, cfg.data,
                                         args.reference_images, unlabelled=True)
-        references = embed(ScoresAndFeatures(model), reference.images, cfg.augment.mean, cfg.augment.std, BATCH_SIZE,
-                           pick_device("auto"))[:, cfg.model.prototypes:cfg.model.prototypes + cfg.model.output_dim]
+        _, references, _ = scores_z_features(reference.images)
     try:
         weights, placed = signal_weights(scores, z, features, torch.from_numpy(labels), args.strength, clusters,
                                          levels, densities, args.bank, args.seed, references,

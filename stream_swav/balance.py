@@ -114,6 +114,13 @@ class UsageBalance:
         """(B,) bool: which samples the signal can say anything about (None: all)."""
         return None
 
+    def fold_groups(self, groups: Tensor) -> None:
+        """Fold in one step's images by their groups (B,) int (-1 and groups beyond the estimate are
+        not counted)."""
+        # A masked count with a fixed shape: no host-device sync on a GPU, as boolean indexing has.
+        known, index = self.lookup(groups)
+        self.fold(torch.zeros_like(self.usage).index_add_(0, index, known.to(self.usage.dtype)))
+
     def fold(self, counts: Tensor) -> None:
         """Fold in one step's counts per group (K,); a step that counted none changes nothing."""
         counts = counts.to(self.usage.dtype)
@@ -174,10 +181,7 @@ class LabelBalance(UsageBalance):
 
     def update(self, counts: Tensor, z: Tensor, labels: Tensor) -> None:
         """Fold in one step's labels (B,) (-1 and classes beyond the estimate are not counted)."""
-        # A masked count with a fixed shape: no host-device sync on a GPU, as boolean indexing has.
-        known, index = self.lookup(labels)
-        counts = torch.zeros_like(self.usage).index_add_(0, index, known.to(self.usage.dtype))
-        self.fold(counts)
+        self.fold_groups(labels)
 
 
 class ReferenceBalance(UsageBalance):
@@ -228,8 +232,7 @@ class ReferenceBalance(UsageBalance):
     def update(self, counts: Tensor, z: Tensor, labels: Tensor) -> None:
         """Fold in one step's projected features (B, dim) by their anchors (images near none are
         not counted)."""
-        known, index = self.lookup(self.nearest(z))
-        self.fold(torch.zeros_like(self.usage).index_add_(0, index, known.to(self.usage.dtype)))
+        self.fold_groups(self.nearest(z))
 
     def check_state(self, state: object) -> None:
         """A saved estimate over another number of anchors (the reference changed) is not an error:

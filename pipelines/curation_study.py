@@ -11,8 +11,11 @@ features, no dedup), `messy-label` (curation.balance 1 by the stream's labels: t
 weights), `messy-resample-label` and `messy-resample-density` (the same signals resampling: rare
 images shown again with fresh crops, budget in images trained; `messy-dedup-resample-label` and
 `messy-dedup-resample-density` after dedup; `messy-resample-reference` and
-`messy-dedup-resample-reference` by a curated reference: 200 images of the clean stream), `oracle` (the messy stream's distinct images balanced by their
-labels, `messy_stream.oracle_entries`: the ceiling of any concept balancing).
+`messy-dedup-resample-reference` by a curated reference: 200 images of the clean stream;
+`messy-perfect-dedup-resample-reference` and `-label` the same on the messy stream without its
+repeats, `messy_stream.deduped_entries`: what a perfect near-copy detector would add), `oracle` (the
+messy stream's distinct images balanced by their labels, `messy_stream.oracle_entries`: the ceiling
+of any concept balancing).
 
 1. The benchmark stream (`pipelines.messy_stream`, its knobs as given, ``--stream-seed``) under
    OUT/stream, and the demo's evaluation shards (the whole 60k training split as the labelled
@@ -98,6 +101,14 @@ CONDITIONS: dict[str, tuple[str, dict[str, Any], str]] = {
     "messy-resample-reference": ("messy", {"curation": {**REFERENCE, "balance_mode": "resample"}}, "trained"),
     "messy-dedup-resample-reference": ("messy", {"curation": {**REFERENCE, "dedup": True,
                                                               "balance_mode": "resample"}}, "trained"),
+    # What catching every near copy would add: the messy stream without its repeats (`messy_stream
+    # .deduped_entries`, a perfect detector, by the stream's own records), the hash dedup still on
+    # (it drops the solid junk, all one hash), then resampled as above.
+    "messy-perfect-dedup-resample-reference": ("deduped", {"curation": {**REFERENCE, "dedup": True,
+                                                                        "balance_mode": "resample"}}, "trained"),
+    "messy-perfect-dedup-resample-label": ("deduped", {"curation": {"dedup": True, "balance": 1.0,
+                                                                    "balance_signal": "label",
+                                                                    "balance_mode": "resample"}}, "trained"),
     # The same compute as `messy`: as many images trained, so more passes read.
     "messy-dedup-equal-steps": ("messy", {"curation": {"dedup": True}}, "trained"),
     # Labels balance the distinct images perfectly: what a balancing signal could reach at best.
@@ -164,7 +175,8 @@ def run_study(args: argparse.Namespace) -> int:
         print(f"curation_study: {err}", file=sys.stderr)
         return 2
     messy_stream.build(out / "stream", spec, data_dir=args.data_dir,
-                       oracle=any(CONDITIONS[n][0] == "oracle" for n in names))
+                       oracle=any(CONDITIONS[n][0] == "oracle" for n in names),
+                       deduped=any(CONDITIONS[n][0] == "deduped" for n in names))
     made = demo_shards(out / "shards", eval_train=60_000, eval_test=10_000, dataset="fashion-mnist",
                        data_dir=args.data_dir)
     recipe = run_config(args.images, RECIPE, [], 0, made.train, str(out / "unused"))

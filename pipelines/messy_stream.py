@@ -25,6 +25,9 @@ writer (manifest, byte-identical re-runs, resume):
 - ``OUT/oracle`` (only when asked, ``--oracle``): the messy stream's distinct images, each repeated
   so that every class occurs as often as the largest (byte-identical copies), no pool copies, no
   junk: the classes balanced by their labels, the best any balancing of those images could do.
+- ``OUT/deduped`` (only when asked, ``--deduped``): the messy stream as a perfect repeat detector
+  would leave it: every exact or near copy of an image already seen removed, in the same order,
+  junk untouched; what catching every near copy could give a curation downstream of it.
 
 Every messy sample carries a ``json`` member ``{"kind", "source", "variant"}`` (kind: unique,
 exact, near or junk; source: the training-split index, -1 for junk), which the decoders pass
@@ -221,13 +224,27 @@ def oracle_entries(messy: Sequence[Entry], labels: np.ndarray, seed: int) -> lis
     return [entries[i] for i in rng.permutation(len(entries))]
 
 
+def deduped_entries(messy: Sequence[Entry]) -> list[Entry]:
+    """The messy stream with every repeat removed: the first occurrence of each training-split image
+    (the original, or a copy that comes first) kept, in stream order, and all junk."""
+    seen: set[int] = set()
+    kept = []
+    for entry in messy:
+        if entry.source >= 0:
+            if entry.source in seen:
+                continue
+            seen.add(entry.source)
+        kept.append(entry)
+    return kept
+
+
 # ---- pipeline ---------------------------------------------------------------------------------------
 
 
 def build(out: Path, spec: MessySpec, *, size: int = 28, data_dir: str | None = None,
-          oracle: bool = False) -> dict[str, Any]:
-    """Write (or keep, when already complete) OUT/messy, OUT/clean and, with `oracle`, OUT/oracle;
-    returns and writes OUT/stream.json."""
+          oracle: bool = False, deduped: bool = False) -> dict[str, Any]:
+    """Write (or keep, when already complete) OUT/messy, OUT/clean and, with `oracle` and `deduped`,
+    OUT/oracle and OUT/deduped; returns and writes OUT/stream.json."""
     folder = require_fashion_mnist(data_dir, hint="set --data-dir")
     images, labels = load_split(folder, "train")
     messy = plan_messy_stream(labels, spec)
@@ -235,6 +252,8 @@ def build(out: Path, spec: MessySpec, *, size: int = 28, data_dir: str | None = 
     streams = {"messy": messy, "clean": clean_entries(labels, summary["distinct_images"], spec.seed)}
     if oracle:
         streams["oracle"] = oracle_entries(messy, labels, spec.seed)
+    if deduped:
+        streams["deduped"] = deduped_entries(messy)
     settings = {"source": "fashion-mnist", "size": size, **asdict(spec)}
     for name, entries in streams.items():
         written = write_shards(entry_samples(entries, images, labels, size), out / name, SHARD_MAX_COUNT,
@@ -254,6 +273,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=defaults.seed)
     parser.add_argument("--oracle", action="store_true",
                         help="also write OUT/oracle: the distinct images balanced by their labels")
+    parser.add_argument("--deduped", action="store_true",
+                        help="also write OUT/deduped: the messy stream without its repeats (a perfect detector)")
     for name in ("imbalance_ratio", "duplicate_fraction", "pool_fraction", "near_fraction", "junk_fraction"):
         parser.add_argument(f"--{name.replace('_', '-')}", type=float, default=getattr(defaults, name))
 
@@ -266,7 +287,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         spec = MessySpec(args.imbalance_ratio, args.duplicate_fraction, args.pool_fraction, args.near_fraction,
                          args.junk_fraction, args.seed)
-        report = build(Path(args.out), spec, size=args.size, data_dir=args.data_dir, oracle=args.oracle)
+        report = build(Path(args.out), spec, size=args.size, data_dir=args.data_dir, oracle=args.oracle,
+                       deduped=args.deduped)
     except (ValueError, FileNotFoundError) as err:
         print(f"messy_stream: error: {err}", file=sys.stderr)
         return 2

@@ -15,7 +15,7 @@ from PIL import Image
 
 from pipelines import messy_stream
 from pipelines.messy_stream import (JUNK_VARIANTS, NEAR_VARIANTS, Entry, MessySpec, composition, entry_fields,
-                                    oracle_entries, plan_messy_stream)
+                                    deduped_entries, oracle_entries, plan_messy_stream)
 from stream_swav.data.decode import DecodeLimits, decode_image
 from stream_swav.data.shards import ShardReport, parse_label, read_samples
 
@@ -74,6 +74,25 @@ def test_the_oracle_stream_balances_the_distinct_images_by_their_labels_and_noth
     assert oracle_entries(messy, labels, seed=3) == oracle != oracle_entries(messy, labels, seed=4)
 
 
+def test_the_deduped_stream_is_the_messy_one_with_every_repeat_removed_and_nothing_else():
+    labels = labels_like_fashion_mnist()
+    messy = plan_messy_stream(labels, MessySpec(imbalance_ratio=10, pool_fraction=0.02, seed=3))
+    deduped = deduped_entries(messy)
+    real = [e.source for e in deduped if e.source >= 0]
+    # Each training-split image once (the first of its occurrences, whatever its kind), all the junk,
+    # in the messy stream's order.
+    assert len(real) == len(set(real)) == len({e.source for e in messy if e.source >= 0})
+    assert [e for e in deduped if e.kind == "junk"] == [e for e in messy if e.kind == "junk"]
+    positions = [messy.index(e) for e in deduped]
+    assert positions == sorted(positions)
+    first = {}
+    for entry in messy:
+        first.setdefault(entry.source, entry)
+    assert all(first[e.source] is e for e in deduped if e.source >= 0)
+    # The pool's images are there once, some of them as the copy that came first.
+    assert {e.kind for e in deduped} >= {"unique", "junk"} and len(deduped) < len(messy) * 0.65
+
+
 @pytest.mark.parametrize("knobs, message", [
     ({"duplicate_fraction": 0.7, "junk_fraction": 0.3}, "must be below 1"),
     ({"pool_fraction": 0.0}, "pool_fraction"),
@@ -126,7 +145,7 @@ def test_the_pipeline_writes_both_streams_that_read_back_as_stated(tmp_path: Pat
     data = write_fmnist_subset(tmp_path / "fmnist", train=1000, test=10)
     out = tmp_path / "messy"
     assert messy_stream.main(["--out", str(out), "--data-dir", str(data), "--pool-fraction", "0.05",
-                              "--oracle"]) == 0
+                              "--oracle", "--deduped"]) == 0
     report = json.loads((out / "stream.json").read_text())
     assert report == {**json.loads(capsys.readouterr().out), "spec": report["spec"], "size": 28}
 
@@ -140,6 +159,9 @@ def test_the_pipeline_writes_both_streams_that_read_back_as_stated(tmp_path: Pat
     messy, clean, oracle = read(out / "messy"), read(out / "clean"), read(out / "oracle")
     assert len(messy) == report["messy"]["images"] and len(clean) == report["clean"]["images"]
     assert len(oracle) == report["oracle"]["images"] and report["oracle"]["kinds"].keys() == {"unique", "exact"}
+    deduped = [json.loads(s.meta["json"]) for s in read(out / "deduped")]
+    assert len(deduped) == report["deduped"]["images"] == len({r["source"] for r in deduped if r["source"] >= 0}) \
+        + report["messy"]["kinds"]["junk"]
     records = [json.loads(s.meta["json"]) for s in messy]
     assert dict(Counter(r["kind"] for r in records)) == report["messy"]["kinds"]
     for sample in messy + clean:  # every image decodes through the training path's decoder

@@ -39,6 +39,8 @@ which needs no collective per step.
 """
 from __future__ import annotations
 
+import hashlib
+
 import torch
 from torch import Tensor
 
@@ -193,17 +195,20 @@ class ReferenceBalance(UsageBalance):
     share of the stream says how over-represented its concept is, where the prototypes (shared out
     equally by Sinkhorn) and the density (high for a tight concept, frequent or not) do not. An
     image near no anchor (junk, for a reference of real concepts) is not placed: it weighs 1, is
-    shown once, and is not counted."""
+    shown once, and is not counted. The estimate is saved with the reference's `fingerprint`, so a
+    resume with other reference images starts it afresh instead of reading another set's shares."""
 
     STATE_KEY = "balance_reference"
 
     def __init__(self, anchors: int, strength: float, momentum: float = 0.99, min_similarity: float = -1.0,
-                 device: torch.device | str | None = None) -> None:
+                 device: torch.device | str | None = None, fingerprint: Tensor | None = None) -> None:
         # Nothing seen yet: every weight 1 until the first step with anchors.
         super().__init__(anchors, strength, momentum, 0.0, device)
         if not -1.0 <= min_similarity <= 1.0:
             raise ValueError(f"min_similarity must be in [-1, 1], got {min_similarity}")
         self.min_similarity = min_similarity
+        # `reference_fingerprint` of the images the anchors embed (None: unknown).
+        self.fingerprint = fingerprint
         # (anchors, dim) unit rows: the reference as the model now sees it; None until set.
         self.anchors: Tensor | None = None
 
@@ -234,17 +239,36 @@ class ReferenceBalance(UsageBalance):
         not counted)."""
         self.fold_groups(self.nearest(z))
 
+    def state_dict(self) -> dict[str, Tensor]:
+        state = super().state_dict()
+        if self.fingerprint is not None:
+            state["reference"] = self.fingerprint.clone()
+        return state
+
     def check_state(self, state: object) -> None:
-        """A saved estimate over another number of anchors (the reference changed) is not an error:
-        `load_state_dict` starts afresh then."""
+        """A saved estimate of another reference (another number of anchors, or other images) is not
+        an error: `load_state_dict` starts afresh then."""
         usage = state.get("usage") if isinstance(state, dict) else None
         if not isinstance(usage, Tensor) or usage.dim() != 1 or not torch.isfinite(usage).all():
             raise ValueError("balance state: usage must be a finite 1-D tensor")
+        saved = state.get("reference")
+        if saved is not None and (not isinstance(saved, Tensor) or saved.dtype != torch.uint8 or saved.dim() != 1):
+            raise ValueError("balance state: reference must be a 1-D uint8 tensor (the reference's fingerprint)")
+
+    def same_reference(self, state: dict[str, Tensor]) -> bool:
+        """Whether a saved estimate is of this balance's reference: as many anchors, and the same
+        fingerprint (or neither side has one)."""
+        saved = state.get("reference")
+        if state["usage"].shape != self.usage.shape or (saved is None) != (self.fingerprint is None):
+            return False
+        return saved is None or torch.equal(saved.cpu(), self.fingerprint.cpu())
 
     def load_state_dict(self, state: dict[str, Tensor]) -> None:
         self.check_state(state)
-        if state["usage"].shape == self.usage.shape:
+        if self.same_reference(state):
             self.usage.copy_(state["usage"])
+        else:
+            self.usage.zero_()
 
 
 class DensityBalance:
@@ -296,6 +320,13 @@ class DensityBalance:
 
 Balance = PrototypeBalance | DensityBalance | LabelBalance | ReferenceBalance
 
+
+def reference_fingerprint(images: Tensor) -> Tensor:
+    """(32,) uint8: the SHA-256 of a reference's images (N, S, S, 3) uint8 in their order, which
+    `ReferenceBalance` saves with its estimate."""
+    digest = hashlib.sha256(images.detach().cpu().contiguous().numpy().tobytes()).digest()
+    return torch.frombuffer(bytearray(digest), dtype=torch.uint8)
+
 # In `resample` mode the densest tenth of a batch is shown once and every image in proportion to its
 # weight relative to them: a quantile, not the batch's one heaviest, so a single outlier (a flooded
 # repeat) does not make every other image look rare.
@@ -329,10 +360,10 @@ def resample_shows(weights: Tensor, max_shows: int, generator: torch.Generator |
 
 
 def build_balance(cfg: CurationConfig, prototypes: int, feature_dim: int,
-                  device: torch.device | str | None = None, references: int = 0) -> Balance | None:
+                  device: torch.device | str | None = None, reference_images: Tensor | None = None) -> Balance | None:
     """The `curation.balance_signal` balance at `curation.balance` (None when it is 0), with its state
     on `device`; `prototypes` and `feature_dim` are the model's (scores and projected features),
-    `references` the reference's images (the "reference" signal's anchors)."""
+    `reference_images` (N, S, S, 3) uint8 the reference's (the "reference" signal's anchors)."""
     if cfg.balance == 0:
         return None
     if cfg.balance_signal == "prototypes":
@@ -342,11 +373,13 @@ def build_balance(cfg: CurationConfig, prototypes: int, feature_dim: int,
     if cfg.balance_signal == "label":
         return LabelBalance(cfg.balance_classes, cfg.balance, cfg.balance_momentum, device)
     if cfg.balance_signal == "reference":
-        if references < 1:
+        if reference_images is None or len(reference_images) < 1:
             raise ValueError("curation.balance_reference: the reference signal needs reference images")
-        return ReferenceBalance(references, cfg.balance, cfg.balance_momentum, cfg.balance_reference_similarity, device)
+        return ReferenceBalance(len(reference_images), cfg.balance, cfg.balance_momentum,
+                                cfg.balance_reference_similarity, device, reference_fingerprint(reference_images))
     raise ValueError(f"curation.balance_signal: unknown signal {cfg.balance_signal!r}")
 
 
 __all__ = ["build_balance", "expected_shows", "resample_shows", "Balance", "DensityBalance", "LabelBalance", "PrototypeBalance",
-           "ReferenceBalance", "UsageBalance", "MAX_RATIO", "MAX_STRENGTH", "RESAMPLE_REFERENCE_QUANTILE", "raw_weights", "relative_weights"]
+           "ReferenceBalance", "UsageBalance", "MAX_RATIO", "MAX_STRENGTH", "RESAMPLE_REFERENCE_QUANTILE", "raw_weights", "reference_fingerprint",
+           "relative_weights"]

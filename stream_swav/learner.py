@@ -254,7 +254,7 @@ class LearnerState:
         # device to be embedded again as the model trains (`refresh_reference`).
         self.reference_images = None if reference_images is None else reference_images.to(self.device)
         self.balance = build_balance(cfg.curation, cfg.model.prototypes, cfg.model.output_dim, self.device,
-                                     0 if reference_images is None else len(reference_images))
+                                     reference_images)
         self.generator = torch.Generator(device=self.device)
         self.generator.manual_seed(cfg.train.seed + rank)
         self.step = 0

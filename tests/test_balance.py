@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from test_learner import SyntheticStream, tiny_config
 
 from stream_swav.balance import (MAX_RATIO, DensityBalance, LabelBalance, PrototypeBalance, ReferenceBalance,
-                                 resample_shows)
+                                 reference_fingerprint, resample_shows)
 from stream_swav.learner import Learner
 from stream_swav.runtime.metrics import usage_perplexity
 from stream_swav.swav import swav_loss
@@ -358,6 +358,40 @@ def test_reference_balance_keeps_its_estimate_through_a_checkpoint_unless_the_re
         other.check_state({"usage": torch.tensor([float("nan")])})
 
 
+def test_a_reference_balance_reuses_a_saved_estimate_only_for_the_same_reference_images():
+    """As many anchors from other images (the reference's shards changed between a run and its
+    resume) must not reuse the old anchors' shares: the fingerprint of the images tells them apart."""
+    images = torch.randint(0, 256, (4, 6, 6, 3), dtype=torch.uint8)
+    others = images.clone()
+    others[2, 0, 0, 0] ^= 1
+    fingerprint = reference_fingerprint(images)
+    assert fingerprint.dtype == torch.uint8 and fingerprint.shape == (32,)
+    assert torch.equal(fingerprint, reference_fingerprint(images.clone()))
+    assert not torch.equal(fingerprint, reference_fingerprint(others))
+    assert not torch.equal(fingerprint, reference_fingerprint(images.flip(0)))  # the order is the anchors'
+    balance = ReferenceBalance(4, strength=1.0, fingerprint=fingerprint)
+    balance.set_anchors(concepts([2, 2])[0])
+    balance.update(NO_LABELS, concepts([30, 10])[0], NO_LABELS)
+    buffer = io.BytesIO()
+    torch.save(balance.state_dict(), buffer)
+    buffer.seek(0)
+    state = torch.load(buffer, weights_only=True)
+    assert torch.equal(state["reference"], fingerprint)
+    same = ReferenceBalance(4, strength=1.0, fingerprint=reference_fingerprint(images))
+    same.load_state_dict(state)
+    torch.testing.assert_close(same.usage, balance.usage)
+    changed = ReferenceBalance(4, strength=1.0, fingerprint=reference_fingerprint(others))
+    changed.usage.fill_(0.25)
+    changed.load_state_dict(state)
+    assert torch.equal(changed.usage, torch.zeros(4))
+    # An estimate saved without a fingerprint is not taken for this reference's either.
+    unknown = ReferenceBalance(4, strength=1.0, fingerprint=fingerprint)
+    unknown.load_state_dict({"usage": state["usage"]})
+    assert torch.equal(unknown.usage, torch.zeros(4))
+    with pytest.raises(ValueError, match="reference"):
+        same.check_state({"usage": state["usage"], "reference": torch.zeros(32)})
+
+
 def test_a_learner_with_the_reference_signal_embeds_its_reference_and_refreshes_it():
     torch.set_num_threads(1)
     cfg = tiny_config(curation={"balance": 1.0, "balance_signal": "reference", "balance_reference": "unused",
@@ -390,11 +424,19 @@ def test_a_learner_with_the_reference_signal_embeds_its_reference_and_refreshes_
     learner.train_step(stream.batch(cfg))  # step 2: embedded again, the model having moved
     assert not torch.allclose(learner.balance.anchors, first)
     assert "balance_reference" in learner.rank_local_state() and "balance_reference" not in learner.shared_state()
-    # New weights (a resume, or adopting a survivor's): the anchors are embedded again at the next step.
-    learner.load_state_dict(learner.state_dict())
-    assert learner.balance.anchors is None
+    # New weights (a resume, or adopting a survivor's): the anchors are embedded again at the next step,
+    # and the estimate, saved with the reference's fingerprint, is kept.
+    state = learner.state_dict()
+    assert torch.equal(state["balance_reference"]["reference"], reference_fingerprint(reference))
+    usage = learner.balance.usage.clone()
+    learner.load_state_dict(state)
+    assert learner.balance.anchors is None and torch.equal(learner.balance.usage, usage) and usage.sum() > 0
     learner.train_step(stream.batch(cfg))
     assert learner.balance.anchors is not None
+    # A resume with other reference images of the same number starts the estimate afresh.
+    resumed = Learner(cfg, torch.device("cpu"), reference_images=reference.flip(0))
+    resumed.load_state_dict(state)
+    assert torch.equal(resumed.balance.usage, torch.zeros_like(usage))
 
 
 def test_every_balance_estimate_is_rank_local():

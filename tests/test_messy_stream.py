@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import statistics
 from collections import Counter
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from fmnist_helpers import needs_fmnist, write_fmnist_subset
 from PIL import Image
 
@@ -201,3 +203,39 @@ def test_the_dedup_study_drops_exact_copies_and_keeps_every_distinct_image_at_di
     table = capsys.readouterr().out
     assert table.count("\n| ") == 3 and "| 0 |" in table and "| 4 |" in table
     assert dedup_study.main(["--stream", str(tmp_path / "nothing")]) == 2
+
+
+def test_copies_are_told_from_first_occurrences_and_compared_only_with_the_window_before_them():
+    from pipelines import dedup_study
+
+    records = [{"source": 5}, {"source": -1}, {"source": 7}, {"source": 5}, {"source": -1}, {"source": 7}]
+    assert dedup_study.copy_categories(records).tolist() == ["first", "junk", "first", "copy", "junk", "copy"]
+    a, b, c = torch.eye(3)
+    features = torch.stack([a, b, a, c, a])
+    # Row 2 (a) finds row 0 (a) with a window of 2, only row 1 (b) with a window of 1.
+    assert dedup_study.highest_earlier_similarity(features, window=2, chunk=2).tolist() == [-1, 0, 1, 0, 1]
+    assert dedup_study.highest_earlier_similarity(features, window=1).tolist() == [-1, 0, 0, 0, 0]
+
+
+@needs_fmnist
+def test_the_dedup_study_says_what_a_checkpoints_embedding_would_catch_of_what_the_hash_keeps(tmp_path, capsys):
+    from test_gallery import save_learner_checkpoint
+
+    from pipelines import dedup_study
+
+    data = write_fmnist_subset(tmp_path / "fmnist", train=1000, test=10)
+    out = tmp_path / "messy"
+    assert messy_stream.main(["--out", str(out), "--data-dir", str(data), "--pool-fraction", "0.05"]) == 0
+    checkpoint = save_learner_checkpoint(tmp_path / "checkpoint")
+    capsys.readouterr()
+    assert dedup_study.main(["--stream", str(out / "messy"), "--distances", "0", "--checkpoint", checkpoint,
+                             "--similarities=-1,1.01"]) == 0
+    table = capsys.readouterr().out
+    rows = {tuple(cell.strip() for cell in line.split("|")[1:3]): line for line in table.splitlines()
+            if line.startswith("| projected") or line.startswith("| backbone")}
+    assert len(rows) == 4
+    # Every kept image but the first has an earlier one at similarity >= -1; none reaches 1.01.
+    assert "| 0.0% | 0.00% | 0.0% |" in rows[("projected feature", "1.01")]
+    assert rows[("backbone feature", "-1")].endswith("| 100.0% |")
+    copies = int(re.search(r"Kept by the hash: ([\d,]+) copies", table).group(1).replace(",", ""))
+    assert copies > 0  # near copies the hash does not catch

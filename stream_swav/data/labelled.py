@@ -54,14 +54,15 @@ def resize_center_crop(image: Image.Image, size: int) -> np.ndarray:
 
 def load_labeled_images(spec: str, image_size: int, storage_cfg: StorageConfig | None = None,
                         data_cfg: DataConfig | None = None, limit: int = 0, *, unlabelled: bool = False,
-                        hashes: bool = False) -> LabeledImages:
+                        hashes: bool = False, key: str = "data.shards") -> LabeledImages:
     """Every labelled image of the shards `spec` names (folder/prefix, brace pattern or .txt list),
     in shard and archive order, at most `limit` (0: all). `unlabelled` also keeps images without a
-    label (as NO_LABEL); `hashes` records each image's perceptual hash."""
+    label (as NO_LABEL); `hashes` records each image's perceptual hash; a malformed spec's error
+    names `key`, the setting it came from."""
     storage_cfg = storage_cfg or StorageConfig()
     data_cfg = data_cfg or DataConfig()
     limits = DecodeLimits.from_config(data_cfg)
-    shards = ShardSource(spec, storage_cfg).list_shards()
+    shards = ShardSource(spec, storage_cfg, key=key).list_shards()
     if not shards:
         raise FileNotFoundError(f"{spec}: no shards found")
     images: list[np.ndarray] = []

@@ -646,7 +646,7 @@ def check_before_start(cfg: Config) -> None:
              ("checkpoint.dir", cfg.checkpoint.dir, lambda url: storage.exists(url, cfg.storage))]
     if cfg.curation.balance > 0 and cfg.curation.balance_signal == "reference":
         looks.append(("curation.balance_reference", cfg.curation.balance_reference,
-                      lambda url: ShardSource(url, cfg.storage, key="curation.balance_reference").list_shards()))
+                      lambda url: _reference_readable(url, cfg)))
     for key, url, look in looks:
         try:
             found = look(url)
@@ -662,16 +662,22 @@ def check_before_start(cfg: Config) -> None:
             raise ConfigError(f"data.shards: no shards at {url}{where}; give a folder or s3:// prefix holding "
                               f".tar/.tar.gz/.tgz shards, a brace pattern or a .txt list (`stream-swav make-shards` "
                               f"makes shards from images), or data.follow: true to wait for them")
-        if key == "curation.balance_reference" and not found:
-            raise ConfigError(f"curation.balance_reference: no shards at {url}; give the shards of a curated "
-                              f"reference set (a folder, s3:// prefix, brace pattern or .txt list)")
-        if key == "curation.balance_reference":
-            # One image read here, so that shards without a decodable one are refused once, not by
-            # every learner actor as it starts.
-            try:
-                load_labeled_images(url, 8, cfg.storage, cfg.data, 1, unlabelled=True)
-            except ValueError as error:
-                raise ConfigError(f"curation.balance_reference: {error}") from None
+
+
+def _reference_readable(url: str, cfg: Config) -> bool:
+    """Whether curation.balance_reference's shards hold a decodable image, one read here so that
+    shards without one are refused once, before Ray starts, not by every learner actor as it starts."""
+    key = "curation.balance_reference"
+    try:
+        load_labeled_images(url, 8, cfg.storage, cfg.data, 1, unlabelled=True, key=key)
+    except ConfigError:
+        raise
+    except FileNotFoundError:  # nothing listed
+        raise ConfigError(f"{key}: no shards at {url}; give the shards of a curated reference set (a folder, "
+                          f"s3:// prefix, brace pattern or .txt list)") from None
+    except ValueError as error:  # shards, but no decodable image in them
+        raise ConfigError(f"{key}: {error}") from None
+    return True
 
 
 def train(cfg: Config, trainer: Trainer | None = None) -> int:

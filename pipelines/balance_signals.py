@@ -25,7 +25,8 @@ the group; the density signal as `DensityBalance` weighs:
 
 With `--resample`, each signal's weights become the expected number of shows of each image under
 curation.balance_mode resample (`stream_swav.balance.expected_shows`, in random batches of the
-checkpoint's batch size): the columns are then the shares of what would be trained.
+checkpoint's batch size, within its replay budget): the columns are then the shares of what would be
+trained.
 
 The table gives, per class (the shards' `cls`; images without one, such as the messy stream's junk,
 are a row of their own), its share of the stream and its share of the weight under each signal,
@@ -46,7 +47,7 @@ from stream_swav import logs
 from stream_swav.apps.evaluate import embed, pick_device
 from stream_swav.data.labelled import NO_LABEL, load_labeled_images
 from stream_swav.apps.gallery import load_swav_model
-from stream_swav.balance import DensityBalance, ReferenceBalance, expected_shows, raw_weights
+from stream_swav.balance import DensityBalance, ReferenceBalance, expected_shows, raw_weights, replay_budget
 from stream_swav.checkpoint import resolve_checkpoint
 from stream_swav.config import StorageConfig
 from stream_swav.model import SwAVModel
@@ -178,14 +179,16 @@ def signal_weights(scores: Tensor, z: Tensor, features: Tensor, labels: Tensor, 
     return out, placed
 
 
-def as_resampled(weights: Tensor, batch_size: int, max_shows: int, seed: int, placed: Tensor | None = None) -> Tensor:
+def as_resampled(weights: Tensor, batch_size: int, max_shows: int, seed: int, placed: Tensor | None = None,
+                 mean_shows: float | None = None) -> Tensor:
     """Each image's expected shows (N,) when the stream, in batches of `batch_size` drawn at random,
     is resampled by these weights as curation.balance_mode resample does (images not `placed`, (N,)
-    bool, shown once)."""
+    bool, shown once; a batch's shows within `mean_shows` on average, the replay budget)."""
     order = torch.randperm(len(weights), generator=torch.Generator().manual_seed(seed))
     shows = torch.empty(len(weights), dtype=torch.float64)
     for batch in order.split(batch_size):
-        shows[batch] = expected_shows(weights[batch], max_shows, None if placed is None else placed[batch]).double()
+        shows[batch] = expected_shows(weights[batch], max_shows, None if placed is None else placed[batch],
+                                      mean_shows).double()
     return shows
 
 
@@ -262,8 +265,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(str(err))
     if args.resample:
         # As the balances place them: an image a signal cannot place (unlabelled, near no anchor) is shown once.
+        budget = replay_budget(cfg.curation.resample_share)
         weights = {name: w if name == "uniform" else as_resampled(w, cfg.train.batch_size, args.resample, args.seed,
-                                                                  placed.get(name))
+                                                                  placed.get(name), budget)
                    for name, w in weights.items()}
     how = f", resampled (at most {args.resample} shows)" if args.resample else ""
     print(f"{args.checkpoint} on {args.shards}: {len(labels):,} images, strength {args.strength:g}{how}\n")

@@ -333,27 +333,58 @@ def reference_fingerprint(images: Tensor) -> Tensor:
 RESAMPLE_REFERENCE_QUANTILE = 0.1
 
 
-def expected_shows(weights: Tensor, max_shows: int, placed: Tensor | None = None) -> Tensor:
+# Bisection steps that fit a batch's shows to its replay budget: the scale to 2**-30 of its start.
+BUDGET_ITERATIONS = 30
+
+
+def expected_shows(weights: Tensor, max_shows: int, placed: Tensor | None = None,
+                   mean_shows: float | None = None) -> Tensor:
     """How many times each image of a batch with these weights (B,) is to be trained on average: its
     weight over the RESAMPLE_REFERENCE_QUANTILE weight of the batch's images the signal `placed`
-    (B,) bool (default: all), within [1, max_shows]; an image not placed is shown once."""
+    (B,) bool (default: all), within [1, max_shows]; an image not placed is shown once. With
+    `mean_shows`, a batch that would ask for more shows than that on average has its weights scaled
+    down together until it does not, so that what is rarest keeps the most shows."""
     if max_shows < 1:
         raise ValueError(f"max_shows must be >= 1, got {max_shows}")
+    if mean_shows is not None and mean_shows < 1:
+        raise ValueError(f"mean_shows must be >= 1, got {mean_shows}")
     weights = weights.float()
     if placed is not None:
         # NaN rather than a boolean index: no device sync; a batch with none placed has no reference.
         weights = torch.where(placed, weights, torch.nan)
     reference = torch.nanquantile(weights, RESAMPLE_REFERENCE_QUANTILE).nan_to_num(1.0).clamp_min(1e-12)
-    return (weights / reference).nan_to_num(1.0).clamp(1.0, float(max_shows))
+
+    def shows_at(scale: Tensor) -> Tensor:
+        return (weights * scale).nan_to_num(1.0).clamp(1.0, float(max_shows))
+
+    scale = 1.0 / reference
+    if mean_shows is not None:
+        # Why: a flood that fills more than the quantile of a batch (junk the reference places on one
+        # anchor, copies of one image) sets the reference at its capped weight, and then every other
+        # image asks for max_shows, more than the replays can hold, which evens out the shows
+        # instead of balancing. Bisection with fixed steps, so no device sync.
+        low, high = torch.zeros_like(scale), scale
+        for _ in range(BUDGET_ITERATIONS):
+            middle = (low + high) / 2
+            fits = shows_at(middle).mean() <= mean_shows
+            low, high = torch.where(fits, middle, low), torch.where(fits, high, middle)
+        scale = torch.where(shows_at(scale).mean() <= mean_shows, scale, low)
+    return shows_at(scale)
+
+
+def replay_budget(resample_share: float) -> float:
+    """The most shows per image read that batches holding at most `resample_share` replays can give
+    on average: 1 / (1 - resample_share)."""
+    return 1.0 / (1.0 - resample_share)
 
 
 def resample_shows(weights: Tensor, max_shows: int, generator: torch.Generator | None = None,
-                   placed: Tensor | None = None) -> Tensor:
+                   placed: Tensor | None = None, mean_shows: float | None = None) -> Tensor:
     """How many times to train each image (B,) int: `expected_shows` rounded up or down at random,
     so that each count's expectation is the ratio. Resampling by these counts moves what is trained
     towards what the weights would make of it, with every show a fresh view instead of a scaled
     gradient."""
-    ratio = expected_shows(weights, max_shows, placed)
+    ratio = expected_shows(weights, max_shows, placed, mean_shows)
     whole = ratio.floor()
     draw = torch.rand(ratio.shape, device=ratio.device, generator=generator)
     return (whole + (draw < ratio - whole).to(whole.dtype)).to(torch.int64).clamp_max(max_shows)
@@ -380,6 +411,6 @@ def build_balance(cfg: CurationConfig, prototypes: int, feature_dim: int,
     raise ValueError(f"curation.balance_signal: unknown signal {cfg.balance_signal!r}")
 
 
-__all__ = ["build_balance", "expected_shows", "resample_shows", "Balance", "DensityBalance", "LabelBalance", "PrototypeBalance",
+__all__ = ["build_balance", "expected_shows", "replay_budget", "resample_shows", "Balance", "DensityBalance", "LabelBalance", "PrototypeBalance",
            "ReferenceBalance", "UsageBalance", "MAX_RATIO", "MAX_STRENGTH", "RESAMPLE_REFERENCE_QUANTILE", "raw_weights", "reference_fingerprint",
            "relative_weights"]

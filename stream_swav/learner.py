@@ -26,7 +26,7 @@ from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
 from stream_swav.augment import apply_params, sample_params
-from stream_swav.balance import ReferenceBalance, build_balance, resample_shows
+from stream_swav.balance import ReferenceBalance, build_balance, replay_budget, resample_shows
 from stream_swav.checkpoint import RANK_LOCAL_STATE_KEYS
 from stream_swav.codes import build_codes
 from stream_swav.config import Config
@@ -561,10 +561,12 @@ class Learner(LearnerState):
             weights = self.balance.weights(assign_scores[0, :fresh], assign_features[0, :fresh], labels[:fresh])
             if cfg.curation.resampling:
                 # The rank's own generator: ranks must not round alike, and it is checkpointed. Only
-                # what the signal can place is shown more than once (unlabelled junk is not rare).
+                # what the signal can place is shown more than once (unlabelled junk is not rare), and
+                # no more shows are asked for than the later batches' replays can hold.
                 shows = resample_shows(weights, cfg.curation.resample_max_shows, self.generator,
                                        self.balance.placed(assign_scores[0, :fresh], assign_features[0, :fresh],
-                                                           labels[:fresh]))
+                                                           labels[:fresh]),
+                                       replay_budget(cfg.curation.resample_share))
                 weights = None
         queued = self.queue.features() if self.queue is not None else None
         queued_scores = queued @ self.model.prototypes.weight.detach().t() if queued is not None else None

@@ -11,7 +11,8 @@ import torch.nn.functional as F
 from test_learner import SyntheticStream, tiny_config
 
 from stream_swav.balance import (MAX_RATIO, DensityBalance, LabelBalance, PrototypeBalance, ReferenceBalance,
-                                 reference_fingerprint, resample_shows)
+                                 expected_shows, reference_fingerprint, replay_budget,
+                                 resample_shows)
 from stream_swav.learner import Learner
 from stream_swav.runtime.metrics import usage_perplexity
 from stream_swav.swav import swav_loss
@@ -240,6 +241,37 @@ def test_resample_shows_are_the_weight_over_the_batch_reference_in_expectation()
     assert torch.equal(resample_shows(torch.tensor([1.0] * 19 + [0.01]), 4), torch.ones(20, dtype=torch.int64))
     with pytest.raises(ValueError, match="max_shows"):
         resample_shows(weights, 0)
+
+
+def test_a_flood_does_not_make_every_other_image_ask_for_more_shows_than_the_replays_can_hold():
+    """20% of a batch on one over-represented group (its weight capped at a tenth) is the batch's
+    reference: every other image would ask for max_shows, far more than batches of 75% replays hold
+    (4 shows per image read), and the shows would be even instead of balanced. Within the budget
+    they are scaled down together: the flood once, the rest in proportion to their weights."""
+    flood = torch.full((200,), 0.1)
+    common, rare = torch.full((600,), 1.2), torch.full((200,), 3.6)
+    weights = torch.cat([flood, common, rare])
+    unbounded = expected_shows(weights, 10)
+    assert torch.equal(unbounded[200:], torch.full((800,), 10.0)) and unbounded.mean() > 8
+    shows = expected_shows(weights, 10, mean_shows=replay_budget(0.75))
+    assert replay_budget(0.75) == 4.0
+    assert shows.mean().item() == pytest.approx(4.0, abs=1e-3)
+    assert torch.equal(shows[:200], torch.ones(200))
+    assert shows[200] == pytest.approx(shows[-1] / 3) and 1 < shows[200] < shows[-1] <= 10
+    drawn = torch.stack([resample_shows(weights, 10, torch.Generator().manual_seed(n), mean_shows=4.0)
+                         for n in range(50)]).double()
+    assert drawn.mean().item() == pytest.approx(4.0, abs=0.05)
+    # A batch within the budget is left as the quantile rule has it; a balanced one, once each.
+    within = torch.cat([torch.full((900,), 0.2), torch.full((100,), 2.0)])
+    assert torch.equal(expected_shows(within, 10, mean_shows=4.0), expected_shows(within, 10))
+    assert torch.equal(expected_shows(torch.ones(64), 10, mean_shows=4.0), torch.ones(64))
+    # Images not placed stay at one show and count in the mean.
+    placed = torch.arange(1000) >= 500
+    assert expected_shows(weights, 10, placed).mean().item() == pytest.approx(1.4)  # rare images 3 shows
+    bounded = expected_shows(weights, 10, placed, mean_shows=1.2)
+    assert torch.equal(bounded[:800], torch.ones(800)) and bounded.mean().item() == pytest.approx(1.2, abs=1e-3)
+    with pytest.raises(ValueError, match="mean_shows"):
+        expected_shows(weights, 10, mean_shows=0.5)
 
 
 def test_a_resampling_learner_trains_unweighted_and_counts_only_what_it_read():

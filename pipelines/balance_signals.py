@@ -47,9 +47,9 @@ from stream_swav import logs
 from stream_swav.apps.evaluate import embed, pick_device
 from stream_swav.data.labelled import NO_LABEL, load_labeled_images
 from stream_swav.apps.gallery import load_swav_model
-from stream_swav.balance import DensityBalance, ReferenceBalance, expected_shows, raw_weights, replay_budget
+from stream_swav.balance import DensityBalance, ReferenceBalance, expected_shows, raw_weights
 from stream_swav.checkpoint import resolve_checkpoint
-from stream_swav.config import StorageConfig
+from stream_swav.config import Config, StorageConfig
 from stream_swav.model import SwAVModel
 
 BATCH_SIZE = 512
@@ -69,6 +69,15 @@ class ScoresAndFeatures(nn.Module):
         features = self.model.embed(images)
         z, scores = self.model.head(features)
         return torch.cat([scores, z, features], dim=1)
+
+
+def scores_z_features(model: SwAVModel, cfg: Config, images: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Prototype scores, projected features (unit rows) and pooled backbone features of (N, S, S, 3)
+    uint8 images, by the whole SwAV model in eval mode (`embed`: bf16 autocast on CUDA)."""
+    both = embed(ScoresAndFeatures(model), images, cfg.augment.mean, cfg.augment.std, BATCH_SIZE, pick_device("auto"))
+    scores, z, features = both.split([cfg.model.prototypes, cfg.model.output_dim,
+                                      both.shape[1] - cfg.model.prototypes - cfg.model.output_dim], dim=1)
+    return scores, z, features
 
 
 def spherical_kmeans(points: Tensor, k: int, seed: int, restarts: int = KMEANS_RESTARTS) -> tuple[Tensor, Tensor]:
@@ -243,20 +252,13 @@ def main(argv: list[str] | None = None) -> int:
     cfg, model = load_swav_model(resolve_checkpoint(args.checkpoint, storage_cfg), storage_cfg)
     read = load_labeled_images(args.shards, cfg.crops.global_size, storage_cfg, cfg.data, args.max_images,
                                unlabelled=True)
-
-    def scores_z_features(images: Tensor) -> tuple[Tensor, ...]:
-        both = embed(ScoresAndFeatures(model), images, cfg.augment.mean, cfg.augment.std, BATCH_SIZE,
-                     pick_device("auto"))
-        return both.split([cfg.model.prototypes, cfg.model.output_dim,
-                           both.shape[1] - cfg.model.prototypes - cfg.model.output_dim], dim=1)
-
-    scores, z, features = scores_z_features(read.images)
+    scores, z, features = scores_z_features(model, cfg, read.images)
     labels = np.asarray(read.labels)
     references = None
     if args.reference:
         reference = load_labeled_images(args.reference, cfg.crops.global_size, storage_cfg, cfg.data,
                                         args.reference_images, unlabelled=True)
-        _, references, _ = scores_z_features(reference.images)
+        _, references, _ = scores_z_features(model, cfg, reference.images)
     try:
         weights, placed = signal_weights(scores, z, features, torch.from_numpy(labels), args.strength, clusters,
                                          levels, densities, args.bank, args.seed, references,
@@ -265,7 +267,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(str(err))
     if args.resample:
         # As the balances place them: an image a signal cannot place (unlabelled, near no anchor) is shown once.
-        budget = replay_budget(cfg.curation.resample_share)
+        budget = cfg.curation.replay_budget(cfg.train.batch_size)
         weights = {name: w if name == "uniform" else as_resampled(w, cfg.train.batch_size, args.resample, args.seed,
                                                                   placed.get(name), budget)
                    for name, w in weights.items()}

@@ -29,9 +29,8 @@ import json
 import sys
 import time
 from collections import Counter, defaultdict
-from pathlib import Path
-
 from collections.abc import Iterator
+from pathlib import Path
 
 import fsspec
 import numpy as np
@@ -72,16 +71,18 @@ def stream_hashes(folder: Path, min_side: int) -> list[tuple[int, dict]]:
     return [(perceptual_hash(image), record) for image, record in decoded_samples(folder, min_side)]
 
 
-def kept_by_hash(folder: Path, min_side: int, size: int) -> tuple[Tensor, list[dict]]:
-    """The images exact hash matching (a fresh seen-set, distance 0, no repeat allowed) keeps in one
-    pass, in stream order, each resized and centre-cropped to `size` as (N, S, S, 3) uint8, and
-    their json records."""
-    seen = SeenSet(10_000_000, max_distance=0, max_repeats=0)
+def kept_by_hash(folder: Path, min_side: int, size: int, capacity: int) -> tuple[Tensor, list[dict]]:
+    """The images exact hash matching (a fresh seen-set of `capacity`, distance 0, no repeat allowed)
+    keeps in one pass, in stream order, each resized and centre-cropped to `size` as (N, S, S, 3)
+    uint8, and their json records."""
+    seen = SeenSet(capacity, max_distance=0, max_repeats=0)
     images, records = [], []
     for position, (image, record) in enumerate(decoded_samples(folder, min_side)):
         if seen.admit(perceptual_hash(image), (0, 0), position):
-            images.append(resize_center_crop(image.convert("RGB"), size))
+            images.append(resize_center_crop(image, size))
             records.append(record)
+    if not images:
+        raise ValueError(f"{folder}: no decodable image")
     return torch.from_numpy(np.stack(images)), records
 
 
@@ -114,28 +115,19 @@ def highest_earlier_similarity(features: Tensor, window: int, chunk: int = 1024)
     return highest
 
 
-def embedding_copies(checkpoint: str, folder: Path, min_side: int, window: int) -> tuple[np.ndarray, dict[str, Tensor]]:
+def embedding_copies(checkpoint: str, folder: Path, min_side: int, window: int,
+                     capacity: int) -> tuple[np.ndarray, dict[str, Tensor]]:
     """The kept images' categories and, per embedding of the checkpoint's model (projected feature,
     centred backbone feature), each one's highest similarity to the `window` kept images before it."""
-    from stream_swav.apps.evaluate import pick_device
+    from pipelines.balance_signals import scores_z_features
     from stream_swav.apps.gallery import load_swav_model
     from stream_swav.checkpoint import resolve_checkpoint
-    from stream_swav.data.labelled import normalized_batches
 
     storage_cfg = StorageConfig()
     cfg, model = load_swav_model(resolve_checkpoint(checkpoint, storage_cfg), storage_cfg)
-    images, records = kept_by_hash(folder, min_side, cfg.crops.global_size)
-    device = pick_device("auto")
-    model = model.to(device).eval()
-    projected, backbone = [], []
-    with torch.no_grad():
-        for batch in normalized_batches(images, tuple(cfg.augment.mean), tuple(cfg.augment.std), 512, device):
-            features = model.embed(batch)
-            z, _ = model.head(features)
-            projected.append(F.normalize(z.float(), dim=1).cpu())
-            backbone.append(features.float().cpu())
-    pooled = torch.cat(backbone)
-    embeddings = {"projected feature": torch.cat(projected),
+    images, records = kept_by_hash(folder, min_side, cfg.crops.global_size, capacity)
+    _, projected, pooled = scores_z_features(model, cfg, images)
+    embeddings = {"projected feature": projected,
                   "backbone feature": F.normalize(pooled - pooled.mean(dim=0), dim=1)}
     return copy_categories(records), {name: highest_earlier_similarity(f, window) for name, f in embeddings.items()}
 
@@ -177,6 +169,12 @@ def main(argv: list[str] | None = None) -> int:
                         help="cosine similarities to try with --checkpoint (comma-separated)")
     parser.add_argument("--window", type=int, default=8192, help="kept images each is compared with")
     args = parser.parse_args(argv)
+    try:
+        similarities = [float(t) for t in args.similarities.split(",")]
+    except ValueError:
+        parser.error(f"--similarities takes comma-separated numbers, got {args.similarities!r}")
+    if args.window < 1:
+        parser.error(f"--window must be >= 1, got {args.window}")
     if not any(args.stream.glob("*.tar")):
         print(f"--stream: no shards in {args.stream}; write them with python -m pipelines.messy_stream", file=sys.stderr)
         return 2
@@ -191,7 +189,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"| {distance} | {s['exact_dropped']:.1%} | {s['near_dropped']:.1%} | {s['junk_dropped']:.1%} "
               f"| {s['distinct_lost']:.2%} | {s['surplus_kept']:,} | {s['images_kept']:,} of {s['images']:,} |")
     if args.checkpoint:
-        categories, highest = embedding_copies(args.checkpoint, args.stream, args.min_side, args.window)
+        categories, highest = embedding_copies(args.checkpoint, args.stream, args.min_side, args.window,
+                                               args.capacity)
         counts = {c: int((categories == c).sum()) for c in COPY_CATEGORIES}
         print(f"\nKept by the hash: {counts['copy']:,} copies of an image already kept, {counts['first']:,} first "
               f"occurrences, {counts['junk']:,} junk; caught at each similarity to one of the {args.window:,} "
@@ -199,7 +198,7 @@ def main(argv: list[str] | None = None) -> int:
         print("| embedding | similarity | copies caught | first occurrences caught (lost) | junk caught |")
         print("|---|---:|---:|---:|---:|")
         for name, similarity in highest.items():
-            for threshold in (float(t) for t in args.similarities.split(",")):
+            for threshold in similarities:
                 caught = {c: float((similarity.numpy()[categories == c] >= threshold).mean()) if counts[c] else 0.0
                           for c in COPY_CATEGORIES}
                 print(f"| {name} | {threshold:g} | {caught['copy']:.1%} | {caught['first']:.2%} | {caught['junk']:.1%} |")

@@ -242,7 +242,7 @@ class ReferenceBalance(UsageBalance):
     def state_dict(self) -> dict[str, Tensor]:
         state = super().state_dict()
         if self.fingerprint is not None:
-            state["reference"] = self.fingerprint.clone()
+            state["reference_fingerprint"] = self.fingerprint.clone()
         return state
 
     def check_state(self, state: object) -> None:
@@ -251,14 +251,14 @@ class ReferenceBalance(UsageBalance):
         usage = state.get("usage") if isinstance(state, dict) else None
         if not isinstance(usage, Tensor) or usage.dim() != 1 or not torch.isfinite(usage).all():
             raise ValueError("balance state: usage must be a finite 1-D tensor")
-        saved = state.get("reference")
+        saved = state.get("reference_fingerprint")
         if saved is not None and (not isinstance(saved, Tensor) or saved.dtype != torch.uint8 or saved.dim() != 1):
-            raise ValueError("balance state: reference must be a 1-D uint8 tensor (the reference's fingerprint)")
+            raise ValueError("balance state: reference_fingerprint must be a 1-D uint8 tensor")
 
     def same_reference(self, state: dict[str, Tensor]) -> bool:
         """Whether a saved estimate is of this balance's reference: as many anchors, and the same
         fingerprint (or neither side has one)."""
-        saved = state.get("reference")
+        saved = state.get("reference_fingerprint")
         if state["usage"].shape != self.usage.shape or (saved is None) != (self.fingerprint is None):
             return False
         return saved is None or torch.equal(saved.cpu(), self.fingerprint.cpu())
@@ -372,12 +372,6 @@ def expected_shows(weights: Tensor, max_shows: int, placed: Tensor | None = None
     return shows_at(scale)
 
 
-def replay_budget(resample_share: float) -> float:
-    """The most shows per image read that batches holding at most `resample_share` replays can give
-    on average: 1 / (1 - resample_share)."""
-    return 1.0 / (1.0 - resample_share)
-
-
 def resample_shows(weights: Tensor, max_shows: int, generator: torch.Generator | None = None,
                    placed: Tensor | None = None, mean_shows: float | None = None) -> Tensor:
     """How many times to train each image (B,) int: `expected_shows` rounded up or down at random,
@@ -411,6 +405,6 @@ def build_balance(cfg: CurationConfig, prototypes: int, feature_dim: int,
     raise ValueError(f"curation.balance_signal: unknown signal {cfg.balance_signal!r}")
 
 
-__all__ = ["build_balance", "expected_shows", "replay_budget", "resample_shows", "Balance", "DensityBalance", "LabelBalance", "PrototypeBalance",
-           "ReferenceBalance", "UsageBalance", "MAX_RATIO", "MAX_STRENGTH", "RESAMPLE_REFERENCE_QUANTILE", "raw_weights", "reference_fingerprint",
-           "relative_weights"]
+__all__ = ["build_balance", "expected_shows", "resample_shows", "Balance", "DensityBalance", "LabelBalance",
+           "PrototypeBalance", "ReferenceBalance", "UsageBalance", "MAX_RATIO", "MAX_STRENGTH",
+           "RESAMPLE_REFERENCE_QUANTILE", "raw_weights", "reference_fingerprint", "relative_weights"]

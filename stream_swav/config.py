@@ -509,6 +509,15 @@ class CurationConfig:
         """Whether images are resampled (validation refuses resample mode without a balance)."""
         return self.balance_mode == "resample" and self.balance > 0
 
+    def replay_slots(self, batch_size: int) -> int:
+        """The rows of a batch of `batch_size` that replays may take: resample_share of it, rounded down."""
+        return int(self.resample_share * batch_size)
+
+    def replay_budget(self, batch_size: int) -> float:
+        """The most shows per image read that batches of `batch_size` can give on average, their
+        replay slots full: batch_size / (batch_size - replay slots)."""
+        return batch_size / (batch_size - self.replay_slots(batch_size))
+
     def rules(self) -> Iterator[Rule]:
         yield ("curation.balance_mode", self.balance_mode != "resample" or self.balance > 0,
                "resample needs a signal to resample by: set curation.balance > 0 (1 aims at balanced)",
@@ -565,7 +574,7 @@ class Config:
             yield ("curation.resample_cache", curation.resample_cache >= held,
                    f"must hold the images emitted while a replay request comes back, "
                    f"(data.inflight_batches_per_actor + 2) x train.batch_size = {held}", curation.resample_cache)
-            yield ("curation.resample_share", int(curation.resample_share * self.train.batch_size) >= 1,
+            yield ("curation.resample_share", curation.replay_slots(self.train.batch_size) >= 1,
                    f"leaves no room for a replay in a batch of train.batch_size={self.train.batch_size}",
                    curation.resample_share)
         assign = self.swav.crops_for_assign

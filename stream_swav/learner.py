@@ -26,7 +26,7 @@ from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
 from stream_swav.augment import apply_params, sample_params
-from stream_swav.balance import ReferenceBalance, build_balance, replay_budget, resample_shows
+from stream_swav.balance import ReferenceBalance, build_balance, resample_shows
 from stream_swav.checkpoint import RANK_LOCAL_STATE_KEYS
 from stream_swav.codes import build_codes
 from stream_swav.config import Config
@@ -566,7 +566,7 @@ class Learner(LearnerState):
                 shows = resample_shows(weights, cfg.curation.resample_max_shows, self.generator,
                                        self.balance.placed(assign_scores[0, :fresh], assign_features[0, :fresh],
                                                            labels[:fresh]),
-                                       replay_budget(cfg.curation.resample_share))
+                                       cfg.curation.replay_budget(cfg.train.batch_size))
                 weights = None
         queued = self.queue.features() if self.queue is not None else None
         queued_scores = queued @ self.model.prototypes.weight.detach().t() if queued is not None else None

@@ -11,8 +11,8 @@ import torch.nn.functional as F
 from test_learner import SyntheticStream, tiny_config
 
 from stream_swav.balance import (MAX_RATIO, DensityBalance, LabelBalance, PrototypeBalance, ReferenceBalance,
-                                 expected_shows, reference_fingerprint, replay_budget,
-                                 resample_shows)
+                                 expected_shows, reference_fingerprint, resample_shows)
+from stream_swav.config import CurationConfig
 from stream_swav.learner import Learner
 from stream_swav.runtime.metrics import usage_perplexity
 from stream_swav.swav import swav_loss
@@ -253,8 +253,9 @@ def test_a_flood_does_not_make_every_other_image_ask_for_more_shows_than_the_rep
     weights = torch.cat([flood, common, rare])
     unbounded = expected_shows(weights, 10)
     assert torch.equal(unbounded[200:], torch.full((800,), 10.0)) and unbounded.mean() > 8
-    shows = expected_shows(weights, 10, mean_shows=replay_budget(0.75))
-    assert replay_budget(0.75) == 4.0
+    budget = CurationConfig(resample_share=0.75).replay_budget(1000)
+    assert budget == 4.0 and CurationConfig(resample_share=0.7).replay_budget(64) == 64 / 20  # 44 replay slots
+    shows = expected_shows(weights, 10, mean_shows=budget)
     assert shows.mean().item() == pytest.approx(4.0, abs=1e-3)
     assert torch.equal(shows[:200], torch.ones(200))
     assert shows[200] == pytest.approx(shows[-1] / 3) and 1 < shows[200] < shows[-1] <= 10
@@ -272,6 +273,25 @@ def test_a_flood_does_not_make_every_other_image_ask_for_more_shows_than_the_rep
     assert torch.equal(bounded[:800], torch.ones(800)) and bounded.mean().item() == pytest.approx(1.2, abs=1e-3)
     with pytest.raises(ValueError, match="mean_shows"):
         expected_shows(weights, 10, mean_shows=0.5)
+
+
+def test_a_resampling_learner_asks_for_no_more_shows_than_its_batches_replays_can_hold():
+    """30% of a batch of one class, 14 other classes once each: by the quantile rule every other image
+    would be shown 6 times (4.5 per image read, over the 4 that batches of 75% replays hold); the
+    learner asks for what fits, the flood once and the rest 5 or 6 times, about 5.3 on average."""
+    torch.set_num_threads(1)
+    cfg = tiny_config(train={"batch_size": 20, "seed": 7},
+                      curation={"balance": 1.0, "balance_signal": "label", "balance_classes": 16,
+                                "balance_momentum": 0.0, "balance_mode": "resample"})
+    assert cfg.curation.replay_budget(cfg.train.batch_size) == 4.0
+    learner = Learner(cfg, torch.device("cpu"))
+    batch = SyntheticStream(n_classes=4, image_size=8, seed=3).batch(cfg)
+    batch.meta.labels = [0] * 6 + list(range(1, 15))
+    learner.train_step(batch)  # the estimate: this batch's shares
+    shows = learner.train_step(batch).shows
+    assert shows[:6].eq(1).all()
+    assert set(shows[6:].tolist()) == {5, 6}
+    assert shows.double().mean().item() <= 4.0 + 0.7 * 0.5  # within rounding of the budget
 
 
 def test_a_resampling_learner_trains_unweighted_and_counts_only_what_it_read():
@@ -408,7 +428,7 @@ def test_a_reference_balance_reuses_a_saved_estimate_only_for_the_same_reference
     torch.save(balance.state_dict(), buffer)
     buffer.seek(0)
     state = torch.load(buffer, weights_only=True)
-    assert torch.equal(state["reference"], fingerprint)
+    assert torch.equal(state["reference_fingerprint"], fingerprint)
     same = ReferenceBalance(4, strength=1.0, fingerprint=reference_fingerprint(images))
     same.load_state_dict(state)
     torch.testing.assert_close(same.usage, balance.usage)
@@ -420,8 +440,8 @@ def test_a_reference_balance_reuses_a_saved_estimate_only_for_the_same_reference
     unknown = ReferenceBalance(4, strength=1.0, fingerprint=fingerprint)
     unknown.load_state_dict({"usage": state["usage"]})
     assert torch.equal(unknown.usage, torch.zeros(4))
-    with pytest.raises(ValueError, match="reference"):
-        same.check_state({"usage": state["usage"], "reference": torch.zeros(32)})
+    with pytest.raises(ValueError, match="reference_fingerprint"):
+        same.check_state({"usage": state["usage"], "reference_fingerprint": torch.zeros(32)})
 
 
 def test_a_learner_with_the_reference_signal_embeds_its_reference_and_refreshes_it():
@@ -459,7 +479,7 @@ def test_a_learner_with_the_reference_signal_embeds_its_reference_and_refreshes_
     # New weights (a resume, or adopting a survivor's): the anchors are embedded again at the next step,
     # and the estimate, saved with the reference's fingerprint, is kept.
     state = learner.state_dict()
-    assert torch.equal(state["balance_reference"]["reference"], reference_fingerprint(reference))
+    assert torch.equal(state["balance_reference"]["reference_fingerprint"], reference_fingerprint(reference))
     usage = learner.balance.usage.clone()
     learner.load_state_dict(state)
     assert learner.balance.anchors is None and torch.equal(learner.balance.usage, usage) and usage.sum() > 0

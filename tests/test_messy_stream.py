@@ -85,8 +85,8 @@ def test_the_deduped_stream_is_the_messy_one_with_every_repeat_removed_and_nothi
     # in the messy stream's order.
     assert len(real) == len(set(real)) == len({e.source for e in messy if e.source >= 0})
     assert [e for e in deduped if e.kind == "junk"] == [e for e in messy if e.kind == "junk"]
-    positions = [messy.index(e) for e in deduped]
-    assert positions == sorted(positions)
+    position = {id(entry): n for n, entry in enumerate(messy)}
+    assert [position[id(e)] for e in deduped] == sorted(position[id(e)] for e in deduped)
     first = {}
     for entry in messy:
         first.setdefault(entry.source, entry)
@@ -222,20 +222,34 @@ def test_the_dedup_study_says_what_a_checkpoints_embedding_would_catch_of_what_t
     from test_gallery import save_learner_checkpoint
 
     from pipelines import dedup_study
+    from stream_swav.curation import SeenSet
 
     data = write_fmnist_subset(tmp_path / "fmnist", train=1000, test=10)
     out = tmp_path / "messy"
     assert messy_stream.main(["--out", str(out), "--data-dir", str(data), "--pool-fraction", "0.05"]) == 0
     checkpoint = save_learner_checkpoint(tmp_path / "checkpoint")
+    categories, highest = dedup_study.embedding_copies(checkpoint, out / "messy", 28, window=100, capacity=10_000)
+    # What the hash keeps at distance 0, told apart by the stream's records: near copies it missed too.
+    kept = dedup_study.score(dedup_study.stream_hashes(out / "messy", 28), SeenSet(10_000, max_distance=0))
+    assert len(categories) == kept["images_kept"] and (categories == "copy").sum() > 0
+    sources = len({r["source"] for _, r in dedup_study.stream_hashes(out / "messy", 28) if r["source"] >= 0})
+    assert (categories == "first").sum() == sources - round(kept["distinct_lost"] * sources)
+    assert set(highest) == {"projected feature", "backbone feature"}
+    middle = float(highest["backbone feature"].median())
     capsys.readouterr()
     assert dedup_study.main(["--stream", str(out / "messy"), "--distances", "0", "--checkpoint", checkpoint,
-                             "--similarities=-1,1.01"]) == 0
+                             "--window", "100", f"--similarities=-1,{middle},1.01"]) == 0
     table = capsys.readouterr().out
     rows = {tuple(cell.strip() for cell in line.split("|")[1:3]): line for line in table.splitlines()
             if line.startswith("| projected") or line.startswith("| backbone")}
-    assert len(rows) == 4
-    # Every kept image but the first has an earlier one at similarity >= -1; none reaches 1.01.
+    assert len(rows) == 6
     assert "| 0.0% | 0.00% | 0.0% |" in rows[("projected feature", "1.01")]
-    assert rows[("backbone feature", "-1")].endswith("| 100.0% |")
+    # At the median similarity, each column is the share of its category at or above it.
+    similarity = highest["backbone feature"].numpy()
+    expected = [f"{(similarity[categories == c] >= middle).mean():.{2 if c == 'first' else 1}%}"
+                for c in dedup_study.COPY_CATEGORIES]
+    assert rows[("backbone feature", f"{middle:g}")].endswith("| " + " | ".join(expected) + " |")
     copies = int(re.search(r"Kept by the hash: ([\d,]+) copies", table).group(1).replace(",", ""))
-    assert copies > 0  # near copies the hash does not catch
+    assert copies == (categories == "copy").sum()
+    with pytest.raises(SystemExit):  # argparse's one-line refusal, exit 2
+        dedup_study.main(["--stream", str(out / "messy"), "--checkpoint", checkpoint, "--window", "0"])

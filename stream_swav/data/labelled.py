@@ -24,6 +24,10 @@ from stream_swav.data.sources import ShardSource
 NO_LABEL = -1
 
 
+class NoShardsFound(FileNotFoundError):
+    """A shard spec that lists no shard (as opposed to storage that cannot be reached)."""
+
+
 @dataclass
 class LabeledImages:
     # (N, S, S, 3) uint8, resized and centre-cropped.
@@ -64,7 +68,7 @@ def load_labeled_images(spec: str, image_size: int, storage_cfg: StorageConfig |
     limits = DecodeLimits.from_config(data_cfg)
     shards = ShardSource(spec, storage_cfg, key=key).list_shards()
     if not shards:
-        raise FileNotFoundError(f"{spec}: no shards found")
+        raise NoShardsFound(f"{spec}: no shards found")
     images: list[np.ndarray] = []
     labels: list[int] = []
     image_hashes: list[int] = []
@@ -118,4 +122,4 @@ def normalized_batches(images: Tensor, mean: tuple[float, ...], std: tuple[float
         yield batch.contiguous(memory_format=torch.channels_last) if device.type == "cuda" else batch
 
 
-__all__ = ["NO_LABEL", "LabeledImages", "load_labeled_images", "normalized_batches", "resize_center_crop"]
+__all__ = ["NO_LABEL", "LabeledImages", "NoShardsFound", "load_labeled_images", "normalized_batches", "resize_center_crop"]

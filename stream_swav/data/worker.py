@@ -89,7 +89,7 @@ class DecodeWorker:
         # [key, image, label, shows left], served round-robin; each bounded by resample_cache.
         self._resample = curation is not None and curation.resampling
         self._cache_size = curation.resample_cache if curation is not None else 0
-        self._replay_share = curation.resample_share if curation is not None else 0.0
+        self._curation = curation
         self._recent: OrderedDict[str, tuple[Image.Image, int]] = OrderedDict()
         self._replays: deque[list[Any]] = deque()
         self._replays_missed = 0
@@ -128,7 +128,7 @@ class DecodeWorker:
         meta = BatchMeta()
         touched = False
         # Replays take at most their share of the batch, so the stream moves on whatever is asked.
-        replay_slots = min(len(self._replays), int(self._replay_share * batch_size))
+        replay_slots = min(len(self._replays), self._curation.replay_slots(batch_size) if self._resample else 0)
         while len(crops) < batch_size - replay_slots:
             self._start_readers()
             if not self._readers:
@@ -158,7 +158,8 @@ class DecodeWorker:
         if not touched:
             return None
         # A batch cut short by the end of its shards keeps the share too (none without fresh rows).
-        replay_slots = min(replay_slots, int(self._replay_share / (1.0 - self._replay_share) * len(crops)))
+        share = self._curation.resample_share if self._resample else 0.0
+        replay_slots = min(replay_slots, int(share / (1.0 - share) * len(crops)))
         for _ in range(replay_slots):
             entry = self._replays.popleft()
             key, image, label, left = entry

@@ -140,7 +140,7 @@ def reference_images(cfg: Config) -> Any:
     from stream_swav.data.labelled import load_labeled_images
 
     read = load_labeled_images(curation.balance_reference, cfg.crops.global_size, cfg.storage, cfg.data,
-                               curation.balance_reference_images, unlabelled=True)
+                               curation.balance_reference_images, unlabelled=True, key="curation.balance_reference")
     if read.skipped:
         log.warning("curation.balance_reference: %d image(s) of %s skipped: %s", sum(read.skipped.values()),
                     curation.balance_reference, dict(read.skipped))

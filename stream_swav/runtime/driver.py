@@ -66,9 +66,9 @@ from ray.exceptions import GetTimeoutError, RayError, RayTaskError
 from stream_swav import checkpoint as ckpt
 from stream_swav import storage
 from stream_swav.backbone_spec import BackboneSpec
-from stream_swav.config import Config, ConfigError
+from stream_swav.config import Config, ConfigError, UsageError
 from stream_swav.curation import SeenSet
-from stream_swav.data.labelled import load_labeled_images
+from stream_swav.data.labelled import NoShardsFound, load_labeled_images
 from stream_swav.data.sources import ShardSource, spec_kind
 from stream_swav.runtime.checkpointing import CheckpointPolicy
 from stream_swav.runtime.cluster import StartupError, init_ray, plan_cluster, shutdown_ray
@@ -670,11 +670,11 @@ def _reference_readable(url: str, cfg: Config) -> bool:
     key = "curation.balance_reference"
     try:
         load_labeled_images(url, 8, cfg.storage, cfg.data, 1, unlabelled=True, key=key)
-    except ConfigError:
-        raise
-    except FileNotFoundError:  # nothing listed
+    except NoShardsFound:
         raise ConfigError(f"{key}: no shards at {url}; give the shards of a curated reference set (a folder, "
                           f"s3:// prefix, brace pattern or .txt list)") from None
+    except UsageError:  # already one line naming its key
+        raise
     except ValueError as error:  # shards, but no decodable image in them
         raise ConfigError(f"{key}: {error}") from None
     return True

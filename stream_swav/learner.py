@@ -422,25 +422,40 @@ class Learner(LearnerState):
         self.network = self._build_network()
 
     @torch.no_grad()
-    def refresh_reference(self) -> None:
-        """Embed the reference's images with the model as it is now (eval mode: BatchNorm's running
-        statistics, none updated), as the reference signal's anchors. Each rank embeds its own, alike,
-        with no collective; the undistributed, uncompiled model, so no DDP hook or graph is involved."""
-        if not isinstance(self.balance, ReferenceBalance):
-            return
+    def embed_eval(self, images: Tensor) -> Tensor:
+        """Projected features (N, dim) of (N, S, S, 3) uint8 images, normalised as for training, by the
+        model as it is now in eval mode (BatchNorm's running statistics, none updated): how the
+        reference signal sees its anchors and the stream alike. The undistributed, uncompiled model,
+        so no DDP hook, collective or graph is involved."""
         aug = self.cfg.augment
         was_training = self.model.training
         self.model.eval()
         try:
             features = []
-            for images in normalized_batches(self.reference_images, tuple(aug.mean), tuple(aug.std),
-                                             self.cfg.train.batch_size, self.device):
+            for batch in normalized_batches(images, tuple(aug.mean), tuple(aug.std), self.cfg.train.batch_size,
+                                            self.device):
                 with self._autocast():
-                    z, _ = self.model.head(self.model.embed(images))
+                    z, _ = self.model.head(self.model.embed(batch))
                 features.append(z.float())
-            self.balance.set_anchors(torch.cat(features))
+            return torch.cat(features)
         finally:
             self.model.train(was_training)
+
+    def refresh_reference(self) -> None:
+        """Embed the reference's images as the reference signal's anchors (`embed_eval`). Each rank
+        embeds its own, alike."""
+        if isinstance(self.balance, ReferenceBalance):
+            self.balance.set_anchors(self.embed_eval(self.reference_images))
+
+    def _reference_view(self, batch: CropBatch, fresh: int) -> Tensor:
+        """The reference signal's features of the batch's fresh images: their first global crops, not
+        colour-augmented, by `embed_eval`, as the anchors are embedded. The training forward's
+        features (BatchNorm's batch statistics, augmented crops) are not comparable with the anchors:
+        on a stream half junk they put 99% of the junk within the similarity threshold of an anchor,
+        where the eval-mode view puts about half (docs/curation.md)."""
+        first = batch.global_crops[0][:fresh]
+        # A copy: arrays mapped from Ray's object store are read-only.
+        return self.embed_eval(first if isinstance(first, Tensor) else torch.from_numpy(np.array(first)))
 
     def _autocast(self) -> contextlib.AbstractContextManager:
         if self.autocast_dtype is None:
@@ -536,6 +551,11 @@ class Learner(LearnerState):
         if isinstance(self.balance, ReferenceBalance) and (
                 self.balance.anchors is None or self.step % cfg.curation.balance_reference_refresh == 0):
             self.refresh_reference()
+        fresh = batch_size - batch.meta.replayed
+        # The reference signal's own view of the fresh images, before the training forward, so that
+        # nothing runs between a compiled graph's forward and backward.
+        reference_view = (self._reference_view(batch, fresh)
+                          if isinstance(self.balance, ReferenceBalance) and fresh > 0 else None)
         crops = self._augment(batch)
         self.network.train()
         if self._cudagraphs:
@@ -555,16 +575,16 @@ class Learner(LearnerState):
         # its replays, which are the batch's last rows) is shown again, and the step itself is unweighted.
         # A batch can be all replays (its decode actor's shards ended): nothing to weigh or count then.
         weights = labels = shows = None
-        fresh = batch_size - batch.meta.replayed
         if self.balance is not None and fresh > 0:
             labels = batch_labels(batch, self.device)
-            weights = self.balance.weights(assign_scores[0, :fresh], assign_features[0, :fresh], labels[:fresh])
+            signal_features = reference_view if reference_view is not None else assign_features[0, :fresh]
+            weights = self.balance.weights(assign_scores[0, :fresh], signal_features, labels[:fresh])
             if cfg.curation.resampling:
                 # The rank's own generator: ranks must not round alike, and it is checkpointed. Only
                 # what the signal can place is shown more than once (unlabelled junk is not rare), and
                 # no more shows are asked for than the later batches' replays can hold.
                 shows = resample_shows(weights, cfg.curation.resample_max_shows, self.generator,
-                                       self.balance.placed(assign_scores[0, :fresh], assign_features[0, :fresh],
+                                       self.balance.placed(assign_scores[0, :fresh], signal_features,
                                                            labels[:fresh]),
                                        cfg.curation.replay_budget(cfg.train.batch_size))
                 weights = None
@@ -593,7 +613,7 @@ class Learner(LearnerState):
                 # The estimate is of the stream: replays would count a rare image as common.
                 fresh_counts = counts if fresh == batch_size else prototype_counts(
                     assign_scores[:, :fresh].reshape(-1, assign_scores.shape[2]))
-                self.balance.update(fresh_counts, assign_features[0, :fresh], labels[:fresh])
+                self.balance.update(fresh_counts, signal_features, labels[:fresh])
             if self.step <= swav.freeze_prototypes_steps:
                 # Prototypes stay put at first (SwAV's first-epoch freeze); no gradient
                 # means no momentum or weight decay either.

@@ -491,6 +491,25 @@ def test_a_learner_with_the_reference_signal_embeds_its_reference_and_refreshes_
     assert torch.equal(resumed.balance.usage, torch.zeros_like(usage))
 
 
+def test_the_reference_signal_places_the_stream_as_it_embeds_the_anchors():
+    """Stream images are placed by the eval-mode embedding of their first global crop, not colour
+    augmented, as the anchors are embedded, not by the training forward's features (batch
+    statistics, augmented crops), which are not comparable with the anchors."""
+    torch.set_num_threads(1)
+    cfg = tiny_config(train={"batch_size": 16, "seed": 7},
+                      curation={"balance": 1.0, "balance_signal": "reference", "balance_reference": "unused",
+                                "balance_momentum": 0.0, "balance_mode": "resample"})
+    stream = SyntheticStream(n_classes=4, image_size=6, seed=3)
+    learner = Learner(cfg, torch.device("cpu"), reference_images=torch.from_numpy(stream.images(12)))
+    batch = stream.batch(cfg)
+    batch.meta.replayed = 3  # replays are not placed or counted
+    learner.refresh_reference()
+    view = learner.embed_eval(torch.from_numpy(np.asarray(batch.global_crops[0][:13])))
+    expected = torch.bincount(learner.balance.nearest(view), minlength=12).float() / 13
+    learner.train_step(batch)  # step 0 embeds the anchors again, with the same model
+    torch.testing.assert_close(learner.balance.usage, expected)
+
+
 def test_every_balance_estimate_is_rank_local():
     from stream_swav.checkpoint import RANK_LOCAL_STATE_KEYS
 

@@ -358,6 +358,7 @@ def expected_shows(weights: Tensor, max_shows: int, placed: Tensor | None = None
         return (weights * scale).nan_to_num(1.0).clamp(1.0, float(max_shows))
 
     scale = 1.0 / reference
+    shows = shows_at(scale)
     if mean_shows is not None:
         # Why: a flood that fills more than the quantile of a batch (junk the reference places on one
         # anchor, copies of one image) sets the reference at its capped weight, and then every other
@@ -368,8 +369,8 @@ def expected_shows(weights: Tensor, max_shows: int, placed: Tensor | None = None
             middle = (low + high) / 2
             fits = shows_at(middle).mean() <= mean_shows
             low, high = torch.where(fits, middle, low), torch.where(fits, high, middle)
-        scale = torch.where(shows_at(scale).mean() <= mean_shows, scale, low)
-    return shows_at(scale)
+        shows = torch.where(shows.mean() <= mean_shows, shows, shows_at(low))
+    return shows
 
 
 def resample_shows(weights: Tensor, max_shows: int, generator: torch.Generator | None = None,

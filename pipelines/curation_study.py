@@ -11,7 +11,8 @@ features, no dedup), `messy-label` (curation.balance 1 by the stream's labels: t
 weights), `messy-resample-label` and `messy-resample-density` (the same signals resampling: rare
 images shown again with fresh crops, budget in images trained; `messy-dedup-resample-label` and
 `messy-dedup-resample-density` after dedup; `messy-resample-reference` and
-`messy-dedup-resample-reference` by a curated reference: 200 images of the clean stream;
+`messy-dedup-resample-reference` by a curated reference: 200 images of the clean stream
+(`-0.9`: placing an image only at cosine similarity 0.9 to its anchor, not 0.8);
 `messy-perfect-dedup-resample-reference` and `-label` the same on the messy stream without its
 repeats, `messy_stream.deduped_entries`: what a perfect near-copy detector would add), `oracle` (the
 messy stream's distinct images balanced by their labels, `messy_stream.oracle_entries`: the ceiling
@@ -103,6 +104,12 @@ CONDITIONS: dict[str, tuple[str, dict[str, Any], str]] = {
     "messy-resample-reference": ("messy", {"curation": {**REFERENCE, "balance_mode": "resample"}}, "trained"),
     "messy-dedup-resample-reference": ("messy", {"curation": {**REFERENCE, "dedup": True,
                                                               "balance_mode": "resample"}}, "trained"),
+    # A stricter placement: at 0.8, 39% of the 50x stream's junk is placed, most of it at the rare
+    # classes' anchors (sandal's hold 89% junk); at 0.9, 3%, with 97.5% of real images placed
+    # (docs/curation.md, "Where the reference's weights go wrong").
+    "messy-dedup-resample-reference-0.9": ("messy", {"curation": {**REFERENCE, "balance_reference_similarity": 0.9,
+                                                                  "dedup": True, "balance_mode": "resample"}},
+                                           "trained"),
     # What catching every near copy would add: the messy stream without its repeats (`messy_stream
     # .deduped_entries`, a perfect detector, by the stream's own records), the hash dedup still on
     # (it drops the solid junk, all one hash), then resampled as above.

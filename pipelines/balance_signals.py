@@ -31,7 +31,10 @@ trained.
 The table gives, per class (the shards' `cls`; images without one, such as the messy stream's junk,
 are a row of their own), its share of the stream and its share of the weight under each signal,
 and the total-variation distance of the labelled classes' shares from uniform: what a balance that
-sees concepts would bring towards 0.
+sees concepts would bring towards 0. With a labelled reference, a second table (`format_cells`)
+says where the reference signal's weights come from: per class of its anchors, how much of the
+class it finds at them, how pure and how full of junk their cells are, and how over-represented
+the class looks to it against what the labels say.
 """
 from __future__ import annotations
 
@@ -142,12 +145,17 @@ def density_weights(z: Tensor, bandwidth: float, strength: float, bank: int, see
     return balance.weights(z[:0], z, no_labels).double()
 
 
+def nearest_anchors(z: Tensor, references: Tensor, similarity: float) -> Tensor:
+    """Each image's anchor (N,) among these (R, dim) as `ReferenceBalance` places it; -1: none."""
+    balance = ReferenceBalance(len(references), 1.0, min_similarity=similarity)
+    balance.set_anchors(references)
+    return balance.nearest(z)
+
+
 def reference_weights(z: Tensor, references: Tensor, similarity: float, strength: float) -> tuple[Tensor, Tensor]:
     """Each image's weight (N,) under `ReferenceBalance` with these anchors (R, dim), the usage being
     the share of the stream's placed images at each, and which images it places (N,) bool."""
-    balance = ReferenceBalance(len(references), strength, min_similarity=similarity)
-    balance.set_anchors(references)
-    anchor = balance.nearest(z)
+    anchor = nearest_anchors(z, references, similarity)
     placed = anchor >= 0
     weights = torch.ones(len(z), dtype=torch.float64)
     if placed.any():
@@ -215,6 +223,33 @@ def format_markdown(labels: np.ndarray, weights: dict[str, Tensor]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def format_cells(labels: np.ndarray, anchor_labels: np.ndarray, anchor: np.ndarray) -> str:
+    """Where the reference signal's weights come from, per class of the reference's labelled anchors:
+    how many anchors it has; of its stream images, the share placed at an anchor of their own class;
+    of the placed images at its anchors (its cells), the share of its class and of junk (unlabelled);
+    and how over-represented its placed images look to the signal, on average (their anchor's share
+    of the placed stream times the anchors reached: 1 is a fair share), beside what the labels say
+    (the class's share of the labelled stream times the classes)."""
+    placed = anchor >= 0
+    usage = np.bincount(anchor[placed], minlength=len(anchor_labels)) / max(int(placed.sum()), 1)
+    reached = int((usage > 0).sum())
+    cell_class = np.where(placed, anchor_labels[np.where(placed, anchor, 0)], NO_LABEL - 1)
+    real = labels != NO_LABEL
+    classes = sorted(set(anchor_labels.tolist()) - {NO_LABEL})
+    lines = [f"{placed[real].mean():.1%} of labelled images placed, {placed[~real].mean() if (~real).any() else 0:.1%}"
+             " of unlabelled ones\n",
+             "| class | anchors | placed at its own class's anchors | its cells: own class | its cells: junk "
+             "| looks (1 = fair) | is (labels) |", "|---|---:|---:|---:|---:|---:|---:|"]
+    for c in classes:
+        own, cells = labels == c, cell_class == c
+        looks = usage[anchor[own & placed]].mean() * reached if (own & placed).any() else float("nan")
+        lines.append(f"| {c} | {int((anchor_labels == c).sum())} | {(cells & own).sum() / max(own.sum(), 1):.1%} "
+                     f"| {(cells & own).sum() / max(cells.sum(), 1):.1%} "
+                     f"| {(cells & ~real).sum() / max(cells.sum(), 1):.1%} | {looks:.2f} "
+                     f"| {own[real].mean() * len(classes):.2f} |")
+    return "\n".join(lines) + "\n"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m pipelines.balance_signals", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -254,11 +289,12 @@ def main(argv: list[str] | None = None) -> int:
                                unlabelled=True)
     scores, z, features = scores_z_features(model, cfg, read.images)
     labels = np.asarray(read.labels)
-    references = None
+    references = anchor_labels = None
     if args.reference:
         reference = load_labeled_images(args.reference, cfg.crops.global_size, storage_cfg, cfg.data,
                                         args.reference_images, unlabelled=True)
         _, references, _ = scores_z_features(model, cfg, reference.images)
+        anchor_labels = np.asarray(reference.labels)
     try:
         weights, placed = signal_weights(scores, z, features, torch.from_numpy(labels), args.strength, clusters,
                                          levels, densities, args.bank, args.seed, references,
@@ -274,6 +310,9 @@ def main(argv: list[str] | None = None) -> int:
     how = f", resampled (at most {args.resample} shows)" if args.resample else ""
     print(f"{args.checkpoint} on {args.shards}: {len(labels):,} images, strength {args.strength:g}{how}\n")
     print(format_markdown(labels, weights))
+    if references is not None and (anchor_labels != NO_LABEL).any():
+        print(f"The reference's cells (similarity {args.reference_similarity:g}), by the class of its anchors:\n")
+        print(format_cells(labels, anchor_labels, nearest_anchors(z, references, args.reference_similarity).numpy()))
     return 0
 
 

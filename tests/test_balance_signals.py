@@ -7,8 +7,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pipelines.balance_signals import (as_resampled, distance_from_uniform, format_markdown, signal_weights,
-                                      spherical_kmeans)
+from pipelines.balance_signals import (as_resampled, distance_from_uniform, format_cells, format_markdown,
+                                      signal_weights, spherical_kmeans)
 from stream_swav.data.labelled import NO_LABEL
 
 # Three concepts, 10:3:1, and unlabelled images of a fourth.
@@ -87,3 +87,25 @@ def test_resampled_by_the_labels_the_trained_classes_move_to_balanced_up_to_the_
     assert placed[~labelled].eq(1).all() and shows[~labelled].gt(2).all()
     assert distance_from_uniform(labels, placed.numpy()) < 0.02
 
+
+
+def test_the_cells_table_says_where_the_reference_places_each_class_and_how_rare_it_looks():
+    # Anchors: two of class 0, one of class 1. Stream: six class-0 images (five at class-0 anchors, one
+    # at the class-1 anchor: an intruder), two class-1 images at the class-1 anchor, one junk image at
+    # the class-1 anchor and one junk image placed nowhere.
+    anchor_labels = np.asarray([0, 0, 1])
+    labels = np.asarray([0, 0, 0, 0, 0, 0, 1, 1, NO_LABEL, NO_LABEL])
+    anchor = np.asarray([0, 0, 0, 1, 1, 2, 2, 2, 2, -1])
+    rows = {line.split(" | ")[0].strip("| "): line.split(" | ")[1:] for line in
+            format_cells(labels, anchor_labels, anchor).splitlines() if line.startswith("| ") and "class" not in line}
+    assert format_cells(labels, anchor_labels, anchor).startswith("100.0% of labelled images placed, 50.0% of unlabelled")
+    # Class 0: 2 anchors; 5 of its 6 at its anchors, whose cells hold only class 0; it looks as its
+    # images' anchors' shares of the 9 placed (3/9, 2/9, and 4/9 for the intruder) times 3 anchors.
+    looks_0 = (3 * (3 / 9) * 3 + 2 * (2 / 9) * 3 + (4 / 9) * 3) / 6
+    assert rows["0"][:4] == ["2", "83.3%", "100.0%", "0.0%"]
+    assert float(rows["0"][4]) == pytest.approx(looks_0, abs=0.005)
+    assert float(rows["0"][5].strip(" |")) == pytest.approx(6 / 8 * 2)
+    # Class 1: its one cell holds 4 placed images: 2 of its own, one intruder, one junk.
+    assert rows["1"][:4] == ["1", "100.0%", "50.0%", "25.0%"]
+    assert float(rows["1"][4]) == pytest.approx(4 / 9 * 3, abs=0.005)
+    assert float(rows["1"][5].strip(" |")) == pytest.approx(2 / 8 * 2)

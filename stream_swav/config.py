@@ -513,6 +513,11 @@ class CurationConfig:
         """The rows of a batch of `batch_size` that replays may take: resample_share of it, rounded down."""
         return int(self.resample_share * batch_size)
 
+    def replays_beside(self, fresh_rows: int) -> int:
+        """The most replays a batch with `fresh_rows` images read may hold and keep them within
+        resample_share of it (a batch cut short by the end of its shards; none beside no fresh row)."""
+        return int(self.resample_share / (1.0 - self.resample_share) * fresh_rows)
+
     def replay_budget(self, batch_size: int) -> float:
         """The most shows per image read that batches of `batch_size` can give on average, their
         replay slots full: batch_size / (batch_size - replay slots)."""

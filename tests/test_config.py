@@ -5,8 +5,8 @@ import re
 
 import pytest
 
-from stream_swav.config import (Config, ConfigError, OverrideText, config_from_dict, load_config, merge_dicts,
-                                parse_overrides)
+from stream_swav.config import (Config, ConfigError, CurationConfig, OverrideText, config_from_dict, load_config,
+                                merge_dicts, parse_overrides)
 
 
 def refused(overrides: list[str], key: str) -> ConfigError:
@@ -364,3 +364,13 @@ def test_the_reference_signal_needs_its_shards():
     assert (cfg.curation.balance_reference_images, cfg.curation.balance_reference_similarity) == (1000, -1.0)
     load_config(overrides=["curation.balance_signal=reference"])  # balance off: nothing to refuse
     refused(["curation.balance_reference_similarity=1.5"], "curation.balance_reference_similarity")
+
+
+def test_replay_rows_keep_the_share_of_a_full_batch_and_of_one_cut_short():
+    curation = CurationConfig(resample_share=0.75)
+    # A full batch of 128: 96 rows for replays, so 4 shows per image read at most on average.
+    assert curation.replay_slots(128) == 96 and curation.replay_budget(128) == 4.0
+    # Beside 32 fresh rows as many replays as a full batch holds; beside 5, 15; beside none, none.
+    assert (curation.replays_beside(32), curation.replays_beside(5), curation.replays_beside(0)) == (96, 15, 0)
+    half = CurationConfig(resample_share=0.5)
+    assert (half.replay_slots(3), half.replays_beside(3), half.replays_beside(1)) == (1, 3, 1)

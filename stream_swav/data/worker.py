@@ -158,8 +158,7 @@ class DecodeWorker:
         if not touched:
             return None
         # A batch cut short by the end of its shards keeps the share too (none without fresh rows).
-        share = self._curation.resample_share if self._resample else 0.0
-        replay_slots = min(replay_slots, int(share / (1.0 - share) * len(crops)))
+        replay_slots = min(replay_slots, self._curation.replays_beside(len(crops)) if self._resample else 0)
         for _ in range(replay_slots):
             entry = self._replays.popleft()
             key, image, label, left = entry

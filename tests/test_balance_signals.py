@@ -88,7 +88,6 @@ def test_resampled_by_the_labels_the_trained_classes_move_to_balanced_up_to_the_
     assert distance_from_uniform(labels, placed.numpy()) < 0.02
 
 
-
 def test_the_cells_table_says_where_the_reference_places_each_class_and_how_rare_it_looks():
     # Anchors: two of class 0, one of class 1. Stream: six class-0 images (five at class-0 anchors, one
     # at the class-1 anchor: an intruder), two class-1 images at the class-1 anchor, one junk image at

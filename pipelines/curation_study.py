@@ -110,6 +110,18 @@ CONDITIONS: dict[str, tuple[str, dict[str, Any], str]] = {
     "messy-dedup-resample-reference-0.9": ("messy", {"curation": {**REFERENCE, "balance_reference_similarity": 0.9,
                                                                   "dedup": True, "balance_mode": "resample"}},
                                            "trained"),
+    # Skipping as well as replaying (curation.resample_min_shows): the batch's median weight is shown
+    # once, what looks more over-represented less than once (at least a tenth), and what is near no
+    # anchor a tenth of a time, as DINOv2 keeps only what retrieval finds near curated data. Offline
+    # (docs/curation.md) this takes the 50x stream's classes to 0.28 from balanced, against 0.40
+    # without skipping and 0.25 by the labels.
+    "messy-dedup-skip-reference": ("messy", {"curation": {**REFERENCE, "balance_reference_similarity": 0.9,
+                                                          "dedup": True, "balance_mode": "resample",
+                                                          "resample_quantile": 0.5, "resample_min_shows": 0.1}},
+                                   "trained"),
+    "messy-dedup-skip-label": ("messy", {"curation": {"dedup": True, "balance": 1.0, "balance_signal": "label",
+                                                      "balance_mode": "resample", "resample_quantile": 0.5,
+                                                      "resample_min_shows": 0.1}}, "trained"),
     # What catching every near copy would add: the messy stream without its repeats (`messy_stream
     # .deduped_entries`, a perfect detector, by the stream's own records), the hash dedup still on
     # (it drops the solid junk, all one hash), then resampled as above.

@@ -327,9 +327,9 @@ def reference_fingerprint(images: Tensor) -> Tensor:
     digest = hashlib.sha256(images.detach().cpu().contiguous().numpy().tobytes()).digest()
     return torch.frombuffer(bytearray(digest), dtype=torch.uint8)
 
-# In `resample` mode the densest tenth of a batch is shown once and every image in proportion to its
-# weight relative to them: a quantile, not the batch's one heaviest, so a single outlier (a flooded
-# repeat) does not make every other image look rare.
+# In `resample` mode, by default, the densest tenth of a batch is shown once and every image in
+# proportion to its weight relative to them: a quantile, not the batch's one heaviest, so a single
+# outlier (a flooded repeat) does not make every other image look rare.
 RESAMPLE_REFERENCE_QUANTILE = 0.1
 
 
@@ -338,24 +338,31 @@ BUDGET_ITERATIONS = 30
 
 
 def expected_shows(weights: Tensor, max_shows: int, placed: Tensor | None = None,
-                   mean_shows: float | None = None) -> Tensor:
+                   mean_shows: float | None = None, min_shows: float = 1.0,
+                   quantile: float = RESAMPLE_REFERENCE_QUANTILE) -> Tensor:
     """How many times each image of a batch with these weights (B,) is to be trained on average: its
-    weight over the RESAMPLE_REFERENCE_QUANTILE weight of the batch's images the signal `placed`
-    (B,) bool (default: all), within [1, max_shows]; an image not placed is shown once. With
+    weight over the `quantile` weight of the batch's images the signal `placed` (B,) bool (default:
+    all), within [min_shows, max_shows]; an image not placed is shown `min_shows` times. Below 1,
+    an image is skipped (not trained at all) that often: the most over-represented, and what the
+    signal cannot place, as DINOv2's retrieval keeps only what it finds near curated data. With
     `mean_shows`, a batch that would ask for more shows than that on average has its weights scaled
     down together until it does not, so that what is rarest keeps the most shows."""
     if max_shows < 1:
         raise ValueError(f"max_shows must be >= 1, got {max_shows}")
     if mean_shows is not None and mean_shows < 1:
         raise ValueError(f"mean_shows must be >= 1, got {mean_shows}")
+    if not 0.0 < min_shows <= 1.0:
+        raise ValueError(f"min_shows must be in (0, 1], got {min_shows}")
+    if not 0.0 < quantile < 1.0:
+        raise ValueError(f"quantile must be in (0, 1), got {quantile}")
     weights = weights.float()
     if placed is not None:
         # NaN rather than a boolean index: no device sync; a batch with none placed has no reference.
         weights = torch.where(placed, weights, torch.nan)
-    reference = torch.nanquantile(weights, RESAMPLE_REFERENCE_QUANTILE).nan_to_num(1.0).clamp_min(1e-12)
+    reference = torch.nanquantile(weights, quantile).nan_to_num(1.0).clamp_min(1e-12)
 
     def shows_at(scale: Tensor) -> Tensor:
-        return (weights * scale).nan_to_num(1.0).clamp(1.0, float(max_shows))
+        return (weights * scale).nan_to_num(min_shows).clamp(min_shows, float(max_shows))
 
     scale = 1.0 / reference
     shows = shows_at(scale)
@@ -374,12 +381,13 @@ def expected_shows(weights: Tensor, max_shows: int, placed: Tensor | None = None
 
 
 def resample_shows(weights: Tensor, max_shows: int, generator: torch.Generator | None = None,
-                   placed: Tensor | None = None, mean_shows: float | None = None) -> Tensor:
+                   placed: Tensor | None = None, mean_shows: float | None = None, min_shows: float = 1.0,
+                   quantile: float = RESAMPLE_REFERENCE_QUANTILE) -> Tensor:
     """How many times to train each image (B,) int: `expected_shows` rounded up or down at random,
-    so that each count's expectation is the ratio. Resampling by these counts moves what is trained
-    towards what the weights would make of it, with every show a fresh view instead of a scaled
-    gradient."""
-    ratio = expected_shows(weights, max_shows, placed, mean_shows)
+    so that each count's expectation is the ratio (0: skipped, when `min_shows` < 1). Resampling by
+    these counts moves what is trained towards what the weights would make of it, with every show a
+    fresh view instead of a scaled gradient."""
+    ratio = expected_shows(weights, max_shows, placed, mean_shows, min_shows, quantile)
     whole = ratio.floor()
     draw = torch.rand(ratio.shape, device=ratio.device, generator=generator)
     return (whole + (draw < ratio - whole).to(whole.dtype)).to(torch.int64).clamp_max(max_shows)

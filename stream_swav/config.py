@@ -503,11 +503,24 @@ class CurationConfig:
     # Decoded images each decode actor keeps for replays: its latest emitted ones, and those waiting
     # to be shown again (each bound separately). A request for an image already forgotten is missed.
     resample_cache: int = setting(1024, POSITIVE)
+    # Skipping: the weight quantile of a batch's placed images that is shown once, and the fewest
+    # shows an image read may get on average. Below 1, images more over-represented than the
+    # quantile are skipped that often (not trained: dropped before the training forward, counted
+    # as reason "balance", consumed in the cursor), and so is what the signal cannot place (as
+    # DINOv2 keeps only what retrieval finds near curated data). Needs a signal known before the
+    # forward: label or reference.
+    resample_quantile: float = setting(0.1, within(0.0, 1.0, low_open=True, high_open=True))
+    resample_min_shows: float = setting(1.0, within(0.0, 1.0, low_open=True))
 
     @property
     def resampling(self) -> bool:
         """Whether images are resampled (validation refuses resample mode without a balance)."""
         return self.balance_mode == "resample" and self.balance > 0
+
+    @property
+    def skipping(self) -> bool:
+        """Whether resampling may skip images read (show them 0 times), before the training forward."""
+        return self.resampling and self.resample_min_shows < 1.0
 
     def replay_slots(self, batch_size: int) -> int:
         """The rows of a batch of `batch_size` that replays may take: resample_share of it, rounded down."""
@@ -531,6 +544,10 @@ class CurationConfig:
                self.balance == 0 or self.balance_signal != "reference" or bool(self.balance_reference),
                "the reference signal needs the shards of a curated reference set (images drawn balanced "
                "over the concepts wanted)", self.balance_reference)
+        yield ("curation.resample_min_shows",
+               self.resample_min_shows == 1.0 or (self.resampling and self.balance_signal in ("label", "reference")),
+               "skipping (below 1) decides before the training forward, so it needs balance_mode resample "
+               "with balance_signal label or reference; set it to 1 otherwise", self.resample_min_shows)
 
 
 @dataclass

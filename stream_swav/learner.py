@@ -149,6 +149,11 @@ def _cpu_copy(value: Any) -> Any:
     return value
 
 
+def _take_rows(stack: np.ndarray | Tensor, rows: np.ndarray) -> np.ndarray | Tensor:
+    """These images (rows of the batch axis) of a (n, B, H, W, 3) crop stack, as a new stack."""
+    return stack[:, torch.from_numpy(rows)] if isinstance(stack, Tensor) else stack[:, rows]
+
+
 def batch_labels(batch: CropBatch, device: torch.device) -> Tensor:
     """Each image's class from its `cls` member, (B,) int64, -1 where it has none (or where the batch
     carries no labels, as a stand-in batch need not)."""
@@ -457,6 +462,48 @@ class Learner(LearnerState):
         # A copy: arrays mapped from Ray's object store are read-only.
         return self.embed_eval(first if isinstance(first, Tensor) else torch.from_numpy(np.array(first)))
 
+    def _refresh_reference_if_due(self) -> None:
+        """The reference signal's anchors move with the model: embedded again every so many steps."""
+        if isinstance(self.balance, ReferenceBalance) and (
+                self.balance.anchors is None or self.step % self.cfg.curation.balance_reference_refresh == 0):
+            self.refresh_reference()
+
+    def select(self, batch: CropBatch) -> CropBatch:
+        """With curation.resample_min_shows below 1: decide how many times each image the batch read
+        from the stream is trained (`resample_shows`), before any training forward, and return the
+        batch without those to be shown 0 times (counted in `meta.dropped["balance"]`; their stream
+        positions stay consumed), with the shows of the fresh rows kept in `meta.shows` for
+        `train_step`. The signal's estimate takes in every fresh image, skipped or not (it is of the
+        stream), whatever becomes of the step. A batch selected already (put back after a lost peer) is returned as it is."""
+        curation = self.cfg.curation
+        if not curation.skipping or batch.meta.shows is not None:
+            return batch
+        _check_batch(batch, self.cfg)
+        fresh = len(batch) - batch.meta.replayed
+        if fresh == 0:
+            batch.meta.shows = []
+            return batch
+        self._refresh_reference_if_due()
+        labels = batch_labels(batch, self.device)[:fresh]
+        view = self._reference_view(batch, fresh) if isinstance(self.balance, ReferenceBalance) else None
+        # The batch is in the estimate first, so that a concept seen for the first time is placed
+        # (and rare), not skipped as what the signal cannot place.
+        self.balance.update(None, view, labels)
+        weights = self.balance.weights(None, view, labels)
+        shows = resample_shows(weights, curation.resample_max_shows, self.generator,
+                               self.balance.placed(None, view, labels),
+                               curation.replay_budget(self.cfg.train.batch_size),
+                               curation.resample_min_shows, curation.resample_quantile)
+        # One host sync per batch: which rows stay decides the shapes the step trains on.
+        shows = shows.cpu()
+        kept = torch.cat([torch.nonzero(shows > 0).flatten(), torch.arange(fresh, len(batch))]).numpy()
+        meta = batch.meta
+        meta.dropped["balance"] += fresh - int((shows > 0).sum())
+        meta.shows = shows[shows > 0].tolist()
+        meta.keys = [meta.keys[i] for i in kept] if len(meta.keys) == len(batch) else meta.keys
+        meta.labels = [meta.labels[i] for i in kept] if len(meta.labels) == len(batch) else meta.labels
+        return CropBatch(_take_rows(batch.global_crops, kept), _take_rows(batch.local_crops, kept), meta)
+
     def _autocast(self) -> contextlib.AbstractContextManager:
         if self.autocast_dtype is None:
             return contextlib.nullcontext()
@@ -547,15 +594,15 @@ class Learner(LearnerState):
             if group["decayed"]:
                 group["weight_decay"] = decay
 
-        # The reference signal's anchors move with the model: embedded again every so many steps.
-        if isinstance(self.balance, ReferenceBalance) and (
-                self.balance.anchors is None or self.step % cfg.curation.balance_reference_refresh == 0):
-            self.refresh_reference()
         fresh = batch_size - batch.meta.replayed
+        # Shows planned by `select` (skipping): nothing of the signal is left to do here.
+        planned = batch.meta.shows is not None
+        if not planned:
+            self._refresh_reference_if_due()
         # The reference signal's own view of the fresh images, before the training forward, so that
         # nothing runs between a compiled graph's forward and backward.
         reference_view = (self._reference_view(batch, fresh)
-                          if isinstance(self.balance, ReferenceBalance) and fresh > 0 else None)
+                          if isinstance(self.balance, ReferenceBalance) and fresh > 0 and not planned else None)
         crops = self._augment(batch)
         self.network.train()
         if self._cudagraphs:
@@ -575,7 +622,9 @@ class Learner(LearnerState):
         # its replays, which are the batch's last rows) is shown again, and the step itself is unweighted.
         # A batch can be all replays (its decode actor's shards ended): nothing to weigh or count then.
         weights = labels = shows = None
-        if self.balance is not None and fresh > 0:
+        if planned:
+            shows = torch.tensor(batch.meta.shows, dtype=torch.int64) if fresh > 0 else None
+        elif self.balance is not None and fresh > 0:
             labels = batch_labels(batch, self.device)
             signal_features = reference_view if reference_view is not None else assign_features[0, :fresh]
             weights = self.balance.weights(assign_scores[0, :fresh], signal_features, labels[:fresh])

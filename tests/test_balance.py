@@ -528,3 +528,84 @@ def test_learners_read_the_reference_from_its_shards_at_the_global_crops_side(tm
     read = reference_images(cfg)
     assert read.shape == (5, cfg.crops.global_size, cfg.crops.global_size, 3) and read.dtype == torch.uint8
     assert reference_images(tiny_config(curation={"balance": 1.0})) is None
+
+
+def test_below_one_show_the_most_over_represented_and_the_unplaced_images_are_skipped_that_often():
+    """30 images look 4x over-represented, 30 fair, 40 4x rare; with the median shown once, the first
+    are shown a quarter of a time (skipped three times in four), the rare 4 times; an image the
+    signal cannot place is shown `min_shows` times, and no image less often."""
+    weights = torch.tensor([0.25] * 30 + [1.0] * 30 + [4.0] * 40)
+    placed = torch.ones(100, dtype=torch.bool)
+    placed[:5] = False
+    shows = expected_shows(weights, 10, placed, min_shows=0.1, quantile=0.5)
+    assert torch.equal(shows[:5], torch.full((5,), 0.1))
+    torch.testing.assert_close(shows[5:], torch.tensor([0.25] * 25 + [1.0] * 30 + [4.0] * 40))
+    assert torch.equal(expected_shows(weights, 10, placed, min_shows=0.5, quantile=0.5)[:30], torch.full((30,), 0.5))
+    # At min_shows 1 (the default) nothing is skipped, whatever the quantile.
+    assert expected_shows(weights, 10, placed, quantile=0.5).min() == 1.0
+    drawn = torch.stack([resample_shows(weights, 10, torch.Generator().manual_seed(n), placed, min_shows=0.1,
+                                        quantile=0.5) for n in range(400)]).double()
+    assert drawn[:, 5:30].mean().item() == pytest.approx(0.25, abs=0.03)
+    assert drawn[:, :5].mean().item() == pytest.approx(0.1, abs=0.03)
+    assert set(drawn[:, 5:30].unique().tolist()) == {0.0, 1.0}
+    with pytest.raises(ValueError, match="min_shows"):
+        expected_shows(weights, 10, min_shows=0.0)
+    with pytest.raises(ValueError, match="quantile"):
+        expected_shows(weights, 10, quantile=1.0)
+
+
+def skipping_config(**curation):
+    return tiny_config(train={"batch_size": 20, "seed": 7},
+                       curation={"balance": 1.0, "balance_signal": "label", "balance_classes": 16,
+                                 "balance_momentum": 0.0, "balance_mode": "resample", "resample_min_shows": 0.1,
+                                 "resample_quantile": 0.75, **curation})
+
+
+def test_a_skipping_learner_takes_the_skipped_rows_out_before_the_forward_and_counts_them():
+    """12 images of class 0, 4 of class 1, 2 of class 2, 1 unlabelled, 1 replay: with the 75th
+    percentile weight (class 1's) shown once, class 0 is shown a third of a time, class 2 twice,
+    the unlabelled image a tenth of a time, the replay as it came. `select` returns the batch without
+    the skipped rows, their keys and labels in step with the crops, counts them as dropped for
+    balance, and the step trains what is left and asks for class 2's second shows."""
+    torch.set_num_threads(1)
+    cfg = skipping_config()
+    learner = Learner(cfg, torch.device("cpu"))
+    original = SyntheticStream(n_classes=4, image_size=8, seed=3).batch(cfg)
+    labels = [0] * 12 + [1] * 4 + [2] * 2 + [-1, 1]
+    kept_by_class = {0: 0, 1: 0, 2: 0, -1: 0}
+    rounds = 150
+    for _ in range(rounds):
+        batch = SyntheticStream(n_classes=4, image_size=8, seed=3).batch(cfg)
+        batch.meta.keys = [f"k{i}" for i in range(20)]
+        batch.meta.labels = list(labels)
+        batch.meta.replayed = 1
+        selected = learner.select(batch)
+        rows = [int(key[1:]) for key in selected.meta.keys]
+        assert rows[-1] == 19  # the replay stays, last
+        assert selected.meta.labels == [labels[r] for r in rows]
+        assert np.array_equal(selected.global_crops, original.global_crops[:, rows])
+        assert selected.meta.dropped["balance"] == 20 - len(rows)
+        assert len(selected.meta.shows) == len(rows) - 1
+        for row, shows in zip(rows[:-1], selected.meta.shows):
+            kept_by_class[labels[row]] += 1
+            assert shows == {0: 1, 1: 1, 2: 2, -1: 1}[labels[row]]
+        assert learner.select(selected) is selected  # selected once only
+    assert kept_by_class[1] == 4 * rounds and kept_by_class[2] == 2 * rounds
+    assert kept_by_class[0] / (12 * rounds) == pytest.approx(1 / 3, abs=0.05)
+    assert kept_by_class[-1] / rounds == pytest.approx(0.1, abs=0.06)
+    usage = learner.balance.usage.clone()
+    stats = learner.train_step(selected)
+    assert stats.shows.tolist() == selected.meta.shows
+    assert learner.images_seen == len(selected)
+    assert torch.equal(learner.balance.usage, usage)  # the estimate took the batch in `select`
+
+
+def test_skipping_is_refused_without_a_signal_known_before_the_forward():
+    from stream_swav.config import ConfigError
+
+    for curation in ({"balance_signal": "prototypes"}, {"balance_signal": "density"},
+                     {"balance_mode": "weigh"}):
+        with pytest.raises(ConfigError, match="curation.resample_min_shows"):
+            skipping_config(**curation)
+    assert skipping_config().curation.skipping
+    assert not skipping_config(resample_min_shows=1.0).curation.skipping

@@ -536,3 +536,43 @@ def test_resampling_shows_rare_images_again_and_reads_every_image_once(tmp_path)
     assert replays and all(rare[key] for key in replays)
     assert trainer.metrics.registry.get_sample_value("stream_swav_curation_replays_total",
                                                      {"outcome": "trained"}) == len(replays)
+
+
+def test_skipping_drops_over_represented_images_before_training_and_consumes_them_once(tmp_path):
+    """curation.resample_min_shows below 1 on a 9:1 stream, the 95th-percentile weight (the rare
+    class's) shown once: the common class is trained about a ninth of a time, the rare class every
+    time; what is skipped is never trained, is counted as dropped for balance, and counts as read, so
+    each pass reads every image once and trains none twice."""
+    shards = str(tmp_path / "shards")
+    rare: dict[str, bool] = {}
+    for index in range(2):
+        samples = [(f"s{index}-{n}", {"jpg": scene_jpeg(40 * index + n), "cls": b"1" if n % 10 == 3 else b"0"})
+                   for n in range(40)]
+        url = write_shard(object_url(shards, f"shard-{index}.tar"), tar_bytes(samples))
+        rare.update({f"{url}/{key}": members["cls"] == b"1" for key, members in samples})
+    cfg = tiny_config({"curation": {"balance": 1.0, "balance_signal": "label", "balance_momentum": 0.5,
+                                    "balance_mode": "resample", "resample_min_shows": 0.1,
+                                    "resample_quantile": 0.95},
+                       "checkpoint": {"dir": str(tmp_path / "ckpt")},
+                       # Batches of 20 in the shards' order: each holds 2 rare images, 18 common ones.
+                       "data": {"shards": shards, "shuffle_buffer": 1},
+                       "train": {"image_budget": 10_000, "report_interval_s": 0.2, "batch_size": 20}})
+    log = tmp_path / "trained.jsonl"
+
+    def stop_after_two_passes(trainer: WatchedTrainer) -> None:
+        if trainer.ledger.cursor.pass_index >= 2:
+            trainer.request_stop("passes 0 and 1 trained")
+
+    trainer = run_to_end(cfg, log, after_chunk=stop_after_two_passes)
+    skipped = 0
+    for pass_index in (0, 1):
+        trained = pass_counts(trainer.trained, pass_index)
+        assert set(trained) <= set(rare) and set(trained.values()) == {1}
+        assert all(key in trained for key, is_rare in rare.items() if is_rare)
+        common = [key for key in trained if not rare[key]]
+        assert 0 < len(common) < 0.4 * 72
+        skipped += len(rare) - len(trained)
+    assert not read_replays(log)
+    # Passes 0 and 1 are read whole; a third may have begun, its skipped images counted too.
+    dropped = trainer.metrics.registry.get_sample_value("stream_swav_curation_dropped_total", {"reason": "balance"})
+    assert skipped <= dropped <= skipped + len([s for s in trainer.trained if s.pass_index == 2]) * 9 + 72

@@ -42,6 +42,10 @@ class BatchMeta:
     # trained before, shown again with fresh crops at a learner's request. They are not read from the
     # stream, so `progress` does not count them; their keys repeat earlier ones.
     replayed: int = 0
+    # How many times each image the batch read from the stream is trained, its rows in order, as
+    # the learner decided before training it (`Learner.select`, curation.resample_min_shows < 1,
+    # which takes the skipped rows out); None until then.
+    shows: list[int] | None = None
     # Replays asked for since the previous batch of the same worker that could not be made: the
     # image was no longer cached, or the waiting requests were full.
     replays_missed: int = 0

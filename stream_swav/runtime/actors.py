@@ -32,6 +32,7 @@ from stream_swav.runtime.reports import GroupView, Progress, StepReport
 
 if TYPE_CHECKING:
     from stream_swav.checkpoint import CheckpointInfo
+    from stream_swav.data.batch import CropBatch
 
 log = logging.getLogger("stream_swav.actors")
 
@@ -272,6 +273,21 @@ class LearnerActorImpl:
         self.learner.load_state_dict(state)
         return self.learner.step
 
+    def _next_batch(self, timeout: float) -> tuple[int, CropBatch] | None:
+        """The feed's next batch with samples, as `Learner.select` leaves it (curation.resample_min_shows
+        below 1 skips images before the training forward), or None if none came within `timeout`.
+        One left with no samples only carries bookkeeping, taken as the feed's own such batches are."""
+        deadline = time.monotonic() + timeout
+        while True:
+            got = self.feed.next(deadline - time.monotonic(), self.pending.add)
+            if got is None:
+                return None
+            slot, batch = got
+            batch = self.learner.select(batch)
+            if len(batch):
+                return slot, batch
+            self.pending.add(batch.meta)
+
     def _vote(self, batch: Progress | None, images: int) -> Vote:
         """One small all-gather before each step. All take the step only if every rank has a batch,
         so all stay in lockstep, and every rank learns the step's images (batches can be short). In
@@ -309,7 +325,7 @@ class LearnerActorImpl:
             waited = time.perf_counter()
             remaining = deadline - time.monotonic()
             wanted = report.steps < max_steps and remaining > 0
-            got = self.feed.next(remaining, self.pending.add) if wanted else None
+            got = self._next_batch(remaining) if wanted else None
             report.wait_s += time.perf_counter() - waited
             try:
                 votes = self._vote(Progress.of(got[1].meta) if got is not None else None,

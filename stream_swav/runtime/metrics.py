@@ -129,9 +129,12 @@ class Metrics(_Exporter):
         self._decode_actors_up = gauge("decode_actors_up", "Decode actors alive.")
         self._decode_errors = counter("decode_errors", "Samples skipped by the readers, by reason.", ("reason",))
         self._curation_dropped = counter("curation_dropped", "Samples decoded and dropped by curation, by reason "
-                                         "(duplicate); they count as read, never as trained.", ("reason",))
+                                         "(duplicate: a repeat; balance: skipped as over-represented, "
+                                         "curation.resample_min_shows); they count as read, never as trained.",
+                                         ("reason",))
         # Served from the start (at 0), so that rate() over a run with nothing dropped yet is 0, not absent.
-        self._curation_dropped.labels(reason="duplicate")
+        for reason in ("duplicate", "balance"):
+            self._curation_dropped.labels(reason=reason)
         self._curation_replays = counter("curation_replays", "Replays of images read before (curation.balance_mode "
                                          "resample), by outcome: trained (counted in images trained, not read), or "
                                          "missed (the decode actor had forgotten the image, or its requests were full).",
@@ -213,11 +216,12 @@ class Metrics(_Exporter):
                 self._decode_error_reasons.add(reason)
             self._decode_errors.labels(reason=reason).inc(count)
 
-    def count_curation(self, dropped: dict[str, int], seen_hashes: int) -> None:
-        """Samples dropped by curation by reason, and the fullest seen-set's size."""
+    def count_curation(self, dropped: dict[str, int], seen_hashes: int | None) -> None:
+        """Samples dropped by curation by reason, and the fullest seen-set's size (None: no dedup)."""
         for reason, count in dropped.items():
             self._curation_dropped.labels(reason=reason).inc(count)
-        self._curation_seen_hashes.set(seen_hashes)
+        if seen_hashes is not None:
+            self._curation_seen_hashes.set(seen_hashes)
 
     def count_replays(self, trained: int, missed: int) -> None:
         self._curation_replays.labels(outcome="trained").inc(trained)

@@ -52,7 +52,8 @@ class RunObserver:
         self.collapse = CollapseSettings.from_config(cfg.metrics, cfg.model.prototypes, cfg.optim.warmup_images)
         self.collapsed = False
         self.decode_errors = 0
-        self.curation_dropped = 0
+        # Images dropped by curation so far, by reason (duplicate, balance).
+        self.curation_dropped: collections.Counter = collections.Counter()
         self.replayed = 0
         self.replays_missed = 0
         self.progress = ProgressLine(total=cfg.train.image_budget or None, seconds=cfg.train.time_budget_s or None,
@@ -136,10 +137,10 @@ class RunObserver:
         m = self.metrics
         m.count_decode_errors(progress.errors)
         self.decode_errors += sum(progress.errors.values())
-        if self.cfg.curation.dedup and (progress.dropped or progress.seen_hashes):
+        if progress.dropped or (self.cfg.curation.dedup and progress.seen_hashes):
             # A chunk that trained no batch knows nothing of the seen-sets: the gauge keeps its value.
-            m.count_curation(progress.dropped, progress.seen_hashes)
-            self.curation_dropped += sum(progress.dropped.values())
+            m.count_curation(progress.dropped, progress.seen_hashes if self.cfg.curation.dedup else None)
+            self.curation_dropped.update(progress.dropped)
         if progress.replayed or progress.replays_missed:
             m.count_replays(progress.replayed, progress.replays_missed)
             self.replayed += progress.replayed
@@ -191,10 +192,12 @@ class RunObserver:
         if s is None or s.step == self._logged_step:
             return
         self._logged_step = s.step
-        curation = (f" | repeats dropped {self.curation_dropped} | seen-set {s.progress.seen_hashes}"
+        curation = (f" | repeats dropped {self.curation_dropped['duplicate']} | seen-set {s.progress.seen_hashes}"
                     if self.cfg.curation.dedup else "")
         if self.cfg.curation.resampling:
             curation += f" | replayed {self.replayed} (missed {self.replays_missed})"
+        if self.cfg.curation.skipping:
+            curation += f" | skipped {self.curation_dropped['balance']}"
         log.info("step %d | %d images | %.1f img/s | loss %.4f | perplexity %.1f/%d | spread %.2f | scores %.3f "
                  "| input-wait %.0f%% | decode errors %d%s | lr %.4g", s.step, s.images_seen, self.throughput.rate(),
                  s.loss, self.usage.perplexity(), self.cfg.model.prototypes, s.feature_spread, s.score_spread,

@@ -585,9 +585,11 @@ class Learner(LearnerState):
         # The rate for the images seen once this batch is in, so the first step of a warmup is not wasted.
         # Every rank must count the same, or their schedules (and so their replicas) drift apart.
         images_after = images_before + (step_images if step_images is not None else batch_size * self.world_size)
-        # From the configured batch, not this rank's (a short last batch of a shard): every rank must
-        # step with the same rate, or the replicas drift apart.
-        lr = learning_rate_for(cfg, images_after, cfg.train.batch_size * self.world_size)
+        # Scaled to the images the step trains on every rank together (the linear scaling rule the
+        # configured batch is scaled by), so that a short step (the last batch of a shard; batches
+        # that skipping thinned, curation.resample_min_shows) moves the weights as much per image as
+        # a full one. Every rank counts the same, so the replicas step alike.
+        lr = learning_rate_for(cfg, images_after, images_after - images_before)
         decay = weight_decay_for(cfg, images_after)
         for group in self.optimizer.param_groups:
             group["lr"] = lr

@@ -254,7 +254,9 @@ def test_every_rank_counts_the_steps_images_alike_even_when_its_own_batch_is_sho
     # Its own batch holds 2 images; the step's batches held 11 together (the vote says so).
     stats = learner.train_step(short, step_images=11)
     assert stats.images_seen == learner.images_seen == 11
-    assert stats.lr == pytest.approx(learning_rate_for(cfg, 11, global_batch=cfg.train.batch_size))
+    # The rate is scaled to those 11 images, on every rank alike (linear scaling, as a full batch's).
+    assert stats.lr == pytest.approx(learning_rate_for(cfg, 11, global_batch=11))
+    assert stats.lr != pytest.approx(learning_rate_for(cfg, 11, global_batch=cfg.train.batch_size))
 
 
 def test_a_step_that_fails_in_a_collective_leaves_the_learner_as_it_was(monkeypatch):

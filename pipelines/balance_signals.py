@@ -3,7 +3,8 @@ model's own view of the stream see the stream's class imbalance at all?
 
 ``python -m pipelines.balance_signals --checkpoint CKPT --shards STREAM [--strength 1]
 [--clusters 10,100] [--levels 200/20] [--density 0.2/1.5] [--bank 4096] [--max-images 0] [--seed 0]
-[--resample MAX_SHOWS] [--reference SHARDS --reference-images 1000 --reference-similarity -1]``
+[--resample MAX_SHOWS [--min-shows 1] [--quantile 0.1]]
+[--reference SHARDS --reference-images 1000 --reference-similarity -1]``
 
 Every image of the shards is scored with the checkpoint's whole SwAV model, and each signal gives
 it a weight within the same cap as `curation.balance`: the group signals (K * usage of its group)
@@ -25,8 +26,9 @@ the group; the density signal as `DensityBalance` weighs:
 
 With `--resample`, each signal's weights become the expected number of shows of each image under
 curation.balance_mode resample (`stream_swav.balance.expected_shows`, in random batches of the
-checkpoint's batch size, within its replay budget): the columns are then the shares of what would be
-trained.
+checkpoint's batch size, within its replay budget; with `--min-shows` below 1, skipping too, as
+curation.resample_min_shows and resample_quantile): the columns are then the shares of what would
+be trained.
 
 The table gives, per class (the shards' `cls`; images without one, such as the messy stream's junk,
 are a row of their own), its share of the stream and its share of the weight under each signal,
@@ -50,7 +52,8 @@ from stream_swav import logs
 from stream_swav.apps.evaluate import embed, pick_device
 from stream_swav.data.labelled import NO_LABEL, load_labeled_images
 from stream_swav.apps.gallery import load_swav_model
-from stream_swav.balance import DensityBalance, ReferenceBalance, expected_shows, raw_weights
+from stream_swav.balance import (RESAMPLE_REFERENCE_QUANTILE, DensityBalance, ReferenceBalance, expected_shows,
+                                 raw_weights)
 from stream_swav.checkpoint import resolve_checkpoint
 from stream_swav.config import Config, StorageConfig
 from stream_swav.model import SwAVModel
@@ -197,15 +200,17 @@ def signal_weights(scores: Tensor, z: Tensor, features: Tensor, labels: Tensor, 
 
 
 def as_resampled(weights: Tensor, batch_size: int, max_shows: int, seed: int, placed: Tensor | None = None,
-                 mean_shows: float | None = None) -> Tensor:
+                 mean_shows: float | None = None, min_shows: float = 1.0,
+                 quantile: float = RESAMPLE_REFERENCE_QUANTILE) -> Tensor:
     """Each image's expected shows (N,) when the stream, in batches of `batch_size` drawn at random,
     is resampled by these weights as curation.balance_mode resample does (images not `placed`, (N,)
-    bool, shown once; a batch's shows within `mean_shows` on average, the replay budget)."""
+    bool, shown `min_shows` times; a batch's shows within `mean_shows` on average, the replay budget;
+    the `quantile` weight shown once, below 1 show skipping, as curation.resample_min_shows)."""
     order = torch.randperm(len(weights), generator=torch.Generator().manual_seed(seed))
     shows = torch.empty(len(weights), dtype=torch.float64)
     for batch in order.split(batch_size):
         shows[batch] = expected_shows(weights[batch], max_shows, None if placed is None else placed[batch],
-                                      mean_shows).double()
+                                      mean_shows, min_shows, quantile).double()
     return shows
 
 
@@ -266,6 +271,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--resample", type=int, default=0, metavar="MAX_SHOWS",
                         help="each signal resampling (curation.balance_mode resample with resample_max_shows "
                              "MAX_SHOWS, batches of the checkpoint's train.batch_size) instead of weighing")
+    parser.add_argument("--min-shows", type=float, default=1.0,
+                        help="with --resample, the fewest shows an image may get (curation.resample_min_shows; "
+                             "below 1, skipping)")
+    parser.add_argument("--quantile", type=float, default=RESAMPLE_REFERENCE_QUANTILE,
+                        help="with --resample, the batch's weight quantile shown once (curation.resample_quantile)")
     parser.add_argument("--reference", help="shards of a curated reference: adds the reference signal's column")
     parser.add_argument("--reference-images", type=int, default=1000,
                         help="the reference's images read, each an anchor (curation.balance_reference_images)")
@@ -276,6 +286,8 @@ def main(argv: list[str] | None = None) -> int:
     logs.configure()
     if not 0.0 <= args.strength <= 1.0:
         parser.error(f"--strength must be in [0, 1], got {args.strength}")
+    if not (0.0 < args.min_shows <= 1.0 and 0.0 < args.quantile < 1.0):
+        parser.error(f"--min-shows must be in (0, 1] and --quantile in (0, 1), got {args.min_shows} and {args.quantile}")
     try:
         clusters = [int(k) for k in args.clusters.split(",") if k]
         levels = [(int(f), int(c)) for f, c in (pair.split("/") for pair in args.levels.split(",") if pair)]
@@ -305,9 +317,15 @@ def main(argv: list[str] | None = None) -> int:
         # As the balances place them: an image a signal cannot place (unlabelled, near no anchor) is shown once.
         budget = cfg.curation.replay_budget(cfg.train.batch_size)
         weights = {name: w if name == "uniform" else as_resampled(w, cfg.train.batch_size, args.resample, args.seed,
-                                                                  placed.get(name), budget)
+                                                                  placed.get(name), budget, args.min_shows,
+                                                                  args.quantile)
                    for name, w in weights.items()}
-    how = f", resampled (at most {args.resample} shows)" if args.resample else ""
+        if args.min_shows < 1.0:
+            # What skipping trains per image read; the shares below are of what is trained.
+            print("shows per image read, by signal: " + ", ".join(
+                f"{name} {w.mean():.2f}" for name, w in weights.items() if name != "uniform") + "\n")
+    how = (f", resampled (at most {args.resample} shows, at least {args.min_shows:g}, the {args.quantile:g} "
+           f"quantile shown once)" if args.resample else "")
     print(f"{args.checkpoint} on {args.shards}: {len(labels):,} images, strength {args.strength:g}{how}\n")
     print(format_markdown(labels, weights))
     if references is not None and (anchor_labels != NO_LABEL).any():

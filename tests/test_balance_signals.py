@@ -86,6 +86,14 @@ def test_resampled_by_the_labels_the_trained_classes_move_to_balanced_up_to_the_
     placed = as_resampled(weights["label"], batch_size=800, max_shows=10, seed=0, placed=labelled)
     assert placed[~labelled].eq(1).all() and shows[~labelled].gt(2).all()
     assert distance_from_uniform(labels, placed.numpy()) < 0.02
+    # Skipping: with the 90th-percentile weight (the middle class's) shown once, the common class is
+    # shown 3/10 of a time, the rare one 3 times, the unlabelled images a tenth of a time: balanced
+    # with fewer shows than images read.
+    skipping = as_resampled(weights["label"], batch_size=800, max_shows=10, seed=0, placed=labelled, min_shows=0.1,
+                            quantile=0.9)
+    assert distance_from_uniform(labels, skipping.numpy()) < 0.02
+    assert torch.allclose(skipping[~labelled], torch.tensor(0.1, dtype=torch.float64)) and skipping.max() == pytest.approx(3.0)
+    assert skipping.mean().item() == pytest.approx((3 * 150 + 0.1 * 100) / 800)
 
 
 def test_the_cells_table_says_where_the_reference_places_each_class_and_how_rare_it_looks():

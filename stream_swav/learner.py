@@ -474,7 +474,8 @@ class Learner(LearnerState):
         batch without those to be shown 0 times (counted in `meta.dropped["balance"]`; their stream
         positions stay consumed), with the shows of the fresh rows kept in `meta.shows` for
         `train_step`. The signal's estimate takes in every fresh image, skipped or not (it is of the
-        stream), whatever becomes of the step. A batch selected already (put back after a lost peer) is returned as it is."""
+        stream), whatever becomes of the step. A batch selected already (put back after a lost
+        peer) is returned as it is."""
         curation = self.cfg.curation
         if not curation.skipping or batch.meta.shows is not None:
             return batch

@@ -333,6 +333,11 @@ def reference_fingerprint(images: Tensor) -> Tensor:
 RESAMPLE_REFERENCE_QUANTILE = 0.1
 
 
+# With skipping, what the signal cannot place is skipped only in a batch it places at least this
+# share of: a signal that cannot yet place the stream (a model at its start) has no opinion to skip by.
+PLACED_TO_SKIP = 0.5
+
+
 # Bisection steps that fit a batch's shows to its replay budget: the scale to 2**-30 of its start.
 BUDGET_ITERATIONS = 30
 
@@ -342,9 +347,10 @@ def expected_shows(weights: Tensor, max_shows: int, placed: Tensor | None = None
                    quantile: float = RESAMPLE_REFERENCE_QUANTILE) -> Tensor:
     """How many times each image of a batch with these weights (B,) is to be trained on average: its
     weight over the `quantile` weight of the batch's images the signal `placed` (B,) bool (default:
-    all), within [min_shows, max_shows]; an image not placed is shown `min_shows` times. Below 1,
-    an image is skipped (not trained at all) that often: the most over-represented, and what the
-    signal cannot place, as DINOv2's retrieval keeps only what it finds near curated data. With
+    all), within [min_shows, max_shows]. Below 1, an image is skipped (not trained at all) that
+    often: the most over-represented, and what the signal cannot place, as DINOv2's retrieval keeps
+    only what it finds near curated data; but only in a batch the signal places at least
+    PLACED_TO_SKIP of: an image not placed is shown `min_shows` times there, once elsewhere. With
     `mean_shows`, a batch that would ask for more shows than that on average has its weights scaled
     down together until it does not, so that what is rarest keeps the most shows."""
     if max_shows < 1:
@@ -356,13 +362,18 @@ def expected_shows(weights: Tensor, max_shows: int, placed: Tensor | None = None
     if not 0.0 < quantile < 1.0:
         raise ValueError(f"quantile must be in (0, 1), got {quantile}")
     weights = weights.float()
+    unplaced = torch.tensor(min_shows, device=weights.device)
     if placed is not None:
         # NaN rather than a boolean index: no device sync; a batch with none placed has no reference.
         weights = torch.where(placed, weights, torch.nan)
+        # Why: a model at its start places hardly any image near the reference's anchors; skipping
+        # all it cannot place then thinned its batches to a tenth, and the model collapsed
+        # (docs/curation.md, "Skipping").
+        unplaced = torch.where(placed.float().mean() >= PLACED_TO_SKIP, unplaced, 1.0)
     reference = torch.nanquantile(weights, quantile).nan_to_num(1.0).clamp_min(1e-12)
 
     def shows_at(scale: Tensor) -> Tensor:
-        return (weights * scale).nan_to_num(min_shows).clamp(min_shows, float(max_shows))
+        return torch.where(weights.isnan(), unplaced, (weights * scale).clamp(min_shows, float(max_shows)))
 
     scale = 1.0 / reference
     shows = shows_at(scale)
@@ -416,4 +427,4 @@ def build_balance(cfg: CurationConfig, prototypes: int, feature_dim: int,
 
 __all__ = ["build_balance", "expected_shows", "resample_shows", "Balance", "DensityBalance", "LabelBalance",
            "PrototypeBalance", "ReferenceBalance", "UsageBalance", "MAX_RATIO", "MAX_STRENGTH",
-           "RESAMPLE_REFERENCE_QUANTILE", "raw_weights", "reference_fingerprint", "relative_weights"]
+           "PLACED_TO_SKIP", "RESAMPLE_REFERENCE_QUANTILE", "raw_weights", "reference_fingerprint", "relative_weights"]

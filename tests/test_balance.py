@@ -533,7 +533,8 @@ def test_learners_read_the_reference_from_its_shards_at_the_global_crops_side(tm
 def test_below_one_show_the_most_over_represented_and_the_unplaced_images_are_skipped_that_often():
     """30 images look 4x over-represented, 30 fair, 40 4x rare; with the median shown once, the first
     are shown a quarter of a time (skipped three times in four), the rare 4 times; an image the
-    signal cannot place is shown `min_shows` times, and no image less often."""
+    signal cannot place is shown `min_shows` times (where it places most of the batch), and no
+    image less often."""
     weights = torch.tensor([0.25] * 30 + [1.0] * 30 + [4.0] * 40)
     placed = torch.ones(100, dtype=torch.bool)
     placed[:5] = False
@@ -541,6 +542,12 @@ def test_below_one_show_the_most_over_represented_and_the_unplaced_images_are_sk
     assert torch.equal(shows[:5], torch.full((5,), 0.1))
     torch.testing.assert_close(shows[5:], torch.tensor([0.25] * 25 + [1.0] * 30 + [4.0] * 40))
     assert torch.equal(expected_shows(weights, 10, placed, min_shows=0.5, quantile=0.5)[:30], torch.full((30,), 0.5))
+    # A batch the signal places less than half of (a model at its start, before it places the stream
+    # near the anchors) skips none of what it cannot place: they are shown once.
+    few = torch.zeros(100, dtype=torch.bool)
+    few[60:] = True
+    sparse = expected_shows(weights, 10, few, min_shows=0.1, quantile=0.5)
+    assert torch.equal(sparse[:60], torch.ones(60)) and sparse[60:].eq(1.0).all()  # the placed: all weight 4
     # At min_shows 1 (the default) nothing is skipped, whatever the quantile.
     assert expected_shows(weights, 10, placed, quantile=0.5).min() == 1.0
     drawn = torch.stack([resample_shows(weights, 10, torch.Generator().manual_seed(n), placed, min_shows=0.1,

@@ -16,6 +16,7 @@ import re
 import signal
 import time
 import urllib.request
+from pathlib import Path
 
 import badsamples
 import pytest
@@ -506,11 +507,9 @@ def test_dedup_with_two_decode_actors_and_one_killed_loses_no_image(tmp_path):
     assert set(scenes) == set(range(60)) and max(scenes.values()) <= 3
 
 
-def test_resampling_shows_rare_images_again_and_reads_every_image_once(tmp_path):
-    """curation.balance_mode resample by the labels on a 9:1 stream: the learner asks its decode actor
-    for the rare class's images again, which trains them again with fresh crops, never the common
-    class's (the batch's reference); every image is still read and trained exactly once per pass,
-    and the replays are counted apart from what was read."""
+def write_nine_to_one_stream(tmp_path: Path) -> tuple[str, dict[str, bool]]:
+    """Two shards of 40 JPEGs each, every tenth of class 1 (rare), the rest of class 0: their folder,
+    and whether each sample key is rare."""
     shards = str(tmp_path / "shards")
     rare: dict[str, bool] = {}
     for index in range(2):
@@ -518,17 +517,26 @@ def test_resampling_shows_rare_images_again_and_reads_every_image_once(tmp_path)
                    for n in range(40)]
         url = write_shard(object_url(shards, f"shard-{index}.tar"), tar_bytes(samples))
         rare.update({f"{url}/{key}": members["cls"] == b"1" for key, members in samples})
+    return shards, rare
+
+
+def stop_after_two_passes(trainer: WatchedTrainer) -> None:
+    if trainer.ledger.cursor.pass_index >= 2:
+        trainer.request_stop("passes 0 and 1 trained")
+
+
+def test_resampling_shows_rare_images_again_and_reads_every_image_once(tmp_path):
+    """curation.balance_mode resample by the labels on a 9:1 stream: the learner asks its decode actor
+    for the rare class's images again, which trains them again with fresh crops, never the common
+    class's (the batch's reference); every image is still read and trained exactly once per pass,
+    and the replays are counted apart from what was read."""
+    shards, rare = write_nine_to_one_stream(tmp_path)
     cfg = tiny_config({"data": {"shards": shards},
                        "curation": {"balance": 1.0, "balance_signal": "label", "balance_momentum": 0.5,
                                     "balance_mode": "resample"},
                        "checkpoint": {"dir": str(tmp_path / "ckpt")},
                        "train": {"image_budget": 10_000, "report_interval_s": 0.2}})
     log = tmp_path / "trained.jsonl"
-
-    def stop_after_two_passes(trainer: WatchedTrainer) -> None:
-        if trainer.ledger.cursor.pass_index >= 2:
-            trainer.request_stop("passes 0 and 1 trained")
-
     trainer = run_to_end(cfg, log, after_chunk=stop_after_two_passes)
     for pass_index in (0, 1):
         assert pass_counts(trainer.trained, pass_index) == {key: 1 for key in rare}
@@ -543,13 +551,7 @@ def test_skipping_drops_over_represented_images_before_training_and_consumes_the
     class's) shown once: the common class is trained about a ninth of a time, the rare class every
     time; what is skipped is never trained, is counted as dropped for balance, and counts as read, so
     each pass reads every image once and trains none twice."""
-    shards = str(tmp_path / "shards")
-    rare: dict[str, bool] = {}
-    for index in range(2):
-        samples = [(f"s{index}-{n}", {"jpg": scene_jpeg(40 * index + n), "cls": b"1" if n % 10 == 3 else b"0"})
-                   for n in range(40)]
-        url = write_shard(object_url(shards, f"shard-{index}.tar"), tar_bytes(samples))
-        rare.update({f"{url}/{key}": members["cls"] == b"1" for key, members in samples})
+    shards, rare = write_nine_to_one_stream(tmp_path)
     cfg = tiny_config({"curation": {"balance": 1.0, "balance_signal": "label", "balance_momentum": 0.5,
                                     "balance_mode": "resample", "resample_min_shows": 0.1,
                                     "resample_quantile": 0.95},
@@ -558,11 +560,6 @@ def test_skipping_drops_over_represented_images_before_training_and_consumes_the
                        "data": {"shards": shards, "shuffle_buffer": 1},
                        "train": {"image_budget": 10_000, "report_interval_s": 0.2, "batch_size": 20}})
     log = tmp_path / "trained.jsonl"
-
-    def stop_after_two_passes(trainer: WatchedTrainer) -> None:
-        if trainer.ledger.cursor.pass_index >= 2:
-            trainer.request_stop("passes 0 and 1 trained")
-
     trainer = run_to_end(cfg, log, after_chunk=stop_after_two_passes)
     skipped = 0
     for pass_index in (0, 1):

@@ -112,9 +112,10 @@ CONDITIONS: dict[str, tuple[str, dict[str, Any], str]] = {
                                            "trained"),
     # Skipping as well as replaying (curation.resample_min_shows): the batch's median weight is shown
     # once, what looks more over-represented less than once (at least a tenth), and what is near no
-    # anchor a tenth of a time, as DINOv2 keeps only what retrieval finds near curated data. Offline
-    # (docs/curation.md) this takes the 50x stream's classes to 0.28 from balanced, against 0.40
-    # without skipping and 0.25 by the labels.
+    # anchor a tenth of a time in a batch it places half of, as DINOv2 keeps only what retrieval
+    # finds near curated data. Offline (docs/curation.md) this takes the 50x stream's classes to
+    # 0.31 from balanced, against 0.39 without skipping and 0.22 by the labels; in training it does
+    # not help.
     "messy-dedup-skip-reference": ("messy", {"curation": {**REFERENCE, "balance_reference_similarity": 0.9,
                                                           "dedup": True, "balance_mode": "resample",
                                                           "resample_quantile": 0.5, "resample_min_shows": 0.1}},

@@ -503,12 +503,12 @@ class CurationConfig:
     # Decoded images each decode actor keeps for replays: its latest emitted ones, and those waiting
     # to be shown again (each bound separately). A request for an image already forgotten is missed.
     resample_cache: int = setting(1024, POSITIVE)
-    # Skipping: the weight quantile of a batch's placed images that is shown once, and the fewest
-    # shows an image read may get on average. Below 1, images more over-represented than the
-    # quantile are skipped that often (not trained: dropped before the training forward, counted
-    # as reason "balance", consumed in the cursor), and so is what the signal cannot place (as
-    # DINOv2 keeps only what retrieval finds near curated data). Needs a signal known before the
-    # forward: label or reference.
+    # The weight quantile of a batch's placed images that is shown once (resample mode), and the
+    # fewest shows an image read may get on average. Below 1 (skipping), images more
+    # over-represented than the quantile are skipped that often (not trained: dropped before the
+    # training forward, counted as reason "balance", consumed in the cursor), and so is what the
+    # signal cannot place (as DINOv2 keeps only what retrieval finds near curated data). Needs a
+    # signal known before the forward: label or reference.
     resample_quantile: float = setting(0.1, within(0.0, 1.0, low_open=True, high_open=True))
     resample_min_shows: float = setting(1.0, within(0.0, 1.0, low_open=True))
 

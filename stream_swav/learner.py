@@ -468,6 +468,16 @@ class Learner(LearnerState):
                 self.balance.anchors is None or self.step % self.cfg.curation.balance_reference_refresh == 0):
             self.refresh_reference()
 
+    def _resample_shows(self, weights: Tensor, placed: Tensor | None) -> Tensor:
+        """How many times to train each fresh image (`resample_shows`) by the configured curation.
+        The rank's own generator: ranks must not round alike, and it is checkpointed. Only what the
+        signal can place is shown more than once (unlabelled junk is not rare), and no more shows
+        are asked for than the later batches' replays can hold."""
+        curation = self.cfg.curation
+        return resample_shows(weights, curation.resample_max_shows, self.generator, placed,
+                              curation.replay_budget(self.cfg.train.batch_size), curation.resample_min_shows,
+                              curation.resample_quantile)
+
     def select(self, batch: CropBatch) -> CropBatch:
         """With curation.resample_min_shows below 1: decide how many times each image the batch read
         from the stream is trained (`resample_shows`), before any training forward, and return the
@@ -490,11 +500,7 @@ class Learner(LearnerState):
         # The batch is in the estimate first, so that a concept seen for the first time is placed
         # (and rare), not skipped as what the signal cannot place.
         self.balance.update(None, view, labels)
-        weights = self.balance.weights(None, view, labels)
-        shows = resample_shows(weights, curation.resample_max_shows, self.generator,
-                               self.balance.placed(None, view, labels),
-                               curation.replay_budget(self.cfg.train.batch_size),
-                               curation.resample_min_shows, curation.resample_quantile)
+        shows = self._resample_shows(self.balance.weights(None, view, labels), self.balance.placed(None, view, labels))
         # One host sync per batch: which rows stay decides the shapes the step trains on.
         shows = shows.cpu()
         kept = torch.cat([torch.nonzero(shows > 0).flatten(), torch.arange(fresh, len(batch))]).numpy()
@@ -632,13 +638,8 @@ class Learner(LearnerState):
             signal_features = reference_view if reference_view is not None else assign_features[0, :fresh]
             weights = self.balance.weights(assign_scores[0, :fresh], signal_features, labels[:fresh])
             if cfg.curation.resampling:
-                # The rank's own generator: ranks must not round alike, and it is checkpointed. Only
-                # what the signal can place is shown more than once (unlabelled junk is not rare), and
-                # no more shows are asked for than the later batches' replays can hold.
-                shows = resample_shows(weights, cfg.curation.resample_max_shows, self.generator,
-                                       self.balance.placed(assign_scores[0, :fresh], signal_features,
-                                                           labels[:fresh]),
-                                       cfg.curation.replay_budget(cfg.train.batch_size))
+                shows = self._resample_shows(weights, self.balance.placed(assign_scores[0, :fresh], signal_features,
+                                                                          labels[:fresh]))
                 weights = None
         queued = self.queue.features() if self.queue is not None else None
         queued_scores = queued @ self.model.prototypes.weight.detach().t() if queued is not None else None

@@ -616,3 +616,21 @@ def test_skipping_is_refused_without_a_signal_known_before_the_forward():
             skipping_config(**curation)
     assert skipping_config().curation.skipping
     assert not skipping_config(resample_min_shows=1.0).curation.skipping
+
+
+def test_resampling_without_skipping_shows_the_configured_quantile_once():
+    """resample_quantile holds without skipping too: with the 75th-percentile weight (class 1's)
+    shown once, class 0 is shown once (never less), class 2 twice; by default (the 10th percentile,
+    class 0's) class 2 would be shown 6 times."""
+    torch.set_num_threads(1)
+    cfg = skipping_config(resample_min_shows=1.0)
+    assert not cfg.curation.skipping
+    learner = Learner(cfg, torch.device("cpu"))
+    batch = SyntheticStream(n_classes=4, image_size=8, seed=3).batch(cfg)
+    batch.meta.labels = [0] * 12 + [1] * 4 + [2] * 2 + [-1, -1]
+    learner.train_step(batch)  # the estimate: this batch's shares
+    shows = learner.train_step(batch).shows
+    assert shows.tolist() == [1] * 16 + [2] * 2 + [1, 1]
+    default = Learner(skipping_config(resample_min_shows=1.0, resample_quantile=0.1), torch.device("cpu"))
+    default.train_step(batch)
+    assert default.train_step(batch).shows.tolist() == [1] * 12 + [3] * 4 + [6] * 2 + [1, 1]

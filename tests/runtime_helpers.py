@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import collections
 import functools
+import hashlib
 import json
 import os
 import re
@@ -22,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import ray
 import yaml
 
 from stream_swav import storage
@@ -174,6 +176,29 @@ def read_replays(log_path: Path) -> list[str]:
     if not Path(log_path).exists():
         return []
     return [key for line in Path(log_path).read_text().splitlines() for key in json.loads(line).get("replays", [])]
+
+
+def parameters_digest(model_state: dict[str, Any], names: list[str]) -> str:
+    """SHA-256 of these tensors of a model's state, in this order."""
+    digest = hashlib.sha256()
+    for name in names:
+        digest.update(model_state[name].detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _replica(actor: Any) -> tuple[int, int, str, list[str], Any]:
+    # Runs inside a learner actor.
+    import torch.distributed as dist
+
+    names = [name for name, _ in actor.learner.model.named_parameters()]
+    return (dist.get_world_size(), dist.get_rank(), parameters_digest(actor.learner.model.state_dict(), names),
+            names, actor.learner.generator.get_state())
+
+
+def learner_replicas(trainer: driver.Trainer) -> list[tuple[int, int, str, list[str], Any]]:
+    """Per learner of the trainer's group: (world size, rank, digest of its parameters, their names,
+    its augmentation generator's state)."""
+    return ray.get([learner.__ray_call__.remote(_replica) for learner in trainer.group.actors])
 
 
 def pass_counts(trained: list[TrainedSample], pass_index: int) -> collections.Counter:

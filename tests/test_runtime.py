@@ -9,6 +9,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import io
+import json
 import logging
 import math
 import os
@@ -24,8 +25,8 @@ import ray
 import torch
 from conftest import colour_samples, tar_bytes, use_fake_credentials
 from prometheus_client.parser import text_string_to_metric_families
-from runtime_helpers import (RAY_ENV, WatchedTrainer, close_trainer, object_url, pass_counts, read_replays,
-                             run_to_end, sample_keys, tiny_config, write_shard)
+from runtime_helpers import (RAY_ENV, WatchedTrainer, close_trainer, learner_replicas, object_url, parameters_digest,
+                             pass_counts, read_replays, run_to_end, sample_keys, tiny_config, write_shard)
 
 from stream_swav import storage
 from stream_swav.model import BackboneSpec, load_backbone
@@ -189,24 +190,7 @@ def test_two_cpu_learners_stay_identical(tmp_path):
     trainer = WatchedTrainer(cfg, tmp_path / "trained.jsonl")
     try:
         assert trainer.run() == 0
-
-        def parameters_digest(model_state: dict, names: list[str]) -> str:
-            import hashlib
-
-            digest = hashlib.sha256()
-            for name in names:
-                digest.update(model_state[name].detach().cpu().contiguous().numpy().tobytes())
-            return digest.hexdigest()
-
-        def replica(actor) -> tuple[int, int, str, list[str], list]:
-            # Runs inside each learner actor.
-            import torch.distributed as dist
-
-            names = [name for name, _ in actor.learner.model.named_parameters()]
-            return (dist.get_world_size(), dist.get_rank(), parameters_digest(actor.learner.model.state_dict(), names),
-                    names, actor.learner.generator.get_state())
-
-        replicas = ray.get([learner.__ray_call__.remote(replica) for learner in trainer.group.actors])
+        replicas = learner_replicas(trainer)
         state = ckpt.load_checkpoint(cfg.checkpoint.dir, cfg.storage)
     finally:
         close_trainer(trainer)
@@ -573,3 +557,50 @@ def test_skipping_drops_over_represented_images_before_training_and_consumes_the
     # Passes 0 and 1 are read whole; a third may have begun, its skipped images counted too.
     dropped = trainer.metrics.registry.get_sample_value("stream_swav_curation_dropped_total", {"reason": "balance"})
     assert skipped <= dropped <= skipped + len([s for s in trainer.trained if s.pass_index == 2]) * 9 + 72
+
+
+@pytest.mark.parametrize("mode", ["replays", "skipping"])
+def test_two_learners_resample_by_their_own_decode_actors_and_stay_identical(tmp_path, mode):
+    """Resampling with two data-parallel learners, each fed by its own decode actor: a replay is
+    asked of the actor that made the batch, so it comes back to the learner that read the image;
+    skipping thins each rank's batch on its own (the step's vote counts what each trains). Either
+    way the replicas stay identical and each pass reads every image once."""
+    shards, rare = write_nine_to_one_stream(tmp_path)
+    curation = {"balance": 1.0, "balance_signal": "label", "balance_momentum": 0.5, "balance_mode": "resample"}
+    if mode == "skipping":
+        curation.update(resample_min_shows=0.1, resample_quantile=0.95)
+    cfg = tiny_config({"curation": curation, "checkpoint": {"dir": str(tmp_path / "ckpt")},
+                       "data": {"shards": shards, "shuffle_buffer": 1, "decode_actors": 2,
+                                "open_shards_per_actor": 1},
+                       "train": {"learners": 2, "image_budget": 10_000, "report_interval_s": 0.2,
+                                 "batch_size": 20}})
+    log = tmp_path / "trained.jsonl"
+    trainer = WatchedTrainer(cfg, log, after_chunk=stop_after_two_passes)
+    try:
+        assert trainer.run() == 0
+        replicas = learner_replicas(trainer)
+    finally:
+        close_trainer(trainer)
+
+    assert [(world, rank) for world, rank, *_ in replicas] == [(2, 0), (2, 1)]
+    assert replicas[0][2] == replicas[1][2], "data-parallel replicas diverged"
+    assert {s.rank for s in trainer.trained} == {0, 1}
+    for pass_index in (0, 1):
+        trained = pass_counts(trainer.trained, pass_index)
+        assert set(trained.values()) == {1} and all(key in trained for key, is_rare in rare.items() if is_rare)
+        if mode == "replays":
+            assert set(trained) == set(rare)
+        else:
+            assert 0 < sum(not rare[key] for key in trained) < 0.4 * 72
+    lines = [json.loads(line) for line in log.read_text().splitlines()]
+    replays = [(line["rank"], line["step"], key) for line in lines for key in line["replays"]]
+    if mode == "replays":
+        # Each replay is of a rare image this rank read at an earlier step.
+        first_read = {}
+        for line in lines:
+            for _, key in line["samples"]:
+                first_read.setdefault((line["rank"], key), line["step"])
+        assert replays and all(rare[key] and first_read.get((rank, key), step) < step for rank, step, key in replays)
+    else:
+        assert not replays
+        assert trainer.metrics.registry.get_sample_value("stream_swav_curation_dropped_total", {"reason": "balance"})

@@ -52,7 +52,7 @@ from stream_swav import logs
 from stream_swav.apps.evaluate import embed, pick_device
 from stream_swav.data.labelled import NO_LABEL, load_labeled_images
 from stream_swav.apps.gallery import load_swav_model
-from stream_swav.balance import (RESAMPLE_REFERENCE_QUANTILE, DensityBalance, ReferenceBalance, expected_shows,
+from stream_swav.balance import (MAX_STRENGTH, RESAMPLE_REFERENCE_QUANTILE, DensityBalance, ReferenceBalance, expected_shows,
                                  raw_weights)
 from stream_swav.checkpoint import resolve_checkpoint
 from stream_swav.config import Config, StorageConfig
@@ -284,8 +284,8 @@ def main(argv: list[str] | None = None) -> int:
                              "(curation.balance_reference_similarity)")
     args = parser.parse_args(argv)
     logs.configure()
-    if not 0.0 <= args.strength <= 1.0:
-        parser.error(f"--strength must be in [0, 1], got {args.strength}")
+    if not 0.0 <= args.strength <= MAX_STRENGTH:
+        parser.error(f"--strength must be in [0, {MAX_STRENGTH:g}] (as curation.balance), got {args.strength}")
     if not (0.0 < args.min_shows <= 1.0 and 0.0 < args.quantile < 1.0):
         parser.error(f"--min-shows must be in (0, 1] and --quantile in (0, 1), got {args.min_shows} and {args.quantile}")
     try:

@@ -8,6 +8,7 @@ from collections import Counter
 import badsamples
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 from conftest import colour_of, colour_samples, tar_bytes
 
@@ -15,6 +16,7 @@ from stream_swav.config import Config
 from stream_swav.data.batch import CropBatch
 from stream_swav.data.cursor import ShardTask, shard_seed
 from stream_swav.data.worker import DecodeWorker
+from stream_swav.learner import batch_labels
 
 
 def small_config(**data) -> Config:
@@ -80,6 +82,24 @@ def test_good_samples_arrive_and_bad_ones_are_counted_by_reason(tmp_path):
     assert max(b.meta.progress.get(shard, 0) for b in batches) == len(samples)
     assert [s for b in batches for s in b.meta.finished] == [shard]
     assert all(b.meta.urls == {shard: str(path)} for b in batches if b.meta.progress)
+
+
+def test_a_hostile_class_member_makes_an_unlabelled_sample_not_a_failed_step(tmp_path):
+    """`cls` members that are no class index (beyond int64, negative, not digits, not ASCII) leave
+    the image trained without a label; a batch's labels always fit the learner's int64 tensor."""
+    hostile = [b"9" * 30, str(2**63).encode(), b"-3", b"cat", "\u0663".encode(), b" 7 \n", str(2**63 - 1).encode()]
+    samples = colour_samples(len(hostile))
+    for (_, members), cls in zip(samples, hostile):
+        members["cls"] = cls
+    path = tmp_path / "labels.tar"
+    path.write_bytes(tar_bytes(samples))
+
+    with make_worker(small_config(shuffle_buffer=1), 0) as worker:
+        worker.assign(task_for(str(path)))
+        batches = run_all(worker, len(hostile))
+    labels = [label for batch in batches for label in batch.meta.labels]
+    assert labels == [-1, -1, -1, -1, -1, 7, 2**63 - 1]
+    assert batch_labels(batches[0], torch.device("cpu")).tolist() == labels
 
 
 def test_pixels_belong_to_their_keys(tmp_path):

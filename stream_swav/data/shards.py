@@ -115,16 +115,20 @@ def normalised_ext(name: str) -> str:
     return _CANONICAL_EXTENSION.get(ext, ext)
 
 
+# A class index travels as int64 (batch labels, curation.balance_signal label); a larger one is malformed.
+MAX_LABEL = 2**63 - 1
+
+
 def parse_label(data: bytes | None) -> int | None:
     """A ``cls`` member (ASCII digits, surrounding whitespace allowed) as a class index; None when
-    absent, malformed or negative."""
+    absent, malformed, negative or beyond int64."""
     if data is None:
         return None
     try:
         label = int(data.decode("ascii").strip())
     except (UnicodeDecodeError, ValueError):
         return None
-    return label if label >= 0 else None
+    return label if 0 <= label <= MAX_LABEL else None
 
 
 def label_bytes(label: int) -> bytes:

@@ -297,3 +297,30 @@ def test_the_union_of_survivors_views_takes_each_ranks_longest_and_counts_nothin
     # Each rank's view counted once: 3 steps x 3 ranks, not summed over the two survivors.
     assert union.bytes_read == 90 and union.errors == {"corrupt_image": 6}
     assert GroupView.union([behind]).positions == {(0, 0): 16, (0, 1): 16, (0, 2): 16}
+
+
+@pytest.mark.parametrize("signal, highest, warned", [("label", 1_000, True), ("label", 999, False),
+                                                     ("prototypes", 5_000, False)])
+def test_classes_beyond_the_label_balance_are_said_once(caplog, signal, highest, warned):
+    """A label-balanced run whose stream carries class indices at or above curation.balance_classes
+    leaves those images unbalanced: the driver says so once, naming the key; it says nothing when
+    every class fits, or when the labels balance nothing."""
+    from stream_swav.config import Config
+    from stream_swav.data.batch import BatchMeta
+    from stream_swav.runtime.observers import RunObserver
+    from stream_swav.runtime.reports import Progress
+
+    cfg = Config()
+    cfg.curation.balance, cfg.curation.balance_signal, cfg.curation.balance_classes = 1.0, signal, 1_000
+    observer = RunObserver(cfg.validate(), Metrics())
+    progress = Progress.of(BatchMeta(keys=["a", "b", "c"], labels=[3, -1, highest]))
+    other_rank = Progress.of(BatchMeta(keys=["d"], labels=[7]))
+    progress.merge(other_rank)
+    assert progress.max_label == highest and Progress().max_label == -1
+    with caplog.at_level("WARNING"):
+        for _ in range(3):
+            observer._count_progress(progress)
+    said = [r.getMessage() for r in caplog.records if "curation.balance_classes" in r.getMessage()]
+    assert len(said) == (1 if warned else 0)
+    if warned:
+        assert f"class {highest}" in said[0] and "balance_classes=1000" in said[0]

@@ -56,6 +56,8 @@ class RunObserver:
         self.curation_dropped: collections.Counter = collections.Counter()
         self.replayed = 0
         self.replays_missed = 0
+        # Whether the stream was found to carry classes the label balance has no room for (said once).
+        self.classes_beyond_balance = False
         self.progress = ProgressLine(total=cfg.train.image_budget or None, seconds=cfg.train.time_budget_s or None,
                                      unit="images", enabled=cfg.train.progress_bar)
         self._last_log = time.monotonic()
@@ -146,6 +148,15 @@ class RunObserver:
             self.replayed += progress.replayed
             self.replays_missed += progress.replays_missed
         m.count_reads(bytes_read=progress.bytes_read, shards_completed=len(progress.finished))
+        curation = self.cfg.curation
+        if (curation.balance > 0 and curation.balance_signal == "label" and not self.classes_beyond_balance
+                and progress.max_label >= curation.balance_classes):
+            # Such images are left alone (weight 1, shown once) as unlabelled ones are: a balance
+            # that silently covers only part of the stream's classes must be said.
+            self.classes_beyond_balance = True
+            log.warning("the stream carries class %d, beyond curation.balance_classes=%d: images of classes from "
+                        "%d on are not balanced; set curation.balance_classes above the stream's highest class",
+                        progress.max_label, curation.balance_classes, curation.balance_classes)
 
     def on_shrink(self, failures: int, cause: str, *, learners: int, step: int, adopted: int,
                   decode_actors: int, progress: Progress, steps: int, images: int, images_seen: int) -> None:

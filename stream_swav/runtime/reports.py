@@ -32,6 +32,9 @@ class Progress:
     # Replays trained (not read from the stream) and replay requests missed (curation.balance_mode resample).
     replayed: int = 0
     replays_missed: int = 0
+    # The highest class index in the batches' `cls` members (-1: none), which the driver checks
+    # against curation.balance_classes.
+    max_label: int = -1
 
     def add(self, meta: BatchMeta) -> None:
         for key, position in meta.progress.items():
@@ -44,6 +47,7 @@ class Progress:
         self.seen_hashes = max(self.seen_hashes, meta.seen_hashes)
         self.replayed += meta.replayed
         self.replays_missed += meta.replays_missed
+        self.max_label = max(self.max_label, max(meta.labels, default=-1))
 
     @classmethod
     def of(cls, meta: BatchMeta) -> "Progress":
@@ -62,6 +66,7 @@ class Progress:
         self.seen_hashes = max(self.seen_hashes, other.seen_hashes)
         self.replayed += other.replayed
         self.replays_missed += other.replays_missed
+        self.max_label = max(self.max_label, other.max_label)
 
 
 @dataclass

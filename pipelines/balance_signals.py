@@ -4,7 +4,7 @@ model's own view of the stream see the stream's class imbalance at all?
 ``python -m pipelines.balance_signals --checkpoint CKPT --shards STREAM [--strength 1]
 [--clusters 10,100] [--levels 200/20] [--density 0.2/1.5] [--bank 4096] [--max-images 0] [--seed 0]
 [--resample MAX_SHOWS [--min-shows 1] [--quantile 0.1]]
-[--reference SHARDS --reference-images 1000 --reference-similarity -1]``
+[--reference SHARDS --reference-images 1000 --reference-similarity -1 [--reference-temperature 0]] [--knn 0]``
 
 Every image of the shards is scored with the checkpoint's whole SwAV model, and each signal gives
 it a weight within the same cap as `curation.balance`: the group signals (K * usage of its group)
@@ -21,6 +21,12 @@ the group; the density signal as `DensityBalance` weighs:
 - `reference-R`: the group is the most similar of R images of a curated reference (`--reference`),
   in the projected space, as `curation.balance_signal: reference` weighs (an image less similar to
   every one than `--reference-similarity` weighs 1 and is shown once);
+- `reference-R-soft-T` (with `--reference-temperature T`): as `reference-R`, each placed image
+  shared out over the anchors by softmax((similarity - 1) / T) instead of given to its nearest
+  (not a balance of the runtime: measured offline only);
+- `knn-K` (with `--knn K`): the group is the class most of the image's K nearest other labelled
+  images hold, in the projected space: the labels as the embedding sees them, a ceiling for any
+  signal of the model's own embedding;
 - `label`: the group is the class itself (unlabelled images weigh 1, as `LabelBalance` weighs
   them, and are shown once when resampled): the perfect signal, for scale.
 
@@ -168,10 +174,48 @@ def reference_weights(z: Tensor, references: Tensor, similarity: float, strength
     return weights, placed
 
 
+def soft_reference_weights(z: Tensor, references: Tensor, similarity: float, strength: float,
+                           temperature: float) -> tuple[Tensor, Tensor]:
+    """As `reference_weights`, each placed image shared out over the anchors instead of given to its
+    nearest: softmax((cosine similarity - 1) / temperature) over them, the usage being the mean of
+    those shares, an image weighing its shares' mean of the anchors' weights (a kernel estimate of
+    the stream's density at each anchor, where the nearest anchor's count is a histogram)."""
+    placed = nearest_anchors(z, references, similarity) >= 0
+    weights = torch.ones(len(z), dtype=torch.float64)
+    if placed.any():
+        shares = torch.softmax((z[placed].double() @ F.normalize(references.double(), dim=1).T - 1.0) / temperature,
+                               dim=1)
+        usage = shares.mean(dim=0)
+        weights[placed] = shares @ raw_weights(usage, strength).double()
+    return weights, placed
+
+
+def knn_class_weights(z: Tensor, labels: Tensor, k: int, strength: float) -> Tensor:
+    """Each labelled image weighed by the share of the class most of its `k` nearest other labelled
+    images (cosine similarity of projected features) hold (unlabelled images weigh 1): what a signal
+    that saw the stream only through this embedding, but knew its labels, could do at best."""
+    known = torch.nonzero(labels != NO_LABEL).flatten()
+    if not 1 <= k < len(known):
+        raise ValueError(f"--knn must be in [1, {len(known) - 1}] (the labelled images but one), got {k}")
+    points = F.normalize(z[known].float(), dim=1)
+    classes, grouped = torch.unique(labels[known], return_inverse=True)
+    voted = torch.empty(len(known), dtype=torch.int64)
+    for start in range(0, len(known), BATCH_SIZE):
+        similar = points[start:start + BATCH_SIZE] @ points.T
+        rows = torch.arange(start, min(start + BATCH_SIZE, len(known)))
+        similar[rows - start, rows] = -2.0  # not its own neighbour
+        neighbours = grouped[similar.topk(k, dim=1).indices]
+        voted[rows] = F.one_hot(neighbours, len(classes)).sum(dim=1).argmax(dim=1)
+    weights = torch.ones(len(labels), dtype=torch.float64)
+    weights[known] = group_weights(voted, len(classes), strength)
+    return weights
+
+
 def signal_weights(scores: Tensor, z: Tensor, features: Tensor, labels: Tensor, strength: float,
                    clusters: list[int], levels: list[tuple[int, int]], densities: list[tuple[float, float]],
                    bank: int, seed: int, references: Tensor | None = None,
-                   reference_similarity: float = -1.0) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+                   reference_similarity: float = -1.0, reference_temperature: float = 0.0,
+                   knn: int = 0) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
     """Every signal's weights (N,), in table order (`uniform`, all 1, is the stream as it is), and for
     the signals that place only some images (`label`, `reference-R`), which (N,) bool."""
     out = {"uniform": torch.ones(len(scores), dtype=torch.float64)}
@@ -191,7 +235,14 @@ def signal_weights(scores: Tensor, z: Tensor, features: Tensor, labels: Tensor, 
     if references is not None:
         name = f"reference-{len(references)}"
         out[name], placed[name] = reference_weights(z, references, reference_similarity, strength)
+        if reference_temperature > 0:
+            soft = f"{name}-soft-{reference_temperature:g}"
+            out[soft], placed[soft] = soft_reference_weights(z, references, reference_similarity, strength,
+                                                             reference_temperature)
     known = labels != NO_LABEL
+    if knn:
+        out[f"knn-{knn}"] = knn_class_weights(z, labels, knn, strength)
+        placed[f"knn-{knn}"] = known
     classes, grouped = torch.unique(labels[known], return_inverse=True)
     out["label"] = torch.ones(len(labels), dtype=torch.float64)
     out["label"][known] = group_weights(grouped, len(classes), strength)
@@ -282,8 +333,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--reference-similarity", type=float, default=-1.0,
                         help="an image is placed when this similar to an anchor "
                              "(curation.balance_reference_similarity)")
+    parser.add_argument("--reference-temperature", type=float, default=0.0,
+                        help="> 0: a column more, each placed image shared out over the anchors at this "
+                             "temperature instead of given to its nearest")
+    parser.add_argument("--knn", type=int, default=0,
+                        help="> 0: a column more, the class most of an image's K nearest labelled images hold, "
+                             "weighed by its share (the labels seen through the embedding: a ceiling)")
     args = parser.parse_args(argv)
     logs.configure()
+    if args.reference_temperature < 0 or args.knn < 0:
+        parser.error(f"--reference-temperature and --knn must be >= 0 (0: no column), got "
+                     f"{args.reference_temperature} and {args.knn}")
     if not 0.0 <= args.strength <= MAX_STRENGTH:
         parser.error(f"--strength must be in [0, {MAX_STRENGTH:g}] (as curation.balance), got {args.strength}")
     if not (0.0 < args.min_shows <= 1.0 and 0.0 < args.quantile < 1.0):
@@ -310,7 +370,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         weights, placed = signal_weights(scores, z, features, torch.from_numpy(labels), args.strength, clusters,
                                          levels, densities, args.bank, args.seed, references,
-                                         args.reference_similarity)
+                                         args.reference_similarity, args.reference_temperature, args.knn)
     except ValueError as err:
         parser.error(str(err))
     if args.resample:

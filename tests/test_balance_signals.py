@@ -70,6 +70,26 @@ def test_a_signal_that_sees_the_concepts_balances_them_and_the_stream_as_is_does
     assert f"{as_is:.3f}" in rows["distance from balanced"]
 
 
+def test_soft_reference_and_knn_columns_balance_concepts_the_embedding_separates():
+    """`--reference-temperature`: each placed image shared out over the anchors (a sharp temperature
+    is the nearest anchor's balance); `--knn`: the labels seen through the embedding, a ceiling that
+    balances concepts it separates. Neither places the unlabelled concept's images."""
+    features, labels = separated_concepts()
+    z = F.normalize(features, dim=1)
+    references = torch.cat([z[labels == label][:2] for label in (0, 1, 2)])
+    weights, placed = signal_weights(torch.zeros(len(labels), 4), z, features, torch.from_numpy(labels), 1.0, [], [],
+                                     [], bank=400, seed=1, references=references, reference_similarity=0.5,
+                                     reference_temperature=0.01, knn=5)
+    assert list(weights) == ["uniform", "prototypes", "reference-6", "reference-6-soft-0.01", "knn-5", "label"]
+    unlabelled = torch.from_numpy(labels == NO_LABEL)
+    for name in ("reference-6-soft-0.01", "knn-5"):
+        assert distance_from_uniform(labels, weights[name].numpy()) < 0.01
+        assert torch.equal(placed[name], ~unlabelled) and weights[name][unlabelled].eq(1).all()
+    with pytest.raises(ValueError, match="--knn must be"):
+        signal_weights(torch.zeros(len(labels), 4), z, features, torch.from_numpy(labels), 1.0, [], [], [], bank=400,
+                       seed=1, knn=len(labels))
+
+
 def test_resampled_by_the_labels_the_trained_classes_move_to_balanced_up_to_the_show_cap():
     features, labels = separated_concepts()
     known = torch.from_numpy(labels)

@@ -87,6 +87,12 @@ def test_resize_center_crop():
     # 40x20 -> 20x10, centre 10x10 is the white middle.
     assert crop.min() > 200
     assert resize_center_crop(Image.new("RGB", (16, 16)), 16).shape == (16, 16, 3)
+    # A strip far longer than wide: only its central square is resampled (scaling the whole strip
+    # to a short side of 224 first would take 224 x 2,800,000 pixels, 1.9 GB).
+    strip = Image.new("RGB", (8, 100_000), (0, 0, 0))
+    strip.paste((255, 255, 255), (0, 49_980, 8, 50_020))
+    crop = resize_center_crop(strip, 224)
+    assert crop.shape == (224, 224, 3) and crop.min() > 200
 
 
 def write_labelled_shards(dest: Path, images: np.ndarray, labels: np.ndarray, extra: list[ShardSample] = ()) -> str:

@@ -301,3 +301,22 @@ def test_a_large_image_is_kept_for_replays_at_the_side_the_crops_need(tmp_path):
         # A batch of one leaves no room (half of 1 is 0): the replay waits for a batch with fresh rows.
         assert again.meta.replayed == 0 and len(again) == 1
         assert worker.next_batch(2) is None  # the shards are done: nothing fresh, so no replay either
+
+
+def test_an_image_far_longer_than_wide_is_trained_but_not_kept_for_replays(tmp_path):
+    """A 16 x 2,000 strip (a hostile 8 x 5,000,000 one would hold 120 MB per cached copy) is cropped
+    and trained as any image, but not kept: a replay of it is missed; a 4:1 one is kept."""
+    rng = np.random.default_rng(2)
+    path = tmp_path / "strips.tar"
+    path.write_bytes(tar_bytes([("strip-00000", {"png": png_of(rng.integers(0, 256, (16, 2000, 3), dtype=np.uint8))}),
+                                ("wide-00001", {"png": png_of(rng.integers(0, 256, (16, 64, 3), dtype=np.uint8))}),
+                                ("next-00002", {"png": png_of(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8))}),
+                                ("next-00003", {"png": png_of(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8))})]))
+    with resample_worker(small_config(shuffle_buffer=1), share=0.5, cache=8) as worker:
+        worker.assign(task_for(str(path)))
+        first = worker.next_batch(2)
+        strip, wide = first.meta.keys
+        assert strip.endswith("strip-00000") and len(first) == 2
+        assert [key for key in worker._recent] == [wide]
+        again = worker.next_batch(2, replays=[(strip, 1), (wide, 1)])
+    assert again.meta.replays_missed == 1 and again.meta.keys[-1] == wide

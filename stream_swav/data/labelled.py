@@ -45,15 +45,16 @@ class LabeledImages:
 
 
 def resize_center_crop(image: Image.Image, size: int) -> np.ndarray:
-    """Shorter side to `size` (bicubic), then the central size x size square, as (S, S, 3) uint8."""
+    """The central square (side the shorter side) at size x size (bicubic), as (S, S, 3) uint8: the
+    shorter side to `size`, then the centre. Only the square is resampled, so an image far longer
+    than wide (an 8 x 5,000,000 PNG) costs what its square does, not its whole length scaled up."""
     width, height = image.size
-    if min(width, height) != size:
-        scale = size / min(width, height)
-        image = image.resize((max(size, round(width * scale)), max(size, round(height * scale))),
-                             Image.Resampling.BICUBIC)
-        width, height = image.size
-    left, top = (width - size) // 2, (height - size) // 2
-    return np.asarray(image.crop((left, top, left + size, top + size)))
+    side = min(width, height)
+    left, top = (width - side) // 2, (height - side) // 2
+    box = (left, top, left + side, top + side)
+    if side == size:
+        return np.asarray(image.crop(box))
+    return np.asarray(image.resize((size, size), Image.Resampling.BICUBIC, box=box))
 
 
 def load_labeled_images(spec: str, image_size: int, storage_cfg: StorageConfig | None = None,

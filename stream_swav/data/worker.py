@@ -49,6 +49,9 @@ log = logging.getLogger(__name__)
 READAHEAD_PER_SHARD = 64
 _PUT_POLL_S = 0.1
 _JOIN_TIMEOUT_S = 5.0
+# An image kept for replays holds at most this many squares of the side the crops need (a 4:1
+# panorama at that side); a longer one is not kept.
+REPLAY_MAX_AREA = 4
 
 
 @dataclass
@@ -232,10 +235,14 @@ class DecodeWorker:
 
     def _remember(self, key: str, image: Image.Image, label: int) -> None:
         """Keep an emitted image for a replay request, the oldest forgotten first; at the side the
-        largest crop needs, as JPEG draft mode decodes it, so that a large PNG does not hold ~100 MB."""
+        largest crop needs, as JPEG draft mode decodes it, so that a large PNG does not hold ~100 MB.
+        An image still more than REPLAY_MAX_AREA squares of that side (far longer than wide: an
+        8 x 5,000,000 PNG is 120 MB) is not kept, and a replay of it is missed."""
         if not self._resample:
             return
         scale = self._min_side / min(image.size)
+        if image.width * image.height * min(scale, 1.0) ** 2 > REPLAY_MAX_AREA * self._min_side ** 2:
+            return
         if scale < 1.0:
             image = image.resize((max(1, round(image.width * scale)), max(1, round(image.height * scale))),
                                  Image.Resampling.BILINEAR)

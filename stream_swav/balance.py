@@ -40,6 +40,7 @@ which needs no collective per step.
 from __future__ import annotations
 
 import hashlib
+import math
 
 import torch
 from torch import Tensor
@@ -136,15 +137,28 @@ class UsageBalance:
     def state_dict(self) -> dict[str, Tensor]:
         return {"usage": self.usage.detach().cpu().clone()}
 
+    # Whether a saved estimate of another number of groups loads (see `load_state_dict`): not for
+    # groups that are the model's own prototypes, whose number a checkpoint of this model fixes.
+    RESIZABLE = False
+
     def check_state(self, state: object) -> None:
-        """Raise ValueError unless `state` is a `state_dict()` of a balance with as many groups."""
+        """Raise ValueError unless `state` is a `state_dict()` of this balance: shares, 1-D, finite,
+        >= 0, of as many groups unless RESIZABLE."""
         usage = state.get("usage") if isinstance(state, dict) else None
-        if not isinstance(usage, Tensor) or usage.shape != self.usage.shape or not torch.isfinite(usage).all():
-            raise ValueError(f"balance state: usage must be a finite tensor of shape {tuple(self.usage.shape)}")
+        if (not isinstance(usage, Tensor) or usage.dim() != 1 or not usage.is_floating_point()
+                or not torch.isfinite(usage).all() or (usage < 0).any()
+                or not (self.RESIZABLE or usage.shape == self.usage.shape)):
+            shape = "" if self.RESIZABLE else f" of shape {tuple(self.usage.shape)}"
+            raise ValueError(f"balance state: usage must be a 1-D float tensor of finite shares >= 0{shape}")
 
     def load_state_dict(self, state: dict[str, Tensor]) -> None:
+        """Restore a saved estimate. One of another number of groups (curation.balance_classes changed
+        at a resume) keeps the shares of the groups both have, by index; the others are not seen yet."""
         self.check_state(state)
-        self.usage.copy_(state["usage"])
+        saved = state["usage"]
+        common = min(len(saved), len(self.usage))
+        self.usage.zero_()
+        self.usage[:common] = saved[:common].to(self.usage.device, self.usage.dtype)
 
 
 class PrototypeBalance(UsageBalance):
@@ -169,6 +183,7 @@ class LabelBalance(UsageBalance):
     curated class), where there is one: the signal a model's own view approximates."""
 
     STATE_KEY = "balance_label"
+    RESIZABLE = True
 
     def __init__(self, classes: int, strength: float, momentum: float = 0.99,
                  device: torch.device | str | None = None) -> None:
@@ -206,6 +221,7 @@ class ReferenceBalance(UsageBalance):
     resume with other reference images starts it afresh instead of reading another set's shares."""
 
     STATE_KEY = "balance_reference"
+    RESIZABLE = True
 
     def __init__(self, anchors: int, strength: float, momentum: float = 0.99, min_similarity: float = -1.0,
                  device: torch.device | str | None = None, fingerprint: Tensor | None = None,
@@ -274,9 +290,7 @@ class ReferenceBalance(UsageBalance):
     def check_state(self, state: object) -> None:
         """A saved estimate of another reference (another number of anchors, or other images) is not
         an error: `load_state_dict` starts afresh then."""
-        usage = state.get("usage") if isinstance(state, dict) else None
-        if not isinstance(usage, Tensor) or usage.dim() != 1 or not torch.isfinite(usage).all():
-            raise ValueError("balance state: usage must be a finite 1-D tensor")
+        super().check_state(state)
         saved = state.get("reference_fingerprint")
         if saved is not None and (not isinstance(saved, Tensor) or saved.dtype != torch.uint8 or saved.dim() != 1):
             raise ValueError("balance state: reference_fingerprint must be a 1-D uint8 tensor")
@@ -294,6 +308,7 @@ class ReferenceBalance(UsageBalance):
         if self.same_reference(state):
             self.usage.copy_(state["usage"])
         else:
+            # Anchors are images, not indices: another reference's shares say nothing of these.
             self.usage.zero_()
 
 
@@ -318,9 +333,11 @@ class DensityBalance:
         stored = self.bank.features()
         if stored is None:
             return torch.ones(len(z), device=z.device)
-        # exp((cos - 1) / bandwidth): 1 for an identical feature, so no overflow at any bandwidth.
-        density = torch.exp((z.float() @ stored[0].t() - 1.0) / self.bandwidth).mean(dim=1)
-        weights = relative_weights(density / density.mean(), self.strength)
+        # Each image's density over the batch's mean density, in logs: exp((cos - 1) / bandwidth)
+        # underflows to 0 for every image at a narrow bandwidth, which would make every weight 0 / 0.
+        log_density = torch.logsumexp((z.float() @ stored[0].t() - 1.0) / self.bandwidth, dim=1)
+        log_mean = torch.logsumexp(log_density, dim=0) - math.log(len(z))
+        weights = relative_weights(torch.exp(log_density - log_mean), self.strength)
         return weights / weights.mean()
 
     def placed(self, scores: Tensor, z: Tensor, labels: Tensor) -> Tensor | None:
@@ -335,13 +352,23 @@ class DensityBalance:
         return self.bank.state_dict()
 
     def check_state(self, state: object) -> None:
-        """Raise ValueError unless `state` is a `state_dict()` of a balance with as large a bank."""
-        if not isinstance(state, dict):
-            raise ValueError("balance state: expected a dict")
-        FeatureQueue(1, self.bank.length, self.bank.buffer.shape[2]).load_state_dict(state)
+        """Raise ValueError unless `state` is a `state_dict()` of a density balance: finite features of
+        this dimension (a bank of another size is not an error: `load_state_dict` starts afresh)."""
+        features = state.get("features") if isinstance(state, dict) else None
+        dim = self.bank.buffer.shape[2]
+        if (not isinstance(features, Tensor) or features.dim() != 3 or features.shape[0] != 1
+                or features.shape[2] != dim or not torch.isfinite(features).all()):
+            raise ValueError(f"balance state: the density's bank must be finite features of shape (1, bank, {dim})")
+        if features.shape[1] == self.bank.length:
+            FeatureQueue(1, self.bank.length, dim).load_state_dict(state)
 
     def load_state_dict(self, state: dict[str, Tensor | int]) -> None:
-        self.bank.load_state_dict(state)
+        self.check_state(state)
+        if state["features"].shape[1] == self.bank.length:
+            self.bank.load_state_dict(state)
+        else:
+            # curation.balance_bank changed at a resume: the bank fills again from the next steps.
+            self.bank = FeatureQueue(1, self.bank.length, self.bank.buffer.shape[2], device=self.bank.buffer.device)
 
 
 Balance = PrototypeBalance | DensityBalance | LabelBalance | ReferenceBalance

@@ -478,10 +478,12 @@ class CurationConfig:
     balance_signal: str = setting("prototypes", one_of("prototypes", "density", "label", "reference"))
     # Momentum of each learner's running estimate of prototype, class or reference-anchor usage (per step).
     balance_momentum: float = setting(0.99, within(0.0, 1.0, high_open=True))
-    balance_classes: int = setting(1000, POSITIVE)
+    # Bounded: each learner folds an estimate of this many shares every step (ImageNet-21k has 21,841).
+    balance_classes: int = setting(1000, within(1, 1_000_000))
     # The density's kernel bandwidth on cosine similarity and its sample ("density").
     balance_bandwidth: float = setting(0.2, POSITIVE)
-    balance_bank: int = setting(4096, POSITIVE)
+    # Bounded: every step compares each image with the whole bank (64 MB at 131,072 x 128).
+    balance_bank: int = setting(4096, within(1, 131_072))
     # "reference": its shards (folder, s3:// prefix, brace pattern or .txt list), how many of their
     # images are read (each one anchor), how often (steps) the learner embeds them again, and the
     # cosine similarity of projected features under which a stream image is near no anchor (not
@@ -593,6 +595,10 @@ class Config:
                 yield (key, not count or size % patch == 0,
                        f"a ViT's crops must be a multiple of its patch size ({patch})", size)
         curation = self.curation
+        yield ("curation.balance_signal",
+               curation.balance == 0 or curation.balance_signal != "reference" or self.crops.global_count >= 1,
+               "the reference signal places each image by its first global crop: set crops.global_count >= 1",
+               curation.balance_signal)
         if curation.resampling:
             # A replay request reaches the decode actor a step late, behind the requests in flight.
             held = (self.data.inflight_batches_per_actor + 2) * self.train.batch_size

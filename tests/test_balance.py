@@ -156,8 +156,15 @@ def test_the_density_bank_keeps_the_latest_images_and_survives_a_checkpoint():
     restored.load_state_dict(torch.load(buffer, weights_only=True))
     torch.testing.assert_close(restored.weights(NO_FEATURES, features[:64], NO_LABELS),
                                balance.weights(NO_FEATURES, features[:64], NO_LABELS))
-    with pytest.raises(ValueError, match="features must be a tensor of shape"):
-        DensityBalance(dim=16, strength=1.5, bank=64).check_state(balance.state_dict())
+    # curation.balance_bank changed at a resume: the bank starts afresh rather than failing the load.
+    smaller = DensityBalance(dim=16, strength=1.5, bank=64)
+    smaller.load_state_dict(balance.state_dict())
+    assert smaller.bank.features() is None and smaller.bank.length == 64
+    poisoned = balance.state_dict()
+    poisoned["features"][0, 5, 0] = float("nan")
+    for bad in (poisoned, {**balance.state_dict(), "features": torch.zeros(1, 128, 8)}, None):
+        with pytest.raises(ValueError, match="density's bank"):
+            restored.check_state(bad)
     for kwargs in ({"strength": 2.5}, {"strength": 1.0, "bandwidth": 0.0}, {"strength": 1.0, "bank": 0}):
         with pytest.raises(ValueError):
             DensityBalance(dim=16, **kwargs)
@@ -642,3 +649,40 @@ def test_resampling_without_skipping_shows_the_configured_quantile_once():
     default = Learner(skipping_config(resample_min_shows=1.0, resample_quantile=0.1), torch.device("cpu"))
     default.train_step(batch)
     assert default.train_step(batch).shows.tolist() == [1] * 12 + [3] * 4 + [6] * 2 + [1, 1]
+
+
+def test_a_label_estimate_survives_a_change_of_balance_classes_and_bad_shares_are_refused():
+    """Raising curation.balance_classes at a resume (as the run's warning asks) keeps the shares of
+    the classes both estimates have; lowering it drops the others. Shares that are not finite
+    non-negative floats are refused, for every usage balance."""
+    balance = LabelBalance(classes=4, strength=1.0, momentum=0.0)
+    balance.update(NO_LABELS, NO_FEATURES, torch.tensor([0, 0, 0, 1, 2, 3]))
+    saved = balance.state_dict()
+    wider = LabelBalance(classes=6, strength=1.0)
+    wider.load_state_dict(saved)
+    torch.testing.assert_close(wider.usage, torch.tensor([0.5, 1 / 6, 1 / 6, 1 / 6, 0.0, 0.0]))
+    narrower = LabelBalance(classes=2, strength=1.0)
+    narrower.load_state_dict(saved)
+    torch.testing.assert_close(narrower.usage, torch.tensor([0.5, 1 / 6]))
+    for usage in (torch.tensor([0.5, -0.1]), torch.tensor([True, False]), torch.tensor([0.5, float("inf")]),
+                  torch.tensor([1j, 0j]), torch.ones(2, 2)):
+        for target in (LabelBalance(2, 1.0), PrototypeBalance(2, 1.0), ReferenceBalance(2, 1.0)):
+            with pytest.raises(ValueError, match="balance state"):
+                target.load_state_dict({"usage": usage})
+    with pytest.raises(ValueError, match=r"of shape \(4,\)"):
+        PrototypeBalance(4, 1.0).load_state_dict({"usage": torch.full((3,), 1 / 3)})
+
+
+def test_the_density_weights_stay_finite_at_a_narrow_bandwidth():
+    """exp((cos - 1) / bandwidth) underflows to 0 for every image at bandwidth 0.0001 (weights 0 / 0);
+    taken in logs the weights stay finite and still favour the isolated images."""
+    stream, of = concepts([400, 40], seed=2)
+    order = torch.randperm(len(stream), generator=torch.Generator().manual_seed(0))
+    balance = DensityBalance(dim=16, strength=1.0, bandwidth=0.0001, bank=256)
+    balance.update(NO_FEATURES, stream[order[:256]], NO_LABELS)
+    # Images not in the bank: every kernel value underflows in float32.
+    rest, rest_of = stream[order[256:]], of[order[256:]]
+    assert torch.exp((rest @ stream[order[:256]].t() - 1.0) / 0.0001).sum() == 0
+    weights = balance.weights(NO_FEATURES, rest, NO_LABELS)
+    assert torch.isfinite(weights).all() and weights.mean().item() == pytest.approx(1.0)
+    assert weights[rest_of == 1].mean() > weights[rest_of == 0].mean()

@@ -364,6 +364,19 @@ def test_the_reference_signal_needs_its_shards():
     assert (cfg.curation.balance_reference_images, cfg.curation.balance_reference_similarity) == (1000, -1.0)
     load_config(overrides=["curation.balance_signal=reference"])  # balance off: nothing to refuse
     refused(["curation.balance_reference_similarity=1.5"], "curation.balance_reference_similarity")
+    refused(["curation.balance_reference_temperature=-0.1"], "curation.balance_reference_temperature")
+    # It places each image by its first global crop.
+    err = refused(["curation.balance=1", "curation.balance_signal=reference", "curation.balance_reference=ref/",
+                   "crops.global_count=0", "crops.local_count=2"], "curation.balance_signal")
+    assert "crops.global_count >= 1" in str(err)
+
+
+def test_the_balance_estimates_are_bounded():
+    # Every step folds balance_classes shares and compares each image with balance_bank features.
+    refused(["curation.balance_classes=1000000000000"], "curation.balance_classes")
+    refused(["curation.balance_bank=100000000"], "curation.balance_bank")
+    cfg = load_config(overrides=["curation.balance_classes=21841", "curation.balance_bank=65536"])
+    assert (cfg.curation.balance_classes, cfg.curation.balance_bank) == (21841, 65536)
 
 
 def test_replay_rows_keep_the_share_of_a_full_batch_and_of_one_cut_short():

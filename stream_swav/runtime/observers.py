@@ -155,8 +155,9 @@ class RunObserver:
             # that silently covers only part of the stream's classes must be said.
             self.classes_beyond_balance = True
             log.warning("the stream carries class %d, beyond curation.balance_classes=%d: images of classes from "
-                        "%d on are not balanced; set curation.balance_classes above the stream's highest class",
-                        progress.max_label, curation.balance_classes, curation.balance_classes)
+                        "%d on are not balanced (left alone as unlabelled ones are, skipped with them when "
+                        "skipping); set curation.balance_classes above the stream's highest class (a resume keeps "
+                        "the estimate)", progress.max_label, curation.balance_classes, curation.balance_classes)
 
     def on_shrink(self, failures: int, cause: str, *, learners: int, step: int, adopted: int,
                   decode_actors: int, progress: Progress, steps: int, images: int, images_seen: int) -> None:

@@ -282,8 +282,9 @@ def _state_of(entries: list[tuple[int, tuple[int, ...]]]) -> dict[str, Any]:
 def _entries_of(state: dict[str, Any]) -> list[tuple[int, tuple[int, ...]]]:
     """(hash, packed occurrences) of a state; ValueError when it is malformed."""
     try:
-        if state["format"] != _STATE_FORMAT:
-            raise ValueError(f"unknown format {state['format']!r}")
+        fmt = state["format"]
+        if not isinstance(fmt, int) or isinstance(fmt, bool) or fmt != _STATE_FORMAT:
+            raise ValueError(f"unknown format {fmt!r}")
         hashes = np.frombuffer(zlib.decompress(state["hashes"]), "<u8").tolist()
         counts = np.frombuffer(zlib.decompress(state["event_counts"]), "<u4").tolist()
         flat = np.frombuffer(zlib.decompress(state["events"]), "<i8").tolist()

@@ -6,6 +6,7 @@ import io
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image, ImageDraw, ImageFilter
 
 from stream_swav.curation import PASSES_KEPT, SeenSet, _entries_of, _state_of, hamming, perceptual_hash
@@ -109,7 +110,8 @@ def test_state_round_trips_and_makes_the_same_decisions():
             == [seen.admit(h, (0, 0), i) for i, h in enumerate(stream[10:], 10)])
     good = seen.state_dict()
     twice = _state_of([(5, (1,)), (5, (2,))])
-    for malformed in ({**good, "format": 2}, {**good, "event_counts": good["hashes"]}, {**good, "events": b"x"},
+    for malformed in ({**good, "format": 2}, {**good, "format": torch.tensor([1, 1])}, {**good, "format": True},
+                      {**good, "event_counts": good["hashes"]}, {**good, "events": b"x"},
                       {k: v for k, v in good.items() if k != "hashes"}, twice):
         with pytest.raises(ValueError, match="malformed seen-set state"):
             restored.load_state_dict(malformed)
@@ -285,3 +287,21 @@ def test_the_union_of_worker_sets_cut_back_to_the_cursor_is_bounded():
     small.merge_trained([a.trained_state(lambda key, pos: True), b.trained_state(lambda key, pos: True)])
     # Over capacity each set loses its oldest: the two newest of each survive.
     assert sorted(hashes_of(small.state_dict())) == sorted([hashes[2], hashes[3], hashes[7], hashes[0]])
+
+
+def test_a_checkpoint_whose_seen_set_does_not_load_resumes_dedup_from_an_empty_one(caplog):
+    """The rest of such a checkpoint loads: the run goes on (repeats may be trained once more) and
+    says so, where refusing would fail every restart from it."""
+    from types import SimpleNamespace
+
+    from stream_swav.checkpoint import ResumePoint
+    from stream_swav.config import Config
+    from stream_swav.runtime.driver import Trainer
+
+    cfg = Config()
+    cfg.curation.dedup = True
+    point = ResumePoint(step=4, url="file:///ckpt/step-4", record={}, skipped=[],
+                        state={"seen_set": {"format": torch.tensor([1, 1])}, "step": 4})
+    seen = Trainer.restored_seen(SimpleNamespace(cfg=cfg.validate()), point)
+    assert isinstance(seen, SeenSet) and len(seen) == 0 and "seen_set" not in point.state
+    assert "file:///ckpt/step-4: its seen-set does not load" in caplog.text

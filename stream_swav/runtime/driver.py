@@ -592,7 +592,13 @@ class Trainer:
             return None
         seen = SeenSet(curation.seen_capacity, curation.dedup_max_distance, curation.max_repeats)
         if saved is not None:
-            seen.load_state_dict(saved)
+            try:
+                seen.load_state_dict(saved)
+            except ValueError as err:
+                # Everything else in the checkpoint loaded: losing the union costs repeats trained
+                # once more, where refusing it would fail every restart from this checkpoint.
+                log.warning("checkpoint %s: its seen-set does not load (%s); dedup starts from an empty one, so "
+                            "repeats of images trained before it may be trained once more", point.url, err)
         return seen
 
     def gather_seen(self, cursor_state: dict[str, Any]) -> dict[str, Any]:

@@ -62,6 +62,12 @@ def hamming(a: int, b: int) -> int:
     return (a ^ b).bit_count()
 
 
+# Bounds of a near-match bucket (`SeenSet`): at least BUCKET_MIN hashes, and BUCKET_SLACK times
+# the share of a full set of random hashes (~1,950 at distance 4 and the default capacity).
+BUCKET_MIN = 64
+BUCKET_SLACK = 8
+
+
 # An admitted occurrence is one int: pass, shard number and emission position packed together.
 _POSITION_BITS = 32
 _SHARD_BITS = 40
@@ -119,9 +125,16 @@ class SeenSet:
         self.max_repeats = max_repeats
         edges = np.linspace(0, HASH_BITS, max_distance + 2).round().astype(int)
         self._bands = [(int(lo), int(hi)) for lo, hi in zip(edges[:-1], edges[1:])] if max_distance else []
+        # A band value's hashes, at most BUCKET_SLACK times a full set of random hashes' share of the
+        # narrowest band's values (and BUCKET_MIN): images crafted to share a band cannot make each
+        # lookup scan the whole set. Past it a bucket forgets its oldest hash, still found through
+        # its other bands.
+        narrowest = min((hi - lo for lo, hi in self._bands), default=HASH_BITS)
+        self._bucket_cap = max(BUCKET_MIN, BUCKET_SLACK * capacity >> narrowest)
         # hash -> its admitted occurrences (one packed int, or a tuple of them); least recently seen first.
         self._entries: OrderedDict[int, int | tuple[int, ...]] = OrderedDict()
-        # Band value (band number in the top bits) -> the hashes holding it; only with max_distance > 0.
+        # Band value (band number in the top bits) -> the hashes holding it, oldest first; only with
+        # max_distance > 0. Lists: most buckets hold one hash, and a dict each would double the memory.
         self._index: dict[int, list[int]] = {}
 
     def __len__(self) -> int:
@@ -151,14 +164,18 @@ class SeenSet:
         if oldest:
             self._entries.move_to_end(h, last=False)
         for key in self._keys(h):
-            self._index.setdefault(key, []).append(h)
+            bucket = self._index.setdefault(key, [])
+            bucket.append(h)
+            if len(bucket) > self._bucket_cap:
+                del bucket[0]
 
     def _unindex(self, h: int) -> None:
         for key in self._keys(h):
-            slot = self._index[key]
-            slot.remove(h)
-            if not slot:
-                del self._index[key]
+            bucket = self._index.get(key)
+            if bucket is not None and h in bucket:  # a full bucket may have forgotten it
+                bucket.remove(h)
+                if not bucket:
+                    del self._index[key]
 
     def _events(self, h: int) -> tuple[int, ...]:
         events = self._entries[h]

@@ -305,3 +305,25 @@ def test_a_checkpoint_whose_seen_set_does_not_load_resumes_dedup_from_an_empty_o
     seen = Trainer.restored_seen(SimpleNamespace(cfg=cfg.validate()), point)
     assert isinstance(seen, SeenSet) and len(seen) == 0 and "seen_set" not in point.state
     assert "file:///ckpt/step-4: its seen-set does not load" in caplog.text
+
+
+def test_hashes_crafted_to_share_a_band_cannot_make_every_lookup_scan_the_whole_set():
+    """With near matching, hashes that all agree on one band (images crafted for it) crowd one bucket
+    of the index. The bucket keeps its newest BUCKET_MIN hashes (a set this small expects far fewer
+    per band value), so a lookup compares a bounded number; a near copy of a recent one is still
+    caught, and an old one's is still caught through its other bands when they agree too."""
+    from stream_swav.curation import BUCKET_MIN
+
+    seen = SeenSet(capacity=10_000, max_distance=1)
+    shared_low = 0x5A5A5A5A  # band 0 (the low 32 bits) alike in every hash
+    hashes = [(n * 0x9E3779B1 & 0xFFFFFFFF) << 32 | shared_low for n in range(1, 2_001)]
+    for i, h in enumerate(hashes):
+        assert seen.admit(h, (0, 0), i)
+    assert len(seen) == 2_000 and max(len(bucket) for bucket in seen._index.values()) == BUCKET_MIN
+    assert not seen.admit(hashes[-1] ^ 1 << 40, (0, 0), 2_000)  # a near copy of a recent one
+    assert not seen.admit(hashes[0] ^ 1, (0, 0), 2_001)  # an old one's, found through its high band
+    # Evicting every hash leaves no bucket behind, crowded or not.
+    for h in hashes:
+        seen._entries.pop(h)
+        seen._unindex(h)
+    assert not seen._index

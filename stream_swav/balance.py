@@ -213,9 +213,10 @@ class ReferenceBalance(UsageBalance):
     out over the anchors instead, by softmax((cosine similarity - 1) / temperature): each anchor's
     running share is then the mean of its shares, and an image weighs its shares' mean of the
     anchors' weights (a kernel estimate, where the nearest anchor's count is a histogram; offline it
-    takes the benchmark's classes closer to balanced, docs/curation.md). Anchors spread evenly over concepts, so an anchor's
-    share of the stream says how over-represented its concept is, where the prototypes (shared out
-    equally by Sinkhorn) and the density (high for a tight concept, frequent or not) do not. An
+    takes the benchmark's classes closer to balanced, docs/curation.md). Anchors spread evenly over
+    concepts, so an anchor's share of the stream says how over-represented its concept is, where
+    the prototypes (shared out equally by Sinkhorn) and the density (high for a tight concept,
+    frequent or not) do not. An
     image near no anchor (junk, for a reference of real concepts) is not placed: it weighs 1, is
     shown once, and is not counted. The estimate is saved with the reference's `fingerprint`, so a
     resume with other reference images starts it afresh instead of reading another set's shares."""

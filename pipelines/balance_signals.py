@@ -23,7 +23,8 @@ the group; the density signal as `DensityBalance` weighs:
   every one than `--reference-similarity` weighs 1 and is shown once);
 - `reference-R-soft-T` (with `--reference-temperature T`): as `reference-R`, each placed image
   shared out over the anchors by softmax((similarity - 1) / T) instead of given to its nearest
-  (not a balance of the runtime: measured offline only);
+  (closer to balanced offline; built into the runtime at bebccbe, it recovered no more in training,
+  and was taken out again: docs/curation.md);
 - `knn-K` (with `--knn K`): the group is the class most of the image's K nearest other labelled
   images hold, in the projected space: the labels as the embedding sees them, a ceiling for any
   signal of the model's own embedding;

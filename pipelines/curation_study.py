@@ -110,13 +110,6 @@ CONDITIONS: dict[str, tuple[str, dict[str, Any], str]] = {
     "messy-dedup-resample-reference-0.9": ("messy", {"curation": {**REFERENCE, "balance_reference_similarity": 0.9,
                                                                   "dedup": True, "balance_mode": "resample"}},
                                            "trained"),
-    # Each placed image shared out over the anchors (curation.balance_reference_temperature): offline,
-    # over the 0.9 runs' checkpoints, seeds 0-4, the 50x stream's classes end 0.348 from balanced
-    # against 0.393 by the nearest anchor (the labels: 0.245; docs/curation.md).
-    "messy-dedup-resample-reference-soft": ("messy", {"curation": {**REFERENCE, "balance_reference_similarity": 0.9,
-                                                                   "balance_reference_temperature": 0.05,
-                                                                   "dedup": True, "balance_mode": "resample"}},
-                                            "trained"),
     # Skipping as well as replaying (curation.resample_min_shows): the batch's median weight is shown
     # once, what looks more over-represented less than once (at least a tenth), and what is near no
     # anchor a tenth of a time in a batch it places half of, as DINOv2 keeps only what retrieval

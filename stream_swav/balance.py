@@ -101,19 +101,16 @@ class UsageBalance:
         known, index = self.lookup(groups)
         return known & (self.usage[index] > 0)
 
-    def weight_table(self) -> Tensor:
-        """(groups,) the weight of an image of each group, before a batch's rescaling."""
+    def group_weights(self, groups: Tensor) -> Tensor:
+        """(B,) weights, mean 1, for images of these groups (B,) int."""
+        known, index = self.lookup(groups)
         # Relative to the groups seen so far, so a stream of 10 classes of 1,000 possible is not
         # read as 100 times under-represented; no host-side check, so no device sync.
         shares = self.usage / self.usage.sum().clamp_min(1e-12)
         # A group not seen yet has no estimate: it weighs 1 until it has one.
         relative = torch.where(self.usage > 0, shares * torch.count_nonzero(self.usage), 1.0)
-        return relative_weights(relative, self.strength)
-
-    def group_weights(self, groups: Tensor) -> Tensor:
-        """(B,) weights, mean 1, for images of these groups (B,) int."""
-        known, index = self.lookup(groups)
-        weights = torch.where(known, self.weight_table()[index], torch.ones_like(self.usage[:1]))
+        of_group = relative_weights(relative, self.strength)[index]
+        weights = torch.where(known, of_group, torch.ones_like(shares[:1]))
         return weights / weights.mean()
 
     def placed(self, scores: Tensor, z: Tensor, labels: Tensor) -> Tensor | None:
@@ -209,14 +206,9 @@ class ReferenceBalance(UsageBalance):
     are the reference's images (a set drawn balanced over concepts, given as shards), embedded by
     the current model (`set_anchors`, refreshed as it trains); a stream image belongs to the anchor
     its projected feature is most similar to, if at least `min_similarity`, and weighs (anchors seen
-    * its anchor's running share) ** -strength. With a `temperature` (> 0), a placed image is shared
-    out over the anchors instead, by softmax((cosine similarity - 1) / temperature): each anchor's
-    running share is then the mean of its shares, and an image weighs its shares' mean of the
-    anchors' weights (a kernel estimate, where the nearest anchor's count is a histogram; offline it
-    takes the benchmark's classes closer to balanced, docs/curation.md). Anchors spread evenly over
-    concepts, so an anchor's share of the stream says how over-represented its concept is, where
-    the prototypes (shared out equally by Sinkhorn) and the density (high for a tight concept,
-    frequent or not) do not. An
+    * its anchor's running share) ** -strength. Anchors spread evenly over concepts, so an anchor's
+    share of the stream says how over-represented its concept is, where the prototypes (shared out
+    equally by Sinkhorn) and the density (high for a tight concept, frequent or not) do not. An
     image near no anchor (junk, for a reference of real concepts) is not placed: it weighs 1, is
     shown once, and is not counted. The estimate is saved with the reference's `fingerprint`, so a
     resume with other reference images starts it afresh instead of reading another set's shares."""
@@ -225,16 +217,12 @@ class ReferenceBalance(UsageBalance):
     RESIZABLE = True
 
     def __init__(self, anchors: int, strength: float, momentum: float = 0.99, min_similarity: float = -1.0,
-                 device: torch.device | str | None = None, fingerprint: Tensor | None = None,
-                 temperature: float = 0.0) -> None:
+                 device: torch.device | str | None = None, fingerprint: Tensor | None = None) -> None:
         # Nothing seen yet: every weight 1 until the first step with anchors.
         super().__init__(anchors, strength, momentum, 0.0, device)
         if not -1.0 <= min_similarity <= 1.0:
             raise ValueError(f"min_similarity must be in [-1, 1], got {min_similarity}")
-        if not temperature >= 0.0:
-            raise ValueError(f"temperature must be >= 0 (0: the nearest anchor), got {temperature}")
         self.min_similarity = min_similarity
-        self.temperature = temperature
         # `reference_fingerprint` of the images the anchors embed (None: unknown).
         self.fingerprint = fingerprint
         # (anchors, dim) unit rows: the reference as the model now sees it; None until set.
@@ -254,33 +242,18 @@ class ReferenceBalance(UsageBalance):
         best = (z.float() @ self.anchors.t()).max(dim=1)
         return torch.where(best.values >= self.min_similarity, best.indices, -1)
 
-    def shares(self, z: Tensor) -> Tensor:
-        """(B, anchors): how each projected feature (B, dim) is shared out over the anchors at the
-        temperature (rows of placed images sum to 1, the others are 0); anchors must be set."""
-        similarity = z.float() @ self.anchors.t()
-        placed = similarity.max(dim=1).values >= self.min_similarity
-        # exp((cos - 1) / T): at most 1, so no overflow at any temperature.
-        return torch.softmax((similarity - 1.0) / self.temperature, dim=1) * placed.unsqueeze(1)
-
     def weights(self, scores: Tensor, z: Tensor, labels: Tensor) -> Tensor:
         """(B,) loss weights, mean 1, for samples with these projected features z (B, dim)."""
-        if not self.temperature or self.anchors is None:
-            return self.group_weights(self.nearest(z))
-        shares = self.shares(z)
-        weights = torch.where(shares.sum(dim=1) > 0, shares @ self.weight_table(), 1.0)
-        return weights / weights.mean()
+        return self.group_weights(self.nearest(z))
 
     def placed(self, scores: Tensor, z: Tensor, labels: Tensor) -> Tensor:
         """(B,) bool: samples near an anchor the estimate has seen."""
         return self.seen(self.nearest(z))
 
     def update(self, counts: Tensor, z: Tensor, labels: Tensor) -> None:
-        """Fold in one step's projected features (B, dim) by their anchors, or their shares of them
-        (images near none are not counted)."""
-        if not self.temperature or self.anchors is None:
-            self.fold_groups(self.nearest(z))
-        else:
-            self.fold(self.shares(z).sum(dim=0))
+        """Fold in one step's projected features (B, dim) by their anchors (images near none are
+        not counted)."""
+        self.fold_groups(self.nearest(z))
 
     def state_dict(self) -> dict[str, Tensor]:
         state = super().state_dict()
@@ -475,8 +448,7 @@ def build_balance(cfg: CurationConfig, prototypes: int, feature_dim: int,
         if reference_images is None or len(reference_images) < 1:
             raise ValueError("curation.balance_reference: the reference signal needs reference images")
         return ReferenceBalance(len(reference_images), cfg.balance, cfg.balance_momentum,
-                                cfg.balance_reference_similarity, device, reference_fingerprint(reference_images),
-                                cfg.balance_reference_temperature)
+                                cfg.balance_reference_similarity, device, reference_fingerprint(reference_images))
     raise ValueError(f"curation.balance_signal: unknown signal {cfg.balance_signal!r}")
 
 

@@ -493,9 +493,6 @@ class CurationConfig:
     balance_reference_images: int = setting(1000, within(1, 10_000))
     balance_reference_refresh: int = setting(100, POSITIVE)
     balance_reference_similarity: float = setting(-1.0, within(-1.0, 1.0))
-    # 0: a placed image belongs to its nearest anchor; > 0: it is shared out over the anchors by
-    # softmax((cosine similarity - 1) / temperature), a kernel estimate of each anchor's share.
-    balance_reference_temperature: float = setting(0.0, within(0.0, 1.0))
     # How the balance acts: "weigh" scales each image's loss and share of the codes; "resample" shows
     # under-represented images again instead, with fresh crops from their decode actor, each trained
     # about (its weight / the batch's 10th-percentile weight) times, at most resample_max_shows

@@ -364,7 +364,6 @@ def test_the_reference_signal_needs_its_shards():
     assert (cfg.curation.balance_reference_images, cfg.curation.balance_reference_similarity) == (1000, -1.0)
     load_config(overrides=["curation.balance_signal=reference"])  # balance off: nothing to refuse
     refused(["curation.balance_reference_similarity=1.5"], "curation.balance_reference_similarity")
-    refused(["curation.balance_reference_temperature=-0.1"], "curation.balance_reference_temperature")
     # It places each image by its first global crop.
     err = refused(["curation.balance=1", "curation.balance_signal=reference", "curation.balance_reference=ref/",
                    "crops.global_count=0", "crops.local_count=2"], "curation.balance_signal")

@@ -289,7 +289,8 @@ def test_the_union_of_worker_sets_cut_back_to_the_cursor_is_bounded():
     assert sorted(hashes_of(small.state_dict())) == sorted([hashes[2], hashes[3], hashes[7], hashes[0]])
 
 
-def test_a_checkpoint_whose_seen_set_does_not_load_resumes_dedup_from_an_empty_one(caplog):
+@pytest.mark.parametrize("saved", [{"format": torch.tensor([1, 1])}, torch.zeros(3), [1, 2]])
+def test_a_checkpoint_whose_seen_set_does_not_load_resumes_dedup_from_an_empty_one(caplog, saved):
     """The rest of such a checkpoint loads: the run goes on (repeats may be trained once more) and
     says so, where refusing would fail every restart from it."""
     from types import SimpleNamespace
@@ -301,7 +302,7 @@ def test_a_checkpoint_whose_seen_set_does_not_load_resumes_dedup_from_an_empty_o
     cfg = Config()
     cfg.curation.dedup = True
     point = ResumePoint(step=4, url="file:///ckpt/step-4", record={}, skipped=[],
-                        state={"seen_set": {"format": torch.tensor([1, 1])}, "step": 4})
+                        state={"seen_set": saved, "step": 4})
     seen = Trainer.restored_seen(SimpleNamespace(cfg=cfg.validate()), point)
     assert isinstance(seen, SeenSet) and len(seen) == 0 and "seen_set" not in point.state
     assert "file:///ckpt/step-4: its seen-set does not load" in caplog.text
@@ -309,21 +310,28 @@ def test_a_checkpoint_whose_seen_set_does_not_load_resumes_dedup_from_an_empty_o
 
 def test_hashes_crafted_to_share_a_band_cannot_make_every_lookup_scan_the_whole_set():
     """With near matching, hashes that all agree on one band (images crafted for it) crowd one bucket
-    of the index. The bucket keeps its newest BUCKET_MIN hashes (a set this small expects far fewer
-    per band value), so a lookup compares a bounded number; a near copy of a recent one is still
-    caught, and an old one's is still caught through its other bands when they agree too."""
-    from stream_swav.curation import BUCKET_MIN
+    of the index. The bucket keeps its newest BUCKET_SHARE of the capacity, so a lookup compares a
+    bounded number; a near copy of a recent one is still caught, an old one's only where another
+    band agrees too. An entry merged in as the oldest does not push a newer one out."""
+    from stream_swav.curation import BUCKET_MIN, BUCKET_SHARE
 
-    seen = SeenSet(capacity=10_000, max_distance=1)
+    seen = SeenSet(capacity=512, max_distance=1)
+    assert seen._bucket_cap == BUCKET_MIN == int(512 * BUCKET_SHARE)
     shared_low = 0x5A5A5A5A  # band 0 (the low 32 bits) alike in every hash
-    hashes = [(n * 0x9E3779B1 & 0xFFFFFFFF) << 32 | shared_low for n in range(1, 2_001)]
+    hashes = [(n * 0x9E3779B1 & 0xFFFFFFFF) << 32 | shared_low for n in range(1, 401)]
     for i, h in enumerate(hashes):
         assert seen.admit(h, (0, 0), i)
-    assert len(seen) == 2_000 and max(len(bucket) for bucket in seen._index.values()) == BUCKET_MIN
-    assert not seen.admit(hashes[-1] ^ 1 << 40, (0, 0), 2_000)  # a near copy of a recent one
-    assert not seen.admit(hashes[0] ^ 1, (0, 0), 2_001)  # an old one's, found through its high band
+    crowded = seen._index[seen._keys(shared_low)[0]]
+    assert len(seen) == 400 and crowded == hashes[-BUCKET_MIN:]
+    assert not seen.admit(hashes[-1] ^ 1 << 40, (0, 0), 400)  # a near copy of a recent one
+    assert not seen.admit(hashes[0] ^ 1, (0, 0), 401)  # an old one's that agrees on the high band
+    assert seen.admit(hashes[1] ^ 1 << 40, (0, 0), 402)  # one that agrees only on the crowded band
+    older, kept = (0x12345 << 32) | shared_low, list(crowded)
+    seen.absorb(_state_of([(older, (5,))]))
+    assert older in seen._entries and older not in crowded and crowded == kept
     # Evicting every hash leaves no bucket behind, crowded or not.
-    for h in hashes:
+    for h in list(seen._entries):
         seen._entries.pop(h)
         seen._unindex(h)
     assert not seen._index
+

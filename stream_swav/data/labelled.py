@@ -45,15 +45,19 @@ class LabeledImages:
 
 
 def resize_center_crop(image: Image.Image, size: int) -> np.ndarray:
-    """The central square (side the shorter side) at size x size (bicubic), as (S, S, 3) uint8: the
-    shorter side to `size`, then the centre. Only the square is resampled, so an image far longer
-    than wide (an 8 x 5,000,000 PNG) costs what its square does, not its whole length scaled up."""
+    """Shorter side to `size` (bicubic), then the central size x size square, as (S, S, 3) uint8.
+    Only that square's window of the image is resampled, so an image far longer than wide (an
+    8 x 5,000,000 PNG) costs what its square does, not its whole length scaled up first."""
     width, height = image.size
-    side = min(width, height)
-    left, top = (width - side) // 2, (height - side) // 2
-    box = (left, top, left + side, top + side)
-    if side == size:
-        return np.asarray(image.crop(box))
+    if min(width, height) == size:
+        left, top = (width - size) // 2, (height - size) // 2
+        return np.asarray(image.crop((left, top, left + size, top + size)))
+    scale = size / min(width, height)
+    scaled_width, scaled_height = max(size, round(width * scale)), max(size, round(height * scale))
+    left, top = (scaled_width - size) // 2, (scaled_height - size) // 2
+    # The window, in the image's own coordinates, that becomes the square of the scaled image.
+    x, y = width / scaled_width, height / scaled_height
+    box = (left * x, top * y, (left + size) * x, (top + size) * y)
     return np.asarray(image.resize((size, size), Image.Resampling.BICUBIC, box=box))
 
 

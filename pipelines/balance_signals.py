@@ -22,12 +22,12 @@ the group; the density signal as `DensityBalance` weighs:
   in the projected space, as `curation.balance_signal: reference` weighs (an image less similar to
   every one than `--reference-similarity` weighs 1 and is shown once);
 - `reference-R-soft-T` (with `--reference-temperature T`): as `reference-R`, each placed image
-  shared out over the anchors by softmax((similarity - 1) / T) instead of given to its nearest
+  shared out over the anchors by softmax(similarity / T) instead of given to its nearest
   (closer to balanced offline; built into the runtime at bebccbe, it recovered no more in training,
   and was taken out again: docs/curation.md);
-- `knn-K` (with `--knn K`): the group is the class most of the image's K nearest other labelled
-  images hold, in the projected space: the labels as the embedding sees them, a ceiling for any
-  signal of the model's own embedding;
+- `knn-K` (with `--knn K`): the group is the class the image's K nearest other labelled images
+  vote for (the evaluation's weighted k-NN), in the projected space: the labels as the embedding
+  sees them, a ceiling for any signal of the model's own embedding;
 - `label`: the group is the class itself (unlabelled images weigh 1, as `LabelBalance` weighs
   them, and are shown once when resampled): the perfect signal, for scale.
 
@@ -56,7 +56,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from stream_swav import logs
-from stream_swav.apps.evaluate import embed, pick_device
+from stream_swav.apps import KNN_TEMPERATURE
+from stream_swav.apps.evaluate import embed, knn_predict, pick_device
 from stream_swav.data.labelled import NO_LABEL, load_labeled_images
 from stream_swav.apps.gallery import load_swav_model
 from stream_swav.balance import (MAX_STRENGTH, RESAMPLE_REFERENCE_QUANTILE, DensityBalance, ReferenceBalance, expected_shows,
@@ -177,36 +178,28 @@ def reference_weights(z: Tensor, references: Tensor, similarity: float, strength
 
 def soft_reference_weights(z: Tensor, references: Tensor, similarity: float, strength: float,
                            temperature: float) -> tuple[Tensor, Tensor]:
-    """As `reference_weights`, each placed image shared out over the anchors instead of given to its
-    nearest: softmax((cosine similarity - 1) / temperature) over them, the usage being the mean of
-    those shares, an image weighing its shares' mean of the anchors' weights (a kernel estimate of
-    the stream's density at each anchor, where the nearest anchor's count is a histogram)."""
+    """Each image's weight (N,) when every placed image (as `reference_weights` places them) is shared
+    out over the anchors (R, dim) by softmax(cosine similarity / temperature) instead of given to
+    its nearest, and which images are placed (N,) bool: an anchor's usage is the mean of its shares
+    (relative to all R anchors, which such shares always reach, as the runtime's version at bebccbe
+    had it), an image weighs its shares' mean of the anchors' weights."""
     placed = nearest_anchors(z, references, similarity) >= 0
     weights = torch.ones(len(z), dtype=torch.float64)
     if placed.any():
-        shares = torch.softmax((z[placed].double() @ F.normalize(references.double(), dim=1).T - 1.0) / temperature,
-                               dim=1)
-        usage = shares.mean(dim=0)
-        weights[placed] = shares @ raw_weights(usage, strength).double()
+        shares = torch.softmax(z[placed].double() @ F.normalize(references.double(), dim=1).T / temperature, dim=1)
+        weights[placed] = shares @ raw_weights(shares.mean(dim=0), strength).double()
     return weights, placed
 
 
 def knn_class_weights(z: Tensor, labels: Tensor, k: int, strength: float) -> Tensor:
-    """Each labelled image weighed by the share of the class most of its `k` nearest other labelled
-    images (cosine similarity of projected features) hold (unlabelled images weigh 1): what a signal
-    that saw the stream only through this embedding, but knew its labels, could do at best."""
+    """Each labelled image weighed by the share of the class its `k` nearest other labelled images
+    vote for (the evaluation's weighted k-NN on projected features; unlabelled images weigh 1): what
+    a signal that saw the stream only through this embedding, but knew its labels, could do at best."""
     known = torch.nonzero(labels != NO_LABEL).flatten()
     if not 1 <= k < len(known):
         raise ValueError(f"--knn must be in [1, {len(known) - 1}] (the labelled images but one), got {k}")
-    points = F.normalize(z[known].float(), dim=1)
     classes, grouped = torch.unique(labels[known], return_inverse=True)
-    voted = torch.empty(len(known), dtype=torch.int64)
-    for start in range(0, len(known), BATCH_SIZE):
-        similar = points[start:start + BATCH_SIZE] @ points.T
-        rows = torch.arange(start, min(start + BATCH_SIZE, len(known)))
-        similar[rows - start, rows] = -2.0  # not its own neighbour
-        neighbours = grouped[similar.topk(k, dim=1).indices]
-        voted[rows] = F.one_hot(neighbours, len(classes)).sum(dim=1).argmax(dim=1)
+    voted = knn_predict(z[known], grouped, z[known], k, KNN_TEMPERATURE, len(classes), exclude_self=True)
     weights = torch.ones(len(labels), dtype=torch.float64)
     weights[known] = group_weights(voted, len(classes), strength)
     return weights
@@ -218,7 +211,8 @@ def signal_weights(scores: Tensor, z: Tensor, features: Tensor, labels: Tensor, 
                    reference_similarity: float = -1.0, reference_temperature: float = 0.0,
                    knn: int = 0) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
     """Every signal's weights (N,), in table order (`uniform`, all 1, is the stream as it is), and for
-    the signals that place only some images (`label`, `reference-R`), which (N,) bool."""
+    the signals that place only some images (`reference-R` and its soft column, `knn-K`, `label`),
+    which (N,) bool."""
     out = {"uniform": torch.ones(len(scores), dtype=torch.float64)}
     placed = {}
     out["prototypes"] = group_weights(scores.argmax(dim=1), scores.shape[1], strength)
@@ -338,7 +332,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="> 0: a column more, each placed image shared out over the anchors at this "
                              "temperature instead of given to its nearest")
     parser.add_argument("--knn", type=int, default=0,
-                        help="> 0: a column more, the class most of an image's K nearest labelled images hold, "
+                        help="> 0: a column more, the class an image's K nearest labelled images vote for, "
                              "weighed by its share (the labels seen through the embedding: a ceiling)")
     args = parser.parse_args(argv)
     logs.configure()

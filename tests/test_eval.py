@@ -15,6 +15,7 @@ from stream_swav import cli
 from stream_swav.apps import evaluate
 from stream_swav.apps.evaluate import (
     one_copy_of_equal_channels,
+    knn_predict,
     knn_top1,
     linear_probe_top1,
     pixel_features,
@@ -54,6 +55,15 @@ def test_knn_weighting_by_hand():
     # Cosine: scale does not matter; two queries give a fraction.
     assert knn_top1(5 * train, labels, 0.1 * degrees(0, 85), torch.tensor([0, 0]), k=1, temperature=0.07) == 1.0
     assert knn_top1(train, labels, degrees(0, 45), torch.tensor([0, 0]), k=1, temperature=0.07) == 0.5
+
+
+def test_knn_leave_one_out_excludes_each_row_from_its_own_neighbours():
+    # A class-1 point among class-0 ones: its own label wins at k=1, its neighbours' when excluded.
+    points, labels = degrees(0, 5, 10, 12, 90, 95), torch.tensor([0, 0, 0, 1, 1, 1])
+    assert knn_predict(points, labels, points, 1, 0.07, 2).tolist() == [0, 0, 0, 1, 1, 1]
+    assert knn_predict(points, labels, points, 1, 0.07, 2, exclude_self=True).tolist() == [0, 0, 1, 0, 1, 1]
+    with pytest.raises(ValueError, match="exclude_self"):
+        knn_predict(points, labels, points[:2], 1, 0.07, 2, exclude_self=True)
 
 
 def test_knn_rejects_bad_input():

@@ -56,17 +56,23 @@ def _check_split(feats: Tensor, labels: Tensor, name: str) -> None:
 
 
 def knn_predict(train_feats: Tensor, train_labels: Tensor, test_feats: Tensor, k: int, temperature: float,
-                num_classes: int) -> Tensor:
-    """Weighted k-NN class predictions for the test rows (cosine similarity)."""
+                num_classes: int, exclude_self: bool = False) -> Tensor:
+    """Weighted k-NN class predictions for the test rows (cosine similarity). With `exclude_self`
+    the test rows are the training rows, and none is its own neighbour (leave-one-out)."""
     if k < 1 or temperature <= 0 or num_classes < 1:
         raise ValueError(f"need k >= 1, temperature > 0, num_classes >= 1; got {k}, {temperature}, {num_classes}")
+    if exclude_self and len(test_feats) != len(train_feats):
+        raise ValueError("exclude_self: the test rows must be the training rows")
     train = F.normalize(train_feats.float(), dim=1)
     test = F.normalize(test_feats.float().to(train.device), dim=1)
     labels = train_labels.to(train.device).long()
-    k = min(k, len(train))
+    k = min(k, len(train) - exclude_self)
     predictions = []
     for start in range(0, len(test), KNN_CHUNK):
         similarity = test[start:start + KNN_CHUNK] @ train.T
+        if exclude_self:
+            rows = torch.arange(len(similarity), device=train.device)
+            similarity[rows, rows + start] = -torch.inf
         top_similarity, top_index = similarity.topk(k, dim=1)
         votes = torch.zeros(len(similarity), num_classes, device=train.device)
         votes.scatter_add_(1, labels[top_index], (top_similarity / temperature).exp())

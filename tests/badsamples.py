@@ -186,6 +186,15 @@ def bmp_with_jpeg_compression(width: int = 16, height: int = 16) -> bytes:
     return bytes(data)
 
 
+def jpeg_with_repeated_scan(repeats: int = 100, width: int = 64, height: int = 48) -> bytes:
+    """A progressive JPEG whose last scan comes `repeats` times more: valid, and each repeat makes
+    the decoder go over the whole image again."""
+    data = jpeg(width, height, seed=4, progressive=True)
+    last_scan = data.rindex(b"\xff\xda")
+    end = data.rindex(b"\xff\xd9")
+    return data[:end] + data[last_scan:end] * repeats + data[end:]
+
+
 def all_samples() -> list[Sample]:
     return [
         ("photo-640x480", "jpg", jpeg(640, 480), ("ok", (480, 640))),
@@ -218,4 +227,6 @@ def all_samples() -> list[Sample]:
         ("bomb-10000x10000", "png", png_header_only(10_000, 10_000), ("skip", "too-large")),
         ("bomb-8000x6000", "png", png_header_only(8_000, 6_000), ("skip", "too-large")),
         ("bmp-jpeg-compression", "bmp", bmp_with_jpeg_compression(), ("skip", "unsupported")),
+        ("repeated-scan", "jpg", jpeg_with_repeated_scan(), ("skip", "too-many-scans")),
+        ("a-few-repeated-scans", "jpg", jpeg_with_repeated_scan(repeats=20), ("ok", (48, 64))),
     ]

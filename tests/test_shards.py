@@ -119,6 +119,57 @@ def test_damaged_header_counts_bad_tar_and_reading_goes_on():
     assert [(s.key, s.error) for s in samples if s.error] == [("s-00002", "no-image")]
 
 
+def raw_member(name: str, data: bytes, kind: bytes = tarfile.REGTYPE, size_field: bytes | None = None) -> bytes:
+    """A ustar member as bytes, its size field optionally replaced (a hostile header's)."""
+    info = tarfile.TarInfo(name)
+    info.size, info.type = len(data), kind
+    header = bytearray(info.tobuf(format=tarfile.USTAR_FORMAT))
+    if size_field is not None:
+        header[124:136] = size_field
+        header[148:156] = b" " * 8
+        header[148:156] = b"%06o\0 " % sum(header)
+    return bytes(header) + data + bytes(-len(data) % 512)
+
+
+def pax_member(records: dict[bytes, bytes]) -> bytes:
+    body = b""
+    for key, value in records.items():
+        record = b" %s=%s\n" % (key, value)
+        length = len(record) + len(str(len(record) + 3))
+        body += str(length).encode() + record
+    return raw_member("PaxHeader/x", body, tarfile.XHDTYPE)
+
+
+@pytest.mark.parametrize("hostile", [
+    pax_member({b"size": "\u00b2".encode()}),  # "²": str.isdigit() says yes, int() says no
+    pax_member({b"size": b"9" * 5000}),  # beyond int()'s digit limit
+    pax_member({b"size": b"1" + b"0" * 30}),  # beyond any seek offset
+    raw_member("huge.txt", b"", size_field=b"\x80" + (1 << 70).to_bytes(11, "big")),  # base-256
+    # Negative: the sample's bytes would count down, letting its image past the limit.
+    raw_member("victim.cls", b"", size_field=b"\xff" * 4 + (-10**12 & (1 << 64) - 1).to_bytes(8, "big")),
+])
+def test_hostile_member_sizes_are_damage_and_reading_goes_on(tmp_path, hostile):
+    """Sizes a header may declare but no archive holds (a pax size that is no plain number, beyond
+    any offset, or negative in base-256) are counted as damage, on a file and on a stream; they
+    never raise out of the reader (every decode actor given such a shard failed) nor let a sample
+    past max_sample_bytes."""
+    def members(samples: list) -> bytes:
+        return b"".join(raw_member(f"{key}.{ext}", payload) for key, fields in samples for ext, payload in fields.items())
+
+    data = (members(colour_samples(2, "before")) + hostile + raw_member("victim.jpg", b"\x00" * 3000)
+            + members(colour_samples(2, "after")) + bytes(1024))
+    path = tmp_path / "hostile.tar"
+    path.write_bytes(data)
+    for fileobj in (open(path, "rb"), io.BytesIO(data)):
+        with fileobj:
+            errors, report = Counter(), ShardReport()
+            samples = list(read_samples(fileobj, 2000, errors, report))
+        keys = [s.key for s in samples if s.error is None]
+        assert keys[:2] == ["before-00000", "before-00001"] and keys[-2:] == ["after-00000", "after-00001"]
+        assert all(0 <= s.nbytes <= 2000 and len(s.image or b"") <= 2000 for s in samples)
+        assert set(errors) <= {"bad-tar", "truncated-shard"}
+
+
 @pytest.mark.parametrize("cut", ["mid-data", "at-member-boundary", "mid-header"])
 def test_truncated_shard_yields_what_was_readable(cut):
     good = colour_samples(5, "t")

@@ -34,6 +34,7 @@ import math
 import os
 import posixpath
 import random
+import re
 import tarfile
 import tempfile
 import time
@@ -68,6 +69,11 @@ SHARD_BYTES_LIMIT = "shard-bytes-limit"
 _SKIP_CHUNK = 1024 * 1024
 _READ_CHUNK = 8 * 1024 * 1024
 _MAX_EXTENDED_HEADER = 1024 * 1024
+# A member size a header may declare: at most 2**53 bytes (8 PiB; a seek offset fits), never
+# negative (tar's base-256 sizes can be). Any other is a damaged header, not a size to read.
+_MAX_MEMBER_SIZE = 1 << 53
+# A pax `size` record: ASCII digits only (str.isdigit also takes "²"), at most 15 (under 2**53).
+_PAX_SIZE = re.compile(r"[0-9]{1,15}")
 
 T = TypeVar("T")
 
@@ -250,6 +256,8 @@ class _TarReader:
                 return None
             try:
                 info = tarfile.TarInfo.frombuf(block, "utf-8", "surrogateescape")
+                if not 0 <= info.size <= _MAX_MEMBER_SIZE:
+                    raise tarfile.HeaderError(f"member size {info.size}")
             except tarfile.HeaderError:
                 if not resyncing:
                     # Counted once per damaged stretch; reading goes on at the next valid header.
@@ -270,7 +278,8 @@ class _TarReader:
                     long_name = self._read_member_payload(info.size).split(b"\0", 1)[0].decode(
                         "utf-8", "surrogateescape")
                 continue
-            size = int(pax["size"]) if pax.get("size", "").isdigit() else info.size
+            # A pax size that is no plain number leaves the header's own, as one that is absent does.
+            size = int(pax["size"]) if _PAX_SIZE.fullmatch(pax.get("size", "")) else info.size
             if info.type not in _FILE_TYPES:
                 self._skip(size + (-size % _BLOCK))
                 pax, long_name = {}, ""

@@ -252,6 +252,16 @@ def test_missing_shard_gives_up_at_once(tmp_path):
     assert report.errors == Counter({"shard-read-error": 1})
 
 
+def test_a_fifo_named_like_a_shard_is_given_up_not_waited_on(tmp_path):
+    """Opening a FIFO blocks until something writes to it (a device such as /dev/urandom, listed
+    in a .txt, reads forever): a local shard that is no regular file is a read error at once."""
+    fifo = tmp_path / "pipe.tar"
+    os.mkfifo(fifo)
+    fs, _ = storage.filesystem_for(str(fifo), StorageConfig())
+    got, report = shard_keys(str(fifo), fs, seed=0, read_retries=5, retry_backoff_s=10.0)
+    assert got == [] and report.gave_up and report.errors == Counter({"shard-read-error": 1})
+
+
 def noise_png(seed: int) -> bytes:
     pixels = np.random.default_rng(seed).integers(0, 256, (64, 64, 3), dtype=np.uint8)
     buffer = io.BytesIO()

@@ -202,6 +202,8 @@ class DataConfig:
     relist_interval_s: float = setting(30.0, POSITIVE)
     seed: int = 0
     shuffle_buffer: int = setting(512, POSITIVE)
+    # ... and at most this many encoded bytes per open shard (512 large photographs would be GBs).
+    shuffle_buffer_bytes: int = setting(256 * 1024 * 1024, POSITIVE)
     open_shards_per_actor: int = setting(2, POSITIVE)
     # 0 means: every CPU the cluster offers minus what the learners reserve.
     decode_actors: int = setting(0, NON_NEGATIVE)

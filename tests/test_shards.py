@@ -214,6 +214,37 @@ def test_shuffle_is_a_seeded_bounded_permutation():
         list(shuffled_samples(items, 0, seed=0))
 
 
+def test_the_shuffle_buffer_holds_at_most_its_bytes_and_keeps_its_order_where_that_never_binds():
+    """Samples of n bytes each (a photograph can be 30 MB; 512 of them per shard is 15 GB): the
+    buffer's bytes stay within the bound, the output is still a seeded permutation, and a bound
+    that never binds leaves the count-bounded order (saved stream positions keep their samples)."""
+    sizes = [1 + (n * 7919) % 100 for n in range(300)]
+    items = list(range(300))
+    held_at_most = []
+
+    def size_of(item: int) -> int:
+        return sizes[item]
+
+    out, buffer_bytes = [], 0
+    consumed = iter(items)
+
+    def feed():
+        nonlocal buffer_bytes
+        for item in consumed:
+            buffer_bytes += size_of(item)
+            yield item
+
+    for item in shuffled_samples(feed(), 64, seed=3, max_bytes=500, size_of=size_of):
+        # What went in minus what came out: the buffer, plus the one sample waiting to go in.
+        held_at_most.append(buffer_bytes - sum(size_of(i) for i in out))
+        out.append(item)
+    assert sorted(out) == items and out == list(shuffled_samples(items, 64, seed=3, max_bytes=500, size_of=size_of))
+    assert max(held_at_most) <= 500 + max(sizes)
+    assert list(shuffled_samples(items, 64, seed=3, max_bytes=10**9, size_of=size_of)) == list(
+        shuffled_samples(items, 64, seed=3))
+    assert out != list(shuffled_samples(items, 64, seed=3))
+
+
 def write_local_shard(tmp_path, samples, name="shard.tar") -> str:
     path = tmp_path / name
     path.write_bytes(tar_bytes(samples))

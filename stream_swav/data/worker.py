@@ -290,7 +290,8 @@ class DecodeWorker:
                                                read_retries=data.shard_read_retries,
                                                retry_backoff_s=data.shard_retry_backoff_s, report=report,
                                                max_shard_bytes=data.max_shard_bytes,
-                                               max_expansion=data.max_expansion):
+                                               max_expansion=data.max_expansion,
+                                               buffer_bytes=data.shuffle_buffer_bytes):
                 if held.sample is not None and not self._put(held):
                     return
                 held = _Item(task.key, position=position, sample=sample,

@@ -119,6 +119,23 @@ def test_relist_survives_a_listing_failure(tmp_path, make_shard, caplog):
     assert source.relist() == [str(tmp_path / "1.tar")]
 
 
+def test_a_bad_line_added_to_a_list_during_the_run_hides_no_other_shard(tmp_path, caplog):
+    """At the start a bad line refuses the list (one line, naming it); added later while the run
+    follows the list, it is skipped and said once, and the shards after it still come in."""
+    list_path = tmp_path / "l.txt"
+    list_path.write_text("0.tar\n")
+    source = ShardSource(str(list_path), StorageConfig())
+    assert source.list_shards() == [str(tmp_path / "0.tar")]
+    list_path.write_text("0.tar\nhttps://cdn.example/c.tar\n1.tar\n")
+    with caplog.at_level(logging.WARNING):
+        assert source.relist() == [str(tmp_path / "1.tar")]
+        list_path.write_text("0.tar\nhttps://cdn.example/c.tar\n1.tar\n2.tar\n")
+        assert source.relist() == [str(tmp_path / "2.tar")]
+    assert caplog.text.count("line 2 skipped: ") == 1 and "unsupported scheme" in caplog.text
+    with pytest.raises(ShardSpecError, match="line 2.*unsupported scheme"):
+        ShardSource(str(list_path), StorageConfig()).list_shards()
+
+
 # ------------------------------------------------------------------ storage
 
 

@@ -56,6 +56,8 @@ class ShardSource:
         self.kind = spec_kind(self.spec)
         self._protocol = split_protocol(self.spec)[0]
         self._seen: set[str] = set()
+        # Lines of a .txt list found bad while relisting, each logged once.
+        self._bad_lines: set[str] = set()
         self._pattern = self._expand_pattern() if self.kind == "pattern" else []
 
     def list_shards(self) -> list[str]:
@@ -71,7 +73,9 @@ class ShardSource:
         relist tries again.
         """
         try:
-            shards = self._list()
+            # A line of a .txt list edited in wrongly during the run is skipped (and logged once), not
+            # allowed to hide every shard listed after it for the rest of the run.
+            shards = self._read_list_file(skip_bad_lines=True) if self.kind == "list" else self._list()
         except (*TRANSIENT_ERRORS, ShardSpecError) as exc:
             log.warning("relisting %s failed, will retry: %s", self.spec, exc)
             return []
@@ -126,7 +130,7 @@ class ShardSource:
             found = [p for p in fs.find(parent) if p.startswith(root)]
         return [join_protocol(self._protocol, p) for p in sorted(found) if p.endswith(SHARD_SUFFIXES)]
 
-    def _read_list_file(self) -> list[str]:
+    def _read_list_file(self, skip_bad_lines: bool = False) -> list[str]:
         fs, path = filesystem_for(self.spec, self.storage_cfg)
         fs.invalidate_cache(path)
         try:
@@ -148,7 +152,12 @@ class ShardSource:
             try:
                 protocol, entry_path = split_protocol(entry)
             except ValueError as exc:
-                raise ShardSpecError(f"{self.key}: {self.spec} line {number}: {exc}") from None
+                if not skip_bad_lines:
+                    raise ShardSpecError(f"{self.key}: {self.spec} line {number}: {exc}") from None
+                if entry not in self._bad_lines:
+                    self._bad_lines.add(entry)
+                    log.warning("%s: %s line %d skipped: %s", self.key, self.spec, number, exc)
+                continue
             urls.append(join_protocol(protocol, entry_path))
         return list(dict.fromkeys(urls))
 

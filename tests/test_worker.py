@@ -3,6 +3,7 @@ from __future__ import annotations
 import io
 import os
 import threading
+import time
 from collections import Counter
 
 import badsamples
@@ -100,6 +101,31 @@ def test_a_hostile_class_member_makes_an_unlabelled_sample_not_a_failed_step(tmp
     labels = [label for batch in batches for label in batch.meta.labels]
     assert labels == [-1, -1, -1, -1, -1, 7, 2**63 - 1]
     assert batch_labels(batches[0], torch.device("cpu")).tolist() == labels
+
+
+def test_the_readahead_holds_at_most_its_bytes_of_samples_not_yet_decoded(tmp_path, monkeypatch):
+    """Readers stop reading ahead at the byte bound (64 samples of 32 MiB each would be 2 GiB per
+    shard), not only at the count; every sample still arrives, in order."""
+    import stream_swav.data.worker as worker_module
+
+    rng = np.random.default_rng(3)
+    samples = [(f"noise-{n:05d}", {"png": png_of(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8))})
+               for n in range(12)]
+    size = max(len(members["png"]) for _, members in samples)
+    path = tmp_path / "noise.tar"
+    path.write_bytes(tar_bytes(samples))
+    monkeypatch.setattr(worker_module, "READAHEAD_BYTES_PER_SHARD", 3 * size)
+    with make_worker(small_config(shuffle_buffer=1, open_shards_per_actor=1), 0) as worker:
+        worker.assign(task_for(str(path)))
+        first = worker.next_batch(1)
+        deadline = time.monotonic() + 10
+        while worker._queue.qsize() < 3 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        time.sleep(0.2)  # a reader ignoring the bound would queue all 11 by now
+        assert worker._queue.qsize() == 3 and worker._queued_bytes <= 3 * size
+        rest = run_all(worker, 4)
+    assert [k.rsplit("/", 1)[1] for b in [first, *rest] for k in b.meta.keys] == [key for key, _ in samples]
+    assert worker._queued_bytes == 0
 
 
 def test_pixels_belong_to_their_keys(tmp_path):

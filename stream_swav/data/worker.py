@@ -47,6 +47,9 @@ log = logging.getLogger(__name__)
 
 # Encoded samples each open shard may have waiting in the queue.
 READAHEAD_PER_SHARD = 64
+# ... and at most this many encoded bytes per open shard (64 samples of 32 MiB would be 2 GiB); one
+# sample larger than that still passes, alone.
+READAHEAD_BYTES_PER_SHARD = 128 * 1024 * 1024
 _PUT_POLL_S = 0.1
 _JOIN_TIMEOUT_S = 5.0
 # An image kept for replays holds at most this many squares of the side the crops need (a 4:1
@@ -79,6 +82,10 @@ class DecodeWorker:
         self._geometry = MultiCropGeometry.from_config(crops)
         self._rng = np.random.default_rng([data.seed, worker_index])
         self._queue: queue.Queue[_Item] = queue.Queue(maxsize=READAHEAD_PER_SHARD * data.open_shards_per_actor)
+        # Encoded bytes of the samples in the queue, within _readahead_bytes; readers wait on it.
+        self._readahead_bytes = READAHEAD_BYTES_PER_SHARD * data.open_shards_per_actor
+        self._queued_bytes = 0
+        self._bytes_taken = threading.Condition()
         self._stop = threading.Event()
         # Assigned and not yet finished, by shard key.
         self._tasks: dict[ShardKey, ShardTask] = {}
@@ -137,6 +144,7 @@ class DecodeWorker:
             if not self._readers:
                 break
             item = self._queue.get()
+            self._taken(item)
             touched = True
             task = self._tasks[item.shard]
             if item.crash is not None:
@@ -217,9 +225,16 @@ class DecodeWorker:
     def _drain(self) -> None:
         while True:
             try:
-                self._queue.get_nowait()
+                self._taken(self._queue.get_nowait())
             except queue.Empty:
                 return
+
+    def _taken(self, item: _Item) -> None:
+        """An item left the queue: its bytes no longer count against the readahead."""
+        if item.sample is not None:
+            with self._bytes_taken:
+                self._queued_bytes -= item.sample.nbytes
+                self._bytes_taken.notify_all()
 
     def _start_readers(self) -> None:
         while self._waiting and len(self._readers) < self.data.open_shards_per_actor:
@@ -304,6 +319,14 @@ class DecodeWorker:
             self._put(_Item(task.key, crash=exc))
 
     def _put(self, item: _Item) -> bool:
+        size = item.sample.nbytes if item.sample is not None else 0
+        with self._bytes_taken:
+            # A sample waits while the queue holds others and it would take them past the bound.
+            while self._queued_bytes and self._queued_bytes + size > self._readahead_bytes:
+                if self._stop.is_set():
+                    return False
+                self._bytes_taken.wait(_PUT_POLL_S)
+            self._queued_bytes += size
         while not self._stop.is_set():
             try:
                 self._queue.put(item, timeout=_PUT_POLL_S)
@@ -313,4 +336,4 @@ class DecodeWorker:
         return False
 
 
-__all__ = ["DecodeWorker", "READAHEAD_PER_SHARD"]
+__all__ = ["DecodeWorker", "READAHEAD_BYTES_PER_SHARD", "READAHEAD_PER_SHARD"]

@@ -371,13 +371,15 @@ def shuffled_samples(samples: Iterable[T], buffer_size: int, seed: int, max_byte
     if buffer_size < 1:
         raise ValueError(f"buffer_size must be >= 1, got {buffer_size}")
     rng = random.Random(seed)
+    # Without a byte bound every sample weighs 0, and `held` stays within any bound.
+    measure = size_of if max_bytes and size_of is not None else (lambda _: 0)
     buffer: list[T] = []
     held = 0
     for sample in samples:
-        size = size_of(sample) if max_bytes and size_of is not None else 0
-        while buffer and max_bytes and held + size > max_bytes:
+        size = measure(sample)
+        while buffer and held + size > max_bytes:
             emitted = buffer.pop(rng.randrange(len(buffer)))
-            held -= size_of(emitted)
+            held -= measure(emitted)
             yield emitted
         held += size
         if len(buffer) < buffer_size:
@@ -385,7 +387,7 @@ def shuffled_samples(samples: Iterable[T], buffer_size: int, seed: int, max_byte
             continue
         slot = rng.randrange(buffer_size)
         emitted, buffer[slot] = buffer[slot], sample
-        held -= size_of(emitted) if max_bytes and size_of is not None else 0
+        held -= measure(emitted)
         yield emitted
     rng.shuffle(buffer)
     yield from buffer

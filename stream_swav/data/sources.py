@@ -75,7 +75,7 @@ class ShardSource:
         try:
             # A line of a .txt list edited in wrongly during the run is skipped (and logged once), not
             # allowed to hide every shard listed after it for the rest of the run.
-            shards = self._read_list_file(skip_bad_lines=True) if self.kind == "list" else self._list()
+            shards = self._list(skip_bad_lines=True)
         except (*TRANSIENT_ERRORS, ShardSpecError) as exc:
             log.warning("relisting %s failed, will retry: %s", self.spec, exc)
             return []
@@ -83,11 +83,11 @@ class ShardSource:
         self._seen.update(new)
         return new
 
-    def _list(self) -> list[str]:
+    def _list(self, skip_bad_lines: bool = False) -> list[str]:
         if self.kind == "pattern":
             return self._existing_pattern_entries()
         if self.kind == "list":
-            return self._read_list_file()
+            return self._read_list_file(skip_bad_lines)
         return self._list_prefix()
 
     def _expand_pattern(self) -> list[str]:

@@ -70,6 +70,11 @@ class _Item:
     bytes_read: int = 0
     crash: BaseException | None = None
 
+    @property
+    def nbytes(self) -> int:
+        """Encoded bytes it holds, as the readahead counts them."""
+        return self.sample.nbytes if self.sample is not None else 0
+
 
 class DecodeWorker:
     def __init__(self, data: DataConfig, crops: CropsConfig, storage: StorageConfig, worker_index: int,
@@ -231,9 +236,9 @@ class DecodeWorker:
 
     def _taken(self, item: _Item) -> None:
         """An item left the queue: its bytes no longer count against the readahead."""
-        if item.sample is not None:
+        if item.nbytes:
             with self._bytes_taken:
-                self._queued_bytes -= item.sample.nbytes
+                self._queued_bytes -= item.nbytes
                 self._bytes_taken.notify_all()
 
     def _start_readers(self) -> None:
@@ -319,7 +324,7 @@ class DecodeWorker:
             self._put(_Item(task.key, crash=exc))
 
     def _put(self, item: _Item) -> bool:
-        size = item.sample.nbytes if item.sample is not None else 0
+        size = item.nbytes
         with self._bytes_taken:
             # A sample waits while the queue holds others and it would take them past the bound.
             while self._queued_bytes and self._queued_bytes + size > self._readahead_bytes:

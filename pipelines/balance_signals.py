@@ -369,7 +369,8 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as err:
         parser.error(str(err))
     if args.resample:
-        # As the balances place them: an image a signal cannot place (unlabelled, near no anchor) is shown once.
+        # As the balances place them: an image a signal cannot place (unlabelled, near no anchor) is shown
+        # once, or `--min-shows` times when skipping in a batch the signal places half of.
         budget = cfg.curation.replay_budget(cfg.train.batch_size)
         weights = {name: w if name == "uniform" else as_resampled(w, cfg.train.batch_size, args.resample, args.seed,
                                                                   placed.get(name), budget, args.min_shows,

@@ -346,3 +346,38 @@ def test_an_image_far_longer_than_wide_is_trained_but_not_kept_for_replays(tmp_p
         assert [key for key in worker._recent] == [wide]
         again = worker.next_batch(2, replays=[(strip, 1), (wide, 1)])
     assert again.meta.replays_missed == 1 and again.meta.keys[-1] == wide
+
+
+def test_a_key_two_different_images_come_under_replays_neither_and_the_same_image_twice_replays(tmp_path):
+    """A hostile shard repeats a sample key (not next to each other, so they are two samples): a
+    replay asked for by that key could mean either image, so it is missed, not answered with the
+    other one; the same image under a key twice (a shard read in two passes at once) is replayed."""
+    grey = [("dup", 10), ("other-00001", 120), ("dup", 240), ("other-00003", 60)]
+    grey += [(f"more-{n:05d}", 20 * n) for n in range(4, 10)]
+    path = tmp_path / "dup.tar"
+    path.write_bytes(tar_bytes([(key, {"png": png_of(np.full((16, 16, 3), level, np.uint8))})
+                                for key, level in grey]))
+    dup = f"{path}/dup"
+    with resample_worker(small_config(shuffle_buffer=1), share=0.5, cache=8) as worker:
+        worker.assign(task_for(str(path)))
+        first = worker.next_batch(4)
+        assert first.meta.keys.count(dup) == 2
+        again = worker.next_batch(4, replays=[(dup, 1), (f"{path}/other-00001", 1)])
+        assert again.meta.keys[-1] == f"{path}/other-00001" and again.meta.replayed == 1
+        assert again.meta.replays_missed == 1
+        # A third image under the key, read later, does not answer a late request for the first two.
+        worker.assign(task_for(str(path), pass_index=1))
+        assert dup in worker.next_batch(6).meta.keys
+        late = worker.next_batch(4, replays=[(dup, 1)])
+        assert late.meta.replayed == 0 and late.meta.replays_missed == 1
+    same, fresh = tmp_path / "same.tar", tmp_path / "fresh.tar"
+    same.write_bytes(tar_bytes(colour_samples(4)))
+    fresh.write_bytes(tar_bytes(colour_samples(8, "fresh")))
+    with resample_worker(small_config(shuffle_buffer=1, open_shards_per_actor=2), share=0.5, cache=8) as worker:
+        worker.assign(task_for(str(same)))
+        worker.assign(task_for(str(same), pass_index=1))
+        first = worker.next_batch(8)
+        assert len(first) == 8 and len(set(first.meta.keys)) == 4
+        worker.assign(task_for(str(fresh)))
+        again = worker.next_batch(4, replays=[(first.meta.keys[0], 1)])
+    assert again.meta.replays_missed == 0 and again.meta.keys[-1] == first.meta.keys[0]

@@ -21,7 +21,8 @@ from stream_swav.data.cursor import ShardKey
 class BatchMeta:
     """A batch's stream bookkeeping: what training it means for the cursor."""
 
-    # Sample keys, "<shard url>/<tar member key>", unique within a pass. May be empty: a batch can
+    # Sample keys, "<shard url>/<tar member key>", unique within a pass unless a shard repeats a
+    # member key (replays by such a key are missed: `DecodeWorker`). May be empty: a batch can
     # carry only bookkeeping (a shard whose last samples were all bad).
     keys: list[str] = field(default_factory=list)
     # Each sample's class from its `cls` member, -1 where it has none (curation.balance_signal: label).

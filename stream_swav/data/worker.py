@@ -57,6 +57,12 @@ _JOIN_TIMEOUT_S = 5.0
 REPLAY_MAX_AREA = 4
 
 
+def _same_image(a: tuple[Image.Image, int] | None, b: tuple[Image.Image, int]) -> bool:
+    """Whether two cached (image, label) pairs are the same picture and label (None is no picture)."""
+    return a is not None and a[1] == b[1] and a[0].mode == b[0].mode and a[0].size == b[0].size \
+        and a[0].tobytes() == b[0].tobytes()
+
+
 @dataclass
 class _Item:
     """What a reader thread hands over: a sample at its position, the end of the shard, or both; or a crash."""
@@ -100,12 +106,13 @@ class DecodeWorker:
         if curation is not None and curation.dedup:
             self.seen = SeenSet(curation.seen_capacity, max_distance=curation.dedup_max_distance,
                                 max_repeats=curation.max_repeats)
-        # Resampling: images emitted lately (key -> (image, label)), and those asked for again, as
-        # [key, image, label, shows left], served round-robin; each bounded by resample_cache.
+        # Resampling: images emitted lately (key -> (image, label), or None for a key two different
+        # images came under), and those asked for again, as [key, image, label, shows left], served
+        # round-robin; each bounded by resample_cache.
         self._resample = curation is not None and curation.resampling
         self._cache_size = curation.resample_cache if curation is not None else 0
         self._curation = curation
-        self._recent: OrderedDict[str, tuple[Image.Image, int]] = OrderedDict()
+        self._recent: OrderedDict[str, tuple[Image.Image, int] | None] = OrderedDict()
         self._replays: deque[list[Any]] = deque()
         self._replays_missed = 0
 
@@ -266,7 +273,13 @@ class DecodeWorker:
         if scale < 1.0:
             image = image.resize((max(1, round(image.width * scale)), max(1, round(image.height * scale))),
                                  Image.Resampling.BILINEAR)
-        self._recent[key] = (image, label)
+        kept: tuple[Image.Image, int] | None = (image, label)
+        if key in self._recent and not _same_image(self._recent[key], kept):
+            # A shard that repeats a sample key: a replay asked for by it could mean either image, so
+            # while the key is remembered none is replayed (each request missed and counted). The
+            # same shard read in two passes at once repeats its keys with the same images: kept.
+            kept = None
+        self._recent[key] = kept
         self._recent.move_to_end(key)
         if len(self._recent) > self._cache_size:
             self._recent.popitem(last=False)
@@ -274,7 +287,8 @@ class DecodeWorker:
     def _ask_replays(self, replays: list[tuple[str, int]]) -> None:
         """Queue a learner's replay requests; one for an image forgotten, or beyond what may wait, is missed."""
         for key, shows in replays:
-            kept = self._recent.pop(key, None)
+            # A key two images came under stays remembered, so a later request for it is missed too.
+            kept = self._recent.pop(key, None) if self._recent.get(key) is not None else None
             if kept is None or len(self._replays) >= self._cache_size:
                 self._replays_missed += shows
                 continue

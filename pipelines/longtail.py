@@ -537,7 +537,8 @@ def evaluate_run(checkpoint_dir: str, data: EvalData, groups: dict[str, tuple[in
     row["perplexity"] = usage_perplexity(prototype_counts(model.prototypes(z)).numpy())
     metrics = resolved.record.get("metrics", {})
     row.update({"step": resolved.step, "images_seen": resolved.images_seen,
-                "final_loss": metrics.get("loss"), "final_batch_perplexity": metrics.get("perplexity")})
+                "final_loss": metrics.get("loss"), "final_batch_perplexity": metrics.get("perplexity"),
+                "code": resolved.record.get("code")})
     return row
 
 

@@ -214,7 +214,9 @@ def evaluate_run(resolved: ResolvedCheckpoint, data: EvalData, device: torch.dev
     for kind, (train_feats, test_feats) in features.items():
         row.update({kind + k: v for k, v in score(train_feats, test_feats, data, with_sklearn and not kind).items()})
     metrics = resolved.record.get("metrics", {})
-    return {**row, "step": resolved.step, "images_seen": resolved.images_seen, "final_loss": metrics.get("loss")}
+    # The code that trained it (None in checkpoints written before it was recorded).
+    return {**row, "step": resolved.step, "images_seen": resolved.images_seen, "final_loss": metrics.get("loss"),
+            "code": resolved.record.get("code")}
 
 
 def random_init_kinds(cfg: Config, data: EvalData, device: torch.device,

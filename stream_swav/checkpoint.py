@@ -46,6 +46,7 @@ import torch
 from stream_swav import storage
 from stream_swav.backbone_spec import BackboneSpec, recorded_spec
 from stream_swav.config import AugmentConfig, StorageConfig, UsageError
+from stream_swav.provenance import code_provenance
 from stream_swav.storage import join_url
 
 # The keys of a learner's state that differ between the ranks of a data-parallel group: each
@@ -65,7 +66,7 @@ FORMAT_VERSION = 1
 MAX_STEP = 999_999_999
 _STEP_DIR = re.compile(r"^step-(\d{9})$")
 _RESERVED_KEYS = frozenset({"format", "step", "images_seen", "wall_time", "time", "state", "backbone",
-                            "state_url", "backbone_url", "state_bytes", "backbone_bytes"})
+                            "state_url", "backbone_url", "state_bytes", "backbone_bytes", "code"})
 
 
 @dataclass(frozen=True)
@@ -182,6 +183,8 @@ def save_checkpoint(dir_url: str, step: int, images_seen: int, state: dict[str, 
         "backbone_url": absolute_url(join_url(step_url, BACKBONE)),
         "state_bytes": len(state_bytes),
         "backbone_bytes": len(backbone_bytes),
+        # Which code wrote it: the package version, and the commit where it runs from a checkout.
+        "code": code_provenance(),
         **extra,
     }
     record_bytes = (json.dumps(record, indent=2, allow_nan=False) + "\n").encode()

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import importlib.metadata
 import logging
 import sys
 from collections.abc import Callable
@@ -16,13 +15,7 @@ from stream_swav import logs
 from stream_swav.apps import DEMO_DATASETS, DEMO_GPU_IMAGES, DEMO_GPU_MINUTES, DEMO_IMAGES, DEMO_MINUTES, \
     FOLLOW_INTERVAL_S, FOLLOW_PORT, KNN_K, KNN_TEMPERATURE, REENCODE_EXT
 from stream_swav.config import Config, ConfigError, UsageError
-
-
-def _version() -> str:
-    try:
-        return importlib.metadata.version("stream-swav")
-    except importlib.metadata.PackageNotFoundError:  # run from a source tree without installing
-        return "unknown (not installed)"
+from stream_swav.provenance import package_version
 
 
 def _config_arguments(parser: argparse.ArgumentParser) -> None:
@@ -107,7 +100,7 @@ def _app(module: str) -> Callable[[argparse.Namespace], int]:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="stream-swav", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {package_version()}")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     parser.add_argument("--debug", action="store_true", help="debug logging, and full tracebacks on errors")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")

@@ -28,6 +28,7 @@ import aiohttp
 import fsspec
 from botocore.exceptions import BotoCoreError, ClientError
 from fsspec.implementations.local import LocalFileSystem
+from s3fs.utils import FileExpired
 
 from stream_swav.config import StorageConfig, UsageError
 
@@ -43,6 +44,23 @@ TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (
 # OSError subclasses that another attempt will not fix.
 PERMANENT_ERRORS: tuple[type[BaseException], ...] = (
     FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)
+# The object was replaced while it was being read (s3fs reads each range only If-Match the ETag it
+# opened): positions counted in the old content mean nothing in the new.
+CHANGED_ERRORS: tuple[type[BaseException], ...] = (FileExpired,)
+
+
+def content_identity(f: Any) -> Any:
+    """What names an open file's content: an S3 object's ETag; a local file's device, inode, size
+    and modification time; None where neither is known. Equal identities, same bytes (an object
+    overwritten with another gets another ETag; a local file replaced by rename another inode)."""
+    details = getattr(f, "details", None)
+    if isinstance(details, dict) and details.get("ETag"):
+        return details["ETag"]
+    try:
+        st = os.fstat(f.fileno())
+    except (AttributeError, OSError, ValueError):
+        return None
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
 
 _cache: dict[tuple[Any, ...], fsspec.AbstractFileSystem] = {}
 _cache_lock = threading.Lock()

@@ -337,3 +337,71 @@ def test_endpoint_outage_shorter_than_retry_budget_is_survived(own_moto_server):
     assert [pos for pos, _ in got] == list(range(24))
     assert [(s.key, s.image) for _, s in got] == [(s.key, s.image) for s in local_reference]
     assert report.retries >= 1 and not report.gave_up and not report.errors
+
+
+def test_a_shard_overwritten_while_it_is_read_is_not_read_on_in_the_new_content(own_moto_server):
+    """s3fs reads each range If-Match the ETag it opened: an object replaced mid-read (a shard
+    regenerated under the same name) raises, and a reopen after an outage sees another ETag. Either
+    way the rest of the shard is skipped and counted, never read on at the old content's position
+    in the new one."""
+    endpoint, port, servers = own_moto_server
+    cfg = StorageConfig(endpoint_url=endpoint, retries=0, connect_timeout_s=1.0, read_timeout_s=5.0)
+    old = tar_bytes([(f"old-{i:03d}", {"png": noise_png(i)}) for i in range(24)])
+    new = tar_bytes([(f"new-{i:03d}", {"png": noise_png(100 + i)}) for i in range(24)])
+    url = "s3://changing-bucket/shard.tar"
+    fs, _ = storage.filesystem_for(url, cfg)
+    fs.mkdir("changing-bucket")
+
+    storage.write_bytes_atomic(url, old, cfg)
+    report = ShardReport()
+    stream = iter_shard(url, fs, 3, 1, 0, max_sample_bytes=LIMIT, read_retries=6, retry_backoff_s=0.25,
+                        report=report, block_size=16 * 1024)
+    got = [next(stream), next(stream)]
+    storage.write_bytes_atomic(url, new, cfg)
+    got.extend(stream)
+    assert got and all(s.key.startswith("old-") for _, s in got) and len(got) < 24
+    assert report.gave_up and report.errors == Counter({"shard-changed": 1})
+
+    # Replaced during an outage: the read fails, and the retry opens another object.
+    storage.write_bytes_atomic(url, old, cfg)
+    report = ShardReport()
+    stream = iter_shard(url, fs, 3, 1, 0, max_sample_bytes=LIMIT, read_retries=6, retry_backoff_s=0.25,
+                        report=report, block_size=16 * 1024)
+    got = [next(stream)]
+    servers.pop().stop()
+
+    def back_with_new_content():
+        servers.append(start_moto(port))
+        storage.write_bytes_atomic(url, new, cfg)
+
+    restart = threading.Timer(1.0, back_with_new_content)
+    restart.start()
+    got.extend(stream)
+    restart.join()
+    assert all(s.key.startswith("old-") for _, s in got) and len(got) < 24
+    assert report.retries >= 1 and report.gave_up and report.errors == Counter({"shard-changed": 1})
+
+
+def test_a_local_shard_replaced_or_rewritten_has_another_identity_and_a_reopen_the_same(tmp_path):
+    """What a reopen after a read error compares: a local file replaced by rename (its open handle
+    keeps reading the old content) or rewritten in place is another; the same file reopened is not."""
+    path = tmp_path / "s.tar"
+    path.write_bytes(tar_bytes(colour_samples(4)))
+    fs, _ = storage.filesystem_for(str(path), StorageConfig())
+
+    def identity():
+        with fs.open(str(path), "rb") as f:
+            return storage.content_identity(f)
+
+    first = identity()
+    assert first is not None and identity() == first
+    replacement = tmp_path / "s.tar.new"
+    replacement.write_bytes(path.read_bytes())
+    os.replace(replacement, path)
+    renamed = identity()
+    assert renamed != first
+    with open(path, "r+b") as f:
+        f.seek(600)
+        f.write(b"x")
+    os.utime(path, ns=(0, 12_345))
+    assert identity() != renamed

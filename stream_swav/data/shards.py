@@ -49,7 +49,7 @@ from fsspec.implementations.local import LocalFileSystem
 
 from stream_swav import storage
 from stream_swav.config import StorageConfig
-from stream_swav.storage import PERMANENT_ERRORS, TRANSIENT_ERRORS
+from stream_swav.storage import CHANGED_ERRORS, PERMANENT_ERRORS, TRANSIENT_ERRORS, content_identity
 
 log = logging.getLogger(__name__)
 
@@ -98,7 +98,7 @@ class Sample:
 class ShardReport:
     """Shard-level outcome of reading one shard, filled in while reading."""
 
-    # bad-tar, truncated-shard, shard-read-error.
+    # bad-tar, truncated-shard, shard-read-error, shard-changed.
     errors: Counter = field(default_factory=Counter)
     # Bytes pulled from the shard file, re-reads after errors included.
     bytes_read: int = 0
@@ -408,7 +408,11 @@ def iter_shard(url: str, fs: fsspec.AbstractFileSystem, seed: int, buffer_size: 
     the shard after ``retry_backoff_s * 2**k`` seconds and carries on at the
     first position not yet yielded; after `read_retries` failures in a row
     without progress (or at once for a missing or forbidden file) the rest of
-    the shard is skipped and ``shard-read-error`` counted in `report`.
+    the shard is skipped and ``shard-read-error`` counted in `report`. A shard
+    whose content changed since this call first opened it (another ETag, or
+    another local file) is not read on where the old content stopped: the rest
+    of it is skipped and ``shard-changed`` counted, so that its next pass reads
+    the new content whole.
     """
     report = report if report is not None else ShardReport()
     path = fs._strip_protocol(url)
@@ -418,12 +422,21 @@ def iter_shard(url: str, fs: fsspec.AbstractFileSystem, seed: int, buffer_size: 
         # A FIFO or a device named like a shard (or listed): opening it blocks, or reads forever.
         _give_up(url, report, Counter(), next_position, OSError("not a regular file"))
         return
+    opened = None  # the content identity of the first open
     while True:
         # Format errors of the attempt that ends the shard are the ones reported;
         # an interrupted attempt will meet them again.
         attempt_errors: Counter = Counter()
         try:
             with fs.open(path, "rb", block_size=block_size) as f:
+                identity = content_identity(f)
+                if opened is None:
+                    opened = identity
+                elif identity != opened:
+                    _give_up(url, report, attempt_errors, next_position,
+                             OSError(f"the object changed since it was first opened ({opened} -> {identity})"),
+                             "shard-changed")
+                    return
                 samples = shuffled_samples(read_samples(f, max_sample_bytes, attempt_errors, report,
                                                         max_shard_bytes=max_shard_bytes,
                                                         max_expansion=max_expansion), buffer_size, seed,
@@ -439,6 +452,9 @@ def iter_shard(url: str, fs: fsspec.AbstractFileSystem, seed: int, buffer_size: 
         except PERMANENT_ERRORS as exc:
             _give_up(url, report, attempt_errors, next_position, exc)
             return
+        except CHANGED_ERRORS as exc:
+            _give_up(url, report, attempt_errors, next_position, exc, "shard-changed")
+            return
         except TRANSIENT_ERRORS as exc:
             failures += 1
             if failures > read_retries:
@@ -451,10 +467,11 @@ def iter_shard(url: str, fs: fsspec.AbstractFileSystem, seed: int, buffer_size: 
             time.sleep(delay)
 
 
-def _give_up(url: str, report: ShardReport, attempt_errors: Counter, position: int, exc: BaseException) -> None:
+def _give_up(url: str, report: ShardReport, attempt_errors: Counter, position: int, exc: BaseException,
+             reason: str = "shard-read-error") -> None:
     log.error("giving up on %s at position %d: %s: %s", url, position, type(exc).__name__, exc)
     report.errors.update(attempt_errors)
-    report.errors["shard-read-error"] += 1
+    report.errors[reason] += 1
     report.gave_up = True
 
 

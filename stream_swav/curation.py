@@ -33,11 +33,12 @@ _LOW = 8  # the lowest 8x8 frequencies make the 64 bits
 
 @functools.cache
 def _dct_matrix(n: int) -> np.ndarray:
-    """Orthonormal DCT-II: rows are frequencies."""
+    """Orthonormal DCT-II: rows are frequencies (read-only: it is shared)."""
     k = np.arange(n)[:, None]
     x = np.arange(n)[None, :]
     m = np.cos(np.pi * (2 * x + 1) * k / (2 * n)) * np.sqrt(2.0 / n)
     m[0] /= np.sqrt(2.0)
+    m.flags.writeable = False
     return m
 
 
@@ -47,13 +48,15 @@ def perceptual_hash(image: Image.Image) -> int:
     # time at 640 px; identical for images under twice the thumbnail's side).
     thumbnail = image.convert("L").resize((_HASH_SIDE, _HASH_SIDE), Image.Resampling.BILINEAR, reducing_gap=2.0)
     gray = np.asarray(thumbnail, dtype=np.float64)
-    dct = _dct_matrix(_HASH_SIDE)
-    low = (dct @ gray @ dct.T)[:_LOW, :_LOW].ravel()
+    # Only the lowest frequencies are kept, so only their rows of the DCT are computed (half the time).
+    low_rows = _dct_matrix(_HASH_SIDE)[:_LOW]
+    low = (low_rows @ gray @ low_rows.T).ravel()
     ac = low[1:]
     # A flat image leaves only rounding noise in the AC terms: it must hash to 0, not to that noise.
     if np.abs(ac).max() < 1e-6 * max(1.0, abs(low[0])):
         return 0
-    bits = low > np.median(ac)
+    # The median of the 63 AC terms is the middle one (np.median is ten times slower at this size).
+    bits = low > np.sort(ac)[len(ac) // 2]
     bits[0] = False
     return int(np.packbits(bits).view(">u8")[0])
 

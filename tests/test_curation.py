@@ -56,6 +56,17 @@ def test_near_copies_stay_close_and_distinct_images_far_apart():
     assert min(distinct) > 12 and 20 < np.mean(distinct) < 44
 
 
+def test_the_hash_of_given_pixels_never_changes():
+    """Seen-sets are saved in checkpoints by hash: a hash that changed between versions would make a
+    resumed run admit every repeat of what it had trained once more. Thumbnail-sized gray images,
+    so that no resampling (which Pillow and Pillow-SIMD may do differently) comes in."""
+    rng = np.random.default_rng(2026)
+    noise = [Image.fromarray(rng.integers(0, 256, (32, 32), dtype=np.uint8), "L") for _ in range(4)]
+    ramp = Image.fromarray(np.add.outer(np.arange(32), 2 * np.arange(32)).astype(np.uint8), "L")
+    assert [perceptual_hash(image) for image in (*noise, ramp)] == [
+        0x4c78b0dc20d79ed1, 0x68e912498caa3f9b, 0x41c6d38a19fcb3a2, 0x5ebf2ba6228017d2, 0x2217a5d652aaf75]
+
+
 def test_flat_images_of_any_colour_hash_to_zero():
     for colour in (0, 255, 128, (200, 30, 30)):
         assert perceptual_hash(Image.new("RGB" if isinstance(colour, tuple) else "L", (28, 28), colour)) == 0

@@ -39,7 +39,7 @@ import re
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -64,7 +64,7 @@ STATE = "state.pt"
 BACKBONE = "backbone.pt"
 FORMAT_VERSION = 1
 MAX_STEP = 999_999_999
-_STEP_DIR = re.compile(r"^step-(\d{9})$")
+_STEP_DIR = re.compile(r"^step-([0-9]{9})\Z")
 _RESERVED_KEYS = frozenset({"format", "step", "images_seen", "wall_time", "time", "state", "backbone",
                             "state_url", "backbone_url", "state_bytes", "backbone_bytes", "code"})
 
@@ -339,6 +339,26 @@ def _check_record(record: Any, url: str) -> None:
         expected = f"{step_dir_name(step)}/{filename}"
         if record.get(key) != expected:
             raise ValueError(f"{url}: {key} must be {expected!r}, got {record.get(key)!r}")
+    _check_record_fields(record, url)
+
+
+def _check_record_fields(record: dict[str, Any], url: str) -> None:
+    """The record's other fields that readers use, where present: of the types save_checkpoint writes."""
+    for key in ("images_seen", "state_bytes", "backbone_bytes"):
+        value = record.get(key)
+        if key in record and (not isinstance(value, int) or isinstance(value, bool) or value < 0):
+            raise ValueError(f"{url}: {key} must be an integer >= 0, got {value!r}")
+    wall_time = record.get("wall_time")
+    if "wall_time" in record and (not isinstance(wall_time, (int, float)) or isinstance(wall_time, bool)
+                                  or not math.isfinite(wall_time)):
+        raise ValueError(f"{url}: wall_time must be a number, got {wall_time!r}")
+    for key in ("metrics", "config", "code"):
+        if key in record and not isinstance(record[key], dict):
+            raise ValueError(f"{url}: {key} must be a JSON object, got {type(record[key]).__name__}")
+    sections = record.get("config", {})
+    for name, section in sections.items():
+        if not isinstance(section, dict):
+            raise ValueError(f"{url}: config.{name} must be a JSON object, got {type(section).__name__}")
 
 
 def check_contained(root_url: str, step_url: str, storage_cfg: StorageConfig) -> None:
@@ -443,6 +463,7 @@ def resolve_checkpoint(url: str, storage_cfg: StorageConfig | None = None,
         record = storage.read_json(meta_url, storage_cfg) or {}
         if not isinstance(record, dict):
             raise ValueError(f"{meta_url}: expected a JSON object")
+        _check_record_fields(record, meta_url)
     config = record.get("config") if isinstance(record.get("config"), dict) else None
     state_url = join_url(folder, STATE)
     if config is None and storage.exists(state_url, storage_cfg):
@@ -494,10 +515,24 @@ class ResumePoint:
     skipped: list[tuple[str, str]]
 
 
-def load_for_resume(dir_url: str, storage_cfg: StorageConfig) -> ResumePoint | None:
+def repoint_latest(dir_url: str, point: ResumePoint, storage_cfg: StorageConfig) -> None:
+    """latest.json names `point`, restored after newer checkpoints were skipped: readers that follow
+    latest.json stop following one that does not load, and the run's next save of that step
+    replaces it (a save never replaces the step latest.json names)."""
+    record_bytes = (json.dumps(point.record, indent=2, allow_nan=False) + "\n").encode()
+    storage.write_bytes_atomic(join_url(dir_url, LATEST), record_bytes, storage_cfg)
+
+
+def load_for_resume(dir_url: str, storage_cfg: StorageConfig, check: Callable[[dict[str, Any]], None] | None = None,
+                    rejected: dict[str, str] | None = None) -> ResumePoint | None:
     """The resume state of the newest checkpoint that loads: the one latest.json names, else each
     older complete step folder in turn (a damaged newest one must not block every restart while
-    retention kept good ones beside it). None when the folder holds no checkpoint at all."""
+    retention kept good ones beside it). None when the folder holds no checkpoint at all.
+
+    `check(state)` raises ValueError for a state that loads but cannot be resumed (the caller's
+    own parts of it); `rejected` (absolute step-folder URL -> why) names checkpoints found unusable
+    since (by the learners): both are skipped as damaged ones are, and named if none is left."""
+    rejected = rejected or {}
     skipped: list[tuple[str, str]] = []
     try:
         latest = read_latest(dir_url, storage_cfg)
@@ -509,6 +544,9 @@ def load_for_resume(dir_url: str, storage_cfg: StorageConfig) -> ResumePoint | N
     candidates = sorted((s for s in folders if s <= newest), reverse=True)
     for step in candidates:
         step_url = folders[step]
+        if absolute_url(step_url) in rejected:
+            skipped.append((step_url, rejected[absolute_url(step_url)]))
+            continue
         try:
             check_contained(dir_url, step_url, storage_cfg)
             if latest is not None and step == latest["step"]:
@@ -519,6 +557,8 @@ def load_for_resume(dir_url: str, storage_cfg: StorageConfig) -> ResumePoint | N
                     continue  # a save that died before finishing this folder: never a checkpoint
                 _check_record(record, join_url(step_url, META))
             state = load_checkpoint(join_url(step_url, STATE), storage_cfg)
+            if check is not None:
+                check(state)
         except (ValueError, OSError) as error:
             skipped.append((step_url, str(error).splitlines()[0]))
             continue
@@ -526,5 +566,6 @@ def load_for_resume(dir_url: str, storage_cfg: StorageConfig) -> ResumePoint | N
     if skipped:
         raise NoLoadableCheckpoint(
             f"checkpoint.dir: no checkpoint in {dir_url} loads ({'; '.join(f'{u}: {why}' for u, why in skipped)}); "
-            f"move the folder away to start afresh, or point checkpoint.dir elsewhere")
+            f"resume with the configuration they were saved with (meta.json records it), move the folder away "
+            f"to start afresh, or point checkpoint.dir elsewhere")
     return None

@@ -336,6 +336,19 @@ class LearnerState:
         saved_groups = state["optimizer"].get("param_groups", []) if isinstance(state["optimizer"], dict) else []
         if [len(g.get("params", [])) for g in saved_groups] != [len(g["params"]) for g in self.optimizer.param_groups]:
             raise ValueError("learner state optimizer: parameter groups do not match this model and optimizer")
+        # Per-parameter buffers (momentum, Adam's moments) of another shape would load, and fail the
+        # first step after it, at every restart.
+        params = [p for group in self.optimizer.param_groups for p in group["params"]]
+        saved = state["optimizer"].get("state", {})
+        if not isinstance(saved, dict):
+            raise ValueError("learner state optimizer: its state is not a dict")
+        for index, buffers in saved.items():
+            if not isinstance(index, int) or not 0 <= index < len(params) or not isinstance(buffers, dict):
+                raise ValueError(f"learner state optimizer: state of an unknown parameter {index!r}")
+            for name, buffer in buffers.items():
+                if isinstance(buffer, Tensor) and buffer.dim() > 0 and buffer.shape != params[index].shape:
+                    raise ValueError(f"learner state optimizer: {name} of parameter {index} has shape "
+                                     f"{tuple(buffer.shape)}, the parameter {tuple(params[index].shape)}")
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Resume from `state_dict()` output. Everything is checked before anything is changed."""

@@ -174,6 +174,8 @@ def usage_error(error: BaseException, key: str, url: str, cfg: StorageConfig) ->
                           f"permissions of the bucket or folder")
     if isinstance(error, FileNotFoundError):
         return UsageError(f"{key}: {url} does not exist ({detail})")
+    if isinstance(error, (NotADirectoryError, FileExistsError)):
+        return UsageError(f"{key}: a part of the path {url} is a file, not a folder ({detail}); give a folder")
     return None
 
 

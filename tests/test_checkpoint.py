@@ -263,6 +263,15 @@ def test_tampered_latest_json_is_rejected(tmp_path):
     assert read_latest(str(tmp_path), STORAGE)["step"] == 200
 
 
+def test_only_ascii_step_folders_are_checkpoints(tmp_path):
+    """`\\d` took Arabic-Indic digits for a step: a folder so named hid the real step 10, and
+    retention deleted it instead of a checkpoint."""
+    save(tmp_path, 10)
+    (tmp_path / "step-\u0660\u0660\u0660\u0660\u0660\u0660\u0660\u0661\u0660").mkdir()
+    (tmp_path / "step-000000020\n").mkdir()
+    assert sorted(checkpoint.list_step_dirs(str(tmp_path), STORAGE)) == [10]
+
+
 def test_retention_keeps_newest_and_milestones(tmp_path):
     (tmp_path / "notes.txt").write_text("not a checkpoint")
     for step in range(100, 1001, 100):
@@ -428,3 +437,64 @@ def test_s3_round_trip_retention_and_failed_write(s3_bucket, monkeypatch):
         save_checkpoint(root, 400, 0, *tiny_state(400), INFO, cfg)
     assert read_latest(root, cfg)["step"] == 300
     assert load_checkpoint(root, cfg)["images_seen"] == 320 * 300
+
+
+def resumable_state(step: int) -> dict:
+    from stream_swav.data.cursor import StreamCursor
+
+    cursor = StreamCursor(0)
+    cursor.add_shards(["a.tar", "b.tar"])
+    state, _ = tiny_state(step)
+    state["stream_cursor"] = cursor.state_dict()
+    state["model"] = {"w": torch.ones(3)}
+    return state
+
+
+def test_resume_skips_states_the_driver_cannot_resume_from_and_checkpoints_the_learners_refused(tmp_path):
+    """A state without a stream cursor, with one that does not parse, or with weights that are not
+    finite loads as a file but cannot be resumed from: skipped like a damaged one, as is one the
+    learners refused before (`rejected`), and all of them named when none is left."""
+    from stream_swav.runtime.driver import check_resume_state
+
+    _, backbone = tiny_state(0)
+    for step, spoil in ((5, None), (10, "no cursor"), (20, "bad cursor"), (30, "nan")):
+        state = resumable_state(step)
+        if spoil == "no cursor":
+            del state["stream_cursor"]
+        elif spoil == "bad cursor":
+            state["stream_cursor"]["shards"] = b"not zlib"
+        elif spoil == "nan":
+            state["model"]["w"][1] = float("nan")
+        save_checkpoint(str(tmp_path), step, step * 64, state, backbone, INFO, STORAGE, keep_last=4)
+    point = checkpoint.load_for_resume(str(tmp_path), STORAGE, check=check_resume_state)
+    assert point.step == 5
+    reasons = dict(point.skipped)
+    assert reasons[str(tmp_path / "step-000000030")] == "its model weight w is not finite"
+    assert "malformed stream cursor state" in reasons[str(tmp_path / "step-000000020")]
+    assert reasons[str(tmp_path / "step-000000010")] == "its state has no stream_cursor"
+    # Without the driver's check the newest loads: the check is what skips them.
+    assert checkpoint.load_for_resume(str(tmp_path), STORAGE).step == 30
+
+    with pytest.raises(checkpoint.NoLoadableCheckpoint) as refused:
+        checkpoint.load_for_resume(str(tmp_path), STORAGE, check=check_resume_state,
+                                   rejected={point.url: "the learners refuse it: model.w: expected shape (4,)"})
+    message = str(refused.value)
+    assert "\n" not in message and message.count("step-0000000") == 4
+    assert "the learners refuse it: model.w" in message and "resume with the configuration" in message
+
+
+def test_a_resume_that_skipped_newer_checkpoints_points_latest_at_the_one_restored(tmp_path):
+    """Otherwise readers of latest.json keep following one that does not load, and the run's save
+    of that step is refused (a save never replaces the step latest.json names)."""
+    from stream_swav.runtime.driver import check_resume_state
+
+    _, backbone = tiny_state(0)
+    for step in (2, 4):
+        save_checkpoint(str(tmp_path), step, step * 64, resumable_state(step), backbone, INFO, STORAGE)
+    (tmp_path / "step-000000004" / "state.pt").write_bytes(b"cut short")
+    point = checkpoint.load_for_resume(str(tmp_path), STORAGE, check=check_resume_state)
+    assert point.step == 2 and read_latest(str(tmp_path), STORAGE)["step"] == 4
+    checkpoint.repoint_latest(str(tmp_path), point, STORAGE)
+    assert read_latest(str(tmp_path), STORAGE) == json.loads((tmp_path / "step-000000002" / "meta.json").read_text())
+    save_checkpoint(str(tmp_path), 4, 256, resumable_state(4), backbone, INFO, STORAGE)
+    assert load_checkpoint(str(tmp_path), STORAGE)["images_seen"] == resumable_state(4)["images_seen"]

@@ -99,6 +99,14 @@ def test_train_refuses_missing_shards_and_a_missing_gpu_before_starting_ray(tmp_
                                                      "curation": {"balance": 1.0, "balance_signal": "reference",
                                                                   "balance_reference": "/ref/{a,b"}})
     assert "curation.balance_reference: Unbalanced braces" in one_line_error(capsys, ["train", "--config", str(config)])
+    # A checkpoint.dir that is a file (or lies under one) would let the run train for days saving nothing.
+    (tmp_path / "a-file").write_text("not a folder")
+    for where in ("a-file", "a-file/ckpt"):
+        config = write_config(tmp_path / "file.yaml", {"data": {"shards": str(tmp_path / "shards")},
+                                                       "checkpoint": {"dir": str(tmp_path / where)}})
+        err = one_line_error(capsys, ["train", "--config", str(config)])
+        assert "error: checkpoint.dir: " in err and "file" in err, err
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".write-probe")) == []
     config = write_config(tmp_path / "gpu.yaml", {"data": {"shards": str(tmp_path / "shards")},
                                                   "checkpoint": {"dir": str(tmp_path / "ckpt")},
                                                   "train": {"device": "cuda"}})

@@ -1,7 +1,7 @@
 """Faults found by hostile probing, each reproduced as it was tried.
 
 1. A failed final checkpoint (a full disk: a real tmpfs where the system allows mounting one).
-2. A corrupt newest checkpoint beside good older ones.
+2. A corrupt newest checkpoint, and one the learners refuse, beside a good older one; a changed model.
 3. A shard whose file name is not valid UTF-8.
 4. Compressed bombs in .tar.gz shards.
 5. A stream whose every read fails.
@@ -30,6 +30,7 @@ from pathlib import Path
 
 import pytest
 import ray
+import torch
 from stream_swav.runtime import private_ray
 from conftest import colour_samples, tar_bytes
 from runtime_helpers import RAY_ENV, TESTS, run_to_end, tiny_config, write_config
@@ -115,8 +116,13 @@ def test_a_final_checkpoint_that_cannot_be_written_fails_the_run_and_names_the_l
 
 @pytest.mark.slow
 @pytest.mark.timeout(300)
-def test_resume_skips_a_corrupt_newest_checkpoint_and_stops_in_one_line_when_none_loads(tmp_path, local_ray,
-                                                                                      caplog, capsys):
+def test_resume_skips_checkpoints_that_do_not_load_or_that_the_learners_refuse_and_stops_in_one_line(
+        tmp_path, local_ray, caplog, capsys):
+    """The newest checkpoint is cut short (it does not load); the one before holds a momentum
+    buffer of another shape (it loads, the learners refuse it: before, every recovery loaded it
+    again until train.max_failures ran out). The run resumes from the oldest, latest.json is
+    pointed at it, and its saves of the skipped steps replace them. A changed model is refused by
+    the learners at every checkpoint: one line, exit 2."""
     shards(tmp_path / "shards", ["a.tar", "b.tar"])
     overrides = {"data": {"shards": str(tmp_path / "shards")},
                  "checkpoint": {"dir": str(tmp_path / "ckpt"), "every_steps": 2, "keep_last": 3}}
@@ -125,11 +131,33 @@ def test_resume_skips_a_corrupt_newest_checkpoint_and_stops_in_one_line_when_non
     assert steps == [2, 4, 6]
     newest = tmp_path / "ckpt" / "step-000000006" / "state.pt"
     newest.write_bytes(newest.read_bytes()[:1000])
+    refused = tmp_path / "ckpt" / "step-000000004" / "state.pt"
+    state = torch.load(refused, weights_only=True)
+    index, buffers = next((i, b) for i, b in state["optimizer"]["state"].items() if "momentum_buffer" in b)
+    buffers["momentum_buffer"] = torch.zeros(3, 3)
+    torch.save(state, refused)
 
     caplog.set_level(logging.INFO, logger="stream_swav")
     again = run_to_end(tiny_config(merge_budget(overrides, 64)), tmp_path / "second.jsonl")
     assert "skipped checkpoint" in caplog.text and "step-000000006" in caplog.text
-    assert f"resumed from {tmp_path / 'ckpt' / 'step-000000004'}: step 4" in caplog.text
+    assert f"the learners refuse checkpoint {tmp_path / 'ckpt' / 'step-000000004'}" in caplog.text
+    assert f"momentum_buffer of parameter {index} has shape (3, 3)" in caplog.text
+    assert f"resumed from {tmp_path / 'ckpt' / 'step-000000002'}: step 2" in caplog.text
+    assert "learner failure" not in caplog.text and "checkpoint at step" not in caplog.text
+    assert again.restarts == 0 and again.last_checkpoint_step == 8
+    for step in (4, 6, 8):  # saved again over the skipped ones
+        assert ckpt.load_checkpoint(str(tmp_path / "ckpt" / f"step-{step:09d}"), StorageConfig())["step"] == step
+    assert ckpt.read_latest(str(tmp_path / "ckpt"), StorageConfig())["step"] == 8
+
+    # Another model than the one the checkpoints hold: every one refused, then one line, exit 2.
+    changed = {**overrides, "model": {"prototypes": 24}}
+    capsys.readouterr()
+    config = write_config(tmp_path / "changed.yaml", merge_budget(changed, 80))
+    assert cli.main(["train", "--config", str(config)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("stream-swav: error: checkpoint.dir: no checkpoint in") and "\n" not in err
+    assert err.count("the learners refuse it") == 3 and "prototypes" in err
+    assert "resume with the configuration they were saved with" in err
 
     # No checkpoint loads: one line, exit 2, before any training.
     for folder in (tmp_path / "ckpt").glob("step-*"):

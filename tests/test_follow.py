@@ -100,6 +100,26 @@ def test_a_pruned_checkpoint_fails_the_poll_and_is_retried_later(tiny_shards, tm
     assert [r["step"] for r in read_results(out / "results.jsonl")] == [5]
 
 
+def test_with_all_a_damaged_retained_checkpoint_holds_back_neither_the_others_nor_the_latest(tiny_shards, tmp_path,
+                                                                                             caplog):
+    """A milestone is retained for good: one whose backbone was cut short used to fail every round
+    of `follow --all` before any other step, and the latest, was evaluated."""
+    checkpoints, out = tmp_path / "checkpoints", tmp_path / "eval"
+    for step in (10, 20, 30):
+        save_tiny_checkpoint(checkpoints, step, seed=step, loss=7.0)
+    damaged = checkpoints / "step-000000010" / "backbone.pt"
+    damaged.write_bytes(damaged.read_bytes()[:500])
+    assert follow_once(checkpoints, tiny_shards, out, "--all") == 1
+    assert [r["step"] for r in read_results(out / "results.jsonl")] == [20, 30]
+    assert caplog.text.count("evaluation failed for step 10") == 1
+    # A follower that keeps running retries it every round, and logs it again only if it fails otherwise.
+    metrics = EvalMetrics()
+    follower = Follower(str(checkpoints), *tiny_shards, out, metrics=metrics, device=torch.device("cpu"))
+    assert follower.evaluate_retained() == [] and follower.evaluate_retained() == []
+    assert caplog.text.count("evaluation failed for step 10") == 2
+    assert metrics.registry.get_sample_value("stream_swav_eval_failures_total") == 2
+
+
 def test_restart_reads_results_and_serves_the_last_value(tiny_shards, tmp_path):
     checkpoints, out = tmp_path / "checkpoints", tmp_path / "eval"
     save_tiny_checkpoint(checkpoints, 3, seed=1, loss=7.0)

@@ -226,6 +226,20 @@ def test_load_state_dict_rejects_mismatched_state_and_changes_nothing():
         learner.load_state_dict({"model": {}})
     assert learner.step == 0
     assert_same(learner_snapshot(learner), before)
+    # Optimiser buffers of another shape loaded before, and failed the first step after every restart.
+    learner.train_step(SyntheticStream(n_classes=4, image_size=8).batch(cfg))
+    trained = learner_snapshot(learner)
+    state = learner.state_dict()
+    index, buffers = next((i, b) for i, b in state["optimizer"]["state"].items() if b)
+    name = next(k for k, v in buffers.items() if v.dim() > 0)
+    buffers[name] = torch.zeros(3, 3)
+    with pytest.raises(ValueError, match=f"optimizer: {name} of parameter {index} has shape \\(3, 3\\)"):
+        learner.load_state_dict(state)
+    state["optimizer"]["state"] = {10_000: {}}
+    with pytest.raises(ValueError, match="state of an unknown parameter 10000"):
+        learner.load_state_dict(state)
+    assert learner.step == 1
+    assert_same(learner_snapshot(learner), trained)
 
 
 def test_learner_count_must_match_world_size():

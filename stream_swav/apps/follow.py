@@ -237,6 +237,9 @@ class Follower:
         self.device = device or pick_device()
         self.max_train, self.max_test = max_train, max_test
         self.metrics = metrics
+        # Step -> why its last evaluation failed: retried at every round, logged again only when the
+        # reason changes (a damaged milestone is retained for good).
+        self.failed: dict[int, str] = {}
         self.results = ResultLog(out_dir)
         self.plot_path = self.results.out_dir / PLOT_PNG
         self._data: dict[int, EvalData] = {}
@@ -322,11 +325,27 @@ class Follower:
                    and storage.exists(storage.join_url(url, ckpt.META), self.storage_cfg)]
         rows = []
         for i, (step, url) in enumerate(pending):
-            ckpt.check_contained(self.checkpoints, url, self.storage_cfg)
             newest = i == len(pending) - 1
-            rows.append(self.evaluate(resolve_checkpoint(url, self.storage_cfg),
-                                      probe=self.probe and newest if probe_newest_only else None))
+            try:
+                ckpt.check_contained(self.checkpoints, url, self.storage_cfg)
+                rows.append(self.evaluate(resolve_checkpoint(url, self.storage_cfg),
+                                          probe=self.probe and newest if probe_newest_only else None))
+            except (OSError, ValueError, RuntimeError) as error:
+                # One damaged checkpoint must not hold back the others, nor the latest.
+                self.count_failure(step, error)
+                continue
+            self.failed.pop(step, None)
         return rows
+
+    def count_failure(self, step: int | None, error: BaseException) -> None:
+        """An evaluation that failed: counted, and logged unless it failed the same way before."""
+        why = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
+        if self.metrics is not None:
+            self.metrics.count_failure()
+        if step is None or self.failed.get(step) != why:
+            log.error("evaluation failed for %s: %s", "the latest checkpoint" if step is None else f"step {step}", why)
+        if step is not None:
+            self.failed[step] = why
 
 
 def evaluate_checkpoints(checkpoint_dir: str | Path, train: str, test: str, *,
@@ -361,19 +380,18 @@ def run(args: argparse.Namespace) -> int:
         log.info("evaluation metrics on http://%s:%d/metrics", args.host, port)
     try:
         while True:
+            if args.all:
+                follower.evaluate_retained()
             try:
-                if args.all:
-                    follower.evaluate_retained()
                 follower.poll()
             except (OSError, ValueError, RuntimeError) as error:
                 # A checkpoint pruned between listing and loading, a storage hiccup, a damaged file:
                 # report it and try again at the next poll (the step was not recorded as done).
-                metrics.count_failure()
-                log.error("evaluation failed: %s: %s", type(error).__name__, error)
+                follower.count_failure(None, error)
                 if args.once:
                     return 1
             if args.once:
-                return 0
+                return 1 if follower.failed else 0
             time.sleep(args.interval_s)
     except KeyboardInterrupt:
         return 0

@@ -57,10 +57,12 @@ import os
 import signal
 import threading
 import time
+import uuid
 from collections.abc import Callable
 from typing import Any
 
 import ray
+import torch
 from ray.exceptions import GetTimeoutError, RayError, RayTaskError
 
 from stream_swav import checkpoint as ckpt
@@ -68,13 +70,14 @@ from stream_swav import storage
 from stream_swav.backbone_spec import BackboneSpec
 from stream_swav.config import Config, ConfigError, UsageError
 from stream_swav.curation import SeenSet
+from stream_swav.data.cursor import StreamCursor
 from stream_swav.data.labelled import NoShardsFound, load_labeled_images
 from stream_swav.data.sources import ShardSource, spec_kind
 from stream_swav.runtime.checkpointing import CheckpointPolicy
 from stream_swav.runtime.cluster import StartupError, init_ray, plan_cluster, shutdown_ray
 from stream_swav.runtime.decode_pool import DecodePool
-from stream_swav.runtime.learner_group import (POLL_S, Joiner, LearnerFailure, LearnerGroup, LearnersLost, Stopped,
-                                                first_line, kill_quietly, unanswered)
+from stream_swav.runtime.learner_group import (POLL_S, CheckpointRejected, Joiner, LearnerFailure, LearnerGroup,
+                                                LearnersLost, Stopped, first_line, kill_quietly, unanswered)
 from stream_swav.runtime.ledger import StreamLedger
 from stream_swav.runtime.metrics import Metrics
 from stream_swav.runtime.observers import RunObserver
@@ -130,6 +133,8 @@ class Trainer:
         self.last_summary: ChunkSummary | None = None
         self.last_checkpoint_step = -1
         self.restarts = 0
+        # Checkpoints the learners refused (absolute step-folder URL -> why): never tried again.
+        self.rejected: dict[str, str] = {}
         self.metrics_port = 0
         # When the actors first came up: a time budget counts training time from there.
         self.started: float | None = None
@@ -189,7 +194,7 @@ class Trainer:
         self.last_relist = time.monotonic()
         # Which checkpoint to resume from is known before any actor starts: a folder where none
         # loads stops the run here, in one line.
-        return self.bring_up(shards, ckpt.load_for_resume(cfg.checkpoint.dir, cfg.storage))
+        return self.bring_up(shards, self.resume_point())
 
     def train_chunk(self) -> RunState:
         """RUNNING: one chunk on every learner, merged into the stream ledger; a checkpoint when due."""
@@ -337,8 +342,7 @@ class Trainer:
                                           f"step {self.last_checkpoint_step}")
         log.warning("restarting the learners from the latest checkpoint; steps trained since it are trained again")
         step_before = self.step
-        next_state = self.bring_up(self.source.list_shards(), ckpt.load_for_resume(self.cfg.checkpoint.dir,
-                                                                                   self.cfg.storage))
+        next_state = self.bring_up(self.source.list_shards(), self.resume_point())
         if next_state is RunState.RUNNING:
             self.observer.on_rollback(max(0, step_before - self.step))
         return next_state
@@ -364,10 +368,19 @@ class Trainer:
         return RunState.FAILED
 
     # ------------------------------------------------------------ bringing actors up
+    def resume_point(self) -> ckpt.ResumePoint | None:
+        """The newest checkpoint that loads, whose stream cursor and weights the driver can use, and
+        that the learners did not refuse; None without any; NoLoadableCheckpoint (one line) when
+        there are checkpoints but none of them will do."""
+        return ckpt.load_for_resume(self.cfg.checkpoint.dir, self.cfg.storage, check=check_resume_state,
+                                    rejected=self.rejected)
+
     def bring_up(self, shards: list[str], point: ckpt.ResumePoint | None) -> RunState:
         """Start the learners and decode actors and restore `point`: RUNNING. A learner that fails
         meanwhile (a node lost during start-up, a process killed for memory) is a failure like any
-        other: RECOVERING. A stop while waiting for resources: DONE, without a checkpoint."""
+        other: RECOVERING. A checkpoint the learners refuse is one to skip, not a failure: the actors
+        start again with the next older one (and the run stops in one line when none is left). A
+        stop while waiting for resources: DONE, without a checkpoint."""
         # Before any decode actor starts, so that each starts from the union of the checkpoint being
         # restored, not from the union of the run that failed (it may be ahead of that checkpoint).
         self.seen = self.restored_seen(point)
@@ -375,6 +388,14 @@ class Trainer:
         try:
             self.start_actors()
             self.restore(shards, point)
+        except CheckpointRejected as rejected:
+            if point is None:  # a fresh start restores nothing a learner could refuse
+                raise
+            log.error("the learners refuse checkpoint %s: %s; trying an older one", point.url, rejected.reason)
+            self.rejected[point.url] = f"the learners refuse it: {rejected.reason}"
+            self.shutdown_actors()
+            # Actors start afresh: every part restored from the refused checkpoint is forgotten.
+            return self.bring_up(shards, self.resume_point())
         except LearnerFailure as failure:
             self.failure_cause = failure.cause
             return RunState.RECOVERING
@@ -428,6 +449,12 @@ class Trainer:
         self.last_checkpoint_step = self.step
         self.policy.mark(self.step, time.time())
         self.observer.on_resume(point, self.step, self.images_seen)
+        if point.skipped:
+            try:
+                ckpt.repoint_latest(self.cfg.checkpoint.dir, point, self.cfg.storage)
+            except OSError as err:
+                log.warning("could not point latest.json at %s (%s); a save of a skipped step will fail once",
+                            point.url, first_line(err))
 
     # ------------------------------------------------------------ an elastic group's growth
     def tend_joiners(self) -> None:
@@ -638,18 +665,31 @@ class Trainer:
             self.group.shutdown()
 
 
+def check_resume_state(state: dict[str, Any]) -> None:
+    """Raise ValueError when a checkpoint's state loads but cannot be resumed from: no stream cursor
+    that parses (the driver rewinds the stream to it), or weights that are not finite (every step
+    from them would be skipped as non-finite, and every restart would land on them again)."""
+    if "stream_cursor" not in state:
+        raise ValueError("its state has no stream_cursor")
+    StreamCursor(0).load_state_dict(state["stream_cursor"])
+    average = state.get("average")
+    for part, weights in (("model", state.get("model")),
+                          ("average", average.get("module") if isinstance(average, dict) else None)):
+        for name, tensor in (weights.items() if isinstance(weights, dict) else ()):
+            if isinstance(tensor, torch.Tensor) and tensor.is_floating_point() and not torch.isfinite(tensor).all():
+                raise ValueError(f"its {part} weight {name} is not finite")
+
+
 def check_before_start(cfg: Config) -> None:
     """What can be known to be wrong before Ray starts, each refused in one line naming the key:
     shards (of the stream, or of curation.balance_reference) that cannot be listed or are not there,
     a checkpoint folder out of reach, a GPU asked for on a machine without one."""
     if cfg.train.device == "cuda" and not os.environ.get("RAY_ADDRESS"):
-        import torch
-
         if not torch.cuda.is_available():
             raise ConfigError("train.device: cuda, but this machine has no usable CUDA GPU and no cluster is named "
                               "(RAY_ADDRESS); use train.device=auto or cpu, or set RAY_ADDRESS to a GPU cluster")
     looks = [("data.shards", cfg.data.shards, lambda url: ShardSource(url, cfg.storage).list_shards()),
-             ("checkpoint.dir", cfg.checkpoint.dir, lambda url: storage.exists(url, cfg.storage))]
+             ("checkpoint.dir", cfg.checkpoint.dir, lambda url: _checkpoint_dir_writable(url, cfg))]
     if cfg.curation.balance > 0 and cfg.curation.balance_signal == "reference":
         looks.append(("curation.balance_reference", cfg.curation.balance_reference,
                       lambda url: _reference_readable(url, cfg)))
@@ -668,6 +708,19 @@ def check_before_start(cfg: Config) -> None:
             raise ConfigError(f"data.shards: no shards at {url}{where}; give a folder or s3:// prefix holding "
                               f".tar/.tar.gz/.tgz shards, a brace pattern or a .txt list (`stream-swav make-shards` "
                               f"makes shards from images), or data.follow: true to wait for them")
+
+
+def _checkpoint_dir_writable(url: str, cfg: Config) -> bool:
+    """checkpoint.dir is a folder (or prefix) this machine can write: a probe file is written and
+    removed, so that a run does not find out at its first save, possibly hours in, that every save
+    fails (it would go on training, saving nothing)."""
+    fs, path = storage.filesystem_for(url, cfg.storage)
+    if fs.isfile(path):
+        raise ConfigError(f"checkpoint.dir: {url} is a file; point checkpoint.dir at a folder or s3:// prefix")
+    probe = storage.join_url(url, f".write-probe-{uuid.uuid4().hex}")
+    storage.write_bytes_atomic(probe, b"", cfg.storage)
+    storage.rm(probe, cfg.storage)
+    return True
 
 
 def _reference_readable(url: str, cfg: Config) -> bool:

@@ -78,6 +78,16 @@ class Joiner:
     slots: list[int] = field(default_factory=list)
 
 
+class CheckpointRejected(RuntimeError):
+    """The learners refused a checkpoint's state (`LearnerState.check_state`: another model, code
+    method or optimiser than this configuration's, or parts that are damaged); nothing was loaded
+    on the rank that refused it. `reason` says why, in one line."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
 class Stopped(RuntimeError):
     """A stop was requested while waiting (SIGTERM during start-up or recovery)."""
 
@@ -207,7 +217,15 @@ class LearnerGroup:
                     for key in RANK_LOCAL_STATE_KEYS:
                         rank_state.pop(key, None)
             refs.append(actor.load_state.remote(rank_state))
-        return int(wait_all(refs, None, None, "restoring the checkpoint")[0])
+        try:
+            return int(wait_all(refs, None, None, "restoring the checkpoint")[0])
+        except LearnerFailure as failure:
+            # A learner that checked the state and refused it (ValueError) would refuse it again at
+            # every recovery: that is the checkpoint's fault, not the learner's.
+            refused = failure.__cause__
+            if isinstance(refused, RayTaskError) and isinstance(refused.cause, ValueError):
+                raise CheckpointRejected(first_line(refused.cause)) from failure
+            raise
 
     def run_chunk(self, max_steps: int, max_seconds: float) -> list[StepReport]:
         """Every rank trains up to `max_steps` steps for at most about `max_seconds`; their reports.

@@ -124,8 +124,10 @@ class RunObserver:
         for url, why in point.skipped:
             log.warning("skipped checkpoint %s: it does not load (%s); resuming from an older one", url, why)
         record = point.record
-        size = int(record.get("state_bytes", 0)) + int(record.get("backbone_bytes", 0))
-        self.metrics.observe_checkpoint(step=step, wall_time=float(record["wall_time"]), duration_s=0.0,
+        size = record.get("state_bytes", 0) + record.get("backbone_bytes", 0)
+        # Types are checked where present (`checkpoint._check_record`); a record without a time is taken as now.
+        self.metrics.observe_checkpoint(step=step, wall_time=float(record.get("wall_time", time.time())),
+                                        duration_s=0.0,
                                         size_bytes=size, saved_now=False)
         log.info("resumed from %s: step %d, %d images seen", point.url, step, images_seen)
 

@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from stream_swav.data.cursor import ShardKey
+from stream_swav.data.cursor import ShardKey, inflate, inflation_limit
 
 HASH_BITS = 64
 _HASH_SIDE = 32  # the gray thumbnail the DCT runs on
@@ -312,9 +312,9 @@ def _entries_of(state: dict[str, Any]) -> list[tuple[int, tuple[int, ...]]]:
         fmt = state["format"]
         if not isinstance(fmt, int) or isinstance(fmt, bool) or fmt != _STATE_FORMAT:
             raise ValueError(f"unknown format {fmt!r}")
-        hashes = np.frombuffer(zlib.decompress(state["hashes"]), "<u8").tolist()
-        counts = np.frombuffer(zlib.decompress(state["event_counts"]), "<u4").tolist()
-        flat = np.frombuffer(zlib.decompress(state["events"]), "<i8").tolist()
+        hashes = np.frombuffer(inflate(state["hashes"], inflation_limit(state["hashes"]), "hashes"), "<u8").tolist()
+        counts = np.frombuffer(inflate(state["event_counts"], 4 * len(hashes), "event_counts"), "<u4").tolist()
+        flat = np.frombuffer(inflate(state["events"], 24 * sum(counts), "events"), "<i8").tolist()
         if len(hashes) != len(counts) or 3 * sum(counts) != len(flat) or min(counts, default=1) < 1:
             raise ValueError("hashes, event_counts and events disagree")
         if len(set(hashes)) != len(hashes):
@@ -324,7 +324,7 @@ def _entries_of(state: dict[str, Any]) -> list[tuple[int, tuple[int, ...]]]:
             entries.append((h, tuple(_pack(*flat[i:i + 3]) for i in range(at, at + 3 * count, 3))))
             at += 3 * count
         return entries
-    except (KeyError, TypeError, zlib.error) as exc:
+    except (KeyError, TypeError) as exc:
         raise ValueError(f"malformed seen-set state: {type(exc).__name__}: {exc}") from None
     except ValueError as exc:
         raise ValueError(f"malformed seen-set state: {exc}") from None

@@ -3,6 +3,7 @@ bounded, pass-aware seen-set."""
 from __future__ import annotations
 
 import io
+import zlib
 
 import numpy as np
 import pytest
@@ -126,6 +127,10 @@ def test_state_round_trips_and_makes_the_same_decisions():
                       {k: v for k, v in good.items() if k != "hashes"}, twice):
         with pytest.raises(ValueError, match="malformed seen-set state"):
             restored.load_state_dict(malformed)
+    # Bombs: kilobytes that would inflate to 100 MB, refused as they inflate.
+    for bomb in ("hashes", "events"):
+        with pytest.raises(ValueError, match=f"malformed seen-set state: {bomb} inflates past"):
+            restored.load_state_dict({**good, bomb: zlib.compress(bytes(100_000_000), 9)})
     assert restored.state_dict() == seen.state_dict()  # refused before anything changed
 
 

@@ -209,14 +209,32 @@ def test_version_one_states_still_load():
     lambda s: s.update(n_shards=2),
 ])
 def test_malformed_state_is_refused(damage):
+    state = saved_state()
+    damage(state)
+    with pytest.raises(ValueError, match="malformed stream cursor state"):
+        StreamCursor(seed=0).load_state_dict(state)
+
+
+def saved_state() -> dict:
     cursor = StreamCursor(seed=0)
     cursor.add_shards(URLS[:3])
     tasks = drain(cursor)
     finish(cursor, tasks[:1])
     cursor.advance({tasks[1].key: 2}, [])
-    state = cursor.state_dict()
+    return cursor.state_dict()
+
+
+@pytest.mark.parametrize("damage", [
+    lambda s: s.update(shards=zlib.compress(b"\0" * 100_000_000, 9)),
+    lambda s: s["passes"][0].update(finished=zlib.compress(b"\0" * 100_000_000, 9)),
+    lambda s: s.update(shards=zlib.compress(b"a.tar\0b.tar\0c.tar")[:-3]),
+])
+def test_a_state_that_inflates_far_past_its_size_is_refused_as_it_inflates(damage):
+    """A few kilobytes that would inflate to 100 MB (a 0.5 MB one took a gigabyte and 51 s): the
+    bitmap's length follows from the shards, the shard list's from its compressed size."""
+    state = saved_state()
     damage(state)
-    with pytest.raises(ValueError, match="malformed stream cursor state"):
+    with pytest.raises(ValueError, match="malformed stream cursor state: .*(inflates past|cut short)"):
         StreamCursor(seed=0).load_state_dict(state)
 
 

@@ -43,6 +43,33 @@ _NAME_SEPARATOR = b"\0"
 
 ShardKey = tuple[int, int]
 
+# A saved state's compressed arrays are not trusted to inflate to what they claim: zlib reaches about
+# 1,000 times, so a small hand-made state could take gigabytes. What an array may inflate to is
+# known exactly where its length follows from another part, and otherwise this many times its
+# compressed size (names and hashes compress far less).
+MAX_INFLATION = 64
+
+
+def inflate(data: bytes, limit: int, what: str) -> bytes:
+    """zlib-decompressed `data`; ValueError (naming `what`) past `limit` bytes or when cut short."""
+    if not isinstance(data, (bytes, bytearray)):
+        raise ValueError(f"{what}: expected bytes, got {type(data).__name__}")
+    inflater = zlib.decompressobj()
+    try:
+        out = inflater.decompress(data, limit + 1)
+    except zlib.error as exc:
+        raise ValueError(f"{what}: {exc}") from None
+    if len(out) > limit or inflater.unconsumed_tail:
+        raise ValueError(f"{what} inflates past {limit} bytes")
+    if not inflater.eof:
+        raise ValueError(f"{what} is cut short")
+    return out
+
+
+def inflation_limit(data: bytes) -> int:
+    """What an array whose length nothing else gives may inflate to (MAX_INFLATION)."""
+    return max(MAX_INFLATION * len(data), 1 << 20)
+
 
 def encode_name(name: str) -> bytes:
     """A shard name as the bytes it came from: names that are not valid UTF-8 reach Python as
@@ -289,7 +316,7 @@ class StreamCursor:
             elif version != STATE_VERSION:
                 raise ValueError(f"unsupported version {version!r}")
             seed, current = int(state["seed"]), int(state["current_pass"])
-            raw = zlib.decompress(state["shards"])
+            raw = inflate(state["shards"], inflation_limit(state["shards"]), "shard list")
             urls = [name.decode("utf-8", "surrogateescape") for name in raw.split(_NAME_SEPARATOR)] if raw else []
             if len(urls) != int(state["n_shards"]) or len(set(urls)) != len(urls):
                 raise ValueError("shard list does not match n_shards or repeats a shard")
@@ -299,7 +326,7 @@ class StreamCursor:
                 if index < current or not 0 <= base <= len(urls):
                     raise ValueError(f"pass {index} is before current_pass or has a bad base")
                 restored = _Pass(seed, index, base)
-                finished = bytearray(zlib.decompress(entry["finished"]))
+                finished = bytearray(inflate(entry["finished"], (len(urls) + 7) // 8 + 1, f"pass {index} bitmap"))
                 restored.finished = finished
                 restored.n_finished = sum(bin(byte).count("1") for byte in finished)
                 if _marks_beyond(finished, len(urls)):

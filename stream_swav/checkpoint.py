@@ -37,6 +37,7 @@ import math
 import os
 import re
 import time
+import zipfile
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any, Callable
@@ -362,9 +363,9 @@ def _check_record_fields(record: dict[str, Any], url: str) -> None:
 
 
 def check_contained(root_url: str, step_url: str, storage_cfg: StorageConfig) -> None:
-    """A step folder reached from a checkpoint folder must lie inside it, symbolic links resolved,
-    as latest.json may only name our own layout: an edited folder cannot lead a loader elsewhere.
-    (Object stores have no links.)"""
+    """A step folder, or a file in one, reached from a checkpoint folder must lie inside it,
+    symbolic links resolved, as latest.json may only name our own layout: an edited folder cannot
+    lead a loader elsewhere (state.pt linked to another run's). (Object stores have no links.)"""
     protocol, root = storage.split_protocol(root_url)
     if protocol != "file":
         return
@@ -382,16 +383,31 @@ def resolve_file(url: str, filename: str, storage_cfg: StorageConfig) -> str:
         return url
     latest = read_latest(url, storage_cfg)
     if latest is not None:
-        check_contained(url, join_url(url, step_dir_name(latest["step"])), storage_cfg)
-        return join_url(url, latest["state" if filename == STATE else "backbone"])
+        found = join_url(url, latest["state" if filename == STATE else "backbone"])
+        check_contained(url, found, storage_cfg)
+        return found
     candidate = join_url(url, filename)
     if storage.exists(candidate, storage_cfg):
         return candidate
     raise FileNotFoundError(f"{url}: neither a checkpoint folder with {LATEST} nor a step folder with {filename}")
 
 
+def check_stored_entries(data: bytes, url: str) -> None:
+    """torch.save writes its zip entries stored, never compressed, while torch.load inflates any:
+    a compressed entry (half a megabyte that loads as a 500 MB tensor) is refused."""
+    try:
+        archive = zipfile.ZipFile(io.BytesIO(data))
+    except zipfile.BadZipFile:
+        return  # torch's legacy format (nothing compressed), or damaged: torch.load says which
+    for info in archive.infolist():
+        if info.compress_type != zipfile.ZIP_STORED:
+            raise ValueError(f"{url}: its entry {info.filename} is compressed, which torch.save never does; "
+                             f"refusing it (it may inflate to any size)")
+
+
 def _load(url: str, storage_cfg: StorageConfig, map_location: Any) -> dict[str, Any]:
     data = storage.read_bytes(url, storage_cfg)
+    check_stored_entries(data, url)
     try:
         loaded = torch.load(io.BytesIO(data), map_location=map_location, weights_only=True)
     except Exception as error:
@@ -452,9 +468,9 @@ def resolve_checkpoint(url: str, storage_cfg: StorageConfig | None = None,
         record = record if record is not None else read_latest(url, storage_cfg)
         # With a latest.json this is a checkpoint folder; without, a step folder.
         folder = join_url(url, step_dir_name(record["step"])) if record is not None else url
-        if record is not None:
-            check_contained(url, folder, storage_cfg)
         backbone_url = join_url(folder, BACKBONE)
+        # Inside the folder given, links resolved (a checkpoint folder, or a step folder).
+        check_contained(url, backbone_url, storage_cfg)
     if not storage.exists(backbone_url, storage_cfg):
         raise FileNotFoundError(f"{url}: no backbone at {backbone_url} (expected a checkpoint folder with "
                                 f"{LATEST}, a step folder, or a backbone.pt)")
@@ -556,6 +572,7 @@ def load_for_resume(dir_url: str, storage_cfg: StorageConfig, check: Callable[[d
                 if record is None:
                     continue  # a save that died before finishing this folder: never a checkpoint
                 _check_record(record, join_url(step_url, META))
+            check_contained(dir_url, join_url(step_url, STATE), storage_cfg)
             state = load_checkpoint(join_url(step_url, STATE), storage_cfg)
             if check is not None:
                 check(state)

@@ -10,7 +10,9 @@ model it is built like (`BackboneSpec.torchvision_constructor`) with the classif
 """
 from __future__ import annotations
 
+import io
 import os
+from pathlib import Path
 from collections import OrderedDict
 from collections.abc import Mapping
 from typing import Any
@@ -196,7 +198,11 @@ def load_backbone(source: str | os.PathLike[str] | Mapping[str, Tensor],
     extra or mis-shaped key raises ValueError.
     """
     if isinstance(source, (str, os.PathLike)):
-        state = torch.load(source, map_location="cpu", weights_only=True)
+        from stream_swav.checkpoint import check_stored_entries  # checkpoint builds models through here
+
+        data = Path(source).read_bytes()
+        check_stored_entries(data, str(source))
+        state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     else:
         state = source
     if not isinstance(state, Mapping):
@@ -208,8 +214,19 @@ def load_backbone(source: str | os.PathLike[str] | Mapping[str, Tensor],
     if spec is not None and recorded is not None and spec != recorded:
         raise ValueError(f"state dict does not match {spec.describe()}: it records {recorded.describe()}")
     spec = spec or recorded
-    backbone, _ = build_backbone(spec)
     weights = {k: v for k, v in state.items() if k not in PLACEHOLDER_FC_KEYS or spec.family != "resnet"}
+    # Checked against a network without storage first: a spec forged into a small file (a ResNet-50
+    # 256 wide, a ViT of any depth) would otherwise take gigabytes to build before any weight was
+    # found to match. torchvision's RegNets cannot be built so (they compute their widths with
+    # tensors), but their sizes are the fixed presets of their names.
+    try:
+        with torch.device("meta"):
+            skeleton, _ = build_backbone(spec)
+    except NotImplementedError:
+        skeleton = None
+    if skeleton is not None:
+        check_state_dict(weights, skeleton, f"state dict does not match {spec.describe()}")
+    backbone, _ = build_backbone(spec)
     try:
         backbone.load_state_dict(weights, strict=True)
     except RuntimeError as error:

@@ -205,6 +205,9 @@ def join_url(base: str, *parts: str) -> str:
 
 def read_bytes(url: str, cfg: StorageConfig) -> bytes:
     fs, path = filesystem_for(url, cfg)
+    if isinstance(fs, LocalFileSystem) and os.path.exists(path) and not os.path.isfile(path):
+        # A device or FIFO put where a file was expected (/dev/zero) would be read until memory runs out.
+        raise OSError(f"{url} is not a regular file")
     return fs.cat_file(path)
 
 

@@ -498,3 +498,21 @@ def test_a_resume_that_skipped_newer_checkpoints_points_latest_at_the_one_restor
     assert read_latest(str(tmp_path), STORAGE) == json.loads((tmp_path / "step-000000002" / "meta.json").read_text())
     save_checkpoint(str(tmp_path), 4, 256, resumable_state(4), backbone, INFO, STORAGE)
     assert load_checkpoint(str(tmp_path), STORAGE)["images_seen"] == resumable_state(4)["images_seen"]
+
+
+def test_a_checkpoint_file_with_compressed_entries_is_refused_before_it_inflates(tmp_path):
+    """torch.load inflates deflated zip entries (weights_only or not), so a small hand-made file
+    could load as a huge tensor; torch.save never compresses, so such a file is not ours."""
+    import zipfile
+
+    save(tmp_path, 10)
+    state = tmp_path / "step-000000010" / "state.pt"
+    stored = zipfile.ZipFile(state)
+    packed = tmp_path / "packed.pt"
+    with zipfile.ZipFile(packed, "w", compression=zipfile.ZIP_DEFLATED) as out:
+        for info in stored.infolist():
+            out.writestr(info.filename, stored.read(info))
+    assert torch.load(packed, weights_only=True)["images_seen"] == tiny_state(10)[0]["images_seen"]  # torch takes it
+    packed.replace(state)
+    with pytest.raises(ValueError, match="is compressed, which torch.save never does"):
+        load_checkpoint(str(tmp_path), STORAGE)

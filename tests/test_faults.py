@@ -340,6 +340,31 @@ def test_a_step_folder_linked_elsewhere_is_refused_by_export_and_resume(tmp_path
         ckpt.load_for_resume(str(tmp_path / "checkpoints"), StorageConfig())
 
 
+def test_a_checkpoint_file_linked_elsewhere_or_to_a_device_is_refused(tmp_path, capsys):
+    """A state.pt or backbone.pt linked out of its step folder (another run's) loaded as if it were
+    this run's; one linked to /dev/zero was read until memory ran out."""
+    from test_export import save_trained_looking_checkpoint
+
+    save_trained_looking_checkpoint(tmp_path / "checkpoints", {"arch": "resnet18"}, crop_size=32)
+    step = tmp_path / "checkpoints" / "step-000000040"
+    for name in ("state.pt", "backbone.pt"):
+        (step / name).rename(tmp_path / name)
+        (step / name).symlink_to(tmp_path / name)
+    assert cli.main(["export", "--checkpoint", str(tmp_path / "checkpoints"), "--out", str(tmp_path / "x.pt")]) == 2
+    assert "leads outside the checkpoint folder" in capsys.readouterr().err
+    with pytest.raises(ckpt.NoLoadableCheckpoint, match="state.pt leads outside"):
+        ckpt.load_for_resume(str(tmp_path / "checkpoints"), StorageConfig())
+    (step / "state.pt").unlink()
+    (step / "state.pt").symlink_to("/dev/zero")
+    with pytest.raises(ckpt.NoLoadableCheckpoint, match="leads outside"):
+        ckpt.load_for_resume(str(tmp_path / "checkpoints"), StorageConfig())
+    # A FIFO in its place (a file that is not one): refused before any read, which would block.
+    (step / "state.pt").unlink()
+    os.mkfifo(step / "state.pt")
+    with pytest.raises(ckpt.NoLoadableCheckpoint, match="not a regular file"):
+        ckpt.load_for_resume(str(tmp_path / "checkpoints"), StorageConfig())
+
+
 # ------------------------------------------------------------------ 8. a driver killed with SIGKILL
 
 PRIVATE_DRIVER = """

@@ -4,6 +4,7 @@ import torchvision
 
 import stream_swav
 from stream_swav.config import ModelConfig
+from stream_swav.backbone_spec import SPEC_METADATA_KEY
 from stream_swav.model import BackboneSpec, SwAVModel, build_backbone, load_backbone, recorded_spec
 
 torch.set_num_threads(1)
@@ -138,6 +139,20 @@ def test_small_stem_backbone_loads_in_one_call_from_its_file(tmp_path):
     del incomplete["layer1.0.conv1.weight"]
     with pytest.raises(ValueError, match="does not match"):
         load_backbone(incomplete)
+
+
+def test_a_spec_forged_into_a_small_file_is_refused_without_building_the_network(tmp_path):
+    """A 2 KB backbone.pt claiming a ResNet-50 at width 256 took 2.2 GB to build before a strict
+    load found no weight matched; it is checked against a network without storage first."""
+    model = tiny_model(small_stem=True).eval()
+    state = model.backbone_state_dict()
+    forged = type(state)({"conv1.weight": state["conv1.weight"]})
+    forged._metadata = {**state._metadata, SPEC_METADATA_KEY: BackboneSpec("resnet50", width=256).to_record()}
+    torch.save(forged, tmp_path / "forged.pt")
+    # Refused by the check of keys against the storage-less network ("missing [...]"), not by a
+    # strict load into a built one ("Error(s) in loading state_dict").
+    with pytest.raises(ValueError, match=r"does not match resnet50 .*: missing \['bn1"):
+        stream_swav.load_backbone(tmp_path / "forged.pt")
 
 
 def test_backbone_files_of_the_old_format_load_with_their_spec():

@@ -226,7 +226,8 @@ def write_bytes_atomic(url: str, data: bytes, cfg: StorageConfig) -> None:
     """Readers see the old object or the whole new one, never a part.
 
     Locally: write a temporary file in the same folder, fsync, rename over the
-    target. On S3 a single PUT is already atomic.
+    target, fsync the folder (so that the rename survives a power loss). On S3 a
+    single PUT is already atomic.
     """
     fs, path = filesystem_for(url, cfg)
     if not isinstance(fs, LocalFileSystem):
@@ -245,6 +246,13 @@ def write_bytes_atomic(url: str, data: bytes, cfg: StorageConfig) -> None:
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
+    # The rename itself lives in the folder: until the folder is synced, a power loss can undo it
+    # (latest.json back at a step that retention has since deleted).
+    folder_fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(folder_fd)
+    finally:
+        os.close(folder_fd)
 
 
 TEMPORARY_MARKER = ".tmp-"

@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
+import re
 import typing
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -51,7 +52,10 @@ PROBABILITY = Check(lambda v: 0.0 <= v <= 1.0, "must be a probability in [0, 1]"
 NOT_EMPTY = Check(bool, "must not be empty")
 SCALE = Check(lambda v: 0.0 < v[0] <= v[1] <= 1.0, "must be (min, max) with 0 < min <= max <= 1")
 INCREASING_POSITIVE = Check(lambda v: 0.0 < v[0] <= v[1], "must be (min, max) with 0 < min <= max")
-ALL_POSITIVE = Check(lambda v: all(x > 0 for x in v), "must be > 0")
+ALL_POSITIVE = Check(lambda v: all(x > 0 and _finite(x) for x in v), "must be finite and > 0")
+ALL_FINITE = Check(lambda v: all(_finite(x) for x in v), "must be finite")
+# Random seeds: what numpy's and torch's generators take.
+SEED = Check(lambda v: 0 <= v < 2**32, "must be in [0, 2**32)")
 TCP_PORT = Check(lambda v: 0 <= v <= 65535, "must be a TCP port in [0, 65535]")
 
 
@@ -65,6 +69,26 @@ def _balanced_braces(text: str) -> bool:
 
 
 BALANCED_BRACES = Check(_balanced_braces, "has unbalanced braces; a pattern takes {000..099} ranges or {a,b} lists")
+
+
+def storage_url(text: str) -> bool:
+    """A local path, file://..., or s3://<bucket>/...: what `stream_swav.storage` reads and writes."""
+    if "://" not in text:
+        return True
+    scheme, rest = text.split("://", 1)
+    bucket = rest.lstrip("/").split("/", 1)[0]
+    return scheme.lower() == "file" or (scheme.lower() in ("s3", "s3a")
+                                        and re.fullmatch(r"[A-Za-z0-9]([A-Za-z0-9._-]*[A-Za-z0-9])?", bucket) is not None)
+
+
+STORAGE_URL_TEXT = "must be a local path, file://... or s3://<bucket>/..."
+STORAGE_URL = Check(lambda v: not v or storage_url(v), STORAGE_URL_TEXT)
+_ENDPOINT = re.compile(r"https?://(\[[0-9A-Fa-f:.]+\]|[^\s/?#:\[\]]+)(:[0-9]{1,5})?(/\S*)?")
+ENDPOINT_URL = Check(lambda v: not v or _ENDPOINT.fullmatch(v) is not None,
+                     "must be empty or an http(s)://host[:port] URL, such as http://minio:9000")
+# botocore's own rule for a region name.
+REGION = Check(lambda v: not v or re.fullmatch(r"[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?", v) is not None,
+               "must be empty or a region name such as us-east-1")
 
 
 def one_of(*options: Any) -> Check:
@@ -185,8 +209,8 @@ class StorageConfig:
     FSSPEC_S3_ENDPOINT_URL, AWS_ENDPOINT_URL), so MinIO, Ceph or R2 work.
     """
 
-    endpoint_url: str = ""
-    region: str = ""
+    endpoint_url: str = setting("", ENDPOINT_URL)
+    region: str = setting("", REGION)
     anon: bool = False
     retries: int = setting(5, NON_NEGATIVE)
     retry_backoff_s: float = setting(0.5, NON_NEGATIVE)
@@ -200,7 +224,7 @@ class DataConfig:
     shards: str = setting("", BALANCED_BRACES)
     follow: bool = False
     relist_interval_s: float = setting(30.0, POSITIVE)
-    seed: int = 0
+    seed: int = setting(0, SEED)
     shuffle_buffer: int = setting(512, POSITIVE)
     # ... and at most this many encoded bytes per open shard (512 large photographs would be GBs).
     shuffle_buffer_bytes: int = setting(256 * 1024 * 1024, POSITIVE)
@@ -218,6 +242,9 @@ class DataConfig:
     max_expansion: float = setting(50.0, NON_NEGATIVE)
     shard_read_retries: int = setting(4, NON_NEGATIVE)
     shard_retry_backoff_s: float = setting(1.0, NON_NEGATIVE)
+
+    def rules(self) -> Iterator[Rule]:
+        yield ("data.shards", storage_url(self.shards), STORAGE_URL_TEXT, self.shards)
 
 
 @dataclass
@@ -246,7 +273,7 @@ class AugmentConfig:
     blur_prob_global: float = setting(0.5, PROBABILITY)
     blur_prob_local: float = setting(0.0, PROBABILITY)
     blur_sigma: tuple[float, float] = setting((0.1, 2.0), INCREASING_POSITIVE)
-    mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
+    mean: tuple[float, float, float] = setting((0.485, 0.456, 0.406), ALL_FINITE)
     std: tuple[float, float, float] = setting((0.228, 0.224, 0.225), ALL_POSITIVE)
 
 
@@ -262,7 +289,7 @@ class ModelConfig:
     # ResNet: the last stage's map is average-pooled to a feature_grid x feature_grid grid and
     # flattened (1: global pooling, torchvision's). A grid keeps the coarse layout that pixels of
     # small, centred images carry (docs/quality.md).
-    feature_grid: int = setting(1, POSITIVE)
+    feature_grid: int = setting(1, within(1, 32))
     # ResNet: channels of the first stage (torchvision: 64), doubled at each later one. ViT: token
     # width (heads x head size). 0: the architecture's own. RegNets keep theirs.
     width: int = setting(0, NON_NEGATIVE)
@@ -386,7 +413,7 @@ class TrainConfig:
     max_nonfinite_in_row: int = setting(20, POSITIVE)
     log_interval_s: float = setting(5.0, POSITIVE)
     progress_bar: bool = True
-    seed: int = 0
+    seed: int = setting(0, SEED)
     gpus_per_learner: float = setting(1.0, NON_NEGATIVE)
     cpus_per_learner: float = setting(1.0, NON_NEGATIVE)
     # Intra-op threads of a learner that trains on the CPU; 0: cpus_per_learner rounded up. Ray
@@ -426,7 +453,7 @@ class TrainConfig:
 
 @dataclass
 class CheckpointConfig:
-    dir: str = setting("runs/checkpoints", NOT_EMPTY)
+    dir: str = setting("runs/checkpoints", Check(lambda v: bool(v) and storage_url(v), STORAGE_URL_TEXT))
     every_steps: int = setting(1000, NON_NEGATIVE)
     every_seconds: float = setting(600.0, NON_NEGATIVE)
     keep_last: int = setting(3, POSITIVE)
@@ -491,7 +518,7 @@ class CurationConfig:
     # cosine similarity of projected features under which a stream image is near no anchor (not
     # placed: weighs 1, shown once; -1 places every image). The images stay on the learner's device
     # (1,000 at 224 px: 150 MB), hence the bound.
-    balance_reference: str = ""
+    balance_reference: str = setting("", STORAGE_URL)
     balance_reference_images: int = setting(1000, within(1, 10_000))
     balance_reference_refresh: int = setting(100, POSITIVE)
     balance_reference_similarity: float = setting(-1.0, within(-1.0, 1.0))
@@ -789,10 +816,18 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             text = Path(path).read_text()
         except OSError as error:
             raise ConfigError(f"{path}: cannot read the config file ({error.strerror or error})") from error
+        except UnicodeDecodeError:
+            raise ConfigError(f"{path}: not UTF-8 text; a config file is YAML in UTF-8") from None
         try:
             loaded = yaml.safe_load(text) or {}
+        except yaml.MarkedYAMLError as error:
+            where = f" at line {error.problem_mark.line + 1}, column {error.problem_mark.column + 1}" \
+                if error.problem_mark is not None else ""
+            raise ConfigError(f"{path}: not valid YAML{where}: {error.problem or error.context}") from None
         except yaml.YAMLError as error:
-            raise ConfigError(f"{path}: not valid YAML: {error}") from error
+            raise ConfigError(f"{path}: not valid YAML: {' '.join(str(error).split())}") from None
+        except RecursionError:
+            raise ConfigError(f"{path}: nested too deep to be a configuration") from None
         if not isinstance(loaded, dict):
             raise ConfigError(f"{path}: top level must be a mapping of sections")
         layers.append(loaded)

@@ -326,8 +326,18 @@ def test_missing_yaml_file_names_the_path(tmp_path):
         load_config(path)
     broken = tmp_path / "broken.yaml"
     broken.write_text("train: [batch_size: 8\n")
-    with pytest.raises(ConfigError, match=re.escape(str(broken)) + ": not valid YAML"):
+    with pytest.raises(ConfigError, match=re.escape(str(broken)) + ": not valid YAML at line 2, column 1") as refused:
         load_config(broken)
+    assert "\n" not in str(refused.value)  # was 5-7 lines of PyYAML's marks
+    # Not text, and nested past Python's recursion limit: tracebacks before.
+    garbage = tmp_path / "garbage.yaml"
+    garbage.write_bytes(bytes(range(128, 256)) * 3)
+    with pytest.raises(ConfigError, match=re.escape(str(garbage)) + ": not UTF-8 text"):
+        load_config(garbage)
+    deep = tmp_path / "deep.yaml"
+    deep.write_text("train: " + "[" * 3000 + "]" * 3000 + "\n")
+    with pytest.raises(ConfigError, match=re.escape(str(deep)) + ": nested too deep"):
+        load_config(deep)
 
 
 def test_min_learners_makes_the_group_elastic_and_may_not_exceed_learners():
@@ -386,3 +396,34 @@ def test_replay_rows_keep_the_share_of_a_full_batch_and_of_one_cut_short():
     assert (curation.replays_beside(32), curation.replays_beside(5), curation.replays_beside(0)) == (96, 15, 0)
     half = CurationConfig(resample_share=0.5)
     assert (half.replay_slots(3), half.replays_beside(3), half.replays_beside(1)) == (1, 3, 1)
+
+
+@pytest.mark.parametrize("key, value, says", [
+    ("data.shards", "gs://bucket/x", "data.shards: must be a local path, file://... or s3://<bucket>/..."),
+    ("checkpoint.dir", "s3://", "checkpoint.dir: must be a local path"),
+    ("curation.balance_reference", "ftp://host/ref", "curation.balance_reference: must be a local path"),
+    ("data.shards", "s3://Bad_Bucket!/x", "data.shards: must be a local path"),
+    ("storage.endpoint_url", "minio:9000", "storage.endpoint_url: must be empty or an http(s)://host[:port] URL"),
+    ("storage.region", "bad region/", "storage.region: must be empty or a region name"),
+    ("data.seed", -1, "data.seed: must be in [0, 2**32)"),
+    ("train.seed", 10**30, "train.seed: must be in [0, 2**32)"),
+    ("augment.mean", [float("nan"), 0, 0], "augment.mean: must be finite"),
+    ("augment.std", [float("inf"), 1, 1], "augment.std: must be finite and > 0"),
+    ("model.feature_grid", 100_000, "model.feature_grid: must be in [1, 32]"),
+])
+def test_values_that_used_to_fail_deep_in_a_run_are_refused_at_the_edge(key, value, says):
+    """Each of these passed validation and then failed with a traceback (a scheme storage cannot read,
+    an endpoint botocore refuses), crash-looped the learners (a seed numpy refuses), or trained
+    non-finite losses until exit 3 (a NaN mean)."""
+    section, name = key.split(".")
+    with pytest.raises(ConfigError) as refused:
+        config_from_dict({section: {name: value}})
+    assert str(refused.value).startswith(says)
+
+
+def test_storage_urls_and_endpoints_that_work_are_accepted():
+    config_from_dict({"data": {"shards": "s3://my-bucket.eu/shards/{000000..000099}.tar"},
+                      "checkpoint": {"dir": "file:///tmp/ckpt"},
+                      "storage": {"endpoint_url": "http://[::1]:9000", "region": "eu-west-1"},
+                      "curation": {"balance_reference": "s3a://ref/"}})
+    config_from_dict({"storage": {"endpoint_url": "https://s3.example.com/path"}, "data": {"seed": 2**32 - 1}})

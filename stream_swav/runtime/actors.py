@@ -24,6 +24,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 import ray
+from ray.exceptions import RayTaskError
 
 from stream_swav import logs
 from stream_swav.config import Config, TrainConfig
@@ -90,6 +91,11 @@ class Vote(NamedTuple):
 
 
 def first_line(err: BaseException) -> str:
+    """`Type: first line of the message`; for an error an actor raised, the actor's own error (Ray's
+    wrapper begins with a banner that says nothing of the cause)."""
+    cause = getattr(err, "cause", None)
+    if isinstance(err, RayTaskError) and isinstance(cause, BaseException):
+        err = cause
     text = str(err).strip()
     return f"{type(err).__name__}: {text.splitlines()[0] if text else ''}".rstrip(": ")
 

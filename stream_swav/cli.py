@@ -24,8 +24,17 @@ def _config_arguments(parser: argparse.ArgumentParser) -> None:
                         help="override one configuration value; repeatable")
 
 
+def _endpoint_url(text: str) -> str:
+    """--endpoint-url, checked as storage.endpoint_url is (botocore refuses others with a traceback)."""
+    from stream_swav.config import ENDPOINT_URL
+
+    if not ENDPOINT_URL.accepts(text):
+        raise argparse.ArgumentTypeError(f"{ENDPOINT_URL.message}, got {text!r}")
+    return text
+
+
 def _endpoint_argument(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--endpoint-url", default="", metavar="URL",
+    parser.add_argument("--endpoint-url", default="", metavar="URL", type=_endpoint_url,
                         help="S3 endpoint (MinIO, Ceph, R2...); default: from the environment (AWS_ENDPOINT_URL)")
 
 

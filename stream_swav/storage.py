@@ -176,6 +176,9 @@ def usage_error(error: BaseException, key: str, url: str, cfg: StorageConfig) ->
         return UsageError(f"{key}: {url} does not exist ({detail})")
     if isinstance(error, (NotADirectoryError, FileExistsError)):
         return UsageError(f"{key}: a part of the path {url} is a file, not a folder ({detail}); give a folder")
+    if isinstance(error, (BotoCoreError, ClientError)):
+        return UsageError(f"{key}: the object store refused or failed a request for {url} ({detail}); check the "
+                          f"endpoint, the bucket and the credentials")
     return None
 
 

@@ -137,3 +137,35 @@ def test_s3_without_credentials_or_endpoint_is_one_line(tmp_path, capsys, monkey
                                                    "checkpoint": {"dir": str(tmp_path / "ckpt")}})
     err = one_line_error(capsys, ["train", "--config", str(config)])
     assert f"data.shards: cannot reach the S3 endpoint {closed}" in err and "storage.endpoint_url" in err
+
+
+def test_the_downstream_commands_meet_storage_failures_in_one_line(tmp_path, capsys, monkeypatch, moto_endpoint):
+    """eval, export, follow and make-shards printed 70-120 lines of botocore traceback for an S3
+    store without credentials or out of reach, and accepted an endpoint botocore refuses."""
+    use_fake_credentials(monkeypatch, moto_endpoint)
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+        monkeypatch.delenv(name)
+    (tmp_path / "shards").mkdir()
+    (tmp_path / "shards" / "a.tar").write_bytes(tar_bytes(colour_samples(4)))
+    (tmp_path / "images").mkdir()
+    shards = str(tmp_path / "shards")
+    for argv, option in ((["eval", "--checkpoint", "s3://bucket/ckpt", "--train", shards, "--test", shards],
+                          "--checkpoint"),
+                         (["export", "--checkpoint", "s3://bucket/ckpt", "--out", str(tmp_path / "x.pt")],
+                          "--checkpoint / --out"),
+                         (["follow", "--checkpoints", "s3://bucket/ckpt", "--train", shards, "--test", shards,
+                           "--out", str(tmp_path / "follow"), "--once"], "--checkpoints"),
+                         (["make-shards", str(tmp_path / "images"), "s3://bucket/out"], "dest")):
+        err = one_line_error(capsys, argv)
+        assert f"error: {option}: no S3 credentials" in err, err
+    # Evaluation shards that are not there: refused at once, not at every poll of a follower.
+    err = one_line_error(capsys, ["follow", "--checkpoints", str(tmp_path / "ckpt"), "--train",
+                                  str(tmp_path / "nowhere"), "--test", shards, "--out", str(tmp_path / "f")])
+    assert "error: --train: no shards at" in err
+    err = one_line_error(capsys, ["follow", "--checkpoints", str(tmp_path / "typo"), "--train", shards, "--test",
+                                  shards, "--out", str(tmp_path / "f"), "--once"])
+    assert f"error: --checkpoints: {tmp_path / 'typo'} does not exist" in err
+    with pytest.raises(SystemExit) as refused:
+        cli.main(["eval", "--checkpoint", "x", "--train", shards, "--test", shards, "--endpoint-url", "minio:9000"])
+    assert refused.value.code == 2
+    assert "--endpoint-url: must be empty or an http(s)://host[:port] URL" in capsys.readouterr().err

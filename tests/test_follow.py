@@ -53,7 +53,9 @@ def follow_once(checkpoints: Path, shards: tuple[str, str], out: Path, *extra: s
 
 def test_once_evaluates_each_new_checkpoint_exactly_once(tiny_shards, tmp_path):
     checkpoints, out = tmp_path / "checkpoints", tmp_path / "eval"
-    # Nothing saved yet: a quiet no-op.
+    # No such folder: a typo, refused. A run that started but saved nothing yet: a quiet no-op.
+    assert follow_once(checkpoints, tiny_shards, out) == 2
+    checkpoints.mkdir()
     assert follow_once(checkpoints, tiny_shards, out) == 0
     assert read_results(out / "results.jsonl") == []
 

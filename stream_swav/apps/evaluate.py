@@ -36,6 +36,7 @@ from stream_swav.apps import KNN_K as DEFAULT_K, KNN_TEMPERATURE as DEFAULT_TEMP
 from stream_swav.config import AugmentConfig, StorageConfig
 from stream_swav.data.labelled import LabeledImages, load_labeled_images, normalized_batches
 from stream_swav.model import BackboneSpec, build_backbone
+from stream_swav import storage
 from stream_swav.checkpoint import ResolvedCheckpoint, load_resolved_backbone, resolve_checkpoint
 
 PROBE_MAX_ITER = 100
@@ -354,14 +355,29 @@ def run(args: argparse.Namespace) -> int:
     if args.k < 1 or args.temperature <= 0 or args.batch_size < 1 or args.image_size < 0:
         print("eval: need --k >= 1, --temperature > 0, --batch-size >= 1, --image-size >= 0", file=sys.stderr)
         return 2
+    storage_cfg = StorageConfig(endpoint_url=args.endpoint_url)
     try:
-        result = evaluate_checkpoint(args.checkpoint, args.train, args.test,
-                                     StorageConfig(endpoint_url=args.endpoint_url), image_size=args.image_size,
+        resolve_checkpoint(args.checkpoint, storage_cfg)
+    except Exception as error:  # noqa: BLE001 - a storage failure becomes one line; anything else is raised
+        usage = storage.usage_error(error, "--checkpoint", args.checkpoint, storage_cfg)
+        if usage is not None:
+            raise usage from error
+        if not isinstance(error, (FileNotFoundError, ValueError)):
+            raise
+        print(f"eval: {error}", file=sys.stderr)
+        return 2
+    try:
+        result = evaluate_checkpoint(args.checkpoint, args.train, args.test, storage_cfg, image_size=args.image_size,
                                      k=args.k, temperature=args.temperature, probe=not args.no_probe,
                                      references=not args.no_references, batch_size=args.batch_size,
                                      device=pick_device(args.device), max_train=args.max_train,
                                      max_test=args.max_test)
-    except (FileNotFoundError, ValueError) as error:
+    except Exception as error:  # noqa: BLE001 - as above, for the shards
+        usage = storage.usage_error(error, "--train / --test", f"{args.train} / {args.test}", storage_cfg)
+        if usage is not None:
+            raise usage from error
+        if not isinstance(error, (FileNotFoundError, ValueError)):
+            raise
         print(f"eval: {error}", file=sys.stderr)
         return 2
     print(format_table(result))

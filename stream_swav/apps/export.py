@@ -113,10 +113,16 @@ def run(args: argparse.Namespace) -> int:
     if args.image_size < 0:
         print("export: --image-size must be >= 0", file=sys.stderr)
         return 2
+    storage_cfg = StorageConfig(endpoint_url=args.endpoint_url)
     try:
         written = export_backbone(args.checkpoint, args.out, pt2=args.pt2, image_size=args.image_size,
-                                  storage_cfg=StorageConfig(endpoint_url=args.endpoint_url))
-    except (FileNotFoundError, ValueError, RuntimeError) as error:
+                                  storage_cfg=storage_cfg)
+    except Exception as error:  # noqa: BLE001 - a storage failure becomes one line; anything else is raised
+        usage = storage.usage_error(error, "--checkpoint / --out", f"{args.checkpoint} / {args.out}", storage_cfg)
+        if usage is not None:
+            raise usage from error
+        if not isinstance(error, (FileNotFoundError, ValueError, RuntimeError)):
+            raise
         print(f"export: {error}", file=sys.stderr)
         return 2
     spec = BackboneSpec.from_record(written)

@@ -38,7 +38,8 @@ from stream_swav.apps.evaluate import (
     reference_rows,
 )
 from stream_swav import plotting, storage
-from stream_swav.config import StorageConfig
+from stream_swav.config import StorageConfig, UsageError
+from stream_swav.data.sources import ShardSource
 from stream_swav import checkpoint as ckpt
 from stream_swav.checkpoint import ResolvedCheckpoint, load_resolved_backbone, resolve_checkpoint
 from stream_swav.runtime.metrics import EvalMetrics
@@ -330,7 +331,7 @@ class Follower:
                 ckpt.check_contained(self.checkpoints, url, self.storage_cfg)
                 rows.append(self.evaluate(resolve_checkpoint(url, self.storage_cfg),
                                           probe=self.probe and newest if probe_newest_only else None))
-            except (OSError, ValueError, RuntimeError) as error:
+            except (*storage.TRANSIENT_ERRORS, ValueError, RuntimeError) as error:
                 # One damaged checkpoint must not hold back the others, nor the latest.
                 self.count_failure(step, error)
                 continue
@@ -365,13 +366,45 @@ def evaluate_checkpoints(checkpoint_dir: str | Path, train: str, test: str, *,
 # ---- command line -------------------------------------------------------------------------------------
 
 
+def check_inputs(train: str, test: str, checkpoints: str, once: bool, storage_cfg: StorageConfig) -> None:
+    """Refuse, in one line naming the option, evaluation shards that are not there (a follower would
+    fail at every poll, for days); a checkpoint folder that does not exist is refused with --once
+    and waited for otherwise (the run may not have saved yet), with a warning."""
+    for option, url in (("--train", train), ("--test", test)):
+        try:
+            found = ShardSource(url, storage_cfg).list_shards()
+        except UsageError:
+            raise
+        except Exception as error:  # noqa: BLE001 - a storage failure becomes one line; anything else is raised
+            usage = storage.usage_error(error, option, url, storage_cfg)
+            if usage is None:
+                raise
+            raise usage from error
+        if not found:
+            raise UsageError(f"{option}: no shards at {url}; give labelled evaluation shards (a folder, s3:// "
+                             f"prefix, brace pattern or .txt list; `stream-swav make-shards` makes them)")
+    try:
+        there = storage.exists(checkpoints, storage_cfg)
+    except Exception as error:  # noqa: BLE001 - as above
+        usage = storage.usage_error(error, "--checkpoints", checkpoints, storage_cfg)
+        if usage is None:
+            raise
+        raise usage from error
+    if not there:
+        if once:
+            raise UsageError(f"--checkpoints: {checkpoints} does not exist; give the checkpoint.dir of a run")
+        log.warning("--checkpoints %s does not exist (yet): waiting for a run to save there", checkpoints)
+
+
 def run(args: argparse.Namespace) -> int:
     if args.k < 1 or args.temperature <= 0 or args.interval_s <= 0 or not 0 <= args.port <= 65535:
         print("follow: need --k >= 1, --temperature > 0, --interval-s > 0, --port in [0, 65535]", file=sys.stderr)
         return 2
+    storage_cfg = StorageConfig(endpoint_url=args.endpoint_url)
+    check_inputs(args.train, args.test, args.checkpoints, args.once, storage_cfg)
     metrics = EvalMetrics()
     follower = Follower(args.checkpoints, args.train, args.test, args.out,
-                        StorageConfig(endpoint_url=args.endpoint_url), probe=args.probe,
+                        storage_cfg, probe=args.probe,
                         references=args.references, k=args.k, temperature=args.temperature,
                         image_size=args.image_size, batch_size=args.batch_size, device=pick_device(args.device),
                         max_train=args.max_train, max_test=args.max_test, metrics=metrics)
@@ -384,9 +417,10 @@ def run(args: argparse.Namespace) -> int:
                 follower.evaluate_retained()
             try:
                 follower.poll()
-            except (OSError, ValueError, RuntimeError) as error:
-                # A checkpoint pruned between listing and loading, a storage hiccup, a damaged file:
-                # report it and try again at the next poll (the step was not recorded as done).
+            except (*storage.TRANSIENT_ERRORS, ValueError, RuntimeError) as error:
+                # A checkpoint pruned between listing and loading, a storage hiccup (a network blip
+                # must not end a follower that runs for days), a damaged file: report it and try
+                # again at the next poll (the step was not recorded as done).
                 follower.count_failure(None, error)
                 if args.once:
                     return 1

@@ -469,7 +469,12 @@ def run(args: argparse.Namespace) -> int:
         samples, settings, total = _source(args, storage_cfg, max_bytes)
         summary = write_shards(samples, args.dest, args.max_count, max_bytes, storage_cfg,
                                settings=settings, total=total, progress=not args.no_progress)
-    except (ValueError, FileNotFoundError, NotADirectoryError) as error:
+    except Exception as error:  # noqa: BLE001 - a storage failure becomes one line; anything else is raised
+        usage = storage.usage_error(error, "dest", args.dest, storage_cfg)
+        if usage is not None and not isinstance(error, (FileNotFoundError, NotADirectoryError)):
+            raise usage from error
+        if not isinstance(error, (ValueError, FileNotFoundError, NotADirectoryError)):
+            raise
         print(f"make-shards: {error}", file=sys.stderr)
         return 2
     print(json.dumps(summary.to_dict(), indent=2) if args.json else summary.format())

@@ -324,3 +324,20 @@ def test_classes_beyond_the_label_balance_are_said_once(caplog, signal, highest,
     assert len(said) == (1 if warned else 0)
     if warned:
         assert f"class {highest}" in said[0] and "balance_classes=1000" in said[0]
+
+
+def test_a_stall_names_the_commonest_skip_reasons_and_the_settings_behind_them(caplog):
+    """A stream whose every image a limit refuses (data.min_side above the images' side) trained
+    nothing, and the stall warning said only how many decode errors there were."""
+    from stream_swav.config import Config
+    from stream_swav.runtime.observers import RunObserver
+    from stream_swav.runtime.reports import Progress
+
+    observer = RunObserver(Config().validate(), Metrics())
+    progress = Progress()
+    progress.errors.update({"too-small": 400, "truncated": 3})
+    observer._count_progress(progress)
+    with caplog.at_level("WARNING"):
+        observer.on_stall(20.0, {0: 0}, shards_listed=4, paused_s=0.0)
+    said = caplog.records[-1].getMessage()
+    assert "decode errors so far 403 (too-small 400: data.min_side, truncated 3)" in said

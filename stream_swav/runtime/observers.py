@@ -43,6 +43,12 @@ class Throughput:
         return sum(n for _, n in list(self.events)[1:]) / span if span > 0 else 0.0
 
 
+# The setting that decides a skip reason, where one does.
+SKIP_REASON_KEYS = {"too-small": "data.min_side", "too-large": "data.max_pixels",
+                    "too-many-bytes": "data.max_sample_bytes",
+                    "shard-bytes-limit": "data.max_shard_bytes / data.max_expansion"}
+
+
 class RunObserver:
     def __init__(self, cfg: Config, metrics: Metrics) -> None:
         self.cfg = cfg
@@ -52,6 +58,7 @@ class RunObserver:
         self.collapse = CollapseSettings.from_config(cfg.metrics, cfg.model.prototypes, cfg.optim.warmup_images)
         self.collapsed = False
         self.decode_errors = 0
+        self.decode_error_reasons: collections.Counter = collections.Counter()
         # Images dropped by curation so far, by reason (duplicate, balance).
         self.curation_dropped: collections.Counter = collections.Counter()
         self.replayed = 0
@@ -141,6 +148,7 @@ class RunObserver:
         m = self.metrics
         m.count_decode_errors(progress.errors)
         self.decode_errors += sum(progress.errors.values())
+        self.decode_error_reasons.update(progress.errors)
         if progress.dropped or (self.cfg.curation.dedup and progress.seen_hashes):
             # A chunk that trained no batch knows nothing of the seen-sets: the gauge keeps its value.
             m.count_curation(progress.dropped, progress.seen_hashes if self.cfg.curation.dedup else None)
@@ -194,7 +202,16 @@ class RunObserver:
             why = "shards held for each learner: " + ", ".join(
                 f"learner {rank}: {count}" for rank, count in sorted(shards_held.items()))
         log.warning("no step trained for %.0fs: the learners wait for batches (a step needs one on every learner); "
-                    "%s; decode errors so far %d", seconds, why, self.decode_errors)
+                    "%s; decode errors so far %d%s", seconds, why, self.decode_errors, self._top_reasons())
+
+    def _top_reasons(self) -> str:
+        """The commonest skip reasons, each with the setting that decides it: a stream whose every
+        image is refused by a limit stalls with nothing else to say why."""
+        if not self.decode_error_reasons:
+            return ""
+        top = self.decode_error_reasons.most_common(3)
+        return " (" + ", ".join(f"{reason} {count}" + (f": {SKIP_REASON_KEYS[reason]}" if reason in SKIP_REASON_KEYS
+                                                        else "") for reason, count in top) + ")"
 
     def on_rollback(self, steps: int) -> None:
         """A restart from a checkpoint trains these global steps again."""

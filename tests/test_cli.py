@@ -165,6 +165,10 @@ def test_the_downstream_commands_meet_storage_failures_in_one_line(tmp_path, cap
     err = one_line_error(capsys, ["follow", "--checkpoints", str(tmp_path / "typo"), "--train", shards, "--test",
                                   shards, "--out", str(tmp_path / "f"), "--once"])
     assert f"error: --checkpoints: {tmp_path / 'typo'} does not exist" in err
+    # Flags that failed with a traceback, one of them only after the whole evaluation.
+    eval_argv = ["eval", "--checkpoint", "x", "--train", shards, "--test", shards]
+    assert "error: --device: 'gpu0' is not a device" in one_line_error(capsys, [*eval_argv, "--device", "gpu0"])
+    assert "error: --json-out: " in one_line_error(capsys, [*eval_argv, "--json-out", str(tmp_path)])
     with pytest.raises(SystemExit) as refused:
         cli.main(["eval", "--checkpoint", "x", "--train", shards, "--test", shards, "--endpoint-url", "minio:9000"])
     assert refused.value.code == 2

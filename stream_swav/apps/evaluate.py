@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import re
 import sys
 import time
 from copy import deepcopy
@@ -33,7 +34,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from stream_swav.apps import KNN_K as DEFAULT_K, KNN_TEMPERATURE as DEFAULT_TEMPERATURE
-from stream_swav.config import AugmentConfig, StorageConfig
+from stream_swav.config import AugmentConfig, StorageConfig, UsageError
 from stream_swav.data.labelled import LabeledImages, load_labeled_images, normalized_batches
 from stream_swav.model import BackboneSpec, build_backbone
 from stream_swav import storage
@@ -145,8 +146,13 @@ def pixel_features(images: Tensor, mean: tuple[float, ...], std: tuple[float, ..
 
 
 def pick_device(name: str = "auto") -> torch.device:
+    """--device of the commands that embed images: auto (CUDA where there is one), cpu or cuda[:N]."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name != "cpu" and not re.fullmatch(r"cuda(:[0-9]+)?", name):
+        raise UsageError(f"--device: {name!r} is not a device; use auto, cpu or cuda")
+    if name != "cpu" and not torch.cuda.is_available():
+        raise UsageError(f"--device: {name}, but this machine has no usable CUDA GPU; use auto or cpu")
     return torch.device(name)
 
 
@@ -355,6 +361,10 @@ def run(args: argparse.Namespace) -> int:
     if args.k < 1 or args.temperature <= 0 or args.batch_size < 1 or args.image_size < 0:
         print("eval: need --k >= 1, --temperature > 0, --batch-size >= 1, --image-size >= 0", file=sys.stderr)
         return 2
+    if args.json_out and Path(args.json_out).is_dir():
+        # Found out after the whole evaluation otherwise, and its result lost.
+        raise UsageError(f"--json-out: {args.json_out} is a folder; give the path of a file to write")
+    device = pick_device(args.device)
     storage_cfg = StorageConfig(endpoint_url=args.endpoint_url)
     try:
         resolve_checkpoint(args.checkpoint, storage_cfg)
@@ -370,7 +380,7 @@ def run(args: argparse.Namespace) -> int:
         result = evaluate_checkpoint(args.checkpoint, args.train, args.test, storage_cfg, image_size=args.image_size,
                                      k=args.k, temperature=args.temperature, probe=not args.no_probe,
                                      references=not args.no_references, batch_size=args.batch_size,
-                                     device=pick_device(args.device), max_train=args.max_train,
+                                     device=device, max_train=args.max_train,
                                      max_test=args.max_test)
     except Exception as error:  # noqa: BLE001 - as above, for the shards
         usage = storage.usage_error(error, "--train / --test", f"{args.train} / {args.test}", storage_cfg)

@@ -409,7 +409,11 @@ def run(args: argparse.Namespace) -> int:
                         image_size=args.image_size, batch_size=args.batch_size, device=pick_device(args.device),
                         max_train=args.max_train, max_test=args.max_test, metrics=metrics)
     if not args.once:
-        port = metrics.start_server(args.host, args.port)
+        try:
+            port = metrics.start_server(args.host, args.port)
+        except OSError as error:
+            raise UsageError(f"--port: cannot serve metrics on {args.host}:{args.port} ({error.strerror or error}); "
+                             f"choose another port, or 0 for any free one") from error
         log.info("evaluation metrics on http://%s:%d/metrics", args.host, port)
     try:
         while True:

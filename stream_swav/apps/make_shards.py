@@ -26,6 +26,7 @@ import argparse
 import io
 import json
 import logging
+import math
 import sys
 import time
 from collections import Counter
@@ -461,7 +462,7 @@ def _source(args: argparse.Namespace, storage_cfg: StorageConfig, max_bytes: int
 
 def run(args: argparse.Namespace) -> int:
     storage_cfg = StorageConfig(endpoint_url=args.endpoint_url)
-    max_bytes = int(args.max_bytes)
+    max_bytes = int(args.max_bytes) if math.isfinite(args.max_bytes) else 0
     if args.max_side < 0 or args.size < 0 or args.max_count < 1 or max_bytes < 1:
         print("make-shards: --max-count and --max-bytes must be >= 1, --max-side and --size >= 0", file=sys.stderr)
         return 2

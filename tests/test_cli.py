@@ -173,3 +173,15 @@ def test_the_downstream_commands_meet_storage_failures_in_one_line(tmp_path, cap
         cli.main(["eval", "--checkpoint", "x", "--train", shards, "--test", shards, "--endpoint-url", "minio:9000"])
     assert refused.value.code == 2
     assert "--endpoint-url: must be empty or an http(s)://host[:port] URL" in capsys.readouterr().err
+
+
+def test_demo_refuses_its_mistakes_before_writing_any_shard(tmp_path, capsys):
+    """It wrote 210 MB of shards first, then refused the config file; a negative budget was blamed
+    on optim.cosine_images."""
+    out = tmp_path / "demo"
+    err = one_line_error(capsys, ["demo", "--out", str(out), "--dataset", "procedural", "--config",
+                                  str(tmp_path / "typo.yaml")])
+    assert "typo.yaml: cannot read the config file" in err
+    err = one_line_error(capsys, ["demo", "--out", str(out), "--dataset", "procedural", "--images", "-5"])
+    assert "error: --images and --minutes must be >= 0" in err
+    assert not out.exists()

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import multiprocessing
 import os
 import shutil
@@ -28,7 +29,7 @@ from stream_swav.apps import DEMO_DATASETS, DEMO_GPU_IMAGES, DEMO_GPU_MINUTES, D
 from stream_swav.apps.datasets import find_fashion_mnist, load_split, procedural_dataset, require_fashion_mnist
 from stream_swav.apps.make_shards import ShardSample, Summary, array_samples, write_shards
 from stream_swav.apps.odd_images import odd_images
-from stream_swav.config import StorageConfig, load_config, merge_dicts
+from stream_swav.config import StorageConfig, UsageError, load_config, merge_dicts
 from stream_swav.data.shards import label_bytes
 
 log = logging.getLogger("stream_swav.demo")
@@ -226,6 +227,10 @@ def run(args: argparse.Namespace) -> int:
 
     out = Path(args.out)
     gpu = torch.cuda.is_available()
+    # Mistakes refused before minutes of writing shards, named as the user wrote them.
+    if args.images < 0 or not 0 <= args.minutes < math.inf:
+        raise UsageError("--images and --minutes must be >= 0 (0: the demo's own budget)")
+    load_config(args.config, args.overrides, base=demo_config(args.images or DEMO_IMAGES, gpu))
     made = demo_shards(out / "shards", eval_train=args.eval_train or 60_000, eval_test=args.eval_test or 10_000,
                        dataset=args.dataset, progress=True)
     log.info("demo data: %s", made.describe())

@@ -40,7 +40,7 @@ from PIL import Image
 
 from stream_swav import storage
 from stream_swav.apps import REENCODE_EXT
-from stream_swav.config import DataConfig, StorageConfig
+from stream_swav.config import DataConfig, StorageConfig, UsageError
 from stream_swav.data.decode import DecodeLimits, SampleError, decode_image
 from stream_swav.data.shards import (IMAGE_EXTENSIONS, ShardReport, ShardWriter, label_bytes, normalised_ext,
                                       parse_label, read_samples)
@@ -112,8 +112,8 @@ class Summary:
         return "\n".join(lines)
 
 
-class ShardsExistError(ValueError):
-    """DEST holds shards this run must not overwrite or mix with."""
+class ShardsExistError(UsageError):
+    """DEST holds shards this run must not overwrite or mix with (a mistake the user fixes: one line)."""
 
 
 def shard_name(number: int) -> str:

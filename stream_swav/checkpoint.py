@@ -405,13 +405,24 @@ def check_stored_entries(data: bytes, url: str) -> None:
                              f"refusing it (it may inflate to any size)")
 
 
+def _load_failure(error: BaseException) -> str:
+    """torch.load's reason in one line. Its weights-only refusal runs to paragraphs that advise
+    loading with weights_only=False, which a file from elsewhere must never be: only the
+    unpickler's own reason is kept."""
+    text = str(error).strip()
+    if "WeightsUnpickler error:" in text:
+        reason = text.split("WeightsUnpickler error:", 1)[1].split("Check the documentation", 1)[0]
+        return "it holds what a weights-only load refuses (" + " ".join(reason.split()) + ")"
+    return (text.splitlines() or [type(error).__name__])[0]
+
+
 def _load(url: str, storage_cfg: StorageConfig, map_location: Any) -> dict[str, Any]:
     data = storage.read_bytes(url, storage_cfg)
     check_stored_entries(data, url)
     try:
         loaded = torch.load(io.BytesIO(data), map_location=map_location, weights_only=True)
     except Exception as error:
-        raise ValueError(f"{url}: not a loadable checkpoint file: {error}") from error
+        raise ValueError(f"{url}: not a loadable checkpoint file: {_load_failure(error)}") from error
     if not isinstance(loaded, dict):
         raise ValueError(f"{url}: expected a dict, got {type(loaded).__name__}")
     return loaded

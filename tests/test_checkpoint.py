@@ -516,3 +516,11 @@ def test_a_checkpoint_file_with_compressed_entries_is_refused_before_it_inflates
     packed.replace(state)
     with pytest.raises(ValueError, match="is compressed, which torch.save never does"):
         load_checkpoint(str(tmp_path), STORAGE)
+
+
+def test_a_file_torch_cannot_load_is_named_in_one_line(tmp_path):
+    """torch's message runs to several lines, the later ones advising weights_only=False."""
+    (tmp_path / "random.pt").write_bytes(os.urandom(4096))
+    with pytest.raises(ValueError, match="random.pt: not a loadable checkpoint file") as refused:
+        load_checkpoint(str(tmp_path / "random.pt"), STORAGE)
+    assert "\n" not in str(refused.value) and "weights_only=False" not in str(refused.value)

@@ -185,3 +185,14 @@ def test_demo_refuses_its_mistakes_before_writing_any_shard(tmp_path, capsys):
     err = one_line_error(capsys, ["demo", "--out", str(out), "--dataset", "procedural", "--images", "-5"])
     assert "error: --images and --minutes must be >= 0" in err
     assert not out.exists()
+
+
+def test_a_metrics_address_that_is_not_this_machines_is_blamed_on_the_host(tmp_path, capsys):
+    """It was blamed on metrics.port ("choose another port"), whatever the port."""
+    (tmp_path / "shards").mkdir()
+    (tmp_path / "shards" / "a.tar").write_bytes(tar_bytes(colour_samples(2)))
+    config = write_config(tmp_path / "host.yaml", {"data": {"shards": str(tmp_path / "shards")},
+                                                   "checkpoint": {"dir": str(tmp_path / "ckpt")},
+                                                   "metrics": {"host": "192.0.2.1", "port": 0}})
+    err = one_line_error(capsys, ["train", "--config", str(config)])
+    assert "configuration error: metrics.host: cannot serve metrics on 192.0.2.1:0" in err

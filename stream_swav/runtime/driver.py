@@ -51,6 +51,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import errno
 import logging
 import math
 import os
@@ -177,8 +178,12 @@ class Trainer:
             try:
                 self.metrics_port = self.metrics.start_server(cfg.metrics.host, cfg.metrics.port)
             except OSError as err:
-                raise ConfigError(f"metrics.port: cannot serve metrics on {cfg.metrics.host}:{cfg.metrics.port} "
-                                  f"({err.strerror or err}); choose another port, or 0 for any free one") from err
+                if err.errno == errno.EADDRINUSE:
+                    raise ConfigError(f"metrics.port: cannot serve metrics on {cfg.metrics.host}:{cfg.metrics.port} "
+                                      f"({err.strerror or err}); choose another port, or 0 for any free one") from err
+                raise ConfigError(f"metrics.host: cannot serve metrics on {cfg.metrics.host}:{cfg.metrics.port} "
+                                  f"({err.strerror or err}); give an address of this machine, such as 127.0.0.1 "
+                                  f"or 0.0.0.0") from err
             log.info("metrics at http://%s:%d/metrics", cfg.metrics.host, self.metrics_port)
         if any(url.startswith("s3://") for url in (cfg.data.shards, cfg.checkpoint.dir)):
             log.info("object storage: %s", storage.describe_storage(cfg.storage))

@@ -710,14 +710,16 @@ def _as_bool(value: Any) -> bool | None:
 
 
 def _as_str(value: Any) -> str | None:
+    """Text only: YAML reads `dir: 0755` as the number 493 and `shards: 1_000` as 1000, which as
+    text would name another folder without a word. (--set keeps the text as typed: OverrideText.)"""
     if value is None:
         return ""
-    return str(value) if isinstance(value, (str, int, float)) and not isinstance(value, bool) else None
+    return value if isinstance(value, str) else None
 
 
 _SCALARS: dict[type, tuple[Callable[[Any], Any], str]] = {
     int: (_as_int, "an integer"), float: (_as_float, "a number"), bool: (_as_bool, "true/false"),
-    str: (_as_str, "a string")}
+    str: (_as_str, "a string (in YAML, quote one that reads as a number: '0755')")}
 
 
 def _coerce(key: str, annotation: Any, value: Any) -> Any:

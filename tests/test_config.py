@@ -427,3 +427,15 @@ def test_storage_urls_and_endpoints_that_work_are_accepted():
                       "storage": {"endpoint_url": "http://[::1]:9000", "region": "eu-west-1"},
                       "curation": {"balance_reference": "s3a://ref/"}})
     config_from_dict({"storage": {"endpoint_url": "https://s3.example.com/path"}, "data": {"seed": 2**32 - 1}})
+
+
+def test_a_yaml_number_where_text_goes_is_refused_not_retyped(tmp_path):
+    """YAML reads `dir: 0755` as 493 and `shards: 1_000` as 1000: taken as text, they named
+    other folders silently. From --set the text is kept as typed."""
+    path = tmp_path / "numbers.yaml"
+    path.write_text("checkpoint:\n  dir: 0755\n")
+    with pytest.raises(ConfigError, match=r"checkpoint.dir: expected a string .*got 493"):
+        load_config(path)
+    path.write_text("checkpoint:\n  dir: '0755'\n")
+    assert load_config(path).checkpoint.dir == "0755"
+    assert load_config(overrides=["checkpoint.dir=0755"]).checkpoint.dir == "0755"

@@ -97,7 +97,10 @@ def one_of(*options: Any) -> Check:
 
 def within(low: float, high: float, *, low_open: bool = False, high_open: bool = False) -> Check:
     """low <= v <= high, either end open."""
-    text = f"must be in {'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+    def shown(x: float) -> str:
+        return f"{x:,}" if isinstance(x, int) else f"{x:g}"
+
+    text = f"must be in {'(' if low_open else '['}{shown(low)}, {shown(high)}{')' if high_open else ']'}"
     return Check(lambda v: (low < v if low_open else low <= v) and (v < high if high_open else v <= high), text)
 
 
@@ -225,7 +228,7 @@ class DataConfig:
     follow: bool = False
     relist_interval_s: float = setting(30.0, POSITIVE)
     seed: int = setting(0, SEED)
-    shuffle_buffer: int = setting(512, POSITIVE)
+    shuffle_buffer: int = setting(512, within(1, 1 << 24))
     # ... and at most this many encoded bytes per open shard (512 large photographs would be GBs).
     shuffle_buffer_bytes: int = setting(256 * 1024 * 1024, POSITIVE)
     open_shards_per_actor: int = setting(2, POSITIVE)
@@ -384,7 +387,7 @@ class OptimConfig:
 
 @dataclass
 class TrainConfig:
-    batch_size: int = setting(64, POSITIVE)
+    batch_size: int = setting(64, within(1, 1 << 20))
     # The learners wanted (the most the run trains with).
     learners: int = setting(1, POSITIVE)
     # The fewest the run trains with; 0: train.learners (a fixed size). Below train.learners the
@@ -566,6 +569,13 @@ class CurationConfig:
         """The most shows per image read that batches of `batch_size` can give on average, their
         replay slots full: batch_size / (batch_size - replay slots)."""
         return batch_size / (batch_size - self.replay_slots(batch_size))
+
+    def advice(self) -> Iterator[str]:
+        if not self.dedup:
+            defaults = CurationConfig()
+            for key in ("max_repeats", "dedup_max_distance", "seen_capacity"):
+                if getattr(self, key) != getattr(defaults, key):
+                    yield f"curation.{key}: set to {getattr(self, key)}, but curation.dedup is off, so it does nothing"
 
     def rules(self) -> Iterator[Rule]:
         yield ("curation.balance_mode", self.balance_mode != "resample" or self.balance > 0,

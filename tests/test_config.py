@@ -439,3 +439,14 @@ def test_a_yaml_number_where_text_goes_is_refused_not_retyped(tmp_path):
     path.write_text("checkpoint:\n  dir: '0755'\n")
     assert load_config(path).checkpoint.dir == "0755"
     assert load_config(overrides=["checkpoint.dir=0755"]).checkpoint.dir == "0755"
+
+
+def test_absurd_sizes_are_refused_and_dedup_settings_without_dedup_are_flagged():
+    with pytest.raises(ConfigError, match=r"train.batch_size: must be in \[1, 1,048,576\]"):
+        config_from_dict({"train": {"batch_size": 10**30}})
+    with pytest.raises(ConfigError, match=r"data.shuffle_buffer: must be in \[1, 16,777,216\]"):
+        config_from_dict({"data": {"shuffle_buffer": 10**18}})
+    said = config_from_dict({"curation": {"max_repeats": 3}}).warnings()
+    assert "curation.max_repeats: set to 3, but curation.dedup is off, so it does nothing" in said
+    assert not [w for w in config_from_dict({"curation": {"dedup": True, "max_repeats": 3}}).warnings()
+                if "curation." in w]

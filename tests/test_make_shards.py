@@ -283,3 +283,20 @@ def test_s3_destination_and_rerun(image_folder, s3_bucket, capsys):
     assert run_cli(*args) == 0
     again = json.loads(capsys.readouterr().out)
     assert again["shards_written"] == 0 and again["shards_kept"] == 2
+
+
+def test_a_source_without_a_readable_image_writes_nothing_and_blocks_no_later_run(tmp_path, capsys):
+    """It said "wrote 0 shards", exit 0, and left a complete manifest of nothing: the next run, with
+    images added, believed it was done and wrote nothing either."""
+    src, dest = tmp_path / "src", tmp_path / "dest"
+    src.mkdir()
+    assert cli.main(["make-shards", str(src), str(dest)]) == 2
+    assert "holds no files" in capsys.readouterr().err
+    (src / "a.jpg").write_bytes(b"not a jpeg")
+    assert cli.main(["make-shards", str(src), str(dest)]) == 2
+    err = capsys.readouterr().err
+    assert "no image in" in err and "(skipped: not-an-image 1)" in err
+    assert not (dest / "manifest.json").exists()
+    Image.new("RGB", (32, 32), (9, 9, 9)).save(src / "b.png")
+    assert cli.main(["make-shards", str(src), str(dest)]) == 0
+    assert json.loads((dest / "manifest.json").read_text())["shards"][0]["samples"] == 1

@@ -447,6 +447,9 @@ def _source(args: argparse.Namespace, storage_cfg: StorageConfig, max_bytes: int
                                             start=start), settings, len(images))
     if src.is_dir():
         files = folder_files(src)
+        if not files:
+            raise UsageError(f"src: {src} holds no files; give a folder of images, a tar file of them, or a folder "
+                             f"with Fashion-MNIST IDX files")
         classes = folder_classes(src) if args.class_dirs else None
         settings = {"source": f"folder:{src.resolve()}", "classes": classes, **encoding.settings()}
         start = resume_index(args.dest, args.max_count, max_bytes, storage_cfg, settings)
@@ -478,5 +481,10 @@ def run(args: argparse.Namespace) -> int:
             raise
         print(f"make-shards: {error}", file=sys.stderr)
         return 2
+    if not summary.shards_written and not summary.shards_kept:
+        # A manifest of nothing would make the next run, once images are there, believe it is done.
+        storage.rm(storage.join_url(args.dest, MANIFEST), storage_cfg)
+        skipped = ", ".join(f"{reason} {count}" for reason, count in summary.skipped.most_common()) or "none"
+        raise UsageError(f"src: no image in {args.src} could be read (skipped: {skipped}); nothing was written")
     print(json.dumps(summary.to_dict(), indent=2) if args.json else summary.format())
     return 0

@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import colour_samples, free_port, start_moto, tar_bytes, use_fake_credentials
+from conftest import colour_samples, free_port, image_bytes, start_moto, tar_bytes, use_fake_credentials
 from runtime_helpers import write_config
 
 from stream_swav import cli
@@ -148,6 +148,7 @@ def test_the_downstream_commands_meet_storage_failures_in_one_line(tmp_path, cap
     (tmp_path / "shards").mkdir()
     (tmp_path / "shards" / "a.tar").write_bytes(tar_bytes(colour_samples(4)))
     (tmp_path / "images").mkdir()
+    (tmp_path / "images" / "a.jpg").write_bytes(image_bytes((10, 20, 30), "JPEG"))
     shards = str(tmp_path / "shards")
     for argv, option in ((["eval", "--checkpoint", "s3://bucket/ckpt", "--train", shards, "--test", shards],
                           "--checkpoint"),

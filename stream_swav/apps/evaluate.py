@@ -357,6 +357,18 @@ def format_table(result: dict[str, Any]) -> str:
 # ---- command line -------------------------------------------------------------------------------------
 
 
+def _refused(error: Exception, option: str, url: str, storage_cfg: StorageConfig) -> int:
+    """Exit status 2 for an error the input caused, in one line (a storage failure raised as a
+    UsageError naming `option`); any other error is raised again, a bug keeping its traceback."""
+    usage = storage.usage_error(error, option, url, storage_cfg)
+    if usage is not None:
+        raise usage from error
+    if not isinstance(error, (FileNotFoundError, ValueError)):
+        raise error
+    print(f"eval: {error}", file=sys.stderr)
+    return 2
+
+
 def run(args: argparse.Namespace) -> int:
     if args.k < 1 or args.temperature <= 0 or args.batch_size < 1 or args.image_size < 0:
         print("eval: need --k >= 1, --temperature > 0, --batch-size >= 1, --image-size >= 0", file=sys.stderr)
@@ -368,14 +380,8 @@ def run(args: argparse.Namespace) -> int:
     storage_cfg = StorageConfig(endpoint_url=args.endpoint_url)
     try:
         resolve_checkpoint(args.checkpoint, storage_cfg)
-    except Exception as error:  # noqa: BLE001 - a storage failure becomes one line; anything else is raised
-        usage = storage.usage_error(error, "--checkpoint", args.checkpoint, storage_cfg)
-        if usage is not None:
-            raise usage from error
-        if not isinstance(error, (FileNotFoundError, ValueError)):
-            raise
-        print(f"eval: {error}", file=sys.stderr)
-        return 2
+    except Exception as error:  # noqa: BLE001 - refused in one line, or raised (see _refused)
+        return _refused(error, "--checkpoint", args.checkpoint, storage_cfg)
     try:
         result = evaluate_checkpoint(args.checkpoint, args.train, args.test, storage_cfg, image_size=args.image_size,
                                      k=args.k, temperature=args.temperature, probe=not args.no_probe,
@@ -383,13 +389,7 @@ def run(args: argparse.Namespace) -> int:
                                      device=device, max_train=args.max_train,
                                      max_test=args.max_test)
     except Exception as error:  # noqa: BLE001 - as above, for the shards
-        usage = storage.usage_error(error, "--train / --test", f"{args.train} / {args.test}", storage_cfg)
-        if usage is not None:
-            raise usage from error
-        if not isinstance(error, (FileNotFoundError, ValueError)):
-            raise
-        print(f"eval: {error}", file=sys.stderr)
-        return 2
+        return _refused(error, "--train / --test", f"{args.train} / {args.test}", storage_cfg)
     print(format_table(result))
     if args.json_out:
         Path(args.json_out).parent.mkdir(parents=True, exist_ok=True)

@@ -761,6 +761,9 @@ class OverrideText:
     text: str
     parsed: Any
 
+    def __repr__(self) -> str:  # error messages show the value as typed
+        return repr(self.text)
+
 
 def _apply(obj: Any, prefix: str, values: dict[str, Any]) -> None:
     hints = typing.get_type_hints(type(obj))
@@ -805,7 +808,7 @@ def parse_overrides(pairs: list[str]) -> dict[str, Any]:
     merged: dict[str, Any] = {}
     for pair in pairs:
         key, sep, raw = pair.partition("=")
-        if not sep or not key.strip():
+        if not sep or not all(part.strip() for part in key.split(".")):
             raise ConfigError(f"--set {pair!r}: expected section.key=value")
         try:
             parsed = yaml.safe_load(raw) if raw.strip() else ""

@@ -450,3 +450,11 @@ def test_absurd_sizes_are_refused_and_dedup_settings_without_dedup_are_flagged()
     assert "curation.max_repeats: set to 3, but curation.dedup is off, so it does nothing" in said
     assert not [w for w in config_from_dict({"curation": {"dedup": True, "max_repeats": 3}}).warnings()
                 if "curation." in w]
+
+
+def test_override_mistakes_name_what_was_typed():
+    with pytest.raises(ConfigError, match=r"^optim.base_lr: expected a number, got \{'x': '1'\}$"):
+        load_config(overrides=["optim.base_lr.x=1"])  # showed OverrideText(text='1', parsed=1)
+    for pair in (".base_lr=5", "optim.=5", "optim..base_lr=5"):
+        with pytest.raises(ConfigError, match="expected section.key=value"):
+            load_config(overrides=[pair])  # "": unknown key

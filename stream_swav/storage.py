@@ -22,7 +22,7 @@ import os
 import threading
 import time
 import uuid
-from typing import Any
+from typing import Any, NoReturn
 
 import aiohttp
 import fsspec
@@ -180,6 +180,15 @@ def usage_error(error: BaseException, key: str, url: str, cfg: StorageConfig) ->
         return UsageError(f"{key}: the object store refused or failed a request for {url} ({detail}); check the "
                           f"endpoint, the bucket and the credentials")
     return None
+
+
+def raise_as_usage(error: BaseException, key: str, url: str, cfg: StorageConfig) -> NoReturn:
+    """Raise `error` again: as `usage_error`'s one line where it is a storage failure the user can
+    fix, else as it is (a bug keeps its traceback)."""
+    usage = usage_error(error, key, url, cfg)
+    if usage is None:
+        raise error
+    raise usage from error
 
 
 def describe_storage(cfg: StorageConfig) -> dict[str, Any]:

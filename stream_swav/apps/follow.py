@@ -376,20 +376,14 @@ def check_inputs(train: str, test: str, checkpoints: str, once: bool, storage_cf
         except UsageError:
             raise
         except Exception as error:  # noqa: BLE001 - a storage failure becomes one line; anything else is raised
-            usage = storage.usage_error(error, option, url, storage_cfg)
-            if usage is None:
-                raise
-            raise usage from error
+            storage.raise_as_usage(error, option, url, storage_cfg)
         if not found:
             raise UsageError(f"{option}: no shards at {url}; give labelled evaluation shards (a folder, s3:// "
                              f"prefix, brace pattern or .txt list; `stream-swav make-shards` makes them)")
     try:
         there = storage.exists(checkpoints, storage_cfg)
     except Exception as error:  # noqa: BLE001 - as above
-        usage = storage.usage_error(error, "--checkpoints", checkpoints, storage_cfg)
-        if usage is None:
-            raise
-        raise usage from error
+        storage.raise_as_usage(error, "--checkpoints", checkpoints, storage_cfg)
     if not there:
         if once:
             raise UsageError(f"--checkpoints: {checkpoints} does not exist; give the checkpoint.dir of a run")

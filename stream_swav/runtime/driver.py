@@ -704,10 +704,7 @@ def check_before_start(cfg: Config) -> None:
         except ConfigError:
             raise
         except Exception as error:
-            usage = storage.usage_error(error, key, url, cfg.storage)
-            if usage is None:
-                raise
-            raise usage from error
+            storage.raise_as_usage(error, key, url, cfg.storage)
         if key == "data.shards" and not found and not cfg.data.follow:
             where = "" if storage.exists(url, cfg.storage) or spec_kind(url) != "prefix" else " (it does not exist)"
             raise ConfigError(f"data.shards: no shards at {url}{where}; give a folder or s3:// prefix holding "

@@ -120,6 +120,24 @@ def test_a_learner_lost_while_the_run_starts_is_a_counted_failure_and_the_run_go
     assert collections.Counter(s.key for s in trainer.trained) == {key: 1 for key in keys}
 
 
+def test_learners_the_configuration_cannot_build_end_the_run_in_one_line_not_in_restarts(cluster, tmp_path):
+    """SyncBatchNorm asked of CPU learners raises as each learner builds its model: the run
+    restarted the group until train.max_failures ran out (for ever with -1), then exited 1."""
+    cluster.add_node(num_cpus=3)
+    folder, keys = shards(tmp_path / "shards")
+    cfg = tiny_config({"data": {"shards": folder, "decode_actors": 2}, "model": {"sync_batchnorm": True},
+                       "checkpoint": {"dir": str(tmp_path / "ckpt")},
+                       "train": {"learners": 2, "image_budget": len(keys), "max_failures": -1}})
+    trainer = driver.Trainer(cfg)
+    try:
+        with pytest.raises(StartupError, match="the learners cannot be built as configured: model.sync_batchnorm: "
+                                               "SyncBatchNorm needs CUDA learners"):
+            trainer.run()
+    finally:
+        close_trainer(trainer)
+    assert trainer.restarts == 0
+
+
 def test_killing_one_of_two_learners_restarts_both_from_scratch_before_any_checkpoint(cluster, tmp_path, caplog):
     cluster.add_node(num_cpus=3)
     folder, keys = shards(tmp_path / "shards")

@@ -78,6 +78,16 @@ class Joiner:
     slots: list[int] = field(default_factory=list)
 
 
+def refused_by_learner(failure: LearnerFailure) -> str | None:
+    """The first line of the ValueError a learner raised, where `failure` is one: a learner refusing
+    what it was given (a configuration it cannot build, a state it cannot load), which no restart
+    changes; None for anything else (a process or node lost, a fault at run time)."""
+    cause = failure.__cause__
+    if isinstance(cause, RayTaskError) and isinstance(cause.cause, ValueError):
+        return (str(cause.cause).strip().splitlines() or [type(cause.cause).__name__])[0]
+    return None
+
+
 class CheckpointRejected(RuntimeError):
     """The learners refused a checkpoint's state (`LearnerState.check_state`: another model, code
     method or optimiser than this configuration's, or parts that are damaged); nothing was loaded
@@ -177,7 +187,16 @@ class LearnerGroup:
         while_starting()
         master_addr, master_port = (wait_all([self.actors[0].address.remote()], stop, deadline, "learner start")[0]
                                     if world > 1 else (None, None))
-        return wait_all([a.setup.remote(master_addr, master_port) for a in self.actors], stop, None, "learner setup")
+        try:
+            return wait_all([a.setup.remote(master_addr, master_port) for a in self.actors], stop, None,
+                            "learner setup")
+        except LearnerFailure as failure:
+            refused = refused_by_learner(failure)
+            if refused is None:
+                raise
+            # A learner this configuration cannot build would fail so at every restart.
+            self.shutdown()
+            raise StartupError(f"the learners cannot be built as configured: {refused}") from None
 
     def _place_in_a_group(self, stop: threading.Event, deadline: float) -> None:
         """A fixed group's learners, placed together in one placement group (when they ask for
@@ -220,12 +239,12 @@ class LearnerGroup:
         try:
             return int(wait_all(refs, None, None, "restoring the checkpoint")[0])
         except LearnerFailure as failure:
-            # A learner that checked the state and refused it (ValueError) would refuse it again at
-            # every recovery: that is the checkpoint's fault, not the learner's.
-            refused = failure.__cause__
-            if isinstance(refused, RayTaskError) and isinstance(refused.cause, ValueError):
-                raise CheckpointRejected(first_line(refused.cause)) from failure
-            raise
+            # A learner that checked the state and refused it would refuse it again at every
+            # recovery: that is the checkpoint's fault, not the learner's.
+            refused = refused_by_learner(failure)
+            if refused is None:
+                raise
+            raise CheckpointRejected(refused) from failure
 
     def run_chunk(self, max_steps: int, max_seconds: float) -> list[StepReport]:
         """Every rank trains up to `max_steps` steps for at most about `max_seconds`; their reports.

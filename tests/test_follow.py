@@ -88,6 +88,24 @@ def test_once_evaluates_each_new_checkpoint_exactly_once(tiny_shards, tmp_path):
         assert image.format == "PNG" and image.size == follow.PLOT_SIZE_PX
 
 
+def test_a_step_saved_again_is_evaluated_again(tiny_shards, tmp_path):
+    """A run that resumed from an older checkpoint, after skipping a newer one that does not load,
+    points latest.json back and saves that step again: other weights under the same step."""
+    checkpoints, out = tmp_path / "checkpoints", tmp_path / "eval"
+    save_tiny_checkpoint(checkpoints, 10, seed=1, loss=7.0)
+    save_tiny_checkpoint(checkpoints, 20, seed=2, loss=6.0)
+    assert follow_once(checkpoints, tiny_shards, out) == 0
+    first = read_results(out / "results.jsonl")[-1]
+    latest = checkpoints / "latest.json"
+    latest.write_text((checkpoints / "step-000000010" / "meta.json").read_text())  # the resume's repointing
+    save_tiny_checkpoint(checkpoints, 20, seed=3, loss=5.0)
+    assert follow_once(checkpoints, tiny_shards, out) == 0
+    rows = read_results(out / "results.jsonl")
+    assert [r["step"] for r in rows] == [20, 20] and rows[1]["loss"] == 5.0
+    assert rows[1]["checkpoint_time"] != first["checkpoint_time"]
+    assert follow_once(checkpoints, tiny_shards, out) == 0 and len(read_results(out / "results.jsonl")) == 2
+
+
 def test_a_pruned_checkpoint_fails_the_poll_and_is_retried_later(tiny_shards, tmp_path, caplog):
     checkpoints, out = tmp_path / "checkpoints", tmp_path / "eval"
     save_tiny_checkpoint(checkpoints, 5, seed=1, loss=7.0)

@@ -136,6 +136,13 @@ class ResultLog:
     def steps(self) -> set[int]:
         return {row["step"] for row in self.rows}
 
+    def evaluated(self, step: int, saved_at: str | None) -> bool:
+        """Whether the checkpoint of `step` saved at `saved_at` (its record's `time`) has a row. A
+        step saved again (a run resumed from an older checkpoint after skipping this one) is
+        another checkpoint; rows written before times were recorded count for any."""
+        return any(row["step"] == step and (saved_at is None or row.get("checkpoint_time") in (None, saved_at))
+                   for row in self.rows)
+
     def append(self, row: dict[str, Any]) -> None:
         append_jsonl(self.jsonl, row, allow_nan=False)
         self.rows.append(row)
@@ -314,7 +321,7 @@ class Follower:
     def poll(self) -> dict[str, Any] | None:
         """Evaluate the checkpoint latest.json names if it is new; the row, or None."""
         latest = ckpt.read_latest(self.checkpoints, self.storage_cfg)
-        if latest is None or latest["step"] in self.results.steps:
+        if latest is None or self.results.evaluated(latest["step"], latest.get("time")):
             return None
         return self.evaluate(resolve_checkpoint(self.checkpoints, self.storage_cfg, record=latest))
 

@@ -21,12 +21,14 @@ cd "$repo_root"
 
 config=deploy/configs/resnet50-gpu.yaml
 ship_wheel=0
-wait_flag=()
+# A word, not an array: an empty array under `set -u` is an error in bash before 4.4 (macOS's 3.2).
+wait_flag=""
 while [[ $# -gt 0 ]]; do
     case "$1" in
-        --config) config=$2; shift 2 ;;
+        --config) [[ $# -ge 2 ]] || { echo "submit.sh: --config needs a file" >&2; exit 2; }
+                  config=$2; shift 2 ;;
         --ship-wheel) ship_wheel=1; shift ;;
-        --no-wait) wait_flag=(--no-wait); shift ;;
+        --no-wait) wait_flag=--no-wait; shift ;;
         --) shift; break ;;
         -h|--help) sed -n '2,16p' "$0"; exit 0 ;;
         *) echo "submit.sh: unknown option $1 (stream-swav arguments go after --)" >&2; exit 2 ;;
@@ -36,8 +38,17 @@ done
 # The dashboard address (http://HOST:8265), not the GCS one: job submission goes through the dashboard.
 : "${RAY_ADDRESS:?set RAY_ADDRESS to the Ray dashboard, e.g. http://ray-head:8265}"
 [[ -f "$config" ]] || { echo "submit.sh: no config file $config" >&2; exit 2; }
-# The path is resolved on the cluster inside the uploaded working dir, so it must be relative.
+# The path is resolved on the cluster inside the uploaded working dir, so it must be relative, lead
+# nowhere outside the repository, and not be left out of the upload (it honours .gitignore: runs/).
 [[ "$config" != /* ]] || { echo "submit.sh: give the config relative to the repository root" >&2; exit 2; }
+case "$(cd "$(dirname "$config")" && pwd -P)/" in
+    "$(pwd -P)"/*) ;;
+    *) echo "submit.sh: $config is outside the repository; the job only sees what is uploaded from it" >&2; exit 2 ;;
+esac
+if git -C "$repo_root" check-ignore -q -- "$config" 2>/dev/null; then
+    echo "submit.sh: $config is ignored by git, so it is not uploaded; put the config under deploy/configs/" >&2
+    exit 2
+fi
 
 # Check the configuration the job will run with, here rather than after the upload and the cluster's
 # start-up: a typo, or a relative local path in data.shards or checkpoint.dir, which the job would
@@ -110,12 +121,12 @@ fi
 
 submission_id=${SUBMISSION_ID:-stream-swav-$(date -u +%Y%m%d-%H%M%S)}
 echo "submitting $submission_id ($config) to $RAY_ADDRESS"
-echo "stop it cleanly with: ${ray_auth}ray job stop --address $RAY_ADDRESS $submission_id"
+echo "stop it cleanly with: ${ray_auth}ray job stop --address \"$RAY_ADDRESS\" $submission_id"
 
 ray job submit \
     --address "$RAY_ADDRESS" \
     --submission-id "$submission_id" \
     --working-dir "$working_dir" \
     --runtime-env "$runtime_env" \
-    "${wait_flag[@]}" \
+    ${wait_flag:+"$wait_flag"} \
     -- stream-swav train --config "$config" "$@"

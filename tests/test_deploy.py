@@ -191,6 +191,23 @@ def test_alerts_cover_the_required_conditions() -> None:
         assert "stream_swav_" + name in used
 
 
+def test_alert_tests_expect_the_rules_own_annotations() -> None:
+    """What promtool would compare, checked without it (it is not installed everywhere: the
+    Stalled test's description had gone stale unnoticed): each expected annotation without a
+    template is the rule's own. (InputBound, DecodeActorRestarts and the two evaluation rules have no case.)"""
+    rules = {r["alert"]: r for g in yaml.safe_load(ALERTS.read_text())["groups"] for r in g["rules"]}
+    tested = set()
+    for case in yaml.safe_load((ALERTS.parent / "alerts.test.yml").read_text())["tests"]:
+        for check in case.get("alert_rule_test", []):
+            tested.add(check["alertname"])
+            for alert in check.get("exp_alerts", []):
+                for key, expected in alert.get("exp_annotations", {}).items():
+                    own = rules[check["alertname"]]["annotations"][key]
+                    if "{{" not in own:
+                        assert expected == own, (check["alertname"], key)
+    assert tested and tested <= set(rules)
+
+
 @pytest.mark.skipif(shutil.which("promtool") is None, reason="promtool (Prometheus) not installed")
 def test_alert_rules_pass_promtool() -> None:
     promtool = shutil.which("promtool")
@@ -417,6 +434,29 @@ def test_submit_refuses_a_token_cluster_without_its_token_before_uploading(tmp_p
     (line,) = done.stderr.splitlines()
     assert "requires its auth token" in line and "ray get-auth-token" in line and "RAY_AUTH_TOKEN" in line
     assert requests == ["/api/authentication_mode"]
+
+
+def test_submit_refuses_a_config_the_upload_would_leave_behind(tmp_path: Path) -> None:
+    """The job runs `--config PATH` inside the uploaded working dir: a path out of the repository,
+    or in a git-ignored folder (runs/), is not there, which was found only after the upload."""
+    address = f"http://127.0.0.1:{free_port()}"
+    outside = tmp_path / "mine.yaml"
+    outside.write_text((DEPLOY / "configs" / "cpu-smoke.yaml").read_text())
+    relative = os.path.relpath(outside, REPO)
+    ignored = REPO / "runs" / f"submit-test-{os.getpid()}.yaml"
+    ignored.parent.mkdir(exist_ok=True)
+    ignored.write_text(outside.read_text())
+    try:
+        for config, says in ((relative, "is outside the repository"),
+                             (str(ignored.relative_to(REPO)), "is ignored by git, so it is not uploaded")):
+            done = submit("--config", config, ray_address=address, home=tmp_path)
+            assert done.returncode == 2, done.stdout + done.stderr
+            (line,) = done.stderr.splitlines()
+            assert line.startswith("submit.sh: ") and says in line
+    finally:
+        ignored.unlink()
+    done = submit("--config", ray_address=address, home=tmp_path)
+    assert done.returncode == 2 and done.stderr.strip() == "submit.sh: --config needs a file"
 
 
 def test_submit_script_is_valid_bash_and_refuses_without_an_address() -> None:

@@ -121,7 +121,7 @@ fi
 
 submission_id=${SUBMISSION_ID:-stream-swav-$(date -u +%Y%m%d-%H%M%S)}
 echo "submitting $submission_id ($config) to $RAY_ADDRESS"
-echo "stop it cleanly with: ${ray_auth}ray job stop --address \"$RAY_ADDRESS\" $submission_id"
+echo "stop it cleanly with: ${ray_auth}ray job stop --address $RAY_ADDRESS $submission_id"
 
 ray job submit \
     --address "$RAY_ADDRESS" \

@@ -540,8 +540,10 @@ def test_skipping_drops_over_represented_images_before_training_and_consumes_the
                                     "balance_mode": "resample", "resample_min_shows": 0.1,
                                     "resample_quantile": 0.95},
                        "checkpoint": {"dir": str(tmp_path / "ckpt")},
-                       # Batches of 20 in the shards' order: each holds 2 rare images, 18 common ones.
-                       "data": {"shards": shards, "shuffle_buffer": 1},
+                       # Batches of 20 in the shards' order: each holds 2 rare images, 18 common ones
+                       # (one shard open at a time: two read at once interleave, and a batch holding one
+                       # rare image puts it above the batch's quantile weight, which asks for a replay).
+                       "data": {"shards": shards, "shuffle_buffer": 1, "open_shards_per_actor": 1},
                        "train": {"image_budget": 10_000, "report_interval_s": 0.2, "batch_size": 20}})
     log = tmp_path / "trained.jsonl"
     trainer = run_to_end(cfg, log, after_chunk=stop_after_two_passes)

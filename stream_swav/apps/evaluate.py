@@ -37,7 +37,7 @@ from stream_swav.apps import KNN_K as DEFAULT_K, KNN_TEMPERATURE as DEFAULT_TEMP
 from stream_swav.config import AugmentConfig, StorageConfig, UsageError
 from stream_swav.data.labelled import LabeledImages, load_labeled_images, normalized_batches
 from stream_swav.model import BackboneSpec, build_backbone
-from stream_swav import storage
+from stream_swav.apps.refusals import refused
 from stream_swav.checkpoint import ResolvedCheckpoint, load_resolved_backbone, resolve_checkpoint
 
 PROBE_MAX_ITER = 100
@@ -310,13 +310,13 @@ def reference_rows(spec: BackboneSpec, data: EvalData, mean: tuple[float, ...], 
 def evaluate_checkpoint(url: str, train_spec: str, test_spec: str, storage_cfg: StorageConfig | None = None, *,
                         image_size: int = 0, k: int = DEFAULT_K, temperature: float = DEFAULT_TEMPERATURE,
                         probe: bool = True, references: bool = True, batch_size: int = 256,
-                        device: torch.device | None = None, max_train: int = 0, max_test: int = 0
-                        ) -> dict[str, Any]:
+                        device: torch.device | None = None, max_train: int = 0, max_test: int = 0,
+                        resolved: ResolvedCheckpoint | None = None) -> dict[str, Any]:
     """The whole `stream-swav eval`: a result dict with one row per feature set
-    (checkpoint, then the `reference_rows` when `references`)."""
+    (checkpoint, then the `reference_rows` when `references`). `resolved`: `url` resolved already."""
     storage_cfg = storage_cfg or StorageConfig()
     device = device or pick_device()
-    resolved = resolve_checkpoint(url, storage_cfg)
+    resolved = resolved or resolve_checkpoint(url, storage_cfg)
     size = image_size or resolved.global_crop_size()
     if not size:
         raise ValueError(f"{url}: no crops.global_size in the checkpoint's configuration; pass --image-size")
@@ -357,18 +357,6 @@ def format_table(result: dict[str, Any]) -> str:
 # ---- command line -------------------------------------------------------------------------------------
 
 
-def _refused(error: Exception, option: str, url: str, storage_cfg: StorageConfig) -> int:
-    """Exit status 2 for an error the input caused, in one line (a storage failure raised as a
-    UsageError naming `option`); any other error is raised again, a bug keeping its traceback."""
-    usage = storage.usage_error(error, option, url, storage_cfg)
-    if usage is not None:
-        raise usage from error
-    if not isinstance(error, (FileNotFoundError, ValueError)):
-        raise error
-    print(f"eval: {error}", file=sys.stderr)
-    return 2
-
-
 def run(args: argparse.Namespace) -> int:
     if args.k < 1 or args.temperature <= 0 or args.batch_size < 1 or args.image_size < 0:
         print("eval: need --k >= 1, --temperature > 0, --batch-size >= 1, --image-size >= 0", file=sys.stderr)
@@ -379,17 +367,18 @@ def run(args: argparse.Namespace) -> int:
     device = pick_device(args.device)
     storage_cfg = StorageConfig(endpoint_url=args.endpoint_url)
     try:
-        resolve_checkpoint(args.checkpoint, storage_cfg)
-    except Exception as error:  # noqa: BLE001 - refused in one line, or raised (see _refused)
-        return _refused(error, "--checkpoint", args.checkpoint, storage_cfg)
+        resolved = resolve_checkpoint(args.checkpoint, storage_cfg)
+    except Exception as error:  # noqa: BLE001 - refused in one line, or raised (see `refused`)
+        return refused("eval", error, "--checkpoint", args.checkpoint, storage_cfg, (FileNotFoundError, ValueError))
     try:
         result = evaluate_checkpoint(args.checkpoint, args.train, args.test, storage_cfg, image_size=args.image_size,
                                      k=args.k, temperature=args.temperature, probe=not args.no_probe,
                                      references=not args.no_references, batch_size=args.batch_size,
                                      device=device, max_train=args.max_train,
-                                     max_test=args.max_test)
+                                     max_test=args.max_test, resolved=resolved)
     except Exception as error:  # noqa: BLE001 - as above, for the shards
-        return _refused(error, "--train / --test", f"{args.train} / {args.test}", storage_cfg)
+        return refused("eval", error, "--train / --test", f"{args.train} / {args.test}", storage_cfg,
+                       (FileNotFoundError, ValueError))
     print(format_table(result))
     if args.json_out:
         Path(args.json_out).parent.mkdir(parents=True, exist_ok=True)

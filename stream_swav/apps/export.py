@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from stream_swav import storage
+from stream_swav.apps.refusals import refused
 from stream_swav.config import StorageConfig
 from stream_swav.model import BackboneSpec
 from stream_swav.checkpoint import load_resolved_backbone, resolve_checkpoint
@@ -117,14 +118,9 @@ def run(args: argparse.Namespace) -> int:
     try:
         written = export_backbone(args.checkpoint, args.out, pt2=args.pt2, image_size=args.image_size,
                                   storage_cfg=storage_cfg)
-    except Exception as error:  # noqa: BLE001 - a storage failure becomes one line; anything else is raised
-        usage = storage.usage_error(error, "--checkpoint / --out", f"{args.checkpoint} / {args.out}", storage_cfg)
-        if usage is not None:
-            raise usage from error
-        if not isinstance(error, (FileNotFoundError, ValueError, RuntimeError)):
-            raise
-        print(f"export: {error}", file=sys.stderr)
-        return 2
+    except Exception as error:  # noqa: BLE001 - refused in one line, or raised (see `refused`)
+        return refused("export", error, "--checkpoint / --out", f"{args.checkpoint} / {args.out}", storage_cfg,
+                       (FileNotFoundError, ValueError, RuntimeError))
     spec = BackboneSpec.from_record(written)
     print(f"{spec.describe()} backbone of step {written['step']} -> {written['state_dict']} "
           f"({written['bytes'] / 1e6:.1f} MB); load it with:")

@@ -39,6 +39,7 @@ import numpy as np
 from PIL import Image
 
 from stream_swav import storage
+from stream_swav.apps.refusals import refused
 from stream_swav.apps import REENCODE_EXT
 from stream_swav.config import DataConfig, StorageConfig, UsageError
 from stream_swav.data.decode import DecodeLimits, SampleError, decode_image
@@ -473,14 +474,10 @@ def run(args: argparse.Namespace) -> int:
         samples, settings, total = _source(args, storage_cfg, max_bytes)
         summary = write_shards(samples, args.dest, args.max_count, max_bytes, storage_cfg,
                                settings=settings, total=total, progress=not args.no_progress)
-    except Exception as error:  # noqa: BLE001 - a storage failure becomes one line; anything else is raised
-        usage = storage.usage_error(error, "dest", args.dest, storage_cfg)
-        if usage is not None and not isinstance(error, (FileNotFoundError, NotADirectoryError)):
-            raise usage from error
-        if not isinstance(error, (ValueError, FileNotFoundError, NotADirectoryError)):
-            raise
-        print(f"make-shards: {error}", file=sys.stderr)
-        return 2
+    except Exception as error:  # noqa: BLE001 - refused in one line, or raised (see `refused`)
+        # A missing file or folder is the source's (SRC), not dest's: printed as it is.
+        return refused("make-shards", error, "dest", args.dest, storage_cfg,
+                       (ValueError, FileNotFoundError, NotADirectoryError), (FileNotFoundError, NotADirectoryError))
     if not summary.shards_written and not summary.shards_kept:
         # A manifest of nothing would make the next run, once images are there, believe it is done.
         storage.rm(storage.join_url(args.dest, MANIFEST), storage_cfg)

@@ -215,10 +215,15 @@ def join_url(base: str, *parts: str) -> str:
     return "/".join([str(base).rstrip("/"), *parts])
 
 
+def is_special_file(fs: fsspec.AbstractFileSystem, path: str) -> bool:
+    """Whether a local `path` is there but no regular file (a FIFO, a device): opening one blocks,
+    or reads forever (/dev/zero), where a file was expected. Object stores have none."""
+    return isinstance(fs, LocalFileSystem) and os.path.exists(path) and not os.path.isfile(path)
+
+
 def read_bytes(url: str, cfg: StorageConfig) -> bytes:
     fs, path = filesystem_for(url, cfg)
-    if isinstance(fs, LocalFileSystem) and os.path.exists(path) and not os.path.isfile(path):
-        # A device or FIFO put where a file was expected (/dev/zero) would be read until memory runs out.
+    if is_special_file(fs, path):
         raise OSError(f"{url} is not a regular file")
     return fs.cat_file(path)
 

@@ -45,7 +45,6 @@ from dataclasses import dataclass, field
 from typing import IO, TypeVar
 
 import fsspec
-from fsspec.implementations.local import LocalFileSystem
 
 from stream_swav import storage
 from stream_swav.config import StorageConfig
@@ -418,8 +417,7 @@ def iter_shard(url: str, fs: fsspec.AbstractFileSystem, seed: int, buffer_size: 
     path = fs._strip_protocol(url)
     next_position = start
     failures = 0
-    if isinstance(fs, LocalFileSystem) and fs.exists(path) and fs.info(path)["type"] != "file":
-        # A FIFO or a device named like a shard (or listed): opening it blocks, or reads forever.
+    if storage.is_special_file(fs, path):  # a FIFO or a device named like a shard, or listed
         _give_up(url, report, Counter(), next_position, OSError("not a regular file"))
         return
     opened = None  # the content identity of the first open

@@ -270,6 +270,9 @@ def retained_steps(complete: list[int], latest_step: int, keep_last: int, milest
 
 # A latest.json write killed between write and rename leaves its temporary file behind.
 STALE_TEMPORARY_S = 600.0
+# A state.pt upload to S3 killed before it completed leaves its parts behind; a live one of several
+# GB finishes well within this, even over a slow link.
+STALE_UPLOAD_S = 6 * 3600.0
 
 
 def prune_checkpoints(dir_url: str, storage_cfg: StorageConfig, *, keep_last: int,
@@ -299,9 +302,14 @@ def prune_checkpoints(dir_url: str, storage_cfg: StorageConfig, *, keep_last: in
         except Exception:
             log.warning("could not delete old checkpoint %s", older[step], exc_info=True)
     try:
-        deleted += storage.remove_stale_temporaries(dir_url, storage_cfg, STALE_TEMPORARY_S)
-    except OSError:
-        log.warning("could not remove stale temporary files in %s", dir_url, exc_info=True)
+        leftovers = storage.remove_stale_temporaries(dir_url, storage_cfg, STALE_TEMPORARY_S, STALE_UPLOAD_S)
+        for leftover in leftovers:
+            log.info("removed what a killed write left: %s", leftover)
+        deleted += leftovers
+    except Exception as error:  # noqa: BLE001 - as above: a leftover costs space only
+        # One line: a bucket policy without s3:ListBucketMultipartUploads says so at every save.
+        log.warning("could not remove stale temporary files or unfinished uploads in %s: %s: %s", dir_url,
+                    type(error).__name__, error)
     return deleted
 
 

@@ -277,11 +277,17 @@ def write_bytes_atomic(url: str, data: bytes, cfg: StorageConfig) -> None:
 TEMPORARY_MARKER = ".tmp-"
 
 
-def remove_stale_temporaries(url: str, cfg: StorageConfig, older_than_s: float) -> list[str]:
-    """Delete the temporary files `write_bytes_atomic` left directly under a local folder when
-    its writer died between write and rename, once they are `older_than_s` old (a live writer
-    renames within seconds). Object stores have none; returns the paths removed."""
+def remove_stale_temporaries(url: str, cfg: StorageConfig, older_than_s: float, uploads_older_than_s: float) -> list[str]:
+    """Remove what a writer killed mid-write left under a folder, once old enough that no live
+    writer can still be finishing it; returns what was removed.
+
+    Locally: the temporary files `write_bytes_atomic` left directly under the folder (killed between
+    write and rename), `older_than_s` old (a live writer renames within seconds). On S3: the
+    multipart uploads (s3fs's above 100 MiB) begun anywhere under the prefix and never completed,
+    `uploads_older_than_s` old: S3 keeps and bills their parts, unlisted, until they are aborted."""
     fs, path = filesystem_for(url, cfg)
+    if hasattr(fs, "call_s3"):
+        return _abort_stale_uploads(fs, path, uploads_older_than_s)
     if not isinstance(fs, LocalFileSystem) or not os.path.isdir(path):
         return []
     removed = []
@@ -295,6 +301,23 @@ def remove_stale_temporaries(url: str, cfg: StorageConfig, older_than_s: float) 
             except FileNotFoundError:
                 pass
     return removed
+
+
+def _abort_stale_uploads(fs: Any, path: str, older_than_s: float) -> list[str]:
+    bucket, key, _ = fs.split_path(path)
+    prefix = key.rstrip("/") + "/" if key else ""
+    cutoff = time.time() - older_than_s
+    aborted: list[str] = []
+    markers: dict[str, str] = {}
+    while True:
+        page = fs.call_s3("list_multipart_uploads", Bucket=bucket, Prefix=prefix, **markers)
+        for upload in page.get("Uploads", []):
+            if upload["Initiated"].timestamp() < cutoff:
+                fs.call_s3("abort_multipart_upload", Bucket=bucket, Key=upload["Key"], UploadId=upload["UploadId"])
+                aborted.append(f"s3://{bucket}/{upload['Key']} (unfinished upload {upload['UploadId']})")
+        if not page.get("IsTruncated"):
+            return aborted
+        markers = {"KeyMarker": page["NextKeyMarker"], "UploadIdMarker": page["NextUploadIdMarker"]}
 
 
 def listdir(url: str, cfg: StorageConfig) -> list[str]:

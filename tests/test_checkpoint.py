@@ -439,6 +439,36 @@ def test_s3_round_trip_retention_and_failed_write(s3_bucket, monkeypatch):
     assert load_checkpoint(root, cfg)["images_seen"] == 320 * 300
 
 
+def test_retention_aborts_the_unfinished_uploads_of_killed_s3_writes(s3_bucket):
+    """A state.pt of 100 MiB or more goes up as a multipart upload; a writer killed before completing
+    it leaves parts S3 bills and never lists. Retention aborts those under the checkpoint folder once
+    they are old, and only those."""
+    import boto3
+
+    client = boto3.client("s3", endpoint_url=s3_bucket.endpoint, region_name="us-east-1")
+    root = s3_bucket.url("runs/ckpt")
+
+    def unfinished(key: str) -> str:
+        upload = client.create_multipart_upload(Bucket=s3_bucket.name, Key=key)["UploadId"]
+        client.upload_part(Bucket=s3_bucket.name, Key=key, UploadId=upload, PartNumber=1, Body=b"x" * 1024)
+        return upload
+
+    def pending() -> set[str]:
+        return {u["Key"] for u in client.list_multipart_uploads(Bucket=s3_bucket.name).get("Uploads", [])}
+
+    killed = unfinished("runs/ckpt/step-000000400/state.pt")
+    unfinished("runs/ckpt-other/step-000000400/state.pt")  # beside the folder, not in it
+    unfinished("elsewhere/big.bin")
+    # moto says every upload began on 2010-11-10, so "young" here means younger than 20 years: kept.
+    assert checkpoint.storage.remove_stale_temporaries(root, s3_bucket.storage, 600.0, 20 * 365 * 86400.0) == []
+    assert len(pending()) == 3
+
+    info = save_checkpoint(root, 100, 6_400, *tiny_state(100), INFO, s3_bucket.storage)
+    assert info.deleted == (f"{root}/step-000000400/state.pt (unfinished upload {killed})",)
+    assert pending() == {"runs/ckpt-other/step-000000400/state.pt", "elsewhere/big.bin"}
+    assert load_checkpoint(root, s3_bucket.storage)["images_seen"] == 320 * 100
+
+
 def resumable_state(step: int) -> dict:
     from stream_swav.data.cursor import StreamCursor
 

@@ -44,7 +44,7 @@ from typing import Any, Callable
 
 import torch
 
-from stream_swav import storage
+from stream_swav import logs, storage
 from stream_swav.backbone_spec import BackboneSpec, recorded_spec
 from stream_swav.config import AugmentConfig, StorageConfig, UsageError
 from stream_swav.provenance import code_provenance
@@ -421,7 +421,7 @@ def _load_failure(error: BaseException) -> str:
     if "WeightsUnpickler error:" in text:
         reason = text.split("WeightsUnpickler error:", 1)[1].split("Check the documentation", 1)[0]
         return "it holds what a weights-only load refuses (" + " ".join(reason.split()) + ")"
-    return (text.splitlines() or [type(error).__name__])[0]
+    return logs.error_line(error)
 
 
 def _load(url: str, storage_cfg: StorageConfig, map_location: Any) -> dict[str, Any]:
@@ -572,7 +572,7 @@ def load_for_resume(dir_url: str, storage_cfg: StorageConfig, check: Callable[[d
     try:
         latest = read_latest(dir_url, storage_cfg)
     except ValueError as error:
-        skipped.append((join_url(dir_url, LATEST), str(error).splitlines()[0]))
+        skipped.append((join_url(dir_url, LATEST), logs.error_line(error)))
         latest = None
     folders = list_step_dirs(dir_url, storage_cfg)
     newest = latest["step"] if latest is not None else max(folders, default=-1)
@@ -596,7 +596,7 @@ def load_for_resume(dir_url: str, storage_cfg: StorageConfig, check: Callable[[d
             if check is not None:
                 check(state)
         except (ValueError, OSError) as error:
-            skipped.append((step_url, str(error).splitlines()[0]))
+            skipped.append((step_url, logs.error_line(error)))
             continue
         return ResumePoint(step=step, url=absolute_url(step_url), state=state, record=record, skipped=skipped)
     if skipped:

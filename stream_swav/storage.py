@@ -30,6 +30,7 @@ from botocore.exceptions import BotoCoreError, ClientError
 from fsspec.implementations.local import LocalFileSystem
 from s3fs.utils import FileExpired
 
+from stream_swav import logs
 from stream_swav.config import StorageConfig, UsageError
 
 ENDPOINT_ENV = ("FSSPEC_S3_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL")
@@ -160,7 +161,7 @@ def usage_error(error: BaseException, key: str, url: str, cfg: StorageConfig) ->
     from botocore.exceptions import ConnectTimeoutError, EndpointConnectionError, NoCredentialsError, \
         PartialCredentialsError
 
-    detail = str(error).splitlines()[0] if str(error) else type(error).__name__
+    detail = logs.error_line(error)
     if isinstance(error, (NoCredentialsError, PartialCredentialsError)):
         return UsageError(f"{key}: no S3 credentials to read {url}: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY "
                           f"(or AWS_PROFILE, or give the machine an instance role), or storage.anon: true for a public "

@@ -480,6 +480,25 @@ def resumable_state(step: int) -> dict:
     return state
 
 
+def test_resume_names_a_failure_without_a_message(tmp_path, monkeypatch):
+    """A read that times out raises TimeoutError() with no message (asyncio's, aiohttp's): the
+    checkpoint is skipped and named by the error's type, where taking the message's first line of
+    an empty message had crashed the resume with an IndexError."""
+    for step in (100, 200):
+        save(tmp_path, step, keep_last=2)
+    real = checkpoint.storage.read_bytes
+
+    def timing_out(url, cfg):
+        if "step-000000200" in url and url.endswith("state.pt"):
+            raise TimeoutError()
+        return real(url, cfg)
+
+    monkeypatch.setattr(checkpoint.storage, "read_bytes", timing_out)
+    point = checkpoint.load_for_resume(str(tmp_path), STORAGE)
+    assert point.step == 100
+    assert point.skipped == [(str(tmp_path / "step-000000200"), "TimeoutError")]
+
+
 def test_resume_skips_states_the_driver_cannot_resume_from_and_checkpoints_the_learners_refused(tmp_path):
     """A state without a stream cursor, with one that does not parse, or with weights that are not
     finite loads as a file but cannot be resumed from: skipped like a damaged one, as is one the

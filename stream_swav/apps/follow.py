@@ -37,7 +37,7 @@ from stream_swav.apps.evaluate import (
     pick_device,
     reference_rows,
 )
-from stream_swav import plotting, storage
+from stream_swav import logs, plotting, storage
 from stream_swav.config import StorageConfig, UsageError
 from stream_swav.data.sources import ShardSource
 from stream_swav import checkpoint as ckpt
@@ -347,7 +347,7 @@ class Follower:
 
     def count_failure(self, step: int | None, error: BaseException) -> None:
         """An evaluation that failed: counted, and logged unless it failed the same way before."""
-        why = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
+        why = logs.error_line(error, with_type=True)
         if self.metrics is not None:
             self.metrics.count_failure()
         if step is None or self.failed.get(step) != why:

@@ -35,7 +35,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from stream_swav import plotting, storage
+from stream_swav import logs, plotting, storage
 from stream_swav.apps.evaluate import embed, pick_device
 from stream_swav.data.labelled import load_labeled_images
 from stream_swav.balance import raw_weights
@@ -286,7 +286,7 @@ def _usage_error(error: Exception, option: str, url: str, hint: str, storage_cfg
     for an error that is no fault of the input (a bug keeps its traceback)."""
     if isinstance(error, (FileNotFoundError, ValueError)):
         # A shard spec's own errors name the training configuration's key; here the spec is `option`.
-        detail = str(error).splitlines()[0].removeprefix("data.shards: ")
+        detail = logs.error_line(error).removeprefix("data.shards: ")
         return UsageError(f"{option}: {detail}; {hint}")
     return storage.usage_error(error, option, url, storage_cfg)
 

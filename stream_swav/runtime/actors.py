@@ -96,8 +96,7 @@ def first_line(err: BaseException) -> str:
     cause = getattr(err, "cause", None)
     if isinstance(err, RayTaskError) and isinstance(cause, BaseException):
         err = cause
-    text = str(err).strip()
-    return f"{type(err).__name__}: {text.splitlines()[0] if text else ''}".rstrip(": ")
+    return logs.error_line(err, with_type=True)
 
 
 def is_peer_loss(err: BaseException) -> bool:

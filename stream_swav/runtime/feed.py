@@ -25,6 +25,7 @@ from typing import Any
 import ray
 from ray.exceptions import ObjectLostError, OwnerDiedError, RayActorError, RayTaskError
 
+from stream_swav import logs
 from stream_swav.data.batch import CropBatch
 
 log = logging.getLogger(__name__)
@@ -131,7 +132,7 @@ class Feed:
 
     def _fail(self, slot: int, err: Exception) -> None:
         log.warning("decode actor %d failed (%s); dropping its %d untrained batch(es)", slot,
-                    str(err).splitlines()[0] if str(err) else type(err).__name__, len(self.feeders[slot].items))
+                    logs.error_line(err), len(self.feeders[slot].items))
         del self.feeders[slot]
         self.failed.append(slot)
 

@@ -25,6 +25,7 @@ from ray.exceptions import GetTimeoutError, RayActorError, RayError, RayTaskErro
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
+from stream_swav import logs
 from stream_swav.checkpoint import RANK_LOCAL_STATE_KEYS, CheckpointInfo
 from stream_swav.config import Config
 from stream_swav.runtime.actors import LearnerActor, first_line
@@ -84,7 +85,7 @@ def refused_by_learner(failure: LearnerFailure) -> str | None:
     changes; None for anything else (a process or node lost, a fault at run time)."""
     cause = failure.__cause__
     if isinstance(cause, RayTaskError) and isinstance(cause.cause, ValueError):
-        return (str(cause.cause).strip().splitlines() or [type(cause.cause).__name__])[0]
+        return logs.error_line(cause.cause)
     return None
 
 

@@ -140,6 +140,9 @@ class SeenSet:
         # Band value (band number in the top bits) -> the hashes holding it, oldest first; only with
         # max_distance > 0. Lists: most buckets hold one hash, and a dict each would double the memory.
         self._index: dict[int, list[int]] = {}
+        # Entries absorbed from the union that this set has added nothing to since: the union has
+        # them, so `trained_state(news_only=True)` leaves them out.
+        self._shared: set[int] = set()
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -159,21 +162,16 @@ class SeenSet:
                     best, best_distance = other, distance
         return best
 
-    def _insert(self, h: int, events: tuple[int, ...], oldest: bool = False) -> None:
-        """A new entry, as the most recently seen one, or with `oldest` as the first to go."""
+    def _insert(self, h: int, events: tuple[int, ...]) -> None:
+        """A new entry, as the most recently seen one."""
         if len(self._entries) >= self.capacity:
             evicted, _ = self._entries.popitem(last=False)
             self._unindex(evicted)
+            self._shared.discard(evicted)
         self._set(h, events)
-        if oldest:
-            self._entries.move_to_end(h, last=False)
         for key in self._keys(h):
             bucket = self._index.setdefault(key, [])
-            # Oldest first, as in `_entries`: an entry merged in as the oldest goes first when full.
-            if oldest:
-                bucket.insert(0, h)
-            else:
-                bucket.append(h)
+            bucket.append(h)  # oldest first, as in `_entries`
             if len(bucket) > self._bucket_cap:
                 del bucket[0]
 
@@ -207,13 +205,16 @@ class SeenSet:
         if sum(1 for e in events if _pass_of(e) == pass_index) > self.max_repeats:
             return False
         self._set(match, _recent((*events, event)))
+        self._shared.discard(match)
         return True
 
-    def trained_state(self, consumed: Callable[[ShardKey, int], bool], newest: int | None = None
-                      ) -> dict[str, Any]:
+    def trained_state(self, consumed: Callable[[ShardKey, int], bool], newest: int | None = None,
+                      news_only: bool = False) -> dict[str, Any]:
         """`state_dict()` of this set cut back to what was consumed (the set itself is unchanged):
         without every admitted occurrence for which `consumed((pass, shard), position)` is False,
-        and without the hashes left with none; of those, the `newest` (most recently seen) at most.
+        and without the hashes left with none; of those, the `newest` (most recently seen) at most;
+        with `news_only`, of the hashes not absorbed from the union unchanged since (what a decode
+        actor sends the union: the union has the rest).
         That is the set as if only the consumed samples had been offered (exactly so while nothing
         was evicted and with distance 0), when samples were offered in the order they are consumed,
         which holds for one decode worker, whose batches its learner trains in order."""
@@ -221,18 +222,23 @@ class SeenSet:
         for h in reversed(self._entries):
             if newest is not None and len(entries) >= newest:
                 break
+            if news_only and h in self._shared:
+                continue
             kept = tuple(e for e in self._events(h) if consumed(*_unpack(e)))
             if kept:
                 entries.append((h, kept))
         return _state_of(entries[::-1])
 
     def absorb(self, state: dict[str, Any]) -> None:
-        """Merge another set's `state_dict()` (the union of what every decode actor trained) into
-        this one: a hash this set matches gains its occurrences; the others are added as the least
-        recently seen, so that this set's own newest hashes stay what `trained_state(newest=...)`
-        sends."""
+        """Merge the union's `state_dict()` (what every decode actor trained, or a checkpoint's) into
+        this one, in the union's order, each entry becoming the most recently seen (the union saw it
+        lately; a full set forgets its own oldest for it): a hash this set matches gains its
+        occurrences, the others are added. An entry this set then holds nothing more of than the
+        union is marked shared, so that `trained_state(news_only=True)` sends only this set's news."""
         for h, events in _entries_of(state):
-            self._merge(h, events, oldest=True)
+            key, before = self._merge(h, events)
+            if set(before) <= set(events):
+                self._shared.add(key)
 
     def merge_trained(self, states: list[dict[str, Any]]) -> dict[str, Any]:
         """Merge several sets' `trained_state`s (the decode actors') into this one, interleaved by
@@ -245,24 +251,22 @@ class SeenSet:
             ranked += [((i + 1) / len(entries), n, h, events) for i, (h, events) in enumerate(entries)]
         changed: dict[int, None] = {}
         for _, _, h, events in sorted(ranked, key=lambda r: (r[0], r[1])):
-            key, news = self._merge(h, events)
-            if news:
+            key, before = self._merge(h, events)
+            if self._events(key) != before:
                 changed[key] = None
         return _state_of([(h, self._events(h)) for h in changed if h in self._entries])
 
-    def _merge(self, h: int, events: tuple[int, ...], oldest: bool = False) -> tuple[int, bool]:
-        """Add `h` with `events`, or add the events to the entry matching it: the entry's key, and
-        whether that added anything."""
+    def _merge(self, h: int, events: tuple[int, ...]) -> tuple[int, tuple[int, ...]]:
+        """Add `h` with `events`, or add the events to the entry matching it, as the most recently
+        seen: the entry's key, and its occurrences before (none for a new one)."""
         match = self._nearest(h)
         if match is None:
-            self._insert(h, _recent(events), oldest)
-            return h, True
+            self._insert(h, _recent(events))
+            return h, ()
         before = self._events(match)
-        merged = _recent(tuple(sorted(set(before) | set(events))))
-        self._set(match, merged)
-        if not oldest:
-            self._entries.move_to_end(match)
-        return match, merged != before
+        self._set(match, _recent(tuple(sorted(set(before) | set(events)))))
+        self._entries.move_to_end(match)
+        return match, before
 
     def state_dict(self) -> dict[str, Any]:
         """Packed arrays (least recently seen hash first), loadable with torch.load(weights_only=True):
@@ -274,6 +278,7 @@ class SeenSet:
         entries = _entries_of(state)
         self._entries.clear()
         self._index.clear()
+        self._shared.clear()
         for h, events in entries:
             self._insert(h, events)
 

@@ -3,6 +3,7 @@ bounded, pass-aware seen-set."""
 from __future__ import annotations
 
 import io
+import random
 import zlib
 
 import numpy as np
@@ -16,6 +17,11 @@ from stream_swav.curation import PASSES_KEPT, SeenSet, _entries_of, _state_of, h
 def hashes_of(state: dict) -> list[int]:
     """A seen-set state's hashes, least recently seen first."""
     return [h for h, _ in _entries_of(state)]
+
+
+def random_hash(seed: int) -> int:
+    """A 64-bit hash standing for a distinct image, where the set's bookkeeping, not the hash, is tested."""
+    return random.Random(seed).getrandbits(64)
 
 
 def entries(state: dict) -> list[tuple[int, tuple[int, ...]]]:
@@ -177,13 +183,52 @@ def test_absorbing_another_set_merges_occurrences_and_dedups_across_sets():
     second.admit(a, (0, 1), 0)
     second.admit(b, (0, 1), 1)
     first.absorb(second.state_dict())
-    # b, new to `first`, comes in as its least recently seen: its own hashes stay the newest.
-    assert [(h, len(events)) for h, events in _entries_of(first.state_dict())] == [(b, 1), (a, 2)]
-    assert hashes_of(first.trained_state(lambda key, position: True, newest=1)) == [a]
+    # In the union's order, as the most recently seen; a, which `first` admitted itself, is news to
+    # the union, b is not.
+    assert [(h, len(events)) for h, events in _entries_of(first.state_dict())] == [(a, 2), (b, 1)]
+    assert hashes_of(first.trained_state(lambda key, position: True, news_only=True)) == [a]
+    assert hashes_of(first.trained_state(lambda key, position: True, newest=1)) == [b]
     assert first.admit(b, (0, 0), 1) is False and first.admit(c, (0, 0), 2) is True
+    assert hashes_of(first.trained_state(lambda key, position: True, news_only=True)) == [a, c]
     small = SeenSet(capacity=1)
     small.absorb(first.state_dict())
-    assert len(small) == 1  # bounded
+    assert len(small) == 1 and hashes_of(small.state_dict()) == [c]  # bounded, keeping the newest
+
+
+def test_a_full_set_takes_in_what_the_union_gained_and_sends_back_only_its_news():
+    """Once a decode actor's set is full, what the union gained from the other actors at a
+    checkpoint must still reach it, pushing out its own oldest hashes (it had kept one of them and
+    lost one of its own); and the actor's own hashes since must still be what it sends."""
+    capacity = 100
+    full, other, union = SeenSet(capacity), SeenSet(capacity), SeenSet(capacity)
+    own = [random_hash(n) for n in range(capacity)]
+    theirs = [random_hash(1_000 + n) for n in range(50)]
+    for position, h in enumerate(own):
+        assert full.admit(h, (0, 1), position)
+    for position, h in enumerate(theirs):
+        assert other.admit(h, (0, 2), position)
+    gained = union.merge_trained([other.trained_state(lambda key, position: True)])
+    full.absorb(gained)
+    assert len(full) == capacity and hashes_of(full.state_dict()) == own[50:] + theirs
+    assert full.admit(theirs[0], (0, 1), capacity) is False  # a repeat of another actor's image
+    fresh = random_hash(5_000)
+    assert full.admit(fresh, (0, 1), capacity + 1)
+    # Its news only, however many union hashes are newer: the newest window is not crowded out.
+    assert hashes_of(full.trained_state(lambda key, position: True, newest=10, news_only=True)) == \
+        own[91:] + [fresh]
+
+
+def test_absorbing_a_union_keeps_its_newest_hashes():
+    """A restarted or replacement actor absorbs the whole union: its newest hashes, the likeliest to
+    come again, are the last it forgets."""
+    union = SeenSet(5)
+    for position, h in enumerate(range(11, 16)):  # 15 the newest
+        union.admit(h, (0, 0), position)
+    actor = SeenSet(5)
+    actor.absorb(union.state_dict())
+    assert hashes_of(actor.state_dict()) == [11, 12, 13, 14, 15]
+    actor.admit(99, (0, 1), 0)
+    assert hashes_of(actor.state_dict()) == [12, 13, 14, 15, 99]
 
 
 def test_the_least_recently_seen_hash_goes_first():
@@ -342,9 +387,10 @@ def test_hashes_crafted_to_share_a_band_cannot_make_every_lookup_scan_the_whole_
     assert not seen.admit(hashes[-1] ^ 1 << 40, (0, 0), 400)  # a near copy of a recent one
     assert not seen.admit(hashes[0] ^ 1, (0, 0), 401)  # an old one's that agrees on the high band
     assert seen.admit(hashes[1] ^ 1 << 40, (0, 0), 402)  # one that agrees only on the crowded band
-    older, kept = (0x12345 << 32) | shared_low, list(crowded)
-    seen.absorb(_state_of([(older, (5,))]))
-    assert older in seen._entries and older not in crowded and crowded == kept
+    absorbed, kept = (0x12345 << 32) | shared_low, list(crowded)
+    seen.absorb(_state_of([(absorbed, (5,))]))
+    # As the most recently seen: the crowded bucket forgets its oldest for it.
+    assert absorbed in seen._entries and crowded == kept[1:] + [absorbed]
     # Evicting every hash leaves no bucket behind, crowded or not.
     for h in list(seen._entries):
         seen._entries.pop(h)

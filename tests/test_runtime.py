@@ -15,6 +15,7 @@ import math
 import os
 import re
 import signal
+import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -29,6 +30,7 @@ from runtime_helpers import (RAY_ENV, WatchedTrainer, close_trainer, learner_rep
                              pass_counts, read_replays, run_to_end, sample_keys, tiny_config, write_shard)
 
 from stream_swav import storage
+from stream_swav.curation import SeenSet
 from stream_swav.model import BackboneSpec, load_backbone
 from stream_swav import checkpoint as ckpt
 from stream_swav.runtime import driver
@@ -460,6 +462,29 @@ def test_dedup_trains_each_image_once_per_pass_through_a_checkpoint_and_resume(t
     dropped = second.metrics.registry.get_sample_value("stream_swav_curation_dropped_total",
                                                        {"reason": "duplicate"})
     assert dropped and dropped >= 1
+
+
+def test_decode_actors_starting_together_get_the_seen_set_packed_once(tmp_path):
+    """Packing the union takes seconds at the default capacity and its state is ~10 MB: actors that
+    start together share one packing and one object (that each absorbs it, the dedup tests below
+    show through what they train)."""
+    union = SeenSet(100)
+    for position in range(20):
+        union.admit(1_000 + position, (0, 0), position)
+    packed: list[int] = []
+
+    def seen_source() -> dict:
+        packed.append(1)
+        return union.state_dict()
+
+    cfg = tiny_config({"data": {"shards": str(tmp_path)}, "curation": {"dedup": True}})
+    pool = DecodePool(cfg, learners=1, seen_source=seen_source)
+    try:
+        pool.launch(3)
+        pool.wait_started(threading.Event())
+        assert len(pool.actors) == 3 and len(packed) == 1
+    finally:
+        pool.shutdown()
 
 
 def test_dedup_with_two_decode_actors_and_one_killed_loses_no_image(tmp_path):

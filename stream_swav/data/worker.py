@@ -200,13 +200,13 @@ class DecodeWorker:
 
     def seen_state(self, trained: dict[str, Any], newest: int | None = None) -> dict[str, Any] | None:
         """The seen-set (None without curation.dedup) cut back to what the stream cursor state
-        `trained` (`StreamCursor.state_dict()`) says was trained, of the `newest` hashes at most;
-        the live set keeps what was read ahead."""
+        `trained` (`StreamCursor.state_dict()`) says was trained, of the `newest` hashes at most
+        that the union it absorbed lacks; the live set keeps what was read ahead."""
         if self.seen is None:
             return None
         cursor = StreamCursor(0)
         cursor.load_state_dict(trained)
-        return self.seen.trained_state(cursor.trained, newest)
+        return self.seen.trained_state(cursor.trained, newest, news_only=True)
 
     def absorb_seen(self, state: dict[str, Any]) -> None:
         """Merge a seen-set state (a checkpoint's, or other workers' cut back to what was trained)."""

@@ -21,6 +21,7 @@ included, from the whole union (`seen_source`).
 """
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 import time
@@ -82,7 +83,8 @@ class DecodePool:
     def launch(self, count: int) -> None:
         """Start `count` decode actors without waiting for them (`wait_started` does), so that they
         start while the learners do."""
-        self._launched = {slot: self._launch(slot) for slot in range(count)}
+        seen = self._seen_ref()
+        self._launched = {slot: self._launch(slot, seen) for slot in range(count)}
         self.rank_of = {slot: slot % self.learners for slot in range(count)}
         self._next_slot = count
 
@@ -111,9 +113,10 @@ class DecodePool:
         """Start `count` actors for a learner about to join, without waiting (`joined` looks): their slots."""
         deadline = time.monotonic() + self.cfg.train.startup_timeout_s
         slots = []
+        seen = self._seen_ref()
         for _ in range(count):
             slot, self._next_slot = self._next_slot, self._next_slot + 1
-            handle = self._launch(slot)
+            handle = self._launch(slot, seen)
             self.joining[slot] = (handle, handle.ready.remote(), deadline)
             slots.append(slot)
         return slots
@@ -179,7 +182,7 @@ class DecodePool:
 
     def _launch_replacement(self, slot: int, deadline: float) -> Any:
         """A new actor in `slot`, which `poll` watches until it is up or `deadline` passes."""
-        handle = self.actors[slot] = self._launch(slot)
+        handle = self.actors[slot] = self._launch(slot, self._seen_ref())
         self._starting[slot] = (handle.ready.remote(), deadline)
         return handle
 
@@ -230,6 +233,7 @@ class DecodePool:
         `_starting`, and a try must not take the room it waits for); without it, tries under way
         stop. A try holds no shards, so one that waits for room holds nothing back."""
         regained: dict[int, dict[int, Any]] = {}
+        seen_ref = functools.cache(self._seen_ref)  # packed once, when an actor is back
         for slot, (handle, ready, deadline) in list(self.regaining.items()):
             failure = self._start_failure(ready, deadline) if try_again else "the room goes to joining learners"
             if failure is None:
@@ -243,7 +247,7 @@ class DecodePool:
             self.regainable.discard(slot)
             self.actors[slot] = regained.setdefault(self.rank_of[slot], {})[slot] = handle
             # What the seen-set union gained while it started (a checkpoint's share reached only actors up).
-            seen = self.seen_source() if self.seen_source is not None else None
+            seen = seen_ref()
             if seen is not None:
                 handle.absorb_seen.remote(seen)
             log.warning("decode actor %d is back (it was dropped for want of room): learner %d pulls from it again",
@@ -253,8 +257,9 @@ class DecodePool:
             self._regain_at = max(self._regain_at, now + self.cfg.train.resize_interval_s)
         elif try_again and self.regainable and now >= self._regain_at:
             deadline = now + self.cfg.train.startup_timeout_s
+            seen = self._seen_ref()
             for slot in sorted(self.regainable):
-                handle = self._launch(slot)
+                handle = self._launch(slot, seen)
                 self.regaining[slot] = (handle, handle.ready.remote(), deadline)
         return regained
 
@@ -339,9 +344,15 @@ class DecodePool:
                         slot, self.cfg.train.startup_timeout_s)
         self._check_every_learner_fed()
 
-    def _launch(self, slot: int) -> Any:
-        handle = DecodeActor.options(num_cpus=1, max_restarts=0).remote(self.cfg, slot, self.build_worker)
+    def _seen_ref(self) -> Any:
+        """The seen-set union for actors that start now, packed and put in the object store once for
+        all of them (at the default capacity packing alone takes seconds, and the state is ~10 MB)."""
         seen = self.seen_source() if self.seen_source is not None else None
+        return ray.put(seen) if seen is not None else None
+
+    def _launch(self, slot: int, seen: Any) -> Any:
+        """Start the decode actor of `slot`, giving it `seen` (`_seen_ref`) first where there is one."""
+        handle = DecodeActor.options(num_cpus=1, max_restarts=0).remote(self.cfg, slot, self.build_worker)
         if seen is not None:
             handle.absorb_seen.remote(seen)
         return handle

@@ -186,8 +186,13 @@ class LearnerGroup:
             self.shutdown()
             raise
         while_starting()
-        master_addr, master_port = (wait_all([self.actors[0].address.remote()], stop, deadline, "learner start")[0]
-                                    if world > 1 else (None, None))
+        try:
+            master_addr, master_port = (wait_all([self.actors[0].address.remote()], stop, deadline, "learner start")[0]
+                                        if world > 1 else (None, None))
+        except GetTimeoutError:
+            self.shutdown()
+            raise StartupError(f"train.startup_timeout_s: the learners were placed but did not start within "
+                               f"{timeout:g}s of asking for them; raise it") from None
         try:
             return wait_all([a.setup.remote(master_addr, master_port) for a in self.actors], stop, None,
                             "learner setup")

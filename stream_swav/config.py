@@ -494,7 +494,7 @@ class CurationConfig:
     # 0 matches only equal hashes; looser matching also drops distinct images that look alike, and
     # past 4 bits the lookup compares more hashes per image than decoding it costs.
     dedup_max_distance: int = setting(0, within(0, 4))
-    # Hashes each decode actor remembers, the oldest forgotten first (~175 bytes each at distance 0).
+    # Hashes each decode actor remembers, the oldest forgotten first (~140–220 bytes each at distance 0).
     seen_capacity: int = setting(1_000_000, POSITIVE)
     # Concept balance (stream_swav.balance): images of what the stream over-represents weigh less in
     # the loss and the codes, by how over-represented they look ** -balance; 0 is off. balance_signal says how it

@@ -36,7 +36,7 @@ from stream_swav import checkpoint as ckpt
 from stream_swav.runtime import driver
 from stream_swav.runtime.metrics import TRAINER_METRIC_NAMES
 from stream_swav.runtime.decode_pool import DecodePool
-from stream_swav.runtime.learner_group import LearnerFailure
+from stream_swav.runtime.learner_group import LearnerFailure, LearnersLost
 from stream_swav.runtime.reports import ChunkSummary, StepReport
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
@@ -280,6 +280,67 @@ def test_a_run_that_trains_nothing_says_why_and_trains_once_a_shard_appears(tmp_
     warnings = [r.getMessage() for r in caplog.records if "no step trained for" in r.getMessage()]
     assert warnings and "no shard listed yet (data.follow waits for new ones)" in warnings[0]
     assert trainer.stop_reason == "shard trained"
+
+
+class NoWaitEvent(threading.Event):
+    """A stop flag whose waits (the driver's back-off between recoveries) return at once."""
+
+    def wait(self, timeout: float | None = None) -> bool:
+        return self.is_set()
+
+
+def test_a_storage_blip_while_recovering_is_a_counted_failure_not_a_traceback(tmp_path, caplog):
+    """Recovery lists the shards and the checkpoints when nodes or the network are unwell: a listing
+    that times out is one more failure, tried again within train.max_failures, and a spent budget
+    ends the run in one line (exit 1), where the TimeoutError had escaped as a traceback."""
+    cfg = tiny_config({"data": {"shards": str(tmp_path)}, "checkpoint": {"dir": str(tmp_path / "ckpt")},
+                       "train": {"max_failures": 2}})
+    trainer = driver.Trainer(cfg)
+    trainer.stop = NoWaitEvent()
+    listings = []
+
+    def timing_out() -> list[str]:
+        listings.append(1)
+        raise TimeoutError("ListObjectsV2 read timeout")
+
+    trainer.source.list_shards = timing_out
+    trainer.state, trainer.failure_cause = driver.RunState.RECOVERING, "learner 0: ActorDiedError: node lost"
+    assert trainer.run() == driver.EXIT_FAILED
+    assert len(listings) == 2 and trainer.restarts == 3
+    assert ("learners failed 3 time(s), more than train.max_failures=2; last cause: listing the shards or the "
+            "checkpoints failed: TimeoutError: ListObjectsV2 read timeout") in caplog.text
+
+
+def test_a_stop_whose_final_checkpoint_loses_every_elastic_learner_exits_4(tmp_path, caplog):
+    """SIGTERM; the final save fails because the node holding both learners of an elastic group is
+    gone. New learners from the latest checkpoint could only save that again: the run ends with exit
+    4 naming what was lost, where it had restarted the group, met the stop and exited 0."""
+    cfg = tiny_config({"data": {"shards": str(tmp_path)}, "checkpoint": {"dir": str(tmp_path / "ckpt")},
+                       "train": {"learners": 2, "min_learners": 1, "max_failures": 5}})
+    saves, starts = [], []
+
+    class LostGroup:
+        actors = ["rank 0", "rank 1"]
+
+        def save(self, *args):
+            saves.append(args)
+            raise LearnerFailure("checkpoint: ActorDiedError: the actor died (node lost)")
+
+        def losses(self) -> LearnersLost:
+            return LearnersLost({0: "node lost", 1: "node lost"})
+
+        def shutdown(self) -> None:
+            pass
+
+    trainer = driver.Trainer(cfg)
+    trainer.group, trainer.pool = LostGroup(), DecodePool(cfg, learners=2)
+    trainer.start_actors = lambda: starts.append(1)
+    trainer.step, trainer.images_seen, trainer.last_checkpoint_step = 120, 960, 100
+    trainer.request_stop("SIGTERM")
+    trainer.state = driver.RunState.STOPPING
+    assert trainer.run() == driver.EXIT_FINAL_CHECKPOINT_FAILED
+    assert len(saves) == 1 and not starts
+    assert "the last checkpoint saved is step 100, of 120 trained" in caplog.text
 
 
 def test_a_stall_names_the_shards_each_learners_decode_actors_hold(tmp_path, caplog):

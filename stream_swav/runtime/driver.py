@@ -345,9 +345,28 @@ class Trainer:
             return self.fail(EXIT_FAILED, f"learners failed {self.restarts} time(s), more than train.max_failures="
                                           f"{budget}; last cause: {self.failure_cause}; the latest checkpoint is "
                                           f"step {self.last_checkpoint_step}")
+        if self.stop.is_set():
+            # A stop's final checkpoint needs the learners that were just lost: starting new ones from
+            # the latest checkpoint would only save that again.
+            if self.step <= self.last_checkpoint_step:
+                log.info("stopped (%s); the learners were lost (%s) with nothing trained since checkpoint step %d",
+                         self.stop_reason or "stop requested", self.failure_cause, self.last_checkpoint_step)
+                return RunState.DONE
+            return self.fail(EXIT_FINAL_CHECKPOINT_FAILED,
+                             f"stopped ({self.stop_reason or 'stop requested'}) but the learners were lost before "
+                             f"the final checkpoint ({self.failure_cause}); the last checkpoint saved is step "
+                             f"{self.last_checkpoint_step}, of {self.step} trained")
         log.warning("restarting the learners from the latest checkpoint; steps trained since it are trained again")
         step_before = self.step
-        next_state = self.bring_up(self.source.list_shards(), self.resume_point())
+        try:
+            shards, point = self.source.list_shards(), self.resume_point()
+        except storage.TRANSIENT_ERRORS as err:
+            # Recovery comes when nodes or the network are unwell: a storage blip here is one more
+            # failure, retried within train.max_failures, not the end of the run.
+            self.failure_cause = f"listing the shards or the checkpoints failed: {first_line(err)}"
+            self.stop.wait(min(60.0, 2.0 ** min(self.restarts, 6)))
+            return RunState.RECOVERING
+        next_state = self.bring_up(shards, point)
         if next_state is RunState.RUNNING:
             self.observer.on_rollback(max(0, step_before - self.step))
         return next_state

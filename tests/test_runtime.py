@@ -37,6 +37,7 @@ from stream_swav.runtime import driver
 from stream_swav.runtime.metrics import TRAINER_METRIC_NAMES
 from stream_swav.runtime.decode_pool import DecodePool
 from stream_swav.runtime.learner_group import LearnerFailure, LearnersLost
+from stream_swav.runtime.ledger import StreamLedger
 from stream_swav.runtime.reports import ChunkSummary, StepReport
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
@@ -544,6 +545,32 @@ def test_decode_actors_starting_together_get_the_seen_set_packed_once(tmp_path):
         pool.launch(3)
         pool.wait_started(threading.Event())
         assert len(pool.actors) == 3 and len(packed) == 1
+    finally:
+        pool.shutdown()
+
+
+def test_a_replacement_decode_actor_lost_while_starting_is_launched_again(tmp_path):
+    """A decode actor's replacement whose process or node is lost before it is up (a preempted CPU
+    node) may start on the next try, as one not placed in time may: a learner's only decode actor is
+    launched again, where the run had ended in a misleading one-line StartupError; only an actor
+    whose constructor raised is given up on."""
+    cfg = tiny_config({"data": {"shards": str(tmp_path)}, "train": {"startup_timeout_s": 60}})
+    pool = DecodePool(cfg, learners=1)
+    ledger = StreamLedger(0, 2)
+    try:
+        pool.launch(1)
+        pool.wait_started(threading.Event())
+        pool.replace([0], ledger)
+        lost = pool.actors[0]
+        ray.kill(lost, no_restart=True)
+        relaunched = pool.poll(ledger)
+        deadline = time.monotonic() + 30
+        while not relaunched and time.monotonic() < deadline:  # until the kill is seen
+            time.sleep(0.2)
+            relaunched = pool.poll(ledger)
+        assert list(relaunched) == [0] and relaunched[0][0] is pool.actors[0] is not lost
+        assert not pool.dropped
+        ray.get(pool.actors[0].ready.remote(), timeout=60)
     finally:
         pool.shutdown()
 

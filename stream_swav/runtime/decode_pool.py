@@ -29,6 +29,7 @@ from collections.abc import Callable
 from typing import Any
 
 import ray
+from ray.exceptions import RayActorError
 
 from stream_swav.config import Config
 from stream_swav.runtime.actors import DecodeActor
@@ -38,8 +39,12 @@ from stream_swav.runtime.ledger import StreamLedger
 
 log = logging.getLogger("stream_swav.decoders")
 
-# How `_start_failure` names an actor that was not placed in time (as against one that failed).
+# How `_start_failure` names an actor that was not placed in time, and one whose process or node was
+# lost while it started (a preempted CPU node): another try may succeed, where an actor whose
+# constructor raised would fail again.
 PLACEMENT_TIMEOUT = "TimeoutError: not placed"
+LOST_WHILE_STARTING = "lost while starting"
+WORTH_ANOTHER_TRY = (PLACEMENT_TIMEOUT, LOST_WHILE_STARTING)
 
 
 class DecodePool:
@@ -205,15 +210,16 @@ class DecodePool:
             ray.kill(self.actors.pop(slot), no_restart=True)
             ledger.release(slot)
             rank = self.rank_of[slot]
-            # Only a lack of room is waited out; an actor that fails to start would fail again.
-            if not self.feeders()[rank] and failure.startswith(PLACEMENT_TIMEOUT):
+            # A lack of room, or a node lost under it, is waited out; an actor that fails to start
+            # would fail again.
+            if not self.feeders()[rank] and failure.startswith(WORTH_ANOTHER_TRY):
                 log.warning("decode actor %d could not start again (%s); it is learner %d's only one, so it is "
                             "launched again: nothing trains until it starts", slot, failure, rank)
                 deadline = time.monotonic() + self.cfg.train.startup_timeout_s
                 relaunched.setdefault(rank, {})[slot] = self._launch_replacement(slot, deadline)
                 continue
             log.warning("decode actor %d could not start again (%s); running without it", slot, failure)
-            self._drop(slot, regain=failure.startswith(PLACEMENT_TIMEOUT))
+            self._drop(slot, regain=failure.startswith(WORTH_ANOTHER_TRY))
             self._check_every_learner_fed()
         return relaunched
 
@@ -273,6 +279,10 @@ class DecodePool:
             return f"{PLACEMENT_TIMEOUT} within train.startup_timeout_s={self.cfg.train.startup_timeout_s:g}s"
         try:
             ray.get(ready)
+        except RayActorError as err:
+            if err.actor_init_failed:  # its constructor raised
+                return first_line(err)
+            return f"{LOST_WHILE_STARTING} ({first_line(err)})"
         except Exception as err:  # noqa: BLE001 - whatever kept it from starting, it is given up on
             return first_line(err)
         return ""

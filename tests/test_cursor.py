@@ -182,6 +182,26 @@ def test_state_round_trip_through_a_checkpoint():
     assert not {(0, t.url) for t in tasks[:3]} & set(resumed)
 
 
+def test_a_pass_read_before_a_checkpoint_is_not_taken_for_an_empty_one_after_a_resume():
+    """A decode actor with nothing else to read runs a pass ahead: pass 1 was read whole while pass 0
+    was part-way at the checkpoint. Resumed from it, pass 0 completing (and pass 1 with it) is no pass
+    in which every read failed, which had logged a false alarm and paused the hand-out."""
+    ledger = StreamLedger(seed=7, shards_per_slot=1)
+    ledger.add_shards(["a"])
+    ledger.top_up([0, 1])
+    ledger.record(Progress(positions={(1, 0): 5}, finished=[(1, 0)]))
+    ledger.record(Progress(positions={(0, 0): 2}))
+    ledger.rewind(ledger.state_dict(), 7, ["a"])
+    ledger.top_up([0, 1])
+    ledger.record(Progress(positions={(0, 0): 5}, finished=[(0, 0)]))
+    assert ledger.cursor.pass_index == 2
+    assert ledger.cursor.empty_passes_in_row == 0 and ledger.paused_until == 0.0
+    # A pass in which nothing was read is still one.
+    ledger.top_up([0])
+    ledger.record(Progress(finished=[(2, 0)]))
+    assert ledger.cursor.empty_passes_in_row == 1 and ledger.cursor.last_empty_pass == 2
+
+
 def test_version_one_states_still_load():
     """The state of earlier releases (URL lists and each pass's order written out) loads into the
     same cursor, which then hands out what the old one would have."""

@@ -157,8 +157,9 @@ class StreamCursor:
         # Oldest pass not yet complete; passes before it are forgotten.
         self._current = 0
         self._passes: dict[int, _Pass] = {}
-        # Passes completed in a row without a single sample read (every read failed).
+        # Passes completed in a row without a single sample read (every read failed), the latest of them.
         self.empty_passes_in_row = 0
+        self.last_empty_pass = -1
 
     # ------------------------------------------------------------- queries
     @property
@@ -281,7 +282,10 @@ class StreamCursor:
                 self._pass(pass_index).mark_finished(shard)
         while self._current in self._passes and self._passes[self._current].complete(len(self._urls)):
             done = self._passes.pop(self._current)
-            self.empty_passes_in_row = 0 if done.read_any else self.empty_passes_in_row + 1
+            if done.read_any:
+                self.empty_passes_in_row = 0
+            else:
+                self.empty_passes_in_row, self.last_empty_pass = self.empty_passes_in_row + 1, done.index
             self._current += 1
 
     def _pass(self, pass_index: int) -> _Pass:
@@ -302,7 +306,8 @@ class StreamCursor:
             "current_pass": self._current,
             "passes": [
                 {"index": index, "base": state.base, "finished": zlib.compress(bytes(state.finished), 1),
-                 "positions": sorted([shard, pos] for shard, pos in state.positions.items() if pos > 0)}
+                 "positions": sorted([shard, pos] for shard, pos in state.positions.items() if pos > 0),
+                 "read_any": state.read_any}
                 for index, state in sorted(self._passes.items())
             ],
         }
@@ -335,6 +340,9 @@ class StreamCursor:
                     if not 0 <= int(shard) < len(urls) or int(position) < 0:
                         raise ValueError(f"pass {index} has a position of an unknown shard or a negative one")
                     restored.positions[int(shard)] = int(position)
+                # Saved since 2026-12-07; before, a pass restored part-read counts as read (a resume
+                # must not take a pass it had read for one where every read failed).
+                restored.read_any = bool(entry.get("read_any", True))
                 passes[index] = restored
         except (KeyError, TypeError, AttributeError, zlib.error, UnicodeDecodeError) as exc:
             raise ValueError(f"malformed stream cursor state: {type(exc).__name__}: {exc}") from None

@@ -61,7 +61,7 @@ class StreamLedger:
 
     def record(self, progress: Progress) -> None:
         """Trained batches: move the cursor, and let go of finished shards."""
-        empty_before, pass_before = self.cursor.empty_passes_in_row, self.cursor.pass_index
+        empty_before = self.cursor.empty_passes_in_row
         self.cursor.advance(progress.positions, progress.finished)
         for key in progress.finished:
             for held in self.holders.values():
@@ -72,7 +72,7 @@ class StreamLedger:
             self.paused_until = time.monotonic() + pause
             log.warning("pass %d ended without a single sample read (%d pass(es) in a row; every read failed, see "
                         "stream_swav_decode_errors_total): waiting %.0fs before handing out more shards",
-                        pass_before, self.cursor.empty_passes_in_row, pause)
+                        self.cursor.last_empty_pass, self.cursor.empty_passes_in_row, pause)
 
     def release(self, slot: int) -> None:
         """Decode actor `slot` is gone: its shards go back, to be re-read from what was trained."""

@@ -85,6 +85,33 @@ def test_good_samples_arrive_and_bad_ones_are_counted_by_reason(tmp_path):
     assert all(b.meta.urls == {shard: str(path)} for b in batches if b.meta.progress)
 
 
+def test_a_decoder_error_of_an_unforeseen_kind_skips_the_image_and_logs_it_once(tmp_path, monkeypatch, caplog):
+    """A decoder that raises what no skip reason foresaw (Pillow has raised ZeroDivisionError and
+    OverflowError on crafted files) would fail the decode actor, and its replacement, re-reading
+    from what was trained, would meet the same image again, for ever: the image is counted as a
+    read error and the others go on; the first such error of each kind is logged with its traceback."""
+    from stream_swav.data import worker as worker_module
+
+    real = worker_module.decode_image
+    crafted = {next(data for ext, data in colour_samples(6)[n][1].items() if ext != "cls") for n in (1, 4)}
+
+    def decoding(data, limits, min_side):
+        if data in crafted:
+            raise ZeroDivisionError("division by zero in a plugin")
+        return real(data, limits, min_side)
+
+    monkeypatch.setattr(worker_module, "decode_image", decoding)
+    path = tmp_path / "crafted.tar"
+    path.write_bytes(tar_bytes(colour_samples(6)))
+    with make_worker(small_config(), 0) as worker:
+        worker.assign(task_for(str(path)))
+        batches = run_all(worker, batch_size=6)
+    assert sorted(k.rsplit("/", 1)[1] for b in batches for k in b.meta.keys) == \
+        [key for n, (key, _) in enumerate(colour_samples(6)) if n not in (1, 4)]
+    assert sum((b.meta.errors for b in batches), Counter()) == Counter({"read-error": 2})
+    assert caplog.text.count("raised ZeroDivisionError, skipped as read-error") == 1
+
+
 def test_a_hostile_class_member_makes_an_unlabelled_sample_not_a_failed_step(tmp_path):
     """`cls` members that are no class index (beyond int64, negative, not digits, not ASCII) leave
     the image trained without a label; a batch's labels always fit the learner's int64 tensor."""

@@ -90,6 +90,8 @@ class DecodeWorker:
         self.worker_index = worker_index
         self._limits = DecodeLimits.from_config(data)
         self._min_side = min_decode_side(crops)
+        # Kinds of decoder error not foreseen (`_admit`), each logged with its traceback once.
+        self._unforeseen: set[type] = set()
         self._geometry = MultiCropGeometry.from_config(crops)
         self._rng = np.random.default_rng([data.seed, worker_index])
         self._queue: queue.Queue[_Item] = queue.Queue(maxsize=READAHEAD_PER_SHARD * data.open_shards_per_actor)
@@ -304,6 +306,15 @@ class DecodeWorker:
             image = decode_image(sample.image or b"", self._limits, self._min_side)
         except SampleError as exc:
             meta.errors[exc.reason] += 1
+            return None
+        except Exception as exc:  # noqa: BLE001 - a decoder's error of a kind not foreseen
+            # Raised, it would fail the actor, whose replacement meets the same image again, for
+            # ever: counted as the image's read error, with the traceback once per kind (a bug shows).
+            if type(exc) not in self._unforeseen:
+                self._unforeseen.add(type(exc))
+                log.error("decoding %s raised %s, skipped as read-error (logged once per kind)", sample.key,
+                          type(exc).__name__, exc_info=True)
+            meta.errors["read-error"] += 1
             return None
         if self.seen is not None and not self.seen.admit(perceptual_hash(image), item.shard, item.position):
             meta.dropped["duplicate"] += 1

@@ -109,7 +109,37 @@ def test_a_decoder_error_of_an_unforeseen_kind_skips_the_image_and_logs_it_once(
     assert sorted(k.rsplit("/", 1)[1] for b in batches for k in b.meta.keys) == \
         [key for n, (key, _) in enumerate(colour_samples(6)) if n not in (1, 4)]
     assert sum((b.meta.errors for b in batches), Counter()) == Counter({"read-error": 2})
-    assert caplog.text.count("raised ZeroDivisionError, skipped as read-error") == 1
+    assert caplog.text.count("raised ZeroDivisionError: skipped as read-error") == 1
+
+
+def test_a_shard_whose_reading_raises_an_unforeseen_error_is_given_up_for_the_pass(tmp_path, monkeypatch, caplog):
+    """Reading a shard that raises what nothing foresaw would fail the decode actor, and every
+    replacement, reading on from what was trained, would meet it again, so the pass never ended: the
+    rest of the shard is skipped as shard-read-error, as an unreadable shard's is, and it finishes."""
+    from stream_swav.data import worker as worker_module
+
+    real = worker_module.iter_shard
+
+    def failing_after_two(url, *args, **kwargs):
+        for n, item in enumerate(real(url, *args, **kwargs)):
+            if n == 2 and url.endswith("odd.tar"):
+                raise OverflowError("a length no tar has")
+            yield item
+
+    monkeypatch.setattr(worker_module, "iter_shard", failing_after_two)
+    odd, fine = tmp_path / "odd.tar", tmp_path / "fine.tar"
+    odd.write_bytes(tar_bytes(colour_samples(5, "odd")))
+    fine.write_bytes(tar_bytes(colour_samples(3, "fine")))
+    with make_worker(small_config(shuffle_buffer=1), 0) as worker:
+        worker.assign(task_for(str(odd)))
+        worker.assign(task_for(str(fine)))
+        batches = run_all(worker, batch_size=4)
+    keys = sorted(k.rsplit("/", 1)[1] for b in batches for k in b.meta.keys)
+    assert keys == ["fine-00000", "fine-00001", "fine-00002", "odd-00000", "odd-00001"]
+    assert sum((b.meta.errors for b in batches), Counter()) == Counter({"shard-read-error": 1})
+    assert sorted(s for b in batches for s in b.meta.finished) == sorted([task_for(str(odd)).key,
+                                                                          task_for(str(fine)).key])
+    assert caplog.text.count("raised OverflowError: the rest of the shard skipped as shard-read-error") == 1
 
 
 def test_a_hostile_class_member_makes_an_unlabelled_sample_not_a_failed_step(tmp_path):

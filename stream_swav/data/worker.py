@@ -90,7 +90,7 @@ class DecodeWorker:
         self.worker_index = worker_index
         self._limits = DecodeLimits.from_config(data)
         self._min_side = min_decode_side(crops)
-        # Kinds of decoder error not foreseen (`_admit`), each logged with its traceback once.
+        # Kinds of error not foreseen (decoding, `_admit`; reading, `_read_shard`), each logged once.
         self._unforeseen: set[type] = set()
         self._geometry = MultiCropGeometry.from_config(crops)
         self._rng = np.random.default_rng([data.seed, worker_index])
@@ -310,16 +310,19 @@ class DecodeWorker:
         except Exception as exc:  # noqa: BLE001 - a decoder's error of a kind not foreseen
             # Raised, it would fail the actor, whose replacement meets the same image again, for
             # ever: counted as the image's read error, with the traceback once per kind (a bug shows).
-            if type(exc) not in self._unforeseen:
-                self._unforeseen.add(type(exc))
-                log.error("decoding %s raised %s, skipped as read-error (logged once per kind)", sample.key,
-                          type(exc).__name__, exc_info=True)
+            self._log_unforeseen(exc, f"decoding {sample.key}", "skipped as read-error")
             meta.errors["read-error"] += 1
             return None
         if self.seen is not None and not self.seen.admit(perceptual_hash(image), item.shard, item.position):
             meta.dropped["duplicate"] += 1
             return None
         return image
+
+    def _log_unforeseen(self, exc: Exception, doing: str, outcome: str) -> None:
+        """An error of a kind no skip reason foresaw, with its traceback, the first time of each kind."""
+        if type(exc) not in self._unforeseen:
+            self._unforeseen.add(type(exc))
+            log.error("%s raised %s: %s (logged once per kind)", doing, type(exc).__name__, outcome, exc_info=exc)
 
     def _read_shard(self, task: ShardTask) -> None:
         data = self.data
@@ -330,18 +333,27 @@ class DecodeWorker:
         held = _Item(task.key)
         try:
             fs, _ = filesystem_for(task.url, self.storage)
-            for position, sample in iter_shard(task.url, fs, task.seed, data.shuffle_buffer, task.start,
-                                               max_sample_bytes=data.max_sample_bytes,
-                                               read_retries=data.shard_read_retries,
-                                               retry_backoff_s=data.shard_retry_backoff_s, report=report,
-                                               max_shard_bytes=data.max_shard_bytes,
-                                               max_expansion=data.max_expansion,
-                                               buffer_bytes=data.shuffle_buffer_bytes):
-                if held.sample is not None and not self._put(held):
-                    return
-                held = _Item(task.key, position=position, sample=sample,
-                             bytes_read=report.bytes_read - reported_bytes)
-                reported_bytes = report.bytes_read
+            try:
+                for position, sample in iter_shard(task.url, fs, task.seed, data.shuffle_buffer, task.start,
+                                                   max_sample_bytes=data.max_sample_bytes,
+                                                   read_retries=data.shard_read_retries,
+                                                   retry_backoff_s=data.shard_retry_backoff_s, report=report,
+                                                   max_shard_bytes=data.max_shard_bytes,
+                                                   max_expansion=data.max_expansion,
+                                                   buffer_bytes=data.shuffle_buffer_bytes):
+                    if held.sample is not None and not self._put(held):
+                        return
+                    held = _Item(task.key, position=position, sample=sample,
+                                 bytes_read=report.bytes_read - reported_bytes)
+                    reported_bytes = report.bytes_read
+            except MemoryError:
+                raise  # this process is short of memory: a replacement reads the shard again
+            except Exception as exc:  # noqa: BLE001 - reading the shard raised what nothing foresaw
+                # Raised, it would fail the actor, whose replacement, reading on from what was trained,
+                # would meet it again, for ever: the rest of the shard is given up for this pass, as
+                # an unreadable shard's is, with the traceback once per kind (a bug shows).
+                self._log_unforeseen(exc, f"reading {task.url}", "the rest of the shard skipped as shard-read-error")
+                report.errors["shard-read-error"] += 1
             held.report = report
             held.bytes_read += report.bytes_read - reported_bytes
             self._put(held)

@@ -50,6 +50,7 @@ from typing import Any
 from pipelines import dedup_study, messy_stream
 from pipelines.quality import evaluate_run, references, run_config
 from stream_swav import logs
+from stream_swav.apps.datasets import require_fashion_mnist
 from stream_swav.apps.demo import demo_shards
 from stream_swav.apps.evaluate import load_eval_data, pick_device
 from stream_swav.apps.follow import append_jsonl, read_jsonl
@@ -262,6 +263,11 @@ def main(argv: list[str] | None = None) -> int:
                             help=f"the messy stream's {knob} (default {getattr(defaults, knob):g})")
     parser.add_argument("--data-dir", help="Fashion-MNIST folder (default: searched)")
     args = parser.parse_args(argv)
+    try:  # refused before any stream or run folder is written
+        require_fashion_mnist(args.data_dir, hint="set --data-dir")
+    except FileNotFoundError as err:
+        print(f"curation_study: {err}", file=sys.stderr)
+        return 2
     logs.configure()
     return run_study(args)
 

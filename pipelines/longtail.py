@@ -642,6 +642,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.images < 1 or args.index_per_class < 1 or args.test_images < 0:
         parser.error("--images and --index-per-class must be >= 1, --test-images >= 0")
+    try:  # refused before any stream or run folder is written
+        require_fashion_mnist(args.data_dir, hint="set --data-dir")
+    except FileNotFoundError as err:
+        print(f"longtail: {err}", file=sys.stderr)
+        return 2
     logs.configure()
     return run_pipeline(args)
 

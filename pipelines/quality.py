@@ -52,6 +52,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from stream_swav import logs, plotting, storage
+from stream_swav.apps.datasets import require_fashion_mnist
 from stream_swav.apps.demo import demo_config, demo_shards
 from stream_swav.apps.evaluate import (EvalData, embed, knn_top1, linear_probe_top1, load_eval_data, pick_device,
                                        pixel_features, random_backbone, recalibrate_batchnorm, reference_rows,
@@ -507,6 +508,11 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--trend needs --budgets")
     if args.trend and args.minutes:
         parser.error("--trend scores fixed image budgets; drop --minutes")
+    try:  # refused before any stream or run folder is written
+        require_fashion_mnist(args.data_dir, hint="set --data-dir")
+    except FileNotFoundError as err:
+        print(f"quality: {err}", file=sys.stderr)
+        return 2
     logs.configure()
     return run_study(args)
 

@@ -120,3 +120,17 @@ def test_trend_draws_the_grid_only_where_it_is_not_the_output():
     assert [label for _, label, _ in trend_kinds([pooled, pooled])] == ["output", "2x2 grid"]
     assert [label for _, label, _ in trend_kinds([grid, grid])] == ["output"]
     assert [label for _, label, _ in trend_kinds([{"knn_top1": 0.8, "probe_top1": 0.8}])] == ["output"]
+
+
+def test_the_study_pipelines_refuse_a_missing_dataset_in_one_line_before_writing(tmp_path, capsys):
+    """Each study needs Fashion-MNIST: without it, one line naming where it looked and the option,
+    exit 2, and no output folder, where it had been a traceback after the folder was made."""
+    import importlib
+
+    for name in ("quality", "curation_study", "longtail"):
+        main = importlib.import_module(f"pipelines.{name}").main
+        out = tmp_path / name
+        assert main(["--out", str(out), "--data-dir", str(tmp_path / "none")]) == 2
+        err = capsys.readouterr().err
+        assert err == f"{name}: no Fashion-MNIST IDX files in {tmp_path / 'none'} (set --data-dir)\n"
+        assert not out.exists()

@@ -596,6 +596,10 @@ def load_for_resume(dir_url: str, storage_cfg: StorageConfig, check: Callable[[d
             if check is not None:
                 check(state)
         except (ValueError, OSError) as error:
+            if storage.is_unavailable(error):
+                # The store did not answer: that says nothing of this checkpoint, and falling back to
+                # an older one (and pointing latest.json at it) would throw training away.
+                raise
             skipped.append((step_url, logs.error_line(error)))
             continue
         return ResumePoint(step=step, url=absolute_url(step_url), state=state, record=record, skipped=skipped)

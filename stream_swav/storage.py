@@ -17,6 +17,7 @@ printed, and it redacts them.
 from __future__ import annotations
 
 import asyncio
+import errno
 import json
 import os
 import threading
@@ -42,6 +43,19 @@ _SECRET_WORDS = ("secret", "token", "password", "key")
 # Errors worth retrying when reading: network trouble, throttling, a server that went away.
 TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (
     OSError, TimeoutError, asyncio.TimeoutError, BotoCoreError, ClientError, aiohttp.ClientError)
+# What s3fs makes of S3's "slow down", "unavailable" and internal errors (after its own retries).
+_UNAVAILABLE_ERRNOS = (errno.EBUSY, getattr(errno, "EREMOTEIO", errno.EIO))  # s3fs's fallback where it lacks
+
+
+def is_unavailable(error: BaseException) -> bool:
+    """Whether `error` says the store did not answer (a timeout, a lost connection, throttling, a
+    server error), not that what was asked for is missing, forbidden or bad: another try may
+    succeed, so nothing should be concluded about the object."""
+    if isinstance(error, (TimeoutError, asyncio.TimeoutError, ConnectionError, aiohttp.ClientError, BotoCoreError)):
+        return True
+    return isinstance(error, OSError) and error.errno in _UNAVAILABLE_ERRNOS
+
+
 # OSError subclasses that another attempt will not fix.
 PERMANENT_ERRORS: tuple[type[BaseException], ...] = (
     FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)

@@ -480,23 +480,33 @@ def resumable_state(step: int) -> dict:
     return state
 
 
-def test_resume_names_a_failure_without_a_message(tmp_path, monkeypatch):
-    """A read that times out raises TimeoutError() with no message (asyncio's, aiohttp's): the
-    checkpoint is skipped and named by the error's type, where taking the message's first line of
-    an empty message had crashed the resume with an IndexError."""
+def test_resume_names_a_failure_without_a_message_and_does_not_skip_past_a_store_that_did_not_answer(
+        tmp_path, monkeypatch):
+    """A checkpoint whose read fails with an error without a message (a bare OSError) is skipped and
+    named by the error's type, where taking the message's first line had crashed the resume with an
+    IndexError. A read that timed out, or that S3 throttled, says nothing of the checkpoint: it is
+    raised (the driver tries again), not taken for damage, which had fallen back to an older
+    checkpoint and pointed latest.json at it."""
     for step in (100, 200):
         save(tmp_path, step, keep_last=2)
     real = checkpoint.storage.read_bytes
+    failure: list[BaseException] = []
 
-    def timing_out(url, cfg):
+    def failing(url, cfg):
         if "step-000000200" in url and url.endswith("state.pt"):
-            raise TimeoutError()
+            raise failure[0]
         return real(url, cfg)
 
-    monkeypatch.setattr(checkpoint.storage, "read_bytes", timing_out)
+    monkeypatch.setattr(checkpoint.storage, "read_bytes", failing)
+    for unavailable in (TimeoutError(), OSError(errno.EBUSY, "Please reduce your request rate")):
+        failure[:] = [unavailable]
+        with pytest.raises(type(unavailable)):
+            checkpoint.load_for_resume(str(tmp_path), STORAGE)
+        assert read_latest(str(tmp_path), STORAGE)["step"] == 200
+    failure[:] = [OSError()]
     point = checkpoint.load_for_resume(str(tmp_path), STORAGE)
     assert point.step == 100
-    assert point.skipped == [(str(tmp_path / "step-000000200"), "TimeoutError")]
+    assert point.skipped == [(str(tmp_path / "step-000000200"), "OSError")]
 
 
 def test_resume_skips_states_the_driver_cannot_resume_from_and_checkpoints_the_learners_refused(tmp_path):

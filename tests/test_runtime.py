@@ -312,6 +312,27 @@ def test_a_storage_blip_while_recovering_is_a_counted_failure_not_a_traceback(tm
             "checkpoints failed: TimeoutError: ListObjectsV2 read timeout") in caplog.text
 
 
+def test_a_store_that_does_not_answer_when_the_run_looks_for_its_checkpoint_is_a_counted_failure(tmp_path, caplog):
+    """At the start, the checkpoint folder read times out (the pre-start checks had reached it): no
+    traceback and no fallback to an older checkpoint, but a counted failure tried again, and the
+    budget's one line."""
+    (tmp_path / "shard-0.tar").write_bytes(tar_bytes(colour_samples(2)))
+    cfg = tiny_config({"data": {"shards": str(tmp_path)}, "checkpoint": {"dir": str(tmp_path / "ckpt")},
+                       "train": {"max_failures": 1}})
+    trainer = driver.Trainer(cfg)
+    trainer.stop = NoWaitEvent()
+
+    def timing_out():
+        raise TimeoutError("GetObject read timeout")
+
+    trainer.resume_point = timing_out
+    assert trainer.run() == driver.EXIT_FAILED
+    assert trainer.restarts == 2
+    assert "reading the checkpoints failed: TimeoutError: GetObject read timeout" in caplog.text
+    assert ("more than train.max_failures=1; last cause: listing the shards or the checkpoints failed: "
+            "TimeoutError: GetObject read timeout") in caplog.text
+
+
 def test_a_stop_whose_final_checkpoint_loses_every_elastic_learner_exits_4(tmp_path, caplog):
     """SIGTERM; the final save fails because the node holding both learners of an elastic group is
     gone. New learners from the latest checkpoint could only save that again: the run ends with exit

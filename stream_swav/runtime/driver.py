@@ -199,7 +199,14 @@ class Trainer:
         self.last_relist = time.monotonic()
         # Which checkpoint to resume from is known before any actor starts: a folder where none
         # loads stops the run here, in one line.
-        return self.bring_up(shards, self.resume_point())
+        try:
+            point = self.resume_point()
+        except storage.TRANSIENT_ERRORS as err:
+            # The store did not answer (a checkpoint that does not load is skipped, not raised):
+            # a counted failure, tried again as recoveries are.
+            self.failure_cause = f"reading the checkpoints failed: {first_line(err)}"
+            return RunState.RECOVERING
+        return self.bring_up(shards, point)
 
     def train_chunk(self) -> RunState:
         """RUNNING: one chunk on every learner, merged into the stream ledger; a checkpoint when due."""

@@ -36,7 +36,8 @@ from stream_swav import checkpoint as ckpt
 from stream_swav.runtime import driver
 from stream_swav.runtime.metrics import TRAINER_METRIC_NAMES
 from stream_swav.runtime.decode_pool import DecodePool
-from stream_swav.runtime.learner_group import LearnerFailure, LearnersLost
+from stream_swav.runtime.cluster import StartupError, plan_cluster
+from stream_swav.runtime.learner_group import LearnerFailure, LearnerGroup, LearnersLost
 from stream_swav.runtime.ledger import StreamLedger
 from stream_swav.runtime.reports import ChunkSummary, StepReport
 
@@ -288,6 +289,20 @@ class NoWaitEvent(threading.Event):
 
     def wait(self, timeout: float | None = None) -> bool:
         return self.is_set()
+
+
+def test_learners_that_do_not_start_within_the_timeout_after_placement_are_refused_in_one_line(tmp_path):
+    """The start deadline covers placement and start-up: learners placed in time whose start runs
+    past it (here the decode actors' launch takes the rest) are refused naming the setting, where
+    the wait's GetTimeoutError had escaped as a traceback."""
+    cfg = tiny_config({"data": {"shards": str(tmp_path)}, "train": {"learners": 2, "startup_timeout_s": 4}})
+    group = LearnerGroup(cfg, plan_cluster(cfg, ray.cluster_resources()))
+    try:
+        with pytest.raises(StartupError, match=r"^train\.startup_timeout_s: the learners were placed but did not "
+                                               r"start within 4s of asking for them; raise it$"):
+            group.start(threading.Event(), while_starting=lambda: time.sleep(5))
+    finally:
+        group.shutdown()
 
 
 def test_a_storage_blip_while_recovering_is_a_counted_failure_not_a_traceback(tmp_path, caplog):

@@ -260,8 +260,9 @@ def write_bytes_atomic(url: str, data: bytes, cfg: StorageConfig) -> None:
     Locally: write a temporary file in the same folder, fsync, rename over the
     target, fsync the folder (so that the rename survives a power loss). On S3 a
     PUT is already atomic, and so is a multipart upload (s3fs's above 100 MiB): the
-    object appears at its completion. A writer killed mid-upload leaves parts that
-    only a bucket lifecycle rule aborts (deploy/README.md).
+    object appears at its completion. A writer killed mid-upload leaves its parts,
+    which `remove_stale_temporaries` aborts later (and a bucket lifecycle rule too,
+    deploy/README.md).
     """
     fs, path = filesystem_for(url, cfg)
     if not isinstance(fs, LocalFileSystem):

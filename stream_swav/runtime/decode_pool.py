@@ -88,7 +88,7 @@ class DecodePool:
     def launch(self, count: int) -> None:
         """Start `count` decode actors without waiting for them (`wait_started` does), so that they
         start while the learners do."""
-        seen = self._seen_ref()
+        seen = self._union_once()
         self._launched = {slot: self._launch(slot, seen) for slot in range(count)}
         self.rank_of = {slot: slot % self.learners for slot in range(count)}
         self._next_slot = count
@@ -118,7 +118,7 @@ class DecodePool:
         """Start `count` actors for a learner about to join, without waiting (`joined` looks): their slots."""
         deadline = time.monotonic() + self.cfg.train.startup_timeout_s
         slots = []
-        seen = self._seen_ref()
+        seen = self._union_once()
         for _ in range(count):
             slot, self._next_slot = self._next_slot, self._next_slot + 1
             handle = self._launch(slot, seen)
@@ -173,6 +173,7 @@ class DecodePool:
         Returns the new feeders, rank -> {slot: handle}."""
         by_rank: dict[int, dict[int, Any]] = {}
         deadline = time.monotonic() + self.cfg.train.startup_timeout_s
+        seen = self._union_once()
         for slot in slots:
             if slot in self.dropped:
                 continue  # given up on: its learner's calls to the old actor fail, nothing to replace
@@ -182,12 +183,12 @@ class DecodePool:
             if handle is not None:
                 ray.kill(handle, no_restart=True)
             ledger.release(slot)
-            by_rank.setdefault(self.rank_of[slot], {})[slot] = self._launch_replacement(slot, deadline)
+            by_rank.setdefault(self.rank_of[slot], {})[slot] = self._launch_replacement(slot, deadline, seen)
         return by_rank
 
-    def _launch_replacement(self, slot: int, deadline: float) -> Any:
+    def _launch_replacement(self, slot: int, deadline: float, seen: Callable[[], Any]) -> Any:
         """A new actor in `slot`, which `poll` watches until it is up or `deadline` passes."""
-        handle = self.actors[slot] = self._launch(slot, self._seen_ref())
+        handle = self.actors[slot] = self._launch(slot, seen)
         self._starting[slot] = (handle.ready.remote(), deadline)
         return handle
 
@@ -199,7 +200,8 @@ class DecodePool:
         room back, and the stall warning says what waits). A learner's last that failed to start
         ends the run (`StartupError`). With `regain`, dropped slots are tried again (`_regain`).
         Returns the feeders launched again and those regained, rank -> {slot: handle}."""
-        relaunched = self._regain(regain)
+        seen = self._union_once()
+        relaunched = self._regain(regain, seen)
         for slot, (ready, deadline) in list(self._starting.items()):
             failure = self._start_failure(ready, deadline)
             if failure is None:
@@ -216,7 +218,7 @@ class DecodePool:
                 log.warning("decode actor %d could not start again (%s); it is learner %d's only one, so it is "
                             "launched again: nothing trains until it starts", slot, failure, rank)
                 deadline = time.monotonic() + self.cfg.train.startup_timeout_s
-                relaunched.setdefault(rank, {})[slot] = self._launch_replacement(slot, deadline)
+                relaunched.setdefault(rank, {})[slot] = self._launch_replacement(slot, deadline, seen)
                 continue
             log.warning("decode actor %d could not start again (%s); running without it", slot, failure)
             self._drop(slot, regain=failure.startswith(WORTH_ANOTHER_TRY))
@@ -231,7 +233,7 @@ class DecodePool:
             self.regainable.add(slot)
             self._regain_at = time.monotonic() + self.cfg.train.resize_interval_s
 
-    def _regain(self, try_again: bool) -> dict[int, dict[int, Any]]:
+    def _regain(self, try_again: bool, seen: Callable[[], Any]) -> dict[int, dict[int, Any]]:
         """Actors of dropped slots that came up, rank -> {slot: handle}: they feed their learner again
         (and get shards at the next top-up). A try not up by its deadline is stopped; with
         `try_again`, the slots dropped for want of room are tried again train.resize_interval_s after
@@ -239,7 +241,6 @@ class DecodePool:
         `_starting`, and a try must not take the room it waits for); without it, tries under way
         stop. A try holds no shards, so one that waits for room holds nothing back."""
         regained: dict[int, dict[int, Any]] = {}
-        seen_ref = functools.cache(self._seen_ref)  # packed once, when an actor is back
         for slot, (handle, ready, deadline) in list(self.regaining.items()):
             failure = self._start_failure(ready, deadline) if try_again else "the room goes to joining learners"
             if failure is None:
@@ -253,9 +254,9 @@ class DecodePool:
             self.regainable.discard(slot)
             self.actors[slot] = regained.setdefault(self.rank_of[slot], {})[slot] = handle
             # What the seen-set union gained while it started (a checkpoint's share reached only actors up).
-            seen = seen_ref()
-            if seen is not None:
-                handle.absorb_seen.remote(seen)
+            union = seen()
+            if union is not None:
+                handle.absorb_seen.remote(union)
             log.warning("decode actor %d is back (it was dropped for want of room): learner %d pulls from it again",
                         slot, self.rank_of[slot])
         now = time.monotonic()
@@ -263,7 +264,6 @@ class DecodePool:
             self._regain_at = max(self._regain_at, now + self.cfg.train.resize_interval_s)
         elif try_again and self.regainable and now >= self._regain_at:
             deadline = now + self.cfg.train.startup_timeout_s
-            seen = self._seen_ref()
             for slot in sorted(self.regainable):
                 handle = self._launch(slot, seen)
                 self.regaining[slot] = (handle, handle.ready.remote(), deadline)
@@ -354,17 +354,22 @@ class DecodePool:
                         slot, self.cfg.train.startup_timeout_s)
         self._check_every_learner_fed()
 
+    def _union_once(self) -> Callable[[], Any]:
+        """The seen-set union for the actors one call starts: packed and put in the object store at
+        most once for all of them, and only if one starts (at the default capacity packing alone
+        takes seconds, and the state is ~10 MB); None without a union."""
+        return functools.cache(self._seen_ref)
+
     def _seen_ref(self) -> Any:
-        """The seen-set union for actors that start now, packed and put in the object store once for
-        all of them (at the default capacity packing alone takes seconds, and the state is ~10 MB)."""
         seen = self.seen_source() if self.seen_source is not None else None
         return ray.put(seen) if seen is not None else None
 
-    def _launch(self, slot: int, seen: Any) -> Any:
-        """Start the decode actor of `slot`, giving it `seen` (`_seen_ref`) first where there is one."""
+    def _launch(self, slot: int, seen: Callable[[], Any]) -> Any:
+        """Start the decode actor of `slot`, giving it the union (`_union_once`) first where there is one."""
         handle = DecodeActor.options(num_cpus=1, max_restarts=0).remote(self.cfg, slot, self.build_worker)
-        if seen is not None:
-            handle.absorb_seen.remote(seen)
+        union = seen()
+        if union is not None:
+            handle.absorb_seen.remote(union)
         return handle
 
     def _check_every_learner_fed(self) -> None:

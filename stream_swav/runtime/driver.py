@@ -334,8 +334,12 @@ class Trainer:
         if self.stop.is_set():
             return RunState.STOPPING  # the survivors write the final checkpoint; exit 0
         saved = self.checkpoint(final=True)
-        kept = (f"checkpoint step {self.step} holds everything trained" if saved else
-                f"the survivors' checkpoint failed; the latest checkpoint is step {self.last_checkpoint_step}")
+        if not saved:
+            kept = f"the survivors' checkpoint failed; the latest checkpoint is step {self.last_checkpoint_step}"
+        elif self.step == 0:  # lost before the first step: checkpoint() saves nothing then
+            kept = "nothing was trained, so there is no checkpoint to save"
+        else:
+            kept = f"checkpoint step {self.step} holds everything trained"
         return self.fail(EXIT_TOO_FEW_LEARNERS,
                          f"train.min_learners: {len(self.group.actors)} learner(s) left, fewer than train.min_learners="
                          f"{train.fewest_learners}, and no more could be placed within train.startup_timeout_s="

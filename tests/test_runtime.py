@@ -213,6 +213,23 @@ def test_two_cpu_learners_stay_identical(tmp_path):
     assert len(state["other_ranks"]) == 1 and torch.equal(state["other_ranks"][0]["augment_rng"], augment_rng_1)
     assert not torch.equal(augment_rng_0, augment_rng_1)
 
+    # Resumed by three learners (the budget is spent, so none trains): each of the first two takes
+    # its own rank's weights and augmentation stream back, and the third, new to the checkpoint,
+    # the weights with a stream of its own.
+    shards_on_disk(tmp_path, [24, 24, 8])  # a third shard, for the third learner's decode actor
+    grown = tiny_config({"data": {"shards": shards, "open_shards_per_actor": 1, "decode_actors": 3},
+                         "checkpoint": {"dir": str(tmp_path / "ckpt"), "every_steps": 2},
+                         "train": {"learners": 3, "image_budget": 48, "cpus_per_learner": 0.25, "cpu_threads": 1}})
+    trainer = WatchedTrainer(grown, tmp_path / "resumed.jsonl")
+    try:
+        assert trainer.run() == 0 and trainer.step == 3
+        resumed = learner_replicas(trainer)
+    finally:
+        close_trainer(trainer)
+    assert [digest for _, _, digest, *_ in resumed] == [digest_0] * 3
+    assert torch.equal(resumed[0][4], augment_rng_0) and torch.equal(resumed[1][4], augment_rng_1)
+    assert not any(torch.equal(resumed[2][4], rng) for rng in (augment_rng_0, augment_rng_1))
+
 
 def test_backpressure_bounds_batches_waiting(tmp_path):
     shards, _ = shards_on_disk(tmp_path, [16, 16, 16])

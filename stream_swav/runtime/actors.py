@@ -274,8 +274,14 @@ class LearnerActorImpl:
         for slot, handle in feeders.items():
             self.feed.attach(slot, handle)
 
-    def load_state(self, state: dict[str, Any]) -> int:
-        self.learner.load_state_dict(state)
+    def load_state(self, shared: dict[str, Any], own: dict[str, Any] | None) -> int:
+        """Restore a checkpoint: `shared`, its state as rank 0 saved it (every rank gets the same
+        object, sent to each node once), with `own` over it, this rank's saved queue and random
+        streams; None for a rank new to the checkpoint, which keeps its own fresh ones."""
+        if own is None:
+            self.learner.adopt(shared)
+        else:
+            self.learner.load_state_dict({**shared, **own})
         return self.learner.step
 
     def _next_batch(self, timeout: float) -> tuple[int, CropBatch] | None:

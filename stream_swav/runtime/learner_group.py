@@ -26,7 +26,7 @@ from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from stream_swav import logs
-from stream_swav.checkpoint import RANK_LOCAL_STATE_KEYS, CheckpointInfo
+from stream_swav.checkpoint import CheckpointInfo
 from stream_swav.config import Config
 from stream_swav.runtime.actors import LearnerActor, first_line
 from stream_swav.runtime.cluster import ClusterPlan, StartupError, describe_shortfall
@@ -231,17 +231,13 @@ class LearnerGroup:
         if len(other_ranks) + 1 != len(self.actors):
             log.warning("checkpoint has %d learner(s), this run %d: queues of new ranks start empty",
                         len(other_ranks) + 1, len(self.actors))
-        refs = []
-        for rank, actor in enumerate(self.actors):
-            rank_state = dict(state)
-            if rank > 0:
-                if rank - 1 < len(other_ranks):
-                    rank_state.update(other_ranks[rank - 1])
-                else:
-                    # A rank new to this checkpoint keeps its own fresh queue and random streams.
-                    for key in RANK_LOCAL_STATE_KEYS:
-                        rank_state.pop(key, None)
-            refs.append(actor.load_state.remote(rank_state))
+        # Once into the object store, so that each node fetches it once: passed by value, each
+        # learner's call carried its own copy of the weights and optimizer state (hundreds of MB
+        # each for a ResNet-50, a copy per learner through the driver's node at every recovery).
+        shared = ray.put(state)
+        own: list[dict[str, Any] | None] = [{}, *other_ranks[:len(self.actors) - 1]]
+        own += [None] * (len(self.actors) - len(own))  # ranks new to the checkpoint keep their own
+        refs = [actor.load_state.remote(shared, mine) for actor, mine in zip(self.actors, own)]
         try:
             return int(wait_all(refs, None, None, "restoring the checkpoint")[0])
         except LearnerFailure as failure:

@@ -104,6 +104,15 @@ def test_a_step_saved_again_is_evaluated_again(tiny_shards, tmp_path):
     assert [r["step"] for r in rows] == [20, 20] and rows[1]["loss"] == 5.0
     assert rows[1]["checkpoint_time"] != first["checkpoint_time"]
     assert follow_once(checkpoints, tiny_shards, out) == 0 and len(read_results(out / "results.jsonl")) == 2
+    # `--all` tells them apart the same way, where the step saved again is no longer the latest: step
+    # 20 saved a third time and then step 30; each is evaluated, and step 10, never evaluated, too.
+    latest.write_text((checkpoints / "step-000000010" / "meta.json").read_text())
+    save_tiny_checkpoint(checkpoints, 20, seed=4, loss=4.0)
+    save_tiny_checkpoint(checkpoints, 30, seed=5, loss=3.0)
+    assert follow_once(checkpoints, tiny_shards, out, "--all") == 0
+    rows = read_results(out / "results.jsonl")
+    assert [(r["step"], r["loss"]) for r in rows[2:]] == [(10, 7.0), (20, 4.0), (30, 3.0)]
+    assert follow_once(checkpoints, tiny_shards, out, "--all") == 0 and len(read_results(out / "results.jsonl")) == 5
 
 
 def test_a_pruned_checkpoint_fails_the_poll_and_is_retried_later(tiny_shards, tmp_path, caplog):

@@ -1,10 +1,13 @@
 """`stream-swav follow`: evaluate each new checkpoint of a running (or finished) training.
 
-Polls the checkpoint folder's latest.json; when it names a step not evaluated
-yet, that checkpoint's backbone gets a weighted kNN (and optionally linear
-probe) evaluation on labelled shards. Each result is appended to
-``results.jsonl`` (the record of what was done: on restart, steps found there
-are not evaluated again), ``results.csv`` is rewritten from it, a PNG plot of
+Polls the checkpoint folder's latest.json (with ``--all``, every retained step
+folder too); when it names a checkpoint not evaluated yet, that checkpoint's
+backbone gets a weighted kNN (and optionally linear probe) evaluation on
+labelled shards. A checkpoint is its step and the time it was saved: a step
+saved again by a run resumed from an older checkpoint is evaluated again. Each
+result is appended to ``results.jsonl`` (the record of what was done: on
+restart, checkpoints found there are not evaluated again), ``results.csv`` is
+rewritten from it, a PNG plot of
 accuracy and loss against images seen is redrawn, and Prometheus gauges
 (``stream_swav_eval_knn_top1_ratio``, ``stream_swav_eval_checkpoint_step``...)
 are served on 127.0.0.1:9401 unless ``--once``.
@@ -328,9 +331,18 @@ class Follower:
     def evaluate_retained(self, probe_newest_only: bool = False) -> list[dict[str, Any]]:
         """Evaluate every complete step folder present that has no result yet, oldest first;
         `probe_newest_only` runs the linear probe (when the follower has it on) on the newest only."""
-        pending = [(step, url) for step, url in sorted(ckpt.list_step_dirs(self.checkpoints, self.storage_cfg).items())
-                   if step not in self.results.steps
-                   and storage.exists(storage.join_url(url, ckpt.META), self.storage_cfg)]
+        pending = []
+        for step, url in sorted(ckpt.list_step_dirs(self.checkpoints, self.storage_cfg).items()):
+            try:
+                # By the time it was saved, not by step alone: a step saved again (a run resumed from an
+                # older checkpoint) is another checkpoint, as `poll` has it.
+                record = storage.read_json(storage.join_url(url, ckpt.META), self.storage_cfg)
+            except (*storage.TRANSIENT_ERRORS, ValueError) as error:
+                self.count_failure(step, error)
+                continue
+            saved_at = record.get("time") if isinstance(record, dict) else None
+            if record is not None and not self.results.evaluated(step, saved_at if isinstance(saved_at, str) else None):
+                pending.append((step, url))
         rows = []
         for i, (step, url) in enumerate(pending):
             newest = i == len(pending) - 1

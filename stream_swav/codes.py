@@ -219,6 +219,9 @@ class SinkhornCodes:
     def state_dict(self) -> dict[str, Tensor]:
         return {}
 
+    def check_state(self, state: Mapping[str, object]) -> None:
+        """Nothing is carried, so any saved codes state will do (another method's, at a resume)."""
+
     def load_state_dict(self, state: Mapping[str, object]) -> None:
         pass
 
@@ -270,12 +273,23 @@ class RelaxedCodes:
     def state_dict(self) -> dict[str, Tensor]:
         return {"mass": self.mass.detach().cpu().clone()}
 
-    def load_state_dict(self, state: Mapping[str, object]) -> None:
+    def check_state(self, state: Mapping[str, object]) -> None:
+        """ValueError unless `state` holds a usable `mass`, or none at all (a checkpoint of a method
+        that carries nothing: swav.codes changed to relaxed at a resume)."""
+        if "mass" not in state:
+            return
         mass = _checked_vector(state, "mass", self.mass, "relaxed")
         total = float(mass.double().sum())
         if abs(total - 1.0) > 1e-3:
             raise ValueError(f"relaxed codes state: mass must sum to 1, got {total:.6g}")
-        self.mass = mass
+
+    def load_state_dict(self, state: Mapping[str, object]) -> None:
+        """The saved mass; without one (see `check_state`) the estimate starts again from uniform."""
+        self.check_state(state)
+        if "mass" in state:
+            self.mass = _checked_vector(state, "mass", self.mass, "relaxed")
+        else:
+            self.mass = torch.full_like(self.mass, 1.0 / len(self.mass))
 
 
 CodeMethod = SinkhornCodes | RelaxedCodes

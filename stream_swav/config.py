@@ -683,6 +683,24 @@ def _to_plain(value: Any) -> Any:
     return value
 
 
+def changed_settings(saved: Any, cfg: Config, sections: tuple[str, ...] | None = None) -> list[tuple[str, Any, Any]]:
+    """(dotted key, saved value, value now) for each setting of `cfg` (of these `sections`, default
+    all) that differs from `saved`, a configuration as `to_dict()` wrote it into a checkpoint's
+    record. Settings `saved` lacks (written by older code) or that are not settings there are left
+    out: only a value both sides have can be said to have changed."""
+    if not isinstance(saved, dict):
+        return []
+    changes = []
+    for section, values in cfg.to_dict().items():
+        old_values = saved.get(section)
+        if (sections is not None and section not in sections) or not isinstance(old_values, dict):
+            continue
+        for key, value in values.items():
+            if key in old_values and old_values[key] != value:
+                changes.append((f"{section}.{key}", old_values[key], value))
+    return changes
+
+
 # ---------------------------------------------------------------------------------------- parsing
 
 _TRUE, _FALSE = ("true", "yes", "1", "on"), ("false", "no", "0", "off")
@@ -874,6 +892,7 @@ def scaled_learning_rate(cfg: Config, lr: float, global_batch: int | None = None
 
 
 __all__ = ["Config", "ConfigError", "UsageError", "load_config", "config_from_dict", "parse_overrides", "merge_dicts",
+           "changed_settings",
            "scaled_learning_rate", "StorageConfig", "DataConfig", "CropsConfig", "AugmentConfig", "ModelConfig",
            "SwAVConfig", "OptimConfig", "TrainConfig", "CheckpointConfig", "MetricsConfig", "CurationConfig", "ARCHS",
            "CODES", "RESNET_ARCHS", "REGNET_ARCHS", "VIT_SHAPES", "ViTShape", "arch_family", "vit_shape",

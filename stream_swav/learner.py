@@ -329,6 +329,14 @@ class LearnerState:
             if not isinstance(state[key], Tensor) or state[key].dtype != torch.uint8:
                 raise ValueError(f"learner state {key}: expected a uint8 tensor")
         check_state_dict(state["model"], self.model, "learner state model")
+        queue = state.get("queue")
+        if queue is not None and not (isinstance(queue, dict) and isinstance(queue.get("features"), Tensor)
+                                      and queue["features"].dim() == 3):
+            raise ValueError("learner state queue: expected features of shape (crops, length, dim)")
+        if "codes" in state:
+            if not isinstance(state["codes"], dict):
+                raise ValueError("learner state codes: expected a dict")
+            self.codes.check_state(state["codes"])
         if self.balance is not None and self.balance.STATE_KEY in state:
             self.balance.check_state(state[self.balance.STATE_KEY])
         if self.average is not None and "average" in state:
@@ -353,9 +361,10 @@ class LearnerState:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Resume from `state_dict()` output. Everything is checked before anything is changed."""
         self.check_state(state)
-        # A checkpoint from a run without queue leaves the queue empty; the queue is
-        # loaded first because it is the one part still checked while loading.
-        if self.queue is not None and "queue" in state:
+        # A checkpoint from a run without queue, or with a queue of another shape (swav.queue_length
+        # or crops_for_assign changed at a resume: the driver says so), leaves the queue empty; the
+        # queue is loaded first because it is the one part still checked while loading.
+        if self.queue is not None and "queue" in state and self.queue.same_shape(state["queue"]):
             self.queue.load_state_dict(state["queue"])
         # Without a saved estimate (balance, or this signal, turned on at a resume), it starts afresh.
         if self.balance is not None and self.balance.STATE_KEY in state:

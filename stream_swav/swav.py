@@ -183,6 +183,12 @@ class FeatureQueue:
         # A copy: pushes write into the buffer in place, and a saved state must not change.
         return {"features": self.buffer.detach().to("cpu", copy=True), "fill": self.fill, "next": self.next}
 
+    def same_shape(self, state: object) -> bool:
+        """Whether `state` holds features of this queue's shape (crops, length, dim): false for a queue
+        saved with another swav.queue_length or crops_for_assign, or a model of another output_dim."""
+        features = state.get("features") if isinstance(state, Mapping) else None
+        return isinstance(features, Tensor) and features.shape == self.buffer.shape
+
     def load_state_dict(self, state: Mapping[str, object]) -> None:
         features, fill = state.get("features"), state.get("fill")
         if not isinstance(features, Tensor) or features.shape != self.buffer.shape:

@@ -1,12 +1,13 @@
 """The typed configuration: layering, typed parsing of overrides, and errors that name the key."""
 from __future__ import annotations
 
+import json
 import re
 
 import pytest
 
-from stream_swav.config import (Config, ConfigError, CurationConfig, OverrideText, config_from_dict, load_config,
-                                merge_dicts, parse_overrides)
+from stream_swav.config import (Config, ConfigError, CurationConfig, OverrideText, changed_settings, config_from_dict,
+                                load_config, merge_dicts, parse_overrides)
 
 
 def refused(overrides: list[str], key: str) -> ConfigError:
@@ -34,6 +35,17 @@ def test_to_dict_is_plain_and_round_trips_through_config_from_dict():
     assert again == cfg
     assert again.swav.crops_for_assign == (1, 3)
     assert isinstance(again.crops.global_scale, tuple)
+
+
+def test_changed_settings_name_what_differs_from_a_saved_configuration():
+    saved = json.loads(json.dumps(load_config(overrides=["model.prototypes=16", "swav.crops_for_assign=[0,1]"]).to_dict()))
+    saved["model"].pop("width")  # a setting that older code did not have
+    saved["obsolete"] = {"setting": 1}
+    now = load_config(overrides=["model.prototypes=32", "model.width=8", "optim.base_lr=0.3"])
+    assert changed_settings(saved, now) == [("model.prototypes", 16, 32), ("optim.base_lr", 0.6, 0.3)]
+    assert changed_settings(saved, now, ("swav", "optim")) == [("optim.base_lr", 0.6, 0.3)]
+    assert changed_settings(None, now) == [] and changed_settings(saved, load_config(overrides=[
+        "model.prototypes=16"]), ("model", "swav")) == []
 
 
 def test_base_then_yaml_then_overrides_later_layers_win(tmp_path):

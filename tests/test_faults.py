@@ -143,21 +143,29 @@ def test_resume_skips_checkpoints_that_do_not_load_or_that_the_learners_refuse_a
     assert f"the learners refuse checkpoint {tmp_path / 'ckpt' / 'step-000000004'}" in caplog.text
     assert f"momentum_buffer of parameter {index} has shape (3, 3)" in caplog.text
     assert f"resumed from {tmp_path / 'ckpt' / 'step-000000002'}: step 2" in caplog.text
+    assert "settings changed since checkpoint step 2 was saved: train.image_budget 48 -> 64" in caplog.text
     assert "learner failure" not in caplog.text and "checkpoint at step" not in caplog.text
     assert again.restarts == 0 and again.last_checkpoint_step == 8
     for step in (4, 6, 8):  # saved again over the skipped ones
         assert ckpt.load_checkpoint(str(tmp_path / "ckpt" / f"step-{step:09d}"), StorageConfig())["step"] == step
     assert ckpt.read_latest(str(tmp_path / "ckpt"), StorageConfig())["step"] == 8
 
-    # Another model than the one the checkpoints hold: every one refused, then one line, exit 2.
+    # Another model than the one the checkpoints hold, and an older checkpoint of that model beside
+    # them (left by an earlier run): the refusal is the changed setting's, named in one line, exit
+    # 2. Falling back to the older checkpoint, as for a damaged one, quietly threw away (and then
+    # overwrote) everything trained since it.
     changed = {**overrides, "model": {"prototypes": 24}}
+    other = {**changed, "checkpoint": {"dir": str(tmp_path / "other"), "every_steps": 2}}
+    run_to_end(tiny_config(merge_budget(other, 16)), tmp_path / "other.jsonl")
+    shutil.copytree(tmp_path / "other" / "step-000000002", tmp_path / "ckpt" / "step-000000002")
     capsys.readouterr()
     config = write_config(tmp_path / "changed.yaml", merge_budget(changed, 80))
     assert cli.main(["train", "--config", str(config)]) == 2
     err = capsys.readouterr().err.strip()
-    assert err.startswith("stream-swav: error: checkpoint.dir: no checkpoint in") and "\n" not in err
-    assert err.count("the learners refuse it") == 3 and "prototypes" in err
-    assert "resume with the configuration they were saved with" in err
+    assert err.startswith("stream-swav: configuration error: model.prototypes: checkpoint step 8 was saved with "
+                          "16, this run has 24") and "\n" not in err
+    assert "the learners refuse it (" in err and "point checkpoint.dir elsewhere" in err
+    assert ckpt.read_latest(str(tmp_path / "ckpt"), StorageConfig())["step"] == 8
 
     # No checkpoint loads: one line, exit 2, before any training.
     for folder in (tmp_path / "ckpt").glob("step-*"):

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import copy
 import io
 import math
 import os
@@ -240,6 +241,35 @@ def test_load_state_dict_rejects_mismatched_state_and_changes_nothing():
         learner.load_state_dict(state)
     assert learner.step == 1
     assert_same(learner_snapshot(learner), trained)
+
+
+def test_a_resume_with_another_queue_length_or_code_method_loads_and_starts_what_changed_afresh():
+    """swav.queue_length, crops_for_assign or codes changed at a resume: the learners refused every
+    checkpoint, where the queue can fill again and the relaxed codes' mass start from uniform."""
+    torch.set_num_threads(1)
+    stream = SyntheticStream(n_classes=4, image_size=8, seed=1)
+    cfg = tiny_config(swav={"queue_length": 8})
+    learner = Learner(cfg, torch.device("cpu"))
+    for _ in range(3):
+        learner.train_step(stream.batch(cfg))
+    assert learner.queue.is_full
+    state = learner.state_dict()
+    weights = {name: value.clone() for name, value in learner.model.state_dict().items()}
+    for changed, queue_kept in (({"queue_length": 16}, False), ({"queue_length": 8, "crops_for_assign": [0]}, False),
+                                ({"queue_length": 8, "codes": "relaxed"}, True)):
+        resumed = Learner(tiny_config(swav=changed), torch.device("cpu"))
+        resumed.load_state_dict(copy.deepcopy(state))
+        assert resumed.step == 3 and resumed.queue.is_full == queue_kept, changed
+        torch.testing.assert_close(resumed.model.state_dict(), weights, rtol=0, atol=0)
+        resumed.train_step(stream.batch(cfg))  # and it trains on
+    relaxed = Learner(tiny_config(swav={"codes": "relaxed"}), torch.device("cpu"))
+    relaxed.load_state_dict(copy.deepcopy(state))
+    assert torch.equal(relaxed.codes.mass, torch.full_like(relaxed.codes.mass, 1 / len(relaxed.codes.mass)))
+    # What is there is still checked: a damaged queue or mass is refused, not taken for a change.
+    for part, value, message in (("queue", {"features": "not a tensor"}, "learner state queue"),
+                                 ("codes", {"mass": torch.full((16,), -1.0)}, "relaxed codes state")):
+        with pytest.raises(ValueError, match=message):
+            relaxed.load_state_dict({**copy.deepcopy(state), part: value})
 
 
 def test_learner_count_must_match_world_size():

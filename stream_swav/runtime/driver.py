@@ -69,7 +69,7 @@ from ray.exceptions import GetTimeoutError, RayError, RayTaskError
 from stream_swav import checkpoint as ckpt
 from stream_swav import storage
 from stream_swav.backbone_spec import BackboneSpec
-from stream_swav.config import Config, ConfigError, UsageError
+from stream_swav.config import Config, ConfigError, UsageError, changed_settings
 from stream_swav.curation import SeenSet
 from stream_swav.data.cursor import StreamCursor
 from stream_swav.data.labelled import NoShardsFound, load_labeled_images
@@ -92,6 +92,10 @@ EXIT_FAILED = 1
 EXIT_NONFINITE = 3
 EXIT_FINAL_CHECKPOINT_FAILED = 4
 EXIT_TOO_FEW_LEARNERS = 5
+
+# The configuration's sections that shape what a learner's state holds (network, codes, queue,
+# optimiser): a checkpoint the learners refuse after one of these changed is refused for that.
+LEARNER_STATE_SECTIONS = ("model", "swav", "optim")
 
 # How long a checkpoint waits for the decode actors' seen-sets (curation.dedup).
 SEEN_GATHER_TIMEOUT_S = 60.0
@@ -426,6 +430,18 @@ class Trainer:
         except CheckpointRejected as rejected:
             if point is None:  # a fresh start restores nothing a learner could refuse
                 raise
+            changes = changed_settings(point.record.get("config"), self.cfg, LEARNER_STATE_SECTIONS)
+            if changes:
+                # Refused for this run's settings, not for damage: an older checkpoint saved under
+                # these settings would load, and resuming from it would quietly throw away (and then
+                # overwrite) everything trained since.
+                self.shutdown_actors()
+                (key, old, new), others = changes[0], changes[1:]
+                also = "".join(f"; {k} was {o!r}, now {n!r}" for k, o, n in others)
+                raise ConfigError(f"{key}: checkpoint step {point.step} was saved with {old!r}, this run has {new!r}"
+                                  f"{also}, and the learners refuse it ({rejected.reason}); set the saved values "
+                                  f"back (its meta.json records them) or point checkpoint.dir elsewhere to start "
+                                  f"afresh")
             log.error("the learners refuse checkpoint %s: %s; trying an older one", point.url, rejected.reason)
             self.rejected[point.url] = f"the learners refuse it: {rejected.reason}"
             self.shutdown_actors()

@@ -90,8 +90,8 @@ def refused_by_learner(failure: LearnerFailure) -> str | None:
 
 
 class CheckpointRejected(RuntimeError):
-    """The learners refused a checkpoint's state (`LearnerState.check_state`: another model, code
-    method or optimiser than this configuration's, or parts that are damaged); nothing was loaded
+    """The learners refused a checkpoint's state (`LearnerState.check_state`: another network or
+    optimiser shape than this configuration's, or parts that are damaged); nothing was loaded
     on the rank that refused it. `reason` says why, in one line."""
 
     def __init__(self, reason: str) -> None:
@@ -228,9 +228,13 @@ class LearnerGroup:
     def restore(self, state: dict[str, Any]) -> int:
         """Load a checkpoint's state into every rank (rank 0's own, the others' queues and RNGs)."""
         other_ranks = state.pop("other_ranks", [])
-        if len(other_ranks) + 1 != len(self.actors):
-            log.warning("checkpoint has %d learner(s), this run %d: queues of new ranks start empty",
-                        len(other_ranks) + 1, len(self.actors))
+        saved = len(other_ranks) + 1
+        if saved < len(self.actors):
+            log.warning("checkpoint has %d learner(s), this run %d: the new ranks take its weights and start "
+                        "their own queues and random streams", saved, len(self.actors))
+        elif saved > len(self.actors):
+            log.warning("checkpoint has %d learner(s), this run %d: the queues and random streams of its ranks "
+                        "%d to %d are dropped", saved, len(self.actors), len(self.actors), saved - 1)
         # Once into the object store, so that each node fetches it once: passed by value, each
         # learner's call carried its own copy of the weights and optimizer state (hundreds of MB
         # each for a ResNet-50, a copy per learner through the driver's node at every recovery).

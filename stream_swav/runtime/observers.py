@@ -14,7 +14,7 @@ import time
 import numpy as np
 
 from stream_swav.checkpoint import CheckpointInfo, ResumePoint
-from stream_swav.config import Config
+from stream_swav.config import Config, changed_settings
 from stream_swav.progress import ProgressLine
 from stream_swav.runtime.metrics import CollapseSettings, Metrics, PrototypeUsage, collapse_alarm
 from stream_swav.runtime.reports import ChunkSummary, Progress
@@ -137,6 +137,15 @@ class RunObserver:
                                         duration_s=0.0,
                                         size_bytes=size, saved_now=False)
         log.info("resumed from %s: step %d, %d images seen", point.url, step, images_seen)
+        changes = changed_settings(record.get("config"), self.cfg)
+        if changes:
+            # What the learners hold (network, codes, queue, optimiser) is what a change can affect.
+            shaping = any(key.split(".")[0] in ("model", "swav", "optim") for key, _, _ in changes)
+            queue = any(key in ("swav.queue_length", "swav.crops_for_assign") for key, _, _ in changes)
+            log.log(logging.WARNING if shaping else logging.INFO,
+                    "settings changed since checkpoint step %d was saved: %s%s", step,
+                    "; ".join(f"{key} {old!r} -> {new!r}" for key, old, new in changes),
+                    "; the feature queue starts empty" if queue else "")
 
     def on_failure(self, restarts: int, cause: str) -> None:
         """The learner group failed, for the `restarts`-th time in this run."""

@@ -138,12 +138,16 @@ def test_resume_skips_checkpoints_that_do_not_load_or_that_the_learners_refuse_a
     torch.save(state, refused)
 
     caplog.set_level(logging.INFO, logger="stream_swav")
-    again = run_to_end(tiny_config(merge_budget(overrides, 64)), tmp_path / "second.jsonl")
+    # A schedule changed as well (as when a run is extended): a learner's refusal is still the
+    # damage's, so the damaged checkpoint is skipped, not blamed on the new rate.
+    again = run_to_end(tiny_config({**merge_budget(overrides, 64), "optim": {"base_lr": 0.125}}),
+                       tmp_path / "second.jsonl")
     assert "skipped checkpoint" in caplog.text and "step-000000006" in caplog.text
     assert f"the learners refuse checkpoint {tmp_path / 'ckpt' / 'step-000000004'}" in caplog.text
     assert f"momentum_buffer of parameter {index} has shape (3, 3)" in caplog.text
     assert f"resumed from {tmp_path / 'ckpt' / 'step-000000002'}: step 2" in caplog.text
-    assert "settings changed since checkpoint step 2 was saved: train.image_budget 48 -> 64" in caplog.text
+    assert "settings changed since checkpoint step 2 was saved: optim.base_lr " in caplog.text
+    assert " -> 0.125; train.image_budget 48 -> 64" in caplog.text
     assert "learner failure" not in caplog.text and "checkpoint at step" not in caplog.text
     assert again.restarts == 0 and again.last_checkpoint_step == 8
     for step in (4, 6, 8):  # saved again over the skipped ones

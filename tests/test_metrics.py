@@ -341,3 +341,36 @@ def test_a_stall_names_the_commonest_skip_reasons_and_the_settings_behind_them(c
         observer.on_stall(20.0, {0: 0}, shards_listed=4, paused_s=0.0)
     said = caplog.records[-1].getMessage()
     assert "decode errors so far 403 (too-small 400: data.min_side, truncated 3)" in said
+
+
+@pytest.mark.parametrize("saved_swav, now_swav, emptied", [
+    ({"queue_length": 32}, {"queue_length": 64}, True),
+    ({"queue_length": 32, "crops_for_assign": [0, 1]}, {"queue_length": 32, "crops_for_assign": [0]}, True),
+    ({"queue_length": 0}, {"queue_length": 32}, True),
+    ({"queue_length": 32, "crops_for_assign": [0, 1]}, {"queue_length": 32, "crops_for_assign": [1, 0]}, False),
+    ({"queue_length": 32}, {"queue_length": 0}, False),
+    ({"queue_length": 32, "temperature": 0.1}, {"queue_length": 32, "temperature": 0.2}, False),
+])
+def test_a_resume_names_the_settings_changed_since_its_checkpoint_and_whether_the_queue_starts_empty(
+        caplog, saved_swav, now_swav, emptied):
+    """As the learners have it: a saved queue of another shape is not loaded; one of the same shape
+    is, rows by position."""
+    from stream_swav.checkpoint import ResumePoint
+    from stream_swav.config import load_config
+    from stream_swav.runtime.observers import RunObserver
+
+    def swav_settings(values: dict) -> list[str]:
+        return [f"swav.{key}={value}" for key, value in values.items()]
+
+    saved = load_config(overrides=swav_settings(saved_swav)).to_dict()
+    now = load_config(overrides=swav_settings(now_swav) + ["train.image_budget=100"])
+    observer = RunObserver(now, Metrics())
+    point = ResumePoint(step=7, url="ckpt/step-000000007", state={}, record={"config": saved}, skipped=[])
+    with caplog.at_level("INFO"):
+        observer.on_resume(point, 7, 700)
+    said = caplog.records[-1]
+    assert said.getMessage().startswith("settings changed since checkpoint step 7 was saved: ")
+    changed = [key for key in saved_swav if saved_swav[key] != now_swav[key]]
+    assert all(f"swav.{key} " in said.getMessage() for key in changed)
+    assert "train.image_budget 0 -> 100" in said.getMessage() and said.levelname == "WARNING"
+    assert said.getMessage().endswith("; the feature queue starts empty") == emptied

@@ -252,6 +252,8 @@ class Follower:
         # reason changes (a damaged milestone is retained for good).
         self.failed: dict[int, str] = {}
         self.results = ResultLog(out_dir)
+        # latest.json's `time` at the last round of `evaluate_retained` (an object: none yet).
+        self.latest_time_seen: object = object()
         self.plot_path = self.results.out_dir / PLOT_PNG
         self._data: dict[int, EvalData] = {}
         self._reference_rows: dict[tuple[str, bool, int], dict[str, float]] = {}
@@ -331,8 +333,20 @@ class Follower:
     def evaluate_retained(self, probe_newest_only: bool = False) -> list[dict[str, Any]]:
         """Evaluate every complete step folder present that has no result yet, oldest first;
         `probe_newest_only` runs the linear probe (when the follower has it on) on the newest only."""
+        try:
+            latest = ckpt.read_latest(self.checkpoints, self.storage_cfg)
+            latest_time: object = latest.get("time") if latest is not None else None
+        except (*storage.TRANSIENT_ERRORS, ValueError):
+            latest_time = object()  # unknown: look at every step
+        # A step evaluated already is looked at again only after a save (latest.json moved since the
+        # last round), as a step saved again comes with one: reading every retained meta.json each
+        # round would cost a request per milestone per round on S3.
+        recheck = latest_time != self.latest_time_seen
+        self.latest_time_seen = latest_time
         pending = []
         for step, url in sorted(ckpt.list_step_dirs(self.checkpoints, self.storage_cfg).items()):
+            if step in self.results.steps and not recheck:
+                continue
             try:
                 # By the time it was saved, not by step alone: a step saved again (a run resumed from an
                 # older checkpoint) is another checkpoint, as `poll` has it.

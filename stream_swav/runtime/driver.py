@@ -93,10 +93,6 @@ EXIT_NONFINITE = 3
 EXIT_FINAL_CHECKPOINT_FAILED = 4
 EXIT_TOO_FEW_LEARNERS = 5
 
-# The configuration's sections that shape what a learner's state holds (network, codes, queue,
-# optimiser): a checkpoint the learners refuse after one of these changed is refused for that.
-LEARNER_STATE_SECTIONS = ("model", "swav", "optim")
-
 # How long a checkpoint waits for the decode actors' seen-sets (curation.dedup).
 SEEN_GATHER_TIMEOUT_S = 60.0
 
@@ -430,7 +426,7 @@ class Trainer:
         except CheckpointRejected as rejected:
             if point is None:  # a fresh start restores nothing a learner could refuse
                 raise
-            changes = changed_settings(point.record.get("config"), self.cfg, LEARNER_STATE_SECTIONS)
+            changes = state_shaping_changes(point.record.get("config"), self.cfg)
             if changes:
                 # Refused for this run's settings, not for damage: an older checkpoint saved under
                 # these settings would load, and resuming from it would quietly throw away (and then
@@ -729,6 +725,14 @@ def check_resume_state(state: dict[str, Any]) -> None:
         for name, tensor in (weights.items() if isinstance(weights, dict) else ()):
             if isinstance(tensor, torch.Tensor) and tensor.is_floating_point() and not torch.isfinite(tensor).all():
                 raise ValueError(f"its {part} weight {name} is not finite")
+
+
+def state_shaping_changes(saved_config: object, cfg: Config) -> list[tuple[str, object, object]]:
+    """`changed_settings` of those that shape a learner's state so that another value cannot load it:
+    the network's (all of `model`) and the optimiser's kind. Other changes (a schedule, the queue,
+    the codes, the learners) a state can take."""
+    return [change for change in changed_settings(saved_config, cfg, ("model", "optim"))
+            if change[0].startswith("model.") or change[0] == "optim.optimizer"]
 
 
 def check_before_start(cfg: Config) -> None:

@@ -140,12 +140,16 @@ class RunObserver:
         changes = changed_settings(record.get("config"), self.cfg)
         if changes:
             # What the learners hold (network, codes, queue, optimiser) is what a change can affect.
-            shaping = any(key.split(".")[0] in ("model", "swav", "optim") for key, _, _ in changes)
-            queue = any(key in ("swav.queue_length", "swav.crops_for_assign") for key, _, _ in changes)
-            log.log(logging.WARNING if shaping else logging.INFO,
-                    "settings changed since checkpoint step %d was saved: %s%s", step,
+            saved = {key: old for key, old, _ in changes}
+            swav = self.cfg.swav
+            # As `LearnerState.load_state_dict` has it: a saved queue of another shape is not loaded.
+            queue_emptied = swav.queue_length > 0 and (
+                saved.get("swav.queue_length", swav.queue_length) != swav.queue_length
+                or len(saved.get("swav.crops_for_assign", swav.crops_for_assign)) != len(swav.crops_for_assign))
+            log.log(logging.WARNING if any(key.split(".")[0] in ("model", "swav", "optim") for key in saved)
+                    else logging.INFO, "settings changed since checkpoint step %d was saved: %s%s", step,
                     "; ".join(f"{key} {old!r} -> {new!r}" for key, old, new in changes),
-                    "; the feature queue starts empty" if queue else "")
+                    "; the feature queue starts empty" if queue_emptied else "")
 
     def on_failure(self, restarts: int, cause: str) -> None:
         """The learner group failed, for the `restarts`-th time in this run."""

@@ -39,6 +39,59 @@ def test_seeds_are_stable_and_accept_any_file_name():
     assert stable_seed("x", odd) == stable_seed("x", odd)
 
 
+def test_a_retired_shard_is_left_out_of_the_passes_under_way_and_later_ones_until_listed_again():
+    """Bucket retention deletes shards of an endless stream: a shard gone for good was handed out
+    in every pass for ever (a failed read and an error line each time), and no pass could finish
+    without it being tried."""
+    cursor = StreamCursor(seed=3)
+    cursor.add_shards(URLS[:4])
+    first = drain(cursor)
+    gone = first[1]
+    cursor.advance({gone.key: 5}, [])  # part-read when it went
+    finish(cursor, [t for t in first if t is not gone])
+    assert cursor.pass_index == 0  # pass 0 waits for it
+    assert cursor.retire([gone.url, "s3://bkt/never-known.tar"]) == [gone.url]
+    assert cursor.retire([gone.url]) == []
+    assert cursor.pass_index == 1 and cursor.live_urls() == [u for u in URLS[:4] if u != gone.url]
+    for _ in range(2):  # later passes never hand it out, and complete without it
+        tasks = drain(cursor)
+        assert sorted(t.url for t in tasks) == sorted(cursor.live_urls())
+        finish(cursor, tasks)
+    assert cursor.pass_index == 3
+    saved = StreamCursor(seed=0)
+    saved.load_state_dict(cursor.state_dict())
+    assert saved.live_urls() == cursor.live_urls() and gone.url not in {t.url for t in drain(saved)}
+    # Listed again: back from the next pass on (the pass under way counts it finished).
+    saved = StreamCursor(seed=0)
+    saved.load_state_dict(cursor.state_dict())
+    assert saved.add_shards([gone.url]) == [gone.url] and saved.live_urls() == URLS[:4]
+    assert {t.pass_index for t in drain(saved) if t.url == gone.url} == {4}
+
+
+def test_with_every_shard_retired_an_idle_reader_gets_nothing():
+    cursor = StreamCursor(seed=0)
+    cursor.add_shards(URLS[:2])
+    cursor.retire(URLS[:2])
+    assert cursor.next_task(idle=True) is None and cursor.next_task() is None
+    assert cursor.add_shards([URLS[2]]) == [URLS[2]]
+    assert cursor.next_task(idle=True).url == URLS[2]
+
+
+def test_the_ledger_retires_a_followed_shard_missing_from_two_listings_in_a_row():
+    ledger = StreamLedger(seed=0, shards_per_slot=2)
+    assert ledger.follow_listing(URLS[:3]) == (URLS[:3], [])
+    # Missing once (a list file caught half written, say): kept; twice in a row: retired.
+    assert ledger.follow_listing(URLS[:1]) == ([], [])
+    assert ledger.follow_listing(URLS[:2] + URLS[3:4]) == ([URLS[3]], [URLS[2]])
+    assert ledger.cursor.live_urls() == URLS[:2] + URLS[3:4]
+    # Listed again later: it returns.
+    assert ledger.follow_listing(URLS[:4]) == ([URLS[2]], [])
+    # At a resume without follow mode there is no later listing to wait for: retired at once.
+    state = ledger.state_dict()
+    assert ledger.rewind(state, 0, URLS[:3]) == [URLS[3]]
+    assert ledger.rewind(state, 0, URLS[:3], following=True) == []
+
+
 def test_each_pass_visits_every_shard_once_in_a_new_order():
     cursor = StreamCursor(seed=7)
     cursor.add_shards(URLS)
@@ -114,7 +167,7 @@ def test_a_decode_actor_left_with_no_shard_gets_one_while_another_holds_what_the
     shards of pass 0, so pass 1's copies of them waited, and the joining learner's actor had
     none; the learners step together, so neither trained again."""
     ledger = StreamLedger(seed=0, shards_per_slot=4)
-    ledger.add_shards(URLS[:4])
+    ledger.follow_listing(URLS[:4])
     held = ledger.top_up([1])[1]
     assert [t.pass_index for t in held] == [0, 0, 0, 0]
     ledger.record(Progress(finished=[held[0].key]))
@@ -187,7 +240,7 @@ def test_a_pass_read_before_a_checkpoint_is_not_taken_for_an_empty_one_after_a_r
     was part-way at the checkpoint. Resumed from it, pass 0 completing (and pass 1 with it) is no pass
     in which every read failed, which had logged a false alarm and paused the hand-out."""
     ledger = StreamLedger(seed=7, shards_per_slot=1)
-    ledger.add_shards(["a"])
+    ledger.follow_listing(["a"])
     ledger.top_up([0, 1])
     ledger.record(Progress(positions={(1, 0): 5}, finished=[(1, 0)]))
     ledger.record(Progress(positions={(0, 0): 2}))

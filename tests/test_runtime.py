@@ -402,7 +402,7 @@ def test_a_stall_names_the_shards_each_learners_decode_actors_hold(tmp_path, cap
     actor holds every shard left, the other's none (no Ray needed: the driver's own bookkeeping)."""
     cfg = tiny_config({"data": {"shards": str(tmp_path)}, "train": {"stall_warning_s": 0.2}})
     trainer = driver.Trainer(cfg)
-    trainer.ledger.add_shards([f"{tmp_path}/shard-{n}.tar" for n in range(4)])
+    trainer.ledger.follow_listing([f"{tmp_path}/shard-{n}.tar" for n in range(4)])
     trainer.ledger.top_up([0])
     trainer.pool = DecodePool(cfg, learners=2)
     trainer.pool.actors, trainer.pool.rank_of = {0: "handle", 1: "handle"}, {0: 0, 1: 1}

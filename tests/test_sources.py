@@ -24,13 +24,12 @@ def test_brace_pattern_keeps_padding_and_lists_only_existing_shards(s3_bucket, m
     for n in (0, 1, 3, 12):
         make_shard(s3_bucket.url(f"shards/{n:06d}.tar"), colour_samples(1))
     source = ShardSource(s3_bucket.url("shards/{000000..000012}.tar"), s3_bucket.storage)
-    assert source.list_shards() == [s3_bucket.url(f"shards/{n:06d}.tar") for n in (0, 1, 3, 12)]
-    assert source.relist() == []
+    listed = [s3_bucket.url(f"shards/{n:06d}.tar") for n in (0, 1, 3, 12)]
+    assert source.list_shards() == listed and source.relist() == listed
     # Follow mode over a bucket still being filled: missing entries are picked up when they land.
     make_shard(s3_bucket.url("shards/000002.tar"), colour_samples(1))
     make_shard(s3_bucket.url("shards/000013.tar"), colour_samples(1))  # outside the pattern
-    assert source.relist() == [s3_bucket.url("shards/000002.tar")]
-    assert source.relist() == []
+    assert source.relist() == [s3_bucket.url(f"shards/{n:06d}.tar") for n in (0, 1, 2, 3, 12)]
 
 
 def test_pattern_spanning_folders_and_lists(tmp_path, make_shard):
@@ -54,11 +53,9 @@ def test_prefix_lists_all_tars_below_sorted(s3_bucket, make_shard):
     source = ShardSource(s3_bucket.url("data/"), s3_bucket.storage)
     expected = [s3_bucket.url(k) for k in ("data/a/000.tar", "data/a/001.tar", "data/b/002.tar", "data/c.tar.gz")]
     assert source.list_shards() == expected
-    # A new shard appears after the first listing: relist picks it up, once.
+    # A new shard appears after the first listing: relist lists it.
     make_shard(s3_bucket.url("data/a/000b.tar"), colour_samples(1))
-    assert source.relist() == [s3_bucket.url("data/a/000b.tar")]
-    assert source.relist() == []
-    assert source.list_shards() == sorted(expected + [s3_bucket.url("data/a/000b.tar")])
+    assert source.relist() == source.list_shards() == sorted(expected + [s3_bucket.url("data/a/000b.tar")])
     # A key prefix that is not a folder.
     assert ShardSource(s3_bucket.url("data/a/00"), s3_bucket.storage).list_shards() == [
         s3_bucket.url("data/a/000.tar"), s3_bucket.url("data/a/000b.tar"), s3_bucket.url("data/a/001.tar")]
@@ -82,7 +79,7 @@ def test_list_file_on_s3(s3_bucket, make_shard):
     source = ShardSource(list_url, s3_bucket.storage)
     assert source.list_shards() == [s3_bucket.url("s/0.tar"), s3_bucket.url("lists/1.tar")]
     storage.write_bytes_atomic(list_url, (text + "/abs/local.tar\n").encode(), s3_bucket.storage)
-    assert source.relist() == ["/abs/local.tar"]
+    assert source.relist() == [s3_bucket.url("s/0.tar"), s3_bucket.url("lists/1.tar"), "/abs/local.tar"]
 
 
 def test_list_file_local_relative_entries(tmp_path):
@@ -113,10 +110,10 @@ def test_relist_survives_a_listing_failure(tmp_path, make_shard, caplog):
     assert source.list_shards() == [str(tmp_path / "0.tar")]
     list_path.unlink()
     with caplog.at_level(logging.WARNING):
-        assert source.relist() == []
+        assert source.relist() is None  # failed: nothing said of what exists
     assert "will retry" in caplog.text
     list_path.write_text(f"{tmp_path / '0.tar'}\n{tmp_path / '1.tar'}\n")
-    assert source.relist() == [str(tmp_path / "1.tar")]
+    assert source.relist() == [str(tmp_path / "0.tar"), str(tmp_path / "1.tar")]
 
 
 def test_a_bad_line_added_to_a_list_during_the_run_hides_no_other_shard(tmp_path, caplog):
@@ -128,9 +125,9 @@ def test_a_bad_line_added_to_a_list_during_the_run_hides_no_other_shard(tmp_path
     assert source.list_shards() == [str(tmp_path / "0.tar")]
     list_path.write_text("0.tar\nhttps://cdn.example/c.tar\n1.tar\n")
     with caplog.at_level(logging.WARNING):
-        assert source.relist() == [str(tmp_path / "1.tar")]
+        assert source.relist() == [str(tmp_path / "0.tar"), str(tmp_path / "1.tar")]
         list_path.write_text("0.tar\nhttps://cdn.example/c.tar\n1.tar\n2.tar\n")
-        assert source.relist() == [str(tmp_path / "2.tar")]
+        assert source.relist() == [str(tmp_path / n) for n in ("0.tar", "1.tar", "2.tar")]
     assert caplog.text.count("line 2 skipped: ") == 1 and "unsupported scheme" in caplog.text
     with pytest.raises(ShardSpecError, match="line 2.*unsupported scheme"):
         ShardSource(str(list_path), StorageConfig()).list_shards()

@@ -160,6 +160,8 @@ class StreamCursor:
         # Passes completed in a row without a single sample read (every read failed), the latest of them.
         self.empty_passes_in_row = 0
         self.last_empty_pass = -1
+        # Shards gone from storage for good (`retire`): finished in every pass from then on.
+        self._gone: set[int] = set()
 
     # ------------------------------------------------------------- queries
     @property
@@ -169,6 +171,10 @@ class StreamCursor:
     @property
     def n_shards(self) -> int:
         return len(self._urls)
+
+    def live_urls(self) -> list[str]:
+        """The shards known and not retired, in number order."""
+        return [url for n, url in enumerate(self._urls) if n not in self._gone]
 
     def url(self, shard: int) -> str:
         return self._urls[shard]
@@ -199,12 +205,33 @@ class StreamCursor:
 
     # ------------------------------------------------------------- updates
     def add_shards(self, urls: list[str]) -> list[str]:
-        """Make shards known; new ones join every pass under way. Returns the new ones."""
-        new = [url for url in dict.fromkeys(urls) if url not in self._numbers]
+        """Make shards known; new ones join every pass under way. A retired shard listed again is
+        read again from the next pass on (the passes under way count it finished). Returns the new
+        and the returning ones."""
+        new = [url for url in dict.fromkeys(urls) if url not in self._numbers or self._numbers[url] in self._gone]
         for url in new:
+            if url in self._numbers:
+                self._gone.discard(self._numbers[url])
+                continue
             self._numbers[url] = len(self._urls)
             self._urls.append(url)
         return new
+
+    def retire(self, urls: list[str]) -> list[str]:
+        """Shards gone from storage for good: finished in every pass under way (what was not read of
+        them is not read) and in every later one, so that no pass waits for them and no reader is
+        sent to them again. Returns those newly retired."""
+        retired = []
+        for url in dict.fromkeys(urls):
+            shard = self._numbers.get(url)
+            if shard is None or shard in self._gone:
+                continue
+            self._gone.add(shard)
+            for state in self._passes.values():
+                state.mark_finished(shard)
+            retired.append(url)
+        self._close_complete_passes()
+        return retired
 
     def next_task(self, idle: bool = False) -> ShardTask | None:
         """Hand out the next shard (it counts as assigned until finished or released), or None for now.
@@ -221,7 +248,7 @@ class StreamCursor:
             shard = self._next_shard(state, other)
             if shard is not None:
                 return self._hand_out(pass_index, shard)
-        if not idle or not self._urls:
+        if not idle or len(self._gone) >= len(self._urls):
             return None
         pass_index = self._current
         while True:  # ends: a pass not handed out yet has every shard free
@@ -280,6 +307,9 @@ class StreamCursor:
         for pass_index, shard in finished:
             if pass_index >= self._current:
                 self._pass(pass_index).mark_finished(shard)
+        self._close_complete_passes()
+
+    def _close_complete_passes(self) -> None:
         while self._current in self._passes and self._passes[self._current].complete(len(self._urls)):
             done = self._passes.pop(self._current)
             if done.read_any:
@@ -292,6 +322,8 @@ class StreamCursor:
         state = self._passes.get(pass_index)
         if state is None:
             state = self._passes[pass_index] = _Pass(self.seed, pass_index, len(self._urls))
+            for shard in self._gone:
+                state.mark_finished(shard)
         return state
 
     # ----------------------------------------------------------- persistence
@@ -304,6 +336,7 @@ class StreamCursor:
             "n_shards": len(self._urls),
             "shards": zlib.compress(_NAME_SEPARATOR.join(encode_name(u) for u in self._urls), 1),
             "current_pass": self._current,
+            "gone": zlib.compress(bytes(_bitmap(self._gone, len(self._urls))), 1),
             "passes": [
                 {"index": index, "base": state.base, "finished": zlib.compress(bytes(state.finished), 1),
                  "positions": sorted([shard, pos] for shard, pos in state.positions.items() if pos > 0),
@@ -344,12 +377,25 @@ class StreamCursor:
                 # must not take a pass it had read for one where every read failed).
                 restored.read_any = bool(entry.get("read_any", True))
                 passes[index] = restored
+            # Saved since 2026-12-07; before, no shard was ever retired.
+            gone_bitmap = bytearray(inflate(state["gone"], (len(urls) + 7) // 8 + 1, "retired shards bitmap")
+                                    if "gone" in state else b"")
+            if _marks_beyond(gone_bitmap, len(urls)):
+                raise ValueError("the retired shards bitmap marks unknown shards")
+            gone = {n for n in range(len(gone_bitmap) * 8) if gone_bitmap[n >> 3] >> (n & 7) & 1}
         except (KeyError, TypeError, AttributeError, zlib.error, UnicodeDecodeError) as exc:
             raise ValueError(f"malformed stream cursor state: {type(exc).__name__}: {exc}") from None
         except ValueError as exc:
             raise ValueError(f"malformed stream cursor state: {exc}") from None
-        self.seed, self._current, self._passes = seed, current, passes
+        self.seed, self._current, self._passes, self._gone = seed, current, passes, gone
         self._urls, self._numbers = urls, {url: n for n, url in enumerate(urls)}
+
+
+def _bitmap(members: set[int], n_bits: int) -> bytearray:
+    bitmap = bytearray((n_bits + 7) // 8)
+    for n in members:
+        bitmap[n >> 3] |= 1 << (n & 7)
+    return bitmap
 
 
 def _marks_beyond(bitmap: bytearray, n_bits: int) -> bool:

@@ -1,4 +1,4 @@
-"""Which shards exist: expand a shard spec into shard URLs, and notice new ones.
+"""Which shards exist: expand a shard spec into shard URLs, at the start and again in follow mode.
 
 A spec is one of
 
@@ -11,9 +11,10 @@ A spec is one of
   ``.tgz``) below it, sorted.
 
 S3 shards come back as ``s3://bucket/key`` URLs, local ones as absolute paths.
-In follow mode `relist` returns the shards that appeared since the previous
-listing. Pattern entries count only once they exist, so a pattern laid over a
-bucket that is still being filled picks up each shard when it lands.
+In follow mode `relist` lists them again during the run (the stream cursor
+tells the new ones and those gone from it). Pattern entries count only once
+they exist, so a pattern laid over a bucket that is still being filled picks
+up each shard when it lands.
 """
 from __future__ import annotations
 
@@ -55,33 +56,25 @@ class ShardSource:
         self.storage_cfg = storage_cfg
         self.kind = spec_kind(self.spec)
         self._protocol = split_protocol(self.spec)[0]
-        self._seen: set[str] = set()
         # Lines of a .txt list found bad while relisting, each logged once.
         self._bad_lines: set[str] = set()
         self._pattern = self._expand_pattern() if self.kind == "pattern" else []
 
     def list_shards(self) -> list[str]:
         """Every shard that exists now, in spec order; listing caches are bypassed."""
-        shards = self._list()
-        self._seen.update(shards)
-        return shards
+        return self._list()
 
-    def relist(self) -> list[str]:
-        """Shards that appeared since the previous listing.
-
-        A storage hiccup is logged and yields nothing new this time; the next
-        relist tries again.
-        """
+    def relist(self) -> list[str] | None:
+        """`list_shards` during a run (follow mode): every shard that exists now, or None when the
+        listing failed (a storage hiccup, logged; the next relist tries again). What is new, or gone,
+        the stream cursor knows."""
         try:
             # A line of a .txt list edited in wrongly during the run is skipped (and logged once), not
             # allowed to hide every shard listed after it for the rest of the run.
-            shards = self._list(skip_bad_lines=True)
+            return self._list(skip_bad_lines=True)
         except (*TRANSIENT_ERRORS, ShardSpecError) as exc:
             log.warning("relisting %s failed, will retry: %s", self.spec, exc)
-            return []
-        new = [url for url in shards if url not in self._seen]
-        self._seen.update(new)
-        return new
+            return None
 
     def _list(self, skip_bad_lines: bool = False) -> list[str]:
         if self.kind == "pattern":

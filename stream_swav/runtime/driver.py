@@ -491,8 +491,11 @@ class Trainer:
         point.state.pop("config", None)
         self.step = self.group.restore(point.state)
         self.images_seen = int(point.state["images_seen"])
-        # Shards listed now but not in the checkpoint (a growing bucket) join the passes under way.
-        self.ledger.rewind(cursor, self.cfg.data.seed, shards)
+        # Shards listed now but not in the checkpoint (a growing bucket) join the passes under way;
+        # those it knows that are gone (bucket retention) are retired.
+        retired = self.ledger.rewind(cursor, self.cfg.data.seed, shards, following=self.cfg.data.follow)
+        if retired:
+            log_retired(retired)
         self.last_checkpoint_step = self.step
         self.policy.mark(self.step, time.time())
         self.observer.on_resume(point, self.step, self.images_seen)
@@ -621,10 +624,15 @@ class Trainer:
     def follow_new_shards(self) -> None:
         if not self.cfg.data.follow or time.monotonic() - self.last_relist < self.cfg.data.relist_interval_s:
             return
-        new = self.ledger.add_shards(self.source.relist())
+        listing = self.source.relist()
+        self.last_relist = time.monotonic()
+        if listing is None:
+            return  # the listing failed (logged): the next one is tried after the interval
+        new, retired = self.ledger.follow_listing(listing)
         if new:
             log.info("follow: %d new shard(s)", len(new))
-        self.last_relist = time.monotonic()
+        if retired:
+            log_retired(retired)
 
     def checkpoint(self, final: bool = False) -> bool:
         """Save through rank 0; False when the save failed (the previous checkpoint stays the latest)."""
@@ -725,6 +733,11 @@ def check_resume_state(state: dict[str, Any]) -> None:
         for name, tensor in (weights.items() if isinstance(weights, dict) else ()):
             if isinstance(tensor, torch.Tensor) and tensor.is_floating_point() and not torch.isfinite(tensor).all():
                 raise ValueError(f"its {part} weight {name} is not finite")
+
+
+def log_retired(urls: list[str]) -> None:
+    log.warning("%d shard(s) gone from storage, retired: not read in this pass or later ones unless listed again "
+                "(%s%s)", len(urls), ", ".join(urls[:3]), ", ..." if len(urls) > 3 else "")
 
 
 def state_shaping_changes(saved_config: object, cfg: Config) -> list[tuple[str, object, object]]:

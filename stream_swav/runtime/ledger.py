@@ -25,6 +25,11 @@ log = logging.getLogger("stream_swav.ledger")
 # from the first to the last, rather than decode actors racing through passes that cannot be read.
 EMPTY_PASS_PAUSE_S = (1.0, 60.0)
 
+# A followed shard missing from this many listings in a row is retired: gone for good (bucket
+# retention, a line dropped from a .txt list). More than one, so that a listing that comes back short
+# once (a list file caught half written) does not cut the shards it missed out of the passes under way.
+LISTINGS_TO_RETIRE = 2
+
 
 class StreamLedger:
     def __init__(self, seed: int, shards_per_slot: int) -> None:
@@ -33,9 +38,21 @@ class StreamLedger:
         self.holders: dict[int, set[ShardKey]] = {}
         # No new tasks before this time (time.monotonic()), after a pass that read nothing.
         self.paused_until = 0.0
+        # Known shards missing from the latest listings: how many listings in a row.
+        self.missing: dict[str, int] = {}
 
-    def add_shards(self, urls: Iterable[str]) -> list[str]:
-        return self.cursor.add_shards(list(urls))
+    def follow_listing(self, listing: list[str], retire_at_once: bool = False) -> tuple[list[str], list[str]]:
+        """A listing of the shards that exist now: the new (or returning) ones join the passes under
+        way, and those missing from LISTINGS_TO_RETIRE listings in a row (from this one, with
+        `retire_at_once`) are retired. Returns (new, retired)."""
+        new = self.cursor.add_shards(listing)
+        present = set(listing)
+        self.missing = {url: self.missing.get(url, 0) + 1 for url in self.cursor.live_urls() if url not in present}
+        retired = self.cursor.retire([url for url, times in self.missing.items()
+                                      if retire_at_once or times >= LISTINGS_TO_RETIRE])
+        for url in retired:
+            del self.missing[url]
+        return new, retired
 
     def top_up(self, slots: Iterable[int]) -> dict[int, list[ShardTask]]:
         """New shard tasks for these decode actor slots, each up to `shards_per_slot` held at once,
@@ -82,15 +99,19 @@ class StreamLedger:
     def state_dict(self) -> dict[str, Any]:
         return self.cursor.state_dict()
 
-    def rewind(self, state: dict[str, Any] | None, seed: int, current_shards: list[str]) -> None:
+    def rewind(self, state: dict[str, Any] | None, seed: int, current_shards: list[str],
+               following: bool = False) -> list[str]:
         """Back to a checkpoint's cursor (or to the start of the stream when `state` is None), with
-        nothing assigned; shards listed now but unknown to the checkpoint join the passes under way."""
+        nothing assigned; shards listed now but unknown to the checkpoint join the passes under way.
+        Shards the checkpoint knows that are not listed now are retired: at once where no listing
+        will follow, else after the next (`follow_listing`). Returns those retired."""
         self.holders.clear()
         self.paused_until = 0.0
+        self.missing = {}
         self.cursor = StreamCursor(seed)
         if state is not None:
             self.cursor.load_state_dict(state)
-        self.cursor.add_shards(current_shards)
+        return self.follow_listing(current_shards, retire_at_once=not following)[1]
 
 
 __all__ = ["StreamLedger"]

@@ -86,10 +86,27 @@ def test_the_ledger_retires_a_followed_shard_missing_from_two_listings_in_a_row(
     assert ledger.cursor.live_urls() == URLS[:2] + URLS[3:4]
     # Listed again later: it returns.
     assert ledger.follow_listing(URLS[:4]) == ([URLS[2]], [])
-    # At a resume without follow mode there is no later listing to wait for: retired at once.
-    state = ledger.state_dict()
-    assert ledger.rewind(state, 0, URLS[:3]) == [URLS[3]]
-    assert ledger.rewind(state, 0, URLS[:3], following=True) == []
+    # A resume's listing counts as one (without follow mode the driver asks the store instead).
+    ledger.rewind(ledger.state_dict(), 0, URLS[:3])
+    assert ledger.unlisted(URLS[:3]) == [URLS[3]] and ledger.cursor.live_urls() == URLS[:4]
+    assert ledger.follow_listing(URLS[:3]) == ([], [URLS[3]])
+
+
+def test_with_every_shard_retired_passes_do_not_close_as_empty_ones():
+    """Retention can empty a followed bucket: passes with nothing left to read closed as fast as
+    they opened, each taken for one in which every read failed (a warning and a doubling pause)."""
+    ledger = StreamLedger(seed=0, shards_per_slot=1)
+    ledger.follow_listing(URLS[:2])
+    tasks = ledger.top_up([0, 1])
+    ledger.record(Progress(positions={tasks[0][0].key: 3}))
+    ledger.cursor.retire(URLS[:2])
+    for _ in range(3):
+        assert ledger.top_up([0, 1]) == {}
+        ledger.record(Progress())
+    assert ledger.cursor.empty_passes_in_row == 0 and ledger.paused_until == 0.0
+    before = ledger.cursor.pass_index
+    ledger.follow_listing(URLS[2:3])
+    assert ledger.top_up([2])[2][0].url == URLS[2] and ledger.cursor.pass_index == before
 
 
 def test_each_pass_visits_every_shard_once_in_a_new_order():

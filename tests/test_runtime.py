@@ -276,6 +276,37 @@ def test_follow_mode_trains_a_shard_that_appears_during_the_run(tmp_path):
     assert first_keys <= trained and trained & new_keys
 
 
+def test_a_shard_deleted_between_a_checkpoint_and_a_resume_is_retired_and_the_rest_trained_once(tmp_path, caplog):
+    """Bucket retention on an endless stream: a shard gone for good was handed out, failed and logged
+    in every pass for ever. Resumed without follow mode, the store is asked and the shard retired."""
+    shards, keys = shards_on_disk(tmp_path / "shards", [24, 24, 24, 24])
+    base = {"data": {"shards": shards, "open_shards_per_actor": 1},
+            "checkpoint": {"dir": str(tmp_path / "ckpt"), "every_steps": 0}}
+    first = run_to_end(tiny_config({**base, "train": {"image_budget": 32}}), tmp_path / "first.jsonl")
+    cursor = first.ledger.cursor
+    unfinished = [cursor.url(n) for n in range(cursor.n_shards) if not cursor.is_finished((0, n))]
+    gone = unfinished[0]
+    os.remove(gone)
+    caplog.set_level(logging.INFO, logger="stream_swav")
+
+    def stop_after_pass_one(trainer: WatchedTrainer) -> None:
+        if trainer.ledger.cursor.pass_index >= 2:
+            trainer.request_stop("two passes trained")
+
+    second = run_to_end(tiny_config({**base, "train": {"image_budget": 10_000}}), tmp_path / "second.jsonl",
+                        after_chunk=stop_after_pass_one)
+
+    assert second.stop_reason == "two passes trained"
+    assert f"1 shard(s) gone from storage, retired: not read in this pass or later ones unless listed again ({gone})" \
+        in caplog.text
+    assert second.metrics.registry.get_sample_value("stream_swav_decode_errors_total",
+                                                    {"reason": "shard-read-error"}) in (None, 0.0)
+    remaining = {key for key in keys if not key.startswith(gone + "/")}
+    trained = first.trained + second.trained
+    assert {k: n for k, n in pass_counts(trained, 0).items() if k in remaining} == {k: 1 for k in remaining}
+    assert pass_counts(trained, 1) == {k: 1 for k in remaining}
+
+
 def test_a_run_that_trains_nothing_says_why_and_trains_once_a_shard_appears(tmp_path, caplog):
     folder = tmp_path / "shards"
     folder.mkdir()

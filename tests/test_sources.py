@@ -103,6 +103,18 @@ def test_bad_specs_are_clear_errors(tmp_path):
         ShardSource("gs://bucket/{0..3}.tar", StorageConfig())
 
 
+def test_a_shard_is_surely_gone_only_when_the_store_says_so(tmp_path, s3_bucket, make_shard):
+    here = make_shard(str(tmp_path / "0.tar"), colour_samples(1))
+    source = ShardSource(str(tmp_path), StorageConfig())
+    assert not source.surely_gone(here) and source.surely_gone(str(tmp_path / "1.tar"))
+    on_s3 = make_shard(s3_bucket.url("s/0.tar"), colour_samples(1))
+    bucket = ShardSource(s3_bucket.url("s/"), s3_bucket.storage)
+    assert not bucket.surely_gone(on_s3) and bucket.surely_gone(s3_bucket.url("s/1.tar"))
+    # A store that cannot be asked (here: no such bucket's endpoint answers) says nothing is gone.
+    unreachable = StorageConfig(endpoint_url="http://127.0.0.1:9", retries=0, connect_timeout_s=1, read_timeout_s=1)
+    assert not ShardSource("s3://nowhere/s/", unreachable).surely_gone("s3://nowhere/s/0.tar")
+
+
 def test_relist_survives_a_listing_failure(tmp_path, make_shard, caplog):
     list_path = tmp_path / "l.txt"
     list_path.write_text(str(tmp_path / "0.tar") + "\n")

@@ -8,7 +8,9 @@ and hands out shard tasks to decode actors.
 The stream is a sequence of passes over the known shards. Each pass visits the
 shards in its own order: the shards known when the pass began, shuffled from
 (seed, pass) with a stable RNG, then the shards discovered later (follow mode)
-in discovery order, so they join every pass under way. A position is an index
+in discovery order, so they join every pass under way. A shard gone from storage
+for good is retired: finished in the passes under way and in every later one
+(it keeps its number; listed again, it is read from the next pass created). A position is an index
 into a shard's deterministic emission order (see `shards.iter_shard`), so
 "shard i of pass p at position n" says exactly which samples are done.
 
@@ -230,7 +232,9 @@ class StreamCursor:
             for state in self._passes.values():
                 state.mark_finished(shard)
             retired.append(url)
-        self._close_complete_passes()
+        # A pass that only retiring completed read something or not; either way it is no pass in
+        # which every read failed.
+        self._close_complete_passes(count_empty=False)
         return retired
 
     def next_task(self, idle: bool = False) -> ShardTask | None:
@@ -242,13 +246,15 @@ class StreamCursor:
         pass, else the next free shard of a later pass (None only without any shard). A reader that
         keeps finishing while another holds the oldest pass's last shard runs on, a pass at a
         time; in lockstep the holder's reads keep pace, so that takes a reader stuck for a pass."""
+        if len(self._gone) >= len(self._urls):
+            return None  # every shard retired (or none known): nothing to hand out
         for pass_index in (self._current, self._current + 1):
             state = self._pass(pass_index)
             other = self._passes.get(pass_index - 1 if pass_index > self._current else pass_index + 1)
             shard = self._next_shard(state, other)
             if shard is not None:
                 return self._hand_out(pass_index, shard)
-        if not idle or len(self._gone) >= len(self._urls):
+        if not idle:
             return None
         pass_index = self._current
         while True:  # ends: a pass not handed out yet has every shard free
@@ -309,12 +315,14 @@ class StreamCursor:
                 self._pass(pass_index).mark_finished(shard)
         self._close_complete_passes()
 
-    def _close_complete_passes(self) -> None:
-        while self._current in self._passes and self._passes[self._current].complete(len(self._urls)):
+    def _close_complete_passes(self, count_empty: bool = True) -> None:
+        # With every shard retired there is nothing to pass over: passes would close as fast as they open.
+        while (len(self._gone) < len(self._urls) and self._current in self._passes
+               and self._passes[self._current].complete(len(self._urls))):
             done = self._passes.pop(self._current)
             if done.read_any:
                 self.empty_passes_in_row = 0
-            else:
+            elif count_empty:
                 self.empty_passes_in_row, self.last_empty_pass = self.empty_passes_in_row + 1, done.index
             self._current += 1
 

@@ -11,7 +11,7 @@ A spec is one of
   ``.tgz``) below it, sorted.
 
 S3 shards come back as ``s3://bucket/key`` URLs, local ones as absolute paths.
-In follow mode `relist` lists them again during the run (the stream cursor
+In follow mode `relist` lists them again during the run (the stream ledger
 tells the new ones and those gone from it). Pattern entries count only once
 they exist, so a pattern laid over a bucket that is still being filled picks
 up each shard when it lands.
@@ -75,6 +75,19 @@ class ShardSource:
         except (*TRANSIENT_ERRORS, ShardSpecError) as exc:
             log.warning("relisting %s failed, will retry: %s", self.spec, exc)
             return None
+
+    def surely_gone(self, url: str) -> bool:
+        """Whether the store says there is no shard at `url`: only a not-found answer counts, never
+        an error (no permission, a timeout), which says nothing of the shard."""
+        try:
+            fs, path = filesystem_for(url, self.storage_cfg)
+            fs.invalidate_cache(path)
+            fs.info(path)
+        except FileNotFoundError:
+            return True
+        except (*TRANSIENT_ERRORS, OSError, ValueError):
+            return False
+        return False
 
     def _list(self, skip_bad_lines: bool = False) -> list[str]:
         if self.kind == "pattern":

@@ -491,11 +491,17 @@ class Trainer:
         point.state.pop("config", None)
         self.step = self.group.restore(point.state)
         self.images_seen = int(point.state["images_seen"])
-        # Shards listed now but not in the checkpoint (a growing bucket) join the passes under way;
-        # those it knows that are gone (bucket retention) are retired.
-        retired = self.ledger.rewind(cursor, self.cfg.data.seed, shards, following=self.cfg.data.follow)
-        if retired:
-            log_retired(retired)
+        # Shards listed now but not in the checkpoint (a growing bucket) join the passes under way.
+        self.ledger.rewind(cursor, self.cfg.data.seed, shards)
+        if not self.cfg.data.follow:
+            # Those it knows that are gone (bucket retention) are retired, where no later listing will
+            # confirm it: each one looked up, so that a listing that came back short (a list file
+            # caught half written) cuts nothing that exists. A lookup that fails counts as there.
+            retired = self.ledger.cursor.retire([url for url in self.ledger.unlisted(shards)
+                                                 if self.source.surely_gone(url)])
+            if retired:
+                log_retired(retired)
+        self.last_relist = time.monotonic()  # the next listing, a follow interval from this one
         self.last_checkpoint_step = self.step
         self.policy.mark(self.step, time.time())
         self.observer.on_resume(point, self.step, self.images_seen)

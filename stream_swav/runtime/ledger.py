@@ -41,18 +41,22 @@ class StreamLedger:
         # Known shards missing from the latest listings: how many listings in a row.
         self.missing: dict[str, int] = {}
 
-    def follow_listing(self, listing: list[str], retire_at_once: bool = False) -> tuple[list[str], list[str]]:
+    def follow_listing(self, listing: list[str]) -> tuple[list[str], list[str]]:
         """A listing of the shards that exist now: the new (or returning) ones join the passes under
-        way, and those missing from LISTINGS_TO_RETIRE listings in a row (from this one, with
-        `retire_at_once`) are retired. Returns (new, retired)."""
+        way, and those missing from LISTINGS_TO_RETIRE listings in a row are retired. Returns (new,
+        retired)."""
         new = self.cursor.add_shards(listing)
         present = set(listing)
         self.missing = {url: self.missing.get(url, 0) + 1 for url in self.cursor.live_urls() if url not in present}
-        retired = self.cursor.retire([url for url, times in self.missing.items()
-                                      if retire_at_once or times >= LISTINGS_TO_RETIRE])
+        retired = self.cursor.retire([url for url, times in self.missing.items() if times >= LISTINGS_TO_RETIRE])
         for url in retired:
             del self.missing[url]
         return new, retired
+
+    def unlisted(self, listing: list[str]) -> list[str]:
+        """The live shards this listing lacks."""
+        present = set(listing)
+        return [url for url in self.cursor.live_urls() if url not in present]
 
     def top_up(self, slots: Iterable[int]) -> dict[int, list[ShardTask]]:
         """New shard tasks for these decode actor slots, each up to `shards_per_slot` held at once,
@@ -99,19 +103,17 @@ class StreamLedger:
     def state_dict(self) -> dict[str, Any]:
         return self.cursor.state_dict()
 
-    def rewind(self, state: dict[str, Any] | None, seed: int, current_shards: list[str],
-               following: bool = False) -> list[str]:
+    def rewind(self, state: dict[str, Any] | None, seed: int, current_shards: list[str]) -> None:
         """Back to a checkpoint's cursor (or to the start of the stream when `state` is None), with
-        nothing assigned; shards listed now but unknown to the checkpoint join the passes under way.
-        Shards the checkpoint knows that are not listed now are retired: at once where no listing
-        will follow, else after the next (`follow_listing`). Returns those retired."""
+        nothing assigned; shards listed now but unknown to the checkpoint join the passes under way,
+        and those it knows that are not listed now count one listing missed (`follow_listing`)."""
         self.holders.clear()
         self.paused_until = 0.0
         self.missing = {}
         self.cursor = StreamCursor(seed)
         if state is not None:
             self.cursor.load_state_dict(state)
-        return self.follow_listing(current_shards, retire_at_once=not following)[1]
+        self.follow_listing(current_shards)
 
 
 __all__ = ["StreamLedger"]

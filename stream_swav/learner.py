@@ -350,9 +350,15 @@ class LearnerState:
         saved = state["optimizer"].get("state", {})
         if not isinstance(saved, dict):
             raise ValueError("learner state optimizer: its state is not a dict")
+        adamw = isinstance(self.optimizer, torch.optim.AdamW)
         for index, buffers in saved.items():
             if not isinstance(index, int) or not 0 <= index < len(params) or not isinstance(buffers, dict):
                 raise ValueError(f"learner state optimizer: state of an unknown parameter {index!r}")
+            # AdamW keeps moments, LARS and SGD a momentum buffer: the one's state in the other failed
+            # the first step at every restart (KeyError 'step'), or was carried along unused for ever.
+            if buffers and ("exp_avg" in buffers) != adamw:
+                raise ValueError(f"learner state optimizer: saved by {'AdamW' if 'exp_avg' in buffers else 'LARS or SGD'}"
+                                 f", this run's is {self.cfg.optimizer}")
             for name, buffer in buffers.items():
                 if isinstance(buffer, Tensor) and buffer.dim() > 0 and buffer.shape != params[index].shape:
                     raise ValueError(f"learner state optimizer: {name} of parameter {index} has shape "

@@ -272,6 +272,25 @@ def test_a_resume_with_another_queue_length_or_code_method_loads_and_starts_what
             relaxed.load_state_dict({**copy.deepcopy(state), part: value})
 
 
+@pytest.mark.parametrize("saved, now, refused", [("lars", "adamw", "saved by LARS or SGD, this run's is adamw"),
+                                                  ("adamw", "sgd", "saved by AdamW, this run's is sgd"),
+                                                  ("lars", "sgd", None)])
+def test_a_state_of_another_kind_of_optimiser_is_refused_where_it_cannot_serve(saved, now, refused):
+    """LARS/SGD state in AdamW failed the first step at every restart (KeyError 'step', taken for a
+    learner failure); AdamW's moments in LARS were carried along unused. LARS and SGD share theirs."""
+    torch.set_num_threads(1)
+    cfg = tiny_config(optim={"optimizer": saved})
+    learner = Learner(cfg, torch.device("cpu"))
+    learner.train_step(SyntheticStream(n_classes=4, image_size=8).batch(cfg))
+    resumed = Learner(tiny_config(optim={"optimizer": now}), torch.device("cpu"))
+    if refused is None:
+        resumed.load_state_dict(learner.state_dict())
+        assert resumed.step == 1
+    else:
+        with pytest.raises(ValueError, match=refused):
+            resumed.load_state_dict(learner.state_dict())
+
+
 def test_learner_count_must_match_world_size():
     with pytest.raises(ValueError, match=r"world_size=1 is outside 2..train.learners \(2\)"):
         Learner(tiny_config(train={"learners": 2}), torch.device("cpu"))

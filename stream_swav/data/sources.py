@@ -65,8 +65,8 @@ class ShardSource:
         return self._list()
 
     def relist(self) -> list[str] | None:
-        """`list_shards` during a run (follow mode): every shard that exists now, or None when the
-        listing failed (a storage hiccup, logged; the next relist tries again). What is new, or gone,
+        """`list_shards` during a run (follow mode): every shard that exists now (for a `.txt` list,
+        every line; lines are not looked up), or None when the listing failed (a storage hiccup, logged; the next relist tries again). What is new, or gone,
         the stream cursor knows."""
         try:
             # A line of a .txt list edited in wrongly during the run is skipped (and logged once), not

@@ -747,9 +747,10 @@ def log_retired(urls: list[str]) -> None:
 
 
 def state_shaping_changes(saved_config: object, cfg: Config) -> list[tuple[str, object, object]]:
-    """`changed_settings` of those that shape a learner's state so that another value cannot load it:
-    the network's (all of `model`) and the optimiser's kind. Other changes (a schedule, the queue,
-    the codes, the learners) a state can take."""
+    """`changed_settings` that may explain why the learners refuse a checkpoint: all of `model` (the
+    network's shapes) and `optim.optimizer` (AdamW's state and LARS/SGD's do not serve each other),
+    as written, not resolved. A refusal with one of these changed is put down to it; other changes
+    (a schedule, the queue, the codes, the learners) a state can take."""
     return [change for change in changed_settings(saved_config, cfg, ("model", "optim"))
             if change[0].startswith("model.") or change[0] == "optim.optimizer"]
 

@@ -42,9 +42,9 @@ class StreamLedger:
         self.missing: dict[str, int] = {}
 
     def follow_listing(self, listing: list[str]) -> tuple[list[str], list[str]]:
-        """A listing of the shards that exist now: the new (or returning) ones join the passes under
-        way, and those missing from LISTINGS_TO_RETIRE listings in a row are retired. Returns (new,
-        retired)."""
+        """A listing of the shards that exist now: new ones join the passes under way, returning
+        (retired) ones the next pass opened, and those missing from LISTINGS_TO_RETIRE listings in a
+        row are retired. Returns (new and returning, retired)."""
         new = self.cursor.add_shards(listing)
         present = set(listing)
         self.missing = {url: self.missing.get(url, 0) + 1 for url in self.cursor.live_urls() if url not in present}

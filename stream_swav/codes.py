@@ -276,20 +276,22 @@ class RelaxedCodes:
     def check_state(self, state: Mapping[str, object]) -> None:
         """ValueError unless `state` holds a usable `mass`, or none at all (a checkpoint of a method
         that carries nothing: swav.codes changed to relaxed at a resume)."""
+        self._saved_mass(state)
+
+    def load_state_dict(self, state: Mapping[str, object]) -> None:
+        """The saved mass; without one (see `check_state`) the estimate starts again from uniform."""
+        mass = self._saved_mass(state)
+        self.mass = mass if mass is not None else torch.full_like(self.mass, 1.0 / len(self.mass))
+
+    def _saved_mass(self, state: Mapping[str, object]) -> Tensor | None:
+        """`state`'s mass, checked, on this estimate's device; None without one."""
         if "mass" not in state:
-            return
+            return None
         mass = _checked_vector(state, "mass", self.mass, "relaxed")
         total = float(mass.double().sum())
         if abs(total - 1.0) > 1e-3:
             raise ValueError(f"relaxed codes state: mass must sum to 1, got {total:.6g}")
-
-    def load_state_dict(self, state: Mapping[str, object]) -> None:
-        """The saved mass; without one (see `check_state`) the estimate starts again from uniform."""
-        self.check_state(state)
-        if "mass" in state:
-            self.mass = _checked_vector(state, "mass", self.mass, "relaxed")
-        else:
-            self.mass = torch.full_like(self.mass, 1.0 / len(self.mass))
+        return mass
 
 
 CodeMethod = SinkhornCodes | RelaxedCodes

@@ -400,6 +400,7 @@ class StreamCursor:
 
 
 def _bitmap(members: set[int], n_bits: int) -> bytearray:
+    """A bitmap of `n_bits` bits with those of `members` set (finished shards, retired shards)."""
     bitmap = bytearray((n_bits + 7) // 8)
     for n in members:
         bitmap[n >> 3] |= 1 << (n & 7)
@@ -430,10 +431,7 @@ def _upgrade_v1(state: dict[str, Any]) -> dict[str, Any]:
                      == order[:b]), None)
         if base is None:
             raise ValueError(f"pass {entry['index']} has an order this version cannot reproduce")
-        finished = bytearray((len(urls) + 7) // 8)
-        for url in entry["finished"]:
-            shard = number[str(url)]
-            finished[shard >> 3] |= 1 << (shard & 7)
+        finished = _bitmap({number[str(url)] for url in entry["finished"]}, len(urls))
         passes.append({"index": int(entry["index"]), "base": base, "finished": zlib.compress(bytes(finished)),
                        "positions": [[number[str(u)], int(p)] for u, p in entry["positions"].items()]})
     return {"version": STATE_VERSION, "seed": seed, "n_shards": len(urls), "current_pass": int(state["current_pass"]),

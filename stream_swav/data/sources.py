@@ -66,8 +66,8 @@ class ShardSource:
 
     def relist(self) -> list[str] | None:
         """`list_shards` during a run (follow mode): every shard that exists now (for a `.txt` list,
-        every line; lines are not looked up), or None when the listing failed (a storage hiccup, logged; the next relist tries again). What is new, or gone,
-        the stream cursor knows."""
+        every line; lines are not looked up), or None when the listing failed (a storage hiccup,
+        logged; the next relist tries again). What is new, or gone, the stream ledger tells."""
         try:
             # A line of a .txt list edited in wrongly during the run is skipped (and logged once), not
             # allowed to hide every shard listed after it for the rest of the run.

@@ -46,8 +46,7 @@ class StreamLedger:
         (retired) ones the next pass opened, and those missing from LISTINGS_TO_RETIRE listings in a
         row are retired. Returns (new and returning, retired)."""
         new = self.cursor.add_shards(listing)
-        present = set(listing)
-        self.missing = {url: self.missing.get(url, 0) + 1 for url in self.cursor.live_urls() if url not in present}
+        self.missing = {url: self.missing.get(url, 0) + 1 for url in self.unlisted(listing)}
         retired = self.cursor.retire([url for url, times in self.missing.items() if times >= LISTINGS_TO_RETIRE])
         for url in retired:
             del self.missing[url]

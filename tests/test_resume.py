@@ -28,6 +28,7 @@ from stream_swav import storage
 from stream_swav.data.cursor import StreamCursor
 from stream_swav.model import BackboneSpec, load_backbone
 from stream_swav import checkpoint as ckpt
+from stream_swav.runtime.lease import LEASE_FILE, Holder
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(400)]
 
@@ -145,6 +146,11 @@ def test_driver_killed_mid_run_resumes_from_latest_checkpoint(s3_bucket, tmp_pat
     log_text = second_log.read_text()
     assert resumed_step(log_text) == resume_step, log_text[-4000:]
     assert "stopped (budget reached)" in log_text
+    # The killed driver never gave its lease up; its restart on the same machine takes it at once
+    # (the lease's process is gone), then gives it up at its end.
+    assert "waiting up to checkpoint.lease_s" not in log_text
+    lease = Holder.from_json(storage.read_json(storage.join_url(ckpt_dir, LEASE_FILE), s3_bucket.storage))
+    assert lease.released and lease.pid == second.pid
     final = ckpt.read_latest(ckpt_dir, s3_bucket.storage)
     assert final["step"] == total_steps and final["images_seen"] == len(keys) and final["final"] is True
 

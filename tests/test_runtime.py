@@ -15,6 +15,8 @@ import math
 import os
 import re
 import signal
+import subprocess
+import sys
 import threading
 import time
 import urllib.request
@@ -30,6 +32,7 @@ from runtime_helpers import (RAY_ENV, WatchedTrainer, close_trainer, learner_rep
                              pass_counts, read_replays, run_to_end, sample_keys, tiny_config, write_shard)
 
 from stream_swav import storage
+from stream_swav.config import StorageConfig
 from stream_swav.curation import SeenSet
 from stream_swav.model import BackboneSpec, load_backbone
 from stream_swav import checkpoint as ckpt
@@ -38,7 +41,9 @@ from stream_swav.runtime.metrics import TRAINER_METRIC_NAMES
 from stream_swav.runtime.decode_pool import DecodePool
 from stream_swav.runtime.cluster import StartupError, plan_cluster
 from stream_swav.runtime.learner_group import LearnerFailure, LearnerGroup, LearnersLost
+from stream_swav.runtime.lease import LEASE_FILE, Holder, LeaseHeld, LeaseLost, this_process
 from stream_swav.runtime.ledger import StreamLedger
+from stream_swav.runtime.private_ray import start_ticks
 from stream_swav.runtime.reports import ChunkSummary, StepReport
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
@@ -305,6 +310,55 @@ def test_a_shard_deleted_between_a_checkpoint_and_a_resume_is_retired_and_the_re
     trained = first.trained + second.trained
     assert {k: n for k, n in pass_counts(trained, 0).items() if k in remaining} == {k: 1 for k in remaining}
     assert pass_counts(trained, 1) == {k: 1 for k in remaining}
+
+
+def test_a_run_on_a_checkpoint_dir_that_a_live_run_holds_is_refused_before_reading_it(tmp_path):
+    """A job submitted twice: the second would overwrite the first's latest.json and prune its steps."""
+    shards, _ = shards_on_disk(tmp_path / "shards", [16, 16])
+    ckpt_dir = tmp_path / "ckpt"
+    ckpt_dir.mkdir()
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    try:
+        holder = dataclasses.replace(this_process("first-job"), pid=sleeper.pid, pid_ticks=start_ticks(sleeper.pid))
+        (ckpt_dir / LEASE_FILE).write_bytes(holder.to_json())
+        trainer = WatchedTrainer(tiny_config({"data": {"shards": shards}, "checkpoint": {"dir": str(ckpt_dir)}}),
+                                 tmp_path / "second.jsonl")
+        try:
+            refusal = rf"^checkpoint.dir: {re.escape(str(ckpt_dir))} is in use by another run, run first-job \(pid "
+            with pytest.raises(LeaseHeld, match=refusal + rf"{sleeper.pid} on "):
+                trainer.run()
+        finally:
+            close_trainer(trainer)
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+    assert trainer.pool is None and not trainer.trained  # nothing started, nothing trained
+    assert sorted(p.name for p in ckpt_dir.iterdir()) == [LEASE_FILE]
+    assert Holder.from_json(json.loads((ckpt_dir / LEASE_FILE).read_text())).run == "first-job"
+
+
+def test_a_run_whose_lease_is_taken_over_stops_before_its_next_save(tmp_path):
+    """A driver taken for dead (its storage out of reach for a term) while another run took the folder
+    over: once it finds the other run's lease, it saves nothing more and ends in one line."""
+    shards, _ = shards_on_disk(tmp_path / "shards", [64, 64])
+    ckpt_dir = tmp_path / "ckpt"
+    cfg = tiny_config({"data": {"shards": shards}, "train": {"image_budget": 10_000},
+                       "checkpoint": {"dir": str(ckpt_dir), "every_steps": 2}})
+    taken_at: list[int] = []
+
+    def take_over_after_the_first_checkpoint(trainer: WatchedTrainer) -> None:
+        if trainer.last_checkpoint_step > 0 and not taken_at:
+            taken_at.append(trainer.last_checkpoint_step)
+            successor = Holder(run="successor", host="another-host", boot="b", pid=7, pid_ticks=1)
+            (ckpt_dir / LEASE_FILE).write_bytes(successor.to_json())
+
+    with pytest.raises(LeaseLost, match=r"^checkpoint.dir: run successor \(pid 7 on another-host\) took .* this run "
+                                        r"stops without saving .* the last checkpoint it saved is step \d+$"):
+        run_to_end(cfg, tmp_path / "run.jsonl", after_chunk=take_over_after_the_first_checkpoint)
+    assert taken_at
+    assert ckpt.read_latest(str(ckpt_dir), StorageConfig())["step"] == taken_at[0]
+    assert max(ckpt.list_step_dirs(str(ckpt_dir), StorageConfig())) == taken_at[0]
+    assert Holder.from_json(json.loads((ckpt_dir / LEASE_FILE).read_text())).run == "successor"
 
 
 def test_a_run_that_trains_nothing_says_why_and_trains_once_a_shard_appears(tmp_path, caplog):

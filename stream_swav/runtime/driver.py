@@ -38,7 +38,9 @@ handler of the current state, which does that state's work and returns the next 
              -> SHRINKING   the final checkpoint failed because an elastic group lost a member
 
 Usage and environment errors (`ConfigError`, `StartupError`) are raised, not states: the run
-cannot be what was asked for, and `stream-swav train` exits 2 in one line.
+cannot be what was asked for, and `stream-swav train` exits 2 in one line. So are the checkpoint
+folder's lease errors (`runtime/lease.py`): `LeaseHeld` in STARTING, when another live run holds
+checkpoint.dir, and `LeaseLost` before a chunk or a save, once another run took it over.
 
 SIGTERM (`ray job stop`) sets the stop flag. Waits for placement and start-up have a deadline
 and watch the flag; a training chunk and a checkpoint save are waited for to their end (bounded by
@@ -79,6 +81,7 @@ from stream_swav.runtime.cluster import StartupError, init_ray, plan_cluster, sh
 from stream_swav.runtime.decode_pool import DecodePool
 from stream_swav.runtime.learner_group import (POLL_S, CheckpointRejected, Joiner, LearnerFailure, LearnerGroup,
                                                 LearnersLost, Stopped, first_line, kill_quietly, unanswered)
+from stream_swav.runtime.lease import Lease
 from stream_swav.runtime.ledger import StreamLedger
 from stream_swav.runtime.metrics import Metrics
 from stream_swav.runtime.observers import RunObserver
@@ -140,6 +143,8 @@ class Trainer:
         # When the actors first came up: a time budget counts training time from there.
         self.started: float | None = None
         self.last_relist = 0.0
+        # The checkpoint folder's lease (checkpoint.lease_s), held from STARTING to the end.
+        self.lease: Lease | None = None
         # curation.dedup: the hashes of the images trained, as of the latest checkpoint (saved with it).
         self.seen: SeenSet | None = None
         # An elastic group: the members lost (for SHRINKING), learners started to join it, when it next
@@ -163,6 +168,8 @@ class Trainer:
                 self.state = handlers[self.state]()
             return self.exit_status
         finally:
+            if self.lease is not None:
+                self.lease.release()
             self.observer.close()
 
     # --------------------------------------------------------------- states
@@ -197,6 +204,13 @@ class Trainer:
             raise ConfigError(f"data.shards: {len(shards)} shard(s) for {cfg.train.learners} learners; every learner "
                               f"needs a shard of its own: split the data into more shards or use fewer learners")
         self.last_relist = time.monotonic()
+        if cfg.checkpoint.lease_s:
+            # Before any checkpoint is read: another live run on this folder refuses this one here.
+            lease = Lease(cfg.checkpoint.dir, cfg.storage, cfg.checkpoint.lease_s)
+            if not lease.acquire(self.stop):
+                log.info("stopped (%s) while waiting for the checkpoint folder's lease", self.stop_reason)
+                return RunState.DONE
+            self.lease = lease
         # Which checkpoint to resume from is known before any actor starts: a folder where none
         # loads stops the run here, in one line.
         try:
@@ -210,6 +224,8 @@ class Trainer:
 
     def train_chunk(self) -> RunState:
         """RUNNING: one chunk on every learner, merged into the stream ledger; a checkpoint when due."""
+        if self.lease is not None:
+            self.lease.raise_if_lost(self.last_checkpoint_step)  # training on would be thrown away
         if self.cfg.train.elastic and not self.stop.is_set():
             next_state = self.tend_group()
             if next_state is not None:
@@ -644,6 +660,11 @@ class Trainer:
         """Save through rank 0; False when the save failed (the previous checkpoint stays the latest)."""
         if self.step == 0:
             return True
+        if self.lease is not None and not self.lease.check(self.last_checkpoint_step):
+            self.observer.on_checkpoint_failed(self.step, "this run's lease on checkpoint.dir could not be renewed "
+                                                          "for half of checkpoint.lease_s")
+            self.policy.mark(self.step, time.time())
+            return False
         if self.step == self.last_checkpoint_step:
             return not final or self.mark_final()
         started = time.time()

@@ -1,0 +1,292 @@
+"""One run at a time per checkpoint folder: a lease held in `lease.json`, renewed by a heartbeat.
+
+Two live runs on one checkpoint.dir (a job submitted twice, or a driver taken for dead while its
+process lived on) would overwrite each other's latest.json, and each one's retention would delete
+the other's steps. So a run takes the folder's lease before it reads a checkpoint, renews it every
+quarter of `checkpoint.lease_s`, reads it again before each save, and gives it up when it ends.
+
+Who holds a lease is judged without comparing clocks across machines:
+
+- a lease given up (`released`), or held by a process of this machine that is gone (same host name
+  and boot, its PID absent or started at another time), is free at once: a driver killed with
+  SIGKILL and started again on its machine waits for nothing;
+- one held by a live process of this machine is held: the run is refused at once;
+- one held elsewhere is watched for `lease_s` on this machine's clock: renewed meanwhile, it is
+  held; unrenewed, its holder is taken to be gone and the lease is taken over.
+
+A holder whose store stops answering its renewals saves nothing once its last renewal is half a
+term old, until one succeeds (the term's other half covers a save under way); a renewal failing
+otherwise (a full disk, which a save's retention mends) holds nothing back. A holder that finds
+another run's lease in the file stops without saving. S3 has no portable create-if-absent, so two runs starting within one read of each other
+can both take the lease; the one whose write landed first finds the other's at its next renewal
+or save, and stops.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import socket
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from stream_swav import storage
+from stream_swav.config import StorageConfig, UsageError
+from stream_swav.runtime.private_ray import start_ticks
+
+log = logging.getLogger("stream_swav.lease")
+
+LEASE_FILE = "lease.json"
+BOOT_ID = Path("/proc/sys/kernel/random/boot_id")
+
+
+class LeaseHeld(UsageError):
+    """Another live run holds the checkpoint folder's lease."""
+
+
+class LeaseLost(UsageError):
+    """Another run took the lease over while this one ran: it must stop without saving."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Holder:
+    """Who holds a lease, as `lease.json` records it."""
+
+    run: str
+    host: str
+    boot: str  # the kernel's boot id: a PID names the same process only within one boot
+    pid: int
+    pid_ticks: int | None  # the process's start time (PIDs are reused)
+    renewals: int = 0
+    released: bool = False
+
+    def to_json(self) -> bytes:
+        return json.dumps(dataclasses.asdict(self), sort_keys=True).encode()
+
+    @classmethod
+    def from_json(cls, data: Any) -> Holder:
+        """ValueError when `data` is not a lease record."""
+        if not isinstance(data, dict):
+            raise ValueError("not a JSON object")
+        try:
+            holder = cls(**{f.name: data[f.name] for f in dataclasses.fields(cls)})
+        except KeyError as missing:
+            raise ValueError(f"no {missing.args[0]!r}") from None
+        kinds = {"run": str, "host": str, "boot": str, "pid": int, "renewals": int, "released": bool}
+        for name, kind in kinds.items():
+            if not isinstance(getattr(holder, name), kind):
+                raise ValueError(f"{name!r} is not of type {kind.__name__}")
+        if holder.pid_ticks is not None and not isinstance(holder.pid_ticks, int):
+            raise ValueError("'pid_ticks' is not an integer")
+        return holder
+
+    def describe(self) -> str:
+        return f"run {self.run} (pid {self.pid} on {self.host})"
+
+
+def this_process(run: str) -> Holder:
+    try:
+        boot = BOOT_ID.read_text().strip()
+    except OSError:
+        boot = ""
+    pid = os.getpid()
+    return Holder(run=run, host=socket.gethostname(), boot=boot, pid=pid, pid_ticks=start_ticks(pid))
+
+
+def standing(holder: Holder, me: Holder, ticks_of: Callable[[int], int | None] = start_ticks) -> str:
+    """What a lease's holder is to `me`: "ours"; "free" (given up, or its process of this machine
+    is gone, or it is an earlier run of this very process); "live" (a process of this machine that
+    runs); "unknown" (another machine's, or one whose liveness this machine cannot read)."""
+    if holder.run == me.run:
+        return "ours"
+    if holder.released:
+        return "free"
+    if not (holder.host == me.host and holder.boot and holder.boot == me.boot and holder.pid_ticks is not None):
+        return "unknown"
+    if holder.pid == me.pid:
+        return "free"  # a run of this process that ended without giving it up (it is not running)
+    return "live" if ticks_of(holder.pid) == holder.pid_ticks else "free"
+
+
+class Lease:
+    """This run's hold on `dir_url`'s lease: `acquire` once, `check` before each write into the
+    folder, `release` at the end. A thread renews it every `term_s / 4` seconds."""
+
+    def __init__(self, dir_url: str, storage_cfg: StorageConfig, term_s: float, run: str | None = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.url = storage.join_url(dir_url, LEASE_FILE)
+        self.storage_cfg = storage_cfg
+        self.term_s = term_s
+        self.me = this_process(run or uuid.uuid4().hex[:12])
+        self.clock = clock
+        self.renewed_at = 0.0
+        # The holder that took the lease over from this run, once found.
+        self.lost_to: Holder | None = None
+        self._lock = threading.Lock()
+        self._done = threading.Event()
+        self._thread: threading.Thread | None = None
+        # The last renewal's error, None once one succeeds; what the file held before this run took it.
+        self.failing: BaseException | None = None
+        self.displaced: Holder | None = None
+
+    # ---------------------------------------------------------------- storage
+    def read(self) -> Holder | None:
+        """The recorded holder; None when there is none, or the file is not a lease record (no run
+        can be named as holding it, so it is taken, with a warning)."""
+        try:
+            data = storage.read_json(self.url, self.storage_cfg)
+        except ValueError as err:
+            log.warning("%s is not a lease record (%s); taking it over", self.url, err)
+            return None
+        if data is None:
+            return None
+        try:
+            return Holder.from_json(data)
+        except ValueError as err:
+            log.warning("%s is not a lease record (%s); taking it over", self.url, err)
+            return None
+
+    def _write(self, holder: Holder) -> None:
+        storage.write_bytes_atomic(self.url, holder.to_json(), self.storage_cfg)
+
+    # ---------------------------------------------------------------- taking it
+    def acquire(self, stop: threading.Event) -> bool:
+        """Take the lease: True once held, False when `stop` was set while waiting for another
+        machine's holder to lapse. LeaseHeld (one line) when another live run holds it."""
+        watched: tuple[Holder, float] | None = None  # another machine's holder, and since when
+        poll_s = max(0.25, self.term_s / 8)
+        first_error: float | None = None
+        while True:
+            try:
+                holder = self.read()
+            except storage.TRANSIENT_ERRORS as err:
+                first_error = self.clock() if first_error is None else first_error
+                if self.clock() - first_error >= 4 * self.term_s:
+                    raise UsageError(f"checkpoint.dir: cannot read its lease {self.url} ({err}); check that "
+                                     f"the storage answers") from None
+                log.warning("reading the lease %s failed (%s); trying again", self.url, err)
+                if stop.wait(poll_s):
+                    return False
+                continue
+            first_error = None
+            state = "free" if holder is None else standing(holder, self.me)
+            if state in ("free", "ours"):
+                break
+            if state == "live":
+                raise self._held(holder, "a live process of this machine")
+            if watched is None or watched[0].run != holder.run:
+                if watched is not None:
+                    raise self._held(holder, "a run that took the lease while this one waited")
+                watched = (holder, self.clock())
+                log.warning("checkpoint.dir %s is leased by %s; waiting up to checkpoint.lease_s=%gs for it "
+                            "to be renewed (a live run: this one stops) or to lapse (taken over)",
+                            self.url, holder.describe(), self.term_s)
+            elif holder.renewals != watched[0].renewals:
+                raise self._held(holder, "renewed while this run waited")
+            elif self.clock() - watched[1] >= self.term_s:
+                log.warning("%s's lease on %s went unrenewed for checkpoint.lease_s=%gs; taking it over",
+                            holder.describe(), self.url, self.term_s)
+                break
+            if stop.wait(poll_s):
+                return False
+        # Until a write of this run's lands, the record it replaces is not another run's takeover.
+        self.displaced = holder
+        try:
+            self._write(self.me)
+            taken = self.read()
+        except storage.TRANSIENT_ERRORS as err:
+            if storage.is_unavailable(err):
+                raise UsageError(f"checkpoint.dir: cannot write its lease {self.url} ({err}); check that the "
+                                 f"storage answers") from None
+            # A full disk, say: retention makes room at the first save, and a renewal writes it then.
+            log.warning("could not write the lease %s (%s); other runs cannot see this one until a renewal "
+                        "succeeds", self.url, err)
+        else:
+            if taken is not None and taken.run != self.me.run:  # another run wrote in between
+                raise self._held(taken, "taken while this run took it")
+            self.displaced = None
+        self.renewed_at = self.clock()
+        self._thread = threading.Thread(target=self._renew_until_done, name="lease-renewal", daemon=True)
+        self._thread.start()
+        return True
+
+    def _held(self, holder: Holder, how: str) -> LeaseHeld:
+        return LeaseHeld(f"checkpoint.dir: {self.url.rsplit('/', 1)[0]} is in use by another run, {holder.describe()}"
+                         f" ({how}); stop that run or give this one another checkpoint.dir (a run that is gone "
+                         f"loses its lease checkpoint.lease_s={self.term_s:g}s after its last renewal)")
+
+    # ---------------------------------------------------------------- holding it
+    def _renew_until_done(self) -> None:
+        while not self._done.wait(self.term_s / 4):
+            self.renew()
+
+    def renew(self) -> None:
+        """One renewal: read the lease, and write it with one more renewal if it is still ours."""
+        with self._lock:
+            self._renew()
+
+    def _renew(self) -> None:
+        if self.lost_to is not None or self._done.is_set():
+            return
+        try:
+            holder = self.read()
+            if holder is not None and holder.run != self.me.run and holder != self.displaced:
+                self.lost_to = holder
+                log.error("%s took over the lease on %s from this run", holder.describe(), self.url)
+                return
+            self.me = dataclasses.replace(self.me, renewals=self.me.renewals + 1)
+            self._write(self.me)
+        except storage.TRANSIENT_ERRORS as err:
+            if self.failing is None:
+                log.warning("renewing the lease on %s failed (%s)%s", self.url, err,
+                            "; no checkpoint is saved until a renewal succeeds" if storage.is_unavailable(err) else "")
+            self.failing = err
+            return
+        if self.failing is not None:
+            log.info("the lease on %s is renewed again", self.url)
+        self.failing = None
+        self.displaced = None
+        self.renewed_at = self.clock()
+
+    def check(self, last_step: int) -> bool:
+        """Before writing into the folder, a renewal, then: True unless the store has stopped
+        answering the renewals for half a term (another run could take the lease over half a term
+        from then: the write should wait); LeaseLost (one line) once another run holds it. Other
+        failed renewals (a full disk, which the save's retention may mend) do not hold a save back."""
+        with self._lock:
+            self._renew()
+        self.raise_if_lost(last_step)
+        unreachable = self.failing is not None and storage.is_unavailable(self.failing)
+        return not unreachable or self.clock() - self.renewed_at < self.term_s / 2
+
+    def raise_if_lost(self, last_step: int) -> None:
+        """LeaseLost (one line) once a renewal found another run holding the lease."""
+        if self.lost_to is not None:
+            raise LeaseLost(f"checkpoint.dir: {self.lost_to.describe()} took {self.url.rsplit('/', 1)[0]} over "
+                            f"while this run's lease went unrenewed (storage out of reach, or this process stalled, "
+                            f"for checkpoint.lease_s={self.term_s:g}s); this run stops without saving so as not to "
+                            f"overwrite that run's checkpoints; the last checkpoint it saved is step {last_step}")
+
+    def release(self) -> None:
+        """Stop renewing and, if the lease is still this run's, record it as given up."""
+        self._done.set()
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+        with self._lock:
+            if self._thread is None or self.lost_to is not None:
+                return
+            try:
+                holder = self.read()
+                if holder is not None and holder.run == self.me.run:
+                    self._write(dataclasses.replace(self.me, released=True))
+            except (*storage.TRANSIENT_ERRORS, ValueError) as err:
+                log.warning("could not give up the lease on %s (%s); a next run on another machine waits up to "
+                            "checkpoint.lease_s=%gs for it", self.url, err, self.term_s)
+
+
+__all__ = ["Lease", "LeaseHeld", "LeaseLost", "Holder", "standing", "this_process", "LEASE_FILE"]

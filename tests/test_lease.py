@@ -63,6 +63,9 @@ def test_standing_tells_our_own_a_given_up_a_dead_a_live_and_an_unknown_holder(s
     assert standing(dataclasses.replace(live, pid_ticks=live.pid_ticks + 1), me) == "free"
     # Another boot of the same host: its PIDs say nothing now.
     assert standing(dataclasses.replace(live, boot="earlier-boot"), me) == "unknown"
+    # Another container of this node (same boot, maybe the same host name): its PIDs are not ours.
+    other_namespace = me.boot.split(" ")[0] + " pid:[1]"
+    assert standing(dataclasses.replace(live, boot=other_namespace), me) == "unknown"
     # An earlier run of this very process that did not give the lease up is not running.
     assert standing(dataclasses.replace(me, run="earlier"), me) == "free"
 

@@ -59,7 +59,9 @@ class Holder:
 
     run: str
     host: str
-    boot: str  # the kernel's boot id: a PID names the same process only within one boot
+    # The kernel's boot id and this process's PID namespace: a PID names the same process only
+    # within both (two containers of one node share the boot id, and may share a host name).
+    boot: str
     pid: int
     pid_ticks: int | None  # the process's start time (PIDs are reused)
     renewals: int = 0
@@ -91,9 +93,9 @@ class Holder:
 
 def this_process(run: str) -> Holder:
     try:
-        boot = BOOT_ID.read_text().strip()
+        boot = f"{BOOT_ID.read_text().strip()} {os.readlink('/proc/self/ns/pid')}"
     except OSError:
-        boot = ""
+        boot = ""  # not Linux: PIDs tell nothing, and a lease of this host is watched like another's
     pid = os.getpid()
     return Holder(run=run, host=socket.gethostname(), boot=boot, pid=pid, pid_ticks=start_ticks(pid))
 

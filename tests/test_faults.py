@@ -260,8 +260,12 @@ def test_the_absolute_limit_holds_for_plain_tars_too(tmp_path):
 @pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_a_stream_whose_reads_all_fail_pauses_between_passes(tmp_path, local_ray, caplog):
+    # Shards that are there but cannot be read (folders named like shards); missing ones would be
+    # retired at their first read.
+    for n in range(3):
+        (tmp_path / f"unreadable-{n}.tar").mkdir()
     listing = tmp_path / "shards.txt"
-    listing.write_text("".join(f"{tmp_path}/missing-{n}.tar\n" for n in range(3)))
+    listing.write_text("".join(f"{tmp_path}/unreadable-{n}.tar\n" for n in range(3)))
     cfg = tiny_config({"data": {"shards": str(listing), "decode_actors": 2},
                        "checkpoint": {"dir": str(tmp_path / "ckpt")},
                        "train": {"time_budget_s": 9, "report_interval_s": 0.3}})

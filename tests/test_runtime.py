@@ -312,6 +312,35 @@ def test_a_shard_deleted_between_a_checkpoint_and_a_resume_is_retired_and_the_re
     assert pass_counts(trained, 1) == {k: 1 for k in remaining}
 
 
+def test_a_shard_found_gone_by_its_reader_is_retired_once_and_the_rest_trained_each_pass(tmp_path, caplog):
+    """A listed shard that is not there (deleted after the listing, or a list line naming nothing)
+    failed in every pass for ever without follow mode, each time an ERROR and a shard-read-error."""
+    folder, keys = shards_on_disk(tmp_path / "shards", [24, 24, 24])
+    missing = object_url(folder, "shard-9.tar")
+    listing = tmp_path / "shards.txt"
+    listing.write_text("".join(f"{object_url(folder, f'shard-{n}.tar')}\n" for n in (0, 1, 2)) + missing + "\n")
+    caplog.set_level(logging.INFO, logger="stream_swav")
+
+    def stop_after_pass_two(trainer: WatchedTrainer) -> None:
+        if trainer.ledger.cursor.pass_index >= 3:
+            trainer.request_stop("three passes trained")
+
+    trainer = run_to_end(tiny_config({"data": {"shards": str(listing), "open_shards_per_actor": 1},
+                                      "checkpoint": {"dir": str(tmp_path / "ckpt"), "every_steps": 0},
+                                      "train": {"image_budget": 10_000}}),
+                         tmp_path / "run.jsonl", after_chunk=stop_after_pass_two)
+
+    assert trainer.stop_reason == "three passes trained"
+    errors = trainer.metrics.registry.get_sample_value
+    assert errors("stream_swav_decode_errors_total", {"reason": "shard-gone"}) == 1.0
+    assert errors("stream_swav_decode_errors_total", {"reason": "shard-read-error"}) in (None, 0.0)
+    assert caplog.text.count(f"1 shard(s) gone from storage, retired: not read in this pass or later ones unless "
+                             f"listed again ({missing})") == 1
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+    for pass_index in (0, 1, 2):
+        assert pass_counts(trainer.trained, pass_index) == {key: 1 for key in keys}
+
+
 def test_a_run_on_a_checkpoint_dir_that_a_live_run_holds_is_refused_before_reading_it(tmp_path):
     """A job submitted twice: the second would overwrite the first's latest.json and prune its steps."""
     shards, _ = shards_on_disk(tmp_path / "shards", [16, 16])

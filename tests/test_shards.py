@@ -275,12 +275,12 @@ def test_start_position_yields_exactly_the_suffix(tmp_path):
     assert shard_keys(url, fs, seed=12)[0] != full
 
 
-def test_missing_shard_gives_up_at_once(tmp_path):
+def test_missing_shard_gives_up_at_once_and_says_it_is_gone(tmp_path):
     url = str(tmp_path / "nope.tar")
     fs, _ = storage.filesystem_for(url, StorageConfig())
     got, report = shard_keys(url, fs, seed=0, read_retries=5, retry_backoff_s=10.0)
-    assert got == [] and report.gave_up and report.retries == 0
-    assert report.errors == Counter({"shard-read-error": 1})
+    assert got == [] and report.gave_up and report.gone and report.retries == 0
+    assert report.errors == Counter({"shard-gone": 1})
 
 
 def test_a_fifo_named_like_a_shard_is_given_up_not_waited_on(tmp_path):
@@ -291,6 +291,7 @@ def test_a_fifo_named_like_a_shard_is_given_up_not_waited_on(tmp_path):
     fs, _ = storage.filesystem_for(str(fifo), StorageConfig())
     got, report = shard_keys(str(fifo), fs, seed=0, read_retries=5, retry_backoff_s=10.0)
     assert got == [] and report.gave_up and report.errors == Counter({"shard-read-error": 1})
+    assert not report.gone  # there, but not readable: not to be retired
 
 
 def noise_png(seed: int) -> bytes:

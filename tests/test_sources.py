@@ -9,7 +9,7 @@ from conftest import FAKE_SECRET, colour_samples
 
 from stream_swav import storage
 from stream_swav.config import StorageConfig
-from stream_swav.data.sources import ShardSource, ShardSpecError, spec_kind
+from stream_swav.data.sources import LOOKUP_THREADS, ShardSource, ShardSpecError, spec_kind
 
 
 def test_spec_kinds():
@@ -103,16 +103,19 @@ def test_bad_specs_are_clear_errors(tmp_path):
         ShardSource("gs://bucket/{0..3}.tar", StorageConfig())
 
 
-def test_a_shard_is_surely_gone_only_when_the_store_says_so(tmp_path, s3_bucket, make_shard):
+def test_a_shard_is_gone_only_when_the_store_says_so(tmp_path, s3_bucket, make_shard):
     here = make_shard(str(tmp_path / "0.tar"), colour_samples(1))
     source = ShardSource(str(tmp_path), StorageConfig())
-    assert not source.surely_gone(here) and source.surely_gone(str(tmp_path / "1.tar"))
+    assert source.gone([here, str(tmp_path / "1.tar")]) == [str(tmp_path / "1.tar")]
     on_s3 = make_shard(s3_bucket.url("s/0.tar"), colour_samples(1))
     bucket = ShardSource(s3_bucket.url("s/"), s3_bucket.storage)
-    assert not bucket.surely_gone(on_s3) and bucket.surely_gone(s3_bucket.url("s/1.tar"))
+    # More than one lookup thread's share, in the order asked.
+    missing = [s3_bucket.url(f"s/{n}.tar") for n in range(1, 2 * LOOKUP_THREADS)]
+    assert bucket.gone([missing[0], on_s3, *missing[1:]]) == missing
+    assert bucket.gone([]) == []
     # A store that cannot be asked (here: no such bucket's endpoint answers) says nothing is gone.
     unreachable = StorageConfig(endpoint_url="http://127.0.0.1:9", retries=0, connect_timeout_s=1, read_timeout_s=1)
-    assert not ShardSource("s3://nowhere/s/", unreachable).surely_gone("s3://nowhere/s/0.tar")
+    assert ShardSource("s3://nowhere/s/", unreachable).gone(["s3://nowhere/s/0.tar"]) == []
 
 
 def test_relist_survives_a_listing_failure(tmp_path, make_shard, caplog):

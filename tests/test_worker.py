@@ -239,7 +239,8 @@ def test_broken_and_missing_shards_are_reported_and_finished(tmp_path):
         for path in (cut, missing, good):
             worker.assign(task_for(str(path)))
         batches = run_all(worker, 16)
-    assert sum((b.meta.errors for b in batches), Counter()) == Counter({"truncated-shard": 1, "shard-read-error": 1})
+    assert sum((b.meta.errors for b in batches), Counter()) == Counter({"truncated-shard": 1, "shard-gone": 1})
+    assert [key for b in batches for key in b.meta.gone] == [task_for(str(missing)).key]
     keys = [k for b in batches for k in b.meta.keys]
     assert {k for k in keys if "/g-" in k} == {f"{good}/g-{n:05d}" for n in range(4)}
     assert {k for k in keys if "/c-" in k}  # what was readable before the cut

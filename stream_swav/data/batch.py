@@ -31,6 +31,9 @@ class BatchMeta:
     progress: dict[ShardKey, int] = field(default_factory=dict)
     # Shards whose every sample has now been emitted.
     finished: list[ShardKey] = field(default_factory=list)
+    # Those of `finished` that were not there to read (shard-gone): the driver asks the store and
+    # retires them, so that later passes do not send readers to them.
+    gone: list[ShardKey] = field(default_factory=list)
     # The URL of every shard in `progress`, for whoever logs or audits what a batch holds.
     urls: dict[ShardKey, str] = field(default_factory=dict)
     # Skipped samples by reason, since the previous batch of the same worker; shard-level reasons

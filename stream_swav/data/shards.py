@@ -97,7 +97,7 @@ class Sample:
 class ShardReport:
     """Shard-level outcome of reading one shard, filled in while reading."""
 
-    # bad-tar, truncated-shard, shard-read-error, shard-changed.
+    # bad-tar, truncated-shard, shard-read-error, shard-changed, shard-gone.
     errors: Counter = field(default_factory=Counter)
     # Bytes pulled from the shard file, re-reads after errors included.
     bytes_read: int = 0
@@ -105,6 +105,8 @@ class ShardReport:
     retries: int = 0
     # True when read errors outlasted the retries and the rest of the shard was skipped.
     gave_up: bool = False
+    # True when the store said the shard is not there (deleted, say by bucket retention).
+    gone: bool = False
 
 
 class TarFormatError(Exception):
@@ -406,8 +408,9 @@ def iter_shard(url: str, fs: fsspec.AbstractFileSystem, seed: int, buffer_size: 
     handed to nobody, so they cost I/O and no decoding. A read error re-opens
     the shard after ``retry_backoff_s * 2**k`` seconds and carries on at the
     first position not yet yielded; after `read_retries` failures in a row
-    without progress (or at once for a missing or forbidden file) the rest of
-    the shard is skipped and ``shard-read-error`` counted in `report`. A shard
+    without progress (or at once for a forbidden file) the rest of the shard is
+    skipped and ``shard-read-error`` counted in `report`; a file that is not
+    there, at once, as ``shard-gone`` (`report.gone`). A shard
     whose content changed since this call first opened it (another ETag, or
     another local file) is not read on where the old content stopped: the rest
     of it is skipped and ``shard-changed`` counted, so that its next pass reads
@@ -447,6 +450,10 @@ def iter_shard(url: str, fs: fsspec.AbstractFileSystem, seed: int, buffer_size: 
                     failures = 0
             report.errors.update(attempt_errors)
             return
+        except FileNotFoundError as exc:
+            report.gone = True
+            _give_up(url, report, attempt_errors, next_position, exc, "shard-gone")
+            return
         except PERMANENT_ERRORS as exc:
             _give_up(url, report, attempt_errors, next_position, exc)
             return
@@ -467,7 +474,9 @@ def iter_shard(url: str, fs: fsspec.AbstractFileSystem, seed: int, buffer_size: 
 
 def _give_up(url: str, report: ShardReport, attempt_errors: Counter, position: int, exc: BaseException,
              reason: str = "shard-read-error") -> None:
-    log.error("giving up on %s at position %d: %s: %s", url, position, type(exc).__name__, exc)
+    # A shard gone from storage is the stream's churn (retention), not a fault: the driver retires it.
+    log.log(logging.WARNING if reason == "shard-gone" else logging.ERROR, "giving up on %s at position %d: %s: %s",
+            url, position, type(exc).__name__, exc)
     report.errors.update(attempt_errors)
     report.errors[reason] += 1
     report.gave_up = True

@@ -21,6 +21,7 @@ from __future__ import annotations
 import logging
 import posixpath
 from collections import defaultdict
+from concurrent.futures import ThreadPoolExecutor
 
 import braceexpand
 
@@ -31,6 +32,8 @@ log = logging.getLogger(__name__)
 
 SHARD_SUFFIXES = (".tar", ".tar.gz", ".tgz")
 LIST_SUFFIX = ".txt"
+# Shards looked up at once by `gone` (each a HEAD on S3, waiting on the network, not the CPU).
+LOOKUP_THREADS = 32
 
 
 class ShardSpecError(ConfigError):
@@ -76,9 +79,17 @@ class ShardSource:
             log.warning("relisting %s failed, will retry: %s", self.spec, exc)
             return None
 
-    def surely_gone(self, url: str) -> bool:
-        """Whether the store says there is no shard at `url`: only a not-found answer counts, never
-        an error (no permission, a timeout), which says nothing of the shard."""
+    def gone(self, urls: list[str]) -> list[str]:
+        """Those of `urls` the store says are not there: only a not-found answer counts, never an
+        error (no permission, a timeout), which says nothing of a shard. Looked up LOOKUP_THREADS at
+        a time: after bucket retention removed thousands, one at a time would take minutes."""
+        if not urls:
+            return []
+        with ThreadPoolExecutor(min(LOOKUP_THREADS, len(urls)), thread_name_prefix="shard-lookup") as pool:
+            verdicts = list(pool.map(self._surely_gone, urls))
+        return [url for url, verdict in zip(urls, verdicts) if verdict]
+
+    def _surely_gone(self, url: str) -> bool:
         try:
             fs, path = filesystem_for(url, self.storage_cfg)
             fs.invalidate_cache(path)

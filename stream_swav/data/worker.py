@@ -179,6 +179,8 @@ class DecodeWorker:
             if item.report is not None:
                 self._finish(item.shard)
                 meta.finished.append(item.shard)
+                if item.report.gone:
+                    meta.gone.append(item.shard)
                 meta.errors.update(item.report.errors)
         if not touched:
             return None

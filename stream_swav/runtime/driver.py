@@ -85,7 +85,7 @@ from stream_swav.runtime.lease import Lease
 from stream_swav.runtime.ledger import StreamLedger
 from stream_swav.runtime.metrics import Metrics
 from stream_swav.runtime.observers import RunObserver
-from stream_swav.runtime.reports import ChunkSummary
+from stream_swav.runtime.reports import ChunkSummary, Progress
 
 
 log = logging.getLogger("stream_swav.driver")
@@ -251,7 +251,7 @@ class Trainer:
             self.failure_cause = getattr(failure, "cause", None) or first_line(failure)
             return RunState.RECOVERING
         self.step, self.images_seen, self.last_summary = summary.step, summary.images_seen, summary
-        self.ledger.record(summary.progress)
+        self.record(summary.progress)
         replaced = self.pool.replace(summary.failed_feeders, self.ledger) if summary.failed_feeders else {}
         self.attach_feeders(replaced)
         self.observer.on_chunk(summary, decode_actors_replaced=sum(len(feeders) for feeders in
@@ -314,7 +314,7 @@ class Trainer:
             self.failure_cause = f"{loss.cause}; the survivors could not go on: {first_line(err)}"
             return RunState.RECOVERING
         self.restarts += 1
-        self.ledger.record(shrunk.progress)
+        self.record(shrunk.progress)
         self.pool.drop_ranks(set(loss.lost), self.ledger)
         self.pool.renumber(shrunk.old_ranks)
         # Decode actors of survivors that failed in the same chunk: the survivors dropped them already.
@@ -513,8 +513,7 @@ class Trainer:
             # Those it knows that are gone (bucket retention) are retired, where no later listing will
             # confirm it: each one looked up, so that a listing that came back short (a list file
             # caught half written) cuts nothing that exists. A lookup that fails counts as there.
-            retired = self.ledger.cursor.retire([url for url in self.ledger.unlisted(shards)
-                                                 if self.source.surely_gone(url)])
+            retired = self.ledger.cursor.retire(self.source.gone(self.ledger.unlisted(shards)))
             if retired:
                 log_retired(retired)
         self.last_relist = time.monotonic()  # the next listing, a follow interval from this one
@@ -642,6 +641,17 @@ class Trainer:
                 return 0, 0.0
             seconds = min(seconds, left)
         return int(min(steps, 2**31 - 1)), seconds
+
+    def record(self, progress: Progress) -> None:
+        """What was trained into the stream ledger. A shard a reader found gone (shard-gone) is
+        retired once the store confirms it (one lookup), so that no later pass sends a reader to it;
+        listed again (a followed listing), it comes back."""
+        self.ledger.record(progress)
+        if progress.gone:
+            cursor = self.ledger.cursor
+            retired = cursor.retire(self.source.gone(sorted({cursor.url(n) for _, n in progress.gone})))
+            if retired:
+                log_retired(retired)
 
     def follow_new_shards(self) -> None:
         if not self.cfg.data.follow or time.monotonic() - self.last_relist < self.cfg.data.relist_interval_s:

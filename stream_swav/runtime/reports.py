@@ -24,6 +24,8 @@ class Progress:
 
     positions: dict[ShardKey, int] = field(default_factory=dict)
     finished: list[ShardKey] = field(default_factory=list)
+    # Finished shards that were not there to read (shard-gone).
+    gone: list[ShardKey] = field(default_factory=list)
     errors: Counter = field(default_factory=Counter)
     dropped: Counter = field(default_factory=Counter)
     bytes_read: int = 0
@@ -41,6 +43,7 @@ class Progress:
             if position > self.positions.get(key, 0):
                 self.positions[key] = position
         self.finished.extend(meta.finished)
+        self.gone.extend(meta.gone)
         self.errors.update(meta.errors)
         self.dropped.update(meta.dropped)
         self.bytes_read += meta.bytes_read
@@ -60,6 +63,7 @@ class Progress:
             if position > self.positions.get(key, 0):
                 self.positions[key] = position
         self.finished.extend(other.finished)
+        self.gone.extend(other.gone)
         self.errors.update(other.errors)
         self.dropped.update(other.dropped)
         self.bytes_read += other.bytes_read

@@ -138,13 +138,14 @@ def _check_info(info: dict[str, Any]) -> dict[str, Any]:
 
 def save_checkpoint(dir_url: str, step: int, images_seen: int, state: dict[str, Any], backbone: dict[str, Any],
                     info: dict[str, Any], storage_cfg: StorageConfig, *, keep_last: int = 3,
-                    milestone_steps: int = 0) -> CheckpointInfo:
+                    milestone_steps: int = 0, before_commit: Callable[[], None] | None = None) -> CheckpointInfo:
     """Write one checkpoint, move latest.json to it, then apply retention.
 
     `info` holds extra JSON fields for latest.json; it must include the
     `BackboneSpec.to_record()` fields, and usually `metrics` (a dict of key figures). Raises before
     writing anything when an input is invalid, and leaves latest.json untouched
-    when a write fails.
+    when a write fails. `before_commit` is called before latest.json moves and before retention
+    (the run's lease confirmed): what it raises ends the save, its step folder removed.
     """
     started = time.monotonic()
     step_name = step_dir_name(step)
@@ -195,6 +196,8 @@ def save_checkpoint(dir_url: str, step: int, images_seen: int, state: dict[str, 
             storage.write_bytes_atomic(join_url(step_url, STATE), state_bytes, storage_cfg)
             storage.write_bytes_atomic(join_url(step_url, BACKBONE), backbone_bytes, storage_cfg)
             storage.write_bytes_atomic(join_url(step_url, META), record_bytes, storage_cfg)
+            if before_commit is not None:
+                before_commit()
             storage.write_bytes_atomic(latest_url, record_bytes, storage_cfg)
         except BaseException:
             # A failed save leaves nothing of itself behind (latest.json still names the previous one).
@@ -220,6 +223,8 @@ def save_checkpoint(dir_url: str, step: int, images_seen: int, state: dict[str, 
         else:
             raise
 
+    if before_commit is not None:
+        before_commit()
     deleted = prune_checkpoints(dir_url, storage_cfg, keep_last=keep_last, milestone_steps=milestone_steps)
     return CheckpointInfo(
         step=step, images_seen=images_seen, step_url=absolute_url(step_url),

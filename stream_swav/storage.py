@@ -252,6 +252,8 @@ def read_json(url: str, cfg: StorageConfig) -> Any:
         return json.loads(read_bytes(url, cfg))
     except (UnicodeDecodeError, json.JSONDecodeError) as error:
         raise ValueError(f"{url}: not valid JSON: {error}") from error
+    except RecursionError:  # nested deeper than the parser goes: no document of ours
+        raise ValueError(f"{url}: not valid JSON: nested too deeply") from None
 
 
 def write_bytes_atomic(url: str, data: bytes, cfg: StorageConfig) -> None:

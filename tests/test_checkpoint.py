@@ -55,6 +55,24 @@ def save(root, step: int, **kwargs):
     return save_checkpoint(str(root), step, step * 64, state, backbone, INFO, STORAGE, **kwargs)
 
 
+def test_a_save_whose_commit_is_refused_leaves_latest_and_the_older_steps_as_they_were(tmp_path):
+    """The run's lease checked before latest.json moves (another run may have taken the folder over
+    while this save uploaded): refused, nothing of the save stays and retention deletes nothing."""
+    save(tmp_path, 1, keep_last=1)
+
+    def taken_over() -> None:
+        raise ValueError("another run holds the folder now")
+
+    with pytest.raises(ValueError, match="another run holds the folder now"):
+        save(tmp_path, 2, keep_last=1, before_commit=taken_over)
+    assert read_latest(str(tmp_path), STORAGE)["step"] == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["latest.json", "step-000000001"]
+    calls = []
+    save(tmp_path, 3, keep_last=1, before_commit=lambda: calls.append("confirmed"))
+    assert calls == ["confirmed", "confirmed"]  # before latest.json, and before retention
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["latest.json", "step-000000003"]
+
+
 def test_round_trip_through_every_kind_of_url(tmp_path):
     state, backbone = tiny_state(100)
     info = save_checkpoint(str(tmp_path), 100, 6_400, state, backbone, INFO, STORAGE)

@@ -173,6 +173,22 @@ def test_submitted_smoke_run_checkpoints_serves_metrics_and_stops_with_a_final_c
                        "step after the first checkpoint on the metrics endpoint")
     served = scrape(metrics_port)
     assert served["stream_swav_last_checkpoint_step"] >= first["step"] and served["stream_swav_learners"] == 1
+
+    # The same job submitted again, as happens: refused for the checkpoint folder the first one holds
+    # (not for the metrics port they share), in one line, while the first trains on.
+    again = subprocess.run(
+        ["bash", str(SUBMIT), "--config", "deploy/configs/cpu-smoke.yaml", "--",
+         *[arg for key, value in overrides.items() for arg in ("--set", f"{key}={value}")]],
+        env={**ray_head.env, "RAY_ADDRESS": ray_head.dashboard, "SUBMISSION_ID": f"{submission_id}-again"},
+        capture_output=True, text=True, timeout=300)
+    assert again.returncode != 0
+    assert ray_head.api(f"/api/jobs/{submission_id}-again")["status"] == "FAILED"
+    refusal = ray_head.api(f"/api/jobs/{submission_id}-again/logs")["logs"]
+    assert re.search(rf"^stream-swav: error: checkpoint.dir: {re.escape(str(ckpt_dir))} is in use by another run, "
+                     r"run \w+ \(pid \d+ on .+\) \(a live process of this machine\); stop that run", refusal,
+                     re.MULTILINE), refusal
+    assert "Traceback" not in refusal and "cannot serve metrics" not in refusal
+    assert ray_head.api(f"/api/jobs/{submission_id}")["status"] == "RUNNING"
     # The smoke config asks for 2 decode actors; beside the learner's CPU only 1 fits on this head.
     logs = ray_head.api(f"/api/jobs/{submission_id}/logs")["logs"]
     assert "data.decode_actors: 2 wanted, running 1" in logs, logs[-4000:]
@@ -183,3 +199,4 @@ def test_submitted_smoke_run_checkpoints_serves_metrics_and_stops_with_a_final_c
     assert ray_head.api(f"/api/jobs/{submission_id}")["status"] == "STOPPED"
     final = json.loads(latest.read_text())
     assert final["final"] is True and final["step"] > first["step"], final
+    assert json.loads((ckpt_dir / "lease.json").read_text())["released"] is True

@@ -1,19 +1,23 @@
 """The checkpoint folder's lease: one run at a time per checkpoint.dir, on local folders and S3."""
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import errno
 import json
+import shutil
 import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 
 import pytest
 
 from stream_swav import storage
 from stream_swav.config import StorageConfig, UsageError
-from stream_swav.runtime.lease import LEASE_FILE, Holder, Lease, LeaseHeld, LeaseLost, standing, this_process
+from stream_swav.runtime.lease import (LEASE_FILE, Holder, Lease, LeaseHeld, LeaseLost, confirm_holder, standing,
+                                       this_process)
 from stream_swav.runtime.private_ray import start_ticks
 
 CFG = StorageConfig()
@@ -41,12 +45,31 @@ def other_machine(run: str = "elsewhere", renewals: int = 0) -> Holder:
     return Holder(run=run, host="another-host", boot="another-boot", pid=4242, pid_ticks=77, renewals=renewals)
 
 
+@contextlib.contextmanager
+def held(lease: Lease, stop: threading.Event | None = None) -> Iterator[Lease]:
+    """The lease taken, and given up (its renewal thread ended) however the test ends."""
+    try:
+        assert lease.acquire(stop or threading.Event())
+        yield lease
+    finally:
+        lease.release()
+
+
+def clock_moved_by_waits(monkeypatch, stop: threading.Event, clock: Clock, step_s: float) -> None:
+    """Each wait between looks moves the clock on by `step_s`, as if it had waited that long."""
+    monkeypatch.setattr(stop, "wait", lambda timeout: setattr(clock, "now", clock.now + step_s) or False)
+
+
 @pytest.fixture
 def sleeper():
     proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
     yield proc
     proc.kill()
     proc.wait()
+
+
+def live_record(proc: subprocess.Popen, run: str = "theirs") -> Holder:
+    return dataclasses.replace(this_process(run), pid=proc.pid, pid_ticks=start_ticks(proc.pid))
 
 
 # ------------------------------------------------------------------ who holds it
@@ -57,7 +80,7 @@ def test_standing_tells_our_own_a_given_up_a_dead_a_live_and_an_unknown_holder(s
     assert standing(me, me) == "ours"
     assert standing(dataclasses.replace(other_machine(), released=True), me) == "free"
     assert standing(other_machine(), me) == "unknown"
-    live = dataclasses.replace(me, run="theirs", pid=sleeper.pid, pid_ticks=start_ticks(sleeper.pid))
+    live = live_record(sleeper)
     assert standing(live, me) == "live"
     # The same PID started at another time is another process: the holder is gone.
     assert standing(dataclasses.replace(live, pid_ticks=live.pid_ticks + 1), me) == "free"
@@ -68,6 +91,22 @@ def test_standing_tells_our_own_a_given_up_a_dead_a_live_and_an_unknown_holder(s
     assert standing(dataclasses.replace(live, boot=other_namespace), me) == "unknown"
     # An earlier run of this very process that did not give the lease up is not running.
     assert standing(dataclasses.replace(me, run="earlier"), me) == "free"
+
+
+def test_a_holder_that_exited_but_was_not_reaped_is_gone():
+    """A zombie keeps its PID and start time in /proc until its parent reaps it."""
+    zombie = subprocess.Popen([sys.executable, "-c", "pass"])
+    try:
+        record_of_it = live_record(zombie)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            with open(f"/proc/{zombie.pid}/stat") as stat:
+                if stat.read().rpartition(")")[2].split()[0] == "Z":
+                    break
+            time.sleep(0.05)
+        assert standing(record_of_it, this_process("mine")) == "free"
+    finally:
+        zombie.wait()
 
 
 def test_a_record_that_is_not_a_lease_is_refused_by_name():
@@ -85,29 +124,27 @@ def test_a_record_that_is_not_a_lease_is_refused_by_name():
 
 
 def test_a_free_folder_is_leased_renewed_and_given_up(tmp_path):
-    lease = Lease(str(tmp_path), CFG, term_s=60)
-    assert lease.acquire(threading.Event())
-    try:
+    with held(Lease(str(tmp_path), CFG, term_s=60)) as lease:
         assert recorded(tmp_path).run == lease.me.run and recorded(tmp_path).renewals == 0
         lease.renew()
         assert recorded(tmp_path).renewals == 1
         assert lease.check(last_step=0)
         assert recorded(tmp_path).renewals == 2  # a check renews
-    finally:
-        lease.release()
     assert recorded(tmp_path).released
-    assert Lease(str(tmp_path), CFG, term_s=60).acquire(threading.Event())  # the next run takes it at once
+    with held(Lease(str(tmp_path), CFG, term_s=60)) as next_run:  # the next run takes it at once
+        assert recorded(tmp_path).run == next_run.me.run
 
 
 def test_a_live_run_of_this_machine_refuses_the_next_at_once(tmp_path, sleeper):
-    record(tmp_path, dataclasses.replace(this_process("theirs"), pid=sleeper.pid, pid_ticks=start_ticks(sleeper.pid)))
+    record(tmp_path, live_record(sleeper))
     started = time.monotonic()
     with pytest.raises(LeaseHeld) as refused:
         Lease(str(tmp_path), CFG, term_s=60).acquire(threading.Event())
     assert time.monotonic() - started < 5
     message = str(refused.value)
-    assert message.startswith(f"checkpoint.dir: {tmp_path} is in use by another run, run theirs (pid {sleeper.pid}")
-    assert "\n" not in message and "checkpoint.lease_s=60s" in message
+    assert message == (f"checkpoint.dir: {tmp_path} is in use by another run, run theirs (pid {sleeper.pid} on "
+                       f"{this_process('x').host}) (a live process of this machine); stop that run, or give this one "
+                       f"another checkpoint.dir")
     assert recorded(tmp_path).run == "theirs"  # left as it was
 
 
@@ -116,32 +153,54 @@ def test_a_run_of_this_machine_that_died_is_taken_over_at_once(tmp_path):
     ticks = start_ticks(dead.pid)
     dead.wait()
     record(tmp_path, dataclasses.replace(this_process("killed"), pid=dead.pid, pid_ticks=ticks or 1))
-    lease = Lease(str(tmp_path), CFG, term_s=60)
     started = time.monotonic()
-    assert lease.acquire(threading.Event())
-    lease.release()
-    assert time.monotonic() - started < 5
+    with held(Lease(str(tmp_path), CFG, term_s=60)):
+        assert time.monotonic() - started < 5
+
+
+def test_a_live_run_in_another_pid_namespace_of_this_machine_is_not_taken_for_dead(tmp_path):
+    """Two containers of one node share the boot id, and with host networking the host name: the
+    holder's PID (1, say) means another process here, or none."""
+    unshare = shutil.which("unshare")
+    probe = subprocess.run([unshare or "unshare", "-Urpf", "--mount-proc", "true"], capture_output=True) \
+        if unshare else None
+    if probe is None or probe.returncode != 0:
+        pytest.skip("cannot make a PID namespace here (unshare -Urpf)")
+    holder = subprocess.Popen(
+        [unshare, "-Urpf", "--mount-proc", sys.executable, "-c",
+         "import sys, threading, time\n"
+         "from stream_swav.config import StorageConfig\n"
+         "from stream_swav.runtime.lease import Lease\n"
+         f"lease = Lease({str(tmp_path)!r}, StorageConfig(), 60)\n"
+         "assert lease.acquire(threading.Event())\n"
+         "print(lease.me.pid, flush=True)\n"
+         "time.sleep(60)\n"],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "1"  # PID 1 of its namespace
+        stop = threading.Event()
+        threading.Timer(2.0, stop.set).start()
+        lease = Lease(str(tmp_path), CFG, term_s=60)
+        assert not lease.acquire(stop)  # watched, as another machine's, until stopped: not taken
+        assert recorded(tmp_path).pid == 1
+    finally:
+        holder.kill()
+        holder.wait()
 
 
 def test_another_machines_lease_left_unrenewed_for_a_term_is_taken_over(tmp_path, monkeypatch, caplog):
     record(tmp_path, other_machine())
-    clock = Clock()
-    lease = Lease(str(tmp_path), CFG, term_s=8, clock=clock)
-    stop = threading.Event()
-    # Each wait between looks moves the clock on by a second, as if it had waited that long.
-    monkeypatch.setattr(stop, "wait", lambda timeout: setattr(clock, "now", clock.now + 1.0) or False)
-    assert lease.acquire(stop)
-    lease.release()
-    assert clock.now - 1000.0 >= 8
+    clock, stop = Clock(), threading.Event()
+    clock_moved_by_waits(monkeypatch, stop, clock, 1.0)
+    with held(Lease(str(tmp_path), CFG, term_s=8, clock=clock), stop):
+        assert clock.now - 1000.0 >= 8
     assert "is leased by run elsewhere (pid 4242 on another-host); waiting up to checkpoint.lease_s=8s" in caplog.text
     assert "went unrenewed for checkpoint.lease_s=8s; taking it over" in caplog.text
 
 
 def test_another_machines_lease_renewed_while_waiting_refuses_the_run(tmp_path, monkeypatch):
     record(tmp_path, other_machine())
-    clock = Clock()
-    lease = Lease(str(tmp_path), CFG, term_s=8, clock=clock)
-    stop = threading.Event()
+    clock, stop = Clock(), threading.Event()
 
     def renewed_by_its_holder(timeout: float) -> bool:
         clock.now += 1.0
@@ -151,7 +210,7 @@ def test_another_machines_lease_renewed_while_waiting_refuses_the_run(tmp_path, 
 
     monkeypatch.setattr(stop, "wait", renewed_by_its_holder)
     with pytest.raises(LeaseHeld, match=r"run elsewhere \(pid 4242 on another-host\) \(renewed while this run waited"):
-        lease.acquire(stop)
+        Lease(str(tmp_path), CFG, term_s=8, clock=clock).acquire(stop)
     assert recorded(tmp_path).run == "elsewhere"
 
 
@@ -163,12 +222,19 @@ def test_a_stop_while_waiting_for_another_machines_lease_gives_up_without_taking
     assert recorded(tmp_path).run == "elsewhere"
 
 
-def test_a_file_that_is_no_lease_is_taken_with_a_warning(tmp_path, caplog):
-    (tmp_path / LEASE_FILE).write_text("{not json")
-    lease = Lease(str(tmp_path), CFG, term_s=60)
-    assert lease.acquire(threading.Event())
-    lease.release()
+@pytest.mark.parametrize("content", ["{not json", "[" * 200_000, '{"run": 1}'])
+def test_a_file_that_is_no_lease_is_taken_with_a_warning(tmp_path, caplog, content):
+    (tmp_path / LEASE_FILE).write_text(content)
+    with held(Lease(str(tmp_path), CFG, term_s=60)) as lease:
+        assert recorded(tmp_path).run == lease.me.run
     assert "is not a lease record" in caplog.text
+
+
+def test_a_lease_that_is_a_folder_is_refused_at_once_in_one_line(tmp_path):
+    (tmp_path / LEASE_FILE).mkdir()
+    with pytest.raises(UsageError, match=rf"^checkpoint.dir: cannot read its lease {tmp_path}/{LEASE_FILE} \(.*\); "
+                                         rf"make .* a writable file or remove it"):
+        Lease(str(tmp_path), CFG, term_s=60).acquire(threading.Event())
 
 
 def test_a_store_that_never_answers_is_refused_in_one_line(tmp_path, monkeypatch):
@@ -176,21 +242,37 @@ def test_a_store_that_never_answers_is_refused_in_one_line(tmp_path, monkeypatch
         raise ConnectionError("connection refused")
 
     monkeypatch.setattr(storage, "read_json", unreachable)
-    clock = Clock()
-    lease = Lease(str(tmp_path), CFG, term_s=8, clock=clock)
-    stop = threading.Event()
-    monkeypatch.setattr(stop, "wait", lambda timeout: setattr(clock, "now", clock.now + 4.0) or False)
-    with pytest.raises(UsageError, match=r"^checkpoint.dir: cannot read its lease .*connection refused"):
-        lease.acquire(stop)
+    clock, stop = Clock(), threading.Event()
+    clock_moved_by_waits(monkeypatch, stop, clock, 4.0)
+    with pytest.raises(UsageError, match=r"^checkpoint.dir: cannot read its lease .*connection refused.*storage "
+                                         r"answers"):
+        Lease(str(tmp_path), CFG, term_s=8, clock=clock).acquire(stop)
+
+
+def test_a_lease_that_cannot_be_written_refuses_the_run(tmp_path, monkeypatch):
+    """Running unseen, a run would let the next one take the folder beside it (a full disk: neither
+    can renew, so each looks gone to the other)."""
+    def disk_full(url, data, cfg):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(storage, "write_bytes_atomic", disk_full)
+    with pytest.raises(UsageError, match=r"^checkpoint.dir: cannot write its lease .*No space left on device.*free "
+                                         r"space there"):
+        Lease(str(tmp_path), CFG, term_s=60).acquire(threading.Event())
+
+
+def test_lease_io_waits_at_most_an_eighth_of_a_term_without_retries(tmp_path):
+    """A renewal hanging in the store's retries would land after another run took the lease over."""
+    lease = Lease("s3://bucket/ckpt", StorageConfig(retries=5, read_timeout_s=60, connect_timeout_s=10), term_s=16)
+    assert (lease.storage_cfg.retries, lease.storage_cfg.read_timeout_s, lease.storage_cfg.connect_timeout_s) == \
+        (0, 2.0, 2.0)
 
 
 # ------------------------------------------------------------------ holding it
 
 
 def test_a_lease_taken_over_stops_the_run_before_its_next_save_and_is_left_to_the_new_holder(tmp_path):
-    lease = Lease(str(tmp_path), CFG, term_s=60)
-    assert lease.acquire(threading.Event())
-    try:
+    with held(Lease(str(tmp_path), CFG, term_s=60)) as lease:
         record(tmp_path, other_machine("successor"))
         with pytest.raises(LeaseLost) as lost:
             lease.check(last_step=40)
@@ -199,84 +281,92 @@ def test_a_lease_taken_over_stops_the_run_before_its_next_save_and_is_left_to_th
         assert message.endswith("the last checkpoint it saved is step 40") and "\n" not in message
         with pytest.raises(LeaseLost):
             lease.raise_if_lost(40)
-    finally:
-        lease.release()
     assert recorded(tmp_path).run == "successor" and not recorded(tmp_path).released
 
 
 def test_the_renewal_thread_finds_a_takeover_by_itself(tmp_path):
-    lease = Lease(str(tmp_path), CFG, term_s=4)  # renewed every second
-    assert lease.acquire(threading.Event())
-    try:
+    with held(Lease(str(tmp_path), CFG, term_s=4)) as lease:  # renewed every second
         record(tmp_path, other_machine("successor"))
         deadline = time.monotonic() + 10
         while lease.lost_to is None and time.monotonic() < deadline:
             time.sleep(0.1)
         assert lease.lost_to is not None and lease.lost_to.run == "successor"
         assert recorded(tmp_path).run == "successor"  # not written over by a later renewal
-    finally:
-        lease.release()
 
 
-def test_no_save_while_renewals_fail_for_half_a_term_and_saves_again_once_one_succeeds(tmp_path, monkeypatch, caplog):
+def test_the_release_of_the_run_taken_over_landing_late_is_no_takeover(tmp_path, monkeypatch):
+    record(tmp_path, other_machine("taken-for-dead"))
+    clock, stop = Clock(), threading.Event()
+    clock_moved_by_waits(monkeypatch, stop, clock, 1.0)
+    with held(Lease(str(tmp_path), CFG, term_s=8, clock=clock), stop) as lease:
+        record(tmp_path, dataclasses.replace(other_machine("taken-for-dead"), released=True))
+        assert lease.check(last_step=0) and lease.lost_to is None
+        assert recorded(tmp_path).run == lease.me.run
+
+
+def test_no_save_while_the_store_stops_answering_for_half_a_term_and_saves_again_once_it_does(
+        tmp_path, monkeypatch, caplog):
     clock = Clock()
-    lease = Lease(str(tmp_path), CFG, term_s=60, clock=clock)
-    assert lease.acquire(threading.Event())
     # Renewed by hand here: the thread's first renewal is a quarter of a term (15 s) away.
-    real_write = storage.write_bytes_atomic
+    with held(Lease(str(tmp_path), CFG, term_s=60, clock=clock)) as lease:
+        real_write = storage.write_bytes_atomic
 
-    def failing(url, data, cfg):
-        raise ConnectionError("storage out of reach")
+        def unanswered(url, data, cfg):
+            raise ConnectionError("storage out of reach")
 
-    monkeypatch.setattr(storage, "write_bytes_atomic", failing)
-    clock.now += 20
-    assert lease.check(last_step=5)  # renewed 20 s ago: within half a term
-    clock.now += 15
-    assert not lease.check(last_step=5)
-    assert "renewing the lease on" in caplog.text and "no checkpoint is saved until a renewal succeeds" in caplog.text
-    monkeypatch.setattr(storage, "write_bytes_atomic", real_write)
-    assert lease.check(last_step=5)
-    lease.release()
+        monkeypatch.setattr(storage, "write_bytes_atomic", unanswered)
+        clock.now += 20
+        assert lease.check(last_step=5)  # renewed 20 s ago: within half a term
+        clock.now += 15
+        assert not lease.check(last_step=5)
+        assert "renewing the lease on" in caplog.text
+        assert "no checkpoint is saved until a renewal succeeds" in caplog.text
+        monkeypatch.setattr(storage, "write_bytes_atomic", real_write)
+        assert lease.check(last_step=5)
 
 
-def test_a_full_disk_neither_refuses_the_run_nor_holds_its_saves_back(tmp_path, monkeypatch, caplog):
-    """Retention makes room at the next save: a lease that cannot be written must not stop it."""
-    record(tmp_path, dataclasses.replace(other_machine(), released=True))
-    real_write = storage.write_bytes_atomic
+def test_no_save_while_the_lease_cannot_be_read(tmp_path, monkeypatch):
+    """The driver's mount of a shared folder broken while rank 0's is fine: the driver cannot see a
+    takeover, so it must not let rank 0 save."""
+    with held(Lease(str(tmp_path), CFG, term_s=60)) as lease:
+        def broken_mount(url, cfg):
+            raise OSError(errno.EIO, "Input/output error")
 
-    def disk_full(url, data, cfg):
-        raise OSError(errno.ENOSPC, "No space left on device")
+        monkeypatch.setattr(storage, "read_json", broken_mount)
+        assert not lease.check(last_step=5)
 
-    monkeypatch.setattr(storage, "write_bytes_atomic", disk_full)
+
+def test_a_full_disk_does_not_hold_the_holders_saves_back(tmp_path, monkeypatch):
+    """Retention makes room at the next save; the lease still reads as this run's."""
     clock = Clock()
-    lease = Lease(str(tmp_path), CFG, term_s=60, clock=clock)
-    assert lease.acquire(threading.Event())
-    assert "could not write the lease" in caplog.text
-    clock.now += 40
-    # The file still holds the run this one replaced: not a takeover, and the save goes ahead.
-    assert lease.check(last_step=3)
-    monkeypatch.setattr(storage, "write_bytes_atomic", real_write)
-    assert lease.check(last_step=3)
-    assert recorded(tmp_path).run == lease.me.run
-    record(tmp_path, other_machine("successor"))  # from now on, another run's record is a takeover
-    with pytest.raises(LeaseLost):
-        lease.check(last_step=3)
-    lease.release()
+    with held(Lease(str(tmp_path), CFG, term_s=60, clock=clock)) as lease:
+        def disk_full(url, data, cfg):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        monkeypatch.setattr(storage, "write_bytes_atomic", disk_full)
+        clock.now += 40
+        assert lease.check(last_step=3)
+
+
+def test_the_checkpoint_writer_confirms_the_lease_before_it_commits(tmp_path):
+    confirm_holder(str(tmp_path), "mine", CFG)  # no lease: no other run's
+    record(tmp_path, dataclasses.replace(other_machine("mine")))
+    confirm_holder(str(tmp_path), "mine", CFG)
+    record(tmp_path, other_machine("successor"))
+    with pytest.raises(LeaseLost, match=r"run successor \(pid 4242 on another-host\) holds .* now"):
+        confirm_holder(str(tmp_path), "mine", CFG)
 
 
 def test_the_lease_works_on_s3(s3_bucket, sleeper):
     folder = f"s3://{s3_bucket.name}/lease-ckpt"
     url = f"{folder}/{LEASE_FILE}"
-    live = dataclasses.replace(this_process("theirs"), pid=sleeper.pid, pid_ticks=start_ticks(sleeper.pid))
     cfg = s3_bucket.storage
-    storage.write_bytes_atomic(url, live.to_json(), cfg)
+    storage.write_bytes_atomic(url, live_record(sleeper).to_json(), cfg)
     with pytest.raises(LeaseHeld):
         Lease(folder, cfg, term_s=60).acquire(threading.Event())
     sleeper.kill()
     sleeper.wait()
-    lease = Lease(folder, cfg, term_s=60)
-    assert lease.acquire(threading.Event())
-    lease.renew()
-    assert Holder.from_json(storage.read_json(url, cfg)).renewals == 1
-    lease.release()
+    with held(Lease(folder, cfg, term_s=60)) as lease:
+        lease.renew()
+        assert Holder.from_json(storage.read_json(url, cfg)).renewals == 1
     assert Holder.from_json(storage.read_json(url, cfg)).released

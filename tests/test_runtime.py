@@ -346,6 +346,9 @@ def test_a_run_on_a_checkpoint_dir_that_a_live_run_holds_is_refused_before_readi
     shards, _ = shards_on_disk(tmp_path / "shards", [16, 16])
     ckpt_dir = tmp_path / "ckpt"
     ckpt_dir.mkdir()
+    # Checkpoints that do not load: read before the lease, they would end the run in another line.
+    (ckpt_dir / "latest.json").write_text("{damaged")
+    (ckpt_dir / "step-000000004").mkdir()
     sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
     try:
         holder = dataclasses.replace(this_process("first-job"), pid=sleeper.pid, pid_ticks=start_ticks(sleeper.pid))
@@ -362,7 +365,7 @@ def test_a_run_on_a_checkpoint_dir_that_a_live_run_holds_is_refused_before_readi
         sleeper.kill()
         sleeper.wait()
     assert trainer.pool is None and not trainer.trained  # nothing started, nothing trained
-    assert sorted(p.name for p in ckpt_dir.iterdir()) == [LEASE_FILE]
+    assert sorted(p.name for p in ckpt_dir.iterdir()) == ["latest.json", LEASE_FILE, "step-000000004"]
     assert Holder.from_json(json.loads((ckpt_dir / LEASE_FILE).read_text())).run == "first-job"
 
 

@@ -414,9 +414,11 @@ class LearnerActorImpl:
         return self.learner.rank_local_state()
 
     def save_checkpoint(self, directory: str, extra: dict[str, Any], other_ranks: list[Any],
-                        info: dict[str, Any]) -> CheckpointInfo:
-        """Write a checkpoint of this learner (rank 0), with the other ranks' queues and random states."""
+                        info: dict[str, Any], lease_run: str | None = None) -> CheckpointInfo:
+        """Write a checkpoint of this learner (rank 0), with the other ranks' queues and random states;
+        with `lease_run`, only while that run holds the folder's lease."""
         from stream_swav.checkpoint import save_checkpoint
+        from stream_swav.runtime.lease import confirm_holder
 
         state = self.learner.state_dict()
         state.update(extra)
@@ -425,7 +427,9 @@ class LearnerActorImpl:
         return save_checkpoint(directory, step=self.learner.step, images_seen=self.learner.images_seen,
                                state=state, backbone=self.learner.exported_backbone_state_dict(), info=info,
                                storage_cfg=self.cfg.storage, keep_last=self.cfg.checkpoint.keep_last,
-                               milestone_steps=self.cfg.checkpoint.milestone_steps)
+                               milestone_steps=self.cfg.checkpoint.milestone_steps,
+                               before_commit=(lambda: confirm_holder(directory, lease_run, self.cfg.storage))
+                               if lease_run else None)
 
 
 DecodeActor = ray.remote(DecodeActorImpl)

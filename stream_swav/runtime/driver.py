@@ -174,13 +174,21 @@ class Trainer:
 
     # --------------------------------------------------------------- states
     def start(self) -> RunState:
-        """STARTING: refuse what cannot run, serve metrics, find the checkpoint to resume from and
-        bring the actors up."""
+        """STARTING: refuse what cannot run, take the checkpoint folder's lease, serve metrics, find
+        the checkpoint to resume from and bring the actors up."""
         cfg = self.cfg
         for warning in cfg.warnings():
             log.warning("%s", warning)
         if not ray.is_initialized():
             log.info("%s", init_ray())
+        if cfg.checkpoint.lease_s:
+            # First: a job submitted twice is refused for the folder, not for the metrics port it
+            # shares with the first, and before it reads a checkpoint.
+            lease = Lease(cfg.checkpoint.dir, cfg.storage, cfg.checkpoint.lease_s)
+            if not lease.acquire(self.stop):
+                log.info("stopped (%s) while waiting for the checkpoint folder's lease", self.stop_reason)
+                return RunState.DONE
+            self.lease = lease
         if cfg.metrics.enabled:
             try:
                 self.metrics_port = self.metrics.start_server(cfg.metrics.host, cfg.metrics.port)
@@ -204,13 +212,6 @@ class Trainer:
             raise ConfigError(f"data.shards: {len(shards)} shard(s) for {cfg.train.learners} learners; every learner "
                               f"needs a shard of its own: split the data into more shards or use fewer learners")
         self.last_relist = time.monotonic()
-        if cfg.checkpoint.lease_s:
-            # Before any checkpoint is read: another live run on this folder refuses this one here.
-            lease = Lease(cfg.checkpoint.dir, cfg.storage, cfg.checkpoint.lease_s)
-            if not lease.acquire(self.stop):
-                log.info("stopped (%s) while waiting for the checkpoint folder's lease", self.stop_reason)
-                return RunState.DONE
-            self.lease = lease
         # Which checkpoint to resume from is known before any actor starts: a folder where none
         # loads stops the run here, in one line.
         try:
@@ -364,6 +365,8 @@ class Trainer:
     def recover(self) -> RunState:
         """RECOVERING: a learner died or its node was lost. Count it and release every actor; within
         the failure budget, a new group from the latest checkpoint."""
+        if self.lease is not None:
+            self.lease.raise_if_lost(self.last_checkpoint_step)  # the folder is another run's now
         self.restarts += 1
         self.observer.on_failure(self.restarts, self.failure_cause)
         self.shutdown_actors()
@@ -520,7 +523,7 @@ class Trainer:
         self.last_checkpoint_step = self.step
         self.policy.mark(self.step, time.time())
         self.observer.on_resume(point, self.step, self.images_seen)
-        if point.skipped:
+        if point.skipped and (self.lease is None or self.lease.check(self.last_checkpoint_step)):
             try:
                 ckpt.repoint_latest(self.cfg.checkpoint.dir, point, self.cfg.storage)
             except OSError as err:
@@ -690,9 +693,12 @@ class Trainer:
         if self.seen is not None:
             extra["seen_set"] = self.gather_seen(extra["stream_cursor"])
         try:
-            saved = self.group.save(self.cfg.checkpoint.dir, extra, info)
+            saved = self.group.save(self.cfg.checkpoint.dir, extra, info,
+                                    self.lease.me.run if self.lease is not None else None)
         except (RayTaskError, LearnerFailure) as err:
             self.observer.on_checkpoint_failed(self.step, first_line(err))
+            if self.lease is not None:  # rank 0 may have found the lease another run's: stop now if so
+                self.lease.check(self.last_checkpoint_step)
             self.policy.mark(self.step, time.time())
             if self.cfg.train.elastic and isinstance(err, LearnerFailure):
                 self.loss = self.group.losses()

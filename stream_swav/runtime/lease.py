@@ -3,23 +3,28 @@
 Two live runs on one checkpoint.dir (a job submitted twice, or a driver taken for dead while its
 process lived on) would overwrite each other's latest.json, and each one's retention would delete
 the other's steps. So a run takes the folder's lease before it reads a checkpoint, renews it every
-quarter of `checkpoint.lease_s`, reads it again before each save, and gives it up when it ends.
+quarter of `checkpoint.lease_s`, renews it again before each save (and rank 0 reads it again before
+it moves latest.json and prunes), and gives it up when it ends.
 
 Who holds a lease is judged without comparing clocks across machines:
 
-- a lease given up (`released`), or held by a process of this machine that is gone (same host name
-  and boot, its PID absent or started at another time), is free at once: a driver killed with
-  SIGKILL and started again on its machine waits for nothing;
+- a lease given up (`released`), or held by a process of this machine that is gone (same host name,
+  boot and PID namespace; its PID absent, a zombie, or started at another time), is free at once: a
+  driver killed with SIGKILL and started again on its machine waits for nothing;
 - one held by a live process of this machine is held: the run is refused at once;
-- one held elsewhere is watched for `lease_s` on this machine's clock: renewed meanwhile, it is
-  held; unrenewed, its holder is taken to be gone and the lease is taken over.
+- one held elsewhere (another machine or container, or where /proc tells nothing) is watched for
+  `lease_s` on this machine's clock: renewed meanwhile, it is held; unrenewed, its holder is taken
+  to be gone and the lease is taken over.
 
-A holder whose store stops answering its renewals saves nothing once its last renewal is half a
-term old, until one succeeds (the term's other half covers a save under way); a renewal failing
-otherwise (a full disk, which a save's retention mends) holds nothing back. A holder that finds
-another run's lease in the file stops without saving. S3 has no portable create-if-absent, so two runs starting within one read of each other
-can both take the lease; the one whose write landed first finds the other's at its next renewal
-or save, and stops.
+A run that cannot write its lease when it starts is refused. A holder saves only when the renewal
+just before the save read the file as its own, and, if the store has stopped answering its writes,
+while its last renewal is under half a term old; a renewal that fails otherwise (a full disk, which
+the save's retention mends) holds nothing back. Lease reads and writes wait at most `lease_s / 8`
+each, without retries (the next renewal is the retry). A holder that finds another run's lease in
+the file stops without saving. Nothing makes the write of a lease exclusive (S3 has no portable
+create-if-absent, and a shared filesystem is not trusted with one), so two runs starting within one
+read of each other can both take the lease; the one whose write landed first finds the other's at
+its next renewal or save, and stops.
 """
 from __future__ import annotations
 
@@ -37,7 +42,7 @@ from typing import Any
 
 from stream_swav import storage
 from stream_swav.config import StorageConfig, UsageError
-from stream_swav.runtime.private_ray import start_ticks
+from stream_swav.runtime.private_ray import alive, start_ticks
 
 log = logging.getLogger("stream_swav.lease")
 
@@ -100,10 +105,17 @@ def this_process(run: str) -> Holder:
     return Holder(run=run, host=socket.gethostname(), boot=boot, pid=pid, pid_ticks=start_ticks(pid))
 
 
-def standing(holder: Holder, me: Holder, ticks_of: Callable[[int], int | None] = start_ticks) -> str:
+def boot_clock() -> float:
+    """Seconds on a clock that, unlike time.monotonic, goes on while the machine is suspended (a
+    holder asleep longer than a term has let its lease lapse)."""
+    return time.clock_gettime(time.CLOCK_BOOTTIME) if hasattr(time, "CLOCK_BOOTTIME") else time.monotonic()
+
+
+def standing(holder: Holder, me: Holder, running: Callable[[int, int], bool] = alive) -> str:
     """What a lease's holder is to `me`: "ours"; "free" (given up, or its process of this machine
-    is gone, or it is an earlier run of this very process); "live" (a process of this machine that
-    runs); "unknown" (another machine's, or one whose liveness this machine cannot read)."""
+    is gone, or it is an earlier run of this very process, as in a notebook or a test); "live" (a
+    process of this machine that runs); "unknown" (another machine's or container's, or one whose
+    liveness this machine cannot read)."""
     if holder.run == me.run:
         return "ours"
     if holder.released:
@@ -112,7 +124,7 @@ def standing(holder: Holder, me: Holder, ticks_of: Callable[[int], int | None] =
         return "unknown"
     if holder.pid == me.pid:
         return "free"  # a run of this process that ended without giving it up (it is not running)
-    return "live" if ticks_of(holder.pid) == holder.pid_ticks else "free"
+    return "live" if running(holder.pid, holder.pid_ticks) else "free"
 
 
 class Lease:
@@ -120,21 +132,26 @@ class Lease:
     folder, `release` at the end. A thread renews it every `term_s / 4` seconds."""
 
     def __init__(self, dir_url: str, storage_cfg: StorageConfig, term_s: float, run: str | None = None,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = boot_clock) -> None:
+        self.dir_url = dir_url
         self.url = storage.join_url(dir_url, LEASE_FILE)
-        self.storage_cfg = storage_cfg
+        # A renewal that hangs on the store's retries would land after another run took the lease.
+        self.storage_cfg = dataclasses.replace(storage_cfg, retries=0,
+                                               connect_timeout_s=min(storage_cfg.connect_timeout_s, term_s / 8),
+                                               read_timeout_s=min(storage_cfg.read_timeout_s, term_s / 8))
         self.term_s = term_s
         self.me = this_process(run or uuid.uuid4().hex[:12])
         self.clock = clock
         self.renewed_at = 0.0
         # The holder that took the lease over from this run, once found.
         self.lost_to: Holder | None = None
+        # The holder this run took the lease over from: its release landing late is not a takeover.
+        self.displaced: Holder | None = None
+        # The last renewal's error, None once one succeeds.
+        self.failing: BaseException | None = None
         self._lock = threading.Lock()
         self._done = threading.Event()
         self._thread: threading.Thread | None = None
-        # The last renewal's error, None once one succeeds; what the file held before this run took it.
-        self.failing: BaseException | None = None
-        self.displaced: Holder | None = None
 
     # ---------------------------------------------------------------- storage
     def read(self) -> Holder | None:
@@ -156,10 +173,16 @@ class Lease:
     def _write(self, holder: Holder) -> None:
         storage.write_bytes_atomic(self.url, holder.to_json(), self.storage_cfg)
 
+    def _unusable(self, doing: str, err: BaseException) -> UsageError:
+        what = ("check that the storage answers" if storage.is_unavailable(err)
+                else f"make {self.url} a writable file or remove it (free space there if the disk is full)")
+        return UsageError(f"checkpoint.dir: cannot {doing} its lease {self.url} ({err}); {what}")
+
     # ---------------------------------------------------------------- taking it
     def acquire(self, stop: threading.Event) -> bool:
         """Take the lease: True once held, False when `stop` was set while waiting for another
-        machine's holder to lapse. LeaseHeld (one line) when another live run holds it."""
+        machine's holder to lapse. LeaseHeld (one line) when another live run holds it; UsageError
+        (one line) when the lease cannot be read or written."""
         watched: tuple[Holder, float] | None = None  # another machine's holder, and since when
         poll_s = max(0.25, self.term_s / 8)
         first_error: float | None = None
@@ -167,10 +190,11 @@ class Lease:
             try:
                 holder = self.read()
             except storage.TRANSIENT_ERRORS as err:
+                if not storage.is_unavailable(err):  # a folder or a FIFO named lease.json, no permission
+                    raise self._unusable("read", err) from None
                 first_error = self.clock() if first_error is None else first_error
                 if self.clock() - first_error >= 4 * self.term_s:
-                    raise UsageError(f"checkpoint.dir: cannot read its lease {self.url} ({err}); check that "
-                                     f"the storage answers") from None
+                    raise self._unusable("read", err) from None
                 log.warning("reading the lease %s failed (%s); trying again", self.url, err)
                 if stop.wait(poll_s):
                     return False
@@ -183,93 +207,100 @@ class Lease:
                 raise self._held(holder, "a live process of this machine")
             if watched is None or watched[0].run != holder.run:
                 if watched is not None:
-                    raise self._held(holder, "a run that took the lease while this one waited")
+                    raise self._held(holder, "it took the lease while this run waited")
                 watched = (holder, self.clock())
                 log.warning("checkpoint.dir %s is leased by %s; waiting up to checkpoint.lease_s=%gs for it "
                             "to be renewed (a live run: this one stops) or to lapse (taken over)",
                             self.url, holder.describe(), self.term_s)
             elif holder.renewals != watched[0].renewals:
-                raise self._held(holder, "renewed while this run waited")
+                raise self._held(holder, "renewed while this run waited, so it is live")
             elif self.clock() - watched[1] >= self.term_s:
                 log.warning("%s's lease on %s went unrenewed for checkpoint.lease_s=%gs; taking it over",
                             holder.describe(), self.url, self.term_s)
                 break
             if stop.wait(poll_s):
                 return False
-        # Until a write of this run's lands, the record it replaces is not another run's takeover.
-        self.displaced = holder
         try:
             self._write(self.me)
             taken = self.read()
         except storage.TRANSIENT_ERRORS as err:
-            if storage.is_unavailable(err):
-                raise UsageError(f"checkpoint.dir: cannot write its lease {self.url} ({err}); check that the "
-                                 f"storage answers") from None
-            # A full disk, say: retention makes room at the first save, and a renewal writes it then.
-            log.warning("could not write the lease %s (%s); other runs cannot see this one until a renewal "
-                        "succeeds", self.url, err)
-        else:
-            if taken is not None and taken.run != self.me.run:  # another run wrote in between
-                raise self._held(taken, "taken while this run took it")
-            self.displaced = None
+            # A run that others cannot see would let the next one take the folder beside it.
+            raise self._unusable("write", err) from None
+        if taken is not None and taken.run != self.me.run:  # another run wrote in between
+            raise self._held(taken, "it took the lease while this run took it")
+        self.displaced = holder
         self.renewed_at = self.clock()
         self._thread = threading.Thread(target=self._renew_until_done, name="lease-renewal", daemon=True)
         self._thread.start()
         return True
 
     def _held(self, holder: Holder, how: str) -> LeaseHeld:
-        return LeaseHeld(f"checkpoint.dir: {self.url.rsplit('/', 1)[0]} is in use by another run, {holder.describe()}"
-                         f" ({how}); stop that run or give this one another checkpoint.dir (a run that is gone "
-                         f"loses its lease checkpoint.lease_s={self.term_s:g}s after its last renewal)")
+        return LeaseHeld(f"checkpoint.dir: {self.dir_url} is in use by another run, {holder.describe()} ({how}); "
+                         f"stop that run, or give this one another checkpoint.dir")
 
     # ---------------------------------------------------------------- holding it
     def _renew_until_done(self) -> None:
         while not self._done.wait(self.term_s / 4):
-            self.renew()
+            try:
+                self.renew()
+            except Exception as err:  # noqa: BLE001 - the thread must outlive what nothing foresaw
+                log.exception("renewing the lease on %s raised", self.url)
+                self.failing = err
 
     def renew(self) -> None:
         """One renewal: read the lease, and write it with one more renewal if it is still ours."""
         with self._lock:
             self._renew()
 
-    def _renew(self) -> None:
+    def _renew(self) -> bool:
+        """A renewal; whether its read found the lease this run's (written since, or not)."""
         if self.lost_to is not None or self._done.is_set():
-            return
+            return False
         try:
             holder = self.read()
-            if holder is not None and holder.run != self.me.run and holder != self.displaced:
+        except storage.TRANSIENT_ERRORS as err:
+            self._failed(err)
+            return False
+        if holder is not None and holder.run != self.me.run:
+            late_release = holder.released and self.displaced is not None and holder.run == self.displaced.run
+            if not late_release:
                 self.lost_to = holder
                 log.error("%s took over the lease on %s from this run", holder.describe(), self.url)
-                return
+                return False
+        try:
             self.me = dataclasses.replace(self.me, renewals=self.me.renewals + 1)
             self._write(self.me)
         except storage.TRANSIENT_ERRORS as err:
-            if self.failing is None:
-                log.warning("renewing the lease on %s failed (%s)%s", self.url, err,
-                            "; no checkpoint is saved until a renewal succeeds" if storage.is_unavailable(err) else "")
-            self.failing = err
-            return
+            self._failed(err)
+            return True
         if self.failing is not None:
             log.info("the lease on %s is renewed again", self.url)
         self.failing = None
-        self.displaced = None
         self.renewed_at = self.clock()
+        return True
+
+    def _failed(self, err: BaseException) -> None:
+        if self.failing is None:
+            log.warning("renewing the lease on %s failed (%s)%s", self.url, err,
+                        "; no checkpoint is saved until a renewal succeeds" if storage.is_unavailable(err) else "")
+        self.failing = err
 
     def check(self, last_step: int) -> bool:
-        """Before writing into the folder, a renewal, then: True unless the store has stopped
-        answering the renewals for half a term (another run could take the lease over half a term
-        from then: the write should wait); LeaseLost (one line) once another run holds it. Other
-        failed renewals (a full disk, which the save's retention may mend) do not hold a save back."""
+        """Before writing into the folder, a renewal, then: True when it read the lease as this
+        run's and, if the store stopped answering its writes, the last renewal is under half a term
+        old (another run could take the lease half a term later); False otherwise (the write should
+        wait); LeaseLost (one line) once another run holds it. A write that failed otherwise (a full
+        disk, which the save's retention may mend) does not hold a save back."""
         with self._lock:
-            self._renew()
+            read_ours = self._renew()
         self.raise_if_lost(last_step)
         unreachable = self.failing is not None and storage.is_unavailable(self.failing)
-        return not unreachable or self.clock() - self.renewed_at < self.term_s / 2
+        return read_ours and (not unreachable or self.clock() - self.renewed_at < self.term_s / 2)
 
     def raise_if_lost(self, last_step: int) -> None:
         """LeaseLost (one line) once a renewal found another run holding the lease."""
         if self.lost_to is not None:
-            raise LeaseLost(f"checkpoint.dir: {self.lost_to.describe()} took {self.url.rsplit('/', 1)[0]} over "
+            raise LeaseLost(f"checkpoint.dir: {self.lost_to.describe()} took {self.dir_url} over "
                             f"while this run's lease went unrenewed (storage out of reach, or this process stalled, "
                             f"for checkpoint.lease_s={self.term_s:g}s); this run stops without saving so as not to "
                             f"overwrite that run's checkpoints; the last checkpoint it saved is step {last_step}")
@@ -286,9 +317,24 @@ class Lease:
                 holder = self.read()
                 if holder is not None and holder.run == self.me.run:
                     self._write(dataclasses.replace(self.me, released=True))
-            except (*storage.TRANSIENT_ERRORS, ValueError) as err:
+            except Exception as err:  # noqa: BLE001 - the run is ending; a next run waits at worst
                 log.warning("could not give up the lease on %s (%s); a next run on another machine waits up to "
                             "checkpoint.lease_s=%gs for it", self.url, err, self.term_s)
 
 
-__all__ = ["Lease", "LeaseHeld", "LeaseLost", "Holder", "standing", "this_process", "LEASE_FILE"]
+def confirm_holder(dir_url: str, run: str, storage_cfg: StorageConfig) -> None:
+    """For the writer of a checkpoint (rank 0), before it moves latest.json and before it prunes:
+    LeaseLost when another run's lease is in the folder, so that a save that outlasted this run's
+    lease (a long upload, a stalled driver) does not move the other run's latest.json or delete
+    its steps. A folder without a lease (none taken, or removed by hand) is no other run's."""
+    data = storage.read_json(storage.join_url(dir_url, LEASE_FILE), storage_cfg)
+    try:
+        holder = Holder.from_json(data) if data is not None else None
+    except ValueError:
+        holder = None
+    if holder is not None and holder.run != run:
+        raise LeaseLost(f"checkpoint.dir: {holder.describe()} holds {dir_url} now; this run's checkpoint is "
+                        f"not made the latest there")
+
+
+__all__ = ["Lease", "LeaseHeld", "LeaseLost", "Holder", "standing", "this_process", "confirm_holder", "LEASE_FILE"]

@@ -26,14 +26,27 @@ def records_dir() -> Path:
     return Path(tempfile.gettempdir()) / f"stream-swav-private-ray-{os.getuid()}"
 
 
-def start_ticks(pid: int) -> int | None:
-    """The process's start time in clock ticks since boot (field 22 of /proc/PID/stat), None if gone."""
+def _stat_fields(pid: int) -> list[str] | None:
+    """/proc/PID/stat's fields from the third (the state) on, None if the process is gone."""
     try:
         stat = (PROC / str(pid) / "stat").read_text()
     except OSError:
         return None
     # The command name (field 2) may hold spaces and parentheses: split after its closing one.
-    return int(stat.rpartition(")")[2].split()[19])
+    return stat.rpartition(")")[2].split()
+
+
+def start_ticks(pid: int) -> int | None:
+    """The process's start time in clock ticks since boot (field 22 of /proc/PID/stat), None if gone."""
+    fields = _stat_fields(pid)
+    return None if fields is None else int(fields[19])
+
+
+def alive(pid: int, ticks: int) -> bool:
+    """Whether the process started at `ticks` still runs: a PID reused since is another process, and
+    a zombie (exited, not yet reaped by its parent) runs no more."""
+    fields = _stat_fields(pid)
+    return fields is not None and int(fields[19]) == ticks and fields[0] not in ("Z", "X")
 
 
 def descendants(pid: int) -> list[int]:
@@ -53,10 +66,6 @@ def descendants(pid: int) -> list[int]:
         found.append(child)
         todo.extend(parents.get(child, []))
     return found
-
-
-def _alive(pid: int, ticks: int) -> bool:
-    return start_ticks(pid) == ticks
 
 
 def record() -> Path | None:
@@ -96,10 +105,10 @@ def reap() -> int:
         except (OSError, ValueError, KeyError, TypeError):
             path.unlink(missing_ok=True)  # a record cut short by the crash it was written for
             continue
-        if _alive(driver, driver_ticks):
+        if alive(driver, driver_ticks):
             continue  # another run, still going
         for pid, ticks in processes:
-            if _alive(pid, ticks):
+            if alive(pid, ticks):
                 try:
                     os.kill(pid, signal.SIGKILL)
                     killed += 1
@@ -111,4 +120,4 @@ def reap() -> int:
     return killed
 
 
-__all__ = ["record", "forget", "reap", "records_dir", "descendants", "start_ticks"]
+__all__ = ["record", "forget", "reap", "records_dir", "descendants", "start_ticks", "alive"]

@@ -261,6 +261,22 @@ def test_a_lease_that_cannot_be_written_refuses_the_run(tmp_path, monkeypatch):
         Lease(str(tmp_path), CFG, term_s=60).acquire(threading.Event())
 
 
+def test_a_write_the_store_did_not_answer_is_tried_again(tmp_path, monkeypatch):
+    real_write, calls = storage.write_bytes_atomic, []
+
+    def first_times_out(url, data, cfg):
+        calls.append(url)
+        if len(calls) == 1:
+            raise TimeoutError("timed out")
+        real_write(url, data, cfg)
+
+    monkeypatch.setattr(storage, "write_bytes_atomic", first_times_out)
+    clock, stop = Clock(), threading.Event()
+    clock_moved_by_waits(monkeypatch, stop, clock, 1.0)
+    with held(Lease(str(tmp_path), CFG, term_s=8, clock=clock), stop) as lease:
+        assert recorded(tmp_path).run == lease.me.run and len(calls) == 2
+
+
 def test_lease_io_waits_at_most_an_eighth_of_a_term_without_retries(tmp_path):
     """A renewal hanging in the store's retries would land after another run took the lease over."""
     lease = Lease("s3://bucket/ckpt", StorageConfig(retries=5, read_timeout_s=60, connect_timeout_s=10), term_s=16)

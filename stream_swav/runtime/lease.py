@@ -187,22 +187,36 @@ class Lease:
         poll_s = max(0.25, self.term_s / 8)
         first_error: float | None = None
         while True:
+            doing = "read"
             try:
                 holder = self.read()
+                state = "free" if holder is None else standing(holder, self.me)
+                if state == "unknown" and watched is not None and watched[0].run == holder.run \
+                        and holder.renewals == watched[0].renewals and self.clock() - watched[1] >= self.term_s:
+                    log.warning("%s's lease on %s went unrenewed for checkpoint.lease_s=%gs; taking it over",
+                                holder.describe(), self.url, self.term_s)
+                    state = "free"
+                if state in ("free", "ours"):
+                    self.displaced = holder if state == "free" else self.displaced
+                    doing = "write"
+                    self._write(self.me)
+                    taken = self.read()
+                    if taken is not None and taken.run != self.me.run:  # another run wrote in between
+                        raise self._held(taken, "it took the lease while this run took it")
+                    break
             except storage.TRANSIENT_ERRORS as err:
-                if not storage.is_unavailable(err):  # a folder or a FIFO named lease.json, no permission
-                    raise self._unusable("read", err) from None
+                # A run that others cannot see would let the next one take the folder beside it: one
+                # that cannot write its lease does not start. A store that does not answer is tried
+                # again for a while; a folder or a FIFO named lease.json, a full disk, no permission
+                # are refused at once.
                 first_error = self.clock() if first_error is None else first_error
-                if self.clock() - first_error >= 4 * self.term_s:
-                    raise self._unusable("read", err) from None
-                log.warning("reading the lease %s failed (%s); trying again", self.url, err)
+                if not storage.is_unavailable(err) or self.clock() - first_error >= 4 * self.term_s:
+                    raise self._unusable(doing, err) from None
+                log.warning("reaching the lease %s failed (%s); trying again", self.url, err)
                 if stop.wait(poll_s):
                     return False
                 continue
             first_error = None
-            state = "free" if holder is None else standing(holder, self.me)
-            if state in ("free", "ours"):
-                break
             if state == "live":
                 raise self._held(holder, "a live process of this machine")
             if watched is None or watched[0].run != holder.run:
@@ -214,21 +228,8 @@ class Lease:
                             self.url, holder.describe(), self.term_s)
             elif holder.renewals != watched[0].renewals:
                 raise self._held(holder, "renewed while this run waited, so it is live")
-            elif self.clock() - watched[1] >= self.term_s:
-                log.warning("%s's lease on %s went unrenewed for checkpoint.lease_s=%gs; taking it over",
-                            holder.describe(), self.url, self.term_s)
-                break
             if stop.wait(poll_s):
                 return False
-        try:
-            self._write(self.me)
-            taken = self.read()
-        except storage.TRANSIENT_ERRORS as err:
-            # A run that others cannot see would let the next one take the folder beside it.
-            raise self._unusable("write", err) from None
-        if taken is not None and taken.run != self.me.run:  # another run wrote in between
-            raise self._held(taken, "it took the lease while this run took it")
-        self.displaced = holder
         self.renewed_at = self.clock()
         self._thread = threading.Thread(target=self._renew_until_done, name="lease-renewal", daemon=True)
         self._thread.start()

@@ -144,8 +144,10 @@ def save_checkpoint(dir_url: str, step: int, images_seen: int, state: dict[str, 
     `info` holds extra JSON fields for latest.json; it must include the
     `BackboneSpec.to_record()` fields, and usually `metrics` (a dict of key figures). Raises before
     writing anything when an input is invalid, and leaves latest.json untouched
-    when a write fails. `before_commit` is called before latest.json moves and before retention
-    (the run's lease confirmed): what it raises ends the save, its step folder removed.
+    when a write fails. `before_commit` is called before the step folder is touched, before
+    latest.json moves, before older folders are deleted to make room, and before retention (the
+    run's lease confirmed each time): what it raises ends the save, its step folder removed if it
+    was being written.
     """
     started = time.monotonic()
     step_name = step_dir_name(step)
@@ -159,6 +161,8 @@ def save_checkpoint(dir_url: str, step: int, images_seen: int, state: dict[str, 
 
     step_url = join_url(dir_url, step_name)
     latest_url = join_url(dir_url, LATEST)
+    if before_commit is not None:
+        before_commit()
     try:
         previous = read_latest(dir_url, storage_cfg)
     except ValueError:
@@ -209,6 +213,8 @@ def save_checkpoint(dir_url: str, step: int, images_seen: int, state: dict[str, 
     except OSError as error:
         if error.errno != errno.ENOSPC:
             raise
+        if before_commit is not None:
+            before_commit()  # the folders deleted next may be another run's by now
         # The disk is full: older checkpoints make room, oldest first, as long as one is left that
         # latest.json does not name; the last good checkpoint is never deleted.
         for victim in _room_for(dir_url, previous, step, storage_cfg):

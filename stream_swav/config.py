@@ -463,8 +463,8 @@ class CheckpointConfig:
     milestone_every: int = setting(10, NON_NEGATIVE)
     # One run at a time per dir: a lease renewed every lease_s / 4 (runtime/lease.py); a run that
     # is gone without giving it up holds it this long for runs on other machines. 0: no lease.
-    lease_s: float = setting(60.0, Check(lambda v: v == 0 or 4 <= v <= 86_400,
-                                         "must be 0 (no lease) or in [4, 86400]"))
+    lease_s: float = setting(60.0, Check(lambda v: v == 0 or 10 <= v <= 86_400,
+                                         "must be 0 (no lease) or in [10, 86400]"))
 
     @property
     def milestone_steps(self) -> int:

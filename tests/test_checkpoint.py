@@ -69,7 +69,7 @@ def test_a_save_whose_commit_is_refused_leaves_latest_and_the_older_steps_as_the
     assert sorted(p.name for p in tmp_path.iterdir()) == ["latest.json", "step-000000001"]
     calls = []
     save(tmp_path, 3, keep_last=1, before_commit=lambda: calls.append("confirmed"))
-    assert calls == ["confirmed", "confirmed"]  # before latest.json, and before retention
+    assert calls == ["confirmed"] * 3  # before the step folder, before latest.json, before retention
     assert sorted(p.name for p in tmp_path.iterdir()) == ["latest.json", "step-000000003"]
 
 

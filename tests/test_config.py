@@ -422,9 +422,9 @@ def test_replay_rows_keep_the_share_of_a_full_batch_and_of_one_cut_short():
     ("augment.mean", [float("nan"), 0, 0], "augment.mean: must be finite"),
     ("augment.std", [float("inf"), 1, 1], "augment.std: must be finite and > 0"),
     ("model.feature_grid", 100_000, "model.feature_grid: must be in [1, 32]"),
-    # Renewed every second at the shortest; a term under 4 s would lapse on one slow write.
-    ("checkpoint.lease_s", 2, "checkpoint.lease_s: must be 0 (no lease) or in [4, 86400]"),
-    ("checkpoint.lease_s", float("nan"), "checkpoint.lease_s: must be 0 (no lease) or in [4, 86400]"),
+    # Lease reads and writes wait lease_s / 8 at most: under 10 s, one slow answer would fail them.
+    ("checkpoint.lease_s", 5, "checkpoint.lease_s: must be 0 (no lease) or in [10, 86400]"),
+    ("checkpoint.lease_s", float("nan"), "checkpoint.lease_s: must be 0 (no lease) or in [10, 86400]"),
 ])
 def test_values_that_used_to_fail_deep_in_a_run_are_refused_at_the_edge(key, value, says):
     """Each of these passed validation and then failed with a traceback (a scheme storage cannot read,

@@ -143,8 +143,9 @@ def test_a_live_run_of_this_machine_refuses_the_next_at_once(tmp_path, sleeper):
     assert time.monotonic() - started < 5
     message = str(refused.value)
     assert message == (f"checkpoint.dir: {tmp_path} is in use by another run, run theirs (pid {sleeper.pid} on "
-                       f"{this_process('x').host}) (a live process of this machine); stop that run, or give this one "
-                       f"another checkpoint.dir")
+                       f"{this_process('x').host}) (a live process of this machine); stop that run (if it hangs, kill "
+                       f"it, or remove {tmp_path}/{LEASE_FILE} once it is surely gone), or give this one another "
+                       f"checkpoint.dir")
     assert recorded(tmp_path).run == "theirs"  # left as it was
 
 
@@ -162,12 +163,12 @@ def test_a_live_run_in_another_pid_namespace_of_this_machine_is_not_taken_for_de
     """Two containers of one node share the boot id, and with host networking the host name: the
     holder's PID (1, say) means another process here, or none."""
     unshare = shutil.which("unshare")
-    probe = subprocess.run([unshare or "unshare", "-Urpf", "--mount-proc", "true"], capture_output=True) \
-        if unshare else None
+    probe = subprocess.run([unshare or "unshare", "-Urpf", "--kill-child", "--mount-proc", "true"],
+                           capture_output=True) if unshare else None
     if probe is None or probe.returncode != 0:
         pytest.skip("cannot make a PID namespace here (unshare -Urpf)")
     holder = subprocess.Popen(
-        [unshare, "-Urpf", "--mount-proc", sys.executable, "-c",
+        [unshare, "-Urpf", "--kill-child", "--mount-proc", sys.executable, "-c",
          "import sys, threading, time\n"
          "from stream_swav.config import StorageConfig\n"
          "from stream_swav.runtime.lease import Lease\n"
@@ -233,7 +234,8 @@ def test_a_file_that_is_no_lease_is_taken_with_a_warning(tmp_path, caplog, conte
 def test_a_lease_that_is_a_folder_is_refused_at_once_in_one_line(tmp_path):
     (tmp_path / LEASE_FILE).mkdir()
     with pytest.raises(UsageError, match=rf"^checkpoint.dir: cannot read its lease {tmp_path}/{LEASE_FILE} \(.*\); "
-                                         rf"make .* a writable file or remove it"):
+                                         rf"check that .* is reachable and writable, with space free, and that "
+                                         rf".*{LEASE_FILE} is a file or absent$"):
         Lease(str(tmp_path), CFG, term_s=60).acquire(threading.Event())
 
 
@@ -256,8 +258,8 @@ def test_a_lease_that_cannot_be_written_refuses_the_run(tmp_path, monkeypatch):
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(storage, "write_bytes_atomic", disk_full)
-    with pytest.raises(UsageError, match=r"^checkpoint.dir: cannot write its lease .*No space left on device.*free "
-                                         r"space there"):
+    with pytest.raises(UsageError, match=r"^checkpoint.dir: cannot write its lease .*No space left on device.*with "
+                                         r"space free"):
         Lease(str(tmp_path), CFG, term_s=60).acquire(threading.Event())
 
 
@@ -277,11 +279,23 @@ def test_a_write_the_store_did_not_answer_is_tried_again(tmp_path, monkeypatch):
         assert recorded(tmp_path).run == lease.me.run and len(calls) == 2
 
 
-def test_lease_io_waits_at_most_an_eighth_of_a_term_without_retries(tmp_path):
-    """A renewal hanging in the store's retries would land after another run took the lease over."""
+def test_lease_io_waits_at_most_an_eighth_of_a_term_without_retries(tmp_path, monkeypatch):
+    """A renewal hanging in the store's retries, or on a dead mount, would land after another run
+    took the lease over, and would hold the driver up meanwhile."""
     lease = Lease("s3://bucket/ckpt", StorageConfig(retries=5, read_timeout_s=60, connect_timeout_s=10), term_s=16)
     assert (lease.storage_cfg.retries, lease.storage_cfg.read_timeout_s, lease.storage_cfg.connect_timeout_s) == \
-        (0, 2.0, 2.0)
+        (0, 1.0, 1.0)
+    real_write = storage.write_bytes_atomic
+    with held(Lease(str(tmp_path), CFG, term_s=8)) as local:
+        def hung_mount(url, data, cfg):
+            time.sleep(3)
+            real_write(url, data, cfg)
+
+        monkeypatch.setattr(storage, "write_bytes_atomic", hung_mount)
+        started = time.monotonic()
+        assert local.check(last_step=0)  # renewed and read just now: the hung write holds nothing back
+        assert time.monotonic() - started < 2.5
+        assert isinstance(local.failing, TimeoutError)
 
 
 # ------------------------------------------------------------------ holding it
@@ -341,14 +355,18 @@ def test_no_save_while_the_store_stops_answering_for_half_a_term_and_saves_again
         assert lease.check(last_step=5)
 
 
-def test_no_save_while_the_lease_cannot_be_read(tmp_path, monkeypatch):
+def test_no_save_once_the_lease_went_unread_for_half_a_term(tmp_path, monkeypatch):
     """The driver's mount of a shared folder broken while rank 0's is fine: the driver cannot see a
-    takeover, so it must not let rank 0 save."""
-    with held(Lease(str(tmp_path), CFG, term_s=60)) as lease:
+    takeover, so it must not let rank 0 save. One failed read (a slow answer) holds nothing back."""
+    clock = Clock()
+    with held(Lease(str(tmp_path), CFG, term_s=60, clock=clock)) as lease:
         def broken_mount(url, cfg):
             raise OSError(errno.EIO, "Input/output error")
 
         monkeypatch.setattr(storage, "read_json", broken_mount)
+        clock.now += 10
+        assert lease.check(last_step=5)  # found ours 10 s ago
+        clock.now += 25
         assert not lease.check(last_step=5)
 
 

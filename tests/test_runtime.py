@@ -312,6 +312,32 @@ def test_a_shard_deleted_between_a_checkpoint_and_a_resume_is_retired_and_the_re
     assert pass_counts(trained, 1) == {k: 1 for k in remaining}
 
 
+def test_the_checkpoint_writer_commits_nothing_into_a_folder_another_run_took_over(tmp_path, caplog):
+    """Rank 0 reads the lease itself before it moves latest.json: a save under way when the folder is
+    taken over (a long upload, a stalled driver) must not move the new holder's latest.json or prune
+    its steps. The driver is made blind to the takeover here, so only rank 0's check stands."""
+    shards, _ = shards_on_disk(tmp_path / "shards", [32, 32])
+    ckpt_dir = tmp_path / "ckpt"
+    cfg = tiny_config({"data": {"shards": shards}, "train": {"image_budget": 48},
+                       "checkpoint": {"dir": str(ckpt_dir), "every_steps": 2}})
+    taken_at: list[int] = []
+    caplog.set_level(logging.INFO, logger="stream_swav")
+
+    def take_over_unseen(trainer: WatchedTrainer) -> None:
+        if trainer.last_checkpoint_step > 0 and not taken_at:
+            taken_at.append(trainer.last_checkpoint_step)
+            trainer.lease.check = lambda last_step: True
+            trainer.lease.raise_if_lost = lambda last_step: None
+            successor = Holder(run="successor", host="another-host", boot="b", pid=7, pid_ticks=1)
+            (ckpt_dir / LEASE_FILE).write_bytes(successor.to_json())
+
+    run_to_end(cfg, tmp_path / "run.jsonl", after_chunk=take_over_unseen, expect=driver.EXIT_FINAL_CHECKPOINT_FAILED)
+    assert taken_at
+    assert ckpt.read_latest(str(ckpt_dir), StorageConfig())["step"] == taken_at[0]
+    assert max(ckpt.list_step_dirs(str(ckpt_dir), StorageConfig())) == taken_at[0]
+    assert "holds " + str(ckpt_dir) + " now; this run's checkpoint is not made the latest there" in caplog.text
+
+
 def test_a_shard_found_gone_by_its_reader_is_retired_once_and_the_rest_trained_each_pass(tmp_path, caplog):
     """A listed shard that is not there (deleted after the listing, or a list line naming nothing)
     failed in every pass for ever without follow mode, each time an ERROR and a shard-read-error."""

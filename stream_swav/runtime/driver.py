@@ -523,7 +523,10 @@ class Trainer:
         self.last_checkpoint_step = self.step
         self.policy.mark(self.step, time.time())
         self.observer.on_resume(point, self.step, self.images_seen)
-        if point.skipped and (self.lease is None or self.lease.check(self.last_checkpoint_step)):
+        if point.skipped and self.lease is not None and not self.lease.check(self.last_checkpoint_step):
+            log.warning("latest.json not pointed at %s: this run's lease could not be confirmed (storage out of "
+                        "reach); the next save moves it", point.url)
+        elif point.skipped:
             try:
                 ckpt.repoint_latest(self.cfg.checkpoint.dir, point, self.cfg.storage)
             except OSError as err:
@@ -673,13 +676,15 @@ class Trainer:
         """Save through rank 0; False when the save failed (the previous checkpoint stays the latest)."""
         if self.step == 0:
             return True
+        if self.step == self.last_checkpoint_step:
+            if self.lease is not None:  # mark_final moves only a latest.json naming this step
+                self.lease.raise_if_lost(self.last_checkpoint_step)
+            return not final or self.mark_final()
         if self.lease is not None and not self.lease.check(self.last_checkpoint_step):
-            self.observer.on_checkpoint_failed(self.step, "this run's lease on checkpoint.dir could not be renewed "
-                                                          "for half of checkpoint.lease_s")
+            self.observer.on_checkpoint_failed(self.step, "this run's lease on checkpoint.dir could not be confirmed "
+                                                          "within half of checkpoint.lease_s (storage out of reach)")
             self.policy.mark(self.step, time.time())
             return False
-        if self.step == self.last_checkpoint_step:
-            return not final or self.mark_final()
         started = time.time()
         last = self.last_summary
         figures = {"loss": last.loss, "lr": last.lr, "feature_spread": last.feature_spread,

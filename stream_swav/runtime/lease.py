@@ -113,7 +113,8 @@ def boot_clock() -> float:
 
 def standing(holder: Holder, me: Holder, running: Callable[[int, int], bool] = alive) -> str:
     """What a lease's holder is to `me`: "ours"; "free" (given up, or its process of this machine
-    is gone, or it is an earlier run of this very process, as in a notebook or a test); "live" (a
+    is gone, or it is another run of this very process: an earlier one, as in a notebook or a test,
+    or one running beside it there, which this one takes the lease from); "live" (a
     process of this machine that runs); "unknown" (another machine's or container's, or one whose
     liveness this machine cannot read)."""
     if holder.run == me.run:
@@ -135,14 +136,19 @@ class Lease:
                  clock: Callable[[], float] = boot_clock) -> None:
         self.dir_url = dir_url
         self.url = storage.join_url(dir_url, LEASE_FILE)
-        # A renewal that hangs on the store's retries would land after another run took the lease.
+        # A renewal that hangs (on the store's retries, on a dead mount) would land after another run
+        # took the lease: each read or write is given up after term_s / 8 (S3's own timeouts a
+        # sixteenth each, no retries; a local or shared filesystem's call is waited for in a thread).
+        self.io_timeout_s = term_s / 8
         self.storage_cfg = dataclasses.replace(storage_cfg, retries=0,
-                                               connect_timeout_s=min(storage_cfg.connect_timeout_s, term_s / 8),
-                                               read_timeout_s=min(storage_cfg.read_timeout_s, term_s / 8))
+                                               connect_timeout_s=min(storage_cfg.connect_timeout_s, term_s / 16),
+                                               read_timeout_s=min(storage_cfg.read_timeout_s, term_s / 16))
         self.term_s = term_s
         self.me = this_process(run or uuid.uuid4().hex[:12])
         self.clock = clock
         self.renewed_at = 0.0
+        # When a read last found the lease this run's: a save needs that to be under half a term old.
+        self.confirmed_at = 0.0
         # The holder that took the lease over from this run, once found.
         self.lost_to: Holder | None = None
         # The holder this run took the lease over from: its release landing late is not a takeover.
@@ -154,11 +160,31 @@ class Lease:
         self._thread: threading.Thread | None = None
 
     # ---------------------------------------------------------------- storage
+    def _bounded(self, call: Callable[[], Any]) -> Any:
+        """`call()`'s result, or TimeoutError after io_timeout_s. The call may still finish later, in
+        a daemon thread that neither holds the lock nor keeps the process from exiting."""
+        outcome: dict[str, Any] = {}
+
+        def run() -> None:
+            try:
+                outcome["value"] = call()
+            except BaseException as err:  # noqa: BLE001 - handed to the caller
+                outcome["error"] = err
+
+        worker = threading.Thread(target=run, name="lease-io", daemon=True)
+        worker.start()
+        worker.join(self.io_timeout_s)
+        if worker.is_alive():
+            raise TimeoutError(f"no answer within {self.io_timeout_s:g}s")
+        if "error" in outcome:
+            raise outcome["error"]
+        return outcome.get("value")
+
     def read(self) -> Holder | None:
         """The recorded holder; None when there is none, or the file is not a lease record (no run
         can be named as holding it, so it is taken, with a warning)."""
         try:
-            data = storage.read_json(self.url, self.storage_cfg)
+            data = self._bounded(lambda: storage.read_json(self.url, self.storage_cfg))
         except ValueError as err:
             log.warning("%s is not a lease record (%s); taking it over", self.url, err)
             return None
@@ -171,11 +197,13 @@ class Lease:
             return None
 
     def _write(self, holder: Holder) -> None:
-        storage.write_bytes_atomic(self.url, holder.to_json(), self.storage_cfg)
+        data = holder.to_json()
+        self._bounded(lambda: storage.write_bytes_atomic(self.url, data, self.storage_cfg))
 
     def _unusable(self, doing: str, err: BaseException) -> UsageError:
         what = ("check that the storage answers" if storage.is_unavailable(err)
-                else f"make {self.url} a writable file or remove it (free space there if the disk is full)")
+                else f"check that {self.dir_url} is reachable and writable, with space free, and that {self.url} "
+                     f"is a file or absent")
         return UsageError(f"checkpoint.dir: cannot {doing} its lease {self.url} ({err}); {what}")
 
     # ---------------------------------------------------------------- taking it
@@ -201,7 +229,9 @@ class Lease:
                     doing = "write"
                     self._write(self.me)
                     taken = self.read()
-                    if taken is not None and taken.run != self.me.run:  # another run wrote in between
+                    if taken is not None and taken.run != self.me.run:
+                        if taken.released:  # the displaced run's release landed over this run's write
+                            continue
                         raise self._held(taken, "it took the lease while this run took it")
                     break
             except storage.TRANSIENT_ERRORS as err:
@@ -230,14 +260,15 @@ class Lease:
                 raise self._held(holder, "renewed while this run waited, so it is live")
             if stop.wait(poll_s):
                 return False
-        self.renewed_at = self.clock()
+        self.renewed_at = self.confirmed_at = self.clock()
         self._thread = threading.Thread(target=self._renew_until_done, name="lease-renewal", daemon=True)
         self._thread.start()
         return True
 
     def _held(self, holder: Holder, how: str) -> LeaseHeld:
         return LeaseHeld(f"checkpoint.dir: {self.dir_url} is in use by another run, {holder.describe()} ({how}); "
-                         f"stop that run, or give this one another checkpoint.dir")
+                         f"stop that run (if it hangs, kill it, or remove {self.url} once it is surely gone), or "
+                         f"give this one another checkpoint.dir")
 
     # ---------------------------------------------------------------- holding it
     def _renew_until_done(self) -> None:
@@ -268,6 +299,7 @@ class Lease:
                 self.lost_to = holder
                 log.error("%s took over the lease on %s from this run", holder.describe(), self.url)
                 return False
+        self.confirmed_at = self.clock()
         try:
             self.me = dataclasses.replace(self.me, renewals=self.me.renewals + 1)
             self._write(self.me)
@@ -287,16 +319,19 @@ class Lease:
         self.failing = err
 
     def check(self, last_step: int) -> bool:
-        """Before writing into the folder, a renewal, then: True when it read the lease as this
-        run's and, if the store stopped answering its writes, the last renewal is under half a term
-        old (another run could take the lease half a term later); False otherwise (the write should
-        wait); LeaseLost (one line) once another run holds it. A write that failed otherwise (a full
-        disk, which the save's retention may mend) does not hold a save back."""
+        """Before writing into the folder, a renewal, then: True while a read found the lease this
+        run's under half a term ago and, if the store has stopped answering the renewals' writes,
+        the last renewal is under half a term old too (another run could take the lease half a term
+        later); False otherwise (the write should wait); LeaseLost (one line) once another run holds
+        it. A renewal's write that failed otherwise (a full disk, which the save's retention may
+        mend) does not hold a save back."""
         with self._lock:
-            read_ours = self._renew()
+            self._renew()
         self.raise_if_lost(last_step)
+        now = self.clock()
         unreachable = self.failing is not None and storage.is_unavailable(self.failing)
-        return read_ours and (not unreachable or self.clock() - self.renewed_at < self.term_s / 2)
+        half = self.term_s / 2
+        return now - self.confirmed_at < half and (not unreachable or now - self.renewed_at < half)
 
     def raise_if_lost(self, last_step: int) -> None:
         """LeaseLost (one line) once a renewal found another run holding the lease."""
@@ -310,7 +345,7 @@ class Lease:
         """Stop renewing and, if the lease is still this run's, record it as given up."""
         self._done.set()
         if self._thread is not None:
-            self._thread.join(timeout=30)
+            self._thread.join(timeout=self.term_s)
         with self._lock:
             if self._thread is None or self.lost_to is not None:
                 return
@@ -328,10 +363,10 @@ def confirm_holder(dir_url: str, run: str, storage_cfg: StorageConfig) -> None:
     LeaseLost when another run's lease is in the folder, so that a save that outlasted this run's
     lease (a long upload, a stalled driver) does not move the other run's latest.json or delete
     its steps. A folder without a lease (none taken, or removed by hand) is no other run's."""
-    data = storage.read_json(storage.join_url(dir_url, LEASE_FILE), storage_cfg)
     try:
+        data = storage.read_json(storage.join_url(dir_url, LEASE_FILE), storage_cfg)
         holder = Holder.from_json(data) if data is not None else None
-    except ValueError:
+    except ValueError:  # no lease record: no run can be named as holding the folder
         holder = None
     if holder is not None and holder.run != run:
         raise LeaseLost(f"checkpoint.dir: {holder.describe()} holds {dir_url} now; this run's checkpoint is "

@@ -13,9 +13,11 @@ import time
 from collections.abc import Iterator
 
 import pytest
+from runtime_helpers import tiny_config
 
 from stream_swav import storage
 from stream_swav.config import StorageConfig, UsageError
+from stream_swav.runtime.driver import Trainer
 from stream_swav.runtime.lease import (LEASE_FILE, Holder, Lease, LeaseHeld, LeaseLost, confirm_holder, standing,
                                        this_process)
 from stream_swav.runtime.private_ray import start_ticks
@@ -404,3 +406,15 @@ def test_the_lease_works_on_s3(s3_bucket, sleeper):
         lease.renew()
         assert Holder.from_json(storage.read_json(url, cfg)).renewals == 1
     assert Holder.from_json(storage.read_json(url, cfg)).released
+
+
+def test_a_recovery_after_the_lease_was_lost_stops_instead_of_restarting_the_learners(tmp_path):
+    """A learner failure found after a takeover would restart every actor from the new holder's
+    checkpoint (minutes on a large cluster) and could point its latest.json back."""
+    trainer = Trainer(tiny_config({"data": {"shards": str(tmp_path)}, "checkpoint": {"dir": str(tmp_path)}}))
+    trainer.lease = Lease(str(tmp_path), CFG, term_s=60)
+    trainer.lease.lost_to = other_machine("successor")
+    trainer.last_checkpoint_step = 12
+    with pytest.raises(LeaseLost, match="the last checkpoint it saved is step 12$"):
+        trainer.recover()
+    assert trainer.restarts == 0

@@ -298,6 +298,10 @@ def test_lease_io_waits_at_most_an_eighth_of_a_term_without_retries(tmp_path, mo
         assert local.check(last_step=0)  # renewed and read just now: the hung write holds nothing back
         assert time.monotonic() - started < 2.5
         assert isinstance(local.failing, TimeoutError)
+        # While the hung call has not returned, no second one is started beside it.
+        threads = threading.active_count()
+        local.renew()
+        assert threading.active_count() == threads and "has not returned" in str(local.failing)
 
 
 # ------------------------------------------------------------------ holding it

@@ -158,11 +158,16 @@ class Lease:
         self._lock = threading.Lock()
         self._done = threading.Event()
         self._thread: threading.Thread | None = None
+        # A lease call given up on that has not returned yet.
+        self._stuck: threading.Thread | None = None
 
     # ---------------------------------------------------------------- storage
     def _bounded(self, call: Callable[[], Any]) -> Any:
         """`call()`'s result, or TimeoutError after io_timeout_s. The call may still finish later, in
-        a daemon thread that neither holds the lock nor keeps the process from exiting."""
+        a daemon thread that neither holds the lock nor keeps the process from exiting; while it has
+        not, later calls fail at once (on a hung mount, one stuck thread, not one per renewal)."""
+        if self._stuck is not None and self._stuck.is_alive():
+            raise TimeoutError(f"an earlier call on {self.url} has not returned")
         outcome: dict[str, Any] = {}
 
         def run() -> None:
@@ -175,6 +180,7 @@ class Lease:
         worker.start()
         worker.join(self.io_timeout_s)
         if worker.is_alive():
+            self._stuck = worker
             raise TimeoutError(f"no answer within {self.io_timeout_s:g}s")
         if "error" in outcome:
             raise outcome["error"]

@@ -245,7 +245,7 @@ def test_a_store_that_never_answers_is_refused_in_one_line(tmp_path, monkeypatch
     def unreachable(url, cfg):
         raise ConnectionError("connection refused")
 
-    monkeypatch.setattr(storage, "read_json", unreachable)
+    monkeypatch.setattr(storage, "read_bytes", unreachable)
     clock, stop = Clock(), threading.Event()
     clock_moved_by_waits(monkeypatch, stop, clock, 4.0)
     with pytest.raises(UsageError, match=r"^checkpoint.dir: cannot read its lease .*connection refused.*storage "
@@ -366,10 +366,11 @@ def test_no_save_once_the_lease_went_unread_for_half_a_term(tmp_path, monkeypatc
     takeover, so it must not let rank 0 save. One failed read (a slow answer) holds nothing back."""
     clock = Clock()
     with held(Lease(str(tmp_path), CFG, term_s=60, clock=clock)) as lease:
-        def broken_mount(url, cfg):
-            raise OSError(errno.EIO, "Input/output error")
+        def broken_mount(url, cfg):  # a FUSE mount gone: reads fail, and "exists" would say False
+            raise OSError(errno.ENOTCONN, "Transport endpoint is not connected")
 
-        monkeypatch.setattr(storage, "read_json", broken_mount)
+        monkeypatch.setattr(storage, "read_bytes", broken_mount)
+        monkeypatch.setattr(storage, "exists", lambda url, cfg: False)
         clock.now += 10
         assert lease.check(last_step=5)  # found ours 10 s ago
         clock.now += 25

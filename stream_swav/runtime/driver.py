@@ -649,11 +649,14 @@ class Trainer:
         return int(min(steps, 2**31 - 1)), seconds
 
     def record(self, progress: Progress) -> None:
-        """What was trained into the stream ledger. A shard a reader found gone (shard-gone) is
-        retired once the store confirms it (one lookup), so that no later pass sends a reader to it;
-        listed again (a followed listing), it comes back."""
+        """What was trained into the stream ledger. Following the listing, a shard a reader found
+        gone (shard-gone) is retired once the store confirms it (one lookup), so that no later pass
+        sends a reader to it; the next listing that names it brings it back. Without follow mode
+        nothing would bring back a shard missing only for a while (a mount that dropped out, a
+        shard deleted and uploaded again): it stays, failing once per pass, until a resume's
+        listing and lookup retire it."""
         self.ledger.record(progress)
-        if progress.gone:
+        if progress.gone and self.cfg.data.follow:
             cursor = self.ledger.cursor
             retired = cursor.retire(self.source.gone(sorted({cursor.url(n) for _, n in progress.gone})))
             if retired:

@@ -190,15 +190,14 @@ class Lease:
         """The recorded holder; None when there is none, or the file is not a lease record (no run
         can be named as holding it, so it is taken, with a warning)."""
         try:
-            data = self._bounded(lambda: storage.read_json(self.url, self.storage_cfg))
-        except ValueError as err:
-            log.warning("%s is not a lease record (%s); taking it over", self.url, err)
-            return None
-        if data is None:
+            # Read, not looked up first: a filesystem's "exists" answers False for a mount that
+            # dropped out, which must not pass for "no lease".
+            raw = self._bounded(lambda: storage.read_bytes(self.url, self.storage_cfg))
+        except FileNotFoundError:
             return None
         try:
-            return Holder.from_json(data)
-        except ValueError as err:
+            return Holder.from_json(json.loads(raw))
+        except (ValueError, RecursionError) as err:  # JSONDecodeError and UnicodeDecodeError too
             log.warning("%s is not a lease record (%s); taking it over", self.url, err)
             return None
 
@@ -305,7 +304,8 @@ class Lease:
                 self.lost_to = holder
                 log.error("%s took over the lease on %s from this run", holder.describe(), self.url)
                 return False
-        self.confirmed_at = self.clock()
+        if holder is not None and holder.run == self.me.run:
+            self.confirmed_at = self.clock()
         try:
             self.me = dataclasses.replace(self.me, renewals=self.me.renewals + 1)
             self._write(self.me)

@@ -248,8 +248,13 @@ def read_json(url: str, cfg: StorageConfig) -> Any:
     is not valid JSON (a damaged file must not pass for a missing one)."""
     if not exists(url, cfg):
         return None
+    return parse_json(read_bytes(url, cfg), url)
+
+
+def parse_json(data: bytes, url: str) -> Any:
+    """The JSON document in `data` (read from `url`); ValueError naming the URL when it is not one."""
     try:
-        return json.loads(read_bytes(url, cfg))
+        return json.loads(data)
     except (UnicodeDecodeError, json.JSONDecodeError) as error:
         raise ValueError(f"{url}: not valid JSON: {error}") from error
     except RecursionError:  # nested deeper than the parser goes: no document of ours

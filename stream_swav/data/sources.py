@@ -96,7 +96,7 @@ class ShardSource:
             fs.info(path)
         except FileNotFoundError:
             return True
-        except (*TRANSIENT_ERRORS, OSError, ValueError):
+        except (*TRANSIENT_ERRORS, ValueError):  # TRANSIENT_ERRORS holds OSError: PermissionError too
             return False
         return False
 

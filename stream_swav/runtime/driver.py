@@ -516,9 +516,7 @@ class Trainer:
             # Those it knows that are gone (bucket retention) are retired, where no later listing will
             # confirm it: each one looked up, so that a listing that came back short (a list file
             # caught half written) cuts nothing that exists. A lookup that fails counts as there.
-            retired = self.ledger.cursor.retire(self.source.gone(self.ledger.unlisted(shards)))
-            if retired:
-                log_retired(retired)
+            self.retire_gone(self.ledger.unlisted(shards))
         self.last_relist = time.monotonic()  # the next listing, a follow interval from this one
         self.last_checkpoint_step = self.step
         self.policy.mark(self.step, time.time())
@@ -657,10 +655,13 @@ class Trainer:
         listing and lookup retire it."""
         self.ledger.record(progress)
         if progress.gone and self.cfg.data.follow:
-            cursor = self.ledger.cursor
-            retired = cursor.retire(self.source.gone(sorted({cursor.url(n) for _, n in progress.gone})))
-            if retired:
-                log_retired(retired)
+            self.retire_gone(sorted({self.ledger.cursor.url(n) for _, n in progress.gone}))
+
+    def retire_gone(self, urls: list[str]) -> None:
+        """Retire those of `urls` the store says are not there, and log them."""
+        retired = self.ledger.cursor.retire(self.source.gone(urls))
+        if retired:
+            log_retired(retired)
 
     def follow_new_shards(self) -> None:
         if not self.cfg.data.follow or time.monotonic() - self.last_relist < self.cfg.data.relist_interval_s:

@@ -16,11 +16,11 @@ Who holds a lease is judged without comparing clocks across machines:
   `lease_s` on this machine's clock: renewed meanwhile, it is held; unrenewed, its holder is taken
   to be gone and the lease is taken over.
 
-A run that cannot write its lease when it starts is refused. A holder saves only when the renewal
-just before the save read the file as its own, and, if the store has stopped answering its writes,
-while its last renewal is under half a term old; a renewal that fails otherwise (a full disk, which
-the save's retention mends) holds nothing back. Lease reads and writes wait at most `lease_s / 8`
-each, without retries (the next renewal is the retry). A holder that finds another run's lease in
+A run that cannot write its lease when it starts is refused. A holder saves only while a read
+found the file its own under half a term ago, and, if the store has stopped answering the renewals'
+writes, while its last renewal is under half a term old too; a renewal whose write fails otherwise
+(a full disk, which the save's retention mends) holds nothing back. Lease reads and writes are given
+up after `lease_s / 8` each, without retries (the next renewal is the retry). A holder that finds another run's lease in
 the file stops without saving. Nothing makes the write of a lease exclusive (S3 has no portable
 create-if-absent, and a shared filesystem is not trusted with one), so two runs starting within one
 read of each other can both take the lease; the one whose write landed first finds the other's at
@@ -94,6 +94,17 @@ class Holder:
 
     def describe(self) -> str:
         return f"run {self.run} (pid {self.pid} on {self.host})"
+
+
+def read_holder(url: str, storage_cfg: StorageConfig) -> Holder | None:
+    """The holder the lease file at `url` records; None when there is no file; ValueError when it
+    is no lease record. Read, not looked up first: a filesystem's "exists" answers False for a mount
+    that dropped out, which must not pass for "no lease"."""
+    try:
+        raw = storage.read_bytes(url, storage_cfg)
+    except FileNotFoundError:
+        return None
+    return Holder.from_json(storage.parse_json(raw, url))
 
 
 def this_process(run: str) -> Holder:
@@ -190,14 +201,8 @@ class Lease:
         """The recorded holder; None when there is none, or the file is not a lease record (no run
         can be named as holding it, so it is taken, with a warning)."""
         try:
-            # Read, not looked up first: a filesystem's "exists" answers False for a mount that
-            # dropped out, which must not pass for "no lease".
-            raw = self._bounded(lambda: storage.read_bytes(self.url, self.storage_cfg))
-        except FileNotFoundError:
-            return None
-        try:
-            return Holder.from_json(json.loads(raw))
-        except (ValueError, RecursionError) as err:  # JSONDecodeError and UnicodeDecodeError too
+            return self._bounded(lambda: read_holder(self.url, self.storage_cfg))
+        except ValueError as err:
             log.warning("%s is not a lease record (%s); taking it over", self.url, err)
             return None
 
@@ -289,34 +294,31 @@ class Lease:
         with self._lock:
             self._renew()
 
-    def _renew(self) -> bool:
-        """A renewal; whether its read found the lease this run's (written since, or not)."""
+    def _renew(self) -> None:
         if self.lost_to is not None or self._done.is_set():
-            return False
+            return
         try:
             holder = self.read()
         except storage.TRANSIENT_ERRORS as err:
             self._failed(err)
-            return False
-        if holder is not None and holder.run != self.me.run:
-            late_release = holder.released and self.displaced is not None and holder.run == self.displaced.run
-            if not late_release:
-                self.lost_to = holder
-                log.error("%s took over the lease on %s from this run", holder.describe(), self.url)
-                return False
+            return
         if holder is not None and holder.run == self.me.run:
             self.confirmed_at = self.clock()
+        elif holder is not None and not (holder.released and self.displaced is not None
+                                         and holder.run == self.displaced.run):  # a late release is no takeover
+            self.lost_to = holder
+            log.error("%s took over the lease on %s from this run", holder.describe(), self.url)
+            return
         try:
             self.me = dataclasses.replace(self.me, renewals=self.me.renewals + 1)
             self._write(self.me)
         except storage.TRANSIENT_ERRORS as err:
             self._failed(err)
-            return True
+            return
         if self.failing is not None:
             log.info("the lease on %s is renewed again", self.url)
         self.failing = None
         self.renewed_at = self.clock()
-        return True
 
     def _failed(self, err: BaseException) -> None:
         if self.failing is None:
@@ -370,8 +372,7 @@ def confirm_holder(dir_url: str, run: str, storage_cfg: StorageConfig) -> None:
     lease (a long upload, a stalled driver) does not move the other run's latest.json or delete
     its steps. A folder without a lease (none taken, or removed by hand) is no other run's."""
     try:
-        data = storage.read_json(storage.join_url(dir_url, LEASE_FILE), storage_cfg)
-        holder = Holder.from_json(data) if data is not None else None
+        holder = read_holder(storage.join_url(dir_url, LEASE_FILE), storage_cfg)
     except ValueError:  # no lease record: no run can be named as holding the folder
         holder = None
     if holder is not None and holder.run != run:

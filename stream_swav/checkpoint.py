@@ -324,14 +324,18 @@ def prune_checkpoints(dir_url: str, storage_cfg: StorageConfig, *, keep_last: in
     return deleted
 
 
-def mark_final(dir_url: str, step: int, storage_cfg: StorageConfig) -> bool:
+def mark_final(dir_url: str, step: int, storage_cfg: StorageConfig,
+               before_commit: Callable[[], None] | None = None) -> bool:
     """Record that the checkpoint at `step`, already the latest, is the run's final one (a stop
     that lands right after a periodic save has nothing new to write). False when latest.json
-    names another step."""
+    names another step. `before_commit` is called before anything is written (as by
+    `save_checkpoint`): whatever it raises leaves the folder as it was."""
     latest = read_latest(dir_url, storage_cfg)
     if latest is None or latest["step"] != step:
         return False
     if latest.get("final") is not True:
+        if before_commit is not None:
+            before_commit()
         record_bytes = (json.dumps({**latest, "final": True}, indent=2, allow_nan=False) + "\n").encode()
         storage.write_bytes_atomic(join_url(dir_url, step_dir_name(step), META), record_bytes, storage_cfg)
         storage.write_bytes_atomic(join_url(dir_url, LATEST), record_bytes, storage_cfg)

@@ -153,6 +153,15 @@ def test_a_stop_right_after_a_periodic_save_marks_that_checkpoint_final(tmp_path
     save(tmp_path, 200)
     assert not mark_final(str(tmp_path), 100, STORAGE)  # not the latest: nothing is rewritten
     assert read_latest(str(tmp_path), STORAGE).get("final") is None
+    before = (tmp_path / "latest.json").read_bytes()
+
+    def taken_over() -> None:
+        raise ValueError("another run holds the folder now")
+
+    with pytest.raises(ValueError, match="another run holds the folder now"):
+        mark_final(str(tmp_path), 200, STORAGE, before_commit=taken_over)
+    assert (tmp_path / "latest.json").read_bytes() == before
+    assert json.loads((tmp_path / "step-000000200" / "meta.json").read_text()).get("final") is not True
     assert mark_final(str(tmp_path), 200, STORAGE)
     latest = read_latest(str(tmp_path), STORAGE)
     assert latest["final"] is True and latest["step"] == 200 and latest["metrics"]["loss"] == 7.9

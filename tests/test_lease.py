@@ -13,9 +13,11 @@ import time
 from collections.abc import Iterator
 
 import pytest
+import torch
 from runtime_helpers import tiny_config
 
 from stream_swav import storage
+from stream_swav.checkpoint import read_latest, save_checkpoint
 from stream_swav.config import StorageConfig, UsageError
 from stream_swav.runtime.driver import Trainer
 from stream_swav.runtime.lease import (LEASE_FILE, Holder, Lease, LeaseHeld, LeaseLost, confirm_holder, standing,
@@ -423,3 +425,20 @@ def test_a_recovery_after_the_lease_was_lost_stops_instead_of_restarting_the_lea
     with pytest.raises(LeaseLost, match="the last checkpoint it saved is step 12$"):
         trainer.recover()
     assert trainer.restarts == 0
+
+
+def test_a_final_stop_at_a_saved_step_does_not_mark_a_successors_latest_final(tmp_path):
+    """A successor that took the folder over and resumed from the step this run last saved has a
+    latest.json naming that step too; the stop's "mark it final" is not this run's to write."""
+    state = {"model": {"w": torch.zeros(2)}}
+    save_checkpoint(str(tmp_path), 12, 96, state, {"w": torch.zeros(2)}, {"arch": "resnet18", "small_stem": True}, CFG)
+    trainer = Trainer(tiny_config({"data": {"shards": str(tmp_path)}, "checkpoint": {"dir": str(tmp_path)}}))
+    trainer.lease = Lease(str(tmp_path), CFG, term_s=60)
+    trainer.step = trainer.last_checkpoint_step = 12
+    record(tmp_path, other_machine("successor"))
+    with pytest.raises(LeaseLost, match=r"run successor \(pid 4242 on another-host\) holds .* now"):
+        trainer.checkpoint(final=True)
+    assert read_latest(str(tmp_path), CFG).get("final") is not True
+    record(tmp_path, dataclasses.replace(other_machine("successor"), run=trainer.lease.me.run))
+    assert trainer.checkpoint(final=True)  # the folder is this run's: marked
+    assert read_latest(str(tmp_path), CFG)["final"] is True

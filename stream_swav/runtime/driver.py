@@ -81,7 +81,7 @@ from stream_swav.runtime.cluster import StartupError, init_ray, plan_cluster, sh
 from stream_swav.runtime.decode_pool import DecodePool
 from stream_swav.runtime.learner_group import (POLL_S, CheckpointRejected, Joiner, LearnerFailure, LearnerGroup,
                                                 LearnersLost, Stopped, first_line, kill_quietly, unanswered)
-from stream_swav.runtime.lease import Lease
+from stream_swav.runtime.lease import Lease, LeaseLost, confirm_holder
 from stream_swav.runtime.ledger import StreamLedger
 from stream_swav.runtime.metrics import Metrics
 from stream_swav.runtime.observers import RunObserver
@@ -681,7 +681,7 @@ class Trainer:
         if self.step == 0:
             return True
         if self.step == self.last_checkpoint_step:
-            if self.lease is not None:  # mark_final moves only a latest.json naming this step
+            if self.lease is not None:
                 self.lease.raise_if_lost(self.last_checkpoint_step)
             return not final or self.mark_final()
         if self.lease is not None and not self.lease.check(self.last_checkpoint_step):
@@ -750,9 +750,16 @@ class Trainer:
         return self.seen.state_dict() if self.seen is not None and len(self.seen) else None
 
     def mark_final(self) -> bool:
+        # A successor that took the folder over and resumed from this very step has a latest.json
+        # naming it too: the lease file, read just before the write, says whose it is.
+        lease = self.lease
+        before_commit = ((lambda: confirm_holder(self.cfg.checkpoint.dir, lease.me.run, self.cfg.storage))
+                         if lease is not None else None)
         try:
-            if ckpt.mark_final(self.cfg.checkpoint.dir, self.step, self.cfg.storage):
+            if ckpt.mark_final(self.cfg.checkpoint.dir, self.step, self.cfg.storage, before_commit):
                 return True
+        except LeaseLost:
+            raise  # the run stops in one line, as when a save finds the lease lost
         except (OSError, ValueError) as err:
             log.error("could not mark checkpoint step %d as final: %s", self.step, first_line(err))
             return False

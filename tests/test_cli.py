@@ -188,8 +188,12 @@ def test_demo_refuses_its_mistakes_before_writing_any_shard(tmp_path, capsys):
     assert not out.exists()
 
 
-def test_a_metrics_address_that_is_not_this_machines_is_blamed_on_the_host(tmp_path, capsys):
+def test_a_metrics_address_that_is_not_this_machines_is_blamed_on_the_host(tmp_path, capsys, monkeypatch):
     """It was blamed on metrics.port ("choose another port"), whatever the port."""
+    from stream_swav.runtime import driver
+    # The refusal comes before any actor starts: the private Ray `train` would start first (and stop
+    # again) is nothing this test checks, and costs it most of its time.
+    monkeypatch.setattr(driver, "init_ray", lambda: "no Ray started for this test")
     (tmp_path / "shards").mkdir()
     (tmp_path / "shards" / "a.tar").write_bytes(tar_bytes(colour_samples(2)))
     config = write_config(tmp_path / "host.yaml", {"data": {"shards": str(tmp_path / "shards")},

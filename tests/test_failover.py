@@ -2,8 +2,10 @@
 resources, a stop while waiting for them.
 
 The tests share one cluster made with `ray.cluster_utils.Cluster` (raylets with their own object
-stores on this machine, as Ray's own tests do): each starts from its head alone with every CPU
-free, adds the nodes it needs (they are removed after it), and trains the tiny CPU configuration.
+stores on this machine, as Ray's own tests do): each starts from its head alone, or from its head and
+one worker node (`worker_node`), with every CPU free, and trains the tiny CPU configuration. A worker
+node is kept for the next test that wants one (tests that want one are placed together), since
+starting a raylet and seeing it go costs seconds of both cores; a test may remove it.
 Which samples were trained comes from the RecordingLearner's log, written inside the learners,
 so work done by a learner that is killed afterwards is counted too.
 """
@@ -33,10 +35,11 @@ FAST_FAILURE_DETECTION = {"health_check_failure_threshold": 3, "health_check_per
 
 
 HEAD_CPUS = 3
+WORKER_CPUS = 3
 
 
 @pytest.fixture(scope="module")
-def head_only_cluster():
+def module_cluster():
     """One cluster for the module (a cluster's start costs ~10 s on 2 cores); `cluster` resets it."""
     made = Cluster(initialize_head=True, connect=False,
                    head_node_args={"num_cpus": HEAD_CPUS, "include_dashboard": False,
@@ -48,24 +51,37 @@ def head_only_cluster():
 
 
 @pytest.fixture
-def cluster(head_only_cluster):
-    """The module's cluster as each test expects it: the head alone, all its CPUs free. Nodes the
-    test adds are removed afterwards, and the next test waits until Ray has seen them go and the
-    actors of the test before have released their CPUs."""
-    wait_for_head_only()
-    yield head_only_cluster
-    for node in list(head_only_cluster.worker_nodes):
-        head_only_cluster.remove_node(node)
+def cluster(module_cluster):
+    """The module's cluster as each test expects it: the head alone, all its CPUs free. A worker node
+    kept from a test before is removed, and the test waits until Ray has seen it go and the actors
+    of the test before have released their CPUs."""
+    for node in list(module_cluster.worker_nodes):
+        module_cluster.remove_node(node)
+    wait_for_free(nodes=1, cpus=HEAD_CPUS)
+    return module_cluster
 
 
-def wait_for_head_only(timeout_s: float = 60) -> None:
+@pytest.fixture
+def worker_node(module_cluster):
+    """A worker node of WORKER_CPUS beside the module's head, every CPU of both free: the one a test
+    before kept, else a new one. The test may remove it (`module_cluster.remove_node`)."""
+    if not module_cluster.worker_nodes:
+        module_cluster.add_node(num_cpus=WORKER_CPUS)
+        module_cluster.wait_for_nodes()
+    wait_for_free(nodes=2, cpus=HEAD_CPUS + WORKER_CPUS)
+    return next(iter(module_cluster.worker_nodes))
+
+
+def wait_for_free(nodes: int, cpus: int, timeout_s: float = 60) -> None:
+    """Until `nodes` nodes are alive with `cpus` CPUs in all, every one of them free."""
     deadline = time.monotonic() + timeout_s
     while True:
         alive = [node for node in ray.nodes() if node["Alive"]]
         free = ray.available_resources().get("CPU", 0)
-        if len(alive) == 1 and free == HEAD_CPUS and ray.cluster_resources().get("CPU") == HEAD_CPUS:
+        if len(alive) == nodes and free == cpus and ray.cluster_resources().get("CPU") == cpus:
             return
-        assert time.monotonic() < deadline, f"cluster not back to its head alone: {len(alive)} nodes, {free} CPUs free"
+        assert time.monotonic() < deadline, \
+            f"cluster not back to {nodes} node(s) and {cpus} free CPUs: {len(alive)} nodes, {free} CPUs free"
         time.sleep(0.2)
 
 
@@ -120,10 +136,24 @@ def test_a_learner_lost_while_the_run_starts_is_a_counted_failure_and_the_run_go
     assert collections.Counter(s.key for s in trainer.trained) == {key: 1 for key in keys}
 
 
-def test_learners_the_configuration_cannot_build_end_the_run_in_one_line_not_in_restarts(cluster, tmp_path):
+def test_a_spent_failure_budget_ends_the_run_with_one_clear_line(cluster, tmp_path, caplog):
+    folder, _ = shards(tmp_path / "shards", count=2)
+    cfg = tiny_config({"data": {"shards": folder},
+                       "checkpoint": {"dir": str(tmp_path / "ckpt"), "every_steps": 1},
+                       "train": {"max_failures": 1}})  # no budget: only the failures end it
+    caplog.set_level(logging.INFO, logger="stream_swav")
+    # Every learner dies after its first step.
+    trainer = WatchedTrainer(cfg, tmp_path / "trained.jsonl", dying={"die_after_step": 1})
+    assert driver.train(cfg, trainer) == driver.EXIT_FAILED
+    assert ray.is_initialized(), "train() disconnected from a Ray its caller had connected to"
+    final = [r for r in caplog.records if r.levelno >= logging.ERROR][-1].getMessage()
+    assert "learners failed 2 time(s), more than train.max_failures=1" in final
+    assert "\n" not in final and "the latest checkpoint is step" in final
+
+
+def test_learners_the_configuration_cannot_build_end_the_run_in_one_line_not_in_restarts(worker_node, tmp_path):
     """SyncBatchNorm asked of CPU learners raises as each learner builds its model: the run
     restarted the group until train.max_failures ran out (for ever with -1), then exited 1."""
-    cluster.add_node(num_cpus=3)
     folder, keys = shards(tmp_path / "shards")
     cfg = tiny_config({"data": {"shards": folder, "decode_actors": 2}, "model": {"sync_batchnorm": True},
                        "checkpoint": {"dir": str(tmp_path / "ckpt")},
@@ -138,8 +168,7 @@ def test_learners_the_configuration_cannot_build_end_the_run_in_one_line_not_in_
     assert trainer.restarts == 0
 
 
-def test_killing_one_of_two_learners_restarts_both_from_scratch_before_any_checkpoint(cluster, tmp_path, caplog):
-    cluster.add_node(num_cpus=3)
+def test_killing_one_of_two_learners_restarts_both_from_scratch_before_any_checkpoint(worker_node, tmp_path, caplog):
     folder, keys = shards(tmp_path / "shards")
     cfg = tiny_config({"data": {"shards": folder, "decode_actors": 2},
                        "checkpoint": {"dir": str(tmp_path / "ckpt"), "every_steps": 0},
@@ -156,35 +185,19 @@ def test_killing_one_of_two_learners_restarts_both_from_scratch_before_any_check
     assert {s.rank for s in final_run} == {0, 1}
 
 
-def test_a_spent_failure_budget_ends_the_run_with_one_clear_line(cluster, tmp_path, caplog):
-    folder, _ = shards(tmp_path / "shards", count=2)
-    cfg = tiny_config({"data": {"shards": folder},
-                       "checkpoint": {"dir": str(tmp_path / "ckpt"), "every_steps": 1},
-                       "train": {"max_failures": 1}})  # no budget: only the failures end it
-    caplog.set_level(logging.INFO, logger="stream_swav")
-    # Every learner dies after its first step.
-    trainer = WatchedTrainer(cfg, tmp_path / "trained.jsonl", dying={"die_after_step": 1})
-    assert driver.train(cfg, trainer) == driver.EXIT_FAILED
-    assert ray.is_initialized(), "train() disconnected from a Ray its caller had connected to"
-    final = [r for r in caplog.records if r.levelno >= logging.ERROR][-1].getMessage()
-    assert "learners failed 2 time(s), more than train.max_failures=1" in final
-    assert "\n" not in final and "the latest checkpoint is step" in final
-
-
 # ------------------------------------------------------------------------------------ node failure
 
 
-def test_a_run_survives_losing_a_node(cluster, tmp_path):
-    node = cluster.add_node(num_cpus=3)
-    cluster.wait_for_nodes()
+def test_a_run_survives_losing_a_node(module_cluster, worker_node, tmp_path):
     folder, keys = shards(tmp_path / "shards", count=6)
-    # A replacement that does not fit on the remaining node is given up after 10 s.
-    # The budget is a backstop: the run stops once pass 0 is complete. (With a budget of two passes,
-    # a run on a loaded machine once ended while a shard of pass 0 lost with the node was still
-    # being read again: readers left idle meanwhile read on into later passes, as they should.)
+    # A replacement that does not fit on the remaining node is given up after 10 s; the shards of
+    # pass 0 its slot held wait for it until then, while the other readers read on into later passes.
+    # The budget is a backstop: the run stops once pass 0 is complete. It must outlast that wait:
+    # with 6 passes, a quiet machine trained them all within the 10 s, and the run ended at its budget
+    # with pass 0 unfinished (a loaded one was slow enough to pass).
     cfg = tiny_config({"data": {"shards": folder, "decode_actors": 4, "inflight_batches_per_actor": 2},
                        "checkpoint": {"dir": str(tmp_path / "ckpt"), "every_steps": 2},
-                       "train": {"image_budget": 6 * len(keys), "startup_timeout_s": 10}})
+                       "train": {"image_budget": 40 * len(keys), "startup_timeout_s": 10}})
     removed: dict[str, object] = {}
 
     def remove_the_second_node_then_stop_after_pass_zero(trainer: WatchedTrainer) -> None:
@@ -194,7 +207,7 @@ def test_a_run_survives_losing_a_node(cluster, tmp_path):
             return
         nodes = {node_of(a) for a in [*trainer.group.actors, *trainer.pool.actors.values()]}
         removed.update(nodes=len(nodes), step=trainer.step)
-        cluster.remove_node(node)
+        module_cluster.remove_node(worker_node)
 
     trainer = run_to_end(cfg, tmp_path / "trained.jsonl", after_chunk=remove_the_second_node_then_stop_after_pass_zero)
 
@@ -327,7 +340,7 @@ def test_learners_that_cannot_be_placed_fail_within_the_timeout_naming_what_is_m
                                                                                         missing):
     folder, _ = shards(tmp_path / "shards", count=2)
     cfg = tiny_config({"data": {"shards": folder}, "checkpoint": {"dir": str(tmp_path / "ckpt")},
-                       "train": {**train, "startup_timeout_s": 3}})
+                       "train": {**train, "startup_timeout_s": 1}})
     trainer = WatchedTrainer(cfg, tmp_path / "trained.jsonl")
     started = time.monotonic()
     try:
@@ -401,8 +414,7 @@ def elastic_config(tmp_path, folder: str, every_steps: int = 0, **train) -> Conf
     ({"die_in_group_of": 2, "die_rank": 0}, [20, 36]),
 ], ids=["joiner-dies", "first-dies"])
 def test_an_elastic_group_goes_on_without_a_killed_learner_grows_back_and_trains_every_sample_once(
-        cluster, tmp_path, caplog, dying, grow_from_steps):
-    cluster.add_node(num_cpus=3)
+        worker_node, tmp_path, caplog, dying, grow_from_steps):
     folder, keys = shards(tmp_path / "shards", count=8, size=32)
     passes = 3
     cfg = elastic_config(tmp_path, folder, every_steps=4, learners=2, min_learners=1,
@@ -440,64 +452,8 @@ def test_an_elastic_group_goes_on_without_a_killed_learner_grows_back_and_trains
     assert trainer.stop_reason == "budget reached" and trainer.last_checkpoint_step == trainer.step
 
 
-def test_an_elastic_group_goes_on_at_the_smaller_size_when_a_learners_node_never_returns(cluster, tmp_path):
-    # Two CPUs per learner and one decode actor each: one learner per node, the third never fits.
-    node = cluster.add_node(num_cpus=3)
-    cluster.wait_for_nodes()
-    folder, keys = shards(tmp_path / "shards", count=8, size=32)
-    cfg = elastic_config(tmp_path, folder, learners=2, min_learners=1, cpus_per_learner=2, cpu_threads=1,
-                         image_budget=2 * len(keys), startup_timeout_s=10)
-    removed: dict[str, int] = {}
-
-    def remove_the_node_of_one_learner(trainer) -> None:
-        if removed:
-            return
-        if len(trainer.group.actors) < 2:
-            time.sleep(1.0)  # leave the joining learner time to start before the stream runs out
-            return
-        learner_nodes = {node_of(actor) for actor in trainer.group.actors}
-        assert len(learner_nodes) == 2
-        removed["step"] = trainer.step
-        cluster.remove_node(node)
-
-    trainer = run_to_end(cfg, tmp_path / "trained.jsonl", after_chunk=remove_the_node_of_one_learner)
-
-    assert removed, "the group never reached two learners"
-    assert metric(trainer, "stream_swav_learners") == 1
-    assert metric(trainer, "stream_swav_resizes_total", direction="shrink") == 1
-    assert metric(trainer, "stream_swav_rollback_steps_total") == 0
-    assert trainer.stop_reason == "budget reached" and trainer.images_seen >= 2 * len(keys)
-    assert pass_counts(trainer.trained, 0) == {key: 1 for key in keys}
-
-
-def test_an_elastic_group_below_min_learners_saves_the_survivors_and_ends_with_one_clear_line(
-        cluster, tmp_path, caplog):
-    node = cluster.add_node(num_cpus=3)
-    cluster.wait_for_nodes()
-    folder, _ = shards(tmp_path / "shards", count=4, size=24)
-    cfg = elastic_config(tmp_path, folder, learners=3, min_learners=2, cpus_per_learner=2, cpu_threads=1,
-                         startup_timeout_s=15)
-    removed: dict[str, int] = {}
-
-    def remove_a_learners_node(trainer) -> None:
-        # After a step has been trained, so that there is something for the survivors to save (the
-        # first chunk can end before any learner has trained a step).
-        if not removed and trainer.step > 0:
-            removed["step"] = trainer.step
-            cluster.remove_node(node)
-
-    caplog.set_level(logging.INFO, logger="stream_swav")
-    trainer = run_to_end(cfg, tmp_path / "trained.jsonl", after_chunk=remove_a_learners_node,
-                         expect=driver.EXIT_TOO_FEW_LEARNERS)
-    final = [r for r in caplog.records if r.levelno >= logging.ERROR][-1].getMessage()
-    assert final.startswith("train.min_learners: 1 learner(s) left, fewer than train.min_learners=2")
-    assert "\n" not in final and f"checkpoint step {trainer.step} holds everything trained" in final
-    assert trainer.last_checkpoint_step == trainer.step >= removed["step"] > 0
-
-
-def test_a_learner_lost_while_joining_is_left_out_and_the_group_trains_on_without_a_restart(cluster, tmp_path,
+def test_a_learner_lost_while_joining_is_left_out_and_the_group_trains_on_without_a_restart(worker_node, tmp_path,
                                                                                             caplog):
-    cluster.add_node(num_cpus=3)
     folder, keys = shards(tmp_path / "shards", count=8, size=32)
     cfg = elastic_config(tmp_path, folder, learners=2, min_learners=1, image_budget=3 * len(keys),
                          collective_timeout_s=30)
@@ -521,3 +477,58 @@ def test_a_learner_lost_while_joining_is_left_out_and_the_group_trains_on_withou
     for pass_index in (0, 1):
         assert pass_counts(trainer.trained, pass_index) == {key: 1 for key in keys}, f"pass {pass_index}"
     assert max(pass_counts(trainer.trained, 2).values()) == 1
+def test_an_elastic_group_goes_on_at_the_smaller_size_when_a_learners_node_never_returns(
+        module_cluster, worker_node, tmp_path):
+    # Two CPUs per learner and one decode actor each: one learner per node, the third never fits.
+    folder, keys = shards(tmp_path / "shards", count=8, size=32)
+    cfg = elastic_config(tmp_path, folder, learners=2, min_learners=1, cpus_per_learner=2, cpu_threads=1,
+                         image_budget=2 * len(keys), startup_timeout_s=10)
+    removed: dict[str, int] = {}
+
+    def remove_the_node_of_one_learner(trainer) -> None:
+        if removed:
+            return
+        if len(trainer.group.actors) < 2:
+            time.sleep(1.0)  # leave the joining learner time to start before the stream runs out
+            return
+        learner_nodes = {node_of(actor) for actor in trainer.group.actors}
+        assert len(learner_nodes) == 2
+        removed["step"] = trainer.step
+        module_cluster.remove_node(worker_node)
+
+    trainer = run_to_end(cfg, tmp_path / "trained.jsonl", after_chunk=remove_the_node_of_one_learner)
+
+    assert removed, "the group never reached two learners"
+    assert metric(trainer, "stream_swav_learners") == 1
+    assert metric(trainer, "stream_swav_resizes_total", direction="shrink") == 1
+    assert metric(trainer, "stream_swav_rollback_steps_total") == 0
+    assert trainer.stop_reason == "budget reached" and trainer.images_seen >= 2 * len(keys)
+    assert pass_counts(trainer.trained, 0) == {key: 1 for key in keys}
+
+
+def test_an_elastic_group_below_min_learners_saves_the_survivors_and_ends_with_one_clear_line(
+        module_cluster, worker_node, tmp_path, caplog):
+    folder, _ = shards(tmp_path / "shards", count=4, size=24)
+    cfg = elastic_config(tmp_path, folder, learners=3, min_learners=2, cpus_per_learner=2, cpu_threads=1,
+                         startup_timeout_s=15)
+    removed: dict[str, int] = {}
+
+    def remove_a_learners_node(trainer) -> None:
+        # After a step has been trained, so that there is something for the survivors to save (the
+        # first chunk can end before any learner has trained a step).
+        if not removed and trainer.step > 0:
+            removed["step"] = trainer.step
+            # The learner that cannot come back is waited for train.startup_timeout_s; the learners'
+            # first start needed 15 s on a loaded box, the wait for one that cannot fit needs none.
+            trainer.cfg.train.startup_timeout_s = 3
+            module_cluster.remove_node(worker_node)
+
+    caplog.set_level(logging.INFO, logger="stream_swav")
+    trainer = run_to_end(cfg, tmp_path / "trained.jsonl", after_chunk=remove_a_learners_node,
+                         expect=driver.EXIT_TOO_FEW_LEARNERS)
+    final = [r for r in caplog.records if r.levelno >= logging.ERROR][-1].getMessage()
+    assert final.startswith("train.min_learners: 1 learner(s) left, fewer than train.min_learners=2")
+    assert "\n" not in final and f"checkpoint step {trainer.step} holds everything trained" in final
+    assert trainer.last_checkpoint_step == trainer.step >= removed["step"] > 0
+
+

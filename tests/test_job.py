@@ -145,11 +145,11 @@ def test_submitted_smoke_run_checkpoints_serves_metrics_and_stops_with_a_final_c
     metrics_port = free_port()
     overrides = {
         "data.shards": shards, "checkpoint.dir": ckpt_dir, "metrics.port": metrics_port,
-        # No budget: only the stop ends the run. Saves go by time, 10 s apart: the first is waited
+        # No budget: only the stop ends the run. Saves go by time, 3 s apart: the first is waited
         # for, and the stop comes after a later step (a stop right after a periodic save marks that
         # save final, so the final checkpoint is past the first either way).
         "train.image_budget": 0, "train.time_budget_s": 0, "checkpoint.every_steps": 0,
-        "checkpoint.every_seconds": 10, "train.progress_bar": "false",
+        "checkpoint.every_seconds": 3, "train.progress_bar": "false",
         # Small enough to step several times a second on a shared core.
         "model.arch": "resnet10", "model.width": 8, "model.hidden_dim": 32, "model.output_dim": 16,
         "model.prototypes": 16, "train.batch_size": 8}

@@ -23,6 +23,12 @@ from stream_swav.optim import learning_rate_for
 from stream_swav.runtime.metrics import usage_perplexity
 from conftest import free_port
 
+# The multi-process tests' ranks are forked from a server that imported torch and the learner once
+# (each `spawn`ed rank imported them itself: seconds of CPU each, on a shared 2-core box). The server
+# starts no threads, so forking it is safe; each rank is still its own process with its own group.
+FORKSERVER = mp.get_context("forkserver")
+FORKSERVER.set_forkserver_preload(["torch", "torch.distributed", "torchvision", "stream_swav.learner"])
+
 PROTOTYPES = 16
 
 
@@ -511,7 +517,8 @@ def _distributed_worker(rank: int, world_size: int, port: int, out_dir: str) -> 
 @pytest.mark.slow
 @pytest.mark.timeout(180)
 def test_two_learners_stay_in_sync_and_skip_together(tmp_path):
-    mp.spawn(_distributed_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
+    mp.start_processes(_distributed_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True,
+                       start_method="forkserver")
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
     for result in ranks:
         # A NaN on one learner makes both skip, so DDP never waits on a missing backward.
@@ -591,9 +598,8 @@ def test_survivors_of_a_dead_rank_all_fail_their_step_promptly_not_at_the_timeou
     # Four ranks, the last killed: gloo's ring collectives tell only its neighbours (ranks 0 and 2);
     # rank 1 learns of it because they tear their group down at once, long before the 45 s timeout.
     world_size = 4
-    context = mp.get_context("spawn")
     port = free_port()
-    workers = [context.Process(target=_peer_loss_worker, args=(rank, world_size, port, str(tmp_path)))
+    workers = [FORKSERVER.Process(target=_peer_loss_worker, args=(rank, world_size, port, str(tmp_path)))
                for rank in range(world_size)]
     for worker in workers:
         worker.start()

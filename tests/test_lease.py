@@ -439,6 +439,12 @@ def test_a_final_stop_at_a_saved_step_does_not_mark_a_successors_latest_final(tm
     with pytest.raises(LeaseLost, match=r"run successor \(pid 4242 on another-host\) holds .* now"):
         trainer.checkpoint(final=True)
     assert read_latest(str(tmp_path), CFG).get("final") is not True
+    # A successor that has saved a later step since: its lease, not a failed final save, is the reason.
+    save_checkpoint(str(tmp_path), 13, 104, state, {"w": torch.zeros(2)}, {"arch": "resnet18", "small_stem": True}, CFG)
+    with pytest.raises(LeaseLost, match=r"run successor \(pid 4242 on another-host\) holds .* now"):
+        trainer.checkpoint(final=True)
+    assert read_latest(str(tmp_path), CFG)["step"] == 13 and read_latest(str(tmp_path), CFG).get("final") is not True
+    trainer.step = trainer.last_checkpoint_step = 13
     record(tmp_path, dataclasses.replace(other_machine("successor"), run=trainer.lease.me.run))
     assert trainer.checkpoint(final=True)  # the folder is this run's: marked
     assert read_latest(str(tmp_path), CFG)["final"] is True

@@ -758,6 +758,8 @@ class Trainer:
         try:
             if ckpt.mark_final(self.cfg.checkpoint.dir, self.step, self.cfg.storage, before_commit):
                 return True
+            if before_commit is not None:
+                before_commit()  # a successor that has saved since: its lease, not a failed save, ends the run
         except LeaseLost:
             raise  # the run stops in one line, as when a save finds the lease lost
         except (OSError, ValueError) as err:

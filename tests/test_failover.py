@@ -65,6 +65,9 @@ def cluster(module_cluster):
 def worker_node(module_cluster):
     """A worker node of WORKER_CPUS beside the module's head, every CPU of both free: the one a test
     before kept, else a new one. The test may remove it (`module_cluster.remove_node`)."""
+    kept = next(iter(module_cluster.worker_nodes), None)
+    if kept is not None and not kept.any_processes_alive():  # its raylet died (not removed by a test)
+        module_cluster.remove_node(kept, allow_graceful=False)
     if not module_cluster.worker_nodes:
         module_cluster.add_node(num_cpus=WORKER_CPUS)
         module_cluster.wait_for_nodes()

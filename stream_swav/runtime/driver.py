@@ -762,7 +762,7 @@ class Trainer:
                 before_commit()  # a successor that has saved since: its lease, not a failed save, ends the run
         except LeaseLost:
             raise  # the run stops in one line, as when a save finds the lease lost
-        except (OSError, ValueError) as err:
+        except (*storage.TRANSIENT_ERRORS, ValueError) as err:  # not only OSErrors: s3fs passes some through
             log.error("could not mark checkpoint step %d as final: %s", self.step, first_line(err))
             return False
         log.error("checkpoint step %d is saved but latest.json names another step", self.step)

@@ -436,7 +436,9 @@ def test_a_final_stop_at_a_saved_step_does_not_mark_a_successors_latest_final(tm
     trainer.lease = Lease(str(tmp_path), CFG, term_s=60)
     trainer.step = trainer.last_checkpoint_step = 12
     record(tmp_path, other_machine("successor"))
-    with pytest.raises(LeaseLost, match=r"run successor \(pid 4242 on another-host\) holds .* now"):
+    with pytest.raises(LeaseLost, match=r"run successor \(pid 4242 on another-host\) holds .* now; this run stops "
+                                        r"without marking its checkpoint step 12 final; the last checkpoint it saved "
+                                        r"is step 12$"):
         trainer.checkpoint(final=True)
     assert read_latest(str(tmp_path), CFG).get("final") is not True
     # A successor that has saved a later step since: its lease, not a failed final save, is the reason.

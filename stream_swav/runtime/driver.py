@@ -753,7 +753,9 @@ class Trainer:
         # A successor that took the folder over and resumed from this very step has a latest.json
         # naming it too: the lease file, read just before the write, says whose it is.
         lease = self.lease
-        before_commit = ((lambda: confirm_holder(self.cfg.checkpoint.dir, lease.me.run, self.cfg.storage))
+        outcome = (f"this run stops without marking its checkpoint step {self.step} final; the last checkpoint it "
+                   f"saved is step {self.last_checkpoint_step}")
+        before_commit = ((lambda: confirm_holder(self.cfg.checkpoint.dir, lease.me.run, self.cfg.storage, outcome))
                          if lease is not None else None)
         try:
             if ckpt.mark_final(self.cfg.checkpoint.dir, self.step, self.cfg.storage, before_commit):

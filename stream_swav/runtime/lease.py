@@ -366,7 +366,8 @@ class Lease:
                             "checkpoint.lease_s=%gs for it", self.url, err, self.term_s)
 
 
-def confirm_holder(dir_url: str, run: str, storage_cfg: StorageConfig) -> None:
+def confirm_holder(dir_url: str, run: str, storage_cfg: StorageConfig,
+                   outcome: str = "this run's checkpoint is not made the latest there") -> None:
     """For the writer of a checkpoint (rank 0), before it moves latest.json and before it prunes:
     LeaseLost when another run's lease is in the folder, so that a save that outlasted this run's
     lease (a long upload, a stalled driver) does not move the other run's latest.json or delete
@@ -376,8 +377,7 @@ def confirm_holder(dir_url: str, run: str, storage_cfg: StorageConfig) -> None:
     except ValueError:  # no lease record: no run can be named as holding the folder
         holder = None
     if holder is not None and holder.run != run:
-        raise LeaseLost(f"checkpoint.dir: {holder.describe()} holds {dir_url} now; this run's checkpoint is "
-                        f"not made the latest there")
+        raise LeaseLost(f"checkpoint.dir: {holder.describe()} holds {dir_url} now; {outcome}")
 
 
 __all__ = ["Lease", "LeaseHeld", "LeaseLost", "Holder", "standing", "this_process", "confirm_holder", "LEASE_FILE"]

@@ -252,6 +252,8 @@ def test_a_learner_whose_only_decode_actor_cannot_start_again_waits_for_it_and_l
             ray.get(holders[1].ready.remote(), timeout=30)
             seen.update(holders=holders, starved_at=trainer.step)
         elif "holders" in seen and "freed_at" not in seen and "launched again" in caplog.text:
+            # From now on a replacement has room: give its start the time a loaded machine needs.
+            trainer.cfg.train.startup_timeout_s = 60
             for holder in seen["holders"]:
                 ray.kill(holder)
             seen["freed_at"] = trainer.step
@@ -288,6 +290,8 @@ def test_a_decode_actor_dropped_for_want_of_room_comes_back_when_the_room_does(c
         elif "holder" in seen and "freed_at" not in seen and "running without it" in caplog.text:
             assert seen["victim"] in trainer.pool.dropped and len(trainer.pool.actors) == 1
             assert trainer.metrics.registry.get_sample_value("stream_swav_decode_actors_up") == 1
+            # From now on the slot's next try has room: give its start the time a loaded machine needs.
+            trainer.cfg.train.startup_timeout_s = 60
             ray.kill(seen["holder"])
             seen["freed_at"] = trainer.step
         elif "freed_at" in seen and seen["victim"] in trainer.pool.actors:
@@ -514,8 +518,7 @@ def test_an_elastic_group_goes_on_at_the_smaller_size_when_a_learners_node_never
 def test_an_elastic_group_below_min_learners_saves_the_survivors_and_ends_with_one_clear_line(
         module_cluster, worker_node, tmp_path, caplog):
     folder, _ = shards(tmp_path / "shards", count=4, size=24)
-    cfg = elastic_config(tmp_path, folder, learners=3, min_learners=2, cpus_per_learner=2, cpu_threads=1,
-                         startup_timeout_s=15)
+    cfg = elastic_config(tmp_path, folder, learners=3, min_learners=2, cpus_per_learner=2, cpu_threads=1)
     removed: dict[str, int] = {}
 
     def remove_a_learners_node(trainer) -> None:
@@ -523,8 +526,9 @@ def test_an_elastic_group_below_min_learners_saves_the_survivors_and_ends_with_o
         # first chunk can end before any learner has trained a step).
         if not removed and trainer.step > 0:
             removed["step"] = trainer.step
-            # The learner that cannot come back is waited for train.startup_timeout_s; the learners'
-            # first start needed 15 s on a loaded box, the wait for one that cannot fit needs none.
+            # The learner that cannot come back is waited for train.startup_timeout_s: the learners'
+            # first start keeps the tiny configuration's 60 s (it needed 15 on a loaded box), the wait
+            # for one that cannot fit needs none.
             trainer.cfg.train.startup_timeout_s = 3
             module_cluster.remove_node(worker_node)
 

@@ -19,6 +19,7 @@ import subprocess
 import sys
 import threading
 import time
+import types
 import urllib.request
 from pathlib import Path
 
@@ -160,10 +161,12 @@ def test_end_to_end_on_s3_with_metrics_and_checkpoints(s3_bucket, tmp_path):
 
 def test_killed_decode_actor_loses_and_repeats_nothing(tmp_path):
     shards, keys = shards_on_disk(tmp_path, [24, 24, 24, 24])
-    # Little read-ahead, so pass 0 is still being read when the first chunk ends.
+    # Little read-ahead, so pass 0 is still being read when the first chunk ends. The run stops once
+    # pass 0 is trained; its time budget is only a backstop: an image budget could be trained by the
+    # surviving actor before the replacement is up on a fast machine (as in test_failover's node loss).
     cfg = tiny_config({"data": {"shards": shards, "decode_actors": 2, "inflight_batches_per_actor": 1},
                        "checkpoint": {"dir": str(tmp_path / "ckpt"), "every_steps": 0},
-                       "train": {"image_budget": 3 * len(keys), "report_interval_s": 0.2}})
+                       "train": {"image_budget": 0, "time_budget_s": 120, "report_interval_s": 0.2}})
     killed: dict[str, int] = {}
 
     def kill_mid_shard_then_stop_after_pass_zero(trainer: WatchedTrainer) -> None:
@@ -240,18 +243,21 @@ def test_backpressure_bounds_batches_waiting(tmp_path):
     shards, _ = shards_on_disk(tmp_path, [16, 16, 16])
     cfg = tiny_config({"data": {"shards": shards, "decode_actors": 2, "inflight_batches_per_actor": 2},
                        "checkpoint": {"dir": str(tmp_path / "ckpt"), "every_steps": 0},
-                       "train": {"image_budget": 240, "report_interval_s": 0.2}})
-    # Each learner asks each of its decode actors for at most 2 batches ahead of training. (A budget
-    # of 96 images was trained in 4 chunks on an idle machine: too few samples of the gauge.)
+                       "train": {"image_budget": 0, "time_budget_s": 120, "report_interval_s": 0.2}})
+    # Each learner asks each of its decode actors for at most 2 batches ahead of training. The run
+    # stops after 8 samples of the gauge, however fast the machine (a budget of 96 images was trained
+    # in 4 chunks on an idle machine: too few samples); its time budget is only a backstop.
     capacity = 2 * 2
     held: list[float] = []
 
     def sample_state(trainer: WatchedTrainer) -> None:
         held.append(trainer.metrics.registry.get_sample_value("stream_swav_object_store_batches_in_flight"))
+        if len(held) >= 8:
+            trainer.request_stop("gauge sampled")
 
     run_to_end(cfg, tmp_path / "trained.jsonl", after_chunk=sample_state)
 
-    assert len(held) >= 5
+    assert len(held) >= 8
     assert max(held) <= capacity
     # The decoders outran the learner, so the bound is what held them back.
     assert max(held) == capacity
@@ -545,10 +551,13 @@ def test_a_stop_whose_final_checkpoint_loses_every_elastic_learner_exits_4(tmp_p
     assert "the last checkpoint saved is step 100, of 120 trained" in caplog.text
 
 
-def test_a_stall_names_the_shards_each_learners_decode_actors_hold(tmp_path, caplog):
+def test_a_stall_names_the_shards_each_learners_decode_actors_hold(tmp_path, caplog, monkeypatch):
     """The arrangement of a stall the learners cannot leave by themselves: one learner's decode
     actor holds every shard left, the other's none (no Ray needed: the driver's own bookkeeping)."""
     cfg = tiny_config({"data": {"shards": str(tmp_path)}, "train": {"stall_warning_s": 0.2}})
+    # The driver's clock moved by hand: a sleep on a loaded machine can overshoot the warning's limit.
+    now = [time.monotonic()]
+    monkeypatch.setattr(driver, "time", types.SimpleNamespace(monotonic=lambda: now[0]))
     trainer = driver.Trainer(cfg)
     trainer.ledger.follow_listing([f"{tmp_path}/shard-{n}.tar" for n in range(4)])
     trainer.ledger.top_up([0])
@@ -558,8 +567,8 @@ def test_a_stall_names_the_shards_each_learners_decode_actors_hold(tmp_path, cap
     idle = ChunkSummary.merge([StepReport(rank=0), StepReport(rank=1)])
 
     def chunk(summary: ChunkSummary = idle, seconds: float = 0.15) -> None:
-        started = time.monotonic()
-        time.sleep(seconds)
+        started = now[0]
+        now[0] += seconds
         trainer.watch_for_stall(summary, started)
 
     chunk()
@@ -571,7 +580,7 @@ def test_a_stall_names_the_shards_each_learners_decode_actors_hold(tmp_path, cap
     chunk(dataclasses.replace(idle, steps=1))
     chunk()
     assert "no step trained" not in caplog.text  # a step started the count again
-    trainer.ledger.paused_until = time.monotonic() + 30  # passes that read nothing hold shards back
+    trainer.ledger.paused_until = now[0] + 30  # passes that read nothing hold shards back
     chunk()
     assert re.search(r"no shard handed out for another \d+s: the last pass read nothing", caplog.text)
 

@@ -430,8 +430,12 @@ def test_a_recovery_after_the_lease_was_lost_stops_instead_of_restarting_the_lea
 def test_a_final_stop_at_a_saved_step_does_not_mark_a_successors_latest_final(tmp_path):
     """A successor that took the folder over and resumed from the step this run last saved has a
     latest.json naming that step too; the stop's "mark it final" is not this run's to write."""
-    state = {"model": {"w": torch.zeros(2)}}
-    save_checkpoint(str(tmp_path), 12, 96, state, {"w": torch.zeros(2)}, {"arch": "resnet18", "small_stem": True}, CFG)
+    def save(step: int) -> None:
+        weights = {"w": torch.zeros(2)}
+        save_checkpoint(str(tmp_path), step, 8 * step, {"model": weights}, weights,
+                        {"arch": "resnet18", "small_stem": True}, CFG)
+
+    save(12)
     trainer = Trainer(tiny_config({"data": {"shards": str(tmp_path)}, "checkpoint": {"dir": str(tmp_path)}}))
     trainer.lease = Lease(str(tmp_path), CFG, term_s=60)
     trainer.step = trainer.last_checkpoint_step = 12
@@ -442,11 +446,11 @@ def test_a_final_stop_at_a_saved_step_does_not_mark_a_successors_latest_final(tm
         trainer.checkpoint(final=True)
     assert read_latest(str(tmp_path), CFG).get("final") is not True
     # A successor that has saved a later step since: its lease, not a failed final save, is the reason.
-    save_checkpoint(str(tmp_path), 13, 104, state, {"w": torch.zeros(2)}, {"arch": "resnet18", "small_stem": True}, CFG)
+    save(13)
     with pytest.raises(LeaseLost, match=r"run successor \(pid 4242 on another-host\) holds .* now"):
         trainer.checkpoint(final=True)
     assert read_latest(str(tmp_path), CFG)["step"] == 13 and read_latest(str(tmp_path), CFG).get("final") is not True
     trainer.step = trainer.last_checkpoint_step = 13
-    record(tmp_path, dataclasses.replace(other_machine("successor"), run=trainer.lease.me.run))
+    record(tmp_path, other_machine(trainer.lease.me.run))
     assert trainer.checkpoint(final=True)  # the folder is this run's: marked
     assert read_latest(str(tmp_path), CFG)["final"] is True

@@ -3,13 +3,16 @@ from __future__ import annotations
 import json
 import logging
 import os
+import queue
+import threading
+import time
 
 import pytest
 from conftest import FAKE_SECRET, colour_samples
 
 from stream_swav import storage
 from stream_swav.config import StorageConfig
-from stream_swav.data.sources import LOOKUP_THREADS, ShardSource, ShardSpecError, spec_kind
+from stream_swav.data.sources import LOOKUP_THREADS, Relisting, ShardSource, ShardSpecError, spec_kind
 
 
 def test_spec_kinds():
@@ -129,6 +132,66 @@ def test_relist_survives_a_listing_failure(tmp_path, make_shard, caplog):
     assert "will retry" in caplog.text
     list_path.write_text(f"{tmp_path / '0.tar'}\n{tmp_path / '1.tar'}\n")
     assert source.relist() == [str(tmp_path / "0.tar"), str(tmp_path / "1.tar")]
+
+
+class HeldListing:
+    """A listing that lasts until the test lets it finish, as one of a big bucket on a slow store
+    does: each call waits for `finish(listing)` and answers with that listing."""
+
+    def __init__(self) -> None:
+        self.started = threading.Semaphore(0)
+        self.answers: queue.Queue[list[str]] = queue.Queue()
+
+    def __call__(self) -> list[str]:
+        self.started.release()
+        return self.answers.get(timeout=30)
+
+    def finish(self, listing: list[str]) -> None:
+        assert self.started.acquire(timeout=10), "no listing was started"
+        self.answers.put(listing)
+
+
+def next_listing(relisting: Relisting, within_s: float = 10.0) -> list[str]:
+    deadline = time.monotonic() + within_s
+    while (listing := relisting.poll()) is None:
+        assert time.monotonic() < deadline, "the listing never came"
+        time.sleep(0.01)
+    return listing
+
+
+def test_a_listing_under_way_holds_up_no_poll_and_one_from_before_a_restart_is_dropped():
+    """Follow mode lists on a thread of its own: every poll returns at once while a listing lasts."""
+    now = [0.0]
+    listing = HeldListing()
+    relisting = Relisting(listing, interval_s=30, clock=lambda: now[0])
+    assert relisting.poll() is None and not listing.started.acquire(timeout=0.1)  # not due yet
+    now[0] = 30.0
+    assert relisting.poll() is None and relisting.poll() is None  # started, still under way
+    listing.finish(["0.tar", "1.tar"])
+    assert next_listing(relisting) == ["0.tar", "1.tar"]
+    # The next one an interval after that one ended, not before.
+    now[0] = 59.0
+    assert relisting.poll() is None and not listing.started.acquire(timeout=0.1)
+    # One under way when the caller lists for itself (a resume) is dropped.
+    now[0] = 60.0
+    assert relisting.poll() is None
+    relisting.restart()
+    listing.finish(["0.tar"])
+    time.sleep(0.2)
+    assert relisting.poll() is None and not listing.started.acquire(timeout=0.1)
+    now[0] = 90.0
+    assert relisting.poll() is None
+    listing.finish(["0.tar", "1.tar", "2.tar"])
+    assert next_listing(relisting) == ["0.tar", "1.tar", "2.tar"]
+
+
+def test_an_unexpected_error_of_a_listing_reaches_the_poll():
+    def broken() -> list[str]:
+        raise RuntimeError("a bug in the listing")
+
+    relisting = Relisting(broken, interval_s=0)
+    with pytest.raises(RuntimeError, match="a bug in the listing"):
+        next_listing(relisting)
 
 
 def test_a_bad_line_added_to_a_list_during_the_run_hides_no_other_shard(tmp_path, caplog):

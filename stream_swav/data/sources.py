@@ -20,8 +20,11 @@ from __future__ import annotations
 
 import logging
 import posixpath
+import threading
+import time
 from collections import defaultdict
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import braceexpand
 
@@ -179,4 +182,55 @@ class ShardSource:
         return list(dict.fromkeys(urls))
 
 
-__all__ = ["ShardSource", "ShardSpecError", "spec_kind", "SHARD_SUFFIXES"]
+class Relisting:
+    """Follow mode's listings (`relist`, a `ShardSource.relist`), taken off the caller's loop: one
+    at a time, on a thread of its own, the next one `interval_s` after the last one ended.
+
+    The driver relists between chunks, while every learner waits for its next chunk: listing a
+    bucket of millions of shards takes minutes on S3 (a thousand keys per request), which inline
+    would idle every GPU for as long, each interval. The thread is a daemon, so a listing hung on a
+    store that stopped answering does not hold up the process's exit."""
+
+    def __init__(self, relist: Callable[[], list[str] | None], interval_s: float,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.relist = relist
+        self.interval_s = interval_s
+        self.clock = clock
+        self._due = clock() + interval_s
+        self._running: Future | None = None
+
+    def restart(self) -> None:
+        """The caller listed itself (a start or a resume): the next listing an interval from now, and
+        one under way is forgotten, since what it finds may predate the caller's listing."""
+        self._running = None
+        self._due = self.clock() + self.interval_s
+
+    def poll(self) -> list[str] | None:
+        """The listing finished since the last poll (`relist`'s answer: `ShardSource.relist` gives
+        None when it failed), or None; starts the next one when it is due. Never waits on the store."""
+        running = self._running
+        if running is not None:
+            if not running.done():
+                return None
+            self._running = None
+            self._due = self.clock() + self.interval_s
+            return running.result()  # relist returns None for a failure it expects; others are bugs
+        if self.clock() >= self._due:
+            self._running = self._start()
+        return None
+
+    def _start(self) -> Future:
+        future: Future = Future()
+
+        def run() -> None:
+            future.set_running_or_notify_cancel()
+            try:
+                future.set_result(self.relist())
+            except BaseException as exc:  # handed to the caller's thread, which raises it
+                future.set_exception(exc)
+
+        threading.Thread(target=run, name="shard-relist", daemon=True).start()
+        return future
+
+
+__all__ = ["ShardSource", "ShardSpecError", "Relisting", "spec_kind", "SHARD_SUFFIXES"]

@@ -75,7 +75,7 @@ from stream_swav.config import Config, ConfigError, UsageError, changed_settings
 from stream_swav.curation import SeenSet
 from stream_swav.data.cursor import StreamCursor
 from stream_swav.data.labelled import NoShardsFound, load_labeled_images
-from stream_swav.data.sources import ShardSource, spec_kind
+from stream_swav.data.sources import Relisting, ShardSource, spec_kind
 from stream_swav.runtime.checkpointing import CheckpointPolicy
 from stream_swav.runtime.cluster import StartupError, init_ray, plan_cluster, shutdown_ray
 from stream_swav.runtime.decode_pool import DecodePool
@@ -127,6 +127,7 @@ class Trainer:
         self.stop_reason = ""
         self.metrics = Metrics()
         self.source = ShardSource(cfg.data.shards, cfg.storage)
+        self.relisting = Relisting(self.source.relist, cfg.data.relist_interval_s)
         # Each decode actor holds its open shards plus as many waiting, so it never waits for the driver.
         self.ledger = StreamLedger(cfg.data.seed, 2 * cfg.data.open_shards_per_actor)
         self.policy = CheckpointPolicy(cfg.checkpoint.every_steps, cfg.checkpoint.every_seconds)
@@ -142,7 +143,6 @@ class Trainer:
         self.metrics_port = 0
         # When the actors first came up: a time budget counts training time from there.
         self.started: float | None = None
-        self.last_relist = 0.0
         # The checkpoint folder's lease (checkpoint.lease_s), held from STARTING to the end.
         self.lease: Lease | None = None
         # curation.dedup: the hashes of the images trained, as of the latest checkpoint (saved with it).
@@ -211,7 +211,6 @@ class Trainer:
             # hold the others back for ever.
             raise ConfigError(f"data.shards: {len(shards)} shard(s) for {cfg.train.learners} learners; every learner "
                               f"needs a shard of its own: split the data into more shards or use fewer learners")
-        self.last_relist = time.monotonic()
         # Which checkpoint to resume from is known before any actor starts: a folder where none
         # loads stops the run here, in one line.
         try:
@@ -517,7 +516,7 @@ class Trainer:
             # confirm it: each one looked up, so that a listing that came back short (a list file
             # caught half written) cuts nothing that exists. A lookup that fails counts as there.
             self.retire_gone(self.ledger.unlisted(shards))
-        self.last_relist = time.monotonic()  # the next listing, a follow interval from this one
+        self.relisting.restart()  # the next listing a follow interval from this one, of what is here now
         self.last_checkpoint_step = self.step
         self.policy.mark(self.step, time.time())
         self.observer.on_resume(point, self.step, self.images_seen)
@@ -664,12 +663,13 @@ class Trainer:
             log_retired(retired)
 
     def follow_new_shards(self) -> None:
-        if not self.cfg.data.follow or time.monotonic() - self.last_relist < self.cfg.data.relist_interval_s:
+        """Follow mode: the latest listing's new shards join the stream and those gone long enough
+        are retired. Listed on a thread of its own (`Relisting`): the learners do not wait on it."""
+        if not self.cfg.data.follow:
             return
-        listing = self.source.relist()
-        self.last_relist = time.monotonic()
+        listing = self.relisting.poll()
         if listing is None:
-            return  # the listing failed (logged): the next one is tried after the interval
+            return  # none finished since the last chunk, or it failed (logged; tried again later)
         new, retired = self.ledger.follow_listing(listing)
         if new:
             log.info("follow: %d new shard(s)", len(new))

@@ -100,6 +100,16 @@ def metric(samples: dict[str, list], name: str) -> float:
     return sum(value for _, value in samples[name])
 
 
+def test_readmes_state_diagram_is_the_drivers():
+    """README's failure model shows the driver's docstring diagram: one had drifted from the other
+    (missing transitions) unnoticed."""
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    shown = re.search(r"```\n(STARTING   -> RUNNING.*?)```", readme, re.S).group(1)
+    documented = re.search(r"\n(  STARTING   -> RUNNING.*?)\n\n", driver.__doc__, re.S).group(1)
+    assert shown.rstrip("\n").split("\n") == [line[2:] for line in documented.split("\n")]
+    assert {state.name for state in driver.RunState} <= set(re.findall(r"^([A-Z]+) +->", shown, re.M)) | {"FAILED", "DONE"}
+
+
 def test_end_to_end_on_s3_with_metrics_and_checkpoints(s3_bucket, tmp_path):
     good = colour_samples(24, prefix="a") + colour_samples(20, prefix="b", start=24)
     shard_a = s3_bucket.url("shards/shard-a.tar")

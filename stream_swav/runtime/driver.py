@@ -13,7 +13,8 @@ The run moves through explicit states, as Ray Train v2's controller does: `run` 
 handler of the current state, which does that state's work and returns the next one.
 
   STARTING   -> RUNNING     learners and decode actors up, the latest checkpoint restored
-             -> RECOVERING  a learner failed while starting
+             -> RECOVERING  a learner failed while starting, or reading the checkpoints failed
+                            (a storage error: counted, read again at once, then after back-offs)
              -> DONE        stopped while waiting for the actors to come up (exit 0)
   RUNNING    -> RUNNING     a chunk trained (and a checkpoint written when one was due); an
                             elastic group below train.learners took in learners that came up,
@@ -31,9 +32,13 @@ handler of the current state, which does that state's work and returns the next 
                             the last loss; exit 5, after a checkpoint of the survivors)
              -> STOPPING    stop requested while below train.min_learners
   RECOVERING -> RUNNING     a new learner group, back at the latest checkpoint
-             -> RECOVERING  a learner of the new group failed too
-             -> FAILED      failure budget spent (exit 1)
-             -> DONE        stopped while waiting for the actors to come up (exit 0)
+             -> RECOVERING  a learner of the new group failed too, or listing the shards or the
+                            checkpoints failed (a storage error; retried after a back-off)
+             -> FAILED      failure budget spent (exit 1); a stop was requested and the learners
+                            were lost with steps trained since the latest checkpoint (exit 4: the
+                            final checkpoint cannot be written)
+             -> DONE        stopped while waiting for the actors to come up, or a stop was
+                            requested with nothing trained since the latest checkpoint (exit 0)
   STOPPING   -> DONE        final checkpoint written (exit 0), or not (exit 4)
              -> SHRINKING   the final checkpoint failed because an elastic group lost a member
 

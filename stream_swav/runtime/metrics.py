@@ -147,7 +147,9 @@ class Metrics(_Exporter):
         self._decode_actor_restarts = counter("decode_actor_restarts", "Decode actors restarted after a failure, "
                                               "launched again, or back after being dropped.")
         self._learner_restarts = counter("learner_restarts",
-                                         "Times the learner group was restarted from a checkpoint after a failure.")
+                                         "Failures counted against train.max_failures (a learner group lost, or a storage "
+                                         "error listing shards or reading checkpoints), each followed by a restart from "
+                                         "the latest checkpoint unless it ends the run.")
         self._shards_completed = counter("shards_completed", "Shards read to the end.")
         self._bytes_read = counter("bytes_read", "Shard bytes read from storage.")
         self._batches_in_flight = gauge("object_store_batches_in_flight",

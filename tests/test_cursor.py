@@ -195,18 +195,50 @@ def test_a_decode_actor_left_with_no_shard_gets_one_while_another_holds_what_the
     assert given[2][0].url in {t.url for t in held[1:]}
 
 
-def test_new_shards_join_the_pass_under_way():
+def test_new_shards_join_the_newest_pass_under_way():
     cursor = StreamCursor(seed=0)
     assert cursor.next_task() is None
     cursor.add_shards(URLS[:2])
-    tasks = drain(cursor)
+    first = cursor.next_task()
+    # Pass 0 is the only pass: a shard discovered joins it.
     assert cursor.add_shards(URLS[1:3]) == [URLS[2]]
+    tasks = [first, *drain(cursor)]
+    assert sorted((t.url, t.pass_index) for t in tasks) == [(URLS[0], 0), (URLS[1], 0), (URLS[2], 0)]
+    # Pass 1 is under way too now (drain looked into it): the next one joins pass 1, not pass 0.
+    cursor.add_shards([URLS[3]])
     late = cursor.next_task()
-    assert (late.url, late.pass_index) == (URLS[2], 0)
+    assert (late.url, late.pass_index) == (URLS[3], 1)
     finish(cursor, tasks)
-    assert cursor.pass_index == 0
-    finish(cursor, [late])
-    assert cursor.pass_index == 1
+    assert cursor.pass_index == 1 and cursor.is_finished((0, 3))  # pass 0 done without it
+
+
+def test_shards_arriving_faster_than_one_is_read_do_not_keep_a_pass_open():
+    """Follow mode on a bucket that fills continuously: a shard arrives every few seconds and each
+    takes minutes to read. When each one joined every pass under way, the oldest pass always held
+    one unfinished and never completed; passes piled up and the readers, held to the two oldest,
+    ran short of shards."""
+    ledger = StreamLedger(seed=0, shards_per_slot=4)
+    urls = [f"s3://bkt/shards/{n:05d}.tar" for n in range(8)]
+    ledger.follow_listing(urls)
+    reading: dict[int, list] = {}  # slot -> [task key, ticks left]
+    held = []
+    for tick in range(3000):
+        if tick % 3 == 0:  # a new shard every 3 ticks; 4 readers take 10 ticks a shard: 1.3 times as fast
+            urls.append(f"s3://bkt/shards/{len(urls):05d}.tar")
+            ledger.follow_listing(urls)
+        ledger.top_up(range(4))
+        done = []
+        for slot in range(4):
+            held.append(len(ledger.holders.get(slot, ())))
+            if slot not in reading and ledger.holders.get(slot):
+                reading[slot] = [min(ledger.holders[slot]), 10]
+            if slot in reading:
+                reading[slot][1] -= 1
+                if reading[slot][1] == 0:
+                    done.append(reading.pop(slot)[0])
+        ledger.record(Progress(positions={key: 1 for key in done}, finished=done))
+    assert ledger.cursor.pass_index >= 3 and len(ledger.cursor._passes) <= 2
+    assert sum(held[-400:]) / 400 == 4  # every reader holds as many shards as it may
 
 
 def test_progress_for_a_later_pass_is_kept_until_its_turn():
@@ -272,6 +304,22 @@ def test_a_pass_read_before_a_checkpoint_is_not_taken_for_an_empty_one_after_a_r
     assert ledger.cursor.empty_passes_in_row == 1 and ledger.cursor.last_empty_pass == 2
 
 
+def test_a_state_saved_before_pass_limits_keeps_its_older_passes_to_the_shards_it_knows():
+    cursor = StreamCursor(seed=1)
+    cursor.add_shards(URLS[:2])
+    tasks = drain(cursor)  # pass 0 handed out, pass 1 under way
+    state = cursor.state_dict()
+    assert [entry["limit"] for entry in state["passes"]] == [2, None]
+    for entry in state["passes"]:
+        del entry["limit"]  # as saved before limits
+    restored = StreamCursor(seed=1)
+    restored.load_state_dict(round_trip(state))
+    assert restored.state_dict() == cursor.state_dict()
+    restored.add_shards([URLS[2]])
+    finish(restored, tasks)
+    assert restored.pass_index == 1 and restored.next_task().pass_index == 1
+
+
 def test_version_one_states_still_load():
     """The state of earlier releases (URL lists and each pass's order written out) loads into the
     same cursor, which then hands out what the old one would have."""
@@ -297,6 +345,8 @@ def test_version_one_states_still_load():
     lambda s: s.update(current_pass=5),
     lambda s: s.update(shards=b"nope"),
     lambda s: s.update(n_shards=2),
+    lambda s: s["passes"][0].update(limit=99),
+    lambda s: s["passes"][0].update(limit=0),
 ])
 def test_malformed_state_is_refused(damage):
     state = saved_state()

@@ -8,7 +8,10 @@ and hands out shard tasks to decode actors.
 The stream is a sequence of passes over the known shards. Each pass visits the
 shards in its own order: the shards known when the pass began, shuffled from
 (seed, pass) with a stable RNG, then the shards discovered later (follow mode)
-in discovery order, so they join every pass under way. A shard gone from storage
+in discovery order until the next pass begins: a shard discovered joins the
+newest pass under way and every later one. (Joining the older passes too kept
+the oldest from ever completing where shards arrive faster than one is read:
+there was always a new one unfinished in it.) A shard gone from storage
 for good is retired: finished in the passes under way and in every later one
 (it keeps its number; listed again, it is read from the next pass created). A position is an index
 into a shard's deterministic emission order (see `shards.iter_shard`), so
@@ -113,11 +116,13 @@ def _pass_order(seed: int, pass_index: int, base: int) -> array.array:
 
 
 class _Pass:
-    """One pass: the first `base` shards in a seeded order, then every later shard in number order."""
+    """One pass: the first `base` shards in a seeded order, then the later shards in number order,
+    up to `limit` (None while it is the newest pass: every shard discovered joins it)."""
 
     def __init__(self, seed: int, index: int, base: int) -> None:
         self.index = index
         self.base = base
+        self.limit: int | None = None
         self.order = _pass_order(seed, index, base)
         self.finished = bytearray((base + 7) // 8)
         self.n_finished = 0
@@ -135,7 +140,13 @@ class _Pass:
         return self.order[place] if place < self.base else place
 
     def is_finished(self, shard: int) -> bool:
+        """Finished, or not part of this pass (discovered after the next pass began): nothing left."""
+        if self.limit is not None and shard >= self.limit:
+            return True
         return shard >> 3 < len(self.finished) and bool(self.finished[shard >> 3] >> (shard & 7) & 1)
+
+    def size(self, n_shards: int) -> int:
+        return n_shards if self.limit is None else self.limit
 
     def mark_finished(self, shard: int) -> None:
         if self.is_finished(shard):
@@ -148,7 +159,7 @@ class _Pass:
         self.assigned.discard(shard)
 
     def complete(self, n_shards: int) -> bool:
-        return n_shards > 0 and self.n_finished == n_shards
+        return n_shards > 0 and self.n_finished == self.size(n_shards)
 
 
 class StreamCursor:
@@ -207,7 +218,7 @@ class StreamCursor:
 
     # ------------------------------------------------------------- updates
     def add_shards(self, urls: list[str]) -> list[str]:
-        """Make shards known; new ones join every pass under way. A retired shard listed again is
+        """Make shards known; new ones join the newest pass under way. A retired shard listed again is
         read again from the next pass on (the passes under way count it finished). Returns the new
         and the returning ones."""
         new = [url for url in dict.fromkeys(urls) if url not in self._numbers or self._numbers[url] in self._gone]
@@ -289,7 +300,7 @@ class StreamCursor:
             yield state.released.popleft()
         for _ in range(len(state.deferred)):
             yield state.deferred.popleft()
-        while state.cursor < len(self._urls):
+        while state.cursor < state.size(len(self._urls)):
             state.cursor += 1
             yield state.shard_at(state.cursor - 1)
 
@@ -329,7 +340,14 @@ class StreamCursor:
     def _pass(self, pass_index: int) -> _Pass:
         state = self._passes.get(pass_index)
         if state is None:
+            # The passes before it keep the shards known now; those discovered from here on join
+            # the newest pass only.
+            for earlier in self._passes.values():
+                if earlier.limit is None and earlier.index < pass_index:
+                    earlier.limit = len(self._urls)
             state = self._passes[pass_index] = _Pass(self.seed, pass_index, len(self._urls))
+            if any(index > pass_index for index in self._passes):
+                state.limit = len(self._urls)  # not the newest (passes open in order, so never so far)
             for shard in self._gone:
                 state.mark_finished(shard)
         return state
@@ -346,7 +364,8 @@ class StreamCursor:
             "current_pass": self._current,
             "gone": zlib.compress(bytes(_bitmap(self._gone, len(self._urls))), 1),
             "passes": [
-                {"index": index, "base": state.base, "finished": zlib.compress(bytes(state.finished), 1),
+                {"index": index, "base": state.base, "limit": state.limit,
+                 "finished": zlib.compress(bytes(state.finished), 1),
                  "positions": sorted([shard, pos] for shard, pos in state.positions.items() if pos > 0),
                  "read_any": state.read_any}
                 for index, state in sorted(self._passes.items())
@@ -384,7 +403,17 @@ class StreamCursor:
                 # Saved since 2026-12-07; before, a pass restored part-read counts as read (a resume
                 # must not take a pass it had read for one where every read failed).
                 restored.read_any = bool(entry.get("read_any", True))
+                # Saved since 2026-12-07; before, every pass under way took in the shards discovered.
+                limit = entry.get("limit")
+                if limit is not None and (not base <= int(limit) <= len(urls) or _marks_beyond(finished, int(limit))):
+                    raise ValueError(f"pass {index} has a bad limit")
+                restored.limit = None if limit is None else int(limit)
                 passes[index] = restored
+            # Only the newest pass takes in shards discovered from now on (a state saved before
+            # limits has none: its older passes keep every shard known now).
+            for index, restored in passes.items():
+                if index < max(passes) and restored.limit is None:
+                    restored.limit = len(urls)
             # Saved since 2026-12-07; before, no shard was ever retired.
             gone_bitmap = bytearray(inflate(state["gone"], (len(urls) + 7) // 8 + 1, "retired shards bitmap")
                                     if "gone" in state else b"")

@@ -514,7 +514,7 @@ class Trainer:
         point.state.pop("config", None)
         self.step = self.group.restore(point.state)
         self.images_seen = int(point.state["images_seen"])
-        # Shards listed now but not in the checkpoint (a growing bucket) join the passes under way.
+        # Shards listed now but not in the checkpoint (a growing bucket) join the newest pass under way.
         self.ledger.rewind(cursor, self.cfg.data.seed, shards)
         if not self.cfg.data.follow:
             # Those it knows that are gone (bucket retention) are retired, where no later listing will

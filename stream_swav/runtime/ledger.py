@@ -42,7 +42,7 @@ class StreamLedger:
         self.missing: dict[str, int] = {}
 
     def follow_listing(self, listing: list[str]) -> tuple[list[str], list[str]]:
-        """A listing of the shards that exist now: new ones join the passes under way, returning
+        """A listing of the shards that exist now: new ones join the newest pass under way, returning
         (retired) ones the next pass opened, and those missing from LISTINGS_TO_RETIRE listings in a
         row are retired. Returns (new and returning, retired)."""
         new = self.cursor.add_shards(listing)
@@ -104,7 +104,7 @@ class StreamLedger:
 
     def rewind(self, state: dict[str, Any] | None, seed: int, current_shards: list[str]) -> None:
         """Back to a checkpoint's cursor (or to the start of the stream when `state` is None), with
-        nothing assigned; shards listed now but unknown to the checkpoint join the passes under way,
+        nothing assigned; shards listed now but unknown to the checkpoint join the newest pass under way,
         and those it knows that are not listed now count one listing missed (`follow_listing`)."""
         self.holders.clear()
         self.paused_until = 0.0

@@ -298,7 +298,11 @@ def prune_checkpoints(dir_url: str, storage_cfg: StorageConfig, *, keep_last: in
         latest_step = latest["step"]
         folders = list_step_dirs(dir_url, storage_cfg)
         older = {s: url for s, url in folders.items() if s < latest_step}
-        complete = [s for s, url in older.items() if storage.exists(join_url(url, META), storage_cfg)]
+        # Complete ones hold meta.json, the last file a save writes. Found by one recursive listing:
+        # a lookup per folder cost a request per milestone ever kept (they are kept for good), on
+        # every save, while the learners wait for it.
+        files = set(storage.find(dir_url, storage_cfg))
+        complete = [s for s, url in older.items() if f"{url.rstrip('/').rsplit('/', 1)[-1]}/{META}" in files]
         keep = retained_steps(complete + [latest_step], latest_step, keep_last, milestone_steps)
     except Exception:
         log.warning("checkpoint retention skipped: could not inspect %s", dir_url, exc_info=True)

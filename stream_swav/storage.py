@@ -118,6 +118,10 @@ def s3_options(cfg: StorageConfig) -> dict[str, Any]:
     if cfg.region:
         client_kwargs["region_name"] = cfg.region
     options: dict[str, Any] = {
+        # Every listing here must be fresh, and s3fs's cache of listings keeps, after a recursive
+        # listing (`find`), an entry per folder ever seen, never refreshed: in follow mode over
+        # dated prefixes that grows for as long as the run.
+        "use_listings_cache": False,
         "anon": cfg.anon,
         "client_kwargs": client_kwargs,
         "config_kwargs": {
@@ -348,6 +352,15 @@ def listdir(url: str, cfg: StorageConfig) -> list[str]:
     fs, path = filesystem_for(url, cfg)
     fs.invalidate_cache(path)
     return sorted(entry.rstrip("/").rsplit("/", 1)[-1] for entry in fs.ls(path, detail=False))
+
+
+def find(url: str, cfg: StorageConfig) -> list[str]:
+    """Every file below `url`, as paths relative to it, sorted: one recursive listing (on S3 a
+    request per thousand keys, where a lookup per folder costs a request each)."""
+    fs, path = filesystem_for(url, cfg)
+    root = path.rstrip("/")
+    fs.invalidate_cache(root)
+    return sorted(found[len(root) + 1:] for found in fs.find(root) if found.startswith(root + "/"))
 
 
 def exists(url: str, cfg: StorageConfig) -> bool:

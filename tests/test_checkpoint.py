@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from stream_swav.config import CheckpointConfig, ModelConfig, StorageConfig
-from stream_swav import checkpoint
+from stream_swav import checkpoint, storage
 from stream_swav.model import BackboneSpec, SwAVModel
 from stream_swav.runtime.checkpointing import CheckpointPolicy
 from stream_swav.checkpoint import (
@@ -464,6 +464,25 @@ def test_s3_round_trip_retention_and_failed_write(s3_bucket, monkeypatch):
         save_checkpoint(root, 400, 0, *tiny_state(400), INFO, cfg)
     assert read_latest(root, cfg)["step"] == 300
     assert load_checkpoint(root, cfg)["images_seen"] == 320 * 300
+
+
+def test_s3_retention_tells_complete_folders_from_one_listing_and_caches_no_listing(s3_bucket):
+    """Milestones are kept for good, so retention must not look each folder up on every save (a
+    request per milestone, while the learners wait): one recursive listing tells the complete
+    folders (meta.json) from a killed save's partial one; and no listing is cached, where s3fs's
+    cache kept an entry per folder ever listed."""
+    cfg = s3_bucket.storage
+    root = s3_bucket.url("runs/milestones")
+    for step in range(100, 701, 100):
+        save_checkpoint(root, step, step * 64, *tiny_state(step), INFO, cfg, keep_last=1, milestone_steps=300)
+        if step == 300:  # a save killed after its state.pt: older than latest.json, not complete
+            storage.write_bytes_atomic(f"{root}/step-000000350/state.pt", b"partial", cfg)
+    # Milestones: the first complete checkpoint of [300, 600) and [600, 900); the newest; the partial one goes.
+    assert sorted(list_step_dirs(root, cfg)) == [300, 600, 700]
+    fs, _ = storage.filesystem_for(root, cfg)
+    assert not list(fs.dircache)
+    assert storage.find(root, cfg) == ["latest.json", *(f"step-000000{s}/{name}" for s in (300, 600, 700)
+                                                        for name in ("backbone.pt", "meta.json", "state.pt"))]
 
 
 def test_retention_aborts_the_unfinished_uploads_of_killed_s3_writes(s3_bucket):

@@ -120,10 +120,14 @@ class _Pass:
     up to `limit` (None while it is the newest pass: every shard discovered joins it)."""
 
     def __init__(self, seed: int, index: int, base: int) -> None:
+        self.seed = seed
         self.index = index
         self.base = base
         self.limit: int | None = None
-        self.order = _pass_order(seed, index, base)
+        # Shuffled when the first shard is handed out: a cursor restored only to say what was trained
+        # (a decode actor's, at each checkpoint with dedup on) never needs it, and at a million
+        # shards it takes a second.
+        self._order: array.array | None = None
         self.finished = bytearray((base + 7) // 8)
         self.n_finished = 0
         self.positions: dict[int, int] = {}
@@ -137,7 +141,11 @@ class _Pass:
         self.read_any = False
 
     def shard_at(self, place: int) -> int:
-        return self.order[place] if place < self.base else place
+        if place >= self.base:
+            return place
+        if self._order is None:
+            self._order = _pass_order(self.seed, self.index, self.base)
+        return self._order[place]
 
     def is_finished(self, shard: int) -> bool:
         """Finished, or not part of this pass (discovered after the next pass began): nothing left."""
@@ -382,8 +390,10 @@ class StreamCursor:
                 raise ValueError(f"unsupported version {version!r}")
             seed, current = int(state["seed"]), int(state["current_pass"])
             raw = inflate(state["shards"], inflation_limit(state["shards"]), "shard list")
-            urls = [name.decode("utf-8", "surrogateescape") for name in raw.split(_NAME_SEPARATOR)] if raw else []
-            if len(urls) != int(state["n_shards"]) or len(set(urls)) != len(urls):
+            # Decoded whole, then split: the separator is one ASCII byte, so names come out as one by one.
+            urls = raw.decode("utf-8", "surrogateescape").split(_NAME_SEPARATOR.decode()) if raw else []
+            numbers = dict(zip(urls, range(len(urls))))
+            if len(urls) != int(state["n_shards"]) or len(numbers) != len(urls):
                 raise ValueError("shard list does not match n_shards or repeats a shard")
             passes: dict[int, _Pass] = {}
             for entry in state["passes"]:
@@ -419,13 +429,14 @@ class StreamCursor:
                                     if "gone" in state else b"")
             if _marks_beyond(gone_bitmap, len(urls)):
                 raise ValueError("the retired shards bitmap marks unknown shards")
-            gone = {n for n in range(len(gone_bitmap) * 8) if gone_bitmap[n >> 3] >> (n & 7) & 1}
+            gone = {byte_index * 8 + bit for byte_index, byte in enumerate(gone_bitmap) if byte
+                    for bit in range(8) if byte >> bit & 1}
         except (KeyError, TypeError, AttributeError, zlib.error, UnicodeDecodeError) as exc:
             raise ValueError(f"malformed stream cursor state: {type(exc).__name__}: {exc}") from None
         except ValueError as exc:
             raise ValueError(f"malformed stream cursor state: {exc}") from None
         self.seed, self._current, self._passes, self._gone = seed, current, passes, gone
-        self._urls, self._numbers = urls, {url: n for n, url in enumerate(urls)}
+        self._urls, self._numbers = urls, numbers
 
 
 def _bitmap(members: set[int], n_bits: int) -> bytearray:

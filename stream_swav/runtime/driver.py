@@ -439,40 +439,42 @@ class Trainer:
         other: RECOVERING. A checkpoint the learners refuse is one to skip, not a failure: the actors
         start again with the next older one (and the run stops in one line when none is left). A
         stop while waiting for resources: DONE, without a checkpoint."""
-        # Before any decode actor starts, so that each starts from the union of the checkpoint being
-        # restored, not from the union of the run that failed (it may be ahead of that checkpoint).
-        self.seen = self.restored_seen(point)
-        self.idle_since = None
-        try:
-            self.start_actors()
-            self.restore(shards, point)
-        except CheckpointRejected as rejected:
-            if point is None:  # a fresh start restores nothing a learner could refuse
-                raise
-            changes = state_shaping_changes(point.record.get("config"), self.cfg)
-            if changes:
-                # Refused for this run's settings, not for damage: an older checkpoint saved under
-                # these settings would load, and resuming from it would quietly throw away (and then
-                # overwrite) everything trained since.
+        while True:
+            # Before any decode actor starts, so that each starts from the union of the checkpoint
+            # being restored, not from the union of the run that failed (it may be ahead of it).
+            self.seen = self.restored_seen(point)
+            self.idle_since = None
+            try:
+                self.start_actors()
+                self.restore(shards, point)
+                break
+            except CheckpointRejected as rejected:
+                if point is None:  # a fresh start restores nothing a learner could refuse
+                    raise
+                changes = state_shaping_changes(point.record.get("config"), self.cfg)
+                if changes:
+                    # Refused for this run's settings, not for damage: an older checkpoint saved
+                    # under these settings would load, and resuming from it would quietly throw away
+                    # (and then overwrite) everything trained since.
+                    self.shutdown_actors()
+                    (key, old, new), others = changes[0], changes[1:]
+                    also = "".join(f"; {k} was {o!r}, now {n!r}" for k, o, n in others)
+                    raise ConfigError(f"{key}: checkpoint step {point.step} was saved with {old!r}, this run has "
+                                      f"{new!r}{also}, and the learners refuse it ({rejected.reason}); set the saved "
+                                      f"values back (its meta.json records them) or point checkpoint.dir elsewhere "
+                                      f"to start afresh")
+                log.error("the learners refuse checkpoint %s: %s; trying an older one", point.url, rejected.reason)
+                self.rejected[point.url] = f"the learners refuse it: {rejected.reason}"
                 self.shutdown_actors()
-                (key, old, new), others = changes[0], changes[1:]
-                also = "".join(f"; {k} was {o!r}, now {n!r}" for k, o, n in others)
-                raise ConfigError(f"{key}: checkpoint step {point.step} was saved with {old!r}, this run has {new!r}"
-                                  f"{also}, and the learners refuse it ({rejected.reason}); set the saved values "
-                                  f"back (its meta.json records them) or point checkpoint.dir elsewhere to start "
-                                  f"afresh")
-            log.error("the learners refuse checkpoint %s: %s; trying an older one", point.url, rejected.reason)
-            self.rejected[point.url] = f"the learners refuse it: {rejected.reason}"
-            self.shutdown_actors()
-            # Actors start afresh: every part restored from the refused checkpoint is forgotten.
-            return self.bring_up(shards, self.resume_point())
-        except LearnerFailure as failure:
-            self.failure_cause = failure.cause
-            return RunState.RECOVERING
-        except Stopped:
-            log.info("stopped (%s) before training could resume; the latest checkpoint is step %d",
-                     self.stop_reason, self.last_checkpoint_step)
-            return RunState.DONE
+                # Actors start afresh: every part restored from the refused checkpoint is forgotten.
+                point = self.resume_point()
+            except LearnerFailure as failure:
+                self.failure_cause = failure.cause
+                return RunState.RECOVERING
+            except Stopped:
+                log.info("stopped (%s) before training could resume; the latest checkpoint is step %d",
+                         self.stop_reason, self.last_checkpoint_step)
+                return RunState.DONE
         if self.started is None:
             self.started = time.monotonic()
             self.observer.progress.restart(self.images_seen)

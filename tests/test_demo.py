@@ -13,7 +13,9 @@ from stream_swav import cli
 def test_demo_runs_from_shards_to_an_evaluated_summary(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("STREAM_SWAV_FMNIST", str(write_fmnist_subset(tmp_path / "fmnist", train=400, test=100)))
     out = tmp_path / "demo"
-    rc = cli.main(["demo", "--out", str(out), "--images", "256", "--minutes", "0.3", "--eval-train", "200",
+    # 128 images at batch 32: 4 steps and a checkpoint after each (the recipe checkpoints every quarter of
+    # the budget at its own batch of 128, so every step here), 4 to evaluate.
+    rc = cli.main(["demo", "--out", str(out), "--images", "128", "--minutes", "0.3", "--eval-train", "200",
                    "--eval-test", "100",
                    "--set", "train.batch_size=32", "--set", "metrics.port=0",
                    "--set", "checkpoint.every_seconds=5"])

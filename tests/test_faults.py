@@ -26,6 +26,8 @@ import textwrap
 import time
 import uuid
 from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -33,7 +35,7 @@ import ray
 import torch
 from stream_swav.runtime import private_ray
 from conftest import colour_samples, tar_bytes
-from runtime_helpers import RAY_ENV, TESTS, run_to_end, tiny_config, write_config
+from runtime_helpers import RAY_ENV, TESTS, processes_with_env, run_to_end, tiny_config, write_config
 
 from stream_swav import checkpoint as ckpt
 from stream_swav import cli
@@ -268,13 +270,15 @@ def test_a_stream_whose_reads_all_fail_pauses_between_passes(tmp_path, local_ray
     listing.write_text("".join(f"{tmp_path}/unreadable-{n}.tar\n" for n in range(3)))
     cfg = tiny_config({"data": {"shards": str(listing), "decode_actors": 2},
                        "checkpoint": {"dir": str(tmp_path / "ckpt")},
-                       "train": {"time_budget_s": 9, "report_interval_s": 0.3}})
+                       "train": {"time_budget_s": 6, "report_interval_s": 0.3}})
     caplog.set_level(logging.INFO, logger="stream_swav")
     trainer = run_to_end(cfg, tmp_path / "trained.jsonl")
     pauses = [r.getMessage() for r in caplog.records if "without a single sample read" in r.getMessage()]
-    # Pauses of 1, 2, 4 s...: a handful of passes in 9 s, not one pass after another as fast as reads fail.
+    # Pauses of 1, 2, 4 s...: a handful of passes in 6 s, not one pass after another as fast as reads fail.
+    # (Two pauses take 1 s of waiting, a fifth would need 15 s: the bounds hold at any speed.)
     assert 2 <= len(pauses) <= 4, pauses
     assert "waiting 1s" in pauses[0] and "waiting 2s" in pauses[1]
+    assert all(f"waiting {2 ** n}s" in pause for n, pause in enumerate(pauses)), pauses
     assert trainer.ledger.cursor.pass_index <= 5
     assert trainer.metrics.registry.get_sample_value("stream_swav_decode_errors_total",
                                                       {"reason": "shard-read-error"}) >= 3
@@ -283,11 +287,15 @@ def test_a_stream_whose_reads_all_fail_pauses_between_passes(tmp_path, local_ray
 # ------------------------------------------------------------------------------ 6. loopback
 
 
-LISTENERS = textwrap.dedent("""
-    import json, os, sys
+# One driver that started a private local Ray serves this section and section 8 (a driver killed
+# with SIGKILL): a private Ray costs seconds of CPU to start and to stop. With a worker process up
+# too, the driver reports which addresses the processes of its Ray listen on, says "up" and sleeps
+# until it is killed.
+PRIVATE_DRIVER = textwrap.dedent("""
+    import json, os, sys, time
     from pathlib import Path
     import ray
-    from stream_swav.runtime.cluster import init_ray, shutdown_ray
+    from stream_swav.runtime.cluster import init_ray
 
     init_ray()
     ray.get(ray.remote(lambda: 1).remote())  # a worker process up too
@@ -314,24 +322,61 @@ LISTENERS = textwrap.dedent("""
             fields = line.split()
             if fields[3] == "0A" and fields[9] in inodes:  # LISTEN
                 listening.append(fields[1].split(":")[0])
-    shutdown_ray()
-    print(json.dumps({"processes": len(mine), "listening": listening}))
+    print(json.dumps({"processes": len(mine), "listening": listening}), flush=True)
+    print("up", flush=True)
+    time.sleep(600)
 """)
+
+
+@dataclass
+class PrivateDriver:
+    process: subprocess.Popen
+    # Its TMPDIR, where it records the processes of its private Ray (`private_ray.records_dir`).
+    tmp: Path
+    # The lines it printed up to "up", its listeners' report among them (no "up" where it failed: `errors`).
+    printed: list[str]
+    stderr: Path
+
+    def errors(self) -> str:
+        return self.stderr.read_text(errors="replace")[-3000:]
+
+
+@pytest.fixture(scope="module")
+def private_driver(tmp_path_factory) -> Iterator[PrivateDriver]:
+    tmp = tmp_path_factory.mktemp("private-driver")
+    ray_tmp = f"/tmp/rk{uuid.uuid4().hex[:6]}"
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env.update(RAY_TMPDIR=ray_tmp, TMPDIR=str(tmp))
+    stderr = tmp / "stderr.log"
+    with open(stderr, "wb") as err:
+        process = subprocess.Popen([sys.executable, "-c", PRIVATE_DRIVER], env=env, stdout=subprocess.PIPE,
+                                   stderr=err, text=True, cwd=TESTS)
+    try:
+        printed = []
+        for line in process.stdout:  # up to "up", or to the end of its output where it failed
+            printed.append(line.strip())
+            if printed[-1] == "up":
+                break
+        yield PrivateDriver(process, tmp, printed, stderr)
+    finally:
+        if process.poll() is None:
+            process.kill()
+        process.wait(timeout=30)
+        process.stdout.close()
+        # Whatever of its Ray section 8 did not kill (all of it when section 8 did not run).
+        for pid, _ in processes_with_env("RAY_TMPDIR", ray_tmp):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        shutil.rmtree(ray_tmp, ignore_errors=True)
 
 
 @pytest.mark.slow
 @pytest.mark.timeout(120)
-def test_the_private_local_ray_listens_on_loopback_only(tmp_path):
-    ray_tmp = f"/tmp/rl{uuid.uuid4().hex[:6]}"
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    env["RAY_TMPDIR"] = ray_tmp
-    try:
-        done = subprocess.run([sys.executable, "-c", LISTENERS], env=env, capture_output=True, text=True,
-                              timeout=100, cwd=TESTS)
-    finally:
-        shutil.rmtree(ray_tmp, ignore_errors=True)
-    assert done.returncode == 0, done.stderr[-3000:]
-    found = json.loads(done.stdout.strip().splitlines()[-1])
+def test_the_private_local_ray_listens_on_loopback_only(private_driver):
+    assert private_driver.printed[-1:] == ["up"], private_driver.errors()
+    found = json.loads(next(line for line in reversed(private_driver.printed) if line.startswith('{"processes"')))
     assert found["processes"] >= 3 and len(found["listening"]) >= 3
     # /proc/net/tcp writes 127.0.0.1 as 0100007F; tcp6 writes ::ffff:127.0.0.1 and ::1 likewise.
     loopback = {"0100007F", "0000000000000000FFFF00000100007F", "00000000000000000000000001000000"}
@@ -383,33 +428,36 @@ def test_a_checkpoint_file_linked_elsewhere_or_to_a_device_is_refused(tmp_path, 
 
 # ------------------------------------------------------------------ 8. a driver killed with SIGKILL
 
-PRIVATE_DRIVER = """
-import sys, time
-from stream_swav.runtime.cluster import init_ray
-init_ray()
-print("up", flush=True)
-time.sleep(600)
-"""
+# Ray's agents outlive a driver killed with SIGKILL (they exit on their own a minute or two later).
+RAY_AGENTS = (b"ray::DashboardAgent", b"ray::RuntimeEnvAgent")
+
+
+def ray_agent(pid: int) -> bool:
+    try:
+        return (Path("/proc") / str(pid) / "cmdline").read_bytes().startswith(RAY_AGENTS)
+    except OSError:
+        return False
 
 
 @pytest.mark.slow
 @pytest.mark.timeout(150)
-def test_a_killed_drivers_private_ray_is_reaped_by_the_next_start(tmp_path, monkeypatch):
-    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # this test's records only
-    ray_tmp = f"/tmp/rk{uuid.uuid4().hex[:6]}"
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    env.update(RAY_TMPDIR=ray_tmp, TMPDIR=str(tmp_path))
-    driver = subprocess.Popen([sys.executable, "-c", PRIVATE_DRIVER], env=env, stdout=subprocess.PIPE,
-                              stderr=subprocess.DEVNULL, text=True, cwd=TESTS)
+def test_a_killed_drivers_private_ray_is_reaped_by_the_next_start(private_driver, monkeypatch):
+    monkeypatch.setattr(tempfile, "tempdir", str(private_driver.tmp))  # this driver's records only
+    driver = private_driver.process
     processes: list[list[int]] = []
     try:
-        assert driver.stdout.readline().strip() == "up"
+        assert private_driver.printed[-1:] == ["up"], private_driver.errors()
         record = json.loads((private_ray.records_dir() / f"{driver.pid}.json").read_text())
         processes = record["processes"]
         assert len(processes) >= 3  # GCS, raylet and its agents at least
         driver.send_signal(signal.SIGKILL)
         driver.wait(timeout=10)
-        time.sleep(5)  # what shares the driver's fate is gone by now; what outlives it stays
+        # What shares the driver's fate goes, and is reaped (a zombie still counts below); what
+        # outlives it stays. Waited for (up to 30 s, as long as it takes) rather than slept on.
+        deadline = time.monotonic() + 30
+        while (any(private_ray.start_ticks(pid) == ticks and not ray_agent(pid) for pid, ticks in processes)
+               and time.monotonic() < deadline):
+            time.sleep(0.1)
         left = [pid for pid, ticks in processes if private_ray.start_ticks(pid) == ticks]
 
         reaped = private_ray.reap()
@@ -426,7 +474,6 @@ def test_a_killed_drivers_private_ray_is_reaped_by_the_next_start(tmp_path, monk
         for pid, ticks in processes:
             if private_ray.start_ticks(pid) == ticks:
                 os.kill(pid, signal.SIGKILL)
-        shutil.rmtree(ray_tmp, ignore_errors=True)
 
 
 def test_a_record_of_a_live_driver_is_left_alone_and_a_torn_one_is_dropped(tmp_path, monkeypatch):

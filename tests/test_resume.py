@@ -65,7 +65,7 @@ def wait_until_gone(ray_tmp: str, timeout_s: float, agents_too: bool = True) -> 
                  if agents_too or not cmd.startswith(RAY_AGENTS)]
         if not alive or time.monotonic() > deadline:
             return alive
-        time.sleep(0.5)
+        time.sleep(0.1)
 
 
 def driver_env(ray_tmp: str, **extra: str) -> dict[str, str]:
@@ -176,9 +176,10 @@ def test_sigterm_writes_a_final_checkpoint_and_exits_zero(tmp_path, ray_tmpdir):
         samples = colour_samples(16, prefix=f"s{index}", start=16 * index)
         write_shard(object_url(str(tmp_path / "shards"), f"shard-{index}.tar"), tar_bytes(samples))
     ckpt_dir = tmp_path / "checkpoints"
-    # No budget: only the signal ends this run.
+    # No budget: only the signal ends this run. Steps are logged at every chunk's end (not once a
+    # second), so the first one after the checkpoint is seen as soon as it is trained.
     config = write_config(tmp_path / "train.yaml", {
-        "data": {"shards": str(tmp_path / "shards")}, "train": {"batch_size": BATCH},
+        "data": {"shards": str(tmp_path / "shards")}, "train": {"batch_size": BATCH, "log_interval_s": 0.1},
         "checkpoint": {"dir": str(ckpt_dir), "every_steps": 3}})
     log_path = tmp_path / "driver.log"
     driver = start_driver([sys.executable, "-m", "stream_swav", "train", "--config", str(config)],

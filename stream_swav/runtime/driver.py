@@ -681,7 +681,8 @@ class Trainer:
         if new:
             log.info("follow: %d new shard(s)", len(new))
         if retired:
-            log_retired(retired)
+            # Bucket retention on an endless stream retires shards at every listing: what it is for.
+            log_retired(retired, logging.INFO)
 
     def checkpoint(self, final: bool = False) -> bool:
         """Save through rank 0; False when the save failed (the previous checkpoint stays the latest)."""
@@ -805,9 +806,9 @@ def check_resume_state(state: dict[str, Any]) -> None:
                 raise ValueError(f"its {part} weight {name} is not finite")
 
 
-def log_retired(urls: list[str]) -> None:
-    log.warning("%d shard(s) gone from storage, retired: not read in this pass or later ones unless listed again "
-                "(%s%s)", len(urls), ", ".join(urls[:3]), ", ..." if len(urls) > 3 else "")
+def log_retired(urls: list[str], level: int = logging.WARNING) -> None:
+    log.log(level, "%d shard(s) gone from storage, retired: not read in this pass or later ones unless listed again "
+            "(%s%s)", len(urls), ", ".join(urls[:3]), ", ..." if len(urls) > 3 else "")
 
 
 def state_shaping_changes(saved_config: object, cfg: Config) -> list[tuple[str, object, object]]:

@@ -267,6 +267,17 @@ def list_step_dirs(dir_url: str, storage_cfg: StorageConfig) -> dict[int, str]:
     return found
 
 
+def complete_steps(dir_url: str, folders: dict[int, str], storage_cfg: StorageConfig) -> list[int]:
+    """Those of `folders` (step -> folder URL under `dir_url`) that hold meta.json, the last file a
+    save writes. On an object store from one recursive listing: a lookup per folder cost a request
+    per milestone ever kept (they are kept for good) on every save, while the learners waited. On a
+    filesystem a stat per folder costs less than walking them all, and follows a linked folder."""
+    if storage.split_protocol(dir_url)[0] == "file":
+        return [step for step, url in folders.items() if storage.exists(join_url(url, META), storage_cfg)]
+    files = set(storage.find(dir_url, storage_cfg))
+    return [step for step, url in folders.items() if f"{url.rstrip('/').rsplit('/', 1)[-1]}/{META}" in files]
+
+
 def retained_steps(complete: list[int], latest_step: int, keep_last: int, milestone_steps: int) -> set[int]:
     """Steps to keep among complete checkpoints at or before the latest one."""
     candidates = sorted(s for s in complete if s <= latest_step)
@@ -298,11 +309,7 @@ def prune_checkpoints(dir_url: str, storage_cfg: StorageConfig, *, keep_last: in
         latest_step = latest["step"]
         folders = list_step_dirs(dir_url, storage_cfg)
         older = {s: url for s, url in folders.items() if s < latest_step}
-        # Complete ones hold meta.json, the last file a save writes. Found by one recursive listing:
-        # a lookup per folder cost a request per milestone ever kept (they are kept for good), on
-        # every save, while the learners wait for it.
-        files = set(storage.find(dir_url, storage_cfg))
-        complete = [s for s, url in older.items() if f"{url.rstrip('/').rsplit('/', 1)[-1]}/{META}" in files]
+        complete = complete_steps(dir_url, older, storage_cfg)
         keep = retained_steps(complete + [latest_step], latest_step, keep_last, milestone_steps)
     except Exception:
         log.warning("checkpoint retention skipped: could not inspect %s", dir_url, exc_info=True)

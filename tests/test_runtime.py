@@ -297,6 +297,43 @@ def test_follow_mode_trains_a_shard_that_appears_during_the_run(tmp_path):
     assert first_keys <= trained and trained & new_keys
 
 
+def test_a_shard_retired_while_a_listing_ran_is_not_brought_back_by_it(tmp_path, caplog):
+    """Follow mode lists on a thread of its own, for as long as a big bucket takes: a shard deleted
+    after the listing passed it, found gone by a reader meanwhile and retired, is still in that
+    listing, which must not bring it back. A listing begun after the retirement still may."""
+    shards, _ = shards_on_disk(tmp_path / "shards", [4, 4, 4])
+    trainer = driver.Trainer(tiny_config({"data": {"shards": shards, "follow": True},
+                                          "checkpoint": {"dir": str(tmp_path / "ckpt")}}))
+    listed = trainer.source.list_shards()
+    trainer.ledger.rewind(None, 0, listed)
+    gone = listed[1]
+
+    def apply_next_listing() -> None:
+        deadline = time.monotonic() + 10
+        while trainer.retired_since_listing or trainer.relisting._running is not None:
+            assert time.monotonic() < deadline, "no listing was applied"
+            trainer.follow_new_shards()
+            time.sleep(0.01)
+
+    caplog.set_level(logging.INFO, logger="stream_swav")
+    # A listing that saw the shard begins; the shard is deleted and a reader finds it gone.
+    trainer.relisting = driver.Relisting(lambda: list(listed), interval_s=0)
+    trainer.follow_new_shards()
+    os.remove(gone)
+    trainer.retire_gone([gone])
+    assert gone not in trainer.ledger.cursor.live_urls() and trainer.retired_since_listing
+    apply_next_listing()
+    assert gone not in trainer.ledger.cursor.live_urls()
+    assert "follow: 1 new shard(s)" not in caplog.text
+    # Uploaded again, it is listed by a listing begun after it was retired: it comes back.
+    trainer.retired_since_listing = {gone: time.monotonic()}
+    time.sleep(0.01)
+    trainer.relisting = driver.Relisting(trainer.source.relist, interval_s=0)
+    write_shard(gone, tar_bytes(colour_samples(4, prefix="back")))
+    apply_next_listing()
+    assert gone in trainer.ledger.cursor.live_urls() and "follow: 1 new shard(s)" in caplog.text
+
+
 def test_a_shard_deleted_between_a_checkpoint_and_a_resume_is_retired_and_the_rest_trained_once(tmp_path, caplog):
     """Bucket retention on an endless stream: a shard gone for good was handed out, failed and logged
     in every pass for ever. Resumed without follow mode, the store is asked and the shard retired."""

@@ -12,7 +12,7 @@ from conftest import FAKE_SECRET, colour_samples
 
 from stream_swav import storage
 from stream_swav.config import StorageConfig
-from stream_swav.data.sources import LOOKUP_THREADS, Relisting, ShardSource, ShardSpecError, spec_kind
+from stream_swav.data.sources import LOOKUP_THREADS, Listed, Relisting, ShardSource, ShardSpecError, spec_kind
 
 
 def test_spec_kinds():
@@ -151,12 +151,12 @@ class HeldListing:
         self.answers.put(listing)
 
 
-def next_listing(relisting: Relisting, within_s: float = 10.0) -> list[str]:
+def next_listing(relisting: Relisting, within_s: float = 10.0) -> Listed:
     deadline = time.monotonic() + within_s
-    while (listing := relisting.poll()) is None:
+    while (listed := relisting.poll()) is None:
         assert time.monotonic() < deadline, "the listing never came"
         time.sleep(0.01)
-    return listing
+    return listed
 
 
 def test_a_listing_under_way_holds_up_no_poll_and_one_from_before_a_restart_is_dropped():
@@ -168,21 +168,42 @@ def test_a_listing_under_way_holds_up_no_poll_and_one_from_before_a_restart_is_d
     now[0] = 30.0
     assert relisting.poll() is None and relisting.poll() is None  # started, still under way
     listing.finish(["0.tar", "1.tar"])
-    assert next_listing(relisting) == ["0.tar", "1.tar"]
+    assert next_listing(relisting) == Listed(["0.tar", "1.tar"], started=30.0)
     # The next one an interval after that one ended, not before.
     now[0] = 59.0
     assert relisting.poll() is None and not listing.started.acquire(timeout=0.1)
-    # One under way when the caller lists for itself (a resume) is dropped.
+    # One under way when the caller lists for itself (a resume) is dropped; the next waits for it
+    # to end, an interval after the restart (never two at once).
     now[0] = 60.0
     assert relisting.poll() is None
+    now[0] = 61.0
     relisting.restart()
+    now[0] = 95.0
+    assert relisting.poll() is None  # the dropped one lasts: no other starts beside it
+    assert listing.started.acquire(timeout=10) and not listing.started.acquire(timeout=0.1)
+    listing.started.release()
     listing.finish(["0.tar"])
     time.sleep(0.2)
-    assert relisting.poll() is None and not listing.started.acquire(timeout=0.1)
-    now[0] = 90.0
-    assert relisting.poll() is None
+    assert relisting.poll() is None  # dropped; and the next one starts now
     listing.finish(["0.tar", "1.tar", "2.tar"])
-    assert next_listing(relisting) == ["0.tar", "1.tar", "2.tar"]
+    assert next_listing(relisting) == Listed(["0.tar", "1.tar", "2.tar"], started=95.0)
+
+
+def test_a_listing_that_does_not_end_is_reported_once(caplog):
+    now = [0.0]
+    listing = HeldListing()
+    relisting = Relisting(listing, interval_s=30, what="s3://bucket/shards/", clock=lambda: now[0])
+    now[0] = 30.0
+    relisting.poll()
+    with caplog.at_level(logging.INFO):
+        for minutes in (29, 31, 45):
+            now[0] = 30.0 + minutes * 60
+            assert relisting.poll() is None
+        assert caplog.text.count("listing s3://bucket/shards/ has run for 31 min without an answer") == 1
+        assert caplog.text.count("has run for") == 1
+        listing.finish(["0.tar"])
+        assert next_listing(relisting).urls == ["0.tar"]
+    assert "listing s3://bucket/shards/ ended after 45 min" in caplog.text
 
 
 def test_an_unexpected_error_of_a_listing_reaches_the_poll():

@@ -25,6 +25,7 @@ import time
 from collections import defaultdict
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 
 import braceexpand
 
@@ -182,6 +183,20 @@ class ShardSource:
         return list(dict.fromkeys(urls))
 
 
+# A listing still running after this long is reported (once): follow mode takes in nothing new
+# until it ends. A bucket of ten million shards lists in minutes on S3; this is a store that hangs.
+LISTING_SLOW_S = 1800.0
+
+
+@dataclass(frozen=True)
+class Listed:
+    """A finished listing: every shard it found, and when it began (the caller's clock). A shard
+    the caller retired after `started` may still be in it, listed before it was deleted."""
+
+    urls: list[str]
+    started: float
+
+
 class Relisting:
     """Follow mode's listings (`relist`, a `ShardSource.relist`), taken off the caller's loop: one
     at a time, on a thread of its own, the next one `interval_s` after the last one ended.
@@ -189,34 +204,51 @@ class Relisting:
     The driver relists between chunks, while every learner waits for its next chunk: listing a
     bucket of millions of shards takes minutes on S3 (a thousand keys per request), which inline
     would idle every GPU for as long, each interval. The thread is a daemon, so a listing hung on a
-    store that stopped answering does not hold up the process's exit."""
+    store that stopped answering does not hold up the process's exit; it is reported once it has
+    run `LISTING_SLOW_S`."""
 
-    def __init__(self, relist: Callable[[], list[str] | None], interval_s: float,
+    def __init__(self, relist: Callable[[], list[str] | None], interval_s: float, what: str = "the shards",
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.relist = relist
         self.interval_s = interval_s
+        self.what = what
         self.clock = clock
         self._due = clock() + interval_s
         self._running: Future | None = None
+        self._started = 0.0
+        # False once the caller listed for itself (`restart`): what the one under way finds is dropped.
+        self._wanted = False
+        self._reported = False
 
     def restart(self) -> None:
         """The caller listed itself (a start or a resume): the next listing an interval from now, and
-        one under way is forgotten, since what it finds may predate the caller's listing."""
-        self._running = None
+        one under way is dropped, since what it finds may predate the caller's listing. (It is left
+        to end before the next one starts: never two at once.)"""
+        self._wanted = False
         self._due = self.clock() + self.interval_s
 
-    def poll(self) -> list[str] | None:
-        """The listing finished since the last poll (`relist`'s answer: `ShardSource.relist` gives
-        None when it failed), or None; starts the next one when it is due. Never waits on the store."""
-        running = self._running
+    def poll(self) -> Listed | None:
+        """The listing finished since the last poll, or None (none finished, it was dropped, or it
+        failed: `ShardSource.relist` logs that and answers None); starts the next one when it is
+        due. Never waits on the store."""
+        running, now = self._running, self.clock()
         if running is not None:
             if not running.done():
+                if now - self._started >= LISTING_SLOW_S and not self._reported:
+                    self._reported = True
+                    log.warning("listing %s has run for %.0f min without an answer (a store that stopped "
+                                "answering?): no shard added since it began is taken in until it ends", self.what,
+                                (now - self._started) / 60)
                 return None
             self._running = None
-            self._due = self.clock() + self.interval_s
-            return running.result()  # relist returns None for a failure it expects; others are bugs
-        if self.clock() >= self._due:
-            self._running = self._start()
+            if self._reported:
+                log.info("listing %s ended after %.0f min", self.what, (now - self._started) / 60)
+            if self._wanted:
+                self._due = now + self.interval_s
+                urls = running.result()  # relist answers None for a failure it expects; others are bugs
+                return None if urls is None else Listed(urls, self._started)
+        if now >= self._due:
+            self._running, self._started, self._wanted, self._reported = self._start(), now, True, False
         return None
 
     def _start(self) -> Future:
@@ -233,4 +265,4 @@ class Relisting:
         return future
 
 
-__all__ = ["ShardSource", "ShardSpecError", "Relisting", "spec_kind", "SHARD_SUFFIXES"]
+__all__ = ["ShardSource", "ShardSpecError", "Listed", "Relisting", "LISTING_SLOW_S", "spec_kind", "SHARD_SUFFIXES"]

@@ -132,7 +132,10 @@ class Trainer:
         self.stop_reason = ""
         self.metrics = Metrics()
         self.source = ShardSource(cfg.data.shards, cfg.storage)
-        self.relisting = Relisting(self.source.relist, cfg.data.relist_interval_s)
+        self.relisting = Relisting(self.source.relist, cfg.data.relist_interval_s, what=cfg.data.shards)
+        # Shards retired since the last listing was applied (URL -> when, the driver's clock): one that
+        # began before a shard was retired may still name it, and must not bring it back.
+        self.retired_since_listing: dict[str, float] = {}
         # Each decode actor holds its open shards plus as many waiting, so it never waits for the driver.
         self.ledger = StreamLedger(cfg.data.seed, 2 * cfg.data.open_shards_per_actor)
         self.policy = CheckpointPolicy(cfg.checkpoint.every_steps, cfg.checkpoint.every_seconds)
@@ -506,6 +509,8 @@ class Trainer:
     def restore(self, shards: list[str], point: ckpt.ResumePoint | None) -> None:
         """Load a checkpoint (the newest that loads) into the learners and rewind the stream to it;
         with none, the stream starts from its beginning (the learners are fresh)."""
+        self.relisting.restart()  # the next listing a follow interval from this one, of what is here now
+        self.retired_since_listing.clear()
         if point is None:
             self.ledger.rewind(None, self.cfg.data.seed, shards)
             self.step = self.images_seen = 0
@@ -523,7 +528,6 @@ class Trainer:
             # confirm it: each one looked up, so that a listing that came back short (a list file
             # caught half written) cuts nothing that exists. A lookup that fails counts as there.
             self.retire_gone(self.ledger.unlisted(shards))
-        self.relisting.restart()  # the next listing a follow interval from this one, of what is here now
         self.last_checkpoint_step = self.step
         self.policy.mark(self.step, time.time())
         self.observer.on_resume(point, self.step, self.images_seen)
@@ -668,15 +672,22 @@ class Trainer:
         retired = self.ledger.cursor.retire(self.source.gone(urls))
         if retired:
             log_retired(retired)
+            now = time.monotonic()
+            self.retired_since_listing.update((url, now) for url in retired)
 
     def follow_new_shards(self) -> None:
         """Follow mode: the latest listing's new shards join the stream and those gone long enough
         are retired. Listed on a thread of its own (`Relisting`): the learners do not wait on it."""
         if not self.cfg.data.follow:
             return
-        listing = self.relisting.poll()
-        if listing is None:
+        listed = self.relisting.poll()
+        if listed is None:
             return  # none finished since the last chunk, or it failed (logged; tried again later)
+        listing = listed.urls
+        stale = {url for url, when in self.retired_since_listing.items() if when >= listed.started}
+        if stale:  # deleted after the listing passed them: listed, yet gone
+            listing = [url for url in listing if url not in stale]
+        self.retired_since_listing.clear()  # the next listing begins after every one of them
         new, retired = self.ledger.follow_listing(listing)
         if new:
             log.info("follow: %d new shard(s)", len(new))

@@ -229,7 +229,9 @@ class StreamCursor:
         """Make shards known; new ones join the newest pass under way. A retired shard listed again is
         read again from the next pass on (the passes under way count it finished). Returns the new
         and the returning ones."""
-        new = [url for url in dict.fromkeys(urls) if url not in self._numbers or self._numbers[url] in self._gone]
+        numbers, gone = self._numbers, self._gone
+        # Deduplicated after the filter: a listing names millions of known shards and a few new ones.
+        new = list(dict.fromkeys(url for url in urls if url not in numbers or numbers[url] in gone))
         for url in new:
             if url in self._numbers:
                 self._gone.discard(self._numbers[url])

@@ -357,7 +357,7 @@ class StreamCursor:
                     earlier.limit = len(self._urls)
             state = self._passes[pass_index] = _Pass(self.seed, pass_index, len(self._urls))
             if any(index > pass_index for index in self._passes):
-                state.limit = len(self._urls)  # not the newest (passes open in order, so never so far)
+                state.limit = len(self._urls)  # progress for a later pass came first: not the newest
             for shard in self._gone:
                 state.mark_finished(shard)
         return state

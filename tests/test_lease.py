@@ -395,6 +395,9 @@ def test_the_checkpoint_writer_confirms_the_lease_before_it_commits(tmp_path):
     confirm_holder(str(tmp_path), "mine", CFG)  # no lease: no other run's
     record(tmp_path, dataclasses.replace(other_machine("mine")))
     confirm_holder(str(tmp_path), "mine", CFG)
+    # The run this one took the folder from, releasing late over this run's record: no takeover.
+    record(tmp_path, dataclasses.replace(other_machine("displaced"), released=True))
+    confirm_holder(str(tmp_path), "mine", CFG)
     record(tmp_path, other_machine("successor"))
     with pytest.raises(LeaseLost, match=r"run successor \(pid 4242 on another-host\) holds .* now"):
         confirm_holder(str(tmp_path), "mine", CFG)

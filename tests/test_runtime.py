@@ -566,6 +566,86 @@ def test_a_store_that_does_not_answer_when_the_run_looks_for_its_checkpoint_is_a
             "TimeoutError: GetObject read timeout") in caplog.text
 
 
+class SavingGroup:
+    """A learner group whose rank 0 raises each of `failures` in turn from its saves, then saves."""
+
+    actors = ["rank 0"]
+
+    def __init__(self, failures: list[BaseException]) -> None:
+        self.failures, self.saves = list(failures), 0
+
+    def save(self, directory, extra, info, lease_run=None) -> ckpt.CheckpointInfo:
+        self.saves += 1
+        if self.failures:
+            raise ray.exceptions.RayTaskError("save_checkpoint", "Traceback: ...", self.failures.pop(0))
+        return ckpt.CheckpointInfo(step=120, images_seen=960, step_url=f"{directory}/step-000000120", state_url="",
+                                   backbone_url="", latest_url="", bytes_written=1, duration_s=0.1,
+                                   wall_time=time.time(), deleted=())
+
+    def shutdown(self) -> None:
+        pass
+
+
+def stopping_trainer(tmp_path, group) -> driver.Trainer:
+    """A Trainer at step 120 (100 saved) told to stop, with `group` as its learners."""
+    cfg = tiny_config({"data": {"shards": str(tmp_path)}, "checkpoint": {"dir": str(tmp_path / "ckpt")}})
+    trainer = driver.Trainer(cfg)
+    trainer.group, trainer.pool = group, DecodePool(cfg, learners=1)
+    trainer.step, trainer.images_seen, trainer.last_checkpoint_step = 120, 960, 100
+    trainer.request_stop("SIGTERM")
+    trainer.state = driver.RunState.STOPPING
+    return trainer
+
+
+def test_a_final_checkpoint_the_store_did_not_answer_is_tried_again(tmp_path, monkeypatch, caplog):
+    """A storage blip at the end of a days-long run: the final save is tried again (pauses doubling)
+    while the store does not answer, and the run ends saved, exit 0, where it used to exit 4."""
+    monkeypatch.setattr(driver, "FINAL_SAVE_FIRST_PAUSE_S", 0.01)
+    group = SavingGroup([TimeoutError("PutObject: read timeout"), ConnectionError("connection reset")])
+    trainer = stopping_trainer(tmp_path, group)
+    assert trainer.run() == 0
+    assert group.saves == 3 and trainer.last_checkpoint_step == 120
+    assert caplog.text.count("failed because the store did not answer; trying again") == 2
+    assert "trying again in 0.01s" in caplog.text and "trying again in 0.02s" in caplog.text
+    assert trainer.metrics.registry.get_sample_value("stream_swav_checkpoint_failures_total") == 2
+
+
+def test_a_final_checkpoint_refused_otherwise_is_not_tried_again(tmp_path, monkeypatch, caplog):
+    """A full disk (the save already made what room it could) or a bug: another try would fail
+    the same way. And a store that stays silent is given up on after FINAL_SAVE_RETRY_S."""
+    monkeypatch.setattr(driver, "FINAL_SAVE_FIRST_PAUSE_S", 0.01)
+    group = SavingGroup([OSError(28, "No space left on device")])
+    assert stopping_trainer(tmp_path, group).run() == driver.EXIT_FINAL_CHECKPOINT_FAILED
+    assert group.saves == 1 and "trying again" not in caplog.text
+    assert "final checkpoint at step 120 failed; the last checkpoint saved is step 100" in caplog.text
+    monkeypatch.setattr(driver, "FINAL_SAVE_RETRY_S", 0.1)
+    group = SavingGroup([TimeoutError("PutObject: read timeout")] * 100)
+    assert stopping_trainer(tmp_path, group).run() == driver.EXIT_FINAL_CHECKPOINT_FAILED
+    assert 2 <= group.saves <= 5  # pauses of 0.01, 0.02, 0.04 (0.08 would end past the 0.1 s)
+
+
+def test_marking_the_final_checkpoint_is_tried_again_while_the_store_does_not_answer(tmp_path, monkeypatch,
+                                                                                      caplog):
+    """Stopped right after a periodic save: only latest.json's `final` is left to write; a read
+    of latest.json (or the lease) that timed out is tried again, not an exit 4 for a saved run."""
+    monkeypatch.setattr(driver, "FINAL_SAVE_FIRST_PAUSE_S", 0.01)
+    answers: list[BaseException | bool] = [TimeoutError("GetObject: read timeout"), True]
+
+    def mark_final(*args, **kwargs) -> bool:
+        answer = answers.pop(0)
+        if isinstance(answer, BaseException):
+            raise answer
+        return answer
+
+    monkeypatch.setattr(ckpt, "mark_final", mark_final)
+    trainer = stopping_trainer(tmp_path, SavingGroup([]))
+    trainer.last_checkpoint_step = 120
+    assert trainer.run() == 0
+    assert not answers and trainer.group.saves == 0
+    assert "could not mark checkpoint step 120 as final: TimeoutError" in caplog.text
+    assert "trying again in 0.01s" in caplog.text
+
+
 def test_a_stop_whose_final_checkpoint_loses_every_elastic_learner_exits_4(tmp_path, caplog):
     """SIGTERM; the final save fails because the node holding both learners of an elastic group is
     gone. New learners from the latest checkpoint could only save that again: the run ends with exit

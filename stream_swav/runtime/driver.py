@@ -39,7 +39,8 @@ handler of the current state, which does that state's work and returns the next 
                             final checkpoint cannot be written)
              -> DONE        stopped while waiting for the actors to come up, or a stop was
                             requested with nothing trained since the latest checkpoint (exit 0)
-  STOPPING   -> DONE        final checkpoint written (exit 0), or not (exit 4)
+  STOPPING   -> DONE        final checkpoint written (exit 0), or not (exit 4; while the store
+                            does not answer, it is tried again for 2 minutes first)
              -> SHRINKING   the final checkpoint failed because an elastic group lost a member
 
 Usage and environment errors (`ConfigError`, `StartupError`) are raised, not states: the run
@@ -104,6 +105,13 @@ EXIT_TOO_FEW_LEARNERS = 5
 # How long a checkpoint waits for the decode actors' seen-sets (curation.dedup).
 SEEN_GATHER_TIMEOUT_S = 60.0
 
+# A final checkpoint that failed because the store did not answer is tried again, after pauses
+# doubling from the first, for as long as this (deploy/'s RAY_JOB_STOP_WAIT_TIME_S of 300 s leaves
+# room for a few slow uploads after it): a blip at the end of a days-long run should not make a
+# saved run exit 4.
+FINAL_SAVE_RETRY_S = 120.0
+FINAL_SAVE_FIRST_PAUSE_S = 5.0
+
 
 class RunState(enum.Enum):
     STARTING = "starting"
@@ -128,6 +136,8 @@ class Trainer:
         self.exit_status = 0
         # Why the learner group failed, for RECOVERING.
         self.failure_cause = ""
+        # Whether the last failed save failed because the store did not answer (worth another try).
+        self.store_unanswered = False
         self.stop = threading.Event()
         self.stop_reason = ""
         self.metrics = Metrics()
@@ -409,15 +419,22 @@ class Trainer:
         return next_state
 
     def finish(self) -> RunState:
-        """STOPPING: the final checkpoint, then DONE."""
+        """STOPPING: the final checkpoint (tried again while the store does not answer, for
+        FINAL_SAVE_RETRY_S), then DONE."""
         self.observer.log_progress(self.last_summary)
-        if not self.checkpoint(final=True):
+        give_up_at, pause = time.monotonic() + FINAL_SAVE_RETRY_S, FINAL_SAVE_FIRST_PAUSE_S
+        while not self.checkpoint(final=True):
             if self.loss is not None:  # an elastic group lost a member: the survivors save it
                 return RunState.SHRINKING
-            log.error("final checkpoint at step %d failed; the last checkpoint saved is step %d", self.step,
-                      self.last_checkpoint_step)
-            self.exit_status = EXIT_FINAL_CHECKPOINT_FAILED
-            return RunState.DONE
+            if not self.store_unanswered or time.monotonic() + pause > give_up_at:
+                log.error("final checkpoint at step %d failed; the last checkpoint saved is step %d", self.step,
+                          self.last_checkpoint_step)
+                self.exit_status = EXIT_FINAL_CHECKPOINT_FAILED
+                return RunState.DONE
+            log.warning("the final checkpoint at step %d failed because the store did not answer; trying again "
+                        "in %gs", self.step, pause)
+            time.sleep(pause)  # not stop.wait: the stop is what is being served
+            pause *= 2
         log.info("stopped (%s) at step %d after %d images", self.stop_reason or "stop requested", self.step,
                  self.images_seen)
         return RunState.DONE
@@ -696,7 +713,9 @@ class Trainer:
             log_retired(retired, logging.INFO)
 
     def checkpoint(self, final: bool = False) -> bool:
-        """Save through rank 0; False when the save failed (the previous checkpoint stays the latest)."""
+        """Save through rank 0; False when the save failed (the previous checkpoint stays the latest),
+        with `store_unanswered` saying whether it failed because the store did not answer."""
+        self.store_unanswered = False
         if self.step == 0:
             return True
         if self.step == self.last_checkpoint_step:
@@ -707,6 +726,7 @@ class Trainer:
             self.observer.on_checkpoint_failed(self.step, "this run's lease on checkpoint.dir could not be confirmed "
                                                           "within half of checkpoint.lease_s (storage out of reach)")
             self.policy.mark(self.step, time.time())
+            self.store_unanswered = True
             return False
         started = time.time()
         last = self.last_summary
@@ -725,6 +745,8 @@ class Trainer:
                                     self.lease.me.run if self.lease is not None else None)
         except (RayTaskError, LearnerFailure) as err:
             self.observer.on_checkpoint_failed(self.step, first_line(err))
+            cause = err.cause if isinstance(err, RayTaskError) else None
+            self.store_unanswered = isinstance(cause, BaseException) and storage.is_unavailable(cause)
             if self.lease is not None:  # rank 0 may have found the lease another run's: stop now if so
                 self.lease.check(self.last_checkpoint_step)
             self.policy.mark(self.step, time.time())
@@ -785,6 +807,7 @@ class Trainer:
             raise  # the run stops in one line, as when a save finds the lease lost
         except (*storage.TRANSIENT_ERRORS, ValueError) as err:  # not only OSErrors: s3fs passes some through
             log.error("could not mark checkpoint step %d as final: %s", self.step, first_line(err))
+            self.store_unanswered = storage.is_unavailable(err)
             return False
         log.error("checkpoint step %d is saved but latest.json names another step", self.step)
         return False

@@ -136,17 +136,20 @@ def test_relist_survives_a_listing_failure(tmp_path, make_shard, caplog):
 
 class HeldListing:
     """A listing that lasts until the test lets it finish, as one of a big bucket on a slow store
-    does: each call waits for `finish(listing)` and answers with that listing."""
+    does: each call waits for `finish(listing)` and answers with that listing (or raises it)."""
 
     def __init__(self) -> None:
         self.started = threading.Semaphore(0)
-        self.answers: queue.Queue[list[str]] = queue.Queue()
+        self.answers: queue.Queue[list[str] | BaseException] = queue.Queue()
 
     def __call__(self) -> list[str]:
         self.started.release()
-        return self.answers.get(timeout=30)
+        answer = self.answers.get(timeout=30)
+        if isinstance(answer, BaseException):
+            raise answer
+        return answer
 
-    def finish(self, listing: list[str]) -> None:
+    def finish(self, listing: list[str] | BaseException) -> None:
         assert self.started.acquire(timeout=10), "no listing was started"
         self.answers.put(listing)
 
@@ -213,6 +216,22 @@ def test_an_unexpected_error_of_a_listing_reaches_the_poll():
     relisting = Relisting(broken, interval_s=0)
     with pytest.raises(RuntimeError, match="a bug in the listing"):
         next_listing(relisting)
+
+
+def test_an_unexpected_error_of_a_dropped_listing_is_logged(caplog):
+    """A listing dropped at a resume is not handed to the caller, but a bug in it is not hidden."""
+    listing = HeldListing()
+    relisting = Relisting(listing, interval_s=0, what="s3://bucket/shards/")
+    relisting.poll()
+    relisting.restart()
+    listing.finish(RuntimeError("a bug in the listing"))
+    with caplog.at_level(logging.ERROR):
+        deadline = time.monotonic() + 10
+        while "raised" not in caplog.text:
+            assert relisting.poll() is None and time.monotonic() < deadline
+            time.sleep(0.01)
+    assert "listing s3://bucket/shards/ (dropped at a resume) raised" in caplog.text
+    assert "RuntimeError: a bug in the listing" in caplog.text
 
 
 def test_a_bad_line_added_to_a_list_during_the_run_hides_no_other_shard(tmp_path, caplog):

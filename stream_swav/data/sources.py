@@ -247,6 +247,8 @@ class Relisting:
                 self._due = now + self.interval_s
                 urls = running.result()  # relist answers None for a failure it expects; others are bugs
                 return None if urls is None else Listed(urls, self._started)
+            if running.exception() is not None:  # dropped, but a bug is not to pass unseen
+                log.error("listing %s (dropped at a resume) raised", self.what, exc_info=running.exception())
         if now >= self._due:
             self._running, self._started, self._wanted, self._reported = self._start(), now, True, False
         return None

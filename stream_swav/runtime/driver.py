@@ -689,8 +689,9 @@ class Trainer:
         retired = self.ledger.cursor.retire(self.source.gone(urls))
         if retired:
             log_retired(retired)
-            now = time.monotonic()
-            self.retired_since_listing.update((url, now) for url in retired)
+            if self.cfg.data.follow:  # only a followed listing under way could bring them back
+                now = time.monotonic()
+                self.retired_since_listing.update((url, now) for url in retired)
 
     def follow_new_shards(self) -> None:
         """Follow mode: the latest listing's new shards join the stream and those gone long enough

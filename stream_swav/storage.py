@@ -64,18 +64,20 @@ PERMANENT_ERRORS: tuple[type[BaseException], ...] = (
 CHANGED_ERRORS: tuple[type[BaseException], ...] = (FileExpired,)
 
 
-def content_identity(f: Any) -> Any:
-    """What names an open file's content: an S3 object's ETag; a local file's device, inode, size
-    and modification time; None where neither is known. Equal identities, same bytes (an object
-    overwritten with another gets another ETag; a local file replaced by rename another inode)."""
+def content_identity(f: Any) -> str | None:
+    """What names an open file's content: an S3 object's ETag; a local file's size and modification
+    time (ns); None where neither is known. Equal identities, same bytes (an object overwritten with
+    another gets another ETag; a local file rewritten or replaced, another mtime). The same on every
+    machine, so that a checkpoint's stream cursor can carry it to whoever reads on: not a local
+    file's device and inode, which differ between the hosts of one shared filesystem."""
     details = getattr(f, "details", None)
     if isinstance(details, dict) and details.get("ETag"):
-        return details["ETag"]
+        return str(details["ETag"])
     try:
         st = os.fstat(f.fileno())
     except (AttributeError, OSError, ValueError):
         return None
-    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+    return f"{st.st_size}:{st.st_mtime_ns}"
 
 _cache: dict[tuple[Any, ...], fsspec.AbstractFileSystem] = {}
 _cache_lock = threading.Lock()

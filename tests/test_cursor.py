@@ -1,6 +1,8 @@
 from __future__ import annotations
 
+import collections
 import io
+import os
 import random
 import time
 import zlib
@@ -418,7 +420,7 @@ def deliver(cursor: StreamCursor, worker: DecodeWorker, batches: int | None, bat
         batch = worker.next_batch(batch_size)
         if batch is None:
             break
-        cursor.advance(batch.meta.progress, batch.meta.finished)
+        cursor.advance(batch.meta.progress, batch.meta.finished, batch.meta.identities)
         keys.extend(batch.meta.keys)
         batches = None if batches is None else batches - 1
     return keys
@@ -450,6 +452,73 @@ def test_restore_delivers_exactly_the_samples_not_yet_delivered(tmp_path):
     assert restored.pass_index == 1
     assert len(before) + len(after) == len(all_keys)
     assert sorted(before + after) == sorted(all_keys)
+
+
+def test_a_shard_regenerated_between_a_checkpoint_and_a_resume_is_not_read_on_at_its_old_position(tmp_path):
+    """The cursor saves the content each part-read shard was read in; a resume's reader finds the
+    shard replaced, skips the rest of it for this pass (counted as shard-changed), and the next
+    pass reads the new content whole. The other shards come exactly once, as without a change."""
+    cfg = small_config(open_shards_per_actor=1)
+    paths = [tmp_path / f"{n}.tar" for n in range(2)]
+    for n, path in enumerate(paths):
+        path.write_bytes(tar_bytes(colour_samples(10, prefix=f"s{n}")))
+    trained = StreamCursor(seed=cfg.data.seed)
+    trained.add_shards([str(p) for p in paths])
+    with DecodeWorker(cfg.data, cfg.crops, cfg.storage, worker_index=0) as first:
+        before = deliver(trained, first, batches=1, batch_size=4, passes=1)
+    state = round_trip(trained.state_dict())
+    [part_read] = [(shard, position) for shard, position in state["passes"][0]["positions"]]
+    [[shard, identity]] = state["passes"][0]["identities"]
+    assert shard == part_read[0] and identity and len(before) == 4
+    regenerated = paths[shard]
+    stat = regenerated.stat()
+    regenerated.write_bytes(tar_bytes(colour_samples(10, prefix="new")))
+    os.utime(regenerated, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10_000_000))
+
+    restored = StreamCursor(seed=cfg.data.seed)
+    restored.load_state_dict(state)
+    task = restored.next_task()
+    assert (task.index, task.start, task.identity) == (shard, part_read[1], identity)
+    restored.release(task.key)
+    keys, errors = [], collections.Counter()
+    with DecodeWorker(cfg.data, cfg.crops, cfg.storage, worker_index=1) as second:
+        while True:
+            while (task := restored.next_task()) is not None and task.pass_index < 2:
+                second.assign(task)
+            if task is not None:
+                restored.release(task.key)
+            if (batch := second.next_batch(4)) is None:
+                break
+            restored.advance(batch.meta.progress, batch.meta.finished, batch.meta.identities)
+            keys += batch.meta.keys
+            errors.update(batch.meta.errors)
+    assert errors == {"shard-changed": 1} and restored.pass_index == 2
+    # The other shard once a pass; the regenerated one: the old samples trained before the
+    # checkpoint, none of the old or the new after it in that pass, the new ones whole in the next.
+    other = paths[1 - shard]
+    assert sorted(k for k in keys if k.startswith(f"{other}/")) == sorted(
+        f"{other}/s{1 - shard}-{i:05d}" for i in range(10) for _ in range(2))
+    assert all(k.startswith(f"{regenerated}/s{shard}-") for k in before)
+    assert sorted(k for k in keys if k.startswith(f"{regenerated}/")) == [f"{regenerated}/new-{i:05d}"
+                                                                          for i in range(10)]
+
+
+def test_a_cursor_state_with_a_content_identity_of_a_shard_without_a_position_is_refused():
+    cursor = StreamCursor(seed=0)
+    cursor.add_shards(["a.tar", "b.tar"])
+    cursor.advance({(0, 0): 3}, [], {(0, 0): "etag-1", (0, 1): "etag-2"})
+    state = cursor.state_dict()
+    assert state["passes"][0]["identities"] == [[0, "etag-1"]]  # b.tar has no position: nothing kept
+    cursor.advance({(0, 0): 5}, [(0, 0)], {(0, 0): "etag-1"})
+    assert cursor.state_dict()["passes"][0]["identities"] == []  # finished: nothing to read on
+    state["passes"][0]["identities"] = [[1, "etag-2"]]
+    with pytest.raises(ValueError, match="content identity of a shard it has no position in"):
+        StreamCursor(seed=0).load_state_dict(state)
+    del state["passes"][0]["identities"]  # saved before identities: read on unchecked
+    restored = StreamCursor(seed=0)
+    restored.load_state_dict(state)
+    [task] = [t for t in drain(restored) if t.index == 0]
+    assert task.start == 3 and task.identity is None
 
 
 def test_trained_says_which_positions_are_behind_the_cursor():

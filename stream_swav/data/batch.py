@@ -36,6 +36,10 @@ class BatchMeta:
     gone: list[ShardKey] = field(default_factory=list)
     # The URL of every shard in `progress`, for whoever logs or audits what a batch holds.
     urls: dict[ShardKey, str] = field(default_factory=dict)
+    # The content identity each shard in `progress` was read with, where known (an ETag; a local
+    # file's size and mtime): the stream cursor keeps it, so that whoever reads the shard on from
+    # its position (after a resume, or a decode actor's replacement) reads the same content.
+    identities: dict[ShardKey, str] = field(default_factory=dict)
     # Skipped samples by reason, since the previous batch of the same worker; shard-level reasons
     # (bad-tar, truncated-shard, shard-read-error...) arrive with the shard's finish.
     errors: Counter = field(default_factory=Counter)

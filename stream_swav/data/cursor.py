@@ -96,13 +96,15 @@ def shard_seed(seed: int, pass_index: int, url: str) -> int:
 @dataclass(frozen=True)
 class ShardTask:
     """Read shard number `index` (at `url`) in pass `pass_index` with shuffle seed `seed`, from
-    emission position `start`."""
+    emission position `start`; the positions before it were read in content `identity`, where
+    known (`storage.content_identity`): other content is not read on at that position."""
 
     url: str
     index: int
     pass_index: int
     seed: int
     start: int
+    identity: str | None = None
 
     @property
     def key(self) -> ShardKey:
@@ -131,6 +133,8 @@ class _Pass:
         self.finished = bytearray((base + 7) // 8)
         self.n_finished = 0
         self.positions: dict[int, int] = {}
+        # The content identity of each shard in `positions`, where known.
+        self.identities: dict[int, str] = {}
         self.assigned: set[int] = set()
         # Next place in the order to hand out; shards given back, and shards skipped while open in
         # the other pass, wait in their own queues.
@@ -164,6 +168,7 @@ class _Pass:
         self.finished[shard >> 3] |= 1 << (shard & 7)
         self.n_finished += 1
         self.positions.pop(shard, None)
+        self.identities.pop(shard, None)
         self.assigned.discard(shard)
 
     def complete(self, n_shards: int) -> bool:
@@ -288,8 +293,9 @@ class StreamCursor:
         state = self._passes[pass_index]
         state.assigned.add(shard)
         url = self._urls[shard]
+        start = state.positions.get(shard, 0)
         return ShardTask(url=url, index=shard, pass_index=pass_index, seed=shard_seed(self.seed, pass_index, url),
-                         start=state.positions.get(shard, 0))
+                         start=start, identity=state.identities.get(shard) if start else None)
 
     def _next_shard(self, state: _Pass, other: _Pass | None) -> int | None:
         """The first shard of the pass that can be handed out. A shard the other live pass still
@@ -322,8 +328,10 @@ class StreamCursor:
             state.assigned.discard(shard)
             state.released.append(shard)
 
-    def advance(self, progress: dict[ShardKey, int], finished: list[ShardKey]) -> None:
-        """Record trained batches: positions reached per shard (only ever move forward), shards now finished."""
+    def advance(self, progress: dict[ShardKey, int], finished: list[ShardKey],
+                identities: dict[ShardKey, str] | None = None) -> None:
+        """Record trained batches: positions reached per shard (only ever move forward) and the
+        content identity they were read in, where known; shards now finished."""
         for (pass_index, shard), position in progress.items():
             if pass_index < self._current:
                 continue  # a pass already complete: nothing left to record
@@ -331,6 +339,9 @@ class StreamCursor:
             if position > state.positions.get(shard, 0) and not state.is_finished(shard):
                 state.positions[shard] = int(position)
                 state.read_any = True
+                identity = (identities or {}).get((pass_index, shard))
+                if identity is not None:
+                    state.identities[shard] = identity
         for pass_index, shard in finished:
             if pass_index >= self._current:
                 self._pass(pass_index).mark_finished(shard)
@@ -377,6 +388,7 @@ class StreamCursor:
                 {"index": index, "base": state.base, "limit": state.limit,
                  "finished": zlib.compress(bytes(state.finished), 1),
                  "positions": sorted([shard, pos] for shard, pos in state.positions.items() if pos > 0),
+                 "identities": sorted([shard, identity] for shard, identity in state.identities.items()),
                  "read_any": state.read_any}
                 for index, state in sorted(self._passes.items())
             ],
@@ -412,6 +424,11 @@ class StreamCursor:
                     if not 0 <= int(shard) < len(urls) or int(position) < 0:
                         raise ValueError(f"pass {index} has a position of an unknown shard or a negative one")
                     restored.positions[int(shard)] = int(position)
+                # Saved since 2026-12-08; before, a shard restored part-read is read on unchecked.
+                for shard, identity in entry.get("identities", []):
+                    if int(shard) not in restored.positions or not isinstance(identity, str):
+                        raise ValueError(f"pass {index} has a content identity of a shard it has no position in")
+                    restored.identities[int(shard)] = identity
                 # Saved since 2026-12-07; before, a pass restored part-read counts as read (a resume
                 # must not take a pass it had read for one where every read failed).
                 restored.read_any = bool(entry.get("read_any", True))

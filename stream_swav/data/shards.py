@@ -107,6 +107,8 @@ class ShardReport:
     gave_up: bool = False
     # True when the store said the shard is not there (deleted, say by bucket retention).
     gone: bool = False
+    # The content identity the shard was read with (`storage.content_identity`), once opened.
+    identity: str | None = None
 
 
 class TarFormatError(Exception):
@@ -401,7 +403,8 @@ def _sample_bytes(sample: Sample) -> int:
 def iter_shard(url: str, fs: fsspec.AbstractFileSystem, seed: int, buffer_size: int, start: int = 0, *,
                max_sample_bytes: int, read_retries: int, retry_backoff_s: float,
                report: ShardReport | None = None, max_shard_bytes: int = 0, max_expansion: float = 0.0,
-               block_size: int = READ_BLOCK_BYTES, buffer_bytes: int = 0) -> Iterator[tuple[int, Sample]]:
+               block_size: int = READ_BLOCK_BYTES, buffer_bytes: int = 0,
+               identity: str | None = None) -> Iterator[tuple[int, Sample]]:
     """(position, sample) for every position >= `start` in the shard's emission order.
 
     Positions before `start` are read and shuffled (the order needs them) but
@@ -414,7 +417,9 @@ def iter_shard(url: str, fs: fsspec.AbstractFileSystem, seed: int, buffer_size: 
     whose content changed since this call first opened it (another ETag, or
     another local file) is not read on where the old content stopped: the rest
     of it is skipped and ``shard-changed`` counted, so that its next pass reads
-    the new content whole.
+    the new content whole. So is one read from `start` > 0 whose content is not `identity`, the
+    one the positions before `start` were read in (by a reader before a resume, or before its
+    decode actor was replaced).
     """
     report = report if report is not None else ShardReport()
     path = fs._strip_protocol(url)
@@ -423,21 +428,23 @@ def iter_shard(url: str, fs: fsspec.AbstractFileSystem, seed: int, buffer_size: 
     if storage.is_special_file(fs, path):  # a FIFO or a device named like a shard, or listed
         _give_up(url, report, Counter(), next_position, OSError("not a regular file"))
         return
-    opened = None  # the content identity of the first open
+    opened = identity if start > 0 else None  # the content identity of the first open
     while True:
         # Format errors of the attempt that ends the shard are the ones reported;
         # an interrupted attempt will meet them again.
         attempt_errors: Counter = Counter()
         try:
             with fs.open(path, "rb", block_size=block_size) as f:
-                identity = content_identity(f)
+                now = content_identity(f)
                 if opened is None:
-                    opened = identity
-                elif identity != opened:
+                    opened = now
+                elif now is not None and now != opened:
+                    since = ("it was first opened" if report.identity is not None
+                             else f"positions before {start} were read")
                     _give_up(url, report, attempt_errors, next_position,
-                             OSError(f"the object changed since it was first opened ({opened} -> {identity})"),
-                             "shard-changed")
+                             OSError(f"the object changed since {since} ({opened} -> {now})"), "shard-changed")
                     return
+                report.identity = opened
                 samples = shuffled_samples(read_samples(f, max_sample_bytes, attempt_errors, report,
                                                         max_shard_bytes=max_shard_bytes,
                                                         max_expansion=max_expansion), buffer_size, seed,

@@ -75,6 +75,8 @@ class _Item:
     # Bytes the reader pulled from storage since its previous item.
     bytes_read: int = 0
     crash: BaseException | None = None
+    # The content identity the shard is read with (`ShardReport.identity`).
+    identity: str | None = None
 
     @property
     def nbytes(self) -> int:
@@ -167,6 +169,8 @@ class DecodeWorker:
             if item.sample is not None:
                 meta.progress[item.shard] = item.position + 1
                 meta.urls[item.shard] = task.url
+                if item.identity is not None:
+                    meta.identities[item.shard] = item.identity
                 image = self._admit(item, meta)
                 if image is not None:
                     key = f"{task.url}/{item.sample.key}"
@@ -337,6 +341,7 @@ class DecodeWorker:
             fs, _ = filesystem_for(task.url, self.storage)
             try:
                 for position, sample in iter_shard(task.url, fs, task.seed, data.shuffle_buffer, task.start,
+                                                   identity=task.identity,
                                                    max_sample_bytes=data.max_sample_bytes,
                                                    read_retries=data.shard_read_retries,
                                                    retry_backoff_s=data.shard_retry_backoff_s, report=report,
@@ -346,7 +351,7 @@ class DecodeWorker:
                     if held.sample is not None and not self._put(held):
                         return
                     held = _Item(task.key, position=position, sample=sample,
-                                 bytes_read=report.bytes_read - reported_bytes)
+                                 bytes_read=report.bytes_read - reported_bytes, identity=report.identity)
                     reported_bytes = report.bytes_read
             except MemoryError:
                 raise  # this process is short of memory: a replacement reads the shard again

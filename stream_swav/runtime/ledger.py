@@ -82,7 +82,7 @@ class StreamLedger:
     def record(self, progress: Progress) -> None:
         """Trained batches: move the cursor, and let go of finished shards."""
         empty_before = self.cursor.empty_passes_in_row
-        self.cursor.advance(progress.positions, progress.finished)
+        self.cursor.advance(progress.positions, progress.finished, progress.identities)
         for key in progress.finished:
             for held in self.holders.values():
                 held.discard(key)

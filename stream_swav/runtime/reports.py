@@ -23,6 +23,8 @@ class Progress:
     actor and consumed by one learner, in order."""
 
     positions: dict[ShardKey, int] = field(default_factory=dict)
+    # The content identity each shard of `positions` was read with, where known.
+    identities: dict[ShardKey, str] = field(default_factory=dict)
     finished: list[ShardKey] = field(default_factory=list)
     # Finished shards that were not there to read (shard-gone).
     gone: list[ShardKey] = field(default_factory=list)
@@ -42,6 +44,7 @@ class Progress:
         for key, position in meta.progress.items():
             if position > self.positions.get(key, 0):
                 self.positions[key] = position
+        self.identities.update(meta.identities)
         self.finished.extend(meta.finished)
         self.gone.extend(meta.gone)
         self.errors.update(meta.errors)
@@ -62,6 +65,7 @@ class Progress:
         for key, position in other.positions.items():
             if position > self.positions.get(key, 0):
                 self.positions[key] = position
+        self.identities.update(other.identities)
         self.finished.extend(other.finished)
         self.gone.extend(other.gone)
         self.errors.update(other.errors)

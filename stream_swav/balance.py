@@ -51,6 +51,9 @@ from stream_swav.swav import FeatureQueue
 # A sample's weight before the batch rescaling stays within [1/MAX_RATIO, MAX_RATIO] (1 at uniform
 # usage): an image of a prototype almost never picked must not carry a step.
 MAX_RATIO = 10.0
+# The least share a group once seen keeps: a share that only decays (momentum 0.99 a step) would
+# underflow float32 to 0 after ~9,000 steps without the group, and read as never seen (weight 1).
+SEEN_FLOOR = 1e-30
 
 
 # The strongest exponent: the density signal compresses the imbalance it sees, so it needs more than 1.
@@ -129,7 +132,9 @@ class UsageBalance:
         counts = counts.to(self.usage.dtype)
         share = counts / counts.sum().clamp_min(1.0)
         momentum = torch.where(counts.sum() > 0, self.momentum, 1.0)
+        seen = self.usage > 0
         self.usage.mul_(momentum).add_(share * (1.0 - momentum))
+        self.usage.copy_(torch.where(seen, self.usage.clamp_min(SEEN_FLOOR), self.usage))
 
     def state_dict(self) -> dict[str, Tensor]:
         return {"usage": self.usage.detach().cpu().clone()}

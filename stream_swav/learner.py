@@ -676,7 +676,12 @@ class Learner(LearnerState):
         counts = prototype_counts(assign_scores.reshape(-1, assign_scores.shape[2]))
         loss = swav_loss(scores, codes, assign_crops, swav.temperature, weights)
         self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        # The loss is a mean over this rank's rows and DDP averages the ranks' gradients evenly:
+        # where the ranks' batches differ in size (one cut short at a shard's end, or thinned by
+        # skipping), each rank's loss is weighed by its share of the step's rows, so that every
+        # image counts alike, as in one batch of them all (and as the step's rate assumes).
+        rank_share = batch_size * self.world_size / step_images if step_images else 1.0
+        (loss * rank_share).backward()
 
         nonfinite = not self._all_finite(loss)  # the step's last collective
         self._check_collectives()

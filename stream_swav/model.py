@@ -263,9 +263,14 @@ class SwAVModel(nn.Module):
         return self.head(torch.cat([self.backbone(group) for group in crops]))
 
     def head(self, features: Tensor) -> tuple[Tensor, Tensor]:
-        """z, unit rows, and the prototype scores z @ C^T of backbone features (N, feature_dim)."""
-        z = F.normalize(self.projection(features), dim=1)
-        return z, self.prototypes(z)
+        """z, unit rows, and the prototype scores z @ C^T of backbone features (N, feature_dim), both
+        float32 whatever autocast computes the rest in: Sinkhorn takes exp(score / 0.05), where
+        bf16's 8 significant bits would put ~5% of noise on the codes, and the queue's rows are
+        scored in float32 too (a output_dim x prototypes product: nothing to save)."""
+        projected = self.projection(features)
+        with torch.autocast(device_type=projected.device.type, enabled=False):
+            z = F.normalize(projected.float(), dim=1)
+            return z, self.prototypes(z)
 
     @torch.no_grad()
     def normalize_prototypes(self) -> None:

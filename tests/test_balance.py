@@ -51,6 +51,20 @@ def test_balance_moves_the_trained_distribution_towards_uniform_over_prototypes(
     assert usage_perplexity(raw.numpy()) < usage_perplexity(partial.numpy()) < usage_perplexity(trained.numpy())
 
 
+def test_a_group_seen_once_stays_seen_however_long_it_is_away():
+    """Its share decays towards 0 at every step without it, but never to 0 (float32 underflows
+    after ~9,000 steps at momentum 0.99), which would read as never seen: weight 1, not placed."""
+    balance = LabelBalance(classes=3, strength=1.0, momentum=0.99)
+    balance.fold_groups(torch.tensor([0, 1]))
+    for _ in range(20_000):
+        balance.fold_groups(torch.tensor([1, 1]))
+    labels = torch.tensor([0, 1, 2])
+    assert balance.seen(labels).tolist() == [True, True, False]
+    weights = balance.group_weights(labels)
+    # The class away for 20,000 steps is as rare as can be (the cap); the unseen one weighs 1.
+    assert weights[0] / weights[2] == pytest.approx(MAX_RATIO) and weights[0] > weights[1]
+
+
 def test_weights_have_mean_one_and_bounded_ratios():
     balance = PrototypeBalance(4, strength=1.0)
     assert torch.equal(balance.weights(picks(torch.tensor([0, 1, 2, 3]), 4), NO_FEATURES, NO_LABELS),

@@ -531,6 +531,64 @@ def test_two_learners_stay_in_sync_and_skip_together(tmp_path):
         torch.testing.assert_close(a[finite], b[finite], rtol=0, atol=0)
 
 
+def _uneven_batches_worker(rank: int, world_size: int, port: int, out_dir: str) -> None:
+    """One step of two ranks whose batches hold 2 and 6 rows: each rank's gradient of its own mean
+    loss (taken beside the step's, before DDP averages them), and the gradient the step applied."""
+    import stream_swav.learner as learner_module
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size,
+                            timeout=timedelta(seconds=60))
+    try:
+        cfg = tiny_config(train={"batch_size": 6, "learners": world_size}, swav={"freeze_prototypes_steps": 0})
+        learner = Learner(cfg, torch.device("cpu"), rank=rank, world_size=world_size)
+        params = [p for p in learner.model.parameters() if p.requires_grad]
+        own: list[torch.Tensor] = []
+        plain_loss = learner_module.swav_loss
+
+        def loss_and_own_gradient(*args, **kwargs):
+            loss = plain_loss(*args, **kwargs)
+            own.extend(torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True))
+            return loss
+
+        learner_module.swav_loss = loss_and_own_gradient
+        applied: list[torch.Tensor] = []
+        optimiser_step = learner.optimizer.step
+
+        def step_seeing_the_gradient(*args, **kwargs):  # LARS rescales the gradients in place
+            applied.extend(p.grad.clone() if p.grad is not None else torch.zeros_like(p) for p in params)
+            return optimiser_step(*args, **kwargs)
+
+        learner.optimizer.step = step_seeing_the_gradient
+        batch = SyntheticStream(n_classes=4, image_size=8, seed=20 + rank).batch(cfg)
+        rows = 2 if rank == 0 else 6
+        batch = CropBatch(global_crops=batch.global_crops[:, :rows], local_crops=batch.local_crops[:, :rows],
+                          meta=batch.meta)
+        learner.train_step(batch, step_images=8)
+        torch.save({"own": [g if g is not None else torch.zeros_like(p) for g, p in zip(own, params)],
+                    "applied": applied},
+                   f"{out_dir}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(180)
+def test_ranks_with_uneven_batches_weigh_every_image_alike(tmp_path):
+    """A short batch (a shard's end, skipping's thinning) on one rank: the step's gradient is the
+    mean over every image of the step, each rank's mean weighed by its rows (2/8 and 6/8), not the
+    ranks' means averaged evenly (which would give each of the short rank's images 3x the weight)."""
+    mp.start_processes(_uneven_batches_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True,
+                       start_method="forkserver")
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
+    expected = [0.25 * a + 0.75 * b for a, b in zip(ranks[0]["own"], ranks[1]["own"])]
+    evenly = [0.5 * a + 0.5 * b for a, b in zip(ranks[0]["own"], ranks[1]["own"])]
+    for rank in ranks:
+        for applied, want in zip(rank["applied"], expected):
+            torch.testing.assert_close(applied, want, rtol=1e-4, atol=1e-6)
+    assert any(not torch.allclose(a, b, rtol=1e-3, atol=1e-6) for a, b in zip(expected, evenly))
+
+
 def test_weight_average_is_what_the_learner_exports_and_resumes():
     cfg = tiny_config(optim={"ema_momentum": 0.9})
     stream = SyntheticStream(n_classes=4, image_size=8, seed=2)

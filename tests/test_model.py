@@ -47,6 +47,21 @@ def test_forward_shapes_unit_norm_and_prototypes():
     torch.testing.assert_close(model.prototypes.weight.norm(dim=1), torch.ones(10))
 
 
+def test_under_bf16_autocast_the_scores_sinkhorn_reads_are_float32():
+    """The backbone and projection run in bf16 under autocast; z and the prototype scores do not
+    (exp(score / 0.05) in Sinkhorn would turn bf16's rounding into ~5% noise on the codes)."""
+    model = tiny_model()
+    with torch.autocast(device_type="cpu", dtype=torch.bfloat16):
+        projected = model.projection(model.backbone(crops()[0]))
+        z, scores = model([crops()[0]])
+    assert projected.dtype == torch.bfloat16
+    assert z.dtype == scores.dtype == torch.float32
+    torch.testing.assert_close(z, torch.nn.functional.normalize(projected.float(), dim=1))
+    torch.testing.assert_close(scores, z @ model.prototypes.weight.T, rtol=1e-6, atol=1e-6)
+    rounded = (z.bfloat16() @ model.prototypes.weight.T.bfloat16()).float()
+    assert (rounded - scores).abs().max() > 1e-4  # what bf16 scores were off by
+
+
 def test_forward_rejects_bad_crops():
     model = tiny_model()
     with pytest.raises(ValueError, match="at least one"):

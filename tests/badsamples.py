@@ -195,6 +195,28 @@ def jpeg_with_repeated_scan(repeats: int = 100, width: int = 64, height: int = 4
     return data[:end] + data[last_scan:end] * repeats + data[end:]
 
 
+def with_header_segments(fmt: str, segments: int) -> bytes:
+    """A valid 64x48 image whose header holds `segments` empty segments more than it needs: JPEG
+    comments, PNG text chunks, or one GIF comment of that many one-byte sub-blocks."""
+    image = photo_like(64, 48, seed=5)
+    if fmt == "jpg":
+        data = _encode(image, "JPEG")
+        return data[:2] + b"\xff\xfe\x00\x02" * segments + data[2:]
+    if fmt == "png":
+        data = _encode(image, "PNG")
+        chunk = struct.pack(">I", 0) + b"tEXt" + struct.pack(">I", zlib.crc32(b"tEXt"))
+        return data[:33] + chunk * segments + data[33:]  # after the signature and IHDR
+    data = _encode(image, "GIF")
+    flags = data[10]
+    start = 13 + (3 << ((flags & 7) + 1) if flags & 0x80 else 0)
+    return data[:start] + b"\x21\xfe" + b"\x01x" * segments + b"\x00" + data[start:]
+
+
+def jpeg_with_icc_profile(size: int = 150_000) -> bytes:
+    """A 64x48 JPEG carrying a large ICC profile (Pillow splits it over APP2 segments) and EXIF."""
+    return _encode(photo_like(64, 48, seed=6), "JPEG", icc_profile=b"\0" * size, exif=Image.Exif().tobytes())
+
+
 def all_samples() -> list[Sample]:
     return [
         ("photo-640x480", "jpg", jpeg(640, 480), ("ok", (480, 640))),
@@ -229,4 +251,11 @@ def all_samples() -> list[Sample]:
         ("bmp-jpeg-compression", "bmp", bmp_with_jpeg_compression(), ("skip", "unsupported")),
         ("repeated-scan", "jpg", jpeg_with_repeated_scan(), ("skip", "too-many-scans")),
         ("a-few-repeated-scans", "jpg", jpeg_with_repeated_scan(repeats=20), ("ok", (48, 64))),
+        ("comment-segments", "jpg", with_header_segments("jpg", 5_000), ("skip", "too-many-segments")),
+        ("text-chunks", "png", with_header_segments("png", 5_000), ("skip", "too-many-segments")),
+        ("comment-sub-blocks", "gif", with_header_segments("gif", 5_000), ("skip", "too-many-segments")),
+        ("a-few-comment-segments", "jpg", with_header_segments("jpg", 1_000), ("ok", (48, 64))),
+        ("a-few-text-chunks", "png", with_header_segments("png", 1_000), ("ok", (48, 64))),
+        ("a-few-comment-sub-blocks", "gif", with_header_segments("gif", 1_000), ("ok", (48, 64))),
+        ("icc-profile-and-exif", "jpg", jpeg_with_icc_profile(), ("ok", (48, 64))),
     ]

@@ -19,6 +19,7 @@ from stream_swav.data.decode import (
     DecodeLimits,
     SampleError,
     decode_image,
+    header_segments,
     log_pillow_flavour,
     pillow_flavour,
 )
@@ -213,6 +214,37 @@ def test_corrupt_entropy_data_is_a_read_error_or_truncation_never_a_crash():
         except SampleError as error:
             outcomes.add(error.reason)
     assert outcomes <= {"RGB", *SKIP_REASONS}
+
+
+def test_header_segments_are_counted_up_to_the_image_data_and_no_further():
+    photo = badsamples.jpeg(64, 48)
+    assert 3 <= header_segments(photo, 4096) <= 10  # SOI aside: APP0, DQT, SOF, DHT..., SOS
+    assert header_segments(badsamples.with_header_segments("jpg", 100_000), 4096) == 4097  # stops at the cap
+    # A progressive JPEG's later scans and what lies between them are the scan limit's business.
+    progressive = badsamples.jpeg(64, 48, progressive=True)
+    assert header_segments(progressive, 4096) == header_segments(progressive[:progressive.index(b"\xff\xda") + 2],
+                                                                 4096)
+    assert header_segments(badsamples.webp(), 4096) == 0
+    assert header_segments(b"\xff\xd8\x00garbage", 4096) == 0  # Pillow says what is wrong with it
+
+
+def test_pillows_warnings_about_damage_it_survives_are_not_printed_for_every_image():
+    """A crawl's broken EXIF tags (and malformed MPOs) make Pillow warn; decoding thousands an hour,
+    that would flood the logs with one line per image (catch_warnings resets show-once)."""
+    image = badsamples.photo_like(48, 32, seed=7)
+    ifd = (b"II*\x00" + (8).to_bytes(4, "little") + (1).to_bytes(2, "little")
+           + (270).to_bytes(2, "little") + (2).to_bytes(2, "little") + (1000).to_bytes(4, "little")
+           + (100).to_bytes(4, "little") + bytes(4))  # ImageDescription: 1,000 bytes past the end
+    buffer = io.BytesIO()
+    image.save(buffer, "JPEG", exif=b"Exif\x00\x00" + ifd)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        Image.open(io.BytesIO(buffer.getvalue())).getexif()
+        assert any("Skipping tag 270" in str(w.message) for w in caught)  # what Pillow says
+        caught.clear()
+        for _ in range(3):
+            assert decode_image(buffer.getvalue(), LIMITS, FULL_SCALE).size == (48, 32)
+    assert not caught
 
 
 def test_sample_error_names_a_known_reason_and_pickles():

@@ -61,6 +61,16 @@ def test_members_group_into_samples_with_metadata():
     assert sum(s.nbytes for s in samples) < report.bytes_read < len(data) - len(png)
 
 
+def test_an_empty_image_member_does_not_hide_the_real_one_after_it():
+    png = image_bytes((0, 0, 255), "PNG")
+    data = tar_bytes([("a", {"jpg": b"", "png": png}), ("b", {"jpg": b""}), ("c", {"avif": b"avif bytes"})])
+    (a, b, c), errors, _ = read_all(data)
+    assert (a.image, a.image_ext, a.error) == (png, "png", None)
+    assert (b.image, b.error) == (b"", None)  # the decoder counts it as empty
+    assert (c.image, c.image_ext) == (b"avif bytes", "avif")  # AVIF is read, as the decoder accepts it
+    assert not errors
+
+
 def test_long_member_names_pax_and_gnu():
     deep = "/".join(["folder" * 5] * 5) + "/sample-with-a-long-name"
     for fmt in (tarfile.PAX_FORMAT, tarfile.GNU_FORMAT):

@@ -36,12 +36,20 @@ SKIP_REASONS = (
     "unsupported",
     "read-error",
     "too-many-scans",
+    "too-many-segments",
 )
 
 # Scans (SOS markers) a progressive JPEG may hold: it has about ten (libjpeg's script: 10 for
 # colour). Each scan decodes the whole image again, so a file that repeats one a thousand times
 # (195 KB) takes 20 s at 36 MP, even in draft mode; past this it is refused before decoding.
 MAX_JPEG_SCANS = 64
+
+# Header segments (JPEG markers before the first scan, PNG chunks before the first image data, GIF
+# blocks and sub-blocks before the first image) an image may hold: a photograph has tens (an ICC
+# profile split over APP2 segments, at most 255). Pillow parses each in Python, so a file of a
+# million empty ones (4 MB of JPEG comments) takes seconds and hundreds of MB to open, and passes
+# every other check; past this it is refused before Pillow sees it.
+MAX_HEADER_SEGMENTS = 4096
 
 # Formats a web crawl actually contains (JPEG includes multi-picture MPO). A
 # file in any other format counts as not-an-image: its parser never sees the bytes.
@@ -112,10 +120,19 @@ def decode_image(data: bytes, limits: DecodeLimits, min_target_side: int) -> Ima
     if len(data) > limits.max_bytes:
         raise SampleError("too-many-bytes", f"{len(data)} bytes, limit {limits.max_bytes}")
 
+    segments = header_segments(data, MAX_HEADER_SEGMENTS)
+    if segments > MAX_HEADER_SEGMENTS:
+        raise SampleError("too-many-segments", f"over {MAX_HEADER_SEGMENTS} header segments")
+
     # catch_warnings restores the filters on exit; inside, Pillow's bomb
-    # warning (between MAX_IMAGE_PIXELS and twice that) becomes an exception.
-    # The filters are process-wide, so decode from one thread per process.
+    # warning (between MAX_IMAGE_PIXELS and twice that) becomes an exception,
+    # and its other warnings (a broken EXIF tag, a malformed MPO) are dropped:
+    # the damage they report costs nothing or is raised, and a crawl repeats
+    # them thousands of times an hour (catch_warnings also resets Python's
+    # show-once memory). The filters are process-wide, so decode from one
+    # thread per process.
     with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
         warnings.simplefilter("error", Image.DecompressionBombWarning)
         try:
             # A freshly opened file sits on its first frame; nothing here seeks further.
@@ -150,11 +167,11 @@ def decode_image(data: bytes, limits: DecodeLimits, min_target_side: int) -> Ima
         except _MALFORMED as exc:
             raise SampleError("read-error", f"{type(exc).__name__}: {exc}") from None
 
-    orientation = _exif_orientation(image)
-    try:
-        rgb = _to_rgb(image)
-    except ValueError as exc:
-        raise SampleError("unsupported", f"mode {image.mode}: {exc}") from None
+        orientation = _exif_orientation(image)
+        try:
+            rgb = _to_rgb(image)
+        except ValueError as exc:
+            raise SampleError("unsupported", f"mode {image.mode}: {exc}") from None
     transpose = _TRANSPOSE_FOR_ORIENTATION.get(orientation)
     return rgb.transpose(transpose) if transpose is not None else rgb
 
@@ -164,6 +181,54 @@ def _openable_formats() -> tuple[str, ...]:
     # A build without a codec (Pillow-SIMD has no AVIF) has no plugin to name.
     Image.init()
     return tuple(f for f in ACCEPTED_FORMATS if f in Image.OPEN)
+
+
+def header_segments(data: bytes, limit: int) -> int:
+    """How many header segments a JPEG, PNG or GIF holds before its image data, counted up to
+    `limit` + 1 (0 for other formats, and where the structure stops making sense: Pillow then
+    says what is wrong). Only lengths are read: O(segments), no parsing."""
+    count, end = 0, len(data)
+    if data[:2] == b"\xff\xd8":  # JPEG: FF xx [length] segments up to the first scan (SOS)
+        pos = 2
+        while count <= limit and pos + 1 < end:
+            if data[pos] != 0xFF:
+                return count
+            marker = data[pos + 1]
+            if marker == 0xFF:  # fill byte
+                pos += 1
+                continue
+            count += 1
+            if marker == 0xDA:
+                return count
+            if marker in (0x01, 0xD8) or 0xD0 <= marker <= 0xD7:
+                pos += 2
+                continue
+            if pos + 3 >= end:
+                return count
+            pos += 2 + int.from_bytes(data[pos + 2:pos + 4], "big")
+        return count
+    if data[:8] == b"\x89PNG\r\n\x1a\n":  # PNG: length, type, data, CRC, up to the first IDAT
+        pos = 8
+        while count <= limit and pos + 8 <= end:
+            count += 1
+            if data[pos + 4:pos + 8] == b"IDAT":
+                return count
+            pos += 12 + int.from_bytes(data[pos:pos + 4], "big")
+        return count
+    if data[:6] in (b"GIF87a", b"GIF89a") and end >= 13:  # GIF: extensions' sub-blocks up to an image
+        flags = data[10]
+        pos = 13 + (3 << ((flags & 7) + 1) if flags & 0x80 else 0)
+        while count <= limit and pos + 1 < end:
+            if data[pos] != 0x21:  # an image descriptor, the trailer, or damage
+                return count
+            pos += 2
+            count += 1
+            while count <= limit and pos < end and data[pos]:
+                count += 1
+                pos += 1 + data[pos]
+            pos += 1
+        return count
+    return 0
 
 
 def _jpeg_draft_scale(short_side: int, min_target_side: int) -> int:
@@ -244,6 +309,7 @@ __all__ = [
     "SampleError",
     "DecodeLimits",
     "decode_image",
+    "header_segments",
     "pillow_flavour",
     "log_pillow_flavour",
 ]

@@ -52,7 +52,7 @@ from stream_swav.storage import CHANGED_ERRORS, PERMANENT_ERRORS, TRANSIENT_ERRO
 
 log = logging.getLogger(__name__)
 
-IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "gif", "bmp", "tif", "tiff")
+IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "gif", "bmp", "tif", "tiff", "avif")
 # How writers store each image extension: one spelling per format.
 _CANONICAL_EXTENSION = {"jpeg": "jpg", "tiff": "tif"}
 META_EXTENSIONS = ("json", "txt", "cls")
@@ -338,7 +338,8 @@ def read_samples(fileobj: IO[bytes], max_sample_bytes: int, errors: Counter, rep
                 if current is not None:
                     yield _finished(current)
                 current = Sample(key=key)
-            wanted_image = ext in IMAGE_EXTENSIONS and current.image is None
+            # An empty image member (a failed upload's placeholder) does not hide a real one after it.
+            wanted_image = ext in IMAGE_EXTENSIONS and not current.image
             wanted_meta = ext in META_EXTENSIONS and ext not in current.meta
             if current.error is not None or not (wanted_image or wanted_meta):
                 continue

@@ -16,6 +16,7 @@ stored, and re-encoded with its longer side at 640 px (JPEG quality 90).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import io
 import statistics
 import sys
@@ -141,6 +142,9 @@ def main() -> None:
         "classic: full decode + torchvision augmentation": classic_pipeline(crops, augment),
         "ours without draft: full decode + box-resize": our_pipeline(crops, limits, use_draft=False),
         "ours: draft decode + box-resize": our_pipeline(crops, limits, use_draft=True),
+        # The draft side the decode workers used before 2026-12-08 (small crops upsampled).
+        "ours: draft decode to 224 (decode_side 224)": our_pipeline(dataclasses.replace(crops, decode_side=224),
+                                                                    limits, use_draft=True),
     }
     print(f"CPU: {cpu_model()}, 1 thread | {pillow_flavour()} | torch {torch.__version__} | "
           f"torchvision {torchvision.__version__} | numpy {np.__version__}")

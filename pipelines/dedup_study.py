@@ -50,7 +50,7 @@ COPY_CATEGORIES = ("copy", "first", "junk")
 
 def decoded_samples(folder: Path, min_side: int) -> Iterator[tuple[Image.Image, dict]]:
     """(image, json record) of every decodable sample, shards in name order, samples in file order;
-    decoded as a decode worker whose largest crop is `min_side` decodes it (`min_decode_side`)."""
+    decoded as a decode worker whose draft side is `min_side` decodes it (`min_decode_side`)."""
     data = DataConfig()
     limits = DecodeLimits.from_config(data)
     fs = fsspec.filesystem("file")

@@ -14,6 +14,7 @@ from stream_swav.data.multicrop import (
     CropBox,
     MultiCropGeometry,
     crop_image,
+    largest_crop_side,
     min_decode_side,
     render_crop,
     sample_crop_box,
@@ -129,7 +130,7 @@ def test_box_resize_matches_crop_then_resize():
 
 
 def test_crops_of_a_draft_decoded_jpeg():
-    crops = CropsConfig(global_size=64, local_size=24)
+    crops = CropsConfig(global_size=64, local_size=24, decode_side=64)
     geometry = MultiCropGeometry.from_config(crops)
     limits = DecodeLimits.from_config(DataConfig())
     image = decode_image(badsamples.jpeg(1024, 768), limits, min_decode_side(crops))
@@ -138,9 +139,24 @@ def test_crops_of_a_draft_decoded_jpeg():
     assert global_crops.shape == (2, 1, 64, 64, 3) and local_crops.shape == (6, 1, 24, 24, 3)
 
 
-def test_min_decode_side_is_the_largest_crop_in_use():
-    assert min_decode_side(CropsConfig()) == 224
-    assert min_decode_side(CropsConfig(global_count=0, local_count=4)) == 96
+def test_the_decode_keeps_enough_pixels_that_no_crop_is_upsampled():
+    """The smallest crop of each kind (a square of its least scale of the image's area) is cut from
+    at least as many pixels as it has: 224 / sqrt(0.14) = 599 for the global crops, 96 / sqrt(0.05)
+    = 430 for the local ones; `decode_side` sets it outright (224: faster, small crops upsampled)."""
+    assert min_decode_side(CropsConfig()) == 599
+    assert min_decode_side(CropsConfig(global_count=0, local_count=4)) == 430
+    assert min_decode_side(CropsConfig(local_count=0)) == 599
+    assert min_decode_side(CropsConfig(decode_side=224)) == 224
+    assert largest_crop_side(CropsConfig()) == 224 and largest_crop_side(CropsConfig(global_count=0)) == 96
+    crops = CropsConfig()
+    limits = DecodeLimits.from_config(DataConfig(max_pixels=20_000_000))
+    # A phone photograph: drafted by 4 (by 8, to 504 x 378, the smallest global crop would be cut
+    # from 163 px and stretched to 224).
+    photo = decode_image(badsamples.jpeg(4032, 3024), limits, min_decode_side(crops))
+    assert photo.size == (1008, 756)
+    assert math.sqrt(crops.global_scale[0] * photo.width * photo.height) >= crops.global_size
+    assert decode_image(badsamples.jpeg(4032, 3024), limits, min_decode_side(CropsConfig(decode_side=224))).size \
+        == (504, 378)
 
 
 def test_bad_inputs_are_refused():

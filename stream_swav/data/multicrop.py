@@ -66,7 +66,21 @@ class MultiCropGeometry:
 
 
 def min_decode_side(crops: CropsConfig) -> int:
-    """Shortest side an image may be decoded at (JPEG draft) and still fill the largest crop."""
+    """Shortest side an image may be decoded at (JPEG draft mode): `crops.decode_side` where set;
+    else the side from which the smallest crop of each kind in use (a square of `scale[0]` of the
+    image's area) has at least its output size in pixels, so that no crop is upsampled from a
+    decode made smaller than the photograph (SwAV crops full-resolution images; a 4032 x 3024 phone
+    photo drafted to 504 x 378 would cut the default smallest global crop from 163 px, stretched
+    to 224)."""
+    if crops.decode_side:
+        return crops.decode_side
+    kinds = ([(crops.global_size, crops.global_scale)] if crops.global_count else []) + (
+        [(crops.local_size, crops.local_scale)] if crops.local_count else [])
+    return max(math.ceil(size / math.sqrt(scale[0])) for size, scale in kinds)
+
+
+def largest_crop_side(crops: CropsConfig) -> int:
+    """The largest crop size in use."""
     return crops.global_size if crops.global_count > 0 else crops.local_size
 
 

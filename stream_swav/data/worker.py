@@ -39,7 +39,8 @@ from stream_swav.curation import SeenSet, perceptual_hash
 from stream_swav.data.batch import BatchMeta, CropBatch
 from stream_swav.data.cursor import ShardKey, ShardTask, StreamCursor
 from stream_swav.data.decode import DecodeLimits, SampleError, decode_image
-from stream_swav.data.multicrop import MultiCropGeometry, PerImageCrops, crop_image, min_decode_side, stack_crops
+from stream_swav.data.multicrop import (MultiCropGeometry, PerImageCrops, crop_image, largest_crop_side,
+                                        min_decode_side, stack_crops)
 from stream_swav.data.shards import Sample, ShardReport, iter_shard, parse_label
 from stream_swav.storage import filesystem_for
 
@@ -92,6 +93,9 @@ class DecodeWorker:
         self.worker_index = worker_index
         self._limits = DecodeLimits.from_config(data)
         self._min_side = min_decode_side(crops)
+        # Replays are kept at the largest crop's side, not the decode's (7x the pixels at the
+        # defaults): a replay's small crops are a little softer than a fresh image's.
+        self._replay_side = largest_crop_side(crops)
         # Kinds of error not foreseen (decoding, `_admit`; reading, `_read_shard`), each logged once.
         self._unforeseen: set[type] = set()
         self._geometry = MultiCropGeometry.from_config(crops)
@@ -269,14 +273,14 @@ class DecodeWorker:
         del self._tasks[shard]
 
     def _remember(self, key: str, image: Image.Image, label: int) -> None:
-        """Keep an emitted image for a replay request, the oldest forgotten first; at the side the
-        largest crop needs, as JPEG draft mode decodes it, so that a large PNG does not hold ~100 MB.
-        An image still more than REPLAY_MAX_AREA squares of that side (far longer than wide: an
-        8 x 5,000,000 PNG is 120 MB) is not kept, and a replay of it is missed."""
+        """Keep an emitted image for a replay request, the oldest forgotten first; at the largest
+        crop's side, so that a large PNG does not hold ~100 MB. An image still more than
+        REPLAY_MAX_AREA squares of that side (far longer than wide: an 8 x 5,000,000 PNG is 120 MB)
+        is not kept, and a replay of it is missed."""
         if not self._resample:
             return
-        scale = self._min_side / min(image.size)
-        if image.width * image.height * min(scale, 1.0) ** 2 > REPLAY_MAX_AREA * self._min_side ** 2:
+        scale = self._replay_side / min(image.size)
+        if image.width * image.height * min(scale, 1.0) ** 2 > REPLAY_MAX_AREA * self._replay_side ** 2:
             return
         if scale < 1.0:
             image = image.resize((max(1, round(image.width * scale)), max(1, round(image.height * scale))),

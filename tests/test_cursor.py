@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import collections
+import dataclasses
 import io
 import os
 import random
@@ -12,7 +13,7 @@ import torch
 from conftest import colour_samples, tar_bytes
 
 from stream_swav.config import Config
-from stream_swav.data.cursor import ShardTask, StreamCursor, shard_seed, stable_seed
+from stream_swav.data.cursor import ReadOrder, ShardTask, StreamCursor, shard_seed, stable_seed
 from stream_swav.data.worker import DecodeWorker
 from stream_swav.runtime.ledger import StreamLedger
 from stream_swav.runtime.reports import Progress
@@ -501,6 +502,73 @@ def test_a_shard_regenerated_between_a_checkpoint_and_a_resume_is_not_read_on_at
     assert all(k.startswith(f"{regenerated}/s{shard}-") for k in before)
     assert sorted(k for k in keys if k.startswith(f"{regenerated}/")) == [f"{regenerated}/new-{i:05d}"
                                                                           for i in range(10)]
+
+
+def read_on_after_a_settings_change(tmp_path, strip_records: bool) -> tuple[list[str], list[str]]:
+    """Train part of a pass with one shuffle buffer, resume with another: (keys before, after)."""
+    before_cfg = small_config(open_shards_per_actor=2, shuffle_buffer=3)
+    after_cfg = small_config(open_shards_per_actor=2, shuffle_buffer=16, shuffle_buffer_bytes=1 << 20)
+    for n in range(3):
+        (tmp_path / f"{n}.tar").write_bytes(tar_bytes(colour_samples(12, prefix=f"s{n}")))
+    urls = sorted(str(p) for p in tmp_path.glob("*.tar"))
+    trained = StreamCursor(seed=before_cfg.data.seed, order=ReadOrder.of(before_cfg.data))
+    trained.add_shards(urls)
+    with DecodeWorker(before_cfg.data, before_cfg.crops, before_cfg.storage, worker_index=0) as first:
+        before = deliver(trained, first, batches=2, batch_size=5, passes=1)
+    state = round_trip(trained.state_dict())
+    assert state["read_orders"] == [[3, before_cfg.data.shuffle_buffer_bytes, before_cfg.data.max_sample_bytes,
+                                     before_cfg.data.max_shard_bytes, before_cfg.data.max_expansion]]
+    if strip_records:  # as saved before 2026-12-08: the saved configuration says what was used
+        del state["read_orders"]
+        for entry in state["passes"]:
+            del entry["orders"]
+    restored = StreamCursor(seed=after_cfg.data.seed, order=ReadOrder.of(after_cfg.data))
+    restored.load_state_dict(state, saved_order=ReadOrder.of(dataclasses.asdict(before_cfg.data)))
+    part_read = [t for t in drain(restored) if t.start > 0]
+    assert part_read and all(t.order == ReadOrder.of(before_cfg.data) for t in part_read)
+    for task in part_read:
+        restored.release(task.key)
+    restored = StreamCursor(seed=after_cfg.data.seed, order=ReadOrder.of(after_cfg.data))
+    restored.load_state_dict(state, saved_order=ReadOrder.of(dataclasses.asdict(before_cfg.data)))
+    with DecodeWorker(after_cfg.data, after_cfg.crops, after_cfg.storage, worker_index=1) as second:
+        after = deliver(restored, second, batches=None, batch_size=5, passes=1)
+    return before, after
+
+
+@pytest.mark.parametrize("strip_records", [False, True], ids=["recorded", "from-the-saved-config"])
+def test_a_part_read_shard_is_read_on_in_its_order_after_the_shuffle_settings_changed(tmp_path, strip_records):
+    """A resume with another shuffle buffer (say, smaller after running short of memory) would
+    reorder a part-read shard: some samples trained twice, others never. Read on with the settings
+    its first positions were read with, every sample comes once."""
+    before, after = read_on_after_a_settings_change(tmp_path, strip_records)
+    expected = [f"{tmp_path}/{n}.tar/s{n}-{i:05d}" for n in range(3) for i in range(12)]
+    assert len(before) == 10 and sorted(before + after) == sorted(expected)
+
+
+def test_read_orders_are_saved_only_for_part_read_shards_and_checked_at_load():
+    cursor = StreamCursor(seed=0, order=ReadOrder(4, 0, 100, 0, 0.0))
+    cursor.add_shards(["a.tar", "b.tar"])
+    first, second = cursor.next_task(), cursor.next_task()
+    assert first.order is None and second.order is None  # from the start: the reader's own settings
+    cursor.advance({first.key: 3}, [])
+    state = cursor.state_dict()
+    assert state["read_orders"] == [[4, 0, 100, 0, 0.0]]
+    assert state["passes"][0]["orders"] == [[first.index, 0]]  # the other shard has no position yet
+    cursor.advance({first.key: 9}, [first.key])
+    assert cursor.state_dict()["read_orders"] == [] and cursor.state_dict()["passes"][0]["orders"] == []
+    state["passes"][0]["orders"] = [[first.index, 1]]
+    with pytest.raises(ValueError, match="read order"):
+        StreamCursor(seed=0).load_state_dict(state)
+    state["passes"][0]["orders"] = [[first.index, 0]]
+    state["read_orders"] = [[4, 0, 100]]
+    with pytest.raises(ValueError, match="read order is not 5 settings"):
+        StreamCursor(seed=0).load_state_dict(state)
+    # The same settings now as then: nothing to override.
+    state["read_orders"] = [[4, 0, 100, 0, 0.0]]
+    same = StreamCursor(seed=0, order=ReadOrder(4, 0, 100, 0, 0.0))
+    same.load_state_dict(state)
+    assert [t.order for t in drain(same) if t.start] == [None]
+    assert ReadOrder.of({"shuffle_buffer": 8}) == dataclasses.replace(ReadOrder.of(Config().data), shuffle_buffer=8)
 
 
 def test_a_cursor_state_with_a_content_identity_of_a_shard_without_a_position_is_refused():

@@ -15,7 +15,9 @@ there was always a new one unfinished in it.) A shard gone from storage
 for good is retired: finished in the passes under way and in every later one
 (it keeps its number; listed again, it is read from the next pass created). A position is an index
 into a shard's deterministic emission order (see `shards.iter_shard`), so
-"shard i of pass p at position n" says exactly which samples are done.
+"shard i of pass p at position n" says exactly which samples are done. That order follows from
+the shard's seed and the reading settings (`ReadOrder`): a shard handed out part-read is read on
+with the settings its first positions were read with, whatever the run's are now.
 
 Shards are numbered in discovery order; `(pass, shard number)` is a
 `ShardKey`, the key of batch bookkeeping. Handing out pass p+1 starts as soon
@@ -38,9 +40,11 @@ import hashlib
 import random
 import zlib
 from collections import deque
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Iterator, Mapping
+from dataclasses import astuple, dataclass, fields
 from typing import Any
+
+from stream_swav.config import DataConfig
 
 STATE_VERSION = 2
 # Separates shard names in the saved state: the one byte no file or object name contains.
@@ -94,10 +98,34 @@ def shard_seed(seed: int, pass_index: int, url: str) -> int:
 
 
 @dataclass(frozen=True)
+class ReadOrder:
+    """The `data` settings a shard's emission order depends on besides its seed: the shuffle
+    buffer's size and bytes, and the size limits that decide which samples are held (a sample's
+    bytes count in the buffer) and where a shard is cut (`shards.iter_shard`)."""
+
+    shuffle_buffer: int
+    shuffle_buffer_bytes: int
+    max_sample_bytes: int
+    max_shard_bytes: int
+    max_expansion: float
+
+    @classmethod
+    def of(cls, data: Any) -> "ReadOrder":
+        """From a `DataConfig`, or a saved configuration's `data` mapping (keys it lacks, from a
+        version before them, take `defaults`'s, a DataConfig of today)."""
+        get = data.get if isinstance(data, Mapping) else lambda key: getattr(data, key)
+        defaults = DataConfig()
+        values = {f.name: get(f.name) for f in fields(cls)}
+        return cls(**{f.name: (float if f.type == "float" else int)(
+            getattr(defaults, f.name) if values[f.name] is None else values[f.name]) for f in fields(cls)})
+
+
+@dataclass(frozen=True)
 class ShardTask:
     """Read shard number `index` (at `url`) in pass `pass_index` with shuffle seed `seed`, from
     emission position `start`; the positions before it were read in content `identity`, where
-    known (`storage.content_identity`): other content is not read on at that position."""
+    known (`storage.content_identity`): other content is not read on at that position; and with
+    the settings `order` (None: the reader's own), which it must read on with."""
 
     url: str
     index: int
@@ -105,6 +133,7 @@ class ShardTask:
     seed: int
     start: int
     identity: str | None = None
+    order: ReadOrder | None = None
 
     @property
     def key(self) -> ShardKey:
@@ -135,6 +164,8 @@ class _Pass:
         self.positions: dict[int, int] = {}
         # The content identity of each shard in `positions`, where known.
         self.identities: dict[int, str] = {}
+        # The reading settings (`StreamCursor`'s table) of each shard handed out or part-read.
+        self.orders: dict[int, int] = {}
         self.assigned: set[int] = set()
         # Next place in the order to hand out; shards given back, and shards skipped while open in
         # the other pass, wait in their own queues.
@@ -169,6 +200,7 @@ class _Pass:
         self.n_finished += 1
         self.positions.pop(shard, None)
         self.identities.pop(shard, None)
+        self.orders.pop(shard, None)
         self.assigned.discard(shard)
 
     def complete(self, n_shards: int) -> bool:
@@ -176,8 +208,12 @@ class _Pass:
 
 
 class StreamCursor:
-    def __init__(self, seed: int) -> None:
+    def __init__(self, seed: int, order: ReadOrder | None = None) -> None:
         self.seed = seed
+        # The reading settings of this run (None: not tracked), recorded for each shard handed out
+        # from its start, in a table of the settings seen (one entry per change at a resume).
+        self.order = order
+        self._orders: list[ReadOrder] = []
         self._urls: list[str] = []
         self._numbers: dict[str, int] = {}
         # Oldest pass not yet complete; passes before it are forgotten.
@@ -294,8 +330,19 @@ class StreamCursor:
         state.assigned.add(shard)
         url = self._urls[shard]
         start = state.positions.get(shard, 0)
+        order = None
+        if start:
+            recorded = state.orders.get(shard)
+            order = self._orders[recorded] if recorded is not None and self._orders[recorded] != self.order else None
+        elif self.order is not None:
+            state.orders[shard] = self._order_number(self.order)
         return ShardTask(url=url, index=shard, pass_index=pass_index, seed=shard_seed(self.seed, pass_index, url),
-                         start=start, identity=state.identities.get(shard) if start else None)
+                         start=start, identity=state.identities.get(shard) if start else None, order=order)
+
+    def _order_number(self, order: ReadOrder) -> int:
+        if order not in self._orders:
+            self._orders.append(order)
+        return self._orders.index(order)
 
     def _next_shard(self, state: _Pass, other: _Pass | None) -> int | None:
         """The first shard of the pass that can be handed out. A shard the other live pass still
@@ -377,6 +424,10 @@ class StreamCursor:
     def state_dict(self) -> dict[str, Any]:
         """Plain state (ints, bytes, lists): what was trained. Assignments are not part of it
         (nothing is open after a restart)."""
+        # The reading settings of part-read shards only, renumbered over those in use.
+        used = sorted({number for state in self._passes.values() for shard, number in state.orders.items()
+                       if state.positions.get(shard, 0) > 0})
+        renumbered = {number: new for new, number in enumerate(used)}
         return {
             "version": STATE_VERSION,
             "seed": self.seed,
@@ -384,18 +435,23 @@ class StreamCursor:
             "shards": zlib.compress(_NAME_SEPARATOR.join(encode_name(u) for u in self._urls), 1),
             "current_pass": self._current,
             "gone": zlib.compress(bytes(_bitmap(self._gone, len(self._urls))), 1),
+            "read_orders": [list(astuple(self._orders[number])) for number in used],
             "passes": [
                 {"index": index, "base": state.base, "limit": state.limit,
                  "finished": zlib.compress(bytes(state.finished), 1),
                  "positions": sorted([shard, pos] for shard, pos in state.positions.items() if pos > 0),
                  "identities": sorted([shard, identity] for shard, identity in state.identities.items()),
+                 "orders": sorted([shard, renumbered[number]] for shard, number in state.orders.items()
+                                  if state.positions.get(shard, 0) > 0),
                  "read_any": state.read_any}
                 for index, state in sorted(self._passes.items())
             ],
         }
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Replace this cursor's state (seed included) with a saved one; raises ValueError if malformed."""
+    def load_state_dict(self, state: dict[str, Any], saved_order: ReadOrder | None = None) -> None:
+        """Replace this cursor's state (seed included) with a saved one; raises ValueError if malformed.
+        `saved_order`: the reading settings of the run that saved it (its configuration's), for
+        part-read shards a state saved before 2026-12-08 has no record of."""
         try:
             version = state["version"]
             if version == 1:
@@ -409,6 +465,14 @@ class StreamCursor:
             numbers = dict(zip(urls, range(len(urls))))
             if len(urls) != int(state["n_shards"]) or len(numbers) != len(urls):
                 raise ValueError("shard list does not match n_shards or repeats a shard")
+            # Saved since 2026-12-08.
+            if any(len(entry) != 5 for entry in state.get("read_orders", [])):
+                raise ValueError("a read order is not 5 settings")
+            orders = [ReadOrder(*(int(v) for v in entry[:4]), float(entry[4])) for entry in state.get("read_orders", [])]
+            legacy = None
+            if saved_order is not None:
+                orders.append(saved_order)
+                legacy = len(orders) - 1
             passes: dict[int, _Pass] = {}
             for entry in state["passes"]:
                 index, base = int(entry["index"]), int(entry["base"])
@@ -429,6 +493,12 @@ class StreamCursor:
                     if int(shard) not in restored.positions or not isinstance(identity, str):
                         raise ValueError(f"pass {index} has a content identity of a shard it has no position in")
                     restored.identities[int(shard)] = identity
+                for shard, number in entry.get("orders", []):
+                    if int(shard) not in restored.positions or not 0 <= int(number) < len(state.get("read_orders", [])):
+                        raise ValueError(f"pass {index} has a read order of a shard it has no position in, or none")
+                    restored.orders[int(shard)] = int(number)
+                if "orders" not in entry and legacy is not None:
+                    restored.orders.update((shard, legacy) for shard in restored.positions)
                 # Saved since 2026-12-07; before, a pass restored part-read counts as read (a resume
                 # must not take a pass it had read for one where every read failed).
                 restored.read_any = bool(entry.get("read_any", True))
@@ -455,6 +525,7 @@ class StreamCursor:
         except ValueError as exc:
             raise ValueError(f"malformed stream cursor state: {exc}") from None
         self.seed, self._current, self._passes, self._gone = seed, current, passes, gone
+        self._orders = orders
         self._urls, self._numbers = urls, numbers
 
 
@@ -497,4 +568,4 @@ def _upgrade_v1(state: dict[str, Any]) -> dict[str, Any]:
             "shards": zlib.compress(_NAME_SEPARATOR.join(encode_name(u) for u in urls)), "passes": passes}
 
 
-__all__ = ["StreamCursor", "ShardTask", "ShardKey", "shard_seed", "stable_seed", "encode_name"]
+__all__ = ["StreamCursor", "ShardTask", "ShardKey", "ReadOrder", "shard_seed", "stable_seed", "encode_name"]

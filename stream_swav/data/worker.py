@@ -37,7 +37,7 @@ from PIL import Image
 from stream_swav.config import CropsConfig, CurationConfig, DataConfig, StorageConfig
 from stream_swav.curation import SeenSet, perceptual_hash
 from stream_swav.data.batch import BatchMeta, CropBatch
-from stream_swav.data.cursor import ShardKey, ShardTask, StreamCursor
+from stream_swav.data.cursor import ReadOrder, ShardKey, ShardTask, StreamCursor
 from stream_swav.data.decode import DecodeLimits, SampleError, decode_image
 from stream_swav.data.multicrop import (MultiCropGeometry, PerImageCrops, crop_image, largest_crop_side,
                                         min_decode_side, stack_crops)
@@ -92,6 +92,7 @@ class DecodeWorker:
         self.storage = storage
         self.worker_index = worker_index
         self._limits = DecodeLimits.from_config(data)
+        self._order = ReadOrder.of(data)
         self._min_side = min_decode_side(crops)
         # Replays are kept at the largest crop's side, not the decode's (7x the pixels at the
         # defaults): a replay's small crops are a little softer than a fresh image's.
@@ -336,6 +337,8 @@ class DecodeWorker:
 
     def _read_shard(self, task: ShardTask) -> None:
         data = self.data
+        # A shard part-read before (a resume, a replaced actor) is read on in the order it was read in.
+        order = task.order or self._order
         report = ShardReport()
         reported_bytes = 0
         # Each sample is held back until the next one is read, so the last one can
@@ -344,14 +347,14 @@ class DecodeWorker:
         try:
             fs, _ = filesystem_for(task.url, self.storage)
             try:
-                for position, sample in iter_shard(task.url, fs, task.seed, data.shuffle_buffer, task.start,
+                for position, sample in iter_shard(task.url, fs, task.seed, order.shuffle_buffer, task.start,
                                                    identity=task.identity,
-                                                   max_sample_bytes=data.max_sample_bytes,
+                                                   max_sample_bytes=order.max_sample_bytes,
                                                    read_retries=data.shard_read_retries,
                                                    retry_backoff_s=data.shard_retry_backoff_s, report=report,
-                                                   max_shard_bytes=data.max_shard_bytes,
-                                                   max_expansion=data.max_expansion,
-                                                   buffer_bytes=data.shuffle_buffer_bytes):
+                                                   max_shard_bytes=order.max_shard_bytes,
+                                                   max_expansion=order.max_expansion,
+                                                   buffer_bytes=order.shuffle_buffer_bytes):
                     if held.sample is not None and not self._put(held):
                         return
                     held = _Item(task.key, position=position, sample=sample,

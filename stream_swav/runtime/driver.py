@@ -79,7 +79,7 @@ from stream_swav import storage
 from stream_swav.backbone_spec import BackboneSpec
 from stream_swav.config import Config, ConfigError, UsageError, changed_settings
 from stream_swav.curation import SeenSet
-from stream_swav.data.cursor import StreamCursor
+from stream_swav.data.cursor import ReadOrder, StreamCursor
 from stream_swav.data.labelled import NoShardsFound, load_labeled_images
 from stream_swav.data.sources import Relisting, ShardSource, spec_kind
 from stream_swav.runtime.checkpointing import CheckpointPolicy
@@ -147,7 +147,7 @@ class Trainer:
         # began before a shard was retired may still name it, and must not bring it back.
         self.retired_since_listing: dict[str, float] = {}
         # Each decode actor holds its open shards plus as many waiting, so it never waits for the driver.
-        self.ledger = StreamLedger(cfg.data.seed, 2 * cfg.data.open_shards_per_actor)
+        self.ledger = StreamLedger(cfg.data.seed, 2 * cfg.data.open_shards_per_actor, ReadOrder.of(cfg.data))
         self.policy = CheckpointPolicy(cfg.checkpoint.every_steps, cfg.checkpoint.every_seconds)
         self.group: LearnerGroup | None = None
         self.pool: DecodePool | None = None
@@ -535,11 +535,12 @@ class Trainer:
                 log.warning("no checkpoint yet: restarting from scratch, at the beginning of the stream")
             return
         cursor = point.state.pop("stream_cursor")
-        point.state.pop("config", None)
+        saved = point.state.pop("config", None)
+        saved_data = saved.get("data") if isinstance(saved, dict) else None
         self.step = self.group.restore(point.state)
         self.images_seen = int(point.state["images_seen"])
         # Shards listed now but not in the checkpoint (a growing bucket) join the newest pass under way.
-        self.ledger.rewind(cursor, self.cfg.data.seed, shards)
+        self.ledger.rewind(cursor, self.cfg.data.seed, shards, saved_read_order(saved_data))
         if not self.cfg.data.follow:
             # Those it knows that are gone (bucket retention) are retired, where no later listing will
             # confirm it: each one looked up, so that a listing that came back short (a list file
@@ -839,6 +840,15 @@ def check_resume_state(state: dict[str, Any]) -> None:
         for name, tensor in (weights.items() if isinstance(weights, dict) else ()):
             if isinstance(tensor, torch.Tensor) and tensor.is_floating_point() and not torch.isfinite(tensor).all():
                 raise ValueError(f"its {part} weight {name} is not finite")
+
+
+def saved_read_order(data: Any) -> ReadOrder | None:
+    """The reading settings in a checkpoint's saved `data` configuration; None where it has none
+    that parse (the cursor's part-read shards without a record are then read with this run's)."""
+    try:
+        return ReadOrder.of(data) if isinstance(data, dict) else None
+    except (TypeError, ValueError):
+        return None
 
 
 def log_retired(urls: list[str], level: int = logging.WARNING) -> None:

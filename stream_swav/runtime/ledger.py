@@ -15,7 +15,7 @@ import time
 from collections.abc import Iterable
 from typing import Any
 
-from stream_swav.data.cursor import ShardKey, ShardTask, StreamCursor
+from stream_swav.data.cursor import ReadOrder, ShardKey, ShardTask, StreamCursor
 from stream_swav.runtime.reports import Progress
 
 log = logging.getLogger("stream_swav.ledger")
@@ -32,8 +32,10 @@ LISTINGS_TO_RETIRE = 2
 
 
 class StreamLedger:
-    def __init__(self, seed: int, shards_per_slot: int) -> None:
-        self.cursor = StreamCursor(seed)
+    def __init__(self, seed: int, shards_per_slot: int, order: ReadOrder | None = None) -> None:
+        # The run's reading settings, which the cursor records for every shard it hands out.
+        self.order = order
+        self.cursor = StreamCursor(seed, order)
         self.shards_per_slot = shards_per_slot
         self.holders: dict[int, set[ShardKey]] = {}
         # No new tasks before this time (time.monotonic()), after a pass that read nothing.
@@ -102,16 +104,19 @@ class StreamLedger:
     def state_dict(self) -> dict[str, Any]:
         return self.cursor.state_dict()
 
-    def rewind(self, state: dict[str, Any] | None, seed: int, current_shards: list[str]) -> None:
+    def rewind(self, state: dict[str, Any] | None, seed: int, current_shards: list[str],
+               saved_order: ReadOrder | None = None) -> None:
         """Back to a checkpoint's cursor (or to the start of the stream when `state` is None), with
         nothing assigned; shards listed now but unknown to the checkpoint join the newest pass under way,
-        and those it knows that are not listed now count one listing missed (`follow_listing`)."""
+        and those it knows that are not listed now count one listing missed (`follow_listing`).
+        `saved_order`: the reading settings of the run that saved `state`, for its part-read shards
+        where a state from before 2026-12-08 does not record them."""
         self.holders.clear()
         self.paused_until = 0.0
         self.missing = {}
-        self.cursor = StreamCursor(seed)
+        self.cursor = StreamCursor(seed, self.order)
         if state is not None:
-            self.cursor.load_state_dict(state)
+            self.cursor.load_state_dict(state, saved_order)
         self.follow_listing(current_shards)
 
 

@@ -53,6 +53,7 @@ from stream_swav.swav import FeatureQueue
 MAX_RATIO = 10.0
 # The least share a group once seen keeps: a share that only decays (momentum 0.99 a step) would
 # underflow float32 to 0 after ~9,000 steps without the group, and read as never seen (weight 1).
+# A group at the floor (~6,000 steps away at 0.99) no longer counts among the groups present.
 SEEN_FLOOR = 1e-30
 
 
@@ -110,8 +111,10 @@ class UsageBalance:
         # Relative to the groups seen so far, so a stream of 10 classes of 1,000 possible is not
         # read as 100 times under-represented; no host-side check, so no device sync.
         shares = self.usage / self.usage.sum().clamp_min(1e-12)
-        # A group not seen yet has no estimate: it weighs 1 until it has one.
-        relative = torch.where(self.usage > 0, shares * torch.count_nonzero(self.usage), 1.0)
+        # A group not seen yet has no estimate: it weighs 1 until it has one. Groups long gone (at
+        # the floor) are not counted, so that a stream whose concepts drift keeps its scale.
+        present = torch.count_nonzero(self.usage > 2 * SEEN_FLOOR)
+        relative = torch.where(self.usage > 0, shares * present, 1.0)
         of_group = relative_weights(relative, self.strength)[index]
         weights = torch.where(known, of_group, torch.ones_like(shares[:1]))
         return weights / weights.mean()

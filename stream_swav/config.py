@@ -261,7 +261,7 @@ class CropsConfig:
     hflip_prob: float = setting(0.5, PROBABILITY)
     # JPEG draft decoding keeps the shorter side at least this long (0: the side from which the
     # smallest crop of each kind in use is cut without upsampling, 599 px at these defaults; the
-    # largest crop's size, 224, decodes large photographs 2-4x faster and upsamples small crops).
+    # largest crop's size, 224, decodes large photographs ~1.4x faster and upsamples small crops).
     decode_side: int = setting(0, NON_NEGATIVE)
 
     def rules(self) -> Iterator[Rule]:

@@ -195,21 +195,24 @@ def jpeg_with_repeated_scan(repeats: int = 100, width: int = 64, height: int = 4
     return data[:end] + data[last_scan:end] * repeats + data[end:]
 
 
-def with_header_segments(fmt: str, segments: int) -> bytes:
+def with_header_segments(fmt: str, segments: int, junk: bool = False) -> bytes:
     """A valid 64x48 image whose header holds `segments` empty segments more than it needs: JPEG
-    comments, PNG text chunks, or one GIF comment of that many one-byte sub-blocks."""
+    comments, PNG text chunks, or one GIF comment of that many one-byte sub-blocks. `junk`: behind
+    a junk byte (JPEG, GIF), which Pillow steps over, or after the image data (PNG), which Pillow
+    parses too."""
     image = photo_like(64, 48, seed=5)
     if fmt == "jpg":
         data = _encode(image, "JPEG")
-        return data[:2] + b"\xff\xfe\x00\x02" * segments + data[2:]
+        return data[:2] + (b"\xff\xfe\x00\x02\x00" if junk else b"") + b"\xff\xfe\x00\x02" * segments + data[2:]
     if fmt == "png":
         data = _encode(image, "PNG")
         chunk = struct.pack(">I", 0) + b"tEXt" + struct.pack(">I", zlib.crc32(b"tEXt"))
-        return data[:33] + chunk * segments + data[33:]  # after the signature and IHDR
+        at = data.index(b"IEND") - 4 if junk else 33  # before IEND, or after the signature and IHDR
+        return data[:at] + chunk * segments + data[at:]
     data = _encode(image, "GIF")
     flags = data[10]
     start = 13 + (3 << ((flags & 7) + 1) if flags & 0x80 else 0)
-    return data[:start] + b"\x21\xfe" + b"\x01x" * segments + b"\x00" + data[start:]
+    return data[:start] + (b"\x00" if junk else b"") + b"\x21\xfe" + b"\x01x" * segments + b"\x00" + data[start:]
 
 
 def jpeg_with_icc_profile(size: int = 150_000) -> bytes:
@@ -254,6 +257,13 @@ def all_samples() -> list[Sample]:
         ("comment-segments", "jpg", with_header_segments("jpg", 5_000), ("skip", "too-many-segments")),
         ("text-chunks", "png", with_header_segments("png", 5_000), ("skip", "too-many-segments")),
         ("comment-sub-blocks", "gif", with_header_segments("gif", 5_000), ("skip", "too-many-segments")),
+        ("junk-then-comment-segments", "jpg", with_header_segments("jpg", 5_000, junk=True),
+         ("skip", "too-many-segments")),
+        ("text-chunks-after-the-image-data", "png", with_header_segments("png", 5_000, junk=True),
+         ("skip", "too-many-segments")),
+        ("junk-then-comment-sub-blocks", "gif", with_header_segments("gif", 5_000, junk=True),
+         ("skip", "too-many-segments")),
+        ("junk-then-a-few-comment-segments", "jpg", with_header_segments("jpg", 1_000, junk=True), ("ok", (48, 64))),
         ("a-few-comment-segments", "jpg", with_header_segments("jpg", 1_000), ("ok", (48, 64))),
         ("a-few-text-chunks", "png", with_header_segments("png", 1_000), ("ok", (48, 64))),
         ("a-few-comment-sub-blocks", "gif", with_header_segments("gif", 1_000), ("ok", (48, 64))),

@@ -568,7 +568,8 @@ def test_read_orders_are_saved_only_for_part_read_shards_and_checked_at_load():
     same = StreamCursor(seed=0, order=ReadOrder(4, 0, 100, 0, 0.0))
     same.load_state_dict(state)
     assert [t.order for t in drain(same) if t.start] == [None]
-    assert ReadOrder.of({"shuffle_buffer": 8}) == dataclasses.replace(ReadOrder.of(Config().data), shuffle_buffer=8)
+    # A configuration saved before the byte bound and the shard limits: they were unbounded then.
+    assert ReadOrder.of({"shuffle_buffer": 8}) == ReadOrder(8, 0, Config().data.max_sample_bytes, 0, 0.0)
 
 
 def test_a_cursor_state_with_a_content_identity_of_a_shard_without_a_position_is_refused():

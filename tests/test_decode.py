@@ -216,7 +216,7 @@ def test_corrupt_entropy_data_is_a_read_error_or_truncation_never_a_crash():
     assert outcomes <= {"RGB", *SKIP_REASONS}
 
 
-def test_header_segments_are_counted_up_to_the_image_data_and_no_further():
+def test_header_segments_count_what_pillows_python_parsers_step_through():
     photo = badsamples.jpeg(64, 48)
     assert 3 <= header_segments(photo, 4096) <= 10  # SOI aside: APP0, DQT, SOF, DHT..., SOS
     assert header_segments(badsamples.with_header_segments("jpg", 100_000), 4096) == 4097  # stops at the cap
@@ -225,7 +225,14 @@ def test_header_segments_are_counted_up_to_the_image_data_and_no_further():
     assert header_segments(progressive, 4096) == header_segments(progressive[:progressive.index(b"\xff\xda") + 2],
                                                                  4096)
     assert header_segments(badsamples.webp(), 4096) == 0
-    assert header_segments(b"\xff\xd8\x00garbage", 4096) == 0  # Pillow says what is wrong with it
+    # Padding and junk Pillow steps over byte by byte count byte by byte.
+    assert header_segments(photo[:2] + b"\xff" * 5_000 + photo[2:], 4096) == 4097
+    assert header_segments(photo[:2] + b"junk" + photo[2:], 4096) == header_segments(photo, 4096) + 4
+    # One encoder writes a PNG's image data a row per chunk: small chunks count a sixteenth each.
+    png = badsamples.with_header_segments("png", 0)
+    start = png.index(b"IDAT") - 4
+    small = (10).to_bytes(4, "big") + b"IDAT" + bytes(10 + 4)
+    assert header_segments(png[:start] + small * 1_600 + png[start:], 4096) == 2 + 100  # IHDR, IEND
 
 
 def test_pillows_warnings_about_damage_it_survives_are_not_printed_for_every_image():

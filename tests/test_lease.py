@@ -397,7 +397,14 @@ def test_the_checkpoint_writer_confirms_the_lease_before_it_commits(tmp_path):
     confirm_holder(str(tmp_path), "mine", CFG)
     # The run this one took the folder from, releasing late over this run's record: no takeover.
     record(tmp_path, dataclasses.replace(other_machine("displaced"), released=True))
-    confirm_holder(str(tmp_path), "mine", CFG)
+    confirm_holder(str(tmp_path), "mine", CFG, displaced="displaced")
+    # Any other run's release: one that took the folder over from this one (stalled past the lease)
+    # and has ended since. Its checkpoints are not to be overwritten or pruned.
+    with pytest.raises(LeaseLost, match="run displaced"):
+        confirm_holder(str(tmp_path), "mine", CFG)
+    record(tmp_path, dataclasses.replace(other_machine("successor"), released=True))
+    with pytest.raises(LeaseLost, match="run successor"):
+        confirm_holder(str(tmp_path), "mine", CFG, displaced="displaced")
     record(tmp_path, other_machine("successor"))
     with pytest.raises(LeaseLost, match=r"run successor \(pid 4242 on another-host\) holds .* now"):
         confirm_holder(str(tmp_path), "mine", CFG)

@@ -582,7 +582,7 @@ class SavingGroup:
     def __init__(self, failures: list[BaseException]) -> None:
         self.failures, self.saves = list(failures), 0
 
-    def save(self, directory, extra, info, lease_run=None) -> ckpt.CheckpointInfo:
+    def save(self, directory, extra, info, lease_run=None, displaced_run=None) -> ckpt.CheckpointInfo:
         self.saves += 1
         if self.failures:
             raise ray.exceptions.RayTaskError("save_checkpoint", "Traceback: ...", self.failures.pop(0))
@@ -630,6 +630,28 @@ def test_a_final_checkpoint_refused_otherwise_is_not_tried_again(tmp_path, monke
     group = SavingGroup([TimeoutError("PutObject: read timeout")] * 100)
     assert stopping_trainer(tmp_path, group).run() == driver.EXIT_FINAL_CHECKPOINT_FAILED
     assert 2 <= group.saves <= 5  # pauses of 0.01, 0.02, 0.04 (0.08 would end past the 0.1 s)
+
+
+def test_a_final_save_that_reported_a_failure_after_it_was_committed_is_not_written_again(tmp_path, monkeypatch,
+                                                                                          caplog):
+    """The store stopped answering after latest.json named the new step (the retention pass, the
+    reply): a second save of that step would be refused ("not overwriting"); the retry marks it
+    final instead, and the run ends saved at that step."""
+    monkeypatch.setattr(driver, "FINAL_SAVE_FIRST_PAUSE_S", 0.01)
+    caplog.set_level(logging.INFO, logger="stream_swav")
+
+    class CommittedThenFailed(SavingGroup):
+        def save(self, directory, extra, info, lease_run=None, displaced_run=None) -> ckpt.CheckpointInfo:
+            self.saves += 1
+            ckpt.save_checkpoint(directory, step=120, images_seen=960, state={"step": 120}, backbone={},
+                                 info=info, storage_cfg=StorageConfig())
+            raise ray.exceptions.RayTaskError("save_checkpoint", "Traceback: ...", TimeoutError("read timeout"))
+
+    trainer = stopping_trainer(tmp_path, CommittedThenFailed([]))
+    assert trainer.run() == 0
+    assert trainer.group.saves == 1 and trainer.last_checkpoint_step == 120
+    assert "checkpoint step 120 was saved by the try that reported a failure" in caplog.text
+    assert ckpt.read_latest(str(tmp_path / "ckpt"), StorageConfig())["final"] is True
 
 
 def test_marking_the_final_checkpoint_is_tried_again_while_the_store_does_not_answer(tmp_path, monkeypatch,

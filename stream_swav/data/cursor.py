@@ -36,6 +36,7 @@ the order itself follows from the seed.
 from __future__ import annotations
 
 import array
+import dataclasses
 import hashlib
 import random
 import zlib
@@ -111,13 +112,15 @@ class ReadOrder:
 
     @classmethod
     def of(cls, data: Any) -> "ReadOrder":
-        """From a `DataConfig`, or a saved configuration's `data` mapping (keys it lacks, from a
-        version before them, take `defaults`'s, a DataConfig of today)."""
+        """From a `DataConfig`, or a saved configuration's `data` mapping. A key it lacks is from a
+        version before the setting: the buffer's bytes and the shard limits were unbounded then
+        (0), the others as today's defaults."""
         get = data.get if isinstance(data, Mapping) else lambda key: getattr(data, key)
-        defaults = DataConfig()
+        defaults = {**dataclasses.asdict(DataConfig()), "shuffle_buffer_bytes": 0, "max_shard_bytes": 0,
+                    "max_expansion": 0.0}
         values = {f.name: get(f.name) for f in fields(cls)}
         return cls(**{f.name: (float if f.type == "float" else int)(
-            getattr(defaults, f.name) if values[f.name] is None else values[f.name]) for f in fields(cls)})
+            defaults[f.name] if values[f.name] is None else values[f.name]) for f in fields(cls)})
 
 
 @dataclass(frozen=True)

@@ -44,11 +44,11 @@ SKIP_REASONS = (
 # (195 KB) takes 20 s at 36 MP, even in draft mode; past this it is refused before decoding.
 MAX_JPEG_SCANS = 64
 
-# Header segments (JPEG markers before the first scan, PNG chunks before the first image data, GIF
-# blocks and sub-blocks before the first image) an image may hold: a photograph has tens (an ICC
-# profile split over APP2 segments, at most 255). Pillow parses each in Python, so a file of a
-# million empty ones (4 MB of JPEG comments) takes seconds and hundreds of MB to open, and passes
-# every other check; past this it is refused before Pillow sees it.
+# Steps Pillow's Python parsers may take outside an image's compressed data (`header_segments`:
+# JPEG markers, padding and junk bytes before the first scan, PNG chunks, GIF blocks and sub-blocks
+# before the first image): a photograph needs tens (an ICC profile split over APP2 segments, at
+# most 255). A file of a million empty ones (4 MB of JPEG comments) takes seconds and hundreds of MB
+# to open, and passes every other check; past this it is refused before Pillow sees it.
 MAX_HEADER_SEGMENTS = 4096
 
 # Formats a web crawl actually contains (JPEG includes multi-picture MPO). A
@@ -184,45 +184,54 @@ def _openable_formats() -> tuple[str, ...]:
 
 
 def header_segments(data: bytes, limit: int) -> int:
-    """How many header segments a JPEG, PNG or GIF holds before its image data, counted up to
-    `limit` + 1 (0 for other formats, and where the structure stops making sense: Pillow then
-    says what is wrong). Only lengths are read: O(segments), no parsing."""
+    """How many steps Pillow's Python parsers take through a JPEG, PNG or GIF outside its
+    compressed image data, counted up to `limit` + 1 (0 for other formats): JPEG markers up to the
+    first scan, and each byte of padding or junk between them (Pillow steps over those one at a
+    time); PNG chunks up to IEND, image data chunks of under 1 KB counting a sixteenth each (one
+    encoder writes one per row); GIF extension blocks and their sub-blocks up to the first image,
+    and each junk byte between them. Only lengths are read. Where the structure stops making sense
+    the count stops: Pillow then says what is wrong."""
     count, end = 0, len(data)
-    if data[:2] == b"\xff\xd8":  # JPEG: FF xx [length] segments up to the first scan (SOS)
+    if data[:2] == b"\xff\xd8":  # JPEG
         pos = 2
         while count <= limit and pos + 1 < end:
-            if data[pos] != 0xFF:
-                return count
+            count += 1
+            if data[pos] != 0xFF:  # junk between segments
+                pos += 1
+                continue
             marker = data[pos + 1]
             if marker == 0xFF:  # fill byte
                 pos += 1
-                continue
-            count += 1
-            if marker == 0xDA:
+            elif marker == 0xDA:  # the first scan: the rest is the scan limit's business
                 return count
-            if marker in (0x01, 0xD8) or 0xD0 <= marker <= 0xD7:
+            elif marker in (0x00, 0x01, 0xD8) or 0xD0 <= marker <= 0xD7:
                 pos += 2
-                continue
-            if pos + 3 >= end:
+            elif pos + 3 >= end:
                 return count
-            pos += 2 + int.from_bytes(data[pos + 2:pos + 4], "big")
+            else:
+                pos += 2 + int.from_bytes(data[pos + 2:pos + 4], "big")
         return count
-    if data[:8] == b"\x89PNG\r\n\x1a\n":  # PNG: length, type, data, CRC, up to the first IDAT
-        pos = 8
-        while count <= limit and pos + 8 <= end:
-            count += 1
-            if data[pos + 4:pos + 8] == b"IDAT":
-                return count
-            pos += 12 + int.from_bytes(data[pos:pos + 4], "big")
-        return count
-    if data[:6] in (b"GIF87a", b"GIF89a") and end >= 13:  # GIF: extensions' sub-blocks up to an image
+    if data[:8] == b"\x89PNG\r\n\x1a\n":  # PNG: length, type, data, CRC
+        pos, small_data = 8, 0
+        while count + small_data // 16 <= limit and pos + 8 <= end:
+            length, kind = int.from_bytes(data[pos:pos + 4], "big"), data[pos + 4:pos + 8]
+            if kind != b"IDAT":
+                count += 1
+            elif length < 1024:
+                small_data += 1
+            if kind == b"IEND":
+                break
+            pos += 12 + length
+        return count + small_data // 16
+    if data[:6] in (b"GIF87a", b"GIF89a") and end >= 13:
         flags = data[10]
         pos = 13 + (3 << ((flags & 7) + 1) if flags & 0x80 else 0)
-        while count <= limit and pos + 1 < end:
-            if data[pos] != 0x21:  # an image descriptor, the trailer, or damage
-                return count
-            pos += 2
+        while count <= limit and pos < end and data[pos] not in (0x2C, 0x3B):  # an image, the trailer
             count += 1
+            if data[pos] != 0x21:  # junk between blocks
+                pos += 1
+                continue
+            pos += 2
             while count <= limit and pos < end and data[pos]:
                 count += 1
                 pos += 1 + data[pos]

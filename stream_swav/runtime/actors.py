@@ -414,9 +414,11 @@ class LearnerActorImpl:
         return self.learner.rank_local_state()
 
     def save_checkpoint(self, directory: str, extra: dict[str, Any], other_ranks: list[Any],
-                        info: dict[str, Any], lease_run: str | None = None) -> CheckpointInfo:
+                        info: dict[str, Any], lease_run: str | None = None,
+                        displaced_run: str | None = None) -> CheckpointInfo:
         """Write a checkpoint of this learner (rank 0), with the other ranks' queues and random states;
-        with `lease_run`, only while that run holds the folder's lease."""
+        with `lease_run`, only while that run holds the folder's lease (`confirm_holder`: the run it
+        took the folder from is `displaced_run`)."""
         from stream_swav.checkpoint import save_checkpoint
         from stream_swav.runtime.lease import confirm_holder
 
@@ -428,7 +430,8 @@ class LearnerActorImpl:
                                state=state, backbone=self.learner.exported_backbone_state_dict(), info=info,
                                storage_cfg=self.cfg.storage, keep_last=self.cfg.checkpoint.keep_last,
                                milestone_steps=self.cfg.checkpoint.milestone_steps,
-                               before_commit=(lambda: confirm_holder(directory, lease_run, self.cfg.storage))
+                               before_commit=(lambda: confirm_holder(directory, lease_run, self.cfg.storage,
+                                                                     displaced=displaced_run))
                                if lease_run else None)
 
 

@@ -423,10 +423,15 @@ class Trainer:
         FINAL_SAVE_RETRY_S), then DONE."""
         self.observer.log_progress(self.last_summary)
         give_up_at, pause = time.monotonic() + FINAL_SAVE_RETRY_S, FINAL_SAVE_FIRST_PAUSE_S
-        while not self.checkpoint(final=True):
+        while True:
+            started = time.monotonic()
+            if self.checkpoint(final=True):
+                break
             if self.loss is not None:  # an elastic group lost a member: the survivors save it
                 return RunState.SHRINKING
-            if not self.store_unanswered or time.monotonic() + pause > give_up_at:
+            # Another try only where it would start and end (taking as long as this one) in time.
+            now = time.monotonic()
+            if not self.store_unanswered or now + pause + (now - started) > give_up_at:
                 log.error("final checkpoint at step %d failed; the last checkpoint saved is step %d", self.step,
                           self.last_checkpoint_step)
                 self.exit_status = EXIT_FINAL_CHECKPOINT_FAILED
@@ -435,6 +440,7 @@ class Trainer:
                         "in %gs", self.step, pause)
             time.sleep(pause)  # not stop.wait: the stop is what is being served
             pause *= 2
+            self.adopt_committed_save()
         log.info("stopped (%s) at step %d after %d images", self.stop_reason or "stop requested", self.step,
                  self.images_seen)
         return RunState.DONE
@@ -728,7 +734,7 @@ class Trainer:
             self.observer.on_checkpoint_failed(self.step, "this run's lease on checkpoint.dir could not be confirmed "
                                                           "within half of checkpoint.lease_s (storage out of reach)")
             self.policy.mark(self.step, time.time())
-            self.store_unanswered = True
+            self.store_unanswered = self.lease.failing is None or storage.is_unavailable(self.lease.failing)
             return False
         started = time.time()
         last = self.last_summary
@@ -743,8 +749,7 @@ class Trainer:
         if self.seen is not None:
             extra["seen_set"] = self.gather_seen(extra["stream_cursor"])
         try:
-            saved = self.group.save(self.cfg.checkpoint.dir, extra, info,
-                                    self.lease.me.run if self.lease is not None else None)
+            saved = self.group.save(self.cfg.checkpoint.dir, extra, info, *self.lease_runs())
         except (RayTaskError, LearnerFailure) as err:
             self.observer.on_checkpoint_failed(self.step, first_line(err))
             cause = err.cause if isinstance(err, RayTaskError) else None
@@ -759,6 +764,17 @@ class Trainer:
         self.policy.mark(self.step, saved.wall_time)
         self.observer.on_checkpoint(saved, duration_s=time.time() - started)
         return True
+
+    def adopt_committed_save(self) -> None:
+        """After a save that failed late (its latest.json written, then the store stopped answering
+        before it reported): that step is saved, and only its `final` mark is left to write."""
+        try:
+            latest = ckpt.read_latest(self.cfg.checkpoint.dir, self.cfg.storage)
+        except (*storage.TRANSIENT_ERRORS, ValueError):
+            return  # the next try finds out
+        if latest is not None and latest["step"] == self.step > self.last_checkpoint_step:
+            log.info("checkpoint step %d was saved by the try that reported a failure", self.step)
+            self.last_checkpoint_step = self.step
 
     def restored_seen(self, point: ckpt.ResumePoint | None) -> SeenSet | None:
         """curation.dedup's union of trained hashes as `point` saved it (cut back to its cursor:
@@ -792,13 +808,21 @@ class Trainer:
         actor that starts now."""
         return self.seen.state_dict() if self.seen is not None and len(self.seen) else None
 
+    def lease_runs(self) -> tuple[str | None, str | None]:
+        """This run's id in the folder's lease and the id of the run it took the lease from (whose
+        release may land late); (None, None) without a lease."""
+        if self.lease is None:
+            return None, None
+        return self.lease.me.run, self.lease.displaced.run if self.lease.displaced is not None else None
+
     def mark_final(self) -> bool:
         # A successor that took the folder over and resumed from this very step has a latest.json
         # naming it too: the lease file, read just before the write, says whose it is.
         lease = self.lease
         outcome = (f"this run stops without marking its checkpoint step {self.step} final; the last checkpoint it "
                    f"saved is step {self.last_checkpoint_step}")
-        before_commit = ((lambda: confirm_holder(self.cfg.checkpoint.dir, lease.me.run, self.cfg.storage, outcome))
+        before_commit = ((lambda: confirm_holder(self.cfg.checkpoint.dir, lease.me.run, self.cfg.storage, outcome,
+                                                 self.lease_runs()[1]))
                          if lease is not None else None)
         try:
             if ckpt.mark_final(self.cfg.checkpoint.dir, self.step, self.cfg.storage, before_commit):

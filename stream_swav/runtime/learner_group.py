@@ -383,15 +383,15 @@ class LearnerGroup:
                  None, deadline, "forming the learners' process group again")
 
     def save(self, directory: str, extra: dict[str, Any], info: dict[str, Any],
-             lease_run: str | None = None) -> CheckpointInfo:
+             lease_run: str | None = None, displaced_run: str | None = None) -> CheckpointInfo:
         """Rank 0 writes the checkpoint, with the other ranks' queues and random states (while run
-        `lease_run` holds the folder's lease, when given).
+        `lease_run` holds the folder's lease, when given; it took it from `displaced_run`).
 
         No deadline and no stop check: a stop waits for the checkpoint under way (it is what a stop
         wants kept). The write is bounded by storage: a local disk's write, or s3fs's own retries and
         timeouts for an object store; a learner that dies meanwhile fails the call."""
         others = [actor.rank_state.remote() for actor in self.actors[1:]]
-        ref = self.actors[0].save_checkpoint.remote(directory, extra, others, info, lease_run)
+        ref = self.actors[0].save_checkpoint.remote(directory, extra, others, info, lease_run, displaced_run)
         pending = [ref]
         while pending:  # in short waits, so that Python's signal handlers run meanwhile
             done, pending = ray.wait(pending, timeout=POLL_S)

@@ -367,19 +367,20 @@ class Lease:
 
 
 def confirm_holder(dir_url: str, run: str, storage_cfg: StorageConfig,
-                   outcome: str = "this run's checkpoint is not made the latest there") -> None:
+                   outcome: str = "this run's checkpoint is not made the latest there",
+                   displaced: str | None = None) -> None:
     """For the writer of a checkpoint (rank 0), before it moves latest.json and before it prunes:
     LeaseLost when another run's lease is in the folder, so that a save that outlasted this run's
     lease (a long upload, a stalled driver) does not move the other run's latest.json or delete
     its steps. A folder without a lease (none taken, or removed by hand) is no other run's, nor is
-    one whose record is another run's release: only a run this one displaced writes that (its
-    release landing late over this run's record, which the next renewal writes again); a run that
-    takes the folder writes a record of its own."""
+    one whose record is the release of `displaced`, the run this one took the folder from: its
+    release landed late over this run's record, which the next renewal writes again. (Any other
+    run's release is a run that took the folder over from this one and has since ended.)"""
     try:
         holder = read_holder(storage.join_url(dir_url, LEASE_FILE), storage_cfg)
     except ValueError:  # no lease record: no run can be named as holding the folder
         holder = None
-    if holder is not None and holder.run != run and not holder.released:
+    if holder is not None and holder.run != run and not (holder.released and holder.run == displaced):
         raise LeaseLost(f"checkpoint.dir: {holder.describe()} holds {dir_url} now; {outcome}")
 
 

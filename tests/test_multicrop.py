@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import dataclasses
+import io
 import math
 
 import numpy as np
@@ -150,13 +151,14 @@ def test_the_decode_keeps_enough_pixels_that_no_crop_is_upsampled():
     assert largest_crop_side(CropsConfig()) == 224 and largest_crop_side(CropsConfig(global_count=0)) == 96
     crops = CropsConfig()
     limits = DecodeLimits.from_config(DataConfig(max_pixels=20_000_000))
-    # A phone photograph: drafted by 4 (by 8, to 504 x 378, the smallest global crop would be cut
-    # from 163 px and stretched to 224).
-    photo = decode_image(badsamples.jpeg(4032, 3024), limits, min_decode_side(crops))
+    # A phone photograph's size: drafted by 4 (by 8, to 504 x 378, the smallest global crop would be
+    # cut from 163 px and stretched to 224).
+    buffer = io.BytesIO()
+    Image.new("RGB", (4032, 3024), (90, 120, 150)).save(buffer, "JPEG")
+    photo = decode_image(buffer.getvalue(), limits, min_decode_side(crops))
     assert photo.size == (1008, 756)
     assert math.sqrt(crops.global_scale[0] * photo.width * photo.height) >= crops.global_size
-    assert decode_image(badsamples.jpeg(4032, 3024), limits, min_decode_side(CropsConfig(decode_side=224))).size \
-        == (504, 378)
+    assert decode_image(buffer.getvalue(), limits, min_decode_side(CropsConfig(decode_side=224))).size == (504, 378)
 
 
 def test_bad_inputs_are_refused():

@@ -569,9 +569,9 @@ def test_a_store_that_does_not_answer_when_the_run_looks_for_its_checkpoint_is_a
 def test_the_reading_settings_of_a_checkpoint_come_from_its_saved_configuration():
     saved = {"shuffle_buffer": 100, "shuffle_buffer_bytes": 0, "max_sample_bytes": 1 << 20, "max_shard_bytes": 0,
              "max_expansion": 0.0}
-    assert driver.saved_read_order(saved) == driver.ReadOrder(100, 0, 1 << 20, 0, 0.0)
-    assert driver.saved_read_order(None) is None
-    assert driver.saved_read_order({**saved, "shuffle_buffer": "many"}) is None  # edited by hand: this run's
+    assert driver.saved_read_order({"data": saved}) == driver.ReadOrder(100, 0, 1 << 20, 0, 0.0)
+    assert driver.saved_read_order(None) is None and driver.saved_read_order({"data": None}) is None
+    assert driver.saved_read_order({"data": {**saved, "shuffle_buffer": "many"}}) is None  # edited: this run's
 
 
 class SavingGroup:

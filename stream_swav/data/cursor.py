@@ -167,7 +167,8 @@ class _Pass:
         self.positions: dict[int, int] = {}
         # The content identity of each shard in `positions`, where known.
         self.identities: dict[int, str] = {}
-        # The reading settings (`StreamCursor`'s table) of each shard handed out or part-read.
+        # The reading settings (a number in `StreamCursor`'s table of loaded ones) of each shard
+        # part-read by an earlier run, where they were recorded; the others are read in this run's.
         self.orders: dict[int, int] = {}
         self.assigned: set[int] = set()
         # Next place in the order to hand out; shards given back, and shards skipped while open in
@@ -213,8 +214,8 @@ class _Pass:
 class StreamCursor:
     def __init__(self, seed: int, order: ReadOrder | None = None) -> None:
         self.seed = seed
-        # The reading settings of this run (None: not tracked), recorded for each shard handed out
-        # from its start, in a table of the settings seen (one entry per change at a resume).
+        # The reading settings of this run (None: not tracked), which every shard it starts is read
+        # with, and those of the runs before it that part-read shards still unfinished.
         self.order = order
         self._orders: list[ReadOrder] = []
         self._urls: list[str] = []
@@ -333,19 +334,16 @@ class StreamCursor:
         state.assigned.add(shard)
         url = self._urls[shard]
         start = state.positions.get(shard, 0)
-        order = None
-        if start:
-            recorded = state.orders.get(shard)
-            order = self._orders[recorded] if recorded is not None and self._orders[recorded] != self.order else None
-        elif self.order is not None:
-            state.orders[shard] = self._order_number(self.order)
+        order = self._read_order(state, shard) if start else None
         return ShardTask(url=url, index=shard, pass_index=pass_index, seed=shard_seed(self.seed, pass_index, url),
-                         start=start, identity=state.identities.get(shard) if start else None, order=order)
+                         start=start, identity=state.identities.get(shard) if start else None,
+                         order=order if order != self.order else None)
 
-    def _order_number(self, order: ReadOrder) -> int:
-        if order not in self._orders:
-            self._orders.append(order)
-        return self._orders.index(order)
+    def _read_order(self, state: _Pass, shard: int) -> ReadOrder | None:
+        """The settings a shard's positions were read with: an earlier run's where recorded, else
+        this run's."""
+        number = state.orders.get(shard)
+        return self._orders[number] if number is not None else self.order
 
     def _next_shard(self, state: _Pass, other: _Pass | None) -> int | None:
         """The first shard of the pass that can be handed out. A shard the other live pass still
@@ -427,10 +425,16 @@ class StreamCursor:
     def state_dict(self) -> dict[str, Any]:
         """Plain state (ints, bytes, lists): what was trained. Assignments are not part of it
         (nothing is open after a restart)."""
-        # The reading settings of part-read shards only, renumbered over those in use.
-        used = sorted({number for state in self._passes.values() for shard, number in state.orders.items()
-                       if state.positions.get(shard, 0) > 0})
-        renumbered = {number: new for new, number in enumerate(used)}
+        # The reading settings of part-read shards, numbered in a table of those in use.
+        table: list[ReadOrder] = []
+        orders: dict[int, list[list[int]]] = {}
+        for index, state in self._passes.items():
+            for shard, position in state.positions.items():
+                order = self._read_order(state, shard)
+                if position > 0 and order is not None:
+                    if order not in table:
+                        table.append(order)
+                    orders.setdefault(index, []).append([shard, table.index(order)])
         return {
             "version": STATE_VERSION,
             "seed": self.seed,
@@ -438,14 +442,13 @@ class StreamCursor:
             "shards": zlib.compress(_NAME_SEPARATOR.join(encode_name(u) for u in self._urls), 1),
             "current_pass": self._current,
             "gone": zlib.compress(bytes(_bitmap(self._gone, len(self._urls))), 1),
-            "read_orders": [list(astuple(self._orders[number])) for number in used],
+            "read_orders": [list(astuple(order)) for order in table],
             "passes": [
                 {"index": index, "base": state.base, "limit": state.limit,
                  "finished": zlib.compress(bytes(state.finished), 1),
                  "positions": sorted([shard, pos] for shard, pos in state.positions.items() if pos > 0),
                  "identities": sorted([shard, identity] for shard, identity in state.identities.items()),
-                 "orders": sorted([shard, renumbered[number]] for shard, number in state.orders.items()
-                                  if state.positions.get(shard, 0) > 0),
+                 "orders": sorted(orders.get(index, [])),
                  "read_any": state.read_any}
                 for index, state in sorted(self._passes.items())
             ],

@@ -542,11 +542,10 @@ class Trainer:
             return
         cursor = point.state.pop("stream_cursor")
         saved = point.state.pop("config", None)
-        saved_data = saved.get("data") if isinstance(saved, dict) else None
         self.step = self.group.restore(point.state)
         self.images_seen = int(point.state["images_seen"])
         # Shards listed now but not in the checkpoint (a growing bucket) join the newest pass under way.
-        self.ledger.rewind(cursor, self.cfg.data.seed, shards, saved_read_order(saved_data))
+        self.ledger.rewind(cursor, self.cfg.data.seed, shards, saved_read_order(saved))
         if not self.cfg.data.follow:
             # Those it knows that are gone (bucket retention) are retired, where no later listing will
             # confirm it: each one looked up, so that a listing that came back short (a list file
@@ -818,12 +817,11 @@ class Trainer:
     def mark_final(self) -> bool:
         # A successor that took the folder over and resumed from this very step has a latest.json
         # naming it too: the lease file, read just before the write, says whose it is.
-        lease = self.lease
+        run, displaced = self.lease_runs()
         outcome = (f"this run stops without marking its checkpoint step {self.step} final; the last checkpoint it "
                    f"saved is step {self.last_checkpoint_step}")
-        before_commit = ((lambda: confirm_holder(self.cfg.checkpoint.dir, lease.me.run, self.cfg.storage, outcome,
-                                                 self.lease_runs()[1]))
-                         if lease is not None else None)
+        before_commit = ((lambda: confirm_holder(self.cfg.checkpoint.dir, run, self.cfg.storage, outcome, displaced))
+                         if run is not None else None)
         try:
             if ckpt.mark_final(self.cfg.checkpoint.dir, self.step, self.cfg.storage, before_commit):
                 return True
@@ -866,9 +864,10 @@ def check_resume_state(state: dict[str, Any]) -> None:
                 raise ValueError(f"its {part} weight {name} is not finite")
 
 
-def saved_read_order(data: Any) -> ReadOrder | None:
-    """The reading settings in a checkpoint's saved `data` configuration; None where it has none
-    that parse (the cursor's part-read shards without a record are then read with this run's)."""
+def saved_read_order(saved_config: Any) -> ReadOrder | None:
+    """The reading settings in a checkpoint's saved configuration; None where it has none that
+    parse (the cursor's part-read shards without a record are then read with this run's)."""
+    data = saved_config.get("data") if isinstance(saved_config, dict) else None
     try:
         return ReadOrder.of(data) if isinstance(data, dict) else None
     except (TypeError, ValueError):

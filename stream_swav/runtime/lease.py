@@ -304,8 +304,7 @@ class Lease:
             return
         if holder is not None and holder.run == self.me.run:
             self.confirmed_at = self.clock()
-        elif holder is not None and not (holder.released and self.displaced is not None
-                                         and holder.run == self.displaced.run):  # a late release is no takeover
+        elif holder is not None and not late_release(holder, self.displaced.run if self.displaced else None):
             self.lost_to = holder
             log.error("%s took over the lease on %s from this run", holder.describe(), self.url)
             return
@@ -366,6 +365,13 @@ class Lease:
                             "checkpoint.lease_s=%gs for it", self.url, err, self.term_s)
 
 
+def late_release(holder: Holder, displaced: str | None) -> bool:
+    """Whether `holder` is the release of `displaced`, the run this one took the folder from,
+    landed late over this run's record (which the next renewal writes again): no takeover. Any other
+    run's release is a run that took the folder over from this one and has since ended."""
+    return holder.released and displaced is not None and holder.run == displaced
+
+
 def confirm_holder(dir_url: str, run: str, storage_cfg: StorageConfig,
                    outcome: str = "this run's checkpoint is not made the latest there",
                    displaced: str | None = None) -> None:
@@ -373,14 +379,12 @@ def confirm_holder(dir_url: str, run: str, storage_cfg: StorageConfig,
     LeaseLost when another run's lease is in the folder, so that a save that outlasted this run's
     lease (a long upload, a stalled driver) does not move the other run's latest.json or delete
     its steps. A folder without a lease (none taken, or removed by hand) is no other run's, nor is
-    one whose record is the release of `displaced`, the run this one took the folder from: its
-    release landed late over this run's record, which the next renewal writes again. (Any other
-    run's release is a run that took the folder over from this one and has since ended.)"""
+    one whose record is the `late_release` of `displaced`, the run this one took the folder from."""
     try:
         holder = read_holder(storage.join_url(dir_url, LEASE_FILE), storage_cfg)
     except ValueError:  # no lease record: no run can be named as holding the folder
         holder = None
-    if holder is not None and holder.run != run and not (holder.released and holder.run == displaced):
+    if holder is not None and holder.run != run and not late_release(holder, displaced):
         raise LeaseLost(f"checkpoint.dir: {holder.describe()} holds {dir_url} now; {outcome}")
 
 
